@@ -1,0 +1,206 @@
+"""Front doors for the core subcommands: generate, chat, info, pull.
+
+Owns: each command's argparse options and how it prints. Thin: the work is in load.py, generate.py,
+hub.py and formats/.
+Not: dispatch or error printing (cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from kiln.errors import KilnError
+from kiln.hub import BUILTIN, DEFAULT_MODEL
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit is 2 as well; keep it one line
+        raise KilnError(message)
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"GGUF file, Hugging Face folder or repo id, or a built-in name "
+                        f"({', '.join(BUILTIN)}); default {DEFAULT_MODEL}")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, "
+                                                 "bf16 on GPU)")
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ctx-size", type=int, default=None, help="context length (default: the model's)")
+
+
+def _sampling(a) -> dict:
+    return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _load(a):
+    from kiln.load import load
+    return load(a.model, device=a.device, dtype=a.dtype, progress=True)
+
+
+def generate(argv: list[str]) -> int:
+    p = _Parser(prog="kiln generate", description="Generate text from a prompt.")
+    _model_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt ('-' reads stdin)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory")
+    _sampling_args(p)
+    a = p.parse_args(argv)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if prompt is None:
+        raise KilnError("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    model, tok = _load(a)
+    if not a.no_chat_template and tok.chat_template:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
+        prompt = msgs + [{"role": "user", "content": prompt}]
+    from kiln.generate import generate as run
+    text = run(model, tok, prompt, a.max_tokens, verbose=a.verbose, stop=a.stop, max_context=a.ctx_size,
+               **_sampling(a))
+    if not a.verbose:
+        print(text)
+    else:
+        print()
+    return 0
+
+
+def chat(argv: list[str]) -> int:
+    p = _Parser(prog="kiln chat", description="Chat with a model. /reset clears history, /exit leaves.")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    _sampling_args(p)
+    a = p.parse_args(argv)
+    model, tok = _load(a)
+    if not tok.chat_template:
+        raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")
+    from kiln.generate import stream_generate
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(start)
+    print("kiln chat: /reset clears the history, /exit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
+            print()
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, **_sampling(a)):
+                print(r.text, end="", flush=True)
+                reply.append(r.text)
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only
+            print(" [interrupted]", end="")
+        except KilnError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def info(argv: list[str]) -> int:
+    p = _Parser(prog="kiln info", description="Describe a model: architecture, size, tensor types.")
+    p.add_argument("model", help="GGUF file, Hugging Face folder, or built-in name")
+    a = p.parse_args(argv)
+    from kiln.hub import resolve
+    path = resolve(a.model)
+    rows = _info_gguf(path) if path.is_file() else _info_folder(path)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _info_gguf(path) -> list[tuple[str, str]]:
+    from kiln.formats.gguf import read_gguf, to_config
+    from kiln.quant import type_name
+    g = read_gguf(path)
+    cfg = to_config(g)
+    types, nbytes, params = Counter(), Counter(), 0
+    for t in g.tensors.values():
+        n = t.data.numel()
+        types[type_name(t.qtype)] += 1
+        nbytes[type_name(t.qtype)] += n
+        params += _numel(t.shape)
+    mix = ", ".join(f"{k} x{types[k]} ({nbytes[k] / 1e6:.1f} MB)" for k in sorted(types, key=nbytes.get,
+                                                                               reverse=True))
+    return _common_rows(path, "GGUF v%d" % g.version, cfg, params) + [
+        ("tensor types", mix),
+        ("file size", f"{sum(nbytes.values()) / 1e6:.1f} MB of tensors"),
+        ("chat template", "yes" if g.meta.get("tokenizer.chat_template") else "no"),
+        ("tokenizer", f"{g.meta.get('tokenizer.ggml.model', '?')} "
+                      f"(pre: {g.meta.get('tokenizer.ggml.pre', '-')})"),
+    ]
+
+
+def _info_folder(path) -> list[tuple[str, str]]:
+    from kiln.formats.safetensors import read_folder
+    cfg, weights = read_folder(path)
+    dtypes, params = Counter(), 0
+    for name in weights:
+        t = weights[name]
+        dtypes[str(t.dtype).replace("torch.", "")] += 1
+        params += t.numel()
+    from kiln.tokenizer import Tokenizer
+    try:
+        has_template = bool(Tokenizer.from_folder(path).chat_template)
+    except KilnError:
+        has_template = False
+    return _common_rows(path, "Hugging Face safetensors", cfg, params) + [
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in dtypes.items())),
+        ("chat template", "yes" if has_template else "no"),
+    ]
+
+
+def _common_rows(path, fmt, cfg, params) -> list[tuple[str, str]]:
+    return [
+        ("path", str(path)), ("format", fmt), ("architecture", cfg["model_type"]),
+        ("parameters", f"{params / 1e6:.1f} M"), ("layers", str(cfg["num_hidden_layers"])),
+        ("hidden size", str(cfg["hidden_size"])),
+        ("heads (q/kv)", f"{cfg['num_attention_heads']}/{cfg.get('num_key_value_heads') or cfg['num_attention_heads']}"),
+        ("context length", str(cfg.get("max_position_embeddings", "?"))),
+        ("vocabulary", str(cfg.get("vocab_size", "?"))),
+    ]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def pull(argv: list[str]) -> int:
+    p = _Parser(prog="kiln pull", description="Download a model into kiln's cache.")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                   help=f"built-in name ({', '.join(BUILTIN)}), Hugging Face repo id, or repo/file.gguf "
+                        f"(default {DEFAULT_MODEL})")
+    a = p.parse_args(argv)
+    from kiln.hub import pull as do_pull
+    print(do_pull(a.name, progress=True))
+    return 0

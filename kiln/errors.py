@@ -1,0 +1,10 @@
+"""The one exception kiln raises on bad input.
+
+Owns: `KilnError`, whose message names the problem and, where there is one, the fix.
+Not: printing or exit codes (cli.py turns a KilnError into one line and exit status 2; the server into
+an HTTP 4xx body).
+"""
+
+
+class KilnError(Exception):
+    """Bad input: a file, a name, a value or a request kiln cannot use. The message says why."""

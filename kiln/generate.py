@@ -1,0 +1,175 @@
+"""Generation: chunked prefill, the decode step, and the generators everything else consumes.
+
+Owns: `generate_step` (token ids in, one (token, logprobs) per step out, forever), `stream_generate`
+(prompt handling, context checks, detokenization, stop strings, EOS, stats per response) and `generate`.
+Not: sampling math (sample.py), the cache layout (cache.py), chat templates (tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+from kiln.cache import KVCache
+from kiln.errors import KilnError
+from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_ALIASES = {"temp": "temperature"}
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # text completed by this step (may be empty while a character or stop string is pending)
+    token: int
+    logprobs: torch.Tensor | None  # (V,) log-probabilities of this step's distribution
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop", "length" or None while generating
+
+
+def sampling_params(**kw) -> SamplingParams:
+    kw = {_ALIASES.get(k, k): v for k, v in kw.items()}
+    unknown = sorted(set(kw) - _SAMPLING_FIELDS)
+    if unknown:
+        raise KilnError(f"unknown sampling argument(s) {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    try:
+        return SamplingParams(**kw)
+    except (TypeError, ValueError) as e:
+        raise KilnError(f"invalid sampling value: {e}") from None
+
+
+@torch.inference_mode()
+def generate_step(prompt: list[int], model, params: SamplingParams, cache: KVCache,
+                  prefill_step: int = 512, pos: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, logprobs (V,)) for each generated token; the caller decides when to stop."""
+    device = cache.k.device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    vocab = model.args.vocab_size
+    params.check_vocab(vocab)
+    bias, gen = bias_vector(params, vocab, device), params.generator(device)
+    counts = None
+    if params.needs_counts:
+        counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+    for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
+        chunk = ids[:, start:start + prefill_step]
+        logits = model(chunk, cache=cache, pos=pos + start, last_only=True)
+    pos += ids.shape[1]
+    while True:
+        logits = logits[:, -1].float()  # (1, V)
+        logprobs = logits.log_softmax(-1)
+        if counts is not None:
+            logits = apply_penalties(logits, counts, params)
+        token = sample(apply_bias(logits, bias), params, gen)  # (1,)
+        if counts is not None:
+            counts[0, token] += 1
+        yield int(token.item()), logprobs[0]
+        if pos >= cache.max_len:
+            return
+        logits = model(token.view(1, 1), cache=cache, pos=pos)
+        pos += 1
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A str is used as is, a list of chat messages gets the chat template, a list of ints is ids."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself …
+        if tokenizer.add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+            ids = [tokenizer.bos_token_id] + ids  # … unless it does not
+        return ids
+    raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
+                    max_context: int | None = None, prefill_step: int = 512,
+                    **sampling) -> Iterator[GenerationResponse]:
+    """Yield one GenerationResponse per generated token; the last one has finish_reason set."""
+    params = sampling_params(**sampling)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise KilnError(f"invalid max_tokens {max_tokens!r}: must be an integer >= 1")
+    ids = prompt_ids(tokenizer, prompt)
+    if not ids:
+        raise KilnError("the prompt is empty: give at least one token of text")
+    ctx = max_context or model.args.max_position_embeddings
+    if len(ids) >= ctx:
+        raise KilnError(f"the prompt has {len(ids)} tokens but the context holds {ctx}; shorten the "
+                        f"prompt or raise the context size")
+    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    cache = KVCache.for_model(model, max_len=min(len(ids) + max_tokens, ctx))
+    yield from _stream(model, tokenizer, ids, params, cache, max_tokens, stops, ignore_eos, prefill_step)
+
+
+def _stream(model, tokenizer, ids, params, cache, max_tokens, stops, ignore_eos, prefill_step):
+    detok, pending, eos = tokenizer.detokenizer(), "", set(tokenizer.eos_token_ids)
+    tic, n, prompt_tps, t_first = time.perf_counter(), 0, 0.0, None
+    for n, (token, logprobs) in enumerate(generate_step(ids, model, params, cache, prefill_step), 1):
+        if t_first is None:
+            t_first = time.perf_counter()
+            prompt_tps = len(ids) / max(t_first - tic, 1e-9)
+        finish = None
+        if token in eos and not ignore_eos:
+            finish = "stop"
+        else:
+            pending += detok.add(token)
+        emit, pending, hit = _split_stop(pending, stops)
+        if hit:
+            finish = "stop"
+        elif n >= max_tokens or cache_full(cache, len(ids), n):
+            finish = finish or "length"
+        if finish:
+            emit += pending + ("" if hit else detok.flush())
+        gen_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9) if n > 1 else 0.0
+        yield GenerationResponse(emit, token, logprobs, len(ids), prompt_tps, n, gen_tps,
+                                 peak_memory_gb(cache.k.device), finish)
+        if finish:
+            return
+
+
+def cache_full(cache: KVCache, n_prompt: int, n_generated: int) -> bool:
+    return n_prompt + n_generated >= cache.max_len
+
+
+def _split_stop(pending: str, stops: list[str]) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, stop string found). Text after a stop string is dropped."""
+    if not stops:
+        return pending, "", False
+    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+    if hits:
+        return pending[:min(hits)], "", True
+    hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+    return pending[:len(pending) - hold], pending[len(pending) - hold:], False
+
+
+def peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss * 1024 / 1e9
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kw) -> str:
+    """The whole generated text; with verbose, stream it to stdout and print speed."""
+    text, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kw):
+        text.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print(f"\n==========\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens-per-sec\n"
+              f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens-per-sec\n"
+              f"Peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
+    return "".join(text)

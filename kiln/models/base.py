@@ -1,0 +1,159 @@
+"""Pieces every model family shares: args parsing, RMSNorm, rotary embeddings, masks, attention core.
+
+Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), RoPE frequency schedules
+(default, linear, llama3, longrope, GGUF per-frequency factors), the causal / sliding-window mask, and
+scaled-dot-product attention over grouped KV heads.
+Not: any family's block layout (one file per family), caches (cache.py), quantization (quant/).
+
+Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.errors import KilnError
+
+
+@dataclass
+class BaseArgs:
+    @classmethod
+    def from_dict(cls, cfg: dict):
+        cfg = _flatten_rope_parameters(cfg)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def _flatten_rope_parameters(cfg: dict) -> dict:
+    """transformers 5 writes `rope_parameters` where older configs had rope_theta / rope_scaling."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return cfg
+    cfg = dict(cfg)
+    if "full_attention" in rp:  # per layer type (gemma3): global and local schedules
+        local = rp.get("sliding_attention", {})
+        if "rope_theta" in local:
+            cfg.setdefault("rope_local_base_freq", local["rope_theta"])
+        rp = rp["full_attention"]
+    if "rope_theta" in rp:
+        cfg.setdefault("rope_theta", rp["rope_theta"])
+    if rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = rp
+    return cfg
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset  # Gemma scales by (1 + w): offset 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma multiplies in float32, then casts
+            return (xf * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float32, CPU) and the attention factor cos/sin are multiplied by."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3(inv, scaling), 1.0
+    raise KilnError(f"rope scaling type {kind!r} is not supported (kiln supports default, linear, llama3, "
+                    f"longrope)")
+
+
+def _llama3(inv: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RoPE(nn.Module):
+    """cos/sin for absolute positions; rotate-half convention (Hugging Face layout)."""
+
+    def __init__(self, dim: int, base: float, scaling: dict | None = None, max_pos: int = 4096,
+                 original_max_pos: int | None = None):
+        super().__init__()
+        self.dim = dim
+        if (scaling or {}).get("rope_type", (scaling or {}).get("type")) == "longrope":
+            self._init_longrope(dim, base, scaling, max_pos, original_max_pos or max_pos)
+        else:
+            inv, self.attn_factor = rope_inv_freq(dim, base, scaling, max_pos)
+            self.register_buffer("inv_freq", inv, persistent=False)
+            self.long_inv_freq, self.original_max_pos = None, None
+        # GGUF llama 3.1 files carry per-frequency divisors instead of rope_scaling; load.py sets them.
+        self.register_buffer("freq_factors", torch.ones(dim // 2, device="cpu"), persistent=False)
+
+    def _init_longrope(self, dim, base, s, max_pos, orig):
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        self.register_buffer("inv_freq", inv / torch.tensor(s["short_factor"], dtype=torch.float32, device="cpu"),
+                             persistent=False)
+        self.register_buffer("long_inv_freq", inv / torch.tensor(s["long_factor"], dtype=torch.float32, device="cpu"),
+                             persistent=False)
+        self.original_max_pos = orig
+        factor = s.get("factor") or max_pos / orig
+        self.attn_factor = s.get("attention_factor") or (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+
+    def forward(self, pos: torch.Tensor, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq
+        if self.long_inv_freq is not None and total_len > self.original_max_pos:
+            inv = self.long_inv_freq
+        freqs = pos.float()[:, None] * (inv / self.freq_factors)[None, :]  # (T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+        return emb.cos() * self.attn_factor, emb.sin() * self.attn_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) with the first `rot` dims rotated (partial rotary keeps the rest)."""
+    rot = cos.shape[-1]
+    xr, keep = x[..., :rot], x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (xr.float() * cos + rotated.float() * sin).type_as(x)
+    return torch.cat([out, keep], dim=-1) if keep.shape[-1] else out
+
+
+# ---------------------------------------------------------------- attention
+
+def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor:
+    """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them."""
+    k_pos = torch.arange(s, device=device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
+def attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, K, S, D), mask (T, S) → (B, T, H*D)."""
+    b, h, t, _ = q.shape
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, T, D)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def positions(pos: int, t: int, device) -> torch.Tensor:
+    return torch.arange(pos, pos + t, device=device)

@@ -1,0 +1,138 @@
+"""Gemma 3 (text): interleaved sliding-window and global layers, q/k norms, sandwich norms, scaled embeddings.
+
+Owns: the Gemma 3 block (norms before *and* after attention and MLP, (1 + w) RMSNorm, GELU-tanh gated
+MLP), the layer pattern (five local layers with their own RoPE base, then one global), query scaling by
+query_pre_attn_scalar, embeddings scaled by sqrt(hidden), tied output.
+Not: vision towers (multimodal checkpoints load their text_config only; load.py strips the prefix).
+
+Shape alphabet: B batch, T new tokens, S keys, E hidden, H query heads, K kv heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, apply_rope, attend, causal_mask, positions
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_local_base_freq: float = 10_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    sliding_window: int = 512
+    sliding_window_pattern: int = 6
+    layer_types: list | None = None
+    query_pre_attn_scalar: float | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    sliding: list = field(default_factory=list)  # derived: is layer i local?
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.query_pre_attn_scalar = self.query_pre_attn_scalar or self.head_dim
+        if self.layer_types:
+            self.sliding = [t == "sliding_attention" for t in self.layer_types]
+        else:
+            self.sliding = [(i + 1) % self.sliding_window_pattern != 0 for i in range(self.num_hidden_layers)]
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, self.h * self.d, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=a.attention_bias)
+        self.q_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
+        self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
+        self.scale = a.query_pre_attn_scalar ** -0.5
+
+    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.h, self.d)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv, self.d)).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
+        return self.o_proj(attend(q, k, v, mask, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.is_sliding = a.sliding[layer]
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        norm = lambda: RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)  # noqa: E731
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache, pos))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Body(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)
+        self.rotary = RoPE(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        self.rotary_local = RoPE(a.head_dim, a.rope_local_base_freq, None, a.max_position_embeddings)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor, cache=None, pos: int = 0, last_only: bool = False):
+        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
+        m, a, t = self.model, self.args, ids.shape[1]
+        x = m.embed_tokens(ids)  # (B, T, E)
+        x = x * torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype, device=x.device)  # scale rounded to the model's dtype
+        p = positions(pos, t, ids.device)
+        s = pos + t if cache is not None else t
+        ropes = {False: m.rotary(p, pos + t), True: m.rotary_local(p, pos + t)}
+        masks = {False: causal_mask(p, s, None, ids.device),
+                 True: causal_mask(p, s, a.sliding_window, ids.device)}
+        for layer in m.layers:
+            x = layer(x, ropes[layer.is_sliding], masks[layer.is_sliding], cache, pos)
+        logits = self.lm_head(m.norm(x[:, -1:] if last_only else x))  # (B, T, V)
+        if a.final_logit_softcapping:
+            logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
+        return logits

@@ -1,0 +1,129 @@
+"""Llama 2 / 3 / 3.1 / 3.2 (and Mistral, through models.ALIASES): the reference decoder-only block.
+
+Owns: the Llama block layout (pre-norm attention with GQA + SwiGLU MLP), llama3 RoPE scaling through
+RoPE, optional q/k/v biases and per-head q/k norms so that qwen2.py and qwen3.py are just argument
+defaults on top of this file.
+Not: caching (cache.py), sampling, quantization (QuantLinear replaces nn.Linear at load time).
+
+Shape alphabet: B batch, T new tokens, S keys, E hidden, H query heads, K kv heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, apply_rope, attend, causal_mask, positions
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if not self.use_sliding_window:
+            self.sliding_window = None
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, self.h * self.d, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(self.d, a.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, a.rms_norm_eps)
+        self.qk_norm, self.window = a.qk_norm, a.sliding_window
+
+    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), *rope)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), *rope)  # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
+        return self.o_proj(attend(q, k, v, mask, self.d ** -0.5))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """Hugging Face's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.rotary = RoPE(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor, cache=None, pos: int = 0, last_only: bool = False):
+        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
+        m, t = self.model, ids.shape[1]
+        x = m.embed_tokens(ids)  # (B, T, E)
+        p = positions(pos, t, ids.device)
+        rope = m.rotary(p, pos + t)
+        mask = causal_mask(p, pos + t if cache is not None else t, self.args.sliding_window, ids.device)
+        for layer in m.layers:
+            x = layer(x, rope, mask, cache, pos)
+        x = m.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)  # (B, T, V)

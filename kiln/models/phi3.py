@@ -1,0 +1,81 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini: the Llama block with fused qkv and gate_up projections.
+
+Owns: splitting the fused projections, partial rotary embeddings, longrope (short / long factors chosen
+by the total length, as Hugging Face does), the optional sliding window.
+Not: anything the Llama block already does (models/llama.py provides MLP-free pieces and the body).
+
+Shape alphabet: B batch, T new tokens, S keys, E hidden, H query heads, K kv heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.models import llama
+from kiln.models.base import RMSNorm, RoPE, apply_rope, attend
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    resid_pdrop: float = 0.0
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.qkv_proj = nn.Linear(a.hidden_size, (self.h + 2 * self.kv) * self.d, bias=a.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
+
+    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d).transpose(1, 2)  # (B, H+2K, T, D)
+        q, k, v = qkv.split([self.h, self.kv, self.kv], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
+        return self.o_proj(attend(q, k, v, mask, self.d ** -0.5))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(llama.Block):
+    def __init__(self, a: ModelArgs, layer: int):
+        nn.Module.__init__(self)
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Body(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        rot = int(a.head_dim * a.partial_rotary_factor)
+        self.rotary = RoPE(rot, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
+                           a.original_max_position_embeddings)
+
+
+class Model(llama.Model):
+    def __init__(self, args: ModelArgs):
+        nn.Module.__init__(self)
+        self.args = args
+        self.model = Body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -1,0 +1,122 @@
+"""Sampling: `SamplingParams` and pure functions of logits that never wait on the host.
+
+Owns: validation of every sampling value, penalties over the tokens seen so far, logit bias,
+temperature, top-k, top-p, min-p, and the draw itself (`argmax(probs / Exponential(1))`, which needs no
+cumulative sum on the host and no `.item()`).
+Not: the token loop (generate.py), grammars (server/).
+
+Shape alphabet: B batch, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.errors import KilnError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (llama.cpp, HF)
+    presence_penalty: float = 0.0  # OpenAI: subtract once per token present
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        checks = [
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), "a number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+             "a number > 0 (1 turns it off)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise KilnError(f"invalid sampling value {name}={getattr(self, name)!r}: must be {want}")
+        bad = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
+        if bad:
+            raise KilnError(f"invalid logit_bias value {bad[0]}: biases must be in [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def check_vocab(self, vocab_size: int):
+        bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise KilnError(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(int(self.seed))
+        return g
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits (B, V) float32, counts (B, V) occurrences of each token so far."""
+    seen = counts > 0
+    if p.repetition_penalty != 1:
+        penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if p.presence_penalty:
+        logits = logits - p.presence_penalty * seen.to(logits.dtype)
+    if p.frequency_penalty:
+        logits = logits - p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def apply_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return logits if bias is None else logits + bias
+
+
+def bias_vector(p: SamplingParams, vocab: int, device) -> torch.Tensor | None:
+    if not p.logit_bias:
+        return None
+    b = torch.zeros(vocab, dtype=torch.float32, device=device)
+    ids = torch.tensor(list(p.logit_bias), device=device)
+    b[ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
+    return b
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks; logits (B, V) float32."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if p.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, -math.inf)
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator=None) -> torch.Tensor:
+    """Token ids (B,) from processed logits (B, V): greedy, or a Gumbel-style draw."""
+    if p.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, p).softmax(-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
