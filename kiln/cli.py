@@ -12,15 +12,16 @@ import sys
 
 from kiln.errors import KilnError
 
-SUBCOMMANDS = {  # name -> (module, one-line help)
-    "generate": ("kiln.commands", "generate text from a prompt"),
-    "chat": ("kiln.commands", "chat interactively (keeps history; /reset, /exit)"),
-    "info": ("kiln.commands", "describe a model file or folder"),
-    "pull": ("kiln.commands", "download a model into kiln's cache"),
+SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
+    "generate": ("kiln.commands", "generate", "generate text from a prompt"),
+    "chat": ("kiln.commands", "chat", "chat interactively (keeps history; /reset, /exit)"),
+    "info": ("kiln.commands", "info", "describe a model file or folder"),
+    "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
+    "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
 }
 
 USAGE = "usage: kiln <command> [options]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()) + \
+    f"  {name:<10} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()) + \
     "\n\nRun `kiln <command> --help` for a command's options."
 
 
@@ -37,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"kiln: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module, func, _ = SUBCOMMANDS[name]
     try:
-        return getattr(module, name.replace("-", "_"))(argv[1:]) or 0
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
     except KilnError as e:
         print(f"kiln {name}: error: {e}", file=sys.stderr)
         return 2

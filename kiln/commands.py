@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 
 from kiln.errors import KilnError
+from kiln.generate import sampling_params
 from kiln.hub import BUILTIN, DEFAULT_MODEL
 
 
@@ -63,6 +64,7 @@ def generate(argv: list[str]) -> int:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if prompt is None:
         raise KilnError("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    sampling_params(**_sampling(a))  # bad values fail before the slow load
     model, tok = _load(a)
     if not a.no_chat_template and tok.chat_template:
         msgs = ([{"role": "system", "content": a.system}] if a.system else [])
@@ -83,6 +85,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="system message")
     _sampling_args(p)
     a = p.parse_args(argv)
+    sampling_params(**_sampling(a))
     model, tok = _load(a)
     if not tok.chat_template:
         raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")

@@ -1,0 +1,75 @@
+"""`kiln convert`: a GGUF file to a Hugging Face folder (config.json, safetensors, tokenizer files).
+
+Owns: writing a folder that transformers and kiln's safetensors path both read: weights dequantized to
+the chosen dtype under Hugging Face names, config.json from the GGUF metadata, tokenizer.json from the
+GGUF vocabulary, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json.
+Not: quantizing (quantize.py, later), the reverse direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from kiln.errors import KilnError
+
+
+def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    from kiln.formats.gguf import hf_tensors, read_gguf, to_config
+    from kiln.load import _materialize
+    from kiln.tokenizer import Tokenizer
+
+    g = read_gguf(src)
+    config = to_config(g)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = hf_tensors(g, config)
+    state = {name: _materialize(w, name, None, "cpu", dtype).contiguous()
+             for name, w in _progress(weights.items(), progress)}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {k: v for k, v in config.items() if v is not None}
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    _write_tokenizer(Tokenizer.from_gguf(g.meta), out)
+    return out
+
+
+def _write_tokenizer(tok, out: Path):
+    tok.backend.save(str(out / "tokenizer.json"))
+    name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
+    tc = {"bos_token": name(tok.bos_token_id), "eos_token": name(tok.eos_token_id),
+          "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos,
+          "tokenizer_class": "PreTrainedTokenizerFast"}
+    if tok.chat_template:
+        tc["chat_template"] = tok.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": sorted(tok.eos_token_ids)}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _progress(items, enabled):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(list(items), desc="converting", unit="tensor")
+
+
+def main(argv: list[str]) -> int:
+    from kiln.commands import _Parser
+    p = _Parser(prog="kiln convert", description="Convert a GGUF file to a Hugging Face safetensors folder.")
+    p.add_argument("model", help="GGUF file or built-in name")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    a = p.parse_args(argv)
+    from kiln.hub import resolve
+    from kiln.load import _dtype
+    src = resolve(a.model)
+    if src.is_dir():
+        raise KilnError(f"{src} is already a folder; kiln convert reads a GGUF file")
+    print(gguf_to_hf(src, a.out, _dtype(a.dtype), progress=True))
+    return 0
