@@ -28,3 +28,12 @@ def qwen_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     return real_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_path):
+    """(model, tokenizer) of the real Qwen2.5-Coder-0.5B GGUF, fp32 on CPU, loaded once per run."""
+    import torch
+
+    import kiln
+    return kiln.load(qwen_path, device="cpu", dtype=torch.float32)

@@ -1,0 +1,90 @@
+"""Generation on the real Qwen2.5-Coder-0.5B: the cached decode loop, streaming, stops, sampling knobs.
+
+The reference for the cached loop is the uncached forward (argmax of `model(ids)` re-run on the whole
+sequence each step); streaming must reproduce the one-shot text; stop strings, EOS and max_tokens end
+generation with the right finish_reason.
+"""
+
+import pytest
+import torch
+
+import kiln
+from kiln.errors import KilnError
+
+pytestmark = pytest.mark.model
+
+
+@torch.inference_mode()
+def _uncached_greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def test_cached_greedy_equals_uncached(qwen):
+    model, tok = qwen
+    ids = tok.encode("def fibonacci(n):\n")
+    got = [r.token for r in kiln.stream_generate(model, tok, ids, max_tokens=12, ignore_eos=True)]
+    assert got == _uncached_greedy(model, ids, 12)
+
+
+def test_stream_equals_generate_and_decode(qwen):
+    model, tok = qwen
+    msgs = [{"role": "user", "content": "List three prime numbers, with an emoji after each."}]
+    rs = list(kiln.stream_generate(model, tok, msgs, max_tokens=40))
+    text = kiln.generate(model, tok, msgs, max_tokens=40)
+    assert "".join(r.text for r in rs) == text
+    toks = [r.token for r in rs if r.token not in tok.eos_token_ids]
+    assert text == tok.decode(toks)
+    assert rs[-1].finish_reason in ("stop", "length") and all(r.finish_reason is None for r in rs[:-1])
+    assert rs[-1].prompt_tokens == len(tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False))
+    assert "\ufffd" not in text
+
+
+def test_eos_ends_with_stop_and_max_tokens_with_length(qwen):
+    model, tok = qwen
+    rs = list(kiln.stream_generate(model, tok, [{"role": "user", "content": "Reply with just: OK"}], max_tokens=30))
+    assert rs[-1].finish_reason == "stop" and rs[-1].token in tok.eos_token_ids
+    rs = list(kiln.stream_generate(model, tok, "import numpy as np\n", max_tokens=5, ignore_eos=True))
+    assert len(rs) == 5 and rs[-1].finish_reason == "length" and rs[-1].generation_tokens == 5
+
+
+def test_stop_string_truncates(qwen):
+    model, tok = qwen
+    prompt = "def add(a, b):\n"
+    full = kiln.generate(model, tok, prompt, max_tokens=20, ignore_eos=True)
+    stop = full[5:9]
+    assert stop and stop in full
+    rs = list(kiln.stream_generate(model, tok, prompt, max_tokens=20, stop=[stop, "never-appears"], ignore_eos=True))
+    assert "".join(r.text for r in rs) == full[:full.index(stop)]
+    assert rs[-1].finish_reason == "stop"
+
+
+def test_sampling_seed_bias_and_validation(qwen):
+    model, tok = qwen
+    kw = dict(max_tokens=12, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+    a, b = kiln.generate(model, tok, "Once upon a time", **kw), kiln.generate(model, tok, "Once upon a time", **kw)
+    assert a == b
+    target = tok.encode(" banana", add_special_tokens=False)[0]
+    rs = list(kiln.stream_generate(model, tok, "My favourite word is", max_tokens=3, logit_bias={target: 100}))
+    assert all(r.token == target for r in rs)
+    with pytest.raises(KilnError, match="top_p"):
+        kiln.generate(model, tok, "x", top_p=0)
+    with pytest.raises(KilnError, match="unknown sampling"):
+        kiln.generate(model, tok, "x", temprature=0.5)
+    with pytest.raises(KilnError, match="context holds 8"):
+        kiln.generate(model, tok, "a b c d e f g h i j k l", max_context=8)
+
+
+def test_penalties_change_a_repetitive_continuation(qwen):
+    model, tok = qwen
+    prompt = "one one one one one one one"
+    plain = [r.token for r in kiln.stream_generate(model, tok, prompt, max_tokens=6, ignore_eos=True)]
+    pen = [r.token for r in kiln.stream_generate(model, tok, prompt, max_tokens=6, ignore_eos=True,
+                                                 repetition_penalty=3.0)]
+    one = tok.encode(" one", add_special_tokens=False)[0]
+    assert plain.count(one) > pen.count(one)
