@@ -29,8 +29,17 @@ class KVCache:
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
                    max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device)
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer.
+
+        With `pos` a 0-dim device tensor (a CUDA-graph step) the write is an index_copy at positions
+        pos..pos+T-1 and the whole static cache comes back; the caller's mask hides unwritten slots.
+        """
+        if isinstance(pos, torch.Tensor):
+            idx = pos + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, idx, k)
+            self.v[layer].index_copy_(2, idx, v)
+            return self.k[layer], self.v[layer]
         end = pos + k.shape[2]
         if end > self.max_len:
             raise KilnError(f"context is full: position {end} exceeds the cache's {self.max_len} slots")

@@ -47,10 +47,73 @@ def sampling_params(**kw) -> SamplingParams:
         raise KilnError(f"invalid sampling value: {e}") from None
 
 
+class Decoder:
+    """One batch-1 decode step, `logits = step(token, pos)`; on CUDA replayed from one captured graph.
+
+    The graph reads its inputs from static buffers (token, position as a device tensor) and writes
+    static logits, so a step costs one graph launch and no host synchronization.
+    """
+
+    def __init__(self, model, cache: KVCache, use_graph: bool | None = None):
+        self.model, self.cache = model, cache
+        device = cache.k.device
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.token, cache=self.cache, pos=self.pos)[:, -1].float()  # (1, V)
+
+    def capture(self):
+        """Warm up (Triton compiles, autotunes) then capture; writes only the cache's last slot."""
+        self.pos.fill_(self.cache.max_len - 1)  # a slot still masked when the real steps read it
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.token.copy_(token.view(1, 1))
+        if not self.use_graph:
+            return self.model(self.token, cache=self.cache, pos=pos)[:, -1].float()
+        if self.graph is None:
+            self.capture()
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def decoder_for(model, max_len: int) -> Decoder:
+    """A Decoder with a cache of at least `max_len` slots, reused across calls (capture is paid once).
+
+    Cache lengths are rounded up to a multiple of 256 so that nearby requests share one captured graph;
+    the last two sizes are kept on the model.
+    """
+    p = next(model.parameters())
+    size = min(-(-max_len // 256) * 256, max(max_len, model.args.max_position_embeddings))
+    pool = model.__dict__.setdefault("_kiln_decoders", {})
+    if size not in pool:
+        while len(pool) >= 2:
+            pool.pop(next(iter(pool)))
+        pool[size] = Decoder(model, KVCache.for_model(model, max_len=size, dtype=p.dtype, device=p.device))
+    return pool[size]
+
+
 @torch.inference_mode()
-def generate_step(prompt: list[int], model, params: SamplingParams, cache: KVCache,
-                  prefill_step: int = 512, pos: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token, logprobs (V,)) for each generated token; the caller decides when to stop."""
+def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
+                  prefill_step: int = 512, logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop.
+
+    The device runs one step ahead of the host: step n+1 is queued before token n is read back, so
+    the host's bookkeeping overlaps the GPU's work.
+    """
+    cache = decoder.cache
     device = cache.k.device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     vocab = model.args.vocab_size
@@ -60,23 +123,35 @@ def generate_step(prompt: list[int], model, params: SamplingParams, cache: KVCac
     if params.needs_counts:
         counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
-    for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
-        chunk = ids[:, start:start + prefill_step]
-        logits = model(chunk, cache=cache, pos=pos + start, last_only=True)
-    pos += ids.shape[1]
-    while True:
-        logits = logits[:, -1].float()  # (1, V)
-        logprobs = logits.log_softmax(-1)
+
+    def pick(logits):  # (1, V) float32 → token (1,), logprobs (V,) or None; all on the device
+        lp = logits.log_softmax(-1)[0] if logprobs else None
         if counts is not None:
             logits = apply_penalties(logits, counts, params)
-        token = sample(apply_bias(logits, bias), params, gen)  # (1,)
+        token = sample(apply_bias(logits, bias), params, gen)
         if counts is not None:
             counts[0, token] += 1
-        yield int(token.item()), logprobs[0]
-        if pos >= cache.max_len:
+        return token, lp
+
+    for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
+        logits = model(ids[:, start:start + prefill_step], cache=cache, pos=start, last_only=True)
+    pos = ids.shape[1]
+    token, lp = pick(logits[:, -1].float())
+    host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")
+    ready = torch.cuda.Event() if device.type == "cuda" else None
+    while True:
+        host.copy_(token, non_blocking=ready is not None)
+        if ready is not None:
+            ready.record()
+        more = pos < cache.max_len
+        if more:  # queue the next step before waiting for this token
+            nxt = pick(decoder.step(token, pos))
+        if ready is not None:
+            ready.synchronize()
+        yield int(host[0]), lp
+        if not more:
             return
-        logits = model(token.view(1, 1), cache=cache, pos=pos)
-        pos += 1
+        (token, lp), pos = nxt, pos + 1
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
@@ -109,14 +184,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
         raise KilnError(f"the prompt has {len(ids)} tokens but the context holds {ctx}; shorten the "
                         f"prompt or raise the context size")
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    cache = KVCache.for_model(model, max_len=min(len(ids) + max_tokens, ctx))
-    yield from _stream(model, tokenizer, ids, params, cache, max_tokens, stops, ignore_eos, prefill_step)
+    decoder = decoder_for(model, min(len(ids) + max_tokens, ctx))
+    limit = min(len(ids) + max_tokens, ctx)
+    yield from _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step)
 
 
-def _stream(model, tokenizer, ids, params, cache, max_tokens, stops, ignore_eos, prefill_step):
+def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step):
     detok, pending, eos = tokenizer.detokenizer(), "", set(tokenizer.eos_token_ids)
     tic, n, prompt_tps, t_first = time.perf_counter(), 0, 0.0, None
-    for n, (token, logprobs) in enumerate(generate_step(ids, model, params, cache, prefill_step), 1):
+    for n, (token, logprobs) in enumerate(generate_step(ids, model, params, decoder, prefill_step), 1):
         if t_first is None:
             t_first = time.perf_counter()
             prompt_tps = len(ids) / max(t_first - tic, 1e-9)
@@ -128,19 +204,15 @@ def _stream(model, tokenizer, ids, params, cache, max_tokens, stops, ignore_eos,
         emit, pending, hit = _split_stop(pending, stops)
         if hit:
             finish = "stop"
-        elif n >= max_tokens or cache_full(cache, len(ids), n):
+        elif n >= max_tokens or len(ids) + n >= limit:
             finish = finish or "length"
         if finish:
             emit += pending + ("" if hit else detok.flush())
         gen_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(emit, token, logprobs, len(ids), prompt_tps, n, gen_tps,
-                                 peak_memory_gb(cache.k.device), finish)
+                                 peak_memory_gb(decoder.cache.k.device), finish)
         if finish:
             return
-
-
-def cache_full(cache: KVCache, n_prompt: int, n_generated: int) -> bool:
-    return n_prompt + n_generated >= cache.max_len
 
 
 def _split_stop(pending: str, stops: list[str]) -> tuple[str, str, bool]:

@@ -116,6 +116,7 @@ class RoPE(nn.Module):
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
 
     def forward(self, pos: torch.Tensor, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) for positions `pos`; `total_len` picks longrope's long or short factors."""
         inv = self.inv_freq
         if self.long_inv_freq is not None and total_len > self.original_max_pos:
             inv = self.long_inv_freq
@@ -155,5 +156,12 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
-def positions(pos: int, t: int, device) -> torch.Tensor:
-    return torch.arange(pos, pos + t, device=device)
+def positions(pos, t: int, cache, device) -> tuple[torch.Tensor, int]:
+    """(absolute positions (T,), number of keys S) for T new tokens after `pos` cached ones.
+
+    `pos` is an int, or a 0-dim device tensor when the step is captured in a CUDA graph: then the keys
+    are the whole static cache (S = its length) and the mask hides the slots not yet written.
+    """
+    if isinstance(pos, torch.Tensor):
+        return pos + torch.arange(t, device=device), cache.max_len
+    return torch.arange(pos, pos + t, device=device), (pos + t if cache is not None else t)

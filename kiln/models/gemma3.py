@@ -66,7 +66,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.scale = a.query_pre_attn_scalar ** -0.5
 
-    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+    def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.h, self.d)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv, self.d)).transpose(1, 2)  # (B, K, T, D)
@@ -98,7 +98,7 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+    def forward(self, x, rope, mask, cache=None, pos=0):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache, pos))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -120,14 +120,13 @@ class Model(nn.Module):
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, cache=None, pos: int = 0, last_only: bool = False):
+    def forward(self, ids: torch.Tensor, cache=None, pos=0, last_only: bool = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
         m, a, t = self.model, self.args, ids.shape[1]
         x = m.embed_tokens(ids)  # (B, T, E)
         x = x * torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype, device=x.device)  # scale rounded to the model's dtype
-        p = positions(pos, t, ids.device)
-        s = pos + t if cache is not None else t
-        ropes = {False: m.rotary(p, pos + t), True: m.rotary_local(p, pos + t)}
+        p, s = positions(pos, t, cache, ids.device)  # (T,), keys
+        ropes = {False: m.rotary(p, s), True: m.rotary_local(p, s)}
         masks = {False: causal_mask(p, s, None, ids.device),
                  True: causal_mask(p, s, a.sliding_window, ids.device)}
         for layer in m.layers:

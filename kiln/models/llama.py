@@ -60,7 +60,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.d, a.rms_norm_eps)
         self.qk_norm, self.window = a.qk_norm, a.sliding_window
 
-    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+    def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
         k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
@@ -93,7 +93,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+    def forward(self, x, rope, mask, cache=None, pos=0):
         h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -116,13 +116,13 @@ class Model(nn.Module):
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, cache=None, pos: int = 0, last_only: bool = False):
+    def forward(self, ids: torch.Tensor, cache=None, pos=0, last_only: bool = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
         m, t = self.model, ids.shape[1]
         x = m.embed_tokens(ids)  # (B, T, E)
-        p = positions(pos, t, ids.device)
-        rope = m.rotary(p, pos + t)
-        mask = causal_mask(p, pos + t if cache is not None else t, self.args.sliding_window, ids.device)
+        p, s = positions(pos, t, cache, ids.device)  # (T,), keys
+        rope = m.rotary(p, s)
+        mask = causal_mask(p, s, self.args.sliding_window, ids.device)
         for layer in m.layers:
             x = layer(x, rope, mask, cache, pos)
         x = m.norm(x[:, -1:] if last_only else x)

@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(a.hidden_size, (self.h + 2 * self.kv) * self.d, bias=a.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
 
-    def forward(self, x, rope, mask, cache=None, pos: int = 0):
+    def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d).transpose(1, 2)  # (B, H+2K, T, D)
         q, k, v = qkv.split([self.h, self.kv, self.kv], dim=1)

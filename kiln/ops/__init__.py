@@ -1,0 +1,51 @@
+"""Fused kernels for the non-matmul parts of a decoder layer, each beside its plain-torch twin.
+
+Owns: the dispatch rule shared by every op (Triton when the tensor lives on CUDA, or on CPU under
+`KILN_TRITON_CPU=1` — used with `TRITON_INTERPRET=1` by the tests; the torch reference otherwise), the
+optional Triton import, and the public names.
+Not: matmuls or quantized GEMVs (quant/), model code (models/), the cache layout (cache.py).
+
+Every op `name(...)` has `name_ref(...)`: plain torch, obviously correct, the thing tests compare with.
+Every Triton entry point is CUDA-graph capturable: no host sync, no `.item()`, shapes depend only on the
+arguments' shapes, positions arrive as a device tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # torch-only installs (CPU wheels, macOS): the references serve, no kernel is launched
+    triton, tl, HAVE_TRITON = None, SimpleNamespace(constexpr=None), False
+
+
+def jit(fn):
+    """`triton.jit` when Triton is installed; the bare function (never launched) otherwise."""
+    return triton.jit(fn) if HAVE_TRITON else fn
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Run the Triton kernel for this tensor? (Read per call: the env knob exists for tests only.)"""
+    if not HAVE_TRITON:
+        return False
+    return x.is_cuda or os.environ.get("KILN_TRITON_CPU") == "1"
+
+
+# The helpers above must exist before the submodules import them (they do `from kiln.ops import …`).
+from kiln.ops.act import gelu_tanh_mul, gelu_tanh_mul_ref, silu_mul, silu_mul_ref  # noqa: E402
+from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
+from kiln.ops.kv import write_kv, write_kv_ref  # noqa: E402
+from kiln.ops.norm import rms_norm, rms_norm_ref  # noqa: E402
+from kiln.ops.rope import rope_qk, rope_qk_ref  # noqa: E402
+
+__all__ = [
+    "rms_norm", "rms_norm_ref", "rope_qk", "rope_qk_ref", "silu_mul", "silu_mul_ref", "gelu_tanh_mul",
+    "gelu_tanh_mul_ref", "decode_attention", "decode_attention_ref", "write_kv", "write_kv_ref",
+    "use_triton", "HAVE_TRITON",
+]

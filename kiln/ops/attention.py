@@ -1,0 +1,181 @@
+"""Decode attention: a few new query tokens against a static KV cache, as split-KV flash-decoding.
+
+Owns: `decode_attention` (two Triton launches: a split kernel and a log-sum-exp merge) and
+`decode_attention_ref` (masked float32 softmax attention in torch). Causal + optional sliding window
+(query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
+Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing the cache (kv.py),
+RoPE (rope.py), paging.
+
+How the split kernel works, and why:
+- One program per (batch, kv head, split). It handles the G = H / K query heads that share the kv head,
+  for all T tokens at once — G·T rows of one small matrix — so each K/V tile is read from memory once.
+- The grid is fixed by S_max (graph capture needs that) but positions live on the device, so each
+  program reads `pos` and derives the visible key range [lo, hi) itself: hi = max(pos) + 1, lo = 0 or
+  min(pos) - window + 1. That range — not the whole cache — is cut into NS equal runs of tiles, one per
+  split. A short context still spreads over many programs; a program whose run starts past `hi` skips
+  every tile and only stores "-inf: nothing here", which the merge ignores.
+- Tiles are visited by a loop with a compile-time bound and a runtime `if` per tile (rather than a
+  runtime loop bound); the triton interpreter used by the CPU tests cannot run runtime-bounded loops.
+- Scores live in the log2 domain (exp2 is the fast instruction); the merge weights every split's
+  partial output by 2^(lse_split - lse_max).
+
+Shape alphabet: B batch, T query tokens, H query heads, K kv heads, G = H / K, S cache slots (S_max),
+D head dim, NS splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from kiln.ops import jit, tl, triton, use_triton
+
+_BLOCK_N = 64  # keys per tile
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
+                         softcap: float | None = None) -> torch.Tensor:
+    """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype."""
+    h, kh, s = q.shape[2], k_cache.shape[1], k_cache.shape[2]
+    qf = q.float().transpose(1, 2)  # (B, H, T, D)
+    k = k_cache.float().repeat_interleave(h // kh, dim=1)  # (B, H, S, D): query head i uses kv head i // G
+    v = v_cache.float().repeat_interleave(h // kh, dim=1)
+    scores = qf @ k.transpose(-1, -2) * scale  # (B, H, T, S)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    j = torch.arange(s, device=q.device)
+    mask = j[None, :] <= pos[:, None]  # (T, S)
+    if window:
+        mask &= (pos[:, None] - j[None, :]) < window
+    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
+    return out.transpose(1, 2).to(q.dtype)  # (B, T, H, D)
+
+
+def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
+                     softcap: float | None = None, *, splits: int | None = None) -> torch.Tensor:
+    """Same contract as `decode_attention_ref`. `splits` overrides the number of key-range splits."""
+    if not use_triton(q):
+        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap)
+    b, t, h, d = q.shape
+    kh, s_max = k_cache.shape[1], k_cache.shape[2]
+    assert h % kh == 0 and k_cache.shape[-1] == d and k_cache.stride(-1) == v_cache.stride(-1) == 1
+    g = h // kh
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    n_tiles = triton.cdiv(s_max, _BLOCK_N)
+    ns = max(1, min(splits or _default_splits(q.device, b * kh), n_tiles))
+    mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
+    mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
+    # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
+    # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
+    _split_kernel[(b * kh, ns)](
+        q, k_cache, v_cache, pos, mid_o, mid_lse, *q.stride()[:3], *k_cache.stride()[:3],
+        *v_cache.stride()[:3], s_max, ns, float(scale), float(softcap or 1.0), int(window or 0),
+        T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap),
+        MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
+        BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2)
+    out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
+    _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+                                BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    return out
+
+
+def _default_splits(device: torch.device, programs: int) -> int:
+    """Splits so that (B·K) × NS programs fill the device about twice over."""
+    return max(1, math.ceil(2 * _sm_count(device) / programs))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the CPU interpreter: few programs keep the tests fast
+
+
+@jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, lse_ptr,
+                  sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, S_MAX, NS, scale, softcap, window,
+                  T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MAX_TILES: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bk // (H // G)).to(tl.int64)
+    kh = bk % (H // G)
+
+    # The key range any of the T queries can see, from device positions, then this split's share of it.
+    ts = tl.arange(0, BLOCK_T)
+    pt = tl.load(pos_ptr + ts, mask=ts < T, other=-1)  # (T,)
+    hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
+    lo = hi * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(tl.min(tl.where(ts < T, pt, S_MAX), axis=0) - window + 1, 0)
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NS) * BLOCK_N  # keys per split, whole tiles
+    start = lo + split * per
+    end = tl.minimum(start + per, hi)
+
+    # Rows of the score matrix: row m is token m // G of query head kh·G + m % G.
+    m = tl.arange(0, BLOCK_M)
+    tm = m // G
+    head = kh * G + m % G
+    row_ok = m < T * G
+    pm = tl.load(pos_ptr + tm, mask=row_ok, other=-1)  # (M,) padded rows see nothing
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],
+                mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
+    k_base = k_ptr + b * skb + kh * skh
+    v_base = v_ptr + b * svb + kh * svh
+
+    # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in range(MAX_TILES):
+        j0 = start + i * BLOCK_N
+        if j0 < end:
+            j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
+            jm = j < end
+            kv_mask = jm[:, None] & dm[None, :]
+            kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+            vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
+            if HAS_SOFTCAP:
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
+            vis = (j[None, :] <= pm[:, None]) & jm[None, :]
+            if HAS_WINDOW:
+                vis = vis & ((pm[:, None] - j[None, :]) < window)
+            s = tl.where(vis, s * 1.4426950408889634, float("-inf"))  # log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])  # (M, N)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+    # Partial result of this split: normalized output and its log2-sum-exp; "-inf" means no visible key.
+    row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
+    seen = l_i > 0.0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (row * NS + split)[:, None] * D + d[None, :], o,
+             mask=(row_ok & seen)[:, None] & dm[None, :])
+
+
+@jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_ptr + row * NS + s, mask=s < NS, other=float("-inf"))  # (NS,)
+    # Every row sees at least its own key, so some split has a finite lse and the max is finite.
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # (NS,) 0 for empty splits
+    d = tl.arange(0, BLOCK_D)
+    o = tl.load(o_ptr + (row * NS + s)[:, None] * D + d[None, :],
+                mask=(lse > float("-inf"))[:, None] & (d < D)[None, :], other=0.0)  # (NS, D)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)

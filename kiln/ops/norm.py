@@ -1,0 +1,85 @@
+"""RMSNorm, optionally fused with the residual add that precedes it, as one kernel per call.
+
+Owns: `rms_norm` (Triton, one program per row) and `rms_norm_ref` (plain torch), in both weight
+conventions — Llama's `w * xn.to(dtype)` (cast, then scale) and Gemma's `(xn * (1 + w)).to(dtype)`
+(scale in float32, then cast; `offset=1.0`) — and the fused `h = x + residual; y = norm(h)`.
+Not: per-head q/k norms (rope.py fuses those with RoPE), the nn.Module wrappers (models/base.py).
+
+Shape alphabet: N rows (every leading dim flattened), E normalized (hidden) dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.ops import jit, tl, triton, use_triton
+
+_MAX_E = 32768  # one row per program, held in registers; no model comes near this
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                 residual: torch.Tensor | None = None):
+    """x (..., E) → y (..., E) in x.dtype; with residual, (y, h) where h = x + residual, y = norm(h)."""
+    if residual is None:
+        return _norm_ref(x, weight, eps, offset)
+    h = x + residual  # rounded to the model's dtype before it is normalized, as the unfused model does
+    return _norm_ref(h, weight, eps, offset).to(x.dtype), h
+
+
+def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    xf = x.float()
+    xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:  # Gemma: multiply in float32, then cast
+        return (xn * (offset + weight.float())).to(x.dtype)
+    return (weight * xn.to(x.dtype)).to(x.dtype)  # Llama: cast, then multiply
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             residual: torch.Tensor | None = None):
+    """Same contract as `rms_norm_ref`; one kernel launch (the residual add included)."""
+    e = x.shape[-1]
+    if not use_triton(x) or e > _MAX_E:
+        return rms_norm_ref(x, weight, eps, offset, residual)
+    x2 = _rows(x)  # (N, E)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)  # (N, E)
+    if residual is not None:
+        r2 = _rows(residual)  # (N, E)
+        h = torch.empty(x2.shape, dtype=torch.result_type(x, residual), device=x.device)  # (N, E)
+    else:
+        r2 = h = x2  # unused by the kernel (HAS_RES is off)
+    block = triton.next_power_of_2(e)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, y, h, e, x2.stride(0), r2.stride(0), eps, float(offset),
+        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), BLOCK_E=block,
+        num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+    if residual is None:
+        return y.view(x.shape)
+    return y.view(x.shape), h.view(x.shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., E) → (N, E) with unit stride along E (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, E, stride_x, stride_r, eps, offset,
+                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_E: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    mask = cols < E
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the residual stream's dtype and normalize *that*, exactly as the unfused model.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * E + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / E + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        y = xf * rstd * (offset + w)
+    else:
+        y = w * (xf * rstd).to(x.dtype).to(tl.float32)  # the cast before the weight is Llama's rounding
+    tl.store(y_ptr + row * E + cols, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,258 @@
+"""kiln.ops: every Triton kernel against its plain-torch twin, on small random shapes.
+
+Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
+strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
+window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
+D = 64 and 256; the KV write), the dispatch rule, and — on a GPU — one CUDA-graph capture and replay.
+Not: speed (bench/gpu_ops_check.py), real shapes.
+
+Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
+imported (triton's own library functions and kiln's kernels are decorated at import time; if another
+module imported triton earlier, this file re-runs itself in a fresh process), and KILN_TRITON_CPU=1
+routes CPU tensors to the kernels. On a GPU the same tests run the compiled kernels.
+The interpreter runs float32 and float16 faithfully but not bfloat16 (it truncates casts and multiplies
+the raw bits in tl.dot), so bfloat16 cases run on CUDA only.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from kiln import ops  # noqa: E402  (after the interpreter switch)
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}  # float32 tight; 16-bit: about one unit in the last place
+
+# If another test module imported triton first, its own library functions (tl.sum, …) were compiled for
+# the GPU and the interpreter cannot call them: run this file again in a fresh process instead.
+LATE = not CUDA and type(triton.language.sum).__name__ != "InterpretedFunction"
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(request, monkeypatch):
+    if LATE and request.node.originalname != "test_in_a_fresh_process":
+        pytest.skip("triton was imported before the interpreter was enabled; see test_in_a_fresh_process")
+    monkeypatch.setenv("KILN_TRITON_CPU", "1")
+
+
+@pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
+def test_in_a_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def close(a, b, dtype):
+    torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_cpu_tensors_use_the_reference_unless_asked(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.delenv("KILN_TRITON_CPU")
+    assert not ops.use_triton(x)
+    monkeypatch.setenv("KILN_TRITON_CPU", "1")
+    assert ops.use_triton(x)
+
+
+# ---------------------------------------------------------------- norm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("e", [96, 1000])
+def test_rms_norm(dtype, offset, e):
+    x, w = rand(3, 5, e, dtype=dtype), rand(e, dtype=dtype, seed=1)
+    y = ops.rms_norm(x, w, 1e-6, offset)
+    assert y.dtype == dtype and y.shape == x.shape
+    close(y, ops.rms_norm_ref(x, w, 1e-6, offset), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_fused_residual(dtype, offset):
+    x, r, w = rand(2, 3, 200, dtype=dtype), rand(2, 3, 200, dtype=dtype, seed=2), rand(200, dtype=dtype, seed=1)
+    y, h = ops.rms_norm(x, w, 1e-5, offset, residual=r)
+    y_ref, h_ref = ops.rms_norm_ref(x, w, 1e-5, offset, residual=r)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # the sum is rounded exactly like torch's
+    close(y, y_ref, dtype)
+
+
+def test_rms_norm_strided_rows():
+    x = rand(6, 256)[:, :128]  # rows 256 apart: read in place, no copy
+    w = rand(128, seed=1)
+    close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), torch.float32)
+
+
+# ---------------------------------------------------------------- gated activations
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter: exp(-x) → inf → sigmoid 0
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f", [200, 1500])  # less than one block; more than one block
+def test_gated_activations(dtype, f):
+    gu = rand(2, 3, 2 * f, dtype=dtype, scale=3.0)
+    for fast, ref in [(ops.silu_mul, ops.silu_mul_ref), (ops.gelu_tanh_mul, ops.gelu_tanh_mul_ref)]:
+        out = fast(gu)
+        assert out.shape == (2, 3, f) and out.dtype == dtype
+        close(out, ref(gu), dtype)
+
+
+# ---------------------------------------------------------------- RoPE (+ q/k norm)
+
+def _inv_freq(rot, base=10000.0):
+    return (1.0 / base ** (torch.arange(0, rot, 2).float() / rot)).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(d=64, rot=64, norm=None),  # Llama
+    dict(d=64, rot=64, norm=0.0),  # Qwen3: q/k RMSNorm, w * x
+    dict(d=256, rot=256, norm=1.0),  # Gemma 3: (1 + w) norm, head dim 256
+    dict(d=64, rot=32, norm=None),  # partial rotary keeps the tail
+    dict(d=96, rot=48, norm=0.0),  # partial rotary, non-power-of-two halves, norm over the tail too
+])
+def test_rope_qk(dtype, case):
+    b, t, h, k, d, rot = 2, 3, 8, 2, case["d"], case["rot"]
+    qkv = rand(b, t, (h + 2 * k) * d, dtype=dtype)  # a fused QKV output: q and k are strided views
+    q = qkv[..., : h * d].view(b, t, h, d)  # (B, T, H, D)
+    kk = qkv[..., h * d: (h + k) * d].view(b, t, k, d)  # (B, T, K, D)
+    pos = torch.tensor([17, 18, 19], device=DEVICE)
+    kw = dict(attn_factor=1.25, rot_dim=rot, eps=1e-6)
+    if case["norm"] is not None:
+        kw.update(q_norm_w=rand(d, dtype=dtype, seed=3), k_norm_w=rand(d, dtype=dtype, seed=4),
+                  norm_offset=case["norm"])
+    qo, ko = ops.rope_qk(q, kk, pos, _inv_freq(rot), **kw)
+    q_ref, k_ref = ops.rope_qk_ref(q, kk, pos, _inv_freq(rot), **kw)
+    assert qo.shape == (b, t, h, d) and ko.shape == (b, t, k, d) and qo.dtype == dtype
+    close(qo, q_ref, dtype)
+    close(ko, k_ref, dtype)
+
+
+def test_rope_large_positions():
+    """Angles of thousands of radians: in-kernel cos/sin must reduce the argument as torch does."""
+    q, k = rand(1, 2, 4, 128), rand(1, 2, 2, 128, seed=1)
+    pos = torch.tensor([4095, 30000], device=DEVICE)
+    inv = _inv_freq(128, base=1e6)
+    for a, b in zip(ops.rope_qk(q, k, pos, inv), ops.rope_qk_ref(q, k, pos, inv)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------- decode attention
+
+ATTN_CASES = {
+    "gqa-t1": dict(h=8, k=2, d=64, t=1, s=200, start=150),
+    "gqa-t4": dict(h=8, k=2, d=64, t=4, s=200, start=150),
+    "window-t4": dict(h=8, k=2, d=64, t=4, s=200, start=150, window=40),
+    "softcap": dict(h=8, k=2, d=64, t=2, s=130, start=100, softcap=20.0),
+    "d256-window": dict(h=4, k=1, d=256, t=1, s=100, start=90, window=32),
+    "d256-t4": dict(h=4, k=1, d=256, t=4, s=70, start=3),
+    "first-token": dict(h=8, k=2, d=64, t=1, s=64, start=0),
+    "mha-batch3": dict(h=4, k=4, d=64, t=1, s=100, start=99, b=3),
+}
+
+
+def _attn_inputs(c, dtype):
+    b = c.get("b", 2)
+    q = rand(b, c["t"], c["h"], c["d"], dtype=dtype)
+    kc = rand(b, c["k"], c["s"], c["d"], dtype=dtype, seed=1)
+    vc = rand(b, c["k"], c["s"], c["d"], dtype=dtype, seed=2)
+    pos = torch.arange(c["start"], c["start"] + c["t"], device=DEVICE)
+    return q, kc, vc, pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_decode_attention(dtype, name):
+    c = ATTN_CASES[name]
+    q, kc, vc, pos = _attn_inputs(c, dtype)
+    args = (q, kc, vc, pos, c["d"] ** -0.5, c.get("window"), c.get("softcap"))
+    out = ops.decode_attention(*args)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = ops.decode_attention_ref(*args)
+    if dtype == torch.float32:
+        close(out, ref, dtype)
+    else:  # probabilities enter the P·V matmul in the 16-bit dtype, as in every flash kernel
+        torch.testing.assert_close(out, ref, rtol=2 * TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])  # one program per head; uneven; more splits than tiles
+def test_decode_attention_split_counts(splits):
+    c = dict(h=8, k=2, d=64, t=3, s=300, start=250, window=100)
+    q, kc, vc, pos = _attn_inputs(c, torch.float32)
+    out = ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=splits)
+    close(out, ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100), torch.float32)
+
+
+def test_decode_attention_never_reads_past_the_last_position():
+    c = dict(h=8, k=2, d=64, t=2, s=200, start=70)
+    q, kc, vc, pos = _attn_inputs(c, torch.float32)
+    ref = ops.decode_attention_ref(q, kc, vc, pos, 0.125)
+    kc[:, :, 72:], vc[:, :, 72:] = float("nan"), float("nan")  # slots no query may see
+    close(ops.decode_attention(q, kc, vc, pos, 0.125, splits=4), ref, torch.float32)
+
+
+# ---------------------------------------------------------------- KV write
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv(dtype):
+    big_k, big_v = rand(3, 2, 4, 50, 64, dtype=dtype), rand(3, 2, 4, 50, 64, dtype=dtype, seed=1)  # (L, B, K, S, D)
+    k, v = rand(2, 3, 4, 64, dtype=dtype, seed=2), rand(2, 3, 4, 64, dtype=dtype, seed=3)  # (B, T, K, D)
+    pos = torch.tensor([20, 21, 22], device=DEVICE)
+    ref_k, ref_v = big_k[1].clone(), big_v[1].clone()
+    ops.write_kv_ref(ref_k, ref_v, k, v, pos)
+    ops.write_kv(big_k[1], big_v[1], k, v, pos)  # a layer's view of the whole cache
+    torch.testing.assert_close(big_k[1], ref_k, rtol=0, atol=0)
+    torch.testing.assert_close(big_v[1], ref_v, rtol=0, atol=0)
+    assert torch.equal(ref_k[:, :, 21], k[:, 1])
+
+
+# ---------------------------------------------------------------- CUDA graph (GPU only)
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_layer_ops_capture_in_one_cuda_graph_and_follow_device_positions():
+    dt, e, h, k, d, s = torch.bfloat16, 256, 8, 2, 64, 512
+    x, res, w = rand(1, 1, e, dtype=dt), rand(1, 1, e, dtype=dt, seed=1), rand(e, dtype=dt, seed=2)
+    qkv, gu = rand(1, 1, (h + 2 * k) * d, dtype=dt, seed=3), rand(1, 1, 2 * e, dtype=dt, seed=4)
+    kc, vc = rand(1, k, s, d, dtype=dt, seed=5), rand(1, k, s, d, dtype=dt, seed=6)
+    pos, inv = torch.tensor([7], device=DEVICE), _inv_freq(d)
+
+    def layer(kc, vc):
+        y, _ = ops.rms_norm(x, w, 1e-6, 0.0, residual=res)
+        q, kk = ops.rope_qk(qkv[..., : h * d].view(1, 1, h, d), qkv[..., h * d: (h + k) * d].view(1, 1, k, d),
+                            pos, inv)
+        ops.write_kv(kc, vc, kk, qkv[..., (h + k) * d:].view(1, 1, k, d), pos)
+        return y, ops.decode_attention(q, kc, vc, pos, d ** -0.5), ops.silu_mul(gu)
+
+    layer(kc.clone(), vc.clone())  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = layer(kc, vc)
+    for p in (7, 300):  # a new position is a new value in the same device tensor: no re-capture
+        pos.fill_(p)
+        kr, vr = kc.clone(), vc.clone()
+        q, kk = ops.rope_qk_ref(qkv[..., : h * d].view(1, 1, h, d), qkv[..., h * d: (h + k) * d].view(1, 1, k, d),
+                                pos, inv)
+        ops.write_kv_ref(kr, vr, kk, qkv[..., (h + k) * d:].view(1, 1, k, d), pos)
+        graph.replay()
+        close(kc, kr, dt)
+        torch.testing.assert_close(outs[1], ops.decode_attention_ref(q, kr, vr, pos, d ** -0.5),
+                                   rtol=3e-2, atol=3e-2)
