@@ -148,6 +148,8 @@ def _hf_download(name: str, progress: bool) -> Path:
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError:
         raise KilnError("downloading from Hugging Face needs huggingface_hub: pip install huggingface_hub")
+    from huggingface_hub.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # its retry warnings would bury kiln's one-line error
     parts = name.split("/")
     repo = "/".join(parts[:2])
     try:

@@ -1,0 +1,672 @@
+"""GGUF weights kept quantized on the GPU: a lossless repacked layout, a fused GEMV and a dequantizer in Triton.
+
+Owns: the packed layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's
+device), its plain-torch twin `dequantize_ref` (the obviously correct path the kernels are tested against),
+the Triton kernels behind `gemv` (x (M, K) with M <= 8 times a packed (N, K) weight, dequantization fused,
+float32 accumulation — the decode hot path) and `dequantize_gpu` (packed -> dense (N, K), for the prefill
+matmul), and the per-format launch-config table `GEMV_CONFIGS`.
+Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
+tested bit-exact against), the nn.Module and the dispatch by batch size (linear.py), quantizing, CPU speed.
+
+Formats: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, Q2_K Q3_K Q4_K Q5_K Q6_K, IQ4_NL IQ4_XS.
+
+The packed layout. A GGUF block interleaves scales and quants and scatters a block's weights over its bytes
+in format-specific lane orders; loads of it are unaligned (18-, 34-, 210-byte blocks) and every format
+needs its own index arithmetic. `repack` splits each tensor into planes, every plane row-major (N, ·):
+  qs  int32: the low bits of every weight in *weight order*: word j of a row holds weights G*j .. G*j+G-1,
+      weight G*j+i in bits [b*i, b*i+b) (b = 32 / G: 4 bits, G = 8; 8 bits, G = 4; 2 bits, G = 16).
+  qh  int8 or int16: the high bits, one element per qs word and in the same weight order (1 bit per weight
+      for Q5_*, Q5_K and Q3_K; 2 bits for Q6_K).
+  sc, mn  uint8 or int8: one per sub-block, the 6-bit scale (and min) already decoded from GGUF's packed
+      12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, <= 3.7%).
+  d, dm   int16: the f16 block scale (and min / dmin) as raw bits, one per GGUF block. Bits, not float16,
+      so that `model.to(dtype)` cannot round them.
+So a kernel reads, for rows n and word j: G weights from one 32-bit load, their high bits from the qh
+element with the same index, the scales at j // (words per sub-block) — the same code for every format,
+contiguous along K, and x[G*j + i] lines up with field i without any gather. Bytes per weight stay those
+of the file except the decoded scales (see `Format`), always <= 1.037x.
+
+Per format (K weights per row; the weight formula is gguf-py's, evaluated in the same float32 order):
+  Q4_0   qs 4b  d              w = d * (q - 8)          Q4_1  qs 4b  d, dm=m     w = d * q + m
+  Q5_0   qs 4b + qh 1b, d      w = d * (q - 16)         Q5_1  qs 4b + qh 1b, d, m  w = d * q + m
+  Q8_0   qs 8b (int8) d        w = d * q
+  Q2_K   qs 2b  sc u8 (lo: scale, hi: min, per 16)  d, dm=dmin (per 256)   w = d*sc * q - dmin*min
+  Q3_K   qs 2b + qh 1b  sc i8 (-32..31, per 16)  d                         w = d*sc * (q - 4)
+  Q4_K   qs 4b  sc u8, mn u8 (per 32)  d, dm=dmin                          w = d*sc * q - dmin*mn
+  Q5_K   qs 4b + qh 1b  sc, mn  d, dm                                      w = d*sc * q - dmin*mn
+  Q6_K   qs 4b + qh 2b  sc i8 (per 16)  d                                  w = d*sc * (q - 32)
+  IQ4_NL qs 4b  d                    w = d * KVALUES[q]
+  IQ4_XS qs 4b  sc i8 (-32..31, per 32)  d                                 w = d*sc * KVALUES[q]
+
+How the GEMV spends its instructions (PERF-GUIDE.md, "A 4-bit GEMV can be ALU-bound"): codes become floats
+with the magic-number trick ((q | 0x4B000000) as float32 is 2^23 + q, so one subtraction, folded with the
+format's offset, replaces an int->float conversion); scales are factored out of the inner loop —
+sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x) — with sum(x) per word computed once per
+program and shared by its BN rows; each program keeps a (BN, [M,] W) accumulator and reduces it once at the
+end. Split-K (a second grid axis, float32 partials summed by a tiny second kernel) fills the SMs when N is
+small. The trip count of the K loop is a compile-time constant (K is specialized: a model has a handful of
+distinct K), which also lets the Triton interpreter used by the CPU tests run the kernels.
+
+Shape alphabet: M activation rows (tokens), N weight rows (out features), K weights per row (in features),
+BN rows per program, W packed words per row per loop step, G weights per word, MP = M rounded up to a power
+of two.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
+
+__all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "repack", "dequantize_ref", "gemv",
+           "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M"]
+
+MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
+
+# GGML type ids (gguf.GGMLQuantizationType), spelled out so that this file needs no gguf import.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
+IQ4_NL, IQ4_XS = 20, 23
+
+# Values of IQ4 codes 0..15 (llama.cpp kvalues_iq4nl; kiln/quant/iquants.py KVALUES).
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One GGUF type's block geometry and packed planes."""
+
+    name: str
+    block: int                   # weights per GGUF block
+    type_size: int               # bytes per GGUF block
+    g: int                       # weights per qs word (and per qh element)
+    sub: int                     # weights per sc / mn entry (== block where there are no sub-block scales)
+    qh: torch.dtype | None       # high-bit plane element type
+    sc: torch.dtype | None       # sub-block scale plane
+    mn: bool = False             # 6-bit sub-block mins (Q4_K, Q5_K)
+    dm: bool = False             # a second f16 per block: Q4_1/Q5_1 min, Q2_K/Q4_K/Q5_K dmin
+    has_min: bool = False        # w = dl * q - ml (else w = dl * q)
+
+    def packed_bytes(self, k: int) -> int:
+        """Bytes of one packed row of k weights."""
+        nb, ns = k // self.block, k // self.sub
+        n = k // self.g * 4 + nb * 2 * (1 + self.dm)
+        if self.qh is not None:
+            n += k // self.g * self.qh.itemsize
+        return n + ns * ((self.sc is not None) + self.mn)
+
+
+FORMATS: dict[int, Format] = {
+    Q4_0: Format("Q4_0", 32, 18, 8, 32, None, None),
+    Q4_1: Format("Q4_1", 32, 20, 8, 32, None, None, dm=True, has_min=True),
+    Q5_0: Format("Q5_0", 32, 22, 8, 32, torch.int8, None),
+    Q5_1: Format("Q5_1", 32, 24, 8, 32, torch.int8, None, dm=True, has_min=True),
+    Q8_0: Format("Q8_0", 32, 34, 4, 32, None, None),
+    Q2_K: Format("Q2_K", 256, 84, 16, 16, None, torch.uint8, dm=True, has_min=True),
+    Q3_K: Format("Q3_K", 256, 110, 16, 16, torch.int16, torch.int8),
+    Q4_K: Format("Q4_K", 256, 144, 8, 32, None, torch.uint8, mn=True, dm=True, has_min=True),
+    Q5_K: Format("Q5_K", 256, 176, 8, 32, torch.int8, torch.uint8, mn=True, dm=True, has_min=True),
+    Q6_K: Format("Q6_K", 256, 210, 8, 16, torch.int16, torch.int8),
+    IQ4_NL: Format("IQ4_NL", 32, 18, 8, 32, None, None),
+    IQ4_XS: Format("IQ4_XS", 256, 136, 8, 32, None, torch.int8),
+}
+
+_PLANES = ("qs", "qh", "sc", "mn", "d", "dm")
+
+
+@dataclass
+class PackedWeight:
+    """A (N, K) GGUF weight as planes (module docstring); None for planes the format lacks."""
+
+    qtype: int
+    shape: tuple[int, int]
+    qs: torch.Tensor
+    d: torch.Tensor
+    qh: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    mn: torch.Tensor | None = None
+    dm: torch.Tensor | None = None
+
+    @property
+    def fmt(self) -> Format:
+        return FORMATS[self.qtype]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.planes().values())
+
+    def planes(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _PLANES if getattr(self, k) is not None}
+
+    def to(self, device) -> PackedWeight:
+        return replace(self, **{k: v.to(device) for k, v in self.planes().items()})
+
+
+def _format(qtype: int) -> Format:
+    fmt = FORMATS.get(int(qtype))
+    if fmt is None:
+        names = ", ".join(f.name for f in FORMATS.values())
+        raise KilnError(f"GGUF tensor type id {qtype} has no quantized GPU kernel (kernels exist for {names}); "
+                        "keep it as a dense nn.Linear")
+    return fmt
+
+
+# ---------------------------------------------------------------- repack (torch, once at load)
+
+# Weights repacked per step: bounds the temporaries (a few bytes per weight) on huge embedding matrices.
+_REPACK_WEIGHTS = 1 << 24
+
+
+def _fields(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bytes (..., L) uint8 -> their bit-fields (..., L, 8 / bits), lowest first."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device)
+    return (b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+
+
+def _lanes(b: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
+    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes.
+
+    The bytes run in groups of `lane`; field f of byte l in group h is weight h*lane*F + f*lane + l.
+    """
+    r, nb, n = b.shape
+    f = _fields(b.reshape(r, nb, n // lane, lane), bits)               # (R, nb, groups, lane, F)
+    return f.transpose(-1, -2).reshape(r, -1)                          # (R, nb, groups, F, lane) flattened
+
+
+def _pack(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Codes (R, K) in weight order -> (R, K * bits / 8 / itemsize) of dtype, weight i at bits [bits*i, ...)."""
+    per_byte = 8 // bits
+    c = codes.reshape(codes.shape[0], -1, per_byte)                    # (R, K / per_byte, per_byte)
+    out = c[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= c[..., i] << (bits * i)
+    return out.view(dtype)  # little-endian: byte 0 holds the lowest weights of a word
+
+
+def _f16_bits(b: torch.Tensor, offset: int) -> torch.Tensor:
+    """The f16 at byte `offset` of every block, as raw int16 bits: (R, nb, TS) -> (R, nb)."""
+    return b[..., offset:offset + 2].contiguous().view(torch.int16).squeeze(-1)
+
+
+def _bytes(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bytes [lo, hi) of every block as one row: (R, nb, TS) -> (R, nb * (hi - lo)) uint8."""
+    return b[..., lo:hi].reshape(b.shape[0], -1)
+
+
+def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
+    """(R, nb, 12) packed bytes -> (R, nb * 16) int8 in -32..31 (kquants._q3_k_scales)."""
+    lo = torch.cat([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], dim=-1)       # scale j<8: lo nibble of byte j
+    hi = torch.stack([(s[..., 8:12] >> (2 * i)) & 3 for i in range(4)], dim=-2).flatten(-2)  # j: byte 8+j%4
+    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(s.shape[0], -1)
+
+
+def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K (R, nb, 12) packed bytes -> 6-bit scales and mins, each (R, nb * 8) uint8."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=-1)
+    return scales.reshape(s.shape[0], -1), mins.reshape(s.shape[0], -1)
+
+
+def _iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS blocks (R, nb, 136) -> (R, nb * 8) int8 in -32..31."""
+    lo = _fields(b[..., 4:8], 4).flatten(-2)                           # sub-block s: nibble s%2 of byte s//2
+    h = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).int() & 0xFFFF     # (R, nb) u16
+    hi = torch.stack([(h >> (2 * s)) & 3 for s in range(8)], dim=-1).to(torch.uint8)
+    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(b.shape[0], -1)
+
+
+def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
+    """GGUF blocks of R rows (R, nb, type_size) uint8 -> that slice of every plane."""
+    f16 = lambda off: _f16_bits(b, off)  # noqa: E731
+    nib = lambda lo, hi, lane: _pack(_lanes(b[..., lo:hi], lane, 4), 4, torch.int32)  # noqa: E731
+    if qtype in (Q4_0, IQ4_NL):
+        return dict(qs=nib(2, 18, 16), d=f16(0))
+    if qtype == Q4_1:
+        return dict(qs=nib(4, 20, 16), d=f16(0), dm=f16(2))
+    if qtype == Q5_0:  # qh: bit j of the little-endian u32 is weight j's fifth bit — already weight order
+        return dict(qs=nib(6, 22, 16), qh=_bytes(b, 2, 6).view(torch.int8), d=f16(0))
+    if qtype == Q5_1:
+        return dict(qs=nib(8, 24, 16), qh=_bytes(b, 4, 8).view(torch.int8), d=f16(0), dm=f16(2))
+    if qtype == Q8_0:
+        return dict(qs=_bytes(b, 2, 34).view(torch.int32), d=f16(0))
+    if qtype == Q2_K:
+        return dict(qs=_pack(_lanes(b[..., 16:80], 32, 2), 2, torch.int32), sc=_bytes(b, 0, 16),
+                    d=f16(80), dm=f16(82))
+    if qtype == Q3_K:
+        return dict(qs=_pack(_lanes(b[..., 32:96], 32, 2), 2, torch.int32),
+                    qh=_pack(_lanes(b[..., 0:32], 32, 1), 1, torch.int16),
+                    sc=_q3_k_scales(b[..., 96:108]), d=f16(108))
+    if qtype in (Q4_K, Q5_K):
+        sc, mn = _k_scales_mins(b[..., 4:16])
+        if qtype == Q4_K:
+            return dict(qs=nib(16, 144, 32), sc=sc, mn=mn, d=f16(0), dm=f16(2))
+        return dict(qs=nib(48, 176, 32), qh=_pack(_lanes(b[..., 16:48], 32, 1), 1, torch.int8),
+                    sc=sc, mn=mn, d=f16(0), dm=f16(2))
+    if qtype == Q6_K:
+        return dict(qs=nib(0, 128, 64), qh=_pack(_lanes(b[..., 128:192], 32, 2), 2, torch.int16),
+                    sc=_bytes(b, 192, 208).view(torch.int8), d=f16(208))
+    assert qtype == IQ4_XS
+    return dict(qs=nib(8, 136, 16), sc=_iq4_xs_scales(b), d=f16(0))
+
+
+def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
+    """A GGUF tensor's raw bytes (uint8, (N, row_bytes) or flat) -> PackedWeight on raw's device. Lossless."""
+    fmt = _format(qtype)
+    if len(shape) != 2:
+        raise KilnError(f"{fmt.name} weight of shape {tuple(shape)}: a linear weight must be 2-D (N, K)")
+    n, k = (int(s) for s in shape)
+    if k % fmt.block:
+        raise KilnError(f"{fmt.name} weight of shape {(n, k)}: row length {k} is not a multiple of its block "
+                        f"size {fmt.block}")
+    row_bytes = k // fmt.block * fmt.type_size
+    if raw.dtype != torch.uint8 or raw.numel() != n * row_bytes:
+        raise KilnError(f"{fmt.name} weight of shape {(n, k)} needs {n * row_bytes} bytes as uint8, got "
+                        f"{raw.numel()} of {raw.dtype}; the file is truncated or its header is wrong")
+    blocks = raw.reshape(n, k // fmt.block, fmt.type_size)             # (N, nb, type_size)
+    step = max(1, _REPACK_WEIGHTS // k)
+    parts = [_repack_rows(blocks[i:i + step], int(qtype)) for i in range(0, n, step)]
+    planes = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+              for name in parts[0]}
+    return PackedWeight(int(qtype), (n, k), **planes)
+
+
+# ---------------------------------------------------------------- the slow, obviously correct twin
+
+def _codes(plane: torch.Tensor, bits: int) -> torch.Tensor:
+    """A plane (N, L) of any integer type -> its fields in weight order, (N, L * bytes * 8 / bits) uint8."""
+    b = plane.contiguous().view(torch.uint8)
+    return _fields(b, bits).reshape(b.shape[0], -1)
+
+
+def _sub_scales(w: PackedWeight, d: torch.Tensor, dm: torch.Tensor | None):
+    """Per-sub-block float32 dl and ml (or None), each (N, K / sub), formed as gguf-py forms them."""
+    n, fmt = w.shape[0], w.fmt
+    if w.sc is None:                                                   # one scale per block
+        return d, (None if dm is None else -dm)  # Q4_1/Q5_1: d*q + m == d*q - (-m), exactly
+    per_block = fmt.block // fmt.sub
+    sc = w.sc.view(n, -1, per_block)                                   # (N, nb, sub-blocks)
+    if w.qtype == Q2_K:                                                # one byte: lo nibble scale, hi min
+        return ((d.unsqueeze(-1) * (sc & 0xF)).reshape(n, -1),
+                (dm.unsqueeze(-1) * (sc >> 4)).reshape(n, -1))
+    dl = (d.unsqueeze(-1) * sc).reshape(n, -1)
+    return dl, ((dm.unsqueeze(-1) * w.mn.view(n, -1, per_block)).reshape(n, -1) if fmt.mn else None)
+
+
+def dequantize_ref(w: PackedWeight) -> torch.Tensor:
+    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes.
+
+    The float operations are gguf-py's, in its order: sub-block scales dl = d * sc formed first in float32,
+    then dl * q (- ml); Q4_1/Q5_1 round d * q before adding m.
+    """
+    fmt, (n, k) = w.fmt, w.shape
+    d = w.d.view(torch.float16).float()                                # (N, K / block)
+    dm = w.dm.view(torch.float16).float() if w.dm is not None else None
+    if w.qtype == Q8_0:
+        q = w.qs.contiguous().view(torch.int8).int()                  # (N, K) -128..127
+    else:
+        bits = 32 // fmt.g
+        q = _codes(w.qs, bits).int()                                   # (N, K) low bits, weight order
+        if w.qh is not None:
+            q |= _codes(w.qh, 2 if w.qtype == Q6_K else 1).int() << bits
+    if w.qtype in (IQ4_NL, IQ4_XS):
+        qf = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)[q]
+    else:
+        qf = (q - {Q4_0: 8, Q5_0: 16, Q3_K: 4, Q6_K: 32}.get(w.qtype, 0)).float()
+    dl, ml = _sub_scales(w, d, dm)
+    y = qf.view(n, dl.shape[1], -1) * dl.unsqueeze(-1)                 # (N, sub-blocks, weights in one)
+    if ml is not None:
+        y = y - ml.unsqueeze(-1)
+    return y.view(n, k)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+def _const(v):
+    """A module-level constant a @triton.jit function may read (Triton accepts only tl.constexpr globals)."""
+    return tl.constexpr(v) if HAVE_TRITON else v
+
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (_const(v) for v in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0))
+_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (_const(v) for v in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K))
+_IQ4_NL, _IQ4_XS = _const(IQ4_NL), _const(IQ4_XS)
+
+
+@jit
+def _split_bits(words, BITS: tl.constexpr, G: tl.constexpr):
+    """words (BN, W) of any int type -> (BN, W, G) int32: field i = bits [BITS*i, BITS*i + BITS)."""
+    shifts = tl.arange(0, G) * BITS
+    # Sign extension of int8/int16 words only touches bits above the fields, which the mask drops.
+    return (words.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+
+
+@jit
+def _to_float(q, OFFSET: tl.constexpr, CVT: tl.constexpr):
+    """Codes 0 <= q < 2^23 (int32) -> float32 q - OFFSET, exactly.
+
+    CVT 0: the magic-number trick, (q | 0x4B000000) read as float32 is 2^23 + q, so one float subtraction
+    (with the offset folded in) replaces an int -> float conversion, which runs at 1/4 rate on the H100.
+    CVT 1: the plain conversion (kept to measure the difference).
+    """
+    if CVT == 0:
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+    else:
+        f = (q - OFFSET).to(tl.float32)
+    return f
+
+
+@jit
+def _f16(bits):
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@jit
+def _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw, mask,
+           KW: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPS: tl.constexpr, WPB: tl.constexpr,
+           CVT: tl.constexpr):
+    """Codes and scales of rows r (BN, 1) int64 at words kw (1, W): q (BN, W, G), dl and ml (BN, W), float32,
+    such that weight = dl * q - ml (ml is meaningless, and unused, for formats without a min).
+
+    KW = words per row (K / G), WPS = words per sub-block scale, WPB = words per GGUF block.
+    """
+    words = tl.load(qs_ptr + r * KW + kw, mask=mask, other=0)                     # (BN, W) int32
+    d = _f16(tl.load(d_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))     # (BN, W)
+    ml = d
+    if FMT == _Q4_0:
+        q = _to_float(_split_bits(words, 4, G), 8, CVT)
+        dl = d
+    elif FMT == _Q4_1:
+        q = _to_float(_split_bits(words, 4, G), 0, CVT)
+        dl = d
+        ml = -_f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
+    elif FMT == _Q5_0 or FMT == _Q5_1:
+        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G)
+        q = _split_bits(words, 4, G) | (hi << 4)
+        dl = d
+        if FMT == _Q5_0:
+            q = _to_float(q, 16, CVT)
+        else:
+            q = _to_float(q, 0, CVT)
+            ml = -_f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
+    elif FMT == _Q8_0:
+        q = _to_float(_split_bits(words, 8, G) ^ 0x80, 128, CVT)  # int8 byte b: (b ^ 0x80) - 128
+        dl = d
+    elif FMT == _Q2_K:
+        s = tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.int32)  # uint8
+        q = _to_float(_split_bits(words, 2, G), 0, CVT)
+        dl = d * (s & 0xF).to(tl.float32)
+        ml = _f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0)) * (s >> 4).to(tl.float32)
+    elif FMT == _Q3_K:
+        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G)
+        q = _to_float(_split_bits(words, 2, G) | (hi << 2), 4, CVT)
+        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
+    elif FMT == _Q4_K or FMT == _Q5_K:
+        q = _split_bits(words, 4, G)
+        if FMT == _Q5_K:
+            q = q | (_split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G) << 4)
+        q = _to_float(q, 0, CVT)
+        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
+        dmin = _f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
+        ml = dmin * tl.load(mn_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
+    elif FMT == _Q6_K:
+        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 2, G)
+        q = _to_float(_split_bits(words, 4, G) | (hi << 4), 32, CVT)
+        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
+    else:  # IQ4_NL, IQ4_XS: a 16-entry code book, read from a tiny (L1-resident) table
+        q = tl.load(tab_ptr + _split_bits(words, 4, G))
+        if FMT == _IQ4_XS:
+            dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
+        else:
+            dl = d
+    return q, dl, ml
+
+
+@jit
+def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, N, stride_x,
+                 KW: tl.constexpr, M: tl.constexpr, MX: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                 WPS: tl.constexpr, WPB: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BN: tl.constexpr, W: tl.constexpr, SPLIT_K: tl.constexpr, NIT: tl.constexpr,
+                 CVT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """y (M, N) = x (M, K) @ w.T for BN rows per program; with SPLIT_K > 1, float32 partials (SPLIT_K, M, N).
+
+    MX x rows per tile: 1 (the M == 1 path, 3-D tiles), M rounded up to a power of two (FMA path, 4-D
+    tiles), or >= 16 with DOT (weights dequantized to x's dtype and multiplied on the tensor cores).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
+    rmask = (rows < N)[:, None]
+    wi = tl.arange(0, W)
+    gi = tl.arange(0, G)
+    mi = tl.arange(0, MX)
+    if DOT:
+        acc = tl.zeros((MX, BN), dtype=tl.float32)
+    elif MX == 1:
+        acc = tl.zeros((BN, W), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, MX, W), dtype=tl.float32)
+    for it in range(0, NIT):  # splits interleave: split s takes K steps s, s + SPLIT_K, ...
+        kw0 = (pid_k + it * SPLIT_K) * W
+        kw = kw0 + wi                                                  # (W,) word index
+        kmask = kw < KW
+        q, dl, ml = _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw[None, :],
+                           rmask & kmask[None, :], KW, FMT, G, WPS, WPB, CVT)
+        xo = kw[:, None] * G + gi[None, :]                             # (W, G) weight index
+        if DOT:
+            wv = q * dl[:, :, None]
+            if HAS_MIN:
+                wv = wv - ml[:, :, None]
+            w2 = tl.reshape(wv, (BN, W * G)).to(x_ptr.dtype.element_ty)                      # (BN, BK)
+            xk = kw0 * G + tl.arange(0, W * G)
+            x2 = tl.load(x_ptr + mi[:, None] * stride_x + xk[None, :],
+                         mask=(mi < M)[:, None] & (xk < KW * G)[None, :], other=0.0)         # (MX, BK)
+            if IEEE:
+                acc = tl.dot(x2, tl.trans(w2), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x2, tl.trans(w2), acc)                                          # (MX, BN)
+        elif MX == 1:
+            xv = tl.load(x_ptr + xo, mask=kmask[:, None], other=0.0).to(tl.float32)          # (W, G)
+            acc += tl.sum(q * xv[None, :, :], axis=2) * dl             # (BN, W)
+            if HAS_MIN:
+                acc -= ml * tl.sum(xv, axis=1)[None, :]
+        else:
+            xv = tl.load(x_ptr + mi[:, None, None] * stride_x + xo[None, :, :],
+                         mask=(mi < M)[:, None, None] & kmask[None, :, None], other=0.0).to(tl.float32)  # (MX, W, G)
+            acc += tl.sum(q[:, None, :, :] * xv[None, :, :, :], axis=3) * dl[:, None, :]          # (BN, MX, W)
+            if HAS_MIN:
+                acc -= ml[:, None, :] * tl.sum(xv, axis=2)[None, :, :]
+    if DOT:
+        y = tl.trans(acc)                                              # (BN, MX)
+    elif MX == 1:
+        y = tl.sum(acc, axis=1)[:, None]                               # (BN, 1)
+    else:
+        y = tl.sum(acc, axis=2)                                        # (BN, MX)
+    ymask = rmask & (mi < M)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
+
+
+@jit
+def _split_k_sum_kernel(p_ptr, y_ptr, b_ptr, N, MN, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """y (M, N) = sum over splits of p (SPLIT_K, M, N) float32 (+ bias), cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, N,
+                    KW: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPS: tl.constexpr, WPB: tl.constexpr,
+                    HAS_MIN: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
+    """out (N, K) = the dense weight, BN rows x W words per program. Launched without FMA contraction, so
+    `dl * q - ml` rounds twice exactly as gguf-py does."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
+    kw = tl.program_id(1) * W + tl.arange(0, W)                        # (W,)
+    mask = (rows < N)[:, None] & (kw < KW)[None, :]                    # (BN, W)
+    q, dl, ml = _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw[None, :], mask,
+                       KW, FMT, G, WPS, WPB, 0)
+    w = q * dl[:, :, None]                                             # (BN, W, G)
+    if HAS_MIN:
+        w = w - ml[:, :, None]
+    offs = r[:, :, None] * (KW * G) + kw[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
+
+
+# ---------------------------------------------------------------- launch configs and entry points
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """How `gemv` launches: rows per program, weights per row per K step, warps, split-K, code conversion."""
+
+    block_n: int = 16
+    block_k: int = 256       # a multiple of the format's G; 256 = one K-quant super-block
+    num_warps: int = 4
+    split_k: int = 0         # 0: pick from the grid size (`_auto_split_k`); 1: off; else that many
+    cvt: int = 0             # 0: magic-number int -> float; 1: plain conversion
+    dot: bool = False        # M >= 2 only: dequantize to x's dtype and use tl.dot (x padded to 16 rows)
+    num_stages: int | None = None   # None: Triton's default
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
+
+
+# Per format: (config for M == 1, config for 2 <= M <= 8). Unmeasured defaults; bench/gpu_quant_check.py
+# times variants on the H100 — copy the winners here.
+_DEFAULT = (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=8, block_k=256, num_warps=4))
+GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {q: _DEFAULT for q in FORMATS}
+GEMV_CONFIGS[Q8_0] = (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=8, block_k=128))
+
+_TARGET_PROGRAMS_PER_SM = 4  # split-K aims for at least this many programs per SM
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number
+
+
+def _auto_split_k(n_programs: int, n_steps: int, sms: int) -> int:
+    """Double split-K while the grid is short of the target and each split keeps >= 2 K steps."""
+    s = 1
+    while n_programs * s < _TARGET_PROGRAMS_PER_SM * sms and n_steps >= 4 * s:
+        s *= 2
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def _kvalues(device: torch.device) -> torch.Tensor:
+    # Created on the first call for a device, which must come before any CUDA-graph capture (as must
+    # Triton's compilation of each shape).
+    return torch.tensor(KVALUES, dtype=torch.float32, device=device)
+
+
+def _plane_args(w: PackedWeight) -> list[torch.Tensor]:
+    """qs, qh, sc, mn, d, dm, tab; a plane the format lacks is replaced by qs (never read)."""
+    p = [w.qs if getattr(w, k) is None else getattr(w, k) for k in _PLANES]
+    tab = _kvalues(w.device) if w.qtype in (IQ4_NL, IQ4_XS) else w.qs
+    return p + [tab]
+
+
+def _geometry(fmt: Format, block_k: int) -> dict:
+    if block_k % fmt.g:
+        raise ValueError(f"block_k {block_k} is not a multiple of {fmt.name}'s {fmt.g} weights per word")
+    return dict(G=fmt.g, WPS=fmt.sub // fmt.g, WPB=fmt.block // fmt.g, W=block_k // fmt.g)
+
+
+def gemv_config(w: PackedWeight, m: int) -> GemvConfig:
+    """The table's config for this format and batch size."""
+    return GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
+
+
+def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x (M, K) with 1 <= M <= 8, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
+
+    Dequantization is fused; accumulation is float32. No host sync and no data-dependent allocation, so it
+    can be captured in a CUDA graph once it has run once for this shape (Triton compiles on the first call).
+    """
+    fmt, (n, k) = w.fmt, w.shape
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_GEMV_M:
+        raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {k}), got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or gemv_config(w, m)
+    geo = _geometry(fmt, cfg.block_k)
+    kw = k // fmt.g
+    n_steps = triton.cdiv(kw, geo["W"])
+    grid_n = triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
+    split = max(1, min(split, n_steps))
+    dot = cfg.dot and m > 1
+    if dot and cfg.block_n < 16:
+        raise ValueError(f"GemvConfig(dot=True) needs block_n >= 16 (tl.dot tiles), got {cfg.block_n}")
+    mx = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    extra = {} if cfg.num_stages is None else dict(num_stages=cfg.num_stages)
+    _gemv_kernel[(grid_n, split)](
+        x, out, bias if bias is not None else y, *_plane_args(w), n, x.stride(0),
+        KW=kw, M=m, MX=mx, FMT=w.qtype, HAS_MIN=fmt.has_min, HAS_BIAS=bias is not None and split == 1,
+        BN=cfg.block_n, SPLIT_K=split, NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot,
+        IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, **geo, **extra)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            out, y, bias if bias is not None else y, n, m * n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=4)
+    return y
+
+
+def dequantize_gpu(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, *, block_n: int = 16,
+                   block_k: int = 256, num_warps: int = 4) -> torch.Tensor:
+    """PackedWeight -> dense (N, K) in dtype on w's device: float32 bit-identical to `dequantize_ref`, any
+    other dtype that result rounded once."""
+    fmt, (n, k) = w.fmt, w.shape
+    geo = _geometry(fmt, block_k)
+    kw = k // fmt.g
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kw, geo["W"]))
+    _dequant_kernel[grid](out, *_plane_args(w), n, KW=kw, FMT=w.qtype, HAS_MIN=fmt.has_min, BN=block_n,
+                          num_warps=num_warps, enable_fp_fusion=False, **geo)
+    return out
+
+
+def packed_fields() -> tuple[str, ...]:
+    """Names of the planes a PackedWeight may hold, in kernel-argument order."""
+    return _PLANES
+
+
+def _check_formats() -> None:  # keeps the Format table honest: packed rows within 1.05x of the file's
+    for fmt in FORMATS.values():
+        assert fmt.packed_bytes(fmt.block) <= 1.05 * fmt.type_size, fmt.name
+        assert fmt.block % fmt.g == 0 and fmt.sub % fmt.g == 0, fmt.name
+        assert math.log2(fmt.g).is_integer() and {f.name for f in fields(PackedWeight)} >= set(_PLANES)
+
+
+_check_formats()

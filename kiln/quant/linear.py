@@ -1,0 +1,156 @@
+"""`QuantLinear`: an nn.Linear whose weight stays in its GGUF quantized form, and `swap_linears`.
+
+Owns: QuantLinear (built by `from_gguf`; `forward` dispatch by device and batch size; the dense reference
+weight `dequantize`), and `swap_linears`, which replaces every nn.Linear whose GGUF weight is quantized.
+Not: the kernels and the packed layout (kernels.py), the GGUF block formats (legacy.py, kquants.py,
+iquants.py), wiring into kiln/load.py (the loader calls swap_linears on the model it builds).
+
+Storage is chosen once, at construction, by where the weight lives:
+- a device the Triton kernels serve (CUDA; CPU too under KILN_TRITON_CPU=1, for tests): the rows are
+  repacked into kernels.PackedWeight planes (lossless, within 4% of the file's bytes);
+- anywhere else: the raw GGUF rows as given (for an mmap'd file on CPU: no copy).
+Everything is a non-persistent buffer: the quantized bytes never enter state_dict, so a loader that fills
+the dense parameters with load_state_dict(strict=True) only has to leave out the names swap_linears returns.
+
+forward(x (..., K)) flattens the leading dims to M rows:
+- packed and Triton serves x's device: M <= 8 -> kernels.gemv (dequantization fused, the decode path);
+  M > 8 -> kernels.dequantize_gpu into an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path);
+- otherwise the reference: the dense weight (`dequantize`), then a matmul — slow, obviously correct.
+The decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations
+are the output and split-K partials, sized by the shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.quant import kernels
+from kiln.quant.kernels import FORMATS, MAX_GEMV_M, PackedWeight
+
+__all__ = ["QuantLinear", "swap_linears"]
+
+
+def _kernels_serve(device: torch.device) -> bool:
+    return kernels.use_triton(torch.empty(0, device=device))
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W (out_features, in_features) held as GGUF-quantized data."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int, *, packed: PackedWeight | None = None,
+                 raw: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        if (packed is None) == (raw is None):
+            raise ValueError("QuantLinear holds exactly one of packed planes or raw GGUF rows")
+        self.in_features, self.out_features, self.qtype = in_features, out_features, int(qtype)
+        for name in kernels.packed_fields():
+            self.register_buffer(name, getattr(packed, name) if packed is not None else None, persistent=False)
+        self.register_buffer("raw", raw, persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_gguf(cls, raw_rows: torch.Tensor, qtype: int, shape: tuple[int, int],
+                  bias: torch.Tensor | None = None, device=None) -> QuantLinear:
+        """raw_rows (N, row_bytes) uint8 of a GGUF tensor of torch-order shape (N, K) -> a QuantLinear on device
+        (default: raw_rows' device)."""
+        fmt = kernels._format(qtype)  # KilnError for types without kernels (plain floats stay nn.Linear)
+        n, k = (int(s) for s in shape)
+        if k % fmt.block or raw_rows.dtype != torch.uint8 or raw_rows.numel() != n * k // fmt.block * fmt.type_size:
+            raise KilnError(f"{fmt.name} weight of shape {(n, k)} needs {n} rows of {k // fmt.block * fmt.type_size}"
+                            f" bytes (uint8), got {tuple(raw_rows.shape)} of {raw_rows.dtype}")
+        device = torch.device(device) if device is not None else raw_rows.device
+        rows = raw_rows.reshape(n, -1)
+        if bias is not None:
+            bias = bias.detach().to(device)
+        if _kernels_serve(device):
+            return cls(k, n, qtype, packed=kernels.repack(rows.to(device), qtype, (n, k)), bias=bias)
+        return cls(k, n, qtype, raw=rows.to(device), bias=bias)
+
+    @property
+    def packed(self) -> PackedWeight | None:
+        if self.qs is None:
+            return None
+        return PackedWeight(self.qtype, (self.out_features, self.in_features),
+                            **{name: getattr(self, name) for name in kernels.packed_fields()})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight as held (packed planes or raw rows; bias not counted)."""
+        if self.raw is not None:
+            return self.raw.numel()
+        return self.packed.nbytes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (out_features, in_features) in dtype, on the module's device (reference path)."""
+        if self.raw is not None:
+            from kiln.quant import dequantize
+            w = dequantize(self.raw.reshape(-1).cpu(), self.qtype, (self.out_features, self.in_features), dtype)
+            return w.to(self.raw.device)
+        return kernels.dequantize_ref(self.packed).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)                           # (M, K)
+        m = x2.shape[0]
+        bias = self.bias
+        if self.qs is not None and kernels.use_triton(x2):
+            if 1 <= m <= MAX_GEMV_M:
+                y = kernels.gemv(x2, self.packed, bias)
+            else:
+                w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch
+                y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype).to(x.device), None if bias is None else bias.to(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"qtype={FORMATS[self.qtype].name}, bias={self.bias is not None}, "
+                f"storage={'gguf rows' if self.raw is not None else 'packed'}")
+
+
+def _is_quantized(w) -> bool:
+    return getattr(w, "qtype", None) is not None and int(w.qtype) in FORMATS
+
+
+def _weight_for(weights: Mapping, name: str):
+    """The weight behind a Linear's `name`; a missing lm_head is the tied embedding (as kiln/load.py does)."""
+    if name in weights:
+        return weights[name]
+    if name == "lm_head.weight":
+        return weights.get("model.embed_tokens.weight")
+    return None
+
+
+def _dense_bias(b, device) -> torch.Tensor | None:
+    if b is None:
+        return None
+    return (b.dequantize(torch.float32) if hasattr(b, "dequantize") else b).to(device)
+
+
+def swap_linears(model: nn.Module, weights: Mapping, device=None) -> list[str]:
+    """Replace each nn.Linear whose weight (weights[f"{module}.weight"], a GGUFTensor-like with `raw_rows()`,
+    `qtype`, `shape`) is quantized by a QuantLinear on device, bias included. F32/F16/BF16 weights and plain
+    tensors stay nn.Linear. Returns the parameter names now held by QuantLinears (weights and biases), which
+    the caller must not load into the model."""
+    taken = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            w = _weight_for(weights, f"{name}.weight")
+            if w is None or not _is_quantized(w):
+                continue
+            if tuple(w.shape) != (child.out_features, child.in_features):
+                raise KilnError(f"tensor {name}.weight has shape {tuple(w.shape)} but the model needs "
+                                f"{(child.out_features, child.in_features)}; config and weights disagree")
+            bias = _dense_bias(weights.get(f"{name}.bias"), device or "cpu") if child.bias is not None else None
+            setattr(parent, child_name, QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape), bias=bias,
+                                                              device=device))
+            taken += [f"{name}.weight"] + ([f"{name}.bias"] if bias is not None else [])
+    return taken
