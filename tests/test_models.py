@@ -96,3 +96,37 @@ def test_cached_decode_equals_uncached(name):
     for got in (torch.cat(parts, dim=1), torch.cat(graph_parts, dim=1)):
         err = (got - full).abs().max().item()
         assert err <= 1e-4, f"{name}: cached vs uncached max |Δlogit| = {err}"
+
+
+_TRITON_STEP = """
+import torch, test_models as tm
+from kiln.cache import KVCache
+for name in ("qwen3", "gemma3", "phi3"):
+    cfg = tm.CONFIGS[name]
+    hf, _ = tm._hf_model(cfg)
+    km = tm._kiln_model(cfg, hf)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        cache = KVCache.for_model(km, max_len=16)
+        parts = [km(ids[:, :6], cache=cache, pos=0)]
+        for t in range(6, 10):
+            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+    err = (torch.cat(parts, 1) - ref).abs().max().item()
+    assert err <= 1e-4, (name, err)
+    print(name, err)
+"""
+
+
+def test_triton_decode_step_matches_transformers():
+    """The GPU decode step's kernels (norm, rope+qk-norm, KV write, split-KV attention) run under
+    Triton's CPU interpreter, in a fresh process because the interpreter must be on before import."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", KILN_TRITON_CPU="1")
+    r = subprocess.run([sys.executable, "-c", _TRITON_STEP], cwd=os.path.dirname(__file__), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\n") == 3

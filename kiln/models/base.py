@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.ops import decode_attention, rms_norm, rope_qk, use_triton, write_kv
 
 
 @dataclass
@@ -54,11 +56,7 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset  # Gemma scales by (1 + w): offset 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma multiplies in float32, then casts
-            return (xf * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.offset)  # one kernel on GPUs; ops/norm.py
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -115,24 +113,25 @@ class RoPE(nn.Module):
         self.attn_factor = s.get("attention_factor") or (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
 
-    def forward(self, pos: torch.Tensor, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, D) for positions `pos`; `total_len` picks longrope's long or short factors."""
+    def forward(self, pos: torch.Tensor, total_len: int) -> RopeAt:
+        """The rotation for positions `pos` (T,); `total_len` picks longrope's long or short factors."""
         inv = self.inv_freq
         if self.long_inv_freq is not None and total_len > self.original_max_pos:
             inv = self.long_inv_freq
-        freqs = pos.float()[:, None] * (inv / self.freq_factors)[None, :]  # (T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-        return emb.cos() * self.attn_factor, emb.sin() * self.attn_factor
+        return RopeAt(pos, inv / self.freq_factors, self.attn_factor, self.dim)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) with the first `rot` dims rotated (partial rotary keeps the rest)."""
-    rot = cos.shape[-1]
-    xr, keep = x[..., :rot], x[..., rot:]
-    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (xr.float() * cos + rotated.float() * sin).type_as(x)
-    return torch.cat([out, keep], dim=-1) if keep.shape[-1] else out
+class RopeAt(NamedTuple):
+    pos: torch.Tensor  # (T,) absolute positions
+    inv_freq: torch.Tensor  # (R/2,) float32
+    attn_factor: float
+    rot_dim: int
+
+    def apply(self, q, k, q_norm=None, k_norm=None):
+        """q (B, T, H, D), k (B, T, K, D) → rotated (and per-head normed) q, k; one kernel on GPUs."""
+        qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (None, None)
+        eps, off = (q_norm.eps, q_norm.offset) if q_norm is not None else (1e-6, 0.0)
+        return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, qw, kw, eps, off, self.rot_dim)
 
 
 # ---------------------------------------------------------------- attention
@@ -144,6 +143,24 @@ def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torc
     if window:
         mask &= (q_pos[:, None] - k_pos[None, :]) < window
     return mask
+
+
+def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int = 0, pos=0,
+              window: int | None = None) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, T, K, D) → (B, T, H*D), writing k/v into the cache first.
+
+    A CUDA-graph decode step (tensor `pos`) uses the fused KV write and split-KV decode attention over
+    the static cache; everything else (CPU, prefill) goes through the cache's slice and SDPA.
+    """
+    b, t = q.shape[:2]
+    if cache is not None and isinstance(pos, torch.Tensor) and use_triton(q):
+        kc, vc = cache.k[layer], cache.v[layer]  # (B, K, S, D)
+        write_kv(kc, vc, k, v, rope.pos)
+        return decode_attention(q, kc, vc, rope.pos, scale, window).reshape(b, t, -1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+    if cache is not None:
+        k, v = cache.update(layer, pos, k, v)  # (B, K, S, D)
+    return attend(q, k, v, mask, scale)
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:

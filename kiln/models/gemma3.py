@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, apply_rope, attend, causal_mask, positions
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, positions
 
 
 @dataclass
@@ -65,16 +65,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.scale = a.query_pre_attn_scalar ** -0.5
+        self.window = a.sliding_window if a.sliding[layer] else None
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.h, self.d)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv, self.d)).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
-        return self.o_proj(attend(q, k, v, mask, self.scale))
+        q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        v = self.v_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        q, k = rope.apply(q, k, self.q_norm, self.k_norm)
+        out = attention(q, k, v, rope, mask, self.scale, cache, self.layer, pos, self.window)
+        return self.o_proj(out)  # (B, T, E)
 
 
 class MLP(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, apply_rope, attend, causal_mask, positions
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, positions
 
 
 @dataclass
@@ -64,14 +64,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
         k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # (B, K, T, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), *rope)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), *rope)  # (B, K, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
-        return self.o_proj(attend(q, k, v, mask, self.d ** -0.5))
+        v = self.v_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        q, k = rope.apply(q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
+        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)
+        return self.o_proj(out)  # (B, T, E)
 
 
 class MLP(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models import llama
-from kiln.models.base import RMSNorm, RoPE, apply_rope, attend
+from kiln.models.base import RMSNorm, RoPE, attention
 
 
 @dataclass
@@ -31,15 +31,15 @@ class Attention(nn.Module):
         self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.qkv_proj = nn.Linear(a.hidden_size, (self.h + 2 * self.kv) * self.d, bias=a.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
+        self.window = a.sliding_window
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d).transpose(1, 2)  # (B, H+2K, T, D)
-        q, k, v = qkv.split([self.h, self.kv, self.kv], dim=1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D)
-        return self.o_proj(attend(q, k, v, mask, self.d ** -0.5))
+        qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
+        q, k, v = qkv.split([self.h, self.kv, self.kv], dim=2)
+        q, k = rope.apply(q, k)
+        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)
+        return self.o_proj(out)  # (B, T, E)
 
 
 class MLP(nn.Module):
