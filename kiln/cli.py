@@ -18,6 +18,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "info": ("kiln.commands", "info", "describe a model file or folder"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
+    "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
 }
 
 USAGE = "usage: kiln <command> [options]\n\ncommands:\n" + "\n".join(

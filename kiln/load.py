@@ -28,8 +28,13 @@ def default_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: bool = False):
-    """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name."""
+def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: bool = False,
+         quantized: bool | None = None):
+    """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
+
+    `quantized` keeps GGUF weights in their quantized blocks (QuantLinear); default: on CUDA yes, on
+    CPU no (the CPU reference path dequantizes per call, which is slow).
+    """
     from kiln.hub import resolve
     from kiln.tokenizer import Tokenizer
 
@@ -45,7 +50,8 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         config = to_config(g)
         weights = hf_tensors(g, config)
         tokenizer = Tokenizer.from_gguf(g.meta)
-    model = build_model(config, weights, device=device, dtype=dtype, progress=progress)
+    quantized = device.type == "cuda" if quantized is None else quantized
+    model = build_model(config, weights, device=device, dtype=dtype, progress=progress, quantized=quantized)
     model.source = str(path)
     return model, tokenizer
 
@@ -60,19 +66,28 @@ def _dtype(dtype):
     return table[dtype]
 
 
-def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False):
-    """A model of `config` with `weights` ({HF name: tensor or GGUFTensor}) assigned on `device`."""
+def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False,
+                quantized: bool = False):
+    """A model of `config` with `weights` ({HF name: tensor or GGUFTensor}) assigned on `device`.
+
+    With `quantized`, linear layers whose GGUF weight is quantized become QuantLinear (the blocks stay
+    packed on the device); everything else is dequantized to `dtype`.
+    """
     model_cls, args_cls = get_model(config["model_type"])
     args = args_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(args)
-    wanted = dict(model.named_parameters())
+    taken = set()
+    if quantized:
+        from kiln.quant.linear import swap_linears
+        taken = set(swap_linears(model, weights, device))
+    wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     extra = {"model.rope_freqs"}
     missing = [n for n in wanted if n not in weights and not _tied(n, args, weights)]
     if missing:
         raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
                         f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
-    unknown = [n for n in weights if n not in wanted and n not in extra]
+    unknown = [n for n in weights if n not in wanted and n not in extra and n not in taken]
     if unknown:
         raise KilnError(f"the weights hold {len(unknown)} tensors the {config['model_type']} model does not "
                         f"have, e.g. {unknown[:3]}; the file may be for another architecture")
@@ -80,8 +95,12 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     for name in _progress(list(wanted), progress, "loading weights"):
         src = name if name in weights else "model.embed_tokens.weight"  # tied output
         state[name] = _materialize(weights[src], name, tuple(wanted[name].shape), device, dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    if getattr(args, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
+    model.load_state_dict(state, strict=False, assign=True)  # QuantLinear layers hold their own data
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if left:
+        raise KilnError(f"internal: tensors left unassigned after loading: {left[:3]}")
+    if getattr(args, "tie_word_embeddings", False) and "lm_head.weight" not in weights \
+            and "lm_head.weight" not in taken:
         model.lm_head.weight = model.model.embed_tokens.weight
     if "model.rope_freqs" in weights:
         model.model.rotary.freq_factors = _materialize(weights["model.rope_freqs"], "rope_freqs",

@@ -138,6 +138,21 @@ def test_quantized_q_rows_are_unpermuted_exactly(tmp_path):
         assert (got - hf.state_dict()[hname]).abs().max() < 0.01  # and close to the original weights
 
 
+def test_quantized_linears_compute_what_the_dequantized_model_does(tmp_path):
+    """load(quantized=True) keeps Q8_0 blocks in QuantLinear layers; same logits as dequantizing."""
+    from kiln.quant.linear import QuantLinear
+    hf = _hf(LLAMA, seed=2)
+    path = write_gguf(tmp_path / "q8.gguf", hf, LLAMA, "llama", qtype=gguf.GGMLQuantizationType.Q8_0)
+    g = read_gguf(path)
+    cfg = to_config(g)
+    dense = build_model(cfg, hf_tensors(g, cfg))
+    packed = build_model(cfg, hf_tensors(g, cfg), quantized=True)
+    assert sum(isinstance(m, QuantLinear) for m in packed.modules()) == 2 * 7 + 1  # 7 per layer + head
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids), dense(ids), atol=1e-5)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_wrong_magic(tmp_path):
