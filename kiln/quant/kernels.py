@@ -10,52 +10,66 @@ tested bit-exact against), the nn.Module and the dispatch by batch size (linear.
 
 Formats: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, Q2_K Q3_K Q4_K Q5_K Q6_K, IQ4_NL IQ4_XS.
 
-The packed layout. A GGUF block interleaves scales and quants and scatters a block's weights over its bytes
-in format-specific lane orders; loads of it are unaligned (18-, 34-, 210-byte blocks) and every format
-needs its own index arithmetic. `repack` splits each tensor into planes, every plane row-major (N, ·):
-  qs  int32: the low bits of every weight in *weight order*: word j of a row holds weights G*j .. G*j+G-1,
-      weight G*j+i in bits [b*i, b*i+b) (b = 32 / G: 4 bits, G = 8; 8 bits, G = 4; 2 bits, G = 16).
-  qh  int8 or int16: the high bits, one element per qs word and in the same weight order (1 bit per weight
-      for Q5_*, Q5_K and Q3_K; 2 bits for Q6_K).
-  sc, mn  uint8 or int8: one per sub-block, the 6-bit scale (and min) already decoded from GGUF's packed
-      12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, <= 3.7%).
-  d, dm   int16: the f16 block scale (and min / dmin) as raw bits, one per GGUF block. Bits, not float16,
+The packed layout. A GGUF block interleaves scales and quants, scatters a block's weights over its bytes in
+format-specific lane orders, and is 18, 34, 110 or 210 bytes long, so loads of it are unaligned and every
+format needs its own index arithmetic. `repack` splits each tensor into planes, each row-major (N, ·):
+  qs  int32 words of G fields of b = 32 / G bits (4-bit: G = 8; 2-bit: G = 16; Q8_0's bytes: G = 4), the low
+      bits of every weight, all unsigned (Q8_0's int8 q is stored as q + 128). Words come in groups of V = 4
+      (one 128-bit load) holding V*G consecutive weights, *field-major*: field f of word j of a group is
+      weight f*V + j of the group.
+  qh  int8 or int16, one element per qs word: the high bits of that word's fields, field f at bits
+      [h*f, h*f + h) (h = 1 for Q5_0, Q5_1, Q5_K, Q3_K; 2 for Q6_K).
+  sc, mn  uint8 or int8, one per sub-block: the 6-bit scale (and min) already decoded from GGUF's packed
+      12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, at most +3.7%).
+  d, dm   int16, one per GGUF block: the f16 block scale (and min / dmin) as raw bits — bits, not float16,
       so that `model.to(dtype)` cannot round them.
-So a kernel reads, for rows n and word j: G weights from one 32-bit load, their high bits from the qh
-element with the same index, the scales at j // (words per sub-block) — the same code for every format,
-contiguous along K, and x[G*j + i] lines up with field i without any gather. Bytes per weight stay those
-of the file except the decoded scales (see `Format`), always <= 1.037x.
+Why field-major groups: a thread that loads four words (128 bits) extracts field f from each with the same
+mask, in the registers the words were loaded into — no shuffles or shared-memory round trips — and the four
+activations those fields multiply, x[f*V + j], j = 0..3, are contiguous (one 64-bit load). All fields of a
+word share their block scale; a sub-block (16 or 32 weights) is a run of whole fields of a group.
 
-Per format (K weights per row; the weight formula is gguf-py's, evaluated in the same float32 order):
-  Q4_0   qs 4b  d              w = d * (q - 8)          Q4_1  qs 4b  d, dm=m     w = d * q + m
-  Q5_0   qs 4b + qh 1b, d      w = d * (q - 16)         Q5_1  qs 4b + qh 1b, d, m  w = d * q + m
-  Q8_0   qs 8b (int8) d        w = d * q
-  Q2_K   qs 2b  sc u8 (lo: scale, hi: min, per 16)  d, dm=dmin (per 256)   w = d*sc * q - dmin*min
-  Q3_K   qs 2b + qh 1b  sc i8 (-32..31, per 16)  d                         w = d*sc * (q - 4)
-  Q4_K   qs 4b  sc u8, mn u8 (per 32)  d, dm=dmin                          w = d*sc * q - dmin*mn
-  Q5_K   qs 4b + qh 1b  sc, mn  d, dm                                      w = d*sc * q - dmin*mn
-  Q6_K   qs 4b + qh 2b  sc i8 (per 16)  d                                  w = d*sc * (q - 32)
-  IQ4_NL qs 4b  d                    w = d * KVALUES[q]
-  IQ4_XS qs 4b  sc i8 (-32..31, per 32)  d                                 w = d*sc * KVALUES[q]
+Per format (the weight formula is gguf-py's, evaluated in the same float32 order by dequantize_gpu):
+  Q4_0   qs 4b                  d              w = d * (q - 8)
+  Q4_1   qs 4b                  d, dm = m      w = d * q + m
+  Q5_0   qs 4b + qh 1b          d              w = d * (q - 16)
+  Q5_1   qs 4b + qh 1b          d, dm = m      w = d * q + m
+  Q8_0   qs 8b (q + 128)        d              w = d * q
+  Q2_K   qs 2b   sc u8 (lo nibble scale, hi nibble min, per 16)   d, dm = dmin (per 256)  w = d*sc*q - dmin*min
+  Q3_K   qs 2b + qh 1b   sc i8 (-32..31, per 16)                  d                       w = d*sc * (q - 4)
+  Q4_K   qs 4b   sc u8, mn u8 (per 32)                            d, dm = dmin            w = d*sc*q - dmin*mn
+  Q5_K   qs 4b + qh 1b   sc u8, mn u8 (per 32)                    d, dm = dmin            w = d*sc*q - dmin*mn
+  Q6_K   qs 4b + qh 2b   sc i8 (per 16)                           d                       w = d*sc * (q - 32)
+  IQ4_NL qs 4b                  d              w = d * KVALUES[q]
+  IQ4_XS qs 4b   sc i8 (-32..31, per 32)                          d                       w = d*sc * KVALUES[q]
 
-How the GEMV spends its instructions (PERF-GUIDE.md, "A 4-bit GEMV can be ALU-bound"): codes become floats
-with the magic-number trick ((q | 0x4B000000) as float32 is 2^23 + q, so one subtraction, folded with the
-format's offset, replaces an int->float conversion); scales are factored out of the inner loop —
-sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x) — with sum(x) per word computed once per
-program and shared by its BN rows; each program keeps a (BN, [M,] W) accumulator and reduces it once at the
-end. Split-K (a second grid axis, float32 partials summed by a tiny second kernel) fills the SMs when N is
-small. The trip count of the K loop is a compile-time constant (K is specialized: a model has a handful of
-distinct K), which also lets the Triton interpreter used by the CPU tests run the kernels.
+How the GEMV spends its instructions (PERF-GUIDE.md, "A 4-bit GEMV can be ALU-bound"): a program owns BN
+rows and walks K in steps of W words per row, as (BN, NG, V) tiles — rows, groups, the four words of a
+128-bit load — so every field is one elementwise op on the registers the words were loaded into. Per field
+f (unrolled) and weight: one LOP3 masks the code *where it lies* in its word (no shift; the top fields
+come from one copy of the word shifted right once) and ORs in 0x4B000000, whose float32 reading is
+2^23 + code * 2^pos; one FADD takes 2^23 away (that replaces an int -> float conversion, which runs at
+quarter rate; GemvConfig.cvt = 1 uses the plain conversion instead); one FFMA multiplies by the activation,
+pre-scaled by 2^-pos once per thread and shared by the thread's rows. High bits (Q5, Q6_K, Q3_K) cost a
+shift and a LOP3 more. Scales are factored out of the inner loop per sub-block:
+sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x), and formats with an offset (Q4_0's
+q - 8, ...) use the same sum(x) term. The accumulator (BN, [M,] NG) stays in registers and is reduced
+across threads once, after the loop. Split-K (a second grid axis; float32 partials summed by a tiny
+second kernel) and smaller BN fill the SMs when N is small. For 2 <= M <= 8 the default is the tl.dot
+variant (dense tiles in x's dtype on the tensor cores: the FMA form costs M FMAs per weight). The K loop's
+trip count is a compile-time constant (K is specialized: a model has a handful of distinct K), which also
+lets the Triton interpreter used by the CPU tests run the kernels. Instruction counts of the compiled
+sm_90 loop (nvdisasm, no GPU needed) guided these choices; timings come from bench/gpu_quant_check.py.
+`dequantize_gpu` and the tl.dot path build dense tiles (BN, NG, G, V) — natural weight order — with
+`_codes` and `_scales`, in gguf-py's float32 order (exact; no FMA contraction in dequantize_gpu).
 
 Shape alphabet: M activation rows (tokens), N weight rows (out features), K weights per row (in features),
-BN rows per program, W packed words per row per loop step, G weights per word, MP = M rounded up to a power
-of two.
+BN rows per program, W packed words per row per K step, G fields per word, V = 4 words per group,
+NG = W / V groups per step, MX activation rows per tile (M rounded up to a power of two; >= 16 for tl.dot).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -64,7 +78,7 @@ from kiln.errors import KilnError
 from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "repack", "dequantize_ref", "gemv",
-           "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M"]
+           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M"]
 
 MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
 
@@ -162,6 +176,8 @@ def _format(qtype: int) -> Format:
 
 # ---------------------------------------------------------------- repack (torch, once at load)
 
+V = 4  # qs words per group: one 128-bit load
+
 # Weights repacked per step: bounds the temporaries (a few bytes per weight) on huge embedding matrices.
 _REPACK_WEIGHTS = 1 << 24
 
@@ -182,14 +198,32 @@ def _lanes(b: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
     return f.transpose(-1, -2).reshape(r, -1)                          # (R, nb, groups, F, lane) flattened
 
 
-def _pack(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Codes (R, K) in weight order -> (R, K * bits / 8 / itemsize) of dtype, weight i at bits [bits*i, ...)."""
+def _bit_order(b: torch.Tensor) -> torch.Tensor:
+    """(R, nb, L) bytes whose bit i of byte l is weight 8*l + i (Q5_0/Q5_1 qh) -> (R, nb * L * 8) codes."""
+    return _fields(b, 1).reshape(b.shape[0], -1)
+
+
+def _field_major(codes: torch.Tensor, g: int) -> torch.Tensor:
+    """Weight order -> packed order: (R, K) -> (R, K), weight f*V + j of each group to position j*G + f."""
+    r = codes.shape[0]
+    return codes.reshape(r, -1, g, V).transpose(-1, -2).reshape(r, -1)
+
+
+def _weight_order(codes: torch.Tensor, g: int) -> torch.Tensor:
+    """The inverse of `_field_major`."""
+    r = codes.shape[0]
+    return codes.reshape(r, -1, V, g).transpose(-1, -2).reshape(r, -1)
+
+
+def _pack(codes: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """Codes (R, K) in weight order -> a plane (R, ·) of dtype: G fields per qs word, field-major groups."""
+    c = _field_major(codes, g)
     per_byte = 8 // bits
-    c = codes.reshape(codes.shape[0], -1, per_byte)                    # (R, K / per_byte, per_byte)
+    c = c.reshape(c.shape[0], -1, per_byte)                            # (R, K / per_byte, per_byte)
     out = c[..., 0].clone()
     for i in range(1, per_byte):
         out |= c[..., i] << (bits * i)
-    return out.view(dtype)  # little-endian: byte 0 holds the lowest weights of a word
+    return out.view(dtype)  # little-endian: byte 0 holds the lowest fields of an element
 
 
 def _f16_bits(b: torch.Tensor, offset: int) -> torch.Tensor:
@@ -228,32 +262,33 @@ def _iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
 def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
     """GGUF blocks of R rows (R, nb, type_size) uint8 -> that slice of every plane."""
     f16 = lambda off: _f16_bits(b, off)  # noqa: E731
-    nib = lambda lo, hi, lane: _pack(_lanes(b[..., lo:hi], lane, 4), 4, torch.int32)  # noqa: E731
+    nib = lambda lo, hi, lane: _pack(_lanes(b[..., lo:hi], lane, 4), 4, 8, torch.int32)  # noqa: E731
+    five = lambda lo, hi: _pack(_bit_order(b[..., lo:hi]), 1, 8, torch.int8)  # noqa: E731
     if qtype in (Q4_0, IQ4_NL):
         return dict(qs=nib(2, 18, 16), d=f16(0))
     if qtype == Q4_1:
         return dict(qs=nib(4, 20, 16), d=f16(0), dm=f16(2))
-    if qtype == Q5_0:  # qh: bit j of the little-endian u32 is weight j's fifth bit — already weight order
-        return dict(qs=nib(6, 22, 16), qh=_bytes(b, 2, 6).view(torch.int8), d=f16(0))
+    if qtype == Q5_0:
+        return dict(qs=nib(6, 22, 16), qh=five(2, 6), d=f16(0))
     if qtype == Q5_1:
-        return dict(qs=nib(8, 24, 16), qh=_bytes(b, 4, 8).view(torch.int8), d=f16(0), dm=f16(2))
-    if qtype == Q8_0:
-        return dict(qs=_bytes(b, 2, 34).view(torch.int32), d=f16(0))
+        return dict(qs=nib(8, 24, 16), qh=five(4, 8), d=f16(0), dm=f16(2))
+    if qtype == Q8_0:  # stored as q + 128 (sign bit flipped): unsigned like every other format's codes
+        return dict(qs=_pack(_bytes(b, 2, 34) ^ 0x80, 8, 4, torch.int32), d=f16(0))
     if qtype == Q2_K:
-        return dict(qs=_pack(_lanes(b[..., 16:80], 32, 2), 2, torch.int32), sc=_bytes(b, 0, 16),
+        return dict(qs=_pack(_lanes(b[..., 16:80], 32, 2), 2, 16, torch.int32), sc=_bytes(b, 0, 16),
                     d=f16(80), dm=f16(82))
     if qtype == Q3_K:
-        return dict(qs=_pack(_lanes(b[..., 32:96], 32, 2), 2, torch.int32),
-                    qh=_pack(_lanes(b[..., 0:32], 32, 1), 1, torch.int16),
+        return dict(qs=_pack(_lanes(b[..., 32:96], 32, 2), 2, 16, torch.int32),
+                    qh=_pack(_lanes(b[..., 0:32], 32, 1), 1, 16, torch.int16),
                     sc=_q3_k_scales(b[..., 96:108]), d=f16(108))
     if qtype in (Q4_K, Q5_K):
         sc, mn = _k_scales_mins(b[..., 4:16])
         if qtype == Q4_K:
             return dict(qs=nib(16, 144, 32), sc=sc, mn=mn, d=f16(0), dm=f16(2))
-        return dict(qs=nib(48, 176, 32), qh=_pack(_lanes(b[..., 16:48], 32, 1), 1, torch.int8),
+        return dict(qs=nib(48, 176, 32), qh=_pack(_lanes(b[..., 16:48], 32, 1), 1, 8, torch.int8),
                     sc=sc, mn=mn, d=f16(0), dm=f16(2))
     if qtype == Q6_K:
-        return dict(qs=nib(0, 128, 64), qh=_pack(_lanes(b[..., 128:192], 32, 2), 2, torch.int16),
+        return dict(qs=nib(0, 128, 64), qh=_pack(_lanes(b[..., 128:192], 32, 2), 2, 8, torch.int16),
                     sc=_bytes(b, 192, 208).view(torch.int8), d=f16(208))
     assert qtype == IQ4_XS
     return dict(qs=nib(8, 136, 16), sc=_iq4_xs_scales(b), d=f16(0))
@@ -282,10 +317,10 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeigh
 
 # ---------------------------------------------------------------- the slow, obviously correct twin
 
-def _codes(plane: torch.Tensor, bits: int) -> torch.Tensor:
-    """A plane (N, L) of any integer type -> its fields in weight order, (N, L * bytes * 8 / bits) uint8."""
+def _unpack(plane: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """A plane (N, ·) of any integer type -> its codes in weight order, (N, K) uint8."""
     b = plane.contiguous().view(torch.uint8)
-    return _fields(b, bits).reshape(b.shape[0], -1)
+    return _weight_order(_fields(b, bits).reshape(b.shape[0], -1), g)
 
 
 def _sub_scales(w: PackedWeight, d: torch.Tensor, dm: torch.Tensor | None):
@@ -312,12 +347,12 @@ def dequantize_ref(w: PackedWeight) -> torch.Tensor:
     d = w.d.view(torch.float16).float()                                # (N, K / block)
     dm = w.dm.view(torch.float16).float() if w.dm is not None else None
     if w.qtype == Q8_0:
-        q = w.qs.contiguous().view(torch.int8).int()                  # (N, K) -128..127
+        q = _unpack(w.qs, 8, fmt.g).int() - 128                        # (N, K) -128..127
     else:
         bits = 32 // fmt.g
-        q = _codes(w.qs, bits).int()                                   # (N, K) low bits, weight order
+        q = _unpack(w.qs, bits, fmt.g).int()                           # (N, K) low bits
         if w.qh is not None:
-            q |= _codes(w.qh, 2 if w.qtype == Q6_K else 1).int() << bits
+            q |= _unpack(w.qh, 2 if w.qtype == Q6_K else 1, fmt.g).int() << bits
     if w.qtype in (IQ4_NL, IQ4_XS):
         qf = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)[q]
     else:
@@ -339,23 +374,15 @@ def _const(v):
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (_const(v) for v in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (_const(v) for v in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K))
 _IQ4_NL, _IQ4_XS = _const(IQ4_NL), _const(IQ4_XS)
-
-
-@jit
-def _split_bits(words, BITS: tl.constexpr, G: tl.constexpr):
-    """words (BN, W) of any int type -> (BN, W, G) int32: field i = bits [BITS*i, BITS*i + BITS)."""
-    shifts = tl.arange(0, G) * BITS
-    # Sign extension of int8/int16 words only touches bits above the fields, which the mask drops.
-    return (words.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+_V = _const(V)
 
 
 @jit
 def _to_float(q, OFFSET: tl.constexpr, CVT: tl.constexpr):
     """Codes 0 <= q < 2^23 (int32) -> float32 q - OFFSET, exactly.
 
-    CVT 0: the magic-number trick, (q | 0x4B000000) read as float32 is 2^23 + q, so one float subtraction
-    (with the offset folded in) replaces an int -> float conversion, which runs at 1/4 rate on the H100.
-    CVT 1: the plain conversion (kept to measure the difference).
+    CVT 0: the magic-number trick: (q | 0x4B000000) read as float32 is 2^23 + q, so one float subtraction
+    (the offset folded in) replaces an int -> float conversion. CVT 1: the plain conversion (to compare).
     """
     if CVT == 0:
         f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
@@ -370,103 +397,180 @@ def _f16(bits):
 
 
 @jit
-def _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw, mask,
-           KW: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPS: tl.constexpr, WPB: tl.constexpr,
-           CVT: tl.constexpr):
-    """Codes and scales of rows r (BN, 1) int64 at words kw (1, W): q (BN, W, G), dl and ml (BN, W), float32,
-    such that weight = dl * q - ml (ml is meaningless, and unused, for formats without a min).
-
-    KW = words per row (K / G), WPS = words per sub-block scale, WPB = words per GGUF block.
-    """
-    words = tl.load(qs_ptr + r * KW + kw, mask=mask, other=0)                     # (BN, W) int32
-    d = _f16(tl.load(d_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))     # (BN, W)
-    ml = d
-    if FMT == _Q4_0:
-        q = _to_float(_split_bits(words, 4, G), 8, CVT)
-        dl = d
-    elif FMT == _Q4_1:
-        q = _to_float(_split_bits(words, 4, G), 0, CVT)
-        dl = d
-        ml = -_f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
-    elif FMT == _Q5_0 or FMT == _Q5_1:
-        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G)
-        q = _split_bits(words, 4, G) | (hi << 4)
-        dl = d
-        if FMT == _Q5_0:
-            q = _to_float(q, 16, CVT)
-        else:
-            q = _to_float(q, 0, CVT)
-            ml = -_f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
-    elif FMT == _Q8_0:
-        q = _to_float(_split_bits(words, 8, G) ^ 0x80, 128, CVT)  # int8 byte b: (b ^ 0x80) - 128
-        dl = d
+def _codes(words, hi, tab_ptr, g, FMT: tl.constexpr, CVT: tl.constexpr):
+    """Field g (an int, or a tensor that broadcasts against the words) of qs words and of their high-bit
+    elements hi (int32) -> float32 q, the integer part of weight = dl * q - ml, offset included (the dense
+    path: exact, in gguf-py's order)."""
+    if FMT == _Q8_0:
+        q = _to_float((words >> (8 * g)) & 0xFF, 128, CVT)             # stored as q + 128
     elif FMT == _Q2_K:
-        s = tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.int32)  # uint8
-        q = _to_float(_split_bits(words, 2, G), 0, CVT)
-        dl = d * (s & 0xF).to(tl.float32)
-        ml = _f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0)) * (s >> 4).to(tl.float32)
+        q = _to_float((words >> (2 * g)) & 3, 0, CVT)
     elif FMT == _Q3_K:
-        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G)
-        q = _to_float(_split_bits(words, 2, G) | (hi << 2), 4, CVT)
-        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
-    elif FMT == _Q4_K or FMT == _Q5_K:
-        q = _split_bits(words, 4, G)
-        if FMT == _Q5_K:
-            q = q | (_split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 1, G) << 4)
-        q = _to_float(q, 0, CVT)
-        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
-        dmin = _f16(tl.load(dm_ptr + r * (KW // WPB) + kw // WPB, mask=mask, other=0))
-        ml = dmin * tl.load(mn_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
-    elif FMT == _Q6_K:
-        hi = _split_bits(tl.load(qh_ptr + r * KW + kw, mask=mask, other=0), 2, G)
-        q = _to_float(_split_bits(words, 4, G) | (hi << 4), 32, CVT)
-        dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
-    else:  # IQ4_NL, IQ4_XS: a 16-entry code book, read from a tiny (L1-resident) table
-        q = tl.load(tab_ptr + _split_bits(words, 4, G))
-        if FMT == _IQ4_XS:
-            dl = d * tl.load(sc_ptr + r * (KW // WPS) + kw // WPS, mask=mask, other=0).to(tl.float32)
-        else:
-            dl = d
-    return q, dl, ml
+        q = _to_float(((words >> (2 * g)) & 3) | (((hi >> g) & 1) << 2), 4, CVT)
+    else:
+        lo = (words >> (4 * g)) & 0xF
+        if FMT == _Q4_0:
+            q = _to_float(lo, 8, CVT)
+        elif FMT == _Q5_0:
+            q = _to_float(lo | (((hi >> g) & 1) << 4), 16, CVT)
+        elif FMT == _Q5_1 or FMT == _Q5_K:
+            q = _to_float(lo | (((hi >> g) & 1) << 4), 0, CVT)
+        elif FMT == _Q6_K:
+            q = _to_float(lo | (((hi >> (2 * g)) & 3) << 4), 32, CVT)
+        elif FMT == _IQ4_NL or FMT == _IQ4_XS:
+            q = tl.load(tab_ptr + lo)  # a 16-entry code book, L1-resident
+        else:  # Q4_1, Q4_K
+            q = _to_float(lo, 0, CVT)
+    return q
 
 
 @jit
-def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, N, stride_x,
-                 KW: tl.constexpr, M: tl.constexpr, MX: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                 WPS: tl.constexpr, WPB: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _scales(sc_ptr, mn_ptr, sidx, mask, d, dmn, FMT: tl.constexpr):
+    """Each element's sub-block scale and min, dl and ml (float32), from its block's d (and dmin / m) and its
+    index sidx into the sc / mn planes. ml is d (unused) for formats without a min."""
+    ml = d
+    if FMT == _Q4_1 or FMT == _Q5_1:
+        dl = d
+        ml = -dmn  # d*q + m == d*q - (-m), exactly
+    elif FMT == _Q2_K:
+        s = tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.int32)   # uint8: lo nibble scale, hi min
+        dl = d * (s & 0xF).to(tl.float32)
+        ml = dmn * (s >> 4).to(tl.float32)
+    elif FMT == _Q3_K or FMT == _Q6_K or FMT == _IQ4_XS:
+        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
+    elif FMT == _Q4_K or FMT == _Q5_K:
+        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
+        ml = dmn * tl.load(mn_ptr + sidx, mask=mask, other=0).to(tl.float32)
+    else:
+        dl = d
+    return dl, ml
+
+
+_constexpr_fn = triton.constexpr_function if HAVE_TRITON else (lambda fn: fn)
+
+
+@_constexpr_fn
+def _direct(b, h, g):
+    """Can field g (b low bits + h high bits) be used where it lies in its word (below bit 23)?"""
+    return b * g + b + h <= 23
+
+
+@_constexpr_fn
+def _pos(b, h, sh, g):
+    """Bit position of field g's code in the value the GEMV converts: where it lies in its word, or in the
+    word shifted right by sh for the top fields."""
+    return b * g if b * g + b + h <= 23 else b * g - sh
+
+
+@_constexpr_fn
+def _x_scale(b, h, sh, g, table):
+    """2^-pos: what the activations under field g are scaled by (1 for code-book formats, whose codes are
+    looked up rather than converted in place)."""
+    return 1.0 if table else 2.0 ** -(b * g if b * g + b + h <= 23 else b * g - sh)
+
+
+@jit
+def _move(v, n: tl.constexpr):
+    """v << n for n >= 0, v >> -n otherwise (n a compile-time constant)."""
+    if n >= 0:
+        out = v << n
+    else:
+        out = v >> (-n)
+    return out
+
+
+@jit
+def _gemv_code(words, words_sh, hi, tab_ptr, magic, g: tl.constexpr, FMT: tl.constexpr, B: tl.constexpr,
+               H: tl.constexpr, SH: tl.constexpr, CVT: tl.constexpr):
+    """Field g of the words as float32 code * 2^pos (pos = _pos(...)), offsets not applied: the GEMV's
+    per-weight work. The code is masked where it lies instead of shifted down (one LOP3 with the magic OR
+    folded in: `magic` is a runtime argument so the compiler keeps it in a register); the activations it
+    multiplies are pre-scaled by 2^-pos, once per thread and shared by the thread's rows."""
+    if FMT == _IQ4_NL or FMT == _IQ4_XS:
+        q = tl.load(tab_ptr + ((words >> (4 * g)) & 0xF))
+    else:
+        src = words if _direct(B, H, g) else words_sh
+        c = src & (((1 << B) - 1) << _pos(B, H, SH, g))
+        if CVT == 0:
+            c = c | magic  # before the high bits: (src & mask) | magic is one LOP3, so is (h & mask) | c
+        if H > 0:  # the high bits of field g sit at H*g of its qh element: move them above the low bits
+            c = c | (_move(hi, _pos(B, H, SH, g) + B - H * g) & (((1 << H) - 1) << (_pos(B, H, SH, g) + B)))
+        if CVT == 0:
+            q = c.to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            q = c.to(tl.float32)
+    return q
+
+
+@jit
+def _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, rmask, ng,
+                KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+                GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
+                HAS_MIN: tl.constexpr):
+    """Weights of rows r (BN, 1, 1, 1) int64 and groups ng (NG,) as float32 (BN, NG, G, V) — natural order:
+    element [n, i, f, j] is weight ng[i]*G*V + f*V + j of row r[n] — and the mask of the valid ones."""
+    kw = ng[:, None, None] * _V + tl.arange(0, _V)[None, None, :]     # (NG, 1, V) word index
+    mask = rmask & (kw < KW)[None, :, :, :]                            # (BN, NG, 1, V)
+    words = tl.load(qs_ptr + r * KW + kw[None, :, :, :], mask=mask, other=0)
+    hi = words
+    if HAS_QH:
+        hi = tl.load(qh_ptr + r * KW + kw[None, :, :, :], mask=mask, other=0).to(tl.int32)
+    # Scales per (row, group) — or per (row, group, field) where a group spans sub-blocks — not per weight.
+    gmask = rmask & (ng < KW // _V)[None, :, None, None]               # (BN, NG, 1, 1)
+    blk = r * (KW // WPB) + (ng * _V // WPB)[None, :, None, None]
+    d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))
+    dmn = d
+    if HAS_DM:
+        dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+    g = tl.arange(0, G)[None, None, :, None]                           # (1, 1, G, 1)
+    if SPG == 1:
+        dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng // GPS)[None, :, None, None], gmask, d, dmn, FMT)
+    else:
+        sidx = r * SUBS + (ng * SPG)[None, :, None, None] + g // (G // SPG)   # (BN, NG, G, 1)
+        dl, ml = _scales(sc_ptr, mn_ptr, sidx, gmask & (g < G), d, dmn, FMT)
+    w = _codes(words, hi, tab_ptr, g, FMT, 0) * dl
+    if HAS_MIN:
+        w = w - ml
+    return w, mask & (g < G)
+
+
+@jit
+def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, qh32_ptr, N, stride_x,
+                 magic,
+                 KW: tl.constexpr, SUBS: tl.constexpr, M: tl.constexpr, MX: tl.constexpr, FMT: tl.constexpr,
+                 G: tl.constexpr, WPB: tl.constexpr, GPS: tl.constexpr, SPG: tl.constexpr,
+                 HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 H: tl.constexpr, SH: tl.constexpr, OFFSET: tl.constexpr, GMIN: tl.constexpr,
                  BN: tl.constexpr, W: tl.constexpr, SPLIT_K: tl.constexpr, NIT: tl.constexpr,
                  CVT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
     """y (M, N) = x (M, K) @ w.T for BN rows per program; with SPLIT_K > 1, float32 partials (SPLIT_K, M, N).
 
-    MX x rows per tile: 1 (the M == 1 path, 3-D tiles), M rounded up to a power of two (FMA path, 4-D
-    tiles), or >= 16 with DOT (weights dequantized to x's dtype and multiplied on the tensor cores).
+    Without DOT: words as (BN, NG, V) tiles, one field at a time (`_gemv_code`), partial sums per field
+    p (BN, [MX,] NG, V), scales applied per sub-block to their sum over V, accumulator (BN, [MX,] NG).
+    Offsets (Q4_0's -8, ...) and mins go through sum(x) (GMIN). DOT: dense (BN, W*G) tiles in x's dtype,
+    multiplied on the tensor cores (MX >= 16).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
     rmask = (rows < N)[:, None]
-    wi = tl.arange(0, W)
-    gi = tl.arange(0, G)
     mi = tl.arange(0, MX)
+    FPS: tl.constexpr = G // SPG                                       # fields per sub-block
     if DOT:
         acc = tl.zeros((MX, BN), dtype=tl.float32)
     elif MX == 1:
-        acc = tl.zeros((BN, W), dtype=tl.float32)
+        acc = tl.zeros((BN, W // _V), dtype=tl.float32)
     else:
-        acc = tl.zeros((BN, MX, W), dtype=tl.float32)
+        acc = tl.zeros((BN, MX, W // _V), dtype=tl.float32)
     for it in range(0, NIT):  # splits interleave: split s takes K steps s, s + SPLIT_K, ...
         kw0 = (pid_k + it * SPLIT_K) * W
-        kw = kw0 + wi                                                  # (W,) word index
-        kmask = kw < KW
-        q, dl, ml = _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw[None, :],
-                           rmask & kmask[None, :], KW, FMT, G, WPS, WPB, CVT)
-        xo = kw[:, None] * G + gi[None, :]                             # (W, G) weight index
         if DOT:
-            wv = q * dl[:, :, None]
-            if HAS_MIN:
-                wv = wv - ml[:, :, None]
-            w2 = tl.reshape(wv, (BN, W * G)).to(x_ptr.dtype.element_ty)                      # (BN, BK)
+            ng = kw0 // _V + tl.arange(0, W // _V)                     # (NG,)
+            wt, _ = _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r[:, :, None, None],
+                                rmask[:, :, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
+                                HAS_MIN)
+            w2 = tl.reshape(wt, (BN, W * G)).to(x_ptr.dtype.element_ty)                      # (BN, BK)
             xk = kw0 * G + tl.arange(0, W * G)
             x2 = tl.load(x_ptr + mi[:, None] * stride_x + xk[None, :],
                          mask=(mi < M)[:, None] & (xk < KW * G)[None, :], other=0.0)         # (MX, BK)
@@ -474,17 +578,59 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
                 acc = tl.dot(x2, tl.trans(w2), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x2, tl.trans(w2), acc)                                          # (MX, BN)
-        elif MX == 1:
-            xv = tl.load(x_ptr + xo, mask=kmask[:, None], other=0.0).to(tl.float32)          # (W, G)
-            acc += tl.sum(q * xv[None, :, :], axis=2) * dl             # (BN, W)
-            if HAS_MIN:
-                acc -= ml * tl.sum(xv, axis=1)[None, :]
         else:
-            xv = tl.load(x_ptr + mi[:, None, None] * stride_x + xo[None, :, :],
-                         mask=(mi < M)[:, None, None] & kmask[None, :, None], other=0.0).to(tl.float32)  # (MX, W, G)
-            acc += tl.sum(q[:, None, :, :] * xv[None, :, :, :], axis=3) * dl[:, None, :]          # (BN, MX, W)
-            if HAS_MIN:
-                acc -= ml[:, None, :] * tl.sum(xv, axis=2)[None, :, :]
+            kw = kw0 + tl.arange(0, W)                                 # (W,) word index
+            words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
+                               (BN, W // _V, _V))                       # (BN, NG, V)
+            words_sh = words >> SH
+            ng = kw0 // _V + tl.arange(0, W // _V)                     # (NG,) group index
+            gmask = rmask & (ng < KW // _V)[None, :]                   # (BN, NG)
+            j = tl.arange(0, _V)
+            hi = words
+            if HAS_QH:  # a group's high bits are 32 (Q5_*) or 64 (Q6_K, Q3_K) bits: one or two int32 loads
+                if G * H * _V == 32:
+                    hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)     # (BN, NG)
+                    hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                            # (BN, NG, V)
+                else:
+                    ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
+                    hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
+                    hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
+                    hi = hi >> ((j % 2) * 16)[None, None, :]                                        # (BN, NG, V)
+            blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
+            d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))        # (BN, NG)
+            dmn = d
+            if HAS_DM:
+                dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+            xo = ng[:, None] * (G * _V) + j[None, :]                   # (NG, V) weight under field 0
+            xmask = (ng < KW // _V)[:, None] & (j < _V)[None, :]
+            for s in tl.static_range(SPG):
+                sidx = r * SUBS + ((ng // GPS) * SPG + s)[None, :]
+                dl, ml = _scales(sc_ptr, mn_ptr, sidx, gmask, d, dmn, FMT)   # (BN, NG)
+                if not HAS_MIN:
+                    ml = dl * OFFSET  # sum((q - o) * x) = sum(q * x) - o * sum(x)
+                for f in tl.static_range(FPS):
+                    q = _gemv_code(words, words_sh, hi, tab_ptr, magic, s * FPS + f, FMT, 32 // G, H, SH, CVT)
+                    if MX == 1:
+                        xg = tl.load(x_ptr + xo + (s * FPS + f) * _V, mask=xmask, other=0.0).to(tl.float32)
+                        t = q * (xg * _x_scale(32 // G, H, SH, s * FPS + f, not GMIN))[None, :, :]     # (BN, NG, V)
+                    else:
+                        xg = tl.load(x_ptr + mi[:, None, None] * stride_x + (xo + (s * FPS + f) * _V)[None, :, :],
+                                     mask=(mi < M)[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
+                        t = q[:, None, :, :] * (xg * _x_scale(32 // G, H, SH, s * FPS + f, not GMIN))[None, :, :, :]
+                    if f == 0:
+                        p = t
+                        sx = xg
+                    else:
+                        p += t
+                        sx += xg
+                if MX == 1:
+                    acc += tl.sum(p, axis=2) * dl                      # (BN, NG)
+                    if GMIN:
+                        acc -= ml * tl.sum(sx, axis=1)[None, :]
+                else:
+                    acc += tl.sum(p, axis=3) * dl[:, None, :]          # (BN, MX, NG)
+                    if GMIN:
+                        acc -= ml[:, None, :] * tl.sum(sx, axis=2)[None, :, :]
     if DOT:
         y = tl.trans(acc)                                              # (BN, MX)
     elif MX == 1:
@@ -516,21 +662,20 @@ def _split_k_sum_kernel(p_ptr, y_ptr, b_ptr, N, MN, SPLIT_K: tl.constexpr, HAS_B
 
 @jit
 def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, N,
-                    KW: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPS: tl.constexpr, WPB: tl.constexpr,
+                    KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+                    GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                     HAS_MIN: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
     """out (N, K) = the dense weight, BN rows x W words per program. Launched without FMA contraction, so
-    `dl * q - ml` rounds twice exactly as gguf-py does."""
+    `dl * q - ml` rounds twice, exactly as gguf-py does."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
-    kw = tl.program_id(1) * W + tl.arange(0, W)                        # (W,)
-    mask = (rows < N)[:, None] & (kw < KW)[None, :]                    # (BN, W)
-    q, dl, ml = _parts(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, kw[None, :], mask,
-                       KW, FMT, G, WPS, WPB, 0)
-    w = q * dl[:, :, None]                                             # (BN, W, G)
-    if HAS_MIN:
-        w = w - ml[:, :, None]
-    offs = r[:, :, None] * (KW * G) + kw[None, :, None] * G + tl.arange(0, G)[None, None, :]
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
+    r = rows.to(tl.int64)[:, None, None, None]                         # (BN, 1, 1, 1)
+    ng = tl.program_id(1) * (W // _V) + tl.arange(0, W // _V)          # (NG,)
+    w, mask = _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r,
+                          (rows < N)[:, None, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
+                          HAS_MIN)
+    offs = (r * (KW * G) + (ng * (G * _V))[None, :, None, None] + tl.arange(0, G)[None, None, :, None] * _V
+            + tl.arange(0, _V)[None, None, None, :])                   # (BN, NG, G, V)
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launch configs and entry points
@@ -539,12 +684,12 @@ def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_
 class GemvConfig:
     """How `gemv` launches: rows per program, weights per row per K step, warps, split-K, code conversion."""
 
-    block_n: int = 16
-    block_k: int = 256       # a multiple of the format's G; 256 = one K-quant super-block
+    block_n: int = 32
+    block_k: int = 256       # a multiple of the format's V*G (32; 64 for Q2_K/Q3_K; 16 for Q8_0)
     num_warps: int = 4
     split_k: int = 0         # 0: pick from the grid size (`_auto_split_k`); 1: off; else that many
-    cvt: int = 0             # 0: magic-number int -> float; 1: plain conversion
-    dot: bool = False        # M >= 2 only: dequantize to x's dtype and use tl.dot (x padded to 16 rows)
+    cvt: int = 0             # 0: magic-number int -> float; 1: plain conversion (I2FP on sm_90)
+    dot: bool = False        # M >= 2 only: dense tiles in x's dtype through tl.dot (x padded to 16 rows)
     num_stages: int | None = None   # None: Triton's default
 
     def __post_init__(self):
@@ -554,11 +699,16 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
 
 
-# Per format: (config for M == 1, config for 2 <= M <= 8). Unmeasured defaults; bench/gpu_quant_check.py
-# times variants on the H100 — copy the winners here.
-_DEFAULT = (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=8, block_k=256, num_warps=4))
-GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {q: _DEFAULT for q in FORMATS}
-GEMV_CONFIGS[Q8_0] = (GemvConfig(block_n=16, block_k=256, num_warps=4), GemvConfig(block_n=8, block_k=128))
+# Per format: (config for M == 1, config for 2 <= M <= 8). Chosen from instruction and register counts of
+# the compiled sm_90 code, not yet from timings: bench/gpu_quant_check.py times variants on the H100 — copy
+# the winners here. 64 rows per program gives each thread 4 rows that share its activation loads; Q8_0
+# (more registers per row) and the code-book formats (a gather per weight) get fewer.
+_M1_WIDE = GemvConfig(block_n=64, block_k=256, num_warps=4)
+_M1_NARROW = GemvConfig(block_n=32, block_k=256, num_warps=4)
+_MX = GemvConfig(block_n=32, block_k=256, num_warps=4, dot=True)
+GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {
+    q: (_M1_NARROW if q in (Q8_0, IQ4_NL, IQ4_XS) else _M1_WIDE, _MX) for q in FORMATS}
+_DEFAULT = (_M1_NARROW, _MX)
 
 _TARGET_PROGRAMS_PER_SM = 4  # split-K aims for at least this many programs per SM
 
@@ -578,6 +728,15 @@ def _auto_split_k(n_programs: int, n_steps: int, sms: int) -> int:
     return s
 
 
+def _shrink(cfg: GemvConfig, n: int, k: int, sms: int) -> GemvConfig:
+    """A table config with fewer rows per program for small matrices, so that they still fill the SMs where
+    split-K alone cannot (it keeps >= 2 K steps per split)."""
+    bn, most_splits = cfg.block_n, max(1, triton.cdiv(k, cfg.block_k) // 2)
+    while bn > 16 and triton.cdiv(n, bn) * most_splits < _TARGET_PROGRAMS_PER_SM * sms:
+        bn //= 2
+    return cfg if bn == cfg.block_n else replace(cfg, block_n=bn)
+
+
 @functools.lru_cache(maxsize=None)
 def _kvalues(device: torch.device) -> torch.Tensor:
     # Created on the first call for a device, which must come before any CUDA-graph capture (as must
@@ -592,15 +751,33 @@ def _plane_args(w: PackedWeight) -> list[torch.Tensor]:
     return p + [tab]
 
 
-def _geometry(fmt: Format, block_k: int) -> dict:
-    if block_k % fmt.g:
-        raise ValueError(f"block_k {block_k} is not a multiple of {fmt.name}'s {fmt.g} weights per word")
-    return dict(G=fmt.g, WPS=fmt.sub // fmt.g, WPB=fmt.block // fmt.g, W=block_k // fmt.g)
+def _geometry(fmt: Format, k: int, block_k: int) -> dict:
+    """The kernels' compile-time geometry for rows of k weights, block_k per step."""
+    gw = V * fmt.g
+    if block_k % gw:
+        raise ValueError(f"block_k {block_k} is not a multiple of {fmt.name}'s {gw}-weight groups")
+    spg, gps = (1, fmt.sub // gw) if fmt.sub >= gw else (gw // fmt.sub, 1)
+    return dict(KW=k // fmt.g, SUBS=k // fmt.sub, G=fmt.g, WPB=fmt.block // fmt.g, GPS=gps, SPG=spg,
+                HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, HAS_MIN=fmt.has_min, W=block_k // fmt.g)
 
 
-def gemv_config(w: PackedWeight, m: int) -> GemvConfig:
-    """The table's config for this format and batch size."""
-    return GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
+_OFFSETS = {Q4_0: 8, Q5_0: 16, Q8_0: 128, Q3_K: 4, Q6_K: 32}  # weight = dl * (code - offset)
+_MAGIC = 0x4B000000  # float32 2^23: (code | _MAGIC) read as float32 is 2^23 + code
+
+
+def _gemv_constants(qtype: int) -> dict:
+    fmt = FORMATS[qtype]
+    return dict(H=2 if qtype == Q6_K else int(fmt.qh is not None), SH=16 if fmt.g == 4 else 12,
+                OFFSET=_OFFSETS.get(qtype, 0), GMIN=qtype not in (IQ4_NL, IQ4_XS))
+
+
+def gemv_config(w: PackedWeight, m: int, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
+    """The table's config for this format, batch size and activation dtype. Float32 activations never take
+    the tl.dot path: in float32 it has no tensor-core form (input_precision="ieee") and spills registers."""
+    cfg = GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
+    if cfg.dot and dtype == torch.float32:
+        cfg = replace(cfg, dot=False, block_n=16)
+    return cfg
 
 
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
@@ -616,10 +793,9 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
         raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {k}), got {tuple(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or gemv_config(w, m)
-    geo = _geometry(fmt, cfg.block_k)
-    kw = k // fmt.g
-    n_steps = triton.cdiv(kw, geo["W"])
+    cfg = config or _shrink(gemv_config(w, m, x.dtype), n, k, _sm_count(x.device))
+    geo = _geometry(fmt, k, cfg.block_k)
+    n_steps = triton.cdiv(geo["KW"], geo["W"])
     grid_n = triton.cdiv(n, cfg.block_n)
     split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
     split = max(1, min(split, n_steps))
@@ -631,10 +807,11 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     extra = {} if cfg.num_stages is None else dict(num_stages=cfg.num_stages)
     _gemv_kernel[(grid_n, split)](
-        x, out, bias if bias is not None else y, *_plane_args(w), n, x.stride(0),
-        KW=kw, M=m, MX=mx, FMT=w.qtype, HAS_MIN=fmt.has_min, HAS_BIAS=bias is not None and split == 1,
-        BN=cfg.block_n, SPLIT_K=split, NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot,
-        IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, **geo, **extra)
+        x, out, bias if bias is not None else y, *_plane_args(w), w.qs if w.qh is None else w.qh.view(torch.int32),
+        n, x.stride(0), _MAGIC,
+        M=m, MX=mx, FMT=w.qtype, HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, SPLIT_K=split,
+        NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot, IEEE=x.dtype == torch.float32,
+        num_warps=cfg.num_warps, **geo, **_gemv_constants(w.qtype), **extra)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -648,12 +825,11 @@ def dequantize_gpu(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, *, bloc
     """PackedWeight -> dense (N, K) in dtype on w's device: float32 bit-identical to `dequantize_ref`, any
     other dtype that result rounded once."""
     fmt, (n, k) = w.fmt, w.shape
-    geo = _geometry(fmt, block_k)
-    kw = k // fmt.g
+    geo = _geometry(fmt, k, block_k)
     out = torch.empty((n, k), dtype=dtype, device=w.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kw, geo["W"]))
-    _dequant_kernel[grid](out, *_plane_args(w), n, KW=kw, FMT=w.qtype, HAS_MIN=fmt.has_min, BN=block_n,
-                          num_warps=num_warps, enable_fp_fusion=False, **geo)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(geo["KW"], geo["W"]))
+    _dequant_kernel[grid](out, *_plane_args(w), n, FMT=w.qtype, BN=block_n, num_warps=num_warps,
+                          enable_fp_fusion=False, **geo)
     return out
 
 
@@ -665,8 +841,8 @@ def packed_fields() -> tuple[str, ...]:
 def _check_formats() -> None:  # keeps the Format table honest: packed rows within 1.05x of the file's
     for fmt in FORMATS.values():
         assert fmt.packed_bytes(fmt.block) <= 1.05 * fmt.type_size, fmt.name
-        assert fmt.block % fmt.g == 0 and fmt.sub % fmt.g == 0, fmt.name
-        assert math.log2(fmt.g).is_integer() and {f.name for f in fields(PackedWeight)} >= set(_PLANES)
+        assert fmt.block % (V * fmt.g) == 0 and (fmt.sub % (V * fmt.g) == 0 or (V * fmt.g) % fmt.sub == 0)
+        assert {f.name for f in fields(PackedWeight)} >= set(_PLANES)
 
 
 _check_formats()

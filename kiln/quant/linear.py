@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kernels
 from kiln.quant.kernels import FORMATS, MAX_GEMV_M, PackedWeight
 
@@ -87,9 +88,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (out_features, in_features) in dtype, on the module's device (reference path)."""
-        if self.raw is not None:
-            from kiln.quant import dequantize
-            w = dequantize(self.raw.reshape(-1).cpu(), self.qtype, (self.out_features, self.in_features), dtype)
+        if self.raw is not None:  # kiln.quant.dequantize works on CPU tensors
+            w = dequantize_gguf(self.raw.reshape(-1).cpu(), self.qtype, (self.out_features, self.in_features), dtype)
             return w.to(self.raw.device)
         return kernels.dequantize_ref(self.packed).to(dtype)
 

@@ -1,0 +1,300 @@
+"""kiln.quant.kernels and kiln.quant.linear: quantized weights kept packed, against the torch dequantizers.
+
+Owns: for every kernel format (Q4_0 … IQ4_XS), on random valid blocks: the repack round trip
+(`dequantize_ref(repack(raw))` bit-identical to `kiln.quant.dequantize(raw)`, and within 1.05x of the
+file's bytes), `dequantize_gpu` bit-identical in float32 and float16, `gemv` against `x @ W.T` in float32
+(M = 1, 3, 8; launch-config variants: split-K with bias, the tl.dot path, plain int -> float conversion,
+wide tiles, partial row blocks and K steps) and in float16, the config table's dispatch, QuantLinear's
+decode and prefill paths and its CPU reference path, swap_linears on a tiny model (tied head, permuted
+rows, a dense F16 weight left alone), and — on a GPU — a CUDA-graph capture.
+Not: speed or real shapes (bench/gpu_quant_check.py), the GGUF block formats themselves (test_quant.py).
+
+Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
+imported (if another test module imported it first, this file re-runs itself in a fresh process), and
+KILN_TRITON_CPU=1 routes CPU tensors to the kernels. The interpreter does not run bfloat16 faithfully, so
+bfloat16 cases run on CUDA only.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import kiln.quant as kq  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+from kiln.formats.gguf import GGUFTensor  # noqa: E402
+from kiln.quant import kernels as K  # noqa: E402
+from kiln.quant.linear import QuantLinear, swap_linears  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+LATE = not CUDA and type(triton.language.sum).__name__ != "InterpretedFunction"
+QTYPES = list(K.FORMATS)
+IDS = [K.FORMATS[q].name for q in QTYPES]
+
+# Byte offsets of the f16 scale fields in each block (as tests/test_quant.py): random bytes there could make
+# inf/NaN scales.
+F16_FIELDS = {K.Q4_0: [0], K.Q4_1: [0, 2], K.Q5_0: [0], K.Q5_1: [0, 2], K.Q8_0: [0], K.Q2_K: [80, 82],
+              K.Q3_K: [108], K.Q4_K: [0, 2], K.Q5_K: [0, 2], K.Q6_K: [208], K.IQ4_NL: [0], K.IQ4_XS: [0]}
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(request, monkeypatch):
+    if LATE and request.node.originalname != "test_in_a_fresh_process":
+        pytest.skip("triton was imported before the interpreter was enabled; see test_in_a_fresh_process")
+    monkeypatch.setenv("KILN_TRITON_CPU", "1")
+
+
+@pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
+def test_in_a_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def random_rows(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random raw bytes of an (n, k) tensor with finite f16 scales: (n, row_bytes) uint8."""
+    fmt = K.FORMATS[qtype]
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n * k // fmt.block, fmt.type_size), generator=g, dtype=torch.uint8)
+    for off in F16_FIELDS[qtype]:
+        # Magnitudes 1e-4..1, both signs, like real scales (and far from f16 overflow).
+        mag = 10.0 ** (-4 * torch.rand(len(blocks), generator=g))
+        scale = (torch.randn(len(blocks), generator=g) * mag).half()
+        blocks[:, off:off + 2] = scale.view(torch.uint8).view(-1, 2)
+    return blocks.view(n, -1)
+
+
+def make(qtype: int, n: int, k: int, seed: int = 0):
+    """(raw rows, PackedWeight on DEVICE, float32 reference weight on DEVICE) of a random (n, k) tensor."""
+    raw = random_rows(qtype, n, k, seed)
+    ref = kq.dequantize(raw.reshape(-1), qtype, (n, k))
+    return raw, K.repack(raw.to(DEVICE), qtype, (n, k)), ref.to(DEVICE)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def k_for(qtype: int, tail: bool = False) -> int:
+    """A row length: 512, or one that leaves a partial last K step (not a multiple of 256 / 512 weights)."""
+    if not tail:
+        return 512
+    return 768 if K.FORMATS[qtype].block == 256 else 352
+
+
+# ---------------------------------------------------------------- repack (plain torch)
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=IDS)
+def test_repack_round_trip_is_bit_exact_and_small(qtype, monkeypatch):
+    monkeypatch.setattr(K, "_REPACK_WEIGHTS", 3 * 512)  # rows repacked 3 at a time: the concat is tested too
+    n, k = 7, 512
+    raw = random_rows(qtype, n, k, seed=1)
+    packed = K.repack(raw, qtype, (n, k))
+    assert torch.equal(K.dequantize_ref(packed), kq.dequantize(raw.reshape(-1), qtype, (n, k)))
+    assert packed.nbytes <= 1.05 * raw.numel()
+    assert packed.nbytes == n * K.FORMATS[qtype].packed_bytes(k)
+    assert all(t.dtype != torch.float16 for t in packed.planes().values())  # model.to(dtype) cannot touch them
+
+
+def test_repack_rejects_bad_input():
+    with pytest.raises(KilnError, match="no quantized GPU kernel"):
+        K.repack(torch.zeros(2, 64, dtype=torch.uint8), 1, (2, 32))  # F16 stays dense
+    with pytest.raises(KilnError, match="not a multiple of its block size 256"):
+        K.repack(torch.zeros(2 * 144, dtype=torch.uint8), K.Q4_K, (2, 128))
+    with pytest.raises(KilnError, match="needs 288 bytes"):
+        K.repack(torch.zeros(287, dtype=torch.uint8), K.Q4_K, (2, 256))
+
+
+# ---------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=IDS)
+def test_dequantize_gpu_is_bit_exact(qtype):
+    n, k = 20, k_for(qtype, tail=True)  # 20 rows: a partial row block; a partial K step
+    raw, packed, ref = make(qtype, n, k, seed=2)
+    assert torch.equal(K.dequantize_gpu(packed, torch.float32), ref)
+    assert torch.equal(K.dequantize_gpu(packed, torch.float16), ref.half())
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("qtype", QTYPES, ids=IDS)
+def test_gemv_matches_dequantized_matmul(qtype, m):
+    n, k = 40, k_for(qtype)
+    _, packed, ref = make(qtype, n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    y = K.gemv(x, packed)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert rel_err(y, x @ ref.T) < 1e-5
+
+
+CONFIGS = {
+    "split-k": K.GemvConfig(block_n=8, block_k=256, split_k=2),
+    "split-k-4-bias": K.GemvConfig(block_n=4, block_k=128, split_k=4),
+    "dot": K.GemvConfig(block_n=16, block_k=512, dot=True),
+    "cvt-bn32": K.GemvConfig(block_n=32, block_k=512, cvt=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("qtype", [K.Q4_0, K.Q5_1, K.Q8_0, K.Q3_K, K.Q4_K, K.Q6_K, K.IQ4_XS],
+                         ids=lambda q: K.FORMATS[q].name)
+def test_gemv_config_variants(qtype, name):
+    cfg = CONFIGS[name]
+    n, k = 20, k_for(qtype, tail=True)
+    _, packed, ref = make(qtype, n, k, seed=5)
+    bias = torch.randn(n).to(DEVICE) if "bias" in name or name == "dot" else None
+    for m in (1, 5):
+        x = torch.randn(m, k).to(DEVICE)
+        expected = x @ ref.T + (0 if bias is None else bias)
+        assert rel_err(K.gemv(x, packed, bias, config=cfg), expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_gemv_half_precision_activations(dtype):
+    _, packed, ref = make(K.Q4_K, 24, 512, seed=6)
+    x = torch.randn(2, 512).to(DEVICE, dtype)
+    y = K.gemv(x, packed)
+    assert y.dtype == dtype
+    assert rel_err(y, x.float() @ ref.T) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_gemv_rejects_too_many_rows_and_wrong_k():
+    _, packed, _ = make(K.Q8_0, 8, 64)
+    with pytest.raises(ValueError, match="M <= 8"):
+        K.gemv(torch.zeros(9, 64, device=DEVICE), packed)
+    with pytest.raises(ValueError, match="M <= 8"):
+        K.gemv(torch.zeros(1, 32, device=DEVICE), packed)
+
+
+def test_config_table_dispatch():
+    _, packed, _ = make(K.Q4_K, 8, 256)
+    assert not K.gemv_config(packed, 1).dot and K.gemv_config(packed, 4, torch.bfloat16).dot
+    assert not K.gemv_config(packed, 4, torch.float32).dot  # no tensor-core form in float32
+    assert K._shrink(K.GemvConfig(block_n=64), n=1024, k=3072, sms=132).block_n == 16   # small: more programs
+    assert K._shrink(K.GemvConfig(block_n=64), n=14336, k=4096, sms=132).block_n == 64
+
+
+def test_auto_split_k_fills_the_machine_but_keeps_work_per_split():
+    assert K._auto_split_k(n_programs=4096, n_steps=16, sms=132) == 1       # plenty of programs
+    assert K._auto_split_k(n_programs=64, n_steps=12, sms=132) == 4         # 3 K steps per split
+    assert K._auto_split_k(n_programs=64, n_steps=6, sms=132) == 2          # never under 2 per split
+    assert K._auto_split_k(n_programs=256, n_steps=56, sms=132) == 4        # 4096 x 14336, block_n 16
+    assert K._auto_split_k(n_programs=1, n_steps=1, sms=132) == 1
+
+
+# ---------------------------------------------------------------- QuantLinear
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=IDS)
+def test_quant_linear_decode_and_prefill_paths(qtype):
+    n, k = 24, k_for(qtype)
+    raw = random_rows(qtype, n, k, seed=7)
+    bias = torch.randn(n)
+    lin = QuantLinear.from_gguf(raw, qtype, (n, k), bias=bias, device=DEVICE)
+    assert lin.packed is not None and lin.nbytes == lin.packed.nbytes
+    w = kq.dequantize(raw.reshape(-1), qtype, (n, k)).to(DEVICE)
+    assert torch.equal(lin.dequantize(), w)
+    for shape in [(1, 1, k), (2, 10, k)]:  # M = 1: gemv; M = 20: dequantize_gpu + matmul
+        x = torch.randn(*shape).to(DEVICE)
+        y = lin(x)
+        assert y.shape == (*shape[:-1], n)
+        assert rel_err(y, F.linear(x, w, bias.to(DEVICE))) < 1e-5
+
+
+def test_quant_linear_reference_path_keeps_the_gguf_rows(monkeypatch):
+    monkeypatch.delenv("KILN_TRITON_CPU")  # CPU, kernels off: the torch reference, exactly
+    raw = random_rows(K.Q5_K, 6, 256, seed=8)
+    lin = QuantLinear.from_gguf(raw, K.Q5_K, (6, 256))
+    assert lin.raw is not None and lin.qs is None and lin.nbytes == raw.numel()
+    assert "qtype=Q5_K" in repr(lin) and "storage=gguf rows" in repr(lin)
+    x = torch.randn(3, 256)
+    assert torch.equal(lin(x), F.linear(x, kq.dequantize(raw.reshape(-1), K.Q5_K, (6, 256))))
+    assert lin.state_dict() == {}  # the quantized bytes never enter a state dict
+
+
+def test_quant_linear_rejects_dense_types_and_bad_rows():
+    with pytest.raises(KilnError, match="keep it as a dense nn.Linear"):
+        QuantLinear.from_gguf(torch.zeros(2, 64, dtype=torch.uint8), 1, (2, 32))
+    with pytest.raises(KilnError, match="needs 2 rows of 144 bytes"):
+        QuantLinear.from_gguf(torch.zeros(2, 143, dtype=torch.uint8), K.Q4_K, (2, 256))
+
+
+class Tiny(nn.Module):
+    def __init__(self, e=256, v=48):
+        super().__init__()
+        self.model = nn.ModuleDict({"embed_tokens": nn.Embedding(v, e)})  # Hugging Face names
+        self.q_proj = nn.Linear(e, 64, bias=True)
+        self.mlp = nn.Sequential(nn.Linear(e, 512, bias=False), nn.SiLU(), nn.Linear(512, e, bias=False))
+        self.o_proj = nn.Linear(e, e, bias=False)
+        self.lm_head = nn.Linear(e, v, bias=False)
+
+    def forward(self, x):
+        h = self.o_proj(self.mlp(x)) + x
+        return self.lm_head(h), self.q_proj(h)
+
+
+def _gguf(name: str, qtype: int, shape, data: torch.Tensor) -> GGUFTensor:
+    return GGUFTensor(name, tuple(shape), qtype, data.reshape(-1).contiguous())
+
+
+def test_swap_linears_on_a_tiny_model():
+    e, v = 256, 48
+    q = lambda name, qtype, n, k, seed: _gguf(name, qtype, (n, k), random_rows(qtype, n, k, seed))  # noqa: E731
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    weights = {
+        "q_proj.weight": GGUFTensor("q", (64, e), K.Q4_K, random_rows(K.Q4_K, 64, e, 1).reshape(-1), row_perm=perm),
+        "q_proj.bias": _gguf("qb", 0, (64,), torch.randn(64).view(torch.uint8)),           # F32
+        "mlp.0.weight": q("up", K.Q5_0, 512, e, 2),
+        "mlp.2.weight": q("down", K.Q6_K, e, 512, 3),
+        "o_proj.weight": _gguf("o", 1, (e, e), torch.randn(e, e).half().view(torch.uint8)),  # F16: stays dense
+        "model.embed_tokens.weight": q("emb", K.Q8_0, v, e, 4),
+    }
+    dense = Tiny(e, v)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            src = weights.get(name, weights["model.embed_tokens.weight"])  # lm_head tied to the embedding
+            p.copy_(src.dequantize(torch.float32))
+    model = Tiny(e, v)
+    model.load_state_dict(dense.state_dict())
+    taken = swap_linears(model, weights, device=DEVICE)
+    assert sorted(taken) == ["lm_head.weight", "mlp.0.weight", "mlp.2.weight", "q_proj.bias", "q_proj.weight"]
+    assert isinstance(model.o_proj, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    assert [type(m) for m in (model.q_proj, model.mlp[0], model.mlp[2], model.lm_head)] == [QuantLinear] * 4
+    model.to(DEVICE)
+    for t in (1, 12):  # decode and prefill paths
+        x = torch.randn(1, t, e)
+        got, want = model(x.to(DEVICE)), dense(x)
+        for a, b in zip(got, want):
+            assert rel_err(a.cpu(), b) < 1e-5
+
+
+# ---------------------------------------------------------------- GPU only
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0, K.IQ4_XS], ids=lambda q: K.FORMATS[q].name)
+def test_decode_path_captures_in_a_cuda_graph(qtype):
+    n, k = 1024, 1024
+    raw = random_rows(qtype, n, k, seed=9)
+    lin = QuantLinear.from_gguf(raw, qtype, (n, k), bias=torch.randn(n), device="cuda")
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+    lin(x)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lin(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = F.linear(x.float(), lin.dequantize(), lin.bias.float())
+    assert rel_err(y, expected) < 1e-2
