@@ -93,7 +93,8 @@ def decoder_for(model, max_len: int) -> Decoder:
     """A Decoder with a cache of at least `max_len` slots, reused across calls (capture is paid once).
 
     Cache lengths are rounded up to a multiple of 256 so that nearby requests share one captured graph;
-    the last two sizes are kept on the model.
+    the last two sizes are kept on the model. The cache is the model's: one generation at a time per
+    model (a concurrent server needs its own caches).
     """
     p = next(model.parameters())
     size = min(-(-max_len // 256) * 256, max(max_len, model.args.max_position_embeddings))

@@ -16,12 +16,13 @@ So top-1 agreement is asserted at >= 98% where llama.cpp's choice is decisive (t
 at least DECISIVE logits), next to the overall rate, which must stay at llama.cpp's own floor.
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from kiln.hub import sha256_file
 
 try:  # tests/ as a package, or tests/ itself on sys.path (pytest's default "prepend" import mode)
     from tests.conftest import real_model
@@ -46,21 +47,13 @@ MIN_GREEDY_EXPLAINED = 7  # … equal or diverging only at a llama.cpp near-tie
 NEAR_TIE = 0.25
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module", params=sorted(FILES))
 def case(request):
     """(key, model, tokenizer, refs), loaded once per model for the whole module."""
     key = request.param
     path = real_model(key)
     refs = load_refs(DATA / f"refs_{key}.npz")
-    assert sha256(path) == refs["meta"]["sha256"], f"{path} is not the file the references were made from"
+    assert sha256_file(path) == refs["meta"]["sha256"], f"{path} is not the file the references were made from"
     import kiln
     model, tokenizer = kiln.load(str(path), device="cpu", dtype=torch.float32)
     return key, model, tokenizer, refs
