@@ -165,18 +165,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="also run llama.cpp on the same file")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
+                   help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int8 rows)")
     a = p.parse_args(argv)
-    report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads)
+    q = {"auto": None, "on": True, "off": False}[a.quantized]
+    report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
+                   quantized=q)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
-def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2) -> dict:
+def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None) -> dict:
     from kiln.load import load
     if p < 1 or g < 1 or repeats < 1:
         raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1")
     t = time.perf_counter()
-    model, _ = load(model_name, device=device, dtype=dtype)
+    model, _ = load(model_name, device=device, dtype=dtype, quantized=quantized)
     load_s = time.perf_counter() - t
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
