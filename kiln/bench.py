@@ -86,8 +86,7 @@ def run_kiln(model, p: int, g: int, repeats: int) -> dict:
     pre, dts, eff, ttft = [], [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        logits = prefill()
-        first = logits.argmax(-1)
+        prefill().argmax(-1)  # the first token is part of the time to it
         _sync(device)
         pre.append(time.perf_counter() - t)
         ttft.append(pre[-1])
@@ -100,23 +99,17 @@ def run_kiln(model, p: int, g: int, repeats: int) -> dict:
         decode(p, g)
         _sync(device)
         eff.append(time.perf_counter() - t)
-    del first
     return {
         "prefill_tok_s": p / statistics.median(pre), "decode_tok_s": g / statistics.median(dts),
         "effective_tok_s": g / statistics.median(eff), "ttft_ms": 1e3 * statistics.median(ttft),
         "ms_per_token": 1e3 * statistics.median(dts) / g, "capture_s": capture_s,
-        "prompt_logits_top1": _prompt_top1(model, ids, dec),
+        "prompt_logits_top1": _prompt_top1(model, ids),
     }
 
 
-def _prompt_top1(model, ids, dec) -> list[int]:
+def _prompt_top1(model, ids) -> list[int]:
     logits = model(ids, cache=None)[0]  # (T, V)
     return logits.argmax(-1).tolist()
-
-
-def peak_memory(device) -> float:
-    from kiln.generate import peak_memory_gb
-    return peak_memory_gb(device)
 
 
 _LLAMA_WORKER = r"""
@@ -176,6 +169,7 @@ def main(argv: list[str]) -> int:
 
 
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None) -> dict:
+    from kiln.generate import peak_memory_gb
     from kiln.load import load
     if p < 1 or g < 1 or repeats < 1:
         raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1")
@@ -187,7 +181,7 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
            "torch": torch.__version__, "p": p, "g": g, "repeats": repeats, "load_s": load_s}
     k = run_kiln(model, p, g, repeats)
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
-    k.update(peak_memory_gb=peak_memory(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
+    k.update(peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
              achieved_gb_s=wb * k["decode_tok_s"] / 1e9, roofline_share=wb * k["decode_tok_s"] / bw)
     out["kiln"] = k
     if compare == "llama.cpp":

@@ -8,6 +8,7 @@ Not: dispatch or error printing (cli.py).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 
@@ -149,7 +150,7 @@ def _info_gguf(path) -> list[tuple[str, str]]:
         n = t.data.numel()
         types[type_name(t.qtype)] += 1
         nbytes[type_name(t.qtype)] += n
-        params += _numel(t.shape)
+        params += math.prod(t.shape)
     mix = ", ".join(f"{k} x{types[k]} ({nbytes[k] / 1e6:.1f} MB)" for k in sorted(types, key=nbytes.get,
                                                                                reverse=True))
     return _common_rows(path, "GGUF v%d" % g.version, cfg, params) + [
@@ -189,13 +190,6 @@ def _common_rows(path, fmt, cfg, params) -> list[tuple[str, str]]:
         ("context length", str(cfg.get("max_position_embeddings", "?"))),
         ("vocabulary", str(cfg.get("vocab_size", "?"))),
     ]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def pull(argv: list[str]) -> int:

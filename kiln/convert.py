@@ -8,7 +8,6 @@ Not: quantizing (quantize.py, later), the reverse direction.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

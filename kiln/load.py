@@ -89,7 +89,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
         taken = set(swap_linears(model, weights, device))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     extra = {"model.rope_freqs"}
-    missing = [n for n in wanted if n not in weights and not _tied(n, args, weights)]
+    missing = [n for n in wanted if n not in weights and not _tied(n, weights)]
     if missing:
         raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
                         f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
@@ -114,7 +114,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     return model.to(device).eval().requires_grad_(False)
 
 
-def _tied(name: str, args, weights) -> bool:
+def _tied(name: str, weights) -> bool:
     return name == "lm_head.weight" and "model.embed_tokens.weight" in weights
 
 

@@ -13,6 +13,7 @@ comes from the `gguf` package.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -63,10 +64,7 @@ class GGUFTensor:
 
 
 def _rows(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape[:-1]:
-        n *= s
-    return n
+    return math.prod(shape[:-1])
 
 
 @dataclass
@@ -168,9 +166,7 @@ def _nbytes(path: str, name: str, qtype: int, shape: tuple[int, ...]) -> int:
     except (ValueError, KeyError):
         raise KilnError(f"{path}: tensor {name} has unknown tensor type id {qtype}; this file needs a "
                         f"newer kiln or is corrupt") from None
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if shape and shape[-1] % block:
         raise KilnError(f"{path}: tensor {name} row length {shape[-1]} is not a multiple of its "
                         f"block size {block}; the file is corrupt")

@@ -136,6 +136,12 @@ class RopeAt(NamedTuple):
 
 # ---------------------------------------------------------------- attention
 
+def graph_step(pos, x: torch.Tensor) -> bool:
+    """Is this a CUDA-graph decode step served by the fused KV write and decode attention? Those read
+    positions directly, so such a step builds no mask."""
+    return isinstance(pos, torch.Tensor) and use_triton(x)
+
+
 def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor:
     """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them."""
     k_pos = torch.arange(s, device=device)
@@ -153,7 +159,7 @@ def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int 
     the static cache; everything else (CPU, prefill) goes through the cache's slice and SDPA.
     """
     b, t = q.shape[:2]
-    if cache is not None and isinstance(pos, torch.Tensor) and use_triton(q):
+    if cache is not None and graph_step(pos, q):
         kc, vc = cache.k[layer], cache.v[layer]  # (B, K, S, D)
         write_kv(kc, vc, k, v, rope.pos)
         return decode_attention(q, kc, vc, rope.pos, scale, window).reshape(b, t, -1)

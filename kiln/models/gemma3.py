@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, positions
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
 
 
 @dataclass
@@ -127,8 +127,8 @@ class Model(nn.Module):
         x = x * torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype, device=x.device)  # scale rounded to the model's dtype
         p, s = positions(pos, t, cache, ids.device)  # (T,), keys
         ropes = {False: m.rotary(p, s), True: m.rotary_local(p, s)}
-        masks = {False: causal_mask(p, s, None, ids.device),
-                 True: causal_mask(p, s, a.sliding_window, ids.device)}
+        masks = {False: None, True: None} if graph_step(pos, ids) else {
+            False: causal_mask(p, s, None, ids.device), True: causal_mask(p, s, a.sliding_window, ids.device)}
         for layer in m.layers:
             x = layer(x, ropes[layer.is_sliding], masks[layer.is_sliding], cache, pos)
         logits = self.lm_head(m.norm(x[:, -1:] if last_only else x))  # (B, T, V)

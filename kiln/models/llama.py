@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, positions
+from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Model(nn.Module):
         x = m.embed_tokens(ids)  # (B, T, E)
         p, s = positions(pos, t, cache, ids.device)  # (T,), keys
         rope = m.rotary(p, s)
-        mask = causal_mask(p, s, self.args.sliding_window, ids.device)
+        mask = None if graph_step(pos, ids) else causal_mask(p, s, self.args.sliding_window, ids.device)
         for layer in m.layers:
             x = layer(x, rope, mask, cache, pos)
         x = m.norm(x[:, -1:] if last_only else x)
