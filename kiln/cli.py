@@ -19,6 +19,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
+    "serve": ("kiln.serve", "main", "serve a model over the OpenAI API (chat, completions, tools, JSON schema)"),
 }
 
 USAGE = "usage: kiln <command> [options]\n\ncommands:\n" + "\n".join(

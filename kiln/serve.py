@@ -1,0 +1,80 @@
+"""`kiln serve`: start the OpenAI-compatible server on a model.
+
+Owns: the command's options, binding the port before the (slow) model load so that /health can say
+"loading", and exiting with a one-line error when the model cannot be loaded.
+Not: the server itself (kiln/server/app.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from kiln.errors import KilnError
+from kiln.hub import BUILTIN, DEFAULT_MODEL
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise KilnError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kiln serve", description="Serve a model over the OpenAI API (chat, completions, tools, "
+                                               "structured output) to many clients at once.")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"GGUF file, Hugging Face folder or repo id, or a built-in name ({', '.join(BUILTIN)}); "
+                        f"default {DEFAULT_MODEL}")
+    p.add_argument("--alias", default=None, help="the model id clients send (default: the file or folder name "
+                                                 "without extension)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint "
+                                                   "but /health")
+    p.add_argument("--parallel", "-np", type=int, default=4, help="concurrent sequences (slots; default 4)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None,
+                   help="context per slot in tokens (default: the model's, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 503 + Retry-After (default 64)")
+    p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 "
+                                                                          "above; default 8 MiB)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    return p
+
+
+def _check(a) -> None:
+    for name in ("parallel", "max_queue", "max_body"):
+        if getattr(a, name) < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.ctx_size is not None and a.ctx_size < 16:
+        raise KilnError("--ctx-size must be at least 16 tokens")
+    if not 0 < a.port < 65536:
+        raise KilnError(f"--port {a.port} is not a TCP port (1..65535)")
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    _check(a)
+    from kiln.hub import resolve
+    path = Path(resolve(a.model, progress=True))  # a bad name fails here, before the port is taken
+    import uvicorn
+
+    from kiln.load import load
+    from kiln.server.app import create_app
+    model_id = a.alias or (path.stem if path.is_file() else path.name)
+    app = create_app(lambda: load(path, device=a.device, dtype=a.dtype, progress=False), model_id=model_id,
+                     api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
+                     max_body=a.max_body)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level))
+    st = app.state.kiln
+    st.on_load_failed = lambda e: setattr(server, "should_exit", True)
+    logging.basicConfig(level=logging.INFO, format="kiln serve: %(message)s")
+    print(f"kiln serve: loading {path} as {model_id!r}; listening on http://{a.host}:{a.port}/v1", flush=True)
+    server.run()
+    if st.load_error is not None:
+        raise st.load_error if isinstance(st.load_error, KilnError) else KilnError(
+            f"could not load {path}: {type(st.load_error).__name__}: {st.load_error}")
+    return 0

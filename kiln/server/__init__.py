@@ -1,0 +1,25 @@
+"""kiln's OpenAI-compatible server: `create_app` (an ASGI app) and `serve` (run it in-process).
+
+Owns: the package's public names, imported lazily so that `import kiln.server` needs no FastAPI.
+Not: anything else; see app.py (HTTP), protocol.py (wire format), metrics.py, engine.py (continuous
+batching), structured.py (grammars) and tools.py (tool-call formats).
+
+    model, tok = kiln.load("qwen2.5-coder-0.5b")
+    kiln.server.serve(model, tok, port=8080, api_key="secret", n_slots=4)       # blocks
+    app = kiln.server.create_app(model=model, tokenizer=tok)                      # or: uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+
+def create_app(*args, **kwargs):
+    from kiln.server.app import create_app as make
+    return make(*args, **kwargs)
+
+
+def serve(*args, **kwargs):
+    from kiln.server.app import serve as run
+    return run(*args, **kwargs)
+
+
+__all__ = ["create_app", "serve"]

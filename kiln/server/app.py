@@ -1,0 +1,712 @@
+"""The OpenAI-compatible HTTP server: routes, auth, limits, prompts, streaming, tool calls, metrics.
+
+Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
+turning a validated request (protocol.py) into token ids (chat template, tools, chat_template_kwargs) and
+n engine requests with their constraint, then engine outputs back into text: detokenization, stop strings,
+logprobs, tool-call parsing, SSE chunks, usage; cancelling a generation when its client goes away or a stop
+string is hit; HTTP errors (OpenAI bodies, never a 500 for bad input); /health, /metrics, /tokenize.
+Not: batching and the KV cache (engine.py), grammars (structured.py), tool-call formats (tools.py), the
+wire format's field table (protocol.py), the command line (kiln/serve.py).
+
+Threads: the engine runs its own loop thread; everything here runs on the event loop thread, except model
+loading and grammar compilation, which run in worker threads so that /health and live streams keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.errors import KilnError
+from kiln.generate import _split_stop
+from kiln.sample import SamplingParams
+from kiln.server import protocol as P
+from kiln.server.metrics import Metrics
+
+log = logging.getLogger("kiln.server")
+MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
+RETRY_AFTER_S = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State: what requests need once the model is loaded
+# ---------------------------------------------------------------------------------------------------------------
+class ServerState:
+    def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
+                 max_body: int):
+        self.model_id, self.api_key, self.max_body = model_id, api_key, max_body
+        self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
+        self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
+        self.ready, self.load_error, self.on_load_failed = False, None, None
+        self.metrics = Metrics()
+        self.created = P.now()
+
+    def attach(self, model, tokenizer) -> None:
+        """Build the engine and the grammar compiler for a loaded model, then open for requests."""
+        from kiln.server.engine import Engine
+        from kiln.server.tools import tool_style
+        self.ctx_size = self.ctx_size or min(model.args.max_position_embeddings, 4096)
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab_size = model.args.vocab_size
+        self.tool_style = tool_style(tokenizer)
+        self.engine = Engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
+                             max_queue=self.max_queue)
+        self.engine.start()
+        self.ready = True
+
+    def compiler(self):
+        if self.structured is None:  # built on first use (xgrammar's vocabulary scan takes a moment)
+            from kiln.server.structured import Structured
+            self.structured = Structured(self.tokenizer, vocab_size=self.vocab_size)
+        return self.structured
+
+    def load_in_background(self, loader: Callable) -> None:
+        def run():
+            try:
+                self.attach(*loader())
+                log.info("model %s loaded; serving", self.model_id)
+            except Exception as e:  # KilnError, or a broken file: report and let the front door exit
+                self.load_error = e
+                log.error("loading %s failed: %s", self.model_id, e)
+                if self.on_load_failed:
+                    self.on_load_failed(e)
+        threading.Thread(target=run, name="kiln-load", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------------
+def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokenizer=None, model_id: str = "model",
+               api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
+               max_body: int = MAX_BODY) -> FastAPI:
+    """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
+    runs in a thread at startup (/health answers 503 until it is done)."""
+    if (loader is None) == (model is None or tokenizer is None):
+        raise KilnError("create_app needs either a loader or both model and tokenizer")
+    st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if loader is not None:
+            st.load_in_background(loader)
+        else:
+            st.attach(model, tokenizer)
+        yield
+        st.stop()
+
+    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.kiln = st
+    app.add_middleware(_CountRequests, metrics=st.metrics)
+    _handlers(app)
+    _routes(app, st)
+    return app
+
+
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
+    """Serve a loaded model until Ctrl-C (blocking). Keyword arguments go to `create_app`."""
+    import uvicorn
+    uvicorn.run(create_app(model=model, tokenizer=tokenizer, **kw), host=host, port=port, log_level="warning")
+
+
+class _CountRequests:
+    """Pure ASGI middleware (streams pass through untouched): count every response by path and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request_done(scope.get("path", "?"), status[0])
+
+
+def _error_response(e: P.APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(P.APIError)
+    async def api_error(request, e: P.APIError):
+        return _error_response(e)
+
+    @app.exception_handler(KilnError)
+    async def kiln_error(request, e: KilnError):
+        return JSONResponse(P.error_body(400, str(e)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(P.error_body(e.status_code, message), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(request, e: Exception):  # a kiln bug: say so without taking the server down
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(P.error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request plumbing: readiness, auth, body size, JSON
+# ---------------------------------------------------------------------------------------------------------------
+def _ready(st: ServerState) -> None:
+    if st.load_error is not None:
+        raise P.APIError(503, f"the model failed to load: {st.load_error}")
+    if not st.ready:
+        raise P.APIError(503, "the model is still loading; retry shortly", code="loading",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _auth(st: ServerState, request: Request) -> None:
+    if st.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), st.api_key.encode()):
+        raise P.APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                              "key the server was started with (--api-key)", code="invalid_api_key")
+
+
+async def _json_body(st: ServerState, request: Request):
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > st.max_body:
+        raise _too_large(int(declared), st.max_body)
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > st.max_body:
+            raise _too_large(len(data), st.max_body)
+    try:
+        return json.loads(data)
+    except ValueError as e:  # includes bad UTF-8
+        raise P.APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+
+
+def _too_large(n: int, limit: int) -> P.APIError:
+    return P.APIError(413, f"the request body is {n} bytes or more; the limit is {limit} bytes", code="too_large")
+
+
+async def _open(st: ServerState, request: Request):
+    """Auth, readiness and the JSON body, in that order (a wrong key learns nothing about the server)."""
+    _auth(st, request)
+    _ready(st)
+    return await _json_body(st, request)
+
+
+def _check_model(st: ServerState, name: str | None) -> None:
+    if name is not None and name != st.model_id:
+        raise P.APIError(404, f"the model {name!r} does not exist; this server serves {st.model_id!r}",
+                         param="model", code="model_not_found")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------------------
+def _routes(app: FastAPI, st: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if st.load_error is not None:
+            return JSONResponse({"status": "error", **P.error_body(503, f"load failed: {st.load_error}")}, 503)
+        if not st.ready:
+            return JSONResponse({"status": "loading", **P.error_body(503, "the model is loading")}, 503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _auth(st, request)
+        stats = st.engine.stats() if st.engine is not None else None
+        return Response(st.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _auth(st, request)
+        return {"object": "list", "data": [_model_card(st)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        _auth(st, request)
+        _check_model(st, name)
+        return _model_card(st)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return _tokenize(st, await _open(st, request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return _detokenize(st, await _open(st, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _open(st, request)
+        return await _chat(st, request, P.parse_chat(body))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _open(st, request)
+        return await _completions(st, request, P.parse_completion(body))
+
+
+def _model_card(st: ServerState) -> dict:
+    return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kiln",
+            "meta": {"n_ctx": st.ctx_size, "n_slots": st.n_slots, "loaded": st.ready}}
+
+
+def _tokenize(st: ServerState, body) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+        raise P.bad("content", "send {'content': TEXT} (optionally 'add_special': bool, 'with_pieces': bool)")
+    unknown = sorted(set(body) - {"content", "add_special", "with_pieces"})
+    if unknown:
+        raise P.APIError(400, f"unsupported field '{unknown[0]}' for /tokenize", param=unknown[0])
+    add = P.boolean("add_special", body.get("add_special", False))
+    ids = st.tokenizer.encode(body["content"], add_special_tokens=add)
+    if P.boolean("with_pieces", body.get("with_pieces", False)):
+        return {"tokens": [{"id": i, "piece": st.tokenizer.id_to_piece(i)} for i in ids]}
+    return {"tokens": ids}
+
+
+def _detokenize(st: ServerState, body) -> dict:
+    if not isinstance(body, dict) or set(body) != {"tokens"}:
+        raise P.bad("tokens", "send {'tokens': [ids...]}")
+    return {"content": st.tokenizer.decode(_token_ids(st, "tokens", body["tokens"]))}
+
+
+def _token_ids(st: ServerState, param: str, ids) -> list[int]:
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise P.bad(param, f"invalid {param}: must be a list of token ids")
+    bad = [i for i in ids if not 0 <= i < st.tokenizer.vocab_size]
+    if bad:
+        raise P.bad(param, f"token id {bad[0]} is outside the vocabulary (0..{st.tokenizer.vocab_size - 1})")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+def _chat_ids(st: ServerState, req: P.ChatRequest) -> list[int]:
+    tok = st.tokenizer
+    kwargs = dict(req.chat_template_kwargs)
+    clash = sorted(set(kwargs) & {"messages", "tools"})
+    if clash:
+        raise P.bad("chat_template_kwargs", f"chat_template_kwargs may not set {clash[0]!r}; use the field itself")
+    kwargs.setdefault("add_generation_prompt", True)
+    tools = req.tools if req.tool_choice != "none" else None
+    text = tok.apply_chat_template(req.messages, tools=tools, **kwargs)
+    ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself …
+    if tok.add_bos and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
+        ids = [tok.bos_token_id] + ids  # … unless it does not
+    return ids
+
+
+def _check_context(st: ServerState, ids: list[int], param: str) -> None:
+    if not ids:
+        raise P.bad(param, "the prompt is empty: give at least one token of text")
+    if len(ids) >= st.ctx_size:
+        raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {st.ctx_size}; shorten the "
+                              f"prompt or start the server with a larger --ctx-size", param=param,
+                         code="context_length_exceeded")
+
+
+async def _constraint(st: ServerState, req: P.ChatRequest):
+    """Compile the request's constraint (off the event loop: big schemas take a while); None if it has none."""
+    if req.constraint is None:
+        return None
+    kind, *args = req.constraint
+    param = {"json_object": "response_format", "json_schema": "response_format", "gbnf": "grammar",
+             "regex": "regex", "tool_call": "tool_choice"}[kind]
+
+    def build():
+        c = st.compiler()
+        if kind == "json_object":
+            return c.json_object()
+        if kind == "json_schema":
+            return c.json_schema(args[0], strict=args[1])
+        if kind == "gbnf":
+            return c.gbnf(args[0])
+        if kind == "regex":
+            return c.regex(args[0])
+        return c.tool_call(req.tools, req.tool_choice, st.tool_style)
+    try:
+        return await asyncio.to_thread(build)
+    except KilnError as e:
+        raise P.bad(param, str(e)) from None
+
+
+def _sampling(st: ServerState, req: P.GenRequest, i: int) -> SamplingParams:
+    kw = dict(req.sampling)
+    if kw.get("seed") is not None:
+        kw["seed"] = kw["seed"] + i  # choice i of n gets its own stream; the request stays reproducible
+    try:
+        params = SamplingParams(**kw)
+        params.check_vocab(st.vocab_size)
+    except KilnError as e:
+        raise P.bad("logit_bias" if "logit_bias" in str(e) else None, str(e)) from None
+    return params
+
+
+def _submit(st: ServerState, ids: list[int], req: P.GenRequest, constraint, first_index: int) -> list:
+    """One engine request per choice; all or none (a full queue cancels the ones already in)."""
+    from kiln.server.engine import EngineRequest, QueueFull
+    eos = frozenset() if req.ignore_eos else frozenset(st.tokenizer.eos_token_ids)
+    max_tokens = req.max_tokens or st.ctx_size - len(ids)
+    handles = []
+    try:
+        for i in range(req.n):
+            handles.append(st.engine.submit(EngineRequest(
+                prompt=ids, params=_sampling(st, req, first_index + i), max_tokens=max_tokens,
+                stop_token_ids=eos, processor=constraint.processor() if constraint is not None else None,
+                top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos)))
+    except QueueFull:
+        for h in handles:
+            h.cancel()
+        raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
+                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One choice: engine outputs → text, logprobs, tool calls
+# ---------------------------------------------------------------------------------------------------------------
+class Choice:
+    """The text side of one engine request: streaming detokenizer, stop strings, logprob entries, tool parser."""
+
+    def __init__(self, index: int, handle, st: ServerState, req: P.GenRequest, tools_on: bool = False):
+        self.index, self.handle, self.st = index, handle, st
+        self.stops, self.want_logprobs = req.stop, req.logprobs
+        self.detok = st.tokenizer.detokenizer()
+        self.pending, self.parts, self.entries, self.entries_all = "", [], [], []
+        self.n_tokens, self.finish, self.started = 0, None, None
+        self.parser = None
+        if tools_on:
+            from kiln.server.tools import ToolStreamParser
+            self.parser = ToolStreamParser(st.tool_style)
+        self.calls_seen = 0
+        self.single_call = isinstance(req, P.ChatRequest) and not req.parallel_tool_calls
+
+    def step(self, out) -> tuple[str, list[dict]]:
+        """Take one StepOutput; return (text now safe to show, logprob entries not yet sent)."""
+        self.n_tokens += 1
+        if self.want_logprobs and not out.is_stop:
+            self.entries.append(self._entry(out))
+            self.entries_all.append(self.entries[-1])
+        if not out.is_stop:
+            self.pending += self.detok.add(out.token)
+        emit, self.pending, hit = _split_stop(self.pending, self.stops)
+        finish = "stop" if hit else out.finish_reason
+        if hit:
+            self.handle.cancel()  # frees the slot now; the text after the stop string is dropped
+        elif finish:
+            emit += self.pending + self.detok.flush()
+            self.pending = ""
+        self.finish = finish
+        self.parts.append(emit)
+        if emit or finish:
+            entries, self.entries = self.entries, []
+            return emit, entries
+        return "", []
+
+    def _entry(self, out) -> dict:
+        tok = self.st.tokenizer
+        top = [(tok.id_to_bytes(t), lp) for t, lp in (out.top_logprobs or [])]
+        return P.chat_logprob(tok.id_to_bytes(out.token), out.logprob, top)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def tool_events(self, text: str) -> list:
+        events = self.parser.feed(text) if text else []
+        return events + (self.parser.finish() if self.finish else [])
+
+
+async def _outputs(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
+    """(choice, StepOutput) from all choices as they come; stops following a choice once it is finished."""
+    if len(choices) == 1:
+        c = choices[0]
+        async for out in c.handle:
+            yield c, out
+            if c.finish:
+                return
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice):
+        try:
+            async for out in c.handle:
+                await queue.put((c, out))
+        finally:
+            await queue.put((c, None))
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        live = len(choices)
+        while live:
+            c, out = await queue.get()
+            if out is None:
+                live -= 1
+            elif c.finish is None:
+                yield c, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _cancel_all(choices: list[Choice]) -> None:
+    for c in choices:
+        if c.finish is None:
+            c.handle.cancel()
+
+
+async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
+    """For non-streaming requests: a client that hangs up cancels its generations."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            _cancel_all(choices)
+            return
+
+
+async def _run(st: ServerState, request: Request, choices: list[Choice], t0: float) -> None:
+    """Drive every choice to its end (non-streaming); cancel all if the client goes away or we fail."""
+    watcher = asyncio.create_task(_watch_disconnect(request, choices))
+    first = True
+    try:
+        async for c, out in _outputs(choices):
+            if first:
+                st.metrics.ttft.observe(time.perf_counter() - t0)
+                first = False
+            c.step(out)
+    finally:
+        watcher.cancel()
+        _cancel_all(choices)
+
+
+def _check_finished(choices: list[Choice]) -> None:
+    failed = [c for c in choices if c.finish not in ("stop", "length")]
+    if failed:
+        raise P.APIError(500, f"generation ended with {failed[0].finish!r}; see the server log", code="engine_error")
+
+
+def _usage(st: ServerState, groups: list[tuple[list[int], list[Choice]]]) -> dict:
+    prompt = sum(len(ids) for ids, _ in groups)
+    completion = sum(c.n_tokens for _, cs in groups for c in cs)
+    cached = sum(int(getattr(cs[0].handle, "cached_tokens", 0) or 0) for _, cs in groups)
+    st.metrics.count_tokens(prompt, completion, cached)
+    return P.usage(prompt, completion, cached)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+# ---------------------------------------------------------------------------------------------------------------
+async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
+    _check_model(st, req.model)
+    ids = _chat_ids(st, req)
+    _check_context(st, ids, "messages")
+    constraint = await _constraint(st, req)
+    tools_on = bool(req.tools) and req.tool_choice != "none"
+    t0 = time.perf_counter()
+    handles = _submit(st, ids, req, constraint, 0)
+    choices = [Choice(i, h, st, req, tools_on) for i, h in enumerate(handles)]
+    meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
+    if req.stream:
+        return _sse(_chat_stream(st, req, ids, choices, meta, t0))
+    st.metrics.in_flight += 1
+    try:
+        await _run(st, request, choices, t0)
+    finally:
+        st.metrics.in_flight -= 1
+    _check_finished(choices)
+    st.metrics.latency.observe(time.perf_counter() - t0)
+    body = {"id": meta[0], "object": "chat.completion", "created": meta[1], "model": meta[2],
+            "system_fingerprint": P.FINGERPRINT, "choices": [_chat_choice(st, c, req, tools_on) for c in choices],
+            "usage": _usage(st, [(ids, choices)])}
+    return JSONResponse(body)
+
+
+def _chat_choice(st: ServerState, c: Choice, req: P.ChatRequest, tools_on: bool) -> dict:
+    from kiln.server.tools import parse_tool_calls
+    content, calls = c.text, []
+    if tools_on:
+        content, calls = parse_tool_calls(content, st.tool_style)
+        calls = calls[:1] if not req.parallel_tool_calls else calls
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    finish = c.finish
+    if calls:
+        message["tool_calls"] = [{"id": t.id, "type": "function",
+                                  "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+        finish = "tool_calls" if finish == "stop" else finish
+    logprobs = {"content": c.entries_all} if req.logprobs else None
+    return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+    async def body():
+        async for e in events:
+            yield f"data: {e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)}\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream_steps(st: ServerState, choices: list[Choice], t0: float):
+    """(choice, text, logprob entries) as outputs come; cancels every generation if the client goes away."""
+    st.metrics.in_flight += 1
+    first = True
+    try:
+        async for c, out in _outputs(choices):
+            if first:
+                st.metrics.ttft.observe(time.perf_counter() - t0)
+                first = False
+            text, entries = c.step(out)
+            if text or entries or c.finish:
+                yield c, text, entries
+    finally:  # normal end, client gone (CancelledError) or an error: free the slots either way
+        st.metrics.in_flight -= 1
+        _cancel_all(choices)
+
+
+def _stream_error(e: Exception) -> dict:
+    if isinstance(e, P.APIError):
+        return e.body()
+    status = 400 if isinstance(e, KilnError) else 500
+    log.error("stream failed: %s", e)
+    return P.error_body(status, f"{type(e).__name__}: {e}")
+
+
+async def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[Choice], meta, t0: float):
+    def chunk(choice_dicts, usage=None):
+        return P.chunk("chat.completion.chunk", *meta, choice_dicts, usage, req.include_usage)
+    for c in choices:
+        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    try:
+        async for c, text, entries in _stream_steps(st, choices, t0):
+            for delta in _chat_deltas(c, text, req):
+                yield chunk([{"index": c.index, "delta": delta,
+                              "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": None}])
+                entries = []
+            if c.finish:
+                finish = "tool_calls" if c.calls_seen and c.finish == "stop" else c.finish
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
+        _check_finished(choices)
+    except Exception as e:
+        yield {**_stream_error(e)}
+        yield "[DONE]"
+        return
+    st.metrics.latency.observe(time.perf_counter() - t0)
+    usage = _usage(st, [(ids, choices)])
+    if req.include_usage:
+        yield chunk([], usage)
+    yield "[DONE]"
+
+
+def _chat_deltas(c: Choice, text: str, req: P.ChatRequest) -> list[dict]:
+    """The delta objects for one step's text: plain content, or tool-call starts and argument pieces."""
+    if c.parser is None:
+        return [{"content": text}] if text else []
+    from kiln.server.tools import ContentDelta, ToolArgsDelta, ToolCallStart
+    deltas = []
+    for e in c.tool_events(text):
+        if isinstance(e, ContentDelta) and e.text:
+            deltas.append({"content": e.text})
+        elif isinstance(e, ToolCallStart) and (e.index == 0 or not c.single_call):
+            c.calls_seen += 1
+            deltas.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                           "function": {"name": e.name, "arguments": ""}}]})
+        elif isinstance(e, ToolArgsDelta) and (e.index == 0 or not c.single_call) and e.text:
+            deltas.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return deltas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /v1/completions
+# ---------------------------------------------------------------------------------------------------------------
+def _completion_ids(st: ServerState, req: P.CompletionRequest) -> list[list[int]]:
+    out = []
+    for k, p in enumerate(req.prompts):
+        param = "prompt" if len(req.prompts) == 1 else f"prompt[{k}]"
+        ids = st.tokenizer.encode(p) if isinstance(p, str) else _token_ids(st, param, p)
+        _check_context(st, ids, param)
+        out.append(ids)
+    return out
+
+
+async def _completions(st: ServerState, request: Request, req: P.CompletionRequest):
+    _check_model(st, req.model)
+    prompts = _completion_ids(st, req)
+    t0 = time.perf_counter()
+    groups: list[tuple[list[int], list[Choice]]] = []
+    try:
+        for k, ids in enumerate(prompts):
+            handles = _submit(st, ids, req, None, k * req.n)
+            groups.append((ids, [Choice(k * req.n + i, h, st, req) for i, h in enumerate(handles)]))
+    except BaseException:
+        _cancel_all([c for _, cs in groups for c in cs])
+        raise
+    choices = [c for _, cs in groups for c in cs]
+    echoes = [st.tokenizer.decode(ids) if req.echo else "" for ids, cs in groups for _ in cs]
+    meta = (P.new_id("cmpl"), P.now(), st.model_id)
+    if req.stream:
+        return _sse(_completion_stream(st, req, groups, choices, echoes, meta, t0))
+    st.metrics.in_flight += 1
+    try:
+        await _run(st, request, choices, t0)
+    finally:
+        st.metrics.in_flight -= 1
+    _check_finished(choices)
+    st.metrics.latency.observe(time.perf_counter() - t0)
+    body = {"id": meta[0], "object": "text_completion", "created": meta[1], "model": meta[2],
+            "system_fingerprint": P.FINGERPRINT,
+            "choices": [{"index": c.index, "text": echo + c.text,
+                         "logprobs": P.legacy_logprobs(c.entries_all, len(echo)) if req.logprobs else None,
+                         "finish_reason": c.finish} for c, echo in zip(choices, echoes)],
+            "usage": _usage(st, groups)}
+    return JSONResponse(body)
+
+
+async def _completion_stream(st, req: P.CompletionRequest, groups, choices, echoes, meta, t0):
+    def chunk(choice_dicts, usage=None):
+        return P.chunk("text_completion", *meta, choice_dicts, usage, req.include_usage)
+    offsets = {c.index: len(e) for c, e in zip(choices, echoes)}
+    for c, e in zip(choices, echoes):
+        if e:
+            yield chunk([{"index": c.index, "text": e, "logprobs": None, "finish_reason": None}])
+    try:
+        async for c, text, entries in _stream_steps(st, choices, t0):
+            lp = P.legacy_logprobs(entries, offsets[c.index]) if req.logprobs else None
+            offsets[c.index] += len(text)
+            yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish}])
+        _check_finished(choices)
+    except Exception as e:
+        yield {**_stream_error(e)}
+        yield "[DONE]"
+        return
+    st.metrics.latency.observe(time.perf_counter() - t0)
+    usage = _usage(st, groups)
+    if req.include_usage:
+        yield chunk([], usage)
+    yield "[DONE]"
