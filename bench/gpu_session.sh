@@ -1,25 +1,79 @@
 #!/usr/bin/env bash
-# One device call: build the random-weight GGUFs, time kiln end to end, check the quantized kernels on
-# the GPU. Each step has its own time limit so a slow step cannot starve the ones after it; the most
-# important come first. Usage (device machine, repo root, gguf-py carried in .carry/):
-#   bash bench/gpu_session.sh
+# One device call (10 minutes at most): build llama.cpp's CUDA wheel in the background (or install one
+# carried in .whl/), write the random-weight GGUFs, profile kiln on Qwen3-0.6B Q4_K_M, then run
+# `kiln bench --compare llama.cpp` on each file while time is left. Steps are ordered by importance and
+# each has its own limit. Usage on the device machine, repo root, gguf-py carried in .carry/:
+#   STEPS="profile compare" FILES="qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M" bash bench/gpu_session.sh
+# Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file), and the llama.cpp wheel
+# (split in 15 MB parts) when it was built here, so that later calls can carry it instead of building.
 set -u
-export PYTHONPATH="$PWD/.carry:$PWD"
+ROOT=$PWD
+export PYTHONPATH="$ROOT/.carry:$ROOT:/tmp/llsite" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
-make() { timeout 60 python bench/make_gguf.py --model "$1" --type "$2" --out /tmp/g >> "$OUT/make.log" 2>&1; }
-bench() {  # name, time limit
-  timeout "$2" python -m kiln.cli bench --model "/tmp/g/$1.gguf" -p 512 -g 128 -r 3 --json \
-    > "$OUT/bench_$1.json" 2> "$OUT/bench_$1.err"
-  echo "== $1 rc=$?"; tail -c 300 "$OUT/bench_$1.err"
-  grep -E '"(decode|prefill|effective)_tok_s"|roofline|capture' "$OUT/bench_$1.json"
+STEPS=${STEPS:-"profile compare"}
+FILES=${FILES:-"qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M qwen3-0.6b:Q8_0 qwen3-0.6b:F16 llama-3.2-1b:Q8_0"}
+START=$(date +%s); BUDGET=${BUDGET:-570}
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+llama_ready() { python -c "import sys; sys.path.insert(0, '/tmp/llsite'); import llama_cpp" 2>/dev/null; }
+install_llama() {  # a carried wheel (whole or in parts) or a build from the trimmed sdist
+  if ls .whl/llama_cpp_python*.whl.part-* >/dev/null 2>&1; then
+    cat .whl/llama_cpp_python*.whl.part-* > /tmp/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
+  fi
+  local whl; whl=$(ls /tmp/llama_cpp_python*.whl .whl/llama_cpp_python*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ]; then
+    pip install -q --no-deps --target /tmp/llsite "$whl" .whl/diskcache*.whl && echo "llama.cpp: installed $whl"
+    return
+  fi
+  (cd /tmp && tar xzf "$ROOT/.whl/llsrc.tar.gz" && \
+   CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90-real -DLLAVA_BUILD=off" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+   pip wheel -q --no-deps --no-build-isolation -w /tmp/llwheel /tmp/llama_cpp_python-0.3.36 > /tmp/llbuild.log 2>&1 && \
+   pip install -q --no-deps --target /tmp/llsite /tmp/llwheel/*.whl "$ROOT"/.whl/diskcache*.whl && \
+   (cd /tmp/llwheel && split -b 15M *.whl "$OUT/$(ls *.whl).part-") && echo "llama.cpp: built in $(( $(date +%s) - START )) s") \
+   || { echo "llama.cpp build failed"; tail -30 /tmp/llbuild.log; }
 }
-make qwen3-0.6b Q4_K_M
-bench qwen3-0.6b-Q4_K_M "${T1:-110}"
-timeout "${T2:-90}" python -m pytest tests/test_quant_kernels.py -q -x > "$OUT/quant_kernels_pytest.log" 2>&1
-echo "== kernel tests"; tail -3 "$OUT/quant_kernels_pytest.log"
-make llama-3.2-1b Q4_K_M; bench llama-3.2-1b-Q4_K_M "${T3:-60}"
-make qwen3-0.6b Q8_0; bench qwen3-0.6b-Q8_0 "${T3:-60}"
-make qwen3-0.6b F16; bench qwen3-0.6b-F16 "${T3:-60}"
-timeout "${T4:-60}" python bench/gpu_quant_check.py --quick > "$OUT/quant_check.log" 2>&1
-echo "== quant check"; tail -20 "$OUT/quant_check.log"
+install_llama > /tmp/llinstall.log 2>&1 &
+LLPID=$!
+
+for f in $FILES; do
+  timeout 120 python bench/make_gguf.py --model "${f%%:*}" --type "${f##*:}" --out /tmp/g > /dev/null 2>&1 \
+    || echo "make_gguf $f failed"
+done
+ls -la /tmp/g; echo "files made at $(( $(date +%s) - START )) s"
+
+if [[ " $STEPS " == *" tests "* ]]; then
+  timeout 150 python -m pytest -q -x tests/test_quant_kernels.py tests/test_fuse.py tests/test_ops.py 2>&1 | tail -4
+fi
+if [[ " $STEPS " == *" profile "* ]]; then
+  timeout "${PROFILE_S:-240}" python bench/gpu_profile.py --model /tmp/g/qwen3-0.6b-Q4_K_M.gguf \
+    --out "$OUT/profile.json" ${PROFILE_ARGS:-}
+  echo "== profile rc=$? at $(( $(date +%s) - START )) s"
+fi
+if [[ " $STEPS " == *" compare "* ]]; then
+  while kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 150 ]; do sleep 5; done
+  cat /tmp/llinstall.log
+  CMP=""; llama_ready && CMP="--compare llama.cpp"
+  for f in $FILES; do
+    [ "$(left)" -lt 45 ] && { echo "out of time before $f"; break; }
+    name="${f%%:*}-${f##*:}"
+    timeout $(( $(left) - 10 )) python -m kiln.cli bench --model "/tmp/g/$name.gguf" -p 512 -g 128 -r 3 --json $CMP \
+      > /tmp/b.json 2> /tmp/b.err
+    echo "== $name rc=$? at $(( $(date +%s) - START )) s"; tail -c 400 /tmp/b.err
+    python -c "import json,sys; d=json.load(open('/tmp/b.json')); print(json.dumps(d))" >> "$OUT/bench.jsonl" 2>/dev/null
+    python - <<'EOF'
+import json
+try:
+    d = json.load(open("/tmp/b.json"))
+except Exception as e:
+    print("no result", e); raise SystemExit
+k, l = d["kiln"], d.get("llama.cpp", {})
+print(f"kiln pp {k['prefill_tok_s']:.0f} tg {k['decode_tok_s']:.1f} eff {k['effective_tok_s']:.1f} "
+      f"roof {100*k['roofline_share']:.0f}% mem/file {d.get('memory_over_file', 0):.2f} capture {k['capture_s']:.1f}s")
+if l:
+    print(f"llama.cpp pp {l['prefill_tok_s']:.0f} tg {l['decode_tok_s']:.1f} eff {l['effective_tok_s']:.1f}; "
+          f"ratio {json.dumps({a: round(b, 2) for a, b in d['ratio'].items()})} top1 {d['prompt_top1_agreement']:.3f}")
+EOF
+  done
+fi
+wait $LLPID 2>/dev/null; ls -la "$OUT"

@@ -179,6 +179,11 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
            "torch": torch.__version__, "p": p, "g": g, "repeats": repeats, "load_s": load_s}
+    if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
+        out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
+        if os.path.isfile(out["model"]):
+            out["file_gb"] = os.path.getsize(out["model"]) / 1e9
+            out["memory_over_file"] = out["memory_after_load_gb"] / out["file_gb"]
     k = run_kiln(model, p, g, repeats)
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
     k.update(peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
@@ -215,6 +220,9 @@ def format_report(r: dict) -> str:
         if "ratio" in r:
             row += f"{r['llama.cpp'][key]:>12.1f}" + (f"{r['ratio'][key]:>8.2f}" if key in r["ratio"] else "")
         lines.append(row)
+    if "memory_over_file" in r:
+        lines += ["", f"GPU memory after load {r['memory_after_load_gb']:.3f} GB = "
+                      f"{r['memory_over_file']:.2f} x the file ({r['file_gb']:.3f} GB)"]
     lines += ["", f"peak memory {k['peak_memory_gb']:.2f} GB; weights read per token "
                   f"{k['weight_bytes_per_token'] / 1e6:.1f} MB; {k['achieved_gb_s']:.0f} GB/s of "
                   f"{k['copy_bw_gb_s']:.0f} GB/s copy bandwidth ({100 * k['roofline_share']:.0f}% of roofline)"]

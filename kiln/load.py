@@ -58,6 +58,9 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     if quantized and not on_gpu:
         from kiln.quant.cpu import int8_linears
         int8_linears(model)
+    if on_gpu:  # fewer, wider matmuls: a small model's decode step is bound by kernel launches
+        from kiln.fuse import fuse_projections
+        fuse_projections(model)
     model.source = str(path)
     return model, tokenizer
 
@@ -86,7 +89,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     taken = set()
     if quantized:
         from kiln.quant.linear import swap_linears
-        taken = set(swap_linears(model, weights, device))
+        taken = set(swap_linears(model, weights, device, dtype))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     extra = {"model.rope_freqs"}
     missing = [n for n in wanted if n not in weights and not _tied(n, weights)]

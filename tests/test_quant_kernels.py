@@ -36,7 +36,7 @@ import kiln.quant as kq  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.formats.gguf import GGUFTensor  # noqa: E402
 from kiln.quant import kernels as K  # noqa: E402
-from kiln.quant.linear import QuantLinear, swap_linears  # noqa: E402
+from kiln.quant.linear import QuantEmbedding, QuantLinear, swap_linears  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 LATE = not CUDA and type(triton.language.sum).__name__ != "InterpretedFunction"
@@ -268,8 +268,15 @@ def test_swap_linears_on_a_tiny_model():
     model = Tiny(e, v)
     model.load_state_dict(dense.state_dict())
     taken = swap_linears(model, weights, device=DEVICE)
-    assert sorted(taken) == ["lm_head.weight", "mlp.0.weight", "mlp.2.weight", "q_proj.bias", "q_proj.weight"]
-    assert isinstance(model.o_proj, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    packed = K.use_triton(torch.empty(0, device=DEVICE))  # kernels serve: embeddings stay packed too
+    want = ["lm_head.weight", "mlp.0.weight", "mlp.2.weight"] + ["model.embed_tokens.weight"] * packed
+    assert sorted(taken) == sorted(want + ["q_proj.bias", "q_proj.weight"])
+    assert isinstance(model.o_proj, nn.Linear)
+    if packed:  # the tied head reads the embedding's planes: held once
+        assert isinstance(model.model.embed_tokens, QuantEmbedding)
+        assert model.lm_head.qs.data_ptr() == model.model.embed_tokens.qs.data_ptr()
+    else:
+        assert isinstance(model.model.embed_tokens, nn.Embedding)
     assert [type(m) for m in (model.q_proj, model.mlp[0], model.mlp[2], model.lm_head)] == [QuantLinear] * 4
     model.to(DEVICE)
     for t in (1, 12):  # decode and prefill paths
@@ -298,3 +305,13 @@ def test_decode_path_captures_in_a_cuda_graph(qtype):
     torch.cuda.synchronize()
     expected = F.linear(x.float(), lin.dequantize(), lin.bias.float())
     assert rel_err(y, expected) < 1e-2
+
+
+def test_quant_embedding_dequantizes_the_rows_it_reads():
+    from kiln.quant.linear import QuantEmbedding
+    for qtype in (K.Q4_K, K.Q6_K, K.Q8_0):
+        packed = K.repack(random_rows(qtype, 16, 256, seed=qtype), qtype, (16, 256))
+        ids = torch.tensor([[3, 0, 15], [3, 3, 7]])
+        got = QuantEmbedding(packed, torch.float32)(ids)
+        assert got.shape == (2, 3, 256)
+        assert torch.equal(got, K.dequantize_ref(packed)[ids])

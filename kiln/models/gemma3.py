@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
+from kiln.models.llama import add_norm
+from kiln.ops import gelu_tanh_mul
 
 
 @dataclass
@@ -66,12 +68,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.scale = a.query_pre_attn_scalar ** -0.5
         self.window = a.sliding_window if a.sliding[layer] else None
+        self.qkv = None  # kiln.fuse: q/k/v as one matmul (set at load on GPUs)
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
-        k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
+        k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
+        v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         q, k = rope.apply(q, k, self.q_norm, self.k_norm)
         out = attention(q, k, v, rope, mask, self.scale, cache, self.layer, pos, self.window)
         return self.o_proj(out)  # (B, T, E)
@@ -83,9 +87,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.wide is not None:
+            return self.down_proj(gelu_tanh_mul(self.gate_up.wide(x)))  # one kernel for the gated GELU
+        g, u = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.gelu(g, approximate="tanh") * u)
 
 
 class Block(nn.Module):
@@ -98,9 +106,13 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache, pos))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+    def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
+        """h = x + post_norm(attn(norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))) — each residual
+        add inside the norm after it (llama.add_norm): returns (post_ff_norm(...), h) for the next block."""
+        y, x = add_norm(self.input_layernorm, x, residual)
+        a = self.post_attention_layernorm(self.self_attn(y, rope, mask, cache, pos))
+        y, h = add_norm(self.pre_feedforward_layernorm, a, x)  # h = x + a
+        return self.post_feedforward_layernorm(self.mlp(y)), h
 
 
 class Body(nn.Module):
@@ -129,9 +141,12 @@ class Model(nn.Module):
         ropes = {False: m.rotary(p, s), True: m.rotary_local(p, s)}
         masks = {False: None, True: None} if graph_step(pos, ids) else {
             False: causal_mask(p, s, None, ids.device), True: causal_mask(p, s, a.sliding_window, ids.device)}
+        r = None  # the residual stream; x is the last block's output not yet added to it
         for layer in m.layers:
-            x = layer(x, ropes[layer.is_sliding], masks[layer.is_sliding], cache, pos)
-        logits = self.lm_head(m.norm(x[:, -1:] if last_only else x))  # (B, T, V)
+            x, r = layer(x, ropes[layer.is_sliding], masks[layer.is_sliding], cache, pos, r)
+        if last_only:
+            x, r = x[:, -1:], r[:, -1:]
+        logits = self.lm_head(add_norm(m.norm, x, r)[0])  # (B, T, V)
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
         return logits

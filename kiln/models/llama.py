@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
+from kiln.ops import rms_norm, silu_mul
 
 
 @dataclass
@@ -59,12 +60,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, a.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, a.rms_norm_eps)
         self.qk_norm, self.window = a.qk_norm, a.sliding_window
+        self.qkv = None  # kiln.fuse: q/k/v as one matmul (set at load on GPUs)
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.d)  # (B, T, H, D)
-        k = self.k_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
-        v = self.v_proj(x).view(b, t, self.kv, self.d)  # (B, T, K, D)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
+        k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
+        v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         q, k = rope.apply(q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
         out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)
         return self.o_proj(out)  # (B, T, E)
@@ -76,9 +79,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.wide is not None:
+            return self.down_proj(silu_mul(self.gate_up.wide(x)))  # (.., 2I) → (.., I): one kernel
+        g, u = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(g) * u)
+
+
+def add_norm(norm: RMSNorm, x, residual=None):
+    """(norm(residual + x), residual + x), the add fused into the norm's kernel; no add without residual."""
+    if residual is None:
+        return norm(x), x
+    return rms_norm(x, norm.weight, norm.eps, norm.offset, residual)
 
 
 class Block(nn.Module):
@@ -89,9 +103,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
+        """h = x + attn(norm(x)); out = h + mlp(norm(h)) — with each residual add done inside the norm
+        that follows it (one kernel): takes the previous block's (mlp output, residual stream) and returns
+        its own, the last add left to the next block or the final norm."""
+        y, x = add_norm(self.input_layernorm, x, residual)
+        a = self.self_attn(y, rope, mask, cache, pos)
+        y, h = add_norm(self.post_attention_layernorm, a, x)  # h = x + a
+        return self.mlp(y), h
 
 
 class Body(nn.Module):
@@ -119,7 +138,9 @@ class Model(nn.Module):
         p, s = positions(pos, t, cache, ids.device)  # (T,), keys
         rope = m.rotary(p, s)
         mask = None if graph_step(pos, ids) else causal_mask(p, s, self.args.sliding_window, ids.device)
+        r = None  # the residual stream; x is the last block's output not yet added to it
         for layer in m.layers:
-            x = layer(x, rope, mask, cache, pos)
-        x = m.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)  # (B, T, V)
+            x, r = layer(x, rope, mask, cache, pos, r)
+        if last_only:
+            x, r = x[:, -1:], r[:, -1:]
+        return self.lm_head(add_norm(m.norm, x, r)[0])  # (B, T, V)

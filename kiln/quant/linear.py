@@ -33,7 +33,7 @@ from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kernels
 from kiln.quant.kernels import FORMATS, MAX_GEMV_M, PackedWeight
 
-__all__ = ["QuantLinear", "swap_linears"]
+__all__ = ["QuantLinear", "QuantEmbedding", "swap_linears"]
 
 
 def _kernels_serve(device: torch.device) -> bool:
@@ -52,7 +52,9 @@ class QuantLinear(nn.Module):
         for name in kernels.packed_fields():
             self.register_buffer(name, getattr(packed, name) if packed is not None else None, persistent=False)
         self.register_buffer("raw", raw, persistent=False)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        # A buffer, not a Parameter: float32 like the file, and never the first of `model.parameters()`,
+        # whose dtype the caches and decoders take as the model's compute dtype.
+        self.register_buffer("bias", bias, persistent=False)
 
     @classmethod
     def from_gguf(cls, raw_rows: torch.Tensor, qtype: int, shape: tuple[int, int],
@@ -113,6 +115,33 @@ class QuantLinear(nn.Module):
                 f"storage={'gguf rows' if self.raw is not None else 'packed'}")
 
 
+class QuantEmbedding(nn.Module):
+    """nn.Embedding over packed GGUF rows: a lookup dequantizes only the rows it reads (one gather per plane
+    and one dequantize_gpu launch), so a quantized embedding table costs its file bytes on the GPU, and a
+    tied one shares its planes with the output head's QuantLinear."""
+
+    def __init__(self, packed: PackedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.qtype, self.dtype = packed.qtype, dtype
+        self.num_embeddings, self.embedding_dim = packed.shape
+        for name in kernels.packed_fields():
+            self.register_buffer(name, getattr(packed, name), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)                                         # (B*T,)
+        rows = PackedWeight(self.qtype, (flat.numel(), self.embedding_dim),
+                            **{n: getattr(self, n).index_select(0, flat) for n in kernels.packed_fields()
+                               if getattr(self, n) is not None})
+        if kernels.use_triton(flat):
+            w = kernels.dequantize_gpu(rows, self.dtype)               # (B*T, E)
+        else:
+            w = kernels.dequantize_ref(rows).to(self.dtype)
+        return w.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={FORMATS[self.qtype].name}, packed"
+
+
 def _is_quantized(w) -> bool:
     return getattr(w, "qtype", None) is not None and int(w.qtype) in FORMATS
 
@@ -132,12 +161,13 @@ def _dense_bias(b, device) -> torch.Tensor | None:
     return (b.dequantize(torch.float32) if hasattr(b, "dequantize") else b).to(device)
 
 
-def swap_linears(model: nn.Module, weights: Mapping, device=None) -> list[str]:
+def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bfloat16) -> list[str]:
     """Replace each nn.Linear whose weight (weights[f"{module}.weight"], a GGUFTensor-like with `raw_rows()`,
     `qtype`, `shape`) is quantized by a QuantLinear on device, bias included. F32/F16/BF16 weights and plain
-    tensors stay nn.Linear. Returns the parameter names now held by QuantLinears (weights and biases), which
-    the caller must not load into the model."""
-    taken = []
+    tensors stay nn.Linear. Where the kernels serve the device, a quantized nn.Embedding becomes a
+    QuantEmbedding (output in dtype) sharing its planes with a tied output head. Returns the parameter
+    names now held by quantized modules (weights and biases), which the caller must not load."""
+    taken = _swap_embeddings(model, weights, device, dtype)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -150,7 +180,39 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None) -> list[str]:
                 raise KilnError(f"tensor {name}.weight has shape {tuple(w.shape)} but the model needs "
                                 f"{(child.out_features, child.in_features)}; config and weights disagree")
             bias = _dense_bias(weights.get(f"{name}.bias"), device or "cpu") if child.bias is not None else None
-            setattr(parent, child_name, QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape), bias=bias,
-                                                              device=device))
+            shared = _shared_planes(model, w)
+            if shared is not None:  # the tied embedding's planes, held once
+                setattr(parent, child_name, QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=shared, bias=bias))
+            else:
+                setattr(parent, child_name, QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape),
+                                                                  bias=bias, device=device))
             taken += [f"{name}.weight"] + ([f"{name}.bias"] if bias is not None else [])
     return taken
+
+
+def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> list[str]:
+    """nn.Embedding -> QuantEmbedding for quantized tables, where the kernels serve `device`."""
+    taken = []
+    if device is None or not _kernels_serve(torch.device(device)):
+        return taken
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            w = weights.get(f"{name}.weight")
+            if not isinstance(child, nn.Embedding) or w is None or not _is_quantized(w):
+                continue
+            packed = kernels.repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
+            emb = QuantEmbedding(packed, dtype)
+            emb._kiln_source = id(w)
+            setattr(parent, child_name, emb)
+            taken.append(f"{name}.weight")
+    return taken
+
+
+def _shared_planes(model: nn.Module, w) -> PackedWeight | None:
+    """The planes of a QuantEmbedding built from the same GGUF tensor `w` (a tied output head), if any."""
+    for m in model.modules():
+        if isinstance(m, QuantEmbedding) and getattr(m, "_kiln_source", None) == id(w):
+            return PackedWeight(m.qtype, (m.num_embeddings, m.embedding_dim),
+                                **{n: getattr(m, n) for n in kernels.packed_fields() if getattr(m, n) is not None})
+    return None
