@@ -1,10 +1,14 @@
 """KV cache: pre-allocated keys and values for every layer; attention calls one verb.
 
 Owns: the storage (layers, B, K, max_len, D) and `update(layer, pos, k, v)`, which writes the new keys
-and values at positions pos..pos+T and returns everything the layer may attend to.
-Not: masks (the model builds them from positions and its own sliding windows), eviction, paging.
+and values at positions pos..pos+T and returns everything the layer may attend to; for a server's slot
+cache (one batch row per sequence), `slot(i)` (a batch-1 view of row i: prefill one request with the
+ordinary int-`pos` code) and `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at
+different positions in different slots).
+Not: masks (the model builds them from positions and its own sliding windows), eviction, paging, which
+slot holds which request (server/engine.py).
 
-Shape alphabet: L layers, B batch, K kv heads, S positions, D head dim.
+Shape alphabet: L layers, B batch (rows of a step), N slots, K kv heads, S positions, D head dim.
 """
 
 from __future__ import annotations
@@ -50,3 +54,47 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def slot(self, i: int) -> KVCache:
+        """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
+        return view
+
+    def rows(self, slots: list[int], n_keys: int) -> RowsView:
+        """A view for one step over the given slots (batch row b lives in slot slots[b]) in which no row
+        needs more than `n_keys` keys (its position + its new tokens)."""
+        if n_keys > self.max_len:
+            raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
+        return RowsView(self, slots, n_keys)
+
+
+class RowsView:
+    """Rows of a slot cache at per-row positions: the model is called with `pos` a (B,) tensor.
+
+    `update(layer, pos, k, v)` with pos (B, T) absolute positions writes row b's keys into slot slots[b]
+    at pos[b] and returns the keys (B, K, n_keys, D) of those slots; positions past a row's own are stale
+    and the caller's per-row mask hides them. The fused GPU path reads `layer_kv` and `slot_index` instead.
+    """
+
+    def __init__(self, cache: KVCache, slots: list[int], n_keys: int):
+        self.cache, self.slots, self.n_keys, self.max_len = cache, list(slots), n_keys, cache.max_len
+        self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=cache.k.device)  # (B,)
+        first = self.slots[0]
+        self._span = first if self.slots == list(range(first, first + len(self.slots))) else None
+
+    def layer_kv(self, layer: int):
+        """The whole slot cache of a layer, (N, K, S, D) keys and values."""
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""
+        kc, vc = self.layer_kv(layer)  # (N, K, S, D)
+        rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
+        kc[rows, :, pos] = k.transpose(1, 2).to(kc.dtype)  # indexed (B, T, K, D)
+        vc[rows, :, pos] = v.transpose(1, 2).to(vc.dtype)
+        if self._span is not None:  # consecutive slots: a view, no gather
+            b = self._span
+            return kc[b:b + len(self.slots), :, :self.n_keys], vc[b:b + len(self.slots), :, :self.n_keys]
+        return (kc[:, :, :self.n_keys].index_select(0, self.slot_index),
+                vc[:, :, :self.n_keys].index_select(0, self.slot_index))

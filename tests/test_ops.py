@@ -3,7 +3,7 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256; the KV write), the dispatch rule, and — on a GPU — one CUDA-graph capture and replay.
+D = 64 and 256; the KV write; per-row positions and cache rows for a server's batched step), the dispatch rule, and — on a GPU — one CUDA-graph capture and replay.
 Not: speed (bench/gpu_ops_check.py), real shapes.
 
 Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
@@ -222,6 +222,56 @@ def test_write_kv(dtype):
     torch.testing.assert_close(big_k[1], ref_k, rtol=0, atol=0)
     torch.testing.assert_close(big_v[1], ref_v, rtol=0, atol=0)
     assert torch.equal(ref_k[:, :, 21], k[:, 1])
+
+
+# ---------------------------------------------------------------- per-row positions (a server's batched step)
+# Rows at different depths in different cache rows (slots). The independent reference is the shared-
+# position op run on each row alone, on that row's own slot.
+
+ROW_POS = [[40], [3], [129]]  # three rows, one new token each, far apart (one past a 64-key tile)
+ROW_SLOTS = [2, 0, 3]  # batch row b lives in cache row ROW_SLOTS[b] of 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_qk_per_row_positions(dtype):
+    q, k = rand(3, 2, 8, 64, dtype=dtype), rand(3, 2, 2, 64, dtype=dtype, seed=1)
+    pos = torch.tensor([[5, 6], [900, 901], [0, 1]], device=DEVICE)  # (B, T)
+    kw = dict(q_norm_w=rand(64, dtype=dtype, seed=3), k_norm_w=rand(64, dtype=dtype, seed=4), norm_offset=1.0)
+    qo, ko = ops.rope_qk(q, k, pos, _inv_freq(64), **kw)
+    for b in range(3):
+        q_ref, k_ref = ops.rope_qk_ref(q[b:b + 1], k[b:b + 1], pos[b], _inv_freq(64), **kw)
+        close(qo[b:b + 1], q_ref, dtype)
+        close(ko[b:b + 1], k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_per_row_positions_and_slots(dtype):
+    kc, vc = rand(4, 2, 150, 64, dtype=dtype), rand(4, 2, 150, 64, dtype=dtype, seed=1)  # (N, K, S, D)
+    k, v = rand(3, 1, 2, 64, dtype=dtype, seed=2), rand(3, 1, 2, 64, dtype=dtype, seed=3)  # (B, T, K, D)
+    pos, rows = torch.tensor(ROW_POS, device=DEVICE), torch.tensor(ROW_SLOTS, device=DEVICE)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    for b, slot in enumerate(ROW_SLOTS):  # one row at a time, through the shared-position op
+        ops.write_kv_ref(ref_k[slot:slot + 1], ref_v[slot:slot + 1], k[b:b + 1], v[b:b + 1], pos[b])
+    for fn in (ops.write_kv, ops.write_kv_ref):
+        got_k, got_v = kc.clone(), vc.clone()
+        fn(got_k, got_v, k, v, pos, rows)
+        torch.testing.assert_close(got_k, ref_k, rtol=0, atol=0)
+        torch.testing.assert_close(got_v, ref_v, rtol=0, atol=0)
+    assert torch.equal(ref_k[2, :, 40], k[0, 0].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 30])
+def test_decode_attention_per_row_positions_and_slots(dtype, window):
+    q = rand(3, 1, 8, 64, dtype=dtype)  # (B, T, H, D)
+    kc, vc = rand(4, 2, 150, 64, dtype=dtype, seed=1), rand(4, 2, 150, 64, dtype=dtype, seed=2)
+    pos, rows = torch.tensor(ROW_POS, device=DEVICE), torch.tensor(ROW_SLOTS, device=DEVICE)
+    ref = torch.cat([ops.decode_attention_ref(q[b:b + 1], kc[s:s + 1], vc[s:s + 1], pos[b], 0.125, window)
+                     for b, s in enumerate(ROW_SLOTS)])
+    close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows), ref, torch.float32)
+    out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=3)
+    tol = {k: 2 * v for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(out, ref, **tol)
 
 
 # ---------------------------------------------------------------- CUDA graph (GPU only)

@@ -3,6 +3,11 @@
 Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), RoPE frequency schedules
 (default, linear, llama3, longrope, GGUF per-frequency factors), the causal / sliding-window mask, and
 scaled-dot-product attention over grouped KV heads.
+
+`pos` — what a model's forward gets besides ids — takes three forms: an int (all rows at the same
+position; prefill and the batch-1 decode), a 0-dim device tensor (the same, inside a CUDA graph), and a
+(B,) tensor of per-row positions with a `cache.RowsView` (a server's batched step: row b at pos[b] in
+its own slot). With the last, positions are (B, T) and the mask is (B, 1, T, S), one per row.
 Not: any family's block layout (one file per family), caches (cache.py), quantization (quant/).
 
 Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K kv heads, D head dim.
@@ -122,7 +127,7 @@ class RoPE(nn.Module):
 
 
 class RopeAt(NamedTuple):
-    pos: torch.Tensor  # (T,) absolute positions
+    pos: torch.Tensor  # (T,) absolute positions, or (B, T) per row
     inv_freq: torch.Tensor  # (R/2,) float32
     attn_factor: float
     rot_dim: int
@@ -137,28 +142,43 @@ class RopeAt(NamedTuple):
 # ---------------------------------------------------------------- attention
 
 def graph_step(pos, x: torch.Tensor) -> bool:
-    """Is this a CUDA-graph decode step served by the fused KV write and decode attention? Those read
-    positions directly, so such a step builds no mask."""
+    """Is this a decode step served by the fused KV write and decode attention (a CUDA-graph step, or a
+    batched step with per-row positions on a Triton device)? Those read positions directly, so such a
+    step builds no mask."""
     return isinstance(pos, torch.Tensor) and use_triton(x)
 
 
+def row_step(pos) -> bool:
+    """Per-row positions (B,): a batched step over a slot cache's `RowsView`."""
+    return isinstance(pos, torch.Tensor) and pos.ndim == 1
+
+
 def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor:
-    """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them."""
+    """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them.
+    With per-row positions q_pos (B, T): (B, 1, T, S), broadcasting over heads."""
     k_pos = torch.arange(s, device=device)
-    mask = k_pos[None, :] <= q_pos[:, None]
+    q = q_pos[..., None]  # (T, 1) or (B, T, 1)
+    mask = k_pos <= q
     if window:
-        mask &= (q_pos[:, None] - k_pos[None, :]) < window
-    return mask
+        mask &= (q - k_pos) < window
+    return mask if q_pos.ndim == 1 else mask[:, None]
 
 
 def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int = 0, pos=0,
               window: int | None = None) -> torch.Tensor:
     """q (B, T, H, D), k/v (B, T, K, D) → (B, T, H*D), writing k/v into the cache first.
 
-    A CUDA-graph decode step (tensor `pos`) uses the fused KV write and split-KV decode attention over
-    the static cache; everything else (CPU, prefill) goes through the cache's slice and SDPA.
+    A CUDA-graph decode step (tensor `pos`) and a batched step over slots (per-row `pos`, a RowsView
+    cache) on a Triton device use the fused KV write and split-KV decode attention over the static cache;
+    everything else (CPU, prefill) goes through the cache's slice (or the rows' gather) and SDPA.
     """
     b, t = q.shape[:2]
+    if cache is not None and row_step(pos) and use_triton(q):  # batched step over slots, fused ops
+        kc, vc = cache.layer_kv(layer)  # (N, K, S, D): every slot
+        write_kv(kc, vc, k, v, rope.pos, rows=cache.slot_index)
+        return decode_attention(q, kc, vc, rope.pos, scale, window, rows=cache.slot_index).reshape(b, t, -1)
+    if row_step(pos):
+        pos = rope.pos  # (B, T): RowsView.update writes each row at its own positions
     if cache is not None and graph_step(pos, q):
         kc, vc = cache.k[layer], cache.v[layer]  # (B, K, S, D)
         write_kv(kc, vc, k, v, rope.pos)
@@ -170,7 +190,7 @@ def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int 
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
-    """q (B, H, T, D), k/v (B, K, S, D), mask (T, S) → (B, T, H*D)."""
+    """q (B, H, T, D), k/v (B, K, S, D), mask (T, S) or (B, 1, T, S) → (B, T, H*D)."""
     b, h, t, _ = q.shape
     if k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)  # (B, H, S, D)
@@ -183,8 +203,11 @@ def positions(pos, t: int, cache, device) -> tuple[torch.Tensor, int]:
     """(absolute positions (T,), number of keys S) for T new tokens after `pos` cached ones.
 
     `pos` is an int, or a 0-dim device tensor when the step is captured in a CUDA graph: then the keys
-    are the whole static cache (S = its length) and the mask hides the slots not yet written.
+    are the whole static cache (S = its length) and the mask hides the slots not yet written. With
+    per-row positions pos (B,) the positions are (B, T) and S is the RowsView's `n_keys`.
     """
+    if row_step(pos):
+        return pos[:, None] + torch.arange(t, device=device), cache.n_keys  # (B, T)
     if isinstance(pos, torch.Tensor):
         return pos + torch.arange(t, device=device), cache.max_len
     return torch.arange(pos, pos + t, device=device), (pos + t if cache is not None else t)

@@ -3,6 +3,8 @@
 Owns: `decode_attention` (two Triton launches: a split kernel and a log-sum-exp merge) and
 `decode_attention_ref` (masked float32 softmax attention in torch). Causal + optional sliding window
 (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
+Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
+(a server's slot) each batch row reads: a batched decode step over sequences at different depths.
 Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing the cache (kv.py),
 RoPE (rope.py), paging.
 
@@ -19,8 +21,8 @@ How the split kernel works, and why:
 - Scores live in the log2 domain (exp2 is the fast instruction); the merge weights every split's
   partial output by 2^(lse_split - lse_max).
 
-Shape alphabet: B batch, T query tokens, H query heads, K kv heads, G = H / K, S cache slots (S_max),
-D head dim, NS splits.
+Shape alphabet: B batch, T query tokens, H query heads, K kv heads, G = H / K, S cache positions (S_max),
+D head dim, NS splits, N cache rows.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ _BLOCK_N = 64  # keys per tile
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
-                         softcap: float | None = None) -> torch.Tensor:
-    """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype."""
+                         softcap: float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype.
+
+    Per row: pos (B, T), and rows (B,) picks cache row rows[b] of k_cache, v_cache (N, K, S, D)."""
+    if rows is not None:
+        k_cache, v_cache = k_cache[rows], v_cache[rows]  # (B, K, S, D)
     h, kh, s = q.shape[2], k_cache.shape[1], k_cache.shape[2]
     qf = q.float().transpose(1, 2)  # (B, H, T, D)
     k = k_cache.float().repeat_interleave(h // kh, dim=1)  # (B, H, S, D): query head i uses kv head i // G
@@ -46,18 +52,22 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     j = torch.arange(s, device=q.device)
-    mask = j[None, :] <= pos[:, None]  # (T, S)
+    p = pos[..., None]  # (T, 1) or (B, T, 1)
+    mask = j <= p  # (T, S) or (B, T, S)
     if window:
-        mask &= (pos[:, None] - j[None, :]) < window
+        mask &= (p - j) < window
+    if pos.ndim == 2:
+        mask = mask[:, None]  # (B, 1, T, S)
     out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
     return out.transpose(1, 2).to(q.dtype)  # (B, T, H, D)
 
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
-                     softcap: float | None = None, *, splits: int | None = None) -> torch.Tensor:
+                     softcap: float | None = None, rows: torch.Tensor | None = None, *,
+                     splits: int | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` overrides the number of key-range splits."""
     if not use_triton(q):
-        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap)
+        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows)
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
     assert h % kh == 0 and k_cache.shape[-1] == d and k_cache.stride(-1) == v_cache.stride(-1) == 1
@@ -70,9 +80,10 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
     # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
     _split_kernel[(b * kh, ns)](
-        q, k_cache, v_cache, pos, mid_o, mid_lse, *q.stride()[:3], *k_cache.stride()[:3],
-        *v_cache.stride()[:3], s_max, ns, float(scale), float(softcap or 1.0), int(window or 0),
-        T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap),
+        q, k_cache, v_cache, pos, rows if rows is not None else pos, mid_o, mid_lse, *q.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
+        float(scale), float(softcap or 1.0), int(window or 0),
+        T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2)
@@ -95,16 +106,21 @@ def _sm_count(device: torch.device) -> int:
 
 
 @jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, lse_ptr,
-                  sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, S_MAX, NS, scale, softcap, window,
+def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
+                  sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, scale, softcap, window,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MAX_TILES: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
+                  MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   DOT_PREC: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bk // (H // G)).to(tl.int64)
     kh = bk % (H // G)
+    cb = b  # the cache row this batch row reads (a server's slot), and where its positions start
+    if HAS_ROWS:
+        cb = tl.load(rows_ptr + b).to(tl.int64)
+    pos_ptr = pos_ptr + b * spb  # spb = 0: positions shared by every row
 
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
@@ -127,8 +143,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, lse_ptr,
     dm = d < D
     q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],
                 mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
-    k_base = k_ptr + b * skb + kh * skh
-    v_base = v_ptr + b * svb + kh * svh
+    k_base = k_ptr + cb * skb + kh * skh
+    v_base = v_ptr + cb * svb + kh * svh
 
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)

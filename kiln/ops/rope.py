@@ -5,6 +5,7 @@ and the call is CUDA-graph capturable) and `rope_qk_ref` (plain torch, the arith
 models/base.py's RoPE + apply_rope, and of RMSNorm for Qwen3 / Gemma 3 q_norm and k_norm).
 Convention: Hugging Face rotate-half — pairs (i, i + R/2) inside the first R = rot_dim dims; dims past R
 are kept (partial rotary). cos and sin are multiplied by attn_factor (longrope / YaRN).
+Positions are (T,), shared by every batch row, or (B, T), one row each (a server's batched step).
 Not: building inv_freq (models/base.py's schedules; fold GGUF freq_factors in as inv_freq / factors),
 writing the cache (kv.py).
 
@@ -23,15 +24,15 @@ _BLOCK_H = 4  # heads per program: q and k of one token spread over a handful of
 
 def rope_qk_ref(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm_w=None,
                 eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None):
-    """q (B, T, H, D), k (B, T, K, D), pos (T,) int64, inv_freq (R/2,) float32 → rotated (q, k)."""
+    """q (B, T, H, D), k (B, T, K, D), pos (T,) or (B, T) int64, inv_freq (R/2,) float32 → rotated (q, k)."""
     if q_norm_w is not None:
         q = rms_norm_ref(q, q_norm_w, eps, norm_offset)
     if k_norm_w is not None:
         k = rms_norm_ref(k, k_norm_w, eps, norm_offset)
-    freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, R/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, R)
-    cos = (emb.cos() * attn_factor)[:, None, :]  # (T, 1, R): broadcasts over (B, T, heads, R)
-    sin = (emb.sin() * attn_factor)[:, None, :]
+    freqs = pos.float()[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, R) or (B, T, R)
+    cos = (emb.cos() * attn_factor)[..., None, :]  # (T, 1, R) or (B, T, 1, R): broadcasts over (B, T, heads, R)
+    sin = (emb.sin() * attn_factor)[..., None, :]
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
@@ -60,7 +61,7 @@ def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm
     nqb, nkb = triton.cdiv(h, _BLOCK_H), triton.cdiv(kh, _BLOCK_H)
     _rope_qk_kernel[(b * t, nqb + nkb)](
         q, k, qo, ko, q_norm_w if has_norm else q, k_norm_w if has_norm else k, pos, inv_freq,
-        t, h, kh, nqb, *q.stride()[:3], *k.stride()[:3],
+        t, h, kh, nqb, pos.stride(0) if pos.ndim == 2 else 0, *q.stride()[:3], *k.stride()[:3],
         float(attn_factor), float(eps), float(norm_offset),
         D=d, HALF=half, HAS_NORM=has_norm, HAS_OFFSET=bool(norm_offset), HAS_TAIL=2 * half < d,
         BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
@@ -74,7 +75,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 @jit
 def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_ptr,
-                    T, H, KH, NQB, sqb, sqt, sqh, skb, skt, skh, attn_factor, eps, offset,
+                    T, H, KH, NQB, spb, sqb, sqt, sqh, skb, skt, skh, attn_factor, eps, offset,
                     D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     HAS_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                     BLOCK_TAIL: tl.constexpr):
@@ -84,7 +85,7 @@ def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_p
     t = bt % T
     # cos/sin from the absolute position: the float32 product pos * inv_freq, as the reference forms it.
     i = tl.arange(0, BLOCK_HALF)
-    p = tl.load(pos_ptr + t).to(tl.float32)
+    p = tl.load(pos_ptr + b * spb + t).to(tl.float32)  # spb = 0: positions shared by every row
     f = p * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)  # (R/2,)
     cos = tl.cos(f) * attn_factor
     sin = tl.sin(f) * attn_factor
