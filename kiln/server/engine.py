@@ -1,0 +1,485 @@
+"""Continuous batching in token space: many requests share one model, one KV cache and one decode step.
+
+Owns: the request queue (bounded: `QueueFull`), the slot cache (`n_slots` sequences of `ctx_size`
+positions each) and which request holds which slot, prefix caching (a new request takes the free slot
+whose remembered tokens share the longest prefix with its prompt, and prefills only the rest), chunked
+prefill, the batched decode step (every running request advances one token per model call, each row at
+its own position: models/base.py's per-row `pos` over a `cache.RowsView`), per-request sampling
+(penalties, logit bias, a logits processor's mask, temperature/top-k/top-p/min-p, seeds), logprobs, and
+delivering `StepOutput`s to a `RequestHandle` that a thread or an event loop reads.
+Not: text of any kind (templates, detokenization, stop strings: server/app.py), HTTP, grammars (a
+processor comes in ready-made: server/structured.py), the model's math (models/, ops/).
+
+Threads: one background loop thread (`start()`) owns the model, the cache and every request's state.
+`submit`, `cancel` and `stats` may be called from any thread (an event loop's included); outputs cross
+back through each handle's own queue, waking an awaiting event loop with `call_soon_threadsafe`.
+
+Logprobs: `StepOutput.logprob` (and `top_logprobs`) are the log-softmax of the model's raw distribution
+at that step — before penalties, logit bias, the processor's mask and temperature — as kiln.generate
+reports them: what the model believed, not the sampler's filtered view.
+
+Shape alphabet: B rows in a step, V vocab (the model's logits width, which may exceed the tokenizer's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kiln.cache import KVCache
+from kiln.errors import KilnError
+from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
+
+log = logging.getLogger("kiln.server.engine")
+
+NO_TOKEN = -1  # the token of a final output that carries no token (cancelled, error)
+
+
+class QueueFull(Exception):
+    """Every slot is busy and `max_queue` requests already wait: try again later (HTTP 503)."""
+
+
+@dataclass
+class EngineRequest:
+    prompt: list[int]  # token ids, already templated and encoded
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()  # one of these finishes with "stop" (reported, is_stop=True)
+    processor: object | None = None  # a LogitsProcessor: mask(logits (V,)), accept(token), is_terminated()
+    top_logprobs: int = 0  # 0: only the chosen token's logprob; k > 0: also the top k (id, logprob)
+    ignore_eos: bool = False  # stop tokens neither finish nor count as stop tokens
+
+
+@dataclass
+class StepOutput:
+    token: int  # NO_TOKEN (-1) on a final "cancelled" / "error" output, which carries no token
+    logprob: float  # log-softmax of the raw model distribution at `token` (see the module docstring)
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
+    is_stop: bool = False  # a stop token, or a tokenless final output: not text to show
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: iterate it (async or `sync()`) for StepOutputs; `cancel()` to stop.
+
+    The last output has `finish_reason` set; iteration ends after it. `cached_tokens` is the number of
+    prompt tokens served from the prefix cache (set when the request gets a slot), `error` the message
+    of a request that finished with "error".
+    """
+
+    def __init__(self, engine: Engine, request: EngineRequest):
+        self.request, self.cached_tokens, self.error, self.finish_reason = request, 0, None, None
+        self.submitted = time.perf_counter()
+        self._engine, self._cancelled = engine, False
+        self._items: collections.deque[StepOutput] = collections.deque()
+        self._cond = threading.Condition()
+        self._done = False  # the final output has been handed to the reader
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step boundary. Safe from any thread, repeatable."""
+        if not self._cancelled:
+            self._cancelled = True
+            self._engine._on_cancel(self)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _put(self, out: StepOutput) -> None:  # engine thread
+        with self._cond:
+            self._items.append(out)
+            self._cond.notify_all()
+            loop, event = self._loop, self._event
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+                pass
+
+    def _take(self) -> StepOutput | None:
+        """The next output if one is ready (caller holds the lock); marks the end after the final one."""
+        if not self._items:
+            return None
+        out = self._items.popleft()
+        if out.finish_reason is not None:
+            self._done = True
+        return out
+
+    def sync(self) -> Iterator[StepOutput]:
+        """Blocking iteration (tests, scripts)."""
+        while not self._done:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                out = self._take()
+            yield out
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        while True:
+            with self._cond:
+                if self._done:
+                    raise StopAsyncIteration
+                out = self._take()
+                if out is not None:
+                    return out
+                if self._loop is None:
+                    self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+                self._event.clear()  # under the lock: a _put after this sets it again
+            await self._event.wait()
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int]  # the tokens whose keys and values this slot holds, at positions 0..len-1
+    last_used: int = 0  # admission counter: the least recently used free slot goes first
+
+
+class _Row:
+    """One admitted request and its per-request sampling state (on the model's device)."""
+
+    def __init__(self, handle: RequestHandle, slot: _Slot, todo: list[int], vocab: int, device):
+        req, p = handle.request, handle.request.params
+        self.handle, self.req, self.slot, self.todo = handle, req, slot, todo  # todo: prompt left to prefill
+        self.n_out, self.last = 0, NO_TOKEN  # tokens generated; the last one, to be fed next
+        self.gen = p.generator(device)
+        self.bias = bias_vector(p, vocab, device)
+        self.counts = None
+        if p.needs_counts:  # penalties count the prompt too, as kiln.generate does
+            ids = torch.tensor(req.prompt, dtype=torch.long, device=device)
+            self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
+            self.counts[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.plain = p.greedy and self.counts is None and self.bias is None and req.processor is None
+
+
+class Engine:
+    """Continuous batching over a slot KV cache; see the module docstring.
+
+        engine = Engine(model, tokenizer, n_slots=4, ctx_size=4096, max_queue=64)
+        engine.start()
+        handle = engine.submit(EngineRequest(prompt=ids, params=SamplingParams(), max_tokens=64))
+        for out in handle.sync(): ...          # or: async for out in handle
+        engine.stop()
+    """
+
+    def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
+                 prefill_step: int = 512):
+        a = model.args
+        if not isinstance(n_slots, int) or n_slots < 1:
+            raise KilnError(f"invalid n_slots {n_slots!r}: need at least one slot (concurrent sequence)")
+        if not isinstance(ctx_size, int) or not 2 <= ctx_size <= a.max_position_embeddings:
+            raise KilnError(f"invalid ctx_size {ctx_size!r}: must be between 2 and the model's "
+                            f"{a.max_position_embeddings} positions")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise KilnError(f"invalid max_queue {max_queue!r}: must be an integer >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.n_slots, self.ctx_size, self.max_queue, self.prefill_step = n_slots, ctx_size, max_queue, prefill_step
+        self.vocab = a.vocab_size
+        self.cache = KVCache.for_model(model, batch=n_slots, max_len=ctx_size)
+        self.device = self.cache.k.device
+        self._slots = [_Slot(i, []) for i in range(n_slots)]
+        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._rows: list[_Row] = []  # admitted requests, in admission order
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._clock = 0
+        self._counters = dict(requests_total=0, requests_finished=0, prefix_hits=0, prefix_tokens=0,
+                              tokens_generated=0, prompt_tokens_prefilled=0, steps=0, errors=0)
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every request with "cancelled" and join the loop thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, req: EngineRequest) -> RequestHandle:
+        """Queue a request. KilnError for an invalid one; QueueFull when `max_queue` requests already wait."""
+        self._check(req)
+        handle = RequestHandle(self, req)
+        with self._wake:
+            if self._stopping:
+                raise KilnError("the engine is stopped")
+            free = self.n_slots - len(self._rows)
+            if len(self._queue) >= self.max_queue + max(free, 0):
+                raise QueueFull(f"{len(self._queue)} requests are waiting for a slot")
+            self._queue.append(handle)
+            self._counters["requests_total"] += 1
+            self._wake.notify_all()
+        return handle
+
+    def stats(self) -> dict:
+        with self._wake:
+            rows = list(self._rows)
+            out = dict(self._counters, queue_depth=len(self._queue), active=len(rows), n_slots=self.n_slots,
+                       decoding=sum(1 for r in rows if not r.todo), ctx_size=self.ctx_size,
+                       kv_tokens_used=sum(len(s.tokens) for s in self._slots),
+                       kv_tokens_active=sum(len(r.slot.tokens) for r in rows),
+                       kv_tokens_total=self.n_slots * self.ctx_size)
+        return out
+
+    def _check(self, req: EngineRequest) -> None:
+        p = req.prompt
+        if not isinstance(p, (list, tuple)) or not p:
+            raise KilnError("the prompt is empty: give at least one token")
+        if len(p) >= self.ctx_size:
+            raise KilnError(f"the prompt has {len(p)} tokens but the context holds {self.ctx_size}; shorten "
+                            f"the prompt or raise the context size")
+        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < self.vocab]
+        if bad:
+            raise KilnError(f"prompt token id {bad[0]!r} is outside the vocabulary (0..{self.vocab - 1})")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise KilnError(f"invalid max_tokens {req.max_tokens!r}: must be an integer >= 1")
+        if not isinstance(req.top_logprobs, int) or not 0 <= req.top_logprobs <= self.vocab:
+            raise KilnError(f"invalid top_logprobs {req.top_logprobs!r}: must be an integer >= 0")
+        req.params.check_vocab(self.vocab)
+
+    def _on_cancel(self, handle: RequestHandle) -> None:
+        """A queued request leaves at once; an admitted one at the loop's next step boundary."""
+        with self._wake:
+            try:
+                self._queue.remove(handle)
+            except ValueError:  # admitted (or finished): the loop retires it
+                self._wake.notify_all()
+                return
+        handle.finish_reason = "cancelled"
+        handle._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._wait_for_work():
+                try:
+                    self._iteration()
+                except Exception as e:  # a failure outside any one request (a bug): fail the running ones
+                    log.exception("engine step failed")
+                    for row in list(self._rows):
+                        self._finish(row, "error", str(e) or type(e).__name__)
+            self._shutdown()
+
+    def _wait_for_work(self) -> bool:
+        with self._wake:
+            while not self._stopping and not self._queue and not self._rows:
+                self._wake.wait()
+            return not self._stopping
+
+    def _iteration(self) -> None:
+        for row in [r for r in self._rows if r.handle.cancelled]:
+            self._finish(row, "cancelled")
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _shutdown(self) -> None:
+        for row in list(self._rows):
+            self._finish(row, "cancelled")
+        with self._wake:
+            queued, self._queue = list(self._queue), collections.deque()
+        for h in queued:
+            h.finish_reason = "cancelled"
+            h._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
+
+    # ------------------------------------------------------------------ admission and prefill
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots, each into the one sharing the longest prompt prefix."""
+        while True:
+            with self._wake:
+                busy = {r.slot.index for r in self._rows}
+                free = [s for s in self._slots if s.index not in busy]
+                if not free or not self._queue:
+                    return
+                handle = self._queue.popleft()
+            self._place(handle, free)
+
+    def _place(self, handle: RequestHandle, free: list[_Slot]) -> None:
+        prompt = handle.request.prompt
+        slot, shared = max(((s, _common_prefix(s.tokens, prompt)) for s in free),
+                           key=lambda sp: (sp[1], -sp[0].last_used))
+        reuse = min(shared, len(prompt) - 1)  # at least one token is prefilled: its logits are the first step
+        del slot.tokens[reuse:]
+        self._clock += 1
+        slot.last_used = self._clock
+        handle.cached_tokens = reuse
+        if reuse:
+            self._counters["prefix_hits"] += 1
+            self._counters["prefix_tokens"] += reuse
+        try:
+            row = _Row(handle, slot, list(prompt[reuse:]), self.vocab, self.device)
+        except Exception as e:
+            handle.error, handle.finish_reason = str(e), "error"
+            handle._put(StepOutput(NO_TOKEN, 0.0, None, "error", True))
+            return
+        with self._wake:
+            self._rows.append(row)
+
+    def _prefill(self) -> None:
+        """Prefill waiting prompts, oldest first, up to `prefill_step` tokens per iteration (in chunks of
+        at most that), so that running requests keep decoding while a long prompt is read."""
+        budget = self.prefill_step
+        for row in [r for r in self._rows if r.todo]:
+            if budget <= 0:
+                return
+            n = min(len(row.todo), budget)
+            budget -= n
+            try:
+                logits = self._prefill_chunk(row, n)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._finish(row, "error", str(e) or type(e).__name__)
+                continue
+            if logits is not None:  # the whole prompt is in: its last logits give the first token
+                self._emit([row], logits)
+
+    def _prefill_chunk(self, row: _Row, n: int) -> torch.Tensor | None:
+        chunk, row.todo = row.todo[:n], row.todo[n:]
+        slot = row.slot
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
+        logits = self.model(ids, cache=self.cache.slot(slot.index), pos=len(slot.tokens), last_only=True)
+        slot.tokens.extend(chunk)
+        self._counters["prompt_tokens_prefilled"] += n
+        return None if row.todo else logits[:, -1].float()  # (1, V)
+
+    # ------------------------------------------------------------------ the batched decode step
+
+    def _decode(self) -> None:
+        rows = sorted((r for r in self._rows if not r.todo and r.last != NO_TOKEN), key=lambda r: r.slot.index)
+        if not rows:
+            return
+        pos = [len(r.slot.tokens) for r in rows]
+        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
+        view = self.cache.rows([r.slot.index for r in rows], max(pos) + 1)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B,)
+        logits = self.model(ids, cache=view, pos=pos_t)[:, -1].float()  # (B, V)
+        for r in rows:
+            r.slot.tokens.append(r.last)
+        self._counters["steps"] += 1
+        self._emit(rows, logits)
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample one token per row from logits (B, V), deliver it, and finish the rows that are done."""
+        tokens, failed = self._pick(rows, logits)
+        lse = torch.logsumexp(logits, dim=-1)  # (B,)
+        chosen = logits.gather(1, tokens[:, None])[:, 0] - lse  # (B,) raw-distribution logprobs
+        host = torch.stack([tokens.double(), chosen.double()]).tolist()  # one device → host transfer
+        tops = self._top_logprobs(rows, logits, lse)
+        for b, row in enumerate(rows):
+            if b in failed:
+                self._finish(row, "error", failed[b])
+                continue
+            self._advance(row, int(host[0][b]), host[1][b], tops.get(b))
+
+    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        """Token ids (B,) on the device; rows whose sampling raised are returned as {row: message}."""
+        plain = [b for b, r in enumerate(rows) if r.plain]
+        if len(plain) == len(rows):
+            return logits.argmax(-1), {}
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            tokens[idx] = logits[idx].argmax(-1)
+        failed = {}
+        for b, row in enumerate(rows):
+            if not row.plain:
+                try:
+                    tokens[b] = self._sample_row(row, logits[b:b + 1])[0]
+                except Exception as e:  # a processor or a sampling value that fails: this request only
+                    log.exception("sampling failed for one request")
+                    failed[b] = f"{type(e).__name__}: {e}"
+        return tokens, failed
+
+    def _sample_row(self, row: _Row, x: torch.Tensor) -> torch.Tensor:
+        """x (1, V) raw logits → token (1,): penalties, bias, the processor's mask, then the draw."""
+        p = row.req.params
+        if row.counts is not None:
+            x = apply_penalties(x, row.counts, p)
+        x = apply_bias(x, row.bias)
+        if row.req.processor is not None:
+            x = x.clone()  # the mask writes in place; the raw logits still serve the logprobs
+            row.req.processor.mask(x[0])
+        return sample(x, p, row.gen)
+
+    def _top_logprobs(self, rows, logits, lse) -> dict[int, list[tuple[int, float]]]:
+        want = [(b, r.req.top_logprobs) for b, r in enumerate(rows) if r.req.top_logprobs > 0]
+        if not want:
+            return {}
+        idx = torch.tensor([b for b, _ in want], device=logits.device)
+        k = max(k for _, k in want)
+        vals, ids = torch.topk(logits[idx], k, dim=-1)  # (W, k)
+        vals = (vals - lse[idx, None]).tolist()
+        ids = ids.tolist()
+        return {b: list(zip(ids[i][:kb], vals[i][:kb])) for i, (b, kb) in enumerate(want)}
+
+    def _advance(self, row: _Row, token: int, logprob: float, top) -> None:
+        """Account for the token a row just produced, deliver it, and finish the row if it is done."""
+        req = row.req
+        row.n_out += 1
+        self._counters["tokens_generated"] += 1
+        is_stop = token in req.stop_token_ids and not req.ignore_eos
+        try:
+            if req.processor is not None:
+                req.processor.accept(token)
+            terminated = req.processor is not None and req.processor.is_terminated()
+        except Exception as e:
+            log.exception("the logits processor failed")
+            self._finish(row, "error", f"{type(e).__name__}: {e}")
+            return
+        if row.counts is not None:
+            row.counts[0, token] += 1
+        finish = None
+        if is_stop or terminated:
+            finish = "stop"
+        elif row.n_out >= req.max_tokens or len(req.prompt) + row.n_out >= self.ctx_size:
+            finish = "length"
+        row.last = token
+        if finish:
+            row.handle.finish_reason = finish
+            self._retire(row)
+        row.handle._put(StepOutput(token, logprob, top, finish, is_stop))
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        """End a row without a token: cancelled, or failed (the error goes to the handle)."""
+        row.handle.error, row.handle.finish_reason = error, reason
+        if reason == "error":
+            self._counters["errors"] += 1
+        self._retire(row)
+        row.handle._put(StepOutput(NO_TOKEN, 0.0, None, reason, True))
+
+    def _retire(self, row: _Row) -> None:
+        """Free the row's slot; the slot keeps its tokens (and their keys and values) for prefix reuse."""
+        with self._wake:
+            if row in self._rows:
+                self._rows.remove(row)
+                self._counters["requests_finished"] += 1
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
