@@ -33,8 +33,9 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
 
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
-    there); on CPU every linear layer is repacked to int8 rows with bf16 activations (quant/cpu.py,
-    ~4x faster decode, near-lossless, opt-in). The default on CPU is exact fp32.
+    there); on CPU each tensor is repacked at load into torch's packed CPU matmuls with bf16 activations
+    (quant/cpu.py: Q4 types as exact int4, others as int8 rows, a screened output head, the embedding
+    left in its blocks; several times faster decode, near-lossless, opt-in). The default on CPU is exact fp32.
     """
     from kiln.hub import resolve
     from kiln.tokenizer import Tokenizer
@@ -53,11 +54,11 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         tokenizer = Tokenizer.from_gguf(g.meta)
     quantized = device.type == "cuda" if quantized is None else quantized
     on_gpu = device.type == "cuda"
-    model = build_model(config, weights, device=device, dtype=dtype, progress=progress,
-                        quantized=quantized and on_gpu)
+    swap = None
     if quantized and not on_gpu:
-        from kiln.quant.cpu import int8_linears
-        int8_linears(model)
+        from kiln.quant.cpu import compact_linears as swap
+    model = build_model(config, weights, device=device, dtype=dtype, progress=progress,
+                        quantized=quantized and on_gpu, swap=swap)
     if on_gpu:  # fewer, wider matmuls: a small model's decode step is bound by kernel launches
         from kiln.fuse import fuse_projections
         fuse_projections(model)
@@ -76,11 +77,13 @@ def _dtype(dtype):
 
 
 def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False,
-                quantized: bool = False):
+                quantized: bool = False, swap=None):
     """A model of `config` with `weights` ({HF name: tensor or GGUFTensor}) assigned on `device`.
 
     With `quantized`, linear layers whose GGUF weight is quantized become QuantLinear (the blocks stay
-    packed on the device); everything else is dequantized to `dtype`.
+    packed on the device); everything else is dequantized to `dtype`. `swap(model, weights) -> names`,
+    when given, replaces layers of the meta model first (the CPU compact path) and returns the parameter
+    names it took.
     """
     model_cls, args_cls = get_model(config["model_type"])
     args = args_cls.from_dict(config)
@@ -90,6 +93,8 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     if quantized:
         from kiln.quant.linear import swap_linears
         taken = set(swap_linears(model, weights, device, dtype))
+    elif swap is not None:
+        taken = set(swap(model, weights))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     extra = {"model.rope_freqs"}
     missing = [n for n in wanted if n not in weights and not _tied(n, weights)]
