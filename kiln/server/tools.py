@@ -424,15 +424,20 @@ class ToolStreamParser:
         self.mode = "call"
 
     def _m_call(self):
-        ch = self._next()
-        self._raw += ch
-        try:
-            self._scan.feed(ch)
-        except _JsonError:
-            return self._call_failed()
-        self._call_progress()
-        if self._scan.done:
-            self._call_done()
+        s, i = self._in, 0
+        while i < len(s):
+            ch, i = s[i], i + 1
+            self._raw += ch
+            try:
+                self._scan.feed(ch)
+            except _JsonError:
+                self._in = s[i:]
+                return self._call_failed()
+            self._call_progress()
+            if self._scan.done:
+                self._in = s[i:]
+                return self._call_done()
+        self._in = ""
 
     def _call_progress(self):
         scan = self._scan
