@@ -265,6 +265,7 @@ class Engine:
             except ValueError:  # admitted (or finished): the loop retires it
                 self._wake.notify_all()
                 return
+            self._counters["requests_finished"] += 1
         handle.finish_reason = "cancelled"
         handle._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
 
@@ -300,6 +301,7 @@ class Engine:
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for h in queued:
+            self._counters["requests_finished"] += 1
             h.finish_reason = "cancelled"
             h._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
 
@@ -332,6 +334,8 @@ class Engine:
             row = _Row(handle, slot, list(prompt[reuse:]), self.vocab, self.device)
         except Exception as e:
             handle.error, handle.finish_reason = str(e), "error"
+            self._counters["requests_finished"] += 1
+            self._counters["errors"] += 1
             handle._put(StepOutput(NO_TOKEN, 0.0, None, "error", True))
             return
         with self._wake:

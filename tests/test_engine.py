@@ -1,0 +1,284 @@
+"""kiln.server.engine: continuous batching on the real Qwen2.5-Coder-0.5B model (fp32, CPU).
+
+Owns: the engine's behaviour against an independent reference — each request run alone through
+`kiln.stream_generate` (the batch-1 path): concurrent greedy requests, a request joining mid-run, prefix
+cache hits, seeded sampling, penalties, logit bias and logprobs must all reproduce their solo runs; plus
+cancel (running and queued), the bounded queue, bad requests, stop tokens, logits processors (a ban, a
+terminating one, a failing one that must not take down its neighbours) and async iteration.
+Not: the per-row attention ops (tests/test_ops.py, tests/test_models.py), HTTP (tests/test_server.py).
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from kiln.errors import KilnError
+from kiln.generate import stream_generate
+from kiln.sample import SamplingParams
+from kiln.server.engine import Engine, EngineRequest, QueueFull
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n# load the csv",
+           "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
+N = 6  # tokens per request: enough to diverge on any mixing of rows, few enough to keep the file fast
+LONG = 12  # the first prompt's reference is this long (a request that others join)
+
+
+def solo(qwen, prompt, n=N, **sampling):
+    """The reference: one request alone through kiln's batch-1 generation → (tokens, logprobs rows)."""
+    model, tok = qwen
+    outs = list(stream_generate(model, tok, prompt, n, ignore_eos=True, **sampling))
+    return [o.token for o in outs], [o.logprobs for o in outs]
+
+
+def run(engine, req):
+    """Submit and read to the end → (tokens, outputs)."""
+    outs = list(engine.submit(req).sync())
+    return [o.token for o in outs], outs
+
+
+def req(tok, prompt, n=N, **kw):
+    params = SamplingParams(**{k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__})
+    return EngineRequest(prompt=tok.encode(prompt) if isinstance(prompt, str) else prompt, params=params,
+                         max_tokens=n, ignore_eos=kw.pop("ignore_eos", True), **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(qwen):
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=4, ctx_size=256, max_queue=8)
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def solo_runs(qwen):
+    """(tokens, logprobs) of each prompt alone, greedy; the first one LONG tokens, the others N."""
+    return [solo(qwen, p, n=LONG if i == 0 else N) for i, p in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(solo_runs):
+    return [tokens[:N] for tokens, _ in solo_runs]
+
+
+def test_concurrent_greedy_requests_equal_their_solo_runs(qwen, engine, greedy_refs):
+    tok = qwen[1]
+    handles = [engine.submit(req(tok, p)) for p in PROMPTS]  # all in the queue before the first step
+    got = [[o.token for o in h.sync()] for h in handles]
+    assert got == greedy_refs
+    assert all(h.finish_reason == "length" for h in handles)
+    assert engine.stats()["steps"] < len(PROMPTS) * N  # they really shared decode steps
+
+
+def test_mixed_sampling_params_in_one_batch_equal_their_solo_runs(qwen, engine, greedy_refs):
+    """Per-row sampling: a seeded temperature draw, penalties and a logit bias next to a greedy row."""
+    tok = qwen[1]
+    cases = [(PROMPTS[0], dict(temperature=0.9, top_p=0.95, seed=7)),
+             (PROMPTS[1], dict(repetition_penalty=1.3, frequency_penalty=0.5)),
+             (PROMPTS[2], dict(logit_bias={29337: -100.0, 198: 5.0}))]
+    refs = [solo(qwen, p, **kw)[0] for p, kw in cases]
+    cases.append((PROMPTS[3], dict(temperature=0.0)))
+    refs.append(greedy_refs[3])
+    handles = [engine.submit(req(tok, p, **dict(kw))) for p, kw in cases]
+    assert [[o.token for o in h.sync()] for h in handles] == refs
+
+
+def test_a_request_joins_a_running_batch(qwen, engine, solo_runs, greedy_refs):
+    tok = qwen[1]
+    long_ref = solo_runs[0][0]
+    a = engine.submit(req(tok, PROMPTS[0], n=LONG))
+    it = a.sync()
+    first = [next(it).token for _ in range(3)]  # a is decoding
+    b_tokens, _ = run(engine, req(tok, PROMPTS[1]))
+    assert a.finish_reason is None  # b started and finished while a was still running: it joined
+    assert b_tokens == greedy_refs[1]
+    assert first + [o.token for o in it] == long_ref
+
+
+def test_prefix_cache_hit_is_reported_and_changes_nothing(qwen, greedy_refs):
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=2, ctx_size=256)
+    e.start()
+    try:
+        system = "<|im_start|>system\nYou are a careful assistant who answers briefly.<|im_end|>\n"
+        p1 = system + "<|im_start|>user\nName a prime number.<|im_end|>\n<|im_start|>assistant\n"
+        p2 = system + "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+        shared = 0
+        for x, y in zip(tok.encode(p1), tok.encode(p2)):
+            if x != y:
+                break
+            shared += 1
+        h1 = e.submit(req(tok, p1, n=4))
+        t1 = [o.token for o in h1.sync()]
+        assert h1.cached_tokens == 0
+        h2 = e.submit(req(tok, p1, n=4))  # the very same prompt: all but its last token are cached
+        assert [o.token for o in h2.sync()] == t1 == solo(qwen, p1, n=4)[0]
+        assert h2.cached_tokens == len(tok.encode(p1)) - 1
+        h3 = e.submit(req(tok, p2, n=4))  # the slot with the longest common prefix serves it
+        assert [o.token for o in h3.sync()] == solo(qwen, p2, n=4)[0]
+        assert h3.cached_tokens == shared > 10  # the system prompt, from the slot p1 left behind
+        assert e.stats()["prefix_hits"] == 2
+    finally:
+        e.stop()
+
+
+def test_logprobs_match_the_solo_distribution(qwen, engine, solo_runs):
+    tok = qwen[1]
+    tokens, lps = (x[:4] for x in solo_runs[1])
+    _, outs = run(engine, req(tok, PROMPTS[1], n=4, top_logprobs=3))
+    for t, lp, o in zip(tokens, lps, outs):
+        assert o.token == t
+        assert o.logprob == pytest.approx(lp[t].item(), abs=1e-3)
+        top = torch.topk(lp, 3)
+        assert [i for i, _ in o.top_logprobs] == top.indices.tolist()
+        assert [v for _, v in o.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
+    _, outs = run(engine, req(tok, PROMPTS[1], n=2))
+    assert outs[0].top_logprobs is None
+
+
+def test_stop_token_finishes_with_stop(qwen, engine, greedy_refs):
+    tok = qwen[1]
+    ref = greedy_refs[0]
+    stop = ref[2]
+    k = ref.index(stop)
+    _, outs = run(engine, req(tok, PROMPTS[0], ignore_eos=False, stop_token_ids=frozenset({stop})))
+    assert [o.token for o in outs] == ref[:k + 1]
+    assert outs[-1].finish_reason == "stop" and outs[-1].is_stop
+    assert not any(o.is_stop for o in outs[:-1]) and all(o.finish_reason is None for o in outs[:-1])
+    _, outs = run(engine, req(tok, PROMPTS[0], ignore_eos=True, stop_token_ids=frozenset({stop})))
+    assert [o.token for o in outs] == ref and outs[-1].finish_reason == "length"
+
+
+class Ban:
+    """A logits processor that forbids some tokens; optionally terminates after `end` tokens."""
+
+    def __init__(self, banned, end=None, fail_at=None):
+        self.banned, self.end, self.fail_at, self.seen = list(banned), end, fail_at, []
+
+    def mask(self, logits):
+        if self.fail_at is not None and len(self.seen) == self.fail_at:
+            raise ValueError("grammar state lost")
+        logits[self.banned] = float("-inf")
+
+    def accept(self, token):
+        self.seen.append(token)
+
+    def is_terminated(self):
+        return self.end is not None and len(self.seen) >= self.end
+
+
+def test_processor_ban_equals_a_minus_100_logit_bias(qwen, engine, greedy_refs):
+    tok = qwen[1]
+    banned = [greedy_refs[3][0], greedy_refs[3][2]]
+    ref = solo(qwen, PROMPTS[3], n=4, logit_bias={t: -100.0 for t in banned})[0]
+    p = Ban(banned)
+    tokens, outs = run(engine, req(tok, PROMPTS[3], n=4, processor=p))
+    assert tokens == ref and not set(banned) & set(tokens)
+    assert p.seen == tokens  # every sampled token was accepted
+    p = Ban([], end=3)
+    tokens, outs = run(engine, req(tok, PROMPTS[3], processor=p))
+    assert tokens == greedy_refs[3][:3] and outs[-1].finish_reason == "stop"
+
+
+def test_a_failing_processor_fails_only_its_request(qwen, engine, greedy_refs):
+    tok = qwen[1]
+    bad = engine.submit(req(tok, PROMPTS[0], processor=Ban([], fail_at=2)))
+    good = engine.submit(req(tok, PROMPTS[1]))
+    outs = list(bad.sync())
+    assert outs[-1].finish_reason == "error" and "grammar state lost" in bad.error
+    assert [o.token for o in outs[:-1]] == greedy_refs[0][:2]
+    assert [o.token for o in good.sync()] == greedy_refs[1]
+
+
+def test_cancel_frees_the_slot_and_a_queued_request_leaves_at_once(qwen):
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=1, ctx_size=128, max_queue=4)
+    e.start()
+    try:
+        a = e.submit(req(tok, PROMPTS[0], n=100))
+        b = e.submit(req(tok, PROMPTS[1], n=100))  # waits: the only slot is a's
+        it = a.sync()
+        next(it), next(it)
+        b.cancel()
+        assert [o.finish_reason for o in b.sync()] == ["cancelled"]
+        a.cancel()
+        rest = list(it)
+        assert rest[-1].finish_reason == "cancelled" and len(rest) < 90
+        c_tokens, _ = run(e, req(tok, PROMPTS[2], n=3))  # the slot is free again
+        assert len(c_tokens) == 3
+        s = e.stats()
+        assert s["active"] == 0 and s["queue_depth"] == 0 and s["requests_finished"] == 3
+    finally:
+        e.stop()
+
+
+def test_a_full_queue_raises_queue_full(qwen):
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=1, ctx_size=128, max_queue=1)
+    e.start()
+    try:
+        a = e.submit(req(tok, PROMPTS[0], n=50))
+        b = e.submit(req(tok, PROMPTS[1], n=2))
+        with pytest.raises(QueueFull):
+            e.submit(req(tok, PROMPTS[2], n=2))
+        a.cancel()
+        assert [o.finish_reason for o in a.sync()][-1] == "cancelled"
+        assert len(list(b.sync())) == 2
+    finally:
+        e.stop()
+
+
+def test_bad_requests_are_refused_with_the_numbers(qwen, engine):
+    tok = qwen[1]
+    with pytest.raises(KilnError, match="300 tokens but the context holds 256"):
+        engine.submit(req(tok, [1] * 300))
+    with pytest.raises(KilnError, match="empty"):
+        engine.submit(req(tok, []))
+    with pytest.raises(KilnError, match="outside the vocabulary"):
+        engine.submit(req(tok, [10 ** 7]))
+    with pytest.raises(KilnError, match="max_tokens"):
+        engine.submit(req(tok, PROMPTS[0], n=0))
+    with pytest.raises(KilnError, match="ctx_size"):
+        Engine(qwen[0], tok, ctx_size=10 ** 9)
+
+
+def test_context_full_finishes_with_length(qwen):
+    model, tok = qwen
+    prompt = tok.encode(PROMPTS[0])
+    e = Engine(model, tok, n_slots=1, ctx_size=len(prompt) + 3)
+    e.start()
+    try:
+        tokens, outs = run(e, req(tok, prompt, n=100))
+        assert len(tokens) == 3 and outs[-1].finish_reason == "length"
+    finally:
+        e.stop()
+
+
+def test_async_iteration_from_an_event_loop(qwen, engine, greedy_refs):
+    tok = qwen[1]
+
+    async def main():
+        handles = [engine.submit(req(tok, p)) for p in PROMPTS[:2]]  # submitted on the loop's thread
+
+        async def read(h):
+            return [o.token async for o in h]
+        return await asyncio.gather(*(read(h) for h in handles))
+
+    assert asyncio.run(main()) == greedy_refs[:2]
+
+
+def test_stop_cancels_everything_and_joins(qwen):
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=1, ctx_size=64)
+    e.start()
+    a = e.submit(req(tok, PROMPTS[0], n=50))
+    b = e.submit(req(tok, PROMPTS[1], n=50))
+    next(a.sync())
+    thread = e._thread
+    e.stop()
+    assert not thread.is_alive()
+    assert a.finish_reason == "cancelled" and [o.finish_reason for o in b.sync()][-1] == "cancelled"
