@@ -7,8 +7,9 @@ Not: sampling (sample.py), batching and when to call the processor (engine.py), 
 (protocol.py / app.py), and reading tool calls back out of text (tools.py; the formats written here must be the
 ones tools.py parses).
 
-The token mask is filled on the CPU by xgrammar (a bit per token) and applied on the logits' own device by
-unpacking the bits there, so the same code serves CPU and CUDA tensors and never syncs with the device.
+The token mask is filled on the CPU by xgrammar (a bit per token) and applied where the logits live: by xgrammar's
+CPU kernel for CPU logits, by unpacking the bits on the device for CUDA (or any other) logits, so the mask never
+waits on the device.
 Tokens past the tokenizer's vocabulary (padded embedding rows) are always masked.
 
 A processor's stop tokens are the tokenizer's end-of-generation ids: once the grammar is complete it allows
@@ -211,23 +212,32 @@ class GrammarProcessor:
         return self._matcher.is_completed()
 
 
+def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
+    """logits (V,) ← -inf where bit j of words[j // 32] is 0 (words (W,) int32 on the CPU); columns past the
+    bitmask are masked too. On the CPU xgrammar's kernel does it (one pass, no thread pool); elsewhere torch."""
+    n = min(logits.shape[-1], words.shape[-1] * 32)
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _xgr().apply_token_bitmask_inplace(logits, words, vocab_size=n)
+    else:
+        apply_bitmask_torch(logits[:n], words)
+    logits[n:] = float("-inf")
+
+
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
-    """logits (V,) ← -inf where bit j of words[j // 32] is 0; columns past the bitmask are masked too.
+def apply_bitmask_torch(logits: torch.Tensor, words: torch.Tensor) -> None:
+    """The plain-torch twin, for any device: unpack the bits where the logits live and mask in place.
 
-    words (W,) int32, on the CPU (copied to the logits' device) or already there.
+    logits (n,) with n <= 32 * W; the words are copied to the logits' device (asynchronously from pinned memory).
     """
     device = logits.device
     shifts = _SHIFTS.get(device)
     if shifts is None:
         shifts = _SHIFTS.setdefault(device, torch.arange(32, dtype=torch.int32, device=device))
     bits = (words.to(device, non_blocking=True).unsqueeze(1) >> shifts) & 1  # (W, 32): bit j of word w
-    n = min(logits.shape[-1], bits.numel())
-    allowed = bits.view(-1)[:n].bool()  # (n,)
-    logits[:n].masked_fill_(~allowed, float("-inf"))
-    logits[n:] = float("-inf")
+    allowed = bits.view(-1)[:logits.shape[-1]].bool()  # (n,)
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
