@@ -36,6 +36,7 @@ from kiln.server.metrics import Metrics
 log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
 RETRY_AFTER_S = 1
+_ROUTES = {"/health", "/metrics", "/v1/models", "/tokenize", "/detokenize", "/v1/chat/completions", "/v1/completions"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,6 +49,7 @@ class ServerState:
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
         self.ready, self.load_error, self.on_load_failed = False, None, None
+        self._compiler_lock = threading.Lock()
         self.metrics = Metrics()
         self.created = P.now()
 
@@ -65,9 +67,11 @@ class ServerState:
         self.ready = True
 
     def compiler(self):
-        if self.structured is None:  # built on first use (xgrammar's vocabulary scan takes a moment)
-            from kiln.server.structured import Structured
-            self.structured = Structured(self.tokenizer, vocab_size=self.vocab_size)
+        """The grammar compiler, built on first use in a worker thread (xgrammar scans the vocabulary)."""
+        with self._compiler_lock:
+            if self.structured is None:
+                from kiln.server.structured import Structured
+                self.structured = Structured(self.tokenizer, vocab_size=self.vocab_size)
         return self.structured
 
     def load_in_background(self, loader: Callable) -> None:
@@ -139,8 +143,9 @@ class _CountRequests:
             await send(message)
         try:
             await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.request_done(scope.get("path", "?"), status[0])
+        finally:  # unknown paths share one label: a scanner must not grow the metrics without bound
+            path = scope.get("path", "")
+            self.metrics.request_done(path if path in _ROUTES else "other", status[0])
 
 
 def _error_response(e: P.APIError) -> JSONResponse:
@@ -347,7 +352,7 @@ async def _constraint(st: ServerState, req: P.ChatRequest):
             return c.gbnf(args[0])
         if kind == "regex":
             return c.regex(args[0])
-        return c.tool_call(req.tools, req.tool_choice, st.tool_style)
+        return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
     try:
         return await asyncio.to_thread(build)
     except KilnError as e:
@@ -411,7 +416,7 @@ class Choice:
 
     def step(self, out) -> tuple[str, list[dict]]:
         """Take one StepOutput; return (text now safe to show, logprob entries not yet sent)."""
-        self.n_tokens += 1
+        self.n_tokens += out.token >= 0  # a tokenless final output (cancelled, error) is not generated text
         if self.want_logprobs and not out.is_stop:
             self.entries.append(self._entry(out))
             self.entries_all.append(self.entries[-1])
@@ -509,7 +514,8 @@ async def _run(st: ServerState, request: Request, choices: list[Choice], t0: flo
 def _check_finished(choices: list[Choice]) -> None:
     failed = [c for c in choices if c.finish not in ("stop", "length")]
     if failed:
-        raise P.APIError(500, f"generation ended with {failed[0].finish!r}; see the server log", code="engine_error")
+        why = getattr(failed[0].handle, "error", None) or "see the server log"
+        raise P.APIError(500, f"generation ended with {failed[0].finish!r}: {why}", code="engine_error")
 
 
 def _usage(st: ServerState, groups: list[tuple[list[int], list[Choice]]]) -> dict:
