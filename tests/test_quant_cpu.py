@@ -1,8 +1,83 @@
-"""The compact CPU path (int8 rows, bf16 activations) against the dense fp32 model it replaces."""
+"""The compact CPU path (kiln/quant/cpu.py) against the torch dequantization references it replaces.
 
+Each layer type is checked on small random GGUF blocks against `kiln.quant.dequantize` (bit-exact with
+gguf-py, tests/test_quant.py): the int4 repack is exact up to the bf16 rounding of its scale and zero, the
+embedding is exact, the screened head is exact on its candidates. A tiny model loaded through
+`compact_linears` must predict what its dequantized twin predicts, and the real Qwen model (marked
+`model`) must stay as close to llama.cpp as the stored references demand.
+"""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
-from kiln.quant.cpu import Int8Linear, int8_linears
+import kiln.quant as kq
+from kiln.formats.gguf import GGUFTensor
+from kiln.quant import cpu
+from kiln.quant.cpu import GGUFEmbedding, GGUFRows, Int4Linear, Int8Linear, ScreenedHead, int8_linears
+
+try:  # tests/ as a package, or tests/ itself on sys.path
+    from tests.test_quant import random_blocks
+except ImportError:
+    from test_quant import random_blocks
+
+T = gguf.GGMLQuantizationType
+QS = {T.Q4_0: (2, 18), T.Q4_1: (4, 20), T.Q4_K: (16, 144)}  # byte range of the 4-bit codes in a block
+
+
+def _raw(qtype, n, k, seed=0) -> torch.Tensor:
+    return torch.from_numpy(random_blocks(qtype, n, k, seed))  # (N, row_bytes) uint8
+
+
+def _deq(raw: torch.Tensor, qtype, n, k) -> torch.Tensor:
+    return kq.dequantize(raw.reshape(-1).contiguous(), qtype, (n, k))
+
+
+def _with_codes(raw: torch.Tensor, qtype, code: int) -> torch.Tensor:
+    """The same blocks with every 4-bit code set to `code` (scales and mins untouched)."""
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = raw.clone().view(-1, size)
+    lo, hi = QS[qtype]
+    b[:, lo:hi] = code * 0x11
+    return b.view(raw.shape)
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
+def test_int4_repack_is_exact_up_to_bf16_scales(qtype):
+    n, k = 128, 512
+    raw = _raw(qtype, n, k, seed=int(qtype))
+    lin = Int4Linear.from_gguf(raw, qtype, (n, k))
+    ref = _deq(raw, qtype, n, k)
+    # Every format here is w = s * (q - 8) + z per 32 weights; read s and z back from the reference
+    # dequantizer with all codes 8 (w = z) and all codes 9 (w = s + z).
+    z = _deq(_with_codes(raw, qtype, 8), qtype, n, k)
+    s = _deq(_with_codes(raw, qtype, 9), qtype, n, k) - z
+    bound = 2 ** -8 * (8 * s.abs() + z.abs()) * (1 + 2 ** -6) + 1e-30  # bf16 rounds by <= 2^-8 relative
+    err = (lin.dequantize() - ref).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert lin.nbytes == n * k // 2 + 2 * 2 * n * k // 32  # 4.5 bits per weight (bf16 scale + zero per 32)
+
+
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_int4_linear_forward_is_its_dequantized_weight(m):
+    n, k = 128, 512
+    raw = _raw(T.Q4_K, n, k, seed=5)
+    bias = torch.randn(n)
+    lin = Int4Linear.from_gguf(raw, T.Q4_K, (n, k), bias=bias)
+    x = torch.randn(2, m, k)
+    ref = F.linear(x.bfloat16().float(), lin.dequantize(), bias)  # the kernel takes x in bf16
+    y = lin(x)
+    assert y.shape == (2, m, n) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 4e-3  # the kernel's bf16 output rounding (2^-9) and its summation order
+    assert rel_err(y, F.linear(x, _deq(raw, T.Q4_K, n, k), bias)) < 1.5e-2  # vs the file's exact weight
 
 
 def test_int8_linear_is_close_to_the_dense_layer():
@@ -13,13 +88,73 @@ def test_int8_linear_is_close_to_the_dense_layer():
     for m in (1, 5, 40):
         x = torch.randn(2, m, 256)
         ref = lin(x)
-        err = ((q(x) - ref).norm() / ref.norm()).item()
-        assert err < 0.02, (m, err)  # int8 rows + bf16 activations: ~0.5% typical
+        assert rel_err(q(x), ref) < 0.02, m  # int8 rows + bf16 activations: ~0.5% typical
     w = q.dequantize()
     assert ((w - lin.weight).abs() <= q.scale.float()[:, None] * 0.51 + 1e-6).all()  # half a step, per row
 
 
-def test_int8_model_keeps_its_predictions():
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0])
+def test_embedding_reads_exact_rows_from_the_blocks(qtype):
+    v, e = 300, 64
+    raw = _raw(qtype, v, e, seed=3)
+    emb = GGUFEmbedding(GGUFRows(raw, qtype, (v, e)))
+    ids = torch.tensor([[5, 299, 5, 0], [17, 17, 3, 250]])
+    assert torch.equal(emb(ids), F.embedding(ids, _deq(raw, qtype, v, e)))  # bit-exact, repeats included
+
+
+def _head(v=512, e=128, seed=4):
+    # A head whose rows come from real-valued weights (gguf-py's Q8_0 quantizer), like an output matrix.
+    w = torch.randn(v, e, generator=torch.Generator().manual_seed(seed)) * 0.05
+    raw = torch.from_numpy(gguf.quants.quantize(w.numpy(), T.Q8_0)).reshape(v, -1)
+    t = GGUFTensor("output", (v, e), T.Q8_0, raw.reshape(-1))
+    return ScreenedHead.from_gguf(t, top=16), _deq(raw, T.Q8_0, v, e)
+
+
+def test_screened_head_is_exact_on_its_candidates():
+    head, w = _head()
+    x = torch.randn(1, 20, 128)
+    y, ref = head(x)[0], (x @ w.t())[0]                                 # (20, V)
+    assert y.shape == ref.shape == (20, 512)
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    top = ref.topk(8, dim=-1).indices                                  # the head of each distribution
+    assert torch.allclose(y.gather(1, top), ref.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert rel_err(y, ref) < 0.1  # the tail: 4-bit screen values (~6% off for Gaussian weights)
+    assert (y != ref).any()  # the tail is not exact (so the exactness above is the rescoring's)
+    assert head.nbytes == head.screen.nbytes < w.numel()  # a decode step reads the 4-bit screen only
+
+
+def test_compact_model_predicts_what_its_dequantized_twin_does(monkeypatch):
+    import test_models as tm
+
+    from kiln.load import build_model
+    cfg = dict(tm.CONFIGS["qwen2"], vocab_size=256)
+    hf, _ = tm._hf_model(cfg)
+    rng_types = {"q_proj": T.Q4_0, "k_proj": T.Q4_1, "v_proj": T.Q8_0, "down_proj": T.Q4_0, "lm_head": T.Q8_0,
+                 "embed_tokens": T.Q5_0}
+    weights = {}
+    for name, p in hf.state_dict().items():
+        qtype = next((t for part, t in rng_types.items() if part in name), T.Q5_0) if p.dim() == 2 else None
+        if qtype is None:
+            weights[name] = p.detach().float()
+            continue
+        raw = torch.from_numpy(gguf.quants.quantize(p.detach().float().numpy(), qtype)).reshape(-1)
+        weights[name] = GGUFTensor(name, tuple(p.shape), qtype, raw)
+    dense = build_model(cfg, weights)
+    monkeypatch.setattr(cpu, "SCREEN_MIN_ROWS", 128)  # the tiny vocabulary gets a screened head too
+    packed = build_model(cfg, weights, swap=cpu.compact_linears)
+    kinds = {type(m) for m in packed.modules()}
+    assert {Int4Linear, Int8Linear, ScreenedHead, GGUFEmbedding} <= kinds and torch.nn.Linear not in kinds
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, Int4Linear)  # Q4_0: exact int4
+    ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = dense(ids), packed(ids)
+    kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1)
+    print(f"tiny compact model: KL {kl.mean():.2e}, rel err {rel_err(b, a):.3f}")
+    assert kl.mean() < 2e-3
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_linears_swaps_a_dense_model():
     import test_models as tm
     cfg = tm.CONFIGS["qwen2"]
     hf, _ = tm._hf_model(cfg)
@@ -29,5 +164,5 @@ def test_int8_model_keeps_its_predictions():
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = dense(ids), packed(ids)
-    assert ((a - b).norm() / a.norm()).item() < 0.05
+    assert rel_err(b, a) < 0.05
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9

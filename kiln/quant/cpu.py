@@ -31,12 +31,13 @@ import gguf
 import torch
 from torch import nn
 
+from kiln.errors import KilnError
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kquants, legacy
 
 _T = gguf.GGMLQuantizationType
 GROUP = 32  # weights per (scale, zero) of the int4 layout
-PACK_ROWS = 4096  # rows repacked per step (a multiple of the int4 layout's 64-row tiles)
+PACK_ROWS = 4096  # rows repacked per step (a multiple of the int4 layout's 64-row tiles: N % 64 == 0)
 SCREEN_TOP = 64  # head candidates per row recomputed exactly
 SCREEN_MIN_ROWS = 16384  # heads smaller than this are plain Int8Linear
 
@@ -59,7 +60,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = weight.detach().float()  # (N, K)
         # The kernel applies bf16 scales, so quantize on that grid; nudging up by 2^-8 before rounding
-        # to bf16 keeps every |w| / scale <= 127 (bf16 rounds by at most 2^-9).
+        # to bf16 (relative error <= 2^-8) keeps every |w| / scale below 127.01, which rounds to 127.
         scale = ((w.abs().amax(1) / 127).clamp_min(1e-12) * (1 + 2 ** -8)).to(torch.bfloat16)  # (N,)
         self.register_buffer("q", torch.round(w / scale.float()[:, None]).to(torch.int8))  # (N, K)
         self.register_buffer("scale", scale)
@@ -142,6 +143,8 @@ class Int4Linear(nn.Module):
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, shape: tuple[int, int], bias=None):
         super().__init__()
+        if shape[0] % 64 or shape[1] % GROUP:
+            raise KilnError(f"int4 CPU layout needs whole 64-row tiles and 32-weight groups, got {shape}")
         self.register_buffer("packed", packed)                        # (N, K/2) uint8, torch's CPU layout
         self.register_buffer("scale_zero", scale_zero)                # (G, N, 2) bf16
         self.out_features, self.in_features = shape
@@ -153,21 +156,24 @@ class Int4Linear(nn.Module):
         n, k = shape
         return cls(*_pack_int4(n, k, _gguf_int4_rows(raw, int(qtype), k)), shape, bias)
 
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias=None) -> Int4Linear:
-        """Nearest 4-bit codes of a dense weight (lossy; used for the head's screen)."""
-        n, k = weight.shape
-        return cls(*_pack_int4(n, k, lambda a, b: _requantize4(weight[a:b])), (n, k), bias)
-
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + 2 * self.scale_zero.numel()
 
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes (N, K) uint8, read back from torch's CPU layout: per tile of 64 rows and per
+        column k, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63 (tests check this
+        against the kernel)."""
+        n, k = self.out_features, self.in_features
+        tiles = self.packed.view(n // 64, k, 32)                      # (N/64, K, 32)
+        both = torch.cat([tiles & 15, tiles >> 4], -1)                 # (N/64, K, 64)
+        return both.permute(0, 2, 1).reshape(n, k)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The dense weight the kernel multiplies by (N, K), computed through the kernel on an identity."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        w = torch._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)  # (K, N)
-        return w.t().to(dtype)
+        """The weight (N, K) the kernel applies: (q - 8) * scale + zero in fp32 from the bf16 scale, zero."""
+        sz = self.scale_zero.float().permute(1, 0, 2)                 # (N, G, 2)
+        q = self.codes().float().view(self.out_features, -1, GROUP)   # (N, G, 32)
+        return (((q - 8) * sz[..., :1]) + sz[..., 1:]).view(self.out_features, -1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)      # (M, K)
@@ -265,15 +271,15 @@ def _quantized(w) -> bool:
 
 
 def _dense(w) -> torch.Tensor:
-    return w.dequantize(torch.float32) if hasattr(w, "dequantize") else w
+    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
 
 
 def compact_linear(w, bias=None, head: bool = False) -> nn.Module:
     """The CPU layer for one weight (a GGUFTensor or a dense tensor): see the module docstring."""
     qtype = int(w.qtype) if _quantized(w) else None
-    if head and qtype is not None and w.shape[0] >= SCREEN_MIN_ROWS and bias is None:
+    if head and qtype is not None and w.shape[0] >= SCREEN_MIN_ROWS and w.shape[0] % 64 == 0 and bias is None:
         return ScreenedHead.from_gguf(w)
-    if qtype in INT4_EXACT and w.shape[1] % GROUP == 0 and w.shape[0] % 16 == 0 and not getattr(w, "add", 0):
+    if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
         return Int4Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias)
     return Int8Linear(_dense(w), bias)
 
@@ -289,7 +295,6 @@ def _linear_weight(weights: Mapping, name: str):
 def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
     """On a (meta-device) model, replace every nn.Linear with a compact CPU layer and a quantized GGUF
     embedding table with a GGUFEmbedding. Returns the parameter names now held (the caller loads the rest)."""
-    from kiln.errors import KilnError
     taken = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
