@@ -130,6 +130,19 @@ def main() -> int:
     torch.cuda.synchronize()
     out["prefill_ms"] = (time.perf_counter() - t) / 5 * 1e3
     out["prefill_kernels"] = kernel_table(prefill, 3)
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        prefill()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+    out["prefill_host_profile"] = buf.getvalue()[-6000:]
+    print(out["prefill_host_profile"])
     print(f"prefill 512: {out['prefill_ms']:.2f} ms wall")
     print_table("prefill 512", out["prefill_kernels"])
 

@@ -23,13 +23,13 @@ install_llama() {  # a carried wheel (whole or in parts) or a build from the tri
   fi
   local whl; whl=$(ls /tmp/llama_cpp_python*.whl .whl/llama_cpp_python*.whl 2>/dev/null | head -1)
   if [ -n "$whl" ]; then
-    pip install -q --no-deps --target /tmp/llsite "$whl" .whl/diskcache*.whl && echo "llama.cpp: installed $whl"
+    python -m pip install -q --no-deps --target /tmp/llsite "$whl" .whl/diskcache*.whl && echo "llama.cpp: installed $whl"
     return
   fi
   (cd /tmp && tar xzf "$ROOT/.whl/llsrc.tar.gz" && \
    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90-real -DLLAVA_BUILD=off" CMAKE_BUILD_PARALLEL_LEVEL=16 \
-   pip wheel -q --no-deps --no-build-isolation -w /tmp/llwheel /tmp/llama_cpp_python-0.3.36 > /tmp/llbuild.log 2>&1 && \
-   pip install -q --no-deps --target /tmp/llsite /tmp/llwheel/*.whl "$ROOT"/.whl/diskcache*.whl && \
+   python -m pip wheel -q --no-deps --no-build-isolation -w /tmp/llwheel /tmp/llama_cpp_python-0.3.36 > /tmp/llbuild.log 2>&1 && \
+   python -m pip install -q --no-deps --target /tmp/llsite /tmp/llwheel/*.whl "$ROOT"/.whl/diskcache*.whl && \
    (cd /tmp/llwheel && split -b 15M *.whl "$OUT/$(ls *.whl).part-") && echo "llama.cpp: built in $(( $(date +%s) - START )) s") \
    || { echo "llama.cpp build failed"; tail -30 /tmp/llbuild.log; }
 }

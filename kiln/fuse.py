@@ -1,10 +1,15 @@
-"""Projections that read the same input, concatenated into one matmul at load time (q/k/v, gate/up).
+"""Fewer kernels per decode step: projections of one input concatenated into one matmul at load time
+(q/k/v, gate/up), and the norm before a matmul / the gated activation before the down projection folded
+into the GEMV that reads them.
 
 Owns: `FusedLinear` (several linear layers of one input as one or a few wider ones; `forward` returns one
-output per original layer, as views of the wide outputs) and `fuse_projections(model)`, which gives every
-attention block a `qkv` and every MLP a `gate_up` where that saves launches.
-Not: the models' use of them (a block calls `self.qkv(x)` when it exists, its three projections
-otherwise), the kernels (QuantLinear's GEMV takes the wider matrix as it is), CPU speed.
+output per original layer, as views of the wide outputs), `fuse_projections(model)`, which gives every
+attention block a `qkv` and every MLP a `gate_up` where that saves launches, `Normed` (norm(x + residual)
+not yet computed: a FusedLinear of QuantLinears runs it in its GEMV's prologue at decode, anything else
+computes it with ops.rms_norm) and `gated(down, gate_up, x, act)` (the MLP's second half, the activation
+in the down projection's prologue where it can be).
+Not: the models' use of them (a block passes a Normed to `self.qkv` when it exists and calls `value()`
+otherwise), the kernels (kernels.gemv and its Prologue), CPU speed.
 
 Why: at batch 1 a small model's decode step is bound by the number of kernels, not by bytes (NOTES.md:
 ~1 µs fixed cost per kernel in a CUDA graph, a 1024-row GEMV is done in a few more). Concatenating weight
@@ -16,9 +21,60 @@ the same GGUF type (every plane of the packed layout is row-major, so rows stack
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kiln.ops import gelu_tanh_mul, rms_norm, silu_mul
+from kiln.quant.kernels import Prologue
 from kiln.quant.linear import QuantLinear
+
+
+class Normed:
+    """norm(x + residual) — or norm(x) without a residual — before it is computed. `value()` computes it
+    (one ops.rms_norm kernel); a FusedLinear whose layers take prologues computes it inside its GEMVs.
+    Either way `h` is then the residual stream x + residual (x itself without one)."""
+
+    def __init__(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        self.x, self.residual, self.norm = x, residual, norm
+        self.h, self._y = (x if residual is None else None), None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def value(self) -> torch.Tensor:
+        if self._y is None:
+            n = self.norm
+            if self.residual is None:
+                self._y = rms_norm(self.x, n.weight, n.eps, n.offset)
+            else:
+                self._y, self.h = rms_norm(self.x, n.weight, n.eps, n.offset, self.residual)
+        return self._y
+
+    def prologue(self, write_h: bool) -> Prologue:
+        """The GEMV prologue computing this norm; with write_h, that GEMV also stores h (allocated here)."""
+        n, h = self.norm, None
+        if write_h and self.residual is not None:
+            self.h = h = torch.empty_like(self.x)
+        res = None if self.residual is None else self.residual.reshape(-1)
+        return Prologue("norm", n.weight, n.eps, n.offset, res, None if h is None else h.view(-1))
+
+
+def value(x) -> torch.Tensor:
+    """A tensor as is; a Normed computed."""
+    return x.value() if isinstance(x, Normed) else x
+
+
+def gated(down: nn.Module, gate_up: FusedLinear, x, act: str = "silu") -> torch.Tensor:
+    """down(act(gate) * up) with gate, up = gate_up(x): one kernel for both matmuls' glue where the down
+    projection's GEMV takes the activation as its prologue, else ops.silu_mul / gelu_tanh_mul."""
+    if gate_up.wide is None:
+        g, u = gate_up(x)
+        return down((F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")) * u)
+    gu = gate_up.wide_forward(x)  # (..., 2I)
+    if isinstance(down, QuantLinear) and down.takes_prologue(gu[..., :down.in_features]):
+        return down(gu, prologue=Prologue(act))
+    return down(silu_mul(gu) if act == "silu" else gelu_tanh_mul(gu))
 
 
 class FusedLinear(nn.Module):
@@ -35,12 +91,23 @@ class FusedLinear(nn.Module):
         self.groups = nn.ModuleList(_concat(g) for g in groups)
         self.splits = [[layer.out_features for layer in g] for g in groups]  # output widths per group
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x) -> tuple[torch.Tensor, ...]:
+        """x (..., K) or a Normed of it -> one output per original layer."""
         outs = []
-        for lin, widths in zip(self.groups, self.splits):
-            y = lin(x)  # (..., sum(widths))
+        for y, widths in zip(self._wide_outputs(x), self.splits):  # y (..., sum(widths))
             outs += y.split(widths, dim=-1) if len(widths) > 1 else [y]
         return tuple(outs)
+
+    def wide_forward(self, x) -> torch.Tensor:
+        """The single concatenated output (every part joined: `wide` is not None)."""
+        return self._wide_outputs(x)[0]
+
+    def _wide_outputs(self, x) -> list[torch.Tensor]:
+        if isinstance(x, Normed) and x._y is None and all(
+                isinstance(g, QuantLinear) and g.takes_prologue(x.x) for g in self.groups):
+            return [g(x.x, prologue=x.prologue(write_h=i == 0)) for i, g in enumerate(self.groups)]
+        x = value(x)
+        return [g(x) for g in self.groups]
 
     @property
     def wide(self) -> nn.Module | None:

@@ -46,3 +46,69 @@ def test_mixed_storage_never_joins():
     a = nn.Linear(8, 4)
     b = nn.Linear(8, 4).to(torch.float64)
     assert len(FusedLinear([a, b]).groups) == 2
+
+
+_QUANT_STEP = """
+import collections, os, torch, test_models as tm
+from kiln.cache import KVCache
+from kiln.fuse import fuse_projections
+from kiln.quant import kernels as K
+from kiln.quant.linear import QuantLinear
+
+def q8_0(w):  # (N, K) float -> GGUF Q8_0 rows (N, K/32*34) uint8: d = max|w|/127 per 32, q = round(w/d)
+    b = w.reshape(-1, 32)
+    d = (b.abs().amax(1, keepdim=True) / 127).half()
+    q = torch.round(b / d.float().clamp_min(1e-12)).clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], 1).reshape(w.shape[0], -1)
+
+def quantize(model):
+    for parent in list(model.modules()):
+        for name, c in list(parent.named_children()):
+            if isinstance(c, torch.nn.Linear):
+                n, k = c.weight.shape
+                packed = K.repack(q8_0(c.weight.detach()), K.Q8_0, (n, k))
+                setattr(parent, name, QuantLinear(k, n, K.Q8_0, packed=packed, bias=c.bias))
+
+calls = collections.Counter()
+gemv = K.gemv
+def counting(*a, prologue=None, **kw):
+    calls[prologue.kind if prologue is not None else "plain"] += 1
+    return gemv(*a, prologue=prologue, **kw)
+K.gemv = counting
+for name in ("qwen3", "gemma3"):
+    cfg = tm.CONFIGS[name]
+    hf, _ = tm._hf_model(cfg)
+    km = tm._kiln_model(cfg, hf)
+    quantize(km)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
+    os.environ.pop("KILN_TRITON_CPU")
+    with torch.no_grad():
+        ref = km(ids)  # torch references: dequantized weights, separate projections and norms
+    os.environ["KILN_TRITON_CPU"] = "1"
+    fuse_projections(km)
+    calls.clear()
+    with torch.no_grad():
+        cache = KVCache.for_model(km, max_len=16)
+        parts = [km(ids[:, :6], cache=cache, pos=0)]
+        for t in range(6, 10):
+            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+    err = (torch.cat(parts, 1) - ref).abs().max().item()
+    layers = cfg["num_hidden_layers"]
+    assert calls["norm"] == 4 * 2 * layers and calls["silu" if name == "qwen3" else "gelu"] == 4 * layers, calls
+    assert err <= 1e-4, (name, err)
+    print(name, err, dict(calls))
+"""
+
+
+def test_quantized_decode_step_with_prologues_matches_reference():
+    """A tiny qwen3 and gemma3 with Q8_0 QuantLinears, fused projections, the norms and gated activations
+    inside the GEMVs, under Triton's interpreter: the decode steps equal the plain torch model's logits."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", KILN_TRITON_CPU="1")
+    r = subprocess.run([sys.executable, "-c", _QUANT_STEP], cwd=os.path.dirname(__file__), env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("\n") == 2

@@ -161,6 +161,41 @@ def test_gemv_config_variants(qtype, name):
         assert rel_err(K.gemv(x, packed, bias, config=cfg), expected) < 1e-5
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0], ids=lambda q: K.FORMATS[q].name)
+def test_gemv_norm_prologue_equals_norm_then_gemv(qtype, residual, offset):
+    """The RMSNorm (+ residual add) folded into the GEMV's loads: the product of ops.rms_norm's output,
+    and the residual stream written once (the M = 1 decode path; split-K too)."""
+    from kiln.ops import rms_norm_ref
+    n, k = 40, 1536  # 1536 > the prologue's 1024-wide chunks
+    _, packed, ref = make(qtype, n, k, seed=7)
+    g = torch.Generator().manual_seed(7)
+    x, r, w = (torch.randn(1, k, generator=g).to(DEVICE) for _ in range(3))
+    for cfg in (None, K.GemvConfig(block_n=8, block_k=256, split_k=2)):
+        h = torch.full((k,), float("nan"), device=DEVICE) if residual else None
+        pro = K.Prologue("norm", w, 1e-6, offset, r.view(-1) if residual else None, h)
+        y = K.gemv(x, packed, config=cfg, prologue=pro)
+        normed = rms_norm_ref(x, w, 1e-6, offset, r if residual else None)
+        if residual:
+            normed, h_ref = normed
+            assert torch.equal(h, h_ref.view(-1))
+        assert rel_err(y, normed @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gemv_gated_prologue_equals_activation_then_gemv(act):
+    from kiln.ops import gelu_tanh_mul_ref, silu_mul_ref
+    n, k = 24, 512
+    _, packed, ref = make(K.Q4_K, n, k, seed=8)
+    gu = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    y = K.gemv(gu, packed, prologue=K.Prologue(act))
+    a = silu_mul_ref(gu) if act == "silu" else gelu_tanh_mul_ref(gu)
+    assert rel_err(y, a @ ref.T) < 1e-5
+    with pytest.raises(ValueError, match="M = 1 with a prologue"):
+        K.gemv(gu.repeat(2, 1), packed, prologue=K.Prologue(act))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
 def test_gemv_half_precision_activations(dtype):
     _, packed, ref = make(K.Q4_K, 24, 512, seed=6)

@@ -18,7 +18,7 @@ from torch import nn
 
 from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
 from kiln.models.llama import add_norm
-from kiln.ops import gelu_tanh_mul
+from kiln.fuse import Normed, gated, value
 
 
 @dataclass
@@ -72,7 +72,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if self.qkv is not None:  # x may be a Normed: the norm then runs inside the GEMV (kiln.fuse)
+            q, k, v = self.qkv(x)
+        else:
+            x = value(x)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
@@ -90,10 +94,10 @@ class MLP(nn.Module):
         self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
 
     def forward(self, x):
-        if self.gate_up is not None and self.gate_up.wide is not None:
-            return self.down_proj(gelu_tanh_mul(self.gate_up.wide(x)))  # one kernel for the gated GELU
-        g, u = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.gelu(g, approximate="tanh") * u)
+        if self.gate_up is not None:  # one wide matmul; the gated GELU inside the down GEMV where it can be
+            return gated(self.down_proj, self.gate_up, x, "gelu")
+        x = value(x)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -108,11 +112,12 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
         """h = x + post_norm(attn(norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))) — each residual
-        add inside the norm after it (llama.add_norm): returns (post_ff_norm(...), h) for the next block."""
-        y, x = add_norm(self.input_layernorm, x, residual)
-        a = self.post_attention_layernorm(self.self_attn(y, rope, mask, cache, pos))
-        y, h = add_norm(self.pre_feedforward_layernorm, a, x)  # h = x + a
-        return self.post_feedforward_layernorm(self.mlp(y)), h
+        add inside the norm after it, and that norm inside the next matmul where it can be (llama.Block):
+        returns (post_ff_norm(...), h) for the next block."""
+        p = Normed(x, residual, self.input_layernorm)  # p.h: the residual stream x + residual
+        a = self.post_attention_layernorm(self.self_attn(p, rope, mask, cache, pos))
+        p = Normed(a, p.h, self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm(self.mlp(p)), p.h
 
 
 class Body(nn.Module):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
-from kiln.ops import rms_norm, silu_mul
+from kiln.fuse import Normed, gated, value
+from kiln.ops import rms_norm
 
 
 @dataclass
@@ -64,7 +65,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if self.qkv is not None:  # x may be a Normed: the norm then runs inside the GEMV (kiln.fuse)
+            q, k, v = self.qkv(x)
+        else:
+            x = value(x)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
@@ -82,10 +87,10 @@ class MLP(nn.Module):
         self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
 
     def forward(self, x):
-        if self.gate_up is not None and self.gate_up.wide is not None:
-            return self.down_proj(silu_mul(self.gate_up.wide(x)))  # (.., 2I) → (.., I): one kernel
-        g, u = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(g) * u)
+        if self.gate_up is not None:  # one wide matmul; silu(gate) * up inside the down GEMV where it can be
+            return gated(self.down_proj, self.gate_up, x, "silu")
+        x = value(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def add_norm(norm: RMSNorm, x, residual=None):
@@ -104,13 +109,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
-        """h = x + attn(norm(x)); out = h + mlp(norm(h)) — with each residual add done inside the norm
-        that follows it (one kernel): takes the previous block's (mlp output, residual stream) and returns
-        its own, the last add left to the next block or the final norm."""
-        y, x = add_norm(self.input_layernorm, x, residual)
-        a = self.self_attn(y, rope, mask, cache, pos)
-        y, h = add_norm(self.post_attention_layernorm, a, x)  # h = x + a
-        return self.mlp(y), h
+        """h = x + attn(norm(x)); out = h + mlp(norm(h)) — each residual add done inside the norm after it,
+        and each norm inside the matmul after it where the GEMV can (kiln.fuse.Normed): takes the previous
+        block's (mlp output, residual stream) and returns its own, the last add left to the next block."""
+        p = Normed(x, residual, self.input_layernorm)  # p.h: the residual stream x + residual
+        a = self.self_attn(p, rope, mask, cache, pos)
+        p = Normed(a, p.h, self.post_attention_layernorm)
+        return self.mlp(p), p.h
 
 
 class Body(nn.Module):

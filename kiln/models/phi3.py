@@ -15,6 +15,7 @@ from torch import nn
 
 from kiln.models import llama
 from kiln.models.base import RMSNorm, RoPE, attention
+from kiln.fuse import value
 from kiln.ops import silu_mul
 
 
@@ -35,7 +36,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
+        qkv = self.qkv_proj(value(x)).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
         q, k, v = qkv.split([self.h, self.kv, self.kv], dim=2)
         q, k = rope.apply(q, k)
         out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)
@@ -49,7 +50,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one kernel on GPUs
+        return self.down_proj(silu_mul(self.gate_up_proj(value(x))))  # silu(gate) * up, one kernel on GPUs
 
 
 class Block(llama.Block):

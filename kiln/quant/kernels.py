@@ -77,7 +77,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
 
-__all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "repack", "dequantize_ref", "gemv",
+__all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
            "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M"]
 
 MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
@@ -535,8 +535,58 @@ def _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, rmask
 
 
 @jit
+def _norm_prologue(x_ptr, r_ptr, h_ptr, eps, writer, KT: tl.constexpr, RES: tl.constexpr, WRITE: tl.constexpr):
+    """1 / rms of the row x (+ r, rounded to x's dtype as ops.rms_norm rounds it) of KT elements; with
+    WRITE, the program where `writer` holds stores that sum (the residual stream) to h."""
+    acc = tl.zeros((1024,), dtype=tl.float32)
+    for c in tl.static_range(0, KT, 1024):
+        idx = c + tl.arange(0, 1024)
+        m = idx < KT
+        v = tl.load(x_ptr + idx, mask=m, other=0.0)
+        if RES:
+            v = (v.to(tl.float32) + tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)).to(v.dtype)
+            if WRITE:
+                tl.store(h_ptr + idx, v, mask=m & writer)
+        vf = v.to(tl.float32)
+        acc += vf * vf
+    return tl.rsqrt(tl.sum(acc, axis=0) / KT + eps)
+
+
+@jit
+def _x_load(x_ptr, idx, mask, pa_ptr, pw_ptr, rstd, poff, KT: tl.constexpr, PRO: tl.constexpr,
+            RES: tl.constexpr, OFF: tl.constexpr):
+    """Activations at idx as float32, after the prologue: 0 none; 1 RMSNorm(x (+ r)) * (w (+ offset));
+    2 silu(gate) * up, 3 gelu_tanh(gate) * up, where x is [gate | up] (2 KT wide). Each rounds to x's dtype
+    where ops.rms_norm / ops.silu_mul round, so the product equals the unfused one."""
+    if PRO == 0:
+        v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    elif PRO == 1:
+        xv = tl.load(x_ptr + idx, mask=mask, other=0.0)
+        if RES:
+            xv = (xv.to(tl.float32) + tl.load(pa_ptr + idx, mask=mask, other=0.0).to(tl.float32)).to(xv.dtype)
+        xf = xv.to(tl.float32)
+        w = tl.load(pw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if OFF:
+            y = xf * rstd * (poff + w)
+        else:
+            y = w * (xf * rstd).to(xv.dtype).to(tl.float32)
+        v = y.to(xv.dtype).to(tl.float32)
+    else:
+        g = tl.load(x_ptr + idx, mask=mask, other=0.0)
+        u = tl.load(x_ptr + KT + idx, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        if PRO == 3:
+            a = gf * tl.sigmoid(2.0 * (0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)))
+        else:
+            a = gf * tl.sigmoid(gf)
+        v = (a.to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    return v
+
+
+@jit
 def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, qh32_ptr, N, stride_x,
-                 magic,
+                 magic, pa_ptr, pw_ptr, ph_ptr, eps, poff,
+                 PRO: tl.constexpr, PRO_RES: tl.constexpr, PRO_OFF: tl.constexpr, PRO_H: tl.constexpr,
                  KW: tl.constexpr, SUBS: tl.constexpr, M: tl.constexpr, MX: tl.constexpr, FMT: tl.constexpr,
                  G: tl.constexpr, WPB: tl.constexpr, GPS: tl.constexpr, SPG: tl.constexpr,
                  HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -557,6 +607,9 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
     rmask = (rows < N)[:, None]
     mi = tl.arange(0, MX)
     FPS: tl.constexpr = G // SPG                                       # fields per sub-block
+    rstd = 0.0
+    if PRO == 1:  # the RMSNorm folded in: this program's own pass over the whole row for 1/rms
+        rstd = _norm_prologue(x_ptr, pa_ptr, ph_ptr, eps, (pid_n == 0) & (pid_k == 0), KW * G, PRO_RES, PRO_H)
     if DOT:
         acc = tl.zeros((MX, BN), dtype=tl.float32)
     elif MX == 1:
@@ -611,7 +664,8 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
                 for f in tl.static_range(FPS):
                     q = _gemv_code(words, words_sh, hi, tab_ptr, magic, s * FPS + f, FMT, 32 // G, H, SH, CVT)
                     if MX == 1:
-                        xg = tl.load(x_ptr + xo + (s * FPS + f) * _V, mask=xmask, other=0.0).to(tl.float32)
+                        xg = _x_load(x_ptr, xo + (s * FPS + f) * _V, xmask, pa_ptr, pw_ptr, rstd, poff, KW * G,
+                                     PRO, PRO_RES, PRO_OFF)
                         t = q * (xg * _x_scale(32 // G, H, SH, s * FPS + f, not GMIN))[None, :, :]     # (BN, NG, V)
                     else:
                         xg = tl.load(x_ptr + mi[:, None, None] * stride_x + (xo + (s * FPS + f) * _V)[None, :, :],
@@ -710,6 +764,7 @@ GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {
     q: (_M1_NARROW if q in (Q8_0, IQ4_NL, IQ4_XS) else _M1_WIDE, _MX) for q in FORMATS}
 _DEFAULT = (_M1_NARROW, _MX)
 
+_M1_TIMED = {Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_XS, IQ4_NL}  # 8 fields per word, like Q4_K
 _TARGET_PROGRAMS_PER_SM = 4  # split-K aims for at least this many programs per SM
 
 
@@ -771,26 +826,64 @@ def _gemv_constants(qtype: int) -> dict:
                 OFFSET=_OFFSETS.get(qtype, 0), GMIN=qtype not in (IQ4_NL, IQ4_XS))
 
 
+def _m1_config(n: int, k: int) -> GemvConfig:
+    """M = 1 at decode shapes, from in-graph timings on the H100 (bench/results/2026-11-25-h100/
+    profile_*.json: Q4_K/Q6_K, N 1024-151936, K 1024-3072). A 1-4 MB matrix is latency-bound (3.6-6 µs),
+    so: few rows per program (8-16) and long K steps (512) so that one wave of programs covers the
+    matrix in one or two steps, and no split-K — its second kernel costs more than it saves. The output
+    head (N >= 32768) streams best with 16 rows and 2 warps."""
+    if n >= 32768:
+        return GemvConfig(block_n=16, block_k=256, num_warps=2, split_k=1)
+    if k <= 1024:
+        return GemvConfig(block_n=16, block_k=512, num_warps=4, split_k=1)
+    return GemvConfig(block_n=8, block_k=512, num_warps=8, split_k=1 if n >= 1024 else 0)
+
+
 def gemv_config(w: PackedWeight, m: int, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
-    """The table's config for this format, batch size and activation dtype. Float32 activations never take
-    the tl.dot path: in float32 it has no tensor-core form (input_precision="ieee") and spills registers."""
+    """The config for this format, shape, batch size and activation dtype: `_m1_config` for M = 1 on the
+    formats it was timed on, else the table. Float32 activations never take the tl.dot path: in float32
+    it has no tensor-core form (input_precision="ieee") and spills registers."""
     cfg = GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
+    if m == 1 and w.qtype in _M1_TIMED and w.shape[1] % 512 == 0:
+        cfg = _m1_config(*w.shape)
     if cfg.dot and dtype == torch.float32:
         cfg = replace(cfg, dot=False, block_n=16)
     return cfg
 
 
+@dataclass
+class Prologue:
+    """Work folded into the GEMV's activation loads (M = 1): `kind` "norm" — x is normalized as
+    ops.rms_norm(x, weight, eps, offset, residual) would, and with a residual the sum x + residual is
+    written to `h` (K,) — or "silu" / "gelu" — x is [gate | up] (2K wide) and the GEMV reads
+    silu(gate) * up (ops.silu_mul) or the tanh-GELU form."""
+
+    kind: str
+    weight: torch.Tensor | None = None
+    eps: float = 1e-6
+    offset: float = 0.0
+    residual: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+
+    @property
+    def code(self) -> int:
+        return {"norm": 1, "silu": 2, "gelu": 3}[self.kind]
+
+
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, prologue: Prologue | None = None) -> torch.Tensor:
     """x (M, K) with 1 <= M <= 8, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
 
     Dequantization is fused; accumulation is float32. No host sync and no data-dependent allocation, so it
     can be captured in a CUDA graph once it has run once for this shape (Triton compiles on the first call).
+    With a `prologue` (M = 1 only) the activations are transformed as they are loaded (Prologue).
     """
     fmt, (n, k) = w.fmt, w.shape
     m = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_GEMV_M:
-        raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {k}), got {tuple(x.shape)}")
+    kx = 2 * k if prologue is not None and prologue.kind != "norm" else k
+    if x.dim() != 2 or x.shape[1] != kx or not 1 <= m <= MAX_GEMV_M or (prologue is not None and m != 1):
+        raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {kx}) (M = 1 with a prologue), "
+                         f"got {tuple(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or _shrink(gemv_config(w, m, x.dtype), n, k, _sm_count(x.device))
@@ -800,6 +893,11 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
     split = max(1, min(split, n_steps))
     dot = cfg.dot and m > 1
+    pro = prologue or Prologue("none")
+    pro_code = 0 if prologue is None else pro.code
+    pa = pro.residual if pro.residual is not None else x
+    pw = pro.weight if pro.weight is not None else x
+    ph = pro.h if pro.h is not None else x
     if dot and cfg.block_n < 16:
         raise ValueError(f"GemvConfig(dot=True) needs block_n >= 16 (tl.dot tiles), got {cfg.block_n}")
     mx = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
@@ -808,7 +906,8 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     extra = {} if cfg.num_stages is None else dict(num_stages=cfg.num_stages)
     _gemv_kernel[(grid_n, split)](
         x, out, bias if bias is not None else y, *_plane_args(w), w.qs if w.qh is None else w.qh.view(torch.int32),
-        n, x.stride(0), _MAGIC,
+        n, x.stride(0), _MAGIC, pa, pw, ph, float(pro.eps), float(pro.offset),
+        PRO=pro_code, PRO_RES=pro.residual is not None, PRO_OFF=bool(pro.offset), PRO_H=pro.h is not None,
         M=m, MX=mx, FMT=w.qtype, HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, **geo, **_gemv_constants(w.qtype), **extra)

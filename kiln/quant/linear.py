@@ -95,7 +95,16 @@ class QuantLinear(nn.Module):
             return w.to(self.raw.device)
         return kernels.dequantize_ref(self.packed).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_prologue(self, x: torch.Tensor) -> bool:
+        """Can `forward(x, prologue=...)` fold a norm or gated activation into the GEMV (decode, M = 1)?"""
+        return self.qs is not None and kernels.use_triton(x) and x.numel() == x.shape[-1]
+
+    def forward(self, x: torch.Tensor, prologue: kernels.Prologue | None = None) -> torch.Tensor:
+        """x (..., K) -> (..., N); with a prologue (only where takes_prologue(x)) x is (1, K) before the
+        norm, or (1, 2K) [gate | up] before the activation."""
+        if prologue is not None:
+            y = kernels.gemv(x.reshape(1, -1), self.packed, self.bias, prologue=prologue)
+            return y.view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)                           # (M, K)
         m = x2.shape[0]
         bias = self.bias
