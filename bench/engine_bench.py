@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64, help="tokens of each stream's random prompt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ctx-size", type=int, default=None, help="positions per slot (default: prompt + tokens)")
+    ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                    help="CUDA graphs of the batched decode step (auto: on CUDA)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -101,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = kiln.load(a.model, device=device)
     load_s = time.perf_counter() - t
     ctx = a.ctx_size or -(-(a.prompt_len + a.tokens + 1) // 256) * 256
-    engine = Engine(model, None, n_slots=a.streams, ctx_size=ctx, max_queue=a.streams)
+    engine = Engine(model, None, n_slots=a.streams, ctx_size=ctx, max_queue=a.streams,
+                    graphs=None if a.graphs == "auto" else a.graphs == "on")
+    t = time.perf_counter()
+    engine.warm_up()  # CUDA graphs of the batched step, one per batch-size bucket
+    capture_s = time.perf_counter() - t
     engine.start()
     try:
         vocab = model.args.vocab_size
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "engine", "model": str(a.model), "device": device_name(device), "torch": torch.__version__,
         "git_commit": git_commit(), "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
+        "graphs": engine._step.use_graphs, "capture_s": capture_s,
         "prompt_len": a.prompt_len, "tokens": a.tokens, "ctx_size": ctx, "n_slots": a.streams,
         "one_stream": one, "n_streams": many,
         "decode_ratio": many["decode_tok_s"] / one["decode_tok_s"],

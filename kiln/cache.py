@@ -61,9 +61,10 @@ class KVCache:
         view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
         return view
 
-    def rows(self, slots: list[int], n_keys: int) -> RowsView:
+    def rows(self, slots: list[int] | torch.Tensor, n_keys: int) -> RowsView:
         """A view for one step over the given slots (batch row b lives in slot slots[b]) in which no row
-        needs more than `n_keys` keys (its position + its new tokens)."""
+        needs more than `n_keys` keys (its position + its new tokens). `slots` may be a (B,) device tensor
+        (a CUDA-graph step's static input: nothing is copied from the host)."""
         if n_keys > self.max_len:
             raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
         return RowsView(self, slots, n_keys)
@@ -77,11 +78,16 @@ class RowsView:
     and the caller's per-row mask hides them. The fused GPU path reads `layer_kv` and `slot_index` instead.
     """
 
-    def __init__(self, cache: KVCache, slots: list[int], n_keys: int):
-        self.cache, self.slots, self.n_keys, self.max_len = cache, list(slots), n_keys, cache.max_len
-        self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=cache.k.device)  # (B,)
-        first = self.slots[0]
-        self._span = first if self.slots == list(range(first, first + len(self.slots))) else None
+    def __init__(self, cache: KVCache, slots: list[int] | torch.Tensor, n_keys: int):
+        self.cache, self.n_keys, self.max_len = cache, n_keys, cache.max_len
+        self._span = None  # the first slot, when the slots are consecutive (read as a view, no gather)
+        if isinstance(slots, torch.Tensor):
+            self.slot_index, self.n_rows = slots, slots.shape[0]  # (B,)
+            return
+        slots = list(slots)
+        self.slot_index, self.n_rows = torch.tensor(slots, dtype=torch.long, device=cache.k.device), len(slots)
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self._span = slots[0]
 
     def layer_kv(self, layer: int):
         """The whole slot cache of a layer, (N, K, S, D) keys and values."""
@@ -94,7 +100,7 @@ class RowsView:
         kc[rows, :, pos] = k.transpose(1, 2).to(kc.dtype)  # indexed (B, T, K, D)
         vc[rows, :, pos] = v.transpose(1, 2).to(vc.dtype)
         if self._span is not None:  # consecutive slots: a view, no gather
-            b = self._span
-            return kc[b:b + len(self.slots), :, :self.n_keys], vc[b:b + len(self.slots), :, :self.n_keys]
+            b, e = self._span, self._span + self.n_rows
+            return kc[b:e, :, :self.n_keys], vc[b:e, :, :self.n_keys]
         return (kc[:, :, :self.n_keys].index_select(0, self.slot_index),
                 vc[:, :, :self.n_keys].index_select(0, self.slot_index))

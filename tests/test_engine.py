@@ -13,6 +13,7 @@ import asyncio
 import pytest
 import torch
 
+from kiln.cache import KVCache
 from kiln.errors import KilnError
 from kiln.generate import stream_generate
 from kiln.sample import SamplingParams
@@ -72,6 +73,27 @@ def test_concurrent_greedy_requests_equal_their_solo_runs(qwen, engine, greedy_r
     assert got == greedy_refs
     assert all(h.finish_reason == "length" for h in handles)
     assert engine.stats()["steps"] < len(PROMPTS) * N  # they really shared decode steps
+
+
+def test_static_padded_step_equals_solo_runs(qwen, greedy_refs):
+    """The form a CUDA graph replays (graphs=True; eager here): rows padded to a bucket write into a
+    scratch slot. Rows leave at different steps, so the bucket shrinks 4 → 2 → 1."""
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=4, ctx_size=128, graphs=True)
+    e.start()
+    try:
+        lengths = [N, 2, 4]
+        handles = [e.submit(req(tok, p, n=k)) for p, k in zip(PROMPTS, lengths)]
+        assert [[o.token for o in h.sync()] for h in handles] == [r[:k] for r, k in zip(greedy_refs, lengths)]
+        assert e._step.buckets == [1, 2, 4] and e.cache.k.shape[1] == 5  # 4 slots + the scratch slot
+    finally:
+        e.stop()
+    for slot in e._slots[:3]:  # each slot holds exactly its own tokens' keys: padding wrote elsewhere
+        n = len(slot.tokens)
+        fresh = KVCache.for_model(model, max_len=n)
+        with torch.inference_mode():
+            model(torch.tensor([slot.tokens]), cache=fresh, pos=0)
+        torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_sampling_params_in_one_batch_equal_their_solo_runs(qwen, engine, greedy_refs):

@@ -164,6 +164,67 @@ class _Row:
         self.plain = p.greedy and self.counts is None and self.bias is None and req.processor is None
 
 
+class _BatchStep:
+    """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in.
+
+    Eager (`static=False`): the inputs as given, keys gathered up to the longest row. Static: the rows
+    are padded to a bucket size (powers of two up to n_slots) with rows that write into a scratch slot
+    (the cache's extra last row) at position 0, and read from static device buffers — on CUDA each
+    bucket is captured once as a CUDA graph and replayed (one launch per step instead of hundreds). On
+    other devices the static form runs eagerly, exactly what a graph would replay, so CPU tests cover the
+    padding and the scratch slot. A capture that fails falls back to eager replay of the static form.
+    """
+
+    def __init__(self, model, cache: KVCache, n_slots: int, static: bool):
+        self.model, self.cache, self.static, self.scratch = model, cache, static, n_slots
+        device = cache.k.device
+        self.use_graphs = static and device.type == "cuda"
+        self.buckets = sorted({min(1 << i, n_slots) for i in range(n_slots.bit_length() + 1)})
+        self.inputs = torch.zeros(3, n_slots, dtype=torch.long, device=device)  # token, position, slot rows
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, tokens: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+        b = len(tokens)
+        if not self.static:
+            dev = self.cache.k.device
+            ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]  # (B, 1)
+            view = self.cache.rows(slots, max(pos) + 1)
+            return self.model(ids, cache=view, pos=torch.tensor(pos, dtype=torch.long, device=dev))[:, -1].float()
+        bucket = next(n for n in self.buckets if n >= b)
+        if self.use_graphs and bucket not in self.graphs:
+            self._capture(bucket)
+        pad = bucket - b
+        host = torch.tensor([tokens + [0] * pad, pos + [0] * pad, slots + [self.scratch] * pad])  # (3, bucket)
+        self.inputs[:, :bucket].copy_(host)
+        if bucket in self.graphs:
+            graph, logits = self.graphs[bucket]
+            graph.replay()
+            return logits[:b]
+        return self._forward(bucket, max(pos) + 1)[:b]
+
+    def _forward(self, bucket: int, n_keys: int) -> torch.Tensor:
+        ids, pos, slots = self.inputs[0, :bucket, None], self.inputs[1, :bucket], self.inputs[2, :bucket]
+        return self.model(ids, cache=self.cache.rows(slots, n_keys), pos=pos)[:, -1].float()  # (bucket, V)
+
+    def _capture(self, bucket: int) -> None:
+        """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
+        self.inputs[0].zero_(), self.inputs[1].zero_(), self.inputs[2].fill_(self.scratch)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(bucket, self.cache.max_len)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(bucket, self.cache.max_len)
+            self.graphs[bucket] = (graph, logits)
+        except Exception:
+            log.exception("capturing the batched decode step failed; it runs eagerly from now on")
+            self.use_graphs, self.graphs = False, {}
+
+
 class Engine:
     """Continuous batching over a slot KV cache; see the module docstring.
 
@@ -175,7 +236,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
-                 prefill_step: int = 512):
+                 prefill_step: int = 512, graphs: bool | None = None):
+        """`graphs`: the static, padded decode step (`_BatchStep`), captured as CUDA graphs on CUDA
+        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most."""
         a = model.args
         if not isinstance(n_slots, int) or n_slots < 1:
             raise KilnError(f"invalid n_slots {n_slots!r}: need at least one slot (concurrent sequence)")
@@ -187,8 +250,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.n_slots, self.ctx_size, self.max_queue, self.prefill_step = n_slots, ctx_size, max_queue, prefill_step
         self.vocab = a.vocab_size
-        self.cache = KVCache.for_model(model, batch=n_slots, max_len=ctx_size)
+        p = next(model.parameters())
+        static = p.device.type == "cuda" if graphs is None else bool(graphs)
+        self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size)  # + a scratch slot
         self.device = self.cache.k.device
+        self._step = _BatchStep(model, self.cache, n_slots, static)
         self._slots = [_Slot(i, []) for i in range(n_slots)]
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._rows: list[_Row] = []  # admitted requests, in admission order
@@ -206,6 +272,17 @@ class Engine:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
             self._thread.start()
+
+    def warm_up(self) -> None:
+        """Capture the batched step for every bucket now (CUDA graphs), not when a bucket is first needed
+        under load. Call before `start()`; a no-op without graphs."""
+        if self._thread is not None:
+            raise KilnError("warm_up() must be called before start()")
+        if self._step.use_graphs:
+            with torch.inference_mode():
+                for bucket in self._step.buckets:
+                    if bucket not in self._step.graphs:
+                        self._step._capture(bucket)
 
     def stop(self) -> None:
         """Finish every request with "cancelled" and join the loop thread."""
@@ -374,11 +451,8 @@ class Engine:
         rows = sorted((r for r in self._rows if not r.todo and r.last != NO_TOKEN), key=lambda r: r.slot.index)
         if not rows:
             return
-        pos = [len(r.slot.tokens) for r in rows]
-        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
-        view = self.cache.rows([r.slot.index for r in rows], max(pos) + 1)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B,)
-        logits = self.model(ids, cache=view, pos=pos_t)[:, -1].float()  # (B, V)
+        logits = self._step([r.last for r in rows], [len(r.slot.tokens) for r in rows],
+                            [r.slot.index for r in rows])  # (B, V)
         for r in rows:
             r.slot.tokens.append(r.last)
         self._counters["steps"] += 1
