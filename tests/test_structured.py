@@ -79,26 +79,29 @@ def _structural(tok, vocab: int) -> np.ndarray:
     return _SHORT[id(tok), vocab]
 
 
-@torch.inference_mode()
-def greedy(qwen, messages, constraint, max_tokens=60, tools=None) -> str:
-    """The real model's greedy reply under `constraint` (mask → argmax → accept), prompt from its chat template."""
-    from kiln.cache import KVCache
+def run_batch(qwen, jobs: dict) -> dict:
+    """The real model's greedy replies to all `jobs` at once, through the server's engine (one batched decode):
+    {name: (messages, constraint, tools, max_tokens)} → {name: (text, finish_reason)}."""
+    from kiln.sample import SamplingParams
+    from kiln.server.engine import Engine, EngineRequest
     model, tok = qwen
-    ids = tok.encode(tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True),
-                     add_special_tokens=False)
-    cache = KVCache.for_model(model, max_len=len(ids) + max_tokens + 1, dtype=torch.float32, device="cpu")
-    logits = model(torch.tensor([ids]), cache=cache, pos=0, last_only=True)[0, -1].float()
-    proc, out = constraint.processor(), []
-    for step in range(max_tokens):
-        proc.mask(logits)
-        token = int(logits.argmax())
-        proc.accept(token)
-        if token in tok.eos_token_ids:
-            assert proc.is_terminated()
-            return tok.decode(out)
-        out.append(token)
-        logits = model(torch.tensor([[token]]), cache=cache, pos=len(ids) + step)[0, -1].float()
-    raise AssertionError(f"no end after {max_tokens} tokens: {tok.decode(out)!r}")
+    engine = Engine(model, tok, n_slots=len(jobs), ctx_size=640)
+    engine.start()
+    try:
+        handles = {}
+        for name, (messages, constraint, tools, max_tokens) in jobs.items():
+            ids = tok.encode(tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True),
+                             add_special_tokens=False)
+            handles[name] = engine.submit(EngineRequest(
+                prompt=ids, params=SamplingParams(temperature=0.0), max_tokens=max_tokens,
+                stop_token_ids=frozenset(tok.eos_token_ids), processor=constraint.processor()))
+        out = {}
+        for name, h in handles.items():
+            steps = list(h.sync())
+            out[name] = tok.decode([o.token for o in steps if not o.is_stop]), steps[-1].finish_reason
+        return out
+    finally:
+        engine.stop()
 
 
 def closed(schema):
@@ -158,29 +161,16 @@ IDS = [f"schema{k}" for k in range(len(SCHEMAS))]
 @pytest.mark.parametrize("schema", [s for s, _ in SCHEMAS], ids=IDS)
 def test_json_schema_random_walks_validate(tok, structured, schema):
     c = structured.json_schema(schema)
-    for seed in range(4):
+    for seed in range(3):
         check_json(walk(tok, c, seed=seed), schema)
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("schema,request_text", SCHEMAS, ids=IDS)
-def test_json_schema_real_model_validates(qwen, schema, request_text):
-    c = _model_compiler(qwen).json_schema(schema)
-    text = greedy(qwen, [{"role": "system", "content": "Answer in JSON only."},
-                         {"role": "user", "content": request_text}], c)
-    check_json(text, schema)
-
-
-_COMPILERS = {}
-
-
-def _model_compiler(qwen):
-    """One Structured per loaded model (building xgrammar's vocabulary view takes a moment)."""
-    model, tok = qwen
-    key = id(model)
-    if key not in _COMPILERS:
-        _COMPILERS[key] = Structured(tok, vocab_size=model.args.vocab_size)
-    return _COMPILERS[key]
+@pytest.mark.parametrize("k", range(len(SCHEMAS)), ids=IDS)
+def test_json_schema_real_model_validates(replies, k):
+    text, finish = replies[f"schema{k}"]
+    assert finish == "stop", text  # the constraint completed, and the model ended there
+    check_json(text, SCHEMAS[k][0])
 
 
 def test_strict_and_loose_schemas(tok, structured):
@@ -202,7 +192,7 @@ def _accepts(tok, constraint, text: str) -> bool:
 
 
 def test_json_object_walks_give_objects(tok, structured):
-    for seed in range(5):
+    for seed in range(3):
         assert isinstance(json.loads(walk(tok, structured.json_object(), seed=seed)), dict)
 
 
@@ -256,11 +246,11 @@ def parse_arith(s: str) -> bool:
 
 def test_gbnf_random_walks(tok, structured):
     arith = structured.gbnf(ARITH)
-    for seed in range(6):
+    for seed in range(4):
         assert parse_arith(walk(tok, arith, seed=seed))
     kv = structured.gbnf('root ::= pair ("," pair){0,2}\npair ::= key-name "=" value\nkey-name ::= [a-z]{1,5}\n'
                          'value ::= [0-9]{1,4} | "\\"" [^"\\n]{0,6} "\\""')
-    for seed in range(6):
+    for seed in range(4):
         assert re.fullmatch(r'[a-z]{1,5}=([0-9]{1,4}|"[^"\n]{0,6}")(,[a-z]{1,5}=([0-9]{1,4}|"[^"\n]{0,6}")){0,2}',
                             walk(tok, kv, seed=seed))
 
@@ -275,22 +265,17 @@ def test_gbnf_dot_is_any_character(tok, structured):
 
 def test_regex_random_walks(tok, structured):
     pattern = r"(cat|dog)s? [0-9]{2,3}( [A-Z][a-z]{0,4})?"
-    for seed in range(6):
+    for seed in range(4):
         assert re.fullmatch(pattern, walk(tok, structured.regex(pattern), seed=seed))
 
 
 @pytest.mark.model
-def test_gbnf_and_regex_real_model(qwen):
-    c = _model_compiler(qwen)
-    yes_no = greedy(qwen, [{"role": "user", "content": "Is Paris the capital of France? Answer yes or no."}],
-                    c.gbnf('root ::= "yes" | "no"'), max_tokens=5)
-    assert yes_no == "yes"
-    expr = greedy(qwen, [{"role": "user", "content": "Write an arithmetic expression that equals 10."}],
-                  c.gbnf(ARITH), max_tokens=20)
-    assert parse_arith(expr)
-    date = greedy(qwen, [{"role": "user", "content": "When did the Berlin Wall fall? Answer as YYYY-MM-DD."}],
-                  c.regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), max_tokens=15)
-    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date)
+def test_gbnf_and_regex_real_model(replies):
+    assert replies["yes_no"] == ("yes", "stop")
+    expr, finish = replies["arith"]
+    assert finish == "stop" and parse_arith(expr)
+    date, finish = replies["date"]
+    assert finish == "stop" and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date)
 
 
 # --- tool calls -----------------------------------------------------------------------------------------------------
@@ -334,22 +319,38 @@ def test_tool_call_random_walks_parse_and_validate(tok, structured, style, paral
     required = structured.tool_call(TOOLS, "required", style, parallel=parallel)
     named = structured.tool_call(TOOLS, {"type": "function", "function": {"name": "get_time"}}, style, parallel)
     seen = set()
-    for seed in range(4):
+    for seed in range(3):
         seen |= {c.name for c in check_calls(walk(tok, required, seed=seed), style, set(PARAMS), parallel, tok)}
         check_calls(walk(tok, named, seed=seed), style, {"get_time"}, parallel)
     assert seen <= set(PARAMS)
 
 
 @pytest.mark.model
-def test_tool_call_real_model(qwen):
-    c = _model_compiler(qwen)
-    ask = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
-    text = greedy(qwen, ask, c.tool_call(TOOLS, "required", "hermes"), tools=TOOLS)
+def test_tool_call_real_model(qwen, replies):
+    text, finish = replies["tool_required"]
     [call] = check_calls(text, "hermes", set(PARAMS), False, qwen[1])
-    assert call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris"
-    forced = c.tool_call(TOOLS, {"type": "function", "function": {"name": "get_time"}}, "hermes")
-    text = greedy(qwen, ask, forced, tools=TOOLS)  # a weather question, but the time tool is forced
-    check_calls(text, "hermes", {"get_time"}, False)
+    assert finish == "stop" and call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris"
+    text, finish = replies["tool_named"]  # a weather question, but the time tool is forced
+    assert finish == "stop" and check_calls(text, "hermes", {"get_time"}, False)[0].name == "get_time"
+
+
+# --- every real-model request of this file, decoded together ------------------------------------------------------
+@pytest.fixture(scope="module")
+def replies(qwen):
+    c = Structured(qwen[1], vocab_size=qwen[0].args.vocab_size)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    jobs = {f"schema{k}": ([{"role": "system", "content": "Answer in JSON only."}, *user(ask)],
+                           c.json_schema(schema), None, 60) for k, (schema, ask) in enumerate(SCHEMAS)}
+    weather = user("What's the weather like in Paris right now?")
+    jobs.update(
+        yes_no=(user("Is Paris the capital of France? Answer yes or no."), c.gbnf('root ::= "yes" | "no"'), None, 5),
+        arith=(user("Write an arithmetic expression that equals 10."), c.gbnf(ARITH), None, 20),
+        date=(user("When did the Berlin Wall fall? Answer as YYYY-MM-DD."), c.regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"),
+              None, 15),
+        tool_required=(weather, c.tool_call(TOOLS, "required", "hermes"), TOOLS, 60),
+        tool_named=(weather, c.tool_call(TOOLS, {"type": "function", "function": {"name": "get_time"}}, "hermes"),
+                    TOOLS, 60))
+    return run_batch(qwen, jobs)
 
 
 # --- masks, vocabulary, end tokens ------------------------------------------------------------------------------------
