@@ -106,7 +106,7 @@ INT4_EXACT = {int(_T.Q4_0): _q4_0, int(_T.Q4_1): _q4_1, int(_T.Q4_K): _q4_k}
 def _requantize4(w: torch.Tensor):
     """Dense rows (R, K) -> nearest asymmetric 4-bit codes per 32 weights (lossy): codes, scale, zero."""
     g = w.float().view(w.shape[0], -1, GROUP)                          # (R, G, 32)
-    lo, hi = g.amin(-1), g.amax(-1)                                    # (R, G)
+    lo, hi = torch.aminmax(g, dim=-1)                                  # (R, G)
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     codes = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15)
     return codes.to(torch.uint8).view(w.shape), scale, lo + 8 * scale
@@ -199,6 +199,11 @@ class GGUFRows:
         w = dequantize_gguf(self.raw.index_select(0, idx).reshape(-1), self.qtype, (idx.numel(), self.shape[1]))
         return w + self.add if self.add else w
 
+    def span(self, a: int, b: int) -> torch.Tensor:
+        """Rows a:b as (b - a, K) float32 (a slice of the blocks: no gather)."""
+        w = dequantize_gguf(self.raw[a:b].reshape(-1), self.qtype, (b - a, self.shape[1]))
+        return w + self.add if self.add else w
+
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
@@ -240,12 +245,8 @@ class ScreenedHead(nn.Module):
     def from_gguf(cls, t, top: int = SCREEN_TOP) -> ScreenedHead:
         rows = GGUFRows.of(t)
         n, k = rows.shape
-        screen = Int4Linear(*_pack_int4(n, k, lambda a, b: _requantize4(rows.rows(torch.arange(a, b)))), (n, k))
+        screen = Int4Linear(*_pack_int4(n, k, lambda a, b: _requantize4(rows.span(a, b))), (n, k))
         return cls(rows, screen, top)
-
-    @property
-    def nbytes(self) -> int:  # read per decode step: the screen (the exact rows are a few KB)
-        return self.screen.nbytes
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.exact.rows(torch.arange(self.out_features)).to(dtype)
