@@ -2,10 +2,11 @@
 
 Owns: JSON schemas (>= 10, varied), json_object, GBNF, regex and forced tool calls, each driven two ways: a
 random walk over the tokens the constraint allows (no model: many shapes cheaply) and the real Qwen model's greedy
-decoding on CPU; outputs checked by independent readers (json + jsonschema, re.fullmatch, a hand-written
-expression parser, tools.parse_tool_calls + jsonschema); the bitmask unpacking against xgrammar's own kernel;
-vocabulary details (control tokens, padded logits, end tokens); error messages; the compile cache.
-Not: the engine calling the processor (tests/test_engine.py) or the HTTP fields (tests/test_server.py).
+decoding on CPU (all requests at once through the server's engine, so the model's weights are read once per step
+for all of them); outputs checked by independent readers (json + jsonschema, re.fullmatch, a hand-written
+expression parser, tools.parse_tool_calls + jsonschema); the bitmask fast path against its torch twin and the bit
+layout; vocabulary details (control tokens, padded logits, end tokens); error messages; the compile cache.
+Not: the engine's own batching and sampling (tests/test_engine.py) or the HTTP fields (tests/test_server.py).
 """
 
 import json

@@ -12,9 +12,18 @@ CPU kernel for CPU logits, by unpacking the bits on the device for CUDA (or any 
 waits on the device.
 Tokens past the tokenizer's vocabulary (padded embedding rows) are always masked.
 
+The grammar sees each token's bytes exactly as `tokenizer.id_to_bytes` gives them. One known gap: SentencePiece
+vocabularies whose decode drops the reply's first leading space ("▁Hello" → "Hello") can lose that one space
+from a constraint that itself starts with a space.
+
 A processor's stop tokens are the tokenizer's end-of-generation ids: once the grammar is complete it allows
 them (and only them, if the grammar cannot continue); accepting one terminates it. Control tokens
 (<|im_start|>, <|endoftext|>…) are never allowed inside the constrained text.
+
+Limits (xgrammar's): JSON output may hold at most 16 whitespace characters in a row (pretty-printing fits; an
+endless run of blank lines does not); string `format`s are enforced by shape only (a "date" is NNNN-NN-NN with a
+month 01-12 and a day 01-31, so 2023-02-31 passes); keywords it does not enforce (e.g. uniqueItems) are not
+enforced here either. Tool-call arguments are always strict.
 
 Shape alphabet: V = logits columns (model vocabulary, may be padded), W = ceil(V / 32) bitmask words.
 """
@@ -57,8 +66,7 @@ class Structured:
         self.stop_ids = sorted(i for i in tokenizer.eos_token_ids if i < self.vocab_size)
         vocab = token_bytes(tokenizer, self.vocab_size)
         self.info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                      stop_token_ids=self.stop_ids,
-                                      add_prefix_space=bool(getattr(tokenizer, "strip_leading_space", False)))
+                                      stop_token_ids=self.stop_ids)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1),
                                              cache_enabled=False)  # ours below is bounded
         self._cache: OrderedDict[tuple, object] = OrderedDict()
