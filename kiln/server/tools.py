@@ -36,6 +36,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from kiln.errors import KilnError
+
 STYLES = ("hermes", "llama3", "mistral")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -97,7 +99,6 @@ def tool_style(tokenizer) -> str:
 
 def _check_style(style) -> str:
     if style not in STYLES:
-        from kiln.errors import KilnError
         raise KilnError(f"unknown tool-call style {style!r}; kiln knows {', '.join(STYLES)}")
     return style
 
