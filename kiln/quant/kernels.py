@@ -764,7 +764,6 @@ GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {
     q: (_M1_NARROW if q in (Q8_0, IQ4_NL, IQ4_XS) else _M1_WIDE, _MX) for q in FORMATS}
 _DEFAULT = (_M1_NARROW, _MX)
 
-_M1_TIMED = {Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_XS, IQ4_NL}  # 8 fields per word, like Q4_K
 _TARGET_PROGRAMS_PER_SM = 4  # split-K aims for at least this many programs per SM
 
 
@@ -826,26 +825,10 @@ def _gemv_constants(qtype: int) -> dict:
                 OFFSET=_OFFSETS.get(qtype, 0), GMIN=qtype not in (IQ4_NL, IQ4_XS))
 
 
-def _m1_config(n: int, k: int) -> GemvConfig:
-    """M = 1 at decode shapes, from in-graph timings on the H100 (bench/results/2026-11-25-h100/
-    profile_*.json: Q4_K/Q6_K, N 1024-151936, K 1024-3072). A 1-4 MB matrix is latency-bound (3.6-6 µs),
-    so: few rows per program (8-16) and long K steps (512) so that one wave of programs covers the
-    matrix in one or two steps, and no split-K — its second kernel costs more than it saves. The output
-    head (N >= 32768) streams best with 16 rows and 2 warps."""
-    if n >= 32768:
-        return GemvConfig(block_n=16, block_k=256, num_warps=2, split_k=1)
-    if k <= 1024:
-        return GemvConfig(block_n=16, block_k=512, num_warps=4, split_k=1)
-    return GemvConfig(block_n=8, block_k=512, num_warps=8, split_k=1 if n >= 1024 else 0)
-
-
 def gemv_config(w: PackedWeight, m: int, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
-    """The config for this format, shape, batch size and activation dtype: `_m1_config` for M = 1 on the
-    formats it was timed on, else the table. Float32 activations never take the tl.dot path: in float32
+    """The table's config for this format, batch size and activation dtype. Float32 activations never take the tl.dot path: in float32
     it has no tensor-core form (input_precision="ieee") and spills registers."""
     cfg = GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
-    if m == 1 and w.qtype in _M1_TIMED and w.shape[1] % 512 == 0:
-        cfg = _m1_config(*w.shape)
     if cfg.dot and dtype == torch.float32:
         cfg = replace(cfg, dot=False, block_n=16)
     return cfg
