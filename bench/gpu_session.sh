@@ -42,8 +42,15 @@ for f in $FILES; do
 done
 ls -la /tmp/g; echo "files made at $(( $(date +%s) - START )) s"
 
+if [[ " $STEPS " == *" engine "* ]]; then  # continuous batching: 1 vs 32 streams on the 1B shape
+  timeout 150 python bench/engine_bench.py --model /tmp/g/llama-3.2-1b-Q4_K_M.gguf --streams 32 --tokens 64 \
+    --prompt-len 64 --out "$OUT/engine_llama-3.2-1b-Q4_K_M.json" 2>&1 | tail -12
+  echo "== engine rc=$? at $(( $(date +%s) - START )) s"
+fi
 if [[ " $STEPS " == *" tests "* ]]; then
-  timeout 150 python -m pytest -q -x tests/test_quant_kernels.py tests/test_fuse.py tests/test_ops.py 2>&1 | tail -4
+  timeout "${TESTS_S:-150}" python -m pytest -q tests/test_quant_kernels.py tests/test_fuse.py tests/test_ops.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  echo "== tests at $(( $(date +%s) - START )) s"
 fi
 if [[ " $STEPS " == *" profile "* ]]; then
   timeout "${PROFILE_S:-240}" python bench/gpu_profile.py --model /tmp/g/qwen3-0.6b-Q4_K_M.gguf \
