@@ -268,14 +268,16 @@ class Engine:
     # ------------------------------------------------------------------ public, any thread
 
     def start(self) -> None:
+        """Capture the batched step's CUDA graphs (if on: `warm_up`), then start the loop thread."""
         if self._thread is None:
+            self.warm_up()  # here, before serving: a capture must not meet another thread's CUDA work
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
             self._thread.start()
 
     def warm_up(self) -> None:
-        """Capture the batched step for every bucket now (CUDA graphs), not when a bucket is first needed
-        under load. Call before `start()`; a no-op without graphs."""
+        """Capture the batched step for every bucket (CUDA graphs); `start()` calls it. Before `start()`
+        only (it runs on the caller's thread); a no-op without graphs or when every bucket is captured."""
         if self._thread is not None:
             raise KilnError("warm_up() must be called before start()")
         if self._step.use_graphs:
