@@ -83,7 +83,7 @@ def test_int4_linear_forward_is_its_dequantized_weight(m):
 def test_int8_linear_is_close_to_the_dense_layer():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
-    q = Int8Linear(lin.weight, lin.bias)
+    q = Int8Linear.from_dense(lin.weight, lin.bias)
     assert q.nbytes == 96 * 256 + 2 * 96  # a quarter of fp32
     for m in (1, 5, 40):
         x = torch.randn(2, m, 256)
@@ -145,6 +145,7 @@ def test_compact_model_predicts_what_its_dequantized_twin_does(monkeypatch):
     kinds = {type(m) for m in packed.modules()}
     assert {Int4Linear, Int8Linear, ScreenedHead, GGUFEmbedding} <= kinds and torch.nn.Linear not in kinds
     assert isinstance(packed.model.layers[0].self_attn.q_proj, Int4Linear)  # Q4_0: exact int4
+    assert isinstance(packed.model.layers[0].mlp.gate_up, cpu.Fused)  # two Q5_0 -> one int8 matmul
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = dense(ids), packed(ids)
@@ -152,6 +153,25 @@ def test_compact_model_predicts_what_its_dequantized_twin_does(monkeypatch):
     print(f"tiny compact model: KL {kl.mean():.2e}, rel err {rel_err(b, a):.3f}")
     assert kl.mean() < 2e-3
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fused_layers_compute_what_their_parts_do():
+    x = torch.randn(3, 256)
+    for make in (lambda n, seed: Int4Linear.from_gguf(_raw(T.Q4_K, n, 256, seed), T.Q4_K, (n, 256), torch.randn(n)),
+                 lambda n, seed: Int8Linear.from_dense(torch.randn(n, 256), torch.randn(n))):
+        parts = [make(n, seed) for seed, n in enumerate((128, 64, 64))]
+        mod = torch.nn.Module()
+        mod.q_proj, mod.k_proj, mod.v_proj, mod.qkv = *parts, None
+        cpu.fuse_compact(mod)
+        assert not hasattr(mod, "q_proj") and isinstance(mod.qkv, cpu.Fused)
+        for got, part in zip(mod.qkv(x), parts):
+            assert torch.equal(got, part(x))  # the same rows, the same dot products
+        assert torch.equal(mod.qkv.wide_forward(x), torch.cat(mod.qkv(x), -1))
+    mixed = torch.nn.Module()
+    mixed.gate_proj, mixed.gate_up = parts[0], None
+    mixed.up_proj = Int4Linear.from_gguf(_raw(T.Q4_0, 128, 256), T.Q4_0, (128, 256))
+    cpu.fuse_compact(mixed)
+    assert mixed.gate_up is None  # int8 next to int4: nothing joins
 
 
 def test_int8_linears_swaps_a_dense_model():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.fuse import FusedLinear
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kquants, legacy
 
@@ -42,8 +43,9 @@ SCREEN_TOP = 64  # head candidates per row recomputed exactly
 SCREEN_MIN_ROWS = 16384  # heads smaller than this are plain Int8Linear
 
 
-def _bias(bias) -> nn.Parameter | None:
-    return None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+def _bias(bias) -> torch.Tensor | None:
+    # A buffer, not a Parameter: the loader assigns only the parameters a swap did not take.
+    return None if bias is None else bias.detach().float()
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, bias, n: int) -> torch.Tensor:
@@ -56,16 +58,20 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias, n: int) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x @ W.T (+ bias) with W held as int8 rows and one bf16 scale per row."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("q", q)                                  # (N, K) int8
+        self.register_buffer("scale", scale)                          # (N,) bf16
+        self.register_buffer("bias", _bias(bias))
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         w = weight.detach().float()  # (N, K)
         # The kernel applies bf16 scales, so quantize on that grid; nudging up by 2^-8 before rounding
         # to bf16 (relative error <= 2^-8) keeps every |w| / scale below 127.01, which rounds to 127.
         scale = ((w.abs().amax(1) / 127).clamp_min(1e-12) * (1 + 2 ** -8)).to(torch.bfloat16)  # (N,)
-        self.register_buffer("q", torch.round(w / scale.float()[:, None]).to(torch.int8))  # (N, K)
-        self.register_buffer("scale", scale)
-        self.bias = _bias(bias)
-        self.out_features, self.in_features = w.shape
+        return cls(torch.round(w / scale.float()[:, None]).to(torch.int8), scale, bias)
 
     @property
     def nbytes(self) -> int:
@@ -148,7 +154,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)                        # (N, K/2) uint8, torch's CPU layout
         self.register_buffer("scale_zero", scale_zero)                # (G, N, 2) bf16
         self.out_features, self.in_features = shape
-        self.bias = _bias(bias)
+        self.register_buffer("bias", _bias(bias))
 
     @classmethod
     def from_gguf(cls, raw: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None) -> Int4Linear:
@@ -282,7 +288,7 @@ def compact_linear(w, bias=None, head: bool = False) -> nn.Module:
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
         return Int4Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias)
-    return Int8Linear(_dense(w), bias)
+    return Int8Linear.from_dense(_dense(w), bias)
 
 
 def _linear_weight(weights: Mapping, name: str):
@@ -291,6 +297,47 @@ def _linear_weight(weights: Mapping, name: str):
     if name == "lm_head.weight":  # tied output head
         return weights.get("model.embed_tokens.weight")
     return None
+
+
+class Fused(FusedLinear):
+    """Compact layers of one input joined into one wider layer, behind kiln.fuse's FusedLinear protocol
+    (the model calls it with x or a Normed of x, gets one output per part, or `wide_forward`)."""
+
+    def __init__(self, wide: nn.Module, widths: list[int]):
+        nn.Module.__init__(self)  # FusedLinear's own grouping knows only nn.Linear and QuantLinear
+        self.groups, self.splits = nn.ModuleList([wide]), [list(widths)]
+
+
+def _join(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer with the rows of `layers` stacked, or None when they do not share a type and input."""
+    a = layers[0]
+    if any(type(b) is not type(a) or b.in_features != a.in_features or (b.bias is None) != (a.bias is None)
+           for b in layers) or type(a) not in (Int8Linear, Int4Linear):
+        return None
+    bias = None if a.bias is None else torch.cat([b.bias for b in layers])
+    if isinstance(a, Int8Linear):
+        return Int8Linear(torch.cat([b.q for b in layers]), torch.cat([b.scale for b in layers]), bias)
+    n = sum(b.out_features for b in layers)  # whole 64-row tiles each, so the packed rows stack
+    return Int4Linear(torch.cat([b.packed for b in layers]), torch.cat([b.scale_zero for b in layers], 1),
+                      (n, a.in_features), bias)
+
+
+FUSE = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def fuse_compact(model: nn.Module) -> nn.Module:
+    """In place: a module whose q/k/v (gate/up) projections are compact layers of one kind gets `qkv`
+    (`gate_up`), one matmul instead of three (two); fewer, wider calls cost less per-call overhead."""
+    for mod in list(model.modules()):
+        for fused, parts in FUSE.items():
+            if not (hasattr(mod, fused) and all(hasattr(mod, p) for p in parts)):
+                continue
+            wide = _join([getattr(mod, p) for p in parts])
+            if wide is not None:
+                setattr(mod, fused, Fused(wide, [getattr(mod, p).out_features for p in parts]))
+                for p in parts:
+                    delattr(mod, p)
+    return model
 
 
 def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
@@ -313,6 +360,7 @@ def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
             b = weights.get(f"{name}.bias") if child.bias is not None else None
             setattr(parent, child_name, compact_linear(w, None if b is None else _dense(b), head=name == "lm_head"))
             taken += [f"{name}.weight"] + ([f"{name}.bias"] if b is not None else [])
+    fuse_compact(model)
     return taken
 
 
@@ -321,5 +369,5 @@ def int8_linears(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
+                setattr(parent, name, Int8Linear.from_dense(child.weight, child.bias))
     return model
