@@ -208,7 +208,8 @@ class _BatchStep:
 
     def _capture(self, bucket: int) -> None:
         """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
-        self.inputs[0].zero_(), self.inputs[1].zero_(), self.inputs[2].fill_(self.scratch)
+        self.inputs[:2].zero_()  # token 0 at position 0 …
+        self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
