@@ -29,6 +29,10 @@ from kiln.quant.kernels import Prologue
 from kiln.quant.linear import QuantLinear
 
 
+# Which prologues the GEMV folds in ("norm", "silu", "gelu"); bench/ A/B runs change it.
+PROLOGUES = {"norm", "silu", "gelu"}
+
+
 class Normed:
     """norm(x + residual) — or norm(x) without a residual — before it is computed. `value()` computes it
     (one ops.rms_norm kernel); a FusedLinear whose layers take prologues computes it inside its GEMVs.
@@ -72,7 +76,7 @@ def gated(down: nn.Module, gate_up: FusedLinear, x, act: str = "silu") -> torch.
         g, u = gate_up(x)
         return down((F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")) * u)
     gu = gate_up.wide_forward(x)  # (..., 2I)
-    if isinstance(down, QuantLinear) and down.takes_prologue(gu[..., :down.in_features]):
+    if act in PROLOGUES and isinstance(down, QuantLinear) and down.takes_prologue(gu[..., :down.in_features]):
         return down(gu, prologue=Prologue(act))
     return down(silu_mul(gu) if act == "silu" else gelu_tanh_mul(gu))
 
@@ -103,7 +107,7 @@ class FusedLinear(nn.Module):
         return self._wide_outputs(x)[0]
 
     def _wide_outputs(self, x) -> list[torch.Tensor]:
-        if isinstance(x, Normed) and x._y is None and all(
+        if isinstance(x, Normed) and x._y is None and "norm" in PROLOGUES and all(
                 isinstance(g, QuantLinear) and g.takes_prologue(x.x) for g in self.groups):
             return [g(x.x, prologue=x.prologue(write_h=i == 0)) for i, g in enumerate(self.groups)]
         x = value(x)
