@@ -29,8 +29,11 @@ from kiln.quant.kernels import Prologue
 from kiln.quant.linear import QuantLinear
 
 
-# Which prologues the GEMV folds in ("norm", "silu", "gelu"); bench/ A/B runs change it.
-PROLOGUES = {"norm", "silu", "gelu"}
+# Which prologues the GEMV folds in ("norm", "silu", "gelu"). Off by default: measured on the H100
+# (bench/prologue_ab.py, bench/results/2026-11-25-h100-b/), a prologue costs the GEMV more than the launch
+# it saves — Qwen3-0.6B Q4_K_M decode 706 tok/s with none, 677 with the activations, 618 with all;
+# Llama-3.2-1B Q4_K_M 767 vs 727. Each program would redo the row's norm before its first product.
+PROLOGUES: set[str] = set()
 
 
 class Normed:
