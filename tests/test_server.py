@@ -455,11 +455,11 @@ def test_a_full_queue_answers_503_with_retry_after(server):
 
 def test_load_64_streaming_clients(server, aclient):
     async def one(client, k, j):
-        """One streamed chat over the wire: returns (finish_reason, saw [DONE], usage chunk seen)."""
+        """One streamed completion over the wire: returns (finish_reason, saw [DONE], usage chunk seen)."""
         finish, done, usage = None, False, False
-        async with client.chat.completions.with_streaming_response.create(
-                model=ALIAS, max_tokens=6, stream=True, stream_options={"include_usage": True},
-                messages=[{"role": "user", "content": f"Client {k}, request {j}: say a word."}]) as r:
+        async with client.completions.with_streaming_response.create(
+                model=ALIAS, max_tokens=3, stream=True, stream_options={"include_usage": True},
+                prompt=f"# client {k}, request {j}\ndef") as r:
             assert r.status_code == 200
             async for line in r.iter_lines():
                 if not line:

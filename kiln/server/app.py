@@ -492,6 +492,7 @@ async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            request.state.gone = True
             _cancel_all(choices)
             return
 
@@ -509,6 +510,8 @@ async def _run(st: ServerState, request: Request, choices: list[Choice], t0: flo
     finally:
         watcher.cancel()
         _cancel_all(choices)
+    if getattr(request.state, "gone", False):  # nobody reads this answer; 499 keeps it out of the 5xx counts
+        raise P.APIError(499, "the client closed the request", code="client_closed")
 
 
 def _check_finished(choices: list[Choice]) -> None:
@@ -540,7 +543,7 @@ async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     choices = [Choice(i, h, st, req, tools_on) for i, h in enumerate(handles)]
     meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
     if req.stream:
-        return _sse(_chat_stream(st, req, ids, choices, meta, t0))
+        return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: _cancel_all(choices))
     st.metrics.in_flight += 1
     try:
         await _run(st, request, choices, t0)
@@ -570,12 +573,22 @@ def _chat_choice(st: ServerState, c: Choice, req: P.ChatRequest, tools_on: bool)
     return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
-    async def body():
-        async for e in events:
-            yield f"data: {e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)}\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _SSE(StreamingResponse):
+    """An event stream that runs `on_close` however it ends: finished, client gone before or during it."""
+
+    def __init__(self, events: AsyncIterator[dict | str], on_close: Callable[[], None]):
+        async def body():
+            async for e in events:
+                yield f"data: {e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)}\n\n"
+        super().__init__(body(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # a generator that never started has no finally of its own to run
+            self.on_close()
 
 
 async def _stream_steps(st: ServerState, choices: list[Choice], t0: float):
@@ -677,7 +690,8 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
     echoes = [st.tokenizer.decode(ids) if req.echo else "" for ids, cs in groups for _ in cs]
     meta = (P.new_id("cmpl"), P.now(), st.model_id)
     if req.stream:
-        return _sse(_completion_stream(st, req, groups, choices, echoes, meta, t0))
+        return _SSE(_completion_stream(st, req, groups, choices, echoes, meta, t0),
+                    lambda: _cancel_all(choices))
     st.metrics.in_flight += 1
     try:
         await _run(st, request, choices, t0)
