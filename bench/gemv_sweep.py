@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_quant_check import graph_us, n_copies, random_rows  # noqa: E402
+from gpu_profile import weight_copies  # noqa: E402
+from gpu_quant_check import graph_us, random_rows  # noqa: E402
 
 from kiln.quant import kernels as K  # noqa: E402
 
@@ -29,9 +30,8 @@ def main() -> int:
             for bk in (256, 512) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 0)]
     for qtype, n, k in SHAPES:
         w0 = K.repack(random_rows(qtype, n, k), qtype, (n, k))
-        copies = n_copies(w0.nbytes)
-        ws = [w0] + [K.PackedWeight(qtype, (n, k), **{p: t.clone() for p, t in w0.planes().items()})
-                     for _ in range(copies - 1)]
+        ws = weight_copies(w0)
+        copies = len(ws)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "mb": w0.nbytes / 1e6,
                "table": graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies), "configs": {}}

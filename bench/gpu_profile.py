@@ -60,6 +60,12 @@ def print_table(title: str, rows: list[dict], top: int = 25) -> None:
         print(f"{r['us_per_call']:9.1f} µs {r['per_call']:6.1f}x  {r['kernel']}")
 
 
+def weight_copies(w0) -> list:
+    """w0 and clones of it: together large enough to stream from HBM rather than the L2 in graph_us."""
+    return [w0] + [K.PackedWeight(w0.qtype, w0.shape, **{p: t.clone() for p, t in w0.planes().items()})
+                   for _ in range(n_copies(w0.nbytes) - 1)]
+
+
 def sweep(model, out: dict) -> None:
     shapes = {}
     for name, m in model.named_modules():
@@ -72,9 +78,8 @@ def sweep(model, out: dict) -> None:
     out["sweep"] = []
     for (qtype, n, k), (name, m) in sorted(shapes.items(), key=lambda kv: kv[0][1] * kv[0][2]):
         w0 = m.packed
-        copies = n_copies(w0.nbytes)
-        ws = [w0] + [K.PackedWeight(w0.qtype, w0.shape, **{p: t.clone() for p, t in w0.planes().items()})
-                     for _ in range(copies - 1)]
+        ws = weight_copies(w0)
+        copies = len(ws)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "layer": name, "configs": {}}
         try:

@@ -67,6 +67,15 @@ class Normed:
         return Prologue("norm", n.weight, n.eps, n.offset, res, None if h is None else h.view(-1))
 
 
+def project(module: nn.Module, x, fused: str, parts: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """The projections `parts` of x: through module.<fused> (a FusedLinear, which may take a Normed) when
+    fuse_projections made one, else each layer on the computed x."""
+    if getattr(module, fused, None) is not None:
+        return getattr(module, fused)(x)
+    x = value(x)
+    return tuple(getattr(module, p)(x) for p in parts)
+
+
 def value(x) -> torch.Tensor:
     """A tensor as is; a Normed computed."""
     return x.value() if isinstance(x, Normed) else x

@@ -18,7 +18,7 @@ from torch import nn
 
 from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
 from kiln.models.llama import add_norm
-from kiln.fuse import Normed, gated, value
+from kiln.fuse import Normed, gated, project, value
 
 
 @dataclass
@@ -72,11 +72,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, pos=0):
         b, t, _ = x.shape
-        if self.qkv is not None:  # x may be a Normed: the norm then runs inside the GEMV (kiln.fuse)
-            q, k, v = self.qkv(x)
-        else:
-            x = value(x)
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"))  # x may be a kiln.fuse.Normed
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
