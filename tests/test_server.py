@@ -7,7 +7,6 @@ structured output and tool arguments, the SSE wire format for streams. One serve
 
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
