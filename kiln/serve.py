@@ -8,6 +8,7 @@ Not: the server itself (kiln/server/app.py).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def _check(a) -> None:
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     _check(a)
+    missing = [m for m in ("fastapi", "uvicorn", "xgrammar") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KilnError(f"kiln serve needs {', '.join(missing)}: pip install 'kiln[serve]' "
+                        f"(from a checkout: pip install -e '.[serve]')")
     from kiln.hub import resolve
     path = Path(resolve(a.model, progress=True))  # a bad name fails here, before the port is taken
     import uvicorn
