@@ -1,9 +1,9 @@
 """kiln.fuse: concatenated projections compute what the separate layers compute."""
 
-import pytest
 import torch
 from torch import nn
 
+from interpreter import run_interpreted
 from kiln.fuse import FusedLinear, fuse_projections
 from kiln.quant import kernels
 from kiln.quant.linear import QuantLinear
@@ -106,12 +106,4 @@ for name in ("qwen3", "gemma3"):
 def test_quantized_decode_step_with_prologues_matches_reference():
     """A tiny qwen3 and gemma3 with Q8_0 QuantLinears, fused projections, the norms and gated activations
     inside the GEMVs, under Triton's interpreter: the decode steps equal the plain torch model's logits."""
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", KILN_TRITON_CPU="1")
-    r = subprocess.run([sys.executable, "-c", _QUANT_STEP], cwd=os.path.dirname(__file__), env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("\n") == 2
+    assert run_interpreted(_QUANT_STEP, timeout=900).count("\n") == 2

@@ -15,9 +15,6 @@ the raw bits in tl.dot), so bfloat16 cases run on CUDA only.
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +25,7 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 
+from interpreter import rerun_in_fresh_process, late, triton_on_cpu  # noqa: E402,F401  (autouse fixture)
 from kiln import ops  # noqa: E402  (after the interpreter switch)
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -37,22 +35,12 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
 
 # If another test module imported triton first, its own library functions (tl.sum, …) were compiled for
 # the GPU and the interpreter cannot call them: run this file again in a fresh process instead.
-LATE = not CUDA and type(triton.language.sum).__name__ != "InterpretedFunction"
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu(request, monkeypatch):
-    if LATE and request.node.originalname != "test_in_a_fresh_process":
-        pytest.skip("triton was imported before the interpreter was enabled; see test_in_a_fresh_process")
-    monkeypatch.setenv("KILN_TRITON_CPU", "1")
+LATE = late()
 
 
 @pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
 def test_in_a_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rerun_in_fresh_process(__file__)
 
 
 def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):

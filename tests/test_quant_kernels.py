@@ -16,9 +16,6 @@ bfloat16 cases run on CUDA only.
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,13 +30,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import kiln.quant as kq  # noqa: E402
+from interpreter import late, rerun_in_fresh_process, triton_on_cpu  # noqa: E402,F401  (autouse fixture)
 from kiln.errors import KilnError  # noqa: E402
 from kiln.formats.gguf import GGUFTensor  # noqa: E402
 from kiln.quant import kernels as K  # noqa: E402
 from kiln.quant.linear import QuantEmbedding, QuantLinear, swap_linears  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-LATE = not CUDA and type(triton.language.sum).__name__ != "InterpretedFunction"
+LATE = late()
 QTYPES = list(K.FORMATS)
 IDS = [K.FORMATS[q].name for q in QTYPES]
 
@@ -49,19 +47,9 @@ F16_FIELDS = {K.Q4_0: [0], K.Q4_1: [0, 2], K.Q5_0: [0], K.Q5_1: [0, 2], K.Q8_0: 
               K.Q3_K: [108], K.Q4_K: [0, 2], K.Q5_K: [0, 2], K.Q6_K: [208], K.IQ4_NL: [0], K.IQ4_XS: [0]}
 
 
-@pytest.fixture(autouse=True)
-def _triton_on_cpu(request, monkeypatch):
-    if LATE and request.node.originalname != "test_in_a_fresh_process":
-        pytest.skip("triton was imported before the interpreter was enabled; see test_in_a_fresh_process")
-    monkeypatch.setenv("KILN_TRITON_CPU", "1")
-
-
 @pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
 def test_in_a_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rerun_in_fresh_process(__file__)
 
 
 def random_rows(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
