@@ -544,6 +544,15 @@ async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
     if req.stream:
         return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: _cancel_all(choices))
+    await _complete(st, request, choices, t0)
+    body = {"id": meta[0], "object": "chat.completion", "created": meta[1], "model": meta[2],
+            "system_fingerprint": P.FINGERPRINT, "choices": [_chat_choice(st, c, req, tools_on) for c in choices],
+            "usage": _usage(st, [(ids, choices)])}
+    return JSONResponse(body)
+
+
+async def _complete(st: ServerState, request: Request, choices: list, t0: float) -> None:
+    """A non-streaming request's generations run to the end (counted in flight meanwhile), checked, timed."""
     st.metrics.in_flight += 1
     try:
         await _run(st, request, choices, t0)
@@ -551,10 +560,6 @@ async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
         st.metrics.in_flight -= 1
     _check_finished(choices)
     st.metrics.latency.observe(time.perf_counter() - t0)
-    body = {"id": meta[0], "object": "chat.completion", "created": meta[1], "model": meta[2],
-            "system_fingerprint": P.FINGERPRINT, "choices": [_chat_choice(st, c, req, tools_on) for c in choices],
-            "usage": _usage(st, [(ids, choices)])}
-    return JSONResponse(body)
 
 
 def _chat_choice(st: ServerState, c: Choice, req: P.ChatRequest, tools_on: bool) -> dict:
@@ -692,13 +697,7 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
     if req.stream:
         return _SSE(_completion_stream(st, req, groups, choices, echoes, meta, t0),
                     lambda: _cancel_all(choices))
-    st.metrics.in_flight += 1
-    try:
-        await _run(st, request, choices, t0)
-    finally:
-        st.metrics.in_flight -= 1
-    _check_finished(choices)
-    st.metrics.latency.observe(time.perf_counter() - t0)
+    await _complete(st, request, choices, t0)
     body = {"id": meta[0], "object": "text_completion", "created": meta[1], "model": meta[2],
             "system_fingerprint": P.FINGERPRINT,
             "choices": [{"index": c.index, "text": echo + c.text,
