@@ -7,13 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_profile import weight_copies  # noqa: E402
-from gpu_quant_check import graph_us, random_rows  # noqa: E402
+from gpu_profile import time_configs  # noqa: E402
+from gpu_quant_check import random_rows  # noqa: E402
 
 from kiln.quant import kernels as K  # noqa: E402
 
@@ -30,26 +29,13 @@ def main() -> int:
             for bk in (256, 512) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 0)]
     for qtype, n, k in SHAPES:
         w0 = K.repack(random_rows(qtype, n, k), qtype, (n, k))
-        ws = weight_copies(w0)
-        copies = len(ws)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "mb": w0.nbytes / 1e6,
-               "table": graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies), "configs": {}}
-        for cfg in grid:
-            if time.time() - t0 > a.budget_s:
-                break
-            key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.split_k}"
-            try:
-                row["configs"][key] = graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), copies)
-            except Exception as e:  # noqa: BLE001
-                row["configs"][key] = f"error {type(e).__name__}"
-        ok = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
-        row["best"] = min(ok, key=ok.get) if ok else None
-        row["best_gb_s"] = w0.nbytes / ok[row["best"]] / 1e3 if ok else None
-        row["table_gb_s"] = w0.nbytes / row["table"] / 1e3
+               **time_configs(w0, grid, deadline=t0 + a.budget_s)}
+        if row["best"] is not None:
+            row["best_gb_s"] = w0.nbytes / row["configs"][row["best"]] / 1e3
+        if isinstance(row["table"], float):
+            row["table_gb_s"] = w0.nbytes / row["table"] / 1e3
         print(json.dumps(row), flush=True)
-        del ws
-        torch.cuda.empty_cache()
     return 0
 
 

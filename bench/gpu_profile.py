@@ -66,6 +66,34 @@ def weight_copies(w0) -> list:
                    for _ in range(n_copies(w0.nbytes) - 1)]
 
 
+def time_configs(w0, grid, deadline: float | None = None) -> dict:
+    """In-graph µs per M = 1 call of weight w0 with the table's config ("table") and with each config of
+    `grid` its format can take ("configs", an error string where one fails), until time.time() passes
+    `deadline`; "best" names the fastest of the grid."""
+    ws = weight_copies(w0)
+    x = torch.randn(1, w0.shape[1], device="cuda", dtype=torch.bfloat16)
+    row = {"configs": {}}
+    try:
+        row["table"] = graph_us(lambda i: (lambda: K.gemv(x, ws[i])), len(ws))
+    except Exception as e:  # noqa: BLE001
+        row["table"] = f"error {e}"[:200]
+    for cfg in grid:
+        if deadline is not None and time.time() > deadline:
+            break
+        if cfg.block_k % (4 * w0.fmt.g):
+            continue
+        key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.split_k}"
+        try:
+            row["configs"][key] = graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), len(ws))
+        except Exception as e:  # noqa: BLE001
+            row["configs"][key] = f"error {type(e).__name__}"
+    ok = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
+    row["best"] = min(ok, key=ok.get) if ok else None
+    del ws
+    torch.cuda.empty_cache()
+    return row
+
+
 def sweep(model, out: dict) -> None:
     shapes = {}
     for name, m in model.named_modules():
@@ -78,31 +106,12 @@ def sweep(model, out: dict) -> None:
     out["sweep"] = []
     for (qtype, n, k), (name, m) in sorted(shapes.items(), key=lambda kv: kv[0][1] * kv[0][2]):
         w0 = m.packed
-        ws = weight_copies(w0)
-        copies = len(ws)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        row = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "layer": name, "configs": {}}
-        try:
-            row["table"] = graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies)
-        except Exception as e:  # noqa: BLE001
-            row["table"] = f"error {e}"[:200]
-        for cfg in grid:
-            if cfg.block_k % (4 * K.FORMATS[qtype].g):
-                continue
-            key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.split_k}"
-            try:
-                row["configs"][key] = graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), copies)
-            except Exception as e:  # noqa: BLE001
-                row["configs"][key] = f"error {type(e).__name__}"
-        ok = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
-        best = min(ok, key=ok.get) if ok else None
-        row["best"] = best
+        row = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "layer": name, **time_configs(w0, grid)}
+        best, ok = row["best"], {c: v for c, v in row["configs"].items() if isinstance(v, float)}
         table = row["table"] if isinstance(row["table"], str) else f"{row['table']:.2f}"
         print(f"{row['format']:5} {n:7}x{k:<6} table {table} µs  best {best} {ok.get(best, float('nan')):.2f} µs"
               f"  ({w0.nbytes / 1e6:.2f} MB)")
         out["sweep"].append(row)
-        del ws
-        torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
