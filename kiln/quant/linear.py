@@ -176,7 +176,9 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
     tensors stay nn.Linear. Where the kernels serve the device, a quantized nn.Embedding becomes a
     QuantEmbedding (output in dtype) sharing its planes with a tied output head. Returns the parameter
     names now held by quantized modules (weights and biases), which the caller must not load."""
-    taken = _swap_embeddings(model, weights, device, dtype)
+    planes = _swap_embeddings(model, weights, device, dtype)  # {embedding weight name: its PackedWeight}
+    taken = list(planes)
+    by_tensor = {id(weights[name]): packed for name, packed in planes.items()}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -189,7 +191,7 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
                 raise KilnError(f"tensor {name}.weight has shape {tuple(w.shape)} but the model needs "
                                 f"{(child.out_features, child.in_features)}; config and weights disagree")
             bias = _dense_bias(weights.get(f"{name}.bias"), device or "cpu") if child.bias is not None else None
-            shared = _shared_planes(model, w)
+            shared = by_tensor.get(id(w))
             if shared is not None:  # the tied embedding's planes, held once
                 setattr(parent, child_name, QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=shared, bias=bias))
             else:
@@ -199,11 +201,12 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
     return taken
 
 
-def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> list[str]:
-    """nn.Embedding -> QuantEmbedding for quantized tables, where the kernels serve `device`."""
-    taken = []
+def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> dict[str, PackedWeight]:
+    """nn.Embedding -> QuantEmbedding for quantized tables, where the kernels serve `device`; returns the
+    packed planes by weight name (a tied output head reads the same ones)."""
+    planes = {}
     if device is None or not _kernels_serve(torch.device(device)):
-        return taken
+        return planes
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -211,17 +214,7 @@ def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> list[
             if not isinstance(child, nn.Embedding) or w is None or not _is_quantized(w):
                 continue
             packed = kernels.repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
-            emb = QuantEmbedding(packed, dtype)
-            emb._kiln_source = id(w)
-            setattr(parent, child_name, emb)
-            taken.append(f"{name}.weight")
-    return taken
+            setattr(parent, child_name, QuantEmbedding(packed, dtype))
+            planes[f"{name}.weight"] = packed
+    return planes
 
-
-def _shared_planes(model: nn.Module, w) -> PackedWeight | None:
-    """The planes of a QuantEmbedding built from the same GGUF tensor `w` (a tied output head), if any."""
-    for m in model.modules():
-        if isinstance(m, QuantEmbedding) and getattr(m, "_kiln_source", None) == id(w):
-            return PackedWeight(m.qtype, (m.num_embeddings, m.embedding_dim),
-                                **{n: getattr(m, n) for n in kernels.packed_fields() if getattr(m, n) is not None})
-    return None
