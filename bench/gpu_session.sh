@@ -47,6 +47,12 @@ if [[ " $STEPS " == *" engine "* ]]; then  # continuous batching: 1 vs 32 stream
     --prompt-len 64 --out "$OUT/engine_llama-3.2-1b-Q4_K_M.json" 2>&1 | tail -12
   echo "== engine rc=$? at $(( $(date +%s) - START )) s"
 fi
+if [[ " $STEPS " == *" int8 "* ]]; then  # int8-activation GEMV: GPU check, model A/B, in-graph sweep
+  INT8_FILES=$(for f in $FILES; do printf "/tmp/g/%s-%s.gguf," "${f%%:*}" "${f##*:}"; done)
+  timeout "${INT8_S:-420}" python bench/int8_ab.py --out "$OUT" --files "${INT8_FILES%,}" --budget "${INT8_BUDGET:-380}" \
+    ${INT8_ARGS:-} 2>&1 | tail -60
+  echo "== int8 rc=$? at $(( $(date +%s) - START )) s"
+fi
 if [[ " $STEPS " == *" tests "* ]]; then
   timeout "${TESTS_S:-150}" python -m pytest -q tests/test_quant_kernels.py tests/test_fuse.py tests/test_ops.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -4

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.ops import gelu_tanh_mul, rms_norm, silu_mul
-from kiln.quant.kernels import Prologue
+from kiln.quant.kernels import Prologue, quantize_act
 from kiln.quant.linear import QuantLinear
 
 
@@ -123,6 +123,9 @@ class FusedLinear(nn.Module):
                 isinstance(g, QuantLinear) and g.takes_prologue(x.x) for g in self.groups):
             return [g(x.x, prologue=x.prologue(write_h=i == 0)) for i, g in enumerate(self.groups)]
         x = value(x)
+        if len(self.groups) > 1 and all(isinstance(g, QuantLinear) and g.takes_int8(x) for g in self.groups):
+            act = quantize_act(x)  # one quantization of x for every group's int8 GEMV
+            return [g(x, act=act) for g in self.groups]
         return [g(x) for g in self.groups]
 
     @property

@@ -193,6 +193,65 @@ def test_gemv_half_precision_activations(dtype):
     assert rel_err(y, x.float() @ ref.T) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 
+def act_ref(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's q8_1 rule in plain torch: per 32 values dx = max|x| / 127, q = round(x / dx) half away
+    from zero -> (q, dx per value), both float64, (K,)."""
+    xb = x.double().reshape(-1, 32)
+    dx = xb.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.where(dx > 0, xb / torch.where(dx > 0, dx, 1), 0)
+    q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+    return q.reshape(-1), dx.expand(-1, 32).reshape(-1)
+
+
+def test_quantize_act_codes_scales_and_order():
+    k = 256
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
+    x[0, 32:64] = 0  # an all-zero block: scale 0, codes 0
+    a = K.quantize_act(x)
+    q, dx = act_ref(x.float().cpu())
+    # word 4r + j of run r holds values 16r + j + 4t in its bytes t (the weights' byte lanes)
+    got = a.xq.cpu().view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
+    assert torch.equal(got, q)
+    assert torch.allclose(a.xd.cpu().double(), dx[::32], rtol=1e-6, atol=0)
+    assert torch.equal(a.xs.cpu().double(), q.reshape(-1, 16).sum(1))
+    assert a.dtype == torch.float16 and a.k == k
+
+
+INT8_QTYPES = sorted(K.INT8_FORMATS)
+
+
+@pytest.mark.parametrize("qtype", INT8_QTYPES, ids=lambda q: K.FORMATS[q].name)
+def test_int8_gemv_is_exact_on_the_quantized_activations(qtype):
+    """The dp4a GEMV computes dequantized W times dequantized (int8) x exactly but for float32 sums and
+    the float16 output rounding; against the unquantized x it is within llama.cpp's MMVQ error."""
+    n, k = 20, k_for(qtype, tail=True)
+    _, packed, ref = make(qtype, n, k, seed=11)
+    bias = torch.randn(n).to(DEVICE)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
+    q, dx = act_ref(x.float().cpu())
+    exact_q = ((q * dx) @ ref.double().cpu().T + bias.double().cpu()).to(DEVICE)
+    for cfg in (None, K.GemvConfig(block_n=8, block_k=128, int8=True), K.GemvConfig(block_n=1, int8=True)):
+        y = K.gemv(x, packed, bias, config=cfg)
+        assert y.dtype == torch.float16 and y.shape == (1, n)
+        assert rel_err(y, exact_q) < 1e-3
+    # random blocks carry large per-block offsets (mins) that cancel in the sum: int8 x errors show more
+    # than on real weights (llama.cpp references: tests/test_generate.py and friends)
+    assert rel_err(y, x.float() @ ref.T + bias) < 5e-2
+    act = K.quantize_act(x)  # one quantization reused
+    assert torch.equal(K.gemv(x, packed, bias, act=act), K.gemv(x, packed, bias))
+
+
+def test_int8_path_is_taken_only_for_16_bit_single_rows():
+    _, packed, _ = make(K.Q4_K, 8, 256)
+    assert K.gemv_config(packed, 1, torch.bfloat16).int8 and K.gemv_config(packed, 1, torch.float16).int8
+    assert not K.gemv_config(packed, 1, torch.float32).int8    # float32 stays exact
+    assert not K.gemv_config(packed, 2, torch.bfloat16).int8   # M >= 2: tensor-core tiles
+    _, iq, _ = make(K.IQ4_XS, 8, 256)
+    assert not K.gemv_config(iq, 1, torch.bfloat16).int8       # code-book format: float path
+    assert K._q8_geometry(K.GemvConfig(block_n=8, block_k=4096, int8=True), K.FORMATS[K.Q4_K], 1024, 1024,
+                          132) == (2, 128)                      # small N: fewer rows per program, no split-K
+
+
 def test_gemv_rejects_too_many_rows_and_wrong_k():
     _, packed, _ = make(K.Q8_0, 8, 64)
     with pytest.raises(ValueError, match="M <= 8"):

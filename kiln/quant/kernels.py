@@ -70,6 +70,7 @@ NG = W / V groups per step, MX activation rows per tile (M rounded up to a power
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -78,7 +79,8 @@ from kiln.errors import KilnError
 from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
-           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M"]
+           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "INT8_FORMATS", "QuantAct",
+           "quantize_act", "takes_int8"]
 
 MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
 
@@ -203,16 +205,25 @@ def _bit_order(b: torch.Tensor) -> torch.Tensor:
     return _fields(b, 1).reshape(b.shape[0], -1)
 
 
+def field_offset(f: int, g: int) -> int:
+    """Where field f of a group's words starts in weight order: weight field_offset(f, G) + j of the group
+    is field f of word j. With L = G / 4 fields per byte, field f = m*L + l sits at l*4V + m*V: the fields
+    one byte position shares (l fixed) cover one run of 4V = 16 consecutive weights."""
+    per_byte = g // 4
+    return (f % per_byte) * 4 * V + (f // per_byte) * V
+
+
 def _field_major(codes: torch.Tensor, g: int) -> torch.Tensor:
-    """Weight order -> packed order: (R, K) -> (R, K), weight f*V + j of each group to position j*G + f."""
-    r = codes.shape[0]
-    return codes.reshape(r, -1, g, V).transpose(-1, -2).reshape(r, -1)
+    """Weight order -> packed order: (R, K) -> (R, K), weight field_offset(f) + j of each group to position
+    j*G + f."""
+    r, per_byte = codes.shape[0], g // 4
+    return codes.reshape(r, -1, per_byte, 4, V).permute(0, 1, 4, 3, 2).reshape(r, -1)
 
 
 def _weight_order(codes: torch.Tensor, g: int) -> torch.Tensor:
     """The inverse of `_field_major`."""
-    r = codes.shape[0]
-    return codes.reshape(r, -1, V, g).transpose(-1, -2).reshape(r, -1)
+    r, per_byte = codes.shape[0], g // 4
+    return codes.reshape(r, -1, V, 4, per_byte).permute(0, 1, 4, 3, 2).reshape(r, -1)
 
 
 def _pack(codes: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> torch.Tensor:
@@ -310,7 +321,9 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeigh
     blocks = raw.reshape(n, k // fmt.block, fmt.type_size)             # (N, nb, type_size)
     step = max(1, _REPACK_WEIGHTS // k)
     parts = [_repack_rows(blocks[i:i + step], int(qtype)) for i in range(0, n, step)]
-    planes = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+    # contiguous: a one-block row's byte slice reshapes to a strided view, and the kernels index planes
+    # as dense row-major arrays
+    planes = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name].contiguous()
               for name in parts[0]}
     return PackedWeight(int(qtype), (n, k), **planes)
 
@@ -469,6 +482,18 @@ def _x_scale(b, h, sh, g, table):
     return 1.0 if table else 2.0 ** -(b * g if b * g + b + h <= 23 else b * g - sh)
 
 
+@_constexpr_fn
+def _fo(f, g):
+    """field_offset(f, g) for a compile-time field index."""
+    return (f % (g // 4)) * 16 + (f // (g // 4)) * 4
+
+
+@jit
+def _fo_t(f, G: tl.constexpr):
+    """field_offset for a tensor of field indices."""
+    return (f % (G // 4)) * (4 * _V) + (f // (G // 4)) * _V
+
+
 @jit
 def _move(v, n: tl.constexpr):
     """v << n for n >= 0, v >> -n otherwise (n a compile-time constant)."""
@@ -507,8 +532,8 @@ def _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, rmask
                 KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                 GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                 HAS_MIN: tl.constexpr):
-    """Weights of rows r (BN, 1, 1, 1) int64 and groups ng (NG,) as float32 (BN, NG, G, V) — natural order:
-    element [n, i, f, j] is weight ng[i]*G*V + f*V + j of row r[n] — and the mask of the valid ones."""
+    """Weights of rows r (BN, 1, 1, 1) int64 and groups ng (NG,) as float32 (BN, NG, G, V) — element
+    [n, i, f, j] is weight ng[i]*G*V + field_offset(f) + j of row r[n] — and the mask of the valid ones."""
     kw = ng[:, None, None] * _V + tl.arange(0, _V)[None, None, :]     # (NG, 1, V) word index
     mask = rmask & (kw < KW)[None, :, :, :]                            # (BN, NG, 1, V)
     words = tl.load(qs_ptr + r * KW + kw[None, :, :, :], mask=mask, other=0)
@@ -526,7 +551,7 @@ def _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, rmask
     if SPG == 1:
         dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng // GPS)[None, :, None, None], gmask, d, dmn, FMT)
     else:
-        sidx = r * SUBS + (ng * SPG)[None, :, None, None] + g // (G // SPG)   # (BN, NG, G, 1)
+        sidx = r * SUBS + (ng * SPG)[None, :, None, None] + g % SPG   # (BN, NG, G, 1): SPG == G / 4
         dl, ml = _scales(sc_ptr, mn_ptr, sidx, gmask & (g < G), d, dmn, FMT)
     w = _codes(words, hi, tab_ptr, g, FMT, 0) * dl
     if HAS_MIN:
@@ -624,7 +649,8 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
                                 rmask[:, :, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
                                 HAS_MIN)
             w2 = tl.reshape(wt, (BN, W * G)).to(x_ptr.dtype.element_ty)                      # (BN, BK)
-            xk = kw0 * G + tl.arange(0, W * G)
+            xk = tl.reshape((ng * (G * _V))[:, None, None] + _fo_t(tl.arange(0, G), G)[None, :, None]
+                            + tl.arange(0, _V)[None, None, :], (W * G,))   # the weights' order in w2
             x2 = tl.load(x_ptr + mi[:, None] * stride_x + xk[None, :],
                          mask=(mi < M)[:, None] & (xk < KW * G)[None, :], other=0.0)         # (MX, BK)
             if IEEE:
@@ -656,21 +682,21 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
                 dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
             xo = ng[:, None] * (G * _V) + j[None, :]                   # (NG, V) weight under field 0
             xmask = (ng < KW // _V)[:, None] & (j < _V)[None, :]
-            for s in tl.static_range(SPG):
+            for s in tl.static_range(SPG):  # sub-block s of the group holds fields s, s + SPG, ...
                 sidx = r * SUBS + ((ng // GPS) * SPG + s)[None, :]
                 dl, ml = _scales(sc_ptr, mn_ptr, sidx, gmask, d, dmn, FMT)   # (BN, NG)
                 if not HAS_MIN:
                     ml = dl * OFFSET  # sum((q - o) * x) = sum(q * x) - o * sum(x)
                 for f in tl.static_range(FPS):
-                    q = _gemv_code(words, words_sh, hi, tab_ptr, magic, s * FPS + f, FMT, 32 // G, H, SH, CVT)
+                    q = _gemv_code(words, words_sh, hi, tab_ptr, magic, f * SPG + s, FMT, 32 // G, H, SH, CVT)
                     if MX == 1:
-                        xg = _x_load(x_ptr, xo + (s * FPS + f) * _V, xmask, pa_ptr, pw_ptr, rstd, poff, KW * G,
+                        xg = _x_load(x_ptr, xo + _fo(f * SPG + s, G), xmask, pa_ptr, pw_ptr, rstd, poff, KW * G,
                                      PRO, PRO_RES, PRO_OFF)
-                        t = q * (xg * _x_scale(32 // G, H, SH, s * FPS + f, not GMIN))[None, :, :]     # (BN, NG, V)
+                        t = q * (xg * _x_scale(32 // G, H, SH, f * SPG + s, not GMIN))[None, :, :]     # (BN, NG, V)
                     else:
-                        xg = tl.load(x_ptr + mi[:, None, None] * stride_x + (xo + (s * FPS + f) * _V)[None, :, :],
+                        xg = tl.load(x_ptr + mi[:, None, None] * stride_x + (xo + _fo(f * SPG + s, G))[None, :, :],
                                      mask=(mi < M)[:, None, None] & xmask[None, :, :], other=0.0).to(tl.float32)
-                        t = q[:, None, :, :] * (xg * _x_scale(32 // G, H, SH, s * FPS + f, not GMIN))[None, :, :, :]
+                        t = q[:, None, :, :] * (xg * _x_scale(32 // G, H, SH, f * SPG + s, not GMIN))[None, :, :, :]
                     if f == 0:
                         p = t
                         sx = xg
@@ -700,6 +726,152 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
         tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
 
 
+# ---------------------------------------------------------------- int8 activations: x quantized, dp4a dot products
+
+@jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + sum over the four bytes of a (unsigned) times b (signed): PTX dp4a on the GPU; the same integer
+    arithmetic spelled out for the Triton interpreter (which cannot run inline assembly)."""
+    if ASM:
+        out = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        out = c + ((a & 0xFF) * ((b << 24) >> 24) + ((a >> 8) & 0xFF) * ((b << 16) >> 24)
+                   + ((a >> 16) & 0xFF) * ((b << 8) >> 24) + ((a >> 24) & 0xFF) * (b >> 24))
+    return out
+
+
+@jit
+def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_x, BLOCKS: tl.constexpr):
+    """x (M, K) -> int8 codes q = round(x / dx) with dx = max|x| / 127 per 32 consecutive values (llama.cpp's
+    q8_1), packed four to an int32 in the order the dp4a GEMV reads them: word 4*r + j of run r (16 values)
+    holds values 16r + j + 4t, t = 0..3, in its bytes t (`field_offset`: the fields that share a byte
+    position of a weight word cover a run). Also dx (M, K/32) float32 and sum(q) per run (M, K/16) int32."""
+    m = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)                                  # (BLOCKS,) 32-blocks
+    run = tl.arange(0, 2)
+    t = tl.arange(0, 4)
+    j = tl.arange(0, 4)
+    idx = (blk[:, None, None, None] * 32 + run[None, :, None, None] * 16 + t[None, None, :, None] * 4
+           + j[None, None, None, :])                                                       # (BLOCKS, 2, 4, 4)
+    mask = idx < K
+    x = tl.load(x_ptr + m * stride_x + idx, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)                       # (BLOCKS,)
+    inv = tl.where(amax > 0.0, 127.0 / amax, 0.0)
+    xs = x * inv[:, None, None, None]
+    q = (xs + tl.where(xs >= 0.0, 0.5, -0.5)).to(tl.int32)                                # round half away
+    words = tl.sum((q & 0xFF) << (8 * t)[None, None, :, None], axis=2)                      # (BLOCKS, 2, 4)
+    bmask = blk < K // 32
+    widx = (blk[:, None, None] * 2 + run[None, :, None]) * 4 + j[None, None, :]
+    tl.store(xq_ptr + m * (K // 4) + widx, words, mask=bmask[:, None, None])
+    tl.store(xd_ptr + m * (K // 32) + blk, amax / 127.0, mask=bmask)
+    tl.store(xs_ptr + m * (K // 16) + blk[:, None] * 2 + run[None, :], tl.sum(tl.sum(q, axis=3), axis=2),
+             mask=bmask[:, None])
+
+
+@jit
+def _spread(hi, H: tl.constexpr):
+    """A word's high bits (field f at bits [H*f, H*f + H)) -> the high bits of the fields of byte position t at
+    byte t: for 4-bit codes (8 fields), 2*H bits (fields 2t, 2t + 1); for 2-bit codes (16 fields), 4 bits."""
+    if H == 1:
+        s = hi & 0xFF
+        s = (s | (s << 12)) & 0x000F000F
+        s = (s | (s << 6)) & 0x03030303
+    else:
+        s = hi & 0xFFFF
+        s = (s | (s << 8)) & 0x00FF00FF
+        s = (s | (s << 4)) & 0x0F0F0F0F
+    return s
+
+
+@jit
+def _operand(words, spread, k: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
+    """Byte lanes k of the words: the codes of fields k, L + k, 2L + k, 3L + k (L = 8 / B fields per byte) as
+    four unsigned bytes, high bits included."""
+    if B == 8:
+        w = words
+    else:
+        w = (words >> (B * k)) & (((1 << B) - 1) * 0x01010101)
+        if H > 0:
+            w = w | (_move(spread, B - H * k) & ((((1 << H) - 1) << B) * 0x01010101))
+    return w
+
+
+@jit
+def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
+                    KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+                    GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
+                    HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
+                    BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr):
+    """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`): per word of weights, one dp4a per
+    byte position (4 weights of one 16-run), integer sums per sub-block, then
+    sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
+    A program owns BN rows and walks K in steps of W words as (BN, NG, V) tiles; no split-K."""
+    B: tl.constexpr = 32 // G
+    L: tl.constexpr = 8 // B                                           # fields per byte = byte lanes per word
+    RUNS: tl.constexpr = G * _V // 16                                  # 16-runs per group (== L)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
+    rmask = (rows < N)[:, None]
+    j = tl.arange(0, _V)
+    acc = tl.zeros((BN, W // _V), dtype=tl.float32)
+    for it in range(0, NIT):
+        kw0 = it * W
+        kw = kw0 + tl.arange(0, W)
+        words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
+                           (BN, W // _V, _V))                           # (BN, NG, V)
+        ng = kw0 // _V + tl.arange(0, W // _V)                         # (NG,)
+        gok = ng < KW // _V
+        gmask = rmask & gok[None, :]                                   # (BN, NG)
+        spread = words
+        if HAS_QH:
+            if G * H * _V == 32:
+                hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)     # (BN, NG)
+                hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                            # (BN, NG, V)
+            else:
+                ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
+                hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
+                hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
+                hi = hi >> ((j % 2) * 16)[None, None, :]                                        # (BN, NG, V)
+            spread = _spread(hi, H if G == 8 else 2)
+        blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
+        d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))            # (BN, NG)
+        dmn = d
+        if HAS_DM:
+            dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+        xmask = gok[:, None] & (j < _V)[None, :]
+        isum = tl.zeros((BN, W // _V, _V), dtype=tl.int32)
+        ssum = tl.zeros((W // _V,), dtype=tl.int32)
+        for k in tl.static_range(L):
+            run = ng * RUNS + k                                        # (NG,) the 16-run of byte lanes k
+            xk = tl.load(xq_ptr + run[:, None] * _V + j[None, :], mask=xmask, other=0)      # (NG, V)
+            sk = tl.load(xs_ptr + run, mask=gok, other=0)              # (NG,)
+            wk = _operand(words, spread, k, B, H)
+            if SPG == 1:  # one sub-block (and one x block) for every lane of the group: chain the sums
+                isum = _dp4a(wk, xk[None, :, :], isum, ASM)
+                ssum += sk
+            else:  # lanes k are sub-block k (16 weights); x blocks are 32
+                dx = tl.load(xd_ptr + (ng * RUNS + k) // 2, mask=gok, other=0.0)               # (NG,)
+                dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng * SPG + k)[None, :], gmask, d, dmn, FMT)
+                dot = tl.sum(_dp4a(wk, xk[None, :, :], tl.zeros_like(words), ASM), axis=2)   # (BN, NG)
+                if HAS_MIN:
+                    acc += (dl * dot.to(tl.float32) - ml * sk.to(tl.float32)[None, :]) * dx[None, :]
+                else:
+                    acc += dl * (dot - OFFSET * sk[None, :]).to(tl.float32) * dx[None, :]
+        if SPG == 1:
+            dx = tl.load(xd_ptr + (ng * RUNS) // 2, mask=gok, other=0.0)                      # (NG,)
+            dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng // GPS)[None, :], gmask, d, dmn, FMT)
+            dot = tl.sum(isum, axis=2)                                 # (BN, NG)
+            if HAS_MIN:
+                acc += (dl * dot.to(tl.float32) - ml * ssum.to(tl.float32)[None, :]) * dx[None, :]
+            else:
+                acc += dl * (dot - OFFSET * ssum[None, :]).to(tl.float32) * dx[None, :]
+    y = tl.sum(acc, axis=1)                                            # (BN,)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
 @jit
 def _split_k_sum_kernel(p_ptr, y_ptr, b_ptr, N, MN, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -727,7 +899,7 @@ def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_
     w, mask = _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r,
                           (rows < N)[:, None, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
                           HAS_MIN)
-    offs = (r * (KW * G) + (ng * (G * _V))[None, :, None, None] + tl.arange(0, G)[None, None, :, None] * _V
+    offs = (r * (KW * G) + (ng * (G * _V))[None, :, None, None] + _fo_t(tl.arange(0, G), G)[None, None, :, None]
             + tl.arange(0, _V)[None, None, None, :])                   # (BN, NG, G, V)
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -745,6 +917,7 @@ class GemvConfig:
     cvt: int = 0             # 0: magic-number int -> float; 1: plain conversion (I2FP on sm_90)
     dot: bool = False        # M >= 2 only: dense tiles in x's dtype through tl.dot (x padded to 16 rows)
     num_stages: int | None = None   # None: Triton's default
+    int8: bool = False       # M = 1, 16-bit x: quantize x to int8 per 32 and use dp4a (`_gemv_q8_kernel`)
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -753,15 +926,26 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
 
 
+# The int8-activation GEMV on (the table's choice for M = 1 and 16-bit x) or off (float path everywhere):
+# KILN_INT8=0 switches it off, for A/B measurements (bench/int8_ab.py) and as an escape hatch.
+INT8 = os.environ.get("KILN_INT8", "1") != "0"
+
+# Formats the int8-activation GEMV takes (the code-book IQ4 formats would need a table lookup per weight).
+INT8_FORMATS = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+
 # Per format: (config for M == 1, config for 2 <= M <= 8). Chosen from instruction and register counts of
 # the compiled sm_90 code, not yet from timings: bench/gpu_quant_check.py times variants on the H100 — copy
 # the winners here. 64 rows per program gives each thread 4 rows that share its activation loads; Q8_0
 # (more registers per row) and the code-book formats (a gather per weight) get fewer.
 _M1_WIDE = GemvConfig(block_n=64, block_k=256, num_warps=4)
+# The int8-activation GEMV: block_n is the most rows per program (fewer while the grid is short of
+# 2 programs per SM: no split-K), block_k the most weights per row per step.
+_M1_INT8 = GemvConfig(block_n=4, block_k=4096, num_warps=4, int8=True)
 _M1_NARROW = GemvConfig(block_n=32, block_k=256, num_warps=4)
 _MX = GemvConfig(block_n=32, block_k=256, num_warps=4, dot=True)
 GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {
-    q: (_M1_NARROW if q in (Q8_0, IQ4_NL, IQ4_XS) else _M1_WIDE, _MX) for q in FORMATS}
+    q: (_M1_INT8 if q in INT8_FORMATS else _M1_NARROW if q in (Q8_0, IQ4_NL, IQ4_XS) else _M1_WIDE, _MX)
+    for q in FORMATS}
 _DEFAULT = (_M1_NARROW, _MX)
 
 _TARGET_PROGRAMS_PER_SM = 4  # split-K aims for at least this many programs per SM
@@ -831,6 +1015,8 @@ def gemv_config(w: PackedWeight, m: int, dtype: torch.dtype = torch.bfloat16) ->
     cfg = GEMV_CONFIGS.get(w.qtype, _DEFAULT)[0 if m == 1 else 1]
     if cfg.dot and dtype == torch.float32:
         cfg = replace(cfg, dot=False, block_n=16)
+    if cfg.int8 and (dtype == torch.float32 or not INT8):  # float32 activations stay exact: the float path
+        cfg = _M1_NARROW if w.qtype == Q8_0 else _M1_WIDE
     return cfg
 
 
@@ -853,16 +1039,92 @@ class Prologue:
         return {"norm": 1, "silu": 2, "gelu": 3}[self.kind]
 
 
+@dataclass
+class QuantAct:
+    """One activation row x (1, K) as the int8 GEMV reads it (`_quantize_x_kernel`): codes xq (K/4,) int32,
+    scales xd (K/32,) float32, code sums per 16-run xs (K/16,) int32; `dtype` is x's, the GEMV's output's."""
+
+    xq: torch.Tensor
+    xd: torch.Tensor
+    xs: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def k(self) -> int:
+        return self.xq.numel() * 4
+
+
+def quantize_act(x: torch.Tensor) -> QuantAct:
+    """x (1, K) or (K,), K a multiple of 32 -> QuantAct (one launch), for every int8 GEMV that reads x."""
+    x2 = x.reshape(1, -1)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    k = x2.shape[1]
+    if k % 32:
+        raise ValueError(f"quantize_act needs K a multiple of 32, got {k}")
+    xq = torch.empty(k // 4, dtype=torch.int32, device=x.device)
+    xd = torch.empty(k // 32, dtype=torch.float32, device=x.device)
+    xs = torch.empty(k // 16, dtype=torch.int32, device=x.device)
+    blocks = 4
+    _quantize_x_kernel[(1, triton.cdiv(k // 32, blocks))](x2, xq, xd, xs, k, x2.stride(0), BLOCKS=blocks,
+                                                          num_warps=1)
+    return QuantAct(xq, xd, xs, x.dtype)
+
+
+def takes_int8(w: PackedWeight, x: torch.Tensor) -> bool:
+    """Does gemv(x, w) (M = 1, no prologue) take the int8-activation path by the table's config?"""
+    return x.numel() == x.shape[-1] and gemv_config(w, 1, x.dtype).int8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _q8_geometry(cfg: GemvConfig, fmt: Format, n: int, k: int, sms: int) -> tuple[int, int]:
+    """(rows per program, words per row per step) of the int8 GEMV: the whole row in one step when it fits
+    block_k, and fewer rows per program while the grid is short of 2 programs per SM."""
+    kw = k // fmt.g
+    w = min(triton.next_power_of_2(kw), max(V, cfg.block_k // fmt.g))
+    bn = cfg.block_n
+    while bn > 1 and triton.cdiv(n, bn) < 2 * sms:
+        bn //= 2
+    return bn, w
+
+
+def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: GemvConfig) -> torch.Tensor:
+    fmt, (n, k) = w.fmt, w.shape
+    bn, wd = _q8_geometry(cfg, fmt, n, k, _sm_count(act.xq.device))
+    geo = _geometry(fmt, k, V * fmt.g)
+    geo["W"] = wd
+    y = torch.empty((1, n), dtype=act.dtype, device=act.xq.device)
+    qs, qh, sc, mn, d, dm, _ = _plane_args(w)
+    extra = {} if cfg.num_stages is None else dict(num_stages=cfg.num_stages)
+    _gemv_q8_kernel[(triton.cdiv(n, bn),)](
+        act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm,
+        w.qs if w.qh is None else w.qh.view(torch.int32), n, FMT=w.qtype, HAS_BIAS=bias is not None,
+        H=_gemv_constants(w.qtype)["H"], OFFSET=_OFFSETS.get(w.qtype, 0), BN=bn, NIT=triton.cdiv(geo["KW"], wd),
+        ASM=not _interpreting(), num_warps=cfg.num_warps, **geo, **extra)
+    return y
+
+
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
-         config: GemvConfig | None = None, prologue: Prologue | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, prologue: Prologue | None = None,
+         act: QuantAct | None = None) -> torch.Tensor:
     """x (M, K) with 1 <= M <= 8, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
 
     Dequantization is fused; accumulation is float32. No host sync and no data-dependent allocation, so it
     can be captured in a CUDA graph once it has run once for this shape (Triton compiles on the first call).
     With a `prologue` (M = 1 only) the activations are transformed as they are loaded (Prologue).
+    Where the config says `int8` (the table's, for M = 1 and 16-bit x in INT8_FORMATS), x is quantized to
+    int8 per 32 values (`quantize_act`; pass `act` to reuse one quantization of x across GEMVs) and the
+    products are dp4a integer dot products — llama.cpp's MMVQ arithmetic, relative error ~1e-3.
     """
     fmt, (n, k) = w.fmt, w.shape
     m = x.shape[0]
+    if prologue is None and m == 1 and w.qtype in INT8_FORMATS and x.dim() == 2 and x.shape[1] == k:
+        cfg = config or gemv_config(w, 1, x.dtype)
+        if cfg.int8:
+            return _gemv_int8(act if act is not None else quantize_act(x), w, bias, cfg)
     kx = 2 * k if prologue is not None and prologue.kind != "norm" else k
     if x.dim() != 2 or x.shape[1] != kx or not 1 <= m <= MAX_GEMV_M or (prologue is not None and m != 1):
         raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {kx}) (M = 1 with a prologue), "

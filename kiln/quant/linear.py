@@ -99,9 +99,15 @@ class QuantLinear(nn.Module):
         """Can `forward(x, prologue=...)` fold a norm or gated activation into the GEMV (decode, M = 1)?"""
         return self.qs is not None and kernels.use_triton(x) and x.numel() == x.shape[-1]
 
-    def forward(self, x: torch.Tensor, prologue: kernels.Prologue | None = None) -> torch.Tensor:
+    def takes_int8(self, x: torch.Tensor) -> bool:
+        """Does forward(x) take the int8-activation GEMV (so that a caller may quantize x once, for several
+        layers, with kernels.quantize_act and pass it as `act`)?"""
+        return self.qs is not None and kernels.use_triton(x) and kernels.takes_int8(self.packed, x)
+
+    def forward(self, x: torch.Tensor, prologue: kernels.Prologue | None = None,
+                act: kernels.QuantAct | None = None) -> torch.Tensor:
         """x (..., K) -> (..., N); with a prologue (only where takes_prologue(x)) x is (1, K) before the
-        norm, or (1, 2K) [gate | up] before the activation."""
+        norm, or (1, 2K) [gate | up] before the activation; `act` is x already quantized (takes_int8)."""
         if prologue is not None:
             y = kernels.gemv(x.reshape(1, -1), self.packed, self.bias, prologue=prologue)
             return y.view(*x.shape[:-1], self.out_features)
@@ -110,7 +116,7 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if self.qs is not None and kernels.use_triton(x2):
             if 1 <= m <= MAX_GEMV_M:
-                y = kernels.gemv(x2, self.packed, bias)
+                y = kernels.gemv(x2, self.packed, bias, act=act if m == 1 else None)
             else:
                 w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch
                 y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,150 @@
+"""The int8-activation GEMV (kernels._gemv_q8_kernel) against the float path, on the GPU, in one process.
+
+1. `check`: every INT8 format at real shapes — the int8 GEMV against dequantized W times the dequantized
+   int8 x (float64), and against the float path (bf16 x).
+2. `micro`: in-graph µs per call over rotating weight copies (no L2 reuse) for the shapes of Qwen3-0.6B,
+   Llama-3.2-1B and Qwen3-8B: the float path with its table config (+ split-K sum), the int8 GEMV with
+   the table config and a grid of (block_n, block_k, warps), and quantize_act alone.
+3. `model`: `kiln.bench` decode/prefill of each GGUF file with kernels.INT8 off, then on.
+Usage (GPU machine): python bench/int8_ab.py --out DIR [--steps check,micro,model] [--files a.gguf,b.gguf]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_quant_check as G  # noqa: E402  (random_rows, graph_us, n_copies, kiln import fallbacks)
+
+import torch  # noqa: E402
+
+from kiln.quant import kernels as K  # noqa: E402
+
+SHAPES = {  # (format, N, K): the decode GEMVs of each model (q+k joined; v apart where it is Q6_K)
+    "qwen3-0.6b": [(K.Q4_K, 3072, 1024), (K.Q6_K, 1024, 1024), (K.Q4_K, 1024, 2048), (K.Q4_K, 6144, 1024),
+                   (K.Q6_K, 1024, 3072), (K.Q4_K, 1024, 3072), (K.Q6_K, 151936, 1024), (K.Q8_0, 4096, 1024),
+                   (K.Q8_0, 1024, 3072)],
+    "llama-3.2-1b": [(K.Q4_K, 2560, 2048), (K.Q4_K, 2048, 2048), (K.Q4_K, 16384, 2048), (K.Q6_K, 2048, 8192),
+                     (K.Q6_K, 128256, 2048)],
+    "qwen3-8b": [(K.Q4_K, 5120, 4096), (K.Q6_K, 1024, 4096), (K.Q4_K, 4096, 4096), (K.Q4_K, 24576, 4096),
+                 (K.Q6_K, 4096, 12288), (K.Q4_K, 4096, 12288), (K.Q6_K, 151936, 4096)],
+}
+GRID = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, int8=True)
+        for bn in (2, 4, 8, 16) for bk in (2048, 4096, 16384) for w in (4, 8)]
+
+
+def packed(qtype, n, k, seed=0):
+    return K.repack(G.random_rows(qtype, n, k, seed), qtype, (n, k))
+
+
+def check(out):
+    rows = []
+    for qtype in sorted(K.INT8_FORMATS):
+        for n, k in ((4096, 4096), (1024, 3072)):
+            w = packed(qtype, n, k)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            a = K.quantize_act(x)
+            q = a.xq.view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
+            xq = q * a.xd.double().repeat_interleave(32)
+            wd = K.dequantize_ref(w).double()
+            ref = xq @ wd.T
+            y = K.gemv(x, w)
+            K.INT8 = False
+            yf = K.gemv(x, w)
+            K.INT8 = True
+            exact = x.double() @ wd.T
+            r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "err_vs_int8_ref": G.rel(y, ref.float()),
+                 "err_vs_exact": G.rel(y, exact.float()), "float_path_err_vs_exact": G.rel(yf, exact.float())}
+            r["ok"] = r["err_vs_int8_ref"] < 1e-2
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    out["check"] = rows
+
+
+def micro(out, deadline):
+    rows = []
+    for model, shapes in SHAPES.items():
+        for qtype, n, k in shapes:
+            if time.time() > deadline:
+                print("micro: out of time", flush=True)
+                out["micro"] = rows
+                return
+            w0 = packed(qtype, n, k)
+            copies = G.n_copies(w0.nbytes)
+            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            act = K.quantize_act(x)
+            r = {"model": model, "format": K.FORMATS[qtype].name, "n": n, "k": k, "mb": w0.nbytes / 1e6}
+            K.INT8 = False
+            r["float_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies)
+            K.INT8 = True
+            r["quantize_us"] = G.graph_us(lambda i: (lambda: K.quantize_act(x)), 4)
+            r["int8_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], act=act)), copies)
+            grid = {}
+            for cfg in GRID:
+                if time.time() > deadline:
+                    break
+                key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}"
+                try:
+                    grid[key] = round(G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg, act=act)), copies), 2)
+                except Exception as e:  # noqa: BLE001
+                    grid[key] = f"error {type(e).__name__}: {e}"[:120]
+            ok = {c: v for c, v in grid.items() if isinstance(v, float)}
+            r["best"] = min(ok, key=ok.get) if ok else None
+            r["best_us"] = ok.get(r["best"])
+            r["float_tb_s"] = w0.nbytes / r["float_us"] / 1e6
+            r["int8_tb_s"] = w0.nbytes / r["int8_us"] / 1e6
+            r["grid"] = grid
+            print(json.dumps({k_: v for k_, v in r.items() if k_ != "grid"}), flush=True)
+            rows.append(r)
+            del ws
+            torch.cuda.empty_cache()
+    out["micro"] = rows
+
+
+def model(out, files, deadline):
+    from kiln.bench import bench
+    rows = []
+    for f in files:
+        for on in (False, True):
+            if time.time() > deadline:
+                print("model: out of time", flush=True)
+                out["model"] = rows
+                return
+            K.INT8 = on
+            r = bench(f, 512, 128, 3)
+            k = r["kiln"]
+            row = {"file": Path(f).name, "int8": on, "decode_tok_s": round(k["decode_tok_s"], 1),
+                   "prefill_tok_s": round(k["prefill_tok_s"]), "ms_per_token": round(k["ms_per_token"], 3),
+                   "roofline_share": round(k.get("roofline_share", 0), 3), "capture_s": k.get("capture_s")}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    out["model"] = rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", default="check,micro,model")
+    ap.add_argument("--files", default="")
+    ap.add_argument("--budget", type=float, default=400)
+    a = ap.parse_args()
+    t0 = time.time()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    steps = a.steps.split(",")
+    try:
+        if "check" in steps:
+            check(out)
+        if "model" in steps and a.files:
+            model(out, a.files.split(","), t0 + a.budget * 0.55)
+        if "micro" in steps:
+            micro(out, t0 + a.budget)
+    finally:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "int8_ab.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
