@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.ops import gelu_tanh_mul, rms_norm, silu_mul
-from kiln.quant.kernels import Prologue, quantize_act
+from kiln.quant.kernels import Prologue, empty_act, quantize_act
 from kiln.quant.linear import QuantLinear
 
 
@@ -49,13 +49,14 @@ class Normed:
     def shape(self) -> torch.Size:
         return self.x.shape
 
-    def value(self) -> torch.Tensor:
+    def value(self, q8: tuple | None = None) -> torch.Tensor:
+        """The normed x; with q8 (a QuantAct's buffers) the norm kernel also stores it quantized to int8."""
         if self._y is None:
             n = self.norm
             if self.residual is None:
-                self._y = rms_norm(self.x, n.weight, n.eps, n.offset)
+                self._y = rms_norm(self.x, n.weight, n.eps, n.offset, q8=q8)
             else:
-                self._y, self.h = rms_norm(self.x, n.weight, n.eps, n.offset, self.residual)
+                self._y, self.h = rms_norm(self.x, n.weight, n.eps, n.offset, self.residual, q8=q8)
         return self._y
 
     def prologue(self, write_h: bool) -> Prologue:
@@ -90,7 +91,11 @@ def gated(down: nn.Module, gate_up: FusedLinear, x, act: str = "silu") -> torch.
     gu = gate_up.wide_forward(x)  # (..., 2I)
     if act in PROLOGUES and isinstance(down, QuantLinear) and down.takes_prologue(gu[..., :down.in_features]):
         return down(gu, prologue=Prologue(act))
-    return down(silu_mul(gu) if act == "silu" else gelu_tanh_mul(gu))
+    fn = silu_mul if act == "silu" else gelu_tanh_mul
+    if isinstance(down, QuantLinear) and down.takes_int8(gu[..., :down.in_features]):
+        a = empty_act(down.in_features, gu.dtype, gu.device)  # the activation kernel quantizes its output
+        return down(fn(gu, q8=a.buffers), act=a)
+    return down(fn(gu))
 
 
 class FusedLinear(nn.Module):
@@ -122,10 +127,16 @@ class FusedLinear(nn.Module):
         if isinstance(x, Normed) and x._y is None and "norm" in PROLOGUES and all(
                 isinstance(g, QuantLinear) and g.takes_prologue(x.x) for g in self.groups):
             return [g(x.x, prologue=x.prologue(write_h=i == 0)) for i, g in enumerate(self.groups)]
+        xt = x.x if isinstance(x, Normed) else x
+        if all(isinstance(g, QuantLinear) and g.takes_int8(xt) for g in self.groups):
+            if isinstance(x, Normed) and x._y is None:  # the norm kernel quantizes its output too
+                act = empty_act(xt.shape[-1], xt.dtype, xt.device)
+                y = x.value(q8=act.buffers)
+            else:  # one quantization of x for every group's int8 GEMV
+                y = value(x)
+                act = quantize_act(y)
+            return [g(y, act=act) for g in self.groups]
         x = value(x)
-        if len(self.groups) > 1 and all(isinstance(g, QuantLinear) and g.takes_int8(x) for g in self.groups):
-            act = quantize_act(x)  # one quantization of x for every group's int8 GEMV
-            return [g(x, act=act) for g in self.groups]
         return [g(x) for g in self.groups]
 
     @property

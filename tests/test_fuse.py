@@ -103,6 +103,53 @@ for name in ("qwen3", "gemma3"):
 """
 
 
+_INT8_STEP = _QUANT_STEP.split("calls = collections.Counter()")[0].replace(
+    'kiln.fuse.PROLOGUES = {"norm", "silu", "gelu"}', 'kiln.fuse.PROLOGUES = set()') + """
+calls = collections.Counter()
+quantize_act, gemv_int8 = K.quantize_act, K._gemv_int8
+def count(name, fn):
+    def wrapped(*a, **kw):
+        calls[name] += 1
+        return fn(*a, **kw)
+    return wrapped
+K.quantize_act, K._gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
+kiln.fuse.quantize_act = K.quantize_act
+for name in ("qwen3", "gemma3"):
+    cfg = tm.CONFIGS[name]
+    hf, _ = tm._hf_model(cfg)
+    km = tm._kiln_model(cfg, hf)
+    quantize(km)
+    fuse_projections(km)
+    km.half()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for on in (False, True):
+        K.INT8 = on
+        calls.clear()
+        with torch.no_grad():
+            cache = KVCache.for_model(km, max_len=16)
+            parts = [km(ids[:, :6], cache=cache, pos=0)]
+            for t in range(6, 10):
+                parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+        logits[on] = torch.cat(parts, 1).float()
+    layers = cfg["num_hidden_layers"]
+    # per decode step and layer at least q/k/v, o, gate/up and down run int8; the inputs of q/k/v and of
+    # the joined gate/up's down projection are quantized by the norm / activation kernels themselves, so
+    # fewer standalone quantizations than int8 GEMVs remain (o's input, the head's, unjoined layers')
+    assert calls["int8"] >= 4 * 4 * layers and calls["quantize"] <= calls["int8"] // 2, dict(calls)
+    ref, got = logits[False], logits[True]
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, (name, err)
+    print(name, err, dict(calls))
+"""
+
+
+def test_int8_decode_step_quantizes_inside_the_norm_and_activation_kernels():
+    """The same tiny quantized qwen3 / gemma3 in float16: decode through the int8-activation GEMVs (x
+    quantized by the RMSNorm and gated-activation kernels that produce it) against the float GEMV path."""
+    assert run_interpreted(_INT8_STEP, timeout=900).count("\n") == 2
+
+
 def test_quantized_decode_step_with_prologues_matches_reference():
     """A tiny qwen3 and gemma3 with Q8_0 QuantLinears, fused projections, the norms and gated activations
     inside the GEMVs, under Triton's interpreter: the decode steps equal the plain torch model's logits."""

@@ -217,6 +217,31 @@ def test_quantize_act_codes_scales_and_order():
     assert a.dtype == torch.float16 and a.k == k
 
 
+@pytest.mark.parametrize("op", ["norm", "norm-residual", "norm-offset", "silu", "gelu"])
+def test_producer_kernels_store_the_same_int8_codes(op):
+    """RMSNorm and the gated activations, given a QuantAct's buffers, store exactly what quantize_act makes
+    of their output (one launch instead of two in a decode step)."""
+    from kiln.ops import gelu_tanh_mul, rms_norm, silu_mul
+    g = torch.Generator().manual_seed(4)
+    e = 1056  # > the activation kernel's 1024-wide programs, a multiple of 32
+    x = torch.randn(1, e, generator=g).to(DEVICE, torch.float16)
+    a = K.empty_act(e, x.dtype, x.device)
+    if op.startswith("norm"):
+        w, r = torch.randn(e, generator=g).to(DEVICE), torch.randn(1, e, generator=g).to(DEVICE, torch.float16)
+        args = dict(offset=1.0 if op == "norm-offset" else 0.0, residual=r if op == "norm-residual" else None)
+        y = rms_norm(x, w, 1e-6, q8=a.buffers, **args)
+        y = y[0] if isinstance(y, tuple) else y
+        assert torch.equal(y, rms_norm(x, w, 1e-6, **args)[0] if args["residual"] is not None
+                           else rms_norm(x, w, 1e-6, **args))
+    else:
+        gu = torch.randn(1, 2 * e, generator=g).to(DEVICE, torch.float16)
+        fn = silu_mul if op == "silu" else gelu_tanh_mul
+        y = fn(gu, q8=a.buffers)
+        assert torch.equal(y, fn(gu))
+    b = K.quantize_act(y)
+    assert torch.equal(a.xq, b.xq) and torch.equal(a.xd, b.xd) and torch.equal(a.xs, b.xs)
+
+
 INT8_QTYPES = sorted(K.INT8_FORMATS)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ops import jit, tl, use_triton
+from kiln.ops.q8 import store_q8
 
 _BLOCK = 1024
 
@@ -30,31 +31,40 @@ def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None) -> torch.Tensor:
+    """With `q8` (a kiln.quant.kernels.QuantAct's buffers, one row, F a multiple of 32) the same launch also
+    stores the output quantized to int8 for the int8 GEMV (q8.store_q8)."""
     if not use_triton(gate_up):
+        assert q8 is None, "q8 output needs the Triton kernel"
         return silu_mul_ref(gate_up)
-    return _launch(gate_up, gelu=False)
+    return _launch(gate_up, gelu=False, q8=q8)
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def gelu_tanh_mul(gate_up: torch.Tensor, q8: tuple | None = None) -> torch.Tensor:
     if not use_triton(gate_up):
+        assert q8 is None, "q8 output needs the Triton kernel"
         return gelu_tanh_mul_ref(gate_up)
-    return _launch(gate_up, gelu=True)
+    return _launch(gate_up, gelu=True, q8=q8)
 
 
-def _launch(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None = None) -> torch.Tensor:
     f = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * f)  # (N, 2F)
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((x.shape[0], f), dtype=gate_up.dtype, device=gate_up.device)  # (N, F)
+    if q8 is not None:
+        assert x.shape[0] == 1 and f % 32 == 0, "q8 output takes one row of a multiple of 32 values"
+    xq, xd, xs = q8 if q8 is not None else (out, out, out)
     grid = (x.shape[0], (f + _BLOCK - 1) // _BLOCK)
-    _gated_act_kernel[grid](x, out, f, x.stride(0), GELU=gelu, BLOCK=_BLOCK, num_warps=4)
+    _gated_act_kernel[grid](x, out, xq, xd, xs, f, x.stride(0), GELU=gelu, Q8=q8 is not None, BLOCK=_BLOCK,
+                            num_warps=4)
     return out.view(*gate_up.shape[:-1], f)
 
 
 @jit
-def _gated_act_kernel(x_ptr, out_ptr, n_f, stride_x, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_act_kernel(x_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, n_f, stride_x, GELU: tl.constexpr,
+                      Q8: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_f
@@ -69,4 +79,7 @@ def _gated_act_kernel(x_ptr, out_ptr, n_f, stride_x, GELU: tl.constexpr, BLOCK: 
         a = g * tl.sigmoid(g)
     # torch rounds the activation to the input dtype before the multiply; so do we.
     y = a.to(u.dtype).to(tl.float32) * u.to(tl.float32)
-    tl.store(out_ptr + row * n_f + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    yc = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_f + cols, yc, mask=mask)
+    if Q8:  # the int8 GEMV's input, quantized per 32 (BLOCK is a multiple of 32)
+        store_q8(yc.to(tl.float32), tl.program_id(1) * (BLOCK // 32), n_f // 32, xq_ptr, xd_ptr, xs_ptr, BLOCK // 32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops.q8 import store_q8
 
 _MAX_E = 32768  # one row per program, held in registers; no model comes near this
 
@@ -35,10 +36,13 @@ def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-             residual: torch.Tensor | None = None):
-    """Same contract as `rms_norm_ref`; one kernel launch (the residual add included)."""
+             residual: torch.Tensor | None = None, q8: tuple | None = None):
+    """Same contract as `rms_norm_ref`; one kernel launch (the residual add included). With `q8` — the
+    (codes, scales, run sums) buffers of a kiln.quant.kernels.QuantAct, one row of E values, E a multiple
+    of 32 — the same launch also stores y quantized to int8 (q8.store_q8) for the int8 GEMV."""
     e = x.shape[-1]
     if not use_triton(x) or e > _MAX_E:
+        assert q8 is None, "q8 output needs the Triton kernel"
         return rms_norm_ref(x, weight, eps, offset, residual)
     x2 = _rows(x)  # (N, E)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)  # (N, E)
@@ -47,10 +51,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
         h = torch.empty(x2.shape, dtype=torch.result_type(x, residual), device=x.device)  # (N, E)
     else:
         r2 = h = x2  # unused by the kernel (HAS_RES is off)
-    block = triton.next_power_of_2(e)
+    block = max(32, triton.next_power_of_2(e))
+    if q8 is not None:
+        assert x2.shape[0] == 1 and e % 32 == 0, "q8 output takes one row of a multiple of 32 values"
+    xq, xd, xs = q8 if q8 is not None else (y, y, y)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, y, h, e, x2.stride(0), r2.stride(0), eps, float(offset),
-        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), BLOCK_E=block,
+        x2, r2, weight, y, h, xq, xd, xs, e, x2.stride(0), r2.stride(0), eps, float(offset),
+        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), Q8=q8 is not None, BLOCK_E=block,
         num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     if residual is None:
         return y.view(x.shape)
@@ -64,8 +71,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, E, stride_x, stride_r, eps, offset,
-                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_E: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, xd_ptr, xs_ptr, E, stride_x, stride_r, eps, offset,
+                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, Q8: tl.constexpr, BLOCK_E: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     mask = cols < E
@@ -82,4 +89,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, E, stride_x, stride_r, e
         y = xf * rstd * (offset + w)
     else:
         y = w * (xf * rstd).to(x.dtype).to(tl.float32)  # the cast before the weight is Llama's rounding
-    tl.store(y_ptr + row * E + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    yc = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * E + cols, yc, mask=mask)
+    if Q8:  # the int8 GEMV's input: y as rounded to the model's dtype, quantized per 32
+        store_q8(yc.to(tl.float32), 0, E // 32, xq_ptr, xd_ptr, xs_ptr, BLOCK_E // 32)

@@ -77,10 +77,11 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
+from kiln.ops.q8 import store_q8
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
            "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "INT8_FORMATS", "QuantAct",
-           "quantize_act", "takes_int8"]
+           "quantize_act", "empty_act", "takes_int8"]
 
 MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
 
@@ -743,30 +744,12 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 @jit
 def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_x, BLOCKS: tl.constexpr):
-    """x (M, K) -> int8 codes q = round(x / dx) with dx = max|x| / 127 per 32 consecutive values (llama.cpp's
-    q8_1), packed four to an int32 in the order the dp4a GEMV reads them: word 4*r + j of run r (16 values)
-    holds values 16r + j + 4t, t = 0..3, in its bytes t (`field_offset`: the fields that share a byte
-    position of a weight word cover a run). Also dx (M, K/32) float32 and sum(q) per run (M, K/16) int32."""
-    m = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)                                  # (BLOCKS,) 32-blocks
-    run = tl.arange(0, 2)
-    t = tl.arange(0, 4)
-    j = tl.arange(0, 4)
-    idx = (blk[:, None, None, None] * 32 + run[None, :, None, None] * 16 + t[None, None, :, None] * 4
-           + j[None, None, None, :])                                                       # (BLOCKS, 2, 4, 4)
-    mask = idx < K
-    x = tl.load(x_ptr + m * stride_x + idx, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)                       # (BLOCKS,)
-    inv = tl.where(amax > 0.0, 127.0 / amax, 0.0)
-    xs = x * inv[:, None, None, None]
-    q = (xs + tl.where(xs >= 0.0, 0.5, -0.5)).to(tl.int32)                                # round half away
-    words = tl.sum((q & 0xFF) << (8 * t)[None, None, :, None], axis=2)                      # (BLOCKS, 2, 4)
-    bmask = blk < K // 32
-    widx = (blk[:, None, None] * 2 + run[None, :, None]) * 4 + j[None, None, :]
-    tl.store(xq_ptr + m * (K // 4) + widx, words, mask=bmask[:, None, None])
-    tl.store(xd_ptr + m * (K // 32) + blk, amax / 127.0, mask=bmask)
-    tl.store(xs_ptr + m * (K // 16) + blk[:, None] * 2 + run[None, :], tl.sum(tl.sum(q, axis=3), axis=2),
-             mask=bmask[:, None])
+    """x (1, K) -> its int8 codes, scales and run sums (kiln.ops.q8.store_q8: the layout the GEMV reads),
+    BLOCKS 32-blocks per program."""
+    blk0 = tl.program_id(0) * BLOCKS
+    idx = blk0 * 32 + tl.arange(0, BLOCKS * 32)
+    x = tl.load(x_ptr + idx, mask=idx < K, other=0.0).to(tl.float32)
+    store_q8(x, blk0, K // 32, xq_ptr, xd_ptr, xs_ptr, BLOCKS)
 
 
 @jit
@@ -939,8 +922,11 @@ INT8_FORMATS = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, 
 # (more registers per row) and the code-book formats (a gather per weight) get fewer.
 _M1_WIDE = GemvConfig(block_n=64, block_k=256, num_warps=4)
 # The int8-activation GEMV: block_n is the most rows per program (fewer while the grid is short of
-# 2 programs per SM: no split-K), block_k the most weights per row per step.
-_M1_INT8 = GemvConfig(block_n=4, block_k=4096, num_warps=4, int8=True)
+# 2 programs per SM: no split-K), block_k the most weights per row per step. Measured in-graph on an H200
+# (bench/int8_ab.py, bench/results/2026-11-26-h200/): 4 rows and whole rows up to 16384 weights per step
+# were within ~5% of the best of a 24-config grid at every decode shape of Qwen3-0.6B, Llama-3.2-1B and
+# Qwen3-8B but two (8B's Q6_K down projection: 18.5 vs 15.7 µs; 0.6B's gate/up: 3.8 vs 3.5 µs).
+_M1_INT8 = GemvConfig(block_n=4, block_k=16384, num_warps=4, int8=True)
 _M1_NARROW = GemvConfig(block_n=32, block_k=256, num_warps=4)
 _MX = GemvConfig(block_n=32, block_k=256, num_warps=4, dot=True)
 GEMV_CONFIGS: dict[int, tuple[GemvConfig, GemvConfig]] = {
@@ -1053,6 +1039,10 @@ class QuantAct:
     def k(self) -> int:
         return self.xq.numel() * 4
 
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.xq, self.xd, self.xs
+
 
 def quantize_act(x: torch.Tensor) -> QuantAct:
     """x (1, K) or (K,), K a multiple of 32 -> QuantAct (one launch), for every int8 GEMV that reads x."""
@@ -1062,13 +1052,19 @@ def quantize_act(x: torch.Tensor) -> QuantAct:
     k = x2.shape[1]
     if k % 32:
         raise ValueError(f"quantize_act needs K a multiple of 32, got {k}")
-    xq = torch.empty(k // 4, dtype=torch.int32, device=x.device)
-    xd = torch.empty(k // 32, dtype=torch.float32, device=x.device)
-    xs = torch.empty(k // 16, dtype=torch.int32, device=x.device)
-    blocks = 4
-    _quantize_x_kernel[(1, triton.cdiv(k // 32, blocks))](x2, xq, xd, xs, k, x2.stride(0), BLOCKS=blocks,
-                                                          num_warps=1)
-    return QuantAct(xq, xd, xs, x.dtype)
+    a = empty_act(k, x.dtype, x.device)
+    blocks = 8
+    _quantize_x_kernel[(triton.cdiv(k // 32, blocks),)](x2, a.xq, a.xd, a.xs, k, x2.stride(0), BLOCKS=blocks,
+                                                        num_warps=2)
+    return a
+
+
+def empty_act(k: int, dtype: torch.dtype, device) -> QuantAct:
+    """Buffers for one quantized activation row of k values (k a multiple of 32), for a producer kernel
+    (ops.rms_norm / silu_mul with `q8=act.buffers`) to fill."""
+    return QuantAct(torch.empty(k // 4, dtype=torch.int32, device=device),
+                    torch.empty(k // 32, dtype=torch.float32, device=device),
+                    torch.empty(k // 16, dtype=torch.int32, device=device), dtype)
 
 
 def takes_int8(w: PackedWeight, x: torch.Tensor) -> bool:
