@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ops import jit, tl, use_triton
+from kiln.ops import pdl
 from kiln.ops.q8 import store_q8
 
 _BLOCK = 1024
@@ -58,13 +59,15 @@ def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None = None) -> torch
     xq, xd, xs = q8 if q8 is not None else (out, out, out)
     grid = (x.shape[0], (f + _BLOCK - 1) // _BLOCK)
     _gated_act_kernel[grid](x, out, xq, xd, xs, f, x.stride(0), GELU=gelu, Q8=q8 is not None, BLOCK=_BLOCK,
-                            num_warps=4)
+                            num_warps=4, **pdl.launch_kw(x))
     return out.view(*gate_up.shape[:-1], f)
 
 
 @jit
 def _gated_act_kernel(x_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, n_f, stride_x, GELU: tl.constexpr,
-                      Q8: tl.constexpr, BLOCK: tl.constexpr):
+                      Q8: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_f

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops import pdl
 from kiln.ops.q8 import store_q8
 
 _MAX_E = 32768  # one row per program, held in registers; no model comes near this
@@ -57,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     xq, xd, xs = q8 if q8 is not None else (y, y, y)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, y, h, xq, xd, xs, e, x2.stride(0), r2.stride(0), eps, float(offset),
-        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), Q8=q8 is not None, BLOCK_E=block,
+        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), Q8=q8 is not None, BLOCK_E=block, **pdl.launch_kw(x2),
         num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     if residual is None:
         return y.view(x.shape)
@@ -72,10 +73,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, xd_ptr, xs_ptr, E, stride_x, stride_r, eps, offset,
-                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, Q8: tl.constexpr, BLOCK_E: tl.constexpr):
+                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, Q8: tl.constexpr, BLOCK_E: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     mask = cols < E
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no earlier kernel writes it
+    pdl.wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -84,7 +89,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, xd_ptr, xs_ptr, 
         tl.store(h_ptr + row * E + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / E + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_OFFSET:
         y = xf * rstd * (offset + w)
     else:

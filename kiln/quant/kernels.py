@@ -77,6 +77,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ops import HAVE_TRITON, jit, tl, triton, use_triton
+from kiln.ops import pdl
 from kiln.ops.q8 import store_q8
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
@@ -743,9 +744,11 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @jit
-def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_x, BLOCKS: tl.constexpr):
+def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_x, BLOCKS: tl.constexpr, PDL: tl.constexpr):
     """x (1, K) -> its int8 codes, scales and run sums (kiln.ops.q8.store_q8: the layout the GEMV reads),
     BLOCKS 32-blocks per program."""
+    pdl.start(PDL)
+    pdl.wait(PDL)
     blk0 = tl.program_id(0) * BLOCKS
     idx = blk0 * 32 + tl.arange(0, BLOCKS * 32)
     x = tl.load(x_ptr + idx, mask=idx < K, other=0.0).to(tl.float32)
@@ -785,11 +788,13 @@ def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
                     KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                     GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
-                    BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr):
+                    BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`): per word of weights, one dp4a per
     byte position (4 weights of one 16-run), integer sums per sub-block, then
     sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
-    A program owns BN rows and walks K in steps of W words as (BN, NG, V) tiles; no split-K."""
+    A program owns BN rows and walks K in steps of W words as (BN, NG, V) tiles; no split-K. With PDL the
+    first step's weights are requested before waiting for the kernel that wrote x (kiln.ops.pdl)."""
+    pdl.start(PDL)
     B: tl.constexpr = 32 // G
     L: tl.constexpr = 8 // B                                           # fields per byte = byte lanes per word
     RUNS: tl.constexpr = G * _V // 16                                  # 16-runs per group (== L)
@@ -822,6 +827,8 @@ def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
         dmn = d
         if HAS_DM:
             dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+        if it == 0:  # the weights above need nothing from earlier kernels; x does
+            pdl.wait(PDL)
         xmask = gok[:, None] & (j < _V)[None, :]
         isum = tl.zeros((BN, W // _V, _V), dtype=tl.int32)
         ssum = tl.zeros((W // _V,), dtype=tl.int32)
@@ -1055,7 +1062,7 @@ def quantize_act(x: torch.Tensor) -> QuantAct:
     a = empty_act(k, x.dtype, x.device)
     blocks = 8
     _quantize_x_kernel[(triton.cdiv(k // 32, blocks),)](x2, a.xq, a.xd, a.xs, k, x2.stride(0), BLOCKS=blocks,
-                                                        num_warps=2)
+                                                        num_warps=2, **pdl.launch_kw(x2))
     return a
 
 
@@ -1099,7 +1106,7 @@ def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: G
         act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm,
         w.qs if w.qh is None else w.qh.view(torch.int32), n, FMT=w.qtype, HAS_BIAS=bias is not None,
         H=_gemv_constants(w.qtype)["H"], OFFSET=_OFFSETS.get(w.qtype, 0), BN=bn, NIT=triton.cdiv(geo["KW"], wd),
-        ASM=not _interpreting(), num_warps=cfg.num_warps, **geo, **extra)
+        ASM=not _interpreting(), num_warps=cfg.num_warps, **geo, **extra, **pdl.launch_kw(act.xq))
     return y
 
 
