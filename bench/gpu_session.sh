@@ -53,9 +53,17 @@ if [[ " $STEPS " == *" int8 "* ]]; then  # int8-activation GEMV: GPU check, mode
     ${INT8_ARGS:-} 2>&1 | tail -60
   echo "== int8 rc=$? at $(( $(date +%s) - START )) s"
 fi
-if [[ " $STEPS " == *" tests "* ]]; then
-  timeout "${TESTS_S:-150}" python -m pytest -q tests/test_quant_kernels.py tests/test_fuse.py tests/test_ops.py \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+if [[ " $STEPS " == *" pdl "* ]]; then  # programmatic dependent launch off / on, same process per file
+  PDL_FILES=$(for f in $FILES; do printf "/tmp/g/%s-%s.gguf " "${f%%:*}" "${f##*:}"; done)
+  timeout "${PDL_S:-240}" python bench/pdl_ab.py $PDL_FILES 2>/tmp/pdl.err | tee "$OUT/pdl_ab.jsonl"
+  echo "== pdl rc=$? at $(( $(date +%s) - START )) s"; tail -5 /tmp/pdl.err
+fi
+if [[ " $STEPS " == *" tests "* ]]; then  # the kernel test files on the GPU, one process each (Triton compiles)
+  for t in test_quant_kernels test_fuse test_ops; do
+    timeout "${TESTS_S:-150}" python -m pytest -q -p no:cacheprovider "tests/$t.py" > "$OUT/gpu_tests_$t.log" 2>&1 &
+  done
+  wait
+  for t in test_quant_kernels test_fuse test_ops; do echo "$t: $(tail -1 "$OUT/gpu_tests_$t.log")"; done
   echo "== tests at $(( $(date +%s) - START )) s"
 fi
 if [[ " $STEPS " == *" profile "* ]]; then
