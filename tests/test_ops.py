@@ -3,7 +3,9 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256; the KV write; per-row positions and cache rows for a server's batched step), the dispatch rule, and — on a GPU — one CUDA-graph capture and replay.
+D = 64 and 256, and the single-split launch without a merge; the KV write, and RoPE with the KV write in
+one kernel, into caches of another dtype; per-row positions and cache rows for a server's batched step),
+the dispatch rule and the split-count knob, and — on a GPU — one CUDA-graph capture and replay.
 Not: speed (bench/gpu_ops_check.py), real shapes.
 
 Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
@@ -189,6 +191,42 @@ def test_decode_attention_split_counts(splits):
     close(out, ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100), torch.float32)
 
 
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_decode_attention_one_split_is_one_launch(name, monkeypatch):
+    """splits=1: the split kernel writes the normalized output itself; the merge kernel never runs."""
+    from kiln.ops import attention
+    monkeypatch.setattr(attention, "_merge_kernel", None)  # launching it would raise
+    c = ATTN_CASES[name]
+    for dtype in (torch.float32, torch.float16):
+        q, kc, vc, pos = _attn_inputs(c, dtype)
+        args = (q, kc, vc, pos, c["d"] ** -0.5, c.get("window"), c.get("softcap"))
+        out = ops.decode_attention(*args, splits=1)
+        assert out.shape == q.shape and out.dtype == dtype
+        tol = {k: (2 if dtype != torch.float32 else 1) * v for k, v in TOL[dtype].items()}
+        torch.testing.assert_close(out, ops.decode_attention_ref(*args), **tol)
+
+
+def test_decode_attention_splits_from_the_environment(monkeypatch):
+    from kiln.errors import KilnError
+    from kiln.ops import attention
+    merges = []
+    real = attention._merge_kernel
+    monkeypatch.setattr(attention, "_merge_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: merges.append(grid) or real[grid]})())
+    c = dict(h=8, k=2, d=64, t=2, s=300, start=250, window=100)
+    q, kc, vc, pos = _attn_inputs(c, torch.float32)
+    ref = ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100)
+    for env, n_merges in (("1", 0), ("3", 1)):
+        monkeypatch.setenv("KILN_ATTN_SPLITS", env)
+        close(ops.decode_attention(q, kc, vc, pos, 0.125, 100), ref, torch.float32)
+        assert len(merges) == n_merges
+    close(ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=1), ref, torch.float32)  # the argument wins
+    assert len(merges) == 1
+    monkeypatch.setenv("KILN_ATTN_SPLITS", "zero")
+    with pytest.raises(KilnError, match="KILN_ATTN_SPLITS"):
+        ops.decode_attention(q, kc, vc, pos, 0.125, 100)
+
+
 def test_decode_attention_never_reads_past_the_last_position():
     c = dict(h=8, k=2, d=64, t=2, s=200, start=70)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
@@ -210,6 +248,71 @@ def test_write_kv(dtype):
     torch.testing.assert_close(big_k[1], ref_k, rtol=0, atol=0)
     torch.testing.assert_close(big_v[1], ref_v, rtol=0, atol=0)
     assert torch.equal(ref_k[:, :, 21], k[:, 1])
+
+
+# ---------------------------------------------------------------- RoPE + KV write in one kernel
+# The expectation is the two ops it replaces, rope_qk_ref then write_kv_ref; the `_ref` twin must equal it too.
+# Caches may hold another dtype than k and v. The interpreter truncates float32 → bfloat16 casts instead of
+# rounding them, so values enter as bfloat16-exact numbers (their copies are then exact everywhere) and the
+# rotated keys are compared at bfloat16's tolerance.
+
+ROPE_KV_CASES = {
+    "llama": dict(d=64, rot=64, norm=None),
+    "qwen3-norm": dict(d=64, rot=64, norm=0.0),
+    "gemma3-d256": dict(d=256, rot=256, norm=1.0),
+    "partial": dict(d=64, rot=32, norm=None),
+    "partial-odd-norm": dict(d=96, rot=48, norm=0.0),
+}
+
+
+def _rope_kv_inputs(b, t, h, k, d, dtype):
+    """q, k, v as strided views of one fused QKV output, as the models produce them."""
+    qkv = rand(b, t, (h + 2 * k) * d, dtype=dtype).to(torch.bfloat16).to(dtype)
+    q = qkv[..., : h * d].view(b, t, h, d)  # (B, T, H, D)
+    kk = qkv[..., h * d: (h + k) * d].view(b, t, k, d)  # (B, T, K, D)
+    v = qkv[..., (h + k) * d:].view(b, t, k, d)  # (B, T, K, D)
+    return q, kk, v
+
+
+def _check_rope_kv(q, kk, v, kc, vc, pos, rows, inv, kw):
+    want_k, want_v = kc.clone(), vc.clone()
+    want_q, rk = ops.rope_qk_ref(q, kk, pos, inv, **kw)
+    ops.write_kv_ref(want_k, want_v, rk, v, pos, rows)
+    b, t = q.shape[:2]
+    hit = torch.zeros(kc.shape[:3], dtype=torch.bool, device=kc.device)  # (B or N, K, S): slots written
+    hit[(rows if rows is not None else torch.arange(b, device=kc.device))[:, None], :, pos.expand(b, t)] = True
+    two_k, two_v = kc.clone(), vc.clone()  # the two kernels the fused one replaces
+    two_q, rk = ops.rope_qk(q, kk, pos, inv, **kw)
+    ops.write_kv(two_k, two_v, rk, v, pos, rows)
+    for fn in (ops.rope_qk_write_kv, ops.rope_qk_write_kv_ref):
+        got_k, got_v = kc.clone(), vc.clone()
+        got_q = fn(q, kk, v, got_k, got_v, pos, inv, rows=rows, **kw)
+        assert got_q.shape == q.shape and got_q.dtype == q.dtype
+        close(got_q, want_q, q.dtype)
+        torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)  # the values copied, nothing else touched
+        torch.testing.assert_close(got_k[~hit], kc[~hit], rtol=0, atol=0)
+        close(got_k[hit], want_k[hit], kc.dtype if kc.dtype != torch.float32 else q.dtype)
+        if fn is ops.rope_qk_write_kv:  # the same bits as rope_qk + write_kv (keys rounded to k's dtype first)
+            for got, two in ((got_q, two_q), (got_k, two_k), (got_v, two_v)):
+                torch.testing.assert_close(got, two, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32, torch.bfloat16])  # None: the inputs' dtype
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ROPE_KV_CASES))
+def test_rope_qk_write_kv(name, dtype, cache_dtype):
+    c = ROPE_KV_CASES[name]
+    b, t, h, k, d, s = 2, 3, 8, 2, c["d"], 24
+    q, kk, v = _rope_kv_inputs(b, t, h, k, d, dtype)
+    cdt = cache_dtype or dtype
+    big_k = rand(2, b, k, s, d, dtype=cdt, seed=5)  # (L, B, K, S, D)
+    big_v = rand(2, b, k, s, d, dtype=cdt, seed=6)
+    pos = torch.tensor([17, 18, 19], device=DEVICE)
+    kw = dict(attn_factor=1.25, rot_dim=c["rot"], eps=1e-6)
+    if c["norm"] is not None:
+        kw.update(q_norm_w=rand(d, dtype=dtype, seed=3), k_norm_w=rand(d, dtype=dtype, seed=4),
+                  norm_offset=c["norm"])
+    _check_rope_kv(q, kk, v, big_k[1], big_v[1], pos, None, _inv_freq(c["rot"]), kw)  # a layer's view
 
 
 # ---------------------------------------------------------------- per-row positions (a server's batched step)
@@ -248,6 +351,23 @@ def test_write_kv_per_row_positions_and_slots(dtype):
     assert torch.equal(ref_k[2, :, 40], k[0, 0].to(dtype))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [True, False])  # rows naming cache rows, or batch row b in cache row b
+@pytest.mark.parametrize("name", ["llama", "qwen3-norm", "partial-odd-norm"])
+def test_rope_qk_write_kv_per_row_positions(name, slots, cache_dtype):
+    c = ROPE_KV_CASES[name]
+    d = c["d"]
+    q, kk, v = _rope_kv_inputs(3, 2, 8, 2, d, torch.float16)
+    kc, vc = rand(4, 2, 150, d, dtype=cache_dtype, seed=5), rand(4, 2, 150, d, dtype=cache_dtype, seed=6)
+    pos = torch.tensor([[40, 41], [3, 4], [128, 129]], device=DEVICE)  # (B, T)
+    rows = torch.tensor(ROW_SLOTS, device=DEVICE) if slots else None
+    kw = dict(rot_dim=c["rot"])
+    if c["norm"] is not None:
+        kw.update(q_norm_w=rand(d, dtype=torch.float16, seed=3), k_norm_w=rand(d, dtype=torch.float16, seed=4),
+                  norm_offset=c["norm"])
+    _check_rope_kv(q, kk, v, kc if slots else kc[:3], vc if slots else vc[:3], pos, rows, _inv_freq(c["rot"]), kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [None, 30])
 def test_decode_attention_per_row_positions_and_slots(dtype, window):
@@ -257,9 +377,10 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
     ref = torch.cat([ops.decode_attention_ref(q[b:b + 1], kc[s:s + 1], vc[s:s + 1], pos[b], 0.125, window)
                      for b, s in enumerate(ROW_SLOTS)])
     close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows), ref, torch.float32)
-    out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=3)
     tol = {k: 2 * v for k, v in TOL[dtype].items()}
-    torch.testing.assert_close(out, ref, **tol)
+    for splits in (3, 1):  # split + merge; one launch
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits)
+        torch.testing.assert_close(out, ref, **tol)
 
 
 # ---------------------------------------------------------------- CUDA graph (GPU only)
@@ -272,12 +393,12 @@ def test_layer_ops_capture_in_one_cuda_graph_and_follow_device_positions():
     kc, vc = rand(1, k, s, d, dtype=dt, seed=5), rand(1, k, s, d, dtype=dt, seed=6)
     pos, inv = torch.tensor([7], device=DEVICE), _inv_freq(d)
 
-    def layer(kc, vc):
+    def layer(kc, vc):  # as a decode step launches them: RoPE with the KV write, attention (split + merge)
         y, _ = ops.rms_norm(x, w, 1e-6, 0.0, residual=res)
-        q, kk = ops.rope_qk(qkv[..., : h * d].view(1, 1, h, d), qkv[..., h * d: (h + k) * d].view(1, 1, k, d),
-                            pos, inv)
-        ops.write_kv(kc, vc, kk, qkv[..., (h + k) * d:].view(1, 1, k, d), pos)
-        return y, ops.decode_attention(q, kc, vc, pos, d ** -0.5), ops.silu_mul(gu)
+        q = ops.rope_qk_write_kv(qkv[..., : h * d].view(1, 1, h, d), qkv[..., h * d: (h + k) * d].view(1, 1, k, d),
+                                 qkv[..., (h + k) * d:].view(1, 1, k, d), kc, vc, pos, inv)
+        return (y, ops.decode_attention(q, kc, vc, pos, d ** -0.5), ops.silu_mul(gu),
+                ops.decode_attention(q, kc, vc, pos, d ** -0.5, splits=1))  # and in one launch
 
     layer(kc.clone(), vc.clone())  # compile outside the capture
     torch.cuda.synchronize()
@@ -292,5 +413,7 @@ def test_layer_ops_capture_in_one_cuda_graph_and_follow_device_positions():
         ops.write_kv_ref(kr, vr, kk, qkv[..., (h + k) * d:].view(1, 1, k, d), pos)
         graph.replay()
         close(kc, kr, dt)
-        torch.testing.assert_close(outs[1], ops.decode_attention_ref(q, kr, vr, pos, d ** -0.5),
-                                   rtol=3e-2, atol=3e-2)
+        close(vc, vr, dt)
+        for out in (outs[1], outs[3]):
+            torch.testing.assert_close(out, ops.decode_attention_ref(q, kr, vr, pos, d ** -0.5),
+                                       rtol=3e-2, atol=3e-2)

@@ -42,10 +42,10 @@ from kiln.ops.act import gelu_tanh_mul, gelu_tanh_mul_ref, silu_mul, silu_mul_re
 from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
 from kiln.ops.kv import write_kv, write_kv_ref  # noqa: E402
 from kiln.ops.norm import rms_norm, rms_norm_ref  # noqa: E402
-from kiln.ops.rope import rope_qk, rope_qk_ref  # noqa: E402
+from kiln.ops.rope import rope_qk, rope_qk_ref, rope_qk_write_kv, rope_qk_write_kv_ref  # noqa: E402
 
 __all__ = [
     "rms_norm", "rms_norm_ref", "rope_qk", "rope_qk_ref", "silu_mul", "silu_mul_ref", "gelu_tanh_mul",
     "gelu_tanh_mul_ref", "decode_attention", "decode_attention_ref", "write_kv", "write_kv_ref",
-    "use_triton", "HAVE_TRITON",
+    "rope_qk_write_kv", "rope_qk_write_kv_ref", "use_triton", "HAVE_TRITON",
 ]

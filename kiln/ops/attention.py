@@ -1,6 +1,6 @@
 """Decode attention: a few new query tokens against a static KV cache, as split-KV flash-decoding.
 
-Owns: `decode_attention` (two Triton launches: a split kernel and a log-sum-exp merge) and
+Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch when one split serves) and
 `decode_attention_ref` (masked float32 softmax attention in torch). Causal + optional sliding window
 (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
@@ -20,6 +20,11 @@ How the split kernel works, and why:
   runtime loop bound); the triton interpreter used by the CPU tests cannot run runtime-bounded loops.
 - Scores live in the log2 domain (exp2 is the fast instruction); the merge weights every split's
   partial output by 2^(lse_split - lse_max).
+- With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
+  in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
+- The number of splits: the `splits` argument, else the environment variable `KILN_ATTN_SPLITS` (read per
+  call, so a CUDA graph keeps the value it was captured with; for A/B runs on a GPU), else enough
+  programs to fill the device about twice over; always at most one split per key tile.
 
 Shape alphabet: B batch, T query tokens, H query heads, K kv heads, G = H / K, S cache positions (S_max),
 D head dim, NS splits, N cache rows.
@@ -29,9 +34,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.ops import jit, tl, triton, use_triton
 
 _BLOCK_N = 64  # keys per tile
@@ -65,7 +72,8 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                      softcap: float | None = None, rows: torch.Tensor | None = None, *,
                      splits: int | None = None) -> torch.Tensor:
-    """Same contract as `decode_attention_ref`. `splits` overrides the number of key-range splits."""
+    """Same contract as `decode_attention_ref`. `splits` (else `KILN_ATTN_SPLITS`) sets the number of
+    key-range splits; with one, a single launch."""
     if not use_triton(q):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows)
     b, t, h, d = q.shape
@@ -74,9 +82,13 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     n_tiles = triton.cdiv(s_max, _BLOCK_N)
-    ns = max(1, min(splits or _default_splits(q.device, b * kh), n_tiles))
-    mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
-    mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
+    ns = max(1, min(splits or _env_splits() or _default_splits(q.device, b * kh), n_tiles))
+    out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
+    if ns == 1:  # the split kernel writes `out` itself
+        mid_o, mid_lse = out, out
+    else:
+        mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
+        mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
     # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
     # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
     _split_kernel[(b * kh, ns)](
@@ -84,13 +96,24 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
         float(scale), float(softcap or 1.0), int(window or 0),
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
-        MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
+        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2)
-    out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
+    if ns == 1:
+        return out
     _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
                                 BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
+
+
+def _env_splits() -> int:
+    """KILN_ATTN_SPLITS as a positive int, or 0 (unset: the default rule decides)."""
+    v = os.environ.get("KILN_ATTN_SPLITS", "").strip()
+    if not v:
+        return 0
+    if not v.isdigit() or int(v) < 1:
+        raise KilnError(f"KILN_ATTN_SPLITS must be a positive integer (or unset), got {v!r}")
+    return int(v)
 
 
 def _default_splits(device: torch.device, programs: int) -> int:
@@ -110,7 +133,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, scale, softcap, window,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-                  MAX_TILES: tl.constexpr,
+                  FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   DOT_PREC: tl.constexpr):
     bk = tl.program_id(0)
@@ -172,14 +195,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
             m_i = m_new
 
-    # Partial result of this split: normalized output and its log2-sum-exp; "-inf" means no visible key.
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o_ptr + (row * NS + split)[:, None] * D + d[None, :], o,
-             mask=(row_ok & seen)[:, None] & dm[None, :])
+    if FINAL:  # the only split: o is the answer; o_ptr is the output (B, T, H, D) in q's dtype
+        tl.store(o_ptr + row[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dm[None, :])
+    else:  # partial result of this split: normalized output and its log2-sum-exp; "-inf": no visible key
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
+        tl.store(o_ptr + (row * NS + split)[:, None] * D + d[None, :], o,
+                 mask=(row_ok & seen)[:, None] & dm[None, :])
 
 
 @jit

@@ -4,8 +4,10 @@ Owns: `write_kv` (one Triton launch for both caches: a torch index_copy_ per cac
 and kernels are what a small model's decode step pays for) and `write_kv_ref` (torch `index_copy_`).
 Both are in place and graph-safe: positions are a device tensor, nothing waits on the host.
 For a server's batched step over a slot cache, positions may be per row (B, T) and `rows` (B,) names the
-cache row (slot) each batch row writes to.
-Not: the cache object and its bounds checks (cache.py), reading the cache (attention.py).
+cache row (slot) each batch row writes to. `write_kv_ref` is also half of the reference for the models'
+decode step, which does this write inside the RoPE kernel (rope.py's `rope_qk_write_kv`, same semantics).
+Not: the cache object and its bounds checks (cache.py), reading the cache (attention.py), the KV write
+fused with RoPE (rope.py).
 
 Shape alphabet: B batch, T new tokens, K kv heads, S cache positions (S_max), D head dim, N cache rows.
 """

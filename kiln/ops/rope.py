@@ -1,15 +1,21 @@
-"""Rotary position embedding for q and k in one kernel, with the optional per-head q/k RMSNorm before it.
+"""Rotary position embedding for q and k in one kernel, with the optional per-head q/k RMSNorm before it,
+and optionally the KV-cache write of the same step in that same kernel.
 
 Owns: `rope_qk` (Triton: cos/sin computed in-kernel from device positions, so no table is built per step
 and the call is CUDA-graph capturable) and `rope_qk_ref` (plain torch, the arithmetic of
-models/base.py's RoPE + apply_rope, and of RMSNorm for Qwen3 / Gemma 3 q_norm and k_norm).
+models/base.py's RoPE + apply_rope, and of RMSNorm for Qwen3 / Gemma 3 q_norm and k_norm);
+`rope_qk_write_kv` (the same kernel, its key programs storing the rotated keys — and copying the values —
+straight into a static cache at the positions, instead of returning k: a decode step's RoPE and KV write
+in one launch) and `rope_qk_write_kv_ref` (`rope_qk_ref`, then kv.py's `write_kv_ref`).
 Convention: Hugging Face rotate-half — pairs (i, i + R/2) inside the first R = rot_dim dims; dims past R
 are kept (partial rotary). cos and sin are multiplied by attn_factor (longrope / YaRN).
-Positions are (T,), shared by every batch row, or (B, T), one row each (a server's batched step).
+Positions are (T,), shared by every batch row, or (B, T), one row each (a server's batched step; then
+`rows` (B,) may name the cache row each batch row writes, as in kv.py).
 Not: building inv_freq (models/base.py's schedules; fold GGUF freq_factors in as inv_freq / factors),
-writing the cache (kv.py).
+the cache object (cache.py), a KV write without RoPE (kv.py).
 
-Shape alphabet: B batch, T new tokens, H query heads, K kv heads, D head dim, R rotary dims (R <= D).
+Shape alphabet: B batch, T new tokens, H query heads, K kv heads, D head dim, R rotary dims (R <= D),
+S cache positions, N cache rows.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops.kv import write_kv_ref
 from kiln.ops.norm import rms_norm_ref
 
 _BLOCK_H = 4  # heads per program: q and k of one token spread over a handful of programs
@@ -44,11 +51,44 @@ def _rotate_ref(x, cos, sin):
     return torch.cat([out, keep], dim=-1)
 
 
+def rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
+                         k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope_qk_ref`, then `write_kv_ref(k_cache, v_cache, rotated k, v, pos, rows)` → rotated q (B, T, H, D).
+
+    v (B, T, K, D); k_cache, v_cache (B, K, S, D), or (N, K, S, D) with rows (B,), written in place; the
+    rotated keys are rounded to k's dtype before they are converted to the cache's, as the two ops do."""
+    q, k = rope_qk_ref(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim)
+    write_kv_ref(k_cache, v_cache, k, v, pos, rows)
+    return q
+
+
 def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm_w=None,
             eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None):
     """Same contract as `rope_qk_ref`; one kernel launch for q and k together. Returns new tensors."""
     if not use_triton(q):
         return rope_qk_ref(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, T, K, D)
+    qo = _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, None)
+    return qo, ko
+
+
+def rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
+                     k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `rope_qk_write_kv_ref`; one kernel launch for q, k, v and both caches."""
+    if not use_triton(q):
+        return rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
+                                    eps, norm_offset, rot_dim, rows)
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert v.shape == k.shape, "one value per key"
+    return _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, None,
+                   (_unit_last(v), k_cache, v_cache, rows))
+
+
+def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, kv):
+    """One `_rope_qk_kernel` launch → rotated q; the keys go to `ko` (B, T, K, D), or with kv = (v, k_cache,
+    v_cache, rows) into the caches, with the values beside them."""
     b, t, h, d = q.shape
     kh = k.shape[2]
     half = inv_freq.shape[0] if rot_dim is None else rot_dim // 2
@@ -56,17 +96,20 @@ def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm
     assert (q_norm_w is None) == (k_norm_w is None), "q and k norms come together"
     q, k = _unit_last(q), _unit_last(k)
     qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
-    ko = torch.empty((b, t, kh, d), dtype=k.dtype, device=k.device)  # (B, T, K, D)
-    has_norm = q_norm_w is not None
+    has_norm, write_kv = q_norm_w is not None, kv is not None
+    v, kc, vc, rows = kv if write_kv else (k, ko, ko, None)  # unused stand-ins without the cache write
+    # Where keys go, as (row, position, head) strides: ko (B, T, K, D), or the cache (B or N, K, S, D).
+    so = (kc.stride(0), kc.stride(2), kc.stride(1)) if write_kv else (t * kh * d, kh * d, d)
     nqb, nkb = triton.cdiv(h, _BLOCK_H), triton.cdiv(kh, _BLOCK_H)
     _rope_qk_kernel[(b * t, nqb + nkb)](
-        q, k, qo, ko, q_norm_w if has_norm else q, k_norm_w if has_norm else k, pos, inv_freq,
-        t, h, kh, nqb, pos.stride(0) if pos.ndim == 2 else 0, *q.stride()[:3], *k.stride()[:3],
+        q, k, v, qo, kc, vc, q_norm_w if has_norm else q, k_norm_w if has_norm else k, pos,
+        rows if rows is not None else pos, inv_freq, t, h, kh, nqb, pos.stride(0) if pos.ndim == 2 else 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *so,
         float(attn_factor), float(eps), float(norm_offset),
         D=d, HALF=half, HAS_NORM=has_norm, HAS_OFFSET=bool(norm_offset), HAS_TAIL=2 * half < d,
-        BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), num_warps=4)
-    return qo, ko
+        WRITE_KV=write_kv, HAS_ROWS=rows is not None, BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    return qo
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -74,42 +117,56 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, inv_ptr,
-                    T, H, KH, NQB, spb, sqb, sqt, sqh, skb, skt, skh, attn_factor, eps, offset,
+def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, pos_ptr, rows_ptr, inv_ptr,
+                    T, H, KH, NQB, spb, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                    attn_factor, eps, offset,
                     D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                    HAS_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                    BLOCK_TAIL: tl.constexpr):
+                    HAS_TAIL: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Program (token bt, head block hb). Keys go to ko at (row, position, head) strides (sob, sot, soh):
+    ko itself (row b, position t) or, with WRITE_KV, the key cache (row rows[b] or b, position pos), where
+    the values of the same heads are copied too (vo: the value cache, same strides)."""
     bt = tl.program_id(0)
     hb = tl.program_id(1)
     b = (bt // T).to(tl.int64)
     t = bt % T
     # cos/sin from the absolute position: the float32 product pos * inv_freq, as the reference forms it.
     i = tl.arange(0, BLOCK_HALF)
-    p = tl.load(pos_ptr + b * spb + t).to(tl.float32)  # spb = 0: positions shared by every row
-    f = p * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)  # (R/2,)
+    p = tl.load(pos_ptr + b * spb + t)  # spb = 0: positions shared by every row
+    f = p.to(tl.float32) * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)  # (R/2,)
     cos = tl.cos(f) * attn_factor
     sin = tl.sin(f) * attn_factor
     if hb < NQB:  # this program's heads are query heads
         _rope_heads(q_ptr + b * sqb + t * sqt, qo_ptr + bt.to(tl.int64) * H * D, qw_ptr, cos, sin,
-                    hb * BLOCK_H, H, sqh, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
+                    hb * BLOCK_H, H, sqh, D, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
                     BLOCK_H, BLOCK_HALF, BLOCK_TAIL)
     else:
-        _rope_heads(k_ptr + b * skb + t * skt, ko_ptr + bt.to(tl.int64) * KH * D, kw_ptr, cos, sin,
-                    (hb - NQB) * BLOCK_H, KH, skh, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
+        h0 = (hb - NQB) * BLOCK_H
+        ob = b * sob + t * sot  # ko's row of this token
+        if WRITE_KV:  # the cache row (a server's slot) and position of this token
+            cb = b
+            if HAS_ROWS:
+                cb = tl.load(rows_ptr + b).to(tl.int64)
+            ob = cb * sob + p * sot
+            _copy_heads(v_ptr + b * svb + t * svt, vo_ptr + ob, h0, KH, svh, soh, D, BLOCK_H, BLOCK_D)
+        _rope_heads(k_ptr + b * skb + t * skt, ko_ptr + ob, kw_ptr, cos, sin,
+                    h0, KH, skh, soh, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
                     BLOCK_H, BLOCK_HALF, BLOCK_TAIL)
 
 
 @jit
-def _rope_heads(x_ptr, o_ptr, w_ptr, cos, sin, h0, n_heads, stride_h, eps, offset,
+def _rope_heads(x_ptr, o_ptr, w_ptr, cos, sin, h0, n_heads, stride_h, out_stride_h, eps, offset,
                 D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                 HAS_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                 BLOCK_TAIL: tl.constexpr):
-    """Heads h0..h0+BLOCK_H of one token: x at x_ptr + head * stride_h, output rows contiguous (D)."""
+    """Heads h0..h0+BLOCK_H of one token: x at x_ptr + head * stride_h, out at o_ptr + head * out_stride_h.
+    Results are rounded to x's dtype, then converted to the output's (a cache may hold another dtype)."""
     heads = h0 + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
     m1 = (heads[:, None] < n_heads) & (i[None, :] < HALF)  # (BLOCK_H, R/2)
     xp = x_ptr + heads[:, None] * stride_h
-    op = o_ptr + heads[:, None] * D
+    op = o_ptr + heads[:, None] * out_stride_h
     x1 = tl.load(xp + i[None, :], mask=m1, other=0.0)  # first halves of the rotated dims
     x2 = tl.load(xp + HALF + i[None, :], mask=m1, other=0.0)  # second halves
     if HAS_TAIL:
@@ -128,10 +185,23 @@ def _rope_heads(x_ptr, o_ptr, w_ptr, cos, sin, h0, n_heads, stride_h, eps, offse
             xt = _scale(xt, rstd, tl.load(w_ptr + j, mask=j < D, other=0.0), offset, HAS_OFFSET)
     a = x1.to(tl.float32)
     c = x2.to(tl.float32)
-    tl.store(op + i[None, :], (a * cos[None, :] - c * sin[None, :]).to(o_ptr.dtype.element_ty), mask=m1)
-    tl.store(op + HALF + i[None, :], (c * cos[None, :] + a * sin[None, :]).to(o_ptr.dtype.element_ty), mask=m1)
+    xdt = x_ptr.dtype.element_ty
+    odt = o_ptr.dtype.element_ty
+    tl.store(op + i[None, :], (a * cos[None, :] - c * sin[None, :]).to(xdt).to(odt), mask=m1)
+    tl.store(op + HALF + i[None, :], (c * cos[None, :] + a * sin[None, :]).to(xdt).to(odt), mask=m1)
     if HAS_TAIL:
-        tl.store(op + j[None, :], xt.to(o_ptr.dtype.element_ty), mask=mt)
+        tl.store(op + j[None, :], xt.to(odt), mask=mt)
+
+
+@jit
+def _copy_heads(x_ptr, o_ptr, h0, n_heads, stride_h, out_stride_h, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Heads h0..h0+BLOCK_H of one token copied (converted to the output's dtype), as kv.py writes values."""
+    heads = (h0 + tl.arange(0, BLOCK_H))[:, None]  # (BLOCK_H, 1)
+    d = tl.arange(0, BLOCK_D)[None, :]  # (1, D)
+    mask = (heads < n_heads) & (d < D)
+    x = tl.load(x_ptr + heads * stride_h + d, mask=mask)
+    tl.store(o_ptr + heads * out_stride_h + d, x.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
