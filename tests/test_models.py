@@ -3,7 +3,8 @@
 The reference is transformers' own implementation with the same random weights; kiln must match it to
 max |Δlogit| <= 1e-4 without a cache, and prefill + token-by-token decode through the KV cache must
 reproduce the uncached logits — also when several sequences decode in one batched step with per-row
-positions over a slot cache (the server's continuous batching).
+positions over a slot cache (the server's continuous batching). Which ops serve a fused decode step
+(RoPE with the KV write in one op, then decode attention) is checked too.
 """
 
 import pytest
@@ -134,6 +135,46 @@ def test_batched_rows_at_different_positions_equal_each_sequence_alone(name):
             assert err <= 1e-4, f"{name}: batched rows vs uncached max |Δlogit| = {err}"
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
+    """Which ops serve each step (kiln.models.base.attention): on a Triton device a CUDA-graph step and a
+    batched step over slots rotate q/k and write the cache in one op (`rope_qk_write_kv`, no separate
+    `rope_qk` or KV write) before `decode_attention`; prefill rotates with `rope_qk`. Here every op is
+    its torch reference behind a counter, so the wiring is checked, and the logits, without Triton."""
+    from kiln import ops
+    from kiln.models import base
+    calls = {}
+
+    def count(name, fn):
+        return lambda *a, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
+
+    monkeypatch.setattr(base, "use_triton", lambda x: True)  # base's dispatch only: other ops stay torch
+    monkeypatch.setattr(base, "rope_qk", count("rope_qk", ops.rope_qk_ref))
+    monkeypatch.setattr(base, "rope_qk_write_kv", count("rope_qk_write_kv", ops.rope_qk_write_kv_ref))
+    monkeypatch.setattr(base, "decode_attention", count("decode_attention", ops.decode_attention_ref))
+    cfg = CONFIGS[name]
+    hf, _ = _hf_model(cfg)
+    km = _kiln_model(cfg, hf)
+    n = cfg["num_hidden_layers"]
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = km(ids)
+        cache = KVCache.for_model(km, max_len=16)
+        parts = [km(ids[:, :7], cache=cache, pos=0)]
+        assert calls == {"rope_qk": 2 * n}  # the uncached forward and the prefill
+        for t in range(7, 10):
+            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+        assert calls == {"rope_qk": 2 * n, "rope_qk_write_kv": 3 * n, "decode_attention": 3 * n}
+        err = (torch.cat(parts, 1) - full).abs().max().item()
+        assert err <= 1e-4, (name, err)
+        calls.clear()
+        seqs = [ids, ids[:, :8], ids[:, 1:]]
+        rows = _rows_decode(km, seqs, slots=[2, 0, 3], prefill=[8, 7, 8])  # 2 batched steps, after 3 prefills
+        assert calls == {"rope_qk": 3 * n, "rope_qk_write_kv": 2 * n, "decode_attention": 2 * n}
+        row_err = max((out - km(x)).abs().max().item() for x, out in zip(seqs, rows))
+        assert row_err <= 1e-4, (name, row_err)
+
+
 _TRITON_STEP = """
 import torch, test_models as tm
 from kiln.cache import KVCache
@@ -161,8 +202,8 @@ for name in ("qwen3", "gemma3", "phi3"):
 
 
 def test_triton_decode_step_matches_transformers():
-    """The GPU decode step's kernels (norm, rope+qk-norm, KV write, split-KV attention, gated activations
-    over fused projections) run under
-    Triton's CPU interpreter, in a fresh process because the interpreter must be on before import."""
+    """The GPU decode step's kernels (norm, rope+qk-norm with the KV write, split-KV attention, gated
+    activations over fused projections) run under Triton's CPU interpreter, in a fresh process because
+    the interpreter must be on before import."""
     from interpreter import run_interpreted
     assert run_interpreted(_TRITON_STEP, timeout=600).count("\n") == 3

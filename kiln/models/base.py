@@ -2,7 +2,8 @@
 
 Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), RoPE frequency schedules
 (default, linear, llama3, longrope, GGUF per-frequency factors), the causal / sliding-window mask, and
-scaled-dot-product attention over grouped KV heads.
+the attention core of every family — RoPE (after the optional per-head q/k norms), the cache write, and
+scaled-dot-product attention over grouped KV heads — including which ops serve a fused decode step.
 
 `pos` — what a model's forward gets besides ids — takes three forms: an int (all rows at the same
 position; prefill and the batch-1 decode), a 0-dim device tensor (the same, inside a CUDA graph), and a
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.ops import decode_attention, rms_norm, rope_qk, use_triton, write_kv
+from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_write_kv, use_triton
 
 
 @dataclass
@@ -134,17 +135,29 @@ class RopeAt(NamedTuple):
 
     def apply(self, q, k, q_norm=None, k_norm=None):
         """q (B, T, H, D), k (B, T, K, D) → rotated (and per-head normed) q, k; one kernel on GPUs."""
-        qw, kw = (q_norm.weight, k_norm.weight) if q_norm is not None else (None, None)
-        eps, off = (q_norm.eps, q_norm.offset) if q_norm is not None else (1e-6, 0.0)
-        return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, qw, kw, eps, off, self.rot_dim)
+        return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, *_norm_args(q_norm, k_norm),
+                       self.rot_dim)
+
+    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, q_norm=None, k_norm=None):
+        """`apply`, with the rotated k and v written into the static cache at these positions (cache row
+        rows[b] for batch row b, if given) in the same kernel → rotated q (B, T, H, D)."""
+        return rope_qk_write_kv(q, k, v, k_cache, v_cache, self.pos, self.inv_freq, self.attn_factor,
+                                *_norm_args(q_norm, k_norm), self.rot_dim, rows)
+
+
+def _norm_args(q_norm, k_norm) -> tuple:
+    """(q weight, k weight, eps, offset) of the optional per-head norms, as the rope ops take them."""
+    if q_norm is None:
+        return None, None, 1e-6, 0.0
+    return q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset
 
 
 # ---------------------------------------------------------------- attention
 
 def graph_step(pos, x: torch.Tensor) -> bool:
-    """Is this a decode step served by the fused KV write and decode attention (a CUDA-graph step, or a
-    batched step with per-row positions on a Triton device)? Those read positions directly, so such a
-    step builds no mask."""
+    """Is this a decode step served by the fused RoPE + KV write and decode attention (a CUDA-graph step,
+    or a batched step with per-row positions on a Triton device)? Those read positions directly, so such
+    a step builds no mask."""
     return isinstance(pos, torch.Tensor) and use_triton(x)
 
 
@@ -165,28 +178,40 @@ def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torc
 
 
 def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int = 0, pos=0,
-              window: int | None = None) -> torch.Tensor:
-    """q (B, T, H, D), k/v (B, T, K, D) → (B, T, H*D), writing k/v into the cache first.
+              window: int | None = None, norms: tuple = ()) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, T, K, D), before RoPE → (B, T, H*D): q and k normed per head (norms =
+    (q_norm, k_norm), or none) and rotated, k/v written into the cache, then attention.
 
     A CUDA-graph decode step (tensor `pos`) and a batched step over slots (per-row `pos`, a RowsView
-    cache) on a Triton device use the fused KV write and split-KV decode attention over the static cache;
-    everything else (CPU, prefill) goes through the cache's slice (or the rows' gather) and SDPA.
+    cache) on a Triton device take two launches per layer or three: RoPE with the KV write of the static
+    cache in one kernel, then split-KV decode attention over that cache (one kernel with one split, else
+    split + merge). Everything else (CPU, prefill) rotates, then goes through the cache's slice (or the
+    rows' gather) and SDPA.
     """
     b, t = q.shape[:2]
-    if cache is not None and row_step(pos) and use_triton(q):  # batched step over slots, fused ops
-        kc, vc = cache.layer_kv(layer)  # (N, K, S, D): every slot
-        write_kv(kc, vc, k, v, rope.pos, rows=cache.slot_index)
-        return decode_attention(q, kc, vc, rope.pos, scale, window, rows=cache.slot_index).reshape(b, t, -1)
+    static = _static_kv(cache, layer, pos, q)
+    if static is not None:
+        kc, vc, rows = static  # (B or N, K, S, D) each, rows (B,) or None
+        q = rope.apply_write(q, k, v, kc, vc, rows, *norms)  # (B, T, H, D)
+        return decode_attention(q, kc, vc, rope.pos, scale, window, rows=rows).reshape(b, t, -1)
+    q, k = rope.apply(q, k, *norms)
     if row_step(pos):
         pos = rope.pos  # (B, T): RowsView.update writes each row at its own positions
-    if cache is not None and graph_step(pos, q):
-        kc, vc = cache.k[layer], cache.v[layer]  # (B, K, S, D)
-        write_kv(kc, vc, k, v, rope.pos)
-        return decode_attention(q, kc, vc, rope.pos, scale, window).reshape(b, t, -1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
     if cache is not None:
         k, v = cache.update(layer, pos, k, v)  # (B, K, S, D)
     return attend(q, k, v, mask, scale)
+
+
+def _static_kv(cache, layer: int, pos, x: torch.Tensor):
+    """(k_cache, v_cache, rows) that a fused decode step writes and reads — every slot of a layer with the
+    rows' slot index for a batched step, the layer's (B, K, S, D) with rows None for a CUDA-graph step —
+    or None when this step is not served by the fused ops."""
+    if cache is None or not graph_step(pos, x):
+        return None
+    if row_step(pos):
+        return (*cache.layer_kv(layer), cache.slot_index)
+    return cache.k[layer], cache.v[layer], None
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:

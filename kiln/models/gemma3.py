@@ -76,8 +76,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
-        q, k = rope.apply(q, k, self.q_norm, self.k_norm)
-        out = attention(q, k, v, rope, mask, self.scale, cache, self.layer, pos, self.window)
+        norms = (self.q_norm, self.k_norm)  # applied with RoPE, inside attention
+        out = attention(q, k, v, rope, mask, self.scale, cache, self.layer, pos, self.window, norms)
         return self.o_proj(out)  # (B, T, E)
 
 

@@ -38,8 +38,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.qkv_proj(value(x)).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
         q, k, v = qkv.split([self.h, self.kv, self.kv], dim=2)
-        q, k = rope.apply(q, k)
-        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)
+        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)  # RoPE inside
         return self.o_proj(out)  # (B, T, E)
 
 
