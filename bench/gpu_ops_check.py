@@ -11,9 +11,11 @@ For each model shape (Qwen3-0.6B, Gemma 3 1B, Llama-3.1-8B) and each op, in bflo
 - `triton_graph_us` / `ref_graph_us`: medians of the same call replayed inside a CUDA graph — the number
   a decode step pays, launch overhead excluded;
 decode_attention runs at depths 512 and 4096 of a 4096-slot cache (T = 1, and T = 4), with sliding
-windows where the model has them, beside torch's SDPA on the visible slice as a peer; "layer" times
-the non-matmul ops of one decoder layer (norm+residual, RoPE+q/k norm, KV write, attention, norm+residual,
-gated activation) captured together in one graph. Float32 runs of RoPE (large positions) and attention
+windows where the model has them, beside torch's SDPA on the visible slice as a peer, each also with one
+split (one launch, no merge: the A/B for the split count, `KILN_ATTN_SPLITS`); "layer" times the
+non-matmul ops of one decoder layer as the decode step launches them (norm+residual, RoPE+q/k norm with
+the KV write, attention, norm+residual, gated activation) captured together in one graph, with the
+default split count and with one split. Float32 runs of RoPE (large positions) and attention
 check the tight tolerances on real hardware. Exit code 1 when any check fails.
 """
 
@@ -108,6 +110,10 @@ def check_model(name: str, m: dict):
     ops.write_kv_ref(kc2, vc2, kk, v, pos)
     record(name, "write_kv", lambda: ops.write_kv(kc, vc, kk, v, pos) or kc[:, :, -1],
            lambda: ops.write_kv_ref(kc2, vc2, kk, v, pos) or kc2[:, :, -1], tol=0.0)
+    kc3, vc3, kc4, vc4 = kc.clone(), vc.clone(), kc.clone(), vc.clone()  # pos is the last slot: [:, :, -1]
+    record(name, "rope_qk_write_kv" + ("+qk_norm" if norms else ""),
+           lambda: (ops.rope_qk_write_kv(q, kk, v, kc3, vc3, pos, inv, **norms), kc3[:, :, -1], vc3[:, :, -1]),
+           lambda: (ops.rope_qk_write_kv_ref(q, kk, v, kc4, vc4, pos, inv, **norms), kc4[:, :, -1], vc4[:, :, -1]))
     check_attention(name, m, kc, vc)
     check_layer(name, m, x, r, w, off, q, kk, v, pos, inv, norms, kc, vc, gu, act)
 
@@ -120,12 +126,15 @@ def check_attention(name, m, kc, vc):
             for win in windows:
                 q = rand(1, t, h, d)
                 pos = torch.arange(depth - t, depth, device=DEV)
-                fast = lambda: ops.decode_attention(q, kc, vc, pos, d ** -0.5, win)  # noqa: E731
                 ref = lambda: ops.decode_attention_ref(q, kc, vc, pos, d ** -0.5, win)  # noqa: E731
                 lo = max(0, depth - (win or depth))
-                row = record(name, f"decode_attention d={depth} T={t}" + (f" win={win}" if win else ""), fast, ref,
-                             tol=3.2e-2, depth=depth, t=t)
-                row["triton_graph_GBps"] = 2 * k * (depth - lo) * d * 2 / (row["triton_graph_us"] * 1e3)
+                for splits in (None, 1):  # the default split count (split + merge), and one launch
+                    fast = lambda: ops.decode_attention(q, kc, vc, pos, d ** -0.5, win,  # noqa: E731
+                                                        splits=splits)
+                    op = (f"decode_attention d={depth} T={t}" + (f" win={win}" if win else "")
+                          + (" 1 split" if splits else ""))
+                    row = record(name, op, fast, ref, tol=3.2e-2, depth=depth, t=t)
+                    row["triton_graph_GBps"] = 2 * k * (depth - lo) * d * 2 / (row["triton_graph_us"] * 1e3)
                 if t == 1 and win is None:  # peer: torch SDPA on the visible slice (host-side length)
                     ks, vs = kc[:, :, :depth], vc[:, :, :depth]
                     sd = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, scale=d ** -0.5,  # noqa: E731
@@ -136,17 +145,19 @@ def check_attention(name, m, kc, vc):
 
 
 def check_layer(name, m, x, r, w, off, q, kk, v, pos, inv, norms, kc, vc, gu, act):
-    """The non-matmul half of one decoder layer, as a decode step would launch it."""
-    def layer():
+    """The non-matmul half of one decoder layer, as a decode step launches it (6 kernels; 5 with one split)."""
+    def layer(splits):
         y, h1 = ops.rms_norm(x, w, 1e-6, off, r)
-        qr, kr = ops.rope_qk(q, kk, pos, inv, **norms)
-        ops.write_kv(kc, vc, kr, v, pos)
-        a = ops.decode_attention(qr, kc, vc, pos, m["d"] ** -0.5, m["window"])
+        qr = ops.rope_qk_write_kv(q, kk, v, kc, vc, pos, inv, **norms)
+        a = ops.decode_attention(qr, kc, vc, pos, m["d"] ** -0.5, m["window"], splits=splits)
         y2, _ = ops.rms_norm(x, w, 1e-6, off, h1)
         return a, y2, act(gu)
-    t = us(layer, True)
-    RESULTS.append(dict(model=name, op="layer (7 launches) depth 4096", triton_graph_us=t, ok=True))
-    print(f"{name:13s} {'layer non-matmul ops, one graph':34s} {t:7.1f} µs per layer at depth {S_MAX}", flush=True)
+    for splits, launches in ((None, 6), (1, 5)):
+        t = us(lambda: layer(splits), True)
+        RESULTS.append(dict(model=name, op=f"layer ({launches} launches) depth {S_MAX}", triton_graph_us=t,
+                            ok=True))
+        label = "layer non-matmul ops, one graph" + (", 1 split" if splits else "")
+        print(f"{name:13s} {label:34s} {t:7.1f} µs per layer at depth {S_MAX}", flush=True)
 
 
 def check_float32():
