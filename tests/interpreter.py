@@ -26,7 +26,8 @@ def late() -> bool:
 def triton_on_cpu(request, monkeypatch):
     if late() and request.node.originalname != "test_in_a_fresh_process":
         pytest.skip("triton was imported before the interpreter was enabled; see test_in_a_fresh_process")
-    monkeypatch.setenv("KILN_TRITON_CPU", "1")
+    if not torch.cuda.is_available():  # on a GPU machine the tests put their tensors on the GPU
+        monkeypatch.setenv("KILN_TRITON_CPU", "1")
 
 
 def rerun_in_fresh_process(test_file: str) -> None:

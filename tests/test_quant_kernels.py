@@ -253,7 +253,10 @@ def test_int8_gemv_is_exact_on_the_quantized_activations(qtype):
     _, packed, ref = make(qtype, n, k, seed=11)
     bias = torch.randn(n).to(DEVICE)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
-    q, dx = act_ref(x.float().cpu())
+    act = K.quantize_act(x)  # its codes (checked against llama.cpp's rule above; a GPU's fused multiply-add
+    # may round a value lying on a .5 boundary the other way) times its scales: what the GEMV multiplies
+    q = act.xq.cpu().view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
+    dx = act.xd.cpu().double().repeat_interleave(32)
     exact_q = ((q * dx) @ ref.double().cpu().T + bias.double().cpu()).to(DEVICE)
     for cfg in (None, K.GemvConfig(block_n=8, block_k=128, int8=True), K.GemvConfig(block_n=1, int8=True)):
         y = K.gemv(x, packed, bias, config=cfg)
@@ -262,7 +265,6 @@ def test_int8_gemv_is_exact_on_the_quantized_activations(qtype):
     # random blocks carry large per-block offsets (mins) that cancel in the sum: int8 x errors show more
     # than on real weights (llama.cpp references: tests/test_generate.py and friends)
     assert rel_err(y, x.float() @ ref.T + bias) < 5e-2
-    act = K.quantize_act(x)  # one quantization reused
     assert torch.equal(K.gemv(x, packed, bias, act=act), K.gemv(x, packed, bias))
 
 
@@ -417,8 +419,8 @@ def test_decode_path_captures_in_a_cuda_graph(qtype):
 def test_quant_embedding_dequantizes_the_rows_it_reads():
     from kiln.quant.linear import QuantEmbedding
     for qtype in (K.Q4_K, K.Q6_K, K.Q8_0):
-        packed = K.repack(random_rows(qtype, 16, 256, seed=qtype), qtype, (16, 256))
-        ids = torch.tensor([[3, 0, 15], [3, 3, 7]])
+        packed = K.repack(random_rows(qtype, 16, 256, seed=qtype).to(DEVICE), qtype, (16, 256))
+        ids = torch.tensor([[3, 0, 15], [3, 3, 7]], device=DEVICE)
         got = QuantEmbedding(packed, torch.float32)(ids)
         assert got.shape == (2, 3, 256)
         assert torch.equal(got, K.dequantize_ref(packed)[ids])
