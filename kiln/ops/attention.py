@@ -39,7 +39,7 @@ import os
 import torch
 
 from kiln.errors import KilnError
-from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops import jit, pdl, tl, triton, use_triton
 
 _BLOCK_N = 64  # keys per tile
 
@@ -98,11 +98,12 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2,
+        **pdl.launch_kw(q))
     if ns == 1:
         return out
     _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                                BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+                                BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q))
     return out
 
 
@@ -135,7 +136,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bk // (H // G)).to(tl.int64)
@@ -210,7 +213,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
 @jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     lse = tl.load(lse_ptr + row * NS + s, mask=s < NS, other=float("-inf"))  # (NS,)

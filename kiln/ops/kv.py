@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops import jit, pdl, tl, triton, use_triton
 
 
 def write_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,13 +47,16 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v = v if v.stride(-1) == 1 else v.contiguous()
     _write_kv_kernel[(b * t,)](
         k, v, k_cache, v_cache, pos, rows if rows is not None else pos, pos.stride(0) if pos.ndim == 2 else 0,
-        t, kh, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], D=d, HAS_ROWS=rows is not None, BLOCK_K=triton.next_power_of_2(kh), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        t, kh, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], D=d, HAS_ROWS=rows is not None, BLOCK_K=triton.next_power_of_2(kh), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        **pdl.launch_kw(k))
 
 
 @jit
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, rows_ptr, spb, T, KH, skb, skt, skh, svb, svt, svh,
                      scb, sch, scs, D: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     bt = tl.program_id(0)
     b = (bt // T).to(tl.int64)
     t = bt % T

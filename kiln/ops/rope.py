@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton, use_triton
+from kiln.ops import jit, pdl, tl, triton, use_triton
 from kiln.ops.kv import write_kv_ref
 from kiln.ops.norm import rms_norm_ref
 
@@ -108,7 +108,8 @@ def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offs
         float(attn_factor), float(eps), float(norm_offset),
         D=d, HALF=half, HAS_NORM=has_norm, HAS_OFFSET=bool(norm_offset), HAS_TAIL=2 * half < d,
         WRITE_KV=write_kv, HAS_ROWS=rows is not None, BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        **pdl.launch_kw(q))
     return qo
 
 
@@ -123,10 +124,12 @@ def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
                     D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     HAS_TAIL: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (token bt, head block hb). Keys go to ko at (row, position, head) strides (sob, sot, soh):
     ko itself (row b, position t) or, with WRITE_KV, the key cache (row rows[b] or b, position pos), where
     the values of the same heads are copied too (vo: the value cache, same strides)."""
+    pdl.start(PDL)
+    pdl.wait(PDL)
     bt = tl.program_id(0)
     hb = tl.program_id(1)
     b = (bt // T).to(tl.int64)
