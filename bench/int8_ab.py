@@ -28,11 +28,15 @@ SHAPES = {  # (format, N, K): the decode GEMVs of each model (q+k joined; v apar
                    (K.Q8_0, 1024, 3072)],
     "llama-3.2-1b": [(K.Q4_K, 2560, 2048), (K.Q4_K, 2048, 2048), (K.Q4_K, 16384, 2048), (K.Q6_K, 2048, 8192),
                      (K.Q6_K, 128256, 2048)],
+    "llama-3.1-8b": [(K.Q4_K, 5120, 4096), (K.Q6_K, 1024, 4096), (K.Q4_K, 4096, 4096), (K.Q4_K, 28672, 4096),
+                     (K.Q6_K, 4096, 14336), (K.Q4_K, 4096, 14336), (K.Q6_K, 128256, 4096)],
     "qwen3-8b": [(K.Q4_K, 5120, 4096), (K.Q6_K, 1024, 4096), (K.Q4_K, 4096, 4096), (K.Q4_K, 24576, 4096),
                  (K.Q6_K, 4096, 12288), (K.Q4_K, 4096, 12288), (K.Q6_K, 151936, 4096)],
 }
 GRID = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, int8=True)
         for bn in (2, 4, 8, 16) for bk in (2048, 4096, 16384) for w in (4, 8)]
+GRID_8B = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, int8=True)
+           for bn in (1, 2, 4, 8) for bk in (4096, 8192, 16384) for w in (4, 8)]
 
 
 def packed(qtype, n, k, seed=0):
@@ -63,9 +67,12 @@ def check(out):
     out["check"] = rows
 
 
-def micro(out, deadline):
+def micro(out, deadline, models=None):
     rows = []
     for model, shapes in SHAPES.items():
+        if models and model not in models:
+            continue
+        grid_cfgs = GRID_8B if "8b" in model else GRID
         for qtype, n, k in shapes:
             if time.time() > deadline:
                 print("micro: out of time", flush=True)
@@ -83,7 +90,7 @@ def micro(out, deadline):
             r["quantize_us"] = G.graph_us(lambda i: (lambda: K.quantize_act(x)), 4)
             r["int8_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], act=act)), copies)
             grid = {}
-            for cfg in GRID:
+            for cfg in grid_cfgs:
                 if time.time() > deadline:
                     break
                 key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}"
@@ -130,6 +137,7 @@ def main():
     ap.add_argument("--steps", default="check,micro,model")
     ap.add_argument("--files", default="")
     ap.add_argument("--budget", type=float, default=400)
+    ap.add_argument("--models", default="", help="micro: only these SHAPES keys (comma-separated)")
     a = ap.parse_args()
     t0 = time.time()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -140,7 +148,7 @@ def main():
         if "model" in steps and a.files:
             model(out, a.files.split(","), t0 + a.budget * 0.55)
         if "micro" in steps:
-            micro(out, t0 + a.budget)
+            micro(out, t0 + a.budget, [m for m in a.models.split(",") if m])
     finally:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "int8_ab.json").write_text(json.dumps(out, indent=1))
