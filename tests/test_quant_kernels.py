@@ -277,6 +277,8 @@ def test_int8_path_is_taken_only_for_16_bit_single_rows():
     assert not K.gemv_config(iq, 1, torch.bfloat16).int8       # code-book format: float path
     assert K._q8_geometry(K.GemvConfig(block_n=8, block_k=4096, int8=True), K.FORMATS[K.Q4_K], 1024, 1024,
                           132) == (2, 128)                      # small N: fewer rows per program, no split-K
+    assert K._q8_table_rows(K.Q6_K, 4096, 12288) == 1 and K._q8_table_rows(K.Q6_K, 151936, 4096) == 8
+    assert K._q8_table_rows(K.Q4_K, 24576, 4096) == 8 and K._q8_table_rows(K.Q4_K, 4096, 4096) == 4
 
 
 def test_gemv_rejects_too_many_rows_and_wrong_k():

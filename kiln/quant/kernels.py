@@ -1083,20 +1083,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _q8_geometry(cfg: GemvConfig, fmt: Format, n: int, k: int, sms: int) -> tuple[int, int]:
+def _q8_table_rows(qtype: int, n: int, k: int) -> int:
+    """Rows per program of the table's int8 config by shape, from the in-graph sweep on the H100
+    (bench/results/2026-11-26-h100/int8_ab_8b.json; PDL on): Q6_K's extra high-bit work favours one row per
+    program below ~8k rows of K >= 4096 (8B v and down projections: 2.27 vs 2.68 µs, 15.6 vs 19.0 µs) and 8
+    for an output head (170 vs 195 µs); Q4_K favours 8 rows from 5120 rows of K 4096..8192 (4.4 vs 4.8 µs,
+    20.3 vs 20.6 µs). Everything else: 4."""
+    if qtype == Q6_K and k >= 4096:
+        return 1 if n <= 8192 else 8 if n > 65536 else 4
+    if qtype == Q4_K and n >= 5120 and 4096 <= k <= 8192:
+        return 8
+    return 4
+
+
+def _q8_geometry(cfg: GemvConfig, fmt: Format, n: int, k: int, sms: int, rows: int | None = None) -> tuple[int, int]:
     """(rows per program, words per row per step) of the int8 GEMV: the whole row in one step when it fits
-    block_k, and fewer rows per program while the grid is short of 2 programs per SM."""
+    block_k, and fewer rows per program while the grid is short of 2 programs per SM. `rows` overrides
+    cfg.block_n (the table's per-shape choice)."""
     kw = k // fmt.g
     w = min(triton.next_power_of_2(kw), max(V, cfg.block_k // fmt.g))
-    bn = cfg.block_n
+    bn = rows or cfg.block_n
     while bn > 1 and triton.cdiv(n, bn) < 2 * sms:
         bn //= 2
     return bn, w
 
 
-def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: GemvConfig) -> torch.Tensor:
+def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: GemvConfig,
+               table: bool = False) -> torch.Tensor:
     fmt, (n, k) = w.fmt, w.shape
-    bn, wd = _q8_geometry(cfg, fmt, n, k, _sm_count(act.xq.device))
+    rows = _q8_table_rows(w.qtype, n, k) if table else None
+    bn, wd = _q8_geometry(cfg, fmt, n, k, _sm_count(act.xq.device), rows)
     geo = _geometry(fmt, k, V * fmt.g)
     geo["W"] = wd
     y = torch.empty((1, n), dtype=act.dtype, device=act.xq.device)
@@ -1127,7 +1143,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     if prologue is None and m == 1 and w.qtype in INT8_FORMATS and x.dim() == 2 and x.shape[1] == k:
         cfg = config or gemv_config(w, 1, x.dtype)
         if cfg.int8:
-            return _gemv_int8(act if act is not None else quantize_act(x), w, bias, cfg)
+            return _gemv_int8(act if act is not None else quantize_act(x), w, bias, cfg, table=config is None)
     kx = 2 * k if prologue is not None and prologue.kind != "norm" else k
     if x.dim() != 2 or x.shape[1] != kx or not 1 <= m <= MAX_GEMV_M or (prologue is not None and m != 1):
         raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {kx}) (M = 1 with a prologue), "
