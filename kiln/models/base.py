@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln import native
 from kiln.errors import KilnError
 from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_write_kv, use_triton
 
@@ -189,6 +190,8 @@ def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int 
     rows' gather) and SDPA.
     """
     b, t = q.shape[:2]
+    if _native_step(cache, layer, pos, q, rope):  # a CPU decode step: norms, RoPE, KV write and attention in one call
+        return _native_attention(q, k, v, rope, scale, cache, layer, pos, window, norms)
     static = _static_kv(cache, layer, pos, q)
     if static is not None:
         kc, vc, rows = static  # (B or N, K, S, D) each, rows (B,) or None
@@ -201,6 +204,23 @@ def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int 
     if cache is not None:
         k, v = cache.update(layer, pos, k, v)  # (B, K, S, D)
     return attend(q, k, v, mask, scale)
+
+
+def _native_step(cache, layer: int, pos, q: torch.Tensor, rope: RopeAt) -> bool:
+    """One float32 token on the CPU at an int position inside the cache, with the native kernels built
+    and shapes they take."""
+    return (cache is not None and isinstance(pos, int) and q.shape[0] == q.shape[1] == 1 and not q.is_cuda
+            and q.dtype == torch.float32 and pos < cache.max_len and native.available()
+            and native.attention_fits(q[0, 0], cache.k[layer][0], rope.inv_freq))
+
+
+def _native_attention(q, k, v, rope: RopeAt, scale: float, cache, layer: int, pos: int, window, norms):
+    """`attention` for one token in one native call (native.decode_attention; its torch twin is the
+    path through rope.apply, cache.update and attend)."""
+    qw, kw, eps, offset = _norm_args(*norms) if norms else _norm_args(None, None)
+    out = native.decode_attention(q[0, 0], k[0, 0], v[0, 0], cache.k[layer][0], cache.v[layer][0], pos,
+                                  rope.inv_freq, rope.attn_factor, qw, kw, eps, offset, scale, window)
+    return out.view(1, 1, -1)  # (B, T, H*D)
 
 
 def _static_kv(cache, layer: int, pos, x: torch.Tensor):

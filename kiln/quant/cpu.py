@@ -6,6 +6,7 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
   exactly up to the bf16 rounding of scale and zero (their codes are copied, not re-quantized).
 - `Int8Linear`: int8 rows with one bf16 scale per row, through `_weight_int8pack_mm`; every other type
   (Q5_0, Q6_K, Q8_0, …, plain floats). A second rounding, finer than the GGUF block grids it re-quantizes.
+  One float32 row (the batch-1 decode step) goes through kiln/native.py's GEMV instead, where built.
 - `ScreenedHead`: the output head (the largest matrix: 151936 x 896 for Qwen2.5-0.5B). A 4-bit copy
   screens the whole vocabulary, then the `SCREEN_TOP` best candidates of each row are recomputed exactly
   in fp32 from the file's own rows; the argmax and the head of the distribution are exact, the tail
@@ -17,7 +18,9 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
 Not: GPU kernels (kernels.py, linear.py), the GGUF block formats (legacy.py, kquants.py), loading order.
 
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
-run ~10x slower) and the result comes back in the caller's dtype.
+run ~10x slower) and the result comes back in the caller's dtype. The native GEMV keeps x in fp32 and
+streams the int8 rows about twice as fast as `_weight_int8pack_mm` at batch 1; `Fused` computes the norm
+before it (kiln.fuse.Normed) in one native call too.
 
 Shape alphabet: M rows of activations, N output features, K input features, G = K / 32 groups,
 U candidate rows, V vocabulary.
@@ -31,8 +34,9 @@ import gguf
 import torch
 from torch import nn
 
+from kiln import native
 from kiln.errors import KilnError
-from kiln.fuse import FusedLinear
+from kiln.fuse import FusedLinear, Normed
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kquants, legacy
 
@@ -53,6 +57,11 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias, n: int) -> torch.Tensor:
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], n)
+
+
+def _native_row(x: torch.Tensor) -> bool:
+    """One float32 row (a batch-1 decode step) and the native kernels built: native.py serves it."""
+    return x.dtype == torch.float32 and x.numel() == x.shape[-1] and native.available()
 
 
 class Int8Linear(nn.Module):
@@ -81,6 +90,8 @@ class Int8Linear(nn.Module):
         return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_row(x):  # the decode step's GEMV, at memory speed and with x in fp32
+            return native.gemv_i8(x.reshape(-1), self.q, self.scale, self.bias).view(*x.shape[:-1], -1)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
         return _finish(torch._weight_int8pack_mm(x2, self.q, self.scale), x, self.bias, self.out_features)
 
@@ -306,6 +317,15 @@ class Fused(FusedLinear):
     def __init__(self, wide: nn.Module, widths: list[int]):
         nn.Module.__init__(self)  # FusedLinear's own grouping knows only nn.Linear and QuantLinear
         self.groups, self.splits = nn.ModuleList([wide]), [list(widths)]
+
+    def _wide_outputs(self, x) -> list[torch.Tensor]:
+        if isinstance(x, Normed) and _native_row(x.x):  # the decode step's norm: one native call
+            n = x.norm
+            if x.residual is None:
+                return [self.groups[0](native.rms_norm(x.x, n.weight, n.eps, n.offset))]
+            y, x.h = native.rms_norm(x.x, n.weight, n.eps, n.offset, x.residual.float())
+            return [self.groups[0](y)]
+        return super()._wide_outputs(x)
 
 
 def _join(layers: list[nn.Module]) -> nn.Module | None:

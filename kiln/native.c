@@ -1,0 +1,171 @@
+/* Native CPU kernels for the batch-1 decode step, built at first use by kiln/native.py (which documents why).
+
+   Owns three kernels, each replacing a chain of small torch ops (or a slow packed matmul) at batch 1:
+   - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x.
+   - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
+   - kiln_decode_attention: one token's attention: per-head q/k RMSNorm (optional), rotate-half RoPE,
+     the k/v write into the cache at `pos`, then softmax(q k^T * scale) v over keys 0..pos (the last
+     `window` of them when window > 0), grouped-query heads.
+   Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
+   (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool).
+
+   Everything is fp32 in and out, accumulated in fp32. The torch twins they are tested against:
+   Int8Linear.dequantize() @ x, ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KILN_AVX512 1
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ------------------------------------------------------------------ int8 GEMV
+   torch's _weight_int8pack_mm streams ~14 GB/s of int8 weights on two AVX-512 cores where plain loads
+   reach ~27-30 GB/s: at batch 1 it is bound by instructions, not bytes. One row at a time (one
+   contiguous stream; interleaving rows measured slower), 16 weights per fused multiply-add.
+   Shapes: q (N, K) row-major, scale (N,) bf16 bits, x (K,), bias (N,) or NULL, y (N,). */
+
+#ifdef KILN_AVX512
+static inline __m512 i8x16_to_f32(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#endif
+
+static inline float dot_i8(const int8_t *q, const float *x, int64_t k_len) {
+    int64_t k = 0;
+    float s = 0.f;
+#ifdef KILN_AVX512
+    /* Two accumulators: one alone leaves each multiply-add waiting on the last (measured 20 vs 26-32 GB/s;
+       four are slower again). */
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; k + 32 <= k_len; k += 32) {
+        a0 = _mm512_fmadd_ps(i8x16_to_f32(q + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(i8x16_to_f32(q + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k + 16 <= k_len; k += 16)
+        a0 = _mm512_fmadd_ps(i8x16_to_f32(q + k), _mm512_loadu_ps(x + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = 0; j < k_len - k_len % 16; j++)
+        s += (float)q[j] * x[j];
+    k = k_len - k_len % 16;
+#endif
+    for (; k < k_len; k++)
+        s += (float)q[k] * x[k];
+    return s;
+}
+
+void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const float *bias, float *y,
+                  int64_t n_rows, int64_t k_len) {
+    /* guided: as fast as static on a quiet machine, and a core busy with another process's work does
+       not hold the whole product back */
+    #pragma omp parallel for schedule(guided, 16)
+    for (int64_t n = 0; n < n_rows; n++) {
+        float v = dot_i8(q + n * k_len, x, k_len) * bf16_to_f32(scale[n]);
+        y[n] = bias ? v + bias[n] : v;
+    }
+}
+
+/* ------------------------------------------------------------------ RMSNorm
+   x, residual (NULL: none), h (written when residual is given), y: (E,); w (E,). */
+
+static float inv_rms(const float *x, int64_t e, float eps) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t i = 0; i < e; i++)
+        ss += x[i] * x[i];
+    return 1.f / sqrtf(ss / (float)e + eps);
+}
+
+void kiln_rms_norm(const float *x, const float *residual, const float *w, float eps, float offset,
+                   float *y, float *h, int64_t e) {
+    if (residual) {
+        for (int64_t i = 0; i < e; i++)
+            h[i] = x[i] + residual[i];
+        x = h;
+    }
+    float r = inv_rms(x, e, eps);
+    for (int64_t i = 0; i < e; i++)
+        y[i] = x[i] * r * (offset + w[i]);
+}
+
+/* ------------------------------------------------------------------ decode attention
+   q (H, D) in, qr (H, D) scratch for the rotated q, k/v (KH, D) the new token's keys and values (k is
+   rotated into the cache, not in place); k_cache/v_cache: element [g, s, d] at g * head_stride +
+   s * D + d; out (H, D). RoPE: pairs (i, i + R/2) for i < R/2 = n_freq, cos/sin of pos * inv_freq[i]
+   times attn_factor; dims past R kept. Norms (qn_w, kn_w non-NULL): per head, before RoPE. */
+
+static void rope_head(const float *x, float *o, const float *nw, float eps, float offset, int64_t d,
+                      const float *cs, const float *sn, int64_t half) {
+    float buf[1024];  /* head dims: native.py only sends d <= 1024 */
+    if (nw) {
+        float r = inv_rms(x, d, eps);
+        for (int64_t i = 0; i < d; i++)
+            buf[i] = x[i] * r * (offset + nw[i]);
+        x = buf;
+    }
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        o[i] = a * cs[i] - b * sn[i];
+        o[i + half] = b * cs[i] + a * sn[i];
+    }
+    for (int64_t i = 2 * half; i < d; i++)
+        o[i] = x[i];
+}
+
+void kiln_decode_attention(const float *q, float *qr, const float *k, const float *v, float *k_cache,
+                           float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
+                           int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
+                           const float *qn_w, const float *kn_w, float eps, float offset, float scale,
+                           int64_t window, float *out) {
+    float cs[512], sn[512];  /* half <= 512 (native.py checks) */
+    for (int64_t i = 0; i < half; i++) {
+        float f = (float)pos * inv_freq[i];
+        cs[i] = cosf(f) * attn_factor;
+        sn[i] = sinf(f) * attn_factor;
+    }
+    for (int64_t g = 0; g < n_kv; g++) {
+        rope_head(k + g * d, k_cache + g * head_stride + pos * d, kn_w, eps, offset, d, cs, sn, half);
+        memcpy(v_cache + g * head_stride + pos * d, v + g * d, (size_t)d * sizeof(float));
+    }
+    int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0, n_keys = pos + 1 - lo;
+    int64_t group = n_heads / n_kv;
+    #pragma omp parallel for schedule(static)
+    for (int64_t h = 0; h < n_heads; h++) {
+        float *qh = qr + h * d, *oh = out + h * d;
+        const float *kc = k_cache + (h / group) * head_stride + lo * d;
+        const float *vc = v_cache + (h / group) * head_stride + lo * d;
+        rope_head(q + h * d, qh, qn_w, eps, offset, d, cs, sn, half);
+        float *p = malloc((size_t)n_keys * sizeof(float)), mx = -INFINITY, sum = 0.f;
+        for (int64_t s = 0; s < n_keys; s++) {
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t i = 0; i < d; i++)
+                dot += qh[i] * kc[s * d + i];
+            p[s] = dot * scale;
+            mx = p[s] > mx ? p[s] : mx;
+        }
+        for (int64_t i = 0; i < d; i++)
+            oh[i] = 0.f;
+        for (int64_t s = 0; s < n_keys; s++) {
+            float e = expf(p[s] - mx);
+            sum += e;
+            #pragma omp simd
+            for (int64_t i = 0; i < d; i++)
+                oh[i] += e * vc[s * d + i];
+        }
+        for (int64_t i = 0; i < d; i++)
+            oh[i] /= sum;
+        free(p);
+    }
+}

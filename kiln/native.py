@@ -1,0 +1,160 @@
+"""Native CPU kernels (native.c): compiled once per machine with the system C compiler, loaded by ctypes.
+
+Owns: building and caching the shared library (<kiln cache>/kernels/, keyed by the source, compiler, flags,
+CPU and OpenMP runtime), linking it against the OpenMP runtime torch already uses (one thread pool for
+both: two pools spinning on two cores stall each other), `available()`, and the typed entry points
+(`gemv_i8`, `rms_norm`, `decode_attention`) with the shape checks that keep the C side simple.
+Not: deciding when a model uses them (quant/cpu.py's Int8Linear and Fused, models/base.py's attention),
+the kernels themselves (native.c), anything batched (torch's kernels serve prefill).
+
+Why C and not torch.compile: measured on the 2-core AVX-512 machine (2026-11-26), inductor's code for the
+int8 matrix-vector product streams 18-21 GB/s standalone where a plain loop reaches ~27 GB/s (torch's
+_weight_int8pack_mm: ~14), and inside a compiled decode step it re-evaluated the preceding norm for every
+output row, so the whole compiled step (15 s to compile from a warm cache, 2 min cold) ran no faster than
+eager; and a batch-1 step of a small model is mostly dispatch of small ops (~80 per layer), which one C
+call per norm and per attention replaces. This library builds in well under a second.
+
+Everything here is optional: without a C compiler, without an OpenMP runtime found in torch, off Linux,
+or with KILN_NATIVE=0 in the environment, `available()` is False and every caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def gemv_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (K,) float32, q (N, K) int8, scale (N,) bf16, bias (N,) float32 or None -> (N,) float32."""
+    n, k = q.shape
+    x, q, scale, bias = _c(x), _c(q), _c(scale), _c(bias)
+    y = torch.empty(n, dtype=torch.float32)
+    _lib().kiln_gemv_i8(_ptr(q), _ptr(x), _ptr(scale), _ptr(bias), _ptr(y), n, k)
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             residual: torch.Tensor | None = None):
+    """ops.rms_norm_ref's contract for one float32 row x (..., E): y, or (y, h) with a residual."""
+    x, weight, residual = _c(x), _c(weight), _c(residual)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    h = None if residual is None else torch.empty(x.shape, dtype=torch.float32)
+    _lib().kiln_rms_norm(_ptr(x), _ptr(residual), _ptr(weight), eps, offset, _ptr(y), _ptr(h), x.shape[-1])
+    return y if h is None else (y, h)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
+                     eps: float, offset: float, scale: float, window: int | None) -> torch.Tensor:
+    """One token: q (H, D), k/v (K, D) float32 before RoPE; k_cache/v_cache (K, S, D) float32 that
+    `attention_fits` (k, v are written at `pos`) -> (H * D,) attention output. See native.c."""
+    h, d = q.shape
+    q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
+    out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
+    _lib().kiln_decode_attention(
+        _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
+        h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
+        eps, offset, scale, window or 0, _ptr(out))
+    return out
+
+
+def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
+    """Does `decode_attention` take these? q (H, D) and a layer's cache (K, S, D), float32, D unit-strided
+    and positions D apart (the cache's own layout), H a multiple of K, D within native.c's buffers."""
+    d = q.shape[-1]
+    return (d <= 1024 and 2 * inv_freq.numel() <= d and q.dtype == k_cache.dtype == torch.float32
+            and k_cache.stride(2) == 1 and k_cache.stride(1) == d and q.shape[0] % k_cache.shape[0] == 0)
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+@functools.cache
+def _lib():
+    if os.environ.get("KILN_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    try:
+        path = _build()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2, "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
+                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, p]}
+    for name, args in signatures.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    return lib
+
+
+def _build() -> Path | None:
+    """The shared library for this machine, compiled on first use; None when it cannot be built."""
+    cc, omp = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"), _torch_openmp()
+    if cc is None or omp is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(CFLAGS), omp, _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    from kiln.hub import cache_dir
+    out = cache_dir() / "kernels" / f"native-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, so = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        # Compile with OpenMP, but link the runtime torch loaded (by path, not -lgomp: a wheel's bundled
+        # libgomp has its own soname, and the system one would be a second pool of threads).
+        for cmd in ([cc, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)], [cc, "-shared", str(obj), omp, "-o", str(so)]):
+            if subprocess.run(cmd, capture_output=True, timeout=120).returncode:
+                return None
+        os.replace(so, out)  # atomic: a concurrent build of the same key writes the same bytes
+    return out
+
+
+def _torch_openmp() -> str | None:
+    """Path of the OpenMP runtime torch's own code calls (other wheels may map theirs into the process too:
+    gguf's sentencepiece brings a second libgomp): where `omp_get_max_threads`, looked up from torch's
+    extension module through its dependencies, lives."""
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+    try:
+        fn = ctypes.CDLL(torch._C.__file__).omp_get_max_threads
+        info = DlInfo()
+        if not ctypes.CDLL(None).dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native code may not run on another CPU sharing the cache)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^(flags|Features)\s*:(.*)$", text, re.M)
+    return m.group(2).strip() if m else ""

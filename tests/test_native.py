@@ -1,0 +1,118 @@
+"""kiln/native.py and native.c: each native CPU kernel against its torch twin, and decode steps of every
+architecture with the kernels on and off.
+
+The twins: `Int8Linear.dequantize() @ x` for the GEMV, `ops.rms_norm_ref` for the norm, and
+`ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
+"""
+
+import pytest
+import torch
+
+from kiln import native
+from kiln.models import base
+from kiln.ops import rms_norm_ref, rope_qk_ref
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler / OpenMP runtime for native.c")
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 5), (64, 896), (33, 100), (40, 4864)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_i8_is_the_dequantized_product(n, k, bias):
+    g = torch.Generator().manual_seed(n * k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16)
+    x = torch.randn(k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    ref = (q.double() * scale.double()[:, None]) @ x.double() + (0 if b is None else b.double())
+    y = native.gemv_i8(x, q, scale, b)
+    assert y.shape == (n,) and y.dtype == torch.float32
+    assert _rel(y, ref) < 1e-5  # fp32 accumulation of exact products: no bf16 rounding of x
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_is_the_reference(offset, residual):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, 96, generator=g), torch.rand(96, generator=g)
+    r = torch.randn(1, 1, 96, generator=g) if residual else None
+    got, ref = native.rms_norm(x, w, 1e-6, offset, r), rms_norm_ref(x, w, 1e-6, offset, r)
+    for a, b in zip(got if residual else [got], ref if residual else [ref]):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _torch_attention(q, k, v, kc, vc, pos, inv, factor, norms, scale, window):
+    """The torch path of base.attention for one token: rope_qk_ref, the cache write, masked SDPA."""
+    qw, kw, eps, off = norms
+    q, k = rope_qk_ref(q[None, None], k[None, None], torch.tensor([pos]), inv, factor, qw, kw, eps, off)
+    kc[:, pos], vc[:, pos] = k[0, 0], v
+    mask = base.causal_mask(torch.tensor([pos]), pos + 1, window, "cpu")  # (1, S)
+    return base.attend(q.transpose(1, 2), kc[None, :, :pos + 1], vc[None, :, :pos + 1], mask, scale)[0, 0]
+
+
+@pytest.mark.parametrize("case", ["plain", "gqa-norms", "gemma-norms", "partial-rotary", "window"])
+@pytest.mark.parametrize("pos", [0, 1, 9])
+def test_decode_attention_is_rope_cache_write_and_sdpa(case, pos):
+    h, kv, d, s = {"plain": (4, 4, 16, 12), "gqa-norms": (6, 2, 32, 12), "gemma-norms": (4, 2, 32, 12),
+                   "partial-rotary": (4, 2, 16, 12), "window": (4, 1, 16, 12)}[case]
+    g = torch.Generator().manual_seed(pos)
+    q, k, v = torch.randn(h, d, generator=g), torch.randn(kv, d, generator=g), torch.randn(kv, d, generator=g)
+    half = d // 4 if case == "partial-rotary" else d // 2
+    inv = 1.0 / (1e4 ** (torch.arange(half).float() / half))
+    factor = 1.3 if case == "partial-rotary" else 1.0
+    norms = (None, None, 1e-6, 0.0)
+    if case in ("gqa-norms", "gemma-norms"):
+        norms = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5, 1e-6,
+                 1.0 if case == "gemma-norms" else 0.0)
+    window = 3 if case == "window" else None
+    kc, vc = torch.randn(kv, s, d, generator=g), torch.randn(kv, s, d, generator=g)  # stale slots: masked
+    kc2, vc2 = kc.clone(), vc.clone()
+    ref = _torch_attention(q, k, v, kc, vc, pos, inv, factor, norms, 0.3, window)
+    assert native.attention_fits(q, kc2, inv)
+    out = native.decode_attention(q, k, v, kc2, vc2, pos, inv, factor, *norms, 0.3, window)
+    assert out.shape == (h * d,) and torch.allclose(out, ref.reshape(-1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kc2, kc, atol=1e-5) and torch.equal(vc2, vc)  # the same cache write
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "qwen2", "qwen3", "gemma3", "phi3",
+                                  "phi3-longrope"])
+def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch):
+    """Prefill then one token at a time through the KV cache, as generate's CPU decode does, with the
+    native kernels on and off: the same logits (gemma3's window of 5 is crossed)."""
+    import test_models as tm
+    from kiln.cache import KVCache
+    cfg = tm.CONFIGS[name]
+    km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
+    ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        cache = KVCache.for_model(km, max_len=32)
+        with torch.no_grad():
+            out = [km(ids[:, :12], cache=cache, pos=0)]
+            out += [km(ids[:, t:t + 1], cache=cache, pos=t) for t in range(12, 20)]
+        return torch.cat(out, dim=1)
+
+    with_native = run()
+    assert len(calls) == 8 * cfg["num_hidden_layers"]  # every decode step's layers, no prefill
+    monkeypatch.setattr(native, "available", lambda: False)
+    without = run()
+    assert len(calls) == 8 * cfg["num_hidden_layers"]
+    err = (with_native - without).abs().max().item()
+    assert err <= 1e-4, f"{name}: native vs torch decode max |Δlogit| = {err}"
+
+
+def test_unavailable_when_switched_off(monkeypatch):
+    monkeypatch.setenv("KILN_NATIVE", "0")
+    native._lib.cache_clear()
+    try:
+        assert not native.available()
+    finally:
+        monkeypatch.delenv("KILN_NATIVE")
+        native._lib.cache_clear()
+    assert native.available()
