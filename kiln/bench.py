@@ -179,6 +179,9 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
            "torch": torch.__version__, "p": p, "g": g, "repeats": repeats, "load_s": load_s}
+    if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
+        from kiln import native
+        out["native_cpu_kernels"] = native.available()
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
         if os.path.isfile(out["model"]):
@@ -209,7 +212,8 @@ def _device_name(dev) -> str:
 
 def format_report(r: dict) -> str:
     k = r["kiln"]
-    lines = [f"model   {r['model']}", f"device  {r['device']}  (torch {r['torch']})",
+    native = {True: ", native decode kernels", False: ", no native kernels"}.get(r.get("native_cpu_kernels"), "")
+    lines = [f"model   {r['model']}", f"device  {r['device']}{native}  (torch {r['torch']})",
              f"load {r['load_s']:.1f} s, graph capture {k['capture_s']:.2f} s; p={r['p']} g={r['g']}, "
              f"median of {r['repeats']}", "",
              f"{'':22}{'kiln':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if "ratio" in r else "")]

@@ -7,7 +7,8 @@
      the k/v write into the cache at `pos`, then softmax(q k^T * scale) v over keys 0..pos (the last
      `window` of them when window > 0), grouped-query heads.
    Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
-   (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool).
+   (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool; `threads` is
+   torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
 
    Everything is fp32 in and out, accumulated in fp32. The torch twins they are tested against:
    Int8Linear.dequantize() @ x, ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
@@ -66,10 +67,10 @@ static inline float dot_i8(const int8_t *q, const float *x, int64_t k_len) {
 }
 
 void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const float *bias, float *y,
-                  int64_t n_rows, int64_t k_len) {
+                  int64_t n_rows, int64_t k_len, int threads) {
     /* guided: as fast as static on a quiet machine, and a core busy with another process's work does
        not hold the whole product back */
-    #pragma omp parallel for schedule(guided, 16)
+    #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
         float v = dot_i8(q + n * k_len, x, k_len) * bf16_to_f32(scale[n]);
         y[n] = bias ? v + bias[n] : v;
@@ -127,7 +128,7 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
                            float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
                            int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
                            const float *qn_w, const float *kn_w, float eps, float offset, float scale,
-                           int64_t window, float *out) {
+                           int64_t window, float *out, int threads) {
     float cs[512], sn[512];  /* half <= 512 (native.py checks) */
     for (int64_t i = 0; i < half; i++) {
         float f = (float)pos * inv_freq[i];
@@ -140,7 +141,7 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
     }
     int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0, n_keys = pos + 1 - lo;
     int64_t group = n_heads / n_kv;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t h = 0; h < n_heads; h++) {
         float *qh = qr + h * d, *oh = out + h * d;
         const float *kc = k_cache + (h / group) * head_stride + lo * d;

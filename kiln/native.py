@@ -46,7 +46,7 @@ def gemv_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
     n, k = q.shape
     x, q, scale, bias = _c(x), _c(q), _c(scale), _c(bias)
     y = torch.empty(n, dtype=torch.float32)
-    _lib().kiln_gemv_i8(_ptr(q), _ptr(x), _ptr(scale), _ptr(bias), _ptr(y), n, k)
+    _lib().kiln_gemv_i8(_ptr(q), _ptr(x), _ptr(scale), _ptr(bias), _ptr(y), n, k, torch.get_num_threads())
     return y
 
 
@@ -70,7 +70,7 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     _lib().kiln_decode_attention(
         _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
         h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
-        eps, offset, scale, window or 0, _ptr(out))
+        eps, offset, scale, window or 0, _ptr(out), torch.get_num_threads())
     return out
 
 
@@ -102,8 +102,9 @@ def _lib():
         return None
     lib = ctypes.CDLL(str(path))
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2, "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
-                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, p]}
+    signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
+                  "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
+                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, p, ctypes.c_int]}
     for name, args in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     return lib

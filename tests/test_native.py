@@ -31,6 +31,12 @@ def test_gemv_i8_is_the_dequantized_product(n, k, bias):
     y = native.gemv_i8(x, q, scale, b)
     assert y.shape == (n,) and y.dtype == torch.float32
     assert _rel(y, ref) < 1e-5  # fp32 accumulation of exact products: no bf16 rounding of x
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # each row is one thread's: the same bits on any thread count
+        assert torch.equal(native.gemv_i8(x, q, scale, b), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
