@@ -2,7 +2,7 @@
 
 Owns: the packed layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's
 device), its plain-torch twin `dequantize_ref` (the obviously correct path the kernels are tested against),
-the Triton kernels behind `gemv` (x (M, K) with M <= 8 times a packed (N, K) weight, dequantization fused,
+the Triton kernels behind `gemv` (x (M, K) with M <= 32 times a packed (N, K) weight, dequantization fused,
 float32 accumulation — the decode hot path) and `dequantize_gpu` (packed -> dense (N, K), for the prefill
 matmul), and the per-format launch-config table `GEMV_CONFIGS`.
 Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
@@ -54,7 +54,7 @@ shift and a LOP3 more. Scales are factored out of the inner loop per sub-block:
 sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x), and formats with an offset (Q4_0's
 q - 8, ...) use the same sum(x) term. The accumulator (BN, [M,] NG) stays in registers and is reduced
 across threads once, after the loop. Split-K (a second grid axis; float32 partials summed by a tiny
-second kernel) and smaller BN fill the SMs when N is small. For 2 <= M <= 8 the default is the tl.dot
+second kernel) and smaller BN fill the SMs when N is small. For 2 <= M <= 32 the default is the tl.dot
 variant (dense tiles in x's dtype on the tensor cores: the FMA form costs M FMAs per weight). The K loop's
 trip count is a compile-time constant (K is specialized: a model has a handful of distinct K), which also
 lets the Triton interpreter used by the CPU tests run the kernels. Instruction counts of the compiled
@@ -81,10 +81,11 @@ from kiln.ops import pdl
 from kiln.ops.q8 import store_q8
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
-           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "INT8_FORMATS", "QuantAct",
+           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "MAX_GEMV_M_F32", "INT8_FORMATS", "QuantAct",
            "quantize_act", "empty_act", "takes_int8"]
 
-MAX_GEMV_M = 8  # activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS
+MAX_GEMV_M = 32  # activation rows the GEMV takes (16-bit x; float32 x: 8); more go through dequantize_gpu + cuBLAS
+MAX_GEMV_M_F32 = 8  # float32 x has no tensor-core tile path: its FMA path keeps M small
 
 # GGML type ids (gguf.GGMLQuantizationType), spelled out so that this file needs no gguf import.
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
@@ -923,7 +924,7 @@ INT8 = os.environ.get("KILN_INT8", "1") != "0"
 # Formats the int8-activation GEMV takes (the code-book IQ4 formats would need a table lookup per weight).
 INT8_FORMATS = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
-# Per format: (config for M == 1, config for 2 <= M <= 8). Chosen from instruction and register counts of
+# Per format: (config for M == 1, config for 2 <= M <= 32). Chosen from instruction and register counts of
 # the compiled sm_90 code, not yet from timings: bench/gpu_quant_check.py times variants on the H100 — copy
 # the winners here. 64 rows per program gives each thread 4 rows that share its activation loads; Q8_0
 # (more registers per row) and the code-book formats (a gather per weight) get fewer.
@@ -1129,7 +1130,7 @@ def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: G
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
          config: GemvConfig | None = None, prologue: Prologue | None = None,
          act: QuantAct | None = None) -> torch.Tensor:
-    """x (M, K) with 1 <= M <= 8, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
+    """x (M, K) with 1 <= M <= 32, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
 
     Dequantization is fused; accumulation is float32. No host sync and no data-dependent allocation, so it
     can be captured in a CUDA graph once it has run once for this shape (Triton compiles on the first call).
@@ -1168,13 +1169,15 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     extra = {} if cfg.num_stages is None else dict(num_stages=cfg.num_stages)
+    # 32 activation rows in tl.dot tiles: 8 warps keep Q6_K / Q8_0 under ~100 registers (~170 with 4; ptxas)
+    warps = max(cfg.num_warps, 8) if dot and mx >= 32 else cfg.num_warps
     _gemv_kernel[(grid_n, split)](
         x, out, bias if bias is not None else y, *_plane_args(w), w.qs if w.qh is None else w.qh.view(torch.int32),
         n, x.stride(0), _MAGIC, pa, pw, ph, float(pro.eps), float(pro.offset),
         PRO=pro_code, PRO_RES=pro.residual is not None, PRO_OFF=bool(pro.offset), PRO_H=pro.h is not None,
         M=m, MX=mx, FMT=w.qtype, HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot, IEEE=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, **geo, **_gemv_constants(w.qtype), **extra)
+        num_warps=warps, **geo, **_gemv_constants(w.qtype), **extra)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
