@@ -159,7 +159,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int8 rows)")
+                   help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
     a = p.parse_args(argv)
     q = {"auto": None, "on": True, "off": False}[a.quantized]
     report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,

@@ -207,10 +207,11 @@ def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int 
 
 
 def _native_step(cache, layer: int, pos, q: torch.Tensor, rope: RopeAt) -> bool:
-    """One float32 token on the CPU at an int position inside the cache, with the native kernels built
-    and shapes they take."""
+    """One float32 token on the CPU at an int position inside a batch-1 cache, nothing to differentiate,
+    with the native kernels built and shapes they take."""
     return (cache is not None and isinstance(pos, int) and q.shape[0] == q.shape[1] == 1 and not q.is_cuda
-            and q.dtype == torch.float32 and pos < cache.max_len and native.available()
+            and q.dtype == torch.float32 and not q.requires_grad and cache.k.shape[1] == 1
+            and pos < cache.max_len and native.available()
             and native.attention_fits(q[0, 0], cache.k[layer][0], rope.inv_freq))
 
 

@@ -60,8 +60,10 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias, n: int) -> torch.Tensor:
 
 
 def _native_row(x: torch.Tensor) -> bool:
-    """One float32 row (a batch-1 decode step) and the native kernels built: native.py serves it."""
-    return x.dtype == torch.float32 and x.numel() == x.shape[-1] and native.available()
+    """One float32 row (a batch-1 decode step), nothing to differentiate, and the native kernels built:
+    native.py serves it."""
+    return (x.dtype == torch.float32 and x.numel() == x.shape[-1] and not x.requires_grad
+            and native.available())
 
 
 class Int8Linear(nn.Module):
