@@ -111,6 +111,32 @@ def micro(out, deadline, models=None):
     out["micro"] = rows
 
 
+def batch(out, deadline):
+    """Batched decode rows (a server's step): in-graph µs of M rows through the int8 kernel (the table),
+    the tl.dot tiles, and the prefill path (dequantize + cuBLAS), at the Llama-3.2-1B shapes."""
+    import torch.nn.functional as F
+    rows = []
+    dot = K.GemvConfig(block_n=32, block_k=256, dot=True)
+    for qtype, n, k in SHAPES["llama-3.2-1b"][:4]:
+        w0 = packed(qtype, n, k)
+        copies = G.n_copies(w0.nbytes)
+        ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+        for m in (4, 16, 32):
+            if time.time() > deadline:
+                out["batch"] = rows
+                return
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
+                 "int8_us": G.graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies),
+                 "dot_us": G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=dot)), copies),
+                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))), copies)}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        del ws
+        torch.cuda.empty_cache()
+    out["batch"] = rows
+
+
 def model(out, files, deadline):
     from kiln.bench import bench
     rows = []
@@ -147,6 +173,8 @@ def main():
             check(out)
         if "model" in steps and a.files:
             model(out, a.files.split(","), t0 + a.budget * 0.55)
+        if "batch" in steps:
+            batch(out, t0 + a.budget)
         if "micro" in steps:
             micro(out, t0 + a.budget, [m for m in a.models.split(",") if m])
     finally:

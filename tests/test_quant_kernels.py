@@ -184,24 +184,37 @@ def test_gemv_gated_prologue_equals_activation_then_gemv(act):
         K.gemv(gu.repeat(2, 1), packed, prologue=K.Prologue(act))
 
 
-@pytest.mark.parametrize("m", [16, 32])
-@pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0], ids=lambda q: K.FORMATS[q].name)
-def test_gemv_batched_rows_on_tensor_core_tiles(qtype, m):
-    """A server's batched decode step: up to 32 rows of 16-bit x through the tl.dot tiles (not the prefill
-    path's dequantized copy), partial row blocks included."""
+def codes_times_scales(act) -> torch.Tensor:
+    """A QuantAct's rows as the int8 GEMVs multiply them: codes x scales, (M, K) float64 on the CPU."""
+    q = act.xq.cpu().view(torch.int8).reshape(act.m, -1, 4, 4).transpose(2, 3).reshape(act.m, -1).double()
+    return q * act.xd.cpu().double().reshape(act.m, -1).repeat_interleave(32, dim=1)
+
+
+@pytest.mark.parametrize("m", [2, 5, 16, 32])
+@pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0, K.Q5_0, K.Q3_K], ids=lambda q: K.FORMATS[q].name)
+def test_batched_rows_int8_and_tensor_core_tiles(qtype, m):
+    """A server's batched decode step, 2..32 rows of 16-bit x (not the prefill path's dequantized copy):
+    the table's int8 kernel — every row quantized, dp4a per row — exact on the quantized rows; the tl.dot
+    tile path (an explicit config) against x @ W.T. Partial row blocks included."""
     n, k = 40, k_for(qtype, tail=True)
     _, packed, ref = make(qtype, n, k, seed=m)
+    bias = torch.randn(n).to(DEVICE)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.float16)
-    y = K.gemv(x, packed)
+    y = K.gemv(x, packed, bias)
     assert y.shape == (m, n) and y.dtype == torch.float16
-    assert rel_err(y, x.float() @ ref.T) < 2e-3
+    act = K.quantize_act(x)
+    assert act.m == m and act.k == k
+    exact_q = (codes_times_scales(act) @ ref.double().cpu().T + bias.double().cpu()).to(DEVICE)
+    assert rel_err(y, exact_q) < 1e-3
+    dot = K.gemv(x, packed, bias, config=K.GemvConfig(block_n=32, block_k=256, dot=True))
+    assert rel_err(dot, x.float() @ ref.T + bias) < 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
 def test_gemv_half_precision_activations(dtype):
     _, packed, ref = make(K.Q4_K, 24, 512, seed=6)
     x = torch.randn(2, 512).to(DEVICE, dtype)
-    y = K.gemv(x, packed)
+    y = K.gemv(x, packed, config=K.gemv_config(packed, 2, dtype))  # the tl.dot tiles (the table's: int8)
     assert y.dtype == dtype
     assert rel_err(y, x.float() @ ref.T) < (2e-3 if dtype == torch.float16 else 1e-2)
 

@@ -751,9 +751,10 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_x, BLOCKS: tl.co
     pdl.start(PDL)
     pdl.wait(PDL)
     blk0 = tl.program_id(0) * BLOCKS
+    m = tl.program_id(1).to(tl.int64)                                  # activation row
     idx = blk0 * 32 + tl.arange(0, BLOCKS * 32)
-    x = tl.load(x_ptr + idx, mask=idx < K, other=0.0).to(tl.float32)
-    store_q8(x, blk0, K // 32, xq_ptr, xd_ptr, xs_ptr, BLOCKS)
+    x = tl.load(x_ptr + m * stride_x + idx, mask=idx < K, other=0.0).to(tl.float32)
+    store_q8(x, blk0, K // 32, xq_ptr + m * (K // 4), xd_ptr + m * (K // 32), xs_ptr + m * (K // 16), BLOCKS)
 
 
 @jit
@@ -861,6 +862,90 @@ def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@jit
+def _gemm_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
+                    KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+                    GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
+                    HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
+                    M: tl.constexpr, MX: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr,
+                    ASM: tl.constexpr, PDL: tl.constexpr):
+    """y (M, N) = x @ w.T for 2 <= M <= 32 rows of x given as int8 codes (quantize_act): `_gemv_q8_kernel`
+    with an activation-row axis — each weight word's byte lanes are unpacked once and meet every row of x
+    in a dp4a — for a server's batched decode step. Tiles (BN, MX, NG, V)."""
+    B: tl.constexpr = 32 // G
+    L: tl.constexpr = 8 // B
+    RUNS: tl.constexpr = G * _V // 16
+    KX: tl.constexpr = KW * G                                          # weights per row = x values per row
+    pdl.start(PDL)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
+    rmask = (rows < N)[:, None]
+    mi = tl.arange(0, MX)
+    mok = mi < M
+    j = tl.arange(0, _V)
+    acc = tl.zeros((BN, MX, W // _V), dtype=tl.float32)
+    for it in range(0, NIT):
+        kw0 = it * W
+        kw = kw0 + tl.arange(0, W)
+        words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
+                           (BN, W // _V, _V))                           # (BN, NG, V)
+        ng = kw0 // _V + tl.arange(0, W // _V)                         # (NG,)
+        gok = ng < KW // _V
+        gmask = rmask & gok[None, :]                                   # (BN, NG)
+        spread = words
+        if HAS_QH:
+            if G * H * _V == 32:
+                hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)
+                hi = hw[:, :, None] >> (j * (G * H))[None, None, :]
+            else:
+                ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
+                hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
+                hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
+                hi = hi >> ((j % 2) * 16)[None, None, :]
+            spread = _spread(hi, H if G == 8 else 2)
+        blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
+        d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))            # (BN, NG)
+        dmn = d
+        if HAS_DM:
+            dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+        if it == 0:
+            pdl.wait(PDL)
+        xmask = mok[:, None, None] & gok[None, :, None] & (j < _V)[None, None, :]          # (MX, NG, V)
+        smask = mok[:, None] & gok[None, :]                                                # (MX, NG)
+        isum = tl.zeros((BN, MX, W // _V, _V), dtype=tl.int32)
+        ssum = tl.zeros((MX, W // _V), dtype=tl.int32)
+        for k in tl.static_range(L):
+            run = ng * RUNS + k
+            xk = tl.load(xq_ptr + mi[:, None, None] * (KX // 4) + (run[:, None] * _V + j[None, :])[None, :, :],
+                         mask=xmask, other=0)                                              # (MX, NG, V)
+            sk = tl.load(xs_ptr + mi[:, None] * (KX // 16) + run[None, :], mask=smask, other=0)  # (MX, NG)
+            wk = _operand(words, spread, k, B, H)[:, None, :, :]                             # (BN, 1, NG, V)
+            if SPG == 1:
+                isum = _dp4a(wk, xk[None, :, :, :], isum, ASM)
+                ssum += sk
+            else:
+                dx = tl.load(xd_ptr + mi[:, None] * (KX // 32) + ((ng * RUNS + k) // 2)[None, :], mask=smask,
+                             other=0.0)                                                    # (MX, NG)
+                dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng * SPG + k)[None, :], gmask, d, dmn, FMT)
+                dot = tl.sum(_dp4a(wk, xk[None, :, :, :], tl.zeros_like(isum), ASM), axis=3)  # (BN, MX, NG)
+                if HAS_MIN:
+                    acc += (dl[:, None, :] * dot.to(tl.float32) - ml[:, None, :] * sk.to(tl.float32)[None]) * dx[None]
+                else:
+                    acc += dl[:, None, :] * (dot - OFFSET * sk[None]).to(tl.float32) * dx[None]
+        if SPG == 1:
+            dx = tl.load(xd_ptr + mi[:, None] * (KX // 32) + ((ng * RUNS) // 2)[None, :], mask=smask, other=0.0)
+            dl, ml = _scales(sc_ptr, mn_ptr, r * SUBS + (ng // GPS)[None, :], gmask, d, dmn, FMT)
+            dot = tl.sum(isum, axis=3)                                 # (BN, MX, NG)
+            if HAS_MIN:
+                acc += (dl[:, None, :] * dot.to(tl.float32) - ml[:, None, :] * ssum.to(tl.float32)[None]) * dx[None]
+            else:
+                acc += dl[:, None, :] * (dot - OFFSET * ssum[None]).to(tl.float32) * dx[None]
+    y = tl.sum(acc, axis=2)                                            # (BN, MX)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=rmask & mok[None, :])
 
 
 @jit
@@ -1035,8 +1120,9 @@ class Prologue:
 
 @dataclass
 class QuantAct:
-    """One activation row x (1, K) as the int8 GEMV reads it (`_quantize_x_kernel`): codes xq (K/4,) int32,
-    scales xd (K/32,) float32, code sums per 16-run xs (K/16,) int32; `dtype` is x's, the GEMV's output's."""
+    """Activation rows x (M, K) as the int8 GEMV reads them (`_quantize_x_kernel`): codes xq (K/4,) int32,
+    scales xd (K/32,) float32, code sums per 16-run xs (K/16,) int32 — each (M, ·) for M > 1; `dtype` is x's,
+    the GEMV's output's."""
 
     xq: torch.Tensor
     xd: torch.Tensor
@@ -1045,7 +1131,11 @@ class QuantAct:
 
     @property
     def k(self) -> int:
-        return self.xq.numel() * 4
+        return self.xq.shape[-1] * 4
+
+    @property
+    def m(self) -> int:
+        return 1 if self.xq.dim() == 1 else self.xq.shape[0]
 
     @property
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1053,26 +1143,27 @@ class QuantAct:
 
 
 def quantize_act(x: torch.Tensor) -> QuantAct:
-    """x (1, K) or (K,), K a multiple of 32 -> QuantAct (one launch), for every int8 GEMV that reads x."""
-    x2 = x.reshape(1, -1)
+    """x (M, K) or (K,), K a multiple of 32 -> QuantAct (one launch), for every int8 GEMV that reads x."""
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    k = x2.shape[1]
+    m, k = x2.shape
     if k % 32:
         raise ValueError(f"quantize_act needs K a multiple of 32, got {k}")
-    a = empty_act(k, x.dtype, x.device)
+    a = empty_act(k, x.dtype, x.device, m)
     blocks = 8
-    _quantize_x_kernel[(triton.cdiv(k // 32, blocks),)](x2, a.xq, a.xd, a.xs, k, x2.stride(0), BLOCKS=blocks,
-                                                        num_warps=2, **pdl.launch_kw(x2))
+    _quantize_x_kernel[(triton.cdiv(k // 32, blocks), m)](x2, a.xq, a.xd, a.xs, k, x2.stride(0), BLOCKS=blocks,
+                                                           num_warps=2, **pdl.launch_kw(x2))
     return a
 
 
-def empty_act(k: int, dtype: torch.dtype, device) -> QuantAct:
-    """Buffers for one quantized activation row of k values (k a multiple of 32), for a producer kernel
-    (ops.rms_norm / silu_mul with `q8=act.buffers`) to fill."""
-    return QuantAct(torch.empty(k // 4, dtype=torch.int32, device=device),
-                    torch.empty(k // 32, dtype=torch.float32, device=device),
-                    torch.empty(k // 16, dtype=torch.int32, device=device), dtype)
+def empty_act(k: int, dtype: torch.dtype, device, m: int = 1) -> QuantAct:
+    """Buffers for m quantized activation rows of k values (k a multiple of 32): 1-D for one row (which a
+    producer kernel — ops.rms_norm / silu_mul with `q8=act.buffers` — may fill), (m, ·) otherwise."""
+    shape = (lambda n: (n,)) if m == 1 else (lambda n: (m, n))
+    return QuantAct(torch.empty(shape(k // 4), dtype=torch.int32, device=device),
+                    torch.empty(shape(k // 32), dtype=torch.float32, device=device),
+                    torch.empty(shape(k // 16), dtype=torch.int32, device=device), dtype)
 
 
 def takes_int8(w: PackedWeight, x: torch.Tensor) -> bool:
@@ -1127,6 +1218,27 @@ def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: G
     return y
 
 
+def _gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """M = 2..32 quantized rows through `_gemm_q8_kernel`: 8 weight rows per program, 64 words per K step
+    (32 from 16 activation rows, which also take 8 warps, to bound the (rows, activation rows, groups, V)
+    tiles held in registers)."""
+    fmt, (n, k) = w.fmt, w.shape
+    m = act.m
+    mx = triton.next_power_of_2(m)
+    geo = _geometry(fmt, k, V * fmt.g)
+    geo["W"] = wd = min(triton.next_power_of_2(geo["KW"]), 64 if mx <= 8 else 32)
+    bn = 8
+    y = torch.empty((m, n), dtype=act.dtype, device=act.xq.device)
+    qs, qh, sc, mn, d, dm, _ = _plane_args(w)
+    _gemm_q8_kernel[(triton.cdiv(n, bn),)](
+        act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm,
+        w.qs if w.qh is None else w.qh.view(torch.int32), n, FMT=w.qtype, HAS_BIAS=bias is not None,
+        H=_gemv_constants(w.qtype)["H"], OFFSET=_OFFSETS.get(w.qtype, 0), M=m, MX=mx, BN=bn,
+        NIT=triton.cdiv(geo["KW"], wd), ASM=not _interpreting(), num_warps=4 if mx <= 8 else 8, **geo,
+        **pdl.launch_kw(act.xq))
+    return y
+
+
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
          config: GemvConfig | None = None, prologue: Prologue | None = None,
          act: QuantAct | None = None) -> torch.Tensor:
@@ -1145,6 +1257,9 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
         cfg = config or gemv_config(w, 1, x.dtype)
         if cfg.int8:
             return _gemv_int8(act if act is not None else quantize_act(x), w, bias, cfg, table=config is None)
+    if (prologue is None and config is None and 2 <= m <= MAX_GEMV_M and w.qtype in INT8_FORMATS and INT8
+            and x.dtype != torch.float32 and x.dim() == 2 and x.shape[1] == k):
+        return _gemm_int8(quantize_act(x), w, bias)
     kx = 2 * k if prologue is not None and prologue.kind != "norm" else k
     if x.dim() != 2 or x.shape[1] != kx or not 1 <= m <= MAX_GEMV_M or (prologue is not None and m != 1):
         raise ValueError(f"gemv takes x of shape (M <= {MAX_GEMV_M}, {kx}) (M = 1 with a prologue), "
