@@ -13,9 +13,9 @@ Everything is a non-persistent buffer: the quantized bytes never enter state_dic
 the dense parameters with load_state_dict(strict=True) only has to leave out the names swap_linears returns.
 
 forward(x (..., K)) flattens the leading dims to M rows:
-- packed and Triton serves x's device: M <= 32 (8 for float32 x) -> kernels.gemv (dequantization fused: the
-  decode path, and a server's batched decode step); more rows -> kernels.dequantize_gpu into an x.dtype
-  scratch, then x @ W.T on cuBLAS (the prefill path);
+- packed and Triton serves x's device: M <= 16 (8 for float32 x) -> kernels.gemv (dequantization fused: the
+  decode path, and a server's batched decode step up to 16 rows); more rows -> kernels.dequantize_gpu into
+  an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path, and wider batched steps);
 - otherwise the reference: the dense weight (`dequantize`), then a matmul — slow, obviously correct.
 The decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations
 are the output and split-K partials, sized by the shapes).
