@@ -977,12 +977,17 @@ def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r = rows.to(tl.int64)[:, None, None, None]                         # (BN, 1, 1, 1)
     ng = tl.program_id(1) * (W // _V) + tl.arange(0, W // _V)          # (NG,)
-    w, mask = _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r,
-                          (rows < N)[:, None, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
-                          HAS_MIN)
-    offs = (r * (KW * G) + (ng * (G * _V))[None, :, None, None] + _fo_t(tl.arange(0, G), G)[None, None, :, None]
-            + tl.arange(0, _V)[None, None, None, :])                   # (BN, NG, G, V)
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+    w, _ = _dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r,
+                       (rows < N)[:, None, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
+                       HAS_MIN)
+    # Back to weight order in registers (field f = m*L + l of word j is weight l*4V + m*V + j of its group), so
+    # that each row's stores are contiguous: (BN, NG, 4, L, V) -> (BN, NG, L, 4, V) -> (BN, W*G).
+    L: tl.constexpr = G // 4
+    wn = tl.reshape(tl.permute(tl.reshape(w.to(out_ptr.dtype.element_ty), (BN, W // _V, 4, L, _V)),
+                               (0, 1, 3, 2, 4)), (BN, W * G))
+    cols = tl.program_id(1) * (W * G) + tl.arange(0, W * G)           # (W*G,) weight index in the row
+    rr = rows.to(tl.int64)[:, None]
+    tl.store(out_ptr + rr * (KW * G) + cols[None, :], wn, mask=(rows < N)[:, None] & (cols < KW * G)[None, :])
 
 
 # ---------------------------------------------------------------- launch configs and entry points
