@@ -121,15 +121,16 @@ def batch(out, deadline):
         w0 = packed(qtype, n, k)
         copies = G.n_copies(w0.nbytes)
         ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
-        for m in (4, 16, 32):
+        for m in (2, 4, 8, 16, 32):
             if time.time() > deadline:
                 out["batch"] = rows
                 return
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
-                 "int8_us": G.graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies),
-                 "dot_us": G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=dot)), copies),
+                 "int8_us": G.graph_us(lambda i: (lambda: K._gemm_int8(K.quantize_act(x), ws[i], None)), copies),
                  "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))), copies)}
+            if m <= K.MAX_GEMV_M:
+                r["dot_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=dot)), copies)
             print(json.dumps(r), flush=True)
             rows.append(r)
         del ws

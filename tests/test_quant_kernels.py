@@ -306,15 +306,16 @@ def test_int8_path_is_taken_only_for_16_bit_single_rows():
     assert not K.gemv_config(iq, 1, torch.bfloat16).int8       # code-book format: float path
     assert K._q8_geometry(K.GemvConfig(block_n=8, block_k=4096, int8=True), K.FORMATS[K.Q4_K], 1024, 1024,
                           132) == (2, 128)                      # small N: fewer rows per program, no split-K
+    assert K.gemv_max_rows(K.Q6_K, torch.bfloat16) == 1 and K.gemv_max_rows(K.Q4_K, torch.bfloat16) == 8
     assert K._q8_table_rows(K.Q6_K, 4096, 12288) == 1 and K._q8_table_rows(K.Q6_K, 151936, 4096) == 8
     assert K._q8_table_rows(K.Q4_K, 24576, 4096) == 8 and K._q8_table_rows(K.Q4_K, 4096, 4096) == 4
 
 
 def test_gemv_rejects_too_many_rows_and_wrong_k():
     _, packed, _ = make(K.Q8_0, 8, 64)
-    with pytest.raises(ValueError, match="M <= 16"):
-        K.gemv(torch.zeros(17, 64, device=DEVICE), packed)
-    with pytest.raises(ValueError, match="M <= 16"):
+    with pytest.raises(ValueError, match="M <= 8"):
+        K.gemv(torch.zeros(9, 64, device=DEVICE), packed)
+    with pytest.raises(ValueError, match="M <= 8"):
         K.gemv(torch.zeros(1, 32, device=DEVICE), packed)
 
 

@@ -2,7 +2,7 @@
 
 Owns: the packed layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's
 device), its plain-torch twin `dequantize_ref` (the obviously correct path the kernels are tested against),
-the Triton kernels behind `gemv` (x (M, K) with M <= 16 times a packed (N, K) weight, dequantization fused,
+the Triton kernels behind `gemv` (x (M, K) with M <= 8 times a packed (N, K) weight, dequantization fused,
 float32 accumulation — the decode hot path) and `dequantize_gpu` (packed -> dense (N, K), for the prefill
 matmul), and the per-format launch-config table `GEMV_CONFIGS`.
 Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
@@ -54,7 +54,7 @@ shift and a LOP3 more. Scales are factored out of the inner loop per sub-block:
 sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x), and formats with an offset (Q4_0's
 q - 8, ...) use the same sum(x) term. The accumulator (BN, [M,] NG) stays in registers and is reduced
 across threads once, after the loop. Split-K (a second grid axis; float32 partials summed by a tiny
-second kernel) and smaller BN fill the SMs when N is small. For 9 <= M <= 16 the default is the tl.dot
+second kernel) and smaller BN fill the SMs when N is small. For 2 <= M <= 8 (int8 aside) the default is the tl.dot
 variant (dense tiles in x's dtype on the tensor cores: the FMA form costs M FMAs per weight). The K loop's
 trip count is a compile-time constant (K is specialized: a model has a handful of distinct K), which also
 lets the Triton interpreter used by the CPU tests run the kernels. Instruction counts of the compiled
@@ -81,16 +81,16 @@ from kiln.ops import pdl
 from kiln.ops.q8 import store_q8
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
-           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "MAX_GEMV_M_F32", "INT8_FORMATS", "QuantAct",
+           "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "gemv_max_rows", "INT8_FORMATS", "QuantAct",
            "quantize_act", "empty_act", "takes_int8"]
 
-# Activation rows the GEMV takes (16-bit x; float32 x: 8); more go through dequantize_gpu + cuBLAS. Measured
-# in-graph on the H100 at Llama-3.2-1B's shapes (bench/results/2026-11-26-h100/int8_ab_batch.json): up to 8
-# rows the int8 kernel is fastest (16384x2048 Q4_K, 4 rows: 23 µs; tl.dot tiles 48; dequantize + cuBLAS
-# 135), at 16 the tl.dot tiles (79; int8 100, dequantize 135), at 32 dequantize + cuBLAS (136; 200, 200).
-MAX_GEMV_M = 16
-MAX_GEMV_M_F32 = 8  # float32 x has no int8 or tensor-core tile path: its FMA path keeps M small
-MAX_INT8_M = 8  # rows the int8 kernels take; 9..MAX_GEMV_M rows use the tl.dot tiles
+# Activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS. Measured in-graph on the H100 at
+# Llama-3.2-1B's shapes (bench/results/2026-11-26-h100/int8_ab_batch.json): up to 8 rows the int8 kernel
+# beats dequantize + cuBLAS on Q4_K (16384x2048: 16.5 / 23.5 / 42.6 µs at 2 / 4 / 8 rows vs 62; the tl.dot
+# tiles 43 / 47 / 57), from 16 rows dequantize + cuBLAS wins (62 vs 100); on Q6_K it wins from 2 rows
+# (2048x8192: 31 µs vs 44 int8, 33 tl.dot) — `gemv_max_rows`.
+MAX_GEMV_M = 8
+MAX_INT8_M = 8  # rows the int8 kernels take
 
 # GGML type ids (gguf.GGMLQuantizationType), spelled out so that this file needs no gguf import.
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
@@ -1019,7 +1019,7 @@ INT8 = os.environ.get("KILN_INT8", "1") != "0"
 # Formats the int8-activation GEMV takes (the code-book IQ4 formats would need a table lookup per weight).
 INT8_FORMATS = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
-# Per format: (config for M == 1, config for 2 <= M <= 16; int8 kernels take M <= 8 where they apply). Chosen from instruction and register counts of
+# Per format: (config for M == 1, config for 2 <= M <= 8; the int8 kernels take 16-bit x where they apply). Chosen from instruction and register counts of
 # the compiled sm_90 code, not yet from timings: bench/gpu_quant_check.py times variants on the H100 — copy
 # the winners here. 64 rows per program gives each thread 4 rows that share its activation loads; Q8_0
 # (more registers per row) and the code-book formats (a gather per weight) get fewer.
@@ -1228,6 +1228,12 @@ def _gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, cfg: G
     return y
 
 
+def gemv_max_rows(qtype: int, dtype: torch.dtype) -> int:
+    """The most activation rows for which QuantLinear takes `gemv` rather than dequantize + cuBLAS
+    (measurements at MAX_GEMV_M): 1 for Q6_K with 16-bit x, MAX_GEMV_M otherwise."""
+    return 1 if qtype == Q6_K and dtype != torch.float32 else MAX_GEMV_M
+
+
 def _gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """M = 2..32 quantized rows through `_gemm_q8_kernel` (the table sends it 2..MAX_INT8_M): 8 weight rows
     per program, 64 words per K step (32 from 16 activation rows, which also take 8 warps, to bound the
@@ -1252,7 +1258,7 @@ def _gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None) -> tor
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
          config: GemvConfig | None = None, prologue: Prologue | None = None,
          act: QuantAct | None = None) -> torch.Tensor:
-    """x (M, K) with 1 <= M <= 16, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
+    """x (M, K) with 1 <= M <= 8, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype.
 
     Dequantization is fused; accumulation is float32. No host sync and no data-dependent allocation, so it
     can be captured in a CUDA graph once it has run once for this shape (Triton compiles on the first call).

@@ -13,9 +13,9 @@ Everything is a non-persistent buffer: the quantized bytes never enter state_dic
 the dense parameters with load_state_dict(strict=True) only has to leave out the names swap_linears returns.
 
 forward(x (..., K)) flattens the leading dims to M rows:
-- packed and Triton serves x's device: M <= 16 (8 for float32 x) -> kernels.gemv (dequantization fused: the
-  decode path, and a server's batched decode step up to 16 rows); more rows -> kernels.dequantize_gpu into
-  an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path, and wider batched steps);
+- packed and Triton serves x's device: M <= kernels.gemv_max_rows (8; 1 for Q6_K with 16-bit x) ->
+  kernels.gemv (dequantization fused: the decode path, and a server's batched decode step); more rows ->
+  kernels.dequantize_gpu into an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path);
 - otherwise the reference: the dense weight (`dequantize`), then a matmul — slow, obviously correct.
 The decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations
 are the output and split-K partials, sized by the shapes).
@@ -32,7 +32,7 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kernels
-from kiln.quant.kernels import FORMATS, MAX_GEMV_M, MAX_GEMV_M_F32, PackedWeight
+from kiln.quant.kernels import FORMATS, PackedWeight
 
 __all__ = ["QuantLinear", "QuantEmbedding", "swap_linears"]
 
@@ -116,7 +116,7 @@ class QuantLinear(nn.Module):
         m = x2.shape[0]
         bias = self.bias
         if self.qs is not None and kernels.use_triton(x2):
-            if 1 <= m <= (MAX_GEMV_M_F32 if x2.dtype == torch.float32 else MAX_GEMV_M):
+            if 1 <= m <= kernels.gemv_max_rows(self.qtype, x2.dtype):
                 y = kernels.gemv(x2, self.packed, bias, act=act if m == 1 else None)
             else:
                 w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch
