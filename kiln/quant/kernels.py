@@ -791,6 +791,39 @@ def _operand(words, spread, k: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
 
 
 @jit
+def _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, kw0, KW: tl.constexpr, G: tl.constexpr,
+                WPB: tl.constexpr, H: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, BN: tl.constexpr,
+                W: tl.constexpr):
+    """The int8 GEMVs' weight tile of rows r (BN, 1) from word kw0: qs words (BN, NG, V), their high bits
+    spread to byte lanes (`_spread`; the words themselves where there are none), the group indices ng (NG,)
+    with their masks (NG,) and (BN, NG), and the f16 block scales d and dmin (BN, NG) as float32."""
+    j = tl.arange(0, _V)
+    kw = kw0 + tl.arange(0, W)
+    words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
+                       (BN, W // _V, _V))                               # (BN, NG, V)
+    ng = kw0 // _V + tl.arange(0, W // _V)                             # (NG,)
+    gok = ng < KW // _V
+    gmask = rmask & gok[None, :]                                       # (BN, NG)
+    spread = words
+    if HAS_QH:  # a group's high bits are 32 (Q5_*) or 64 (Q6_K, Q3_K) bits: one or two int32 loads
+        if G * H * _V == 32:
+            hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)         # (BN, NG)
+            hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                                # (BN, NG, V)
+        else:
+            ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
+            hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
+            hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
+            hi = hi >> ((j % 2) * 16)[None, None, :]                                            # (BN, NG, V)
+        spread = _spread(hi, H if G == 8 else 2)
+    blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
+    d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))                # (BN, NG)
+    dmn = d
+    if HAS_DM:
+        dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+    return words, spread, ng, gok, gmask, d, dmn
+
+
+@jit
 def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
                     KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                     GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
@@ -811,29 +844,8 @@ def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     j = tl.arange(0, _V)
     acc = tl.zeros((BN, W // _V), dtype=tl.float32)
     for it in range(0, NIT):
-        kw0 = it * W
-        kw = kw0 + tl.arange(0, W)
-        words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
-                           (BN, W // _V, _V))                           # (BN, NG, V)
-        ng = kw0 // _V + tl.arange(0, W // _V)                         # (NG,)
-        gok = ng < KW // _V
-        gmask = rmask & gok[None, :]                                   # (BN, NG)
-        spread = words
-        if HAS_QH:
-            if G * H * _V == 32:
-                hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)     # (BN, NG)
-                hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                            # (BN, NG, V)
-            else:
-                ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
-                hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
-                hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
-                hi = hi >> ((j % 2) * 16)[None, None, :]                                        # (BN, NG, V)
-            spread = _spread(hi, H if G == 8 else 2)
-        blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
-        d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))            # (BN, NG)
-        dmn = d
-        if HAS_DM:
-            dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+        words, spread, ng, gok, gmask, d, dmn = _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, it * W, KW,
+                                                            G, WPB, H, HAS_QH, HAS_DM, BN, W)
         if it == 0:  # the weights above need nothing from earlier kernels; x does
             pdl.wait(PDL)
         xmask = gok[:, None] & (j < _V)[None, :]
@@ -892,29 +904,8 @@ def _gemm_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     j = tl.arange(0, _V)
     acc = tl.zeros((BN, MX, W // _V), dtype=tl.float32)
     for it in range(0, NIT):
-        kw0 = it * W
-        kw = kw0 + tl.arange(0, W)
-        words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
-                           (BN, W // _V, _V))                           # (BN, NG, V)
-        ng = kw0 // _V + tl.arange(0, W // _V)                         # (NG,)
-        gok = ng < KW // _V
-        gmask = rmask & gok[None, :]                                   # (BN, NG)
-        spread = words
-        if HAS_QH:
-            if G * H * _V == 32:
-                hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)
-                hi = hw[:, :, None] >> (j * (G * H))[None, None, :]
-            else:
-                ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
-                hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
-                hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
-                hi = hi >> ((j % 2) * 16)[None, None, :]
-            spread = _spread(hi, H if G == 8 else 2)
-        blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
-        d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))            # (BN, NG)
-        dmn = d
-        if HAS_DM:
-            dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+        words, spread, ng, gok, gmask, d, dmn = _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, it * W, KW,
+                                                            G, WPB, H, HAS_QH, HAS_DM, BN, W)
         if it == 0:
             pdl.wait(PDL)
         xmask = mok[:, None, None] & gok[None, :, None] & (j < _V)[None, None, :]          # (MX, NG, V)
