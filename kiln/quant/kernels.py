@@ -1,10 +1,14 @@
-"""GGUF weights kept quantized on the GPU: a lossless repacked layout, a fused GEMV and a dequantizer in Triton.
+"""GGUF weights kept quantized on the GPU: a lossless repacked layout, fused GEMVs and a dequantizer in Triton.
 
 Owns: the packed layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's
 device), its plain-torch twin `dequantize_ref` (the obviously correct path the kernels are tested against),
-the Triton kernels behind `gemv` (x (M, K) with M <= 8 times a packed (N, K) weight, dequantization fused,
-float32 accumulation — the decode hot path) and `dequantize_gpu` (packed -> dense (N, K), for the prefill
-matmul), and the per-format launch-config table `GEMV_CONFIGS`.
+the Triton kernels behind `gemv` (x (M, K) with M <= 8 times a packed (N, K) weight, dequantization fused —
+the decode hot path): the int8-activation kernels (`_gemv_q8_kernel` for one row, `_gemm_q8_kernel` for
+2..8; x quantized per 32 values by `quantize_act` or by the kernel that produced it, kiln.ops.q8; dp4a
+integer dot products; the table's choice for 16-bit x in INT8_FORMATS) and the float kernel
+(`_gemv_kernel`: float32 accumulation of exact dequantized weights — float32 x, IQ4, prologues, tl.dot
+tiles), `dequantize_gpu` (packed -> dense (N, K), for the prefill matmul), and the launch-config table
+`GEMV_CONFIGS` with the int8 kernels' per-shape rows (`_q8_table_rows`) and `gemv_max_rows`.
 Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
 tested bit-exact against), the nn.Module and the dispatch by batch size (linear.py), quantizing, CPU speed.
 
@@ -15,18 +19,22 @@ format-specific lane orders, and is 18, 34, 110 or 210 bytes long, so loads of i
 format needs its own index arithmetic. `repack` splits each tensor into planes, each row-major (N, ·):
   qs  int32 words of G fields of b = 32 / G bits (4-bit: G = 8; 2-bit: G = 16; Q8_0's bytes: G = 4), the low
       bits of every weight, all unsigned (Q8_0's int8 q is stored as q + 128). Words come in groups of V = 4
-      (one 128-bit load) holding V*G consecutive weights, *field-major*: field f of word j of a group is
-      weight f*V + j of the group.
+      (one 128-bit load) holding V*G consecutive weights: field f of word j of a group is weight
+      field_offset(f) + j — with L = G / 4 fields per byte and f = m*L + l, offset l*4V + m*V — so that the
+      fields sharing byte position l of the four words are one run of 16 consecutive weights (one dp4a
+      operand per word: `(word >> b*l) & mask`, all of one sub-block; the activations are stored in the same
+      order, kiln.ops.q8).
   qh  int8 or int16, one element per qs word: the high bits of that word's fields, field f at bits
       [h*f, h*f + h) (h = 1 for Q5_0, Q5_1, Q5_K, Q3_K; 2 for Q6_K).
   sc, mn  uint8 or int8, one per sub-block: the 6-bit scale (and min) already decoded from GGUF's packed
       12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, at most +3.7%).
   d, dm   int16, one per GGUF block: the f16 block scale (and min / dmin) as raw bits — bits, not float16,
       so that `model.to(dtype)` cannot round them.
-Why field-major groups: a thread that loads four words (128 bits) extracts field f from each with the same
-mask, in the registers the words were loaded into — no shuffles or shared-memory round trips — and the four
-activations those fields multiply, x[f*V + j], j = 0..3, are contiguous (one 64-bit load). All fields of a
-word share their block scale; a sub-block (16 or 32 weights) is a run of whole fields of a group.
+Why this order: a thread that loads four words (128 bits) extracts field f from each with the same mask, in
+the registers the words were loaded into — no shuffles or shared-memory round trips — and the four
+activations those fields multiply, x[field_offset(f) + j], j = 0..3, are contiguous (one 64-bit load). All
+fields of a word share their block scale; a sub-block (16 or 32 weights) is a set of whole fields of a group
+(sub-block s of 16: the fields f with f % L == s).
 
 Per format (the weight formula is gguf-py's, evaluated in the same float32 order by dequantize_gpu):
   Q4_0   qs 4b                  d              w = d * (q - 8)
