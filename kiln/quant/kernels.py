@@ -682,20 +682,9 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
             gmask = rmask & (ng < KW // _V)[None, :]                   # (BN, NG)
             j = tl.arange(0, _V)
             hi = words
-            if HAS_QH:  # a group's high bits are 32 (Q5_*) or 64 (Q6_K, Q3_K) bits: one or two int32 loads
-                if G * H * _V == 32:
-                    hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)     # (BN, NG)
-                    hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                            # (BN, NG, V)
-                else:
-                    ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
-                    hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
-                    hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
-                    hi = hi >> ((j % 2) * 16)[None, None, :]                                        # (BN, NG, V)
-            blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
-            d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))        # (BN, NG)
-            dmn = d
-            if HAS_DM:
-                dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+            if HAS_QH:
+                hi = _high_bits(qh32_ptr, r, ng, gmask, KW, G, H)      # (BN, NG, V)
+            d, dmn = _block_scales(d_ptr, dm_ptr, r, ng, gmask, KW, WPB, HAS_DM)   # (BN, NG)
             xo = ng[:, None] * (G * _V) + j[None, :]                   # (NG, V) weight under field 0
             xmask = (ng < KW // _V)[:, None] & (j < _V)[None, :]
             for s in tl.static_range(SPG):  # sub-block s of the group holds fields s, s + SPG, ...
@@ -805,7 +794,6 @@ def _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, kw0, KW: tl.constexpr
     """The int8 GEMVs' weight tile of rows r (BN, 1) from word kw0: qs words (BN, NG, V), their high bits
     spread to byte lanes (`_spread`; the words themselves where there are none), the group indices ng (NG,)
     with their masks (NG,) and (BN, NG), and the f16 block scales d and dmin (BN, NG) as float32."""
-    j = tl.arange(0, _V)
     kw = kw0 + tl.arange(0, W)
     words = tl.reshape(tl.load(qs_ptr + r * KW + kw[None, :], mask=rmask & (kw < KW)[None, :], other=0),
                        (BN, W // _V, _V))                               # (BN, NG, V)
@@ -813,22 +801,38 @@ def _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, kw0, KW: tl.constexpr
     gok = ng < KW // _V
     gmask = rmask & gok[None, :]                                       # (BN, NG)
     spread = words
-    if HAS_QH:  # a group's high bits are 32 (Q5_*) or 64 (Q6_K, Q3_K) bits: one or two int32 loads
-        if G * H * _V == 32:
-            hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)         # (BN, NG)
-            hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                                # (BN, NG, V)
-        else:
-            ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
-            hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
-            hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
-            hi = hi >> ((j % 2) * 16)[None, None, :]                                            # (BN, NG, V)
-        spread = _spread(hi, H if G == 8 else 2)
+    if HAS_QH:
+        spread = _spread(_high_bits(qh32_ptr, r, ng, gmask, KW, G, H), H if G == 8 else 2)
+    d, dmn = _block_scales(d_ptr, dm_ptr, r, ng, gmask, KW, WPB, HAS_DM)
+    return words, spread, ng, gok, gmask, d, dmn
+
+
+@jit
+def _high_bits(qh32_ptr, r, ng, gmask, KW: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
+    """The qh element of each word of groups ng of rows r (BN, 1), as int32 (BN, NG, V) whose low bits hold
+    it. A group's high bits are 32 (Q5_*) or 64 (Q6_K, Q3_K) bits: one or two int32 loads."""
+    j = tl.arange(0, _V)
+    if G * H * _V == 32:
+        hw = tl.load(qh32_ptr + r * (KW // _V) + ng[None, :], mask=gmask, other=0)             # (BN, NG)
+        hi = hw[:, :, None] >> (j * (G * H))[None, None, :]                                    # (BN, NG, V)
+    else:
+        ha = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :], mask=gmask, other=0)
+        hb = tl.load(qh32_ptr + r * (KW // 2) + 2 * ng[None, :] + 1, mask=gmask, other=0)
+        hi = tl.where((j < 2)[None, None, :], ha[:, :, None], hb[:, :, None])
+        hi = hi >> ((j % 2) * 16)[None, None, :]                                                # (BN, NG, V)
+    return hi
+
+
+@jit
+def _block_scales(d_ptr, dm_ptr, r, ng, gmask, KW: tl.constexpr, WPB: tl.constexpr, HAS_DM: tl.constexpr):
+    """The f16 block scale d and dmin / m (d again where the format has none) of groups ng of rows r, as
+    float32 (BN, NG)."""
     blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
-    d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))                # (BN, NG)
+    d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))
     dmn = d
     if HAS_DM:
         dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
-    return words, spread, ng, gok, gmask, d, dmn
+    return d, dmn
 
 
 @jit
