@@ -72,6 +72,14 @@ def quantize(model):
                 packed = K.repack(q8_0(c.weight.detach()), K.Q8_0, (n, k))
                 setattr(parent, name, QuantLinear(k, n, K.Q8_0, packed=packed, bias=c.bias))
 
+def steps(km, ids):  # a 6-token prefill, then 4 CUDA-graph-style decode steps: all logits (1, 10, V)
+    with torch.no_grad():
+        cache = KVCache.for_model(km, max_len=16)
+        parts = [km(ids[:, :6], cache=cache, pos=0)]
+        for t in range(6, 10):
+            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+    return torch.cat(parts, 1)
+
 calls = collections.Counter()
 gemv = K.gemv
 def counting(*a, prologue=None, **kw):
@@ -90,12 +98,7 @@ for name in ("qwen3", "gemma3"):
     os.environ["KILN_TRITON_CPU"] = "1"
     fuse_projections(km)
     calls.clear()
-    with torch.no_grad():
-        cache = KVCache.for_model(km, max_len=16)
-        parts = [km(ids[:, :6], cache=cache, pos=0)]
-        for t in range(6, 10):
-            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
-    err = (torch.cat(parts, 1) - ref).abs().max().item()
+    err = (steps(km, ids) - ref).abs().max().item()
     layers = cfg["num_hidden_layers"]
     assert calls["norm"] == 4 * 2 * layers and calls["silu" if name == "qwen3" else "gelu"] == 4 * layers, calls
     assert err <= 1e-4, (name, err)
@@ -103,7 +106,7 @@ for name in ("qwen3", "gemma3"):
 """
 
 
-_INT8_STEP = _QUANT_STEP.split("calls = collections.Counter()")[0].replace(
+_INT8_STEP = _QUANT_STEP.split("calls = collections.Counter()\ngemv")[0].replace(
     'kiln.fuse.PROLOGUES = {"norm", "silu", "gelu"}', 'kiln.fuse.PROLOGUES = set()') + """
 calls = collections.Counter()
 quantize_act, gemv_int8, gemm_int8 = K.quantize_act, K._gemv_int8, K._gemm_int8
@@ -127,12 +130,7 @@ for name in ("qwen3", "gemma3"):
     for on in (False, True):
         K.INT8 = on
         calls.clear()
-        with torch.no_grad():
-            cache = KVCache.for_model(km, max_len=16)
-            parts = [km(ids[:, :6], cache=cache, pos=0)]
-            for t in range(6, 10):
-                parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
-        logits[on] = torch.cat(parts, 1).float()
+        logits[on] = steps(km, ids).float()
     layers = cfg["num_hidden_layers"]
     # per decode step and layer at least q/k/v, o, gate/up and down run int8; the inputs of q/k/v and of
     # the joined gate/up's down projection are quantized by the norm / activation kernels themselves, so
