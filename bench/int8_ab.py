@@ -138,6 +138,46 @@ def batch(out, deadline):
     out["batch"] = rows
 
 
+DOT_GRID = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, dot=True, num_stages=st, split_k=1)
+            for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (2, 4)]
+
+
+def dotgrid(out, deadline, ms=(16, 32)):
+    """Server-step rows beyond the int8 kernel's 8: in-graph µs of the tl.dot tiles (a grid of configs, no
+    split-K) against dequantize + cuBLAS, at the Llama-3.2-1B shapes (the output head included)."""
+    import torch.nn.functional as F
+    rows = []
+    K.MAX_GEMV_M = max(ms)  # the bound gemv checks; the tiles themselves take any M
+    for qtype, n, k in SHAPES["llama-3.2-1b"]:
+        w0 = packed(qtype, n, k)
+        copies = G.n_copies(w0.nbytes)
+        ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), K.dequantize_gpu(w0, torch.float32))
+            r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
+                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))), copies),
+                 "dot": {}}
+            for cfg in DOT_GRID:
+                if time.time() > deadline:
+                    break
+                name = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.num_stages}"
+                try:
+                    err = G.rel(K.gemv(x, w0, config=cfg), ref)
+                    r["dot"][name] = [round(G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), copies), 2),
+                                      err]
+                except Exception as e:  # noqa: BLE001  (out of shared memory / registers: skip that config)
+                    r["dot"][name] = str(e)[:80]
+            best = min(((v[0], kname) for kname, v in r["dot"].items() if isinstance(v, list)), default=None)
+            r["best"] = best
+            print(json.dumps({kk: v for kk, v in r.items() if kk != "dot"}), flush=True)
+            rows.append(r)
+        del ws
+        torch.cuda.empty_cache()
+    K.MAX_GEMV_M = 8
+    out["dotgrid"] = rows
+
+
 def model(out, files, deadline):
     from kiln.bench import bench
     rows = []
@@ -165,6 +205,7 @@ def main():
     ap.add_argument("--files", default="")
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--models", default="", help="micro: only these SHAPES keys (comma-separated)")
+    ap.add_argument("--rows", default="16,32", help="dotgrid: activation rows (comma-separated)")
     a = ap.parse_args()
     t0 = time.time()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -172,6 +213,8 @@ def main():
     try:
         if "check" in steps:
             check(out)
+        if "dotgrid" in steps:
+            dotgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")))
         if "model" in steps and a.files:
             model(out, a.files.split(","), t0 + a.budget * 0.55)
         if "batch" in steps:

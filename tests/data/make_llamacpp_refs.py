@@ -11,7 +11,12 @@ What is stored per model (see tests/refs.py for the exact layout):
   - teacher-forced documents: token ids, and at every position the top-K log-probs (computed in float64
     from llama.cpp's float32 logits), the log-prob mass of everything outside the top-K, and the argmax;
   - greedy continuations: prompt text and ids, 32 greedily generated ids (EOS ignored), their text,
-    and llama.cpp's top-1 minus top-2 logit margin at each step (a near-tie explains a divergence).
+    and llama.cpp's top-1 minus top-2 logit margin at each step (a near-tie explains a divergence);
+  - llama.cpp's own spread: the argmax at every document position from other llama.cpp settings of the
+    same build and file (VARIANTS: one token per eval, flash attention, an f32 KV cache). The reference
+    is one batched eval; how often these agree with it is the floor any other implementation can expect,
+    because llama.cpp rounds activations to 8 bits inside its dot products and a different summation
+    order already moves those roundings (tests/test_real_models.py).
 
 Usage:  python tests/data/make_llamacpp_refs.py [--models-dir DIR] [--only KEY]
 Needs llama-cpp-python (built for CPU; this project used 0.3.36 with AVX-512, no AMX).
@@ -146,6 +151,13 @@ PROMPTS = {
 }
 
 
+# Other settings of the same llama.cpp build: (constructor overrides, evaluate one token per eval?).
+VARIANTS = {
+    "one_token": ({}, True),
+    "flash_attn": ({"flash_attn": True}, False),
+    "kv_f32": ({"type_k": 0, "type_v": 0}, False),  # GGML_TYPE_F32
+}
+
 # ── llama.cpp ────────────────────────────────────────────────────────────────────────────────────────
 
 def sha256(path):
@@ -156,10 +168,10 @@ def sha256(path):
     return h.hexdigest()
 
 
-def open_model(path):
+def open_model(path, **overrides):
     # Flash attention off, f16 KV cache (the defaults); logits_all so one eval gives every position.
-    return llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, logits_all=True, n_threads=2,
-                           verbose=False, seed=0)
+    kw = dict(model_path=path, n_ctx=1024, n_batch=512, logits_all=True, n_threads=2, verbose=False, seed=0)
+    return llama_cpp.Llama(**{**kw, **overrides})
 
 
 def tokenize(llm, text):
@@ -172,10 +184,12 @@ def detok(llm, ids):
     return llm.detokenize(ids).decode("utf-8", errors="replace")
 
 
-def logits_of(llm, tokens):
-    """Evaluate `tokens` from an empty context in one batch; return float32 logits (n, vocab)."""
+def logits_of(llm, tokens, one_token=False):
+    """Evaluate `tokens` from an empty context in one batch (or one eval per token); return float32
+    logits (n, vocab)."""
     llm.reset()
-    llm.eval(tokens)
+    for part in ([[t] for t in tokens] if one_token else [tokens]):
+        llm.eval(part)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
@@ -235,6 +249,18 @@ def teacher_forced(llm, docs):
                            "tf_argmax"], cols))
 
 
+def variant_argmaxes(path, docs, tokens):
+    """{"tf_argmax_<variant>": argmax at every document position} for each of VARIANTS."""
+    out = {}
+    for name, (overrides, one_token) in VARIANTS.items():
+        llm = open_model(path, **overrides)
+        out[f"tf_argmax_{name}"] = np.concatenate([
+            logits_of(llm, tokens[d["offset"]: d["offset"] + d["n"]].tolist(), one_token).argmax(axis=1)
+            for d in docs]).astype(np.int32)
+        del llm
+    return out
+
+
 def continuations(llm, prompts):
     out = []
     for text in prompts:
@@ -253,11 +279,13 @@ def build(key, path):
     t0 = time.time()
     llm = open_model(path)
     docs, arrays = teacher_forced(llm, DOCS[key])
+    arrays.update(variant_argmaxes(path, docs, arrays["tf_tokens"]))
     meta = {
         "key": key, "file": os.path.basename(path), "sha256": sha256(path),
         "llama_cpp_python": llama_cpp.__version__, "n_vocab": llm.n_vocab(), "top_k": TOP_K,
         "n_ctx": 1024, "n_batch": 512, "n_threads": 2, "flash_attn": False, "kv_type": "f16",
         "docs": docs, "greedy": continuations(llm, PROMPTS[key]),
+        "variants": {name: {"overrides": o, "one_token_per_eval": t} for name, (o, t) in VARIANTS.items()},
     }
     out = os.path.join(HERE, f"refs_{key}.npz")
     np.savez_compressed(out, meta=np.array(json.dumps(meta, ensure_ascii=False)), **arrays)
@@ -267,6 +295,10 @@ def build(key, path):
 def report(out, meta, secs):
     n = sum(d["n"] for d in meta["docs"])
     print(f"{out}: {os.path.getsize(out) / 1024:.0f} KiB, {n} positions, {secs:.1f} s")
+    with np.load(out) as z:
+        for name in meta["variants"]:
+            agree = np.mean(z[f"tf_argmax_{name}"] == z["tf_argmax"])
+            print(f"  llama.cpp {name} vs the batched reference: top-1 {agree:.4f}")
     for g in meta["greedy"]:
         print(f"  batch/step argmax agree {g['batch_agree']}/{N_GEN}, min margin {min(g['margins']):.3f}: "
               f"{g['prompt'][-40:]!r} -> {g['gen_text']!r}")
