@@ -12,7 +12,7 @@ Decode tok/s at N streams is the steady state: tokens that arrived while all N s
 (G - 1) / (last token - first token). TTFT is submit → first token, for each of the N streams submitted
 at once (so it includes waiting for the other prompts' prefills).
 
-Usage: python bench/engine_bench.py --model FILE.gguf [--streams 32] [--tokens 128] [--prompt-len 64]
+Usage: python bench/engine_bench.py --model FILE.gguf [--streams 32] [--tokens 128] [--prompt-len 64] [--look-ahead both]
                                     [--device cuda] [--out results.json]
 """
 
@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx-size", type=int, default=None, help="positions per slot (default: prompt + tokens)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="CUDA graphs of the batched decode step (auto: on CUDA)")
+    ap.add_argument("--look-ahead", choices=["on", "off", "both"], default="both",
+                    help="launch each decode step before the host reads the last one's tokens (Engine's "
+                         "look_ahead); both: measure off, then on, on the same engine")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -115,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         # Warm-up at both batch sizes: Triton compiles, cuBLAS heuristics, the allocator's pools.
         run_streams(engine, [prompt(10_000 + i) for i in range(a.streams)], min(a.tokens, 8))
         run_streams(engine, [prompt(20_000)], min(a.tokens, 8))
-        one = summarize(run_streams(engine, [prompt(0)], a.tokens))
-        many = summarize(run_streams(engine, [prompt(1 + i) for i in range(a.streams)], a.tokens))
+        runs = {}
+        for mode in (["off", "on"] if a.look_ahead == "both" else [a.look_ahead]):
+            engine.look_ahead = mode == "on"
+            one = summarize(run_streams(engine, [prompt(0)], a.tokens))
+            many = summarize(run_streams(engine, [prompt(1 + i) for i in range(a.streams)], a.tokens))
+            runs[mode] = {"one_stream": one, "n_streams": many,
+                          "decode_ratio": many["decode_tok_s"] / one["decode_tok_s"]}
+            print(f"look-ahead {mode}: 1 stream {one['decode_tok_s']:.1f} tok/s, {a.streams} streams "
+                  f"{many['decode_tok_s']:.1f} tok/s, ratio {runs[mode]['decode_ratio']:.2f}", flush=True)
         stats = engine.stats()
     finally:
         engine.stop()
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": git_commit(), "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
         "graphs": engine._step.use_graphs, "capture_s": capture_s,
         "prompt_len": a.prompt_len, "tokens": a.tokens, "ctx_size": ctx, "n_slots": a.streams,
-        "one_stream": one, "n_streams": many,
-        "decode_ratio": many["decode_tok_s"] / one["decode_tok_s"],
+        "look_ahead": mode == "on", **runs[mode],  # the last mode run ("on" with both)
+        "look_ahead_runs": runs,
         "engine_stats": stats,
     }
     text = json.dumps(result, indent=2)

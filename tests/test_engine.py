@@ -96,6 +96,39 @@ def test_static_padded_step_equals_solo_runs(qwen, greedy_refs):
         torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
 
 
+def test_look_ahead_steps_that_go_stale_change_nothing(qwen, greedy_refs, solo_runs):
+    """The static step launches the next step on the device's own picks before the host reads them
+    (Engine._look_ahead). A row that stops on a stop token makes that step stale, a row that joins too;
+    outputs must still equal the solo runs and every slot hold exactly its own tokens' keys."""
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=4, ctx_size=128, graphs=True)
+    launched = []
+    look_ahead = e._look_ahead
+    e._look_ahead = lambda rows, tokens: (launched.append(len(rows)), look_ahead(rows, tokens))
+    e.start()
+    try:
+        ref0 = solo_runs[0][0]
+        stop = ref0[4]
+        k = ref0.index(stop)
+        a = e.submit(req(tok, PROMPTS[0], n=LONG, ignore_eos=False, stop_token_ids=frozenset({stop})))
+        b = e.submit(req(tok, PROMPTS[1]))
+        it = b.sync()
+        first = [next(it).token for _ in range(2)]
+        c = e.submit(req(tok, PROMPTS[2]))  # joins while a and b decode
+        assert [o.token for o in a.sync()] == ref0[:k + 1] and a.finish_reason == "stop"
+        assert first + [o.token for o in it] == greedy_refs[1]
+        assert [o.token for o in c.sync()] == greedy_refs[2]
+    finally:
+        e.stop()
+    assert launched, "no step was launched ahead"
+    for slot in e._slots[:3]:
+        n = len(slot.tokens)
+        fresh = KVCache.for_model(model, max_len=n)
+        with torch.inference_mode():
+            model(torch.tensor([slot.tokens]), cache=fresh, pos=0)
+        torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_sampling_params_in_one_batch_equal_their_solo_runs(qwen, engine, greedy_refs):
     """Per-row sampling: a seeded temperature draw, penalties and a logit bias next to a greedy row."""
     tok = qwen[1]

@@ -165,7 +165,8 @@ class _Row:
 
 
 class _BatchStep:
-    """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in.
+    """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in (the
+    tokens may instead be a device tensor (B,): the previous step's picks, never read by the host).
 
     Eager (`static=False`): the inputs as given, keys gathered up to the longest row. Static: the rows
     are padded to a bucket size (powers of two up to n_slots) with rows that write into a scratch slot
@@ -183,19 +184,24 @@ class _BatchStep:
         self.inputs = torch.zeros(3, n_slots, dtype=torch.long, device=device)  # token, position, slot rows
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def __call__(self, tokens: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
-        b = len(tokens)
+    def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int]) -> torch.Tensor:
+        b = len(pos)
+        on_device = isinstance(tokens, torch.Tensor)
         if not self.static:
             dev = self.cache.k.device
-            ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]  # (B, 1)
+            ids = (tokens.to(dev, torch.long) if on_device else
+                   torch.tensor(tokens, dtype=torch.long, device=dev))[:, None]  # (B, 1)
             view = self.cache.rows(slots, max(pos) + 1)
             return self.model(ids, cache=view, pos=torch.tensor(pos, dtype=torch.long, device=dev))[:, -1].float()
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
         pad = bucket - b
-        host = torch.tensor([tokens + [0] * pad, pos + [0] * pad, slots + [self.scratch] * pad])  # (3, bucket)
+        host = torch.tensor([([0] * b if on_device else tokens) + [0] * pad, pos + [0] * pad,
+                             slots + [self.scratch] * pad])  # (3, bucket)
         self.inputs[:, :bucket].copy_(host)
+        if on_device:
+            self.inputs[0, :b].copy_(tokens)
         if bucket in self.graphs:
             graph, logits = self.graphs[bucket]
             graph.replay()
@@ -237,9 +243,11 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
-                 prefill_step: int = 512, graphs: bool | None = None):
+                 prefill_step: int = 512, graphs: bool | None = None, look_ahead: bool = True):
         """`graphs`: the static, padded decode step (`_BatchStep`), captured as CUDA graphs on CUDA
-        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most."""
+        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most.
+        `look_ahead`: with the static step, launch the next decode step on the device's own greedy picks
+        before the host reads them (`_can_look_ahead`); the attribute may be switched while running."""
         a = model.args
         if not isinstance(n_slots, int) or n_slots < 1:
             raise KilnError(f"invalid n_slots {n_slots!r}: need at least one slot (concurrent sequence)")
@@ -256,6 +264,8 @@ class Engine:
         self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size)  # + a scratch slot
         self.device = self.cache.k.device
         self._step = _BatchStep(model, self.cache, n_slots, static)
+        self.look_ahead = bool(look_ahead)
+        self._ahead: tuple[list[_Row], torch.Tensor] | None = None  # a step launched before its inputs were read
         self._slots = [_Slot(i, []) for i in range(n_slots)]
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._rows: list[_Row] = []  # admitted requests, in admission order
@@ -452,22 +462,57 @@ class Engine:
 
     def _decode(self) -> None:
         rows = sorted((r for r in self._rows if not r.todo and r.last != NO_TOKEN), key=lambda r: r.slot.index)
+        ahead, self._ahead = self._ahead, None
         if not rows:
             return
-        logits = self._step([r.last for r in rows], [len(r.slot.tokens) for r in rows],
-                            [r.slot.index for r in rows])  # (B, V)
+        if ahead is not None and ahead[0] == rows:  # launched last iteration with these rows' tokens
+            logits = ahead[1]
+        else:  # (a stale look-ahead only rewrote, at the same positions, keys and values of the same tokens)
+            logits = self._step([r.last for r in rows], [len(r.slot.tokens) for r in rows],
+                                [r.slot.index for r in rows])  # (B, V)
         for r in rows:
             r.slot.tokens.append(r.last)
         self._counters["steps"] += 1
-        self._emit(rows, logits)
+        self._emit(rows, logits, self._can_look_ahead(rows))
 
-    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample one token per row from logits (B, V), deliver it, and finish the rows that are done."""
+    def _can_look_ahead(self, rows: list[_Row]) -> bool:
+        """Launch the next decode step before reading this one's tokens (the host's work per token then
+        overlaps the device's next step)? Only where it will almost surely be used and nothing but the
+        tokens is needed from the host: the static step, greedy rows without processors or top_logprobs,
+        none at its length limit, nobody waiting for a slot or a prefill. A row that stops (EOS, cancel)
+        or joins makes the launched step stale; the next iteration then runs its own."""
+        if not (self.look_ahead and self._step.static) or self._queue or any(r.todo for r in self._rows):
+            return False
+        return all(r.plain and not r.req.top_logprobs and r.n_out + 1 < r.req.max_tokens
+                   and len(r.req.prompt) + r.n_out + 1 < self.ctx_size for r in rows)
+
+    def _look_ahead(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        try:
+            logits = self._step(tokens, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows])
+        except Exception:  # the next iteration runs the step itself (and meets the error there)
+            log.exception("launching the next decode step early failed")
+            return
+        self._ahead = (list(rows), logits)
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor, look_ahead: bool = False) -> None:
+        """Sample one token per row from logits (B, V), deliver it, and finish the rows that are done.
+        With `look_ahead`, the next decode step is launched on the picked tokens (still on the device)
+        before the host waits for them."""
         tokens, failed = self._pick(rows, logits)
         lse = torch.logsumexp(logits, dim=-1)  # (B,)
         chosen = logits.gather(1, tokens[:, None])[:, 0] - lse  # (B,) raw-distribution logprobs
-        host = torch.stack([tokens.double(), chosen.double()]).tolist()  # one device → host transfer
+        out = torch.stack([tokens.double(), chosen.double()])  # (2, B): one device → host transfer
         tops = self._top_logprobs(rows, logits, lse)
+        if look_ahead and not failed:
+            ready = None
+            if out.is_cuda:
+                out = out.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            self._look_ahead(rows, tokens)
+            if ready is not None:
+                ready.synchronize()
+        host = out.tolist()
         for b, row in enumerate(rows):
             if b in failed:
                 self._finish(row, "error", failed[b])
