@@ -7,7 +7,8 @@ Layout of the file: `meta` is a JSON string (model key, GGUF file name and sha25
 version, top_k, the documents' names/texts/offsets, and the greedy prompts with their ids, generated ids,
 text and per-step top-1 margins); the `tf_*` arrays hold every document's positions concatenated:
 tokens (N,), topk_ids (N, K), topk_logprobs (N, K), rest_logprob (N,) = log of the probability mass
-outside the top-K, argmax (N,).
+outside the top-K, argmax (N,), and argmax_<variant> (N,) for each of llama.cpp's own other settings named
+in meta["variants"] (one token per eval, flash attention, an f32 KV cache).
 """
 
 import json
@@ -21,7 +22,8 @@ def load_refs(path) -> dict:
     """Return {"meta": dict, "docs": [dict per document with its slice of each tf_ array], "greedy": list}."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        arrays = {f: z["tf_" + f] for f in _FIELDS}
+        fields = _FIELDS + tuple(f"argmax_{v}" for v in meta.get("variants", {}))
+        arrays = {f: z["tf_" + f] for f in fields}
     docs = []
     for d in meta["docs"]:
         part = slice(d["offset"], d["offset"] + d["n"])

@@ -8,12 +8,15 @@ needs llama.cpp. It does not test speed (bench/ does) or the cached decode path 
 Model files come from conftest.real_model (pulled into kiln's cache on first use).
 Run with `pytest -m model -s tests/test_real_models.py` to see the measured numbers.
 
-Why the thresholds are tie-aware: llama.cpp's CPU path quantizes activations to 8 bits inside its dot
-products, so its logits carry noise of ~0.1–0.6 logits. Its own batched and one-token paths agree on
-top-1 at only 94.9% of Gemma's positions and 98.0% of Qwen's (measured by make_llamacpp_refs.py), while
-kiln equals transformers' fp32 reading of the same GGUF (test_equals_transformers_on_the_same_gguf).
-So top-1 agreement is asserted at >= 98% where llama.cpp's choice is decisive (top-1/top-2 margin of
-at least DECISIVE logits), next to the overall rate, which must stay at llama.cpp's own floor.
+Why the top-1 thresholds are measured against llama.cpp itself: llama.cpp's CPU path rounds activations
+to 8 bits inside its dot products, so a different summation order moves those roundings and its logits by
+~0.1-0.3. The references therefore also hold llama.cpp's argmax under its own other settings (one token
+per eval, flash attention, an f32 KV cache; make_llamacpp_refs.py VARIANTS). Against its batched
+reference those agree at only 93.1-94.9% of Gemma's positions and 98.0-98.5% of Qwen's, while kiln
+equals transformers' fp32 reading of the same GGUF (test_equals_transformers_on_the_same_gguf). So
+top-1 agreement is asserted at >= 98% where llama.cpp agrees with itself (every variant picks the
+reference's token) and where its choice is decisive (top-1/top-2 margin of at least DECISIVE logits),
+and overall at no less than llama.cpp's own variants reach.
 """
 
 from pathlib import Path
@@ -35,9 +38,8 @@ pytestmark = pytest.mark.model
 
 DATA = Path(__file__).parent / "data"
 FILES = ("qwen2.5-coder-0.5b", "gemma3-270m")  # kiln's built-in names = the refs' keys
-MIN_TOP1 = 0.98  # where llama.cpp's top-1/top-2 margin >= DECISIVE
+MIN_TOP1 = 0.98  # where llama.cpp agrees with itself, and where its top-1/top-2 margin >= DECISIVE
 DECISIVE = 0.5
-MIN_TOP1_ALL = 0.94  # llama.cpp's own batched vs one-token agreement on Gemma is 0.949
 MAX_KL = 0.02
 MIN_GREEDY_EQUAL = 3  # of 8 prompts exactly equal for all 32 tokens, and …
 MIN_GREEDY_EXPLAINED = 7  # … equal or diverging only at a llama.cpp near-tie
@@ -83,7 +85,9 @@ def coarse_kl(doc, lq):
 
 def test_teacher_forced_matches_llamacpp(case):
     key, model, _, refs = case
-    agree, kls, decisive = [], [], []
+    agree, kls, decisive, stable = [], [], [], []
+    variants = sorted(refs["meta"]["variants"])
+    own = {v: np.mean(np.concatenate([d[f"argmax_{v}"] == d["argmax"] for d in refs["docs"]])) for v in variants}
     for doc in refs["docs"]:
         lq = log_probs(model, doc["tokens"])
         a = (lq.argmax(-1).numpy() == doc["argmax"])
@@ -94,11 +98,18 @@ def test_teacher_forced_matches_llamacpp(case):
         agree.append(a)
         kls.append(kl)
         decisive.append(margin >= DECISIVE)
-    a, kl, d = np.concatenate(agree), np.concatenate(kls), np.concatenate(decisive)
-    print(f"{key} all: {len(a)} positions, top-1 {a.mean():.4f} (decisive {d.sum()}: {a[d].mean():.4f}), "
-          f"mean KL {kl.mean():.5f}")
+        stable.append(np.all([doc[f"argmax_{v}"] == doc["argmax"] for v in variants], axis=0))
+    a, kl, d, s = (np.concatenate(x) for x in (agree, kls, decisive, stable))
+    floor = min(own.values())
+    print(f"{key} all: {len(a)} positions, top-1 {a.mean():.4f} (llama.cpp's own settings: "
+          + ", ".join(f"{v} {x:.4f}" for v, x in own.items())
+          + f"; where llama.cpp agrees with itself, {s.sum()}: {a[s].mean():.4f}; decisive {d.sum()}: "
+          f"{a[d].mean():.4f}), mean KL {kl.mean():.5f}")
+    assert a[s].mean() >= MIN_TOP1, f"{key}: top-1 agreement {a[s].mean():.4f} < {MIN_TOP1} where llama.cpp's " \
+        "own settings all agree with its reference"
     assert a[d].mean() >= MIN_TOP1, f"{key}: decisive top-1 agreement {a[d].mean():.4f} < {MIN_TOP1}"
-    assert a.mean() >= MIN_TOP1_ALL, f"{key}: top-1 agreement {a.mean():.4f} < {MIN_TOP1_ALL}"
+    assert a.mean() >= floor, f"{key}: top-1 agreement {a.mean():.4f} < {floor:.4f}, the lowest of llama.cpp's " \
+        f"own settings against its reference ({own})"
     assert kl.mean() <= MAX_KL, f"{key}: mean KL(llama.cpp || kiln) {kl.mean():.5f} > {MAX_KL}"
 
 
