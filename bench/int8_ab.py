@@ -178,6 +178,49 @@ def dotgrid(out, deadline, ms=(16, 32)):
     out["dotgrid"] = rows
 
 
+MMA_GRID = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st)
+            for bn in (32, 64, 128) for wd in (32, 64) for w in (4, 8) for st in (3, 4)]
+
+
+def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",)):
+    """Server-step rows (9..32): in-graph µs of kernels.gemm_mma (a grid of MmaConfig, split-K from the
+    grid size) against dequantize + cuBLAS, and its error against the float64 product."""
+    import torch.nn.functional as F
+    rows = []
+    for model_name in models:
+        for qtype, n, k in SHAPES[model_name]:
+            w0 = packed(qtype, n, k)
+            copies = G.n_copies(w0.nbytes)
+            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            wd = K.dequantize_gpu(w0, torch.float32)
+            for m in ms:
+                if time.time() > deadline:
+                    break
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = F.linear(x.double(), wd.double())
+                r = {"model": model_name, "format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
+                     "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))),
+                                              copies),
+                     "dequant_err": G.rel(F.linear(x, K.dequantize_gpu(w0, x.dtype)), ref.float()), "mma": {}}
+                for cfg in MMA_GRID:
+                    if time.time() > deadline:
+                        break
+                    name = f"bn{cfg.block_n}_w{cfg.words}_nw{cfg.num_warps}_s{cfg.num_stages}"
+                    try:
+                        err = G.rel(K.gemm_mma(x, w0, config=cfg), ref.float())
+                        r["mma"][name] = [round(G.graph_us(lambda i: (lambda: K.gemm_mma(x, ws[i], config=cfg)),
+                                                           copies), 2), err]
+                    except Exception as e:  # noqa: BLE001  (out of shared memory / registers: skip)
+                        r["mma"][name] = str(e)[:80]
+                ok = [(v[0], kname, v[1]) for kname, v in r["mma"].items() if isinstance(v, list)]
+                r["best"] = min(ok, default=None)
+                print(json.dumps({kk: v for kk, v in r.items() if kk != "mma"}), flush=True)
+                rows.append(r)
+            del ws, wd
+            torch.cuda.empty_cache()
+    out["mma"] = rows
+
+
 def model(out, files, deadline):
     from kiln.bench import bench
     rows = []
@@ -213,6 +256,9 @@ def main():
     try:
         if "check" in steps:
             check(out)
+        if "mma" in steps:
+            mma(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")),
+                tuple(m for m in a.models.split(",") if m) or ("llama-3.2-1b",))
         if "dotgrid" in steps:
             dotgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")))
         if "model" in steps and a.files:

@@ -993,6 +993,102 @@ def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_
     tl.store(out_ptr + rr * (KW * G) + cols[None, :], wn, mask=(rows < N)[:, None] & (cols < KW * G)[None, :])
 
 
+# ---------------------------------------------------------------- 9..32 rows: tensor-core tiles, one per field
+
+@jit
+def _mma_code(words, hi, f: tl.constexpr, FMT: tl.constexpr):
+    """Field f (a compile-time index) of qs words and their high-bit elements -> int32 code, offset not
+    applied."""
+    if FMT == _Q8_0:
+        c = (words >> (8 * f)) & 0xFF
+    else:
+        c = (words >> (4 * f)) & 0xF
+        if FMT == _Q5_0 or FMT == _Q5_1 or FMT == _Q5_K:
+            c = c | (((hi >> f) & 1) << 4)
+        elif FMT == _Q6_K:
+            c = c | (((hi >> (2 * f)) & 3) << 4)
+    return c
+
+
+@jit
+def _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx, mask, FMT: tl.constexpr, OFFSET: tl.constexpr):
+    """(dl, ml) with weight = dl * code - ml (offsets folded into ml), for sub-block indices sidx."""
+    if FMT == _Q4_K or FMT == _Q5_K:
+        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
+        ml = dmn * tl.load(mn_ptr + sidx, mask=mask, other=0).to(tl.float32)
+    elif FMT == _Q6_K:
+        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
+        ml = dl * OFFSET
+    elif FMT == _Q4_1 or FMT == _Q5_1:
+        dl = d
+        ml = -dmn
+    else:  # Q4_0, Q5_0, Q8_0
+        dl = d
+        ml = d * OFFSET
+    return dl, ml
+
+
+@jit
+def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, N, M, stride_x,
+                KW: tl.constexpr, SUBS: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr, SUB: tl.constexpr,
+                FMT: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, OFFSET: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, MX: tl.constexpr,
+                SPLIT_K: tl.constexpr, NIT: tl.constexpr):
+    """y (M, N) = x (M, K) @ w.T for 9..32 rows of x (a server's batched decode step): per K step of W
+    words, one (MX, W) x (W, BN) tensor-core product per field f of the words, with the weights of that
+    field dequantized in registers ((BN, W): one code per word) and the activations they multiply gathered
+    in the same order (weight field_offset(f) + j of each four-word group). Nothing is permuted or
+    reshaped. SPLIT_K > 1: float32 partials (SPLIT_K, M, N), summed by _split_k_sum_kernel."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
+    rmask = (rows < N)[:, None]
+    mi = tl.arange(0, MX)
+    xmask = (mi < M)[:, None]
+    L: tl.constexpr = G // 4                                           # fields per byte of a word
+    SPG: tl.constexpr = (_V * G) // SUB if SUB < _V * G else 1        # sub-blocks per four-word group
+    acc = tl.zeros((MX, BN), dtype=tl.float32)
+    for it in range(0, NIT):
+        kw = (pid_k + it * SPLIT_K) * W + tl.arange(0, W)              # (W,) word index
+        wmask = rmask & (kw < KW)[None, :]                             # (BN, W)
+        words = tl.load(qs_ptr + r * KW + kw[None, :], mask=wmask, other=0)
+        hi = words
+        if HAS_QH:
+            hi = tl.load(qh_ptr + r * KW + kw[None, :], mask=wmask, other=0).to(tl.int32)
+        blk = r * (KW // WPB) + (kw // WPB)[None, :]
+        d = tl.load(d_ptr + blk, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        dmn = d
+        if HAS_DM:
+            dmn = tl.load(dm_ptr + blk, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        if SUB >= _V * G:  # a sub-block (or block) spans whole groups
+            dl0, ml0 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, r * SUBS + (kw // (SUB // G))[None, :], wmask,
+                                   FMT, OFFSET)
+            dl1, ml1 = dl0, ml0
+        else:  # two sub-blocks of 16 per group (Q6_K): fields f % L == 0 and 1
+            sidx = r * SUBS + (kw // _V * SPG)[None, :]
+            dl0, ml0 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx, wmask, FMT, OFFSET)
+            dl1, ml1 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx + 1, wmask, FMT, OFFSET)
+        xbase = (kw // _V) * (_V * G) + kw % _V                        # (W,) weight under field 0
+        for f in tl.static_range(G):
+            if SPG == 2 and f % L == 1:
+                dl, ml = dl1, ml1
+            else:
+                dl, ml = dl0, ml0
+            wt = (_mma_code(words, hi, f, FMT).to(tl.float32) * dl - ml).to(x_ptr.dtype.element_ty)  # (BN, W)
+            xt = tl.load(x_ptr + mi[:, None] * stride_x + (xbase + _fo(f, G))[None, :],
+                         mask=xmask & (kw < KW)[None, :], other=0.0)  # (MX, W)
+            acc = tl.dot(xt, tl.trans(wt), acc)                        # (MX, BN)
+    y = tl.trans(acc)                                                  # (BN, MX)
+    ymask = rmask & (mi < M)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
+
+
 # ---------------------------------------------------------------- launch configs and entry points
 
 @dataclass(frozen=True)
@@ -1312,6 +1408,64 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
         M=m, MX=mx, FMT=w.qtype, HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot, IEEE=x.dtype == torch.float32,
         num_warps=warps, **geo, **_gemv_constants(w.qtype), **extra)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            out, y, bias if bias is not None else y, n, m * n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=4)
+    return y
+
+
+# Formats the tensor-core kernel takes (codes of 4 + 0/1/2 bits or 8 bits, one scale per 16 or more).
+MMA_FORMATS = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
+MAX_MMA_M = 32
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """How `gemm_mma` launches: weight rows per program, words per K step, warps, pipeline stages, split-K
+    (0: from the grid size)."""
+
+    block_n: int = 64
+    words: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0
+
+
+_MMA_DEFAULT = MmaConfig()
+
+
+def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
+             config: MmaConfig | None = None) -> torch.Tensor:
+    """x (M, K) with 1 <= M <= 32 rows, 16-bit -> y = x @ W.T (+ bias): (M, N) in x.dtype, on the tensor cores
+    with the weights dequantized in registers (`_mma_kernel`; float32 accumulation of weights rounded once
+    to x's dtype). For MMA_FORMATS only; graph-capturable like `gemv`."""
+    fmt, (n, k) = w.fmt, w.shape
+    m = x.shape[0]
+    if w.qtype not in MMA_FORMATS or x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_MMA_M \
+            or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemm_mma takes 16-bit x of shape (M <= {MAX_MMA_M}, {k}) and a weight in "
+                         f"{sorted(FORMATS[q].name for q in MMA_FORMATS)}, got {tuple(x.shape)} {x.dtype} "
+                         f"and {fmt.name}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or _MMA_DEFAULT
+    kw_total = k // fmt.g
+    n_steps = triton.cdiv(kw_total, cfg.words)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
+    split = max(1, min(split, n_steps))
+    mx = max(16, triton.next_power_of_2(m))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    planes = [w.qs if getattr(w, p) is None else getattr(w, p) for p in _PLANES]
+    _mma_kernel[(grid_n, split)](
+        x, out, bias if bias is not None else y, *planes, n, m, x.stride(0),
+        KW=kw_total, SUBS=k // fmt.sub, G=fmt.g, WPB=fmt.block // fmt.g, SUB=fmt.sub, FMT=w.qtype,
+        HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, OFFSET=_OFFSETS.get(w.qtype, 0),
+        HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, W=cfg.words, MX=mx, SPLIT_K=split,
+        NIT=triton.cdiv(n_steps, split), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
