@@ -71,6 +71,15 @@ def summarize(streams: list[dict]) -> dict:
             "wall_s": wall}
 
 
+def mma_on() -> bool | None:
+    """Is kiln's tensor-core kernel for 9..32-row steps on (KILN_MMA)? None without Triton."""
+    try:
+        from kiln.quant import kernels
+    except ImportError:
+        return None
+    return kernels.MMA
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "engine", "model": str(a.model), "device": device_name(device), "torch": torch.__version__,
         "git_commit": git_commit(), "dtype": str(next(model.parameters()).dtype), "load_s": load_s,
-        "graphs": engine._step.use_graphs, "capture_s": capture_s,
+        "graphs": engine._step.use_graphs, "capture_s": capture_s, "mma": mma_on(),
         "prompt_len": a.prompt_len, "tokens": a.tokens, "ctx_size": ctx, "n_slots": a.streams,
         "look_ahead": mode == "on", **runs[mode],  # the last mode run ("on" with both)
         "look_ahead_runs": runs,

@@ -182,7 +182,12 @@ MMA_GRID = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st)
             for bn in (32, 64, 128) for wd in (32, 64) for w in (4, 8) for st in (3, 4)]
 
 
-def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",)):
+MMA_TABLE = [K.MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3),
+             K.MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3),
+             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3)]
+
+
+def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None):
     """Server-step rows (9..32): in-graph µs of kernels.gemm_mma (a grid of MmaConfig, split-K from the
     grid size) against dequantize + cuBLAS, and its error against the float64 product."""
     import torch.nn.functional as F
@@ -202,7 +207,7 @@ def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",)):
                      "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))),
                                               copies),
                      "dequant_err": G.rel(F.linear(x, K.dequantize_gpu(w0, x.dtype)), ref.float()), "mma": {}}
-                for cfg in MMA_GRID:
+                for cfg in grid or MMA_GRID:
                     if time.time() > deadline:
                         break
                     name = f"bn{cfg.block_n}_w{cfg.words}_nw{cfg.num_warps}_s{cfg.num_stages}"
@@ -248,7 +253,9 @@ def main():
     ap.add_argument("--files", default="")
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--models", default="", help="micro: only these SHAPES keys (comma-separated)")
-    ap.add_argument("--rows", default="16,32", help="dotgrid: activation rows (comma-separated)")
+    ap.add_argument("--rows", default="16,32", help="dotgrid, mma: activation rows (comma-separated)")
+    ap.add_argument("--mma-grid", choices=["full", "table"], default="full",
+                    help="mma: the full config grid, or the configs kernels.mma_config uses")
     a = ap.parse_args()
     t0 = time.time()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -258,7 +265,8 @@ def main():
             check(out)
         if "mma" in steps:
             mma(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")),
-                tuple(m for m in a.models.split(",") if m) or ("llama-3.2-1b",))
+                tuple(m for m in a.models.split(",") if m) or ("llama-3.2-1b",),
+                MMA_TABLE if a.mma_grid == "table" else MMA_GRID)
         if "dotgrid" in steps:
             dotgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")))
         if "model" in steps and a.files:

@@ -4,7 +4,8 @@ Owns: for every kernel format (Q4_0 … IQ4_XS), on random valid blocks: the rep
 (`dequantize_ref(repack(raw))` bit-identical to `kiln.quant.dequantize(raw)`, and within 1.05x of the
 file's bytes), `dequantize_gpu` bit-identical in float32 and float16, `gemv` against `x @ W.T` in float32
 (M = 1, 3, 8; launch-config variants: split-K with bias, the tl.dot path, plain int -> float conversion,
-wide tiles, partial row blocks and K steps) and in float16, the config table's dispatch, QuantLinear's
+wide tiles, partial row blocks and K steps) and in float16, `gemm_mma` (9..32 rows on the tensor cores)
+and its table, the config table's dispatch, QuantLinear's
 decode and prefill paths and its CPU reference path, swap_linears on a tiny model (tied head, permuted
 rows, a dense F16 weight left alone), and — on a GPU — a CUDA-graph capture.
 Not: speed or real shapes (bench/gpu_quant_check.py), the GGUF block formats themselves (test_quant.py).
@@ -211,6 +212,66 @@ def test_batched_rows_int8_and_tensor_core_tiles(qtype, m):
     if m <= K.MAX_GEMV_M:
         dot = K.gemv(x, packed, bias, config=K.GemvConfig(block_n=32, block_k=256, dot=True))
         assert rel_err(dot, x.float() @ ref.T + bias) < 2e-3
+
+
+MMA_TYPES = sorted(K.MMA_FORMATS)
+
+
+@pytest.mark.parametrize("m", [9, 32])
+@pytest.mark.parametrize("qtype", MMA_TYPES, ids=[K.FORMATS[q].name for q in MMA_TYPES])
+def test_gemm_mma_matches_dequantized_matmul(qtype, m):
+    """The tensor-core kernel for 9..32 rows against x @ W.T: partial row blocks, a partial last K step,
+    bias, with and without split-K (float16 here; bfloat16 on CUDA)."""
+    n, k = 40, k_for(qtype, tail=True)
+    _, packed, ref = make(qtype, n, k, seed=m)
+    bias = torch.randn(n).to(DEVICE)
+    for dtype in [torch.float16] + ([torch.bfloat16] if CUDA else []):
+        x = (0.1 * torch.randn(m, k, generator=torch.Generator().manual_seed(m))).to(DEVICE, dtype)
+        want = x.double() @ ref.double().T + bias.double()
+        for cfg in (K.MmaConfig(block_n=16, words=16, split_k=1), K.MmaConfig(block_n=32, words=32, split_k=2)):
+            y = K.gemm_mma(x, packed, bias.to(dtype), config=cfg)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, want) < (2e-3 if dtype == torch.float16 else 1e-2), (cfg, dtype)
+
+
+def test_gemm_mma_rejects_what_it_cannot_take():
+    _, packed, _ = make(K.Q4_K, 16, 256)
+    for x in (torch.randn(9, 256), torch.randn(33, 256).half(), torch.randn(9, 512).half()):
+        with pytest.raises(ValueError, match="gemm_mma takes"):
+            K.gemm_mma(x.to(DEVICE), packed)
+    _, iq4, _ = make(K.IQ4_NL, 16, 256)
+    with pytest.raises(ValueError, match="gemm_mma takes"):
+        K.gemm_mma(torch.randn(9, 256).half().to(DEVICE), iq4)
+
+
+def test_mma_table_and_quant_linear_dispatch(monkeypatch):
+    """mma_config picks the tensor-core kernel only where it was measured faster (heads from 17 rows, wide
+    matrices up to 16), for 16-bit x and its formats; QuantLinear then takes it instead of dequantize +
+    cuBLAS (which is made to fail here, so the route is certain)."""
+    half = torch.float16
+    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half) is not None
+    assert K.mma_config(K.Q6_K, 128256, 2048, 16, half) is None
+    assert K.mma_config(K.Q4_K, 16384, 2048, 16, half) is not None
+    assert K.mma_config(K.Q4_K, 2048, 2048, 32, half) is None
+    assert K.mma_config(K.Q4_K, 16384, 2048, 16, torch.float32) is None
+    assert K.mma_config(K.Q4_K, 16384, 2048, 8, half) is None  # the GEMV's rows
+    assert K.mma_config(K.IQ4_XS, 128256, 2048, 32, half) is None
+    monkeypatch.setattr(K, "MMA", False)
+    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half) is None
+    monkeypatch.setattr(K, "MMA", True)
+    n, k = 48, 512
+    raw = random_rows(K.Q6_K, n, k, seed=3)
+    lin = QuantLinear.from_gguf(raw, K.Q6_K, (n, k), bias=torch.randn(n), device=DEVICE)
+    w = kq.dequantize(raw.reshape(-1), K.Q6_K, (n, k)).to(DEVICE)
+    x = (0.1 * torch.randn(2, 6, k)).to(DEVICE, half)
+    monkeypatch.setattr(K, "mma_config", lambda *a: K.MmaConfig(block_n=16, words=32))
+
+    def no_dequantize(*a, **kw):
+        raise AssertionError("took dequantize + cuBLAS")
+    monkeypatch.setattr(K, "dequantize_gpu", no_dequantize)
+    y = lin(x)
+    assert y.shape == (2, 6, n) and y.dtype == half
+    assert rel_err(y, F.linear(x.double(), w.double(), lin.bias.double())) < 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))

@@ -8,7 +8,9 @@ the decode hot path): the int8-activation kernels (`_gemv_q8_kernel` for one row
 integer dot products; the table's choice for 16-bit x in INT8_FORMATS) and the float kernel
 (`_gemv_kernel`: float32 accumulation of exact dequantized weights — float32 x, IQ4, prologues, tl.dot
 tiles), `dequantize_gpu` (packed -> dense (N, K), for the prefill matmul), and the launch-config table
-`GEMV_CONFIGS` with the int8 kernels' per-shape rows (`_q8_table_rows`) and `gemv_max_rows`.
+`GEMV_CONFIGS` with the int8 kernels' per-shape rows (`_q8_table_rows`) and `gemv_max_rows`, and
+`gemm_mma` (9..32 rows of x, a server's batched decode step: tensor-core products per field with the
+weights dequantized in registers; `mma_config` says where it beats dequantize + cuBLAS).
 Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
 tested bit-exact against), the nn.Module and the dispatch by batch size (linear.py), quantizing, CPU speed.
 
@@ -90,7 +92,8 @@ from kiln.ops.q8 import store_q8
 
 __all__ = ["FORMATS", "GEMV_CONFIGS", "GemvConfig", "PackedWeight", "Prologue", "repack", "dequantize_ref", "gemv",
            "gemv_config", "dequantize_gpu", "use_triton", "HAVE_TRITON", "MAX_GEMV_M", "gemv_max_rows", "INT8_FORMATS", "QuantAct",
-           "quantize_act", "empty_act", "takes_int8"]
+           "quantize_act", "empty_act", "takes_int8", "MMA_FORMATS", "MAX_MMA_M", "MmaConfig", "gemm_mma",
+           "mma_config"]
 
 # Activation rows the GEMV takes; more go through dequantize_gpu + cuBLAS. Measured in-graph on the H100 at
 # Llama-3.2-1B's shapes (bench/results/2026-11-26-h100/int8_ab_batch.json): up to 8 rows the int8 kernel
@@ -1434,6 +1437,26 @@ class MmaConfig:
 
 
 _MMA_DEFAULT = MmaConfig()
+
+# The tensor-core kernel on (where `mma_config` picks it) or off (dequantize + cuBLAS for every 9..32-row
+# step): KILN_MMA=0 switches it off, for A/B measurements (bench/engine_bench.py) and as an escape hatch.
+MMA = os.environ.get("KILN_MMA", "1") != "0"
+
+
+def mma_config(qtype: int, n: int, k: int, m: int, dtype: torch.dtype) -> MmaConfig | None:
+    """The tensor-core kernel's config for an (n, k) weight and m rows of x, where it beat dequantize +
+    cuBLAS in-graph on the H100 (bench/int8_ab.py mma step, bench/results/2026-11-26-h100/, Llama-3.2-1B
+    shapes): on the output head from 17 rows (Q6_K 128256x2048 at 32 rows: 398 µs vs 500) and on wide
+    matrices short of a head up to 16 rows (Q4_K 16384x2048 at 16 rows: 47 µs vs 62). Elsewhere dequantize + cuBLAS was as
+    fast or faster (Q4_K 2048x2048: 12.5 µs vs 10.7; Q6_K 2048x8192: 43 vs 31); None there."""
+    if not MMA or qtype not in MMA_FORMATS or dtype not in (torch.float16, torch.bfloat16) \
+            or not MAX_GEMV_M < m <= MAX_MMA_M:
+        return None
+    if n >= 65536 and m > 16:
+        return MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3)
+    if 16384 <= n < 65536 and m <= 16:  # (the head at 16 rows: 590 µs vs 496)
+        return MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3)
+    return None
 
 
 def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,

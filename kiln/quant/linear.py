@@ -14,8 +14,10 @@ the dense parameters with load_state_dict(strict=True) only has to leave out the
 
 forward(x (..., K)) flattens the leading dims to M rows:
 - packed and Triton serves x's device: M <= kernels.gemv_max_rows (8; 1 for Q6_K with 16-bit x) ->
-  kernels.gemv (dequantization fused: the decode path, and a server's batched decode step); more rows ->
-  kernels.dequantize_gpu into an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path);
+  kernels.gemv (dequantization fused: the decode path, and a server's batched decode step); 9..32 rows
+  where kernels.mma_config picks it (output heads, wide matrices) -> kernels.gemm_mma (tensor cores,
+  dequantization fused: a server's batched step); more rows or elsewhere -> kernels.dequantize_gpu into
+  an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path);
 - otherwise the reference: the dense weight (`dequantize`), then a matmul — slow, obviously correct.
 The decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations
 are the output and split-K partials, sized by the shapes).
@@ -116,8 +118,11 @@ class QuantLinear(nn.Module):
         m = x2.shape[0]
         bias = self.bias
         if self.qs is not None and kernels.use_triton(x2):
+            mma = kernels.mma_config(self.qtype, self.out_features, self.in_features, m, x2.dtype)
             if 1 <= m <= kernels.gemv_max_rows(self.qtype, x2.dtype):
                 y = kernels.gemv(x2, self.packed, bias, act=act if m == 1 else None)
+            elif mma is not None:
+                y = kernels.gemm_mma(x2, self.packed, None if bias is None else bias.to(x.dtype), config=mma)
             else:
                 w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch
                 y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
