@@ -81,9 +81,13 @@ def mma_on() -> bool | None:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout this script belongs to; None when it is not a checkout's root (a `git archive`
+    copy inside another repository would otherwise report that repository's HEAD)."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        return run("rev-parse", "HEAD") if Path(run("rev-parse", "--show-toplevel")).resolve() == root else None
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -253,6 +253,7 @@ def test_mma_table_and_quant_linear_dispatch(monkeypatch):
     assert K.mma_config(K.Q6_K, 128256, 2048, 16, half) is None
     assert K.mma_config(K.Q4_K, 16384, 2048, 16, half) is not None
     assert K.mma_config(K.Q4_K, 2048, 2048, 32, half) is None
+    assert K.mma_config(K.Q4_K, 28672, 4096, 16, half) is None
     assert K.mma_config(K.Q4_K, 16384, 2048, 16, torch.float32) is None
     assert K.mma_config(K.Q4_K, 16384, 2048, 8, half) is None  # the GEMV's rows
     assert K.mma_config(K.IQ4_XS, 128256, 2048, 32, half) is None
