@@ -187,6 +187,10 @@ MMA_TABLE = [K.MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3),
              K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3)]
 
 
+MMA_NATURAL = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st, natural=True)
+               for bn in (32, 64, 128) for wd in (16, 32) for w in (4, 8) for st in (2, 3)] + MMA_TABLE
+
+
 def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None):
     """Server-step rows (9..32): in-graph µs of kernels.gemm_mma (a grid of MmaConfig, split-K from the
     grid size) against dequantize + cuBLAS, and its error against the float64 product."""
@@ -210,7 +214,8 @@ def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None):
                 for cfg in grid or MMA_GRID:
                     if time.time() > deadline:
                         break
-                    name = f"bn{cfg.block_n}_w{cfg.words}_nw{cfg.num_warps}_s{cfg.num_stages}"
+                    name = f"bn{cfg.block_n}_w{cfg.words}_nw{cfg.num_warps}_s{cfg.num_stages}" + \
+                        ("_nat" if cfg.natural else "")
                     try:
                         err = G.rel(K.gemm_mma(x, w0, config=cfg), ref.float())
                         r["mma"][name] = [round(G.graph_us(lambda i: (lambda: K.gemm_mma(x, ws[i], config=cfg)),
@@ -254,8 +259,9 @@ def main():
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--models", default="", help="micro: only these SHAPES keys (comma-separated)")
     ap.add_argument("--rows", default="16,32", help="dotgrid, mma: activation rows (comma-separated)")
-    ap.add_argument("--mma-grid", choices=["full", "table"], default="full",
-                    help="mma: the full config grid, or the configs kernels.mma_config uses")
+    ap.add_argument("--mma-grid", choices=["full", "table", "natural"], default="full",
+                    help="mma: the full config grid, the configs kernels.mma_config uses, or the "
+                         "weight-order variant's grid (with the table's configs)")
     a = ap.parse_args()
     t0 = time.time()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -266,7 +272,7 @@ def main():
         if "mma" in steps:
             mma(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")),
                 tuple(m for m in a.models.split(",") if m) or ("llama-3.2-1b",),
-                MMA_TABLE if a.mma_grid == "table" else MMA_GRID)
+                {"table": MMA_TABLE, "natural": MMA_NATURAL}.get(a.mma_grid, MMA_GRID))
         if "dotgrid" in steps:
             dotgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")))
         if "model" in steps and a.files:

@@ -1036,7 +1036,7 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
                 KW: tl.constexpr, SUBS: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr, SUB: tl.constexpr,
                 FMT: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, OFFSET: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, MX: tl.constexpr,
-                SPLIT_K: tl.constexpr, NIT: tl.constexpr):
+                SPLIT_K: tl.constexpr, NIT: tl.constexpr, NATURAL: tl.constexpr = False):
     """y (M, N) = x (M, K) @ w.T for 9..32 rows of x (a server's batched decode step): per K step of W
     words, one (MX, W) x (W, BN) tensor-core product per field f of the words, with the weights of that
     field dequantized in registers ((BN, W): one code per word) and the activations they multiply gathered
@@ -1072,8 +1072,31 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
             sidx = r * SUBS + (kw // _V * SPG)[None, :]
             dl0, ml0 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx, wmask, FMT, OFFSET)
             dl1, ml1 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx + 1, wmask, FMT, OFFSET)
+        if NATURAL:  # all fields at once, back to weight order in registers, one product per step
+            fi = tl.arange(0, G)[None, None, :]                        # (1, 1, G)
+            if FMT == _Q8_0:
+                c = (words[:, :, None] >> (8 * fi)) & 0xFF
+            else:
+                c = (words[:, :, None] >> (4 * fi)) & 0xF
+                if FMT == _Q5_0 or FMT == _Q5_1 or FMT == _Q5_K:
+                    c = c | (((hi[:, :, None] >> fi) & 1) << 4)
+                elif FMT == _Q6_K:
+                    c = c | (((hi[:, :, None] >> (2 * fi)) & 3) << 4)
+            if SPG == 2:
+                dl3 = tl.where(fi % L == 1, dl1[:, :, None], dl0[:, :, None])
+                ml3 = tl.where(fi % L == 1, ml1[:, :, None], ml0[:, :, None])
+            else:
+                dl3 = dl0[:, :, None]
+                ml3 = ml0[:, :, None]
+            w3 = (c.to(tl.float32) * dl3 - ml3).to(x_ptr.dtype.element_ty)               # (BN, W, G)
+            # [n, word, f]: word = 4*g + j, f = m*L + l -> weight g*4G + l*16 + m*4 + j of the step
+            wn = tl.reshape(tl.permute(tl.reshape(w3, (BN, W // _V, _V, 4, L)), (0, 1, 4, 3, 2)), (BN, W * G))
+            kx = (pid_k + it * SPLIT_K) * (W * G) + tl.arange(0, W * G)
+            xt = tl.load(x_ptr + mi[:, None] * stride_x + kx[None, :], mask=xmask & (kx < KW * G)[None, :],
+                         other=0.0)                                    # (MX, W*G)
+            acc = tl.dot(xt, tl.trans(wn), acc)
         xbase = (kw // _V) * (_V * G) + kw % _V                        # (W,) weight under field 0
-        for f in tl.static_range(G):
+        for f in tl.static_range(0 if NATURAL else G):
             if SPG == 2 and f % L == 1:
                 dl, ml = dl1, ml1
             else:
@@ -1434,6 +1457,7 @@ class MmaConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0
+    natural: bool = False    # all fields per step, permuted back to weight order, one product per step
 
 
 _MMA_DEFAULT = MmaConfig()
@@ -1490,7 +1514,7 @@ def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
         KW=kw_total, SUBS=k // fmt.sub, G=fmt.g, WPB=fmt.block // fmt.g, SUB=fmt.sub, FMT=w.qtype,
         HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, OFFSET=_OFFSETS.get(w.qtype, 0),
         HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, W=cfg.words, MX=mx, SPLIT_K=split,
-        NIT=triton.cdiv(n_steps, split), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NIT=triton.cdiv(n_steps, split), NATURAL=cfg.natural, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
