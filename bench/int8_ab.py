@@ -191,13 +191,15 @@ MMA_NATURAL = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st, nat
                for bn in (32, 64, 128) for wd in (16, 32) for w in (4, 8) for st in (2, 3)] + MMA_TABLE
 
 
-def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None):
+def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None, n_min=0):
     """Server-step rows (9..32): in-graph µs of kernels.gemm_mma (a grid of MmaConfig, split-K from the
     grid size) against dequantize + cuBLAS, and its error against the float64 product."""
     import torch.nn.functional as F
     rows = []
     for model_name in models:
         for qtype, n, k in SHAPES[model_name]:
+            if n < n_min:
+                continue
             w0 = packed(qtype, n, k)
             copies = G.n_copies(w0.nbytes)
             ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
@@ -259,6 +261,7 @@ def main():
     ap.add_argument("--budget", type=float, default=400)
     ap.add_argument("--models", default="", help="micro: only these SHAPES keys (comma-separated)")
     ap.add_argument("--rows", default="16,32", help="dotgrid, mma: activation rows (comma-separated)")
+    ap.add_argument("--n-min", type=int, default=0, help="mma: only shapes with at least this many rows")
     ap.add_argument("--mma-grid", choices=["full", "table", "natural"], default="full",
                     help="mma: the full config grid, the configs kernels.mma_config uses, or the "
                          "weight-order variant's grid (with the table's configs)")
@@ -272,7 +275,7 @@ def main():
         if "mma" in steps:
             mma(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")),
                 tuple(m for m in a.models.split(",") if m) or ("llama-3.2-1b",),
-                {"table": MMA_TABLE, "natural": MMA_NATURAL}.get(a.mma_grid, MMA_GRID))
+                {"table": MMA_TABLE, "natural": MMA_NATURAL}.get(a.mma_grid, MMA_GRID), a.n_min)
         if "dotgrid" in steps:
             dotgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")))
         if "model" in steps and a.files:

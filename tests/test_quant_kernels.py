@@ -220,15 +220,17 @@ MMA_TYPES = sorted(K.MMA_FORMATS)
 @pytest.mark.parametrize("m", [9, 32])
 @pytest.mark.parametrize("qtype", MMA_TYPES, ids=[K.FORMATS[q].name for q in MMA_TYPES])
 def test_gemm_mma_matches_dequantized_matmul(qtype, m):
-    """The tensor-core kernel for 9..32 rows against x @ W.T: partial row blocks, a partial last K step,
-    bias, with and without split-K (float16 here; bfloat16 on CUDA)."""
+    """The tensor-core kernel for 9..32 rows against x @ W.T, per field and in weight order (`natural`):
+    partial row blocks, a partial last K step, bias, with and without split-K (float16 here; bfloat16 on
+    CUDA)."""
     n, k = 40, k_for(qtype, tail=True)
     _, packed, ref = make(qtype, n, k, seed=m)
     bias = torch.randn(n).to(DEVICE)
     for dtype in [torch.float16] + ([torch.bfloat16] if CUDA else []):
         x = (0.1 * torch.randn(m, k, generator=torch.Generator().manual_seed(m))).to(DEVICE, dtype)
         want = x.double() @ ref.double().T + bias.double()
-        for cfg in (K.MmaConfig(block_n=16, words=16, split_k=1), K.MmaConfig(block_n=32, words=32, split_k=2)):
+        for cfg in (K.MmaConfig(block_n=16, words=16, split_k=1), K.MmaConfig(block_n=32, words=32, split_k=2),
+                    K.MmaConfig(block_n=16, words=16, split_k=2, natural=True)):
             y = K.gemm_mma(x, packed, bias.to(dtype), config=cfg)
             assert y.shape == (m, n) and y.dtype == dtype
             assert rel_err(y, want) < (2e-3 if dtype == torch.float16 else 1e-2), (cfg, dtype)
@@ -245,12 +247,12 @@ def test_gemm_mma_rejects_what_it_cannot_take():
 
 
 def test_mma_table_and_quant_linear_dispatch(monkeypatch):
-    """mma_config picks the tensor-core kernel only where it was measured faster (heads from 17 rows, wide
-    matrices up to 16), for 16-bit x and its formats; QuantLinear then takes it instead of dequantize +
+    """mma_config picks the tensor-core kernel only where it was measured faster (output heads, Llama-1B's
+    gate/up up to 16 rows), for 16-bit x and its formats; QuantLinear then takes it instead of dequantize +
     cuBLAS (which is made to fail here, so the route is certain)."""
     half = torch.float16
-    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half) is not None
-    assert K.mma_config(K.Q6_K, 128256, 2048, 16, half) is None
+    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half).natural
+    assert K.mma_config(K.Q6_K, 128256, 2048, 16, half).natural
     assert K.mma_config(K.Q4_K, 16384, 2048, 16, half) is not None
     assert K.mma_config(K.Q4_K, 2048, 2048, 32, half) is None
     assert K.mma_config(K.Q4_K, 28672, 4096, 16, half) is None

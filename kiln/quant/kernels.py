@@ -1470,16 +1470,15 @@ MMA = os.environ.get("KILN_MMA", "1") != "0"
 def mma_config(qtype: int, n: int, k: int, m: int, dtype: torch.dtype) -> MmaConfig | None:
     """The tensor-core kernel's config for an (n, k) weight and m rows of x, where it beat dequantize +
     cuBLAS in-graph on the H100 (bench/int8_ab.py mma step, bench/results/2026-11-26-h100-b/): on output
-    heads from 17 rows (Q6_K at 32 rows: 128256x2048 398 µs vs 500, 151936x1024 228 vs 297, 128256x4096 780
-    vs 1011; at 16 rows 2 of 3 heads were slower) and on Llama-3.2-1B's gate/up up to 16 rows (Q4_K
-    16384x2048: 47 µs vs 62; Llama-3.1-8B's 28672x4096 was slower, 249 vs 215, hence k <= 2048). Elsewhere
-    dequantize + cuBLAS was as fast or faster (Q4_K 2048x2048: 12.5 µs vs 10.7; Q6_K 2048x8192: 43 vs 31);
-    None there."""
+    heads in weight order (`natural`; Q6_K 128256x2048: 369 µs vs 500 at 32 rows, 357 vs 501 at 16) and on
+    Llama-3.2-1B's gate/up up to 16 rows, per field (Q4_K 16384x2048: 47 µs vs 62; Llama-3.1-8B's
+    28672x4096 was slower, 249 vs 215, hence k <= 2048). Elsewhere dequantize + cuBLAS was as fast or
+    faster (Q4_K 2048x2048: 11.8 µs vs 10.6; Q6_K 2048x8192: 40 vs 32 at 32 rows); None there."""
     if not MMA or qtype not in MMA_FORMATS or dtype not in (torch.float16, torch.bfloat16) \
             or not MAX_GEMV_M < m <= MAX_MMA_M:
         return None
-    if n >= 65536 and m > 16:
-        return MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3)
+    if n >= 65536:
+        return MmaConfig(block_n=32, words=32 if m > 16 else 16, num_warps=4, num_stages=3, natural=True)
     if 16384 <= n < 65536 and k <= 2048 and m <= 16:
         return MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3)
     return None
