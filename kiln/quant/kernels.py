@@ -628,6 +628,19 @@ def _x_load(x_ptr, idx, mask, pa_ptr, pw_ptr, rstd, poff, KT: tl.constexpr, PRO:
 
 
 @jit
+def _store_rows(y, y_ptr, b_ptr, rows, rmask, mi, M, N, pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A program's outputs y (BN, MX) for weight rows `rows` and activation rows mi < M: into y (M, N) in its
+    dtype (+ bias), or with SPLIT_K > 1 as float32 partials (SPLIT_K, M, N) for _split_k_sum_kernel."""
+    ymask = rmask & (mi < M)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
+
+
+@jit
 def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, qh32_ptr, N, stride_x,
                  magic, pa_ptr, pw_ptr, ph_ptr, eps, poff,
                  PRO: tl.constexpr, PRO_RES: tl.constexpr, PRO_OFF: tl.constexpr, PRO_H: tl.constexpr,
@@ -725,13 +738,7 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
         y = tl.sum(acc, axis=1)[:, None]                               # (BN, 1)
     else:
         y = tl.sum(acc, axis=2)                                        # (BN, MX)
-    ymask = rmask & (mi < M)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
+    _store_rows(y, y_ptr, b_ptr, rows, rmask, mi, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 # ---------------------------------------------------------------- int8 activations: x quantized, dp4a dot products
@@ -1040,8 +1047,10 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
     """y (M, N) = x (M, K) @ w.T for 9..32 rows of x (a server's batched decode step): per K step of W
     words, one (MX, W) x (W, BN) tensor-core product per field f of the words, with the weights of that
     field dequantized in registers ((BN, W): one code per word) and the activations they multiply gathered
-    in the same order (weight field_offset(f) + j of each four-word group). Nothing is permuted or
-    reshaped. SPLIT_K > 1: float32 partials (SPLIT_K, M, N), summed by _split_k_sum_kernel."""
+    in the same order (weight field_offset(f) + j of each four-word group): nothing is permuted. NATURAL:
+    all fields of the step at once, permuted back to weight order in registers (as `_dequant_kernel`
+    stores them), one (MX, W*G) x (W*G, BN) product with a contiguous x tile. SPLIT_K > 1: float32
+    partials (SPLIT_K, M, N), summed by _split_k_sum_kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -1106,13 +1115,7 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
                          mask=xmask & (kw < KW)[None, :], other=0.0)  # (MX, W)
             acc = tl.dot(xt, tl.trans(wt), acc)                        # (MX, BN)
     y = tl.trans(acc)                                                  # (BN, MX)
-    ymask = rmask & (mi < M)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + mi[None, :] * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.store(y_ptr + (pid_k * M + mi[None, :]) * N + rows[:, None], y, mask=ymask)
+    _store_rows(y, y_ptr, b_ptr, rows, rmask, mi, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 # ---------------------------------------------------------------- launch configs and entry points
@@ -1190,6 +1193,22 @@ def _shrink(cfg: GemvConfig, n: int, k: int, sms: int) -> GemvConfig:
 
 
 @functools.lru_cache(maxsize=None)
+def _split(split_k: int, grid_n: int, n_steps: int, device: torch.device) -> int:
+    """K splits of a launch: the config's (0: `_auto_split_k`), at most one per K step."""
+    return max(1, min(split_k or _auto_split_k(grid_n, n_steps, _sm_count(device)), n_steps))
+
+
+def _sum_splits(out: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, split: int) -> torch.Tensor:
+    """y (M, N) = the float32 partials out (split, M, N) summed (+ bias); y itself when split == 1."""
+    if split > 1:
+        m, n = y.shape
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            out, y, bias if bias is not None else y, n, m * n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=4)
+    return y
+
+
 def _kvalues(device: torch.device) -> torch.Tensor:
     # Created on the first call for a device, which must come before any CUDA-graph capture (as must
     # Triton's compilation of each shape).
@@ -1411,8 +1430,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
     geo = _geometry(fmt, k, cfg.block_k)
     n_steps = triton.cdiv(geo["KW"], geo["W"])
     grid_n = triton.cdiv(n, cfg.block_n)
-    split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
-    split = max(1, min(split, n_steps))
+    split = _split(cfg.split_k, grid_n, n_steps, x.device)
     dot = cfg.dot and m > 1
     pro = prologue or Prologue("none")
     pro_code = 0 if prologue is None else pro.code
@@ -1434,12 +1452,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
         M=m, MX=mx, FMT=w.qtype, HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), CVT=cfg.cvt, DOT=dot, IEEE=x.dtype == torch.float32,
         num_warps=warps, **geo, **_gemv_constants(w.qtype), **extra)
-    if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            out, y, bias if bias is not None else y, n, m * n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4)
-    return y
+    return _sum_splits(out, y, bias, split)
 
 
 # Formats the tensor-core kernel takes (codes of 4 + 0/1/2 bits or 8 bits, one scale per 16 or more).
@@ -1457,7 +1470,7 @@ class MmaConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0
-    natural: bool = False    # all fields per step, permuted back to weight order, one product per step
+    natural: bool = False    # all fields of a step permuted back to weight order, one product per step
 
 
 _MMA_DEFAULT = MmaConfig()
@@ -1502,8 +1515,7 @@ def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
     kw_total = k // fmt.g
     n_steps = triton.cdiv(kw_total, cfg.words)
     grid_n = triton.cdiv(n, cfg.block_n)
-    split = cfg.split_k or _auto_split_k(grid_n, n_steps, _sm_count(x.device))
-    split = max(1, min(split, n_steps))
+    split = _split(cfg.split_k, grid_n, n_steps, x.device)
     mx = max(16, triton.next_power_of_2(m))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
@@ -1514,12 +1526,7 @@ def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
         HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, OFFSET=_OFFSETS.get(w.qtype, 0),
         HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, W=cfg.words, MX=mx, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), NATURAL=cfg.natural, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            out, y, bias if bias is not None else y, n, m * n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4)
-    return y
+    return _sum_splits(out, y, bias, split)
 
 
 def dequantize_gpu(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, *, block_n: int = 16,
