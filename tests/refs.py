@@ -5,7 +5,7 @@ compare against llama.cpp never import llama_cpp (CI does not build it). Does no
 
 Layout of the file: `meta` is a JSON string (model key, GGUF file name and sha256, llama-cpp-python
 version, top_k, the documents' names/texts/offsets, and the greedy prompts with their ids, generated ids,
-text and per-step top-1 margins); the `tf_*` arrays hold every document's positions concatenated:
+text, per-step top-1 margins, batch_agree and the generated ids under llama.cpp's other settings); the `tf_*` arrays hold every document's positions concatenated:
 tokens (N,), topk_ids (N, K), topk_logprobs (N, K), rest_logprob (N,) = log of the probability mass
 outside the top-K, argmax (N,), and argmax_<variant> (N,) for each of llama.cpp's own other settings named
 in meta["variants"] (one token per eval, flash attention, an f32 KV cache).

@@ -493,6 +493,12 @@ def test_swap_linears_on_a_tiny_model():
 
 # ---------------------------------------------------------------- GPU only
 
+def test_code_book_is_made_once_per_device():
+    """The IQ4 code book the kernels read is created on its first use and then reused: a CUDA-graph
+    capture cannot copy it from the host."""
+    assert K._kvalues(torch.device(DEVICE)) is K._kvalues(torch.device(DEVICE))
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0, K.IQ4_XS], ids=lambda q: K.FORMATS[q].name)
 def test_decode_path_captures_in_a_cuda_graph(qtype):

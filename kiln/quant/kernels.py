@@ -1192,7 +1192,6 @@ def _shrink(cfg: GemvConfig, n: int, k: int, sms: int) -> GemvConfig:
     return cfg if bn == cfg.block_n else replace(cfg, block_n=bn)
 
 
-@functools.lru_cache(maxsize=None)
 def _split(split_k: int, grid_n: int, n_steps: int, device: torch.device) -> int:
     """K splits of a launch: the config's (0: `_auto_split_k`), at most one per K step."""
     return max(1, min(split_k or _auto_split_k(grid_n, n_steps, _sm_count(device)), n_steps))
@@ -1209,6 +1208,7 @@ def _sum_splits(out: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, s
     return y
 
 
+@functools.lru_cache(maxsize=None)
 def _kvalues(device: torch.device) -> torch.Tensor:
     # Created on the first call for a device, which must come before any CUDA-graph capture (as must
     # Triton's compilation of each shape).

@@ -11,7 +11,8 @@ What is stored per model (see tests/refs.py for the exact layout):
   - teacher-forced documents: token ids, and at every position the top-K log-probs (computed in float64
     from llama.cpp's float32 logits), the log-prob mass of everything outside the top-K, and the argmax;
   - greedy continuations: prompt text and ids, 32 greedily generated ids (EOS ignored), their text,
-    and llama.cpp's top-1 minus top-2 logit margin at each step (a near-tie explains a divergence);
+    and llama.cpp's top-1 minus top-2 logit margin at each step (a near-tie explains a divergence), and
+    the greedy continuations under llama.cpp's other settings (flash attention, an f32 KV cache);
   - llama.cpp's own spread: the argmax at every document position from other llama.cpp settings of the
     same build and file (VARIANTS: one token per eval, flash attention, an f32 KV cache). The reference
     is one batched eval; how often these agree with it is the floor any other implementation can expect,
@@ -261,17 +262,20 @@ def variant_argmaxes(path, docs, tokens):
     return out
 
 
-def continuations(llm, prompts):
+def continuations(llm, prompts, others=()):
+    """Greedy continuations of each prompt; `others`: (name, llm) of llama.cpp's other settings, whose own
+    greedy continuations are stored beside the reference's ("variants")."""
     out = []
     for text in prompts:
         ids = tokenize(llm, text)
         gen, margins = greedy(llm, ids)
+        variants = {name: greedy(other, ids)[0] for name, other in others}
         # Self-check: the same sequence evaluated in one batch should pick the same argmaxes as the
         # one-token-at-a-time loop (llama.cpp uses different kernels for the two; a near-tie can flip).
         batch = logits_of(llm, ids + gen)[len(ids) - 1: -1].argmax(axis=1)
         out.append({"prompt": text, "prompt_ids": ids, "gen_ids": gen, "gen_text": detok(llm, gen),
                     "margins": [round(m, 4) for m in margins],
-                    "batch_agree": int((batch == np.asarray(gen)).sum())})
+                    "batch_agree": int((batch == np.asarray(gen)).sum()), "variants": variants})
     return out
 
 
@@ -284,7 +288,8 @@ def build(key, path):
         "key": key, "file": os.path.basename(path), "sha256": sha256(path),
         "llama_cpp_python": llama_cpp.__version__, "n_vocab": llm.n_vocab(), "top_k": TOP_K,
         "n_ctx": 1024, "n_batch": 512, "n_threads": 2, "flash_attn": False, "kv_type": "f16",
-        "docs": docs, "greedy": continuations(llm, PROMPTS[key]),
+        "docs": docs, "greedy": continuations(llm, PROMPTS[key], [
+            (name, open_model(path, **o)) for name, (o, one_token) in VARIANTS.items() if not one_token]),
         "variants": {name: {"overrides": o, "one_token_per_eval": t} for name, (o, t) in VARIANTS.items()},
     }
     out = os.path.join(HERE, f"refs_{key}.npz")
@@ -299,6 +304,9 @@ def report(out, meta, secs):
         for name in meta["variants"]:
             agree = np.mean(z[f"tf_argmax_{name}"] == z["tf_argmax"])
             print(f"  llama.cpp {name} vs the batched reference: top-1 {agree:.4f}")
+    for name in ("flash_attn", "kv_f32"):
+        same = sum(g["variants"][name] == g["gen_ids"] for g in meta["greedy"])
+        print(f"  llama.cpp {name}: {same}/{len(meta['greedy'])} greedy continuations equal the reference's")
     for g in meta["greedy"]:
         print(f"  batch/step argmax agree {g['batch_agree']}/{N_GEN}, min margin {min(g['margins']):.3f}: "
               f"{g['prompt'][-40:]!r} -> {g['gen_text']!r}")
