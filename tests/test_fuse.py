@@ -50,7 +50,6 @@ def test_mixed_storage_never_joins():
 
 _QUANT_STEP = """
 import collections, os, torch, test_models as tm
-from kiln.cache import KVCache
 import kiln.fuse
 from kiln.fuse import fuse_projections
 from kiln.quant import kernels as K
@@ -73,12 +72,7 @@ def quantize(model):
                 setattr(parent, name, QuantLinear(k, n, K.Q8_0, packed=packed, bias=c.bias))
 
 def steps(km, ids):  # a 6-token prefill, then 4 CUDA-graph-style decode steps: all logits (1, 10, V)
-    with torch.no_grad():
-        cache = KVCache.for_model(km, max_len=16)
-        parts = [km(ids[:, :6], cache=cache, pos=0)]
-        for t in range(6, 10):
-            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
-    return torch.cat(parts, 1)
+    return tm.decode_steps(km, ids, 6, max_len=16, graph=True)
 
 calls = collections.Counter()
 gemv = K.gemv

@@ -78,6 +78,18 @@ def test_matches_transformers(name):
     assert err <= 1e-4, f"{name}: max |Δlogit| = {err}"
 
 
+def decode_steps(model, ids, prefill, max_len=32, graph=False):
+    """Logits of `ids` (1, T) as generate computes them: the first `prefill` tokens in one call, then one
+    token at a time through a fresh KV cache (graph: the CUDA-graph form of the step, the position a
+    device tensor); (1, T, V). Shared by the decode tests of test_native, test_quant_cpu and test_fuse."""
+    cache = KVCache.for_model(model, max_len=max_len)
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], cache=cache, pos=0)]
+        out += [model(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t) if graph else t)
+                for t in range(prefill, ids.shape[1])]
+    return torch.cat(out, dim=1)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3", "phi3"])
 def test_cached_decode_equals_uncached(name):
     cfg = CONFIGS[name]
@@ -86,16 +98,9 @@ def test_cached_decode_equals_uncached(name):
     ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = km(ids)
-        cache = KVCache.for_model(km, max_len=32)
-        parts = [km(ids[:, :12], cache=cache, pos=0)]  # prefill a chunk, then one token at a time
-        for t in range(12, 20):
-            parts.append(km(ids[:, t:t + 1], cache=cache, pos=t))
-        # the CUDA-graph form of the step: position as a device tensor, keys = the whole static cache
-        cache2 = KVCache.for_model(km, max_len=32)
-        graph_parts = [km(ids[:, :12], cache=cache2, pos=0)]
-        for t in range(12, 20):
-            graph_parts.append(km(ids[:, t:t + 1], cache=cache2, pos=torch.tensor(t)))
-    for got in (torch.cat(parts, dim=1), torch.cat(graph_parts, dim=1)):
+    # prefill a chunk, then one token at a time; and the CUDA-graph form of the step (position as a
+    # device tensor, keys = the whole static cache)
+    for got in (decode_steps(km, ids, 12), decode_steps(km, ids, 12, graph=True)):
         err = (got - full).abs().max().item()
         assert err <= 1e-4, f"{name}: cached vs uncached max |Δlogit| = {err}"
 

@@ -89,7 +89,6 @@ def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch
     """Prefill then one token at a time through the KV cache, as generate's CPU decode does, with the
     native kernels on and off: the same logits (gemma3's window of 5 is crossed)."""
     import test_models as tm
-    from kiln.cache import KVCache
     cfg = tm.CONFIGS[name]
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
     ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
@@ -97,17 +96,10 @@ def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch
     real = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
 
-    def run():
-        cache = KVCache.for_model(km, max_len=32)
-        with torch.no_grad():
-            out = [km(ids[:, :12], cache=cache, pos=0)]
-            out += [km(ids[:, t:t + 1], cache=cache, pos=t) for t in range(12, 20)]
-        return torch.cat(out, dim=1)
-
-    with_native = run()
+    with_native = tm.decode_steps(km, ids, 12)
     assert len(calls) == 8 * cfg["num_hidden_layers"]  # every decode step's layers, no prefill
     monkeypatch.setattr(native, "available", lambda: False)
-    without = run()
+    without = tm.decode_steps(km, ids, 12)
     assert len(calls) == 8 * cfg["num_hidden_layers"]
     err = (with_native - without).abs().max().item()
     assert err <= 1e-4, f"{name}: native vs torch decode max |Δlogit| = {err}"

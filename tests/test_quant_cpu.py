@@ -167,8 +167,8 @@ def test_compact_model_predicts_what_its_dequantized_twin_does(monkeypatch):
 def test_compact_decode_steps_with_native_kernels(monkeypatch):
     """Batch-1 decode steps (Int8Linear's GEMV, the fused layers' norm, attention: kiln/native.py) stay at
     least as close to the dense twin as the torch kernels do (they keep x in fp32, not bf16)."""
+    import test_models as tm
     from kiln import native
-    from kiln.cache import KVCache
     if not native.available():
         pytest.skip("no C compiler / OpenMP runtime for kiln/native.c")
     cfg, dense, packed = _tiny_compact(monkeypatch)
@@ -177,19 +177,12 @@ def test_compact_decode_steps_with_native_kernels(monkeypatch):
     real = native.gemv_i8
     monkeypatch.setattr(native, "gemv_i8", lambda *a: calls.append(1) or real(*a))
 
-    def decode():
-        cache = KVCache.for_model(packed, max_len=32)
-        with torch.no_grad():
-            out = [packed(ids[:, :8], cache=cache, pos=0)]
-            out += [packed(ids[:, t:t + 1], cache=cache, pos=t) for t in range(8, 16)]
-        return torch.cat(out, 1)
-
     with torch.no_grad():
         ref = dense(ids)
-    fast = decode()
+    fast = tm.decode_steps(packed, ids, 8)
     assert calls  # the int8 layers' decode GEMVs went native
     monkeypatch.setattr(native, "available", lambda: False)
-    slow = decode()
+    slow = tm.decode_steps(packed, ids, 8)
     kl_fast, kl_slow = _kl(ref[:, 8:], fast[:, 8:]).mean(), _kl(ref[:, 8:], slow[:, 8:]).mean()
     print(f"tiny compact decode: KL native {kl_fast:.2e}, torch kernels {kl_slow:.2e}")
     assert kl_fast <= kl_slow * 1.1 + 1e-6 and torch.equal(fast.argmax(-1), slow.argmax(-1))
