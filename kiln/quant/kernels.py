@@ -1006,42 +1006,9 @@ def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_
 # ---------------------------------------------------------------- 9..32 rows: tensor-core tiles, one per field
 
 @jit
-def _mma_code(words, hi, f: tl.constexpr, FMT: tl.constexpr):
-    """Field f (a compile-time index) of qs words and their high-bit elements -> int32 code, offset not
-    applied."""
-    if FMT == _Q8_0:
-        c = (words >> (8 * f)) & 0xFF
-    else:
-        c = (words >> (4 * f)) & 0xF
-        if FMT == _Q5_0 or FMT == _Q5_1 or FMT == _Q5_K:
-            c = c | (((hi >> f) & 1) << 4)
-        elif FMT == _Q6_K:
-            c = c | (((hi >> (2 * f)) & 3) << 4)
-    return c
-
-
-@jit
-def _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx, mask, FMT: tl.constexpr, OFFSET: tl.constexpr):
-    """(dl, ml) with weight = dl * code - ml (offsets folded into ml), for sub-block indices sidx."""
-    if FMT == _Q4_K or FMT == _Q5_K:
-        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
-        ml = dmn * tl.load(mn_ptr + sidx, mask=mask, other=0).to(tl.float32)
-    elif FMT == _Q6_K:
-        dl = d * tl.load(sc_ptr + sidx, mask=mask, other=0).to(tl.float32)
-        ml = dl * OFFSET
-    elif FMT == _Q4_1 or FMT == _Q5_1:
-        dl = d
-        ml = -dmn
-    else:  # Q4_0, Q5_0, Q8_0
-        dl = d
-        ml = d * OFFSET
-    return dl, ml
-
-
-@jit
 def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, N, M, stride_x,
                 KW: tl.constexpr, SUBS: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr, SUB: tl.constexpr,
-                FMT: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, OFFSET: tl.constexpr,
+                FMT: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr, HAS_MIN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, MX: tl.constexpr,
                 SPLIT_K: tl.constexpr, NIT: tl.constexpr, NATURAL: tl.constexpr = False):
     """y (M, N) = x (M, K) @ w.T for 9..32 rows of x (a server's batched decode step): per K step of W
@@ -1073,31 +1040,26 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
         dmn = d
         if HAS_DM:
             dmn = tl.load(dm_ptr + blk, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        # Weights as dequantize_gpu builds them (`_codes`, `_scales`: (q - offset) * dl [- ml]), in x's dtype.
         if SUB >= _V * G:  # a sub-block (or block) spans whole groups
-            dl0, ml0 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, r * SUBS + (kw // (SUB // G))[None, :], wmask,
-                                   FMT, OFFSET)
+            dl0, ml0 = _scales(sc_ptr, mn_ptr, r * SUBS + (kw // (SUB // G))[None, :], wmask, d, dmn, FMT)
             dl1, ml1 = dl0, ml0
         else:  # two sub-blocks of 16 per group (Q6_K): fields f % L == 0 and 1
             sidx = r * SUBS + (kw // _V * SPG)[None, :]
-            dl0, ml0 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx, wmask, FMT, OFFSET)
-            dl1, ml1 = _mma_scales(sc_ptr, mn_ptr, d, dmn, r, sidx + 1, wmask, FMT, OFFSET)
+            dl0, ml0 = _scales(sc_ptr, mn_ptr, sidx, wmask, d, dmn, FMT)
+            dl1, ml1 = _scales(sc_ptr, mn_ptr, sidx + 1, wmask, d, dmn, FMT)
         if NATURAL:  # all fields at once, back to weight order in registers, one product per step
             fi = tl.arange(0, G)[None, None, :]                        # (1, 1, G)
-            if FMT == _Q8_0:
-                c = (words[:, :, None] >> (8 * fi)) & 0xFF
-            else:
-                c = (words[:, :, None] >> (4 * fi)) & 0xF
-                if FMT == _Q5_0 or FMT == _Q5_1 or FMT == _Q5_K:
-                    c = c | (((hi[:, :, None] >> fi) & 1) << 4)
-                elif FMT == _Q6_K:
-                    c = c | (((hi[:, :, None] >> (2 * fi)) & 3) << 4)
             if SPG == 2:
                 dl3 = tl.where(fi % L == 1, dl1[:, :, None], dl0[:, :, None])
                 ml3 = tl.where(fi % L == 1, ml1[:, :, None], ml0[:, :, None])
             else:
                 dl3 = dl0[:, :, None]
                 ml3 = ml0[:, :, None]
-            w3 = (c.to(tl.float32) * dl3 - ml3).to(x_ptr.dtype.element_ty)               # (BN, W, G)
+            w3 = _codes(words[:, :, None], hi[:, :, None], qs_ptr, fi, FMT, 0) * dl3
+            if HAS_MIN:
+                w3 = w3 - ml3
+            w3 = w3.to(x_ptr.dtype.element_ty)                         # (BN, W, G)
             # [n, word, f]: word = 4*g + j, f = m*L + l -> weight g*4G + l*16 + m*4 + j of the step
             wn = tl.reshape(tl.permute(tl.reshape(w3, (BN, W // _V, _V, 4, L)), (0, 1, 4, 3, 2)), (BN, W * G))
             kx = (pid_k + it * SPLIT_K) * (W * G) + tl.arange(0, W * G)
@@ -1110,7 +1072,10 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
                 dl, ml = dl1, ml1
             else:
                 dl, ml = dl0, ml0
-            wt = (_mma_code(words, hi, f, FMT).to(tl.float32) * dl - ml).to(x_ptr.dtype.element_ty)  # (BN, W)
+            wt = _codes(words, hi, qs_ptr, f, FMT, 0) * dl
+            if HAS_MIN:
+                wt = wt - ml
+            wt = wt.to(x_ptr.dtype.element_ty)                         # (BN, W)
             xt = tl.load(x_ptr + mi[:, None] * stride_x + (xbase + _fo(f, G))[None, :],
                          mask=xmask & (kw < KW)[None, :], other=0.0)  # (MX, W)
             acc = tl.dot(xt, tl.trans(wt), acc)                        # (MX, BN)
@@ -1523,7 +1488,7 @@ def gemm_mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
     _mma_kernel[(grid_n, split)](
         x, out, bias if bias is not None else y, *planes, n, m, x.stride(0),
         KW=kw_total, SUBS=k // fmt.sub, G=fmt.g, WPB=fmt.block // fmt.g, SUB=fmt.sub, FMT=w.qtype,
-        HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, OFFSET=_OFFSETS.get(w.qtype, 0),
+        HAS_QH=fmt.qh is not None, HAS_DM=fmt.dm, HAS_MIN=fmt.has_min,
         HAS_BIAS=bias is not None and split == 1, BN=cfg.block_n, W=cfg.words, MX=mx, SPLIT_K=split,
         NIT=triton.cdiv(n_steps, split), NATURAL=cfg.natural, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _sum_splits(out, y, bias, split)

@@ -118,10 +118,10 @@ class QuantLinear(nn.Module):
         m = x2.shape[0]
         bias = self.bias
         if self.qs is not None and kernels.use_triton(x2):
-            mma = kernels.mma_config(self.qtype, self.out_features, self.in_features, m, x2.dtype)
             if 1 <= m <= kernels.gemv_max_rows(self.qtype, x2.dtype):
                 y = kernels.gemv(x2, self.packed, bias, act=act if m == 1 else None)
-            elif mma is not None:
+            elif (mma := kernels.mma_config(self.qtype, self.out_features, self.in_features, m,
+                                            x2.dtype)) is not None:
                 y = kernels.gemm_mma(x2, self.packed, None if bias is None else bias.to(x.dtype), config=mma)
             else:
                 w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch

@@ -468,12 +468,15 @@ class Engine:
         if ahead is not None and ahead[0] == rows:  # launched last iteration with these rows' tokens
             logits = ahead[1]
         else:  # (a stale look-ahead only rewrote, at the same positions, keys and values of the same tokens)
-            logits = self._step([r.last for r in rows], [len(r.slot.tokens) for r in rows],
-                                [r.slot.index for r in rows])  # (B, V)
+            logits = self._step_rows(rows, [r.last for r in rows])  # (B, V)
         for r in rows:
             r.slot.tokens.append(r.last)
         self._counters["steps"] += 1
         self._emit(rows, logits, self._can_look_ahead(rows))
+
+    def _step_rows(self, rows: list[_Row], tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """The batched step on `tokens`, one per row, each at its slot's next position: logits (B, V)."""
+        return self._step(tokens, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows])
 
     def _can_look_ahead(self, rows: list[_Row]) -> bool:
         """Launch the next decode step before reading this one's tokens (the host's work per token then
@@ -488,7 +491,7 @@ class Engine:
 
     def _look_ahead(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         try:
-            logits = self._step(tokens, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows])
+            logits = self._step_rows(rows, tokens)
         except Exception:  # the next iteration runs the step itself (and meets the error there)
             log.exception("launching the next decode step early failed")
             return
