@@ -183,8 +183,10 @@ MMA_GRID = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st)
 
 
 MMA_TABLE = [K.MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3),
-             K.MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3),
-             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3)]
+             K.MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3),  # kernels.mma_config: gate/up
+             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3),
+             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3, natural=True),  # heads, > 16 rows
+             K.MmaConfig(block_n=32, words=16, num_warps=4, num_stages=3, natural=True)]  # heads, <= 16
 
 
 MMA_NATURAL = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st, natural=True)
