@@ -1,0 +1,69 @@
+"""Runtime switches: which kernels kiln may use, read from the environment once.
+
+Owns: `Policy` (a frozen dataclass, one field per `KILN_*` kernel switch), `Policy.from_env()`,
+`SWITCHES` (each field's variable and meaning, the list the README prints) and `DEFAULT`, the policy of
+this process, read from the environment when kiln is imported.
+Not: the decisions themselves (quant/route.py for matmuls, ops/ for attention and the CPU backend).
+
+Code that chooses a kernel takes a `policy` argument (default `DEFAULT`) or reads the one its model or
+layer was built with; tests pass a `Policy(...)` instead of patching modules or the environment. Paths
+and locations (`KILN_HOME`, `KILN_TEST_MODELS`) are not kernel switches and are read where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kiln.errors import KilnError
+
+# field: (environment variable, what setting it does)
+SWITCHES = {
+    "int8": ("KILN_INT8", "0: GPU GEMVs keep activations in floating point (no int8 dp4a path)"),
+    "mma": ("KILN_MMA", "0: 9..32-row GPU matmuls never use the tensor-core tiles (dequantize + cuBLAS)"),
+    "pdl": ("KILN_PDL", "0: Triton kernels launch without programmatic dependent launch"),
+    "native": ("KILN_NATIVE", "0: the CPU decode step uses torch's kernels, not kiln's C kernels"),
+    "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy)"),
+    "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
+                                      "TRITON_INTERPRET=1)"),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    int8: bool = True
+    mma: bool = True
+    pdl: bool = True
+    native: bool = True
+    attn_splits: int = 0  # 0: the default rule decides
+    triton_cpu: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Policy:
+        """The policy the environment asks for; unset variables keep the defaults."""
+        env = os.environ if env is None else env
+
+        def flag(field: str, default: bool) -> bool:
+            v = env.get(SWITCHES[field][0], "").strip()
+            return default if not v else v != "0"
+
+        return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
+                   native=flag("native", True), attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")),
+                   triton_cpu=flag("triton_cpu", False))
+
+    def replace(self, **changes) -> Policy:
+        return dataclasses.replace(self, **changes)
+
+
+def _splits(v: str) -> int:
+    v = v.strip()
+    if not v:
+        return 0
+    if not v.isdigit() or int(v) < 1:
+        raise KilnError(f"KILN_ATTN_SPLITS must be a positive integer (or unset), got {v!r}")
+    return int(v)
+
+
+DEFAULT = Policy.from_env()
