@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_quant_check import graph_us, n_copies  # noqa: E402
 
 import kiln  # noqa: E402
-from kiln.cache import KVCache  # noqa: E402
+from kiln.cache import KVCache, Step  # noqa: E402
 from kiln.generate import Decoder  # noqa: E402
 from kiln.quant import kernels as K  # noqa: E402
 from kiln.quant.linear import QuantLinear  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> int:
     ids = torch.randint(100, 30000, (1, 512), device="cuda")
 
     def prefill():
-        model(ids, cache=cache, pos=0, last_only=True)
+        model(ids, Step.prefill(cache, 0), last_only=True)
     for _ in range(2):
         prefill()
     torch.cuda.synchronize()

@@ -61,6 +61,7 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 @torch.inference_mode()
 def run_kiln(model, p: int, g: int, repeats: int) -> dict:
+    from kiln.cache import Step
     from kiln.generate import decoder_for
     device = next(model.parameters()).device
     vocab = model.args.vocab_size
@@ -72,7 +73,7 @@ def run_kiln(model, p: int, g: int, repeats: int) -> dict:
     capture_s = time.perf_counter() - t0
 
     def prefill():
-        return model(ids, cache=dec.cache, pos=0, last_only=True)[:, -1].float()
+        return model(ids, Step.prefill(dec.cache, 0), last_only=True)[:, -1].float()
 
     def decode(start, n):
         tok = ids[0, :1]
@@ -108,7 +109,7 @@ def run_kiln(model, p: int, g: int, repeats: int) -> dict:
 
 
 def _prompt_top1(model, ids) -> list[int]:
-    logits = model(ids, cache=None)[0]  # (T, V)
+    logits = model(ids)[0]  # (T, V)
     return logits.argmax(-1).tolist()
 
 
@@ -181,7 +182,7 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
            "torch": torch.__version__, "p": p, "g": g, "repeats": repeats, "load_s": load_s}
     if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
         from kiln import native
-        out["native_cpu_kernels"] = native.available()
+        out["native_cpu_kernels"] = model.policy.native and native.available()
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
         if os.path.isfile(out["model"]):

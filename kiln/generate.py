@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kiln.cache import KVCache
+from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
 
@@ -63,7 +63,7 @@ class Decoder:
         self.graph, self.logits = None, None
 
     def _forward(self) -> torch.Tensor:
-        return self.model(self.token, cache=self.cache, pos=self.pos)[:, -1].float()  # (1, V)
+        return self.model(self.token, Step.graph(self.cache, self.pos))[:, -1].float()  # (1, V)
 
     def capture(self):
         """Warm up (Triton compiles, autotunes) then capture; writes only the cache's last slot."""
@@ -81,7 +81,7 @@ class Decoder:
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         self.token.copy_(token.view(1, 1))
         if not self.use_graph:
-            return self.model(self.token, cache=self.cache, pos=pos)[:, -1].float()
+            return self.model(self.token, Step.prefill(self.cache, pos))[:, -1].float()
         if self.graph is None:
             self.capture()
         self.pos.fill_(pos)
@@ -135,7 +135,7 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         return token, lp
 
     for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
-        logits = model(ids[:, start:start + prefill_step], cache=cache, pos=start, last_only=True)
+        logits = model(ids[:, start:start + prefill_step], Step.prefill(cache, start), last_only=True)
     pos = ids.shape[1]
     token, lp = pick(logits[:, -1].float())
     host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")

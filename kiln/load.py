@@ -1,13 +1,16 @@
 """The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
 
-Owns: `load(path_or_name, device, dtype) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
-the choice of default device and dtype, and the check that every weight the model needs was found.
+Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
+the choice of default device and dtype, the check that every weight the model needs was found, and the
+wiring of the layers above the models: compact layers swapped in (quant/linear.swap_linears on GPUs,
+quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the kernel
+policy handed to the model (its steps' default) and to the swapped layers.
 Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.formats.gguf import GGUFTensor, hf_tensors, read_gguf, to_config
 from kiln.models import get_model
+from kiln.policy import DEFAULT, Policy
 
 
 def default_device() -> str:
@@ -29,13 +33,14 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: bool = False,
-         quantized: bool | None = None):
+         quantized: bool | None = None, policy: Policy | None = None):
     """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
 
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
     there); on CPU each tensor is repacked at load into torch's packed CPU matmuls with bf16 activations
     (quant/cpu.py: Q4 types as exact int4, others as int8 rows, a screened output head, the embedding
     left in its blocks; several times faster decode, near-lossless, opt-in). The default on CPU is exact fp32.
+    `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     """
     from kiln.hub import resolve
     from kiln.tokenizer import Tokenizer
@@ -56,12 +61,12 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     on_gpu = device.type == "cuda"
     swap = None
     if quantized and not on_gpu:
-        from kiln.quant.cpu import compact_linears as swap
+        from kiln.quant.cpu import compact_linears as swap  # joins its projections itself
     model = build_model(config, weights, device=device, dtype=dtype, progress=progress,
-                        quantized=quantized and on_gpu, swap=swap)
+                        quantized=quantized and on_gpu, swap=swap, policy=policy)
     if on_gpu:  # fewer, wider matmuls: a small model's decode step is bound by kernel launches
-        from kiln.fuse import fuse_projections
-        fuse_projections(model)
+        from kiln.quant.swap import join_projections
+        join_projections(model)
     model.source = str(path)
     return model, tokenizer
 
@@ -77,27 +82,31 @@ def _dtype(dtype):
 
 
 def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False,
-                quantized: bool = False, swap=None):
+                quantized: bool = False, swap=None, policy: Policy | None = None):
     """A model of `config` with `weights` ({HF name: tensor or GGUFTensor}) assigned on `device`.
 
     With `quantized`, linear layers whose GGUF weight is quantized become QuantLinear (the blocks stay
-    packed on the device); everything else is dequantized to `dtype`. `swap(model, weights) -> names`,
-    when given, replaces layers of the meta model first (the CPU compact path) and returns the parameter
-    names it took.
+    packed on the device); everything else is dequantized to `dtype`. `swap(model, weights, policy) ->
+    names`, when given, replaces layers of the meta model first (the CPU compact path) and returns the
+    parameter names it took. `policy` (default: policy.DEFAULT) goes to the model and the swapped layers.
     """
+    from kiln.quant.swap import weight_of
+    policy = policy or DEFAULT
     model_cls, args_cls = get_model(config["model_type"])
     args = args_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(args)
+    model.policy = policy  # the kernels of its steps (a step may name its own)
     taken = set()
     if quantized:
         from kiln.quant.linear import swap_linears
-        taken = set(swap_linears(model, weights, device, dtype))
+        kw = {"policy": policy} if "policy" in inspect.signature(swap_linears).parameters else {}  # merge: always
+        taken = set(swap_linears(model, weights, device, dtype, **kw))
     elif swap is not None:
-        taken = set(swap(model, weights))
+        taken = set(swap(model, weights, policy=policy))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     extra = {"model.rope_freqs"}
-    missing = [n for n in wanted if n not in weights and not _tied(n, weights)]
+    missing = [n for n in wanted if weight_of(weights, n) is None]
     if missing:
         raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
                         f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
@@ -107,8 +116,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
                         f"have, e.g. {unknown[:3]}; the file may be for another architecture")
     state = {}
     for name in _progress(list(wanted), progress, "loading weights"):
-        src = name if name in weights else "model.embed_tokens.weight"  # tied output
-        state[name] = _materialize(weights[src], name, tuple(wanted[name].shape), device, dtype)
+        state[name] = _materialize(weight_of(weights, name), name, tuple(wanted[name].shape), device, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # QuantLinear layers hold their own data
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if left:
@@ -120,10 +128,6 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
         model.model.rotary.freq_factors = _materialize(weights["model.rope_freqs"], "rope_freqs",
                                                        None, "cpu", torch.float32)
     return model.to(device).eval().requires_grad_(False)
-
-
-def _tied(name: str, weights) -> bool:
-    return name == "lm_head.weight" and "model.embed_tokens.weight" in weights
 
 
 def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
@@ -139,12 +143,3 @@ def _progress(items, enabled: bool, desc: str):
         return items
     from tqdm import tqdm
     return tqdm(items, desc=desc, unit="tensor", leave=False)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KilnError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KilnError(f"{path} is not valid JSON: {e}") from None

@@ -4,8 +4,8 @@ Owns: building and caching the shared library (<kiln cache>/kernels/, keyed by t
 CPU and OpenMP runtime), linking it against the OpenMP runtime torch already uses (one thread pool for
 both: two pools spinning on two cores stall each other), `available()`, and the typed entry points
 (`gemv_i8`, `rms_norm`, `decode_attention`) with the shape checks that keep the C side simple.
-Not: deciding when a model uses them (quant/cpu.py's Int8Linear and Fused, models/base.py's attention),
-the kernels themselves (native.c), anything batched (torch's kernels serve prefill).
+Not: deciding when they serve (ops/cpu.py, the CPU backend of kiln.ops, under the policy's `native`
+switch), the kernels themselves (native.c), anything batched (torch's kernels serve prefill).
 
 Why C and not torch.compile: measured on the 2-core AVX-512 machine (2026-11-26), inductor's code for the
 int8 matrix-vector product streams 18-21 GB/s standalone where native.c's loop reaches 26-34 GB/s (torch's
@@ -14,8 +14,8 @@ output row, so the whole compiled Qwen2.5-0.5B step (15 s to compile from a warm
 faster than eager; and the rest of a small model's batch-1 step is dispatch of small ops (~80 per layer),
 which one C call per norm and per attention replaces. This library builds in a quarter of a second.
 
-Everything here is optional: without a C compiler, without an OpenMP runtime found in torch, off Linux,
-or with KILN_NATIVE=0 in the environment, `available()` is False and every caller keeps its torch path.
+Everything here is optional: without a C compiler, without an OpenMP runtime found in torch or off Linux,
+`available()` is False and every caller keeps its torch path (as with KILN_NATIVE=0: `Policy.native`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _ptr(t: torch.Tensor | None):
 
 @functools.cache
 def _lib():
-    if os.environ.get("KILN_NATIVE", "1") == "0" or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return None
     try:
         path = _build()

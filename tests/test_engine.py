@@ -13,7 +13,7 @@ import asyncio
 import pytest
 import torch
 
-from kiln.cache import KVCache
+from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.generate import stream_generate
 from kiln.sample import SamplingParams
@@ -92,7 +92,7 @@ def test_static_padded_step_equals_solo_runs(qwen, greedy_refs):
         n = len(slot.tokens)
         fresh = KVCache.for_model(model, max_len=n)
         with torch.inference_mode():
-            model(torch.tensor([slot.tokens]), cache=fresh, pos=0)
+            model(torch.tensor([slot.tokens]), Step.prefill(fresh, 0))
         torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
 
 
@@ -125,7 +125,7 @@ def test_look_ahead_steps_that_go_stale_change_nothing(qwen, greedy_refs, solo_r
         n = len(slot.tokens)
         fresh = KVCache.for_model(model, max_len=n)
         with torch.inference_mode():
-            model(torch.tensor([slot.tokens]), cache=fresh, pos=0)
+            model(torch.tensor([slot.tokens]), Step.prefill(fresh, 0))
         torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
 
 

@@ -1,12 +1,13 @@
-"""kiln.fuse: concatenated projections compute what the separate layers compute."""
+"""Joined projections (kiln/quant/swap.py) compute what the separate layers compute, and a GPU decode step
+over them — the int8 hand-off from the norm and activation kernels included — what the torch model does."""
 
 import torch
 from torch import nn
 
 from interpreter import run_interpreted
-from kiln.fuse import FusedLinear, fuse_projections
 from kiln.quant import kernels
 from kiln.quant.linear import QuantLinear
+from kiln.quant.swap import Joined, join_projections
 from test_quant_kernels import random_rows  # noqa: E402  (random valid GGUF blocks)
 
 
@@ -18,7 +19,7 @@ def _quant(qtype, n, k, seed):
 def test_quant_groups_join_by_type():
     """Q4_K q and k join into one packed matrix; a Q6_K v stays apart (a Q4_K_M file's mix)."""
     q, k, v = _quant(kernels.Q4_K, 64, 256, 0), _quant(kernels.Q4_K, 32, 256, 1), _quant(kernels.Q6_K, 32, 256, 2)
-    f = FusedLinear([q, k, v])
+    f = Joined([q, k, v])
     assert [g.out_features for g in f.groups] == [96, 32] and f.wide is None
     x = torch.randn(3, 256)
     for got, lin in zip(f(x), (q, k, v)):
@@ -34,7 +35,7 @@ def test_dense_join_and_model_unchanged():
     ids = torch.randint(0, cfg["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = km(ids)
-        fuse_projections(km)
+        join_projections(km)
         got = km(ids)
     attn = km.model.layers[0].self_attn
     assert attn.qkv is not None and attn.qkv.wide is not None and not hasattr(attn, "q_proj")
@@ -45,17 +46,15 @@ def test_dense_join_and_model_unchanged():
 def test_mixed_storage_never_joins():
     a = nn.Linear(8, 4)
     b = nn.Linear(8, 4).to(torch.float64)
-    assert len(FusedLinear([a, b]).groups) == 2
+    assert len(Joined([a, b]).groups) == 2
 
 
-_QUANT_STEP = """
-import collections, os, torch, test_models as tm
-import kiln.fuse
-from kiln.fuse import fuse_projections
+_SETUP = """
+import collections, torch, test_models as tm
+from kiln.policy import Policy
 from kiln.quant import kernels as K
 from kiln.quant.linear import QuantLinear
-
-kiln.fuse.PROLOGUES = {"norm", "silu", "gelu"}  # off by default (slower on the H100); tested all the same
+from kiln.quant.swap import join_projections
 
 def q8_0(w):  # (N, K) float -> GGUF Q8_0 rows (N, K/32*34) uint8: d = max|w|/127 per 32, q = round(w/d)
     b = w.reshape(-1, 32)
@@ -63,45 +62,51 @@ def q8_0(w):  # (N, K) float -> GGUF Q8_0 rows (N, K/32*34) uint8: d = max|w|/12
     q = torch.round(b / d.float().clamp_min(1e-12)).clamp(-127, 127).to(torch.int8)
     return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], 1).reshape(w.shape[0], -1)
 
-def quantize(model):
+def quantize(model, dense_twin=False):  # each nn.Linear -> a Q8_0 QuantLinear, or its dequantized weight
     for parent in list(model.modules()):
         for name, c in list(parent.named_children()):
             if isinstance(c, torch.nn.Linear):
                 n, k = c.weight.shape
                 packed = K.repack(q8_0(c.weight.detach()), K.Q8_0, (n, k))
-                setattr(parent, name, QuantLinear(k, n, K.Q8_0, packed=packed, bias=c.bias))
+                lin = QuantLinear(k, n, K.Q8_0, packed=packed, bias=c.bias)
+                if dense_twin:
+                    c.weight.data = lin.dequantize()
+                else:
+                    setattr(parent, name, lin)
 
 def steps(km, ids):  # a 6-token prefill, then 4 CUDA-graph-style decode steps: all logits (1, 10, V)
     return tm.decode_steps(km, ids, 6, max_len=16, graph=True)
+"""
 
+_QUANT_STEP = _SETUP + """
 calls = collections.Counter()
 gemv = K.gemv
-def counting(*a, prologue=None, **kw):
-    calls[prologue.kind if prologue is not None else "plain"] += 1
-    return gemv(*a, prologue=prologue, **kw)
+def counting(*a, **kw):
+    calls["gemv"] += 1
+    return gemv(*a, **kw)
 K.gemv = counting
 for name in ("qwen3", "gemma3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
+    twin = tm._kiln_model(cfg, hf)
+    quantize(twin, dense_twin=True)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # torch references: the same (dequantized) weights, separate projections and norms
+        ref = twin(ids, tm.Step.prefill(policy=Policy()))
     km = tm._kiln_model(cfg, hf)
     quantize(km)
-    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
-    os.environ.pop("KILN_TRITON_CPU")
-    with torch.no_grad():
-        ref = km(ids)  # torch references: dequantized weights, separate projections and norms
-    os.environ["KILN_TRITON_CPU"] = "1"
-    fuse_projections(km)
+    join_projections(km)
     calls.clear()
     err = (steps(km, ids) - ref).abs().max().item()
     layers = cfg["num_hidden_layers"]
-    assert calls["norm"] == 4 * 2 * layers and calls["silu" if name == "qwen3" else "gelu"] == 4 * layers, calls
+    # one GEMV per joined q/k/v, o, joined gate/up, down, per layer, and the head; 5 calls: the prefill's 6 rows too
+    assert calls["gemv"] == 5 * (4 * layers + 1), calls
     assert err <= 1e-4, (name, err)
     print(name, err, dict(calls))
 """
 
 
-_INT8_STEP = _QUANT_STEP.split("calls = collections.Counter()\ngemv")[0].replace(
-    'kiln.fuse.PROLOGUES = {"norm", "silu", "gelu"}', 'kiln.fuse.PROLOGUES = set()') + """
+_INT8_STEP = _SETUP + """
 calls = collections.Counter()
 quantize_act, gemv_int8, gemm_int8 = K.quantize_act, K._gemv_int8, K._gemm_int8
 def count(name, fn):
@@ -111,13 +116,12 @@ def count(name, fn):
     return wrapped
 K.quantize_act, K._gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
 K._gemm_int8 = count("rows", gemm_int8)  # the 6-token prefill: int8 rows, each quantizing its own x
-kiln.fuse.quantize_act = K.quantize_act
 for name in ("qwen3", "gemma3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
     km = tm._kiln_model(cfg, hf)
     quantize(km)
-    fuse_projections(km)
+    join_projections(km)
     km.half()
     ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
     logits = {}
@@ -143,7 +147,7 @@ def test_int8_decode_step_quantizes_inside_the_norm_and_activation_kernels():
     assert run_interpreted(_INT8_STEP, timeout=900).count("\n") == 2
 
 
-def test_quantized_decode_step_with_prologues_matches_reference():
-    """A tiny qwen3 and gemma3 with Q8_0 QuantLinears, fused projections, the norms and gated activations
-    inside the GEMVs, under Triton's interpreter: the decode steps equal the plain torch model's logits."""
+def test_quantized_decode_step_matches_reference():
+    """A tiny qwen3 and gemma3 with Q8_0 QuantLinears and joined projections, under Triton's interpreter
+    (float32: the float GEMVs): the decode steps equal the torch model with the same dequantized weights."""
     assert run_interpreted(_QUANT_STEP, timeout=900).count("\n") == 2

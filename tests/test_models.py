@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kiln.cache import KVCache  # noqa: E402
+from kiln.cache import KVCache, Step  # noqa: E402
 from kiln.load import build_model  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -78,15 +78,18 @@ def test_matches_transformers(name):
     assert err <= 1e-4, f"{name}: max |Δlogit| = {err}"
 
 
-def decode_steps(model, ids, prefill, max_len=32, graph=False):
+def decode_steps(model, ids, prefill, max_len=32, graph=False, policy=None):
     """Logits of `ids` (1, T) as generate computes them: the first `prefill` tokens in one call, then one
     token at a time through a fresh KV cache (graph: the CUDA-graph form of the step, the position a
-    device tensor); (1, T, V). Shared by the decode tests of test_native, test_quant_cpu and test_fuse."""
+    device tensor); (1, T, V). `policy`: the steps' (None: the model's). Shared by the decode tests of
+    test_native, test_quant_cpu and test_fuse."""
     cache = KVCache.for_model(model, max_len=max_len)
+
+    def step(t):
+        return Step.graph(cache, torch.tensor(t), policy) if graph else Step.prefill(cache, t, policy)
     with torch.no_grad():
-        out = [model(ids[:, :prefill], cache=cache, pos=0)]
-        out += [model(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t) if graph else t)
-                for t in range(prefill, ids.shape[1])]
+        out = [model(ids[:, :prefill], Step.prefill(cache, 0, policy))]
+        out += [model(ids[:, t:t + 1], step(t)) for t in range(prefill, ids.shape[1])]
     return torch.cat(out, dim=1)
 
 
@@ -105,11 +108,25 @@ def test_cached_decode_equals_uncached(name):
         assert err <= 1e-4, f"{name}: cached vs uncached max |Δlogit| = {err}"
 
 
+def test_steps_are_built_explicitly():
+    """Each kind of step has its constructor, which takes only that kind's positions."""
+    cache = KVCache(2, 1, 2, 8, 16)
+    assert Step.prefill().kind == "prefill" and Step.graph(cache, torch.tensor(3)).kind == "graph"
+    assert Step.rows(KVCache(2, 3, 2, 8, 16).rows([2, 0], 5), torch.tensor([4, 1])).kind == "rows"
+    for bad in (lambda: Step.prefill(cache, torch.tensor(3)), lambda: Step.prefill(None, 3),
+                lambda: Step.graph(cache, 3), lambda: Step.graph(cache, torch.tensor([3])),
+                lambda: Step.rows(cache, torch.tensor([3]))):
+        with pytest.raises(ValueError):
+            bad()
+    pos, n_keys = Step.graph(cache, torch.tensor(3)).keys(2, "cpu")  # a graph step sees the whole cache
+    assert pos.tolist() == [3, 4] and n_keys == 16
+
+
 def _rows_decode(km, seqs, slots, prefill, n_slots=4):
     """Prefill each sequence's first `prefill[i]` tokens into its slot (batch-1 views), then decode the
     rest one batched step at a time with per-row positions; returns each row's logits (1, T_i, V)."""
     cache = KVCache.for_model(km, batch=n_slots, max_len=32)
-    outs = [[km(x[:, :n], cache=cache.slot(s), pos=0)] for x, n, s in zip(seqs, prefill, slots)]
+    outs = [[km(x[:, :n], Step.prefill(cache.slot(s), 0))] for x, n, s in zip(seqs, prefill, slots)]
     at = list(prefill)
     while True:
         live = [i for i, x in enumerate(seqs) if at[i] < x.shape[1]]  # rows drop out as they finish
@@ -118,7 +135,7 @@ def _rows_decode(km, seqs, slots, prefill, n_slots=4):
         ids = torch.cat([seqs[i][:, at[i]:at[i] + 1] for i in live])  # (B, 1)
         pos = torch.tensor([at[i] for i in live])
         view = cache.rows([slots[i] for i in live], max(at[i] for i in live) + 1)
-        logits = km(ids, cache=view, pos=pos)
+        logits = km(ids, Step.rows(view, pos))
         for b, i in enumerate(live):
             outs[i].append(logits[b:b + 1])
             at[i] += 1
@@ -150,10 +167,10 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
     from kiln.models import base
     calls = {}
 
-    def count(name, fn):
-        return lambda *a, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
+    def count(name, fn):  # the references take no policy
+        return lambda *a, policy, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
 
-    monkeypatch.setattr(base, "use_triton", lambda x: True)  # base's dispatch only: other ops stay torch
+    monkeypatch.setattr(base, "use_triton", lambda x, policy: True)  # base's dispatch only: other ops stay torch
     monkeypatch.setattr(base, "rope_qk", count("rope_qk", ops.rope_qk_ref))
     monkeypatch.setattr(base, "rope_qk_write_kv", count("rope_qk_write_kv", ops.rope_qk_write_kv_ref))
     monkeypatch.setattr(base, "decode_attention", count("decode_attention", ops.decode_attention_ref))
@@ -165,10 +182,10 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
     with torch.no_grad():
         full = km(ids)
         cache = KVCache.for_model(km, max_len=16)
-        parts = [km(ids[:, :7], cache=cache, pos=0)]
+        parts = [km(ids[:, :7], Step.prefill(cache, 0))]
         assert calls == {"rope_qk": 2 * n}  # the uncached forward and the prefill
         for t in range(7, 10):
-            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+            parts.append(km(ids[:, t:t + 1], Step.graph(cache, torch.tensor(t))))
         assert calls == {"rope_qk": 2 * n, "rope_qk_write_kv": 3 * n, "decode_attention": 3 * n}
         err = (torch.cat(parts, 1) - full).abs().max().item()
         assert err <= 1e-4, (name, err)
@@ -182,19 +199,19 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
 
 _TRITON_STEP = """
 import torch, test_models as tm
-from kiln.cache import KVCache
-from kiln.fuse import fuse_projections
+from kiln.cache import KVCache, Step
+from kiln.quant.swap import join_projections
 for name in ("qwen3", "gemma3", "phi3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
-    km = fuse_projections(tm._kiln_model(cfg, hf))  # as kiln.load does on GPUs
+    km = join_projections(tm._kiln_model(cfg, hf))  # as kiln.load does on GPUs
     ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(ids).logits
         cache = KVCache.for_model(km, max_len=16)
-        parts = [km(ids[:, :6], cache=cache, pos=0)]
+        parts = [km(ids[:, :6], Step.prefill(cache, 0))]
         for t in range(6, 10):
-            parts.append(km(ids[:, t:t + 1], cache=cache, pos=torch.tensor(t)))
+            parts.append(km(ids[:, t:t + 1], Step.graph(cache, torch.tensor(t))))
     err = (torch.cat(parts, 1) - ref).abs().max().item()
     assert err <= 1e-4, (name, err)
     seqs = [ids, ids[:, :7], ids[:, 1:]]  # the server's batched step over slots: the fused per-row ops

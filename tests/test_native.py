@@ -8,9 +8,10 @@ The twins: `Int8Linear.dequantize() @ x` for the GEMV, `ops.rms_norm_ref` for th
 import pytest
 import torch
 
-from kiln import native
+from kiln import native, ops
 from kiln.models import base
 from kiln.ops import rms_norm_ref, rope_qk_ref
+from kiln.policy import Policy
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler / OpenMP runtime for native.c")
 
@@ -87,7 +88,7 @@ def test_decode_attention_is_rope_cache_write_and_sdpa(case, pos):
                                   "phi3-longrope"])
 def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch):
     """Prefill then one token at a time through the KV cache, as generate's CPU decode does, with the
-    native kernels on and off: the same logits (gemma3's window of 5 is crossed)."""
+    native kernels on and off (the steps' policy): the same logits (gemma3's window of 5 is crossed)."""
     import test_models as tm
     cfg = tm.CONFIGS[name]
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
@@ -96,21 +97,19 @@ def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch
     real = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
 
-    with_native = tm.decode_steps(km, ids, 12)
+    with_native = tm.decode_steps(km, ids, 12, policy=Policy(native=True))
     assert len(calls) == 8 * cfg["num_hidden_layers"]  # every decode step's layers, no prefill
-    monkeypatch.setattr(native, "available", lambda: False)
-    without = tm.decode_steps(km, ids, 12)
+    without = tm.decode_steps(km, ids, 12, policy=Policy(native=False))
     assert len(calls) == 8 * cfg["num_hidden_layers"]
     err = (with_native - without).abs().max().item()
     assert err <= 1e-4, f"{name}: native vs torch decode max |Δlogit| = {err}"
 
 
-def test_unavailable_when_switched_off(monkeypatch):
-    monkeypatch.setenv("KILN_NATIVE", "0")
-    native._lib.cache_clear()
-    try:
-        assert not native.available()
-    finally:
-        monkeypatch.delenv("KILN_NATIVE")
-        native._lib.cache_clear()
-    assert native.available()
+def test_unused_when_switched_off():
+    """KILN_NATIVE=0 (Policy.native off): no native kernel serves, though the library is built."""
+    x = torch.randn(1, 1, 96)
+    assert native.available() and ops.cpu.serves(x, Policy(native=True))
+    assert not ops.cpu.serves(x, Policy.from_env({"KILN_NATIVE": "0"}))
+    assert not ops.cpu.serves(torch.randn(2, 96), Policy(native=True))  # one row only
+    w = torch.rand(96)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6, policy=Policy(native=False)), rms_norm_ref(x, w, 1e-6))

@@ -3,20 +3,22 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256, and the single-split launch without a merge; the KV write, and RoPE with the KV write in
-one kernel, into caches of another dtype; per-row positions and cache rows for a server's batched step),
-the dispatch rule and the split-count knob, and — on a GPU — one CUDA-graph capture and replay.
+D = 64 and 256, and the single-split launch without a merge; RoPE with the KV write in one kernel, into
+caches of another dtype; per-row positions and cache rows for a server's batched step),
+the dispatch rule and the split-count knob (the policy's), and — on a GPU — one CUDA-graph capture and replay.
 Not: speed (bench/gpu_ops_check.py), real shapes.
 
 Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
 imported (triton's own library functions and kiln's kernels are decorated at import time; if another
-module imported triton earlier, this file re-runs itself in a fresh process), and KILN_TRITON_CPU=1
-routes CPU tensors to the kernels. On a GPU the same tests run the compiled kernels.
+module imported triton earlier, this file re-runs itself in a fresh process), and the policy `P`
+(triton_cpu, what KILN_TRITON_CPU=1 sets) routes CPU tensors to the kernels. On a GPU the same tests run
+the compiled kernels.
 The interpreter runs float32 and float16 faithfully but not bfloat16 (it truncates casts and multiplies
 the raw bits in tl.dot), so bfloat16 cases run on CUDA only.
 """
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -29,8 +31,11 @@ triton = pytest.importorskip("triton")
 
 from interpreter import rerun_in_fresh_process, late, triton_on_cpu  # noqa: E402,F401  (autouse fixture)
 from kiln import ops  # noqa: E402  (after the interpreter switch)
+from kiln.errors import KilnError  # noqa: E402
+from kiln.policy import Policy  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
+P = Policy(triton_cpu=True)  # every op below runs its Triton kernel (on CPU tensors: in the interpreter)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}  # float32 tight; 16-bit: about one unit in the last place
@@ -56,12 +61,10 @@ def close(a, b, dtype):
 
 # ---------------------------------------------------------------- dispatch
 
-def test_cpu_tensors_use_the_reference_unless_asked(monkeypatch):
+def test_cpu_tensors_use_the_reference_unless_asked():
     x = torch.randn(4, 8)
-    monkeypatch.delenv("KILN_TRITON_CPU", raising=False)
-    assert not ops.use_triton(x)
-    monkeypatch.setenv("KILN_TRITON_CPU", "1")
-    assert ops.use_triton(x)
+    assert not ops.use_triton(x, Policy.from_env({}))
+    assert ops.use_triton(x, Policy.from_env({"KILN_TRITON_CPU": "1"}))
 
 
 # ---------------------------------------------------------------- norm
@@ -71,7 +74,7 @@ def test_cpu_tensors_use_the_reference_unless_asked(monkeypatch):
 @pytest.mark.parametrize("e", [96, 1000])
 def test_rms_norm(dtype, offset, e):
     x, w = rand(3, 5, e, dtype=dtype), rand(e, dtype=dtype, seed=1)
-    y = ops.rms_norm(x, w, 1e-6, offset)
+    y = ops.rms_norm(x, w, 1e-6, offset, policy=P)
     assert y.dtype == dtype and y.shape == x.shape
     close(y, ops.rms_norm_ref(x, w, 1e-6, offset), dtype)
 
@@ -80,7 +83,7 @@ def test_rms_norm(dtype, offset, e):
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rms_norm_fused_residual(dtype, offset):
     x, r, w = rand(2, 3, 200, dtype=dtype), rand(2, 3, 200, dtype=dtype, seed=2), rand(200, dtype=dtype, seed=1)
-    y, h = ops.rms_norm(x, w, 1e-5, offset, residual=r)
+    y, h = ops.rms_norm(x, w, 1e-5, offset, residual=r, policy=P)
     y_ref, h_ref = ops.rms_norm_ref(x, w, 1e-5, offset, residual=r)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # the sum is rounded exactly like torch's
     close(y, y_ref, dtype)
@@ -89,7 +92,7 @@ def test_rms_norm_fused_residual(dtype, offset):
 def test_rms_norm_strided_rows():
     x = rand(6, 256)[:, :128]  # rows 256 apart: read in place, no copy
     w = rand(128, seed=1)
-    close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), torch.float32)
+    close(ops.rms_norm(x, w, 1e-6, policy=P), ops.rms_norm_ref(x, w, 1e-6), torch.float32)
 
 
 # ---------------------------------------------------------------- gated activations
@@ -100,7 +103,7 @@ def test_rms_norm_strided_rows():
 def test_gated_activations(dtype, f):
     gu = rand(2, 3, 2 * f, dtype=dtype, scale=3.0)
     for fast, ref in [(ops.silu_mul, ops.silu_mul_ref), (ops.gelu_tanh_mul, ops.gelu_tanh_mul_ref)]:
-        out = fast(gu)
+        out = fast(gu, policy=P)
         assert out.shape == (2, 3, f) and out.dtype == dtype
         close(out, ref(gu), dtype)
 
@@ -129,7 +132,7 @@ def test_rope_qk(dtype, case):
     if case["norm"] is not None:
         kw.update(q_norm_w=rand(d, dtype=dtype, seed=3), k_norm_w=rand(d, dtype=dtype, seed=4),
                   norm_offset=case["norm"])
-    qo, ko = ops.rope_qk(q, kk, pos, _inv_freq(rot), **kw)
+    qo, ko = ops.rope_qk(q, kk, pos, _inv_freq(rot), policy=P, **kw)
     q_ref, k_ref = ops.rope_qk_ref(q, kk, pos, _inv_freq(rot), **kw)
     assert qo.shape == (b, t, h, d) and ko.shape == (b, t, k, d) and qo.dtype == dtype
     close(qo, q_ref, dtype)
@@ -141,7 +144,7 @@ def test_rope_large_positions():
     q, k = rand(1, 2, 4, 128), rand(1, 2, 2, 128, seed=1)
     pos = torch.tensor([4095, 30000], device=DEVICE)
     inv = _inv_freq(128, base=1e6)
-    for a, b in zip(ops.rope_qk(q, k, pos, inv), ops.rope_qk_ref(q, k, pos, inv)):
+    for a, b in zip(ops.rope_qk(q, k, pos, inv, policy=P), ops.rope_qk_ref(q, k, pos, inv)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
@@ -174,7 +177,7 @@ def test_decode_attention(dtype, name):
     c = ATTN_CASES[name]
     q, kc, vc, pos = _attn_inputs(c, dtype)
     args = (q, kc, vc, pos, c["d"] ** -0.5, c.get("window"), c.get("softcap"))
-    out = ops.decode_attention(*args)
+    out = ops.decode_attention(*args, policy=P)
     assert out.shape == q.shape and out.dtype == dtype
     ref = ops.decode_attention_ref(*args)
     if dtype == torch.float32:
@@ -187,7 +190,7 @@ def test_decode_attention(dtype, name):
 def test_decode_attention_split_counts(splits):
     c = dict(h=8, k=2, d=64, t=3, s=300, start=250, window=100)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
-    out = ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=splits)
+    out = ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=splits, policy=P)
     close(out, ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100), torch.float32)
 
 
@@ -200,14 +203,13 @@ def test_decode_attention_one_split_is_one_launch(name, monkeypatch):
     for dtype in (torch.float32, torch.float16):
         q, kc, vc, pos = _attn_inputs(c, dtype)
         args = (q, kc, vc, pos, c["d"] ** -0.5, c.get("window"), c.get("softcap"))
-        out = ops.decode_attention(*args, splits=1)
+        out = ops.decode_attention(*args, splits=1, policy=P)
         assert out.shape == q.shape and out.dtype == dtype
         tol = {k: (2 if dtype != torch.float32 else 1) * v for k, v in TOL[dtype].items()}
         torch.testing.assert_close(out, ops.decode_attention_ref(*args), **tol)
 
 
-def test_decode_attention_splits_from_the_environment(monkeypatch):
-    from kiln.errors import KilnError
+def test_decode_attention_splits_from_the_policy(monkeypatch):
     from kiln.ops import attention
     merges = []
     real = attention._merge_kernel
@@ -217,14 +219,14 @@ def test_decode_attention_splits_from_the_environment(monkeypatch):
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
     ref = ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100)
     for env, n_merges in (("1", 0), ("3", 1)):
-        monkeypatch.setenv("KILN_ATTN_SPLITS", env)
-        close(ops.decode_attention(q, kc, vc, pos, 0.125, 100), ref, torch.float32)
+        policy = Policy.from_env({"KILN_ATTN_SPLITS": env, "KILN_TRITON_CPU": "1"})
+        close(ops.decode_attention(q, kc, vc, pos, 0.125, 100, policy=policy), ref, torch.float32)
         assert len(merges) == n_merges
-    close(ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=1), ref, torch.float32)  # the argument wins
+    close(ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=1, policy=policy), ref,
+          torch.float32)  # the argument wins
     assert len(merges) == 1
-    monkeypatch.setenv("KILN_ATTN_SPLITS", "zero")
     with pytest.raises(KilnError, match="KILN_ATTN_SPLITS"):
-        ops.decode_attention(q, kc, vc, pos, 0.125, 100)
+        Policy.from_env({"KILN_ATTN_SPLITS": "zero"})
 
 
 def test_decode_attention_never_reads_past_the_last_position():
@@ -232,22 +234,7 @@ def test_decode_attention_never_reads_past_the_last_position():
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
     ref = ops.decode_attention_ref(q, kc, vc, pos, 0.125)
     kc[:, :, 72:], vc[:, :, 72:] = float("nan"), float("nan")  # slots no query may see
-    close(ops.decode_attention(q, kc, vc, pos, 0.125, splits=4), ref, torch.float32)
-
-
-# ---------------------------------------------------------------- KV write
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_write_kv(dtype):
-    big_k, big_v = rand(3, 2, 4, 50, 64, dtype=dtype), rand(3, 2, 4, 50, 64, dtype=dtype, seed=1)  # (L, B, K, S, D)
-    k, v = rand(2, 3, 4, 64, dtype=dtype, seed=2), rand(2, 3, 4, 64, dtype=dtype, seed=3)  # (B, T, K, D)
-    pos = torch.tensor([20, 21, 22], device=DEVICE)
-    ref_k, ref_v = big_k[1].clone(), big_v[1].clone()
-    ops.write_kv_ref(ref_k, ref_v, k, v, pos)
-    ops.write_kv(big_k[1], big_v[1], k, v, pos)  # a layer's view of the whole cache
-    torch.testing.assert_close(big_k[1], ref_k, rtol=0, atol=0)
-    torch.testing.assert_close(big_v[1], ref_v, rtol=0, atol=0)
-    assert torch.equal(ref_k[:, :, 21], k[:, 1])
+    close(ops.decode_attention(q, kc, vc, pos, 0.125, splits=4, policy=P), ref, torch.float32)
 
 
 # ---------------------------------------------------------------- RoPE + KV write in one kernel
@@ -281,10 +268,10 @@ def _check_rope_kv(q, kk, v, kc, vc, pos, rows, inv, kw):
     b, t = q.shape[:2]
     hit = torch.zeros(kc.shape[:3], dtype=torch.bool, device=kc.device)  # (B or N, K, S): slots written
     hit[(rows if rows is not None else torch.arange(b, device=kc.device))[:, None], :, pos.expand(b, t)] = True
-    two_k, two_v = kc.clone(), vc.clone()  # the two kernels the fused one replaces
-    two_q, rk = ops.rope_qk(q, kk, pos, inv, **kw)
-    ops.write_kv(two_k, two_v, rk, v, pos, rows)
-    for fn in (ops.rope_qk_write_kv, ops.rope_qk_write_kv_ref):
+    two_k, two_v = kc.clone(), vc.clone()  # the rope kernel, then the KV write, unfused
+    two_q, rk = ops.rope_qk(q, kk, pos, inv, policy=P, **kw)
+    ops.write_kv_ref(two_k, two_v, rk, v, pos, rows)
+    for fn in (partial(ops.rope_qk_write_kv, policy=P), ops.rope_qk_write_kv_ref):
         got_k, got_v = kc.clone(), vc.clone()
         got_q = fn(q, kk, v, got_k, got_v, pos, inv, rows=rows, **kw)
         assert got_q.shape == q.shape and got_q.dtype == q.dtype
@@ -292,7 +279,9 @@ def _check_rope_kv(q, kk, v, kc, vc, pos, rows, inv, kw):
         torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)  # the values copied, nothing else touched
         torch.testing.assert_close(got_k[~hit], kc[~hit], rtol=0, atol=0)
         close(got_k[hit], want_k[hit], kc.dtype if kc.dtype != torch.float32 else q.dtype)
-        if fn is ops.rope_qk_write_kv:  # the same bits as rope_qk + write_kv (keys rounded to k's dtype first)
+        # The same bits as rope_qk + the write (keys rounded to k's dtype first), where the conversion to the
+        # cache's dtype is exact or rounds as torch does (the interpreter truncates to bfloat16, see above).
+        if fn is not ops.rope_qk_write_kv_ref and (CUDA or kc.dtype in (q.dtype, torch.float32)):
             for got, two in ((got_q, two_q), (got_k, two_k), (got_v, two_v)):
                 torch.testing.assert_close(got, two, rtol=0, atol=0)
 
@@ -328,7 +317,7 @@ def test_rope_qk_per_row_positions(dtype):
     q, k = rand(3, 2, 8, 64, dtype=dtype), rand(3, 2, 2, 64, dtype=dtype, seed=1)
     pos = torch.tensor([[5, 6], [900, 901], [0, 1]], device=DEVICE)  # (B, T)
     kw = dict(q_norm_w=rand(64, dtype=dtype, seed=3), k_norm_w=rand(64, dtype=dtype, seed=4), norm_offset=1.0)
-    qo, ko = ops.rope_qk(q, k, pos, _inv_freq(64), **kw)
+    qo, ko = ops.rope_qk(q, k, pos, _inv_freq(64), policy=P, **kw)
     for b in range(3):
         q_ref, k_ref = ops.rope_qk_ref(q[b:b + 1], k[b:b + 1], pos[b], _inv_freq(64), **kw)
         close(qo[b:b + 1], q_ref, dtype)
@@ -343,11 +332,10 @@ def test_write_kv_per_row_positions_and_slots(dtype):
     ref_k, ref_v = kc.clone(), vc.clone()
     for b, slot in enumerate(ROW_SLOTS):  # one row at a time, through the shared-position op
         ops.write_kv_ref(ref_k[slot:slot + 1], ref_v[slot:slot + 1], k[b:b + 1], v[b:b + 1], pos[b])
-    for fn in (ops.write_kv, ops.write_kv_ref):
-        got_k, got_v = kc.clone(), vc.clone()
-        fn(got_k, got_v, k, v, pos, rows)
-        torch.testing.assert_close(got_k, ref_k, rtol=0, atol=0)
-        torch.testing.assert_close(got_v, ref_v, rtol=0, atol=0)
+    got_k, got_v = kc.clone(), vc.clone()
+    ops.write_kv_ref(got_k, got_v, k, v, pos, rows)
+    torch.testing.assert_close(got_k, ref_k, rtol=0, atol=0)
+    torch.testing.assert_close(got_v, ref_v, rtol=0, atol=0)
     assert torch.equal(ref_k[2, :, 40], k[0, 0].to(dtype))
 
 
@@ -379,7 +367,7 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
     close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows), ref, torch.float32)
     tol = {k: 2 * v for k, v in TOL[dtype].items()}
     for splits in (3, 1):  # split + merge; one launch
-        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits)
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits, policy=P)
         torch.testing.assert_close(out, ref, **tol)
 
 
@@ -394,11 +382,11 @@ def test_layer_ops_capture_in_one_cuda_graph_and_follow_device_positions():
     pos, inv = torch.tensor([7], device=DEVICE), _inv_freq(d)
 
     def layer(kc, vc):  # as a decode step launches them: RoPE with the KV write, attention (split + merge)
-        y, _ = ops.rms_norm(x, w, 1e-6, 0.0, residual=res)
+        y, _ = ops.rms_norm(x, w, 1e-6, 0.0, residual=res, policy=P)
         q = ops.rope_qk_write_kv(qkv[..., : h * d].view(1, 1, h, d), qkv[..., h * d: (h + k) * d].view(1, 1, k, d),
-                                 qkv[..., (h + k) * d:].view(1, 1, k, d), kc, vc, pos, inv)
-        return (y, ops.decode_attention(q, kc, vc, pos, d ** -0.5), ops.silu_mul(gu),
-                ops.decode_attention(q, kc, vc, pos, d ** -0.5, splits=1))  # and in one launch
+                                 qkv[..., (h + k) * d:].view(1, 1, k, d), kc, vc, pos, inv, policy=P)
+        return (y, ops.decode_attention(q, kc, vc, pos, d ** -0.5, policy=P), ops.silu_mul(gu, policy=P),
+                ops.decode_attention(q, kc, vc, pos, d ** -0.5, splits=1, policy=P))  # and in one launch
 
     layer(kc.clone(), vc.clone())  # compile outside the capture
     torch.cuda.synchronize()

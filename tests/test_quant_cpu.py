@@ -18,7 +18,9 @@ import torch.nn.functional as F
 import kiln.quant as kq
 from kiln.formats.gguf import GGUFTensor
 from kiln.quant import cpu
-from kiln.quant.cpu import GGUFEmbedding, GGUFRows, Int4Linear, Int8Linear, ScreenedHead, int8_linears
+from kiln.policy import Policy
+from kiln.quant.cpu import GGUFEmbedding, GGUFRows, Int4Linear, Int8Linear, ScreenedHead
+from kiln.quant.swap import Joined, join_projections
 
 try:  # tests/ as a package, or tests/ itself on sys.path
     from tests.test_quant import random_blocks
@@ -123,7 +125,7 @@ def test_screened_head_is_exact_on_its_candidates():
     assert not hasattr(head, "nbytes") and head.screen.nbytes < w.numel()  # bench counts the screen once
 
 
-def _tiny_compact(monkeypatch):
+def _tiny_compact(monkeypatch, policy=None):
     """(config, dense model, compact model) of a tiny qwen2 whose weights are GGUF blocks of mixed types."""
     import test_models as tm
 
@@ -142,7 +144,7 @@ def _tiny_compact(monkeypatch):
         weights[name] = GGUFTensor(name, tuple(p.shape), qtype, raw)
     dense = build_model(cfg, weights)
     monkeypatch.setattr(cpu, "SCREEN_MIN_ROWS", 128)  # the tiny vocabulary gets a screened head too
-    return cfg, dense, build_model(cfg, weights, swap=cpu.compact_linears)
+    return cfg, dense, build_model(cfg, weights, swap=cpu.compact_linears, policy=policy)
 
 
 def _kl(a, b) -> torch.Tensor:
@@ -153,8 +155,9 @@ def test_compact_model_predicts_what_its_dequantized_twin_does(monkeypatch):
     cfg, dense, packed = _tiny_compact(monkeypatch)
     kinds = {type(m) for m in packed.modules()}
     assert {Int4Linear, Int8Linear, ScreenedHead, GGUFEmbedding} <= kinds and torch.nn.Linear not in kinds
-    assert isinstance(packed.model.layers[0].self_attn.q_proj, Int4Linear)  # Q4_0: exact int4
-    assert isinstance(packed.model.layers[0].mlp.gate_up, cpu.Fused)  # two Q5_0 -> one int8 matmul
+    q, kv = packed.model.layers[0].self_attn.qkv.groups  # q (Q4_0): exact int4; k and v: one int8 matmul
+    assert isinstance(q, Int4Linear) and q.out_features == cfg["hidden_size"] and isinstance(kv, Int8Linear)
+    assert isinstance(packed.model.layers[0].mlp.gate_up, Joined)  # two Q5_0 -> one int8 matmul
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = dense(ids), packed(ids)
@@ -171,7 +174,8 @@ def test_compact_decode_steps_with_native_kernels(monkeypatch):
     from kiln import native
     if not native.available():
         pytest.skip("no C compiler / OpenMP runtime for kiln/native.c")
-    cfg, dense, packed = _tiny_compact(monkeypatch)
+    cfg, dense, packed = _tiny_compact(monkeypatch, Policy(native=True))
+    _, _, packed_torch = _tiny_compact(monkeypatch, Policy(native=False))  # layers and steps: torch's kernels
     ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
     calls = []
     real = native.gemv_i8
@@ -181,8 +185,9 @@ def test_compact_decode_steps_with_native_kernels(monkeypatch):
         ref = dense(ids)
     fast = tm.decode_steps(packed, ids, 8)
     assert calls  # the int8 layers' decode GEMVs went native
-    monkeypatch.setattr(native, "available", lambda: False)
-    slow = tm.decode_steps(packed, ids, 8)
+    n = len(calls)
+    slow = tm.decode_steps(packed_torch, ids, 8)
+    assert len(calls) == n
     kl_fast, kl_slow = _kl(ref[:, 8:], fast[:, 8:]).mean(), _kl(ref[:, 8:], slow[:, 8:]).mean()
     print(f"tiny compact decode: KL native {kl_fast:.2e}, torch kernels {kl_slow:.2e}")
     assert kl_fast <= kl_slow * 1.1 + 1e-6 and torch.equal(fast.argmax(-1), slow.argmax(-1))
@@ -195,30 +200,16 @@ def test_fused_layers_compute_what_their_parts_do():
         parts = [make(n, seed) for seed, n in enumerate((128, 64, 64))]
         mod = torch.nn.Module()
         mod.q_proj, mod.k_proj, mod.v_proj, mod.qkv = *parts, None
-        cpu.fuse_compact(mod)
-        assert not hasattr(mod, "q_proj") and isinstance(mod.qkv, cpu.Fused)
+        join_projections(mod)
+        assert not hasattr(mod, "q_proj") and isinstance(mod.qkv, Joined) and mod.qkv.wide is not None
         for got, part in zip(mod.qkv(x), parts):
             assert torch.equal(got, part(x))  # the same rows, the same dot products
         assert torch.equal(mod.qkv.wide_forward(x), torch.cat(mod.qkv(x), -1))
     mixed = torch.nn.Module()
     mixed.gate_proj, mixed.gate_up = parts[0], None
     mixed.up_proj = Int4Linear.from_gguf(_raw(T.Q4_0, 128, 256), T.Q4_0, (128, 256))
-    cpu.fuse_compact(mixed)
+    join_projections(mixed)
     assert mixed.gate_up is None  # int8 next to int4: nothing joins
-
-
-def test_int8_linears_swaps_a_dense_model():
-    import test_models as tm
-    cfg = tm.CONFIGS["qwen2"]
-    hf, _ = tm._hf_model(cfg)
-    dense = tm._kiln_model(cfg, hf)
-    packed = int8_linears(tm._kiln_model(cfg, hf))
-    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
-    ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = dense(ids), packed(ids)
-    assert rel_err(b, a) < 0.05
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
 # --- the real model (marked `model`): fidelity of the compact path against llama.cpp's references ---
@@ -268,13 +259,13 @@ def test_real_qwen_compact_decode_steps_stay_close_to_llamacpp(qwen_compact):
     except ImportError:
         from refs import load_refs
         from test_real_models import DATA, coarse_kl
-    from kiln.cache import KVCache
+    from kiln.cache import KVCache, Step
     model, _ = qwen_compact
     agree, kls = [], []
     with torch.inference_mode():
         for doc in load_refs(Path(DATA) / "refs_qwen2.5-coder-0.5b.npz")["docs"]:
             cache = KVCache.for_model(model, max_len=len(doc["tokens"]))
-            lq = torch.cat([model(torch.tensor([[int(t)]]), cache=cache, pos=i)[0]
+            lq = torch.cat([model(torch.tensor([[int(t)]]), Step.prefill(cache, i))[0]
                             for i, t in enumerate(doc["tokens"])]).double().log_softmax(-1)  # (T, V)
             agree.append(lq.argmax(-1).numpy() == doc["argmax"])
             kls.append(coarse_kl(doc, lq).numpy())

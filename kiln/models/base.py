@@ -1,15 +1,19 @@
-"""Pieces every model family shares: args parsing, RMSNorm, rotary embeddings, masks, attention core.
+"""Pieces every model family shares: args parsing, RMSNorm, rotary embeddings, the step, masks, the
+projections' glue and the attention core.
 
-Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), RoPE frequency schedules
-(default, linear, llama3, longrope, GGUF per-frequency factors), the causal / sliding-window mask, and
-the attention core of every family — RoPE (after the optional per-head q/k norms), the cache write, and
-scaled-dot-product attention over grouped KV heads — including which ops serve a fused decode step.
+Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), `RMSNorm` in the residual-stream
+form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel), RoPE frequency schedules
+(default, linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once
+from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
+fused decode kernels serve it), the glue to layers joined at load (`project`, `gated`, the int8 hand-off
+`int8_buffer`), and `attention`, the attention core of every family — RoPE (after the optional per-head
+q/k norms), the cache write and attention over grouped KV heads — and the one place that decides which
+attention kernels run for a step (fused Triton decode, one native CPU call, or torch's SDPA).
 
-`pos` — what a model's forward gets besides ids — takes three forms: an int (all rows at the same
-position; prefill and the batch-1 decode), a 0-dim device tensor (the same, inside a CUDA graph), and a
-(B,) tensor of per-row positions with a `cache.RowsView` (a server's batched step: row b at pos[b] in
-its own slot). With the last, positions are (B, T) and the mask is (B, 1, T, S), one per row.
-Not: any family's block layout (one file per family), caches (cache.py), quantization (quant/).
+Models import only this file and kiln.ops; the kernels they call pick their own backend (Triton, native C,
+torch) from the tensors and the step's policy.
+Not: any family's block layout (one file per family), caches and the step's kinds (cache.py), quantized
+or joined layers (quant/; models only call them), which matmul kernel runs (quant/).
 
 Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K kv heads, D head dim.
 """
@@ -17,16 +21,18 @@ Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln import native
+from kiln.cache import PREFILL, Step
 from kiln.errors import KilnError
+from kiln.ops import cpu as ops_cpu
 from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_write_kv, use_triton
+from kiln.policy import DEFAULT, Policy
 
 
 @dataclass
@@ -62,8 +68,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.offset = eps, offset  # Gemma scales by (1 + w): offset 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset)  # one kernel on GPUs; ops/norm.py
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step | None = None, q8=None):
+        """The residual-stream form: (norm(x + residual), x + residual), the add inside the norm's kernel; a
+        residual of None (the first block) adds nothing: (norm(x), x). `q8`: the int8 buffer the next
+        projection asked for (`int8_buffer`), which the same kernel fills with the normed output."""
+        buffers, policy = None if q8 is None else q8.buffers, _policy(step)
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps, self.offset, q8=buffers, policy=policy), x
+        return rms_norm(x, self.weight, self.eps, self.offset, residual, q8=buffers, policy=policy)
+
+    def plain(self, x: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+        """norm(x) alone, outside the residual stream (Gemma's norms after attention and the MLP)."""
+        return rms_norm(x, self.weight, self.eps, self.offset, policy=_policy(step))
+
+
+def _policy(step: Step | None) -> Policy:
+    return DEFAULT if step is None or step.policy is None else step.policy
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -134,38 +154,76 @@ class RopeAt(NamedTuple):
     attn_factor: float
     rot_dim: int
 
-    def apply(self, q, k, q_norm=None, k_norm=None):
-        """q (B, T, H, D), k (B, T, K, D) → rotated (and per-head normed) q, k; one kernel on GPUs."""
-        return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, *_norm_args(q_norm, k_norm),
-                       self.rot_dim)
+    def apply(self, q, k, norms: tuple = (), policy: Policy = DEFAULT):
+        """q (B, T, H, D), k (B, T, K, D) → rotated (and per-head normed: norms = (q_norm, k_norm), or none)
+        q, k; one kernel on GPUs."""
+        return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, *_norm_args(*norms), self.rot_dim,
+                       policy=policy)
 
-    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, q_norm=None, k_norm=None):
+    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, norms: tuple = (), policy: Policy = DEFAULT):
         """`apply`, with the rotated k and v written into the static cache at these positions (cache row
         rows[b] for batch row b, if given) in the same kernel → rotated q (B, T, H, D)."""
         return rope_qk_write_kv(q, k, v, k_cache, v_cache, self.pos, self.inv_freq, self.attn_factor,
-                                *_norm_args(q_norm, k_norm), self.rot_dim, rows)
+                                *_norm_args(*norms), self.rot_dim, rows, policy=policy)
 
 
-def _norm_args(q_norm, k_norm) -> tuple:
+def _norm_args(q_norm=None, k_norm=None) -> tuple:
     """(q weight, k weight, eps, offset) of the optional per-head norms, as the rope ops take them."""
     if q_norm is None:
         return None, None, 1e-6, 0.0
     return q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset
 
 
+# ---------------------------------------------------------------- the step
+
+def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, windows) -> Step:
+    """The caller's step (None: `model(ids)`, a whole sequence without a cache) with what every layer of
+    this forward reads computed once: the policy (the step's, else the model's `policy`), the absolute
+    positions, whether the fused decode kernels serve it, one RoPE table per entry of `ropes` (name →
+    RoPE module) and one mask per sliding window in `windows` (None: no window)."""
+    step = Step.prefill() if step is None else step
+    policy = step.policy or policy
+    t, device = ids.shape[1], ids.device
+    positions, n_keys = step.keys(t, device)
+    # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
+    # decode attention over the static cache: those read positions directly, so no mask is built.
+    fused = step.kind != PREFILL and use_triton(ids, policy)
+    masks = {} if fused else {w: causal_mask(positions, n_keys, w, device) for w in windows}
+    return replace(step, policy=policy, positions=positions, fused=fused,
+                   rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks)
+
+
+# ---------------------------------------------------------------- projections
+# Layers joined at load (kiln.quant.swap.Joined: q/k/v, gate/up) replace several matmuls by one; models
+# reach them through these helpers only. The int8 hand-off of a GPU decode step: a layer whose GEMV reads
+# its input quantized to int8 asks for a buffer (`int8_input(x)`); the kernel producing that input (a norm,
+# the gated activation) fills it in the same launch, and the layer is called with it (`act=`).
+
+def int8_buffer(layer, x: torch.Tensor):
+    """The int8 buffer `layer` reads x from at this step, for the kernel producing x to fill; None when the
+    layer reads x as it is (no layer, or one without int8 GEMVs)."""
+    ask = getattr(layer, "int8_input", None)
+    return None if ask is None else ask(x)
+
+
+def project(module: nn.Module, x: torch.Tensor, joined: str, parts: tuple[str, ...], q8=None) -> tuple:
+    """The projections `parts` of x: through module.<joined> (one wider matmul, made at load) when there is
+    one — `q8`, x already in int8, from `int8_buffer(module.<joined>, x)` — else each layer."""
+    layer = getattr(module, joined, None)
+    if layer is not None:
+        return layer(x, q8)
+    return tuple(getattr(module, p)(x) for p in parts)
+
+
+def gated(down: nn.Module, gate_up: torch.Tensor, act, step: Step) -> torch.Tensor:
+    """down(act(gate) * up) for gate_up (..., 2I) = [gate | up]: the product in one kernel (act: ops.silu_mul
+    or gelu_tanh_mul), which also stores it in int8 when the down projection asks for that."""
+    q8 = int8_buffer(down, gate_up[..., :down.in_features])
+    y = act(gate_up, q8=None if q8 is None else q8.buffers, policy=step.policy)
+    return down(y) if q8 is None else down(y, act=q8)
+
+
 # ---------------------------------------------------------------- attention
-
-def graph_step(pos, x: torch.Tensor) -> bool:
-    """Is this a decode step served by the fused RoPE + KV write and decode attention (a CUDA-graph step,
-    or a batched step with per-row positions on a Triton device)? Those read positions directly, so such
-    a step builds no mask."""
-    return isinstance(pos, torch.Tensor) and use_triton(x)
-
-
-def row_step(pos) -> bool:
-    """Per-row positions (B,): a batched step over a slot cache's `RowsView`."""
-    return isinstance(pos, torch.Tensor) and pos.ndim == 1
-
 
 def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor:
     """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them.
@@ -178,61 +236,48 @@ def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torc
     return mask if q_pos.ndim == 1 else mask[:, None]
 
 
-def attention(q, k, v, rope: RopeAt, mask, scale: float, cache=None, layer: int = 0, pos=0,
-              window: int | None = None, norms: tuple = ()) -> torch.Tensor:
+def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None = None, norms: tuple = (),
+              rope: str = "global") -> torch.Tensor:
     """q (B, T, H, D), k/v (B, T, K, D), before RoPE → (B, T, H*D): q and k normed per head (norms =
-    (q_norm, k_norm), or none) and rotated, k/v written into the cache, then attention.
+    (q_norm, k_norm), or none) and rotated (the step's `rope` table), k/v written into the cache, then
+    attention over the keys the step's window mask lets each query see. This function decides the kernels:
 
-    A CUDA-graph decode step (tensor `pos`) and a batched step over slots (per-row `pos`, a RowsView
-    cache) on a Triton device take two launches per layer or three: RoPE with the KV write of the static
-    cache in one kernel, then split-KV decode attention over that cache (one kernel with one split, else
-    split + merge). Everything else (CPU, prefill) rotates, then goes through the cache's slice (or the
-    rows' gather) and SDPA.
+    - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device):
+      RoPE with the KV write into the static cache in one kernel, then split-KV decode attention (one
+      kernel with one split, else split + merge) — two launches per layer or three;
+    - one float32 token of a prefill-kind step on the CPU where the native kernels fit
+      (ops.cpu.attention_fits): norms, RoPE, the KV write and attention in one native call;
+    - anything else (prefill, CPU): RoPE, the cache's write (`step.update`), then SDPA.
     """
     b, t = q.shape[:2]
-    if _native_step(cache, layer, pos, q, rope):  # a CPU decode step: norms, RoPE, KV write and attention in one call
-        return _native_attention(q, k, v, rope, scale, cache, layer, pos, window, norms)
-    static = _static_kv(cache, layer, pos, q)
-    if static is not None:
-        kc, vc, rows = static  # (B or N, K, S, D) each, rows (B,) or None
-        q = rope.apply_write(q, k, v, kc, vc, rows, *norms)  # (B, T, H, D)
-        return decode_attention(q, kc, vc, rope.pos, scale, window, rows=rows).reshape(b, t, -1)
-    q, k = rope.apply(q, k, *norms)
-    if row_step(pos):
-        pos = rope.pos  # (B, T): RowsView.update writes each row at its own positions
+    r, policy = step.rope[rope], step.policy
+    if step.fused:
+        kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
+        q = r.apply_write(q, k, v, kc, vc, rows, norms, policy)  # (B, T, H, D)
+        return decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, policy=policy).reshape(b, t, -1)
+    if _native_token(q, step, layer, r):
+        return _native_attention(q, k, v, r, scale, step, layer, window, norms)
+    q, k = r.apply(q, k, norms, policy)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-    if cache is not None:
-        k, v = cache.update(layer, pos, k, v)  # (B, K, S, D)
-    return attend(q, k, v, mask, scale)
+    if step.cache is not None:
+        k, v = step.update(layer, k, v)  # (B, K, S, D)
+    return attend(q, k, v, step.mask[window], scale)
 
 
-def _native_step(cache, layer: int, pos, q: torch.Tensor, rope: RopeAt) -> bool:
-    """One float32 token on the CPU at an int position inside a batch-1 cache, nothing to differentiate,
-    with the native kernels built and shapes they take."""
-    return (cache is not None and isinstance(pos, int) and q.shape[0] == q.shape[1] == 1 and not q.is_cuda
-            and q.dtype == torch.float32 and not q.requires_grad and cache.k.shape[1] == 1
-            and pos < cache.max_len and native.available()
-            and native.attention_fits(q[0, 0], cache.k[layer][0], rope.inv_freq))
+def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool:
+    """One token of a prefill-kind step inside a batch-1 cache, with room for it, that the native
+    single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
+    c = step.cache
+    return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k.shape[1] == 1
+            and step.pos < c.max_len and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
-def _native_attention(q, k, v, rope: RopeAt, scale: float, cache, layer: int, pos: int, window, norms):
-    """`attention` for one token in one native call (native.decode_attention; its torch twin is the
-    path through rope.apply, cache.update and attend)."""
-    qw, kw, eps, offset = _norm_args(*norms) if norms else _norm_args(None, None)
-    out = native.decode_attention(q[0, 0], k[0, 0], v[0, 0], cache.k[layer][0], cache.v[layer][0], pos,
-                                  rope.inv_freq, rope.attn_factor, qw, kw, eps, offset, scale, window)
+def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: int, window, norms):
+    """`attention` for one token in one native call (its torch twin: rope.apply, step.update, attend)."""
+    c = step.cache
+    out = ops_cpu.decode_attention(q[0, 0], k[0, 0], v[0, 0], c.k[layer][0], c.v[layer][0], step.pos,
+                                   rope.inv_freq, rope.attn_factor, *_norm_args(*norms), scale, window)
     return out.view(1, 1, -1)  # (B, T, H*D)
-
-
-def _static_kv(cache, layer: int, pos, x: torch.Tensor):
-    """(k_cache, v_cache, rows) that a fused decode step writes and reads — every slot of a layer with the
-    rows' slot index for a batched step, the layer's (B, K, S, D) with rows None for a CUDA-graph step —
-    or None when this step is not served by the fused ops."""
-    if cache is None or not graph_step(pos, x):
-        return None
-    if row_step(pos):
-        return (*cache.layer_kv(layer), cache.slot_index)
-    return cache.k[layer], cache.v[layer], None
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -243,17 +288,3 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
         v = v.repeat_interleave(h // v.shape[1], dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, T, D)
     return out.transpose(1, 2).reshape(b, t, -1)
-
-
-def positions(pos, t: int, cache, device) -> tuple[torch.Tensor, int]:
-    """(absolute positions (T,), number of keys S) for T new tokens after `pos` cached ones.
-
-    `pos` is an int, or a 0-dim device tensor when the step is captured in a CUDA graph: then the keys
-    are the whole static cache (S = its length) and the mask hides the slots not yet written. With
-    per-row positions pos (B,) the positions are (B, T) and S is the RowsView's `n_keys`.
-    """
-    if row_step(pos):
-        return pos[:, None] + torch.arange(t, device=device), cache.n_keys  # (B, T)
-    if isinstance(pos, torch.Tensor):
-        return pos + torch.arange(t, device=device), cache.max_len
-    return torch.arange(pos, pos + t, device=device), (pos + t if cache is not None else t)

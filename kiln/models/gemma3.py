@@ -3,7 +3,8 @@
 Owns: the Gemma 3 block (norms before *and* after attention and MLP, (1 + w) RMSNorm, GELU-tanh gated
 MLP), the layer pattern (five local layers with their own RoPE base, then one global), query scaling by
 query_pre_attn_scalar, embeddings scaled by sqrt(hidden), tied output.
-Not: vision towers (multimodal checkpoints load their text_config only; load.py strips the prefix).
+Not: vision towers (multimodal checkpoints load their text_config only; load.py strips the prefix), what
+the Llama block already shows (models/llama.py: the residual-stream form, the int8 hand-off).
 
 Shape alphabet: B batch, T new tokens, S keys, E hidden, H query heads, K kv heads, D head dim, V vocab.
 """
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
-from kiln.models.llama import add_norm
-from kiln.fuse import Normed, gated, project, value
+from kiln.models.base import DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, gated, int8_buffer, prepare, project
+from kiln.ops import gelu_tanh_mul
 
 
 @dataclass
@@ -68,16 +68,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.scale = a.query_pre_attn_scalar ** -0.5
         self.window = a.sliding_window if a.sliding[layer] else None
-        self.qkv = None  # kiln.fuse: q/k/v as one matmul (set at load on GPUs)
+        self.rope = "local" if a.sliding[layer] else "global"
+        self.qkv = None  # q/k/v as one matmul (joined at load on GPUs and on the compact CPU path)
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
+    def int8_input(self, x):
+        return int8_buffer(self.qkv, x)
+
+    def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
-        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"))  # x may be a kiln.fuse.Normed
+        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         norms = (self.q_norm, self.k_norm)  # applied with RoPE, inside attention
-        out = attention(q, k, v, rope, mask, self.scale, cache, self.layer, pos, self.window, norms)
+        out = attention(q, k, v, step, self.layer, self.scale, self.window, norms, self.rope)
         return self.o_proj(out)  # (B, T, E)
 
 
@@ -87,33 +91,35 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
-        self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
+        self.gate_up = None  # gate and up as one matmul (joined at load on GPUs and on the compact CPU path)
 
-    def forward(self, x):
-        if self.gate_up is not None:  # one wide matmul; the gated GELU inside the down GEMV where it can be
-            return gated(self.down_proj, self.gate_up, x, "gelu")
-        x = value(x)
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def int8_input(self, x):
+        return int8_buffer(self.gate_up, x)
+
+    def forward(self, x, step: Step, q8=None):
+        if self.gate_up is None:
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return gated(self.down_proj, self.gate_up.wide_forward(x, q8), gelu_tanh_mul, step)
 
 
 class Block(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
-        self.is_sliding = a.sliding[layer]
         self.self_attn = Attention(a, layer)
         self.mlp = MLP(a)
         norm = lambda: RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
-        """h = x + post_norm(attn(norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))) — each residual
-        add inside the norm after it, and that norm inside the next matmul where it can be (llama.Block):
-        returns (post_ff_norm(...), h) for the next block."""
-        p = Normed(x, residual, self.input_layernorm)  # p.h: the residual stream x + residual
-        a = self.post_attention_layernorm(self.self_attn(p, rope, mask, cache, pos))
-        p = Normed(a, p.h, self.pre_feedforward_layernorm)
-        return self.post_feedforward_layernorm(self.mlp(p)), p.h
+    def forward(self, x, residual, step: Step):
+        """h = x + post_norm(attn(norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))) in the residual-
+        stream form (llama.Block): returns (post_ff_norm(mlp(...)), h), the add left to the next norm."""
+        q8 = self.self_attn.int8_input(x)
+        x, residual = self.input_layernorm(x, residual, step, q8)
+        x = self.post_attention_layernorm.plain(self.self_attn(x, step, q8), step)
+        q8 = self.mlp.int8_input(x)
+        x, residual = self.pre_feedforward_layernorm(x, residual, step, q8)
+        return self.post_feedforward_layernorm.plain(self.mlp(x, step, q8), step), residual
 
 
 class Body(nn.Module):
@@ -127,27 +133,27 @@ class Body(nn.Module):
 
 
 class Model(nn.Module):
+    policy = DEFAULT  # the kernel switches of a step that names none; kiln.load sets the one it was given
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, cache=None, pos=0, last_only: bool = False):
-        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
-        m, a, t = self.model, self.args, ids.shape[1]
+    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool = False):
+        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); `step` as in llama.Model."""
+        m, a = self.model, self.args
+        step = prepare(step, ids, self.policy, {"global": m.rotary, "local": m.rotary_local},
+                       {None, a.sliding_window})
         x = m.embed_tokens(ids)  # (B, T, E)
         x = x * torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype, device=x.device)  # scale rounded to the model's dtype
-        p, s = positions(pos, t, cache, ids.device)  # (T,), keys
-        ropes = {False: m.rotary(p, s), True: m.rotary_local(p, s)}
-        masks = {False: None, True: None} if graph_step(pos, ids) else {
-            False: causal_mask(p, s, None, ids.device), True: causal_mask(p, s, a.sliding_window, ids.device)}
-        r = None  # the residual stream; x is the last block's output not yet added to it
+        residual = None  # the stream starts at the first norm
         for layer in m.layers:
-            x, r = layer(x, ropes[layer.is_sliding], masks[layer.is_sliding], cache, pos, r)
+            x, residual = layer(x, residual, step)
         if last_only:
-            x, r = x[:, -1:], r[:, -1:]
-        logits = self.lm_head(add_norm(m.norm, x, r)[0])  # (B, T, V)
+            x, residual = x[:, -1:], residual[:, -1:]
+        logits = self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
         return logits

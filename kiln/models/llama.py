@@ -1,9 +1,10 @@
 """Llama 2 / 3 / 3.1 / 3.2 (and Mistral, through models.ALIASES): the reference decoder-only block.
 
-Owns: the Llama block layout (pre-norm attention with GQA + SwiGLU MLP), llama3 RoPE scaling through
-RoPE, optional q/k/v biases and per-head q/k norms so that qwen2.py and qwen3.py are just argument
-defaults on top of this file.
-Not: caching (cache.py), sampling, quantization (QuantLinear replaces nn.Linear at load time).
+Owns: the Llama block layout (pre-norm attention with GQA + SwiGLU MLP, in the residual-stream form),
+llama3 RoPE scaling through RoPE, optional q/k/v biases and per-head q/k norms so that qwen2.py and
+qwen3.py are just argument defaults on top of this file.
+Not: caching and the step (cache.py), which kernels run (models/base.py, kiln.ops), quantization and
+joined projections (quant/: QuantLinear replaces nn.Linear, and `qkv` / `gate_up` join at load).
 
 Shape alphabet: B batch, T new tokens, S keys, E hidden, H query heads, K kv heads, D head dim, V vocab.
 """
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import BaseArgs, RMSNorm, RoPE, attention, causal_mask, graph_step, positions
-from kiln.fuse import Normed, gated, project, value
-from kiln.ops import rms_norm
+from kiln.models.base import DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, gated, int8_buffer, prepare, project
+from kiln.ops import silu_mul
 
 
 @dataclass
@@ -61,16 +61,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, a.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, a.rms_norm_eps)
         self.qk_norm, self.window = a.qk_norm, a.sliding_window
-        self.qkv = None  # kiln.fuse: q/k/v as one matmul (set at load on GPUs)
+        self.qkv = None  # q/k/v as one matmul (joined at load on GPUs and on the compact CPU path)
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
+    def int8_input(self, x):
+        """The int8 buffer the q/k/v GEMVs read this input from (base.int8_buffer), or None."""
+        return int8_buffer(self.qkv, x)
+
+    def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
-        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"))  # x may be a kiln.fuse.Normed
+        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         norms = (self.q_norm, self.k_norm) if self.qk_norm else ()  # applied with RoPE, inside attention
-        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window, norms)
+        out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window, norms)
         return self.o_proj(out)  # (B, T, E)
 
 
@@ -80,20 +84,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
-        self.gate_up = None  # kiln.fuse: gate and up as one matmul (set at load on GPUs)
+        self.gate_up = None  # gate and up as one matmul (joined at load on GPUs and on the compact CPU path)
 
-    def forward(self, x):
-        if self.gate_up is not None:  # one wide matmul; silu(gate) * up inside the down GEMV where it can be
-            return gated(self.down_proj, self.gate_up, x, "silu")
-        x = value(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def int8_input(self, x):
+        """The int8 buffer the joined gate/up GEMV reads this input from (base.int8_buffer), or None."""
+        return int8_buffer(self.gate_up, x)
 
-
-def add_norm(norm: RMSNorm, x, residual=None):
-    """(norm(residual + x), residual + x), the add fused into the norm's kernel; no add without residual."""
-    if residual is None:
-        return norm(x), x
-    return rms_norm(x, norm.weight, norm.eps, norm.offset, residual)
+    def forward(self, x, step: Step, q8=None):
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # one wide matmul [gate | up], then silu(gate) * up in one kernel
+        return gated(self.down_proj, self.gate_up.wide_forward(x, q8), silu_mul, step)
 
 
 class Block(nn.Module):
@@ -104,14 +105,17 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache=None, pos=0, residual=None):
-        """h = x + attn(norm(x)); out = h + mlp(norm(h)) — each residual add done inside the norm after it,
-        and each norm inside the matmul after it where the GEMV can (kiln.fuse.Normed): takes the previous
-        block's (mlp output, residual stream) and returns its own, the last add left to the next block."""
-        p = Normed(x, residual, self.input_layernorm)  # p.h: the residual stream x + residual
-        a = self.self_attn(p, rope, mask, cache, pos)
-        p = Normed(a, p.h, self.post_attention_layernorm)
-        return self.mlp(p), p.h
+    def forward(self, x, residual, step: Step):
+        """h = x + attn(norm(x)); out = h + mlp(norm(h)) in the residual-stream form: takes the previous
+        block's (mlp output, residual stream) and returns its own, each add done inside the next norm's
+        kernel (the last one by the next block's). q8: where the next matmul reads its input in int8, the
+        norm's kernel also writes it so (base.int8_buffer)."""
+        q8 = self.self_attn.int8_input(x)
+        x, residual = self.input_layernorm(x, residual, step, q8)
+        x = self.self_attn(x, step, q8)
+        q8 = self.mlp.int8_input(x)
+        x, residual = self.post_attention_layernorm(x, residual, step, q8)
+        return self.mlp(x, step, q8), residual
 
 
 class Body(nn.Module):
@@ -126,22 +130,22 @@ class Body(nn.Module):
 
 
 class Model(nn.Module):
+    policy = DEFAULT  # the kernel switches of a step that names none; kiln.load sets the one it was given
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, cache=None, pos=0, last_only: bool = False):
-        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); pos = tokens already cached."""
-        m, t = self.model, ids.shape[1]
-        x = m.embed_tokens(ids)  # (B, T, E)
-        p, s = positions(pos, t, cache, ids.device)  # (T,), keys
-        rope = m.rotary(p, s)
-        mask = None if graph_step(pos, ids) else causal_mask(p, s, self.args.sliding_window, ids.device)
-        r = None  # the residual stream; x is the last block's output not yet added to it
+    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool = False):
+        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); `step` (cache.Step) says where the
+        tokens go; None: a whole sequence from position 0, no cache."""
+        m = self.model
+        step = prepare(step, ids, self.policy, {"global": m.rotary}, {self.args.sliding_window})
+        x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm
         for layer in m.layers:
-            x, r = layer(x, rope, mask, cache, pos, r)
+            x, residual = layer(x, residual, step)
         if last_only:
-            x, r = x[:, -1:], r[:, -1:]
-        return self.lm_head(add_norm(m.norm, x, r)[0])  # (B, T, V)
+            x, residual = x[:, -1:], residual[:, -1:]
+        return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)

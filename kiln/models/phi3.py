@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kiln.models import llama
-from kiln.models.base import RMSNorm, RoPE, attention
-from kiln.fuse import value
+from kiln.models.base import RMSNorm, RoPE, Step, attention
 from kiln.ops import silu_mul
 
 
@@ -34,11 +33,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
         self.window = a.sliding_window
 
-    def forward(self, x, rope, mask, cache=None, pos=0):
+    def int8_input(self, x):
+        return None  # qkv_proj is one layer already: it quantizes its own input where it reads int8
+
+    def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(value(x)).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
+        qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
         q, k, v = qkv.split([self.h, self.kv, self.kv], dim=2)
-        out = attention(q, k, v, rope, mask, self.d ** -0.5, cache, self.layer, pos, self.window)  # RoPE inside
+        out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window)  # RoPE inside
         return self.o_proj(out)  # (B, T, E)
 
 
@@ -48,8 +50,12 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_up_proj(value(x))))  # silu(gate) * up, one kernel on GPUs
+    def int8_input(self, x):
+        return None  # gate_up_proj is one layer already
+
+    def forward(self, x, step: Step, q8=None):
+        # silu(gate) * up, one kernel on GPUs
+        return self.down_proj(silu_mul(self.gate_up_proj(x), policy=step.policy))
 
 
 class Block(llama.Block):

@@ -1,8 +1,9 @@
 """Fused kernels for the non-matmul parts of a decoder layer, each beside its plain-torch twin.
 
-Owns: the dispatch rule shared by every op (Triton when the tensor lives on CUDA, or on CPU under
-`KILN_TRITON_CPU=1` — used with `TRITON_INTERPRET=1` by the tests; the torch reference otherwise), the
-optional Triton import, and the public names.
+Owns: the dispatch rule shared by every op (`use_triton`: Triton when the tensor lives on CUDA, or on CPU
+when the policy's `triton_cpu` is on — the tests, with `TRITON_INTERPRET=1`), the optional Triton import,
+and the public names. Each op decides its own kernel from its tensors and a `policy` (kiln/policy.py):
+Triton, else kiln's native C kernels where they serve (ops/cpu.py, the CPU backend), else the reference.
 Not: matmuls or quantized GEMVs (quant/), model code (models/), the cache layout (cache.py).
 
 Every op `name(...)` has `name_ref(...)`: plain torch, obviously correct, the thing tests compare with.
@@ -12,10 +13,11 @@ arguments' shapes, positions arrive as a device tensor.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
+
+from kiln.policy import DEFAULT, Policy
 
 try:
     import triton
@@ -30,22 +32,21 @@ def jit(fn):
     return triton.jit(fn) if HAVE_TRITON else fn
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Run the Triton kernel for this tensor? (Read per call: the env knob exists for tests only.)"""
+def use_triton(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
+    """Run the Triton kernel for this tensor?"""
     if not HAVE_TRITON:
         return False
-    return x.is_cuda or os.environ.get("KILN_TRITON_CPU") == "1"
+    return x.is_cuda or policy.triton_cpu
 
 
 # The helpers above must exist before the submodules import them (they do `from kiln.ops import …`).
 from kiln.ops.act import gelu_tanh_mul, gelu_tanh_mul_ref, silu_mul, silu_mul_ref  # noqa: E402
 from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
-from kiln.ops.kv import write_kv, write_kv_ref  # noqa: E402
 from kiln.ops.norm import rms_norm, rms_norm_ref  # noqa: E402
-from kiln.ops.rope import rope_qk, rope_qk_ref, rope_qk_write_kv, rope_qk_write_kv_ref  # noqa: E402
+from kiln.ops.rope import rope_qk, rope_qk_ref, rope_qk_write_kv, rope_qk_write_kv_ref, write_kv_ref  # noqa: E402
 
 __all__ = [
     "rms_norm", "rms_norm_ref", "rope_qk", "rope_qk_ref", "silu_mul", "silu_mul_ref", "gelu_tanh_mul",
-    "gelu_tanh_mul_ref", "decode_attention", "decode_attention_ref", "write_kv", "write_kv_ref",
+    "gelu_tanh_mul_ref", "decode_attention", "decode_attention_ref", "write_kv_ref",
     "rope_qk_write_kv", "rope_qk_write_kv_ref", "use_triton", "HAVE_TRITON",
 ]

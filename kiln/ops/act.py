@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.ops import jit, tl, use_triton
-from kiln.ops import pdl
+from kiln.ops import jit, pdl, tl, use_triton
 from kiln.ops.q8 import store_q8
+from kiln.policy import DEFAULT, Policy
 
 _BLOCK = 1024
 
@@ -32,17 +32,17 @@ def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
     """With `q8` (a kiln.quant.kernels.QuantAct's buffers, one row, F a multiple of 32) the same launch also
     stores the output quantized to int8 for the int8 GEMV (q8.store_q8)."""
-    if not use_triton(gate_up):
+    if not use_triton(gate_up, policy):
         assert q8 is None, "q8 output needs the Triton kernel"
         return silu_mul_ref(gate_up)
     return _launch(gate_up, gelu=False, q8=q8)
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor, q8: tuple | None = None) -> torch.Tensor:
-    if not use_triton(gate_up):
+def gelu_tanh_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+    if not use_triton(gate_up, policy):
         assert q8 is None, "q8 output needs the Triton kernel"
         return gelu_tanh_mul_ref(gate_up)
     return _launch(gate_up, gelu=True, q8=q8)

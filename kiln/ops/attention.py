@@ -22,9 +22,9 @@ How the split kernel works, and why:
   partial output by 2^(lse_split - lse_max).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
-- The number of splits: the `splits` argument, else the environment variable `KILN_ATTN_SPLITS` (read per
-  call, so a CUDA graph keeps the value it was captured with; for A/B runs on a GPU), else enough
-  programs to fill the device about twice over; always at most one split per key tile.
+- The number of splits: the `splits` argument, else the policy's `attn_splits` (`KILN_ATTN_SPLITS`, for
+  A/B runs on a GPU; a CUDA graph keeps the value it was captured with), else enough programs to fill the
+  device about twice over; always at most one split per key tile.
 
 Shape alphabet: B batch, T query tokens, H query heads, K kv heads, G = H / K, S cache positions (S_max),
 D head dim, NS splits, N cache rows.
@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-from kiln.errors import KilnError
 from kiln.ops import jit, pdl, tl, triton, use_triton
+from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
 
@@ -71,10 +70,10 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                      softcap: float | None = None, rows: torch.Tensor | None = None, *,
-                     splits: int | None = None) -> torch.Tensor:
-    """Same contract as `decode_attention_ref`. `splits` (else `KILN_ATTN_SPLITS`) sets the number of
-    key-range splits; with one, a single launch."""
-    if not use_triton(q):
+                     splits: int | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+    """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
+    of key-range splits; with one, a single launch."""
+    if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows)
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
@@ -82,7 +81,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     n_tiles = triton.cdiv(s_max, _BLOCK_N)
-    ns = max(1, min(splits or _env_splits() or _default_splits(q.device, b * kh), n_tiles))
+    ns = max(1, min(splits or policy.attn_splits or _default_splits(q.device, b * kh), n_tiles))
     out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
     if ns == 1:  # the split kernel writes `out` itself
         mid_o, mid_lse = out, out
@@ -105,16 +104,6 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
                                 BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q))
     return out
-
-
-def _env_splits() -> int:
-    """KILN_ATTN_SPLITS as a positive int, or 0 (unset: the default rule decides)."""
-    v = os.environ.get("KILN_ATTN_SPLITS", "").strip()
-    if not v:
-        return 0
-    if not v.isdigit() or int(v) < 1:
-        raise KilnError(f"KILN_ATTN_SPLITS must be a positive integer (or unset), got {v!r}")
-    return int(v)
 
 
 def _default_splits(device: torch.device, programs: int) -> int:

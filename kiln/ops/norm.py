@@ -2,7 +2,8 @@
 
 Owns: `rms_norm` (Triton, one program per row) and `rms_norm_ref` (plain torch), in both weight
 conventions — Llama's `w * xn.to(dtype)` (cast, then scale) and Gemma's `(xn * (1 + w)).to(dtype)`
-(scale in float32, then cast; `offset=1.0`) — and the fused `h = x + residual; y = norm(h)`.
+(scale in float32, then cast; `offset=1.0`) — and the fused `h = x + residual; y = norm(h)`; which kernel
+serves a call: Triton, else the native C norm for one float32 CPU row (ops/cpu.py), else the reference.
 Not: per-head q/k norms (rope.py fuses those with RoPE), the nn.Module wrappers (models/base.py).
 
 Shape alphabet: N rows (every leading dim flattened), E normalized (hidden) dim.
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton, use_triton
-from kiln.ops import pdl
+from kiln.ops import cpu, jit, pdl, tl, triton, use_triton
 from kiln.ops.q8 import store_q8
+from kiln.policy import DEFAULT, Policy
 
 _MAX_E = 32768  # one row per program, held in registers; no model comes near this
 
@@ -37,13 +38,16 @@ def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-             residual: torch.Tensor | None = None, q8: tuple | None = None):
+             residual: torch.Tensor | None = None, q8: tuple | None = None, policy: Policy = DEFAULT):
     """Same contract as `rms_norm_ref`; one kernel launch (the residual add included). With `q8` — the
     (codes, scales, run sums) buffers of a kiln.quant.kernels.QuantAct, one row of E values, E a multiple
     of 32 — the same launch also stores y quantized to int8 (q8.store_q8) for the int8 GEMV."""
     e = x.shape[-1]
-    if not use_triton(x) or e > _MAX_E:
+    if not use_triton(x, policy) or e > _MAX_E:
         assert q8 is None, "q8 output needs the Triton kernel"
+        if cpu.serves(x, policy) and weight.dtype == torch.float32 and (
+                residual is None or residual.dtype == torch.float32):
+            return cpu.rms_norm(x, weight, eps, offset, residual)  # one native call for one CPU row
         return rms_norm_ref(x, weight, eps, offset, residual)
     x2 = _rows(x)  # (N, E)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)  # (N, E)

@@ -6,13 +6,14 @@ and the call is CUDA-graph capturable) and `rope_qk_ref` (plain torch, the arith
 models/base.py's RoPE + apply_rope, and of RMSNorm for Qwen3 / Gemma 3 q_norm and k_norm);
 `rope_qk_write_kv` (the same kernel, its key programs storing the rotated keys — and copying the values —
 straight into a static cache at the positions, instead of returning k: a decode step's RoPE and KV write
-in one launch) and `rope_qk_write_kv_ref` (`rope_qk_ref`, then kv.py's `write_kv_ref`).
+in one launch) and `rope_qk_write_kv_ref` (`rope_qk_ref`, then `write_kv_ref`: torch `index_copy_`, the
+KV write's reference).
 Convention: Hugging Face rotate-half — pairs (i, i + R/2) inside the first R = rot_dim dims; dims past R
 are kept (partial rotary). cos and sin are multiplied by attn_factor (longrope / YaRN).
 Positions are (T,), shared by every batch row, or (B, T), one row each (a server's batched step; then
-`rows` (B,) may name the cache row each batch row writes, as in kv.py).
+`rows` (B,) may name the cache row each batch row writes).
 Not: building inv_freq (models/base.py's schedules; fold GGUF freq_factors in as inv_freq / factors),
-the cache object (cache.py), a KV write without RoPE (kv.py).
+the cache object (cache.py), a KV write without RoPE (a prefill writes through cache.py).
 
 Shape alphabet: B batch, T new tokens, H query heads, K kv heads, D head dim, R rotary dims (R <= D),
 S cache positions, N cache rows.
@@ -23,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from kiln.ops import jit, pdl, tl, triton, use_triton
-from kiln.ops.kv import write_kv_ref
 from kiln.ops.norm import rms_norm_ref
+from kiln.policy import DEFAULT, Policy
 
 _BLOCK_H = 4  # heads per program: q and k of one token spread over a handful of programs
 
@@ -51,6 +52,23 @@ def _rotate_ref(x, cos, sin):
     return torch.cat([out, keep], dim=-1)
 
 
+def write_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 pos: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """k_cache, v_cache (B, K, S, D) <- k, v (B, T, K, D) at positions pos (T,) int64. In place.
+
+    With per-row positions pos (B, T) and/or rows (B,): k_cache, v_cache are (N, K, S, D) and batch row b
+    writes cache row rows[b] (default b) at positions pos[b]."""
+    if pos.ndim == 1 and rows is None:
+        k_cache.index_copy_(2, pos, k.transpose(1, 2).to(k_cache.dtype))  # (B, K, T, D) into (B, K, S, D)
+        v_cache.index_copy_(2, pos, v.transpose(1, 2).to(v_cache.dtype))
+        return
+    b, t = k.shape[:2]
+    r = (rows if rows is not None else torch.arange(b, device=k.device))[:, None]  # (B, 1)
+    p = pos.expand(b, t)  # (B, T)
+    k_cache[r, :, p] = k.to(k_cache.dtype)  # indexed (B, T, K, D)
+    v_cache[r, :, p] = v.to(v_cache.dtype)
+
+
 def rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
                          k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
                          rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,9 +82,9 @@ def rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: 
 
 
 def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm_w=None,
-            eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None):
+            eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None, policy: Policy = DEFAULT):
     """Same contract as `rope_qk_ref`; one kernel launch for q and k together. Returns new tensors."""
-    if not use_triton(q):
+    if not use_triton(q, policy):
         return rope_qk_ref(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, T, K, D)
     qo = _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, None)
@@ -75,9 +93,9 @@ def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm
 
 def rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
                      k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
     """Same contract as `rope_qk_write_kv_ref`; one kernel launch for q, k, v and both caches."""
-    if not use_triton(q):
+    if not use_triton(q, policy):
         return rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
                                     eps, norm_offset, rot_dim, rows)
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
@@ -199,7 +217,8 @@ def _rope_heads(x_ptr, o_ptr, w_ptr, cos, sin, h0, n_heads, stride_h, out_stride
 @jit
 def _copy_heads(x_ptr, o_ptr, h0, n_heads, stride_h, out_stride_h, D: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Heads h0..h0+BLOCK_H of one token copied (converted to the output's dtype), as kv.py writes values."""
+    """Heads h0..h0+BLOCK_H of one token copied (converted to the output's dtype), as write_kv_ref writes
+    values."""
     heads = (h0 + tl.arange(0, BLOCK_H))[:, None]  # (BLOCK_H, 1)
     d = tl.arange(0, BLOCK_D)[None, :]  # (1, D)
     mask = (heads < n_heads) & (d < D)

@@ -6,21 +6,23 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
   exactly up to the bf16 rounding of scale and zero (their codes are copied, not re-quantized).
 - `Int8Linear`: int8 rows with one bf16 scale per row, through `_weight_int8pack_mm`; every other type
   (Q5_0, Q6_K, Q8_0, …, plain floats). A second rounding, finer than the GGUF block grids it re-quantizes.
-  One float32 row (the batch-1 decode step) goes through kiln/native.py's GEMV instead, where built.
+  One float32 row (the batch-1 decode step) goes through the native GEMV instead, where built (the choice
+  is ops/cpu.int8_linear's, under the layer's policy).
 - `ScreenedHead`: the output head (the largest matrix: 151936 x 896 for Qwen2.5-0.5B). A 4-bit copy
   screens the whole vocabulary, then the `SCREEN_TOP` best candidates of each row are recomputed exactly
   in fp32 from the file's own rows; the argmax and the head of the distribution are exact, the tail
   carries the 4-bit error.
 - `GGUFEmbedding`: the token table stays in the file's blocks (no copy of an mmap'd file); a lookup
   dequantizes only the rows it reads, exactly.
-- `compact_linears(model, weights)`: swaps these in on a meta-device model before the loader assigns the
-  rest, so peak memory stays near the compact size (one tensor is dense at a time).
-Not: GPU kernels (kernels.py, linear.py), the GGUF block formats (legacy.py, kquants.py), loading order.
+- `compact_linears(model, weights)`: swaps these in on a meta-device model (swap.py's walker) before the
+  loader assigns the rest, so peak memory stays near the compact size (one tensor is dense at a time), then
+  joins q/k/v and gate/up where they stack (swap.join_projections; each type's `cat`).
+Not: GPU kernels (kernels.py, linear.py), the GGUF block formats (legacy.py, kquants.py), loading order,
+the native kernels and when they serve (kiln.ops.cpu).
 
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
 run ~10x slower) and the result comes back in the caller's dtype. The native GEMV keeps x in fp32 and
-streams the int8 rows about twice as fast as `_weight_int8pack_mm` at batch 1; `Fused` computes the norm
-before it (kiln.fuse.Normed) in one native call too.
+streams the int8 rows about twice as fast as `_weight_int8pack_mm` at batch 1.
 
 Shape alphabet: M rows of activations, N output features, K input features, G = K / 32 groups,
 U candidate rows, V vocabulary.
@@ -34,11 +36,12 @@ import gguf
 import torch
 from torch import nn
 
-from kiln import native
 from kiln.errors import KilnError
-from kiln.fuse import FusedLinear, Normed
+from kiln.ops import cpu as ops_cpu
+from kiln.policy import DEFAULT, Policy
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kquants, legacy
+from kiln.quant.swap import join_projections, quantized, swap_layers
 
 _T = gguf.GGMLQuantizationType
 GROUP = 32  # weights per (scale, zero) of the int4 layout
@@ -59,30 +62,36 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias, n: int) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-def _native_row(x: torch.Tensor) -> bool:
-    """One float32 row (a batch-1 decode step), nothing to differentiate, and the native kernels built:
-    native.py serves it."""
-    return (x.dtype == torch.float32 and x.numel() == x.shape[-1] and not x.requires_grad
-            and native.available())
+def _cat_bias(layers) -> torch.Tensor | None:
+    return None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
 
 
 class Int8Linear(nn.Module):
     """y = x @ W.T (+ bias) with W held as int8 rows and one bf16 scale per row."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 policy: Policy = DEFAULT):
         super().__init__()
         self.register_buffer("q", q)                                  # (N, K) int8
         self.register_buffer("scale", scale)                          # (N,) bf16
         self.register_buffer("bias", _bias(bias))
         self.out_features, self.in_features = q.shape
+        self.policy = policy  # whether the native GEMV may serve (kiln.ops.cpu)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   policy: Policy = DEFAULT) -> Int8Linear:
         w = weight.detach().float()  # (N, K)
         # The kernel applies bf16 scales, so quantize on that grid; nudging up by 2^-8 before rounding
         # to bf16 (relative error <= 2^-8) keeps every |w| / scale below 127.01, which rounds to 127.
         scale = ((w.abs().amax(1) / 127).clamp_min(1e-12) * (1 + 2 ** -8)).to(torch.bfloat16)  # (N,)
-        return cls(torch.round(w / scale.float()[:, None]).to(torch.int8), scale, bias)
+        return cls(torch.round(w / scale.float()[:, None]).to(torch.int8), scale, bias, policy)
+
+    @classmethod
+    def cat(cls, layers: list[Int8Linear]) -> Int8Linear:
+        """The rows of `layers` stacked (swap.Joined): one product instead of several."""
+        return cls(torch.cat([b.q for b in layers]), torch.cat([b.scale for b in layers]), _cat_bias(layers),
+                   layers[0].policy)
 
     @property
     def nbytes(self) -> int:
@@ -92,10 +101,7 @@ class Int8Linear(nn.Module):
         return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _native_row(x):  # the decode step's GEMV, at memory speed and with x in fp32
-            return native.gemv_i8(x.reshape(-1), self.q, self.scale, self.bias).view(*x.shape[:-1], -1)
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        return _finish(torch._weight_int8pack_mm(x2, self.q, self.scale), x, self.bias, self.out_features)
+        return ops_cpu.int8_linear(x, self.q, self.scale, self.bias, self.policy)  # native GEMV or torch's
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, bf16 x"
@@ -174,6 +180,13 @@ class Int4Linear(nn.Module):
         """raw (N, row_bytes) uint8 rows of a Q4_0 / Q4_1 / Q4_K tensor -> exact repack (up to bf16)."""
         n, k = shape
         return cls(*_pack_int4(n, k, _gguf_int4_rows(raw, int(qtype), k)), shape, bias)
+
+    @classmethod
+    def cat(cls, layers: list[Int4Linear]) -> Int4Linear:
+        """The rows of `layers` stacked (swap.Joined): whole 64-row tiles each, so the packed rows stack."""
+        n = sum(b.out_features for b in layers)
+        return cls(torch.cat([b.packed for b in layers]), torch.cat([b.scale_zero for b in layers], 1),
+                   (n, layers[0].in_features), _cat_bias(layers))
 
     @property
     def nbytes(self) -> int:
@@ -286,110 +299,30 @@ class ScreenedHead(nn.Module):
 
 # --- the swap ---
 
-def _quantized(w) -> bool:
-    return getattr(w, "qtype", None) is not None and int(w.qtype) not in (_T.F32, _T.F16, _T.BF16)
-
-
 def _dense(w) -> torch.Tensor:
     return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
 
 
-def compact_linear(w, bias=None, head: bool = False) -> nn.Module:
+def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -> nn.Module:
     """The CPU layer for one weight (a GGUFTensor or a dense tensor): see the module docstring."""
-    qtype = int(w.qtype) if _quantized(w) else None
+    qtype = int(w.qtype) if quantized(w) else None
     if head and qtype is not None and w.shape[0] >= SCREEN_MIN_ROWS and w.shape[0] % 64 == 0 and bias is None:
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
         return Int4Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias)
-    return Int8Linear.from_dense(_dense(w), bias)
+    return Int8Linear.from_dense(_dense(w), bias, policy)
 
 
-def _linear_weight(weights: Mapping, name: str):
-    if name in weights:
-        return weights[name]
-    if name == "lm_head.weight":  # tied output head
-        return weights.get("model.embed_tokens.weight")
-    return None
-
-
-class Fused(FusedLinear):
-    """Compact layers of one input joined into one wider layer, behind kiln.fuse's FusedLinear protocol
-    (the model calls it with x or a Normed of x, gets one output per part, or `wide_forward`)."""
-
-    def __init__(self, wide: nn.Module, widths: list[int]):
-        nn.Module.__init__(self)  # FusedLinear's own grouping knows only nn.Linear and QuantLinear
-        self.groups, self.splits = nn.ModuleList([wide]), [list(widths)]
-
-    def _wide_outputs(self, x) -> list[torch.Tensor]:
-        if isinstance(x, Normed) and _native_row(x.x):  # the decode step's norm: one native call
-            n = x.norm
-            if x.residual is None:
-                return [self.groups[0](native.rms_norm(x.x, n.weight, n.eps, n.offset))]
-            y, x.h = native.rms_norm(x.x, n.weight, n.eps, n.offset, x.residual.float())
-            return [self.groups[0](y)]
-        return super()._wide_outputs(x)
-
-
-def _join(layers: list[nn.Module]) -> nn.Module | None:
-    """One layer with the rows of `layers` stacked, or None when they do not share a type and input."""
-    a = layers[0]
-    if any(type(b) is not type(a) or b.in_features != a.in_features or (b.bias is None) != (a.bias is None)
-           for b in layers) or type(a) not in (Int8Linear, Int4Linear):
-        return None
-    bias = None if a.bias is None else torch.cat([b.bias for b in layers])
-    if isinstance(a, Int8Linear):
-        return Int8Linear(torch.cat([b.q for b in layers]), torch.cat([b.scale for b in layers]), bias)
-    n = sum(b.out_features for b in layers)  # whole 64-row tiles each, so the packed rows stack
-    return Int4Linear(torch.cat([b.packed for b in layers]), torch.cat([b.scale_zero for b in layers], 1),
-                      (n, a.in_features), bias)
-
-
-FUSE = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
-
-
-def fuse_compact(model: nn.Module) -> nn.Module:
-    """In place: a module whose q/k/v (gate/up) projections are compact layers of one kind gets `qkv`
-    (`gate_up`), one matmul instead of three (two); fewer, wider calls cost less per-call overhead."""
-    for mod in list(model.modules()):
-        for fused, parts in FUSE.items():
-            if not (hasattr(mod, fused) and all(hasattr(mod, p) for p in parts)):
-                continue
-            wide = _join([getattr(mod, p) for p in parts])
-            if wide is not None:
-                setattr(mod, fused, Fused(wide, [getattr(mod, p).out_features for p in parts]))
-                for p in parts:
-                    delattr(mod, p)
-    return model
-
-
-def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
+def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT) -> list[str]:
     """On a (meta-device) model, replace every nn.Linear with a compact CPU layer and a quantized GGUF
-    embedding table with a GGUFEmbedding. Returns the parameter names now held (the caller loads the rest)."""
-    taken = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Embedding) and _quantized(weights.get(f"{name}.weight")):
-                setattr(parent, child_name, GGUFEmbedding(GGUFRows.of(weights[f"{name}.weight"])))
-                taken.append(f"{name}.weight")
-                continue
-            w = _linear_weight(weights, f"{name}.weight") if isinstance(child, nn.Linear) else None
-            if w is None:
-                continue
-            if tuple(w.shape) != (child.out_features, child.in_features):
-                raise KilnError(f"tensor {name}.weight has shape {tuple(w.shape)} but the model needs "
-                                f"{(child.out_features, child.in_features)}; config and weights disagree")
-            b = weights.get(f"{name}.bias") if child.bias is not None else None
-            setattr(parent, child_name, compact_linear(w, None if b is None else _dense(b), head=name == "lm_head"))
-            taken += [f"{name}.weight"] + ([f"{name}.bias"] if b is not None else [])
-    fuse_compact(model)
+    embedding table with a GGUFEmbedding, then join q/k/v and gate/up where they stack. Returns the
+    parameter names now held (the caller loads the rest)."""
+    def embedding(name, w):
+        return GGUFEmbedding(GGUFRows.of(w)) if quantized(w) else None
+
+    def linear(name, w, b):
+        return compact_linear(w, None if b is None else _dense(b), head=name == "lm_head", policy=policy)
+
+    taken = swap_layers(model, weights, linear=linear, embedding=embedding)
+    join_projections(model)
     return taken
-
-
-def int8_linears(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of `model` (CPU, dense weights) by an Int8Linear, in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_dense(child.weight, child.bias))
-    return model

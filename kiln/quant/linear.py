@@ -1,9 +1,13 @@
 """`QuantLinear`: an nn.Linear whose weight stays in its GGUF quantized form, and `swap_linears`.
 
 Owns: QuantLinear (built by `from_gguf`; `forward` dispatch by device and batch size; the dense reference
-weight `dequantize`), and `swap_linears`, which replaces every nn.Linear whose GGUF weight is quantized.
+weight `dequantize`; `cat`, its rows stacked with its neighbours' for swap.Joined; `int8_input`, the buffer
+a producer kernel fills for its int8 GEMV), and `swap_linears`, which replaces every nn.Linear whose GGUF
+weight is quantized (and, where the kernels serve the device, every quantized nn.Embedding) through
+swap.py's walker.
 Not: the kernels and the packed layout (kernels.py), the GGUF block formats (legacy.py, kquants.py,
-iquants.py), wiring into kiln/load.py (the loader calls swap_linears on the model it builds).
+iquants.py), the walker and the joining rule (swap.py), wiring into kiln/load.py (the loader calls
+swap_linears on the model it builds).
 
 Storage is chosen once, at construction, by where the weight lives:
 - a device the Triton kernels serve (CUDA; CPU too under KILN_TRITON_CPU=1, for tests): the rows are
@@ -35,6 +39,7 @@ from kiln.errors import KilnError
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kernels
 from kiln.quant.kernels import FORMATS, PackedWeight
+from kiln.quant.swap import quantized, swap_layers
 
 __all__ = ["QuantLinear", "QuantEmbedding", "swap_linears"]
 
@@ -97,6 +102,26 @@ class QuantLinear(nn.Module):
             w = dequantize_gguf(self.raw.reshape(-1).cpu(), self.qtype, (self.out_features, self.in_features), dtype)
             return w.to(self.raw.device)
         return kernels.dequantize_ref(self.packed).to(dtype)
+
+    @classmethod
+    def cat(cls, layers: list[QuantLinear]) -> QuantLinear:
+        """One QuantLinear with the rows of `layers` (one GGUF type, packed: `joins`) stacked: every plane
+        of the packed layout is row-major, so the planes concatenate."""
+        a = layers[0]
+        n = sum(layer.out_features for layer in layers)
+        planes = {name: torch.cat([getattr(layer, name) for layer in layers]) for name in a.packed.planes()}
+        bias = None if a.bias is None else torch.cat([layer.bias for layer in layers])
+        packed = type(a.packed)(a.qtype, (n, a.in_features), **planes)
+        return cls(a.in_features, n, a.qtype, packed=packed, bias=bias)  # merge: pass policy=a.policy here
+
+    def joins(self, other: QuantLinear) -> bool:
+        """May `cat` stack these two? The same GGUF type, both packed."""
+        return self.qtype == other.qtype and self.qs is not None and other.qs is not None
+
+    def int8_input(self, x: torch.Tensor) -> kernels.QuantAct | None:
+        """An empty buffer for x quantized to int8 when forward(x) takes the int8 GEMV (`takes_int8`), for
+        the kernel that produces x to fill in the same launch (ops.rms_norm, silu_mul: `q8=`); else None."""
+        return kernels.empty_act(self.in_features, x.dtype, x.device) if self.takes_int8(x) else None
 
     def takes_prologue(self, x: torch.Tensor) -> bool:
         """Can `forward(x, prologue=...)` fold a norm or gated activation into the GEMV (decode, M = 1)?"""
@@ -163,19 +188,6 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={FORMATS[self.qtype].name}, packed"
 
 
-def _is_quantized(w) -> bool:
-    return getattr(w, "qtype", None) is not None and int(w.qtype) in FORMATS
-
-
-def _weight_for(weights: Mapping, name: str):
-    """The weight behind a Linear's `name`; a missing lm_head is the tied embedding (as kiln/load.py does)."""
-    if name in weights:
-        return weights[name]
-    if name == "lm_head.weight":
-        return weights.get("model.embed_tokens.weight")
-    return None
-
-
 def _dense_bias(b, device) -> torch.Tensor | None:
     if b is None:
         return None
@@ -184,49 +196,30 @@ def _dense_bias(b, device) -> torch.Tensor | None:
 
 def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bfloat16) -> list[str]:
     """Replace each nn.Linear whose weight (weights[f"{module}.weight"], a GGUFTensor-like with `raw_rows()`,
-    `qtype`, `shape`) is quantized by a QuantLinear on device, bias included. F32/F16/BF16 weights and plain
-    tensors stay nn.Linear. Where the kernels serve the device, a quantized nn.Embedding becomes a
-    QuantEmbedding (output in dtype) sharing its planes with a tied output head. Returns the parameter
-    names now held by quantized modules (weights and biases), which the caller must not load."""
-    planes = _swap_embeddings(model, weights, device, dtype)  # {embedding weight name: its PackedWeight}
-    taken = list(planes)
-    by_tensor = {id(weights[name]): packed for name, packed in planes.items()}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            w = _weight_for(weights, f"{name}.weight")
-            if w is None or not _is_quantized(w):
-                continue
-            if tuple(w.shape) != (child.out_features, child.in_features):
-                raise KilnError(f"tensor {name}.weight has shape {tuple(w.shape)} but the model needs "
-                                f"{(child.out_features, child.in_features)}; config and weights disagree")
-            bias = _dense_bias(weights.get(f"{name}.bias"), device or "cpu") if child.bias is not None else None
-            shared = by_tensor.get(id(w))
-            if shared is not None:  # the tied embedding's planes, held once
-                setattr(parent, child_name, QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=shared, bias=bias))
-            else:
-                setattr(parent, child_name, QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape),
-                                                                  bias=bias, device=device))
-            taken += [f"{name}.weight"] + ([f"{name}.bias"] if bias is not None else [])
-    return taken
+    `qtype`, `shape`) is quantized in a format with kernels by a QuantLinear on device, bias included.
+    F32/F16/BF16 weights and plain tensors stay nn.Linear. Where the kernels serve the device, a quantized
+    nn.Embedding becomes a QuantEmbedding (output in dtype) sharing its planes with a tied output head.
+    Returns the parameter names now held by quantized modules (weights and biases), which the caller must
+    not load."""
+    serve = device is not None and _kernels_serve(torch.device(device))
+    planes = {}  # id(embedding weight) -> its PackedWeight: a tied output head reads the same planes
+
+    def embedding(name, w):
+        if not serve or not _has_kernels(w):
+            return None
+        planes[id(w)] = packed = kernels.repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
+        return QuantEmbedding(packed, dtype)
+
+    def linear(name, w, b):
+        if not _has_kernels(w):
+            return None
+        bias = _dense_bias(b, device or "cpu")
+        if id(w) in planes:  # the tied embedding's planes, held once
+            return QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=planes[id(w)], bias=bias)
+        return QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape), bias=bias, device=device)
+
+    return swap_layers(model, weights, linear=linear, embedding=embedding)
 
 
-def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> dict[str, PackedWeight]:
-    """nn.Embedding -> QuantEmbedding for quantized tables, where the kernels serve `device`; returns the
-    packed planes by weight name (a tied output head reads the same ones)."""
-    planes = {}
-    if device is None or not _kernels_serve(torch.device(device)):
-        return planes
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            w = weights.get(f"{name}.weight")
-            if not isinstance(child, nn.Embedding) or w is None or not _is_quantized(w):
-                continue
-            packed = kernels.repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
-            setattr(parent, child_name, QuantEmbedding(packed, dtype))
-            planes[f"{name}.weight"] = packed
-    return planes
-
+def _has_kernels(w) -> bool:
+    return quantized(w) and int(w.qtype) in FORMATS

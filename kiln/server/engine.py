@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.cache import KVCache
+from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
 
@@ -192,7 +192,7 @@ class _BatchStep:
             ids = (tokens.to(dev, torch.long) if on_device else
                    torch.tensor(tokens, dtype=torch.long, device=dev))[:, None]  # (B, 1)
             view = self.cache.rows(slots, max(pos) + 1)
-            return self.model(ids, cache=view, pos=torch.tensor(pos, dtype=torch.long, device=dev))[:, -1].float()
+            return self.model(ids, Step.rows(view, torch.tensor(pos, dtype=torch.long, device=dev)))[:, -1].float()
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
@@ -210,7 +210,7 @@ class _BatchStep:
 
     def _forward(self, bucket: int, n_keys: int) -> torch.Tensor:
         ids, pos, slots = self.inputs[0, :bucket, None], self.inputs[1, :bucket], self.inputs[2, :bucket]
-        return self.model(ids, cache=self.cache.rows(slots, n_keys), pos=pos)[:, -1].float()  # (bucket, V)
+        return self.model(ids, Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()  # (bucket, V)
 
     def _capture(self, bucket: int) -> None:
         """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
@@ -453,7 +453,7 @@ class Engine:
         chunk, row.todo = row.todo[:n], row.todo[n:]
         slot = row.slot
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
-        logits = self.model(ids, cache=self.cache.slot(slot.index), pos=len(slot.tokens), last_only=True)
+        logits = self.model(ids, Step.prefill(self.cache.slot(slot.index), len(slot.tokens)), last_only=True)
         slot.tokens.extend(chunk)
         self._counters["prompt_tokens_prefilled"] += n
         return None if row.todo else logits[:, -1].float()  # (1, V)

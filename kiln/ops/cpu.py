@@ -1,0 +1,63 @@
+"""The CPU backend of the ops: kiln's native C kernels (native.py) where they serve, torch's otherwise.
+
+Owns: the rule for when a native kernel serves a tensor (`serves`: one float32 row on the CPU, nothing
+to differentiate, the policy's `native` on and the library built), and the CPU entry points the rest of
+kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row product of
+quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
+otherwise) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms, RoPE,
+the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
+Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
+kind of step takes the single-token attention (models/base.attention decides that).
+
+Each entry point's torch twin: ops.rms_norm_ref; Int8Linear.dequantize() @ x; ops.rope_qk_ref, then the
+cache write and base.attend. tests/test_native.py compares them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln import native
+from kiln.policy import DEFAULT, Policy
+
+
+def serves(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
+    """Does a native kernel take x? One float32 row (a batch-1 decode step) that `_native` allows."""
+    return x.numel() == x.shape[-1] and _native(x, policy)
+
+
+def _native(x: torch.Tensor, policy: Policy) -> bool:
+    """float32 on the CPU, nothing to differentiate, native kernels on in the policy and built here."""
+    return (policy.native and x.dtype == torch.float32 and not x.is_cuda and not x.requires_grad
+            and native.available())
+
+
+def rms_norm(x, weight, eps: float, offset: float = 0.0, residual=None):
+    """ops.rms_norm_ref's contract for one float32 row that `serves` (float32 weight and residual)."""
+    return native.rms_norm(x, weight, eps, offset, residual)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                policy: Policy = DEFAULT) -> torch.Tensor:
+    """x (..., K) @ (q * scale).T (+ bias) -> (..., N) in x.dtype: q (N, K) int8 rows, scale (N,) bf16, bias
+    (N,) float32. One row that `serves` takes the native GEMV (x kept in fp32, about twice the speed of
+    torch's kernel at batch 1); anything else torch's `_weight_int8pack_mm` (it vectorizes bf16 only)."""
+    n = q.shape[0]
+    if serves(x, policy):
+        return native.gemv_i8(x.reshape(-1), q, scale, bias).view(*x.shape[:-1], n)
+    y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor, policy: Policy = DEFAULT) -> bool:
+    """Does `decode_attention` take one token's q (H, D) against a layer's cache (K, S, D)?"""
+    return _native(q, policy) and native.attention_fits(q, k_cache, inv_freq)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
+                     eps: float, offset: float, scale: float, window: int | None) -> torch.Tensor:
+    """native.decode_attention: one token where `attention_fits` -> (H * D,); k, v written at `pos`."""
+    return native.decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
+                                   eps, offset, scale, window)
