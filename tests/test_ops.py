@@ -41,7 +41,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}  # float32 tight; 16-bit: about one unit in the last place
 
 # If another test module imported triton first, its own library functions (tl.sum, …) were compiled for
-# the GPU and the interpreter cannot call them: run this file again in a fresh process instead.
+# the GPU and the interpreter cannot call them (and kiln's policy may have been read without triton_cpu):
+# run this file again in a fresh process instead.
 LATE = late()
 
 
