@@ -15,7 +15,8 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
   dequantizes only the rows it reads, exactly.
 - `compact_linears(model, weights)`: swaps these in on a meta-device model before the loader assigns the
   rest, so peak memory stays near the compact size (one tensor is dense at a time).
-Not: GPU kernels (kernels.py, linear.py), the GGUF block formats (legacy.py, kquants.py), loading order.
+Not: GPU kernels (route.py and the files it routes to, linear.py), the GGUF block formats (legacy.py,
+kquants.py), loading order.
 
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
 run ~10x slower) and the result comes back in the caller's dtype. The native GEMV keeps x in fp32 and
@@ -385,11 +386,3 @@ def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
     fuse_compact(model)
     return taken
 
-
-def int8_linears(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of `model` (CPU, dense weights) by an Int8Linear, in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_dense(child.weight, child.bias))
-    return model
