@@ -52,7 +52,7 @@ d = json.loads(open(__import__("os").environ["OUT"] + "/ab.jsonl").read().splitl
 k = d.get("kiln")
 print(d["model"], d["side"], d["round"], "error" if not k else
       f"pp {k['prefill_tok_s']:.0f} tg {k['decode_tok_s']:.1f} eff {k['effective_tok_s']:.1f} "
-      f"load {k.get('load_s', 0):.1f}s capture {k.get('capture_s', 0):.1f}s", d.get("error", ""))
+      f"load {d.get('load_s', 0):.1f}s capture {k.get('capture_s', 0):.1f}s", d.get("error", ""))
 EOF
       done
     done
