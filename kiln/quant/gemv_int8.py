@@ -292,19 +292,9 @@ def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
 def gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config,
               policy: Policy = DEFAULT) -> torch.Tensor:
     """One quantized row of x (`quantize_act`) -> y = x @ W.T (+ bias): (1, N) in act.dtype, through
-    `_gemv_q8_kernel` launched as `config` says; PDL as the policy allows. Graph-capturable."""
+    `_gemv_q8_kernel` launched as `config` says (route.q8_config); PDL as the policy allows. Graph-capturable."""
     _check(act, w, range(1, 2))
-    fmt, (n, k) = w.fmt, w.shape
-    geo = dict(geometry(fmt, k, V * fmt.g), W=config.words)
-    y = torch.empty((1, n), dtype=act.dtype, device=act.xq.device)
-    qs, qh, sc, mn, d, dm, _ = plane_args(w)
-    extra = {} if config.num_stages is None else dict(num_stages=config.num_stages)
-    _gemv_q8_kernel[(triton.cdiv(n, config.block_n),)](
-        act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n,
-        FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"], OFFSET=OFFSETS.get(w.qtype, 0),
-        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=not _interpreting(),
-        num_warps=config.num_warps, **geo, **extra, **pdl.launch_kw(act.xq, policy))
-    return y
+    return _launch(_gemv_q8_kernel, act, w, bias, config, policy)
 
 
 def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config,
@@ -312,15 +302,20 @@ def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config:
     """M = 2..32 quantized rows of x -> y = x @ W.T (+ bias): (M, N) in act.dtype, through `_gemm_q8_kernel`
     launched as `config` says (route.q8_rows_config); PDL as the policy allows. Graph-capturable."""
     _check(act, w, range(2, MAX_ROWS + 1))
+    return _launch(_gemm_q8_kernel, act, w, bias, config, policy, M=act.m, MX=triton.next_power_of_2(act.m))
+
+
+def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, policy: Policy,
+            **rows) -> torch.Tensor:
+    """One int8 kernel over every row of act, config.block_n weight rows per program."""
     fmt, (n, k) = w.fmt, w.shape
-    m = act.m
     geo = dict(geometry(fmt, k, V * fmt.g), W=config.words)
-    y = torch.empty((m, n), dtype=act.dtype, device=act.xq.device)
+    y = torch.empty((act.m, n), dtype=act.dtype, device=act.xq.device)
     qs, qh, sc, mn, d, dm, _ = plane_args(w)
     extra = {} if config.num_stages is None else dict(num_stages=config.num_stages)
-    _gemm_q8_kernel[(triton.cdiv(n, config.block_n),)](
+    kernel[(triton.cdiv(n, config.block_n),)](
         act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n,
         FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"], OFFSET=OFFSETS.get(w.qtype, 0),
-        M=m, MX=triton.next_power_of_2(m), BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words),
-        ASM=not _interpreting(), num_warps=config.num_warps, **geo, **extra, **pdl.launch_kw(act.xq, policy))
+        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=not _interpreting(),
+        num_warps=config.num_warps, **rows, **geo, **extra, **pdl.launch_kw(act.xq, policy))
     return y
