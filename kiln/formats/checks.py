@@ -75,7 +75,7 @@ def _check_value(name: str, kind: str, v) -> None:
         ok = 0 < v <= 1
     if not ok:
         text = short(v)
-        want = {"int": "a positive integer" if name in _POSITIVE else "a non-negative integer",
+        want = {"int": f"an integer from {1 if name in _POSITIVE else 0} to 2^31 - 1",
                 "float": "a finite number"}.get(kind, f"a {kind}")
         raise KilnError(f"the model config's {name} is {text}, not {want}; the file is corrupt")
 
@@ -115,8 +115,8 @@ def _check_sizes(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
                             f"largest is {biggest}); config and weights disagree")
     layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
     n = config["num_hidden_layers"]
-    if layers != set(range(n)):
-        have = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) and layers else \
+    if len(layers) != n or max(layers, default=-1) != n - 1:  # distinct indices from 0: exactly 0..n-1
+        have = f"layers 0..{max(layers)}" if layers and max(layers) == len(layers) - 1 else \
             f"{len(layers)} layers" if layers else "no layers"
         raise KilnError(f"the model config has {n} layers but the weights hold {have}; the file is incomplete "
                         f"or corrupt")
