@@ -173,7 +173,7 @@ class Tokenizer:
         elif vocab.model == "llama":
             backend, flags = _spm_backend(vocab, meta), {"add_bos": True}
         else:
-            raise KilnError(f"GGUF tokenizer model {vocab.model!r} is not supported (kiln reads 'gpt2' BPE and "
+            raise KilnError(f"GGUF tokenizer model {vocab.model!r:.80} is not supported (kiln reads 'gpt2' BPE and "
                             "'llama' SentencePiece vocabularies); point kiln at the model's Hugging Face folder "
                             "(tokenizer.json) instead")
         return cls(backend, eos_token_ids=eog, **_gguf_fields(vocab, meta, flags))

@@ -93,7 +93,8 @@ def _check_rope(config: dict) -> None:
     if not isinstance(kind, str) or kind not in _ROPE_NEEDS:
         return
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    half = int(config.get("partial_rotary_factor", 1.0) * head_dim) // 2
+    part = config.get("partial_rotary_factor", 1.0)
+    half = int((part if type(part) in (int, float) and 0 < part <= 1 else 1.0) * head_dim) // 2
     for key in _ROPE_NEEDS[kind]:
         v = s.get(key)
         if key.endswith("_factor") and kind == "longrope":

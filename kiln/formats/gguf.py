@@ -6,6 +6,11 @@ per-architecture fix-ups llama.cpp's converter applied undone (q/k row permutati
 Gemma norm weights).
 Not: dequantization (quant/), building the model (load.py), the vocabulary (tokenizer.py reads `meta`).
 
+Model files are untrusted input: every count, length, shape, offset and the alignment declared in the
+header is checked against the file before it is used, as strictly as llama.cpp checks them, and metadata
+the config needs is checked for type and range; anything wrong is one KilnError that names it
+(tests/test_fuzz_formats.py fuzzes this).
+
 The header is parsed here rather than with `gguf.GGUFReader` because the reader builds a numpy view per
 array element and takes ~20 s to open a 262k-token vocabulary; the numbering of value and tensor types
 comes from the `gguf` package.
@@ -202,7 +207,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 def _alignment(cur: _Cursor, meta: dict) -> int:
     align = meta.get("general.alignment", 32)
     if type(align) is not int or align <= 0 or align & (align - 1):
-        raise cur.corrupt(f"general.alignment is {align!r}, not a power of two")
+        raise cur.corrupt(f"general.alignment is {short(align)}, not a power of two")
     return align
 
 
