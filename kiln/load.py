@@ -1,7 +1,8 @@
 """The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
 
 Owns: `load(path_or_name, device, dtype) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
-`meta_model` (the model on the meta device once config and weights are checked: formats/checks.py),
+`read_model(path) -> (config, weights, tokenizer)`, `meta_model` (the model on the meta device once
+config and weights are checked against each other: formats/checks.py),
 the choice of default device and dtype, and the check that every weight the model needs was found.
 Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
 """
