@@ -108,6 +108,8 @@ def _check_rope(config: dict) -> None:
 
 
 def _check_sizes(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    if not shapes:
+        raise KilnError("the file holds no weights; it is incomplete or not a model")
     biggest = max((d for s in shapes.values() for d in s), default=0)
     for name in _SIZES:
         v = config.get(name)
