@@ -30,10 +30,10 @@ async def tokenize(st, body) -> dict:
     add = P.boolean("add_special", body.get("add_special", False))
     pieces = P.boolean("with_pieces", body.get("with_pieces", False))
     check_chars(st, body["content"], "content")
-    ids = await asyncio.to_thread(st.tokenizer.encode, body["content"], add_special_tokens=add)
-    if pieces:
-        return {"tokens": [{"id": i, "piece": st.tokenizer.id_to_piece(i)} for i in ids]}
-    return {"tokens": ids}
+    def run():
+        ids = st.tokenizer.encode(body["content"], add_special_tokens=add)
+        return [{"id": i, "piece": st.tokenizer.id_to_piece(i)} for i in ids] if pieces else ids
+    return {"tokens": await asyncio.to_thread(run)}
 
 
 def detokenize(st, body) -> dict:

@@ -1,7 +1,7 @@
 """The HTTP layer under the routes: who may talk to the server, how long they may take, how it stops.
 
-Owns: `Guard` (ASGI middleware: the Host check against DNS rebinding, counting every response by endpoint and
-status, with 499 for a client that left), `read_json` (a request body: Content-Type, size, read timeouts, a client
+Owns: `Guard` (ASGI middleware: the Host check against DNS rebinding, a 500 for a kiln bug, counting every
+response by endpoint and status, with 499 for a client that left), `read_json` (a request body: Content-Type, size, read timeouts, a client
 that hangs up mid-upload, JSON syntax and depth), and `make_server` (uvicorn with a deadline on each request's head,
 and a bounded graceful shutdown: a second SIGTERM or Ctrl-C stops at once).
 Not: routes, auth, generation (app.py), the error body shape (protocol.py).
@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable
 
 import h11
@@ -67,7 +68,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
+        status = [None]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -82,9 +83,22 @@ class Guard:
                 await _send_json(send_status, err.status, err.body(), {"connection": "close"})
                 return
             await self.app(scope, receive, send_status)
+        except Exception as e:  # a kiln bug: one log entry with its traceback, and a 500 that shows no internals
+            body = internal_error(e, f"internal error on {scope.get('method')} {scope.get('path')}")
+            if status[0] is not None:
+                raise  # mid-response: nothing to say any more; uvicorn closes the connection
+            await _send_json(send_status, 500, body, {})
         finally:  # unknown paths share one label: a scanner must not grow the metrics without bound
             path = scope.get("path", "")
-            self.metrics.request_done(path if path in self.routes else "other", scope.get("kiln.status", status[0]))
+            self.metrics.request_done(path if path in self.routes else "other",
+                                      scope.get("kiln.status", status[0] or 500))
+
+
+def internal_error(e: BaseException, what: str) -> dict:
+    """Log a kiln bug with its traceback under a short reference; the error body carries the reference only."""
+    ref = uuid.uuid4().hex[:8]
+    log.error("%s [%s]", what, ref, exc_info=e)
+    return P.error_body(500, f"internal server error (reference {ref} in the server log)", code="internal_error")
 
 
 async def _send_json(send, status: int, body: dict, headers: dict) -> None:
