@@ -174,7 +174,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise KilnError(f"invalid max_tokens {max_tokens!r}: must be an integer >= 1")
     ids = prompt_ids(tokenizer, prompt)
-    if not ids:
+    if not ids or prompt in ("", [], ()):  # empty text is empty even where the tokenizer adds a BOS
         raise KilnError("the prompt is empty: give at least one token of text")
     ctx = max_context or model.args.max_position_embeddings
     if len(ids) >= ctx:

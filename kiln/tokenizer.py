@@ -174,7 +174,7 @@ class Tokenizer:
         elif vocab.model == "llama":
             backend, flags = _spm_backend(vocab, meta), {"add_bos": True}
         else:
-            raise KilnError(f"GGUF tokenizer model {vocab.model!r} is not supported (kiln reads 'gpt2' BPE and "
+            raise KilnError(f"GGUF tokenizer model {vocab.model!r:.80} is not supported (kiln reads 'gpt2' BPE and "
                             "'llama' SentencePiece vocabularies); point kiln at the model's Hugging Face folder "
                             "(tokenizer.json) instead")
         return cls(backend, eos_token_ids=eog, **_gguf_fields(vocab, meta, flags))
@@ -444,18 +444,19 @@ class _GGUFVocab:
 
     @classmethod
     def read(cls, meta: dict) -> _GGUFVocab:
-        tokens = meta.get("tokenizer.ggml.tokens")
+        tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, None)
         if not tokens:
             raise KilnError("this GGUF file carries no vocabulary (tokenizer.ggml.tokens); use the model's "
                             "Hugging Face folder (tokenizer.json) as the tokenizer")
         n = len(tokens)
-        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * n)
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
-        if len(types) < n or len(scores) < n:
-            raise KilnError(f"GGUF vocabulary is inconsistent: {n} tokens but {len(types)} token types and "
-                            f"{len(scores)} scores; the file is damaged, re-download or re-convert it")
+        types = _gguf_list(meta, "tokenizer.ggml.token_type", int, n) or [NORMAL] * n
+        scores = _gguf_list(meta, "tokenizer.ggml.scores", (int, float), n) or [0.0] * n
         model = meta.get("tokenizer.ggml.model", "llama")
-        return cls(model, list(tokens), types[:n], scores[:n], list(meta.get("tokenizer.ggml.merges") or []))
+        if not isinstance(model, str) or not isinstance(meta.get("tokenizer.ggml.pre", ""), str):
+            raise KilnError("GGUF tokenizer.ggml.model / tokenizer.ggml.pre is not a string; the file is damaged, "
+                            "re-download or re-convert it")
+        merges = _gguf_list(meta, "tokenizer.ggml.merges", str, None) or []
+        return cls(model, list(tokens), types[:n], scores[:n], merges)
 
     @property
     def ids(self) -> dict[str, int]:
@@ -479,6 +480,22 @@ class _GGUFVocab:
         for i in ids:
             if self.types[i] != CONTROL:
                 self.types[i] = CONTROL
+
+
+def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
+    """meta[key] as a list of `kind` of at least `n` items ([] when absent); KilnError when it is not one.
+
+    Model files are untrusted: a vocabulary array of the wrong type or length is refused here, by name.
+    """
+    value = meta.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) or (n and len(value) < n):
+        what = f"a {type(value).__name__}" if not isinstance(value, list) else f"{len(value)} items"
+        raise KilnError(f"GGUF vocabulary is inconsistent: {key} is {what}, expected {n or 'a list of'} "
+                        f"{getattr(kind, '__name__', 'number')} values; the file is damaged, re-download or "
+                        f"re-convert it")
+    return value
 
 
 def _bpe_backend(vocab: _GGUFVocab, meta: dict) -> tuple[_Backend, dict]:
@@ -506,7 +523,7 @@ def _pre_regexes(pre: str) -> tuple[tuple[str, ...], dict]:
                     "which may not be the model's own; re-convert the model with a current llama.cpp to fix")
         pre = "default"
     if pre not in _PRE_ALIASES:
-        log.warning("unknown GGUF pre-tokenizer %r; splitting text with the GPT-2 regex, so token ids may differ "
+        log.warning("unknown GGUF pre-tokenizer %.80r; splitting text with the GPT-2 regex, so token ids may differ "
                     "from the model's own tokenizer", pre)
         return _PRE_REGEXES["gpt2"], {}
     family, flags = _PRE_ALIASES[pre]
