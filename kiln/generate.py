@@ -162,11 +162,7 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself …
-        if tokenizer.add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-            ids = [tokenizer.bos_token_id] + ids  # … unless it does not
-        return ids
+        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
     raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
 
