@@ -162,11 +162,7 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself …
-        if tokenizer.add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-            ids = [tokenizer.bos_token_id] + ids  # … unless it does not
-        return ids
+        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
     raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
 
@@ -178,7 +174,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise KilnError(f"invalid max_tokens {max_tokens!r}: must be an integer >= 1")
     ids = prompt_ids(tokenizer, prompt)
-    if not ids:
+    if not ids or prompt in ("", [], ()):  # empty text is empty even where the tokenizer adds a BOS
         raise KilnError("the prompt is empty: give at least one token of text")
     ctx = max_context or model.args.max_position_embeddings
     if len(ids) >= ctx:

@@ -1,16 +1,16 @@
 """The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
 
 Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
-the choice of default device and dtype, the check that every weight the model needs was found, and the
-wiring of the layers above the models: compact layers swapped in (quant/linear.swap_linears on GPUs,
-quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the kernel
-policy handed to the model (its steps' default) and to the swapped layers.
+`read_model(path) -> (config, weights, tokenizer)`, `meta_model` (the model on the meta device once
+config and weights are checked against each other: formats/checks.py), the choice of default device and
+dtype, and the wiring of the layers above the models: compact layers swapped in (quant/linear.swap_linears
+on GPUs, quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the
+kernel policy handed to the model (its steps' default) and to the swapped layers.
 Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
+from kiln.formats.checks import check_config, check_weights, shapes_of
 from kiln.formats.gguf import GGUFTensor, hf_tensors, read_gguf, to_config
 from kiln.models import get_model
 from kiln.policy import DEFAULT, Policy
@@ -43,20 +44,11 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     """
     from kiln.hub import resolve
-    from kiln.tokenizer import Tokenizer
 
     path = Path(resolve(str(path_or_name), progress=progress))
     device = torch.device(device or default_device())
     dtype = _dtype(dtype) or default_dtype(device)
-    if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        config, weights = read_folder(path)
-        tokenizer = Tokenizer.from_folder(path)
-    else:
-        g = read_gguf(path)
-        config = to_config(g)
-        weights = hf_tensors(g, config)
-        tokenizer = Tokenizer.from_gguf(g.meta)
+    config, weights, tokenizer = read_model(path)
     quantized = device.type == "cuda" if quantized is None else quantized
     on_gpu = device.type == "cuda"
     swap = None
@@ -69,6 +61,18 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         join_projections(model)
     model.source = str(path)
     return model, tokenizer
+
+
+def read_model(path: Path):
+    """(config, weights, tokenizer) of a GGUF file or a Hugging Face folder; weights are read lazily."""
+    from kiln.tokenizer import Tokenizer
+    if path.is_dir():
+        from kiln.formats.safetensors import read_folder
+        config, weights = read_folder(path)
+        return config, weights, Tokenizer.from_folder(path)
+    g = read_gguf(path)
+    config = to_config(g)
+    return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta)
 
 
 def _dtype(dtype):
@@ -92,28 +96,15 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     """
     from kiln.quant.swap import weight_of
     policy = policy or DEFAULT
-    model_cls, args_cls = get_model(config["model_type"])
-    args = args_cls.from_dict(config)
-    with torch.device("meta"):
-        model = model_cls(args)
+    model, args = meta_model(config, weights)
     model.policy = policy  # the kernels of its steps (a step may name its own)
     taken = set()
     if quantized:
         from kiln.quant.linear import swap_linears
-        kw = {"policy": policy} if "policy" in inspect.signature(swap_linears).parameters else {}  # merge: always
-        taken = set(swap_linears(model, weights, device, dtype, **kw))
+        taken = set(swap_linears(model, weights, device, dtype, policy=policy))
     elif swap is not None:
         taken = set(swap(model, weights, policy=policy))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
-    extra = {"model.rope_freqs"}
-    missing = [n for n in wanted if weight_of(weights, n) is None]
-    if missing:
-        raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
-                        f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
-    unknown = [n for n in weights if n not in wanted and n not in extra and n not in taken]
-    if unknown:
-        raise KilnError(f"the weights hold {len(unknown)} tensors the {config['model_type']} model does not "
-                        f"have, e.g. {unknown[:3]}; the file may be for another architecture")
     state = {}
     for name in _progress(list(wanted), progress, "loading weights"):
         state[name] = _materialize(weight_of(weights, name), name, tuple(wanted[name].shape), device, dtype)
@@ -130,6 +121,22 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     return model.to(device).eval().requires_grad_(False)
 
 
+def meta_model(config: dict, weights: Mapping):
+    """(model on the meta device, its args), once config and weights are checked to agree; nothing is read.
+
+    Model files are untrusted: the checks come before the model is built (an absurd size or layer count
+    would otherwise allocate or loop) and before any weight is read (a wrong shape fails in milliseconds).
+    """
+    model_cls, args_cls = get_model(config["model_type"])
+    shapes = shapes_of(weights)
+    check_config(args_cls, config, shapes)
+    args = args_cls.from_dict(config)
+    with torch.device("meta"):
+        model = model_cls(args)
+    check_weights(model, weights, shapes)
+    return model, args
+
+
 def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
     t = w.dequantize(torch.float32) if isinstance(w, GGUFTensor) else w
     if shape is not None and tuple(t.shape) != shape:
@@ -141,5 +148,5 @@ def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
+    from kiln.progress import bar  # a tqdm bar on a terminal, plain lines in a log
+    return bar(items, desc=desc, unit="tensor", leave=False)

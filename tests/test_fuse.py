@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from interpreter import run_interpreted
-from kiln.quant import kernels
+from kiln.quant import packed
 from kiln.quant.linear import QuantLinear
 from kiln.quant.swap import Joined, join_projections
 from test_quant_kernels import random_rows  # noqa: E402  (random valid GGUF blocks)
@@ -13,12 +13,12 @@ from test_quant_kernels import random_rows  # noqa: E402  (random valid GGUF blo
 
 def _quant(qtype, n, k, seed):
     raw = random_rows(qtype, n, k, seed=seed)
-    return QuantLinear(k, n, qtype, packed=kernels.repack(raw, qtype, (n, k)))
+    return QuantLinear(k, n, qtype, packed=packed.repack(raw, qtype, (n, k)))
 
 
 def test_quant_groups_join_by_type():
     """Q4_K q and k join into one packed matrix; a Q6_K v stays apart (a Q4_K_M file's mix)."""
-    q, k, v = _quant(kernels.Q4_K, 64, 256, 0), _quant(kernels.Q4_K, 32, 256, 1), _quant(kernels.Q6_K, 32, 256, 2)
+    q, k, v = _quant(packed.Q4_K, 64, 256, 0), _quant(packed.Q4_K, 32, 256, 1), _quant(packed.Q6_K, 32, 256, 2)
     f = Joined([q, k, v])
     assert [g.out_features for g in f.groups] == [96, 32] and f.wide is None
     x = torch.randn(3, 256)
@@ -51,8 +51,9 @@ def test_mixed_storage_never_joins():
 
 _SETUP = """
 import collections, torch, test_models as tm
-from kiln.policy import Policy
-from kiln.quant import kernels as K
+import kiln.quant.linear as L
+from kiln.policy import DEFAULT, Policy
+from kiln.quant import packed as K
 from kiln.quant.linear import QuantLinear
 from kiln.quant.swap import join_projections
 
@@ -80,11 +81,11 @@ def steps(km, ids):  # a 6-token prefill, then 4 CUDA-graph-style decode steps: 
 
 _QUANT_STEP = _SETUP + """
 calls = collections.Counter()
-gemv = K.gemv
+gemv = L.gemv
 def counting(*a, **kw):
     calls["gemv"] += 1
     return gemv(*a, **kw)
-K.gemv = counting
+L.gemv = counting
 for name in ("qwen3", "gemma3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
@@ -108,14 +109,14 @@ for name in ("qwen3", "gemma3"):
 
 _INT8_STEP = _SETUP + """
 calls = collections.Counter()
-quantize_act, gemv_int8, gemm_int8 = K.quantize_act, K._gemv_int8, K._gemm_int8
+quantize_act, gemv_int8, gemm_int8 = L.quantize_act, L.gemv_int8, L.gemm_int8
 def count(name, fn):
     def wrapped(*a, **kw):
         calls[name] += 1
         return fn(*a, **kw)
     return wrapped
-K.quantize_act, K._gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
-K._gemm_int8 = count("rows", gemm_int8)  # the 6-token prefill: int8 rows, each quantizing its own x
+L.quantize_act, L.gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
+L.gemm_int8 = count("rows", gemm_int8)  # the 6-token prefill: int8 rows, each quantizing its own x
 for name in ("qwen3", "gemma3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
@@ -126,7 +127,9 @@ for name in ("qwen3", "gemma3"):
     ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(3))
     logits = {}
     for on in (False, True):
-        K.INT8 = on
+        for m in km.modules():  # the layers' policy (this process's, which runs the kernels): int8 off, then on
+            if isinstance(m, QuantLinear):
+                m.policy = DEFAULT.replace(int8=on)
         calls.clear()
         logits[on] = steps(km, ids).float()
     layers = cfg["num_hidden_layers"]

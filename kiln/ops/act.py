@@ -33,22 +33,22 @@ def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
-    """With `q8` (a kiln.quant.kernels.QuantAct's buffers, one row, F a multiple of 32) the same launch also
+    """With `q8` (a kiln.quant.gemv_int8.QuantAct's buffers, one row, F a multiple of 32) the same launch also
     stores the output quantized to int8 for the int8 GEMV (q8.store_q8)."""
     if not use_triton(gate_up, policy):
         assert q8 is None, "q8 output needs the Triton kernel"
         return silu_mul_ref(gate_up)
-    return _launch(gate_up, gelu=False, q8=q8)
+    return _launch(gate_up, gelu=False, q8=q8, policy=policy)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
     if not use_triton(gate_up, policy):
         assert q8 is None, "q8 output needs the Triton kernel"
         return gelu_tanh_mul_ref(gate_up)
-    return _launch(gate_up, gelu=True, q8=q8)
+    return _launch(gate_up, gelu=True, q8=q8, policy=policy)
 
 
-def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None = None) -> torch.Tensor:
+def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None, policy: Policy) -> torch.Tensor:
     f = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * f)  # (N, 2F)
     if x.stride(-1) != 1:
@@ -59,7 +59,7 @@ def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None = None) -> torch
     xq, xd, xs = q8 if q8 is not None else (out, out, out)
     grid = (x.shape[0], (f + _BLOCK - 1) // _BLOCK)
     _gated_act_kernel[grid](x, out, xq, xd, xs, f, x.stride(0), GELU=gelu, Q8=q8 is not None, BLOCK=_BLOCK,
-                            num_warps=4, **pdl.launch_kw(x))
+                            num_warps=4, **pdl.launch_kw(x, policy))
     return out.view(*gate_up.shape[:-1], f)
 
 

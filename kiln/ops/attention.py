@@ -98,11 +98,11 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2,
-        **pdl.launch_kw(q))
+        **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
     _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                                BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q))
+                                BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q, policy))
     return out
 
 

@@ -40,7 +40,7 @@ def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              residual: torch.Tensor | None = None, q8: tuple | None = None, policy: Policy = DEFAULT):
     """Same contract as `rms_norm_ref`; one kernel launch (the residual add included). With `q8` — the
-    (codes, scales, run sums) buffers of a kiln.quant.kernels.QuantAct, one row of E values, E a multiple
+    (codes, scales, run sums) buffers of a kiln.quant.gemv_int8.QuantAct, one row of E values, E a multiple
     of 32 — the same launch also stores y quantized to int8 (q8.store_q8) for the int8 GEMV."""
     e = x.shape[-1]
     if not use_triton(x, policy) or e > _MAX_E:
@@ -62,7 +62,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     xq, xd, xs = q8 if q8 is not None else (y, y, y)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, y, h, xq, xd, xs, e, x2.stride(0), r2.stride(0), eps, float(offset),
-        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), Q8=q8 is not None, BLOCK_E=block, **pdl.launch_kw(x2),
+        HAS_RES=residual is not None, HAS_OFFSET=bool(offset), Q8=q8 is not None, BLOCK_E=block, **pdl.launch_kw(x2, policy),
         num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     if residual is None:
         return y.view(x.shape)

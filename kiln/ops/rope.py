@@ -87,7 +87,7 @@ def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm
     if not use_triton(q, policy):
         return rope_qk_ref(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, T, K, D)
-    qo = _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, None)
+    qo = _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, None, policy)
     return qo, ko
 
 
@@ -101,10 +101,10 @@ def rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: floa
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     assert v.shape == k.shape, "one value per key"
     return _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, None,
-                   (_unit_last(v), k_cache, v_cache, rows))
+                   (_unit_last(v), k_cache, v_cache, rows), policy)
 
 
-def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, kv):
+def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, kv, policy):
     """One `_rope_qk_kernel` launch → rotated q; the keys go to `ko` (B, T, K, D), or with kv = (v, k_cache,
     v_cache, rows) into the caches, with the values beside them."""
     b, t, h, d = q.shape
@@ -127,7 +127,7 @@ def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offs
         D=d, HALF=half, HAS_NORM=has_norm, HAS_OFFSET=bool(norm_offset), HAS_TAIL=2 * half < d,
         WRITE_KV=write_kv, HAS_ROWS=rows is not None, BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-        **pdl.launch_kw(q))
+        **pdl.launch_kw(q, policy))
     return qo
 
 

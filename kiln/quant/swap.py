@@ -111,7 +111,7 @@ class Joined(nn.Module):
         return self._outputs(x, act)[0]
 
     def int8_input(self, x: torch.Tensor):
-        """An empty int8 buffer for x (kernels.QuantAct) when every group's GEMV reads x in int8, for the
+        """An empty int8 buffer for x (gemv_int8.QuantAct) when every group's GEMV reads x in int8, for the
         kernel that produces x to fill (one quantization for all groups, inside a launch made anyway)."""
         if all(getattr(g, "takes_int8", None) is not None and g.takes_int8(x) for g in self.groups):
             return self.groups[0].int8_input(x)
