@@ -15,14 +15,14 @@ import torch  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln.bench import run_kiln  # noqa: E402
-from kiln.generate import decoder_for  # noqa: E402
+from kiln.generate import DecoderPool  # noqa: E402
 
 
 def run(path: str, on: bool) -> tuple[dict, list[int], torch.Tensor]:
     os.environ["KILN_PDL"] = "1" if on else "0"
     model, _ = kiln.load(path, device="cuda")
     r = run_kiln(model, 512, 128, 3)
-    dec = decoder_for(model, 64)
+    dec = DecoderPool(model).get(64)
     tok, toks = torch.tensor([7], device="cuda"), []
     for i in range(32):
         logits = dec.step(tok, i)

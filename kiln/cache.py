@@ -6,7 +6,7 @@ cache (one batch row per sequence), `slot(i)` (a batch-1 view of row i: prefill 
 ordinary int-`pos` code) and `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at
 different positions in different slots).
 Not: masks (the model builds them from positions and its own sliding windows), eviction, paging, which
-slot holds which request (server/engine.py).
+slot holds which request (engine.py).
 
 Shape alphabet: L layers, B batch (rows of a step), N slots, K kv heads, S positions, D head dim.
 """

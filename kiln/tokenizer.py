@@ -4,7 +4,7 @@ Owns: turning a GGUF file's `tokenizer.ggml.*` metadata into a `tokenizers.Token
 llama.cpp does (gpt2-style byte-level BPE with llama.cpp's per-`pre` regexes; SentencePiece-style "llama" vocabularies
 replayed as a score-ranked BPE), reading a Hugging Face tokenizer folder, the ids that end generation, rendering
 chat templates in a sandbox, and a streaming detokenizer that never emits half a UTF-8 character.
-Not: reading the GGUF file (formats/gguf.py hands us `meta`), stop strings and sampling (generate.py / sample.py),
+Not: reading the GGUF file (formats/gguf.py hands us `meta`), stop strings (textstream.py), sampling (sample.py),
 tool-call parsing (server/), and llama.cpp's cosmetic `clean_spaces` pass on decode (kiln's decode is lossless).
 
 Decoding goes through one table of bytes per id (what llama.cpp calls a token's piece), so `decode(ids)` and the
@@ -268,6 +268,14 @@ class Tokenizer:
         context.update(messages=_plain_messages(messages), tools=_plain(tools) if tools else None,
                        documents=context.get("documents"), add_generation_prompt=bool(add_generation_prompt))
         return _render(self._compile(source), context)
+
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> list[int]:
+        """The token ids of a chat prompt (kiln.generate and the server both use this): the rendered template,
+        with BOS first only if the model wants one and the template did not already write it."""
+        ids = self.encode(self.apply_chat_template(messages, tools=tools, **kwargs), add_special_tokens=False)
+        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
 
     def _template_source(self, tools) -> str:
         if tools and "tool_use" in self.chat_templates:

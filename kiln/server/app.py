@@ -2,11 +2,12 @@
 
 Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
 turning a validated request (protocol.py) into token ids (chat template, tools, chat_template_kwargs) and
-n engine requests with their constraint, then engine outputs back into text: detokenization, stop strings,
-logprobs, tool-call parsing, SSE chunks, usage; cancelling a generation when its client goes away or a stop
+n engine requests with their constraint, then engine outputs back into text (through a TextStream per choice),
+logprobs, tool calls, SSE chunks, usage; cancelling a generation when its client goes away or a stop
 string is hit; HTTP errors (OpenAI bodies, never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (engine.py), grammars (structured.py), tool-call formats (tools.py), the
-wire format's field table (protocol.py), the command line (kiln/serve.py).
+Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (a kiln/textstream.py TextStream
+per choice), grammars (structured.py), tool-call formats (tools.py), the wire format's field table (protocol.py),
+the command line (kiln/serve.py).
 
 Threads: the engine runs its own loop thread; everything here runs on the event loop thread, except model
 loading and grammar compilation, which run in worker threads so that /health and live streams keep going.
@@ -28,10 +29,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.errors import KilnError
-from kiln.generate import _split_stop
+from kiln.generate import ContextFull, check_prompt
 from kiln.sample import SamplingParams
 from kiln.server import protocol as P
 from kiln.server.metrics import Metrics
+from kiln.textstream import TextStream
 
 log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
@@ -55,7 +57,7 @@ class ServerState:
 
     def attach(self, model, tokenizer) -> None:
         """Build the engine and the grammar compiler for a loaded model, then open for requests."""
-        from kiln.server.engine import Engine
+        from kiln.engine import Engine
         from kiln.server.tools import tool_style
         self.ctx_size = self.ctx_size or min(model.args.max_position_embeddings, 4096)
         self.model, self.tokenizer = model, tokenizer
@@ -318,20 +320,16 @@ def _chat_ids(st: ServerState, req: P.ChatRequest) -> list[int]:
         raise P.bad("chat_template_kwargs", f"chat_template_kwargs may not set {clash[0]!r}; use the field itself")
     kwargs.setdefault("add_generation_prompt", True)
     tools = req.tools if req.tool_choice != "none" else None
-    text = tok.apply_chat_template(req.messages, tools=tools, **kwargs)
-    ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS itself …
-    if tok.add_bos and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
-        ids = [tok.bos_token_id] + ids  # … unless it does not
-    return ids
+    return tok.chat_ids(req.messages, tools=tools, **kwargs)
 
 
 def _check_context(st: ServerState, ids: list[int], param: str) -> None:
-    if not ids:
-        raise P.bad(param, "the prompt is empty: give at least one token of text")
-    if len(ids) >= st.ctx_size:
-        raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {st.ctx_size}; shorten the "
-                              f"prompt or start the server with a larger --ctx-size", param=param,
-                         code="context_length_exceeded")
+    try:
+        check_prompt(ids, st.ctx_size, st.vocab_size, fix="start the server with a larger --ctx-size")
+    except ContextFull as e:
+        raise P.APIError(400, str(e), param=param, code="context_length_exceeded") from None
+    except KilnError as e:
+        raise P.bad(param, str(e)) from None
 
 
 async def _constraint(st: ServerState, req: P.ChatRequest):
@@ -373,7 +371,7 @@ def _sampling(st: ServerState, req: P.GenRequest, i: int) -> SamplingParams:
 
 def _submit(st: ServerState, ids: list[int], req: P.GenRequest, constraint, first_index: int) -> list:
     """One engine request per choice; all or none (a full queue cancels the ones already in)."""
-    from kiln.server.engine import EngineRequest, QueueFull
+    from kiln.engine import EngineRequest, QueueFull
     eos = frozenset() if req.ignore_eos else frozenset(st.tokenizer.eos_token_ids)
     max_tokens = req.max_tokens or st.ctx_size - len(ids)
     handles = []
@@ -399,13 +397,13 @@ def _submit(st: ServerState, ids: list[int], req: P.GenRequest, constraint, firs
 # One choice: engine outputs → text, logprobs, tool calls
 # ---------------------------------------------------------------------------------------------------------------
 class Choice:
-    """The text side of one engine request: streaming detokenizer, stop strings, logprob entries, tool parser."""
+    """The text side of one engine request: its TextStream (detokenizer, stop strings), logprobs, tool parser."""
 
     def __init__(self, index: int, handle, st: ServerState, req: P.GenRequest, tools_on: bool = False):
         self.index, self.handle, self.st = index, handle, st
-        self.stops, self.want_logprobs = req.stop, req.logprobs
-        self.detok = st.tokenizer.detokenizer()
-        self.pending, self.parts, self.entries, self.entries_all = "", [], [], []
+        self.want_logprobs = req.logprobs
+        self.stream = TextStream(st.tokenizer, req.stop)
+        self.parts, self.entries, self.entries_all = [], [], []
         self.n_tokens, self.finish, self.started = 0, None, None
         self.parser = None
         if tools_on:
@@ -420,18 +418,12 @@ class Choice:
         if self.want_logprobs and not out.is_stop:
             self.entries.append(self._entry(out))
             self.entries_all.append(self.entries[-1])
-        if not out.is_stop:
-            self.pending += self.detok.add(out.token)
-        emit, self.pending, hit = _split_stop(self.pending, self.stops)
-        finish = "stop" if hit else out.finish_reason
-        if hit:
+        emit = self.stream.step(None if out.is_stop else out.token, out.finish_reason)
+        if self.stream.stop_hit:
             self.handle.cancel()  # frees the slot now; the text after the stop string is dropped
-        elif finish:
-            emit += self.pending + self.detok.flush()
-            self.pending = ""
-        self.finish = finish
+        self.finish = self.stream.finish
         self.parts.append(emit)
-        if emit or finish:
+        if emit or self.finish:
             entries, self.entries = self.entries, []
             return emit, entries
         return "", []
