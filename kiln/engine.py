@@ -4,9 +4,9 @@ Owns: the request queue (bounded: `QueueFull`), the slot cache (`n_slots` sequen
 positions each) and which request holds which slot, prefix caching (a new request takes the free slot
 whose remembered tokens share the longest prefix with its prompt, and prefills only the rest), chunked
 prefill, the batched decode step (every running request advances one token per model call, each row at
-its own position: models/base.py's per-row `pos` over a `cache.RowsView`), per-request sampling
-(penalties, logit bias, a logits processor's mask, temperature/top-k/top-p/min-p, seeds), logprobs, and
-delivering `StepOutput`s to a `RequestHandle` that a thread or an event loop reads.
+its own position: models/base.py's per-row `pos` over a `cache.RowsView`), sampling the batch (one argmax
+for the plain greedy rows, each other row's own `sample.Sampler`), logprobs, and delivering `StepOutput`s
+to a `RequestHandle` that a thread or an event loop reads.
 Not: text of any kind (templates: tokenizer.py; detokenization and stop strings: textstream.py), HTTP
 (server/), grammars (a processor comes in ready-made: server/structured.py), the model's math (models/,
 ops/). Shared with kiln.generate's batch-1 loop rather than kept here: the prompt check, the prefill
