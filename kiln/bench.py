@@ -152,9 +152,10 @@ def main(argv: list[str]) -> int:
     from kiln.commands import _Parser, _model_args
     p = _Parser(prog="kiln bench", description="Measure prefill, decode and effective tok/s of a model.")
     _model_args(p)
-    p.add_argument("-p", "--prompt-tokens", type=int, default=512)
-    p.add_argument("-g", "--gen-tokens", type=int, default=128)
-    p.add_argument("-r", "--repeats", type=int, default=5)
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
+    p.add_argument("-g", "--gen-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs; the report takes the median "
+                                                                 "(default 5)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="also run llama.cpp on the same file")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

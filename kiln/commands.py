@@ -1,7 +1,8 @@
 """Front doors for the core subcommands: generate, chat, info, pull.
 
-Owns: each command's argparse options and how it prints. Thin: the work is in load.py, generate.py,
-hub.py and formats/.
+Owns: each command's argparse options, the checks of everything that can be judged before the model is
+pulled or loaded (`check_model_args`, also serve's), and how each prints (generate streams its text).
+Thin: the work is in load.py, generate.py, hub.py and formats/.
 Not: dispatch or error printing (cli.py).
 """
 
@@ -26,20 +27,32 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"GGUF file, Hugging Face folder or repo id, or a built-in name "
                         f"({', '.join(BUILTIN)}); default {DEFAULT_MODEL}")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, "
                                                  "bf16 on GPU)")
 
 
+def _quantized_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
+                   help="keep the weights compact: on GPUs the GGUF blocks (auto there); on CPU 'on' is the "
+                        "compact path (int4 / int8 rows, about a third of the memory; auto there is exact fp32)")
+
+
 def _sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ctx-size", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probabilities add up to P (0 < P <= 1; "
+                        "default 1, off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (default 0, off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than P times the most likely one (0 <= P <= 1; default 0, off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the context less likely (default 1, off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (0 .. 2^64-1; default: "
+                                                          "a fresh one each run)")
+    p.add_argument("--ctx-size", type=int, default=None,
+                   help="context length in tokens, prompt included (default: the model's)")
 
 
 def _sampling(a) -> dict:
@@ -47,36 +60,105 @@ def _sampling(a) -> dict:
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
 
 
+def check_model_args(a) -> None:
+    """--device and --dtype, before anything slow (a download, a load)."""
+    from kiln.load import _dtype
+    try:
+        _dtype(a.dtype)
+    except KilnError as e:
+        raise KilnError(f"--dtype: {e}") from None
+    if a.device is None:
+        return
+    import torch
+    try:
+        device = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        raise KilnError(f"--device {a.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KilnError(f"--device {a.device!r}: kiln runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KilnError(f"--device {a.device}: no CUDA device is available to torch here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise KilnError(f"--device {a.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_sampling(a) -> None:
+    """Everything about generation that can be judged without the model, so a mistake costs no load."""
+    if a.max_tokens < 1:
+        raise KilnError(f"--max-tokens {a.max_tokens}: must be at least 1")
+    if a.ctx_size is not None and a.ctx_size < 2:
+        raise KilnError(f"--ctx-size {a.ctx_size}: must be at least 2 (one prompt token and one generated)")
+    if a.seed is not None and not 0 <= a.seed < 2 ** 64:
+        raise KilnError(f"--seed {a.seed}: must be in 0 .. 2^64-1")
+    sampling_params(**_sampling(a))
+    check_model_args(a)
+
+
 def _load(a):
     from kiln.load import load
-    return load(a.model, device=a.device, dtype=a.dtype, progress=True)
+    quantized = {"auto": None, "on": True, "off": False}[a.quantized]
+    return load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
 
 
-def generate(argv: list[str]) -> int:
-    p = _Parser(prog="kiln generate", description="Generate text from a prompt.")
+def _read_prompt(a) -> str:
+    if a.prompt is not None and a.prompt_file is not None:
+        raise KilnError("give the prompt with --prompt or --prompt-file, not both")
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise KilnError(f"cannot read --prompt-file {a.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise KilnError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
+    elif a.prompt == "-":
+        prompt = sys.stdin.read()
+    elif a.prompt is None:
+        raise KilnError("give a prompt with --prompt TEXT, --prompt-file PATH or --prompt - (stdin)")
+    else:
+        prompt = a.prompt
+    if not prompt.strip():  # the same rule with and without the chat template
+        raise KilnError("the prompt is empty; give some text with --prompt TEXT, --prompt-file PATH or --prompt -")
+    return prompt
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kiln generate", description="Generate text from a prompt; the text is printed as it is made.")
     _model_args(p)
-    p.add_argument("--prompt", "-p", default=None, help="the prompt ('-' reads stdin)")
+    p.add_argument("--prompt", "-p", default=None, help="the prompt ('-' reads stdin); an empty or blank "
+                                                        "prompt is an error")
+    p.add_argument("--prompt-file", "-f", default=None, help="read the prompt from this file (UTF-8)")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr at the end")
+    _quantized_arg(p)
     _sampling_args(p)
-    a = p.parse_args(argv)
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
-    if prompt is None:
-        raise KilnError("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
-    sampling_params(**_sampling(a))  # bad values fail before the slow load
+    return p
+
+
+def generate(argv: list[str]) -> int:
+    a = generate_parser().parse_args(argv)
+    _check_sampling(a)
+    prompt = _read_prompt(a)
+    if a.system is not None and a.no_chat_template:
+        raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
     if not a.no_chat_template and tok.chat_template:
         msgs = ([{"role": "system", "content": a.system}] if a.system else [])
         prompt = msgs + [{"role": "user", "content": prompt}]
-    from kiln.generate import generate as run
-    text = run(model, tok, prompt, a.max_tokens, verbose=a.verbose, stop=a.stop, max_context=a.ctx_size,
-               **_sampling(a))
-    if not a.verbose:
-        print(text)
-    else:
-        print()
+    elif a.system is not None:
+        raise KilnError("--system needs a chat template, and this model has none")
+    from kiln.generate import stream_generate
+    last = None
+    for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
+                                **_sampling(a)):
+        print(last.text, end="", flush=True)  # as it is made, also into a pipe
+    print(flush=True)
+    if a.verbose and last is not None:
+        print(f"==========\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens-per-sec\n"
+              f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens-per-sec\n"
+              f"Peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
     return 0
 
 
@@ -84,13 +166,15 @@ def chat(argv: list[str]) -> int:
     p = _Parser(prog="kiln chat", description="Chat with a model. /reset clears history, /exit leaves.")
     _model_args(p)
     p.add_argument("--system", default=None, help="system message")
+    _quantized_arg(p)
     _sampling_args(p)
     a = p.parse_args(argv)
-    sampling_params(**_sampling(a))
+    _check_sampling(a)
     model, tok = _load(a)
     if not tok.chat_template:
         raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")
-    from kiln.generate import stream_generate
+    from kiln.generate import DecoderPool, stream_generate
+    decoders = DecoderPool(model)  # one KV cache (and CUDA graph) for the whole conversation
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)
     print("kiln chat: /reset clears the history, /exit or Ctrl-D leaves.", file=sys.stderr)
@@ -114,7 +198,8 @@ def chat(argv: list[str]) -> int:
         history.append({"role": "user", "content": line})
         reply = []
         try:
-            for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, **_sampling(a)):
+            for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
+                                     **_sampling(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

@@ -9,6 +9,8 @@ Not: quantizing (quantize.py, later), the reverse direction.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -34,6 +36,9 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
     cfg = {k: v for k, v in config.items() if v is not None}
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    # safetensors writes through a private temporary file (mode 0600); the weights get the mode that
+    # config.json got from open() under the user's umask, like every other file here
+    os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
     _write_tokenizer(Tokenizer.from_gguf(g.meta), out)
     return out
 
@@ -52,10 +57,8 @@ def _write_tokenizer(tok, out: Path):
 
 
 def _progress(items, enabled):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(list(items), desc="converting", unit="tensor")
+    from kiln.progress import bar
+    return bar(list(items), desc="converting", unit="tensor", enabled=enabled)
 
 
 def main(argv: list[str]) -> int:
@@ -67,8 +70,11 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from kiln.hub import resolve
     from kiln.load import _dtype
+    dtype = _dtype(a.dtype)  # checked before a built-in name is pulled
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise KilnError(f"{a.out} is a file; give a folder to write the model into")
     src = resolve(a.model)
     if src.is_dir():
         raise KilnError(f"{src} is already a folder; kiln convert reads a GGUF file")
-    print(gguf_to_hf(src, a.out, _dtype(a.dtype), progress=True))
+    print(gguf_to_hf(src, a.out, dtype, progress=True))
     return 0

@@ -57,6 +57,8 @@ class ContextFull(KilnError):
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
     """A str is used as is, a list of chat messages gets the chat template, a list of ints is ids."""
+    if isinstance(prompt, (str, list, tuple)) and not prompt:  # empty even where the tokenizer adds a BOS
+        raise KilnError("the prompt is empty: give at least one token of text")
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):

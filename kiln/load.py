@@ -137,8 +137,8 @@ def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
+    from kiln.progress import bar  # a tqdm bar on a terminal, plain lines in a log
+    return bar(items, desc=desc, unit="tensor", leave=False)
 
 
 def read_json(path: Path) -> dict:

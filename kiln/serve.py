@@ -1,15 +1,18 @@
 """`kiln serve`: start the OpenAI-compatible server on a model.
 
 Owns: the command's options, binding the port before the (slow) model load so that /health can say
-"loading", and exiting with a one-line error when the model cannot be loaded.
+"loading" (and a port in use is one line, exit 2), and exiting with a one-line error when the model
+cannot be loaded.
 Not: the server itself (kiln/server/app.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
+import socket
 from pathlib import Path
 
 from kiln.errors import KilnError
@@ -30,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default=None, help="the model id clients send (default: the file or folder name "
                                                  "without extension)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default 8080)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint "
                                                    "but /health")
     p.add_argument("--parallel", "-np", type=int, default=4, help="concurrent sequences (slots; default 4)")
@@ -47,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check(a) -> None:
+    from kiln.commands import check_model_args
+    check_model_args(a)
     for name in ("parallel", "max_queue", "max_body"):
         if getattr(a, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
@@ -54,6 +59,25 @@ def _check(a) -> None:
         raise KilnError("--ctx-size must be at least 16 tokens")
     if not 0 < a.port < 65536:
         raise KilnError(f"--port {a.port} is not a TCP port (1..65535)")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one line and exit 2 (uvicorn would log
+    its own error and exit 1 after we said "listening")."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise KilnError(f"--host {host!r} is not an address this machine can listen on ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "already in use (another server? pick another --port)" if e.errno == errno.EADDRINUSE else e.strerror
+        raise KilnError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
 
 
 def main(argv: list[str]) -> int:
@@ -77,8 +101,10 @@ def main(argv: list[str]) -> int:
     st = app.state.kiln
     st.on_load_failed = lambda e: setattr(server, "should_exit", True)
     logging.basicConfig(level=logging.INFO, format="kiln serve: %(message)s")
+    sock = bind(a.host, a.port)
     print(f"kiln serve: loading {path} as {model_id!r}; listening on http://{a.host}:{a.port}/v1", flush=True)
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     if st.load_error is not None:
         raise st.load_error if isinstance(st.load_error, KilnError) else KilnError(
             f"could not load {path}: {type(st.load_error).__name__}: {st.load_error}")
