@@ -73,11 +73,9 @@ def summarize(streams: list[dict]) -> dict:
 
 def mma_on() -> bool | None:
     """Is kiln's tensor-core kernel for 9..32-row steps on (KILN_MMA)? None without Triton."""
-    try:
-        from kiln.quant import kernels
-    except ImportError:
-        return None
-    return kernels.MMA
+    from kiln.ops import HAVE_TRITON
+    from kiln.policy import DEFAULT
+    return DEFAULT.mma if HAVE_TRITON else None
 
 
 def git_commit() -> str | None:

@@ -31,8 +31,10 @@ from gpu_quant_check import graph_us, n_copies  # noqa: E402
 import kiln  # noqa: E402
 from kiln.cache import KVCache  # noqa: E402
 from kiln.generate import Decoder  # noqa: E402
-from kiln.quant import kernels as K  # noqa: E402
-from kiln.quant.linear import QuantLinear  # noqa: E402
+from kiln.quant import packed as K  # noqa: E402
+from kiln.quant import route as R  # noqa: E402
+from kiln.quant.gemv import gemv  # noqa: E402
+from kiln.quant.linear import QuantLinear, matmul  # noqa: E402
 
 
 def kernel_table(fn, steps: int) -> list[dict]:
@@ -67,14 +69,14 @@ def weight_copies(w0) -> list:
 
 
 def time_configs(w0, grid, deadline: float | None = None) -> dict:
-    """In-graph µs per M = 1 call of weight w0 with the table's config ("table") and with each config of
-    `grid` its format can take ("configs", an error string where one fails), until time.time() passes
-    `deadline`; "best" names the fastest of the grid."""
+    """In-graph µs per M = 1 call of weight w0 by its plan ("table") and through the float GEMV with each
+    config of `grid` its format can take ("configs", an error string where one fails; split_k 0:
+    route.float_config picks), until time.time() passes `deadline`; "best" names the fastest of the grid."""
     ws = weight_copies(w0)
     x = torch.randn(1, w0.shape[1], device="cuda", dtype=torch.bfloat16)
     row = {"configs": {}}
     try:
-        row["table"] = graph_us(lambda i: (lambda: K.gemv(x, ws[i])), len(ws))
+        row["table"] = graph_us(lambda i: (lambda: matmul(x, ws[i])), len(ws))
     except Exception as e:  # noqa: BLE001
         row["table"] = f"error {e}"[:200]
     for cfg in grid:
@@ -83,8 +85,9 @@ def time_configs(w0, grid, deadline: float | None = None) -> dict:
         if cfg.block_k % (4 * w0.fmt.g):
             continue
         key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.split_k}"
+        launch = R.float_config(cfg, w0.qtype, w0.shape[0], w0.shape[1], 1, R.sm_count(x.device))
         try:
-            row["configs"][key] = graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), len(ws))
+            row["configs"][key] = graph_us(lambda i: (lambda: gemv(x, ws[i], None, launch)), len(ws))
         except Exception as e:  # noqa: BLE001
             row["configs"][key] = f"error {type(e).__name__}"
     ok = {c: v for c, v in row["configs"].items() if isinstance(v, float)}
@@ -99,10 +102,10 @@ def sweep(model, out: dict) -> None:
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.qs is not None:
             shapes.setdefault((m.qtype, m.out_features, m.in_features), (name, m))
-    grid = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, split_k=s)
+    grid = [R.GemvConfig(block_n=bn, block_k=bk, num_warps=w, split_k=s)
             for bn in (8, 16, 32, 64) for s in (1, 2, 4) for bk in (256,) for w in (4,)]
-    grid += [K.GemvConfig(block_n=bn, block_k=512, num_warps=w, split_k=1) for bn in (8, 16) for w in (4, 8)]
-    grid += [K.GemvConfig(block_n=bn, block_k=256, num_warps=2, split_k=1) for bn in (8, 16)]
+    grid += [R.GemvConfig(block_n=bn, block_k=512, num_warps=w, split_k=1) for bn in (8, 16) for w in (4, 8)]
+    grid += [R.GemvConfig(block_n=bn, block_k=256, num_warps=2, split_k=1) for bn in (8, 16)]
     out["sweep"] = []
     for (qtype, n, k), (name, m) in sorted(shapes.items(), key=lambda kv: kv[0][1] * kv[0][2]):
         w0 = m.packed

@@ -1,4 +1,4 @@
-"""Check kiln.quant.kernels on the GPU at real shapes against the torch reference, and time it.
+"""Check kiln.quant's kernels on the GPU at real shapes against the torch reference, and time it.
 
 Run on the GPU machine (not part of the test run):
 
@@ -11,20 +11,20 @@ Most of a first run is Triton compiling (about a second per kernel variant and K
 a few hundred variants, so where one command is limited to 10 minutes, split it as in the last line.
 
 Per format (Q4_0 … IQ4_XS) and weight shape (N, K) — random valid GGUF blocks, repacked on the GPU:
-- `twin`: kernels.dequantize_ref (torch, on the GPU) equals kiln.quant.dequantize (the gguf-py-exact
+- `twin`: packed.dequantize_ref (torch, on the GPU) equals kiln.quant.dequantize (the gguf-py-exact
   reference, on the CPU) on the first rows — when gguf is importable; every other check uses the twin;
 - `deq_exact`: dequantize_gpu in float32 and bfloat16 is bit-identical to the twin;
-- `err_m{M}`: gemv relative error ‖y − y_ref‖ / ‖y_ref‖ against float32 x @ W.T (cuBLAS, TF32 off) — M = 1
-  in float32 (tolerance 1e-4) and M = 1, 4, 8 in bfloat16 (tolerance 1e-2: bf16 output; M >= 2 also
-  rounds the weights to bf16 in the tl.dot path);
-- timings (triton.testing.do_bench medians; the L2 is flushed before every call): gemv at M = 1, 4, 8 in
+- `err_m{M}`: the relative error ‖y − y_ref‖ / ‖y_ref‖ of the kernel route.plan picks (`cfg_m{M}`)
+  against float32 x @ W.T (cuBLAS, TF32 off) — M = 1 in float32 (tolerance 1e-4) and M = 1, 4, 8 in
+  bfloat16 (tolerance 1e-2: bf16 output and int8 activations; tl.dot and cuBLAS round the weights to bf16);
+- timings (triton.testing.do_bench medians; the L2 is flushed before every call): the plan at M = 1, 4, 8 in
   bf16, with achieved GB/s = packed weight bytes / time and the fraction of 3.0 TB/s; `graph_m1` replays
   a CUDA graph of back-to-back M = 1 calls over several distinct weight copies (together > 150 MB, so
   they come from HBM, not the 50 MB L2) — what a decode step pays per matrix; cuBLAS bf16 GEMV of the
   same (dense) matrix as a yardstick; dequantize_gpu to bf16; the prefill path (M = 512: dequantize_gpu
   + cuBLAS) beside cuBLAS on a ready bf16 weight.
-Config sweep (Q4_K, Q6_K, Q8_0; K = 4096 and 14336; M = 1 and M = 8): block_n / block_k / num_warps /
-split-K / conversion / tl.dot variants, so that one run picks the GEMV_CONFIGS entries.
+Config sweep (Q4_K, Q6_K, Q8_0; K = 4096 and 14336; M = 1 and M = 8): the float GEMV's block_n / block_k /
+num_warps / split-K / tl.dot variants, so that one run picks route.py's float table entries.
 Order: every format at the first shape, then the next shape, ..., then the sweep; JSON is rewritten after
 every step, so a run cut short by a time limit still leaves the most useful results. Exit code 1 when any
 correctness check fails.
@@ -70,10 +70,13 @@ except ImportError:
     kq = None
     _fake_package("kiln.quant")
 
-import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kiln.quant import kernels as K  # noqa: E402
+from kiln.quant import packed as K  # noqa: E402
+from kiln.quant import route as R  # noqa: E402
+from kiln.quant.dequant import dequantize_gpu  # noqa: E402
+from kiln.quant.gemv import gemv  # noqa: E402
+from kiln.quant.linear import matmul  # noqa: E402
 
 DEV = "cuda"
 PEAK = 3.0e12  # bytes/s: the H100's measured copy bandwidth (NOTES.md)
@@ -135,12 +138,15 @@ def n_copies(nbytes: int) -> int:
 
 
 def effective_config(packed, m: int) -> str:
-    """The launch the table gives this shape: config after `_shrink`, and the split-K it resolves to."""
-    (n, k), fmt = packed.shape, packed.fmt
-    sms = K._sm_count(torch.device(DEV))
-    cfg = K._shrink(K.gemv_config(packed, m, torch.bfloat16), n, k, sms)
-    split = cfg.split_k or K._auto_split_k(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), sms)
-    return f"bn={cfg.block_n} bk={cfg.block_k} warps={cfg.num_warps} split={split}{' dot' if cfg.dot else ''}"
+    """The plan route.py makes for m rows of bf16 x against this weight: its kernel and config."""
+    (n, k) = packed.shape
+    plan = R.plan(packed.qtype, m, n, k, torch.bfloat16, sms=R.sm_count(torch.device(DEV)))
+    return f"{plan.kind} {plan.config}"
+
+
+def effective_config_of(qtype: int, m: int) -> str:
+    plan = R.plan(qtype, m, 4096, 4096, torch.bfloat16, sms=R.sm_count(torch.device(DEV)))
+    return f"{plan.kind} {plan.config}"
 
 
 def check_twin(raw: torch.Tensor, packed, qtype: int, n: int, k: int) -> bool | None:
@@ -172,23 +178,23 @@ def check_shape(qtype: int, n: int, k: int) -> None:
                twin=check_twin(raw, packed, qtype, n, k), cfg_m1=effective_config(packed, 1),
                cfg_m8=effective_config(packed, 8))
     del raw
-    row["deq_exact"] = bool(torch.equal(K.dequantize_gpu(packed, torch.float32), w_ref)
-                            and torch.equal(K.dequantize_gpu(packed, torch.bfloat16), w_ref.bfloat16()))
+    row["deq_exact"] = bool(torch.equal(dequantize_gpu(packed, torch.float32), w_ref)
+                            and torch.equal(dequantize_gpu(packed, torch.bfloat16), w_ref.bfloat16()))
     x32 = torch.randn(1, k, device=DEV)
-    row["err_m1_fp32"] = rel(K.gemv(x32, packed), x32 @ w_ref.T)
+    row["err_m1_fp32"] = rel(matmul(x32, packed), x32 @ w_ref.T)
     ok = row["deq_exact"] and row["twin"] is not False and row["err_m1_fp32"] < 1e-4
     for m in (1, 4, 8):
         x = torch.randn(m, k, device=DEV).bfloat16()
-        row[f"err_m{m}"] = rel(K.gemv(x, packed), x.float() @ w_ref.T)
+        row[f"err_m{m}"] = rel(matmul(x, packed), x.float() @ w_ref.T)
         ok &= row[f"err_m{m}"] < 1e-2
-        row[f"us_m{m}"] = us(lambda: K.gemv(x, packed))
+        row[f"us_m{m}"] = us(lambda: matmul(x, packed))
     row["ok"] = bool(ok)
     row["gbps_m1"] = packed.nbytes / row["us_m1"] / 1e3
     row["frac_m1"] = row["gbps_m1"] * 1e9 / PEAK
     copies = [packed] + [K.repack(random_rows(qtype, n, k, seed=i), qtype, (n, k))
                          for i in range(1, n_copies(packed.nbytes))]
     x1 = torch.randn(1, k, device=DEV).bfloat16()
-    row["graph_m1"] = graph_us(lambda i: (lambda: K.gemv(x1, copies[i])), len(copies))
+    row["graph_m1"] = graph_us(lambda i: (lambda: matmul(x1, copies[i])), len(copies))
     row["graph_frac_m1"] = packed.nbytes / row["graph_m1"] / 1e6 / PEAK
     del copies[1:]
     w_bf = w_ref.bfloat16()
@@ -197,10 +203,10 @@ def check_shape(qtype: int, n: int, k: int) -> None:
     row["cublas_frac_m1"] = w_bf.numel() * 2 / row["cublas_us_m1"] / 1e6 / PEAK
     x8 = torch.randn(8, k, device=DEV).bfloat16()
     row["cublas_us_m8"] = us(lambda: F.linear(x8, w_bf))
-    row["deq_us"] = us(lambda: K.dequantize_gpu(packed, torch.bfloat16))
+    row["deq_us"] = us(lambda: dequantize_gpu(packed, torch.bfloat16))
     row["deq_gbps"] = (packed.nbytes + w_bf.numel() * 2) / row["deq_us"] / 1e3
     xp = torch.randn(512, k, device=DEV).bfloat16()
-    row["prefill_us"] = us(lambda: F.linear(xp, K.dequantize_gpu(packed, torch.bfloat16)))
+    row["prefill_us"] = us(lambda: F.linear(xp, dequantize_gpu(packed, torch.bfloat16)))
     row["prefill_cublas_us"] = us(lambda: F.linear(xp, w_bf))
     row["prefill_tflops"] = 2 * 512 * n * k / row["prefill_us"] / 1e6
     del w_bf, xp
@@ -218,15 +224,14 @@ def check_shape(qtype: int, n: int, k: int) -> None:
     del packed
 
 
-def _sweep_list(qtype: int) -> list[tuple[int, K.GemvConfig]]:
-    C = K.GemvConfig
+def _sweep_list(qtype: int) -> list[tuple[int, R.GemvConfig]]:
+    C = R.GemvConfig  # split_k 0: route.float_config picks
     m1 = [C(block_n=bn, block_k=bk, num_warps=nw, split_k=sk)
           for bn, bk, nw, sk in [(16, 256, 4, 0), (32, 256, 4, 0), (64, 256, 4, 0), (128, 256, 8, 0),
                                  (64, 256, 4, 1), (64, 256, 4, 2), (32, 256, 4, 1), (32, 512, 4, 0),
                                  (64, 512, 8, 0), (64, 128, 4, 0), (64, 256, 8, 0), (32, 256, 2, 0)]]
-    m1 += [C(block_n=64, block_k=256, cvt=1), C(block_n=32, block_k=256, cvt=1),
-           C(block_n=64, block_k=256, num_stages=3), C(block_n=64, block_k=256, num_stages=1)]
-    m8 = [C(block_n=bn, block_k=bk, num_warps=nw, dot=dot)
+    m1 += [C(block_n=64, block_k=256, num_stages=3, split_k=0), C(block_n=64, block_k=256, num_stages=1, split_k=0)]
+    m8 = [C(block_n=bn, block_k=bk, num_warps=nw, dot=dot, split_k=0)
           for bn, bk, nw, dot in [(16, 256, 4, False), (32, 256, 4, False), (16, 256, 4, True), (32, 256, 4, True),
                                   (64, 256, 4, True), (32, 512, 8, True), (64, 256, 8, True), (128, 256, 8, True)]]
     return [(1, c) for c in m1] + [(8, c) for c in m8] + [(4, c) for c in m8 if c.dot]
@@ -240,10 +245,11 @@ def sweep_configs(qtype: int) -> None:
         xs = {m: torch.randn(m, k, device=DEV).bfloat16() for m in (1, 4, 8)}
         refs = {m: xs[m].float() @ w_ref.T for m in xs}
         del w_ref
-        for m, cfg in _sweep_list(qtype):
+        for m, grid_cfg in _sweep_list(qtype):
+            cfg = R.float_config(grid_cfg, qtype, n, k, m, R.sm_count(torch.device(DEV)))
             try:
-                err = rel(K.gemv(xs[m], packed, config=cfg), refs[m])
-                t = us(lambda: K.gemv(xs[m], packed, config=cfg))
+                err = rel(gemv(xs[m], packed, None, cfg), refs[m])
+                t = us(lambda: gemv(xs[m], packed, None, cfg))
             except Exception as e:  # a variant that does not compile or run is reported, not fatal
                 print(f"  sweep {name} {n}x{k} M={m} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 RESULTS["sweep"].append(dict(format=name, n=n, k=k, m=m, config=repr(cfg), error=str(e)[:500]))
@@ -252,7 +258,7 @@ def sweep_configs(qtype: int) -> None:
             RESULTS["sweep"].append(dict(format=name, n=n, k=k, m=m, config=repr(cfg), us=t, frac=frac, err=err,
                                          ok=err < 1e-2))
             print(f"  sweep {name:5s} {n:5d}x{k:<5d} M={m} bn={cfg.block_n:3d} bk={cfg.block_k:3d} "
-                  f"w={cfg.num_warps} split={cfg.split_k} cvt={cfg.cvt} dot={int(cfg.dot)} "
+                  f"w={cfg.num_warps} split={cfg.split_k} dot={int(cfg.dot)} "
                   f"stages={cfg.num_stages}: {t:7.1f}us {100 * frac:3.0f}% err {err:.1e}", flush=True)
         del packed
         torch.cuda.empty_cache()
@@ -270,8 +276,9 @@ def write_json() -> None:
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "quant_check.json"
         path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                        configs={K.FORMATS[q].name: [repr(c) for c in v]
-                                                 for q, v in K.GEMV_CONFIGS.items()}, **RESULTS), indent=1))
+                                        plans_4096x4096={K.FORMATS[q].name: [effective_config_of(q, m) for m in
+                                                                             (1, 4, 8)] for q in K.FORMATS},
+                                        **RESULTS), indent=1))
 
 
 def main(argv=None) -> int:

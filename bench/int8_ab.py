@@ -1,16 +1,18 @@
-"""The int8-activation GEMV (kernels._gemv_q8_kernel) against the float path, on the GPU, in one process.
+"""The int8-activation GEMV (kiln.quant.gemv_int8) against the float path, on the GPU.
 
 1. `check`: every INT8 format at real shapes — the int8 GEMV against dequantized W times the dequantized
    int8 x (float64), and against the float path (bf16 x).
 2. `micro`: in-graph µs per call over rotating weight copies (no L2 reuse) for the shapes of Qwen3-0.6B,
    Llama-3.2-1B and Qwen3-8B: the float path with its table config (+ split-K sum), the int8 GEMV with
    the table config and a grid of (block_n, block_k, warps), and quantize_act alone.
-3. `model`: `kiln.bench` decode/prefill of each GGUF file with kernels.INT8 off, then on.
+3. `model`: `kiln.bench` decode/prefill of each GGUF file with KILN_INT8=0, then on (one process each).
 Usage (GPU machine): python bench/int8_ab.py --out DIR [--steps check,micro,model] [--files a.gguf,b.gguf]
 """
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,17 @@ import gpu_quant_check as G  # noqa: E402  (random_rows, graph_us, n_copies, kil
 
 import torch  # noqa: E402
 
-from kiln.quant import kernels as K  # noqa: E402
+from kiln.policy import Policy  # noqa: E402
+from kiln.quant import gemv as gemv_mod  # noqa: E402
+from kiln.quant import packed as K  # noqa: E402
+from kiln.quant import route as R  # noqa: E402
+from kiln.quant.dequant import dequantize_gpu  # noqa: E402
+from kiln.quant.gemv import gemv  # noqa: E402
+from kiln.quant.gemv_int8 import gemm_int8, gemv_int8, quantize_act  # noqa: E402
+from kiln.quant.linear import matmul  # noqa: E402
+from kiln.quant.mma import gemm_mma  # noqa: E402
+
+FLOAT = Policy(int8=False)  # the float GEMV where the int8 one would run
 
 SHAPES = {  # (format, N, K): the decode GEMVs of each model (q+k joined; v apart where it is Q6_K)
     "qwen3-0.6b": [(K.Q4_K, 3072, 1024), (K.Q6_K, 1024, 1024), (K.Q4_K, 1024, 2048), (K.Q4_K, 6144, 1024),
@@ -33,10 +45,12 @@ SHAPES = {  # (format, N, K): the decode GEMVs of each model (q+k joined; v apar
     "qwen3-8b": [(K.Q4_K, 5120, 4096), (K.Q6_K, 1024, 4096), (K.Q4_K, 4096, 4096), (K.Q4_K, 24576, 4096),
                  (K.Q6_K, 4096, 12288), (K.Q4_K, 4096, 12288), (K.Q6_K, 151936, 4096)],
 }
-GRID = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, int8=True)
-        for bn in (2, 4, 8, 16) for bk in (2048, 4096, 16384) for w in (4, 8)]
-GRID_8B = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, int8=True)
-           for bn in (1, 2, 4, 8) for bk in (4096, 8192, 16384) for w in (4, 8)]
+GRID = [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (2048, 4096, 16384) for w in (4, 8)]  # route.q8_config's
+GRID_8B = [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (4096, 8192, 16384) for w in (4, 8)]
+
+
+def sms() -> int:
+    return R.sm_count(torch.device("cuda"))
 
 
 def packed(qtype, n, k, seed=0):
@@ -45,19 +59,17 @@ def packed(qtype, n, k, seed=0):
 
 def check(out):
     rows = []
-    for qtype in sorted(K.INT8_FORMATS):
+    for qtype in sorted(R.INT8_FORMATS):
         for n, k in ((4096, 4096), (1024, 3072)):
             w = packed(qtype, n, k)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            a = K.quantize_act(x)
+            a = quantize_act(x)
             q = a.xq.view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
             xq = q * a.xd.double().repeat_interleave(32)
             wd = K.dequantize_ref(w).double()
             ref = xq @ wd.T
-            y = K.gemv(x, w)
-            K.INT8 = False
-            yf = K.gemv(x, w)
-            K.INT8 = True
+            y = matmul(x, w)
+            yf = matmul(x, w, policy=FLOAT)
             exact = x.double() @ wd.T
             r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "err_vs_int8_ref": G.rel(y, ref.float()),
                  "err_vs_exact": G.rel(y, exact.float()), "float_path_err_vs_exact": G.rel(yf, exact.float())}
@@ -82,20 +94,19 @@ def micro(out, deadline, models=None):
             copies = G.n_copies(w0.nbytes)
             ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            act = K.quantize_act(x)
+            act = quantize_act(x)
             r = {"model": model, "format": K.FORMATS[qtype].name, "n": n, "k": k, "mb": w0.nbytes / 1e6}
-            K.INT8 = False
-            r["float_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i])), copies)
-            K.INT8 = True
-            r["quantize_us"] = G.graph_us(lambda i: (lambda: K.quantize_act(x)), 4)
-            r["int8_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], act=act)), copies)
+            r["float_us"] = G.graph_us(lambda i: (lambda: matmul(x, ws[i], policy=FLOAT)), copies)
+            r["quantize_us"] = G.graph_us(lambda i: (lambda: quantize_act(x)), 4)
+            r["int8_us"] = G.graph_us(lambda i: (lambda: matmul(x, ws[i], act=act)), copies)
             grid = {}
-            for cfg in grid_cfgs:
+            for bn, bk, nw in grid_cfgs:
                 if time.time() > deadline:
                     break
-                key = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}"
+                key = f"bn{bn}_bk{bk}_w{nw}"
+                cfg = R.q8_config(qtype, n, k, sms(), block_n=bn, block_k=bk, num_warps=nw)
                 try:
-                    grid[key] = round(G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg, act=act)), copies), 2)
+                    grid[key] = round(G.graph_us(lambda i: (lambda: gemv_int8(act, ws[i], None, cfg)), copies), 2)
                 except Exception as e:  # noqa: BLE001
                     grid[key] = f"error {type(e).__name__}: {e}"[:120]
             ok = {c: v for c, v in grid.items() if isinstance(v, float)}
@@ -116,7 +127,7 @@ def batch(out, deadline):
     the tl.dot tiles, and the prefill path (dequantize + cuBLAS), at the Llama-3.2-1B shapes."""
     import torch.nn.functional as F
     rows = []
-    dot = K.GemvConfig(block_n=32, block_k=256, dot=True)
+    dot = R.GemvConfig(block_n=32, block_k=256, dot=True, split_k=0)
     for qtype, n, k in SHAPES["llama-3.2-1b"][:4]:
         w0 = packed(qtype, n, k)
         copies = G.n_copies(w0.nbytes)
@@ -127,10 +138,12 @@ def batch(out, deadline):
                 return
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
-                 "int8_us": G.graph_us(lambda i: (lambda: K._gemm_int8(K.quantize_act(x), ws[i], None)), copies),
-                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))), copies)}
-            if m <= K.MAX_GEMV_M:
-                r["dot_us"] = G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=dot)), copies)
+                 "int8_us": G.graph_us(lambda i: (lambda: gemm_int8(quantize_act(x), ws[i], None,
+                                                                    R.q8_rows_config(qtype, k, m))), copies),
+                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, dequantize_gpu(ws[i], x.dtype))), copies)}
+            if m <= R.MAX_GEMV_M:
+                cfg = R.float_config(dot, qtype, n, k, m, sms())
+                r["dot_us"] = G.graph_us(lambda i: (lambda: gemv(x, ws[i], None, cfg)), copies)
             print(json.dumps(r), flush=True)
             rows.append(r)
         del ws
@@ -138,7 +151,7 @@ def batch(out, deadline):
     out["batch"] = rows
 
 
-DOT_GRID = [K.GemvConfig(block_n=bn, block_k=bk, num_warps=w, dot=True, num_stages=st, split_k=1)
+DOT_GRID = [R.GemvConfig(block_n=bn, block_k=bk, num_warps=w, dot=True, num_stages=st, split_k=1)
             for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (2, 4)]
 
 
@@ -147,24 +160,25 @@ def dotgrid(out, deadline, ms=(16, 32)):
     split-K) against dequantize + cuBLAS, at the Llama-3.2-1B shapes (the output head included)."""
     import torch.nn.functional as F
     rows = []
-    K.MAX_GEMV_M = max(ms)  # the bound gemv checks; the tiles themselves take any M
+    gemv_mod.MAX_M = max(ms)  # the bound gemv checks; the tiles themselves take any M
     for qtype, n, k in SHAPES["llama-3.2-1b"]:
         w0 = packed(qtype, n, k)
         copies = G.n_copies(w0.nbytes)
         ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.float(), K.dequantize_gpu(w0, torch.float32))
+            ref = F.linear(x.float(), dequantize_gpu(w0, torch.float32))
             r = {"format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
-                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))), copies),
+                 "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, dequantize_gpu(ws[i], x.dtype))), copies),
                  "dot": {}}
-            for cfg in DOT_GRID:
+            for grid_cfg in DOT_GRID:
                 if time.time() > deadline:
                     break
-                name = f"bn{cfg.block_n}_bk{cfg.block_k}_w{cfg.num_warps}_s{cfg.num_stages}"
+                name = f"bn{grid_cfg.block_n}_bk{grid_cfg.block_k}_w{grid_cfg.num_warps}_s{grid_cfg.num_stages}"
+                cfg = R.float_config(grid_cfg, qtype, n, k, m, sms())  # 8 warps for 32-row tiles
                 try:
-                    err = G.rel(K.gemv(x, w0, config=cfg), ref)
-                    r["dot"][name] = [round(G.graph_us(lambda i: (lambda: K.gemv(x, ws[i], config=cfg)), copies), 2),
+                    err = G.rel(gemv(x, w0, None, cfg), ref)
+                    r["dot"][name] = [round(G.graph_us(lambda i: (lambda: gemv(x, ws[i], None, cfg)), copies), 2),
                                       err]
                 except Exception as e:  # noqa: BLE001  (out of shared memory / registers: skip that config)
                     r["dot"][name] = str(e)[:80]
@@ -174,28 +188,28 @@ def dotgrid(out, deadline, ms=(16, 32)):
             rows.append(r)
         del ws
         torch.cuda.empty_cache()
-    K.MAX_GEMV_M = 8
+    gemv_mod.MAX_M = R.MAX_GEMV_M
     out["dotgrid"] = rows
 
 
-MMA_GRID = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st)
+MMA_GRID = [R.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st)
             for bn in (32, 64, 128) for wd in (32, 64) for w in (4, 8) for st in (3, 4)]
 
 
-MMA_TABLE = [K.MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3),
-             K.MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3),  # kernels.mma_config: gate/up
-             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3),
-             K.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3, natural=True),  # heads, > 16 rows
-             K.MmaConfig(block_n=32, words=16, num_warps=4, num_stages=3, natural=True)]  # heads, <= 16
+MMA_TABLE = [R.MmaConfig(block_n=64, words=32, num_warps=4, num_stages=3),
+             R.MmaConfig(block_n=128, words=32, num_warps=4, num_stages=3),  # route.mma_config: gate/up
+             R.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3),
+             R.MmaConfig(block_n=32, words=32, num_warps=4, num_stages=3, natural=True),  # heads, > 16 rows
+             R.MmaConfig(block_n=32, words=16, num_warps=4, num_stages=3, natural=True)]  # heads, <= 16
 
 
-MMA_NATURAL = [K.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st, natural=True)
+MMA_NATURAL = [R.MmaConfig(block_n=bn, words=wd, num_warps=w, num_stages=st, natural=True)
                for bn in (32, 64, 128) for wd in (16, 32) for w in (4, 8) for st in (2, 3)] + MMA_TABLE
 
 
 def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None, n_min=0):
-    """Server-step rows (9..32): in-graph µs of kernels.gemm_mma (a grid of MmaConfig, split-K from the
-    grid size) against dequantize + cuBLAS, and its error against the float64 product."""
+    """Server-step rows (9..32): in-graph µs of mma.gemm_mma (a grid of MmaConfig, split-K from the
+    grid size: route.mma_launch) against dequantize + cuBLAS, and its error against the float64 product."""
     import torch.nn.functional as F
     rows = []
     for model_name in models:
@@ -205,24 +219,25 @@ def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None, n_min=0
             w0 = packed(qtype, n, k)
             copies = G.n_copies(w0.nbytes)
             ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
-            wd = K.dequantize_gpu(w0, torch.float32)
+            wd = dequantize_gpu(w0, torch.float32)
             for m in ms:
                 if time.time() > deadline:
                     break
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = F.linear(x.double(), wd.double())
                 r = {"model": model_name, "format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m,
-                     "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, K.dequantize_gpu(ws[i], x.dtype))),
+                     "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, dequantize_gpu(ws[i], x.dtype))),
                                               copies),
-                     "dequant_err": G.rel(F.linear(x, K.dequantize_gpu(w0, x.dtype)), ref.float()), "mma": {}}
-                for cfg in grid or MMA_GRID:
+                     "dequant_err": G.rel(F.linear(x, dequantize_gpu(w0, x.dtype)), ref.float()), "mma": {}}
+                for grid_cfg in grid or MMA_GRID:
                     if time.time() > deadline:
                         break
-                    name = f"bn{cfg.block_n}_w{cfg.words}_nw{cfg.num_warps}_s{cfg.num_stages}" + \
-                        ("_nat" if cfg.natural else "")
+                    name = f"bn{grid_cfg.block_n}_w{grid_cfg.words}_nw{grid_cfg.num_warps}_s{grid_cfg.num_stages}" + \
+                        ("_nat" if grid_cfg.natural else "")
+                    cfg = R.mma_launch(grid_cfg, qtype, n, k, sms())
                     try:
-                        err = G.rel(K.gemm_mma(x, w0, config=cfg), ref.float())
-                        r["mma"][name] = [round(G.graph_us(lambda i: (lambda: K.gemm_mma(x, ws[i], config=cfg)),
+                        err = G.rel(gemm_mma(x, w0, None, cfg), ref.float())
+                        r["mma"][name] = [round(G.graph_us(lambda i: (lambda: gemm_mma(x, ws[i], None, cfg)),
                                                            copies), 2), err]
                     except Exception as e:  # noqa: BLE001  (out of shared memory / registers: skip)
                         r["mma"][name] = str(e)[:80]
@@ -235,8 +250,15 @@ def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None, n_min=0
     out["mma"] = rows
 
 
+def _bench_with(path: str, env: dict) -> dict:
+    """`kiln.bench.bench`'s kiln half for one file in a fresh process under env (the policy is read at import)."""
+    code = f"import json; from kiln.bench import bench; print(json.dumps(bench({path!r}, 512, 128, 3)['kiln']))"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                       check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def model(out, files, deadline):
-    from kiln.bench import bench
     rows = []
     for f in files:
         for on in (False, True):
@@ -244,9 +266,7 @@ def model(out, files, deadline):
                 print("model: out of time", flush=True)
                 out["model"] = rows
                 return
-            K.INT8 = on
-            r = bench(f, 512, 128, 3)
-            k = r["kiln"]
+            k = _bench_with(f, {"KILN_INT8": "1" if on else "0"})
             row = {"file": Path(f).name, "int8": on, "decode_tok_s": round(k["decode_tok_s"], 1),
                    "prefill_tok_s": round(k["prefill_tok_s"]), "ms_per_token": round(k["ms_per_token"], 3),
                    "roofline_share": round(k.get("roofline_share", 0), 3), "capture_s": k.get("capture_s")}
@@ -265,7 +285,7 @@ def main():
     ap.add_argument("--rows", default="16,32", help="dotgrid, mma: activation rows (comma-separated)")
     ap.add_argument("--n-min", type=int, default=0, help="mma: only shapes with at least this many rows")
     ap.add_argument("--mma-grid", choices=["full", "table", "natural"], default="full",
-                    help="mma: the full config grid, the configs kernels.mma_config uses, or the "
+                    help="mma: the full config grid, the configs route.mma_config uses, or the "
                          "weight-order variant's grid (with the table's configs)")
     a = ap.parse_args()
     t0 = time.time()

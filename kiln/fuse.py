@@ -1,15 +1,15 @@
 """Fewer kernels per decode step: projections of one input concatenated into one matmul at load time
-(q/k/v, gate/up), and the norm before a matmul / the gated activation before the down projection folded
-into the GEMV that reads them.
+(q/k/v, gate/up), and the norm before a matmul / the gated activation before the down projection storing
+their output already quantized for the int8 GEMV that reads it.
 
 Owns: `FusedLinear` (several linear layers of one input as one or a few wider ones; `forward` returns one
 output per original layer, as views of the wide outputs), `fuse_projections(model)`, which gives every
 attention block a `qkv` and every MLP a `gate_up` where that saves launches, `Normed` (norm(x + residual)
-not yet computed: a FusedLinear of QuantLinears runs it in its GEMV's prologue at decode, anything else
-computes it with ops.rms_norm) and `gated(down, gate_up, x, act)` (the MLP's second half, the activation
-in the down projection's prologue where it can be).
+not yet computed: a FusedLinear of int8-GEMV QuantLinears has the norm kernel quantize its output too,
+anything else computes it with ops.rms_norm) and `gated(down, gate_up, x, act)` (the MLP's second half,
+the activation kernel quantizing its output for an int8 down projection).
 Not: the models' use of them (a block passes a Normed to `self.qkv` when it exists and calls `value()`
-otherwise), the kernels (kernels.gemv and its Prologue), CPU speed.
+otherwise), the kernels (quant/), CPU speed.
 
 Why: at batch 1 a small model's decode step is bound by the number of kernels, not by bytes (NOTES.md:
 ~1 µs fixed cost per kernel in a CUDA graph, a 1024-row GEMV is done in a few more). Concatenating weight
@@ -25,21 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.ops import gelu_tanh_mul, rms_norm, silu_mul
-from kiln.quant.kernels import Prologue, empty_act, quantize_act
+from kiln.quant.gemv_int8 import empty_act, quantize_act
 from kiln.quant.linear import QuantLinear
-
-
-# Which prologues the GEMV folds in ("norm", "silu", "gelu"). Off by default: measured on the H100
-# (bench/prologue_ab.py, bench/results/2026-11-25-h100-b/), a prologue costs the GEMV more than the launch
-# it saves — Qwen3-0.6B Q4_K_M decode 706 tok/s with none, 677 with the activations, 618 with all;
-# Llama-3.2-1B Q4_K_M 767 vs 727. Each program would redo the row's norm before its first product.
-PROLOGUES: set[str] = set()
 
 
 class Normed:
     """norm(x + residual) — or norm(x) without a residual — before it is computed. `value()` computes it
-    (one ops.rms_norm kernel); a FusedLinear whose layers take prologues computes it inside its GEMVs.
-    Either way `h` is then the residual stream x + residual (x itself without one)."""
+    (one ops.rms_norm kernel; with q8, also stored quantized for the int8 GEMVs). Either way `h` is then the
+    residual stream x + residual (x itself without one)."""
 
     def __init__(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         self.x, self.residual, self.norm = x, residual, norm
@@ -59,14 +52,6 @@ class Normed:
                 self._y, self.h = rms_norm(self.x, n.weight, n.eps, n.offset, self.residual, q8=q8)
         return self._y
 
-    def prologue(self, write_h: bool) -> Prologue:
-        """The GEMV prologue computing this norm; with write_h, that GEMV also stores h (allocated here)."""
-        n, h = self.norm, None
-        if write_h and self.residual is not None:
-            self.h = h = torch.empty_like(self.x)
-        res = None if self.residual is None else self.residual.reshape(-1)
-        return Prologue("norm", n.weight, n.eps, n.offset, res, None if h is None else h.view(-1))
-
 
 def project(module: nn.Module, x, fused: str, parts: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
     """The projections `parts` of x: through module.<fused> (a FusedLinear, which may take a Normed) when
@@ -83,14 +68,12 @@ def value(x) -> torch.Tensor:
 
 
 def gated(down: nn.Module, gate_up: FusedLinear, x, act: str = "silu") -> torch.Tensor:
-    """down(act(gate) * up) with gate, up = gate_up(x): one kernel for both matmuls' glue where the down
-    projection's GEMV takes the activation as its prologue, else ops.silu_mul / gelu_tanh_mul."""
+    """down(act(gate) * up) with gate, up = gate_up(x): ops.silu_mul / gelu_tanh_mul, which also quantize
+    their output where the down projection takes the int8 GEMV."""
     if gate_up.wide is None:
         g, u = gate_up(x)
         return down((F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")) * u)
     gu = gate_up.wide_forward(x)  # (..., 2I)
-    if act in PROLOGUES and isinstance(down, QuantLinear) and down.takes_prologue(gu[..., :down.in_features]):
-        return down(gu, prologue=Prologue(act))
     fn = silu_mul if act == "silu" else gelu_tanh_mul
     if isinstance(down, QuantLinear) and down.takes_int8(gu[..., :down.in_features]):
         a = empty_act(down.in_features, gu.dtype, gu.device)  # the activation kernel quantizes its output
@@ -124,9 +107,6 @@ class FusedLinear(nn.Module):
         return self._wide_outputs(x)[0]
 
     def _wide_outputs(self, x) -> list[torch.Tensor]:
-        if isinstance(x, Normed) and x._y is None and "norm" in PROLOGUES and all(
-                isinstance(g, QuantLinear) and g.takes_prologue(x.x) for g in self.groups):
-            return [g(x.x, prologue=x.prologue(write_h=i == 0)) for i, g in enumerate(self.groups)]
         xt = x.x if isinstance(x, Normed) else x
         if all(isinstance(g, QuantLinear) and g.takes_int8(xt) for g in self.groups):
             if isinstance(x, Normed) and x._y is None:  # the norm kernel quantizes its output too
@@ -164,7 +144,8 @@ def _concat(layers: list[nn.Module]) -> nn.Module:
         planes = {name: torch.cat([getattr(l, name) for l in layers])
                   for name, t in layers[0].packed.planes().items()}
         packed = type(layers[0].packed)(layers[0].qtype, (n, layers[0].in_features), **planes)
-        return QuantLinear(layers[0].in_features, n, layers[0].qtype, packed=packed, bias=bias)
+        return QuantLinear(layers[0].in_features, n, layers[0].qtype, packed=packed, bias=bias,
+                           policy=layers[0].policy)
     out = nn.Linear(layers[0].in_features, n, bias=bias is not None, device="meta")
     out.weight = nn.Parameter(torch.cat([l.weight for l in layers]), requires_grad=False)
     if bias is not None:

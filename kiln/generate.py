@@ -64,7 +64,7 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        return tokenizer.chat_ids(list(prompt))
+        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
     raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
 

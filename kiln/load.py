@@ -1,6 +1,8 @@
 """The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
 
 Owns: `load(path_or_name, device, dtype) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
+`read_model(path) -> (config, weights, tokenizer)`, `meta_model` (the model on the meta device once
+config and weights are checked against each other: formats/checks.py),
 the choice of default device and dtype, and the check that every weight the model needs was found.
 Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
+from kiln.formats.checks import check_config, check_weights, shapes_of
 from kiln.formats.gguf import GGUFTensor, hf_tensors, read_gguf, to_config
 from kiln.models import get_model
 
@@ -38,20 +41,11 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     left in its blocks; several times faster decode, near-lossless, opt-in). The default on CPU is exact fp32.
     """
     from kiln.hub import resolve
-    from kiln.tokenizer import Tokenizer
 
     path = Path(resolve(str(path_or_name), progress=progress))
     device = torch.device(device or default_device())
     dtype = _dtype(dtype) or default_dtype(device)
-    if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        config, weights = read_folder(path)
-        tokenizer = Tokenizer.from_folder(path)
-    else:
-        g = read_gguf(path)
-        config = to_config(g)
-        weights = hf_tensors(g, config)
-        tokenizer = Tokenizer.from_gguf(g.meta)
+    config, weights, tokenizer = read_model(path)
     quantized = device.type == "cuda" if quantized is None else quantized
     on_gpu = device.type == "cuda"
     swap = None
@@ -64,6 +58,18 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         fuse_projections(model)
     model.source = str(path)
     return model, tokenizer
+
+
+def read_model(path: Path):
+    """(config, weights, tokenizer) of a GGUF file or a Hugging Face folder; weights are read lazily."""
+    from kiln.tokenizer import Tokenizer
+    if path.is_dir():
+        from kiln.formats.safetensors import read_folder
+        config, weights = read_folder(path)
+        return config, weights, Tokenizer.from_folder(path)
+    g = read_gguf(path)
+    config = to_config(g)
+    return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta)
 
 
 def _dtype(dtype):
@@ -85,10 +91,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     when given, replaces layers of the meta model first (the CPU compact path) and returns the parameter
     names it took.
     """
-    model_cls, args_cls = get_model(config["model_type"])
-    args = args_cls.from_dict(config)
-    with torch.device("meta"):
-        model = model_cls(args)
+    model, args = meta_model(config, weights)
     taken = set()
     if quantized:
         from kiln.quant.linear import swap_linears
@@ -96,15 +99,6 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     elif swap is not None:
         taken = set(swap(model, weights))
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
-    extra = {"model.rope_freqs"}
-    missing = [n for n in wanted if n not in weights and not _tied(n, weights)]
-    if missing:
-        raise KilnError(f"the weights lack {len(missing)} tensors the {config['model_type']} model needs, "
-                        f"e.g. {missing[:3]}; the file may be incomplete or for another architecture")
-    unknown = [n for n in weights if n not in wanted and n not in extra and n not in taken]
-    if unknown:
-        raise KilnError(f"the weights hold {len(unknown)} tensors the {config['model_type']} model does not "
-                        f"have, e.g. {unknown[:3]}; the file may be for another architecture")
     state = {}
     for name in _progress(list(wanted), progress, "loading weights"):
         src = name if name in weights else "model.embed_tokens.weight"  # tied output
@@ -122,8 +116,20 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     return model.to(device).eval().requires_grad_(False)
 
 
-def _tied(name: str, weights) -> bool:
-    return name == "lm_head.weight" and "model.embed_tokens.weight" in weights
+def meta_model(config: dict, weights: Mapping):
+    """(model on the meta device, its args), once config and weights are checked to agree; nothing is read.
+
+    Model files are untrusted: the checks come before the model is built (an absurd size or layer count
+    would otherwise allocate or loop) and before any weight is read (a wrong shape fails in milliseconds).
+    """
+    model_cls, args_cls = get_model(config["model_type"])
+    shapes = shapes_of(weights)
+    check_config(args_cls, config, shapes)
+    args = args_cls.from_dict(config)
+    with torch.device("meta"):
+        model = model_cls(args)
+    check_weights(model, weights, shapes)
+    return model, args
 
 
 def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:

@@ -45,6 +45,13 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host names clients may use besides localhost and --host (default: only "
+                        "those; any when --host is 0.0.0.0 or ::); guards against DNS rebinding, '*' allows any")
+    p.add_argument("--read-timeout", type=float, default=20.0, metavar="S",
+                   help="seconds a client may take to send a request's head, or pause in its body (default 20)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may still run before they are cut (default 5)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     return p
 
@@ -55,6 +62,9 @@ def _check(a) -> None:
     for name in ("parallel", "max_queue", "max_body"):
         if getattr(a, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("read_timeout", "shutdown_grace"):
+        if not getattr(a, name) > 0:
+            raise KilnError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if a.ctx_size is not None and a.ctx_size < 16:
         raise KilnError("--ctx-size must be at least 16 tokens")
     if not 0 < a.port < 65536:
@@ -89,15 +99,16 @@ def main(argv: list[str]) -> int:
                         f"(from a checkout: pip install -e '.[serve]')")
     from kiln.hub import resolve
     path = Path(resolve(a.model, progress=True))  # a bad name fails here, before the port is taken
-    import uvicorn
-
     from kiln.load import load
-    from kiln.server.app import create_app
+    from kiln.server.app import create_app, server_for
+    from kiln.server.transport import allowed_hosts
     model_id = a.alias or (path.stem if path.is_file() else path.name)
     app = create_app(lambda: load(path, device=a.device, dtype=a.dtype, progress=False), model_id=model_id,
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
-                     max_body=a.max_body)
-    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level))
+                     max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
+                     read_timeout=a.read_timeout)
+    server = server_for(app, a.host, a.port, log_level=a.log_level, read_timeout=a.read_timeout,
+                        shutdown_grace=a.shutdown_grace)
     st = app.state.kiln
     st.on_load_failed = lambda e: setattr(server, "should_exit", True)
     logging.basicConfig(level=logging.INFO, format="kiln serve: %(message)s")

@@ -2,9 +2,11 @@
 
 Owns: turning a GGUF file's `tokenizer.ggml.*` metadata into a `tokenizers.Tokenizer` that splits text exactly as
 llama.cpp does (gpt2-style byte-level BPE with llama.cpp's per-`pre` regexes; SentencePiece-style "llama" vocabularies
-replayed as a score-ranked BPE), reading a Hugging Face tokenizer folder, the ids that end generation, rendering
-chat templates in a sandbox, and a streaming detokenizer that never emits half a UTF-8 character.
+replayed as a score-ranked BPE), reading a Hugging Face tokenizer folder, the ids that end generation, chat prompts
+whose control tokens come only from the template (`chat_ids`: message text is tokenized as text), a provable bound on
+characters per token, and a streaming detokenizer that never emits half a UTF-8 character.
 Not: reading the GGUF file (formats/gguf.py hands us `meta`), stop strings (textstream.py), sampling (sample.py),
+the Jinja sandbox and rendering itself (chat_template.py),
 tool-call parsing (server/), and llama.cpp's cosmetic `clean_spaces` pass on decode (kiln's decode is lossless).
 
 Decoding goes through one table of bytes per id (what llama.cpp calls a token's piece), so `decode(ids)` and the
@@ -13,23 +15,21 @@ concatenation of a `StreamingDetokenizer`'s output are the same bytes decoded th
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
-from jinja2 import TemplateError, TemplateSyntaxError, nodes
-from jinja2.exceptions import SecurityError
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
+from kiln import chat_template
 from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ class Tokenizer:
         self.chat_templates = dict(chat_templates or {})
         self.chat_template = self.chat_templates.get("default")
         self.template_tokens = dict(template_tokens or {})  # bos_token, eos_token… as strings, for templates
-        self._env = None
-        self._compiled: dict[str, object] = {}
+        self._env: chat_template.Env | None = None  # built on first use, as is the text-only backend copy
+        self._text_backend: _Backend | None = None
+        self._lock = threading.Lock()
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -173,7 +174,7 @@ class Tokenizer:
         elif vocab.model == "llama":
             backend, flags = _spm_backend(vocab, meta), {"add_bos": True}
         else:
-            raise KilnError(f"GGUF tokenizer model {vocab.model!r} is not supported (kiln reads 'gpt2' BPE and "
+            raise KilnError(f"GGUF tokenizer model {vocab.model!r:.80} is not supported (kiln reads 'gpt2' BPE and "
                             "'llama' SentencePiece vocabularies); point kiln at the model's Hugging Face folder "
                             "(tokenizer.json) instead")
         return cls(backend, eos_token_ids=eog, **_gguf_fields(vocab, meta, flags))
@@ -195,18 +196,26 @@ class Tokenizer:
 
     # --- encode / decode ---------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for `text`; BOS first when the model wants one and `add_special_tokens`."""
+        """Token ids for `text`; BOS first when the model wants one and `add_special_tokens`. Control tokens spelled
+        in the text are matched as tokens (chat messages go through `chat_ids`, which does not do that)."""
         if not isinstance(text, str):
             raise KilnError(f"text to encode must be a str, got {type(text).__name__}")
-        try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        except TypeError:  # lone surrogates (valid in JSON, not in UTF-8)
-            ids = self.backend.encode(text.encode("utf-8", "replace").decode("utf-8"), add_special_tokens=False).ids
+        ids = self._encoding(text).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         if add_special_tokens and self.add_eos and self.eos_token_id is not None:
             ids.append(self.eos_token_id)
         return ids
+
+    def _encoding(self, text: str, backend: _Backend | None = None):
+        """The backend's Encoding of `text`. Through encode_batch, which releases the GIL while it works (encode
+        does not), so that a long text tokenized in a worker thread does not stall the server's event loop."""
+        backend = backend or self.backend
+        try:
+            return backend.encode_batch([text], add_special_tokens=False)[0]
+        except (TypeError, UnicodeEncodeError):  # lone surrogates (valid in JSON, not in UTF-8)
+            text = text.encode("utf-8", "replace").decode("utf-8")
+            return backend.encode_batch([text], add_special_tokens=False)[0]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; the same text a StreamingDetokenizer emits for them, piece by piece."""
@@ -262,20 +271,96 @@ class Tokenizer:
     # --- chat templates ----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the model's chat template in a sandbox (templates in downloaded files are untrusted)."""
-        source = self._template_source(tools)
-        context = {**self.template_tokens, **_plain(kwargs)}
-        context.update(messages=_plain_messages(messages), tools=_plain(tools) if tools else None,
-                       documents=context.get("documents"), add_generation_prompt=bool(add_generation_prompt))
-        return _render(self._compile(source), context)
+        """The conversation as the model's chat template writes it (rendered in a sandbox: chat_template.py)."""
+        return self.render_chat(self.chat_job(messages, tools, add_generation_prompt, **kwargs)).text
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None, **kwargs) -> list[int]:
-        """The token ids of a chat prompt (kiln.generate and the server both use this): the rendered template,
-        with BOS first only if the model wants one and the template did not already write it."""
-        ids = self.encode(self.apply_chat_template(messages, tools=tools, **kwargs), add_special_tokens=False)
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                 **kwargs) -> list[int]:
+        """A conversation's prompt ids: the template's text, encoded by `encode_chat` (caller text as text)."""
+        return self.encode_chat(self.render_chat(self.chat_job(messages, tools, add_generation_prompt, **kwargs)))
+
+    def chat_job(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                 **kwargs) -> chat_template.Job:
+        """What rendering a conversation needs, as plain JSON (so that a worker process can render it too).
+        Template kwargs cannot replace the template's own values (bos_token…, add_generation_prompt)."""
+        try:
+            data = {"documents": None, **chat_template.plain(kwargs),
+                    "messages": chat_template.plain_messages(messages), "tools": chat_template.plain(tools) or None}
+        except chat_template.TemplateFailed as e:
+            raise KilnError(str(e)) from None
+        fixed = {**self.template_tokens, "add_generation_prompt": bool(add_generation_prompt)}
+        return chat_template.Job(self._template_source(tools), fixed, data)
+
+    def render_chat(self, job: chat_template.Job, max_chars: int | None = None) -> chat_template.Rendered:
+        """Render in this process (no time budget: the server renders in worker processes instead)."""
+        with self._lock:
+            if self._env is None:
+                self._env = chat_template.Env()
+        try:
+            return chat_template.render(self._env, job, max_chars)
+        except chat_template.TemplateFailed as e:
+            raise KilnError(str(e)) from None
+
+    def encode_chat(self, chat: chat_template.Rendered) -> list[int]:
+        """Ids of rendered chat text in which control tokens come only from the template.
+
+        The text is encoded as a whole, exactly as `encode` does; if a control token turns up inside the caller's
+        text (`chat.spans`), the text is encoded again stretch by stretch between the template's own control
+        tokens, with control-token spellings inside a stretch encoded as plain text (llama.cpp's parse_special =
+        false). Tokens the vocabulary marks user-defined (not control) are still matched, as llama.cpp does.
+        BOS goes first when the model wants one and the template did not write it."""
+        enc = self._encoding(chat.text)
+        ids = enc.ids
+        specials = [k for k, t in enumerate(ids) if t in self.special_ids]
+        theirs = {k for k in specials if self._caller_wrote(chat, enc.token_to_chars(k))}
+        if theirs:
+            ours = [(enc.token_to_chars(k), ids[k]) for k in specials if k not in theirs]
+            ids = self._encode_around(chat.text, ours)
         if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def _caller_wrote(self, chat: chat_template.Rendered, where: tuple[int, int]) -> bool:
+        """Whether a control token at `where` in the text came from the caller's strings (see encode_chat)."""
+        s, e = where
+        text = chat.text[s:e]
+        job = chat.job
+        if chat.spans is None:  # the template inspected the caller's text: only a string search is left
+            if job is not None and any(text in x for x in job.strings()):
+                raise KilnError(f"the conversation contains the text {text!r}, a control token of this model, and "
+                                "its chat template reads the message text in a way that keeps kiln from telling "
+                                "the two apart; remove it from the messages")
+            return False
+        k = bisect.bisect_left(chat.spans, (e, -1)) - 1  # the last span starting before the token ends
+        if k >= 0 and chat.spans[k][1] > s:
+            return True
+        if job is not None and any(text in x for x in job.strings(marked=False)):
+            raise KilnError(f"a field name or role in the conversation contains {text!r}, a control token of this "
+                            "model; rename it")
+        return False
+
+    def _encode_around(self, text: str, ours: list[tuple[tuple[int, int], int]]) -> list[int]:
+        """Encode the stretches between the template's control tokens as text; keep those tokens."""
+        ids, at = [], 0
+        for (s, e), token in ours:
+            ids += self._as_text(text[at:s])
+            ids.append(token)
+            at = e
+        return ids + self._as_text(text[at:])
+
+    def _as_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        with self._lock:
+            if self._text_backend is None:  # a copy that spells control tokens out (built on first need)
+                self._text_backend = _Backend.from_str(self.backend.to_str())
+                self._text_backend.encode_special_tokens = True
+        return self._encoding(text, self._text_backend).ids
+
+    @cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters one token can cover, where provable (see `_max_token_chars`); else None."""
+        return _max_token_chars(self.backend, self.pieces)
 
     def _template_source(self, tools) -> str:
         if tools and "tool_use" in self.chat_templates:
@@ -284,16 +369,6 @@ class Tokenizer:
             raise KilnError("this model has no chat template; pass --no-chat-template to send the prompt as raw "
                             "text, or supply a template (--chat-template FILE)")
         return self.chat_template
-
-    def _compile(self, source: str):
-        if source not in self._compiled:
-            if self._env is None:
-                self._env = _sandbox()
-            try:
-                self._compiled[source] = self._env.from_string(source)
-            except TemplateSyntaxError as e:
-                raise KilnError(f"the chat template has a syntax error at line {e.lineno}: {e.message}") from None
-        return self._compiled[source]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,18 +444,19 @@ class _GGUFVocab:
 
     @classmethod
     def read(cls, meta: dict) -> _GGUFVocab:
-        tokens = meta.get("tokenizer.ggml.tokens")
+        tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, None)
         if not tokens:
             raise KilnError("this GGUF file carries no vocabulary (tokenizer.ggml.tokens); use the model's "
                             "Hugging Face folder (tokenizer.json) as the tokenizer")
         n = len(tokens)
-        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * n)
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
-        if len(types) < n or len(scores) < n:
-            raise KilnError(f"GGUF vocabulary is inconsistent: {n} tokens but {len(types)} token types and "
-                            f"{len(scores)} scores; the file is damaged, re-download or re-convert it")
+        types = _gguf_list(meta, "tokenizer.ggml.token_type", int, n) or [NORMAL] * n
+        scores = _gguf_list(meta, "tokenizer.ggml.scores", (int, float), n) or [0.0] * n
         model = meta.get("tokenizer.ggml.model", "llama")
-        return cls(model, list(tokens), types[:n], scores[:n], list(meta.get("tokenizer.ggml.merges") or []))
+        if not isinstance(model, str) or not isinstance(meta.get("tokenizer.ggml.pre", ""), str):
+            raise KilnError("GGUF tokenizer.ggml.model / tokenizer.ggml.pre is not a string; the file is damaged, "
+                            "re-download or re-convert it")
+        merges = _gguf_list(meta, "tokenizer.ggml.merges", str, None) or []
+        return cls(model, list(tokens), types[:n], scores[:n], merges)
 
     @property
     def ids(self) -> dict[str, int]:
@@ -404,6 +480,22 @@ class _GGUFVocab:
         for i in ids:
             if self.types[i] != CONTROL:
                 self.types[i] = CONTROL
+
+
+def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
+    """meta[key] as a list of `kind` of at least `n` items ([] when absent); KilnError when it is not one.
+
+    Model files are untrusted: a vocabulary array of the wrong type or length is refused here, by name.
+    """
+    value = meta.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) or (n and len(value) < n):
+        what = f"a {type(value).__name__}" if not isinstance(value, list) else f"{len(value)} items"
+        raise KilnError(f"GGUF vocabulary is inconsistent: {key} is {what}, expected {n or 'a list of'} "
+                        f"{getattr(kind, '__name__', 'number')} values; the file is damaged, re-download or "
+                        f"re-convert it")
+    return value
 
 
 def _bpe_backend(vocab: _GGUFVocab, meta: dict) -> tuple[_Backend, dict]:
@@ -431,7 +523,7 @@ def _pre_regexes(pre: str) -> tuple[tuple[str, ...], dict]:
                     "which may not be the model's own; re-convert the model with a current llama.cpp to fix")
         pre = "default"
     if pre not in _PRE_ALIASES:
-        log.warning("unknown GGUF pre-tokenizer %r; splitting text with the GPT-2 regex, so token ids may differ "
+        log.warning("unknown GGUF pre-tokenizer %.80r; splitting text with the GPT-2 regex, so token ids may differ "
                     "from the model's own tokenizer", pre)
         return _PRE_REGEXES["gpt2"], {}
     family, flags = _PRE_ALIASES[pre]
@@ -694,81 +786,50 @@ def _folder_templates(root: Path, cfg: dict) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat templates (Jinja, sandboxed: a template inside a downloaded file is untrusted code)
+# How many characters one token can stand for
 # ---------------------------------------------------------------------------------------------------------------
-class _TemplateRaised(Exception):
-    """A template's own raise_exception(...) call."""
+_KEEPS_CHARS = {"Prepend", "Replace", "ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "Sequence"}
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    def unsafe_undefined(self, obj, attribute):
-        # Jinja's default is a silent Undefined, which would let `{{ ''.__class__ }}` render as "" and keep going;
-        # a template that reaches for Python internals is hostile or broken, so stop it.
-        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed")
+def _max_token_chars(backend: _Backend, pieces: list[bytes] | None) -> int | None:
+    """The most characters of text one token can cover, where kiln can prove a bound; None where it cannot.
+
+    When no step drops or merges characters (normalizers that only prepend or replace one string by one at least as
+    long, pre-tokenizers that only split; a BPE model that never drops an unknown character nor fuses a run of them;
+    added tokens that absorb no whitespace), every token covers a piece of the text whose UTF-8 bytes are at most its
+    own piece's bytes. A text of C characters then needs at least C / max(piece bytes) tokens: the server rejects a
+    prompt longer than ctx_size * max_token_chars characters without tokenizing it.
+    """
+    if pieces is None or not isinstance(backend.model, models.BPE) or backend.model.fuse_unk:
+        return None
+    steps = [_state(backend.normalizer), _state(backend.pre_tokenizer)]
+    flat = [p for spec in steps for p in _flatten(spec)]
+    if not all(_keeps_chars(p) for p in flat):
+        return None
+    if any(t.lstrip or t.rstrip or t.single_word for t in backend.get_added_tokens_decoder().values()):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=False)
+    byte_level = any(p.get("type") == "ByteLevel" for p in flat)
+    covered = (byte_level and all(chr(c) in vocab for c in _byte_level_table() if _byte_level_table()[c] != 0xFFFF)
+               or backend.model.byte_fallback and all(f"<0x{b:02X}>" in vocab for b in range(256))
+               or backend.model.unk_token is not None)
+    return max(map(len, pieces), default=1) or 1 if covered else None
 
 
-class _GenerationTag(Extension):
-    """Hugging Face's {% generation %}…{% endgeneration %} marks assistant text for training masks; render the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
+def _state(component) -> dict:
+    return json.loads(component.__getstate__()) if component is not None else {}
 
 
-def _sandbox() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def _flatten(spec: dict) -> list[dict]:
+    inner = spec.get("normalizers", spec.get("pretokenizers"))
+    return [q for p in inner for q in _flatten(p)] if spec.get("type") == "Sequence" else [spec] if spec else []
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Hugging Face's filter: plain json.dumps (Jinja's own escapes <, >, & and ' for HTML, which models never saw)
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message):
-    raise _TemplateRaised(str(message))
-
-
-def _render(template, context: dict) -> str:
-    try:
-        return template.render(**context)
-    except _TemplateRaised as e:
-        raise KilnError(f"the chat template rejected this conversation: {e}") from None
-    except SecurityError as e:
-        raise KilnError(f"the chat template tried to reach Python internals and was stopped ({e}); "
-                        "use a trusted template") from None
-    except TemplateError as e:
-        raise KilnError(f"the chat template failed: {e}") from None
-    except Exception as e:  # a template is a program; its TypeErrors etc. are bad input, not kiln bugs
-        raise KilnError(f"the chat template failed: {type(e).__name__}: {e}") from None
-
-
-def _plain_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-        raise KilnError("messages must be a list of objects like {'role': 'user', 'content': '...'}")
-    # keys set to None are dropped, as transformers does: OpenAI clients send content=None next to tool_calls
-    return [{k: v for k, v in _plain(m).items() if v is not None} for m in messages]
-
-
-def _plain(value):
-    """JSON-shaped copies only: the sandbox should never see caller objects with methods of their own."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    for kind, base_value in ((str, str.__str__), (int, int.__int__), (float, float.__float__)):
-        if isinstance(value, kind):  # subclasses (enums…) are cut back to the plain value
-            return base_value(value)
-    if callable(getattr(value, "model_dump", None)):  # pydantic models, e.g. the OpenAI SDK's messages
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
+def _keeps_chars(step: dict) -> bool:
+    kind = step.get("type")
+    if kind not in _KEEPS_CHARS:
+        return False
+    if kind == "Replace":
+        pattern = step.get("pattern", {})
+        return "String" in pattern and len(step.get("content", "")) >= len(pattern["String"])
+    return kind != "Split" or step.get("behavior") != "Removed"

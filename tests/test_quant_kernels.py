@@ -1,14 +1,17 @@
-"""kiln.quant.kernels and kiln.quant.linear: quantized weights kept packed, against the torch dequantizers.
+"""The quantized matmul kernels (kiln.quant packed, gemv, gemv_int8, mma, dequant) and kiln.quant.linear:
+quantized weights kept packed, against the torch dequantizers.
 
 Owns: for every kernel format (Q4_0 … IQ4_XS), on random valid blocks: the repack round trip
 (`dequantize_ref(repack(raw))` bit-identical to `kiln.quant.dequantize(raw)`, and within 1.05x of the
-file's bytes), `dequantize_gpu` bit-identical in float32 and float16, `gemv` against `x @ W.T` in float32
-(M = 1, 3, 8; launch-config variants: split-K with bias, the tl.dot path, plain int -> float conversion,
-wide tiles, partial row blocks and K steps) and in float16, `gemm_mma` (9..32 rows on the tensor cores)
-and its table, the config table's dispatch, QuantLinear's
-decode and prefill paths and its CPU reference path, swap_linears on a tiny model (tied head, permuted
-rows, a dense F16 weight left alone), and — on a GPU — a CUDA-graph capture.
-Not: speed or real shapes (bench/gpu_quant_check.py), the GGUF block formats themselves (test_quant.py).
+file's bytes), `dequantize_gpu` bit-identical in float32 and float16, the float `gemv` against `x @ W.T`
+in float32 (M = 1, 3, 8; launch-config variants: split-K with bias, the tl.dot path, wide tiles, partial
+row blocks and K steps) and in float16, the int8 kernels (`gemv_int8`, `gemm_int8`, `quantize_act`, the
+norm / activation kernels' int8 stores), `gemm_mma` (9..32 rows on the tensor cores), QuantLinear running
+the plan route.py makes (decode and prefill paths, the tensor-core route) and its CPU reference path,
+swap_linears on a tiny model (tied head, permuted rows, a dense F16 weight left alone), and — on a GPU — a
+CUDA-graph capture.
+Not: the routing table itself (test_route.py), speed or real shapes (bench/gpu_quant_check.py), the GGUF
+block formats themselves (test_quant.py).
 
 Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before triton is
 imported (if another test module imported it first, this file re-runs itself in a fresh process), and
@@ -34,10 +37,19 @@ import kiln.quant as kq  # noqa: E402
 from interpreter import late, rerun_in_fresh_process, triton_on_cpu  # noqa: E402,F401  (autouse fixture)
 from kiln.errors import KilnError  # noqa: E402
 from kiln.formats.gguf import GGUFTensor  # noqa: E402
-from kiln.quant import kernels as K  # noqa: E402
-from kiln.quant.linear import QuantEmbedding, QuantLinear, swap_linears  # noqa: E402
+from kiln.ops import use_triton  # noqa: E402
+from kiln.quant import packed as K  # noqa: E402
+from kiln.quant import route as R  # noqa: E402
+from kiln.quant.dequant import dequantize_gpu  # noqa: E402
+from kiln.quant.gemv import gemv  # noqa: E402
+from kiln.quant.gemv_int8 import empty_act, gemm_int8, gemv_int8, quantize_act  # noqa: E402
+from kiln.quant.linear import QuantEmbedding, QuantLinear, matmul, run, swap_linears  # noqa: E402
+from kiln.quant.mma import gemm_mma  # noqa: E402
+from kiln.quant.route import GemvConfig, MmaConfig, Plan  # noqa: E402
+from kiln.quant.tiles import code_book  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
+SMS = R.sm_count(torch.device(DEVICE))
 LATE = late()
 QTYPES = list(K.FORMATS)
 IDS = [K.FORMATS[q].name for q in QTYPES]
@@ -113,8 +125,8 @@ def test_repack_rejects_bad_input():
 def test_dequantize_gpu_is_bit_exact(qtype):
     n, k = 20, k_for(qtype, tail=True)  # 20 rows: a partial row block; a partial K step
     raw, packed, ref = make(qtype, n, k, seed=2)
-    assert torch.equal(K.dequantize_gpu(packed, torch.float32), ref)
-    assert torch.equal(K.dequantize_gpu(packed, torch.float16), ref.half())
+    assert torch.equal(dequantize_gpu(packed, torch.float32), ref)
+    assert torch.equal(dequantize_gpu(packed, torch.float16), ref.half())
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -123,16 +135,17 @@ def test_gemv_matches_dequantized_matmul(qtype, m):
     n, k = 40, k_for(qtype)
     _, packed, ref = make(qtype, n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
-    y = K.gemv(x, packed)
+    assert R.plan(qtype, m, n, k, x.dtype, sms=SMS).kind == "gemv"  # float32 x: the float GEMV's table
+    y = matmul(x, packed)
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert rel_err(y, x @ ref.T) < 1e-5
 
 
-CONFIGS = {
-    "split-k": K.GemvConfig(block_n=8, block_k=256, split_k=2),
-    "split-k-4-bias": K.GemvConfig(block_n=4, block_k=128, split_k=4),
-    "dot": K.GemvConfig(block_n=16, block_k=512, dot=True),
-    "cvt-bn32": K.GemvConfig(block_n=32, block_k=512, cvt=1),
+CONFIGS = {  # split_k 0: picked by route.float_config, as for the table's configs
+    "split-k": GemvConfig(block_n=8, block_k=256, split_k=2),
+    "split-k-4-bias": GemvConfig(block_n=4, block_k=128, split_k=4),
+    "dot": GemvConfig(block_n=16, block_k=512, dot=True, split_k=0),
+    "bn32": GemvConfig(block_n=32, block_k=512, split_k=0),
 }
 
 
@@ -147,42 +160,7 @@ def test_gemv_config_variants(qtype, name):
     for m in (1, 5):
         x = torch.randn(m, k).to(DEVICE)
         expected = x @ ref.T + (0 if bias is None else bias)
-        assert rel_err(K.gemv(x, packed, bias, config=cfg), expected) < 1e-5
-
-
-@pytest.mark.parametrize("offset", [0.0, 1.0])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0], ids=lambda q: K.FORMATS[q].name)
-def test_gemv_norm_prologue_equals_norm_then_gemv(qtype, residual, offset):
-    """The RMSNorm (+ residual add) folded into the GEMV's loads: the product of ops.rms_norm's output,
-    and the residual stream written once (the M = 1 decode path; split-K too)."""
-    from kiln.ops import rms_norm_ref
-    n, k = 40, 1536  # 1536 > the prologue's 1024-wide chunks
-    _, packed, ref = make(qtype, n, k, seed=7)
-    g = torch.Generator().manual_seed(7)
-    x, r, w = (torch.randn(1, k, generator=g).to(DEVICE) for _ in range(3))
-    for cfg in (None, K.GemvConfig(block_n=8, block_k=256, split_k=2)):
-        h = torch.full((k,), float("nan"), device=DEVICE) if residual else None
-        pro = K.Prologue("norm", w, 1e-6, offset, r.view(-1) if residual else None, h)
-        y = K.gemv(x, packed, config=cfg, prologue=pro)
-        normed = rms_norm_ref(x, w, 1e-6, offset, r if residual else None)
-        if residual:
-            normed, h_ref = normed
-            assert torch.equal(h, h_ref.view(-1))
-        assert rel_err(y, normed @ ref.T) < 1e-5
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_gemv_gated_prologue_equals_activation_then_gemv(act):
-    from kiln.ops import gelu_tanh_mul_ref, silu_mul_ref
-    n, k = 24, 512
-    _, packed, ref = make(K.Q4_K, n, k, seed=8)
-    gu = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    y = K.gemv(gu, packed, prologue=K.Prologue(act))
-    a = silu_mul_ref(gu) if act == "silu" else gelu_tanh_mul_ref(gu)
-    assert rel_err(y, a @ ref.T) < 1e-5
-    with pytest.raises(ValueError, match="M = 1 with a prologue"):
-        K.gemv(gu.repeat(2, 1), packed, prologue=K.Prologue(act))
+        assert rel_err(gemv(x, packed, bias, R.float_config(cfg, qtype, n, k, m, SMS)), expected) < 1e-5
 
 
 def codes_times_scales(act) -> torch.Tensor:
@@ -195,26 +173,28 @@ def codes_times_scales(act) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", [K.Q4_K, K.Q6_K, K.Q8_0, K.Q5_0, K.Q3_K], ids=lambda q: K.FORMATS[q].name)
 def test_batched_rows_int8_and_tensor_core_tiles(qtype, m):
     """A server's batched decode step, 2..32 rows of 16-bit x (not the prefill path's dequantized copy):
-    the int8 kernel (the table's up to 8 rows) — every row quantized, dp4a per row — exact on the quantized
-    rows; the tl.dot tile path (the table's for 9..16 rows) against x @ W.T. Partial row blocks included."""
+    the int8 kernel (the plan's up to 8 rows, Q6_K aside) — every row quantized, dp4a per row — exact on the
+    quantized rows; the tl.dot tile path against x @ W.T. Partial row blocks included."""
     n, k = 40, k_for(qtype, tail=True)
     _, packed, ref = make(qtype, n, k, seed=m)
     bias = torch.randn(n).to(DEVICE)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.float16)
-    act = K.quantize_act(x)
+    act = quantize_act(x)
     assert act.m == m and act.k == k
-    y = K._gemm_int8(act, packed, bias)
+    y = gemm_int8(act, packed, bias, R.q8_rows_config(qtype, k, m))
     assert y.shape == (m, n) and y.dtype == torch.float16
     exact_q = (codes_times_scales(act) @ ref.double().cpu().T + bias.double().cpu()).to(DEVICE)
     assert rel_err(y, exact_q) < 1e-3
-    if m <= K.MAX_INT8_M:
-        assert torch.equal(K.gemv(x, packed, bias), y)
-    if m <= K.MAX_GEMV_M:
-        dot = K.gemv(x, packed, bias, config=K.GemvConfig(block_n=32, block_k=256, dot=True))
-        assert rel_err(dot, x.float() @ ref.T + bias) < 2e-3
+    plan = R.plan(qtype, m, n, k, x.dtype, sms=SMS)
+    assert (plan.kind == "gemm_int8") == (m <= R.MAX_INT8_M and qtype != K.Q6_K)
+    if plan.kind == "gemm_int8":
+        assert torch.equal(run(plan, x, packed, bias), y)
+    if m <= R.MAX_GEMV_M:
+        cfg = R.float_config(GemvConfig(block_n=32, block_k=256, dot=True, split_k=0), qtype, n, k, m, SMS)
+        assert rel_err(gemv(x, packed, bias, cfg), x.float() @ ref.T + bias) < 2e-3
 
 
-MMA_TYPES = sorted(K.MMA_FORMATS)
+MMA_TYPES = sorted(R.MMA_FORMATS)
 
 
 @pytest.mark.parametrize("m", [9, 32])
@@ -229,49 +209,40 @@ def test_gemm_mma_matches_dequantized_matmul(qtype, m):
     for dtype in [torch.float16] + ([torch.bfloat16] if CUDA else []):
         x = (0.1 * torch.randn(m, k, generator=torch.Generator().manual_seed(m))).to(DEVICE, dtype)
         want = x.double() @ ref.double().T + bias.double()
-        for cfg in (K.MmaConfig(block_n=16, words=16, split_k=1), K.MmaConfig(block_n=32, words=32, split_k=2),
-                    K.MmaConfig(block_n=16, words=16, split_k=2, natural=True)):
-            y = K.gemm_mma(x, packed, bias.to(dtype), config=cfg)
+        for cfg in (MmaConfig(block_n=16, words=16, split_k=1), MmaConfig(block_n=32, words=32, split_k=2),
+                    MmaConfig(block_n=16, words=16, split_k=2, natural=True)):
+            y = gemm_mma(x, packed, bias.to(dtype), cfg)
             assert y.shape == (m, n) and y.dtype == dtype
             assert rel_err(y, want) < (2e-3 if dtype == torch.float16 else 1e-2), (cfg, dtype)
 
 
 def test_gemm_mma_rejects_what_it_cannot_take():
     _, packed, _ = make(K.Q4_K, 16, 256)
+    cfg = MmaConfig(split_k=1)
     for x in (torch.randn(9, 256), torch.randn(33, 256).half(), torch.randn(9, 512).half()):
         with pytest.raises(ValueError, match="gemm_mma takes"):
-            K.gemm_mma(x.to(DEVICE), packed)
+            gemm_mma(x.to(DEVICE), packed, None, cfg)
     _, iq4, _ = make(K.IQ4_NL, 16, 256)
     with pytest.raises(ValueError, match="gemm_mma takes"):
-        K.gemm_mma(torch.randn(9, 256).half().to(DEVICE), iq4)
+        gemm_mma(torch.randn(9, 256).half().to(DEVICE), iq4, None, cfg)
 
 
-def test_mma_table_and_quant_linear_dispatch(monkeypatch):
-    """mma_config picks the tensor-core kernel only where it was measured faster (output heads, Llama-1B's
-    gate/up up to 16 rows), for 16-bit x and its formats; QuantLinear then takes it instead of dequantize +
-    cuBLAS (which is made to fail here, so the route is certain)."""
+def test_quant_linear_runs_the_tensor_core_plan(monkeypatch):
+    """QuantLinear runs what route.plan says: given a tensor-core plan (the table picks it only at output
+    heads' and wide matrices' sizes, too big for the interpreter: test_route.py), it takes it instead of
+    dequantize + cuBLAS (which is made to fail here, so the route is certain)."""
     half = torch.float16
-    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half).natural
-    assert K.mma_config(K.Q6_K, 128256, 2048, 16, half).natural
-    assert K.mma_config(K.Q4_K, 16384, 2048, 16, half) is not None
-    assert K.mma_config(K.Q4_K, 2048, 2048, 32, half) is None
-    assert K.mma_config(K.Q4_K, 28672, 4096, 16, half) is None
-    assert K.mma_config(K.Q4_K, 16384, 2048, 16, torch.float32) is None
-    assert K.mma_config(K.Q4_K, 16384, 2048, 8, half) is None  # the GEMV's rows
-    assert K.mma_config(K.IQ4_XS, 128256, 2048, 32, half) is None
-    monkeypatch.setattr(K, "MMA", False)
-    assert K.mma_config(K.Q6_K, 128256, 2048, 32, half) is None
-    monkeypatch.setattr(K, "MMA", True)
     n, k = 48, 512
     raw = random_rows(K.Q6_K, n, k, seed=3)
     lin = QuantLinear.from_gguf(raw, K.Q6_K, (n, k), bias=torch.randn(n), device=DEVICE)
     w = kq.dequantize(raw.reshape(-1), K.Q6_K, (n, k)).to(DEVICE)
     x = (0.1 * torch.randn(2, 6, k)).to(DEVICE, half)
-    monkeypatch.setattr(K, "mma_config", lambda *a: K.MmaConfig(block_n=16, words=32))
+    mma = Plan("mma", R.mma_launch(MmaConfig(block_n=16, words=32), K.Q6_K, n, k, SMS))
+    monkeypatch.setattr(R, "plan", lambda *a, **kw: mma)
 
     def no_dequantize(*a, **kw):
         raise AssertionError("took dequantize + cuBLAS")
-    monkeypatch.setattr(K, "dequantize_gpu", no_dequantize)
+    monkeypatch.setattr("kiln.quant.linear.dequantize_gpu", no_dequantize)
     y = lin(x)
     assert y.shape == (2, 6, n) and y.dtype == half
     assert rel_err(y, F.linear(x.double(), w.double(), lin.bias.double())) < 2e-3
@@ -281,7 +252,9 @@ def test_mma_table_and_quant_linear_dispatch(monkeypatch):
 def test_gemv_half_precision_activations(dtype):
     _, packed, ref = make(K.Q4_K, 24, 512, seed=6)
     x = torch.randn(2, 512).to(DEVICE, dtype)
-    y = K.gemv(x, packed, config=K.gemv_config(packed, 2, dtype))  # the tl.dot tiles (the table's: int8)
+    cfg = R.float_config(R.float_table(K.Q4_K, 2, dtype), K.Q4_K, 24, 512, 2, SMS)  # tl.dot tiles (the plan's: int8)
+    assert cfg.dot
+    y = gemv(x, packed, None, cfg)
     assert y.dtype == dtype
     assert rel_err(y, x.float() @ ref.T) < (2e-3 if dtype == torch.float16 else 1e-2)
 
@@ -300,7 +273,7 @@ def test_quantize_act_codes_scales_and_order():
     k = 256
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
     x[0, 32:64] = 0  # an all-zero block: scale 0, codes 0
-    a = K.quantize_act(x)
+    a = quantize_act(x)
     q, dx = act_ref(x.float().cpu())
     # word 4r + j of run r holds values 16r + j + 4t in its bytes t (the weights' byte lanes)
     got = a.xq.cpu().view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
@@ -318,7 +291,7 @@ def test_producer_kernels_store_the_same_int8_codes(op):
     g = torch.Generator().manual_seed(4)
     e = 1056  # > the activation kernel's 1024-wide programs, a multiple of 32
     x = torch.randn(1, e, generator=g).to(DEVICE, torch.float16)
-    a = K.empty_act(e, x.dtype, x.device)
+    a = empty_act(e, x.dtype, x.device)
     if op.startswith("norm"):
         w, r = torch.randn(e, generator=g).to(DEVICE), torch.randn(1, e, generator=g).to(DEVICE, torch.float16)
         args = dict(offset=1.0 if op == "norm-offset" else 0.0, residual=r if op == "norm-residual" else None)
@@ -331,11 +304,11 @@ def test_producer_kernels_store_the_same_int8_codes(op):
         fn = silu_mul if op == "silu" else gelu_tanh_mul
         y = fn(gu, q8=a.buffers)
         assert torch.equal(y, fn(gu))
-    b = K.quantize_act(y)
+    b = quantize_act(y)
     assert torch.equal(a.xq, b.xq) and torch.equal(a.xd, b.xd) and torch.equal(a.xs, b.xs)
 
 
-INT8_QTYPES = sorted(K.INT8_FORMATS)
+INT8_QTYPES = sorted(R.INT8_FORMATS)
 
 
 @pytest.mark.parametrize("qtype", INT8_QTYPES, ids=lambda q: K.FORMATS[q].name)
@@ -346,57 +319,42 @@ def test_int8_gemv_is_exact_on_the_quantized_activations(qtype):
     _, packed, ref = make(qtype, n, k, seed=11)
     bias = torch.randn(n).to(DEVICE)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
-    act = K.quantize_act(x)  # its codes (checked against llama.cpp's rule above; a GPU's fused multiply-add
+    act = quantize_act(x)  # its codes (checked against llama.cpp's rule above; a GPU's fused multiply-add
     # may round a value lying on a .5 boundary the other way) times its scales: what the GEMV multiplies
     q = act.xq.cpu().view(torch.int8).reshape(-1, 4, 4).transpose(1, 2).reshape(-1).double()
     dx = act.xd.cpu().double().repeat_interleave(32)
     exact_q = ((q * dx) @ ref.double().cpu().T + bias.double().cpu()).to(DEVICE)
-    for cfg in (None, K.GemvConfig(block_n=8, block_k=128, int8=True), K.GemvConfig(block_n=1, int8=True)):
-        y = K.gemv(x, packed, bias, config=cfg)
+    assert R.plan(qtype, 1, n, k, x.dtype, sms=SMS).kind == "gemv_int8"
+    for y in (matmul(x, packed, bias),  # the plan's config, then two others
+              gemv_int8(act, packed, bias, R.q8_config(qtype, n, k, SMS, block_n=8, block_k=128)),
+              gemv_int8(act, packed, bias, R.q8_config(qtype, n, k, SMS, block_n=1, block_k=256))):
         assert y.dtype == torch.float16 and y.shape == (1, n)
         assert rel_err(y, exact_q) < 1e-3
     # random blocks carry large per-block offsets (mins) that cancel in the sum: int8 x errors show more
     # than on real weights (llama.cpp references: tests/test_generate.py and friends)
     assert rel_err(y, x.float() @ ref.T + bias) < 5e-2
-    assert torch.equal(K.gemv(x, packed, bias, act=act), K.gemv(x, packed, bias))
+    assert torch.equal(matmul(x, packed, bias, act=act), matmul(x, packed, bias))
 
 
-def test_int8_path_is_taken_only_for_16_bit_single_rows():
-    _, packed, _ = make(K.Q4_K, 8, 256)
-    assert K.gemv_config(packed, 1, torch.bfloat16).int8 and K.gemv_config(packed, 1, torch.float16).int8
-    assert not K.gemv_config(packed, 1, torch.float32).int8    # float32 stays exact
-    assert not K.gemv_config(packed, 2, torch.bfloat16).int8   # M >= 2: tensor-core tiles
+def test_int8_kernels_reject_what_they_cannot_take():
     _, iq, _ = make(K.IQ4_XS, 8, 256)
-    assert not K.gemv_config(iq, 1, torch.bfloat16).int8       # code-book format: float path
-    assert K._q8_geometry(K.GemvConfig(block_n=8, block_k=4096, int8=True), K.FORMATS[K.Q4_K], 1024, 1024,
-                          132) == (2, 128)                      # small N: fewer rows per program, no split-K
-    assert K.gemv_max_rows(K.Q6_K, torch.bfloat16) == 1 and K.gemv_max_rows(K.Q4_K, torch.bfloat16) == 8
-    assert K._q8_table_rows(K.Q6_K, 4096, 12288) == 1 and K._q8_table_rows(K.Q6_K, 151936, 4096) == 8
-    assert K._q8_table_rows(K.Q4_K, 24576, 4096) == 8 and K._q8_table_rows(K.Q4_K, 4096, 4096) == 4
+    act = quantize_act(torch.randn(1, 256).to(DEVICE, torch.float16))
+    with pytest.raises(ValueError, match="int8 kernels take"):
+        gemv_int8(act, iq, None, R.q8_config(K.IQ4_XS, 8, 256, SMS, block_n=4))  # code book: float path only
+    _, packed, _ = make(K.Q4_K, 8, 512)
+    with pytest.raises(ValueError, match="int8 kernels take"):
+        gemv_int8(act, packed, None, R.q8_config(K.Q4_K, 8, 512, SMS, block_n=4))  # K 256 against 512
 
 
 def test_gemv_rejects_too_many_rows_and_wrong_k():
     _, packed, _ = make(K.Q8_0, 8, 64)
+    cfg = GemvConfig(block_k=64)
     with pytest.raises(ValueError, match="M <= 8"):
-        K.gemv(torch.zeros(9, 64, device=DEVICE), packed)
+        gemv(torch.zeros(9, 64, device=DEVICE), packed, None, cfg)
     with pytest.raises(ValueError, match="M <= 8"):
-        K.gemv(torch.zeros(1, 32, device=DEVICE), packed)
-
-
-def test_config_table_dispatch():
-    _, packed, _ = make(K.Q4_K, 8, 256)
-    assert not K.gemv_config(packed, 1).dot and K.gemv_config(packed, 4, torch.bfloat16).dot
-    assert not K.gemv_config(packed, 4, torch.float32).dot  # no tensor-core form in float32
-    assert K._shrink(K.GemvConfig(block_n=64), n=1024, k=3072, sms=132).block_n == 16   # small: more programs
-    assert K._shrink(K.GemvConfig(block_n=64), n=14336, k=4096, sms=132).block_n == 64
-
-
-def test_auto_split_k_fills_the_machine_but_keeps_work_per_split():
-    assert K._auto_split_k(n_programs=4096, n_steps=16, sms=132) == 1       # plenty of programs
-    assert K._auto_split_k(n_programs=64, n_steps=12, sms=132) == 4         # 3 K steps per split
-    assert K._auto_split_k(n_programs=64, n_steps=6, sms=132) == 2          # never under 2 per split
-    assert K._auto_split_k(n_programs=256, n_steps=56, sms=132) == 4        # 4096 x 14336, block_n 16
-    assert K._auto_split_k(n_programs=1, n_steps=1, sms=132) == 1
+        gemv(torch.zeros(1, 32, device=DEVICE), packed, None, cfg)
+    with pytest.raises(ValueError, match="launchable config"):
+        gemv(torch.zeros(1, 64, device=DEVICE), packed, None, GemvConfig(block_k=64, split_k=0))
 
 
 # ---------------------------------------------------------------- QuantLinear
@@ -473,7 +431,7 @@ def test_swap_linears_on_a_tiny_model():
     model = Tiny(e, v)
     model.load_state_dict(dense.state_dict())
     taken = swap_linears(model, weights, device=DEVICE)
-    packed = K.use_triton(torch.empty(0, device=DEVICE))  # kernels serve: embeddings stay packed too
+    packed = use_triton(torch.empty(0, device=DEVICE))  # kernels serve: embeddings stay packed too
     want = ["lm_head.weight", "mlp.0.weight", "mlp.2.weight"] + ["model.embed_tokens.weight"] * packed
     assert sorted(taken) == sorted(want + ["q_proj.bias", "q_proj.weight"])
     assert isinstance(model.o_proj, nn.Linear)
@@ -496,7 +454,7 @@ def test_swap_linears_on_a_tiny_model():
 def test_code_book_is_made_once_per_device():
     """The IQ4 code book the kernels read is created on its first use and then reused: a CUDA-graph
     capture cannot copy it from the host."""
-    assert K._kvalues(torch.device(DEVICE)) is K._kvalues(torch.device(DEVICE))
+    assert code_book(torch.device(DEVICE)) is code_book(torch.device(DEVICE))
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

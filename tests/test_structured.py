@@ -407,6 +407,9 @@ def test_compile_cache(tok):
     (lambda s: s.gbnf("root ::= <[151645]>"), "token references .* not supported"),
     (lambda s: s.gbnf("  "), "non-empty string"),
     (lambda s: s.regex("(ab"), "invalid regex: .*parenthesis"),
+    (lambda s: s.gbnf("root ::= root"), "matches no text at all"),  # was a 500 at the first token
+    (lambda s: s.gbnf('root ::= "a" x\nx ::= x'), "invalid GBNF grammar: it matches no text"),
+    (lambda s: s.regex("[^\\s\\S]"), "invalid regex: it matches no text"),
     (lambda s: s.tool_call(TOOLS, {"type": "function", "function": {"name": "nope"}}, "hermes"),
      "'nope', which is not among the tools"),
     (lambda s: s.tool_call(TOOLS, "auto", "hermes"), "does not force a call"),
@@ -419,3 +422,11 @@ def test_compile_cache(tok):
 def test_errors_name_the_problem(structured, make, match):
     with pytest.raises(KilnError, match=match):
         make(structured)
+
+
+@pytest.mark.parametrize("grammar", ['root ::= [a-z]+ "."', 'root ::= "x" root | "y"'])
+def test_grammars_that_match_something_are_kept(tok, structured, grammar):
+    """The emptiness search proves only emptiness: these compile, and a random walk ends where they can end."""
+    text = walk(tok, structured.gbnf(grammar))
+    assert re.fullmatch(r"[a-z]+\.|x*y", text), text
+    structured.gbnf('root ::= "a" | "b" x\nx ::= x')  # one way out beside a dead end is still a language

@@ -6,6 +6,11 @@ per-architecture fix-ups llama.cpp's converter applied undone (q/k row permutati
 Gemma norm weights).
 Not: dequantization (quant/), building the model (load.py), the vocabulary (tokenizer.py reads `meta`).
 
+Model files are untrusted input: every count, length, shape, offset and the alignment declared in the
+header is checked against the file before it is used, as strictly as llama.cpp checks them, and metadata
+the config needs is checked for type and range; anything wrong is one KilnError that names it
+(tests/test_fuzz_formats.py fuzzes this).
+
 The header is parsed here rather than with `gguf.GGUFReader` because the reader builds a numpy view per
 array element and takes ~20 s to open a 262k-token vocabulary; the numbering of value and tensor types
 comes from the `gguf` package.
@@ -24,8 +29,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from kiln.errors import KilnError
+from kiln.formats.checks import short
 
 MAGIC = b"GGUF"
+_U64 = struct.Struct("<Q")
 _SCALARS = {  # value type -> (struct format, numpy dtype)
     GGUFValueType.UINT8: ("<B", np.uint8), GGUFValueType.INT8: ("<b", np.int8),
     GGUFValueType.UINT16: ("<H", np.uint16), GGUFValueType.INT16: ("<h", np.int16),
@@ -79,98 +86,174 @@ class GGUFFile:
         return self.meta.get("general.architecture", "?")
 
 
+_MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses tensors with more
+_MAX_KEY = 2**16 - 1  # the GGUF spec's longest metadata key
+_MAX_NAME = 64  # the GGUF spec's longest tensor name (llama.cpp's GGML_MAX_NAME)
+_INT64_MAX = 2**63 - 1
+_MIN_KV_BYTES = 8 + 4 + 1  # the smallest metadata entry: empty key, type, one-byte value
+_MIN_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # the smallest tensor info: empty name, one dimension, type, offset
+
+
 class _Cursor:
-    """Little-endian reader over a bytes-like buffer that turns running off the end into a KilnError."""
+    """Little-endian reader over the file's bytes.
+
+    Every read is checked against the bytes left before anything is read or allocated, and every declared
+    count is bounded by what the rest of the file could hold, so a corrupt file fails at once with a
+    KilnError that says which field is wrong, never with a huge allocation or a long loop.
+    """
 
     def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.buf, self.view, self.pos, self.end, self.path = buf, memoryview(buf), 0, len(buf), path
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise KilnError(f"{self.path}: GGUF header is truncated or corrupt (read past end of file "
-                            f"at byte {self.pos}); re-download the file")
-        out = memoryview(self.buf)[self.pos:self.pos + n]
+    def corrupt(self, what: str) -> KilnError:
+        return KilnError(f"{self.path}: {what}; the file is truncated or corrupt, re-download it")
+
+    def take(self, n: int, what: str):
+        if n > self.end - self.pos:
+            raise self.corrupt(f"{what} needs {n} bytes at byte {self.pos} but the file ends at byte {self.end}")
+        out = self.view[self.pos:self.pos + n]  # no copy: a long string is decoded straight from the file
         self.pos += n
         return out
 
-    def scalar(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        return bytes(self.take(n)).decode("utf-8", errors="replace")
+    def count(self, what: str, item_bytes: int) -> int:
+        """A declared number of items, refused when the bytes left cannot hold that many."""
+        n = self.scalar("<Q", what)
+        if n * item_bytes > self.end - self.pos:
+            raise self.corrupt(f"{what} is {n}, more than the {self.end - self.pos} bytes left can hold")
+        return n
 
-    def value(self, vtype: int):
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.scalar("<Q", f"the length of {what}")
+        if limit is not None and n > limit:  # the GGUF spec's limits on keys and tensor names
+            raise self.corrupt(f"{what} is {n} bytes long; GGUF allows at most {limit}")
+        return str(self.take(n, what), "utf-8", "replace")
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` length-prefixed strings (a vocabulary: the hot loop of opening a file, so kept tight)."""
+        buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
+        out = []
+        for i in range(n):
+            if pos + 8 > end:
+                break
+            m = unpack(buf, pos)[0]
+            pos += 8
+            if m > end - pos:
+                self.pos = pos - 8
+                raise self.corrupt(f"string {i} of {what} is {m} bytes long but the file ends {end - pos} bytes "
+                                   f"later")
+            out.append(str(buf[pos:pos + m], "utf-8", "replace"))
+            pos += m
+        self.pos = pos
+        if len(out) < n:
+            raise self.corrupt(f"{what} declares {n} strings but the file ends after {len(out)}")
+        return out
+
+    def value(self, vtype: int, what: str):
         if vtype == GGUFValueType.STRING:
-            return self.string()
+            return self.string(what)
         if vtype == GGUFValueType.ARRAY:
-            etype, count = self.scalar("<I"), self.scalar("<Q")
-            if etype in _SCALARS:
-                dt = np.dtype(_SCALARS[etype][1]).newbyteorder("<")
-                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
-            return [self.value(etype) for _ in range(count)]
+            etype = self.scalar("<I", f"the element type of {what}")
+            if etype == GGUFValueType.ARRAY:  # llama.cpp refuses these too
+                raise self.corrupt(f"{what} is an array of arrays, which GGUF readers do not accept")
+            if etype == GGUFValueType.STRING:
+                return self.strings(self.count(f"the length of {what}", 8), what)
+            if etype not in _SCALARS:
+                raise self.corrupt(f"{what} is an array of unknown value type {etype}")
+            dt = np.dtype(_SCALARS[etype][1]).newbyteorder("<")
+            n = self.count(f"the length of {what}", dt.itemsize)
+            return np.frombuffer(self.take(n * dt.itemsize, what), dtype=dt).tolist()
         if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype][0])
-        raise KilnError(f"{self.path}: unknown GGUF metadata value type {vtype}; the file is corrupt")
+            return self.scalar(_SCALARS[vtype][0], what)
+        raise self.corrupt(f"{what} has unknown value type {vtype}")
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse the header of a GGUF file and map its tensors without reading them."""
+    """Parse the header of a GGUF file and map its tensors without reading them.
+
+    Model files are untrusted input: everything declared in the header (counts, lengths, shapes, offsets,
+    the alignment) is checked against the file before it is used, and anything wrong is a KilnError.
+    """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:
         raise KilnError(f"cannot open {path}: {e}") from None
-    cur = _Cursor(buf, path)
     if len(buf) < 4 or bytes(buf[:4]) != MAGIC:
         raise KilnError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected {MAGIC!r})")
-    cur.take(4)
-    version = cur.scalar("<I")
+    cur = _Cursor(buf, path)
+    cur.take(4, "the magic")
+    version = cur.scalar("<I", "the version")
     if version not in (2, 3):
         raise KilnError(f"{path}: GGUF version {version} is not supported (kiln reads v2 and v3)")
-    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    n_tensors = cur.count("the number of tensors", _MIN_INFO_BYTES)
+    n_kv = cur.count("the number of metadata entries", _MIN_KV_BYTES)
     meta = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        meta[key] = cur.value(cur.scalar("<I"))
-    infos = [_tensor_info(cur) for _ in range(n_tensors)]
-    align = int(meta.get("general.alignment", 32))
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}", _MAX_KEY)
+        label = short(key)
+        if key in meta:
+            raise cur.corrupt(f"metadata key {label} appears twice")
+        meta[key] = cur.value(cur.scalar("<I", f"the type of metadata {label}"), f"metadata {label}")
+    infos = [_tensor_info(cur, i) for i in range(n_tensors)]
+    align = _alignment(cur, meta)
     start = (cur.pos + align - 1) // align * align
-    return GGUFFile(path, version, meta, _map_tensors(path, infos, start, len(buf)))
+    return GGUFFile(path, version, meta, _map_tensors(cur, infos, start, align))
 
 
-def _tensor_info(cur: _Cursor):
-    name = cur.string()
-    dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-    return name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")
+def _alignment(cur: _Cursor, meta: dict) -> int:
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1):
+        raise cur.corrupt(f"general.alignment is {short(align)}, not a power of two")
+    return align
 
 
-def _map_tensors(path: str, infos, start: int, size: int) -> dict[str, GGUFTensor]:
-    arr = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable view, file never changes
-    base = torch.from_numpy(arr)
-    out = {}
+def _tensor_info(cur: _Cursor, i: int):
+    name = cur.string(f"the name of tensor {i}", _MAX_NAME)
+    n_dims = struct.unpack("<I", cur.take(4, f"the tensor info of {short(name)}"))[0]
+    if not 1 <= n_dims <= _MAX_DIMS:
+        raise cur.corrupt(f"tensor {short(name)} has {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})")
+    *dims, qtype, offset = struct.unpack(f"<{n_dims}QIQ", cur.take(8 * n_dims + 12, f"the tensor info of {name}"))
+    if not all(0 < d <= _INT64_MAX for d in dims) or math.prod(dims) > _INT64_MAX:
+        raise cur.corrupt(f"tensor {short(name)} has shape {dims}: every dimension must be positive and their "
+                          f"product fit in 64 bits")
+    return name, tuple(reversed(dims)), qtype, offset
+
+
+def _map_tensors(cur: _Cursor, infos, start: int, align: int) -> dict[str, GGUFTensor]:
+    """Views of each tensor's bytes, once every tensor is known to lie inside the file, alone."""
+    spans = {}
     for name, shape, qtype, offset in infos:
-        n = _nbytes(path, name, qtype, shape)
-        lo = start + offset
-        if lo + n > size:
-            raise KilnError(f"{path} is truncated: tensor {name} needs bytes {lo}..{lo + n} but the file "
-                            f"has {size}; re-download the file")
-        out[name] = GGUFTensor(name, shape, qtype, base[lo:lo + n])
-    return out
+        label = short(name)
+        if name in spans:
+            raise cur.corrupt(f"tensor {label} appears twice")
+        if offset % align:
+            raise cur.corrupt(f"tensor {label} starts at offset {offset}, not a multiple of the alignment {align}")
+        lo, n = start + offset, _nbytes(cur.path, label, qtype, shape)
+        if lo + n > cur.end:
+            raise cur.corrupt(f"tensor {label} needs bytes {lo}..{lo + n} but the file has {cur.end}")
+        spans[name] = (lo, lo + n)
+    ordered = sorted(spans.items(), key=lambda kv: kv[1])
+    for (a, (_, a_hi)), (b, (b_lo, _)) in zip(ordered, ordered[1:]):
+        if b_lo < a_hi:
+            raise cur.corrupt(f"tensors {short(a)} and {short(b)} overlap in the file")
+    base = torch.from_numpy(np.memmap(cur.path, dtype=np.uint8, mode="c")) if infos else None  # copy-on-write
+    return {name: GGUFTensor(name, shape, qtype, base[slice(*spans[name])]) for name, shape, qtype, _ in infos}
 
 
-def _nbytes(path: str, name: str, qtype: int, shape: tuple[int, ...]) -> int:
+def _nbytes(path: str, label: str, qtype: int, shape: tuple[int, ...]) -> int:
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
     except (ValueError, KeyError):
-        raise KilnError(f"{path}: tensor {name} has unknown tensor type id {qtype}; this file needs a "
+        raise KilnError(f"{path}: tensor {label} has unknown tensor type id {qtype}; this file needs a "
                         f"newer kiln or is corrupt") from None
-    n = math.prod(shape)
-    if shape and shape[-1] % block:
-        raise KilnError(f"{path}: tensor {name} row length {shape[-1]} is not a multiple of its "
+    if shape[-1] % block:
+        raise KilnError(f"{path}: tensor {label} row length {shape[-1]} is not a multiple of its "
                         f"block size {block}; the file is corrupt")
-    return n // block * size
+    return math.prod(shape) // block * size
 
 
 # ---------------------------------------------------------------- metadata → Hugging Face config
@@ -179,28 +262,25 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def to_config(g: GGUFFile) -> dict:
-    """A Hugging Face config.json-style dict from GGUF metadata."""
+    """A Hugging Face config.json-style dict from GGUF metadata, every value checked for type and range."""
     arch = g.arch
     if arch not in SUPPORTED_ARCHS:
-        raise KilnError(f"{g.path}: architecture {arch!r} is not supported "
+        raise KilnError(f"{g.path}: architecture {short(arch)} is not supported "
                         f"(kiln runs: {', '.join(SUPPORTED_ARCHS)})")
-    m = lambda k, d=None: g.meta.get(f"{arch}.{k}", d)  # noqa: E731
-    n_heads = int(m("attention.head_count"))
-    hidden = int(m("embedding_length"))
-    head_dim = int(m("attention.key_length", hidden // n_heads))
-    vocab = len(g.meta.get("tokenizer.ggml.tokens", [])) or g.tensors["token_embd.weight"].shape[0]
+    m = _Meta(g, arch)
+    n_heads, hidden = m.int("attention.head_count"), m.int("embedding_length")
     cfg = {
         "model_type": arch,
         "hidden_size": hidden,
-        "num_hidden_layers": int(m("block_count")),
-        "intermediate_size": int(m("feed_forward_length")),
+        "num_hidden_layers": m.int("block_count"),
+        "intermediate_size": m.int("feed_forward_length"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(m("attention.head_count_kv", n_heads)),
-        "head_dim": head_dim,
-        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(m("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(m("context_length", 4096)),
-        "vocab_size": vocab,
+        "num_key_value_heads": m.int("attention.head_count_kv", n_heads),
+        "head_dim": m.int("attention.key_length", max(1, hidden // n_heads)),
+        "rms_norm_eps": m.float("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": m.float("rope.freq_base", 10000.0),
+        "max_position_embeddings": m.int("context_length", 4096),
+        "vocab_size": _vocab_size(g),
         "tie_word_embeddings": "output.weight" not in g.tensors,
         "bos_token_id": g.meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": g.meta.get("tokenizer.ggml.eos_token_id"),
@@ -212,13 +292,52 @@ def to_config(g: GGUFFile) -> dict:
     return cfg
 
 
-def _rope_scaling(m) -> dict | None:
-    kind = m("rope.scaling.type")
-    if kind in (None, "none"):
+class _Meta:
+    """`{arch}.*` metadata read as the type the config needs; a missing or mistyped value is a KilnError."""
+
+    def __init__(self, g: GGUFFile, arch: str):
+        self.g, self.arch = g, arch
+
+    def get(self, key: str, default=None):
+        return self.g.meta.get(f"{self.arch}.{key}", default)
+
+    def int(self, key: str, default=None) -> int:
+        v = self.get(key, default)
+        if type(v) is not int or v <= 0:  # bool is not a count
+            raise self._bad(key, v, "a positive integer")
+        return v
+
+    def float(self, key: str, default=None) -> float:
+        v = self.get(key, default)
+        if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+            raise self._bad(key, v, "a positive number")
+        return float(v)
+
+    def _bad(self, key: str, v, what: str) -> KilnError:
+        if v is None:
+            return KilnError(f"{self.g.path}: metadata {self.arch}.{key} is missing; the file is incomplete")
+        return KilnError(f"{self.g.path}: metadata {self.arch}.{key} is {short(v)}, not {what}; the file is corrupt")
+
+
+def _vocab_size(g: GGUFFile) -> int:
+    tokens = g.meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and tokens:
+        return len(tokens)
+    if "token_embd.weight" not in g.tensors:
+        raise KilnError(f"{g.path} has neither a vocabulary nor a token_embd.weight tensor; the file is incomplete")
+    return g.tensors["token_embd.weight"].shape[0]
+
+
+def _rope_scaling(m: _Meta) -> dict | None:
+    kind = m.get("rope.scaling.type")
+    if kind in (None, "none") or (kind == "longrope" and m.arch == "phi3"):  # phi3: from its factor tensors
         return None
-    out = {"rope_type": kind, "factor": float(m("rope.scaling.factor", 1.0))}
-    if m("rope.scaling.original_context_length"):
-        out["original_max_position_embeddings"] = int(m("rope.scaling.original_context_length"))
+    if kind != "linear":
+        raise KilnError(f"{m.g.path}: rope scaling type {short(kind)} is not supported (kiln reads 'linear' "
+                        f"from GGUF files)")
+    out = {"rope_type": kind, "factor": m.float("rope.scaling.factor", 1.0)}
+    if m.get("rope.scaling.original_context_length") is not None:
+        out["original_max_position_embeddings"] = m.int("rope.scaling.original_context_length")
     return out
 
 
@@ -228,7 +347,7 @@ def _qwen2_config(cfg, m, g):
 
 def _gemma3_config(cfg, m, g):
     # llama.cpp hard-codes these for gemma3 (llama-model.cpp); the GGUF carries only the window size.
-    cfg["sliding_window"] = int(m("attention.sliding_window", 4096))
+    cfg["sliding_window"] = m.int("attention.sliding_window", 4096)
     cfg["sliding_window_pattern"] = 6
     cfg["rope_local_base_freq"] = 10000.0
     big = cfg["num_hidden_layers"] == 62  # 27B scales queries by hidden/heads, the others by head_dim
@@ -238,18 +357,29 @@ def _gemma3_config(cfg, m, g):
 
 
 def _phi3_config(cfg, m, g):
-    rot = m("rope.dimension_count")
-    if rot:
-        cfg["partial_rotary_factor"] = int(rot) / cfg["head_dim"]
-    if m("attention.sliding_window"):
-        cfg["sliding_window"] = int(m("attention.sliding_window"))
+    if m.get("rope.dimension_count") is not None:
+        rot = m.int("rope.dimension_count")
+        if rot > cfg["head_dim"] or rot % 2:
+            raise KilnError(f"{g.path}: metadata phi3.rope.dimension_count is {rot}, not an even number up to the "
+                            f"head size {cfg['head_dim']}; the file is corrupt")
+        cfg["partial_rotary_factor"] = rot / cfg["head_dim"]
+    if m.get("attention.sliding_window"):
+        cfg["sliding_window"] = m.int("attention.sliding_window")
     if "rope_factors_long.weight" in g.tensors:
+        rot = round(cfg.get("partial_rotary_factor", 1.0) * cfg["head_dim"])
         cfg["rope_scaling"] = {
             "rope_type": "longrope",
-            "long_factor": g.tensors["rope_factors_long.weight"].dequantize().tolist(),
-            "short_factor": g.tensors["rope_factors_short.weight"].dequantize().tolist(),
+            "long_factor": _rope_factors(g, "rope_factors_long.weight", rot // 2),
+            "short_factor": _rope_factors(g, "rope_factors_short.weight", rot // 2),
         }
-        cfg["original_max_position_embeddings"] = int(m("rope.scaling.original_context_length", 4096))
+        cfg["original_max_position_embeddings"] = m.int("rope.scaling.original_context_length", 4096)
+
+
+def _rope_factors(g: GGUFFile, name: str, n: int) -> list[float]:
+    t = g.tensors.get(name)
+    if t is None or t.shape != (n,):
+        raise KilnError(f"{g.path}: tensor {name} has shape {t and t.shape}, expected ({n},); the file is corrupt")
+    return t.dequantize().tolist()
 
 
 _ARCH_CONFIG = {"qwen2": _qwen2_config, "gemma3": _gemma3_config, "phi3": _phi3_config}
@@ -306,7 +436,7 @@ def hf_tensors(g: GGUFFile, cfg: dict) -> dict[str, GGUFTensor]:
         hf = hf_name(cfg["model_type"], name)
         if hf is None:
             if name not in _SKIP:
-                raise KilnError(f"{g.path}: tensor {name!r} is not known for architecture "
+                raise KilnError(f"{g.path}: tensor {short(name)} is not known for architecture "
                                 f"{cfg['model_type']!r}; the file may be for a different model")
             continue
         out[hf] = _fix_up(cfg, hf, t)
@@ -317,6 +447,9 @@ def _fix_up(cfg: dict, hf: str, t: GGUFTensor) -> GGUFTensor:
     arch = cfg["model_type"]
     if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
         heads = cfg["num_attention_heads"] if ".q_proj." in hf else cfg["num_key_value_heads"]
+        if t.shape[0] % (2 * heads):
+            raise KilnError(f"tensor {t.name} has {t.shape[0]} rows, which {heads} heads of even size cannot "
+                            f"split; config and weights disagree")
         t = GGUFTensor(t.name, t.shape, t.qtype, t.data, row_perm=_unpermute_rows(t.shape[0], heads))
     if arch == "gemma3" and hf.endswith("norm.weight"):
         t = GGUFTensor(t.name, t.shape, t.qtype, t.data, add=-1.0)

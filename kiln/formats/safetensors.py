@@ -11,68 +11,98 @@ import json
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.formats.checks import short
 
+_FLOATS = ("F32", "F16", "BF16", "F64")  # the dtypes kiln converts weights from
 # Multimodal checkpoints (Gemma 3 4B+, …) keep the text model under these prefixes.
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 
 
 class _LazyShards(dict):
-    """{name: tensor}, each tensor read from its shard on first access (safetensors mmaps the file)."""
+    """{name: tensor}, each tensor read from its shard on first access (safetensors mmaps the file).
 
-    def __init__(self, where: dict[str, tuple[Path, str]]):
+    Shapes come from the headers (`shapes()`), so config and weights are checked before anything is read.
+    """
+
+    def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]]):
         super().__init__({k: None for k in where})
-        self._where, self._handles = where, {}
+        self._where, self._shapes, self._handles = where, shapes, {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
 
     def __getitem__(self, name):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         path, stored = self._where[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(stored)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            return self._handles[path].get_tensor(stored)
+        except (SafetensorError, OSError, TypeError, ValueError) as e:  # dtype torch lacks, file changed…
+            raise KilnError(f"{path}: tensor {stored} cannot be read ({e}); re-download the file") from None
 
 
 def read_folder(path: Path) -> tuple[dict, dict]:
     config = _config(path)
-    files = _shards(path)
-    where = {}
-    for f in files:
-        for stored in _names(f):
+    where, shapes = {}, {}
+    for f in _shards(path):
+        for stored, (shape, dtype) in _header(f).items():
             name = _text_name(stored)
-            if name is not None:
-                where[name] = (f, stored)
-    return config, _LazyShards(where)
+            if name is None:
+                continue
+            if dtype not in _FLOATS:
+                raise KilnError(f"{f}: tensor {short(stored)} is stored as {dtype}; kiln reads weights stored as "
+                                f"{', '.join(_FLOATS)}")
+            if name in where:
+                raise KilnError(f"{path}: tensor {short(name)} is stored twice ({where[name][0].name}: {where[name][1]}, "
+                                f"{f.name}: {stored}); the folder is inconsistent")
+            where[name], shapes[name] = (f, stored), shape
+    return config, _LazyShards(where, shapes)
 
 
 def _config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise KilnError(f"{path} has no config.json; a Hugging Face model folder needs one")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KilnError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = _json_object(cfg_path)
     if "quantization" in cfg or "quantization_config" in cfg:
         q = cfg.get("quantization") or cfg.get("quantization_config")
         raise KilnError(f"{path} holds quantized safetensors ({q}); kiln reads these only as GGUF for now")
     if "text_config" in cfg:  # multimodal wrapper: run the text model
+        if not isinstance(cfg["text_config"], dict):
+            raise KilnError(f"{cfg_path}: text_config is not a JSON object")
         text = dict(cfg["text_config"])
-        text.setdefault("model_type", cfg.get("model_type", "").replace("_vl", ""))
+        outer = cfg.get("model_type", "")
+        text.setdefault("model_type", outer.replace("_vl", "") if isinstance(outer, str) else outer)
         for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
             if k in cfg:
                 text.setdefault(k, cfg[k])
         cfg = text
-    if "model_type" not in cfg:
-        raise KilnError(f"{cfg_path} has no model_type; kiln cannot tell the architecture")
+    if not isinstance(cfg.get("model_type"), str):
+        raise KilnError(f"{cfg_path} has no model_type string; kiln cannot tell the architecture")
     return cfg
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KilnError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise KilnError(f"{file} is nested too deeply to be a model's JSON") from None
+    if not isinstance(value, dict):
+        raise KilnError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise KilnError(f"{index} is not a valid safetensors index: {e}") from None
+        weight_map = _json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and Path(f).name == f
+                                                       for f in weight_map.values()):
+            raise KilnError(f"{index} is not a valid safetensors index: its weight_map must name shard "
+                            f"files in the folder")
         files = sorted({path / f for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -86,13 +116,44 @@ def _shards(path: Path) -> list[Path]:
     return files
 
 
-def _names(f: Path) -> list[str]:
+def _header(f: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{stored name: (shape, dtype)} from a shard's header; the safetensors library checks that the
+    header's JSON, offsets, sizes and dtypes describe the file."""
     from safetensors import SafetensorError, safe_open
+    _refuse_duplicate_keys(f)
     try:
         with safe_open(str(f), framework="pt") as h:
-            return list(h.keys())
+            return {k: (tuple(s.get_shape()), s.get_dtype()) for k in h.keys() for s in [h.get_slice(k)]}
     except (SafetensorError, OSError) as e:
         raise KilnError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
+
+
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
+
+
+def _refuse_duplicate_keys(f: Path) -> None:
+    """The format forbids a name twice in the header, but JSON parsers (the safetensors library's too) keep
+    the last silently, so one file could mean two models to two readers: refuse it. Everything else about
+    the header is the library's to check."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 0 < n <= min(_MAX_HEADER, f.stat().st_size - 8):
+                return
+            json.loads(fh.read(n), object_pairs_hook=lambda pairs: _no_duplicates(f, pairs))
+    except (OSError, ValueError, RecursionError):  # unreadable or not JSON: the library says why
+        return
+
+
+def _no_duplicates(f: Path, pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise KilnError(f"{f}: the header names {short(dup)} twice; the file is ambiguous or corrupt, "
+                        f"re-download it")
+    return out
 
 
 def _text_name(stored: str) -> str | None:

@@ -33,7 +33,7 @@ def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None) -> torch.Tensor:
-    """With `q8` (a kiln.quant.kernels.QuantAct's buffers, one row, F a multiple of 32) the same launch also
+    """With `q8` (a kiln.quant.gemv_int8.QuantAct's buffers, one row, F a multiple of 32) the same launch also
     stores the output quantized to int8 for the int8 GEMV (q8.store_q8)."""
     if not use_triton(gate_up):
         assert q8 is None, "q8 output needs the Triton kernel"

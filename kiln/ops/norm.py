@@ -39,7 +39,7 @@ def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              residual: torch.Tensor | None = None, q8: tuple | None = None):
     """Same contract as `rms_norm_ref`; one kernel launch (the residual add included). With `q8` — the
-    (codes, scales, run sums) buffers of a kiln.quant.kernels.QuantAct, one row of E values, E a multiple
+    (codes, scales, run sums) buffers of a kiln.quant.gemv_int8.QuantAct, one row of E values, E a multiple
     of 32 — the same launch also stores y quantized to int8 (q8.store_q8) for the int8 GEMV."""
     e = x.shape[-1]
     if not use_triton(x) or e > _MAX_E:

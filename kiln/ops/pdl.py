@@ -1,9 +1,10 @@
 """Programmatic dependent launch (PDL): a decode step's next kernel starts while this one finishes.
 
-Owns: the switch (`enabled(x)`: CUDA tensors on sm_90+, not under KILN_PDL=0 or Triton's interpreter), the
-launch keyword (`launch_kw(x)`), and the two in-kernel calls: `start(PDL)` — let the next kernel launch
-now — and `wait(PDL)` — block until the previous kernel has finished and its writes are visible.
-Not: which kernels use it (each kernel's own file).
+Owns: the switch (`enabled(x, policy)`: CUDA tensors on sm_90+, where the policy allows it — KILN_PDL=0 turns
+it off — and not under Triton's interpreter), the launch keyword (`launch_kw(x, policy)`), and the two
+in-kernel calls: `start(PDL)` — let the next kernel launch now — and `wait(PDL)` — block until the previous
+kernel has finished and its writes are visible.
+Not: which kernels use it (each kernel's own file), the switch's source (kiln/policy.py).
 
 Why: at batch 1 a small model's decode step is a chain of a few hundred short kernels in one CUDA graph,
 and each pays a launch gap and a cold start (NOTES.md). With PDL a kernel's programs are scheduled while
@@ -22,6 +23,7 @@ import os
 import torch
 
 from kiln.ops import HAVE_TRITON, jit, tl
+from kiln.policy import DEFAULT, Policy
 
 if HAVE_TRITON:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -34,15 +36,15 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Launch kernels on x's device with PDL? (Read per call: KILN_PDL=0 turns it off, for A/B runs.)"""
-    return (x.is_cuda and os.environ.get("KILN_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+def enabled(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
+    """Launch kernels on x's device with PDL? (policy.pdl off, from KILN_PDL=0: no, for A/B runs.)"""
+    return (x.is_cuda and policy.pdl and os.environ.get("TRITON_INTERPRET") != "1"
             and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
-def launch_kw(x: torch.Tensor) -> dict:
+def launch_kw(x: torch.Tensor, policy: Policy = DEFAULT) -> dict:
     """Keyword arguments for `kernel[grid](...)`: the PDL constexpr and, when on, Triton's launch flag."""
-    on = enabled(x)
+    on = enabled(x, policy)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 

@@ -15,7 +15,8 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
   dequantizes only the rows it reads, exactly.
 - `compact_linears(model, weights)`: swaps these in on a meta-device model before the loader assigns the
   rest, so peak memory stays near the compact size (one tensor is dense at a time).
-Not: GPU kernels (kernels.py, linear.py), the GGUF block formats (legacy.py, kquants.py), loading order.
+Not: GPU kernels (route.py and the files it routes to, linear.py), the GGUF block formats (legacy.py,
+kquants.py), loading order.
 
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
 run ~10x slower) and the result comes back in the caller's dtype. The native GEMV keeps x in fp32 and
@@ -28,6 +29,7 @@ U candidate rows, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import gguf
@@ -157,6 +159,19 @@ def _gguf_int4_rows(raw: torch.Tensor, qtype: int, k: int):
     return lambda a, b: fn(raw[a:b].reshape(-1, type_size))
 
 
+@functools.cache
+def _int4_tile_rows() -> int:
+    """Rows per tile of torch's CPU int4 layout on this machine (it follows the CPU's vector width):
+    the tile size under which a known pattern of codes packs and reads back unchanged."""
+    codes = torch.arange(64 * 2, dtype=torch.int32).view(64, 2) % 16
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for r in (64, 32, 16):
+        tiles = packed.view(64 // r, 2, r // 2)
+        if torch.equal(torch.cat([tiles & 15, tiles >> 4], -1).permute(0, 2, 1).reshape(64, 2).int(), codes):
+            return r
+    raise KilnError("torch's CPU int4 layout is not one kiln knows; use quantized=False")
+
+
 class Int4Linear(nn.Module):
     """y = x @ W.T (+ bias) with W as packed 4-bit codes and a bf16 (scale, zero) per 32 weights."""
 
@@ -180,12 +195,13 @@ class Int4Linear(nn.Module):
         return self.packed.numel() + 2 * self.scale_zero.numel()
 
     def codes(self) -> torch.Tensor:
-        """The 4-bit codes (N, K) uint8, read back from torch's CPU layout: per tile of 64 rows and per
-        column k, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63 (tests check this
+        """The 4-bit codes (N, K) uint8, read back from torch's CPU layout: per tile of R rows and per
+        column k, R/2 bytes whose low nibbles are the tile's first R/2 rows and high nibbles the rest
+        (R = _int4_tile_rows(): 64 where torch's kernel uses AVX-512, 32 with AVX2; tests check this
         against the kernel)."""
-        n, k = self.out_features, self.in_features
-        tiles = self.packed.view(n // 64, k, 32)                      # (N/64, K, 32)
-        both = torch.cat([tiles & 15, tiles >> 4], -1)                 # (N/64, K, 64)
+        n, k, r = self.out_features, self.in_features, _int4_tile_rows()
+        tiles = self.packed.view(n // r, k, r // 2)                   # (N/R, K, R/2)
+        both = torch.cat([tiles & 15, tiles >> 4], -1)                 # (N/R, K, R)
         return both.permute(0, 2, 1).reshape(n, k)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
@@ -385,11 +401,3 @@ def compact_linears(model: nn.Module, weights: Mapping) -> list[str]:
     fuse_compact(model)
     return taken
 
-
-def int8_linears(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of `model` (CPU, dense weights) by an Int8Linear, in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_dense(child.weight, child.bias))
-    return model

@@ -1,26 +1,28 @@
 """`QuantLinear`: an nn.Linear whose weight stays in its GGUF quantized form, and `swap_linears`.
 
-Owns: QuantLinear (built by `from_gguf`; `forward` dispatch by device and batch size; the dense reference
-weight `dequantize`), and `swap_linears`, which replaces every nn.Linear whose GGUF weight is quantized.
-Not: the kernels and the packed layout (kernels.py), the GGUF block formats (legacy.py, kquants.py,
-iquants.py), wiring into kiln/load.py (the loader calls swap_linears on the model it builds).
+Owns: QuantLinear (built by `from_gguf`; `forward` runs the plan route.py makes for its shape; the dense
+reference weight `dequantize`), `run` (a Plan executed: the one place that maps a plan's kind to its kernel
+entry point), `matmul` (a PackedWeight times x by the plan for that shape), and `swap_linears`, which
+replaces every nn.Linear whose GGUF weight is quantized.
+Not: the routing decisions (route.py), the kernels (gemv.py, gemv_int8.py, mma.py, dequant.py) and the packed
+layout (packed.py), the GGUF block formats (legacy.py, kquants.py, iquants.py), wiring into kiln/load.py (the
+loader calls swap_linears on the model it builds).
 
 Storage is chosen once, at construction, by where the weight lives:
 - a device the Triton kernels serve (CUDA; CPU too under KILN_TRITON_CPU=1, for tests): the rows are
-  repacked into kernels.PackedWeight planes (lossless, within 4% of the file's bytes);
+  repacked into packed.PackedWeight planes (lossless, within 4% of the file's bytes);
 - anywhere else: the raw GGUF rows as given (for an mmap'd file on CPU: no copy).
 Everything is a non-persistent buffer: the quantized bytes never enter state_dict, so a loader that fills
 the dense parameters with load_state_dict(strict=True) only has to leave out the names swap_linears returns.
 
-forward(x (..., K)) flattens the leading dims to M rows:
-- packed and Triton serves x's device: M <= kernels.gemv_max_rows (8; 1 for Q6_K with 16-bit x) ->
-  kernels.gemv (dequantization fused: the decode path, and a server's batched decode step); 9..32 rows
-  where kernels.mma_config picks it (output heads, wide matrices) -> kernels.gemm_mma (tensor cores,
-  dequantization fused: a server's batched step); more rows or elsewhere -> kernels.dequantize_gpu into
-  an x.dtype scratch, then x @ W.T on cuBLAS (the prefill path);
-- otherwise the reference: the dense weight (`dequantize`), then a matmul — slow, obviously correct.
-The decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations
-are the output and split-K partials, sized by the shapes).
+forward(x (..., K)) flattens the leading dims to M rows and asks route.plan(qtype, M, N, K, x.dtype,
+policy) once: where the kernels serve x's device, up to 8 rows go through a GEMV (int8 activations or
+float; dequantization fused: decode, and a server's batched decode step), 9..32 rows through the
+tensor-core tiles where they measured faster, anything else through dequantize_gpu into an x.dtype scratch
+and cuBLAS (prefill); elsewhere the reference: the dense weight (`dequantize`), then a matmul — slow,
+obviously correct. The policy is the layer's own (swap_linears hands the model's to every layer). The
+decode path is CUDA-graph capturable once it has run for its shape (no host sync; the only allocations are
+the output and split-K partials, sized by the shapes).
 """
 
 from __future__ import annotations
@@ -32,27 +34,62 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.ops import use_triton
+from kiln.policy import DEFAULT, Policy
 from kiln.quant import dequantize as dequantize_gguf
-from kiln.quant import kernels
-from kiln.quant.kernels import FORMATS, PackedWeight
+from kiln.quant import route
+from kiln.quant.dequant import dequantize_gpu
+from kiln.quant.gemv import gemv
+from kiln.quant.gemv_int8 import QuantAct, gemm_int8, gemv_int8, quantize_act
+from kiln.quant.mma import gemm_mma
+from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
 
-__all__ = ["QuantLinear", "QuantEmbedding", "swap_linears"]
+__all__ = ["QuantLinear", "QuantEmbedding", "matmul", "run", "swap_linears"]
 
 
 def _kernels_serve(device: torch.device) -> bool:
-    return kernels.use_triton(torch.empty(0, device=device))
+    return use_triton(torch.empty(0, device=device))
+
+
+def run(plan: route.Plan, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
+        act: QuantAct | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+    """x (M, K) @ w.T (+ bias) -> (M, N) in x.dtype by the kernel and config of `plan`; `act`: x already
+    quantized (a one-row int8 plan only). The GEMVs take the float32 bias as it is; the rest in x's dtype."""
+    kind, cfg = plan.kind, plan.config
+    if kind == "gemv_int8":
+        return gemv_int8(act if act is not None else quantize_act(x, policy), w, bias, cfg, policy)
+    if kind == "gemm_int8":
+        return gemm_int8(quantize_act(x, policy), w, bias, cfg, policy)
+    if kind == "gemv":
+        return gemv(x, w, bias, cfg)
+    bias = None if bias is None else bias.to(x.dtype)
+    if kind == "mma":
+        return gemm_mma(x, w, bias, cfg)
+    if kind == "dequant":
+        return F.linear(x, dequantize_gpu(w, x.dtype, cfg), bias)               # (N, K) scratch, then cuBLAS
+    assert kind == "reference", plan
+    return F.linear(x, dequantize_ref(w).to(x.dtype), bias)
+
+
+def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *, policy: Policy = DEFAULT,
+           act: QuantAct | None = None) -> torch.Tensor:
+    """x (M, K) @ w.T (+ bias) by route.plan's kernel for this shape, dtype, policy and device."""
+    plan = route.plan(w.qtype, x.shape[0], w.shape[0], w.shape[1], x.dtype, policy, sms=route.sm_count(x.device),
+                      triton=use_triton(x))
+    return run(plan, x, w, bias, act=act, policy=policy)
 
 
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W (out_features, in_features) held as GGUF-quantized data."""
 
     def __init__(self, in_features: int, out_features: int, qtype: int, *, packed: PackedWeight | None = None,
-                 raw: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                 raw: torch.Tensor | None = None, bias: torch.Tensor | None = None, policy: Policy = DEFAULT):
         super().__init__()
         if (packed is None) == (raw is None):
             raise ValueError("QuantLinear holds exactly one of packed planes or raw GGUF rows")
         self.in_features, self.out_features, self.qtype = in_features, out_features, int(qtype)
-        for name in kernels.packed_fields():
+        self.policy = policy
+        for name in packed_fields():
             self.register_buffer(name, getattr(packed, name) if packed is not None else None, persistent=False)
         self.register_buffer("raw", raw, persistent=False)
         # A buffer, not a Parameter: float32 like the file, and never the first of `model.parameters()`,
@@ -61,10 +98,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_gguf(cls, raw_rows: torch.Tensor, qtype: int, shape: tuple[int, int],
-                  bias: torch.Tensor | None = None, device=None) -> QuantLinear:
+                  bias: torch.Tensor | None = None, device=None, policy: Policy = DEFAULT) -> QuantLinear:
         """raw_rows (N, row_bytes) uint8 of a GGUF tensor of torch-order shape (N, K) -> a QuantLinear on device
         (default: raw_rows' device)."""
-        fmt = kernels._format(qtype)  # KilnError for types without kernels (plain floats stay nn.Linear)
+        fmt = format_of(qtype)  # KilnError for types without kernels (plain floats stay nn.Linear)
         n, k = (int(s) for s in shape)
         if k % fmt.block or raw_rows.dtype != torch.uint8 or raw_rows.numel() != n * k // fmt.block * fmt.type_size:
             raise KilnError(f"{fmt.name} weight of shape {(n, k)} needs {n} rows of {k // fmt.block * fmt.type_size}"
@@ -74,15 +111,15 @@ class QuantLinear(nn.Module):
         if bias is not None:
             bias = bias.detach().to(device)
         if _kernels_serve(device):
-            return cls(k, n, qtype, packed=kernels.repack(rows.to(device), qtype, (n, k)), bias=bias)
-        return cls(k, n, qtype, raw=rows.to(device), bias=bias)
+            return cls(k, n, qtype, packed=repack(rows.to(device), qtype, (n, k)), bias=bias, policy=policy)
+        return cls(k, n, qtype, raw=rows.to(device), bias=bias, policy=policy)
 
     @property
     def packed(self) -> PackedWeight | None:
         if self.qs is None:
             return None
         return PackedWeight(self.qtype, (self.out_features, self.in_features),
-                            **{name: getattr(self, name) for name in kernels.packed_fields()})
+                            **{name: getattr(self, name) for name in packed_fields()})
 
     @property
     def nbytes(self) -> int:
@@ -96,38 +133,27 @@ class QuantLinear(nn.Module):
         if self.raw is not None:  # kiln.quant.dequantize works on CPU tensors
             w = dequantize_gguf(self.raw.reshape(-1).cpu(), self.qtype, (self.out_features, self.in_features), dtype)
             return w.to(self.raw.device)
-        return kernels.dequantize_ref(self.packed).to(dtype)
+        return dequantize_ref(self.packed).to(dtype)
 
-    def takes_prologue(self, x: torch.Tensor) -> bool:
-        """Can `forward(x, prologue=...)` fold a norm or gated activation into the GEMV (decode, M = 1)?"""
-        return self.qs is not None and kernels.use_triton(x) and x.numel() == x.shape[-1]
+    def plan(self, x: torch.Tensor) -> route.Plan:
+        """route.plan for x (..., K) as forward would run it."""
+        return route.plan(self.qtype, x.numel() // x.shape[-1], self.out_features, self.in_features, x.dtype,
+                          self.policy, sms=route.sm_count(x.device), triton=self.qs is not None and use_triton(x))
 
     def takes_int8(self, x: torch.Tensor) -> bool:
         """Does forward(x) take the int8-activation GEMV (so that a caller may quantize x once, for several
-        layers, with kernels.quantize_act and pass it as `act`)?"""
-        return self.qs is not None and kernels.use_triton(x) and kernels.takes_int8(self.packed, x)
+        layers, with gemv_int8.quantize_act and pass it as `act`)?"""
+        return self.plan(x).kind == "gemv_int8"
 
-    def forward(self, x: torch.Tensor, prologue: kernels.Prologue | None = None,
-                act: kernels.QuantAct | None = None) -> torch.Tensor:
-        """x (..., K) -> (..., N); with a prologue (only where takes_prologue(x)) x is (1, K) before the
-        norm, or (1, 2K) [gate | up] before the activation; `act` is x already quantized (takes_int8)."""
-        if prologue is not None:
-            y = kernels.gemv(x.reshape(1, -1), self.packed, self.bias, prologue=prologue)
-            return y.view(*x.shape[:-1], self.out_features)
+    def forward(self, x: torch.Tensor, act: QuantAct | None = None) -> torch.Tensor:
+        """x (..., K) -> (..., N); `act` is x already quantized (where takes_int8(x))."""
         x2 = x.reshape(-1, self.in_features)                           # (M, K)
-        m = x2.shape[0]
-        bias = self.bias
-        if self.qs is not None and kernels.use_triton(x2):
-            if 1 <= m <= kernels.gemv_max_rows(self.qtype, x2.dtype):
-                y = kernels.gemv(x2, self.packed, bias, act=act if m == 1 else None)
-            elif (mma := kernels.mma_config(self.qtype, self.out_features, self.in_features, m,
-                                            x2.dtype)) is not None:
-                y = kernels.gemm_mma(x2, self.packed, None if bias is None else bias.to(x.dtype), config=mma)
-            else:
-                w = kernels.dequantize_gpu(self.packed, x.dtype)      # (N, K) scratch
-                y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        plan = self.plan(x2)
+        if plan.kind == "reference":  # raw GGUF rows or packed planes: the dense weight, then a matmul
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x2, self.dequantize(x.dtype).to(x.device), bias)
         else:
-            y = F.linear(x2, self.dequantize(x.dtype).to(x.device), None if bias is None else bias.to(x.dtype))
+            y = run(plan, x2, self.packed, self.bias, act=act, policy=self.policy)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -145,18 +171,18 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.qtype, self.dtype = packed.qtype, dtype
         self.num_embeddings, self.embedding_dim = packed.shape
-        for name in kernels.packed_fields():
+        for name in packed_fields():
             self.register_buffer(name, getattr(packed, name), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)                                         # (B*T,)
         rows = PackedWeight(self.qtype, (flat.numel(), self.embedding_dim),
-                            **{n: getattr(self, n).index_select(0, flat) for n in kernels.packed_fields()
+                            **{n: getattr(self, n).index_select(0, flat) for n in packed_fields()
                                if getattr(self, n) is not None})
-        if kernels.use_triton(flat):
-            w = kernels.dequantize_gpu(rows, self.dtype)               # (B*T, E)
+        if use_triton(flat):
+            w = dequantize_gpu(rows, self.dtype)                       # (B*T, E)
         else:
-            w = kernels.dequantize_ref(rows).to(self.dtype)
+            w = dequantize_ref(rows).to(self.dtype)
         return w.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -182,12 +208,14 @@ def _dense_bias(b, device) -> torch.Tensor | None:
     return (b.dequantize(torch.float32) if hasattr(b, "dequantize") else b).to(device)
 
 
-def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bfloat16) -> list[str]:
+def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bfloat16,
+                 policy: Policy = DEFAULT) -> list[str]:
     """Replace each nn.Linear whose weight (weights[f"{module}.weight"], a GGUFTensor-like with `raw_rows()`,
     `qtype`, `shape`) is quantized by a QuantLinear on device, bias included. F32/F16/BF16 weights and plain
     tensors stay nn.Linear. Where the kernels serve the device, a quantized nn.Embedding becomes a
     QuantEmbedding (output in dtype) sharing its planes with a tied output head. Returns the parameter
-    names now held by quantized modules (weights and biases), which the caller must not load."""
+    names now held by quantized modules (weights and biases), which the caller must not load. Every
+    QuantLinear routes its matmuls by `policy`."""
     planes = _swap_embeddings(model, weights, device, dtype)  # {embedding weight name: its PackedWeight}
     taken = list(planes)
     by_tensor = {id(weights[name]): packed for name, packed in planes.items()}
@@ -205,10 +233,11 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
             bias = _dense_bias(weights.get(f"{name}.bias"), device or "cpu") if child.bias is not None else None
             shared = by_tensor.get(id(w))
             if shared is not None:  # the tied embedding's planes, held once
-                setattr(parent, child_name, QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=shared, bias=bias))
+                setattr(parent, child_name, QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=shared, bias=bias,
+                                                        policy=policy))
             else:
                 setattr(parent, child_name, QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape),
-                                                                  bias=bias, device=device))
+                                                                  bias=bias, device=device, policy=policy))
             taken += [f"{name}.weight"] + ([f"{name}.bias"] if bias is not None else [])
     return taken
 
@@ -225,7 +254,7 @@ def _swap_embeddings(model: nn.Module, weights: Mapping, device, dtype) -> dict[
             w = weights.get(f"{name}.weight")
             if not isinstance(child, nn.Embedding) or w is None or not _is_quantized(w):
                 continue
-            packed = kernels.repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
+            packed = repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
             setattr(parent, child_name, QuantEmbedding(packed, dtype))
             planes[f"{name}.weight"] = packed
     return planes

@@ -2,15 +2,17 @@
 
 Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
 turning a validated request (protocol.py) into token ids (chat template, tools, chat_template_kwargs) and
-n engine requests with their constraint, then engine outputs back into text (through a TextStream per choice),
+n engine requests with their constraint, then engine outputs back into text (a TextStream per choice),
 logprobs, tool calls, SSE chunks, usage; cancelling a generation when its client goes away or a stop
 string is hit; HTTP errors (OpenAI bodies, never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (a kiln/textstream.py TextStream
-per choice), grammars (structured.py), tool-call formats (tools.py), the wire format's field table (protocol.py),
-the command line (kiln/serve.py).
+Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), grammars
+(structured.py), tool-call formats (tools.py), the wire format's field table (protocol.py), Host checks, body
+reading and uvicorn's timeouts (transport.py), the command line (kiln/serve.py).
 
-Threads: the engine runs its own loop thread; everything here runs on the event loop thread, except model
-loading and grammar compilation, which run in worker threads so that /health and live streams keep going.
+Threads and processes: the engine runs its own loop thread. Work that grows with the input stays off the event
+loop: chat templates render in worker processes within a time and memory budget (chat_template.Workers), text is
+tokenized in worker threads (the tokenizer releases the GIL), grammars compile in worker threads, and a prompt
+whose characters already exceed what the context could hold is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -22,23 +24,25 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln import chat_template
 from kiln.errors import KilnError
-from kiln.generate import ContextFull, check_prompt
-from kiln.sample import SamplingParams
+from kiln.server import prompts, transport
 from kiln.server import protocol as P
 from kiln.server.metrics import Metrics
 from kiln.textstream import TextStream
 
 log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
-RETRY_AFTER_S = 1
-_ROUTES = {"/health", "/metrics", "/v1/models", "/tokenize", "/detokenize", "/v1/chat/completions", "/v1/completions"}
+RETRY_AFTER_S = prompts.RETRY_AFTER_S
+_ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/tokenize", "/detokenize", "/v1/chat/completions",
+                     "/v1/completions"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,11 +50,15 @@ _ROUTES = {"/health", "/metrics", "/v1/models", "/tokenize", "/detokenize", "/v1
 # ---------------------------------------------------------------------------------------------------------------
 class ServerState:
     def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
-                 max_body: int):
-        self.model_id, self.api_key, self.max_body = model_id, api_key, max_body
+                 max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0):
+        self.model_id, self.api_key, self.max_body, self.read_timeout = model_id, api_key, max_body, read_timeout
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
         self.ready, self.load_error, self.on_load_failed = False, None, None
+        self.max_chars: int | None = None  # a prompt longer than this cannot fit the context (see attach)
+        self.templates = chat_template.Workers(timeout=template_timeout)
+        self.draining = self.cut = False  # shutting down: no new requests; then: in-flight generations cut
+        self.live: set[Choice] = set()  # choices in flight (event loop only)
         self._compiler_lock = threading.Lock()
         self.metrics = Metrics()
         self.created = P.now()
@@ -63,6 +71,8 @@ class ServerState:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.args.vocab_size
         self.tool_style = tool_style(tokenizer)
+        per_token = tokenizer.max_token_chars  # None: no provable bound, so every prompt is tokenized
+        self.max_chars = self.ctx_size * per_token if per_token else None
         self.engine = Engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
                              max_queue=self.max_queue)
         self.engine.start()
@@ -77,6 +87,12 @@ class ServerState:
         return self.structured
 
     def load_in_background(self, loader: Callable) -> None:
+        # Measured on 2 busy CPU cores: when torch's first parallel (OpenMP) work runs in the loader thread rather
+        # than the main thread, the engine thread decodes 7-10x slower afterwards (a tiny model: 80-120 ms per
+        # token instead of 10). One small parallel op here, on the main thread, first, avoids it.
+        import torch
+        torch.ones(1 << 16).exp_().sum()
+
         def run():
             try:
                 self.attach(*loader())
@@ -88,9 +104,21 @@ class ServerState:
                     self.on_load_failed(e)
         threading.Thread(target=run, name="kiln-load", daemon=True).start()
 
-    def stop(self) -> None:
+    def drain(self) -> None:
+        """Shutdown has begun: new requests get 503; those in flight go on for now."""
+        self.draining = True
+
+    def cut_in_flight(self) -> None:
+        """The shutdown grace is over: end every generation in flight (streams end with finish_reason
+        "cancelled", waiting non-streaming requests get 503)."""
+        self.draining = self.cut = True
+        for c in list(self.live):
+            c.handle.cancel()
+
+    async def stop(self) -> None:
+        await self.templates.close()
         if self.engine is not None:
-            self.engine.stop()
+            await asyncio.to_thread(self.engine.stop)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,12 +126,15 @@ class ServerState:
 # ---------------------------------------------------------------------------------------------------------------
 def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokenizer=None, model_id: str = "model",
                api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
-               max_body: int = MAX_BODY) -> FastAPI:
+               max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
+               read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0) -> FastAPI:
     """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
-    runs in a thread at startup (/health answers 503 until it is done)."""
+    runs in a thread at startup (/health answers 503 until it is done). `allowed_hosts`: the Host header values
+    served (transport.allowed_hosts; "*" for any); `read_timeout`: seconds a request body may pause;
+    `template_timeout`: seconds a chat template may take to render one conversation."""
     if (loader is None) == (model is None or tokenizer is None):
         raise KilnError("create_app needs either a loader or both model and tokenizer")
-    st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body)
+    st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -112,42 +143,30 @@ def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokeniz
         else:
             st.attach(model, tokenizer)
         yield
-        st.stop()
+        await st.stop()
 
     app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.kiln = st
-    app.add_middleware(_CountRequests, metrics=st.metrics)
+    app.add_middleware(transport.Guard, metrics=st.metrics, hosts=tuple(allowed_hosts), routes=_ROUTES)
     _handlers(app)
     _routes(app, st)
     return app
 
 
-def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
-    """Serve a loaded model until Ctrl-C (blocking). Keyword arguments go to `create_app`."""
-    import uvicorn
-    uvicorn.run(create_app(model=model, tokenizer=tokenizer, **kw), host=host, port=port, log_level="warning")
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "warning",
+          allowed_hosts: tuple[str, ...] = (), read_timeout: float = transport.READ_TIMEOUT,
+          shutdown_grace: float = transport.SHUTDOWN_GRACE, **kw) -> None:
+    """Serve a loaded model until Ctrl-C or SIGTERM (blocking). Other keyword arguments go to `create_app`."""
+    app = create_app(model=model, tokenizer=tokenizer, allowed_hosts=transport.allowed_hosts(host, allowed_hosts),
+                     read_timeout=read_timeout, **kw)
+    server_for(app, host, port, log_level=log_level, read_timeout=read_timeout,
+               shutdown_grace=shutdown_grace).run()
 
 
-class _CountRequests:
-    """Pure ASGI middleware (streams pass through untouched): count every response by path and status."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, send_status)
-        finally:  # unknown paths share one label: a scanner must not grow the metrics without bound
-            path = scope.get("path", "")
-            self.metrics.request_done(path if path in _ROUTES else "other", status[0])
+def server_for(app: FastAPI, host: str, port: int, **kw):
+    """The uvicorn.Server kiln runs `app` with (transport.make_server), its shutdown wired to the app's state."""
+    st: ServerState = app.state.kiln
+    return transport.make_server(app, host, port, on_drain=st.drain, on_cut=st.cut_in_flight, **kw)
 
 
 def _error_response(e: P.APIError) -> JSONResponse:
@@ -168,18 +187,17 @@ def _handlers(app: FastAPI) -> None:
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return JSONResponse(P.error_body(e.status_code, message), status_code=e.status_code)
 
-    @app.exception_handler(Exception)
-    async def crash(request, e: Exception):  # a kiln bug: say so without taking the server down
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(P.error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+    # a kiln bug (any other exception) is answered by transport.Guard: one log entry, a 500 without internals
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Request plumbing: readiness, auth, body size, JSON
+# Request plumbing: readiness, auth, body
 # ---------------------------------------------------------------------------------------------------------------
 def _ready(st: ServerState) -> None:
     if st.load_error is not None:
         raise P.APIError(503, f"the model failed to load: {st.load_error}")
+    if st.draining:
+        raise P.APIError(503, "the server is shutting down", code="shutting_down")
     if not st.ready:
         raise P.APIError(503, "the model is still loading; retry shortly", code="loading",
                          headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -192,33 +210,15 @@ def _auth(st: ServerState, request: Request) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), st.api_key.encode()):
         raise P.APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
-                              "key the server was started with (--api-key)", code="invalid_api_key")
-
-
-async def _json_body(st: ServerState, request: Request):
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > st.max_body:
-        raise _too_large(int(declared), st.max_body)
-    data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > st.max_body:
-            raise _too_large(len(data), st.max_body)
-    try:
-        return json.loads(data)
-    except ValueError as e:  # includes bad UTF-8
-        raise P.APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-
-
-def _too_large(n: int, limit: int) -> P.APIError:
-    return P.APIError(413, f"the request body is {n} bytes or more; the limit is {limit} bytes", code="too_large")
+                              "key the server was started with (--api-key)", code="invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _open(st: ServerState, request: Request):
     """Auth, readiness and the JSON body, in that order (a wrong key learns nothing about the server)."""
     _auth(st, request)
     _ready(st)
-    return await _json_body(st, request)
+    return await transport.read_json(request, st.max_body, st.read_timeout)
 
 
 def _check_model(st: ServerState, name: str | None) -> None:
@@ -231,10 +231,12 @@ def _check_model(st: ServerState, name: str | None) -> None:
 # Routes
 # ---------------------------------------------------------------------------------------------------------------
 def _routes(app: FastAPI, st: ServerState) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if st.load_error is not None:
             return JSONResponse({"status": "error", **P.error_body(503, f"load failed: {st.load_error}")}, 503)
+        if st.draining:
+            return JSONResponse({"status": "shutting down", **P.error_body(503, "the server is shutting down")}, 503)
         if not st.ready:
             return JSONResponse({"status": "loading", **P.error_body(503, "the model is loading")}, 503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -259,11 +261,11 @@ def _routes(app: FastAPI, st: ServerState) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return _tokenize(st, await _open(st, request))
+        return await prompts.tokenize(st, await _open(st, request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return _detokenize(st, await _open(st, request))
+        return prompts.detokenize(st, await _open(st, request))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -279,118 +281,6 @@ def _routes(app: FastAPI, st: ServerState) -> None:
 def _model_card(st: ServerState) -> dict:
     return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kiln",
             "meta": {"n_ctx": st.ctx_size, "n_slots": st.n_slots, "loaded": st.ready}}
-
-
-def _tokenize(st: ServerState, body) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("content"), str):
-        raise P.bad("content", "send {'content': TEXT} (optionally 'add_special': bool, 'with_pieces': bool)")
-    unknown = sorted(set(body) - {"content", "add_special", "with_pieces"})
-    if unknown:
-        raise P.APIError(400, f"unsupported field '{unknown[0]}' for /tokenize", param=unknown[0])
-    add = P.boolean("add_special", body.get("add_special", False))
-    ids = st.tokenizer.encode(body["content"], add_special_tokens=add)
-    if P.boolean("with_pieces", body.get("with_pieces", False)):
-        return {"tokens": [{"id": i, "piece": st.tokenizer.id_to_piece(i)} for i in ids]}
-    return {"tokens": ids}
-
-
-def _detokenize(st: ServerState, body) -> dict:
-    if not isinstance(body, dict) or set(body) != {"tokens"}:
-        raise P.bad("tokens", "send {'tokens': [ids...]}")
-    return {"content": st.tokenizer.decode(_token_ids(st, "tokens", body["tokens"]))}
-
-
-def _token_ids(st: ServerState, param: str, ids) -> list[int]:
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise P.bad(param, f"invalid {param}: must be a list of token ids")
-    bad = [i for i in ids if not 0 <= i < st.tokenizer.vocab_size]
-    if bad:
-        raise P.bad(param, f"token id {bad[0]} is outside the vocabulary (0..{st.tokenizer.vocab_size - 1})")
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------------------------
-def _chat_ids(st: ServerState, req: P.ChatRequest) -> list[int]:
-    tok = st.tokenizer
-    kwargs = dict(req.chat_template_kwargs)
-    clash = sorted(set(kwargs) & {"messages", "tools"})
-    if clash:
-        raise P.bad("chat_template_kwargs", f"chat_template_kwargs may not set {clash[0]!r}; use the field itself")
-    kwargs.setdefault("add_generation_prompt", True)
-    tools = req.tools if req.tool_choice != "none" else None
-    return tok.chat_ids(req.messages, tools=tools, **kwargs)
-
-
-def _check_context(st: ServerState, ids: list[int], param: str) -> None:
-    try:
-        check_prompt(ids, st.ctx_size, st.vocab_size, fix="start the server with a larger --ctx-size")
-    except ContextFull as e:
-        raise P.APIError(400, str(e), param=param, code="context_length_exceeded") from None
-    except KilnError as e:
-        raise P.bad(param, str(e)) from None
-
-
-async def _constraint(st: ServerState, req: P.ChatRequest):
-    """Compile the request's constraint (off the event loop: big schemas take a while); None if it has none."""
-    if req.constraint is None:
-        return None
-    kind, *args = req.constraint
-    param = {"json_object": "response_format", "json_schema": "response_format", "gbnf": "grammar",
-             "regex": "regex", "tool_call": "tool_choice"}[kind]
-
-    def build():
-        c = st.compiler()
-        if kind == "json_object":
-            return c.json_object()
-        if kind == "json_schema":
-            return c.json_schema(args[0], strict=args[1])
-        if kind == "gbnf":
-            return c.gbnf(args[0])
-        if kind == "regex":
-            return c.regex(args[0])
-        return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
-    try:
-        return await asyncio.to_thread(build)
-    except KilnError as e:
-        raise P.bad(param, str(e)) from None
-
-
-def _sampling(st: ServerState, req: P.GenRequest, i: int) -> SamplingParams:
-    kw = dict(req.sampling)
-    if kw.get("seed") is not None:
-        kw["seed"] = kw["seed"] + i  # choice i of n gets its own stream; the request stays reproducible
-    try:
-        params = SamplingParams(**kw)
-        params.check_vocab(st.vocab_size)
-    except KilnError as e:
-        raise P.bad("logit_bias" if "logit_bias" in str(e) else None, str(e)) from None
-    return params
-
-
-def _submit(st: ServerState, ids: list[int], req: P.GenRequest, constraint, first_index: int) -> list:
-    """One engine request per choice; all or none (a full queue cancels the ones already in)."""
-    from kiln.engine import EngineRequest, QueueFull
-    eos = frozenset() if req.ignore_eos else frozenset(st.tokenizer.eos_token_ids)
-    max_tokens = req.max_tokens or st.ctx_size - len(ids)
-    handles = []
-    try:
-        for i in range(req.n):
-            handles.append(st.engine.submit(EngineRequest(
-                prompt=ids, params=_sampling(st, req, first_index + i), max_tokens=max_tokens,
-                stop_token_ids=eos, processor=constraint.processor() if constraint is not None else None,
-                top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos)))
-    except QueueFull:
-        for h in handles:
-            h.cancel()
-        raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
-                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except BaseException:
-        for h in handles:
-            h.cancel()
-        raise
-    return handles
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,19 +396,42 @@ async def _run(st: ServerState, request: Request, choices: list[Choice], t0: flo
         raise P.APIError(499, "the client closed the request", code="client_closed")
 
 
-def _check_finished(choices: list[Choice]) -> None:
+def _check_finished(st: ServerState, choices: list[Choice], streaming: bool = False) -> None:
     failed = [c for c in choices if c.finish not in ("stop", "length")]
-    if failed:
-        why = getattr(failed[0].handle, "error", None) or "see the server log"
-        raise P.APIError(500, f"generation ended with {failed[0].finish!r}: {why}", code="engine_error")
+    if not failed:
+        return
+    if st.cut and all(c.finish == "cancelled" for c in failed):  # shutdown: a stream has said so in its finish
+        if streaming:
+            return
+        raise P.APIError(503, "the server shut down before this request finished", code="shutting_down")
+    why = getattr(failed[0].handle, "error", None) or failed[0].finish
+    ref = uuid.uuid4().hex[:8]
+    log.error("generation ended with %r [%s]: %s", failed[0].finish, ref, why)
+    raise P.APIError(500, f"generation failed (reference {ref} in the server log)", code="engine_error")
 
 
-def _usage(st: ServerState, groups: list[tuple[list[int], list[Choice]]]) -> dict:
+def _usage(groups: list[tuple[list[int], list[Choice]]]) -> dict:
     prompt = sum(len(ids) for ids, _ in groups)
     completion = sum(c.n_tokens for _, cs in groups for c in cs)
     cached = sum(int(getattr(cs[0].handle, "cached_tokens", 0) or 0) for _, cs in groups)
-    st.metrics.count_tokens(prompt, completion, cached)
     return P.usage(prompt, completion, cached)
+
+
+@contextlib.contextmanager
+def _in_flight(st: ServerState, groups: list[tuple[list[int], list[Choice]]]):
+    """While a request runs: counted in flight, its choices open to a shutdown cut; however it ends (done, client
+    gone, failed), its generations are cancelled and its tokens counted."""
+    choices = [c for _, cs in groups for c in cs]
+    st.metrics.in_flight += 1
+    st.live.update(choices)
+    try:
+        yield
+    finally:
+        st.metrics.in_flight -= 1
+        st.live.difference_update(choices)
+        _cancel_all(choices)
+        u = _usage(groups)
+        st.metrics.count_tokens(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,31 +439,30 @@ def _usage(st: ServerState, groups: list[tuple[list[int], list[Choice]]]) -> dic
 # ---------------------------------------------------------------------------------------------------------------
 async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     _check_model(st, req.model)
-    ids = _chat_ids(st, req)
-    _check_context(st, ids, "messages")
-    constraint = await _constraint(st, req)
+    prompts.check_capacity(st, req.n, "n")
+    ids = await prompts.chat_ids(st, req)
+    prompts.check_context(st, ids, "messages")
+    constraint = await prompts.constraint(st, req)
     tools_on = bool(req.tools) and req.tool_choice != "none"
     t0 = time.perf_counter()
-    handles = _submit(st, ids, req, constraint, 0)
+    handles = prompts.submit(st, ids, req, constraint, 0)
     choices = [Choice(i, h, st, req, tools_on) for i, h in enumerate(handles)]
     meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
     if req.stream:
         return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: _cancel_all(choices))
-    await _complete(st, request, choices, t0)
+    await _complete(st, request, [(ids, choices)], t0)
     body = {"id": meta[0], "object": "chat.completion", "created": meta[1], "model": meta[2],
             "system_fingerprint": P.FINGERPRINT, "choices": [_chat_choice(st, c, req, tools_on) for c in choices],
-            "usage": _usage(st, [(ids, choices)])}
+            "usage": _usage([(ids, choices)])}
     return JSONResponse(body)
 
 
-async def _complete(st: ServerState, request: Request, choices: list, t0: float) -> None:
+async def _complete(st: ServerState, request: Request, groups: list, t0: float) -> None:
     """A non-streaming request's generations run to the end (counted in flight meanwhile), checked, timed."""
-    st.metrics.in_flight += 1
-    try:
+    choices = [c for _, cs in groups for c in cs]
+    with _in_flight(st, groups):
         await _run(st, request, choices, t0)
-    finally:
-        st.metrics.in_flight -= 1
-    _check_finished(choices)
+    _check_finished(st, choices)
     st.metrics.latency.observe(time.perf_counter() - t0)
 
 
@@ -571,12 +483,16 @@ def _chat_choice(st: ServerState, c: Choice, req: P.ChatRequest, tools_on: bool)
 
 
 class _SSE(StreamingResponse):
-    """An event stream that runs `on_close` however it ends: finished, client gone before or during it."""
+    """An event stream that runs `on_close` however it ends: finished, client gone before or during it. A stream
+    that did not reach its end (the client left) is counted as 499, not as the 200 it started with."""
 
     def __init__(self, events: AsyncIterator[dict | str], on_close: Callable[[], None]):
+        self.finished = False
+
         async def body():
             async for e in events:
                 yield f"data: {e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)}\n\n"
+            self.finished = True
         super().__init__(body(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
@@ -586,57 +502,58 @@ class _SSE(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:  # a generator that never started has no finally of its own to run
             self.on_close()
+            if not self.finished:
+                scope["kiln.status"] = 499
 
 
-async def _stream_steps(st: ServerState, choices: list[Choice], t0: float):
+async def _stream_steps(st: ServerState, groups: list, t0: float):
     """(choice, text, logprob entries) as outputs come; cancels every generation if the client goes away."""
-    st.metrics.in_flight += 1
     first = True
-    try:
-        async for c, out in _outputs(choices):
+    with _in_flight(st, groups):  # normal end, client gone (CancelledError) or an error: slots freed either way
+        async for c, out in _outputs([c for _, cs in groups for c in cs]):
             if first:
                 st.metrics.ttft.observe(time.perf_counter() - t0)
                 first = False
             text, entries = c.step(out)
             if text or entries or c.finish:
                 yield c, text, entries
-    finally:  # normal end, client gone (CancelledError) or an error: free the slots either way
-        st.metrics.in_flight -= 1
-        _cancel_all(choices)
 
 
 def _stream_error(e: Exception) -> dict:
     if isinstance(e, P.APIError):
         return e.body()
-    status = 400 if isinstance(e, KilnError) else 500
-    log.error("stream failed: %s", e)
-    return P.error_body(status, f"{type(e).__name__}: {e}")
+    if isinstance(e, KilnError):
+        return P.error_body(400, str(e))
+    return transport.internal_error(e, "a stream failed")
 
 
 async def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[Choice], meta, t0: float):
     def chunk(choice_dicts, usage=None):
         return P.chunk("chat.completion.chunk", *meta, choice_dicts, usage, req.include_usage)
+
+    def logprobs(entries):
+        return {"content": entries} if req.logprobs and entries else None
     for c in choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
     try:
-        async for c, text, entries in _stream_steps(st, choices, t0):
+        async for c, text, entries in _stream_steps(st, [(ids, choices)], t0):
             for delta in _chat_deltas(c, text, req):
-                yield chunk([{"index": c.index, "delta": delta,
-                              "logprobs": {"content": entries} if req.logprobs else None, "finish_reason": None}])
+                yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs(entries), "finish_reason": None}])
                 entries = []
-            if c.finish:
+            if c.finish:  # logprobs of tokens whose text is empty (or was held back) ride on the last chunk
                 finish = "tool_calls" if c.calls_seen and c.finish == "stop" else c.finish
-                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
-        _check_finished(choices)
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": finish}])
+            elif entries and req.logprobs:
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": None}])
+        _check_finished(st, choices, streaming=True)
     except Exception as e:
         yield {**_stream_error(e)}
         yield "[DONE]"
         return
     st.metrics.latency.observe(time.perf_counter() - t0)
-    usage = _usage(st, [(ids, choices)])
     if req.include_usage:
-        yield chunk([], usage)
+        yield chunk([], _usage([(ids, choices)]))
     yield "[DONE]"
 
 
@@ -661,24 +578,15 @@ def _chat_deltas(c: Choice, text: str, req: P.ChatRequest) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # /v1/completions
 # ---------------------------------------------------------------------------------------------------------------
-def _completion_ids(st: ServerState, req: P.CompletionRequest) -> list[list[int]]:
-    out = []
-    for k, p in enumerate(req.prompts):
-        param = "prompt" if len(req.prompts) == 1 else f"prompt[{k}]"
-        ids = st.tokenizer.encode(p) if isinstance(p, str) else _token_ids(st, param, p)
-        _check_context(st, ids, param)
-        out.append(ids)
-    return out
-
-
 async def _completions(st: ServerState, request: Request, req: P.CompletionRequest):
     _check_model(st, req.model)
-    prompts = _completion_ids(st, req)
+    prompts.check_capacity(st, len(req.prompts) * req.n, "n" if len(req.prompts) == 1 else "prompt")
+    prompt_ids = await prompts.completion_ids(st, req)
     t0 = time.perf_counter()
     groups: list[tuple[list[int], list[Choice]]] = []
     try:
-        for k, ids in enumerate(prompts):
-            handles = _submit(st, ids, req, None, k * req.n)
+        for k, ids in enumerate(prompt_ids):
+            handles = prompts.submit(st, ids, req, None, k * req.n)
             groups.append((ids, [Choice(k * req.n + i, h, st, req) for i, h in enumerate(handles)]))
     except BaseException:
         _cancel_all([c for _, cs in groups for c in cs])
@@ -689,13 +597,13 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
     if req.stream:
         return _SSE(_completion_stream(st, req, groups, choices, echoes, meta, t0),
                     lambda: _cancel_all(choices))
-    await _complete(st, request, choices, t0)
+    await _complete(st, request, groups, t0)
     body = {"id": meta[0], "object": "text_completion", "created": meta[1], "model": meta[2],
             "system_fingerprint": P.FINGERPRINT,
             "choices": [{"index": c.index, "text": echo + c.text,
                          "logprobs": P.legacy_logprobs(c.entries_all, len(echo)) if req.logprobs else None,
                          "finish_reason": c.finish} for c, echo in zip(choices, echoes)],
-            "usage": _usage(st, groups)}
+            "usage": _usage(groups)}
     return JSONResponse(body)
 
 
@@ -707,17 +615,16 @@ async def _completion_stream(st, req: P.CompletionRequest, groups, choices, echo
         if e:
             yield chunk([{"index": c.index, "text": e, "logprobs": None, "finish_reason": None}])
     try:
-        async for c, text, entries in _stream_steps(st, choices, t0):
+        async for c, text, entries in _stream_steps(st, groups, t0):
             lp = P.legacy_logprobs(entries, offsets[c.index]) if req.logprobs else None
             offsets[c.index] += len(text)
             yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish}])
-        _check_finished(choices)
+        _check_finished(st, choices, streaming=True)
     except Exception as e:
         yield {**_stream_error(e)}
         yield "[DONE]"
         return
     st.metrics.latency.observe(time.perf_counter() - t0)
-    usage = _usage(st, groups)
     if req.include_usage:
-        yield chunk([], usage)
+        yield chunk([], _usage(groups))
     yield "[DONE]"

@@ -16,11 +16,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
-                500: "server_error"}
+_ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}  # the rest: invalid_request
 MAX_N = 16  # choices per request
 MAX_STOPS = 16
+MAX_STOP_CHARS = 1000  # per stop string: matching costs grow with it, and real stop strings are short
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit seed; choice i of n samples with seed + i
+MAX_DEPTH = 64  # JSON nesting: tool schemas need a few dozen levels at most, and deeper input breaks recursive code
+MIN_TEMPERATURE = 1e-3  # below this (but above 0, greedy) logits / temperature overflows float32
 MAX_TOP_LOGPROBS = 20
 FINGERPRINT = "kiln"
 
@@ -45,6 +47,18 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
+
+
+def too_deep(value, limit: int = MAX_DEPTH) -> bool:
+    """Whether a parsed JSON value nests more than `limit` arrays and objects (no recursion of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        items = v.values() if isinstance(v, dict) else v
+        stack.extend((x, d + 1) for x in items if isinstance(x, (dict, list)))
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,9 +109,16 @@ def obj(name, v):
 
 
 def seed(name, v):
-    if not _is_int(v):
-        raise bad(name, f"invalid {name} {v!r}: must be an integer")
+    lo, hi = SEED_RANGE
+    if not _is_int(v) or not lo <= v <= hi:
+        raise bad(name, f"invalid {name} {v!r}: must be an integer in [{lo}, {hi}] (64 bits)")
     return v
+
+
+def temperature(name, v):
+    if not _is_num(v) or not (v == 0 or MIN_TEMPERATURE <= v <= 100):
+        raise bad(name, f"invalid {name} {v!r}: must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 100]")
+    return float(v)
 
 
 def stop(name, v) -> list[str]:
@@ -106,6 +127,9 @@ def stop(name, v) -> list[str]:
         raise bad(name, "invalid stop: must be a non-empty string or a list of non-empty strings")
     if len(stops) > MAX_STOPS:
         raise bad(name, f"invalid stop: {len(stops)} strings given, at most {MAX_STOPS} are allowed")
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad(name, f"invalid stop: a stop string of {longest} characters; at most {MAX_STOP_CHARS} are allowed")
     return stops
 
 
@@ -140,13 +164,13 @@ def dict_of_strings(name, v) -> dict:
 
 
 _SAMPLING = {  # request field -> check; the names are SamplingParams' own
-    "temperature": number(0, math.inf),
+    "temperature": temperature,
     "top_p": number(0, 1, lo_open=True),
     "top_k": integer(0),
     "min_p": number(0, 1),
     "presence_penalty": number(-2, 2),
     "frequency_penalty": number(-2, 2),
-    "repetition_penalty": number(0, math.inf, lo_open=True),
+    "repetition_penalty": number(0.01, 100),  # 1 is off; outside this, logits / penalty overflows or vanishes
     "logit_bias": logit_bias,
     "seed": seed,
 }
@@ -281,8 +305,11 @@ def _history_calls(name: str, calls) -> list[dict]:
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise bad(f"{name}[{i}].function.arguments", "tool call arguments must be a JSON string") from None
+            if isinstance(args, (dict, list)) and too_deep(args, MAX_DEPTH - 6):  # 6: their depth in a body
+                raise bad(f"{name}[{i}].function.arguments", f"tool call arguments may nest at most "
+                                                             f"{MAX_DEPTH - 6} levels deep")
         out.append({"id": c.get("id"), "type": "function",
                     "function": {"name": string(f"{name}[{i}].function.name", fn.get("name")), "arguments": args}})
     return out

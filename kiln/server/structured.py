@@ -127,6 +127,9 @@ class Structured:
             compiled = compile_fn()
         except (RuntimeError, ValueError, TypeError) as e:
             raise KilnError(f"invalid {what}: {_xgr_message(e)}") from None
+        if matches_nothing(compiled, self.vocab_size, self.stop_ids):
+            raise KilnError(f"invalid {what}: it matches no text at all (e.g. a rule that only refers to itself, "
+                            "like root ::= root), so no answer could satisfy it")
         made = Constraint(compiled, self.vocab_size, self.stop_ids)
         with self._lock:
             self._cache[key] = made
@@ -136,6 +139,35 @@ class Structured:
 
     def cache_info(self) -> dict:
         return {"entries": len(self._cache), "max_entries": self._cache_size}
+
+
+def matches_nothing(compiled, vocab_size: int, stop_ids: list[int], budget: int = 256, branch: int = 8) -> bool:
+    """True only if no token sequence can complete the grammar: a search from its start that tries every allowed
+    token wherever few are allowed, and ends where one may stop. A grammar that allows many tokens somewhere, or
+    needs more than `budget` states to explore, is taken to match something (the search proves only emptiness)."""
+    xgr = _xgr()
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids or None)
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    shifts = torch.arange(32, dtype=torch.int32)
+    left = [budget]
+
+    def dead() -> bool:  # every continuation from the matcher's state ends nowhere
+        left[0] -= 1
+        if left[0] < 0 or matcher.is_terminated():
+            return False
+        matcher.fill_next_token_bitmask(bitmask)
+        allowed = (((bitmask[0, :, None] >> shifts) & 1).flatten()[:vocab_size]).nonzero().flatten().tolist()
+        if any(t in stop_ids for t in allowed) or len(allowed) > branch:
+            return False
+        for t in allowed:
+            if not matcher.accept_token(t):
+                continue
+            found = not dead()
+            matcher.rollback(1)
+            if found:
+                return False
+        return True
+    return dead()
 
 
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:

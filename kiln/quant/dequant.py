@@ -1,0 +1,57 @@
+"""Packed weights back to dense matrices on the GPU: the prefill path's dequantize-then-cuBLAS, and quantized
+embedding lookups.
+
+Owns: `dequantize_gpu` and its kernel (float32 bit-identical to packed.dequantize_ref: the dense tiles in
+gguf-py's float32 order, launched without FMA contraction).
+Not: when it runs (route.py: the "dequant" plan; linear.QuantEmbedding), the matmul after it (cuBLAS through
+F.linear), the tile helpers (tiles.py), the packed layout (packed.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.ops import jit, tl, triton
+from kiln.quant.packed import V, PackedWeight
+from kiln.quant.route import DequantConfig
+from kiln.quant.tiles import const, dense_tile, geometry, plane_args
+
+__all__ = ["dequantize_gpu"]
+
+_V = const(V)
+
+
+@jit
+def _dequant_kernel(out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, N,
+                    KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+                    GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
+                    HAS_MIN: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
+    """out (N, K) = the dense weight, BN rows x W words per program. Launched without FMA contraction, so
+    `dl * q - ml` rounds twice, exactly as gguf-py does."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = rows.to(tl.int64)[:, None, None, None]                         # (BN, 1, 1, 1)
+    ng = tl.program_id(1) * (W // _V) + tl.arange(0, W // _V)          # (NG,)
+    w, _ = dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r,
+                      (rows < N)[:, None, None, None], ng, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM,
+                      HAS_MIN)
+    # Back to weight order in registers (field f = m*L + l of word j is weight l*4V + m*V + j of its group), so
+    # that each row's stores are contiguous: (BN, NG, 4, L, V) -> (BN, NG, L, 4, V) -> (BN, W*G).
+    L: tl.constexpr = G // 4
+    wn = tl.reshape(tl.permute(tl.reshape(w.to(out_ptr.dtype.element_ty), (BN, W // _V, 4, L, _V)),
+                               (0, 1, 3, 2, 4)), (BN, W * G))
+    cols = tl.program_id(1) * (W * G) + tl.arange(0, W * G)           # (W*G,) weight index in the row
+    rr = rows.to(tl.int64)[:, None]
+    tl.store(out_ptr + rr * (KW * G) + cols[None, :], wn, mask=(rows < N)[:, None] & (cols < KW * G)[None, :])
+
+
+def dequantize_gpu(w: PackedWeight, dtype: torch.dtype = torch.bfloat16,
+                   config: DequantConfig = DequantConfig()) -> torch.Tensor:
+    """PackedWeight -> dense (N, K) in dtype on w's device: float32 bit-identical to `dequantize_ref`, any
+    other dtype that result rounded once."""
+    fmt, (n, k) = w.fmt, w.shape
+    geo = geometry(fmt, k, config.block_k)
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(geo["KW"], geo["W"]))
+    _dequant_kernel[grid](out, *plane_args(w), n, FMT=w.qtype, BN=config.block_n, num_warps=config.num_warps,
+                          enable_fp_fusion=False, **geo)
+    return out

@@ -1,0 +1,366 @@
+"""GGUF weights in a lossless repacked layout the GPU kernels read, and its plain-torch twin.
+
+Owns: the GGUF type ids and block geometry of the formats with kernels (`Format`, `FORMATS`), the packed
+layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's device) and
+`dequantize_ref`, the obviously correct dequantization the kernels are tested against.
+Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
+tested bit-exact against), the Triton kernels (tiles.py, gemv.py, gemv_int8.py, mma.py, dequant.py), which
+kernel runs (route.py), quantizing.
+
+Formats: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, Q2_K Q3_K Q4_K Q5_K Q6_K, IQ4_NL IQ4_XS.
+
+The packed layout. A GGUF block interleaves scales and quants, scatters a block's weights over its bytes in
+format-specific lane orders, and is 18, 34, 110 or 210 bytes long, so loads of it are unaligned and every
+format needs its own index arithmetic. `repack` splits each tensor into planes, each row-major (N, ·):
+  qs  int32 words of G fields of b = 32 / G bits (4-bit: G = 8; 2-bit: G = 16; Q8_0's bytes: G = 4), the low
+      bits of every weight, all unsigned (Q8_0's int8 q is stored as q + 128). Words come in groups of V = 4
+      (one 128-bit load) holding V*G consecutive weights: field f of word j of a group is weight
+      field_offset(f) + j — with L = G / 4 fields per byte and f = m*L + l, offset l*4V + m*V — so that the
+      fields sharing byte position l of the four words are one run of 16 consecutive weights (one dp4a
+      operand per word: `(word >> b*l) & mask`, all of one sub-block; the activations are stored in the same
+      order, kiln.ops.q8).
+  qh  int8 or int16, one element per qs word: the high bits of that word's fields, field f at bits
+      [h*f, h*f + h) (h = 1 for Q5_0, Q5_1, Q5_K, Q3_K; 2 for Q6_K).
+  sc, mn  uint8 or int8, one per sub-block: the 6-bit scale (and min) already decoded from GGUF's packed
+      12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, at most +3.7%).
+  d, dm   int16, one per GGUF block: the f16 block scale (and min / dmin) as raw bits — bits, not float16,
+      so that `model.to(dtype)` cannot round them.
+Why this order: a thread that loads four words (128 bits) extracts field f from each with the same mask, in
+the registers the words were loaded into — no shuffles or shared-memory round trips — and the four
+activations those fields multiply, x[field_offset(f) + j], j = 0..3, are contiguous (one 64-bit load). All
+fields of a word share their block scale; a sub-block (16 or 32 weights) is a set of whole fields of a group
+(sub-block s of 16: the fields f with f % L == s).
+
+Per format (the weight formula is gguf-py's, evaluated in the same float32 order by
+dequantize_ref and the kernels' dense tiles):
+  Q4_0   qs 4b                  d              w = d * (q - 8)
+  Q4_1   qs 4b                  d, dm = m      w = d * q + m
+  Q5_0   qs 4b + qh 1b          d              w = d * (q - 16)
+  Q5_1   qs 4b + qh 1b          d, dm = m      w = d * q + m
+  Q8_0   qs 8b (q + 128)        d              w = d * q
+  Q2_K   qs 2b   sc u8 (lo nibble scale, hi nibble min, per 16)   d, dm = dmin (per 256)  w = d*sc*q - dmin*min
+  Q3_K   qs 2b + qh 1b   sc i8 (-32..31, per 16)                  d                       w = d*sc * (q - 4)
+  Q4_K   qs 4b   sc u8, mn u8 (per 32)                            d, dm = dmin            w = d*sc*q - dmin*mn
+  Q5_K   qs 4b + qh 1b   sc u8, mn u8 (per 32)                    d, dm = dmin            w = d*sc*q - dmin*mn
+  Q6_K   qs 4b + qh 2b   sc i8 (per 16)                           d                       w = d*sc * (q - 32)
+  IQ4_NL qs 4b                  d              w = d * KVALUES[q]
+  IQ4_XS qs 4b   sc i8 (-32..31, per 32)                          d                       w = d*sc * KVALUES[q]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from kiln.errors import KilnError
+
+__all__ = ["FORMATS", "Format", "PackedWeight", "KVALUES", "V", "dequantize_ref", "field_offset", "format_of",
+           "packed_fields", "repack"]
+
+# GGML type ids (gguf.GGMLQuantizationType), spelled out so that this file needs no gguf import.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
+IQ4_NL, IQ4_XS = 20, 23
+
+# Values of IQ4 codes 0..15 (llama.cpp kvalues_iq4nl; kiln/quant/iquants.py KVALUES).
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One GGUF type's block geometry and packed planes."""
+
+    name: str
+    block: int                   # weights per GGUF block
+    type_size: int               # bytes per GGUF block
+    g: int                       # weights per qs word (and per qh element)
+    sub: int                     # weights per sc / mn entry (== block where there are no sub-block scales)
+    qh: torch.dtype | None       # high-bit plane element type
+    sc: torch.dtype | None       # sub-block scale plane
+    mn: bool = False             # 6-bit sub-block mins (Q4_K, Q5_K)
+    dm: bool = False             # a second f16 per block: Q4_1/Q5_1 min, Q2_K/Q4_K/Q5_K dmin
+    has_min: bool = False        # w = dl * q - ml (else w = dl * q)
+
+    def packed_bytes(self, k: int) -> int:
+        """Bytes of one packed row of k weights."""
+        nb, ns = k // self.block, k // self.sub
+        n = k // self.g * 4 + nb * 2 * (1 + self.dm)
+        if self.qh is not None:
+            n += k // self.g * self.qh.itemsize
+        return n + ns * ((self.sc is not None) + self.mn)
+
+
+FORMATS: dict[int, Format] = {
+    Q4_0: Format("Q4_0", 32, 18, 8, 32, None, None),
+    Q4_1: Format("Q4_1", 32, 20, 8, 32, None, None, dm=True, has_min=True),
+    Q5_0: Format("Q5_0", 32, 22, 8, 32, torch.int8, None),
+    Q5_1: Format("Q5_1", 32, 24, 8, 32, torch.int8, None, dm=True, has_min=True),
+    Q8_0: Format("Q8_0", 32, 34, 4, 32, None, None),
+    Q2_K: Format("Q2_K", 256, 84, 16, 16, None, torch.uint8, dm=True, has_min=True),
+    Q3_K: Format("Q3_K", 256, 110, 16, 16, torch.int16, torch.int8),
+    Q4_K: Format("Q4_K", 256, 144, 8, 32, None, torch.uint8, mn=True, dm=True, has_min=True),
+    Q5_K: Format("Q5_K", 256, 176, 8, 32, torch.int8, torch.uint8, mn=True, dm=True, has_min=True),
+    Q6_K: Format("Q6_K", 256, 210, 8, 16, torch.int16, torch.int8),
+    IQ4_NL: Format("IQ4_NL", 32, 18, 8, 32, None, None),
+    IQ4_XS: Format("IQ4_XS", 256, 136, 8, 32, None, torch.int8),
+}
+
+_PLANES = ("qs", "qh", "sc", "mn", "d", "dm")
+
+
+@dataclass
+class PackedWeight:
+    """A (N, K) GGUF weight as planes (module docstring); None for planes the format lacks."""
+
+    qtype: int
+    shape: tuple[int, int]
+    qs: torch.Tensor
+    d: torch.Tensor
+    qh: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    mn: torch.Tensor | None = None
+    dm: torch.Tensor | None = None
+
+    @property
+    def fmt(self) -> Format:
+        return FORMATS[self.qtype]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.planes().values())
+
+    def planes(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _PLANES if getattr(self, k) is not None}
+
+    def to(self, device) -> PackedWeight:
+        return replace(self, **{k: v.to(device) for k, v in self.planes().items()})
+
+
+def format_of(qtype: int) -> Format:
+    """The Format of a GGUF type id; KilnError for a type without kernels."""
+    fmt = FORMATS.get(int(qtype))
+    if fmt is None:
+        names = ", ".join(f.name for f in FORMATS.values())
+        raise KilnError(f"GGUF tensor type id {qtype} has no quantized GPU kernel (kernels exist for {names}); "
+                        "keep it as a dense nn.Linear")
+    return fmt
+
+
+# ---------------------------------------------------------------- repack (torch, once at load)
+
+V = 4  # qs words per group: one 128-bit load
+
+# Weights repacked per step: bounds the temporaries (a few bytes per weight) on huge embedding matrices.
+_REPACK_WEIGHTS = 1 << 24
+
+
+def _fields(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bytes (..., L) uint8 -> their bit-fields (..., L, 8 / bits), lowest first."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device)
+    return (b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+
+
+def _lanes(b: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
+    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes.
+
+    The bytes run in groups of `lane`; field f of byte l in group h is weight h*lane*F + f*lane + l.
+    """
+    r, nb, n = b.shape
+    f = _fields(b.reshape(r, nb, n // lane, lane), bits)               # (R, nb, groups, lane, F)
+    return f.transpose(-1, -2).reshape(r, -1)                          # (R, nb, groups, F, lane) flattened
+
+
+def _bit_order(b: torch.Tensor) -> torch.Tensor:
+    """(R, nb, L) bytes whose bit i of byte l is weight 8*l + i (Q5_0/Q5_1 qh) -> (R, nb * L * 8) codes."""
+    return _fields(b, 1).reshape(b.shape[0], -1)
+
+
+def field_offset(f: int, g: int) -> int:
+    """Where field f of a group's words starts in weight order: weight field_offset(f, G) + j of the group
+    is field f of word j. With L = G / 4 fields per byte, field f = m*L + l sits at l*4V + m*V: the fields
+    one byte position shares (l fixed) cover one run of 4V = 16 consecutive weights."""
+    per_byte = g // 4
+    return (f % per_byte) * 4 * V + (f // per_byte) * V
+
+
+def _field_major(codes: torch.Tensor, g: int) -> torch.Tensor:
+    """Weight order -> packed order: (R, K) -> (R, K), weight field_offset(f) + j of each group to position
+    j*G + f."""
+    r, per_byte = codes.shape[0], g // 4
+    return codes.reshape(r, -1, per_byte, 4, V).permute(0, 1, 4, 3, 2).reshape(r, -1)
+
+
+def _weight_order(codes: torch.Tensor, g: int) -> torch.Tensor:
+    """The inverse of `_field_major`."""
+    r, per_byte = codes.shape[0], g // 4
+    return codes.reshape(r, -1, V, 4, per_byte).permute(0, 1, 4, 3, 2).reshape(r, -1)
+
+
+def _pack(codes: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """Codes (R, K) in weight order -> a plane (R, ·) of dtype: G fields per qs word, field-major groups."""
+    c = _field_major(codes, g)
+    per_byte = 8 // bits
+    c = c.reshape(c.shape[0], -1, per_byte)                            # (R, K / per_byte, per_byte)
+    out = c[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= c[..., i] << (bits * i)
+    return out.view(dtype)  # little-endian: byte 0 holds the lowest fields of an element
+
+
+def _f16_bits(b: torch.Tensor, offset: int) -> torch.Tensor:
+    """The f16 at byte `offset` of every block, as raw int16 bits: (R, nb, TS) -> (R, nb)."""
+    return b[..., offset:offset + 2].contiguous().view(torch.int16).squeeze(-1)
+
+
+def _bytes(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bytes [lo, hi) of every block as one row: (R, nb, TS) -> (R, nb * (hi - lo)) uint8."""
+    return b[..., lo:hi].reshape(b.shape[0], -1)
+
+
+def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
+    """(R, nb, 12) packed bytes -> (R, nb * 16) int8 in -32..31 (kquants._q3_k_scales)."""
+    lo = torch.cat([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], dim=-1)       # scale j<8: lo nibble of byte j
+    hi = torch.stack([(s[..., 8:12] >> (2 * i)) & 3 for i in range(4)], dim=-2).flatten(-2)  # j: byte 8+j%4
+    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(s.shape[0], -1)
+
+
+def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K (R, nb, 12) packed bytes -> 6-bit scales and mins, each (R, nb * 8) uint8."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=-1)
+    return scales.reshape(s.shape[0], -1), mins.reshape(s.shape[0], -1)
+
+
+def _iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS blocks (R, nb, 136) -> (R, nb * 8) int8 in -32..31."""
+    lo = _fields(b[..., 4:8], 4).flatten(-2)                           # sub-block s: nibble s%2 of byte s//2
+    h = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).int() & 0xFFFF     # (R, nb) u16
+    hi = torch.stack([(h >> (2 * s)) & 3 for s in range(8)], dim=-1).to(torch.uint8)
+    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(b.shape[0], -1)
+
+
+def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
+    """GGUF blocks of R rows (R, nb, type_size) uint8 -> that slice of every plane."""
+    f16 = lambda off: _f16_bits(b, off)  # noqa: E731
+    nib = lambda lo, hi, lane: _pack(_lanes(b[..., lo:hi], lane, 4), 4, 8, torch.int32)  # noqa: E731
+    five = lambda lo, hi: _pack(_bit_order(b[..., lo:hi]), 1, 8, torch.int8)  # noqa: E731
+    if qtype in (Q4_0, IQ4_NL):
+        return dict(qs=nib(2, 18, 16), d=f16(0))
+    if qtype == Q4_1:
+        return dict(qs=nib(4, 20, 16), d=f16(0), dm=f16(2))
+    if qtype == Q5_0:
+        return dict(qs=nib(6, 22, 16), qh=five(2, 6), d=f16(0))
+    if qtype == Q5_1:
+        return dict(qs=nib(8, 24, 16), qh=five(4, 8), d=f16(0), dm=f16(2))
+    if qtype == Q8_0:  # stored as q + 128 (sign bit flipped): unsigned like every other format's codes
+        return dict(qs=_pack(_bytes(b, 2, 34) ^ 0x80, 8, 4, torch.int32), d=f16(0))
+    if qtype == Q2_K:
+        return dict(qs=_pack(_lanes(b[..., 16:80], 32, 2), 2, 16, torch.int32), sc=_bytes(b, 0, 16),
+                    d=f16(80), dm=f16(82))
+    if qtype == Q3_K:
+        return dict(qs=_pack(_lanes(b[..., 32:96], 32, 2), 2, 16, torch.int32),
+                    qh=_pack(_lanes(b[..., 0:32], 32, 1), 1, 16, torch.int16),
+                    sc=_q3_k_scales(b[..., 96:108]), d=f16(108))
+    if qtype in (Q4_K, Q5_K):
+        sc, mn = _k_scales_mins(b[..., 4:16])
+        if qtype == Q4_K:
+            return dict(qs=nib(16, 144, 32), sc=sc, mn=mn, d=f16(0), dm=f16(2))
+        return dict(qs=nib(48, 176, 32), qh=_pack(_lanes(b[..., 16:48], 32, 1), 1, 8, torch.int8),
+                    sc=sc, mn=mn, d=f16(0), dm=f16(2))
+    if qtype == Q6_K:
+        return dict(qs=nib(0, 128, 64), qh=_pack(_lanes(b[..., 128:192], 32, 2), 2, 8, torch.int16),
+                    sc=_bytes(b, 192, 208).view(torch.int8), d=f16(208))
+    assert qtype == IQ4_XS
+    return dict(qs=nib(8, 136, 16), sc=_iq4_xs_scales(b), d=f16(0))
+
+
+def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
+    """A GGUF tensor's raw bytes (uint8, (N, row_bytes) or flat) -> PackedWeight on raw's device. Lossless."""
+    fmt = format_of(qtype)
+    if len(shape) != 2:
+        raise KilnError(f"{fmt.name} weight of shape {tuple(shape)}: a linear weight must be 2-D (N, K)")
+    n, k = (int(s) for s in shape)
+    if k % fmt.block:
+        raise KilnError(f"{fmt.name} weight of shape {(n, k)}: row length {k} is not a multiple of its block "
+                        f"size {fmt.block}")
+    row_bytes = k // fmt.block * fmt.type_size
+    if raw.dtype != torch.uint8 or raw.numel() != n * row_bytes:
+        raise KilnError(f"{fmt.name} weight of shape {(n, k)} needs {n * row_bytes} bytes as uint8, got "
+                        f"{raw.numel()} of {raw.dtype}; the file is truncated or its header is wrong")
+    blocks = raw.reshape(n, k // fmt.block, fmt.type_size)             # (N, nb, type_size)
+    step = max(1, _REPACK_WEIGHTS // k)
+    parts = [_repack_rows(blocks[i:i + step], int(qtype)) for i in range(0, n, step)]
+    # contiguous: a one-block row's byte slice reshapes to a strided view, and the kernels index planes
+    # as dense row-major arrays
+    planes = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name].contiguous()
+              for name in parts[0]}
+    return PackedWeight(int(qtype), (n, k), **planes)
+
+
+# ---------------------------------------------------------------- the slow, obviously correct twin
+
+def _unpack(plane: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """A plane (N, ·) of any integer type -> its codes in weight order, (N, K) uint8."""
+    b = plane.contiguous().view(torch.uint8)
+    return _weight_order(_fields(b, bits).reshape(b.shape[0], -1), g)
+
+
+def _sub_scales(w: PackedWeight, d: torch.Tensor, dm: torch.Tensor | None):
+    """Per-sub-block float32 dl and ml (or None), each (N, K / sub), formed as gguf-py forms them."""
+    n, fmt = w.shape[0], w.fmt
+    if w.sc is None:                                                   # one scale per block
+        return d, (None if dm is None else -dm)  # Q4_1/Q5_1: d*q + m == d*q - (-m), exactly
+    per_block = fmt.block // fmt.sub
+    sc = w.sc.view(n, -1, per_block)                                   # (N, nb, sub-blocks)
+    if w.qtype == Q2_K:                                                # one byte: lo nibble scale, hi min
+        return ((d.unsqueeze(-1) * (sc & 0xF)).reshape(n, -1),
+                (dm.unsqueeze(-1) * (sc >> 4)).reshape(n, -1))
+    dl = (d.unsqueeze(-1) * sc).reshape(n, -1)
+    return dl, ((dm.unsqueeze(-1) * w.mn.view(n, -1, per_block)).reshape(n, -1) if fmt.mn else None)
+
+
+def dequantize_ref(w: PackedWeight) -> torch.Tensor:
+    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes.
+
+    The float operations are gguf-py's, in its order: sub-block scales dl = d * sc formed first in float32,
+    then dl * q (- ml); Q4_1/Q5_1 round d * q before adding m.
+    """
+    fmt, (n, k) = w.fmt, w.shape
+    d = w.d.view(torch.float16).float()                                # (N, K / block)
+    dm = w.dm.view(torch.float16).float() if w.dm is not None else None
+    if w.qtype == Q8_0:
+        q = _unpack(w.qs, 8, fmt.g).int() - 128                        # (N, K) -128..127
+    else:
+        bits = 32 // fmt.g
+        q = _unpack(w.qs, bits, fmt.g).int()                           # (N, K) low bits
+        if w.qh is not None:
+            q |= _unpack(w.qh, 2 if w.qtype == Q6_K else 1, fmt.g).int() << bits
+    if w.qtype in (IQ4_NL, IQ4_XS):
+        qf = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)[q]
+    else:
+        qf = (q - {Q4_0: 8, Q5_0: 16, Q3_K: 4, Q6_K: 32}.get(w.qtype, 0)).float()
+    dl, ml = _sub_scales(w, d, dm)
+    y = qf.view(n, dl.shape[1], -1) * dl.unsqueeze(-1)                 # (N, sub-blocks, weights in one)
+    if ml is not None:
+        y = y - ml.unsqueeze(-1)
+    return y.view(n, k)
+
+def packed_fields() -> tuple[str, ...]:
+    """Names of the planes a PackedWeight may hold, in kernel-argument order."""
+    return _PLANES
+
+
+def _check_formats() -> None:  # keeps the Format table honest: packed rows within 1.05x of the file's
+    for fmt in FORMATS.values():
+        assert fmt.packed_bytes(fmt.block) <= 1.05 * fmt.type_size, fmt.name
+        assert fmt.block % (V * fmt.g) == 0 and (fmt.sub % (V * fmt.g) == 0 or (V * fmt.g) % fmt.sub == 0)
+        assert {f.name for f in fields(PackedWeight)} >= set(_PLANES)
+
+
+_check_formats()
