@@ -1,4 +1,4 @@
-"""Continuous-batching throughput: aggregate decode tok/s of kiln's server engine at 1 and N streams.
+"""Continuous-batching throughput: aggregate decode tok/s of kiln's batched engine (kiln/engine.py) at 1 and N streams.
 
 Owns: the protocol — load one model file, warm the engine up at both batch sizes, run 1 stream, then
 N concurrent streams from distinct random prompts, every stream generating G tokens (EOS ignored), read
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import kiln  # noqa: E402
 from kiln.bench import prompt_ids  # noqa: E402
 from kiln.sample import SamplingParams  # noqa: E402
-from kiln.server.engine import Engine, EngineRequest  # noqa: E402
+from kiln.engine import Engine, EngineRequest  # noqa: E402
 
 
 def run_streams(engine: Engine, prompts: list[list[int]], tokens: int) -> list[dict]:

@@ -21,10 +21,10 @@ def run(path: str, out: str) -> None:
     """One setting (this process's KILN_PDL): bench numbers to stdout, tokens and last logits to `out`."""
     import kiln
     from kiln.bench import run_kiln
-    from kiln.generate import decoder_for
+    from kiln.generate import DecoderPool
     model, _ = kiln.load(path, device="cuda")
     r = run_kiln(model, 512, 128, 3)
-    dec = decoder_for(model, 64)
+    dec = DecoderPool(model).get(64)
     tok, toks = torch.tensor([7], device="cuda"), []
     for i in range(32):
         logits = dec.step(tok, i)

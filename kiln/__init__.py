@@ -1,14 +1,15 @@
 """kiln: run large language models locally, from Python, fast.
 
-Public API (mlx-lm's shape): `load`, `generate`, `stream_generate`. Everything else is reached through
-these or through the `kiln` command line.
+Public API (mlx-lm's shape): `load`, `generate`, `stream_generate` (and `DecoderPool`, to reuse KV caches and
+CUDA graphs across their calls). The batched engine that serves many sequences at once is `kiln.engine.Engine`.
+Everything else is reached through these or through the `kiln` command line.
 """
 
 from kiln.errors import KilnError
 # Imported eagerly so that the functions, not the same-named submodules, are what `kiln.load` and
 # `kiln.generate` mean (importing a submodule later would otherwise rebind the attribute).
-from kiln.generate import generate, stream_generate
+from kiln.generate import DecoderPool, generate, stream_generate
 from kiln.load import load
 
 __version__ = "0.1.0"
-__all__ = ["KilnError", "load", "generate", "stream_generate", "__version__"]
+__all__ = ["KilnError", "load", "generate", "stream_generate", "DecoderPool", "__version__"]

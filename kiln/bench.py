@@ -61,19 +61,18 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 @torch.inference_mode()
 def run_kiln(model, p: int, g: int, repeats: int) -> dict:
-    from kiln.cache import Step
-    from kiln.generate import decoder_for
+    from kiln.generate import DecoderPool, prefill_chunk
     device = next(model.parameters()).device
     vocab = model.args.vocab_size
     ids = torch.tensor([prompt_ids(vocab, p)], device=device)
-    dec = decoder_for(model, p + g + 1)
+    dec = DecoderPool(model).get(p + g + 1)  # the cache size kiln.generate would use
     t0 = time.perf_counter()
     dec.step(ids[:, :1].reshape(1), 0)  # first call captures the decode graph (or just runs on CPU)
     _sync(device)
     capture_s = time.perf_counter() - t0
 
     def prefill():
-        return model(ids, Step.prefill(dec.cache, 0), last_only=True)[:, -1].float()
+        return prefill_chunk(model, ids, dec.cache, 0)
 
     def decode(start, n):
         tok = ids[0, :1]

@@ -8,7 +8,7 @@ sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a batch-1 
 `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different positions in different
 slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and their positions.
 Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), eviction,
-paging, which slot holds which request (server/engine.py).
+paging, which slot holds which request (engine.py).
 
 Shape alphabet: L layers, B batch (rows of a step), N slots, K kv heads, S positions, T new tokens,
 D head dim.

@@ -173,7 +173,8 @@ def chat(argv: list[str]) -> int:
     model, tok = _load(a)
     if not tok.chat_template:
         raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")
-    from kiln.generate import stream_generate
+    from kiln.generate import DecoderPool, stream_generate
+    decoders = DecoderPool(model)  # one KV cache (and CUDA graph) for the whole conversation
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)
     print("kiln chat: /reset clears the history, /exit or Ctrl-D leaves.", file=sys.stderr)
@@ -197,7 +198,8 @@ def chat(argv: list[str]) -> int:
         history.append({"role": "user", "content": line})
         reply = []
         try:
-            for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, **_sampling(a)):
+            for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
+                                     **_sampling(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

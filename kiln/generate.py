@@ -1,8 +1,12 @@
-"""Generation: chunked prefill, the decode step, and the generators everything else consumes.
+"""Generation: the batch-1 token loop and the pieces it shares with the batched engine (kiln/engine.py).
 
-Owns: `generate_step` (token ids in, one (token, logprobs) per step out, forever), `stream_generate`
-(prompt handling, context checks, detokenization, stop strings, EOS, stats per response) and `generate`.
-Not: sampling math (sample.py), the cache layout (cache.py), chat templates (tokenizer.py).
+Owns: `generate_step` (token ids in, one (token, logprobs) per step out, until the cache is full),
+`stream_generate` / `generate` (prompt handling, context checks, the text stream, stats per response);
+and, once for both token loops: prompt ids (`prompt_ids`, `check_prompt`), the model calls of each kind
+(`prefill_chunk`, `Decoder._forward`; the engine's batched-rows call is its own), CUDA-graph capture
+(`capture_graph`), the batch-1 `Decoder` and the explicit `DecoderPool` that reuses them.
+Not: sampling math and per-sequence sampling state (sample.py), detokenization and stop strings
+(textstream.py), the cache layout (cache.py), chat templates (tokenizer.py), batching (engine.py).
 """
 
 from __future__ import annotations
@@ -10,15 +14,15 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
 
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
-from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
-
+from kiln.sample import Sampler, SamplingParams
+from kiln.textstream import TextStream
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _ALIASES = {"temp": "temperature"}
 
@@ -47,6 +51,60 @@ def sampling_params(**kw) -> SamplingParams:
         raise KilnError(f"invalid sampling value: {e}") from None
 
 
+class ContextFull(KilnError):
+    """The prompt leaves no room for a generated token in the context (the server's context_length_exceeded)."""
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A str is used as is, a list of chat messages gets the chat template, a list of ints is ids."""
+    if isinstance(prompt, (str, list, tuple)) and not prompt:  # empty even where the tokenizer adds a BOS
+        raise KilnError("the prompt is empty: give at least one token of text")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
+    raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+
+
+def check_prompt(ids: list[int], context: int, vocab: int, fix: str = "raise the context size") -> list[int]:
+    """The ids, if a model with `vocab` ids can generate after them within `context` positions; else KilnError
+    (ContextFull when too long; `fix` says how to get a larger context)."""
+    if not ids:
+        raise KilnError("the prompt is empty: give at least one token of text")
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise KilnError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+    if len(ids) >= context:
+        raise ContextFull(f"the prompt has {len(ids)} tokens but the context holds {context}; shorten the "
+                          f"prompt or {fix}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model calls and CUDA graphs (shared with engine.py)
+# ---------------------------------------------------------------------------------------------------------------
+def prefill_chunk(model, ids: torch.Tensor, cache, pos: int) -> torch.Tensor:
+    """Read prompt tokens ids (1, T) into `cache` at positions pos.. ; logits (1, V) of the last one."""
+    return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float()
+
+
+def capture_graph(forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, its static output) of `forward`, after two warm-up runs on a side stream (Triton compiles and
+    autotunes there, outside the capture). `forward` reads and writes only static buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    return graph, out
+
+
 class Decoder:
     """One batch-1 decode step, `logits = step(token, pos)`; on CUDA replayed from one captured graph.
 
@@ -62,26 +120,26 @@ class Decoder:
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
 
-    def _forward(self) -> torch.Tensor:
-        return self.model(self.token, Step.graph(self.cache, self.pos))[:, -1].float()  # (1, V)
+    @classmethod
+    def for_model(cls, model, max_len: int) -> Decoder:
+        """A Decoder over a fresh cache of `max_len` positions in the model's dtype, on its device."""
+        p = next(model.parameters())
+        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device))
+
+    def _forward(self, step: Step) -> torch.Tensor:
+        """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
+        position; in a graph: Step.graph at the static position tensor)."""
+        return self.model(self.token, step)[:, -1].float()  # (1, V)
 
     def capture(self):
-        """Warm up (Triton compiles, autotunes) then capture; writes only the cache's last slot."""
-        self.pos.fill_(self.cache.max_len - 1)  # a slot still masked when the real steps read it
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        """Warm up and capture; writes only the cache's last slot (still masked when real steps read it)."""
+        self.pos.fill_(self.cache.max_len - 1)
+        self.graph, self.logits = capture_graph(lambda: self._forward(Step.graph(self.cache, self.pos)))
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         self.token.copy_(token.view(1, 1))
         if not self.use_graph:
-            return self.model(self.token, Step.prefill(self.cache, pos))[:, -1].float()
+            return self._forward(Step.prefill(self.cache, pos))
         if self.graph is None:
             self.capture()
         self.pos.fill_(pos)
@@ -89,23 +147,28 @@ class Decoder:
         return self.logits
 
 
-def decoder_for(model, max_len: int) -> Decoder:
-    """A Decoder with a cache of at least `max_len` slots, reused across calls (capture is paid once).
+class DecoderPool:
+    """The Decoders of one model, kept across generations so a cache is allocated and its graph captured once
+    per size. Sizes round up to a multiple of 256 (nearby requests share one); the last `keep` sizes stay.
+    One generation at a time per pool (concurrent sequences: the engine)."""
 
-    Cache lengths are rounded up to a multiple of 256 so that nearby requests share one captured graph;
-    the last two sizes are kept on the model. The cache is the model's: one generation at a time per
-    model (a concurrent server needs its own caches).
-    """
-    p = next(model.parameters())
-    size = min(-(-max_len // 256) * 256, max(max_len, model.args.max_position_embeddings))
-    pool = model.__dict__.setdefault("_kiln_decoders", {})
-    if size not in pool:
-        while len(pool) >= 2:
-            pool.pop(next(iter(pool)))
-        pool[size] = Decoder(model, KVCache.for_model(model, max_len=size, dtype=p.dtype, device=p.device))
-    return pool[size]
+    def __init__(self, model, keep: int = 2):
+        self.model, self.keep = model, keep
+        self._decoders: dict[int, Decoder] = {}
+
+    def get(self, max_len: int) -> Decoder:
+        """A Decoder whose cache holds at least `max_len` positions."""
+        size = min(-(-max_len // 256) * 256, max(max_len, self.model.args.max_position_embeddings))
+        if size not in self._decoders:
+            while len(self._decoders) >= self.keep:
+                self._decoders.pop(next(iter(self._decoders)))
+            self._decoders[size] = Decoder.for_model(self.model, size)
+        return self._decoders[size]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The token loop and the text around it
+# ---------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
                   prefill_step: int = 512, logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
@@ -117,27 +180,19 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
     cache = decoder.cache
     device = cache.k.device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    vocab = model.args.vocab_size
-    params.check_vocab(vocab)
-    bias, gen = bias_vector(params, vocab, device), params.generator(device)
-    counts = None
-    if params.needs_counts:
-        counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
+    params.check_vocab(model.args.vocab_size)
+    sampler = Sampler(params, prompt, model.args.vocab_size, device)
 
     def pick(logits):  # (1, V) float32 → token (1,), logprobs (V,) or None; all on the device
         lp = logits.log_softmax(-1)[0] if logprobs else None
-        if counts is not None:
-            logits = apply_penalties(logits, counts, params)
-        token = sample(apply_bias(logits, bias), params, gen)
-        if counts is not None:
-            counts[0, token] += 1
+        token = sampler(logits)
+        sampler.accept(token)
         return token, lp
 
     for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
-        logits = model(ids[:, start:start + prefill_step], Step.prefill(cache, start), last_only=True)
+        logits = prefill_chunk(model, ids[:, start:start + prefill_step], cache, start)
     pos = ids.shape[1]
-    token, lp = pick(logits[:, -1].float())
+    token, lp = pick(logits)
     host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")
     ready = torch.cuda.Event() if device.type == "cuda" else None
     while True:
@@ -155,72 +210,41 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         (token, lp), pos = nxt, pos + 1
 
 
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """A str is used as is, a list of chat messages gets the chat template, a list of ints is ids."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
-    raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
-
-
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
-                    max_context: int | None = None, prefill_step: int = 512,
+                    max_context: int | None = None, prefill_step: int = 512, decoders: DecoderPool | None = None,
                     **sampling) -> Iterator[GenerationResponse]:
-    """Yield one GenerationResponse per generated token; the last one has finish_reason set."""
+    """Yield one GenerationResponse per generated token; the last one has finish_reason set.
+
+    `decoders`: a DecoderPool to reuse caches (and captured CUDA graphs) across calls; a fresh one otherwise.
+    """
     params = sampling_params(**sampling)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise KilnError(f"invalid max_tokens {max_tokens!r}: must be an integer >= 1")
-    ids = prompt_ids(tokenizer, prompt)
-    if not ids or prompt in ("", [], ()):  # empty text is empty even where the tokenizer adds a BOS
-        raise KilnError("the prompt is empty: give at least one token of text")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise KilnError("stop must be a string or a list of strings")
     ctx = max_context or model.args.max_position_embeddings
-    if len(ids) >= ctx:
-        raise KilnError(f"the prompt has {len(ids)} tokens but the context holds {ctx}; shorten the "
-                        f"prompt or raise the context size")
-    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    decoder = decoder_for(model, min(len(ids) + max_tokens, ctx))
+    ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
     limit = min(len(ids) + max_tokens, ctx)
+    decoder = (decoders or DecoderPool(model, keep=1)).get(limit)
     yield from _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step)
 
 
 def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step):
-    detok, pending, eos = tokenizer.detokenizer(), "", set(tokenizer.eos_token_ids)
-    tic, n, prompt_tps, t_first = time.perf_counter(), 0, 0.0, None
+    text, eos = TextStream(tokenizer, stops), set(tokenizer.eos_token_ids)
+    tic, prompt_tps, t_first = time.perf_counter(), 0.0, None
     for n, (token, logprobs) in enumerate(generate_step(ids, model, params, decoder, prefill_step), 1):
         if t_first is None:
             t_first = time.perf_counter()
             prompt_tps = len(ids) / max(t_first - tic, 1e-9)
-        finish = None
-        if token in eos and not ignore_eos:
-            finish = "stop"
-        else:
-            pending += detok.add(token)
-        emit, pending, hit = _split_stop(pending, stops)
-        if hit:
-            finish = "stop"
-        elif n >= max_tokens or len(ids) + n >= limit:
-            finish = finish or "length"
-        if finish:
-            emit += pending + ("" if hit else detok.flush())
+        is_eos = token in eos and not ignore_eos
+        finish = "stop" if is_eos else "length" if n >= max_tokens or len(ids) + n >= limit else None
+        emit = text.step(None if is_eos else token, finish)
         gen_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9) if n > 1 else 0.0
         yield GenerationResponse(emit, token, logprobs, len(ids), prompt_tps, n, gen_tps,
-                                 peak_memory_gb(decoder.cache.k.device), finish)
-        if finish:
+                                 peak_memory_gb(decoder.cache.k.device), text.finish)
+        if text.finish:
             return
-
-
-def _split_stop(pending: str, stops: list[str]) -> tuple[str, str, bool]:
-    """(text safe to emit, text held back, stop string found). Text after a stop string is dropped."""
-    if not stops:
-        return pending, "", False
-    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-    if hits:
-        return pending[:min(hits)], "", True
-    hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-    return pending[:len(pending) - hold], pending[len(pending) - hold:], False
 
 
 def peak_memory_gb(device) -> float:

@@ -2,8 +2,9 @@
 
 Owns: validation of every sampling value, penalties over the tokens seen so far, logit bias,
 temperature, top-k, top-p, min-p, and the draw itself (`argmax(probs / Exponential(1))`, which needs no
-cumulative sum on the host and no `.item()`).
-Not: the token loop (generate.py), grammars (server/).
+cumulative sum on the host and no `.item()`); `Sampler`, one sequence's sampling state (its seeded
+generator, bias vector, token counts and logits processor), shared by `generate_step` and the engine.
+Not: the token loops (generate.py, engine.py), grammars (server/structured.py builds the processors).
 
 Shape alphabet: B batch, V vocab.
 """
@@ -120,3 +121,40 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator=None) -> torch.Ten
     probs = filter_logits(logits, p).softmax(-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)
+
+
+class Sampler:
+    """One sequence's sampling state on the model's device: `token = sampler(logits)`, then `accept(token)`.
+
+    Penalties count the prompt's tokens too (as llama.cpp and transformers do). `processor`, if any, is a
+    logits processor: `mask(logits (V,))` in place, `accept(token)`. `plain` says the draw is a bare argmax
+    (greedy, no penalties, bias or processor), which a batch may take for many rows at once.
+    """
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int, device, processor=None):
+        self.params, self.processor = params, processor
+        self.gen = params.generator(device)
+        self.bias = bias_vector(params, vocab, device)
+        self.counts = None  # (1, V) occurrences of each token so far
+        if params.needs_counts:
+            ids = torch.tensor(prompt, dtype=torch.long, device=device)
+            self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
+            self.counts[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.plain = params.greedy and self.counts is None and self.bias is None and processor is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits (1, V) float32 → token (1,) on the device: penalties, bias, the processor's mask, the draw."""
+        if self.counts is not None:
+            logits = apply_penalties(logits, self.counts, self.params)
+        logits = apply_bias(logits, self.bias)
+        if self.processor is not None:
+            logits = logits.clone()  # the mask writes in place; the caller's raw logits still serve logprobs
+            self.processor.mask(logits[0])
+        return sample(logits, self.params, self.gen)
+
+    def accept(self, token) -> None:
+        """Record the token drawn (an int, or a (1,) tensor still on the device: no host sync)."""
+        if self.processor is not None:
+            self.processor.accept(token)
+        if self.counts is not None:
+            self.counts[0, token] += 1

@@ -5,7 +5,7 @@ llama.cpp does (gpt2-style byte-level BPE with llama.cpp's per-`pre` regexes; Se
 replayed as a score-ranked BPE), reading a Hugging Face tokenizer folder, the ids that end generation, chat prompts
 whose control tokens come only from the template (`chat_ids`: message text is tokenized as text), a provable bound on
 characters per token, and a streaming detokenizer that never emits half a UTF-8 character.
-Not: reading the GGUF file (formats/gguf.py hands us `meta`), stop strings and sampling (generate.py / sample.py),
+Not: reading the GGUF file (formats/gguf.py hands us `meta`), stop strings (textstream.py), sampling (sample.py),
 the Jinja sandbox and rendering itself (chat_template.py),
 tool-call parsing (server/), and llama.cpp's cosmetic `clean_spaces` pass on decode (kiln's decode is lossless).
 

@@ -1,4 +1,4 @@
-"""kiln.server.engine: continuous batching on the real Qwen2.5-Coder-0.5B model (fp32, CPU).
+"""kiln.engine: continuous batching on the real Qwen2.5-Coder-0.5B model (fp32, CPU).
 
 Owns: the engine's behaviour against an independent reference — each request run alone through
 `kiln.stream_generate` (the batch-1 path): concurrent greedy requests, a request joining mid-run, prefix
@@ -17,7 +17,7 @@ from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.generate import stream_generate
 from kiln.sample import SamplingParams
-from kiln.server.engine import Engine, EngineRequest, QueueFull
+from kiln.engine import Engine, EngineRequest, QueueFull
 
 pytestmark = pytest.mark.model
 

@@ -10,6 +10,7 @@ import torch
 
 import kiln
 from kiln.errors import KilnError
+from kiln.generate import DecoderPool
 
 pytestmark = pytest.mark.model
 
@@ -78,6 +79,25 @@ def test_sampling_seed_bias_and_validation(qwen):
         kiln.generate(model, tok, "x", temprature=0.5)
     with pytest.raises(KilnError, match="context holds 8"):
         kiln.generate(model, tok, "a b c d e f g h i j k l", max_context=8)
+    with pytest.raises(KilnError, match="token id 10000000 is outside the vocabulary"):
+        kiln.generate(model, tok, [1, 10 ** 7])
+    with pytest.raises(KilnError, match="outside the vocabulary"):
+        kiln.generate(model, tok, [-1, 2])
+    with pytest.raises(KilnError, match="stop must be"):
+        kiln.generate(model, tok, "x", stop=["ok", 3])
+
+
+def test_a_decoder_pool_reuses_its_cache_across_calls(qwen):
+    """An explicit pool, not state on the model: a second prompt over the first one's used cache (stale keys
+    past its own positions) gives what a fresh cache gives."""
+    model, tok = qwen
+    pool = DecoderPool(model)
+    kw = dict(max_tokens=8, ignore_eos=True)
+    kiln.generate(model, tok, "def add(a, b):", decoders=pool, **kw)
+    decoder = pool.get(16)
+    reused = kiln.generate(model, tok, "import os\n", decoders=pool, **kw)
+    assert reused == kiln.generate(model, tok, "import os\n", **kw)
+    assert pool.get(16) is decoder and not [k for k in vars(model) if "decoder" in k]
 
 
 def test_penalties_change_a_repetitive_continuation(qwen):

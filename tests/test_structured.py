@@ -84,7 +84,7 @@ def run_batch(qwen, jobs: dict) -> dict:
     """The real model's greedy replies to all `jobs` at once, through the server's engine (one batched decode):
     {name: (messages, constraint, tools, max_tokens)} → {name: (text, finish_reason)}."""
     from kiln.sample import SamplingParams
-    from kiln.server.engine import Engine, EngineRequest
+    from kiln.engine import Engine, EngineRequest
     model, tok = qwen
     engine = Engine(model, tok, n_slots=len(jobs), ctx_size=640)
     engine.start()

@@ -1,8 +1,9 @@
 """Tests for kiln/server/tools.py: tool-call formats, whole-text parsing, and streaming equal to whole-text parsing.
 
 Owns: hand-written replies in the three formats (hermes, llama3, mistral) with their expected content and calls;
-the streaming parser against the whole-text parser (which is json.JSONDecoder's reading) for every split point of
-short replies and random splits of long ones; format detection from real and hand-made tokenizers.
+random calls (json.dumps of random objects, loosely re-spaced and escaped) against the objects they were made from;
+streaming in every split of short replies and random splits of long ones against the whole-text parse (which is
+the same parser fed everything at once); format detection from real and hand-made tokenizers.
 Not: constraining the model to write calls (tests/test_structured.py), the HTTP shapes (tests/test_server.py).
 """
 
@@ -211,11 +212,15 @@ def test_marker_prefix_is_held_back():
     assert parser.finish() == []
 
 
-def test_a_call_broken_after_it_started_stays_a_call_when_streamed():
-    """The documented difference: once started, a call cannot be taken back; a whole-text parse keeps it as text."""
-    text = '<tool_call>{"name": "f", "arguments": {"a": 1, "b": tru'
-    assert full(text, "hermes") == (text, [])
-    assert streamed(text, "hermes") == ("", [("f", '{"a":1,"b":')])
+def test_a_call_broken_after_it_started_stays_a_call():
+    """Once started, a call cannot be taken back (it has been streamed); a whole reply reads the same."""
+    for text in ['<tool_call>{"name": "f", "arguments": {"a": 1, "b": tru', '<tool_call>{"name": "f", "arguments": '
+                 '{"a": 1, "b": tru}}</tool_call> after']:
+        assert assert_stream_matches(text, "hermes") == ("after" if "after" in text else "", [("f", '{"a":1,"b":')])
+    text = '[TOOL_CALLS][{"name": "f", "arguments": {"a": [1, 2'  # cut off mid-call (max_tokens)
+    assert assert_stream_matches(text, "mistral") == ("", [("f", '{"a":[1,')])  # a number only once it ends
+    text = '{"name": "f", "parameters": {"a": 1, "a": 2}}'  # duplicate keys: both, in both readings
+    assert assert_stream_matches(text, "llama3") == ("", [("f", '{"a":1,"a":2}')])
 
 
 def test_unknown_style():

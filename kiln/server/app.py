@@ -2,12 +2,12 @@
 
 Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
 turning a validated request (protocol.py) into token ids (chat template, tools, chat_template_kwargs) and
-n engine requests with their constraint, then engine outputs back into text: detokenization, stop strings,
-logprobs, tool-call parsing, SSE chunks, usage; cancelling a generation when its client goes away or a stop
+n engine requests with their constraint, then engine outputs back into text (a TextStream per choice),
+logprobs, tool calls, SSE chunks, usage; cancelling a generation when its client goes away or a stop
 string is hit; HTTP errors (OpenAI bodies, never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (engine.py), grammars (structured.py), tool-call formats (tools.py), the
-wire format's field table (protocol.py), Host checks, body reading and uvicorn's timeouts (transport.py),
-the command line (kiln/serve.py).
+Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), grammars
+(structured.py), tool-call formats (tools.py), the wire format's field table (protocol.py), Host checks, body
+reading and uvicorn's timeouts (transport.py), the command line (kiln/serve.py).
 
 Threads and processes: the engine runs its own loop thread. Work that grows with the input stays off the event
 loop: chat templates render in worker processes within a time and memory budget (chat_template.Workers), text is
@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln import chat_template
 from kiln.errors import KilnError
-from kiln.generate import _split_stop
 from kiln.server import prompts, transport
 from kiln.server import protocol as P
 from kiln.server.metrics import Metrics
+from kiln.textstream import TextStream
 
 log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
@@ -65,7 +65,7 @@ class ServerState:
 
     def attach(self, model, tokenizer) -> None:
         """Build the engine and the grammar compiler for a loaded model, then open for requests."""
-        from kiln.server.engine import Engine
+        from kiln.engine import Engine
         from kiln.server.tools import tool_style
         self.ctx_size = self.ctx_size or min(model.args.max_position_embeddings, 4096)
         self.model, self.tokenizer = model, tokenizer
@@ -287,13 +287,13 @@ def _model_card(st: ServerState) -> dict:
 # One choice: engine outputs → text, logprobs, tool calls
 # ---------------------------------------------------------------------------------------------------------------
 class Choice:
-    """The text side of one engine request: streaming detokenizer, stop strings, logprob entries, tool parser."""
+    """The text side of one engine request: its TextStream (detokenizer, stop strings), logprobs, tool parser."""
 
     def __init__(self, index: int, handle, st: ServerState, req: P.GenRequest, tools_on: bool = False):
         self.index, self.handle, self.st = index, handle, st
-        self.stops, self.want_logprobs = req.stop, req.logprobs
-        self.detok = st.tokenizer.detokenizer()
-        self.pending, self.parts, self.entries, self.entries_all = "", [], [], []
+        self.want_logprobs = req.logprobs
+        self.stream = TextStream(st.tokenizer, req.stop)
+        self.parts, self.entries, self.entries_all = [], [], []
         self.n_tokens, self.finish, self.started = 0, None, None
         self.parser = None
         if tools_on:
@@ -308,18 +308,12 @@ class Choice:
         if self.want_logprobs and not out.is_stop:
             self.entries.append(self._entry(out))
             self.entries_all.append(self.entries[-1])
-        if not out.is_stop:
-            self.pending += self.detok.add(out.token)
-        emit, self.pending, hit = _split_stop(self.pending, self.stops)
-        finish = "stop" if hit else out.finish_reason
-        if hit:
+        emit = self.stream.step(None if out.is_stop else out.token, out.finish_reason)
+        if self.stream.stop_hit:
             self.handle.cancel()  # frees the slot now; the text after the stop string is dropped
-        elif finish:
-            emit += self.pending + self.detok.flush()
-            self.pending = ""
-        self.finish = finish
+        self.finish = self.stream.finish
         self.parts.append(emit)
-        if emit or finish:
+        if emit or self.finish:
             entries, self.entries = self.entries, []
             return emit, entries
         return "", []

@@ -15,6 +15,7 @@ import asyncio
 
 from kiln import chat_template
 from kiln.errors import KilnError
+from kiln.generate import ContextFull, check_prompt
 from kiln.sample import SamplingParams
 from kiln.server import protocol as P
 
@@ -86,12 +87,13 @@ def _chars_over(st, n: int, param: str, more: str = "") -> P.APIError:
 
 
 def check_context(st, ids: list[int], param: str) -> None:
-    if not ids:
-        raise P.bad(param, "the prompt is empty: give at least one token of text")
-    if len(ids) >= st.ctx_size:
-        raise P.APIError(400, f"the prompt has {len(ids)} tokens but the context holds {st.ctx_size}; shorten the "
-                              f"prompt or start the server with a larger --ctx-size", param=param,
-                         code="context_length_exceeded")
+    """kiln.generate's prompt check (empty, ids in the model's vocabulary, room in the context) as a 400."""
+    try:
+        check_prompt(ids, st.ctx_size, st.vocab_size, fix="start the server with a larger --ctx-size")
+    except ContextFull as e:
+        raise P.APIError(400, str(e), param=param, code="context_length_exceeded") from None
+    except KilnError as e:
+        raise P.bad(param, str(e)) from None
 
 
 def check_capacity(st, n_generations: int, param: str) -> None:
@@ -141,7 +143,7 @@ def _sampling(st, req: P.GenRequest, i: int) -> SamplingParams:
 
 def submit(st, ids: list[int], req: P.GenRequest, constraint, first_index: int) -> list:
     """One engine request per choice; all or none (a full queue cancels the ones already in)."""
-    from kiln.server.engine import EngineRequest, QueueFull
+    from kiln.engine import EngineRequest, QueueFull
     if st.draining:
         raise P.APIError(503, "the server is shutting down", code="shutting_down")
     eos = frozenset() if req.ignore_eos else frozenset(st.tokenizer.eos_token_ids)

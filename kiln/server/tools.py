@@ -1,8 +1,8 @@
 """Tool calls in generated text: which format a model family writes, and reading calls out of it.
 
-Owns: `tool_style(tokenizer)`, `parse_tool_calls(text, style)` (the whole reply at once), `ToolStreamParser`
-(the same reading, delta by delta) and their value types (`ToolCall`, `ContentDelta`, `ToolCallStart`,
-`ToolArgsDelta`).
+Owns: `tool_style(tokenizer)`, `ToolStreamParser` (reads calls out of a reply delta by delta), `parse_tool_calls`
+(a whole reply: the stream parser fed all of it and finished, so the two cannot disagree) and their value types
+(`ToolCall`, `ContentDelta`, `ToolCallStart`, `ToolArgsDelta`).
 Not: forcing the model to call a tool (structured.py writes grammars for these same formats), OpenAI's JSON
 shapes and finish reasons (app.py), putting the tools into the prompt (the chat template, tokenizer.py).
 
@@ -15,18 +15,18 @@ Formats (style names):
   mistral  [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...] (the JSON-list form, before Mistral's v11
            tokenizers).
 
-Rules both parsers share, so that streaming a reply gives what parsing it whole gives:
+Rules:
   - a call is a JSON object with a non-empty string "name" and, as arguments, the first of "arguments" /
     "parameters" (required for llama3, `{}` when absent elsewhere), an object or a string holding one;
     other keys (e.g. a model-made "id") are ignored;
   - `arguments` is that object re-serialized compactly: json.dumps(obj, ensure_ascii=False, separators=(",", ":"));
   - text that is not a valid call stays in the content verbatim, markers included;
   - whitespace touching a call is dropped from the content (so "<tool_call>…</tool_call>\\n" leaves "").
-The stream parser commits to a call (ToolCallStart) once its name is complete and its arguments object has
-begun, and streams the arguments as they arrive. Only a call that breaks after that point (invalid JSON later
-in its arguments, or a reply cut off mid-call) reads differently: the stream keeps the call with the
-arguments sent so far, while the whole-text parse leaves it as content. Duplicate keys in an arguments object
-also differ (the stream sends both, json keeps the last).
+A call is committed (ToolCallStart) once its name is complete and its arguments object has begun, and its
+arguments stream as they arrive; it cannot be taken back. So a call that breaks after that point (invalid JSON
+later in its arguments, or a reply cut off mid-call) stays a call with the arguments read so far — in a stream
+and in a whole reply alike, as OpenAI's own replies cut off mid-call do — and duplicate keys in an arguments
+object are both kept.
 """
 
 from __future__ import annotations
@@ -104,19 +104,20 @@ def _check_style(style) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole reply at once (json.JSONDecoder does the JSON; the stream parser below is its own implementation)
+# The whole reply at once: the stream parser, fed everything
 # ---------------------------------------------------------------------------------------------------------------
-def _no_constants(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(strict=False, parse_constant=_no_constants)
-
-
 def parse_tool_calls(text: str, style: str) -> tuple[str, list[ToolCall]]:
     """(content without the calls, the calls) of a complete reply written in `style`'s format."""
-    parts = {"hermes": _hermes_parts, "llama3": _llama3_parts, "mistral": _mistral_parts}[_check_style(style)](text)
-    return _join(parts), [p for p in parts if isinstance(p, ToolCall)]
+    parser = ToolStreamParser(style)
+    content, calls = [], []
+    for e in parser.feed(text) + parser.finish():
+        if isinstance(e, ContentDelta):
+            content.append(e.text)
+        elif isinstance(e, ToolCallStart):
+            calls.append(ToolCall(e.id, e.name, ""))
+        else:
+            calls[e.index].arguments += e.text
+    return "".join(content), calls
 
 
 def make_call(obj, need_args: bool = False, call_id: str | None = None) -> ToolCall | None:
@@ -141,93 +142,6 @@ def _skip(text: str, i: int, chars: str = _WS) -> int:
     while i < len(text) and text[i] in chars:
         i += 1
     return i
-
-
-def _decode_object(text: str, i: int):
-    """(object, end) for a JSON object starting exactly at i; (None, i) if there is none."""
-    if text[i:i + 1] != "{":
-        return None, i
-    try:
-        return _DECODER.raw_decode(text, i)
-    except ValueError:
-        return None, i
-
-
-def _block_end(text: str, i: int) -> int:
-    k = text.find(HERMES_CLOSE, i)
-    return len(text) if k < 0 else k + len(HERMES_CLOSE)
-
-
-def _hermes_parts(text: str) -> list:
-    parts, i = [], 0
-    while (j := text.find(HERMES_OPEN, i)) >= 0:
-        parts.append(text[i:j])
-        body = j + len(HERMES_OPEN)
-        obj, end = _decode_object(text, _skip(text, body))
-        i = _block_end(text, body if obj is None else end)  # bad JSON: the block's own close ends it
-        call = make_call(obj) if obj is not None else None
-        parts.append(call or text[j:i])
-    parts.append(text[i:])
-    return parts
-
-
-def _mistral_parts(text: str) -> list:
-    parts, i = [], 0
-    while (j := text.find(MISTRAL_MARK, i)) >= 0:
-        parts.append(text[i:j])
-        p = _skip(text, j + len(MISTRAL_MARK))
-        if text[p:p + 1] != "[":
-            return parts + [text[j:]]
-        p, k = _skip(text, p + 1), 0
-        if text[p:p + 1] == "]":
-            i = p + 1
-            continue
-        while True:
-            obj, end = _decode_object(text, p)
-            call = make_call(obj) if obj is not None else None
-            if call is None:  # the first element failing spoils the whole list; a later one, itself onwards
-                return parts + [text[j:] if k == 0 else text[p:]]
-            parts.append(call)
-            p, k = _skip(text, end), k + 1
-            if text[p:p + 1] == ",":
-                p = _skip(text, p + 1)
-            elif text[p:p + 1] == "]":
-                i = p + 1
-                break
-            else:
-                return parts + [text[p:]]
-    return parts + [text[i:]]
-
-
-def _llama3_parts(text: str) -> list:
-    p = _skip(text, 0)
-    if text.startswith(PYTHON_TAG, p):
-        p = _skip(text, p + len(PYTHON_TAG))
-    parts = []
-    while True:
-        obj, end = _decode_object(text, p)
-        call = make_call(obj, need_args=True) if obj is not None else None
-        if call is None:
-            break
-        parts.append(call)
-        p = _skip(text, end, _WS + ";")
-    return parts + [text[p:]] if parts else [text]
-
-
-def _join(parts: list) -> str:
-    """The content: text parts merged, whitespace touching a call dropped."""
-    merged: list = []
-    for p in parts:
-        if isinstance(p, str) and merged and isinstance(merged[-1], str):
-            merged[-1] += p
-        else:
-            merged.append(p)
-    out = []
-    for k, p in enumerate(merged):
-        if isinstance(p, str):
-            p = p.lstrip() if k > 0 else p
-            out.append(p.rstrip() if k < len(merged) - 1 else p)
-    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ Owns: the request queue (bounded: `QueueFull`), the slot cache (`n_slots` sequen
 positions each) and which request holds which slot, prefix caching (a new request takes the free slot
 whose remembered tokens share the longest prefix with its prompt, and prefills only the rest), chunked
 prefill, the batched decode step (every running request advances one token per model call, each row at
-its own position: models/base.py's per-row `pos` over a `cache.RowsView`), per-request sampling
-(penalties, logit bias, a logits processor's mask, temperature/top-k/top-p/min-p, seeds), logprobs, and
-delivering `StepOutput`s to a `RequestHandle` that a thread or an event loop reads.
-Not: text of any kind (templates, detokenization, stop strings: server/app.py), HTTP, grammars (a
-processor comes in ready-made: server/structured.py), the model's math (models/, ops/).
+its own position: models/base.py's per-row `pos` over a `cache.RowsView`), sampling the batch (one argmax
+for the plain greedy rows, each other row's own `sample.Sampler`), logprobs, and delivering `StepOutput`s
+to a `RequestHandle` that a thread or an event loop reads.
+Not: text of any kind (templates: tokenizer.py; detokenization and stop strings: textstream.py), HTTP
+(server/), grammars (a processor comes in ready-made: server/structured.py), the model's math (models/,
+ops/). Shared with kiln.generate's batch-1 loop rather than kept here: the prompt check, the prefill
+call and CUDA-graph capture (generate.py) and each sequence's sampling state (sample.Sampler).
 
 Threads: one background loop thread (`start()`) owns the model, the cache and every request's state.
 `submit`, `cancel` and `stats` may be called from any thread (an event loop's included); outputs cross
@@ -35,9 +37,10 @@ import torch
 
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
-from kiln.sample import SamplingParams, apply_bias, apply_penalties, bias_vector, sample
+from kiln.generate import capture_graph, check_prompt, prefill_chunk
+from kiln.sample import Sampler, SamplingParams
 
-log = logging.getLogger("kiln.server.engine")
+log = logging.getLogger("kiln.engine")
 
 NO_TOKEN = -1  # the token of a final output that carries no token (cancelled, error)
 
@@ -148,20 +151,13 @@ class _Slot:
 
 
 class _Row:
-    """One admitted request and its per-request sampling state (on the model's device)."""
+    """One admitted request and its sampling state (on the model's device)."""
 
     def __init__(self, handle: RequestHandle, slot: _Slot, todo: list[int], vocab: int, device):
-        req, p = handle.request, handle.request.params
+        req = handle.request
         self.handle, self.req, self.slot, self.todo = handle, req, slot, todo  # todo: prompt left to prefill
         self.n_out, self.last = 0, NO_TOKEN  # tokens generated; the last one, to be fed next
-        self.gen = p.generator(device)
-        self.bias = bias_vector(p, vocab, device)
-        self.counts = None
-        if p.needs_counts:  # penalties count the prompt too, as kiln.generate does
-            ids = torch.tensor(req.prompt, dtype=torch.long, device=device)
-            self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device)
-            self.counts[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-        self.plain = p.greedy and self.counts is None and self.bias is None and req.processor is None
+        self.sampler = Sampler(req.params, req.prompt, vocab, device, req.processor)
 
 
 class _BatchStep:
@@ -189,10 +185,8 @@ class _BatchStep:
         on_device = isinstance(tokens, torch.Tensor)
         if not self.static:
             dev = self.cache.k.device
-            ids = (tokens.to(dev, torch.long) if on_device else
-                   torch.tensor(tokens, dtype=torch.long, device=dev))[:, None]  # (B, 1)
-            view = self.cache.rows(slots, max(pos) + 1)
-            return self.model(ids, Step.rows(view, torch.tensor(pos, dtype=torch.long, device=dev)))[:, -1].float()
+            ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
+            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1)
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
@@ -206,27 +200,22 @@ class _BatchStep:
             graph, logits = self.graphs[bucket]
             graph.replay()
             return logits[:b]
-        return self._forward(bucket, max(pos) + 1)[:b]
+        return self._static(bucket, max(pos) + 1)[:b]
 
-    def _forward(self, bucket: int, n_keys: int) -> torch.Tensor:
-        ids, pos, slots = self.inputs[0, :bucket, None], self.inputs[1, :bucket], self.inputs[2, :bucket]
-        return self.model(ids, Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()  # (bucket, V)
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int) -> torch.Tensor:
+        """The batched-rows model call: tokens (B,) each at its pos[b] in cache row slots[b] (a host list, or a
+        device tensor in the static form), no row reading past key n_keys - 1; logits (B, V)."""
+        return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
+
+    def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
+        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys)
 
     def _capture(self, bucket: int) -> None:
         """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
         self.inputs[:2].zero_()  # token 0 at position 0 …
         self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward(bucket, self.cache.max_len)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._forward(bucket, self.cache.max_len)
-            self.graphs[bucket] = (graph, logits)
+            self.graphs[bucket] = capture_graph(lambda: self._static(bucket, self.cache.max_len))
         except Exception:
             log.exception("capturing the batched decode step failed; it runs eagerly from now on")
             self.use_graphs, self.graphs = False, {}
@@ -332,15 +321,9 @@ class Engine:
         return out
 
     def _check(self, req: EngineRequest) -> None:
-        p = req.prompt
-        if not isinstance(p, (list, tuple)) or not p:
-            raise KilnError("the prompt is empty: give at least one token")
-        if len(p) >= self.ctx_size:
-            raise KilnError(f"the prompt has {len(p)} tokens but the context holds {self.ctx_size}; shorten "
-                            f"the prompt or raise the context size")
-        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < self.vocab]
-        if bad:
-            raise KilnError(f"prompt token id {bad[0]!r} is outside the vocabulary (0..{self.vocab - 1})")
+        if not isinstance(req.prompt, (list, tuple)):
+            raise KilnError("the prompt must be a list of token ids")
+        check_prompt(req.prompt, self.ctx_size, self.vocab)
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise KilnError(f"invalid max_tokens {req.max_tokens!r}: must be an integer >= 1")
         if not isinstance(req.top_logprobs, int) or not 0 <= req.top_logprobs <= self.vocab:
@@ -453,10 +436,10 @@ class Engine:
         chunk, row.todo = row.todo[:n], row.todo[n:]
         slot = row.slot
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
-        logits = self.model(ids, Step.prefill(self.cache.slot(slot.index), len(slot.tokens)), last_only=True)
+        logits = prefill_chunk(self.model, ids, self.cache.slot(slot.index), len(slot.tokens))
         slot.tokens.extend(chunk)
         self._counters["prompt_tokens_prefilled"] += n
-        return None if row.todo else logits[:, -1].float()  # (1, V)
+        return None if row.todo else logits  # (1, V)
 
     # ------------------------------------------------------------------ the batched decode step
 
@@ -486,7 +469,7 @@ class Engine:
         or joins makes the launched step stale; the next iteration then runs its own."""
         if not (self.look_ahead and self._step.static) or self._queue or any(r.todo for r in self._rows):
             return False
-        return all(r.plain and not r.req.top_logprobs and r.n_out + 1 < r.req.max_tokens
+        return all(r.sampler.plain and not r.req.top_logprobs and r.n_out + 1 < r.req.max_tokens
                    and len(r.req.prompt) + r.n_out + 1 < self.ctx_size for r in rows)
 
     def _look_ahead(self, rows: list[_Row], tokens: torch.Tensor) -> None:
@@ -524,7 +507,7 @@ class Engine:
 
     def _pick(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Token ids (B,) on the device; rows whose sampling raised are returned as {row: message}."""
-        plain = [b for b, r in enumerate(rows) if r.plain]
+        plain = [b for b, r in enumerate(rows) if r.sampler.plain]
         if len(plain) == len(rows):
             return logits.argmax(-1), {}
         tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
@@ -533,24 +516,13 @@ class Engine:
             tokens[idx] = logits[idx].argmax(-1)
         failed = {}
         for b, row in enumerate(rows):
-            if not row.plain:
+            if not row.sampler.plain:
                 try:
-                    tokens[b] = self._sample_row(row, logits[b:b + 1])[0]
+                    tokens[b] = row.sampler(logits[b:b + 1])[0]
                 except Exception as e:  # a processor or a sampling value that fails: this request only
                     log.exception("sampling failed for one request")
                     failed[b] = f"{type(e).__name__}: {e}"
         return tokens, failed
-
-    def _sample_row(self, row: _Row, x: torch.Tensor) -> torch.Tensor:
-        """x (1, V) raw logits → token (1,): penalties, bias, the processor's mask, then the draw."""
-        p = row.req.params
-        if row.counts is not None:
-            x = apply_penalties(x, row.counts, p)
-        x = apply_bias(x, row.bias)
-        if row.req.processor is not None:
-            x = x.clone()  # the mask writes in place; the raw logits still serve the logprobs
-            row.req.processor.mask(x[0])
-        return sample(x, p, row.gen)
 
     def _top_logprobs(self, rows, logits, lse) -> dict[int, list[tuple[int, float]]]:
         want = [(b, r.req.top_logprobs) for b, r in enumerate(rows) if r.req.top_logprobs > 0]
@@ -570,15 +542,12 @@ class Engine:
         self._counters["tokens_generated"] += 1
         is_stop = token in req.stop_token_ids and not req.ignore_eos
         try:
-            if req.processor is not None:
-                req.processor.accept(token)
+            row.sampler.accept(token)
             terminated = req.processor is not None and req.processor.is_terminated()
         except Exception as e:
             log.exception("the logits processor failed")
             self._finish(row, "error", f"{type(e).__name__}: {e}")
             return
-        if row.counts is not None:
-            row.counts[0, token] += 1
         finish = None
         if is_stop or terminated:
             finish = "stop"
