@@ -54,3 +54,19 @@ def test_missing_shard_and_pickles_are_refused(tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(KilnError, match="no config.json"):
         read_folder(tmp_path)
+
+
+def test_tied_head_folder_loads_and_matches(tmp_path):
+    """A tied model's folder holds no lm_head.weight (transformers does not save it); the head reads the
+    embedding through the lazy shard mapping."""
+    import test_models as tm
+    cfg = tm.CONFIGS["qwen2"]
+    hf, _ = tm._hf_model(cfg)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    config, weights = read_folder(tmp_path)
+    assert "lm_head.weight" not in weights and config["tie_word_embeddings"]
+    model = build_model(config, weights, dtype=torch.float32)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (model(ids) - hf(ids).logits).abs().max().item()
+    assert err <= 1e-4, err

@@ -8,6 +8,7 @@ Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from kiln.errors import KilnError
@@ -18,15 +19,24 @@ _FLOATS = ("F32", "F16", "BF16", "F64")  # the dtypes kiln converts weights from
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 
 
-class _LazyShards(dict):
+class _LazyShards(Mapping):
     """{name: tensor}, each tensor read from its shard on first access (safetensors mmaps the file).
 
     Shapes come from the headers (`shapes()`), so config and weights are checked before anything is read.
+    A Mapping, not a dict: `get`, `values` and `items` all read through `__getitem__`.
     """
 
     def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]]):
-        super().__init__({k: None for k in where})
         self._where, self._shapes, self._handles = where, shapes, {}
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
