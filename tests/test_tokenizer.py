@@ -1,4 +1,5 @@
-"""Tests for kiln/tokenizer.py: ids against llama.cpp, decode and streaming, chat templates, the sandbox, HF folders.
+"""Tests for kiln/tokenizer.py and kiln/formats/gguf_vocab.py: ids against llama.cpp, decode and streaming, chat
+templates, the sandbox, HF folders.
 
 Owns: checking kiln's tokenizer against tests/data/tokenize_refs.json (llama.cpp's ids for a mixed corpus, made by
 tests/data/make_tokenize_refs.py) and against transformers' chat-template rendering.

@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP server: routes, auth, limits, prompts, streaming, tool calls, metrics.
 
 Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
-turning a validated request (protocol.py) into token ids (chat template, tools, chat_template_kwargs) and
-n engine requests with their constraint, then engine outputs back into text (a TextStream per choice),
-logprobs, tool calls, SSE chunks, usage; cancelling a generation when its client goes away or a stop
-string is hit; HTTP errors (OpenAI bodies, never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), grammars
-(structured.py), tool-call formats (tools.py), the wire format's field table (protocol.py), Host checks, body
-reading and uvicorn's timeouts (transport.py), the command line (kiln/serve.py).
+the server's state, auth and readiness; the routes, which take a validated request (protocol.py) to prompt ids
+and engine requests (prompts.py) and the choices' text, logprobs and tool calls (choices.py) to response bodies,
+SSE chunks and usage; cancelling a stream's generations when its client goes away; HTTP errors (OpenAI bodies,
+never a 500 for bad input); /health, /metrics, /tokenize.
+Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), one choice's
+text side and driving a request's choices to their end (choices.py), grammars (structured.py), tool-call formats
+(tools.py), the wire format's field table (protocol.py), Host checks, body reading and uvicorn's timeouts
+(transport.py), the command line (kiln/serve.py).
 
 Threads and processes: the engine runs its own loop thread. Work that grows with the input stays off the event
 loop: chat templates render in worker processes within a time and memory budget (chat_template.Workers), text is
@@ -24,7 +25,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -35,8 +35,9 @@ from kiln import chat_template
 from kiln.errors import KilnError
 from kiln.server import prompts, transport
 from kiln.server import protocol as P
+from kiln.server.choices import (Choice, cancel_all, check_finished, in_flight, merged_outputs, run_to_end,
+                                   usage_of)
 from kiln.server.metrics import Metrics
-from kiln.textstream import TextStream
 
 log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
@@ -284,157 +285,6 @@ def _model_card(st: ServerState) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One choice: engine outputs → text, logprobs, tool calls
-# ---------------------------------------------------------------------------------------------------------------
-class Choice:
-    """The text side of one engine request: its TextStream (detokenizer, stop strings), logprobs, tool parser."""
-
-    def __init__(self, index: int, handle, st: ServerState, req: P.GenRequest, tools_on: bool = False):
-        self.index, self.handle, self.st = index, handle, st
-        self.want_logprobs = req.logprobs
-        self.stream = TextStream(st.tokenizer, req.stop)
-        self.parts, self.entries, self.entries_all = [], [], []
-        self.n_tokens, self.finish, self.started = 0, None, None
-        self.parser = None
-        if tools_on:
-            from kiln.server.tools import ToolStreamParser
-            self.parser = ToolStreamParser(st.tool_style)
-        self.calls_seen = 0
-        self.single_call = isinstance(req, P.ChatRequest) and not req.parallel_tool_calls
-
-    def step(self, out) -> tuple[str, list[dict]]:
-        """Take one StepOutput; return (text now safe to show, logprob entries not yet sent)."""
-        self.n_tokens += out.token >= 0  # a tokenless final output (cancelled, error) is not generated text
-        if self.want_logprobs and not out.is_stop:
-            self.entries.append(self._entry(out))
-            self.entries_all.append(self.entries[-1])
-        emit = self.stream.step(None if out.is_stop else out.token, out.finish_reason)
-        if self.stream.stop_hit:
-            self.handle.cancel()  # frees the slot now; the text after the stop string is dropped
-        self.finish = self.stream.finish
-        self.parts.append(emit)
-        if emit or self.finish:
-            entries, self.entries = self.entries, []
-            return emit, entries
-        return "", []
-
-    def _entry(self, out) -> dict:
-        tok = self.st.tokenizer
-        top = [(tok.id_to_bytes(t), lp) for t, lp in (out.top_logprobs or [])]
-        return P.chat_logprob(tok.id_to_bytes(out.token), out.logprob, top)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def tool_events(self, text: str) -> list:
-        events = self.parser.feed(text) if text else []
-        return events + (self.parser.finish() if self.finish else [])
-
-
-async def _outputs(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
-    """(choice, StepOutput) from all choices as they come; stops following a choice once it is finished."""
-    if len(choices) == 1:
-        c = choices[0]
-        async for out in c.handle:
-            yield c, out
-            if c.finish:
-                return
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(c: Choice):
-        try:
-            async for out in c.handle:
-                await queue.put((c, out))
-        finally:
-            await queue.put((c, None))
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    try:
-        live = len(choices)
-        while live:
-            c, out = await queue.get()
-            if out is None:
-                live -= 1
-            elif c.finish is None:
-                yield c, out
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _cancel_all(choices: list[Choice]) -> None:
-    for c in choices:
-        if c.finish is None:
-            c.handle.cancel()
-
-
-async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
-    """For non-streaming requests: a client that hangs up cancels its generations."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            request.state.gone = True
-            _cancel_all(choices)
-            return
-
-
-async def _run(st: ServerState, request: Request, choices: list[Choice], t0: float) -> None:
-    """Drive every choice to its end (non-streaming); cancel all if the client goes away or we fail."""
-    watcher = asyncio.create_task(_watch_disconnect(request, choices))
-    first = True
-    try:
-        async for c, out in _outputs(choices):
-            if first:
-                st.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
-            c.step(out)
-    finally:
-        watcher.cancel()
-        _cancel_all(choices)
-    if getattr(request.state, "gone", False):  # nobody reads this answer; 499 keeps it out of the 5xx counts
-        raise P.APIError(499, "the client closed the request", code="client_closed")
-
-
-def _check_finished(st: ServerState, choices: list[Choice], streaming: bool = False) -> None:
-    failed = [c for c in choices if c.finish not in ("stop", "length")]
-    if not failed:
-        return
-    if st.cut and all(c.finish == "cancelled" for c in failed):  # shutdown: a stream has said so in its finish
-        if streaming:
-            return
-        raise P.APIError(503, "the server shut down before this request finished", code="shutting_down")
-    why = getattr(failed[0].handle, "error", None) or failed[0].finish
-    ref = uuid.uuid4().hex[:8]
-    log.error("generation ended with %r [%s]: %s", failed[0].finish, ref, why)
-    raise P.APIError(500, f"generation failed (reference {ref} in the server log)", code="engine_error")
-
-
-def _usage(groups: list[tuple[list[int], list[Choice]]]) -> dict:
-    prompt = sum(len(ids) for ids, _ in groups)
-    completion = sum(c.n_tokens for _, cs in groups for c in cs)
-    cached = sum(int(getattr(cs[0].handle, "cached_tokens", 0) or 0) for _, cs in groups)
-    return P.usage(prompt, completion, cached)
-
-
-@contextlib.contextmanager
-def _in_flight(st: ServerState, groups: list[tuple[list[int], list[Choice]]]):
-    """While a request runs: counted in flight, its choices open to a shutdown cut; however it ends (done, client
-    gone, failed), its generations are cancelled and its tokens counted."""
-    choices = [c for _, cs in groups for c in cs]
-    st.metrics.in_flight += 1
-    st.live.update(choices)
-    try:
-        yield
-    finally:
-        st.metrics.in_flight -= 1
-        st.live.difference_update(choices)
-        _cancel_all(choices)
-        u = _usage(groups)
-        st.metrics.count_tokens(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # /v1/chat/completions
 # ---------------------------------------------------------------------------------------------------------------
 async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
@@ -449,20 +299,20 @@ async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     choices = [Choice(i, h, st, req, tools_on) for i, h in enumerate(handles)]
     meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
     if req.stream:
-        return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: _cancel_all(choices))
+        return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: cancel_all(choices))
     await _complete(st, request, [(ids, choices)], t0)
     body = {"id": meta[0], "object": "chat.completion", "created": meta[1], "model": meta[2],
             "system_fingerprint": P.FINGERPRINT, "choices": [_chat_choice(st, c, req, tools_on) for c in choices],
-            "usage": _usage([(ids, choices)])}
+            "usage": usage_of([(ids, choices)])}
     return JSONResponse(body)
 
 
 async def _complete(st: ServerState, request: Request, groups: list, t0: float) -> None:
     """A non-streaming request's generations run to the end (counted in flight meanwhile), checked, timed."""
     choices = [c for _, cs in groups for c in cs]
-    with _in_flight(st, groups):
-        await _run(st, request, choices, t0)
-    _check_finished(st, choices)
+    with in_flight(st, groups):
+        await run_to_end(st, request, choices, t0)
+    check_finished(st, choices)
     st.metrics.latency.observe(time.perf_counter() - t0)
 
 
@@ -509,8 +359,8 @@ class _SSE(StreamingResponse):
 async def _stream_steps(st: ServerState, groups: list, t0: float):
     """(choice, text, logprob entries) as outputs come; cancels every generation if the client goes away."""
     first = True
-    with _in_flight(st, groups):  # normal end, client gone (CancelledError) or an error: slots freed either way
-        async for c, out in _outputs([c for _, cs in groups for c in cs]):
+    with in_flight(st, groups):  # normal end, client gone (CancelledError) or an error: slots freed either way
+        async for c, out in merged_outputs([c for _, cs in groups for c in cs]):
             if first:
                 st.metrics.ttft.observe(time.perf_counter() - t0)
                 first = False
@@ -546,14 +396,14 @@ async def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[C
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": finish}])
             elif entries and req.logprobs:
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": None}])
-        _check_finished(st, choices, streaming=True)
+        check_finished(st, choices, streaming=True)
     except Exception as e:
         yield {**_stream_error(e)}
         yield "[DONE]"
         return
     st.metrics.latency.observe(time.perf_counter() - t0)
     if req.include_usage:
-        yield chunk([], _usage([(ids, choices)]))
+        yield chunk([], usage_of([(ids, choices)]))
     yield "[DONE]"
 
 
@@ -589,21 +439,21 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
             handles = prompts.submit(st, ids, req, None, k * req.n)
             groups.append((ids, [Choice(k * req.n + i, h, st, req) for i, h in enumerate(handles)]))
     except BaseException:
-        _cancel_all([c for _, cs in groups for c in cs])
+        cancel_all([c for _, cs in groups for c in cs])
         raise
     choices = [c for _, cs in groups for c in cs]
     echoes = [st.tokenizer.decode(ids) if req.echo else "" for ids, cs in groups for _ in cs]
     meta = (P.new_id("cmpl"), P.now(), st.model_id)
     if req.stream:
         return _SSE(_completion_stream(st, req, groups, choices, echoes, meta, t0),
-                    lambda: _cancel_all(choices))
+                    lambda: cancel_all(choices))
     await _complete(st, request, groups, t0)
     body = {"id": meta[0], "object": "text_completion", "created": meta[1], "model": meta[2],
             "system_fingerprint": P.FINGERPRINT,
             "choices": [{"index": c.index, "text": echo + c.text,
                          "logprobs": P.legacy_logprobs(c.entries_all, len(echo)) if req.logprobs else None,
                          "finish_reason": c.finish} for c, echo in zip(choices, echoes)],
-            "usage": _usage(groups)}
+            "usage": usage_of(groups)}
     return JSONResponse(body)
 
 
@@ -619,12 +469,12 @@ async def _completion_stream(st, req: P.CompletionRequest, groups, choices, echo
             lp = P.legacy_logprobs(entries, offsets[c.index]) if req.logprobs else None
             offsets[c.index] += len(text)
             yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish}])
-        _check_finished(st, choices, streaming=True)
+        check_finished(st, choices, streaming=True)
     except Exception as e:
         yield {**_stream_error(e)}
         yield "[DONE]"
         return
     st.metrics.latency.observe(time.perf_counter() - t0)
     if req.include_usage:
-        yield chunk([], _usage(groups))
+        yield chunk([], usage_of(groups))
     yield "[DONE]"

@@ -5,7 +5,7 @@ thread with message text as text: Tokenizer.encode_chat), completion prompts, /t
 checks that need the model (a prompt refused by its character count before it is tokenized, the context limit,
 token ids in the vocabulary, a request larger than the queue plus the slots), compiling a request's constraint
 off the event loop, and submitting one engine request per choice.
-Not: HTTP plumbing (app.py, transport.py), the field table (protocol.py), what comes back out (app.py).
+Not: HTTP plumbing (app.py, transport.py), the field table (protocol.py), what comes back out (choices.py, app.py).
 Every function takes the app's ServerState as `st`.
 """
 
