@@ -29,7 +29,6 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -79,7 +78,6 @@ class RequestHandle:
 
     def __init__(self, engine: Engine, request: EngineRequest):
         self.request, self.cached_tokens, self.error, self.finish_reason = request, 0, None, None
-        self.submitted = time.perf_counter()
         self._engine, self._cancelled = engine, False
         self._items: collections.deque[StepOutput] = collections.deque()
         self._cond = threading.Condition()

@@ -88,7 +88,7 @@ def _policy(step: Step | None) -> Policy:
 
 # ---------------------------------------------------------------- rotary embeddings
 
-def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float32, CPU) and the attention factor cos/sin are multiplied by."""
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -123,7 +123,7 @@ class RoPE(nn.Module):
         if (scaling or {}).get("rope_type", (scaling or {}).get("type")) == "longrope":
             self._init_longrope(dim, base, scaling, max_pos, original_max_pos or max_pos)
         else:
-            inv, self.attn_factor = rope_inv_freq(dim, base, scaling, max_pos)
+            inv, self.attn_factor = rope_inv_freq(dim, base, scaling)
             self.register_buffer("inv_freq", inv, persistent=False)
             self.long_inv_freq, self.original_max_pos = None, None
         # GGUF llama 3.1 files carry per-frequency divisors instead of rope_scaling; load.py sets them.
