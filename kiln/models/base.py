@@ -68,22 +68,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.offset = eps, offset  # Gemma scales by (1 + w): offset 1.0
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step | None = None, q8=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step, q8=None):
         """The residual-stream form: (norm(x + residual), x + residual), the add inside the norm's kernel; a
         residual of None (the first block) adds nothing: (norm(x), x). `q8`: the int8 buffer the next
         projection asked for (`int8_buffer`), which the same kernel fills with the normed output."""
-        buffers, policy = None if q8 is None else q8.buffers, _policy(step)
+        buffers, policy = None if q8 is None else q8.buffers, step.policy
         if residual is None:
             return rms_norm(x, self.weight, self.eps, self.offset, q8=buffers, policy=policy), x
         return rms_norm(x, self.weight, self.eps, self.offset, residual, q8=buffers, policy=policy)
 
-    def plain(self, x: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+    def plain(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """norm(x) alone, outside the residual stream (Gemma's norms after attention and the MLP)."""
-        return rms_norm(x, self.weight, self.eps, self.offset, policy=_policy(step))
-
-
-def _policy(step: Step | None) -> Policy:
-    return DEFAULT if step is None or step.policy is None else step.policy
+        return rms_norm(x, self.weight, self.eps, self.offset, policy=step.policy)
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -130,7 +126,7 @@ class RoPE(nn.Module):
         self.register_buffer("freq_factors", torch.ones(dim // 2, device="cpu"), persistent=False)
 
     def _init_longrope(self, dim, base, s, max_pos, orig):
-        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv, _ = rope_inv_freq(dim, base, None)  # the default schedule, divided by each factor list below
         self.register_buffer("inv_freq", inv / torch.tensor(s["short_factor"], dtype=torch.float32, device="cpu"),
                              persistent=False)
         self.register_buffer("long_inv_freq", inv / torch.tensor(s["long_factor"], dtype=torch.float32, device="cpu"),
