@@ -47,8 +47,6 @@ from kiln.quant.mma import gemm_mma
 from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
 from kiln.quant.swap import dense, quantized, swap_layers
 
-__all__ = ["QuantLinear", "QuantEmbedding", "matmul", "run", "swap_linears"]
-
 
 def _kernels_serve(device: torch.device, policy: Policy = DEFAULT) -> bool:
     return use_triton(torch.empty(0, device=device), policy)
