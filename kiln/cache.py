@@ -126,10 +126,6 @@ class KVCache:
         """A layer's whole cache, (B, K, S, D) keys and values."""
         return self.k[layer], self.v[layer]
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
     def slot(self, i: int) -> KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
         view = object.__new__(KVCache)

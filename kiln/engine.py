@@ -29,7 +29,6 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -79,7 +78,6 @@ class RequestHandle:
 
     def __init__(self, engine: Engine, request: EngineRequest):
         self.request, self.cached_tokens, self.error, self.finish_reason = request, 0, None, None
-        self.submitted = time.perf_counter()
         self._engine, self._cancelled = engine, False
         self._items: collections.deque[StepOutput] = collections.deque()
         self._cond = threading.Condition()
@@ -339,8 +337,7 @@ class Engine:
                 self._wake.notify_all()
                 return
             self._counters["requests_finished"] += 1
-        handle.finish_reason = "cancelled"
-        handle._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
+        self._end(handle, "cancelled")
 
     # ------------------------------------------------------------------ the loop (engine thread)
 
@@ -375,8 +372,7 @@ class Engine:
             queued, self._queue = list(self._queue), collections.deque()
         for h in queued:
             self._counters["requests_finished"] += 1
-            h.finish_reason = "cancelled"
-            h._put(StepOutput(NO_TOKEN, 0.0, None, "cancelled", True))
+            self._end(h, "cancelled")
 
     # ------------------------------------------------------------------ admission and prefill
 
@@ -406,10 +402,8 @@ class Engine:
         try:
             row = _Row(handle, slot, list(prompt[reuse:]), self.vocab, self.device)
         except Exception as e:
-            handle.error, handle.finish_reason = str(e), "error"
             self._counters["requests_finished"] += 1
-            self._counters["errors"] += 1
-            handle._put(StepOutput(NO_TOKEN, 0.0, None, "error", True))
+            self._end(handle, "error", str(e))
             return
         with self._wake:
             self._rows.append(row)
@@ -560,12 +554,16 @@ class Engine:
         row.handle._put(StepOutput(token, logprob, top, finish, is_stop))
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
-        """End a row without a token: cancelled, or failed (the error goes to the handle)."""
-        row.handle.error, row.handle.finish_reason = error, reason
+        """Free a row's slot and hand its request the final, tokenless output (`_end`)."""
+        self._retire(row)
+        self._end(row.handle, reason, error)
+
+    def _end(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
+        """Hand a request its final, tokenless output: cancelled, or failed (the error goes to the handle)."""
+        handle.error, handle.finish_reason = error, reason
         if reason == "error":
             self._counters["errors"] += 1
-        self._retire(row)
-        row.handle._put(StepOutput(NO_TOKEN, 0.0, None, reason, True))
+        handle._put(StepOutput(NO_TOKEN, 0.0, None, reason, True))
 
     def _retire(self, row: _Row) -> None:
         """Free the row's slot; the slot keeps its tokens (and their keys and values) for prefix reuse."""

@@ -84,10 +84,6 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParam
     return logits
 
 
-def apply_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return logits if bias is None else logits + bias
-
-
 def bias_vector(p: SamplingParams, vocab: int, device) -> torch.Tensor | None:
     if not p.logit_bias:
         return None
@@ -146,7 +142,8 @@ class Sampler:
         """Raw logits (1, V) float32 → token (1,) on the device: penalties, bias, the processor's mask, the draw."""
         if self.counts is not None:
             logits = apply_penalties(logits, self.counts, self.params)
-        logits = apply_bias(logits, self.bias)
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.processor is not None:
             logits = logits.clone()  # the mask writes in place; the caller's raw logits still serve logprobs
             self.processor.mask(logits[0])

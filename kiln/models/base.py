@@ -68,27 +68,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.offset = eps, offset  # Gemma scales by (1 + w): offset 1.0
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step | None = None, q8=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step, q8=None):
         """The residual-stream form: (norm(x + residual), x + residual), the add inside the norm's kernel; a
         residual of None (the first block) adds nothing: (norm(x), x). `q8`: the int8 buffer the next
         projection asked for (`int8_buffer`), which the same kernel fills with the normed output."""
-        buffers, policy = None if q8 is None else q8.buffers, _policy(step)
+        buffers, policy = None if q8 is None else q8.buffers, step.policy
         if residual is None:
             return rms_norm(x, self.weight, self.eps, self.offset, q8=buffers, policy=policy), x
         return rms_norm(x, self.weight, self.eps, self.offset, residual, q8=buffers, policy=policy)
 
-    def plain(self, x: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+    def plain(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """norm(x) alone, outside the residual stream (Gemma's norms after attention and the MLP)."""
-        return rms_norm(x, self.weight, self.eps, self.offset, policy=_policy(step))
-
-
-def _policy(step: Step | None) -> Policy:
-    return DEFAULT if step is None or step.policy is None else step.policy
+        return rms_norm(x, self.weight, self.eps, self.offset, policy=step.policy)
 
 
 # ---------------------------------------------------------------- rotary embeddings
 
-def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float32, CPU) and the attention factor cos/sin are multiplied by."""
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -123,14 +119,14 @@ class RoPE(nn.Module):
         if (scaling or {}).get("rope_type", (scaling or {}).get("type")) == "longrope":
             self._init_longrope(dim, base, scaling, max_pos, original_max_pos or max_pos)
         else:
-            inv, self.attn_factor = rope_inv_freq(dim, base, scaling, max_pos)
+            inv, self.attn_factor = rope_inv_freq(dim, base, scaling)
             self.register_buffer("inv_freq", inv, persistent=False)
             self.long_inv_freq, self.original_max_pos = None, None
         # GGUF llama 3.1 files carry per-frequency divisors instead of rope_scaling; load.py sets them.
         self.register_buffer("freq_factors", torch.ones(dim // 2, device="cpu"), persistent=False)
 
     def _init_longrope(self, dim, base, s, max_pos, orig):
-        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv, _ = rope_inv_freq(dim, base, None)  # the default schedule, divided by each factor list below
         self.register_buffer("inv_freq", inv / torch.tensor(s["short_factor"], dtype=torch.float32, device="cpu"),
                              persistent=False)
         self.register_buffer("long_inv_freq", inv / torch.tensor(s["long_factor"], dtype=torch.float32, device="cpu"),

@@ -42,7 +42,7 @@ from kiln.ops import cpu as ops_cpu
 from kiln.policy import DEFAULT, Policy
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import kquants, legacy
-from kiln.quant.swap import join_projections, quantized, swap_layers
+from kiln.quant.swap import dense, join_projections, quantized, swap_layers
 
 _T = gguf.GGMLQuantizationType
 GROUP = 32  # weights per (scale, zero) of the int4 layout
@@ -314,10 +314,6 @@ class ScreenedHead(nn.Module):
 
 # --- the swap ---
 
-def _dense(w) -> torch.Tensor:
-    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
-
-
 def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -> nn.Module:
     """The CPU layer for one weight (a GGUFTensor or a dense tensor): see the module docstring."""
     qtype = int(w.qtype) if quantized(w) else None
@@ -325,7 +321,7 @@ def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
         return Int4Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias)
-    return Int8Linear.from_dense(_dense(w), bias, policy)
+    return Int8Linear.from_dense(dense(w), bias, policy)
 
 
 def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT) -> list[str]:
@@ -336,7 +332,7 @@ def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT
         return GGUFEmbedding(GGUFRows.of(w)) if quantized(w) else None
 
     def linear(name, w, b):
-        return compact_linear(w, None if b is None else _dense(b), head=name == "lm_head", policy=policy)
+        return compact_linear(w, None if b is None else dense(b), head=name == "lm_head", policy=policy)
 
     taken = swap_layers(model, weights, linear=linear, embedding=embedding)
     join_projections(model)

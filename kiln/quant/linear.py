@@ -45,9 +45,7 @@ from kiln.quant.gemv import gemv
 from kiln.quant.gemv_int8 import QuantAct, empty_act, gemm_int8, gemv_int8, quantize_act
 from kiln.quant.mma import gemm_mma
 from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
-from kiln.quant.swap import quantized, swap_layers
-
-__all__ = ["QuantLinear", "QuantEmbedding", "matmul", "run", "swap_linears"]
+from kiln.quant.swap import dense, quantized, swap_layers
 
 
 def _kernels_serve(device: torch.device, policy: Policy = DEFAULT) -> bool:
@@ -214,12 +212,6 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={FORMATS[self.qtype].name}, packed"
 
 
-def _dense_bias(b, device) -> torch.Tensor | None:
-    if b is None:
-        return None
-    return (b.dequantize(torch.float32) if hasattr(b, "dequantize") else b).to(device)
-
-
 def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bfloat16,
                  policy: Policy = DEFAULT) -> list[str]:
     """Replace each nn.Linear whose weight (weights[f"{module}.weight"], a GGUFTensor-like with `raw_rows()`,
@@ -240,7 +232,7 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
     def linear(name, w, b):
         if not _has_kernels(w):
             return None
-        bias = _dense_bias(b, device or "cpu")
+        bias = None if b is None else dense(b).to(device or "cpu")
         if id(w) in planes:  # the tied embedding's planes, held once
             return QuantLinear(w.shape[1], w.shape[0], w.qtype, packed=planes[id(w)], bias=bias, policy=policy)
         return QuantLinear.from_gguf(w.raw_rows(), w.qtype, tuple(w.shape), bias=bias, device=device, policy=policy)

@@ -36,11 +36,6 @@ from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import (FORMATS, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                Q8_0, V)
 
-__all__ = ["DequantConfig", "GemvConfig", "INT8_FORMATS", "KINDS", "MAX_GEMV_M", "MAX_INT8_M", "MAX_MMA_M",
-           "MMA_FORMATS", "MmaConfig", "Plan", "Q8Config", "auto_split_k", "float_config", "float_table",
-           "gemv_max_rows", "mma_config", "mma_launch", "plan", "q8_config", "q8_rows_config", "q8_table_rows",
-           "shrink", "sm_count"]
-
 KINDS = ("gemv_int8", "gemm_int8", "gemv", "mma", "dequant", "reference")
 
 

@@ -4,9 +4,10 @@ the one rule that joins projections of one input (q/k/v, gate/up) into one wider
 Owns: `swap_layers(model, weights, linear=, embedding=)`, the walker both compact paths share — the GPU's
 (quant/linear.swap_linears: QuantLinear, QuantEmbedding) and the CPU's (quant/cpu.compact_linears) — which
 finds each layer's weight (`weight_of`, with the tied-output rule), checks its shape, and collects the
-parameter names the new layers hold; `quantized(w)` (is a weight in a GGUF block format); `Joined` (linear
-layers of one input as one or a few wider ones), `joinable` / `cat`, and `join_projections(model)`, which
-gives every attention block its `qkv` and every MLP its `gate_up` where layers join.
+parameter names the new layers hold; `quantized(w)` (is a weight in a GGUF block format) and `dense(w)` (a
+weight as a torch tensor); `Joined` (linear layers of one input as one or a few wider ones), `joinable` / `cat`,
+and `join_projections(model)`, which gives every attention block its `qkv` and every MLP its `gate_up` where
+layers join.
 Not: the layer types and how each stacks its rows (a `cat` classmethod on QuantLinear, cpu.Int8Linear,
 cpu.Int4Linear; nn.Linear's is here), which layer a path makes of a weight (the callbacks), the kernels,
 how models call joined layers (models/base.project, gated, int8_buffer).
@@ -37,6 +38,11 @@ _FLOAT_TYPES = frozenset({int(_T.F32), int(_T.F16), int(_T.BF16)})
 def quantized(w) -> bool:
     """Is w held in a GGUF block format (not a plain tensor, not an F32 / F16 / BF16 GGUF tensor)?"""
     return getattr(w, "qtype", None) is not None and int(w.qtype) not in _FLOAT_TYPES
+
+
+def dense(w) -> torch.Tensor:
+    """w as a torch tensor: a GGUF tensor dequantized to float32, a plain tensor as it is."""
+    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
 
 
 def weight_of(weights: Mapping, name: str):

@@ -120,7 +120,7 @@ def parse_tool_calls(text: str, style: str) -> tuple[str, list[ToolCall]]:
     return "".join(content), calls
 
 
-def make_call(obj, need_args: bool = False, call_id: str | None = None) -> ToolCall | None:
+def make_call(obj, need_args: bool = False) -> ToolCall | None:
     """A ToolCall from a decoded call object, or None if it is not one (see the module's rules)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -135,11 +135,11 @@ def make_call(obj, need_args: bool = False, call_id: str | None = None) -> ToolC
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(call_id or new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False, separators=(",", ":")))
+    return ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False, separators=(",", ":")))
 
 
-def _skip(text: str, i: int, chars: str = _WS) -> int:
-    while i < len(text) and text[i] in chars:
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
         i += 1
     return i
 
