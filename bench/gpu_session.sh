@@ -2,13 +2,21 @@
 # One device call (10 minutes at most): build llama.cpp's CUDA wheel in the background (or install one
 # carried in .whl/), write the random-weight GGUFs, profile kiln on Qwen3-0.6B Q4_K_M, then run
 # `kiln bench --compare llama.cpp` on each file while time is left. Steps are ordered by importance and
-# each has its own limit. Usage on the device machine, repo root, gguf-py carried in .carry/:
+# each has its own limit. Usage on the device machine, repo root, with .whl/ carried (gguf, jinja2, pyyaml,
+# markupsafe, tqdm, diskcache wheels for Python 3.12; llsrc.tar.gz, llama-cpp-python's sdist trimmed to the
+# CUDA backend, or its built wheel in parts):
 #   STEPS="profile compare" FILES="qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M" bash bench/gpu_session.sh
+# PRE_CMD: a command run right after the files are made (while llama.cpp builds). BENCH_ARGS: `kiln bench` options for every file (default -p 128,512 -g 128 -r 3); DEEP / DEEP_ARGS: files that
+# also get long prompts and decode at depth.
 # Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file), and the llama.cpp wheel
 # (split in 15 MB parts) when it was built here, so that later calls can carry it instead of building.
 set -u
 ROOT=$PWD
-export PYTHONPATH="$ROOT/.carry:$ROOT:/tmp/llsite" PYTHONUNBUFFERED=1
+mkdir -p /tmp/carry
+for m in gguf:gguf yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe tqdm:tqdm; do
+  python -c "import ${m%%:*}" 2>/dev/null || python -m pip install -q --no-deps --target /tmp/carry .whl/${m##*:}-*.whl
+done
+export PYTHONPATH="/tmp/carry:$ROOT:/tmp/llsite" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
 STEPS=${STEPS:-"profile compare"}
 FILES=${FILES:-"qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M qwen3-0.6b:Q8_0 qwen3-0.6b:F16 llama-3.2-1b:Q8_0"}
@@ -42,6 +50,9 @@ for f in $FILES; do
 done
 ls -la /tmp/g; echo "files made at $(( $(date +%s) - START )) s"
 
+if [ -n "${PRE_CMD:-}" ]; then  # an experiment of the session's own, while llama.cpp builds
+  eval "$PRE_CMD"; echo "== PRE_CMD rc=$? at $(( $(date +%s) - START )) s"
+fi
 if [[ " $STEPS " == *" engine "* ]]; then  # continuous batching: 1 vs 32 streams on the 1B shape
   timeout 150 python bench/engine_bench.py --model /tmp/g/llama-3.2-1b-Q4_K_M.gguf --streams 32 --tokens 64 \
     --prompt-len 64 --out "$OUT/engine_llama-3.2-1b-Q4_K_M.json" 2>&1 | tail -12
@@ -59,11 +70,11 @@ if [[ " $STEPS " == *" pdl "* ]]; then  # programmatic dependent launch off / on
   echo "== pdl rc=$? at $(( $(date +%s) - START )) s"; tail -5 /tmp/pdl.err
 fi
 if [[ " $STEPS " == *" tests "* ]]; then  # the kernel test files on the GPU, one process each (Triton compiles)
-  for t in test_quant_kernels test_fuse test_ops; do
+  for t in ${TESTS:-test_quant_kernels test_fuse test_ops}; do
     timeout "${TESTS_S:-150}" python -m pytest -q -p no:cacheprovider "tests/$t.py" > "$OUT/gpu_tests_$t.log" 2>&1 &
   done
   wait
-  for t in test_quant_kernels test_fuse test_ops; do echo "$t: $(tail -1 "$OUT/gpu_tests_$t.log")"; done
+  for t in ${TESTS:-test_quant_kernels test_fuse test_ops}; do echo "$t: $(tail -1 "$OUT/gpu_tests_$t.log")"; done
   echo "== tests at $(( $(date +%s) - START )) s"
 fi
 if [[ " $STEPS " == *" profile "* ]]; then
@@ -78,7 +89,9 @@ if [[ " $STEPS " == *" compare "* ]]; then
   for f in $FILES; do
     [ "$(left)" -lt 45 ] && { echo "out of time before $f"; break; }
     name="${f%%:*}-${f##*:}"
-    timeout $(( $(left) - 10 )) python -m kiln.cli bench --model "/tmp/g/$name.gguf" -p 512 -g 128 -r 3 --json $CMP \
+    ARGS=${BENCH_ARGS:-"-p 128,512 -g 128 -r 3"}
+    [[ " ${DEEP:-} " == *" $f "* ]] && ARGS=${DEEP_ARGS:-"-p 128,512,4096,16384 -d 0,4096,16384 -g 128 -r 3"}
+    timeout $(( $(left) - 10 )) python -m kiln.cli bench --model "/tmp/g/$name.gguf" $ARGS --cold --json $CMP \
       > /tmp/b.json 2> /tmp/b.err
     echo "== $name rc=$? at $(( $(date +%s) - START )) s"; tail -c 400 /tmp/b.err
     python -c "import json,sys; d=json.load(open('/tmp/b.json')); print(json.dumps(d))" >> "$OUT/bench.jsonl" 2>/dev/null
@@ -89,11 +102,15 @@ try:
 except Exception as e:
     print("no result", e); raise SystemExit
 k, l = d["kiln"], d.get("llama.cpp", {})
-print(f"kiln pp {k['prefill_tok_s']:.0f} tg {k['decode_tok_s']:.1f} eff {k['effective_tok_s']:.1f} "
+print(f"kiln pp {json.dumps({p: round(v) for p, v in k['prefill_tok_s'].items()})} first-prompt ms "
+      f"{json.dumps({p: round(v, 1) for p, v in k['prefill_first_ms'].items()})} tg "
+      f"{json.dumps({p: round(v, 1) for p, v in k['decode_tok_s'].items()})} user {k['decode_user_tok_s']:.1f} "
+      f"eff {k['effective_tok_s']:.1f} ttft {k['ttft_ms']:.1f} ms load {k['load_s']:.2f} s cold {k.get('cold_generate_s', 0):.2f} s "
       f"roof {100*k['roofline_share']:.0f}% mem/file {d.get('memory_over_file', 0):.2f} capture {k['capture_s']:.1f}s")
 if l:
-    print(f"llama.cpp pp {l['prefill_tok_s']:.0f} tg {l['decode_tok_s']:.1f} eff {l['effective_tok_s']:.1f}; "
-          f"ratio {json.dumps({a: round(b, 2) for a, b in d['ratio'].items()})} top1 {d['prompt_top1_agreement']:.3f}")
+    print(f"llama.cpp pp {json.dumps({p: round(v) for p, v in l['prefill_tok_s'].items()})} tg "
+          f"{json.dumps({p: round(v, 1) for p, v in l['decode_tok_s'].items()})} load {l['load_s']:.2f} s first token "
+          f"{l['first_token_s']:.2f} s; ratio {json.dumps(d['ratio'], default=str)} top1 {d['prompt_top1_agreement']:.3f}")
 EOF
   done
 fi

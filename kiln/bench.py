@@ -10,6 +10,7 @@ Not: kernels or graphs (generate.py, quant/, ops/), result archiving (bench/ scr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -59,51 +60,61 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return torch.randint(100, hi, (n,), generator=g).tolist()
 
 
-@torch.inference_mode()
-def run_kiln(model, p: int, g: int, repeats: int) -> dict:
-    from kiln.generate import DecoderPool, prefill_chunk
-    device = next(model.parameters()).device
-    vocab = model.args.vocab_size
-    ids = torch.tensor([prompt_ids(vocab, p)], device=device)
-    dec = DecoderPool(model).get(p + g + 1)  # the cache size kiln.generate would use
-    t0 = time.perf_counter()
-    dec.step(ids[:, :1].reshape(1), 0)  # first call captures the decode graph (or just runs on CPU)
+def _timed(fn, device) -> float:
     _sync(device)
-    capture_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
 
-    def prefill():
-        return prefill_chunk(model, ids, dec.cache, 0)
 
-    def decode(start, n):
-        tok = ids[0, :1]
+@torch.inference_mode()
+def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], repeats: int) -> dict:
+    """Prefill of each prompt length, decode after each depth (device loop, as llama-bench's tg), the
+    decode and effective speed a `stream_generate` user gets, time to first token; medians of `repeats`."""
+    from kiln.generate import DecoderPool, stream_generate
+    device = next(model.parameters()).device
+    ids_all = torch.tensor([prompt_ids(model.args.vocab_size, max(lengths + depths + [1]))], device=device)
+    pool = DecoderPool(model, keep=1)
+    dec = pool.get(max(lengths + [d + 1 for d in depths]) + g + 1)  # the cache size kiln.generate would use
+    capture_s = _timed(lambda: dec.step(ids_all[0, :1], 0), device)  # captures the decode graph (CUDA)
+
+    def decode(start, n):  # the device loop: no token read back until the end
+        tok = ids_all[0, :1]
         for i in range(n):
             tok = dec.step(tok, start + i).argmax(-1)
         return tok
 
-    prefill()
-    decode(1, 4)
-    _sync(device)
-    pre, dts, eff, ttft = [], [], [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        prefill().argmax(-1)  # the first token is part of the time to it
-        _sync(device)
-        pre.append(time.perf_counter() - t)
-        ttft.append(pre[-1])
-        t = time.perf_counter()
-        decode(1, g)  # tg: decode steps after a 1-token context, like llama-bench's tg
-        _sync(device)
-        dts.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        prefill()
-        decode(p, g)
-        _sync(device)
-        eff.append(time.perf_counter() - t)
+    pre, first = {}, {}
+    for p in lengths:
+        ids = ids_all[:, :p]
+        first[p] = 1e3 * _timed(lambda: dec.prefill(ids, 0).argmax(-1), device)  # a length's first prompt
+        dec.prefill(ids, 0)  # the second captures its prefill graph (CUDA)
+        pre[p] = p / statistics.median(_timed(lambda: dec.prefill(ids, 0).argmax(-1), device)
+                                       for _ in range(repeats))
+    tg = {}
+    for d in depths:
+        if d:
+            dec.prefill(ids_all[:, :d], 0)
+        decode(max(d, 1), 4)
+        tg[d] = g / statistics.median(_timed(lambda: decode(max(d, 1), g), device) for _ in range(repeats))
+    user, eff, ttft = [], [], []
+    prompt = ids_all[0, :lengths[0]].tolist()
+    for _ in range(repeats + 2):  # the first two runs: a prompt of a new length, then its graph's capture
+        t0 = time.perf_counter()
+        for r in stream_generate(model, tokenizer, prompt, g, ignore_eos=True, decoders=pool):
+            if r.generation_tokens == 1:
+                t1 = time.perf_counter()
+        t2 = time.perf_counter()
+        user.append((g - 1) / (t2 - t1) if g > 1 else float("nan"))
+        eff.append(g / (t2 - t0))
+        ttft.append(1e3 * (t1 - t0))
+    user, eff, ttft = user[2:], eff[2:], ttft[2:]
     return {
-        "prefill_tok_s": p / statistics.median(pre), "decode_tok_s": g / statistics.median(dts),
-        "effective_tok_s": g / statistics.median(eff), "ttft_ms": 1e3 * statistics.median(ttft),
-        "ms_per_token": 1e3 * statistics.median(dts) / g, "capture_s": capture_s,
-        "prompt_logits_top1": _prompt_top1(model, ids),
+        "prefill_tok_s": pre, "prefill_first_ms": first, "decode_tok_s": tg,
+        "decode_user_tok_s": statistics.median(user), "effective_tok_s": statistics.median(eff),
+        "ttft_ms": statistics.median(ttft), "ms_per_token": 1e3 / tg[depths[0]], "capture_s": capture_s,
+        "prompt_logits_top1": _prompt_top1(model, ids_all[:, :min(lengths[0], 512)]),
     }
 
 
@@ -112,51 +123,115 @@ def _prompt_top1(model, ids) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+def cold_generate(model_name, device=None) -> float:
+    """Wall seconds of a fresh `kiln generate --max-tokens 1` process (imports, load, prefill, one token)."""
+    cmd = [sys.executable, "-m", "kiln.cli", "generate", "--model", str(model_name), "--max-tokens", "1",
+           "--prompt", "Hello"] + (["--device", str(device)] if device else [])
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise KilnError(f"kiln generate failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return time.perf_counter() - t
+
+
+# llama.cpp timed as llama-bench times it (its C API through llama-cpp-python's bindings): prompts in batches of
+# n_batch 2048 (n_ubatch 512), logits of the last row only, flash attention on, memory cleared before each
+# run; generation one token per llama_decode with a synchronize after each; a depth prefilled untimed first.
+# The agreement check (every prompt row's argmax) runs afterwards, outside the timed region.
 _LLAMA_WORKER = r"""
-import json, sys, time, statistics
+import ctypes, json, statistics, sys, time
+t0 = time.perf_counter()
 import llama_cpp
 cfg = json.loads(sys.argv[1])
-llm = llama_cpp.Llama(cfg["path"], n_gpu_layers=-1, flash_attn=True, n_ctx=cfg["p"] + cfg["g"] + 16,
-                      n_batch=cfg["p"], n_ubatch=cfg["p"], logits_all=True, verbose=False, n_threads=cfg["threads"])
-ids, g, reps = cfg["ids"], cfg["g"], cfg["repeats"]
-import numpy as np
-def prefill():
-    llm.reset(); llm.eval(ids)
-def decode(n):
+ids, g, reps, lengths, depths = cfg["ids"], cfg["g"], cfg["repeats"], cfg["lengths"], cfg["depths"]
+n_ctx = max(lengths + [d + g for d in depths]) + 16
+llm = llama_cpp.Llama(cfg["path"], n_gpu_layers=-1, flash_attn=True, n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
+                      verbose=False, n_threads=cfg["threads"], n_threads_batch=cfg["threads"])
+load_s = time.perf_counter() - t0
+ctx = llm._ctx.ctx
+mem = llama_cpp.llama_get_memory(ctx)
+n_vocab = llm.n_vocab()
+def decode(tokens, logits=False):
+    for i in range(0, len(tokens), 2048):
+        chunk = tokens[i:i + 2048]
+        arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(chunk))):
+            raise SystemExit("llama_decode failed")
+    llama_cpp.llama_synchronize(ctx)
+def gen(n):
+    tok = (llama_cpp.llama_token * 1)(ids[0])
+    for _ in range(n):
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tok, 1)):
+            raise SystemExit("llama_decode failed")
+        llama_cpp.llama_synchronize(ctx)
+def timed(fn, before=None):
+    llama_cpp.llama_memory_clear(mem, False)
+    if before:
+        before()
+    t = time.perf_counter(); fn(); return time.perf_counter() - t
+first_token_s = load_s + timed(lambda: decode(ids[:lengths[0]]))
+pre = {p: p / statistics.median(timed(lambda: decode(ids[:p])) for _ in range(reps)) for p in lengths}
+tg = {d: g / statistics.median(timed(lambda: gen(g), (lambda: decode(ids[:d])) if d else None) for _ in range(reps))
+      for d in depths}
+def top1(n):  # every row's logits, untimed: a batch that asks for all of them
+    llama_cpp.llama_memory_clear(mem, False)
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
     for i in range(n):
-        llm.eval([ids[i % len(ids)]])
-t0 = time.perf_counter(); prefill(); first = time.perf_counter() - t0
-top1 = np.asarray(llm.scores[:len(ids)]).argmax(-1).tolist()
-pre, dts, eff = [], [], []
-for _ in range(reps):
-    t = time.perf_counter(); prefill(); pre.append(time.perf_counter() - t)
-    llm.reset(); llm.eval(ids[:1]); t = time.perf_counter(); decode(g); dts.append(time.perf_counter() - t)
-    t = time.perf_counter(); prefill(); decode(g); eff.append(time.perf_counter() - t)
-print(json.dumps({"prefill_tok_s": len(ids) / statistics.median(pre), "decode_tok_s": g / statistics.median(dts),
-                  "effective_tok_s": g / statistics.median(eff), "ttft_ms": 1e3 * statistics.median(pre),
-                  "ms_per_token": 1e3 * statistics.median(dts) / g, "prompt_logits_top1": top1,
-                  "version": llama_cpp.__version__}))
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = ids[i], i, 1, 1
+        batch.seq_id[i][0] = 0
+    batch.n_tokens = n
+    if llama_cpp.llama_decode(ctx, batch):
+        raise SystemExit("llama_decode failed")
+    out = []
+    for i in range(n):
+        row = llama_cpp.llama_get_logits_ith(ctx, i)
+        out.append(max(range(n_vocab), key=row.__getitem__))
+    llama_cpp.llama_batch_free(batch)
+    return out
+print(json.dumps({"prefill_tok_s": pre, "decode_tok_s": tg, "ms_per_token": 1e3 / tg[depths[0]],
+                  "load_s": load_s, "first_token_s": first_token_s,
+                  "prompt_logits_top1": top1(min(lengths[0], 512)), "version": llama_cpp.__version__}))
 """
 
 
-def run_llamacpp(path: str, ids: list[int], g: int, repeats: int, threads: int) -> dict:
-    cfg = json.dumps({"path": path, "ids": ids, "p": len(ids), "g": g, "repeats": repeats, "threads": threads})
+def run_llamacpp(path: str, ids: list[int], lengths: list[int], g: int, depths: list[int], repeats: int,
+                 threads: int) -> dict:
+    cfg = json.dumps({"path": path, "ids": ids, "lengths": lengths, "g": g, "depths": depths, "repeats": repeats,
+                      "threads": threads})
     r = subprocess.run([sys.executable, "-c", _LLAMA_WORKER, cfg], capture_output=True, text=True)
     if r.returncode:
         raise KilnError(f"llama.cpp comparison failed (is llama-cpp-python installed?): "
                         f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("prefill_tok_s", "decode_tok_s"):  # JSON turned the lengths into strings
+        out[key] = {int(k): v for k, v in out[key].items()}
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return vals
 
 
 def main(argv: list[str]) -> int:
     from kiln.commands import _Parser, _model_args
     p = _Parser(prog="kiln bench", description="Measure prefill, decode and effective tok/s of a model.")
     _model_args(p)
-    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
+    p.add_argument("-p", "--prompt-tokens", type=_ints, default=[512],
+                   help="prompt length(s) in tokens, comma-separated (default 512); the first is also the "
+                        "prompt of the generate runs")
     p.add_argument("-g", "--gen-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-d", "--depth", type=_ints, default=[0],
+                   help="context depth(s) the decode is timed after, comma-separated, as llama-bench -d "
+                        "(default 0)")
     p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs; the report takes the median "
                                                                  "(default 5)")
     p.add_argument("--compare", choices=["llama.cpp"], default=None, help="also run llama.cpp on the same file")
+    p.add_argument("--cold", action="store_true",
+                   help="also time a fresh `kiln generate --max-tokens 1` process (cold start)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
@@ -164,22 +239,24 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     q = {"auto": None, "on": True, "off": False}[a.quantized]
     report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
-                   quantized=q)
+                   quantized=q, depths=a.depth, cold=a.cold)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
-def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None) -> dict:
+def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
+          depths=(0,), cold=False) -> dict:
     from kiln.generate import peak_memory_gb
     from kiln.load import load
-    if p < 1 or g < 1 or repeats < 1:
-        raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1")
+    lengths, depths = ([p] if isinstance(p, int) else list(p)), list(depths)
+    if min(lengths) < 1 or g < 1 or repeats < 1 or min(depths) < 0:
+        raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1, --depth >= 0")
     t = time.perf_counter()
-    model, _ = load(model_name, device=device, dtype=dtype, quantized=quantized)
+    model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized)
     load_s = time.perf_counter() - t
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
-           "torch": torch.__version__, "p": p, "g": g, "repeats": repeats, "load_s": load_s}
+           "torch": torch.__version__, "p": lengths, "g": g, "depths": depths, "repeats": repeats, "load_s": load_s}
     if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
         from kiln import native
         out["native_cpu_kernels"] = model.policy.native and native.available()
@@ -188,18 +265,28 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         if os.path.isfile(out["model"]):
             out["file_gb"] = os.path.getsize(out["model"]) / 1e9
             out["memory_over_file"] = out["memory_after_load_gb"] / out["file_gb"]
-    k = run_kiln(model, p, g, repeats)
+    vocab = model.args.vocab_size
+    k = run_kiln(model, tokenizer, lengths, g, depths, repeats)
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
-    k.update(peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
-             achieved_gb_s=wb * k["decode_tok_s"] / 1e9, roofline_share=wb * k["decode_tok_s"] / bw)
+    d0 = k["decode_tok_s"][depths[0]]
+    k.update(load_s=load_s, peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
+             achieved_gb_s=wb * d0 / 1e9, roofline_share=wb * d0 / bw)
     out["kiln"] = k
+    if cold:
+        k["cold_generate_s"] = cold_generate(out["model"], device)
     if compare == "llama.cpp":
-        ids = prompt_ids(model.args.vocab_size, p)
-        lc = run_llamacpp(out["model"], ids, g, repeats, threads)
-        agree = sum(x == y for x, y in zip(k["prompt_logits_top1"], lc["prompt_logits_top1"])) / p
+        del model  # llama.cpp gets the device to itself
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        ids = prompt_ids(vocab, max(lengths + depths + [1]))
+        lc = run_llamacpp(out["model"], ids, lengths, g, depths, repeats, threads)
+        n = len(lc["prompt_logits_top1"])
         out["llama.cpp"] = lc
-        out["prompt_top1_agreement"] = agree
-        out["ratio"] = {m: k[m] / lc[m] for m in ("prefill_tok_s", "decode_tok_s", "effective_tok_s")}
+        out["prompt_top1_agreement"] = sum(x == y for x, y in zip(k["prompt_logits_top1"], lc["prompt_logits_top1"])) / n
+        out["ratio"] = {"prefill_tok_s": {p: k["prefill_tok_s"][p] / lc["prefill_tok_s"][p] for p in lengths},
+                        "decode_tok_s": {d: k["decode_tok_s"][d] / lc["decode_tok_s"][d] for d in depths},
+                        "decode_user_tok_s": k["decode_user_tok_s"] / lc["decode_tok_s"][depths[0]],
+                        "load_s": k["load_s"] / lc["load_s"]}
     for side in ("kiln", "llama.cpp"):
         out.get(side, {}).pop("prompt_logits_top1", None)
     return out
@@ -212,19 +299,34 @@ def _device_name(dev) -> str:
 
 
 def format_report(r: dict) -> str:
-    k = r["kiln"]
+    k, lc, ratio = r["kiln"], r.get("llama.cpp"), r.get("ratio", {})
     native = {True: ", native decode kernels", False: ", no native kernels"}.get(r.get("native_cpu_kernels"), "")
     lines = [f"model   {r['model']}", f"device  {r['device']}{native}  (torch {r['torch']})",
-             f"load {r['load_s']:.1f} s, graph capture {k['capture_s']:.2f} s; p={r['p']} g={r['g']}, "
-             f"median of {r['repeats']}", "",
-             f"{'':22}{'kiln':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if "ratio" in r else "")]
-    for key, label in [("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
-                       ("effective_tok_s", "effective tok/s"), ("ttft_ms", "time to first token ms"),
-                       ("ms_per_token", "ms per token")]:
-        row = f"{label:<22}{k[key]:>12.1f}"
-        if "ratio" in r:
-            row += f"{r['llama.cpp'][key]:>12.1f}" + (f"{r['ratio'][key]:>8.2f}" if key in r["ratio"] else "")
-        lines.append(row)
+             f"load {r['load_s']:.1f} s, decode graph capture {k['capture_s']:.2f} s; g={r['g']}, median of "
+             f"{r['repeats']}", "", f"{'':34}{'kiln':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if lc else "")]
+
+    def row(label, mine, theirs=None, rat=None, fmt="12.1f"):
+        line = f"{label:<34}{mine:>{fmt}}"
+        if lc:
+            line += f"{theirs:>{fmt}}" if theirs is not None else f"{'':>12}"
+            line += f"{rat:>8.2f}" if rat is not None else ""
+        return line
+
+    for p in r["p"]:
+        lines.append(row(f"prefill pp{p} tok/s", k["prefill_tok_s"][p], lc and lc["prefill_tok_s"][p],
+                         ratio.get("prefill_tok_s", {}).get(p)))
+        lines.append(row("  first prompt of that length ms", k["prefill_first_ms"][p]))
+    for d in r["depths"]:
+        lines.append(row(f"decode tg{r['g']}" + (f" @ depth {d}" if d else "") + " tok/s", k["decode_tok_s"][d],
+                         lc and lc["decode_tok_s"][d], ratio.get("decode_tok_s", {}).get(d)))
+    lines.append(row("decode as stream_generate gives", k["decode_user_tok_s"], lc and lc["decode_tok_s"][r["depths"][0]],
+                     ratio.get("decode_user_tok_s")))
+    lines.append(row(f"effective tok/s (pp{r['p'][0]} + tg{r['g']})", k["effective_tok_s"]))
+    lines.append(row("time to first token ms", k["ttft_ms"]))
+    lines.append(row("load s", k["load_s"], lc and lc["load_s"], ratio.get("load_s"), fmt="12.2f"))
+    if "cold_generate_s" in k or lc:
+        lines.append(row("cold start to first token s", k.get("cold_generate_s", float("nan")),
+                         lc and lc["first_token_s"], fmt="12.2f"))
     if "memory_over_file" in r:
         lines += ["", f"GPU memory after load {r['memory_after_load_gb']:.3f} GB = "
                       f"{r['memory_over_file']:.2f} x the file ({r['file_gb']:.3f} GB)"]
@@ -232,5 +334,9 @@ def format_report(r: dict) -> str:
                   f"{k['weight_bytes_per_token'] / 1e6:.1f} MB; {k['achieved_gb_s']:.0f} GB/s of "
                   f"{k['copy_bw_gb_s']:.0f} GB/s copy bandwidth ({100 * k['roofline_share']:.0f}% of roofline)"]
     if "prompt_top1_agreement" in r:
-        lines.append(f"prompt logits top-1 agreement with llama.cpp: {100 * r['prompt_top1_agreement']:.1f}%")
+        lines.append(f"prompt logits top-1 agreement with llama.cpp: {100 * r['prompt_top1_agreement']:.1f}% "
+                     f"(an untimed pass)")
+    if lc:
+        lines.append("llama.cpp cold start: its process start, load and first prompt; kiln's: a fresh `kiln "
+                     "generate` process")
     return "\n".join(lines)

@@ -90,9 +90,10 @@ def prefill_chunk(model, ids: torch.Tensor, cache, pos: int) -> torch.Tensor:
     return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float()
 
 
-def capture_graph(forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_graph(forward: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """(graph, its static output) of `forward`, after two warm-up runs on a side stream (Triton compiles and
-    autotunes there, outside the capture). `forward` reads and writes only static buffers."""
+    autotunes there, outside the capture). `forward` reads and writes only static buffers. `pool`: a memory
+    pool shared with other graphs that never run at the same time (torch.cuda.graph_pool_handle)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -100,16 +101,35 @@ def capture_graph(forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAG
             forward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = forward()
     return graph, out
 
 
-class Decoder:
-    """One batch-1 decode step, `logits = step(token, pos)`; on CUDA replayed from one captured graph.
+# Prompt lengths a prefill graph is captured for: a prompt of n tokens runs in the smallest that holds it, padded
+# (at most ~50% more rows, whose cost is small beside the fixed cost of reading every weight once).
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
-    The graph reads its inputs from static buffers (token, position as a device tensor) and writes
-    static logits, so a step costs one graph launch and no host synchronization.
+
+def prefill_bucket(n: int, max_len: int) -> int | None:
+    """The padded length a prompt of n tokens is prefilled at in a graph into a cache of max_len slots; None:
+    none fits (eager)."""
+    return next((b for b in PREFILL_BUCKETS if n <= b <= max_len), None)
+
+
+class Decoder:
+    """One batch-1 decode step, `logits = step(token, pos)`, and prompt chunks, `logits = prefill(ids, pos)`;
+    on CUDA both replay captured graphs.
+
+    The decode graph reads its inputs from static buffers (token, position as a device tensor) and writes
+    static logits, so a step costs one graph launch and no host synchronization. A prompt from position 0
+    runs in the graph of its length's bucket (PREFILL_BUCKETS): the ids padded into a static buffer, the
+    logits of its last real row picked by a device index. A prefill's host work (about 0.5-2 ms per layer
+    of Python and launches on the H200's host) is then one launch; padded rows sit after the prompt, so
+    causal attention keeps them out of every real row, and their cache slots are overwritten by the tokens
+    that follow before anything reads them. A bucket is captured on its second use, so a one-shot prompt
+    pays no capture; the prefill graphs share one memory pool (they never run at once), and their logits
+    are valid until the next prefill.
     """
 
     def __init__(self, model, cache: KVCache, use_graph: bool | None = None):
@@ -119,6 +139,9 @@ class Decoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
+        self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, logits)
+        self._seen: set[int] = set()
+        self._pool = None
 
     @classmethod
     def for_model(cls, model, max_len: int) -> Decoder:
@@ -146,6 +169,32 @@ class Decoder:
         self.graph.replay()
         return self.logits
 
+    def prefill(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """Read prompt tokens ids (1, T) (on the cache's device) into the cache at positions pos.. ; logits
+        (1, V) float32 of the last one (`prefill_chunk`, from a graph where one serves)."""
+        t = ids.shape[1]
+        bucket = prefill_bucket(t, self.cache.max_len) if self.use_graph and pos == 0 else None
+        if bucket is None or (bucket not in self._prefills and bucket not in self._seen):
+            if bucket is not None:
+                self._seen.add(bucket)
+            return prefill_chunk(self.model, ids, self.cache, pos)
+        if bucket not in self._prefills:
+            self._prefills[bucket] = self._capture_prefill(bucket)
+        graph, buf, row, logits = self._prefills[bucket]
+        buf[:, :t].copy_(ids)
+        row.fill_(t - 1)
+        graph.replay()
+        return logits
+
+    def _capture_prefill(self, bucket: int) -> tuple:
+        device = self.cache.k.device
+        buf = torch.zeros(1, bucket, dtype=torch.long, device=device)  # pads: token 0, after the prompt
+        row = torch.zeros(1, dtype=torch.long, device=device)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        graph, logits = capture_graph(
+            lambda: self.model(buf, Step.prefill(self.cache, 0), last_only=row)[:, -1].float(), self._pool)
+        return graph, buf, row, logits
+
 
 class DecoderPool:
     """The Decoders of one model, kept across generations so a cache is allocated and its graph captured once
@@ -171,8 +220,10 @@ class DecoderPool:
 # ---------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
-                  prefill_step: int = 512, logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+                  prefill_step: int | None = None, logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop.
+    `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA, 4096;
+    512 elsewhere); chunks bound activation memory.
 
     The device runs one step ahead of the host: step n+1 is queued before token n is read back, so
     the host's bookkeeping overlaps the GPU's work.
@@ -189,8 +240,9 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         sampler.accept(token)
         return token, lp
 
-    for start in range(0, ids.shape[1], prefill_step):  # chunked prefill bounds activation memory
-        logits = prefill_chunk(model, ids[:, start:start + prefill_step], cache, start)
+    prefill_step = prefill_step or (PREFILL_BUCKETS[-1] if device.type == "cuda" else 512)
+    for start in range(0, ids.shape[1], prefill_step):
+        logits = decoder.prefill(ids[:, start:start + prefill_step], start)
     pos = ids.shape[1]
     token, lp = pick(logits)
     host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")
@@ -211,7 +263,7 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
-                    max_context: int | None = None, prefill_step: int = 512, decoders: DecoderPool | None = None,
+                    max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
                     **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
 

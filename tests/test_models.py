@@ -122,6 +122,50 @@ def test_steps_are_built_explicitly():
     assert pos.tolist() == [3, 4] and n_keys == 16
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
+def test_a_padded_prompt_reads_like_the_prompt_alone(name):
+    """What a prefill graph runs (generate.Decoder.prefill): the prompt padded at the end, the logits of its
+    last real row (last_only=index), then decoding from the real length over the padded slots; equal to
+    the unpadded prompt and to the uncached forward (gemma3: a window shorter than the padded length)."""
+    cfg = CONFIGS[name]
+    hf, _ = _hf_model(cfg)
+    km = _kiln_model(cfg, hf)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 14), generator=torch.Generator().manual_seed(3))
+    t, pad = 9, torch.zeros(1, 7, dtype=torch.long)
+    cache = KVCache.for_model(km, max_len=32)
+    with torch.no_grad():
+        full = km(ids)
+        row = km(torch.cat([ids[:, :t], pad], 1), Step.prefill(cache, 0), last_only=torch.tensor([t - 1]))
+        steps = [km(ids[:, i:i + 1], Step.prefill(cache, i)) for i in range(t, ids.shape[1])]
+    assert row.shape == (1, 1, cfg["vocab_size"])
+    err = max((row[:, 0] - full[:, t - 1]).abs().max().item(),
+              *((s[:, 0] - full[:, t + i]).abs().max().item() for i, s in enumerate(steps)))
+    assert err <= 1e-4, f"{name}: padded prompt vs uncached max |Δlogit| = {err}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_prefill_graphs_equal_eager_prefills(name):
+    """Decoder.prefill from captured graphs (a bucket's second use captures, the third replays) gives the
+    eager prefill's logits and the same decode after it, for prompts sharing a bucket and not."""
+    from kiln.generate import Decoder
+    cfg = CONFIGS[name]
+    hf, _ = _hf_model(cfg)
+    km = _kiln_model(cfg, hf).cuda()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    graphed, eager = (Decoder.for_model(km, 64) for _ in range(2))
+    eager.use_graph = False
+    with torch.no_grad():
+        for t in (7, 9, 7, 9, 20, 20, 20):
+            a = graphed.prefill(ids[:, :t], 0).clone()
+            b = eager.prefill(ids[:, :t], 0)
+            assert (a - b).abs().max().item() <= 1e-4, (name, t)
+            for i in range(t, t + 3):
+                a, b = graphed.step(ids[0, i:i + 1], i).clone(), eager.step(ids[0, i:i + 1], i)
+                assert (a - b).abs().max().item() <= 1e-4, (name, t, i)
+    assert sorted(graphed._prefills) == [16, 32]  # captured on second use; the first of 20 ran eagerly
+
+
 def _rows_decode(km, seqs, slots, prefill, n_slots=4):
     """Prefill each sequence's first `prefill[i]` tokens into its slot (batch-1 views), then decode the
     rest one batched step at a time with per-row positions; returns each row's logits (1, T_i, V)."""

@@ -221,9 +221,13 @@ def gated(down: nn.Module, gate_up: torch.Tensor, act, step: Step) -> torch.Tens
 
 # ---------------------------------------------------------------- attention
 
-def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor:
+def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torch.Tensor | None:
     """Boolean (T, S): query at absolute position p sees keys 0..p, and only the last `window` of them.
-    With per-row positions q_pos (B, T): (B, 1, T, S), broadcasting over heads."""
+    With per-row positions q_pos (B, T): (B, 1, T, S), broadcasting over heads. None where that is the plain
+    causal square (T == S: a prompt from position 0, no window shorter than it), which `attend` hands to SDPA
+    as is_causal: its flash kernels, and no (T, S) mask in memory (512 MB at 16k tokens)."""
+    if q_pos.ndim == 1 and q_pos.shape[0] == s and (not window or window >= s):
+        return None
     k_pos = torch.arange(s, device=device)
     q = q_pos[..., None]  # (T, 1) or (B, T, 1)
     mask = k_pos <= q
@@ -277,10 +281,19 @@ def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: in
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
-    """q (B, H, T, D), k/v (B, K, S, D), mask (T, S) or (B, 1, T, S) → (B, T, H*D)."""
+    """q (B, H, T, D), k/v (B, K, S, D), mask (T, S), (B, 1, T, S) or None (causal, T == S) → (B, T, H*D).
+    Grouped KV heads go to SDPA as they are (enable_gqa) on the causal square; a masked call gets them
+    repeated, as the masked kernels (and torch before 2.5) do not all take groups."""
     b, h, t, _ = q.shape
-    if k.shape[1] != h:
+    extra = {}
+    if k.shape[1] != h and mask is None and _SDPA_GQA:
+        extra["enable_gqa"] = True
+    elif k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(h // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, T, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         **extra)  # (B, H, T, D)
     return out.transpose(1, 2).reshape(b, t, -1)
+
+
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa

@@ -141,18 +141,20 @@ class Model(nn.Module):
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool = False):
+    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool | torch.Tensor = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); `step` as in llama.Model."""
         m, a = self.model, self.args
         step = prepare(step, ids, self.policy, {"global": m.rotary, "local": m.rotary_local},
                        {None, a.sliding_window})
         x = m.embed_tokens(ids)  # (B, T, E)
-        x = x * torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype, device=x.device)  # scale rounded to the model's dtype
+        x = x * float(torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype))  # the scale rounded to the model's dtype
+        # (a Python number: a CUDA graph cannot capture a host-to-device copy)
         residual = None  # the stream starts at the first norm
         for layer in m.layers:
             x, residual = layer(x, residual, step)
-        if last_only:
-            x, residual = x[:, -1:], residual[:, -1:]
+        if last_only is not False:  # True: the last row; a (1,) index tensor: that row (a padded prompt)
+            rows = slice(-1, None) if last_only is True else last_only
+            x, residual = x[:, rows], residual[:, rows]
         logits = self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping

@@ -138,14 +138,16 @@ class Model(nn.Module):
         self.model = Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool = False):
-        """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); `step` (cache.Step) says where the
-        tokens go; None: a whole sequence from position 0, no cache."""
+    def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool | torch.Tensor = False):
+        """ids (B, T) → logits (B, T, V) (or (B, 1, V) of one row: the last with last_only=True, row i with
+        last_only=tensor([i])); `step` (cache.Step) says where the tokens go; None: a whole sequence from
+        position 0, no cache."""
         m = self.model
         step = prepare(step, ids, self.policy, {"global": m.rotary}, {self.args.sliding_window})
         x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm
         for layer in m.layers:
             x, residual = layer(x, residual, step)
-        if last_only:
-            x, residual = x[:, -1:], residual[:, -1:]
+        if last_only is not False:  # True: the last row; a (1,) index tensor: that row (a padded prompt)
+            rows = slice(-1, None) if last_only is True else last_only
+            x, residual = x[:, rows], residual[:, rows]
         return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)

@@ -81,7 +81,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     n_tiles = triton.cdiv(s_max, _BLOCK_N)
-    ns = max(1, min(splits or policy.attn_splits or _default_splits(q.device, b * kh), n_tiles))
+    ns = max(1, min(splits or policy.attn_splits or _default_splits(q.device, b * kh, n_tiles), n_tiles))
     out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
     if ns == 1:  # the split kernel writes `out` itself
         mid_o, mid_lse = out, out
@@ -106,9 +106,13 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     return out
 
 
-def _default_splits(device: torch.device, programs: int) -> int:
-    """Splits so that (B·K) × NS programs fill the device about twice over."""
-    return max(1, math.ceil(2 * _sm_count(device) / programs))
+def _default_splits(device: torch.device, programs: int, n_tiles: int) -> int:
+    """Splits so that (B·K) × NS programs fill the device about twice over, and no split of a full cache
+    walks more than _TILES_PER_SPLIT tiles one after another (a long context is latency-bound otherwise)."""
+    return max(1, math.ceil(2 * _sm_count(device) / programs), math.ceil(n_tiles / _TILES_PER_SPLIT))
+
+
+_TILES_PER_SPLIT = 4
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,126 @@
+"""Decode as a user gets it, and at depth: where the host's time goes, and split-KV attention's split count.
+
+Usage (on the GPU machine): python bench/decode_ab.py --model a.gguf [--depth 16384] [--splits 0,66,132]
+    [--user] [--json out.json]
+--user: tok/s of the device loop (no token read back), of generate_step with and without log-probabilities
+(the host reads every token), and of stream_generate (text too), then the host functions of
+stream_generate by own time (cProfile). --depth/--splits: tg after a depth-token context with the decode
+attention's split count forced (0: the default rule), each a fresh Decoder in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import time
+
+import torch
+
+
+def _timed(fn, reps=3):
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def device_loop(dec, start, g):
+    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    for i in range(g):
+        tok = dec.step(tok, start + i).argmax(-1)
+
+
+def user(model, tok, g, out):
+    from kiln.generate import DecoderPool, generate_step, stream_generate
+    from kiln.sample import SamplingParams
+    pool = DecoderPool(model, keep=1)
+    prompt = list(range(100, 228))
+    dec = pool.get(len(prompt) + g + 8)
+    dec.step(torch.zeros(1, dtype=torch.long, device="cuda"), 0)
+    device_loop(dec, 1, 8)
+    out["device_tok_s"] = g / _timed(lambda: device_loop(dec, 1, g))
+    for lp in (True, False):
+        def run():
+            for n, _ in enumerate(generate_step(prompt, model, SamplingParams(temperature=0.0), dec, logprobs=lp)):
+                if n == 0:
+                    t[0] = time.perf_counter()
+                if n == g:
+                    break
+        t = [0.0]
+        run()
+        times = []
+        for _ in range(3):
+            run()
+            times.append(time.perf_counter() - t[0])
+        out[f"generate_step_logprobs_{lp}_tok_s"] = g / statistics.median(times)
+
+    def stream():
+        for r in stream_generate(model, tok, prompt, g + 1, ignore_eos=True, decoders=pool):
+            if r.generation_tokens == 1:
+                t[0] = time.perf_counter()
+    stream()
+    times = []
+    for _ in range(3):
+        stream()
+        times.append(time.perf_counter() - t[0])
+    out["stream_generate_tok_s"] = g / statistics.median(times)
+    prof = cProfile.Profile()
+    prof.enable()
+    stream()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(((v[2] / g, v[1] / g, f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}") for k, v in st.stats.items()),
+                  reverse=True)
+    out["host_us_per_token"] = 1e6 * st.total_tt / g
+    out["host_top"] = [{"us": round(1e6 * a, 2), "calls": round(c, 2), "fn": n} for a, c, n in rows[:25]]
+
+
+def depth(model, d, g, splits, out):
+    from kiln.generate import Decoder
+    base = model.policy
+    ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
+    for ns in splits:
+        model.policy = base.replace(attn_splits=ns)
+        dec = Decoder.for_model(model, d + g + 8)
+        dec.prefill(ids, 0)
+        device_loop(dec, d, 4)
+        out[f"tg{g}_at_{d}_splits_{ns}"] = g / _timed(lambda: device_loop(dec, d, g))
+        print(ns, out[f"tg{g}_at_{d}_splits_{ns}"], flush=True)
+        dec = None
+        torch.cuda.empty_cache()
+    model.policy = base
+
+
+@torch.inference_mode()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("-g", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--splits", default="0")
+    ap.add_argument("--user", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    import kiln
+    model, tok = kiln.load(a.model, device="cuda")
+    out = {"model": a.model}
+    if a.user:
+        user(model, tok, a.g, out)
+    if a.depth:
+        depth(model, a.depth, a.g, [int(s) for s in a.splits.split(",")], out)
+    print(json.dumps({k: v for k, v in out.items() if k != "host_top"}, indent=1))
+    for r in out.get("host_top", [])[:15]:
+        print(f"  {r['us']:8.2f} us x{r['calls']:<5} {r['fn']}")
+    if a.json:
+        json.dump(out, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
