@@ -8,8 +8,9 @@
 #   STEPS="profile compare" FILES="qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M" bash bench/gpu_session.sh
 # PRE_CMD: a command run right after the files are made (while llama.cpp builds). BENCH_ARGS: `kiln bench` options for every file (default -p 128,512 -g 128 -r 3); DEEP / DEEP_ARGS: files that
 # also get long prompts and decode at depth.
-# Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file), and the llama.cpp wheel
-# (split in 15 MB parts) when it was built here, so that later calls can carry it instead of building.
+# Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file). The CUDA wheel (~150 MB) is
+# too large to carry back in, so each machine builds it once (~5 minutes on 16 cores); a second run of this
+# script in the same call finds it. Files already in /tmp/g are kept.
 set -u
 ROOT=$PWD
 mkdir -p /tmp/carry
@@ -29,7 +30,7 @@ install_llama() {  # a carried wheel (whole or in parts) or a build from the tri
   if ls .whl/llama_cpp_python*.whl.part-* >/dev/null 2>&1; then
     cat .whl/llama_cpp_python*.whl.part-* > /tmp/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
   fi
-  local whl; whl=$(ls /tmp/llama_cpp_python*.whl .whl/llama_cpp_python*.whl 2>/dev/null | head -1)
+  local whl; whl=$(ls /tmp/llwheel/*.whl /tmp/llama_cpp_python*.whl .whl/llama_cpp_python*.whl 2>/dev/null | head -1)
   if [ -n "$whl" ]; then
     python -m pip install -q --no-deps --target /tmp/llsite "$whl" .whl/diskcache*.whl && echo "llama.cpp: installed $whl"
     return
@@ -38,13 +39,16 @@ install_llama() {  # a carried wheel (whole or in parts) or a build from the tri
    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90-real -DLLAVA_BUILD=off" CMAKE_BUILD_PARALLEL_LEVEL=16 \
    python -m pip wheel -q --no-deps --no-build-isolation -w /tmp/llwheel /tmp/llama_cpp_python-0.3.36 > /tmp/llbuild.log 2>&1 && \
    python -m pip install -q --no-deps --target /tmp/llsite /tmp/llwheel/*.whl "$ROOT"/.whl/diskcache*.whl && \
-   (cd /tmp/llwheel && split -b 15M *.whl "$OUT/$(ls *.whl).part-") && echo "llama.cpp: built in $(( $(date +%s) - START )) s") \
+   echo "llama.cpp: built in $(( $(date +%s) - START )) s") \
    || { echo "llama.cpp build failed"; tail -30 /tmp/llbuild.log; }
 }
-install_llama > /tmp/llinstall.log 2>&1 &
-LLPID=$!
+if llama_ready; then echo "llama.cpp: already installed" > /tmp/llinstall.log; LLPID=0; else
+  install_llama > /tmp/llinstall.log 2>&1 &
+  LLPID=$!
+fi
 
 for f in $FILES; do
+  [ -f "/tmp/g/${f%%:*}-${f##*:}.gguf" ] && continue
   timeout 120 python bench/make_gguf.py --model "${f%%:*}" --type "${f##*:}" --out /tmp/g > /dev/null 2>&1 \
     || echo "make_gguf $f failed"
 done
@@ -114,4 +118,4 @@ if l:
 EOF
   done
 fi
-wait $LLPID 2>/dev/null; ls -la "$OUT"
+[ "$LLPID" != 0 ] && wait $LLPID 2>/dev/null; ls -la "$OUT"

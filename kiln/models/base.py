@@ -62,6 +62,12 @@ def _flatten_rope_parameters(cfg: dict) -> dict:
     return cfg
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its random init: the loader assigns the weights, and torch's normal_ on the meta
+    device (where kiln builds models) first imports torch._dynamo, about 1.5 s of every load."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, gated, int8_buffer, prepare, project
+from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
+                              prepare, project)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -125,7 +126,7 @@ class Block(nn.Module):
 class Body(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, offset=1.0)
         self.rotary = RoPE(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)

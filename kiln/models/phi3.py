@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kiln.models import llama
-from kiln.models.base import RMSNorm, RoPE, Step, attention
+from kiln.models.base import RMSNorm, RoPE, Step, attention, embedding
 from kiln.ops import silu_mul
 
 
@@ -70,7 +70,7 @@ class Block(llama.Block):
 class Body(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         rot = int(a.head_dim * a.partial_rotary_factor)
