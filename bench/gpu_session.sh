@@ -95,7 +95,7 @@ if [[ " $STEPS " == *" compare "* ]]; then
     name="${f%%:*}-${f##*:}"
     ARGS=${BENCH_ARGS:-"-p 128,512 -g 128 -r 3"}
     [[ " ${DEEP:-} " == *" $f "* ]] && ARGS=${DEEP_ARGS:-"-p 128,512,4096,16384 -d 0,4096,16384 -g 128 -r 3"}
-    timeout $(( $(left) - 10 )) python -m kiln.cli bench --model "/tmp/g/$name.gguf" $ARGS --cold --json $CMP \
+    timeout $(( $(left) - 10 )) python -m kiln.cli bench --model "/tmp/g/$name.gguf" $ARGS ${COLD---cold} --json $CMP \
       > /tmp/b.json 2> /tmp/b.err
     echo "== $name rc=$? at $(( $(date +%s) - START )) s"; tail -c 400 /tmp/b.err
     python -c "import json,sys; d=json.load(open('/tmp/b.json')); print(json.dumps(d))" >> "$OUT/bench.jsonl" 2>/dev/null
