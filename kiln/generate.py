@@ -138,7 +138,7 @@ class Decoder:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.graph, self.logits, self._next = None, None, None  # _next: the position the graph holds now
+        self.graph, self.logits = None, None
         self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, logits)
         self._seen: set[int] = set()
         self._pool = None
@@ -155,15 +155,9 @@ class Decoder:
         return self.model(self.token, step)[:, -1].float()  # (1, V)
 
     def capture(self):
-        """Warm up and capture; writes only the cache's last slot (still masked when real steps read it). The
-        graph advances its position itself, so consecutive steps launch nothing but the token's copy."""
-        def forward():
-            logits = self._forward(Step.graph(self.cache, self.pos))
-            self.pos.add_(1)
-            return logits
+        """Warm up and capture; writes only the cache's last slot (still masked when real steps read it)."""
         self.pos.fill_(self.cache.max_len - 1)
-        self.graph, self.logits = capture_graph(forward)
-        self._next = None  # the warm-up runs moved pos: the next step sets it
+        self.graph, self.logits = capture_graph(lambda: self._forward(Step.graph(self.cache, self.pos)))
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         self.token.copy_(token.view(1, 1))
@@ -171,10 +165,8 @@ class Decoder:
             return self._forward(Step.prefill(self.cache, pos))
         if self.graph is None:
             self.capture()
-        if pos != self._next:
-            self.pos.fill_(pos)
+        self.pos.fill_(pos)
         self.graph.replay()
-        self._next = pos + 1
         return self.logits
 
     def prefill(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
