@@ -152,7 +152,7 @@ def generate(argv: list[str]) -> int:
     from kiln.generate import stream_generate
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                **_sampling(a)):
+                                logprobs=False, **_sampling(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:
@@ -199,7 +199,7 @@ def chat(argv: list[str]) -> int:
         reply = []
         try:
             for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
-                                     **_sampling(a)):
+                                     logprobs=False, **_sampling(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

@@ -25,7 +25,7 @@ SWITCHES = {
     "mma": ("KILN_MMA", "0: 9..32-row GPU matmuls never use the tensor-core tiles (dequantize + cuBLAS)"),
     "pdl": ("KILN_PDL", "0: Triton kernels launch without programmatic dependent launch"),
     "native": ("KILN_NATIVE", "0: the CPU decode step uses torch's kernels, not kiln's C kernels"),
-    "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy)"),
+    "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy and cache length)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
                                       "TRITON_INTERPRET=1)"),
 }

@@ -44,6 +44,13 @@ def test_stream_equals_generate_and_decode(qwen):
     assert rs[-1].finish_reason in ("stop", "length") and all(r.finish_reason is None for r in rs[:-1])
     assert rs[-1].prompt_tokens == len(tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False))
     assert "\ufffd" not in text
+    # log-probabilities of every step's distribution, or none when not asked for (generate and the CLI)
+    lp = torch.stack([r.logprobs for r in rs])
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(len(rs)), atol=1e-3)
+    assert all(int(lp[i].argmax()) == r.token for i, r in enumerate(rs))  # greedy: the most likely token
+    bare = list(kiln.stream_generate(model, tok, msgs, max_tokens=40, logprobs=False))
+    assert [r.token for r in bare] == [r.token for r in rs] and all(r.logprobs is None for r in bare)
+    assert all(r.peak_memory > 0 for r in bare)
 
 
 def test_eos_ends_with_stop_and_max_tokens_with_length(qwen):
