@@ -11,6 +11,7 @@ Not: sampling math and per-sequence sampling state (sample.py), detokenization a
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 import time
@@ -221,10 +222,12 @@ class DecoderPool:
 # ---------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
-                  prefill_step: int | None = None, logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop.
-    `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA, 4096;
-    512 elsewhere); chunks bound activation memory.
+                  prefill_step: int | None = None, logprobs: bool = True,
+                  max_tokens: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop,
+    or `max_tokens` does (no step is run ahead for a token past it: `--max-tokens 1` captures no decode
+    graph). `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
+    4096; 512 elsewhere); chunks bound activation memory.
 
     The device runs one step ahead of the host: step n+1 is queued before token n is read back, so
     the host's bookkeeping overlaps the GPU's work.
@@ -248,11 +251,11 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
     token, lp = pick(logits)
     host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")
     ready = torch.cuda.Event() if device.type == "cuda" else None
-    while True:
+    for n in itertools.count(1):
         host.copy_(token, non_blocking=ready is not None)
         if ready is not None:
             ready.record()
-        more = pos < cache.max_len
+        more = pos < cache.max_len and (max_tokens is None or n < max_tokens)
         if more:  # queue the next step before waiting for this token
             nxt = pick(decoder.step(token, pos))
         if ready is not None:
@@ -289,7 +292,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
 def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step, want_lp):
     text, eos = TextStream(tokenizer, stops), set(tokenizer.eos_token_ids)
     tic, prompt_tps, t_first, peak = time.perf_counter(), 0.0, None, 0.0
-    steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=want_lp)
+    steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=want_lp, max_tokens=max_tokens)
     for n, (token, logprobs) in enumerate(steps, 1):
         if t_first is None:
             t_first = time.perf_counter()

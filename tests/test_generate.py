@@ -94,6 +94,22 @@ def test_sampling_seed_bias_and_validation(qwen):
         kiln.generate(model, tok, "x", stop=["ok", 3])
 
 
+def test_no_step_runs_ahead_past_max_tokens(qwen):
+    """generate_step queues token n+1's step before it hands over token n, except past max_tokens: a
+    one-token generation (a cold `kiln generate --max-tokens 1`) runs no decode step, so on a GPU it
+    captures no decode graph. The step's mark is the keys it writes at the first generated position."""
+    from kiln.generate import generate_step
+    from kiln.sample import SamplingParams
+    model, tok = qwen
+    ids = tok.encode("def add(a, b):")
+    greedy = SamplingParams(temperature=0.0)
+    dec = DecoderPool(model).get(len(ids) + 8)
+    one = list(generate_step(ids, model, greedy, dec, max_tokens=1, logprobs=False))
+    assert len(one) == 1 and not dec.cache.k[:, :, :, len(ids)].any()
+    two = list(generate_step(ids, model, greedy, dec, max_tokens=2, logprobs=False))
+    assert [t for t, _ in two][:1] == [one[0][0]] and len(two) == 2 and dec.cache.k[:, :, :, len(ids)].any()
+
+
 def test_a_decoder_pool_reuses_its_cache_across_calls(qwen):
     """An explicit pool, not state on the model: a second prompt over the first one's used cache (stale keys
     past its own positions) gives what a fresh cache gives."""
