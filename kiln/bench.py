@@ -1,9 +1,11 @@
 """`kiln bench`: prefill, decode and effective speed of one model file, optionally beside llama.cpp.
 
 Owns: the measurement protocol (fixed random prompt ids, warm-up, medians of repeats, device-side
-timing with one synchronization per measured region), the bandwidth roofline (weight bytes read per
-decode step over the copy bandwidth measured in the same run), and the llama.cpp comparison through
-llama-cpp-python in a child process (it must not share a process with torch: loading it after torch
+timing with one synchronization per measured region; prefill per prompt length, its first (eager) run
+apart; decode per context depth, as a device loop and as `generate` streams it; load and cold start), the
+bandwidth roofline (weight bytes read per decode step over the copy bandwidth measured in the same run),
+and the llama.cpp comparison through llama-cpp-python's C API in a child process, timed as llama-bench
+times it, its agreement check untimed (it must not share a process with torch: loading it after torch
 crashes on the GPU machine).
 Not: kernels or graphs (generate.py, quant/, ops/), result archiving (bench/ scripts write JSON there).
 """
