@@ -1,5 +1,5 @@
 """GPU check of generation's CUDA graphs: the batch-1 Decoder's captured step against the eager step, and the
-engine's captured batched steps (with and without the look-ahead) against solo runs, greedy and sampled,
+engine's captured batched steps (with and without the look-ahead; the prompts prefilled together) against solo runs, greedy and sampled,
 fp32 and bf16, on a tiny random qwen2. Prints one line per check and exits 1 if any disagrees.
 
 Usage on the GPU machine, repo root: python bench/gpu_engine_check.py
@@ -41,9 +41,10 @@ for dtype in (torch.float32, torch.bfloat16):
     refs = [solo(p, True)[0] for p in prompts]
     for look in (True, False):
         eng = Engine(model, None, n_slots=4, ctx_size=256, graphs=True, look_ahead=look)
+        # queued before the loop starts: the four prompts are prefilled together, in one forward of padded rows
+        hs = [eng.submit(EngineRequest(p, SamplingParams(), 24, ignore_eos=True)) for p in prompts]
         eng.start()
         try:
-            hs = [eng.submit(EngineRequest(p, SamplingParams(), 24, ignore_eos=True)) for p in prompts]
             got = [[o.token for o in h.sync()] for h in hs]
             hs2 = [eng.submit(EngineRequest(prompts[1], SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.2), 16, ignore_eos=True))]
             s2 = [o.token for o in hs2[0].sync()]
@@ -52,7 +53,7 @@ for dtype in (torch.float32, torch.bfloat16):
             eng.stop()
         print(dtype, "look_ahead", look, "graphs", sorted(eng._step.graphs), "engine == solo:",
               [a == b for a, b in zip(got, refs)], "first-diff", [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, refs)],
-              "sampled == solo:", s2 == r2, flush=True)
+              "sampled == solo:", s2 == r2, "prefill forwards", eng.stats()["prefill_forwards"], flush=True)
         bad += dtype == torch.float32 and (not all(a == b for a, b in zip(got, refs)) or s2 != r2)  # bf16: reported
 print("FAILED" if bad else "all agree")
 sys.exit(1 if bad else 0)

@@ -230,9 +230,10 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
-                 prefill_step: int = 512, graphs: bool | None = None, look_ahead: bool = True):
+                 prefill_step: int | None = None, graphs: bool | None = None, look_ahead: bool = True):
         """`graphs`: the static, padded decode step (`_BatchStep`), captured as CUDA graphs on CUDA
-        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most.
+        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most, in
+        one forward (default 2048 on CUDA, as llama-server's batch; 512 elsewhere).
         `look_ahead`: with the static step, launch the next decode step on the device's own greedy picks
         before the host reads them (`_can_look_ahead`); the attribute may be switched while running."""
         a = model.args
@@ -244,9 +245,10 @@ class Engine:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise KilnError(f"invalid max_queue {max_queue!r}: must be an integer >= 0")
         self.model, self.tokenizer = model, tokenizer
+        p = next(model.parameters())
+        prefill_step = prefill_step or (2048 if p.device.type == "cuda" else 512)
         self.n_slots, self.ctx_size, self.max_queue, self.prefill_step = n_slots, ctx_size, max_queue, prefill_step
         self.vocab = a.vocab_size
-        p = next(model.parameters())
         static = p.device.type == "cuda" if graphs is None else bool(graphs)
         self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size)  # + a scratch slot
         self.device = self.cache.k.device
@@ -261,7 +263,7 @@ class Engine:
         self._stopping = False
         self._clock = 0
         self._counters = dict(requests_total=0, requests_finished=0, prefix_hits=0, prefix_tokens=0,
-                              tokens_generated=0, prompt_tokens_prefilled=0, steps=0, errors=0)
+                              tokens_generated=0, prompt_tokens_prefilled=0, prefill_forwards=0, steps=0, errors=0)
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -410,30 +412,63 @@ class Engine:
 
     def _prefill(self) -> None:
         """Prefill waiting prompts, oldest first, up to `prefill_step` tokens per iteration (in chunks of
-        at most that), so that running requests keep decoding while a long prompt is read."""
-        budget = self.prefill_step
+        at most that), so that running requests keep decoding while a long prompt is read. The chunks of
+        one iteration go through the model together: one forward of padded rows (`_prefill_rows`), each
+        row at its own slot and position, so that new requests do not wait behind each other."""
+        budget, batch = self.prefill_step, []
         for row in [r for r in self._rows if r.todo]:
             if budget <= 0:
-                return
+                break
             n = min(len(row.todo), budget)
             budget -= n
+            batch.append((row, n))
+        t = max((n for _, n in batch), default=0)
+        together = [(r, n) for r, n in batch if len(r.slot.tokens) + t <= self.ctx_size]  # padding fits
+        if len(together) > 1:
+            groups = [together] + [[rn] for rn in batch if rn not in together]
+        else:
+            groups = [[rn] for rn in batch]
+        for group in groups:
             try:
-                logits = self._prefill_chunk(row, n)
+                logits = self._prefill_rows(group) if len(group) > 1 else self._prefill_chunk(*group[0])
+                self._counters["prefill_forwards"] += 1
             except Exception as e:
                 log.exception("prefill failed")
-                self._finish(row, "error", str(e) or type(e).__name__)
+                for row, _ in group:
+                    self._finish(row, "error", str(e) or type(e).__name__)
                 continue
-            if logits is not None:  # the whole prompt is in: its last logits give the first token
-                self._emit([row], logits)
+            done = [b for b, (row, _) in enumerate(group) if not row.todo]
+            if done:  # whole prompts are in: their last logits give their first tokens
+                self._emit([group[b][0] for b in done], logits[done] if len(group) > 1 else logits)
 
-    def _prefill_chunk(self, row: _Row, n: int) -> torch.Tensor | None:
-        chunk, row.todo = row.todo[:n], row.todo[n:]
+    def _prefill_chunk(self, row: _Row, n: int) -> torch.Tensor:
+        """The next n prompt tokens of one row, as a batch-1 prefill of its slot: logits (1, V) of the last."""
         slot = row.slot
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
+        ids = torch.tensor([row.todo[:n]], dtype=torch.long, device=self.device)  # (1, n)
         logits = prefill_chunk(self.model, ids, self.cache.slot(slot.index), len(slot.tokens))
-        slot.tokens.extend(chunk)
+        self._took(row, n)
+        return logits
+
+    def _prefill_rows(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
+        """The next n_b prompt tokens of each row b in one forward over the slot cache (`Step.rows`): rows
+        padded at the end to the longest chunk T (the pads' keys land past the row's tokens, where nothing
+        reads them before a real token overwrites them) → logits (B, V) of each row's last real token."""
+        t, dev = max(n for _, n in group), self.device
+        ids = torch.tensor([r.todo[:n] + [0] * (t - n) for r, n in group], dtype=torch.long, device=dev)  # (B, T)
+        pos = [len(r.slot.tokens) for r, _ in group]
+        view = self.cache.rows([r.slot.index for r, _ in group], max(pos) + t)
+        last = torch.tensor([n - 1 for _, n in group], dtype=torch.long, device=dev)  # (B,)
+        logits = self.model(ids, Step.rows(view, torch.tensor(pos, dtype=torch.long, device=dev)),
+                            last_only=last)[:, -1].float()  # (B, V)
+        for r, n in group:
+            self._took(r, n)
+        return logits
+
+    def _took(self, row: _Row, n: int) -> None:
+        """n prompt tokens of the row are in its slot now."""
+        row.slot.tokens.extend(row.todo[:n])
+        row.todo = row.todo[n:]
         self._counters["prompt_tokens_prefilled"] += n
-        return None if row.todo else logits  # (1, V)
 
     # ------------------------------------------------------------------ the batched decode step
 

@@ -96,6 +96,38 @@ def test_static_padded_step_equals_solo_runs(qwen, greedy_refs):
         torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("prefill_step", [512, 7])
+def test_prompts_prefilled_together_equal_their_solo_runs(qwen, solo_runs, prefill_step):
+    """Prompts of different lengths waiting together are prefilled in one forward of padded rows, each at its
+    own slot and position (Engine._prefill_rows): tokens and logprobs equal their solo runs, and every slot
+    holds exactly its own tokens' keys (the pads wrote only past them). With a 7-token budget the prompts
+    go in chunks over several iterations, a chunk of one row beside the start of the next."""
+    model, tok = qwen
+    e = Engine(model, tok, n_slots=4, ctx_size=128, prefill_step=prefill_step)
+    handles = [e.submit(req(tok, p)) for p in PROMPTS]  # all waiting before the loop's first iteration
+    e.start()
+    try:
+        outs = [list(h.sync()) for h in handles]
+    finally:
+        e.stop()
+    lengths = [len(tok.encode(p)) for p in PROMPTS]
+    assert len(set(lengths)) > 2  # really padded
+    if prefill_step > max(lengths) * len(PROMPTS):
+        assert e.stats()["prefill_forwards"] == 1
+    else:
+        assert e.stats()["prefill_forwards"] < sum(-(-n // prefill_step) for n in lengths)
+    for got, (tokens, logprobs) in zip(outs, solo_runs):
+        assert [o.token for o in got] == tokens[:N]
+        want = [float(lp[t]) for lp, t in zip(logprobs[:N], tokens[:N])]
+        assert [o.logprob for o in got] == pytest.approx(want, abs=2e-3)
+    for slot in e._slots:  # (a masked forward of padded rows rounds apart from one unmasked row: 1e-3; a
+        n = len(slot.tokens)  # key a pad overwrote would be off by O(1))
+        fresh = KVCache.for_model(model, max_len=n)
+        with torch.inference_mode():
+            model(torch.tensor([slot.tokens]), Step.prefill(fresh, 0))
+        torch.testing.assert_close(e.cache.k[:, slot.index, :, :n], fresh.k[:, 0], rtol=1e-3, atol=1e-3)
+
+
 def test_look_ahead_steps_that_go_stale_change_nothing(qwen, greedy_refs, solo_runs):
     """The static step launches the next step on the device's own picks before the host reads them
     (Engine._look_ahead). A row that stops on a stop token makes that step stale, a row that joins too;

@@ -189,10 +189,21 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     positions, n_keys = step.keys(t, device)
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
     # decode attention over the static cache: those read positions directly, so no mask is built.
-    fused = step.kind != PREFILL and use_triton(ids, policy)
+    fused = step.kind != PREFILL and t == 1 and use_triton(ids, policy)  # a batched prompt chunk: SDPA
     masks = {} if fused else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused,
                    rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks)
+
+
+def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x and residual (B, T, E) whose logits are wanted: all (False), the last (True), or row
+    last_only[b] of batch row b (a (1,) or (B,) device index: padded prompts) → (B, T or 1, E) each."""
+    if last_only is False:
+        return x, residual
+    if last_only is True:
+        return x[:, -1:], residual[:, -1:]
+    idx = last_only.view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])
+    return x.gather(1, idx), residual.gather(1, idx)
 
 
 # ---------------------------------------------------------------- projections

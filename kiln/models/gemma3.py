@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              prepare, project)
+                              logit_rows, prepare, project)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -153,9 +153,7 @@ class Model(nn.Module):
         residual = None  # the stream starts at the first norm
         for layer in m.layers:
             x, residual = layer(x, residual, step)
-        if last_only is not False:  # True: the last row; a (1,) index tensor: that row (a padded prompt)
-            rows = slice(-1, None) if last_only is True else last_only
-            x, residual = x[:, rows], residual[:, rows]
+        x, residual = logit_rows(last_only, x, residual)
         logits = self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              prepare, project)
+                              logit_rows, prepare, project)
 from kiln.ops import silu_mul
 
 
@@ -141,14 +141,12 @@ class Model(nn.Module):
 
     def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool | torch.Tensor = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) of one row: the last with last_only=True, row i with
-        last_only=tensor([i])); `step` (cache.Step) says where the tokens go; None: a whole sequence from
+        last_only=tensor([i]), row i[b] of row b with a (B,) tensor); `step` (cache.Step) says where the tokens go; None: a whole sequence from
         position 0, no cache."""
         m = self.model
         step = prepare(step, ids, self.policy, {"global": m.rotary}, {self.args.sliding_window})
         x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm
         for layer in m.layers:
             x, residual = layer(x, residual, step)
-        if last_only is not False:  # True: the last row; a (1,) index tensor: that row (a padded prompt)
-            rows = slice(-1, None) if last_only is True else last_only
-            x, residual = x[:, rows], residual[:, rows]
+        x, residual = logit_rows(last_only, x, residual)
         return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
