@@ -7,7 +7,7 @@
 # CUDA backend, or its built wheel in parts):
 #   STEPS="profile compare" FILES="qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M" bash bench/gpu_session.sh
 # FILES NAME:llq-TYPE: llama.cpp's quantizer (bench/llama_quantize.py) makes TYPE from NAME-F16.gguf (list the
-# F16 sources in LLQ_SRC, e.g. "qwen3-0.6b:F16"). SAVE_WHEEL=1: the built wheel comes back xz'd in parts.
+# F16 sources in LLQ_SRC, e.g. "qwen3-0.6b:F16").
 # PRE_CMD: a command run right after the files are made (while llama.cpp builds). BENCH_ARGS: `kiln bench` options for every file (default -p 128,512 -g 128 -r 3); DEEP / DEEP_ARGS: files that
 # also get long prompts and decode at depth.
 # Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file). The CUDA wheel (~150 MB) is
@@ -29,9 +29,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 llama_ready() { python -c "import sys; sys.path.insert(0, '/tmp/llsite'); import llama_cpp" 2>/dev/null; }
 install_llama() {  # a carried wheel (whole or in parts) or a build from the trimmed sdist
-  if ls .whl/llwhl.xz.part-* >/dev/null 2>&1; then  # a wheel built on an earlier machine, xz'd in parts
-    cat .whl/llwhl.xz.part-* | xz -d > /tmp/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
-  fi
   if ls .whl/llama_cpp_python*.whl.part-* >/dev/null 2>&1; then
     cat .whl/llama_cpp_python*.whl.part-* > /tmp/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
   fi
@@ -95,9 +92,6 @@ fi
 if [[ " $STEPS " == *" compare "* ]]; then
   while kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 150 ]; do sleep 5; done
   cat /tmp/llinstall.log
-  if [ -n "${SAVE_WHEEL:-}" ] && ls /tmp/llwheel/*.whl >/dev/null 2>&1; then  # for later calls to carry in
-    xz -T16 -6 -c /tmp/llwheel/*.whl | split -b 15M - "$OUT/llwhl.xz.part-"; ls -la "$OUT"/llwhl*
-  fi
   for f in $FILES; do  # NAME:llq-TYPE: llama.cpp's quantizer makes TYPE from NAME-F16.gguf
     [[ "$f" == *llq-* ]] && [ ! -f "/tmp/g/${f%%:*}-${f##*:}.gguf" ] && llama_ready && \
       timeout 200 python bench/llama_quantize.py "/tmp/g/${f%%:*}-F16.gguf" "/tmp/g/${f%%:*}-${f##*:}.gguf" "${f##*llq-}"
