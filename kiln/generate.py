@@ -12,7 +12,7 @@ Not: sampling math and per-sequence sampling state (sample.py), detokenization a
 
 from __future__ import annotations
 
-import itertools
+import collections
 import resource
 import sys
 import time
@@ -230,14 +230,17 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
     graph). `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
     4096; 512 elsewhere); chunks bound activation memory.
 
-    The device runs one step ahead of the host: step n+1 is queued before token n is read back, so
-    the host's bookkeeping overlaps the GPU's work.
+    On CUDA the device runs up to `AHEAD` steps ahead of the host: steps n+1 and n+2 are queued before
+    token n is read back, so the host's bookkeeping (and its jitter) overlaps the GPU's work. Elsewhere
+    nothing runs ahead (a CPU step is synchronous: a step run ahead of a stop would only be wasted).
     """
     cache = decoder.cache
     device = cache.k.device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     params.check_vocab(model.args.vocab_size)
     sampler = Sampler(params, prompt, model.args.vocab_size, device)
+    on_gpu = device.type == "cuda"
+    ahead = AHEAD if on_gpu else 0
 
     def pick(logits):  # (1, V) float32 → token (1,), logprobs (V,) or None; all on the device
         lp = logits.log_softmax(-1)[0] if logprobs else None
@@ -245,26 +248,39 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         sampler.accept(token)
         return token, lp
 
-    prefill_step = prefill_step or (PREFILL_BUCKETS[-1] if device.type == "cuda" else 512)
+    prefill_step = prefill_step or (PREFILL_BUCKETS[-1] if on_gpu else 512)
     for start in range(0, ids.shape[1], prefill_step):
         logits = decoder.prefill(ids[:, start:start + prefill_step], start)
-    pos = ids.shape[1]
-    token, lp = pick(logits)
-    host = torch.empty(1, dtype=torch.long, pin_memory=device.type == "cuda")
-    ready = torch.cuda.Event() if device.type == "cuda" else None
-    for n in itertools.count(1):
-        host.copy_(token, non_blocking=ready is not None)
+    pos = ids.shape[1]  # where the newest queued token goes when it is fed back
+    buffers = [torch.empty(1, dtype=torch.long, pin_memory=on_gpu) for _ in range(ahead + 1)]
+    pending: collections.deque = collections.deque()  # (host buffer, ready event, logprobs) queued, unread
+
+    def queue(token, lp, i):  # the i-th token (from 0): its copy to the host, in buffer i mod (ahead + 1)
+        host = buffers[i % len(buffers)]  # (at most ahead + 1 are unread at once: no two share a buffer)
+        host.copy_(token, non_blocking=on_gpu)
+        ready = torch.cuda.Event() if on_gpu else None
         if ready is not None:
             ready.record()
-        more = pos < cache.max_len and (max_tokens is None or n < max_tokens)
-        if more:  # queue the next step before waiting for this token
-            nxt = pick(decoder.step(token, pos))
+        pending.append((host, ready, lp))
+
+    token, lp = pick(logits)
+    queue(token, lp, 0)
+    queued = 1  # tokens queued so far, the first one (from the prompt's logits) included
+    while True:
+        while len(pending) <= ahead and pos < cache.max_len and (max_tokens is None or queued < max_tokens):
+            token, lp = pick(decoder.step(token, pos))
+            pos += 1
+            queue(token, lp, queued)
+            queued += 1
+        if not pending:
+            return
+        host, ready, lp_n = pending.popleft()
         if ready is not None:
             ready.synchronize()
-        yield int(host[0]), lp
-        if not more:
-            return
-        (token, lp), pos = nxt, pos + 1
+        yield int(host[0]), lp_n
+
+
+AHEAD = 2  # decode steps queued beyond the token the host reads next (CUDA)
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
