@@ -55,6 +55,33 @@ def _sampling_args(p: argparse.ArgumentParser):
                    help="context length in tokens, prompt included (default: the model's)")
 
 
+def _draft_args(p: argparse.ArgumentParser):
+    p.add_argument("--draft-model", default=None,
+                   help="speculative decoding: a smaller model with the same vocabulary drafts tokens that the "
+                        "model checks in one step (output as without it)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per step (default 4)")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=0, metavar="N",
+                   help="speculative decoding without a draft model: draft the tokens that followed the context's "
+                        "last n-gram (n <= N) earlier in it; good when the answer repeats the prompt (code edits)")
+
+
+def _check_draft(a) -> None:
+    if a.num_draft_tokens < 1:
+        raise KilnError(f"--num-draft-tokens {a.num_draft_tokens}: must be at least 1")
+    if a.prompt_lookup_ngram < 0:
+        raise KilnError(f"--prompt-lookup-ngram {a.prompt_lookup_ngram}: must be at least 1 (0: off)")
+    if a.draft_model is not None and a.prompt_lookup_ngram:
+        raise KilnError("give --draft-model or --prompt-lookup-ngram, not both")
+
+
+def _drafting(a) -> dict:
+    """stream_generate's speculative-decoding arguments; loads the draft model (as the model was loaded)."""
+    draft = None
+    if a.draft_model is not None:
+        draft, _ = _load(argparse.Namespace(**{**vars(a), "model": a.draft_model}))
+    return dict(draft_model=draft, num_draft_tokens=a.num_draft_tokens, prompt_lookup=a.prompt_lookup_ngram)
+
+
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
@@ -131,7 +158,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr at the end")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print speed and memory (and the drafts kept, with speculative decoding) to stderr at the end")
+    _draft_args(p)
     _quantized_arg(p)
     _sampling_args(p)
     return p
@@ -140,10 +169,12 @@ def generate_parser() -> argparse.ArgumentParser:
 def generate(argv: list[str]) -> int:
     a = generate_parser().parse_args(argv)
     _check_sampling(a)
+    _check_draft(a)
     prompt = _read_prompt(a)
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
+    drafting = _drafting(a)
     if not a.no_chat_template and tok.chat_template:
         msgs = ([{"role": "system", "content": a.system}] if a.system else [])
         prompt = msgs + [{"role": "user", "content": prompt}]
@@ -152,13 +183,16 @@ def generate(argv: list[str]) -> int:
     from kiln.generate import stream_generate
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, **_sampling(a)):
+                                logprobs=False, **drafting, **_sampling(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:
         print(f"==========\nPrompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens-per-sec\n"
               f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens-per-sec\n"
               f"Peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
+        if last.drafted:
+            print(f"Drafts: {last.accepted} of {last.drafted} kept ({100 * last.accepted / last.drafted:.0f}%)",
+                  file=sys.stderr)
     return 0
 
 
@@ -168,9 +202,12 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="system message")
     _quantized_arg(p)
     _sampling_args(p)
+    _draft_args(p)
     a = p.parse_args(argv)
     _check_sampling(a)
+    _check_draft(a)
     model, tok = _load(a)
+    drafting = _drafting(a)
     if not tok.chat_template:
         raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")
     from kiln.generate import DecoderPool, stream_generate
@@ -199,7 +236,7 @@ def chat(argv: list[str]) -> int:
         reply = []
         try:
             for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
-                                     logprobs=False, **_sampling(a)):
+                                     logprobs=False, **drafting, **_sampling(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

@@ -24,6 +24,7 @@ import torch
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.sample import Sampler, SamplingParams
+from kiln.speculative import drafter_for, speculative_step
 from kiln.textstream import TextStream
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _ALIASES = {"temp": "temperature"}
@@ -41,6 +42,8 @@ class GenerationResponse:
     peak_memory: float  # GB so far, read at the first and last response and every 64th (a read of torch's
     #                     allocator statistics takes ~0.3 ms of host time: more than a small model's decode step)
     finish_reason: str | None = None  # "stop", "length" or None while generating
+    drafted: int = 0  # speculative decoding: draft tokens proposed so far, and how many the model kept
+    accepted: int = 0
 
 
 def sampling_params(**kw) -> SamplingParams:
@@ -285,12 +288,17 @@ AHEAD = 2  # decode steps queued beyond the token the host reads next (CUDA)
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
                     max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
-                    logprobs: bool = True, **sampling) -> Iterator[GenerationResponse]:
+                    logprobs: bool = True, draft_model=None, num_draft_tokens: int = 4, prompt_lookup: int = 0,
+                    **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
 
     `decoders`: a DecoderPool to reuse caches (and captured CUDA graphs) across calls; a fresh one otherwise.
     `logprobs`: False leaves GenerationResponse.logprobs None and saves a launch per token (what `generate`
     and the CLI do: on a 0.6B model the host's launches, not the GPU, set the pace).
+    Speculative decoding (speculative.py): `draft_model` (a kiln model with the same vocabulary) drafts
+    `num_draft_tokens` per round, or `prompt_lookup=N` drafts by matching the context's last n-gram (n <= N)
+    earlier in it; the target verifies a round in one forward. The output is distributed as without it
+    (greedy: the same tokens); responses count `drafted` and `accepted` tokens.
     """
     params = sampling_params(**sampling)
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -302,14 +310,19 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
     limit = min(len(ids) + max_tokens, ctx)
     decoder = (decoders or DecoderPool(model, keep=1)).get(limit)
-    yield from _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step,
-                       logprobs)
+    drafter = drafter_for(draft_model, prompt_lookup, decoder.cache.max_len, target=model)
+    stats = {}
+    if drafter is None:
+        steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=logprobs, max_tokens=max_tokens)
+    else:
+        steps = speculative_step(ids, model, params, decoder, drafter, num_draft_tokens, prefill_step, logprobs,
+                                 max_tokens, stats)
+    yield from _stream(tokenizer, ids, steps, decoder, limit, max_tokens, stops, ignore_eos, stats)
 
 
-def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step, want_lp):
+def _stream(tokenizer, ids, steps, decoder, limit, max_tokens, stops, ignore_eos, stats):
     text, eos = TextStream(tokenizer, stops), set(tokenizer.eos_token_ids)
     tic, prompt_tps, t_first, peak = time.perf_counter(), 0.0, None, 0.0
-    steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=want_lp, max_tokens=max_tokens)
     for n, (token, logprobs) in enumerate(steps, 1):
         if t_first is None:
             t_first = time.perf_counter()
@@ -320,7 +333,8 @@ def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ig
         gen_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9) if n > 1 else 0.0
         if n == 1 or n % 64 == 0 or text.finish:
             peak = peak_memory_gb(decoder.cache.k.device)
-        yield GenerationResponse(emit, token, logprobs, len(ids), prompt_tps, n, gen_tps, peak, text.finish)
+        yield GenerationResponse(emit, token, logprobs, len(ids), prompt_tps, n, gen_tps, peak, text.finish,
+                                 stats.get("drafted", 0), stats.get("accepted", 0))
         if text.finish:
             return
 

@@ -1,0 +1,110 @@
+"""Speculative decoding (kiln/speculative.py): the output must be what plain decoding gives.
+
+Greedy: token for token the plain greedy output, on the real Qwen2.5-Coder-1.5B with the 0.5B as the draft
+model, and with prompt lookup on a code-editing prompt. Sampling: a chi-square test of the tokens drawn in a
+speculative round against the target's exact distribution (computed by enumeration on a tiny random model
+whose draft model disagrees with it), which a rule that kept draft tokens too often would fail.
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import kiln
+from kiln.errors import KilnError
+from kiln.generate import Decoder
+from kiln.load import build_model
+from kiln.sample import SamplingParams
+from kiln.speculative import ModelDrafter, NgramDrafter, speculative_step
+
+CHI2_DF7_P001 = 24.32  # chi-square critical value, 7 degrees of freedom, p = 0.001
+
+
+def tiny(seed: int, vocab: int = 8, noise: float = 0.0):
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, model_type="qwen2",
+               rope_theta=1e4, tie_word_embeddings=False)
+    conf = AutoConfig.for_model("qwen2", **{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(conf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.4)
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(99)) * noise)  # a near copy
+    return build_model(cfg, hf.state_dict())
+
+
+@torch.inference_mode()
+def exact_next(model, prefixes: torch.Tensor) -> torch.Tensor:
+    """p(next | prefix) for each row of prefixes (N, T) → (N, V)."""
+    return model(prefixes)[:, -1].float().softmax(-1)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on one thread: two threads spin against each other (~25x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("draft_seed, noise", [(1, 0.0), (0, 0.03)], ids=["far-draft", "near-draft"])
+def test_speculative_sampling_draws_from_the_target_distribution(one_thread, draft_seed, noise):
+    """Tokens 2-4 of 800 seeded runs (one round of two drafts after the first token) against their exact
+    marginals. A far draft is mostly rejected (the residual draw), a near one mostly kept (the bonus draw)."""
+    target, draft = tiny(0), tiny(draft_seed, noise=noise)
+    prompt, v, n = [1, 2, 3], 8, 800
+    params = SamplingParams(temperature=1.0)
+    counts, accepted = torch.zeros(3, v), 0
+    decoder, drafter = Decoder.for_model(target, 16), ModelDrafter(draft, 16)  # reused: each run starts at 0
+    for seed in range(n):
+        params.seed = seed
+        stats = {}
+        out = [t for t, _ in speculative_step(prompt, target, params, decoder, drafter, num_draft=2, max_tokens=4,
+                                              logprobs=False, stats=stats)]
+        for i in range(3):
+            counts[i, out[i + 1]] += 1
+        accepted += stats["accepted"]
+    # exact marginals of the 2nd, 3rd and 4th tokens under plain sampling, by enumeration
+    p1 = exact_next(target, torch.tensor([prompt]))[0]  # (V,)
+    p2 = exact_next(target, torch.tensor([prompt + [a] for a in range(v)]))  # (V, V): p(t2 | t1)
+    p3 = exact_next(target, torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])).view(v, v, v)
+    p4 = exact_next(target, torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v)
+                                          for c in range(v)])).view(v, v, v, v)
+    marginals = [p1 @ p2, torch.einsum("a,ab,abc->c", p1, p2, p3), torch.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4)]
+    for got, m in zip(counts, marginals):
+        chi2 = float(((got - n * m) ** 2 / (n * m)).sum())
+        assert chi2 < CHI2_DF7_P001, (chi2, got.tolist(), (n * m).tolist())
+    rate = accepted / (2 * n)
+    assert (rate < 0.5) if draft_seed else (rate > 0.5), rate  # each case exercises the path it is for
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_match():
+    d = NgramDrafter(max_ngram=2)
+    seq = [5, 6, 7, 8, 1, 5, 6, 9, 4, 5, 6]
+    assert d.draft(seq, 3, SamplingParams(), None)[0] == [9, 4, 5]  # "5 6" last seen before the tail at 5
+    assert d.draft([1, 2, 3], 3, SamplingParams(), None)[0] == []
+    with pytest.raises(KilnError):
+        NgramDrafter(0)
+
+
+@pytest.mark.model
+def test_speculative_greedy_equals_plain_greedy_on_real_models(qwen):
+    draft, tok = qwen
+    target, _ = kiln.load("qwen2.5-coder-1.5b", quantized=False)
+    prompt = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
+    plain = [r.token for r in kiln.stream_generate(target, tok, prompt, max_tokens=20, logprobs=False)]
+    rs = list(kiln.stream_generate(target, tok, prompt, max_tokens=20, logprobs=False, draft_model=draft,
+                                   num_draft_tokens=4))
+    assert [r.token for r in rs] == plain
+    assert rs[-1].accepted > 0 and rs[-1].drafted >= rs[-1].accepted
+    code = "def area(w, h):\n    total = w * h\n    print('area', total)\n    return total\n"
+    edit = f"{code}\n\n# The same function with `total` renamed to `result`:\ndef area(w, h):\n"
+    plain = [r.token for r in kiln.stream_generate(target, tok, edit, max_tokens=24, logprobs=False)]
+    rs = list(kiln.stream_generate(target, tok, edit, max_tokens=24, logprobs=False, prompt_lookup=3,
+                                   num_draft_tokens=8))
+    assert [r.token for r in rs] == plain
+    assert rs[-1].accepted >= 8, (rs[-1].accepted, tok.decode(plain))  # the new code repeats the prompt's lines
+    with pytest.raises(KilnError):
+        list(kiln.stream_generate(target, tok, edit, max_tokens=4, draft_model=draft, prompt_lookup=3))
