@@ -13,14 +13,11 @@ format), metrics.py, engine.py (continuous batching), structured.py (grammars) a
 from __future__ import annotations
 
 
-def create_app(*args, **kwargs):
-    from kiln.server.app import create_app as make
-    return make(*args, **kwargs)
-
-
-def serve(*args, **kwargs):
-    from kiln.server.app import serve as run
-    return run(*args, **kwargs)
+def __getattr__(name: str):
+    if name in __all__:
+        from kiln.server import app
+        return getattr(app, name)
+    raise AttributeError(f"module 'kiln.server' has no attribute {name!r}")
 
 
 __all__ = ["create_app", "serve"]

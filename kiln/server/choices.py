@@ -73,8 +73,17 @@ class Choice:
         return events + (self.parser.finish() if self.finish else [])
 
 
-async def merged_outputs(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
-    """(choice, StepOutput) from all choices as they come; stops following a choice once it is finished."""
+async def merged_outputs(st, choices: list[Choice], t0: float) -> AsyncIterator[tuple[Choice, object]]:
+    """(choice, StepOutput) from all choices as they come, the first timed from `t0`; stops following a choice once
+    it is finished."""
+    async for c, out in _merged(choices):
+        if t0 is not None:
+            st.metrics.ttft.observe(time.perf_counter() - t0)
+            t0 = None
+        yield c, out
+
+
+async def _merged(choices: list[Choice]):
     if len(choices) == 1:
         c = choices[0]
         async for out in c.handle:
@@ -123,12 +132,8 @@ async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
 async def run_to_end(st, request: Request, choices: list[Choice], t0: float) -> None:
     """Drive every choice to its end (non-streaming); cancel all if the client goes away or we fail."""
     watcher = asyncio.create_task(_watch_disconnect(request, choices))
-    first = True
     try:
-        async for c, out in merged_outputs(choices):
-            if first:
-                st.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
+        async for c, out in merged_outputs(st, choices, t0):
             c.step(out)
     finally:
         watcher.cancel()
@@ -171,5 +176,4 @@ def in_flight(st, groups: list[tuple[list[int], list[Choice]]]):
         st.metrics.in_flight -= 1
         st.live.difference_update(choices)
         cancel_all(choices)
-        u = usage_of(groups)
-        st.metrics.count_tokens(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
+        st.metrics.count_tokens(usage_of(groups))

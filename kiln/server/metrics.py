@@ -55,15 +55,14 @@ class Metrics:
         self.ttft = Histogram()
         self.in_flight = 0
 
-    def request_done(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+    def request_done(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
-        if seconds is not None:
-            self.latency.observe(seconds)
 
-    def count_tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
-        self.tokens["prompt"] += prompt
-        self.tokens["generated"] += generated
-        self.tokens["cached"] += cached
+    def count_tokens(self, usage: dict) -> None:
+        """Add one request's usage (protocol.usage) to the token counters."""
+        self.tokens["prompt"] += usage["prompt_tokens"]
+        self.tokens["generated"] += usage["completion_tokens"]
+        self.tokens["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
 
     def render(self, stats: dict | None) -> str:
         out = ["# HELP kiln_requests_total HTTP requests by endpoint and status", "# TYPE kiln_requests_total counter"]

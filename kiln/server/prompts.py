@@ -114,15 +114,11 @@ async def constraint(st, req: P.ChatRequest):
 
     def build():
         c = st.compiler()
-        if kind == "json_object":
-            return c.json_object()
         if kind == "json_schema":
             return c.json_schema(args[0], strict=args[1])
-        if kind == "gbnf":
-            return c.gbnf(args[0])
-        if kind == "regex":
-            return c.regex(args[0])
-        return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
+        if kind == "tool_call":
+            return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
+        return getattr(c, kind)(*args)  # json_object, gbnf, regex
     try:
         return await asyncio.to_thread(build)
     except KilnError as e:
@@ -155,14 +151,12 @@ def submit(st, ids: list[int], req: P.GenRequest, constraint, first_index: int) 
                 prompt=ids, params=_sampling(st, req, first_index + i), max_tokens=max_tokens,
                 stop_token_ids=eos, processor=constraint.processor() if constraint is not None else None,
                 top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos)))
-    except QueueFull:
+    except BaseException as e:
         for h in handles:
             h.cancel()
-        raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
-                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except BaseException:
-        for h in handles:
-            h.cancel()
+        if isinstance(e, QueueFull):
+            raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
+                             code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         raise
     return handles
 

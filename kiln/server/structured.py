@@ -39,10 +39,10 @@ from collections import OrderedDict
 import torch
 
 from kiln.errors import KilnError
+from kiln.server.tools import HERMES_CLOSE, HERMES_OPEN, MISTRAL_MARK, PYTHON_TAG, check_style
 
 # Control tokens whose text a tool-call format spells out: kept matchable although they are special.
-TOOL_MARKERS = frozenset(("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]"))
-STYLES = ("hermes", "llama3", "mistral")
+TOOL_MARKERS = frozenset((HERMES_OPEN, HERMES_CLOSE, PYTHON_TAG, MISTRAL_MARK))
 _MAX_WS = 16  # longest whitespace run inside constrained JSON: pretty-printing fits, endless blank runs do not
 
 
@@ -54,9 +54,7 @@ def _xgr():
     return xgrammar
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The compiler (one per model)
-# ---------------------------------------------------------------------------------------------------------------
+# --- The compiler (one per model) ------------------------------------------------------------------------------
 class Structured:
     """Compile constraints for one tokenizer; compiled grammars are kept in an LRU of `cache_size` entries."""
 
@@ -109,9 +107,7 @@ class Structured:
         `parallel`: allow several calls in a row (each still any of the allowed functions).
         """
         funcs = _pick_functions(_functions(tools), choice)
-        if style not in STYLES:
-            raise KilnError(f"unknown tool-call style {style!r}; kiln knows {', '.join(STYLES)}")
-        tag = _tool_tag(funcs, style, bool(parallel))
+        tag = _tool_tag(funcs, check_style(style), bool(parallel))
         text = _dump(tag, "tool parameters")
         return self._get(("tool_call", text), lambda: self._compiler.compile_structural_tag(text),
                          "tool parameters schema")
@@ -203,9 +199,7 @@ def _xgr_message(e: Exception) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A compiled constraint and its per-request processor
-# ---------------------------------------------------------------------------------------------------------------
+# --- A compiled constraint and its per-request processor -------------------------------------------------------
 class Constraint:
     """One compiled grammar; cheap to share between requests. `processor()` gives a fresh matcher."""
 
@@ -247,10 +241,6 @@ class GrammarProcessor:
     def is_terminated(self) -> bool:
         return self._matcher.is_terminated()
 
-    def is_completed(self) -> bool:
-        """The text so far is a complete match (an end token would be allowed now)."""
-        return self._matcher.is_completed()
-
 
 def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
     """logits (V,) ← -inf where bit j of words[j // 32] is 0 (words (W,) int32 on the CPU); columns past the
@@ -280,9 +270,7 @@ def apply_bitmask_torch(logits: torch.Tensor, words: torch.Tensor) -> None:
     logits.masked_fill_(~allowed, float("-inf"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# GBNF → xgrammar EBNF
-# ---------------------------------------------------------------------------------------------------------------
+# --- GBNF → xgrammar EBNF --------------------------------------------------------------------------------------
 _ANY_CHAR = "[\\0-\\U0010ffff]"
 
 
@@ -315,9 +303,7 @@ def _skip_quoted(text: str, i: int, close: str) -> int:
     return min(j + 1, len(text))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tool calls as xgrammar structural tags
-# ---------------------------------------------------------------------------------------------------------------
+# --- Tool calls as xgrammar structural tags --------------------------------------------------------------------
 def _functions(tools) -> list[tuple[str, dict]]:
     """(name, parameters schema) of each tool; OpenAI's {"type": "function", "function": {...}} or bare {...}."""
     if not isinstance(tools, list) or not tools:

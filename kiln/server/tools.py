@@ -75,9 +75,7 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Which format
-# ---------------------------------------------------------------------------------------------------------------
+# --- Which format ----------------------------------------------------------------------------------------------
 _TEMPLATE_SIGNS = (("hermes", ("<tool_call>",)), ("mistral", ("[TOOL_CALLS]",)),
                    ("llama3", ("<|python_tag|>", "<|eom_id|>", '"parameters": dictionary')))
 _TOKEN_SIGNS = (("mistral", "[TOOL_CALLS]"), ("llama3", "<|python_tag|>"), ("hermes", "<tool_call>"))
@@ -97,15 +95,13 @@ def tool_style(tokenizer) -> str:
     return "hermes"
 
 
-def _check_style(style) -> str:
+def check_style(style) -> str:
     if style not in STYLES:
         raise KilnError(f"unknown tool-call style {style!r}; kiln knows {', '.join(STYLES)}")
     return style
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The whole reply at once: the stream parser, fed everything
-# ---------------------------------------------------------------------------------------------------------------
+# --- The whole reply at once: the stream parser, fed everything ------------------------------------------------
 def parse_tool_calls(text: str, style: str) -> tuple[str, list[ToolCall]]:
     """(content without the calls, the calls) of a complete reply written in `style`'s format."""
     parser = ToolStreamParser(style)
@@ -144,9 +140,7 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Streaming
-# ---------------------------------------------------------------------------------------------------------------
+# --- Streaming -------------------------------------------------------------------------------------------------
 class ToolStreamParser:
     """Feed text deltas, get events: ContentDelta, ToolCallStart, ToolArgsDelta; then `finish()`.
 
@@ -155,7 +149,7 @@ class ToolStreamParser:
     """
 
     def __init__(self, style: str):
-        self.style = _check_style(style)
+        self.style = check_style(style)
         self.mode = "start" if style == "llama3" else "text"
         self._marker = HERMES_OPEN if style == "hermes" else MISTRAL_MARK
         self._in = self._buf = self._raw = ""  # unread input; held marker prefix; the undecided region's text
@@ -415,9 +409,7 @@ def _held_prefix(s: str, marker: str) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Incremental JSON: validate one object character by character and re-serialize it compactly as it goes
-# ---------------------------------------------------------------------------------------------------------------
+# --- Incremental JSON: validate one object character by character and re-serialize it compactly as it goes -----
 class _JsonError(ValueError):
     pass
 

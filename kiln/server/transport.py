@@ -35,9 +35,7 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get after SIGTERM before thei
 _BODY_DEADLINE = 6  # × read_timeout: the longest a whole body may take
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Host check and status counting
-# ---------------------------------------------------------------------------------------------------------------
+# --- Host check and status counting ----------------------------------------------------------------------------
 def allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
     """Host values to accept for a server bound to `host`: local names, `host` itself and `extra`; anything ("*")
     when bound to every interface (0.0.0.0, ::) with no `extra` given."""
@@ -109,9 +107,7 @@ async def _send_json(send, status: int, body: dict, headers: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Request bodies
-# ---------------------------------------------------------------------------------------------------------------
+# --- Request bodies --------------------------------------------------------------------------------------------
 async def read_json(request: Request, max_body: int, read_timeout: float):
     """The request's JSON body, or an APIError: 415 (not application/json), 413 (too large), 408 (too slow),
     499 (the client hung up), 400 (not JSON, or nested deeper than protocol.MAX_DEPTH)."""
@@ -172,9 +168,7 @@ def _too_large(n: int, limit: int) -> P.APIError:
                       headers={"Connection": "close"})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# uvicorn: head deadline, bounded shutdown
-# ---------------------------------------------------------------------------------------------------------------
+# --- uvicorn: head deadline, bounded shutdown ------------------------------------------------------------------
 def _protocol(read_timeout: float) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
