@@ -175,10 +175,8 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
 
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype, launched
-    exactly as `config` says (route.float_config makes a partial one launchable).
-
-    No host sync and no data-dependent allocation, so it can be captured in a CUDA graph once it has run
-    once for this shape (Triton compiles on the first call).
+    exactly as `config` says (route.float_config makes a partial one launchable). No host sync and no
+    data-dependent allocation: graph-capturable once it has run for this shape (Triton compiles on the first call).
     """
     fmt, (n, k) = w.fmt, w.shape
     m = x.shape[0]

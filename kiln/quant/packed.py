@@ -155,10 +155,8 @@ def _fields(b: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _lanes(b: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
-    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes.
-
-    The bytes run in groups of `lane`; field f of byte l in group h is weight h*lane*F + f*lane + l.
-    """
+    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes; the bytes run in
+    groups of `lane`, field f of byte l in group h is weight h*lane*F + f*lane + l."""
     r, nb, n = b.shape
     f = _fields(b.reshape(r, nb, n // lane, lane), bits)               # (R, nb, groups, lane, F)
     return f.transpose(-1, -2).reshape(r, -1)                          # (R, nb, groups, F, lane) flattened
@@ -293,11 +291,9 @@ def _sub_scales(w: PackedWeight, d: torch.Tensor, dm: torch.Tensor | None):
 
 
 def dequantize_ref(w: PackedWeight) -> torch.Tensor:
-    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes.
-
-    The float operations are gguf-py's, in its order: sub-block scales dl = d * sc formed first in float32,
-    then dl * q (- ml); Q4_1/Q5_1 round d * q before adding m.
-    """
+    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes:
+    gguf-py's float operations in its order (dl = d * sc in float32 first, then dl * q (- ml); Q4_1/Q5_1 round
+    d * q before adding m)."""
     fmt, (n, k) = w.fmt, w.shape
     d = w.d.view(torch.float16).float()                                # (N, K / block)
     dm = w.dm.view(torch.float16).float() if w.dm is not None else None

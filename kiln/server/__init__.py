@@ -1,9 +1,5 @@
-"""kiln's OpenAI-compatible server: `create_app` (an ASGI app) and `serve` (run it in-process).
-
-Owns: the package's public names, imported lazily so that `import kiln.server` needs no FastAPI.
-Not: anything else; see app.py (routes, streams), prompts.py (requests to prompt ids), choices.py (engine
-outputs to each choice's text), transport.py (Host check, request bodies, timeouts, shutdown), protocol.py (wire
-format), metrics.py, engine.py (continuous batching), structured.py (grammars) and tools.py (tool-call formats).
+"""kiln's OpenAI-compatible server: `create_app` (an ASGI app) and `serve` (run it in-process), imported lazily
+so that `import kiln.server` needs no FastAPI. The rest: app.py and the modules it names.
 
     model, tok = kiln.load("qwen2.5-coder-0.5b")
     kiln.server.serve(model, tok, port=8080, api_key="secret", n_slots=4)       # blocks

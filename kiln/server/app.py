@@ -1,19 +1,12 @@
-"""The OpenAI-compatible HTTP server: routes, auth, limits, prompts, streaming, tool calls, metrics.
+"""The OpenAI-compatible HTTP server: state, routes, streamed and whole responses.
 
-Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
-the server's state, auth and readiness; the routes, which take a validated request (protocol.py) to prompt ids
-and engine requests (prompts.py) and the choices' text, logprobs and tool calls (choices.py) to response bodies,
-SSE chunks and usage; cancelling a stream's generations when its client goes away; HTTP errors (OpenAI bodies,
-never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), one choice's
-text side and driving a request's choices to their end (choices.py), grammars (structured.py), tool-call formats
-(tools.py), the wire format's field table (protocol.py), Host checks, body reading and uvicorn's timeouts
-(transport.py), the command line (kiln/serve.py).
-
-Threads and processes: the engine runs its own loop thread. Work that grows with the input stays off the event
-loop: chat templates render in worker processes within a time and memory budget (chat_template.Workers), text is
-tokenized in worker threads (the tokenizer releases the GIL), grammars compile in worker threads, and a prompt
-whose characters already exceed what the context could hold is refused before it is tokenized.
+Owns: `create_app` (a FastAPI app for any ASGI server) and `serve` (uvicorn in-process); readiness, auth and the
+server's state; the routes, from a validated request (protocol.py) to response bodies, SSE chunks and usage;
+cancelling a stream's generations when its client leaves; OpenAI error bodies (never a 500 for bad input).
+Not: batching (kiln/engine.py), prompts and engine requests (prompts.py), a choice's text (choices.py), grammars
+(structured.py), tool-call formats (tools.py), the field table (protocol.py), the HTTP layer (transport.py), the
+command line (kiln/serve.py). Work that grows with the input stays off the event loop: templates render in
+worker processes (chat_template.Workers); tokenizing and grammar compiling run in threads.
 """
 
 from __future__ import annotations
@@ -358,10 +351,8 @@ async def _stream_end(st: ServerState, events: AsyncIterator, choices: list[Choi
             yield e
         check_finished(st, choices, streaming=True)
     except Exception as e:
-        if isinstance(e, P.APIError):
-            yield e.body()
-        else:
-            yield P.error_body(400, str(e)) if isinstance(e, KilnError) else transport.internal_error(e, "a stream failed")
+        yield (e.body() if isinstance(e, P.APIError) else P.error_body(400, str(e)) if isinstance(e, KilnError)
+               else transport.internal_error(e, "a stream failed"))
         yield "[DONE]"
         return
     st.metrics.latency.observe(time.perf_counter() - t0)

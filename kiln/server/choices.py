@@ -1,13 +1,10 @@
-"""Requests out: from a request's engine outputs to each choice's text, logprobs and tool calls, and their end.
+"""Requests out: a request's engine outputs to each choice's text, logprobs and tool calls, and their end.
 
-Owns: `Choice` (the text side of one engine request: its TextStream with stop strings, logprob entries, tool-call
-parser), `merged_outputs` (the outputs of all of a request's choices as they come), `run_to_end` (driving a
-non-streaming request's choices to their end, cancelling them when the client hangs up), `in_flight` (the
-bookkeeping while a request runs: in-flight count, shutdown cut, token counts, cancelling whatever is left),
-`check_finished` (a choice that ended in an engine failure is a logged 500) and `usage_of` (the usage counts).
-Not: the routes, response bodies and SSE chunks (app.py), prompts and engine requests (prompts.py), detokenizing
-and stop strings themselves (kiln/textstream.py), tool-call formats (tools.py).
-Every function takes the app's ServerState as `st`.
+Owns: `Choice` (one engine request's text side), `merged_outputs`, `run_to_end` (a non-streaming request, cancelled
+when its client hangs up), `in_flight` (counts, shutdown cut, cancelling what is left), `check_finished` (an
+engine failure is a logged 500) and `usage_of`. Every function takes the app's ServerState as `st`.
+Not: routes and response bodies (app.py), prompts (prompts.py), detokenizing and stop strings (kiln/textstream.py),
+tool-call formats (tools.py).
 """
 
 from __future__ import annotations

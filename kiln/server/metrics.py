@@ -1,10 +1,8 @@
-"""Prometheus metrics for the server, in the plain text exposition format (version 0.0.4).
+"""Prometheus metrics for the server, in the text exposition format (version 0.0.4).
 
-Owns: counters (requests by endpoint and status, prompt / generated / cached tokens), histograms (request
-latency, time to first token), and rendering them together with gauges read from the engine at scrape time
-(queue depth, active slots, KV-cache use, prefix-cache hits).
-Not: what is measured when (app.py records), the engine's own bookkeeping (engine.stats()).
-Thread-safety: every update happens on the event loop thread, so no locks are needed.
+Owns: request, token and latency counters and histograms, rendered with gauges read from the engine at scrape
+time. Not: what is measured when (app.py, choices.py, transport.py), the engine's bookkeeping (engine.stats()).
+Every update happens on the event loop thread, so no locks.
 """
 
 from __future__ import annotations

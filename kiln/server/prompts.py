@@ -1,12 +1,10 @@
-"""Requests in: from a validated request (protocol.py) to prompt ids and engine requests.
+"""Requests in: a validated request (protocol.py) to prompt ids and engine requests.
 
-Owns: chat prompts (the template rendered in a worker process within its budget, then tokenized in a worker
-thread with message text as text: Tokenizer.encode_chat), completion prompts, /tokenize and /detokenize, the
-checks that need the model (a prompt refused by its character count before it is tokenized, the context limit,
-token ids in the vocabulary, a request larger than the queue plus the slots), compiling a request's constraint
-off the event loop, and submitting one engine request per choice.
-Not: HTTP plumbing (app.py, transport.py), the field table (protocol.py), what comes back out (choices.py, app.py).
-Every function takes the app's ServerState as `st`.
+Owns: chat prompts (rendered in a worker process, then tokenized in a thread with message text as text:
+Tokenizer.encode_chat), completion prompts, /tokenize and /detokenize, the checks that need the model (character
+count before tokenizing, context, vocabulary, queue capacity), compiling constraints off the event loop, and one
+engine request per choice. Every function takes the app's ServerState as `st`.
+Not: HTTP (app.py, transport.py), the field table (protocol.py), what comes back out (choices.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The OpenAI wire format: request validation in, response and SSE chunk bodies out.
 
-Owns: `APIError` (status + OpenAI-style error body), the table of fields each endpoint accepts (an unknown
-or unsupported field is a 400 that names it, never silently dropped), type and range checks with the
-offending `param` named, normalization into `ChatRequest` / `CompletionRequest`, and the JSON shapes of
-completions, chunks, usage and logprobs (chat's `content[]` shape and the legacy completions shape).
-Not: anything that needs the model or the tokenizer (vocabulary checks, templates, context limits: app.py),
-generation (engine.py), constraints (structured.py), tool-call parsing (tools.py).
+Owns: `APIError` (status + OpenAI error body), the fields each endpoint accepts (an unknown field is a 400 that
+names it, never silently dropped), type and range checks naming the `param`, `ChatRequest` / `CompletionRequest`,
+and the JSON shapes of completions, chunks, usage and logprobs.
+Not: anything that needs the model or tokenizer (prompts.py), generation (engine.py), constraints (structured.py),
+tool-call parsing (tools.py).
 """
 
 from __future__ import annotations

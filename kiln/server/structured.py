@@ -1,29 +1,18 @@
 """Constrained decoding: JSON schema, any JSON object, GBNF, regex and forced tool calls, as logits processors.
 
-Owns: `Structured` (one per model: xgrammar's view of kiln's vocabulary, and an LRU of compiled grammars),
-`Constraint` (one compiled grammar; `processor()` hands out a fresh per-request state) and
-`GrammarProcessor` (the engine's LogitsProcessor: `mask(logits)`, `accept(token)`, `is_terminated()`).
-Not: sampling (sample.py), batching and when to call the processor (engine.py), HTTP field names
-(protocol.py / app.py), and reading tool calls back out of text (tools.py; the formats written here must be the
-ones tools.py parses).
+Owns: `Structured` (per model: xgrammar's view of the vocabulary and an LRU of compiled grammars), `Constraint`
+(one compiled grammar) and `GrammarProcessor` (the engine's per-request LogitsProcessor).
+Not: sampling (sample.py), when the processor runs (engine.py), HTTP fields (protocol.py), reading tool calls
+back out (tools.py, whose formats the grammars here write).
 
-The token mask is filled on the CPU by xgrammar (a bit per token) and applied where the logits live: by xgrammar's
-CPU kernel for CPU logits, by unpacking the bits on the device for CUDA (or any other) logits, so the mask never
-waits on the device.
-Tokens past the tokenizer's vocabulary (padded embedding rows) are always masked.
-
-The grammar sees each token's bytes exactly as `tokenizer.id_to_bytes` gives them. One known gap: SentencePiece
-vocabularies whose decode drops the reply's first leading space ("▁Hello" → "Hello") can lose that one space
-from a constraint that itself starts with a space.
-
-A processor's stop tokens are the tokenizer's end-of-generation ids: once the grammar is complete it allows
-them (and only them, if the grammar cannot continue); accepting one terminates it. Control tokens
-(<|im_start|>, <|endoftext|>…) are never allowed inside the constrained text.
-
-Limits (xgrammar's): JSON output may hold at most 16 whitespace characters in a row (pretty-printing fits; an
-endless run of blank lines does not); string `format`s are enforced by shape only (a "date" is NNNN-NN-NN with a
-month 01-12 and a day 01-31, so 2023-02-31 passes); keywords it does not enforce (e.g. uniqueItems) are not
-enforced here either. Tool-call arguments are always strict.
+The mask is filled on the CPU by xgrammar and applied where the logits live (xgrammar's kernel on the CPU,
+unpacked on the device elsewhere), so it never waits on the device; padded vocabulary rows are always masked.
+The grammar sees each token's bytes as `tokenizer.id_to_bytes` gives them (known gap: SentencePiece decoders
+that drop the reply's first space can lose it from a constraint that starts with a space). Once the grammar is
+complete it allows the end-of-generation ids, which terminate it; control tokens are never allowed inside.
+Limits (xgrammar's): at most 16 whitespace characters in a row in JSON; string `format`s are checked by shape
+only (2023-02-31 passes as a date); keywords it does not enforce (uniqueItems) are not enforced. Tool-call
+arguments are always strict.
 
 Shape alphabet: V = logits columns (model vocabulary, may be padded), W = ceil(V / 32) bitmask words.
 """
