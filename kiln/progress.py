@@ -1,8 +1,7 @@
-"""Progress of slow steps (downloads, loading weights, conversion), shaped for where it is shown.
+"""Progress of slow steps (downloads, loading, conversion), shaped for where it is shown.
 
-Owns: `bar(...)`: on a terminal, a tqdm bar redrawn in place; anywhere else (a pipe, a log file, CI) plain
-lines, at most one every `every` seconds plus a last one when done, so that logs get no `\\r` redraws.
-Not: what is measured (callers update the bar), or whether to report at all (`enabled`).
+Owns: `bar(...)`: a tqdm bar on a terminal; elsewhere (pipe, log, CI) plain lines at most every `every`
+seconds and a last one, so logs get no `\\r` redraws. Not: what is measured, whether to report (`enabled`).
 """
 
 from __future__ import annotations

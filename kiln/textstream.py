@@ -1,10 +1,8 @@
 """The text side of one generation: token ids in, text safe to show out, with stop strings and a finish reason.
 
-Owns: `TextStream` (streaming detokenizer + stop strings + finish reason, one per generated sequence; used by
-`kiln.stream_generate` and by the server's choices over the engine), `StopMatcher` (stop strings over a stream
-of text, linear in the text fed) and `split_stop`, its slow obviously-correct twin (tests compare them).
-Not: decoding bytes (tokenizer.py's StreamingDetokenizer), stop *tokens* and length limits (the token loops:
-generate.py, engine.py report them as a finish reason), tool calls (server/tools.py).
+Owns: `TextStream` (detokenizer + stop strings + finish reason per sequence: kiln.stream_generate and the
+server), `StopMatcher` (stop strings, linear in the text fed) and `split_stop`, its slow twin.
+Not: decoding bytes (tokenizer.py), stop tokens and length limits (generate.py, engine.py), tool calls.
 """
 
 from __future__ import annotations
@@ -15,12 +13,10 @@ from collections.abc import Iterable
 class StopMatcher:
     """Feed text as it comes; get back what is safe to emit, holding back any end that may still begin a stop.
 
-    Each stop string runs its own Knuth-Morris-Pratt automaton (`_Stop`): its state is the length of the
-    longest end of the text so far that is a start of the stop, so the longest state over all stops is exactly
-    the text to hold back, and the pending text is never rescanned. Each character fed costs amortized O(1)
-    per stop, and nothing is precomputed: the automaton's failure table grows only as far as a match has
-    (a 300,000-character stop costs nothing until the text starts spelling it). Empty stops are ignored.
-    After a stop string is found, the matcher is spent (the generation ends there).
+    Each stop runs a Knuth-Morris-Pratt automaton (`_Stop`) whose state is the longest end of the text that
+    starts the stop, so the largest state is the text to hold back and nothing is rescanned: amortized O(1)
+    per character and stop, the failure table grown only as far as a match has (a 300,000-character stop costs
+    nothing until the text spells it). Empty stops are ignored; once a stop is found the matcher is spent.
     """
 
     def __init__(self, stops: Iterable[str] = ()):

@@ -1,17 +1,11 @@
-"""Text ↔ token ids: the Tokenizer (built from a GGUF vocabulary or a Hugging Face folder), chat prompts, streaming.
+"""Text <-> token ids: the Tokenizer (from a GGUF vocabulary or a Hugging Face folder), chat prompts, streaming.
 
-Owns: the `Tokenizer` (encode, decode, single tokens, the ids that end generation), reading a Hugging Face tokenizer
-folder (tokenizer.json with its config, generation config and chat templates), chat prompts whose control tokens
-come only from the template (`chat_ids`: message text is tokenized as text), a provable bound on characters per
-token, and a streaming detokenizer that never emits half a UTF-8 character.
-Not: turning a GGUF vocabulary into a backend that splits text as llama.cpp does, with its special ids, pieces and
-templates (formats/gguf_vocab.py; `from_gguf` calls its `backend_from_gguf`), reading the GGUF file (formats/gguf.py
-hands us `meta`), stop strings (textstream.py), sampling (sample.py), the Jinja sandbox and rendering itself
-(chat_template.py), tool-call parsing (server/), and llama.cpp's cosmetic `clean_spaces` pass on decode (kiln's
-decode is lossless).
-
-Decoding goes through one table of bytes per id (what llama.cpp calls a token's piece), so `decode(ids)` and the
-concatenation of a `StreamingDetokenizer`'s output are the same bytes decoded the same way.
+Owns: `Tokenizer` (encode, decode, single tokens, end-of-generation ids), reading a Hugging Face tokenizer folder,
+chat prompts whose control tokens come only from the template (`chat_ids`), a provable bound on characters per
+token, and a streaming detokenizer that never emits half a UTF-8 character. Decoding reads one table of bytes
+per id (llama.cpp's pieces), so `decode(ids)` and a StreamingDetokenizer's output are the same text.
+Not: GGUF vocabularies (formats/gguf_vocab.py), stop strings (textstream.py), sampling, the Jinja sandbox
+(chat_template.py), tool calls (server/), llama.cpp's cosmetic `clean_spaces` (kiln's decode is lossless).
 """
 from __future__ import annotations
 
@@ -32,9 +26,7 @@ from kiln.formats.gguf_vocab import (BYTE_TOKEN, backend_from_gguf, byte_level_b
                                      spm_bytes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The tokenizer
-# ---------------------------------------------------------------------------------------------------------------
+# --- The tokenizer ---------------------------------------------------------------------------------------------
 class Tokenizer:
     """Encode text to ids and back, render chat templates, stream detokenized text.
 
@@ -262,9 +254,7 @@ class Tokenizer:
         return self.chat_template
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Streaming
-# ---------------------------------------------------------------------------------------------------------------
+# --- Streaming -------------------------------------------------------------------------------------------------
 class StreamingDetokenizer:
     """Feed ids one at a time; get back only text that is complete (never half a UTF-8 character).
 
@@ -323,9 +313,7 @@ class _TextDiffDetokenizer(StreamingDetokenizer):
         return self._emit(new)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face folders
-# ---------------------------------------------------------------------------------------------------------------
+# --- Hugging Face folders --------------------------------------------------------------------------------------
 def _folder_fields(root: Path, backend: _Backend) -> dict:
     cfg = _read_json(root / "tokenizer_config.json")
     gen, model_cfg = _read_json(root / "generation_config.json"), _read_json(root / "config.json")
@@ -437,20 +425,17 @@ def _folder_templates(root: Path, cfg: dict) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# How many characters one token can stand for
-# ---------------------------------------------------------------------------------------------------------------
+# --- How many characters one token can stand for ---------------------------------------------------------------
 _KEEPS_CHARS = {"Prepend", "Replace", "ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "Sequence"}
 
 
 def _max_token_chars(backend: _Backend, pieces: list[bytes] | None) -> int | None:
     """The most characters of text one token can cover, where kiln can prove a bound; None where it cannot.
 
-    When no step drops or merges characters (normalizers that only prepend or replace one string by one at least as
-    long, pre-tokenizers that only split; a BPE model that never drops an unknown character nor fuses a run of them;
-    added tokens that absorb no whitespace), every token covers a piece of the text whose UTF-8 bytes are at most its
-    own piece's bytes. A text of C characters then needs at least C / max(piece bytes) tokens: the server rejects a
-    prompt longer than ctx_size * max_token_chars characters without tokenizing it.
+    When no step drops or merges characters (normalizers that only prepend or replace by something as long,
+    splitting pre-tokenizers, a BPE that neither drops nor fuses unknown characters, added tokens that absorb no
+    whitespace), a token covers text of at most its own piece's bytes, so C characters need at least
+    C / max(piece bytes) tokens: the server refuses longer prompts than ctx_size * this without tokenizing them.
     """
     if pieces is None or not isinstance(backend.model, models.BPE) or backend.model.fuse_unk:
         return None

@@ -1,12 +1,9 @@
 """What a model file's config and weights must satisfy before a model is built from them.
 
-Owns: `check_config(args_cls, config, shapes)` — every field the model's argument class declares has
-that type (counts are positive integers, floats finite), the sizes are no larger than the weights could
-hold and the layer count is the number of layers the weights have, so an absurd value in an untrusted
-file (a hidden size of 2^40, a billion layers) is a KilnError before any model is built; and
-`check_weights(model, weights, shapes)` — on the meta model, every weight the model has a parameter for
-has that parameter's shape and a type kiln can read, before any weight is read or allocated.
-Not: reading files (gguf.py, safetensors.py), assigning weights (load.py).
+Owns: `check_config` (every declared field has its type, counts positive, floats finite, sizes no larger than the
+weights and the layer count theirs, so an absurd value from an untrusted file is a KilnError before any model
+is built) and `check_weights` (on the meta model: every parameter has a weight of its shape and a readable
+type, before any weight is read). Not: reading files (gguf.py, safetensors.py), assigning weights (load.py).
 """
 
 from __future__ import annotations
@@ -49,13 +46,10 @@ def check_config(args_cls, config: dict, shapes: dict[str, tuple[int, ...]]) -> 
                 raise KilnError(f"the model config lacks {f.name!r}; the file is incomplete or not a "
                                 f"{config.get('model_type')} model")
             continue
-        _check_value(f.name, _type_name(f.type), config[f.name])
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # maybe postponed
+        _check_value(f.name, kind, config[f.name])
     _check_rope(config)
     _check_sizes(config, shapes)
-
-
-def _type_name(t) -> str:
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))  # annotations may be postponed
 
 
 def _check_value(name: str, kind: str, v) -> None:

@@ -1,14 +1,10 @@
-"""GGUF vocabularies → `tokenizers` backends that split text exactly as llama.cpp does.
+"""GGUF vocabularies -> `tokenizers` backends that split text exactly as llama.cpp does.
 
-Owns: reading and checking a GGUF file's `tokenizer.ggml.*` arrays, building from them a `tokenizers.Tokenizer`
-(gpt2-style byte-level BPE with llama.cpp's per-`pre` regexes; SentencePiece-style "llama" vocabularies replayed as
-a score-ranked BPE), llama.cpp's end-of-generation ids and its retyping of tokens it recognises by spelling, the
-BOS/EOS ids, flags and chat templates the file names, and each id's piece (the bytes it adds to decoded text).
-The entry point is `backend_from_gguf(meta) -> (backend, fields)`; `fields` are `kiln.tokenizer.Tokenizer`'s keyword
-arguments. The piece spellings (`byte_level_bytes`, `spm_bytes`, `byte_token`) are shared with tokenizer.py, which
-reads Hugging Face folders with them.
-Not: parsing the GGUF file (gguf.py hands over `meta`), encoding, decoding and chat prompts (tokenizer.py),
-Hugging Face tokenizer folders (tokenizer.py).
+Owns: reading and checking `tokenizer.ggml.*`, building a `tokenizers.Tokenizer` (byte-level BPE with llama.cpp's
+per-`pre` regexes; SentencePiece "llama" vocabularies replayed as score-ranked BPE), llama.cpp's end-of-generation
+ids and retyping of tokens it knows by spelling, BOS/EOS, flags, templates, and each id's piece. Entry point:
+`backend_from_gguf(meta) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
+tokenizer.py. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py).
 """
 
 from __future__ import annotations
@@ -31,11 +27,10 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _MATCHED_IN_TEXT = (UNKNOWN, CONTROL, USER_DEFINED)  # split out of the text before the model sees it
 _SKIPPABLE = (UNKNOWN, CONTROL)  # what skip_special_tokens drops (llama.cpp: unparse_special=False)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pre-tokenizer regexes, keyed by tokenizer.ggml.pre. Spelled as llama.cpp spells them (llama-vocab.cpp): its
+# --- Pre-tokenizer regexes -------------------------------------------------------------------------------------
+# Keyed by tokenizer.ggml.pre. Spelled as llama.cpp spells them (llama-vocab.cpp): its
 # rewrites (explicit case classes instead of (?i:), lookahead forms for the Lu/Ll patterns) change which strings
 # match, and llama.cpp is the reference. Each regex splits every piece left by the one before it.
-# ---------------------------------------------------------------------------------------------------------------
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -124,9 +119,7 @@ _ALWAYS_SHOWN = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The vocabulary and the backend
-# ---------------------------------------------------------------------------------------------------------------
+# --- The vocabulary and the backend ----------------------------------------------------------------------------
 def backend_from_gguf(meta: dict) -> tuple[_Backend, dict]:
     """The backend for a GGUF file's metadata, and the rest of what a Tokenizer needs (its keyword arguments:
     pieces, special ids, BOS/EOS, end-of-generation ids, add_bos/add_eos, chat templates, template tokens)."""
@@ -186,8 +179,7 @@ class _GGUFVocab:
     def promote(self, ids: Iterable[int]) -> None:
         """Make tokens CONTROL (llama.cpp does so for tokens it recognises as turn ends or FIM markers)."""
         for i in ids:
-            if self.types[i] != CONTROL:
-                self.types[i] = CONTROL
+            self.types[i] = CONTROL
 
 
 def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
@@ -327,13 +319,9 @@ def _llama_cpp_specials(vocab: _GGUFVocab, meta: dict) -> set[int]:
 
 def _gguf_templates(meta: dict) -> dict[str, str]:
     """tokenizer.chat_template is the default; tokenizer.chat_template.<name> are named alternatives."""
-    out = {}
-    for key, value in meta.items():
-        if key == "tokenizer.chat_template" and isinstance(value, str):
-            out["default"] = value
-        elif key.startswith("tokenizer.chat_template.") and isinstance(value, str):
-            out[key[len("tokenizer.chat_template."):]] = value
-    return out
+    key = "tokenizer.chat_template"
+    return {"default" if k == key else k[len(key) + 1:]: v for k, v in meta.items()
+            if isinstance(v, str) and (k == key or k.startswith(key + "."))}
 
 
 def _gguf_pieces(vocab: _GGUFVocab) -> list[bytes]:
@@ -352,9 +340,7 @@ def _gguf_pieces(vocab: _GGUFVocab) -> list[bytes]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pieces: the bytes each token adds to decoded text (tokenizer.py reads Hugging Face vocabularies with these too)
-# ---------------------------------------------------------------------------------------------------------------
+# --- Pieces: the bytes each token adds to decoded text (tokenizer.py reads Hugging Face vocabularies too) ---
 def spm_bytes(text: str) -> bytes:
     return text.replace("▁", " ").encode("utf-8")
 

@@ -1,9 +1,7 @@
 """Gated MLP activations on a fused gate/up projection: act(gate) * up in one kernel.
 
-Owns: `silu_mul` (SwiGLU: Llama, Qwen, Phi-3) and `gelu_tanh_mul` (GeGLU with the tanh approximation:
-Gemma), each with its `_ref` twin. The input is the output of one matmul whose columns hold gate first,
-then up, so the MLP costs one matmul + this kernel + the down projection.
-Not: the matmuls (a later GEMV may fold this kernel into its epilogue).
+Owns: `silu_mul` (SwiGLU) and `gelu_tanh_mul` (GeGLU, tanh approximation: Gemma), each with its `_ref` twin;
+the input holds gate first, then up (one matmul). Not: the matmuls.
 
 Shape alphabet: N rows (leading dims flattened), F intermediate size; gate_up is (..., 2F).
 """
@@ -35,20 +33,17 @@ def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
     """With `q8` (a kiln.quant.gemv_int8.QuantAct's buffers, one row, F a multiple of 32) the same launch also
     stores the output quantized to int8 for the int8 GEMV (q8.store_q8)."""
-    if not use_triton(gate_up, policy):
-        assert q8 is None, "q8 output needs the Triton kernel"
-        return silu_mul_ref(gate_up)
-    return _launch(gate_up, gelu=False, q8=q8, policy=policy)
+    return _gated(gate_up, False, q8, policy)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor, q8: tuple | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+    return _gated(gate_up, True, q8, policy)
+
+
+def _gated(gate_up: torch.Tensor, gelu: bool, q8: tuple | None, policy: Policy) -> torch.Tensor:
     if not use_triton(gate_up, policy):
         assert q8 is None, "q8 output needs the Triton kernel"
-        return gelu_tanh_mul_ref(gate_up)
-    return _launch(gate_up, gelu=True, q8=q8, policy=policy)
-
-
-def _launch(gate_up: torch.Tensor, gelu: bool, q8: tuple | None, policy: Policy) -> torch.Tensor:
+        return (gelu_tanh_mul_ref if gelu else silu_mul_ref)(gate_up)
     f = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * f)  # (N, 2F)
     if x.stride(-1) != 1:

@@ -1,10 +1,9 @@
-"""RMSNorm, optionally fused with the residual add that precedes it, as one kernel per call.
+"""RMSNorm, optionally fused with the residual add before it, as one kernel per call.
 
-Owns: `rms_norm` (Triton, one program per row) and `rms_norm_ref` (plain torch), in both weight
-conventions — Llama's `w * xn.to(dtype)` (cast, then scale) and Gemma's `(xn * (1 + w)).to(dtype)`
-(scale in float32, then cast; `offset=1.0`) — and the fused `h = x + residual; y = norm(h)`; which kernel
-serves a call: Triton, else the native C norm for one float32 CPU row (ops/cpu.py), else the reference.
-Not: per-head q/k norms (rope.py fuses those with RoPE), the nn.Module wrappers (models/base.py).
+Owns: `rms_norm` (Triton, one program per row; else the native C norm for one float32 CPU row, else the
+reference) and `rms_norm_ref`, in Llama's convention `w * xn.to(dtype)` and Gemma's `(xn * (1 + w)).to(dtype)`
+(`offset=1.0`), with the fused `h = x + residual; y = norm(h)`.
+Not: per-head q/k norms (rope.py), the nn.Module wrappers (models/base.py).
 
 Shape alphabet: N rows (every leading dim flattened), E normalized (hidden) dim.
 """

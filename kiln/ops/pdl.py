@@ -1,18 +1,13 @@
 """Programmatic dependent launch (PDL): a decode step's next kernel starts while this one finishes.
 
-Owns: the switch (`enabled(x, policy)`: CUDA tensors on sm_90+, where the policy allows it — KILN_PDL=0 turns
-it off — and not under Triton's interpreter), the launch keyword (`launch_kw(x, policy)`), and the two
-in-kernel calls: `start(PDL)` — let the next kernel launch now — and `wait(PDL)` — block until the previous
-kernel has finished and its writes are visible.
-Not: which kernels use it (each kernel's own file), the switch's source (kiln/policy.py).
+Owns: the switch (`enabled`: CUDA on sm_90+, policy.pdl, not under the interpreter), the launch keywords
+(`launch_kw`), and the in-kernel `start(PDL)` (let the next kernel launch) and `wait(PDL)` (block until the
+previous kernel's writes are visible). Not: which kernels use it, the switch's source (kiln/policy.py).
 
-Why: at batch 1 a small model's decode step is a chain of a few hundred short kernels in one CUDA graph,
-and each pays a launch gap and a cold start (NOTES.md). With PDL a kernel's programs are scheduled while
-its predecessor runs and do their independent work first — address arithmetic, and for the GEMV the
-weight loads, which depend on no earlier kernel — then `wait`. The rule every PDL kernel keeps: call
-`wait` on every path before reading anything an earlier kernel wrote and before writing anything (an
-earlier kernel may still read it); a kernel that ends without `wait` would let its successor overtake
-its predecessor.
+Why: a batch-1 decode step is a few hundred short kernels in one CUDA graph, each paying a launch gap. With
+PDL a kernel's programs start while their predecessor runs and do independent work first (addresses, the
+GEMV's weight loads). The rule: `wait` on every path before reading what an earlier kernel wrote and before
+writing anything; a kernel that ends without `wait` would let its successor overtake its predecessor.
 """
 
 from __future__ import annotations
@@ -44,8 +39,7 @@ def enabled(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
 
 def launch_kw(x: torch.Tensor, policy: Policy = DEFAULT) -> dict:
     """Keyword arguments for `kernel[grid](...)`: the PDL constexpr and, when on, Triton's launch flag."""
-    on = enabled(x, policy)
-    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+    return dict(PDL=True, launch_pdl=True) if enabled(x, policy) else dict(PDL=False)
 
 
 @jit

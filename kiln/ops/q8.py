@@ -1,12 +1,10 @@
 """Activations quantized to int8 per 32 values, stored by the kernel that produces them.
 
-Owns: `store_q8`, the one Triton routine that quantizes a run of values and stores them in the layout the
-int8-activation GEMV reads (kiln.quant.gemv_int8: `_gemv_q8_kernel`, `QuantAct`): per 32 consecutive
-values dx = max|v| / 127 and q = round(v / dx) half away from zero (llama.cpp's q8_1 rule); the codes
-four to an int32 — word 4r + j of 16-run r holds values 16r + j + 4t in its bytes t, the order of a packed
-weight word's byte lanes — the scales (float32) and sum(q) per 16-run (int32). RMSNorm (norm.py) and the
-gated activations (act.py) call it so that a decode step quantizes their outputs without another launch.
-Not: the GEMV, the standalone quantizer (gemv_int8.quantize_act, which calls this too), other layouts.
+Owns: `store_q8`, which quantizes a run of values into the layout the int8 GEMV reads (gemv_int8.QuantAct): per
+32 values dx = max|v| / 127 and q = round(v / dx) half away from zero (llama.cpp's q8_1); codes four to an int32
+(word 4r + j of 16-run r holds values 16r + j + 4t in byte t: a packed weight word's byte lanes), scales and
+sum(q) per 16-run. RMSNorm and the gated activations call it, so a decode step quantizes without a launch.
+Not: the GEMV, gemv_int8.quantize_act (which calls this too).
 """
 
 from __future__ import annotations

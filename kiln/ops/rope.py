@@ -1,19 +1,14 @@
-"""Rotary position embedding for q and k in one kernel, with the optional per-head q/k RMSNorm before it,
-and optionally the KV-cache write of the same step in that same kernel.
+"""Rotary position embedding for q and k in one kernel, with the optional per-head q/k RMSNorm before it and the
+step's KV-cache write in the same launch.
 
-Owns: `rope_qk` (Triton: cos/sin computed in-kernel from device positions, so no table is built per step
-and the call is CUDA-graph capturable) and `rope_qk_ref` (plain torch, the arithmetic of
-models/base.py's RoPE + apply_rope, and of RMSNorm for Qwen3 / Gemma 3 q_norm and k_norm);
-`rope_qk_write_kv` (the same kernel, its key programs storing the rotated keys — and copying the values —
-straight into a static cache at the positions, instead of returning k: a decode step's RoPE and KV write
-in one launch) and `rope_qk_write_kv_ref` (`rope_qk_ref`, then `write_kv_ref`: torch `index_copy_`, the
-KV write's reference).
-Convention: Hugging Face rotate-half — pairs (i, i + R/2) inside the first R = rot_dim dims; dims past R
-are kept (partial rotary). cos and sin are multiplied by attn_factor (longrope / YaRN).
-Positions are (T,), shared by every batch row, or (B, T), one row each (a server's batched step; then
-`rows` (B,) may name the cache row each batch row writes).
-Not: building inv_freq (models/base.py's schedules; fold GGUF freq_factors in as inv_freq / factors),
-the cache object (cache.py), a KV write without RoPE (a prefill writes through cache.py).
+Owns: `rope_qk` (Triton: cos/sin from device positions in-kernel, so no table per step; graph-capturable) and
+`rope_qk_ref` (plain torch: models/base.py's RoPE and Qwen3 / Gemma 3 q/k norms); `rope_qk_write_kv` (the key
+programs store rotated keys and copy values straight into a static cache) and `rope_qk_write_kv_ref`
+(`rope_qk_ref`, then `write_kv_ref`, the KV write's reference).
+Convention: Hugging Face rotate-half — pairs (i, i + R/2) in the first R = rot_dim dims; dims past R are kept.
+cos and sin are multiplied by attn_factor (longrope / YaRN). Positions are (T,) for every batch row or (B, T),
+one row each (then `rows` (B,) may name each batch row's cache row).
+Not: building inv_freq (models/base.py), the cache object (cache.py), a KV write without RoPE (cache.py).
 
 Shape alphabet: B batch, T new tokens, H query heads, K kv heads, D head dim, R rotary dims (R <= D),
 S cache positions, N cache rows.

@@ -1,10 +1,7 @@
-"""Packed weights back to dense matrices on the GPU: the prefill path's dequantize-then-cuBLAS, and quantized
-embedding lookups.
+"""Packed weights back to dense matrices on the GPU: prefill's dequantize-then-cuBLAS, quantized embeddings.
 
-Owns: `dequantize_gpu` and its kernel (float32 bit-identical to packed.dequantize_ref: the dense tiles in
-gguf-py's float32 order, launched without FMA contraction).
-Not: when it runs (route.py: the "dequant" plan; linear.QuantEmbedding), the matmul after it (cuBLAS through
-F.linear), the tile helpers (tiles.py), the packed layout (packed.py).
+Owns: `dequantize_gpu` and its kernel (float32 bit-identical to packed.dequantize_ref, no FMA contraction).
+Not: when it runs (route.py, linear.QuantEmbedding), the matmul after it, tiles.py, packed.py.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from kiln.quant.packed import V, PackedWeight
 from kiln.quant.route import DequantConfig
 from kiln.quant.tiles import const, dense_tile, geometry, plane_args
 
-__all__ = ["dequantize_gpu"]
 
 _V = const(V)
 

@@ -1,27 +1,18 @@
 """The float GEMV: y = x @ W.T for a few rows of x against a packed weight, dequantization fused.
 
-Owns: `gemv` (x (M, K), M <= MAX_M, any float dtype, times a packed (N, K) weight; float32 accumulation of
-exactly dequantized weights) and its kernel: the decode path for float32 activations, the IQ4 code-book
-formats and KILN_INT8=0, and — as tl.dot tiles — for 2..8 rows of 16-bit x where the int8 kernels do not
-serve.
-Not: which kernel runs or its config (route.py: `float_config` and the table), the int8-activation
-kernels (gemv_int8.py), the tile helpers it shares (tiles.py), the packed layout (packed.py).
+Owns: `gemv` (x (M <= MAX_M, K), any float dtype; float32 accumulation of exactly dequantized weights) and its
+kernel: decode for float32 x, the IQ4 formats and KILN_INT8=0, and — as tl.dot tiles — 2..8 rows of 16-bit x.
+Not: routing and configs (route.py), the int8 kernels (gemv_int8.py), tiles.py, packed.py.
 
-How it spends its instructions (PERF-GUIDE.md, "A 4-bit GEMV can be ALU-bound"): a program owns BN rows and
-walks K in steps of W words per row, as (BN, NG, V) tiles — rows, groups, the four words of a 128-bit load
-— so every field is one elementwise op on the registers the words were loaded into. Per field f (unrolled)
-and weight: one LOP3 masks the code *where it lies* in its word (no shift; the top fields come from one copy
-of the word shifted right once) and ORs in 0x4B000000, whose float32 reading is 2^23 + code * 2^pos; one
-FADD takes 2^23 away (that replaces an int -> float conversion, which runs at quarter rate); one FFMA
-multiplies by the activation, pre-scaled by 2^-pos once per thread and shared by the thread's rows. High
-bits (Q5, Q6_K, Q3_K) cost a shift and a LOP3 more. Scales are factored out of the inner loop per
-sub-block: sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x), and formats with an offset
-(Q4_0's q - 8, ...) use the same sum(x) term. The accumulator (BN, [M,] NG) stays in registers and is
-reduced across threads once, after the loop. Split-K (a second grid axis; float32 partials summed by a tiny
-second kernel) and smaller BN fill the SMs when N is small. With `dot` (M >= 2, 16-bit x) the weights are
-built as dense tiles in x's dtype (`tiles.dense_tile`) and multiplied on the tensor cores: the FMA form
-costs M FMAs per weight. Instruction counts of the compiled sm_90 loop (nvdisasm, no GPU needed) guided
-these choices; timings come from bench/gpu_quant_check.py.
+Instructions (PERF-GUIDE.md, "A 4-bit GEMV can be ALU-bound"): a program owns BN rows and walks K in steps of
+W words, as (BN, NG, V) tiles, so every field is one elementwise op on the loaded registers. Per field and
+weight: one LOP3 masks the code where it lies (the top fields from one right-shifted copy) and ORs in
+0x4B000000 (float32 2^23 + code * 2^pos); one FADD removes 2^23 (instead of a quarter-rate int -> float
+conversion); one FFMA by the activation, pre-scaled by 2^-pos once per thread. High bits cost a shift and a
+LOP3. Scales leave the inner loop per sub-block: sum((d*sc*q - dmin*m) * x) = d*sc * sum(q*x) - dmin*m * sum(x),
+offsets likewise. Split-K (float32 partials, summed by a second kernel) and smaller BN fill the SMs for small N.
+`dot` (M >= 2, 16-bit x) builds dense tiles in x's dtype for the tensor cores (the FMA form costs M FMAs per
+weight). Guided by sm_90 instruction counts (nvdisasm); timings from bench/gpu_quant_check.py.
 """
 
 from __future__ import annotations
@@ -35,7 +26,6 @@ from kiln.quant.tiles import (block_scales, const, constexpr_function, dense_til
                               high_bits, plane_args, qh_words, scales, shift, store_rows, sum_splits)
 from kiln.quant.tiles import field_offset_c as _fo
 
-__all__ = ["MAX_M", "gemv"]
 
 MAX_M = 8  # activation rows the kernel's tiles are sized for (route.MAX_GEMV_M sends it at most these)
 
@@ -144,7 +134,7 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
             hi = words
             if HAS_QH:
                 hi = high_bits(qh32_ptr, r, ng, gmask, KW, G, H)      # (BN, NG, V)
-            d, dmn = block_scales(d_ptr, dm_ptr, r, ng, gmask, KW, WPB, HAS_DM)   # (BN, NG)
+            d, dmn = block_scales(d_ptr, dm_ptr, r, ng[None, :], gmask, KW, WPB, HAS_DM)   # (BN, NG)
             xo = ng[:, None] * (G * _V) + j[None, :]                   # (NG, V) weight under field 0
             xmask = (ng < KW // _V)[:, None] & (j < _V)[None, :]
             for s in tl.static_range(SPG):  # sub-block s of the group holds fields s, s + SPG, ...
@@ -185,10 +175,8 @@ def _gemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
 
 def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, float32/16 or bfloat16 -> y = x @ W.T (+ bias): (M, N) in x.dtype, launched
-    exactly as `config` says (route.float_config makes a partial one launchable).
-
-    No host sync and no data-dependent allocation, so it can be captured in a CUDA graph once it has run
-    once for this shape (Triton compiles on the first call).
+    exactly as `config` says (route.float_config makes a partial one launchable). No host sync and no
+    data-dependent allocation: graph-capturable once it has run for this shape (Triton compiles on the first call).
     """
     fmt, (n, k) = w.fmt, w.shape
     m = x.shape[0]

@@ -1,16 +1,10 @@
 """The int8-activation kernels: x quantized to int8 per 32 values, dp4a integer dot products with the codes.
 
-Owns: `QuantAct` (activation rows as int8 codes, scales and run sums in the weights' byte-lane order,
-kiln.ops.q8), `quantize_act` / `empty_act` (quantizing x, or buffers a producer kernel fills), and the two
-kernels that read them: `gemv_int8` (one row: the decode hot path) and `gemm_int8` (2..32 rows: a server's
-batched decode step) — llama.cpp's MMVQ arithmetic, relative error ~1e-3 against float x.
-Not: which kernel runs or its config (route.py: INT8_FORMATS, `q8_table_rows`, `q8_config`,
-`q8_rows_config`), the kernels that store x quantized as they produce it (ops.rms_norm, ops.silu_mul through
-kiln.ops.q8), the tile helpers (tiles.py), the packed layout (packed.py).
-
-Per word of weights, one dp4a per byte position multiplies 4 weights of one 16-run (their codes, high bits
-included, as unsigned bytes: `_operand`) by 4 activation codes; integer sums per sub-block, then
-sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
+Owns: `QuantAct` (x as int8 codes, scales and run sums in the weights' byte-lane order, kiln.ops.q8),
+`quantize_act` / `empty_act`, `gemv_int8` (one row: the decode hot path) and `gemm_int8` (2..32 rows: a
+server's batched decode step) — llama.cpp's MMVQ arithmetic, relative error ~1e-3 against float x.
+Not: routing and configs (route.py), the producers that store x quantized (ops.rms_norm, ops.silu_mul), the
+tile helpers (tiles.py), the packed layout (packed.py).
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from kiln.quant.route import INT8_FORMATS, Q8Config
 from kiln.quant.tiles import (OFFSETS, block_scales, const, gemv_constants, geometry, high_bits, plane_args,
                               qh_words, scales, shift)
 
-__all__ = ["MAX_ROWS", "QuantAct", "empty_act", "gemm_int8", "gemv_int8", "quantize_act"]
 
 MAX_ROWS = 32  # activation rows `gemm_int8`'s tiles take (route.MAX_INT8_M sends it at most 8)
 
@@ -105,7 +98,7 @@ def _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, kw0, KW: tl.constexpr
     spread = words
     if HAS_QH:
         spread = _spread(high_bits(qh32_ptr, r, ng, gmask, KW, G, H), H if G == 8 else 2)
-    d, dmn = block_scales(d_ptr, dm_ptr, r, ng, gmask, KW, WPB, HAS_DM)
+    d, dmn = block_scales(d_ptr, dm_ptr, r, ng[None, :], gmask, KW, WPB, HAS_DM)
     return words, spread, ng, gok, gmask, d, dmn
 
 
@@ -278,10 +271,6 @@ def empty_act(k: int, dtype: torch.dtype, device, m: int = 1) -> QuantAct:
                     torch.empty(shape(k // 16), dtype=torch.int32, device=device), dtype)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
     if w.qtype not in INT8_FORMATS or act.k != w.shape[1] or act.m not in rows:
         raise ValueError(f"{w.fmt.name} weight of shape {w.shape} with {act.m} quantized rows of {act.k}: the int8 "
@@ -316,6 +305,6 @@ def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, c
     kernel[(triton.cdiv(n, config.block_n),)](
         act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n,
         FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"], OFFSET=OFFSETS.get(w.qtype, 0),
-        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=not _interpreting(),
+        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=config.num_warps, **rows, **geo, **extra, **pdl.launch_kw(act.xq, policy))
     return y

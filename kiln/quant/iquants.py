@@ -1,14 +1,9 @@
 """Non-linear 4-bit GGUF formats, IQ4_NL (32-weight blocks) and IQ4_XS (256), as torch dequantizers.
 
-Owns: their byte layouts (below), the 16-entry non-linear code book `KVALUES`, and one
-`dequantize_<type>(blocks)` per format. Not: the grid-based IQ1/IQ2/IQ3 formats (unsupported, rejected by
-kiln/quant/__init__.py), dispatch, chunking, quantizing, or matmul kernels.
-
-Every function takes `(N, type_size)` uint8 and returns `(N, block_size)` float32 (written into `out` when
-given), bit-identical to gguf-py: the code book value is looked up as a float32 and multiplied by the
-float32 block / sub-block scale.
-
-Shapes: N = blocks, S = sub-blocks of 32 weights.
+Owns: their byte layouts (below), the code book `KVALUES`, one `dequantize_<type>(blocks)` per format. Not: the
+grid IQ1/IQ2/IQ3 formats (rejected by kiln/quant/__init__.py), dispatch, chunking, quantizing, kernels.
+Each takes (N, type_size) uint8 and returns (N, block_size) float32 (into `out` when given), bit-identical to
+gguf-py. Shapes: N = blocks, S = sub-blocks of 32 weights.
 """
 
 import math
@@ -42,16 +37,16 @@ def dequantize_iq4_nl(blocks: torch.Tensor, out: torch.Tensor | None = None) -> 
     return _lookup(codes, out).mul_(f16_at(blocks, 0))
 
 
-def _iq4_xs_scales(blocks: torch.Tensor) -> torch.Tensor:
-    """(N, 8) int8 sub-block scales -32..31."""
-    lo = unpack(blocks[:, 4:8].unsqueeze(-1), 4).flatten(1)            # (N, 4, 2, 1) -> (N, 8)
-    hi = unpack(blocks[:, 2:4].unsqueeze(-1), 2).flatten(1)            # (N, 2, 4, 1) -> (N, 8)
+def iq4_xs_scales(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks (..., 136) -> (..., 8) int8 sub-block scales -32..31 (also packed.py's)."""
+    lo = unpack(blocks[..., 4:8].unsqueeze(-1), 4).flatten(-3)         # (..., 4, 2, 1) -> (..., 8)
+    hi = unpack(blocks[..., 2:4].unsqueeze(-1), 2).flatten(-3)         # (..., 2, 4, 1) -> (..., 8)
     return lo.bitwise_or_(hi << 4).view(torch.int8).sub_(32)
 
 
 def dequantize_iq4_xs(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n = blocks.shape[0]
-    dl = f16_at(blocks, 0) * _iq4_xs_scales(blocks)                    # (N, 8)
+    dl = f16_at(blocks, 0) * iq4_xs_scales(blocks)                    # (N, 8)
     codes = unpack(blocks[:, 8:136].reshape(n, 8, 16), 4)              # (N, S, 2, 16)
     y = _lookup(codes, out).view(n, 8, 32)                             # (N, S, 32)
     return y.mul_(dl.view(n, 8, 1)).view(n, -1)

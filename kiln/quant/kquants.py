@@ -1,13 +1,9 @@
 """K-quant GGUF formats, Q2_K to Q6_K (super-blocks of 256 weights), as torch dequantizers.
 
-Owns: the byte layout of each K-quant super-block (written out below) and one `dequantize_<type>(blocks)` per
-format. Not: dispatch, byte-count checks, chunking or output dtype (kiln/quant/__init__.py), quantizing
-(with or without an importance matrix), or matmul kernels.
-
-Every function takes `(N, type_size)` uint8 and returns `(N, 256)` float32 (written into `out` when given),
-bit-identical to gguf-py: the sub-block scale is formed first in float32 (`dl = d * sc`, `ml = dmin * m`)
-and then applied (`dl * q - ml`), the same order gguf-py and llama.cpp use; `d * (sc * q)` would round
-differently.
+Owns: each super-block's byte layout (below), one `dequantize_<type>(blocks)` per format, the 6-bit scale
+decoders packed.py shares. Not: dispatch, checks, chunking, output dtype (kiln/quant/__init__.py), quantizing,
+kernels. Each takes (N, type_size) uint8 and returns (N, 256) float32 (into `out` when given), bit-identical
+to gguf-py: `dl = d * sc` is formed first in float32, then `dl * q - ml` (`d * (sc * q)` rounds differently).
 
 Shapes: N = blocks, S = sub-blocks (8 of 32 or 16 of 16 weights), L = weights in a sub-block.
 """
@@ -62,36 +58,36 @@ def dequantize_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> to
     return _apply(out, _crumbs(blocks[:, 16:80], 2), dl, ml)
 
 
-def _q3_k_scales(sc: torch.Tensor) -> torch.Tensor:
-    """(N, 12) packed bytes -> (N, 16) int8 scales -32..31."""
+def q3_k_scales(sc: torch.Tensor) -> torch.Tensor:
+    """(..., 12) packed bytes -> (..., 16) int8 scales -32..31 (also packed.py's)."""
     # Low 4 bits: scale j<8 in the lo nibble of byte j, j>=8 in the hi nibble of byte j-8.
     # High 2 bits: scale j in bits 2*(j//4) of byte 8 + j%4.
-    lo = unpack(sc[:, 0:8], 4).flatten(1)                              # (N, 2, 8) -> (N, 16)
-    hi = unpack(sc[:, 8:12], 2).flatten(1)                             # (N, 4, 4) -> (N, 16)
+    lo = unpack(sc[..., 0:8], 4).flatten(-2)                           # (..., 2, 8) -> (..., 16)
+    hi = unpack(sc[..., 8:12], 2).flatten(-2)                          # (..., 4, 4) -> (..., 16)
     return lo.bitwise_or_(hi << 4).view(torch.int8).sub_(32)
 
 
 def dequantize_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    dl = f16_at(blocks, 108) * _q3_k_scales(blocks[:, 96:108])         # (N, 16)
+    dl = f16_at(blocks, 108) * q3_k_scales(blocks[:, 96:108])         # (N, 16)
     # A clear hmask bit means "subtract 4": q = ql - 4 * (1 - bit), in -4..3.
     minus = _high_bits(blocks[:, 0:32]).bitwise_xor_(1).mul_(4)
     q = _crumbs(blocks[:, 32:96], 2).sub_(minus).view(torch.int8)      # (N, 256)
     return _apply(out, q, dl)
 
 
-def _k_scales_mins(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K (N, 12) packed bytes -> 6-bit scales and mins, each (N, 8) uint8."""
+def k_scales_mins(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K (..., 12) packed bytes -> 6-bit scales and mins, each (..., 8) uint8 (also packed.py's)."""
     # Bytes 0-3: scale 0-3 (low 6 bits) + top 2 bits of scale 4-7; bytes 4-7 the same for mins;
     # bytes 8-11: low 4 bits of scale 4-7 (lo nibble) and of min 4-7 (hi nibble).
-    a, b, c = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]                      # (N, 4) each
-    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=1)
-    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=1)
+    a, b, c = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]                # (..., 4) each
+    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=-1)
     return scales, mins
 
 
 def _k_dl_ml(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K per-sub-block float32 scale and min: (N, 8) each."""
-    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    scales, mins = k_scales_mins(blocks[:, 4:16])
     return f16_at(blocks, 0) * scales, f16_at(blocks, 2) * mins
 
 

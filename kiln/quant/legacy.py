@@ -1,15 +1,11 @@
 """Legacy GGUF block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 weights per block), as torch dequantizers.
 
-Owns: the byte layout of each legacy block (written out below), one `dequantize_<type>(blocks)` per format,
-and the helpers every format file shares (`words`, `f16_at`, `unpack`, `into`).
-Not: dispatch by type id, byte-count checks, chunking or output dtype (kiln/quant/__init__.py), quantizing,
-or matmul kernels.
-
-Every function takes `(N, type_size)` uint8 and returns `(N, 32)` float32 (written into `out` when given),
-bit-identical to gguf-py's `gguf.quants.dequantize`: the float operations are gguf-py's, in its order and in
-float32 (f16 scales widened first), e.g. Q4_1 rounds `d * q` and then adds `m` (no fused multiply-add).
-The integer quants are widened into the float32 result and scaled there in place, so a chunk of blocks
-makes no float32 temporary (x * d == d * x exactly, so the operand order does not matter).
+Owns: each block's byte layout (below), one `dequantize_<type>(blocks)` per format, and the helpers every
+format file shares (`words`, `f16_at`, `unpack`, `into`). Not: dispatch, checks, chunking, output dtype
+(kiln/quant/__init__.py), quantizing, kernels.
+Each takes (N, type_size) uint8 and returns (N, 32) float32 (into `out` when given), bit-identical to gguf-py:
+its float32 operations in its order (Q4_1 rounds `d * q`, then adds `m`), widened and scaled in place in the
+result (no float32 temporary; x * d == d * x exactly).
 
 Shapes: N = blocks, F = bit-fields per byte (2 nibbles, 4 crumbs or 8 bits), L = packed bytes in a row.
 """

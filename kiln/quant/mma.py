@@ -1,9 +1,7 @@
-"""The tensor-core kernel for 9..32 rows of 16-bit x (a server's batched decode step): weights dequantized in
-registers, one tl.dot per field of the packed words.
+"""The tensor-core kernel for 9..32 rows of 16-bit x: weights dequantized in registers, one tl.dot per field.
 
-Owns: `gemm_mma` and its kernel.
-Not: where it runs (route.py: `mma_config`, the table of shapes where it measured faster than dequantize +
-cuBLAS, and `mma_launch`, its split-K), the tile helpers (tiles.py), the packed layout (packed.py).
+Owns: `gemm_mma` and its kernel. Not: where it runs and its split-K (route.py: `mma_config`, `mma_launch`),
+tiles.py, packed.py.
 """
 
 from __future__ import annotations
@@ -13,10 +11,9 @@ import torch
 from kiln.ops import jit, tl, triton
 from kiln.quant.packed import FORMATS, V, PackedWeight
 from kiln.quant.route import MAX_MMA_M, MMA_FORMATS, MmaConfig
-from kiln.quant.tiles import codes, const, plane_args, scales, store_rows, sum_splits
+from kiln.quant.tiles import block_scales, codes, const, plane_args, scales, store_rows, sum_splits
 from kiln.quant.tiles import field_offset_c as _fo
 
-__all__ = ["gemm_mma"]
 
 _V = const(V)
 
@@ -51,11 +48,7 @@ def _mma_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_p
         hi = words
         if HAS_QH:
             hi = tl.load(qh_ptr + r * KW + kw[None, :], mask=wmask, other=0).to(tl.int32)
-        blk = r * (KW // WPB) + (kw // WPB)[None, :]
-        d = tl.load(d_ptr + blk, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        dmn = d
-        if HAS_DM:
-            dmn = tl.load(dm_ptr + blk, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        d, dmn = block_scales(d_ptr, dm_ptr, r, (kw // _V)[None, :], wmask, KW, WPB, HAS_DM)   # (BN, W)
         # Weights as dequantize_gpu builds them (`codes`, `scales`: (q - offset) * dl [- ml]), in x's dtype.
         if SUB >= _V * G:  # a sub-block (or block) spans whole groups
             dl0, ml0 = scales(sc_ptr, mn_ptr, r * SUBS + (kw // (SUB // G))[None, :], wmask, d, dmn, FMT)

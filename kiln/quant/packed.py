@@ -1,38 +1,31 @@
 """GGUF weights in a lossless repacked layout the GPU kernels read, and its plain-torch twin.
 
-Owns: the GGUF type ids and block geometry of the formats with kernels (`Format`, `FORMATS`), the packed
-layout (`PackedWeight`, built once at load by `repack` — plain torch, runs on the tensor's device) and
-`dequantize_ref`, the obviously correct dequantization the kernels are tested against.
-Not: the GGUF byte layouts' reference dequantizers (legacy.py, kquants.py, iquants.py, which this file is
-tested bit-exact against), the Triton kernels (tiles.py, gemv.py, gemv_int8.py, mma.py, dequant.py), which
-kernel runs (route.py), quantizing.
+Owns: the type ids and block geometry of the formats with kernels (`Format`, `FORMATS`), the packed layout
+(`PackedWeight`, built once at load by `repack`, plain torch on the tensor's device) and `dequantize_ref`, the
+obviously correct dequantization the kernels are tested against.
+Not: the GGUF reference dequantizers (legacy.py, kquants.py, iquants.py: this file is tested bit-exact against
+them), the Triton kernels, routing (route.py), quantizing.
 
-Formats: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, Q2_K Q3_K Q4_K Q5_K Q6_K, IQ4_NL IQ4_XS.
-
-The packed layout. A GGUF block interleaves scales and quants, scatters a block's weights over its bytes in
-format-specific lane orders, and is 18, 34, 110 or 210 bytes long, so loads of it are unaligned and every
-format needs its own index arithmetic. `repack` splits each tensor into planes, each row-major (N, ·):
+A GGUF block interleaves scales and quants, scatters its weights over its bytes in format-specific lane orders
+and is 18, 34, 110 or 210 bytes long: unaligned loads and per-format index arithmetic. `repack` splits each
+tensor into planes, each row-major (N, ·):
   qs  int32 words of G fields of b = 32 / G bits (4-bit: G = 8; 2-bit: G = 16; Q8_0's bytes: G = 4), the low
-      bits of every weight, all unsigned (Q8_0's int8 q is stored as q + 128). Words come in groups of V = 4
-      (one 128-bit load) holding V*G consecutive weights: field f of word j of a group is weight
-      field_offset(f) + j — with L = G / 4 fields per byte and f = m*L + l, offset l*4V + m*V — so that the
-      fields sharing byte position l of the four words are one run of 16 consecutive weights (one dp4a
-      operand per word: `(word >> b*l) & mask`, all of one sub-block; the activations are stored in the same
-      order, kiln.ops.q8).
-  qh  int8 or int16, one element per qs word: the high bits of that word's fields, field f at bits
-      [h*f, h*f + h) (h = 1 for Q5_0, Q5_1, Q5_K, Q3_K; 2 for Q6_K).
-  sc, mn  uint8 or int8, one per sub-block: the 6-bit scale (and min) already decoded from GGUF's packed
-      12-byte form (Q3_K, Q4_K, Q5_K, IQ4_XS: +4, +4, +4, +2 bytes per super-block, at most +3.7%).
-  d, dm   int16, one per GGUF block: the f16 block scale (and min / dmin) as raw bits — bits, not float16,
-      so that `model.to(dtype)` cannot round them.
-Why this order: a thread that loads four words (128 bits) extracts field f from each with the same mask, in
-the registers the words were loaded into — no shuffles or shared-memory round trips — and the four
-activations those fields multiply, x[field_offset(f) + j], j = 0..3, are contiguous (one 64-bit load). All
-fields of a word share their block scale; a sub-block (16 or 32 weights) is a set of whole fields of a group
-(sub-block s of 16: the fields f with f % L == s).
+      bits of every weight, unsigned (Q8_0's q stored as q + 128). Words come in groups of V = 4 (one 128-bit
+      load) holding V*G consecutive weights: field f of word j is weight field_offset(f) + j — with L = G / 4
+      fields per byte and f = m*L + l, offset l*4V + m*V — so the fields at byte position l of the four words
+      are one run of 16 consecutive weights (one dp4a operand per word, of one sub-block; kiln.ops.q8 stores
+      the activations in the same order).
+  qh  int8 or int16, one per qs word: the high bits of its fields, field f at bits [h*f, h*f + h) (h = 1 for
+      Q5_0, Q5_1, Q5_K, Q3_K; 2 for Q6_K).
+  sc, mn  uint8 or int8, one per sub-block: the 6-bit scale (and min) decoded from GGUF's packed 12-byte form
+      (at most +3.7% bytes).
+  d, dm   int16, one per GGUF block: the f16 scale (and min / dmin) as raw bits, so `model.to(dtype)` cannot
+      round them.
+Why: a thread that loads four words extracts field f from each with the same mask, in the registers they were
+loaded into (no shuffles), and the four activations it multiplies, x[field_offset(f) + j], are contiguous.
+All fields of a word share a block scale; a sub-block is a set of whole fields of a group.
 
-Per format (the weight formula is gguf-py's, evaluated in the same float32 order by
-dequantize_ref and the kernels' dense tiles):
+Per format (gguf-py's weight formula, in its float32 order in dequantize_ref and the kernels' dense tiles):
   Q4_0   qs 4b                  d              w = d * (q - 8)
   Q4_1   qs 4b                  d, dm = m      w = d * q + m
   Q5_0   qs 4b + qh 1b          d              w = d * (q - 16)
@@ -54,17 +47,13 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from kiln.errors import KilnError
-
-__all__ = ["FORMATS", "Format", "PackedWeight", "KVALUES", "V", "dequantize_ref", "field_offset", "format_of",
-           "packed_fields", "repack"]
+from kiln.quant.iquants import KVALUES, iq4_xs_scales
+from kiln.quant.kquants import k_scales_mins, q3_k_scales
 
 # GGML type ids (gguf.GGMLQuantizationType), spelled out so that this file needs no gguf import.
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
 IQ4_NL, IQ4_XS = 20, 23
-
-# Values of IQ4 codes 0..15 (llama.cpp kvalues_iq4nl; kiln/quant/iquants.py KVALUES).
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @dataclass(frozen=True)
@@ -166,10 +155,8 @@ def _fields(b: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _lanes(b: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
-    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes.
-
-    The bytes run in groups of `lane`; field f of byte l in group h is weight h*lane*F + f*lane + l.
-    """
+    """GGUF's lane order -> weight order: (R, nb, L) bytes -> (R, nb * L * 8 / bits) codes; the bytes run in
+    groups of `lane`, field f of byte l in group h is weight h*lane*F + f*lane + l."""
     r, nb, n = b.shape
     f = _fields(b.reshape(r, nb, n // lane, lane), bits)               # (R, nb, groups, lane, F)
     return f.transpose(-1, -2).reshape(r, -1)                          # (R, nb, groups, F, lane) flattened
@@ -222,32 +209,10 @@ def _bytes(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return b[..., lo:hi].reshape(b.shape[0], -1)
 
 
-def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
-    """(R, nb, 12) packed bytes -> (R, nb * 16) int8 in -32..31 (kquants._q3_k_scales)."""
-    lo = torch.cat([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], dim=-1)       # scale j<8: lo nibble of byte j
-    hi = torch.stack([(s[..., 8:12] >> (2 * i)) & 3 for i in range(4)], dim=-2).flatten(-2)  # j: byte 8+j%4
-    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(s.shape[0], -1)
-
-
-def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K (R, nb, 12) packed bytes -> 6-bit scales and mins, each (R, nb * 8) uint8."""
-    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    scales = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
-    mins = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=-1)
-    return scales.reshape(s.shape[0], -1), mins.reshape(s.shape[0], -1)
-
-
-def _iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
-    """IQ4_XS blocks (R, nb, 136) -> (R, nb * 8) int8 in -32..31."""
-    lo = _fields(b[..., 4:8], 4).flatten(-2)                           # sub-block s: nibble s%2 of byte s//2
-    h = b[..., 2:4].contiguous().view(torch.int16).squeeze(-1).int() & 0xFFFF     # (R, nb) u16
-    hi = torch.stack([(h >> (2 * s)) & 3 for s in range(8)], dim=-1).to(torch.uint8)
-    return ((lo | (hi << 4)).view(torch.int8) - 32).reshape(b.shape[0], -1)
-
-
 def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
     """GGUF blocks of R rows (R, nb, type_size) uint8 -> that slice of every plane."""
     f16 = lambda off: _f16_bits(b, off)  # noqa: E731
+    rows = lambda t: t.reshape(b.shape[0], -1)  # noqa: E731  (R, nb, S) -> (R, nb * S)
     nib = lambda lo, hi, lane: _pack(_lanes(b[..., lo:hi], lane, 4), 4, 8, torch.int32)  # noqa: E731
     five = lambda lo, hi: _pack(_bit_order(b[..., lo:hi]), 1, 8, torch.int8)  # noqa: E731
     if qtype in (Q4_0, IQ4_NL):
@@ -266,9 +231,9 @@ def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
     if qtype == Q3_K:
         return dict(qs=_pack(_lanes(b[..., 32:96], 32, 2), 2, 16, torch.int32),
                     qh=_pack(_lanes(b[..., 0:32], 32, 1), 1, 16, torch.int16),
-                    sc=_q3_k_scales(b[..., 96:108]), d=f16(108))
+                    sc=rows(q3_k_scales(b[..., 96:108])), d=f16(108))
     if qtype in (Q4_K, Q5_K):
-        sc, mn = _k_scales_mins(b[..., 4:16])
+        sc, mn = map(rows, k_scales_mins(b[..., 4:16]))
         if qtype == Q4_K:
             return dict(qs=nib(16, 144, 32), sc=sc, mn=mn, d=f16(0), dm=f16(2))
         return dict(qs=nib(48, 176, 32), qh=_pack(_lanes(b[..., 16:48], 32, 1), 1, 8, torch.int8),
@@ -277,7 +242,7 @@ def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
         return dict(qs=nib(0, 128, 64), qh=_pack(_lanes(b[..., 128:192], 32, 2), 2, 8, torch.int16),
                     sc=_bytes(b, 192, 208).view(torch.int8), d=f16(208))
     assert qtype == IQ4_XS
-    return dict(qs=nib(8, 136, 16), sc=_iq4_xs_scales(b), d=f16(0))
+    return dict(qs=nib(8, 136, 16), sc=rows(iq4_xs_scales(b)), d=f16(0))
 
 
 def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
@@ -326,11 +291,9 @@ def _sub_scales(w: PackedWeight, d: torch.Tensor, dm: torch.Tensor | None):
 
 
 def dequantize_ref(w: PackedWeight) -> torch.Tensor:
-    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes.
-
-    The float operations are gguf-py's, in its order: sub-block scales dl = d * sc formed first in float32,
-    then dl * q (- ml); Q4_1/Q5_1 round d * q before adding m.
-    """
+    """PackedWeight -> (N, K) float32 in plain torch, bit-identical to kiln.quant.dequantize of the GGUF bytes:
+    gguf-py's float operations in its order (dl = d * sc in float32 first, then dl * q (- ml); Q4_1/Q5_1 round
+    d * q before adding m)."""
     fmt, (n, k) = w.fmt, w.shape
     d = w.d.view(torch.float16).float()                                # (N, K / block)
     dm = w.dm.view(torch.float16).float() if w.dm is not None else None

@@ -1,16 +1,10 @@
 """Which kernel multiplies activations by a quantized weight, and how it launches: every routing decision.
 
-Owns: the launch configs of the matmul kernels (`GemvConfig`, `Q8Config`, `MmaConfig`, `DequantConfig`),
-`Plan` (one kernel and its fully specified config) and `plan(qtype, rows, n, k, dtype, policy)`, which
-makes it from shapes alone, and every threshold and measured table behind that choice: the rows each
-kernel takes (`gemv_max_rows`, MAX_*), the formats each takes, the float GEMV's table (`float_table`), its
-shrinking for small matrices (`shrink`) and launch (`float_config`), split-K (`auto_split_k`), the int8
-GEMV's rows per program by shape (`q8_table_rows`) and geometry (`q8_config`, `q8_rows_config`), and the
-tensor-core table (`mma_config`, `mma_launch`). Benchmarks that time other configs make them launchable
-with the same functions.
-Not: the kernels themselves (gemv.py, gemv_int8.py, mma.py, dequant.py launch exactly the config they are
-given), running a plan (linear.run), the switches (kiln/policy.py), attention and CPU kernels (ops/,
-quant/cpu.py).
+Owns: the kernels' launch configs (`GemvConfig`, `Q8Config`, `MmaConfig`, `DequantConfig`), `Plan`, and
+`plan(qtype, rows, n, k, dtype, policy)`, which picks one from shapes alone, with every threshold and measured
+table behind the choice (benchmarks launch other configs through the same functions).
+Not: the kernels (gemv.py, gemv_int8.py, mma.py, dequant.py launch exactly the config given), running a plan
+(linear.run), the switches (kiln/policy.py), attention and CPU kernels (ops/, quant/cpu.py).
 
 The kinds, for x (M, K) times a packed (N, K) weight on a device the Triton kernels serve:
   gemv_int8  M = 1, 16-bit x, INT8_FORMATS, policy.int8: x quantized to int8 per 32, dp4a (decode);
@@ -20,9 +14,8 @@ The kinds, for x (M, K) times a packed (N, K) weight on a device the Triton kern
   mma        9..32 rows where the tensor-core table measured it faster (output heads, wide matrices);
   dequant    anything else: dequantize into an x.dtype scratch, then cuBLAS (prefill);
   reference  where the kernels do not serve x's device: the plain torch dequantization, then a matmul.
-A plan depends on shapes, dtype, policy and the device's SM count only — never on data — so the decode
-step can be captured in a CUDA graph; `plan` is cached, as the eager batched step and prefill ask it per
-layer and call.
+A plan depends on shapes, dtype, policy and SM count only — never on data — so a decode step can be captured
+in a CUDA graph; `plan` is cached (the eager batched step and prefill ask per layer and call).
 """
 
 from __future__ import annotations

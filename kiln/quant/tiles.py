@@ -1,18 +1,14 @@
 """Triton building blocks the quantized matmul kernels share, and their launch plumbing.
 
-Owns: decoding packed codes and scales in registers (`codes`, `scales`, `dense_tile` — exact, in
-gguf-py's float32 order — `high_bits`, `block_scales`), storing a program's outputs (`store_rows`) and
-summing split-K partials (`sum_splits`), the compile-time geometry of a format (`geometry`,
-`gemv_constants`, `OFFSETS`) and the kernel arguments of a PackedWeight (`plane_args`, `qh_words`, the IQ4
-`code_book`).
-Not: the packed layout (packed.py), the kernels (gemv.py, gemv_int8.py, mma.py, dequant.py), which kernel
-runs and with which config (route.py).
+Owns: decoding packed codes and scales in registers (exact, in gguf-py's float32 order), storing outputs and
+summing split-K partials, a format's compile-time geometry, and a PackedWeight's kernel arguments.
+Not: the packed layout (packed.py), the kernels (gemv.py, gemv_int8.py, mma.py, dequant.py), routing (route.py).
 
-Shape alphabet (every kernel file): M activation rows (tokens), N weight rows (out features), K weights per
-row (in features), BN rows per program, W packed words per row per K step, G fields per word, V = 4 words
-per group, NG = W / V groups per step, MX activation rows per tile (M rounded up to a power of two; >= 16
-for tl.dot). The K loop's trip count is a compile-time constant (K is specialized: a model has a handful of
-distinct K), which also lets the Triton interpreter used by the CPU tests run the kernels.
+Shape alphabet (every kernel file): M activation rows, N weight rows (out features), K weights per row (in
+features), BN rows per program, W packed words per row per K step, G fields per word, V = 4 words per group,
+NG = W / V groups per step, MX activation rows per tile (M rounded up to a power of two; >= 16 for tl.dot).
+The K loop's trip count is a compile-time constant (a model has a handful of distinct K), which also lets the
+Triton interpreter of the CPU tests run the kernels.
 """
 
 from __future__ import annotations
@@ -24,10 +20,6 @@ import torch
 from kiln.ops import HAVE_TRITON, jit, tl, triton
 from kiln.quant.packed import (FORMATS, IQ4_NL, IQ4_XS, KVALUES, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                Q6_K, Q8_0, V, Format, PackedWeight, field_offset, packed_fields)
-
-__all__ = ["OFFSETS", "block_scales", "code_book", "codes", "const", "constexpr_function", "dense_tile",
-           "field_offset_c", "gemv_constants", "geometry", "high_bits", "plane_args", "qh_words", "scales",
-           "shift", "store_rows", "sum_splits"]
 
 
 def const(v):
@@ -136,11 +128,7 @@ def dense_tile(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, tab_ptr, r, rmask,
         hi = tl.load(qh_ptr + r * KW + kw[None, :, :, :], mask=mask, other=0).to(tl.int32)
     # Scales per (row, group) — or per (row, group, field) where a group spans sub-blocks — not per weight.
     gmask = rmask & (ng < KW // _V)[None, :, None, None]               # (BN, NG, 1, 1)
-    blk = r * (KW // WPB) + (ng * _V // WPB)[None, :, None, None]
-    d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))
-    dmn = d
-    if HAS_DM:
-        dmn = _f16(tl.load(dm_ptr + blk, mask=gmask, other=0))
+    d, dmn = block_scales(d_ptr, dm_ptr, r, ng[None, :, None, None], gmask, KW, WPB, HAS_DM)
     g = tl.arange(0, G)[None, None, :, None]                           # (1, 1, G, 1)
     if SPG == 1:
         dl, ml = scales(sc_ptr, mn_ptr, r * SUBS + (ng // GPS)[None, :, None, None], gmask, d, dmn, FMT)
@@ -172,8 +160,8 @@ def high_bits(qh32_ptr, r, ng, gmask, KW: tl.constexpr, G: tl.constexpr, H: tl.c
 @jit
 def block_scales(d_ptr, dm_ptr, r, ng, gmask, KW: tl.constexpr, WPB: tl.constexpr, HAS_DM: tl.constexpr):
     """The f16 block scale d and dmin / m (d again where the format has none) of groups ng of rows r, as
-    float32 (BN, NG)."""
-    blk = r * (KW // WPB) + (ng * _V // WPB)[None, :]
+    float32 (ng broadcast against r: (BN, NG) for r (BN, 1) and ng (1, NG))."""
+    blk = r * (KW // WPB) + ng * _V // WPB
     d = _f16(tl.load(d_ptr + blk, mask=gmask, other=0))
     dmn = d
     if HAS_DM:

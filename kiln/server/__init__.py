@@ -1,9 +1,5 @@
-"""kiln's OpenAI-compatible server: `create_app` (an ASGI app) and `serve` (run it in-process).
-
-Owns: the package's public names, imported lazily so that `import kiln.server` needs no FastAPI.
-Not: anything else; see app.py (routes, streams), prompts.py (requests to prompt ids), choices.py (engine
-outputs to each choice's text), transport.py (Host check, request bodies, timeouts, shutdown), protocol.py (wire
-format), metrics.py, engine.py (continuous batching), structured.py (grammars) and tools.py (tool-call formats).
+"""kiln's OpenAI-compatible server: `create_app` (an ASGI app) and `serve` (run it in-process), imported lazily
+so that `import kiln.server` needs no FastAPI. The rest: app.py and the modules it names.
 
     model, tok = kiln.load("qwen2.5-coder-0.5b")
     kiln.server.serve(model, tok, port=8080, api_key="secret", n_slots=4)       # blocks
@@ -13,14 +9,11 @@ format), metrics.py, engine.py (continuous batching), structured.py (grammars) a
 from __future__ import annotations
 
 
-def create_app(*args, **kwargs):
-    from kiln.server.app import create_app as make
-    return make(*args, **kwargs)
-
-
-def serve(*args, **kwargs):
-    from kiln.server.app import serve as run
-    return run(*args, **kwargs)
+def __getattr__(name: str):
+    if name in __all__:
+        from kiln.server import app
+        return getattr(app, name)
+    raise AttributeError(f"module 'kiln.server' has no attribute {name!r}")
 
 
 __all__ = ["create_app", "serve"]

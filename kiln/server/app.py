@@ -1,19 +1,12 @@
-"""The OpenAI-compatible HTTP server: routes, auth, limits, prompts, streaming, tool calls, metrics.
+"""The OpenAI-compatible HTTP server: state, routes, streamed and whole responses.
 
-Owns: `create_app` (a FastAPI app, usable with any ASGI server) and `serve` (run one in-process with uvicorn);
-the server's state, auth and readiness; the routes, which take a validated request (protocol.py) to prompt ids
-and engine requests (prompts.py) and the choices' text, logprobs and tool calls (choices.py) to response bodies,
-SSE chunks and usage; cancelling a stream's generations when its client goes away; HTTP errors (OpenAI bodies,
-never a 500 for bad input); /health, /metrics, /tokenize.
-Not: batching and the KV cache (kiln/engine.py), detokenizing and stop strings (kiln/textstream.py), one choice's
-text side and driving a request's choices to their end (choices.py), grammars (structured.py), tool-call formats
-(tools.py), the wire format's field table (protocol.py), Host checks, body reading and uvicorn's timeouts
-(transport.py), the command line (kiln/serve.py).
-
-Threads and processes: the engine runs its own loop thread. Work that grows with the input stays off the event
-loop: chat templates render in worker processes within a time and memory budget (chat_template.Workers), text is
-tokenized in worker threads (the tokenizer releases the GIL), grammars compile in worker threads, and a prompt
-whose characters already exceed what the context could hold is refused before it is tokenized.
+Owns: `create_app` (a FastAPI app for any ASGI server) and `serve` (uvicorn in-process); readiness, auth and the
+server's state; the routes, from a validated request (protocol.py) to response bodies, SSE chunks and usage;
+cancelling a stream's generations when its client leaves; OpenAI error bodies (never a 500 for bad input).
+Not: batching (kiln/engine.py), prompts and engine requests (prompts.py), a choice's text (choices.py), grammars
+(structured.py), tool-call formats (tools.py), the field table (protocol.py), the HTTP layer (transport.py), the
+command line (kiln/serve.py). Work that grows with the input stays off the event loop: templates render in
+worker processes (chat_template.Workers); tokenizing and grammar compiling run in threads.
 """
 
 from __future__ import annotations
@@ -46,9 +39,7 @@ _ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/tokenize", "/detoken
                      "/v1/completions"})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# State: what requests need once the model is loaded
-# ---------------------------------------------------------------------------------------------------------------
+# --- State: what requests need once the model is loaded --------------------------------------------------------
 class ServerState:
     def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
                  max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0):
@@ -122,9 +113,7 @@ class ServerState:
             await asyncio.to_thread(self.engine.stop)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------------------------------------------
+# --- The app ---------------------------------------------------------------------------------------------------
 def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokenizer=None, model_id: str = "model",
                api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
                max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
@@ -170,14 +159,10 @@ def server_for(app: FastAPI, host: str, port: int, **kw):
     return transport.make_server(app, host, port, on_drain=st.drain, on_cut=st.cut_in_flight, **kw)
 
 
-def _error_response(e: P.APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(P.APIError)
     async def api_error(request, e: P.APIError):
-        return _error_response(e)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(KilnError)
     async def kiln_error(request, e: KilnError):
@@ -191,9 +176,7 @@ def _handlers(app: FastAPI) -> None:
     # a kiln bug (any other exception) is answered by transport.Guard: one log entry, a 500 without internals
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Request plumbing: readiness, auth, body
-# ---------------------------------------------------------------------------------------------------------------
+# --- Request plumbing: readiness, auth, body -------------------------------------------------------------------
 def _ready(st: ServerState) -> None:
     if st.load_error is not None:
         raise P.APIError(503, f"the model failed to load: {st.load_error}")
@@ -228,9 +211,7 @@ def _check_model(st: ServerState, name: str | None) -> None:
                          param="model", code="model_not_found")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Routes
-# ---------------------------------------------------------------------------------------------------------------
+# --- Routes ----------------------------------------------------------------------------------------------------
 def _routes(app: FastAPI, st: ServerState) -> None:
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -284,9 +265,7 @@ def _model_card(st: ServerState) -> dict:
             "meta": {"n_ctx": st.ctx_size, "n_slots": st.n_slots, "loaded": st.ready}}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# /v1/chat/completions
-# ---------------------------------------------------------------------------------------------------------------
+# --- /v1/chat/completions --------------------------------------------------------------------------------------
 async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     _check_model(st, req.model)
     prompts.check_capacity(st, req.n, "n")
@@ -358,35 +337,49 @@ class _SSE(StreamingResponse):
 
 async def _stream_steps(st: ServerState, groups: list, t0: float):
     """(choice, text, logprob entries) as outputs come; cancels every generation if the client goes away."""
-    first = True
     with in_flight(st, groups):  # normal end, client gone (CancelledError) or an error: slots freed either way
-        async for c, out in merged_outputs([c for _, cs in groups for c in cs]):
-            if first:
-                st.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
+        async for c, out in merged_outputs(st, [c for _, cs in groups for c in cs], t0):
             text, entries = c.step(out)
             if text or entries or c.finish:
                 yield c, text, entries
 
 
-def _stream_error(e: Exception) -> dict:
-    if isinstance(e, P.APIError):
-        return e.body()
-    if isinstance(e, KilnError):
-        return P.error_body(400, str(e))
-    return transport.internal_error(e, "a stream failed")
+async def _stream_end(st: ServerState, events: AsyncIterator, choices: list[Choice], final, t0: float):
+    """`events`, then the usage chunk (`final()`, None for none) and [DONE]; an error ends the stream with its body."""
+    try:
+        async for e in events:
+            yield e
+        check_finished(st, choices, streaming=True)
+    except Exception as e:
+        yield (e.body() if isinstance(e, P.APIError) else P.error_body(400, str(e)) if isinstance(e, KilnError)
+               else transport.internal_error(e, "a stream failed"))
+        yield "[DONE]"
+        return
+    st.metrics.latency.observe(time.perf_counter() - t0)
+    usage = final()
+    if usage is not None:
+        yield usage
+    yield "[DONE]"
 
 
-async def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[Choice], meta, t0: float):
-    def chunk(choice_dicts, usage=None):
-        return P.chunk("chat.completion.chunk", *meta, choice_dicts, usage, req.include_usage)
+def _chunker(kind: str, req: P.GenRequest, meta):
+    return lambda choice_dicts, usage=None: P.chunk(kind, *meta, choice_dicts, usage, req.include_usage)
+
+
+def _usage_chunk(chunk, req: P.GenRequest, groups: list):
+    return lambda: chunk([], usage_of(groups)) if req.include_usage else None
+
+
+def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[Choice], meta, t0: float):
+    chunk = _chunker("chat.completion.chunk", req, meta)
 
     def logprobs(entries):
         return {"content": entries} if req.logprobs and entries else None
-    for c in choices:
-        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
-    try:
+
+    async def events():
+        for c in choices:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
         async for c, text, entries in _stream_steps(st, [(ids, choices)], t0):
             for delta in _chat_deltas(c, text, req):
                 yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs(entries), "finish_reason": None}])
@@ -396,15 +389,7 @@ async def _chat_stream(st: ServerState, req: P.ChatRequest, ids, choices: list[C
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": finish}])
             elif entries and req.logprobs:
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": logprobs(entries), "finish_reason": None}])
-        check_finished(st, choices, streaming=True)
-    except Exception as e:
-        yield {**_stream_error(e)}
-        yield "[DONE]"
-        return
-    st.metrics.latency.observe(time.perf_counter() - t0)
-    if req.include_usage:
-        yield chunk([], usage_of([(ids, choices)]))
-    yield "[DONE]"
+    return _stream_end(st, events(), choices, _usage_chunk(chunk, req, [(ids, choices)]), t0)
 
 
 def _chat_deltas(c: Choice, text: str, req: P.ChatRequest) -> list[dict]:
@@ -425,9 +410,7 @@ def _chat_deltas(c: Choice, text: str, req: P.ChatRequest) -> list[dict]:
     return deltas
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# /v1/completions
-# ---------------------------------------------------------------------------------------------------------------
+# --- /v1/completions -------------------------------------------------------------------------------------------
 async def _completions(st: ServerState, request: Request, req: P.CompletionRequest):
     _check_model(st, req.model)
     prompts.check_capacity(st, len(req.prompts) * req.n, "n" if len(req.prompts) == 1 else "prompt")
@@ -457,24 +440,16 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
     return JSONResponse(body)
 
 
-async def _completion_stream(st, req: P.CompletionRequest, groups, choices, echoes, meta, t0):
-    def chunk(choice_dicts, usage=None):
-        return P.chunk("text_completion", *meta, choice_dicts, usage, req.include_usage)
+def _completion_stream(st, req: P.CompletionRequest, groups, choices, echoes, meta, t0):
+    chunk = _chunker("text_completion", req, meta)
     offsets = {c.index: len(e) for c, e in zip(choices, echoes)}
-    for c, e in zip(choices, echoes):
-        if e:
-            yield chunk([{"index": c.index, "text": e, "logprobs": None, "finish_reason": None}])
-    try:
+
+    async def events():
+        for c, e in zip(choices, echoes):
+            if e:
+                yield chunk([{"index": c.index, "text": e, "logprobs": None, "finish_reason": None}])
         async for c, text, entries in _stream_steps(st, groups, t0):
             lp = P.legacy_logprobs(entries, offsets[c.index]) if req.logprobs else None
             offsets[c.index] += len(text)
             yield chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish}])
-        check_finished(st, choices, streaming=True)
-    except Exception as e:
-        yield {**_stream_error(e)}
-        yield "[DONE]"
-        return
-    st.metrics.latency.observe(time.perf_counter() - t0)
-    if req.include_usage:
-        yield chunk([], usage_of(groups))
-    yield "[DONE]"
+    return _stream_end(st, events(), choices, _usage_chunk(chunk, req, groups), t0)

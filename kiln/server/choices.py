@@ -1,13 +1,10 @@
-"""Requests out: from a request's engine outputs to each choice's text, logprobs and tool calls, and their end.
+"""Requests out: a request's engine outputs to each choice's text, logprobs and tool calls, and their end.
 
-Owns: `Choice` (the text side of one engine request: its TextStream with stop strings, logprob entries, tool-call
-parser), `merged_outputs` (the outputs of all of a request's choices as they come), `run_to_end` (driving a
-non-streaming request's choices to their end, cancelling them when the client hangs up), `in_flight` (the
-bookkeeping while a request runs: in-flight count, shutdown cut, token counts, cancelling whatever is left),
-`check_finished` (a choice that ended in an engine failure is a logged 500) and `usage_of` (the usage counts).
-Not: the routes, response bodies and SSE chunks (app.py), prompts and engine requests (prompts.py), detokenizing
-and stop strings themselves (kiln/textstream.py), tool-call formats (tools.py).
-Every function takes the app's ServerState as `st`.
+Owns: `Choice` (one engine request's text side), `merged_outputs`, `run_to_end` (a non-streaming request, cancelled
+when its client hangs up), `in_flight` (counts, shutdown cut, cancelling what is left), `check_finished` (an
+engine failure is a logged 500) and `usage_of`. Every function takes the app's ServerState as `st`.
+Not: routes and response bodies (app.py), prompts (prompts.py), detokenizing and stop strings (kiln/textstream.py),
+tool-call formats (tools.py).
 """
 
 from __future__ import annotations
@@ -73,8 +70,17 @@ class Choice:
         return events + (self.parser.finish() if self.finish else [])
 
 
-async def merged_outputs(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
-    """(choice, StepOutput) from all choices as they come; stops following a choice once it is finished."""
+async def merged_outputs(st, choices: list[Choice], t0: float) -> AsyncIterator[tuple[Choice, object]]:
+    """(choice, StepOutput) from all choices as they come, the first timed from `t0`; stops following a choice once
+    it is finished."""
+    async for c, out in _merged(choices):
+        if t0 is not None:
+            st.metrics.ttft.observe(time.perf_counter() - t0)
+            t0 = None
+        yield c, out
+
+
+async def _merged(choices: list[Choice]):
     if len(choices) == 1:
         c = choices[0]
         async for out in c.handle:
@@ -123,12 +129,8 @@ async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
 async def run_to_end(st, request: Request, choices: list[Choice], t0: float) -> None:
     """Drive every choice to its end (non-streaming); cancel all if the client goes away or we fail."""
     watcher = asyncio.create_task(_watch_disconnect(request, choices))
-    first = True
     try:
-        async for c, out in merged_outputs(choices):
-            if first:
-                st.metrics.ttft.observe(time.perf_counter() - t0)
-                first = False
+        async for c, out in merged_outputs(st, choices, t0):
             c.step(out)
     finally:
         watcher.cancel()
@@ -171,5 +173,4 @@ def in_flight(st, groups: list[tuple[list[int], list[Choice]]]):
         st.metrics.in_flight -= 1
         st.live.difference_update(choices)
         cancel_all(choices)
-        u = usage_of(groups)
-        st.metrics.count_tokens(u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
+        st.metrics.count_tokens(usage_of(groups))

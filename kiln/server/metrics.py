@@ -1,10 +1,8 @@
-"""Prometheus metrics for the server, in the plain text exposition format (version 0.0.4).
+"""Prometheus metrics for the server, in the text exposition format (version 0.0.4).
 
-Owns: counters (requests by endpoint and status, prompt / generated / cached tokens), histograms (request
-latency, time to first token), and rendering them together with gauges read from the engine at scrape time
-(queue depth, active slots, KV-cache use, prefix-cache hits).
-Not: what is measured when (app.py records), the engine's own bookkeeping (engine.stats()).
-Thread-safety: every update happens on the event loop thread, so no locks are needed.
+Owns: request, token and latency counters and histograms, rendered with gauges read from the engine at scrape
+time. Not: what is measured when (app.py, choices.py, transport.py), the engine's bookkeeping (engine.stats()).
+Every update happens on the event loop thread, so no locks.
 """
 
 from __future__ import annotations
@@ -55,15 +53,14 @@ class Metrics:
         self.ttft = Histogram()
         self.in_flight = 0
 
-    def request_done(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+    def request_done(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
-        if seconds is not None:
-            self.latency.observe(seconds)
 
-    def count_tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
-        self.tokens["prompt"] += prompt
-        self.tokens["generated"] += generated
-        self.tokens["cached"] += cached
+    def count_tokens(self, usage: dict) -> None:
+        """Add one request's usage (protocol.usage) to the token counters."""
+        self.tokens["prompt"] += usage["prompt_tokens"]
+        self.tokens["generated"] += usage["completion_tokens"]
+        self.tokens["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
 
     def render(self, stats: dict | None) -> str:
         out = ["# HELP kiln_requests_total HTTP requests by endpoint and status", "# TYPE kiln_requests_total counter"]

@@ -1,12 +1,10 @@
-"""Requests in: from a validated request (protocol.py) to prompt ids and engine requests.
+"""Requests in: a validated request (protocol.py) to prompt ids and engine requests.
 
-Owns: chat prompts (the template rendered in a worker process within its budget, then tokenized in a worker
-thread with message text as text: Tokenizer.encode_chat), completion prompts, /tokenize and /detokenize, the
-checks that need the model (a prompt refused by its character count before it is tokenized, the context limit,
-token ids in the vocabulary, a request larger than the queue plus the slots), compiling a request's constraint
-off the event loop, and submitting one engine request per choice.
-Not: HTTP plumbing (app.py, transport.py), the field table (protocol.py), what comes back out (choices.py, app.py).
-Every function takes the app's ServerState as `st`.
+Owns: chat prompts (rendered in a worker process, then tokenized in a thread with message text as text:
+Tokenizer.encode_chat), completion prompts, /tokenize and /detokenize, the checks that need the model (character
+count before tokenizing, context, vocabulary, queue capacity), compiling constraints off the event loop, and one
+engine request per choice. Every function takes the app's ServerState as `st`.
+Not: HTTP (app.py, transport.py), the field table (protocol.py), what comes back out (choices.py).
 """
 
 from __future__ import annotations
@@ -114,15 +112,11 @@ async def constraint(st, req: P.ChatRequest):
 
     def build():
         c = st.compiler()
-        if kind == "json_object":
-            return c.json_object()
         if kind == "json_schema":
             return c.json_schema(args[0], strict=args[1])
-        if kind == "gbnf":
-            return c.gbnf(args[0])
-        if kind == "regex":
-            return c.regex(args[0])
-        return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
+        if kind == "tool_call":
+            return c.tool_call(req.tools, req.tool_choice, st.tool_style, parallel=req.parallel_tool_calls)
+        return getattr(c, kind)(*args)  # json_object, gbnf, regex
     try:
         return await asyncio.to_thread(build)
     except KilnError as e:
@@ -155,14 +149,12 @@ def submit(st, ids: list[int], req: P.GenRequest, constraint, first_index: int) 
                 prompt=ids, params=_sampling(st, req, first_index + i), max_tokens=max_tokens,
                 stop_token_ids=eos, processor=constraint.processor() if constraint is not None else None,
                 top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos)))
-    except QueueFull:
+    except BaseException as e:
         for h in handles:
             h.cancel()
-        raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
-                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except BaseException:
-        for h in handles:
-            h.cancel()
+        if isinstance(e, QueueFull):
+            raise P.APIError(503, "the server is busy: the request queue is full; retry shortly",
+                             code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         raise
     return handles
 

@@ -1,11 +1,10 @@
 """The OpenAI wire format: request validation in, response and SSE chunk bodies out.
 
-Owns: `APIError` (status + OpenAI-style error body), the table of fields each endpoint accepts (an unknown
-or unsupported field is a 400 that names it, never silently dropped), type and range checks with the
-offending `param` named, normalization into `ChatRequest` / `CompletionRequest`, and the JSON shapes of
-completions, chunks, usage and logprobs (chat's `content[]` shape and the legacy completions shape).
-Not: anything that needs the model or the tokenizer (vocabulary checks, templates, context limits: app.py),
-generation (engine.py), constraints (structured.py), tool-call parsing (tools.py).
+Owns: `APIError` (status + OpenAI error body), the fields each endpoint accepts (an unknown field is a 400 that
+names it, never silently dropped), type and range checks naming the `param`, `ChatRequest` / `CompletionRequest`,
+and the JSON shapes of completions, chunks, usage and logprobs.
+Not: anything that needs the model or tokenizer (prompts.py), generation (engine.py), constraints (structured.py),
+tool-call parsing (tools.py).
 """
 
 from __future__ import annotations
@@ -49,6 +48,10 @@ def bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def unsupported(param: str, message: str | None = None) -> APIError:
+    return APIError(400, message or f"unsupported field {param}", param=param, code="unsupported_field")
+
+
 def too_deep(value, limit: int = MAX_DEPTH) -> bool:
     """Whether a parsed JSON value nests more than `limit` arrays and objects (no recursion of its own)."""
     stack = [(value, 1)]
@@ -61,9 +64,7 @@ def too_deep(value, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Value checks: each takes (param name, value) and returns the normalized value or raises a 400 naming param
-# ---------------------------------------------------------------------------------------------------------------
+# --- Value checks: each takes (param name, value) and returns the normalized value or raises a 400 naming param ---
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -151,8 +152,8 @@ def stream_options(name, v) -> bool:
     obj(name, v)
     unknown = sorted(set(v) - {"include_usage"})
     if unknown:
-        raise APIError(400, f"unsupported field {name}.{unknown[0]}; kiln accepts only include_usage",
-                       param=f"{name}.{unknown[0]}", code="unsupported_field")
+        raise unsupported(f"{name}.{unknown[0]}", f"unsupported field {name}.{unknown[0]}; kiln accepts only "
+                                                  "include_usage")
     return boolean(f"{name}.include_usage", v.get("include_usage", False))
 
 
@@ -187,9 +188,7 @@ _COMMON = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Normalized requests
-# ---------------------------------------------------------------------------------------------------------------
+# --- Normalized requests ---------------------------------------------------------------------------------------
 @dataclass
 class GenRequest:
     """What both endpoints share."""
@@ -227,9 +226,8 @@ def _check_fields(body, table: dict, endpoint: str) -> dict:
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = sorted(set(body) - set(table))
     if unknown:
-        raise APIError(400, f"unsupported field '{unknown[0]}' for {endpoint}; kiln does not honour it, so it "
-                            f"rejects it rather than ignore it (remove the field)", param=unknown[0],
-                       code="unsupported_field")
+        raise unsupported(unknown[0], f"unsupported field '{unknown[0]}' for {endpoint}; kiln does not honour it, "
+                                      "so it rejects it rather than ignore it (remove the field)")
     return {k: table[k](k, v) for k, v in body.items() if v is not None}
 
 
@@ -260,8 +258,7 @@ def _message(name: str, m) -> dict:
     obj(name, m)
     unknown = sorted(set(m) - _MESSAGE_KEYS)
     if unknown:
-        raise APIError(400, f"unsupported field {name}.{unknown[0]}", param=f"{name}.{unknown[0]}",
-                       code="unsupported_field")
+        raise unsupported(f"{name}.{unknown[0]}")
     role = m.get("role")
     if role not in _ROLES:
         raise bad(f"{name}.role", f"invalid {name}.role {role!r}: must be one of {sorted(_ROLES)}")
@@ -345,8 +342,7 @@ def response_format(name, v) -> tuple | None:
     kind = v.get("type")
     extra = sorted(set(v) - {"type", "json_schema"} if kind == "json_schema" else set(v) - {"type"})
     if extra:
-        raise APIError(400, f"unsupported field {name}.{extra[0]}", param=f"{name}.{extra[0]}",
-                       code="unsupported_field")
+        raise unsupported(f"{name}.{extra[0]}")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -356,8 +352,7 @@ def response_format(name, v) -> tuple | None:
     js = obj(f"{name}.json_schema", v.get("json_schema"))
     extra = sorted(set(js) - {"name", "schema", "strict", "description"})
     if extra:
-        raise APIError(400, f"unsupported field {name}.json_schema.{extra[0]}",
-                       param=f"{name}.json_schema.{extra[0]}", code="unsupported_field")
+        raise unsupported(f"{name}.json_schema.{extra[0]}")
     schema = obj(f"{name}.json_schema.schema", js.get("schema", {}))
     strict = boolean(f"{name}.json_schema.strict", js.get("strict") or False)
     return ("json_schema", schema, strict)
@@ -439,13 +434,8 @@ def prompt(name, v) -> list:
                     "of such lists")
 
 
-def best_of(name, v):
-    return integer(1, MAX_N)(name, v)
-
-
 def no_suffix(name, v):
-    raise APIError(400, "unsupported field 'suffix': kiln does not do fill-in-the-middle through /v1/completions",
-                   param=name, code="unsupported_field")
+    raise unsupported(name, "unsupported field 'suffix': kiln does not do fill-in-the-middle through /v1/completions")
 
 
 _COMPLETIONS = {
@@ -453,7 +443,7 @@ _COMPLETIONS = {
     "prompt": prompt,
     "logprobs": integer(0, 5),
     "echo": boolean,
-    "best_of": best_of,
+    "best_of": integer(1, MAX_N),
     "suffix": no_suffix,
 }
 
@@ -474,9 +464,7 @@ def parse_completion(body) -> CompletionRequest:
     return req
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Response bodies
-# ---------------------------------------------------------------------------------------------------------------
+# --- Response bodies -------------------------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

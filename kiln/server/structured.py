@@ -1,29 +1,18 @@
 """Constrained decoding: JSON schema, any JSON object, GBNF, regex and forced tool calls, as logits processors.
 
-Owns: `Structured` (one per model: xgrammar's view of kiln's vocabulary, and an LRU of compiled grammars),
-`Constraint` (one compiled grammar; `processor()` hands out a fresh per-request state) and
-`GrammarProcessor` (the engine's LogitsProcessor: `mask(logits)`, `accept(token)`, `is_terminated()`).
-Not: sampling (sample.py), batching and when to call the processor (engine.py), HTTP field names
-(protocol.py / app.py), and reading tool calls back out of text (tools.py; the formats written here must be the
-ones tools.py parses).
+Owns: `Structured` (per model: xgrammar's view of the vocabulary and an LRU of compiled grammars), `Constraint`
+(one compiled grammar) and `GrammarProcessor` (the engine's per-request LogitsProcessor).
+Not: sampling (sample.py), when the processor runs (engine.py), HTTP fields (protocol.py), reading tool calls
+back out (tools.py, whose formats the grammars here write).
 
-The token mask is filled on the CPU by xgrammar (a bit per token) and applied where the logits live: by xgrammar's
-CPU kernel for CPU logits, by unpacking the bits on the device for CUDA (or any other) logits, so the mask never
-waits on the device.
-Tokens past the tokenizer's vocabulary (padded embedding rows) are always masked.
-
-The grammar sees each token's bytes exactly as `tokenizer.id_to_bytes` gives them. One known gap: SentencePiece
-vocabularies whose decode drops the reply's first leading space ("▁Hello" → "Hello") can lose that one space
-from a constraint that itself starts with a space.
-
-A processor's stop tokens are the tokenizer's end-of-generation ids: once the grammar is complete it allows
-them (and only them, if the grammar cannot continue); accepting one terminates it. Control tokens
-(<|im_start|>, <|endoftext|>…) are never allowed inside the constrained text.
-
-Limits (xgrammar's): JSON output may hold at most 16 whitespace characters in a row (pretty-printing fits; an
-endless run of blank lines does not); string `format`s are enforced by shape only (a "date" is NNNN-NN-NN with a
-month 01-12 and a day 01-31, so 2023-02-31 passes); keywords it does not enforce (e.g. uniqueItems) are not
-enforced here either. Tool-call arguments are always strict.
+The mask is filled on the CPU by xgrammar and applied where the logits live (xgrammar's kernel on the CPU,
+unpacked on the device elsewhere), so it never waits on the device; padded vocabulary rows are always masked.
+The grammar sees each token's bytes as `tokenizer.id_to_bytes` gives them (known gap: SentencePiece decoders
+that drop the reply's first space can lose it from a constraint that starts with a space). Once the grammar is
+complete it allows the end-of-generation ids, which terminate it; control tokens are never allowed inside.
+Limits (xgrammar's): at most 16 whitespace characters in a row in JSON; string `format`s are checked by shape
+only (2023-02-31 passes as a date); keywords it does not enforce (uniqueItems) are not enforced. Tool-call
+arguments are always strict.
 
 Shape alphabet: V = logits columns (model vocabulary, may be padded), W = ceil(V / 32) bitmask words.
 """
@@ -39,10 +28,10 @@ from collections import OrderedDict
 import torch
 
 from kiln.errors import KilnError
+from kiln.server.tools import HERMES_CLOSE, HERMES_OPEN, MISTRAL_MARK, PYTHON_TAG, check_style
 
 # Control tokens whose text a tool-call format spells out: kept matchable although they are special.
-TOOL_MARKERS = frozenset(("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]"))
-STYLES = ("hermes", "llama3", "mistral")
+TOOL_MARKERS = frozenset((HERMES_OPEN, HERMES_CLOSE, PYTHON_TAG, MISTRAL_MARK))
 _MAX_WS = 16  # longest whitespace run inside constrained JSON: pretty-printing fits, endless blank runs do not
 
 
@@ -54,9 +43,7 @@ def _xgr():
     return xgrammar
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The compiler (one per model)
-# ---------------------------------------------------------------------------------------------------------------
+# --- The compiler (one per model) ------------------------------------------------------------------------------
 class Structured:
     """Compile constraints for one tokenizer; compiled grammars are kept in an LRU of `cache_size` entries."""
 
@@ -109,9 +96,7 @@ class Structured:
         `parallel`: allow several calls in a row (each still any of the allowed functions).
         """
         funcs = _pick_functions(_functions(tools), choice)
-        if style not in STYLES:
-            raise KilnError(f"unknown tool-call style {style!r}; kiln knows {', '.join(STYLES)}")
-        tag = _tool_tag(funcs, style, bool(parallel))
+        tag = _tool_tag(funcs, check_style(style), bool(parallel))
         text = _dump(tag, "tool parameters")
         return self._get(("tool_call", text), lambda: self._compiler.compile_structural_tag(text),
                          "tool parameters schema")
@@ -203,9 +188,7 @@ def _xgr_message(e: Exception) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A compiled constraint and its per-request processor
-# ---------------------------------------------------------------------------------------------------------------
+# --- A compiled constraint and its per-request processor -------------------------------------------------------
 class Constraint:
     """One compiled grammar; cheap to share between requests. `processor()` gives a fresh matcher."""
 
@@ -247,10 +230,6 @@ class GrammarProcessor:
     def is_terminated(self) -> bool:
         return self._matcher.is_terminated()
 
-    def is_completed(self) -> bool:
-        """The text so far is a complete match (an end token would be allowed now)."""
-        return self._matcher.is_completed()
-
 
 def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
     """logits (V,) ← -inf where bit j of words[j // 32] is 0 (words (W,) int32 on the CPU); columns past the
@@ -280,9 +259,7 @@ def apply_bitmask_torch(logits: torch.Tensor, words: torch.Tensor) -> None:
     logits.masked_fill_(~allowed, float("-inf"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# GBNF → xgrammar EBNF
-# ---------------------------------------------------------------------------------------------------------------
+# --- GBNF → xgrammar EBNF --------------------------------------------------------------------------------------
 _ANY_CHAR = "[\\0-\\U0010ffff]"
 
 
@@ -315,9 +292,7 @@ def _skip_quoted(text: str, i: int, close: str) -> int:
     return min(j + 1, len(text))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tool calls as xgrammar structural tags
-# ---------------------------------------------------------------------------------------------------------------
+# --- Tool calls as xgrammar structural tags --------------------------------------------------------------------
 def _functions(tools) -> list[tuple[str, dict]]:
     """(name, parameters schema) of each tool; OpenAI's {"type": "function", "function": {...}} or bare {...}."""
     if not isinstance(tools, list) or not tools:

@@ -1,32 +1,24 @@
 """Tool calls in generated text: which format a model family writes, and reading calls out of it.
 
-Owns: `tool_style(tokenizer)`, `ToolStreamParser` (reads calls out of a reply delta by delta), `parse_tool_calls`
-(a whole reply: the stream parser fed all of it and finished, so the two cannot disagree) and their value types
-(`ToolCall`, `ContentDelta`, `ToolCallStart`, `ToolArgsDelta`).
-Not: forcing the model to call a tool (structured.py writes grammars for these same formats), OpenAI's JSON
-shapes and finish reasons (app.py), putting the tools into the prompt (the chat template, tokenizer.py).
+Owns: `tool_style(tokenizer)`, `ToolStreamParser` (calls read delta by delta), `parse_tool_calls` (a whole reply:
+the stream parser fed all of it, so the two cannot disagree) and their value types.
+Not: forcing a call (structured.py writes grammars for these formats), OpenAI shapes (app.py), putting the tools
+into the prompt (the chat template).
 
 Formats (style names):
-  hermes   Qwen2.5, Hermes, and kiln's default: <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>,
-           any number of blocks anywhere in the reply; a block ends at </tool_call> (or the end of the text),
-           and anything after its JSON object inside the block is ignored.
+  hermes   Qwen2.5, Hermes, kiln's default: <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>, any
+           number of blocks anywhere; a block ends at </tool_call> (or the text's end); text after its JSON
+           object inside the block is ignored.
   llama3   Llama 3.1 / 3.2: {"name": "f", "parameters": {...}} at the start of the reply, optionally after
-           <|python_tag|>; several calls may follow each other, separated by whitespace or ";".
-  mistral  [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...] (the JSON-list form, before Mistral's v11
-           tokenizers).
-
-Rules:
-  - a call is a JSON object with a non-empty string "name" and, as arguments, the first of "arguments" /
-    "parameters" (required for llama3, `{}` when absent elsewhere), an object or a string holding one;
-    other keys (e.g. a model-made "id") are ignored;
-  - `arguments` is that object re-serialized compactly: json.dumps(obj, ensure_ascii=False, separators=(",", ":"));
-  - text that is not a valid call stays in the content verbatim, markers included;
-  - whitespace touching a call is dropped from the content (so "<tool_call>…</tool_call>\\n" leaves "").
-A call is committed (ToolCallStart) once its name is complete and its arguments object has begun, and its
-arguments stream as they arrive; it cannot be taken back. So a call that breaks after that point (invalid JSON
-later in its arguments, or a reply cut off mid-call) stays a call with the arguments read so far — in a stream
-and in a whole reply alike, as OpenAI's own replies cut off mid-call do — and duplicate keys in an arguments
-object are both kept.
+           <|python_tag|>; several calls separated by whitespace or ";".
+  mistral  [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...] (the JSON-list form, before v11 tokenizers).
+Rules: a call is a JSON object with a non-empty string "name" and, as arguments, the first of "arguments" /
+"parameters" (required for llama3, `{}` when absent elsewhere), an object or a string holding one; other keys
+are ignored. `arguments` is that object re-serialized compactly (json.dumps(obj, ensure_ascii=False,
+separators=(",", ":"))). Text that is not a valid call stays in the content verbatim; whitespace touching a call
+is dropped. A call is committed (ToolCallStart) once its name is complete and its arguments object has begun,
+and cannot be taken back: one that breaks later (invalid JSON, a reply cut off) stays a call with the arguments
+read so far, in a stream and a whole reply alike (as OpenAI's cut-off replies do); duplicate keys are kept.
 """
 
 from __future__ import annotations
@@ -75,9 +67,7 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Which format
-# ---------------------------------------------------------------------------------------------------------------
+# --- Which format ----------------------------------------------------------------------------------------------
 _TEMPLATE_SIGNS = (("hermes", ("<tool_call>",)), ("mistral", ("[TOOL_CALLS]",)),
                    ("llama3", ("<|python_tag|>", "<|eom_id|>", '"parameters": dictionary')))
 _TOKEN_SIGNS = (("mistral", "[TOOL_CALLS]"), ("llama3", "<|python_tag|>"), ("hermes", "<tool_call>"))
@@ -97,15 +87,13 @@ def tool_style(tokenizer) -> str:
     return "hermes"
 
 
-def _check_style(style) -> str:
+def check_style(style) -> str:
     if style not in STYLES:
         raise KilnError(f"unknown tool-call style {style!r}; kiln knows {', '.join(STYLES)}")
     return style
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The whole reply at once: the stream parser, fed everything
-# ---------------------------------------------------------------------------------------------------------------
+# --- The whole reply at once: the stream parser, fed everything ------------------------------------------------
 def parse_tool_calls(text: str, style: str) -> tuple[str, list[ToolCall]]:
     """(content without the calls, the calls) of a complete reply written in `style`'s format."""
     parser = ToolStreamParser(style)
@@ -144,9 +132,7 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Streaming
-# ---------------------------------------------------------------------------------------------------------------
+# --- Streaming -------------------------------------------------------------------------------------------------
 class ToolStreamParser:
     """Feed text deltas, get events: ContentDelta, ToolCallStart, ToolArgsDelta; then `finish()`.
 
@@ -155,7 +141,7 @@ class ToolStreamParser:
     """
 
     def __init__(self, style: str):
-        self.style = _check_style(style)
+        self.style = check_style(style)
         self.mode = "start" if style == "llama3" else "text"
         self._marker = HERMES_OPEN if style == "hermes" else MISTRAL_MARK
         self._in = self._buf = self._raw = ""  # unread input; held marker prefix; the undecided region's text
@@ -415,9 +401,7 @@ def _held_prefix(s: str, marker: str) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Incremental JSON: validate one object character by character and re-serialize it compactly as it goes
-# ---------------------------------------------------------------------------------------------------------------
+# --- Incremental JSON: validate one object character by character and re-serialize it compactly as it goes -----
 class _JsonError(ValueError):
     pass
 
@@ -431,11 +415,10 @@ _ESCAPES = frozenset('"\\/bfnrtu')
 class _JsonScanner:
     """One JSON object, fed a character at a time (`feed` raises _JsonError at the first invalid one).
 
-    `text` is the compact serialization so far (what json.dumps(..., ensure_ascii=False, separators=(",", ":"))
-    writes for the finished object); `members[key]` the same for each top-level member's value, append-only;
-    `complete` the keys whose value has ended; `done` once the object has closed. Text is emitted only when
-    it is final: numbers and literals when they end, string characters once any escape is complete (a high
-    surrogate waits for its partner).
+    `text`: the compact serialization so far (json.dumps(..., ensure_ascii=False, separators=(",", ":")) of the
+    finished object); `members[key]`: the same per top-level member, append-only; `complete`: keys whose value
+    ended; `done`: the object closed. Only final text is emitted (numbers and literals when they end, string
+    characters once an escape is complete; a high surrogate waits for its partner).
     """
 
     def __init__(self):

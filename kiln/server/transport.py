@@ -1,16 +1,14 @@
 """The HTTP layer under the routes: who may talk to the server, how long they may take, how it stops.
 
-Owns: `Guard` (ASGI middleware: the Host check against DNS rebinding, a 500 for a kiln bug, counting every
-response by endpoint and status, with 499 for a client that left), `read_json` (a request body: Content-Type, size, read timeouts, a client
-that hangs up mid-upload, JSON syntax and depth), and `make_server` (uvicorn with a deadline on each request's head,
-and a bounded graceful shutdown: a second SIGTERM or Ctrl-C stops at once).
+Owns: `Guard` (ASGI middleware: Host check, a 500 for a kiln bug, response counts with 499 for a client that
+left), `read_json` (Content-Type, size, read timeouts, hang-ups, JSON syntax and depth) and `make_server`
+(uvicorn with a deadline on each request head and a bounded graceful shutdown; a second signal stops at once).
 Not: routes, auth, generation (app.py), the error body shape (protocol.py).
 
 Why: without --api-key any web page can drive a server on localhost. A browser sends a cross-site POST with a
-"simple" content type (text/plain) without asking first, so JSON must arrive as application/json; and a page on an
-attacker's domain that resolves to 127.0.0.1 (DNS rebinding) still sends its own name as Host, so only local names
-(and the ones the operator allows) are accepted. A client that opens a connection and sends nothing, or sends its
-head or body a trickle at a time, is cut off after `read_timeout` seconds.
+"simple" content type without asking first, so JSON must arrive as application/json; a page on a domain that
+resolves to 127.0.0.1 (DNS rebinding) still sends its own name as Host, so only local and allowed names pass.
+A client that sends nothing, or a trickle, is cut off after `read_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -35,9 +33,7 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get after SIGTERM before thei
 _BODY_DEADLINE = 6  # × read_timeout: the longest a whole body may take
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Host check and status counting
-# ---------------------------------------------------------------------------------------------------------------
+# --- Host check and status counting ----------------------------------------------------------------------------
 def allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
     """Host values to accept for a server bound to `host`: local names, `host` itself and `extra`; anything ("*")
     when bound to every interface (0.0.0.0, ::) with no `extra` given."""
@@ -109,9 +105,7 @@ async def _send_json(send, status: int, body: dict, headers: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Request bodies
-# ---------------------------------------------------------------------------------------------------------------
+# --- Request bodies --------------------------------------------------------------------------------------------
 async def read_json(request: Request, max_body: int, read_timeout: float):
     """The request's JSON body, or an APIError: 415 (not application/json), 413 (too large), 408 (too slow),
     499 (the client hung up), 400 (not JSON, or nested deeper than protocol.MAX_DEPTH)."""
@@ -172,9 +166,7 @@ def _too_large(n: int, limit: int) -> P.APIError:
                       headers={"Connection": "close"})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# uvicorn: head deadline, bounded shutdown
-# ---------------------------------------------------------------------------------------------------------------
+# --- uvicorn: head deadline, bounded shutdown ------------------------------------------------------------------
 def _protocol(read_timeout: float) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
