@@ -18,6 +18,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "info": ("kiln.commands", "info", "describe a model file or folder"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
+    "perplexity": ("kiln.eval", "main", "perplexity / KL divergence on a text, as llama-perplexity computes them"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
     "serve": ("kiln.serve", "main", "serve a model over the OpenAI API (chat, completions, tools, JSON schema)"),
 }

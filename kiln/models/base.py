@@ -197,11 +197,13 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
 
 def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of x and residual (B, T, E) whose logits are wanted: all (False), the last (True), or row
-    last_only[b] of batch row b (a (1,) or (B,) device index: padded prompts) → (B, T or 1, E) each."""
+    last_only[b] of batch row b (a (1,) or (B,) device index: padded prompts), or a slice of every row."""
     if last_only is False:
         return x, residual
     if last_only is True:
         return x[:, -1:], residual[:, -1:]
+    if isinstance(last_only, slice):  # rows of every batch row (perplexity's scored half)
+        return x[:, last_only], residual[:, last_only]
     idx = last_only.view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])
     return x.gather(1, idx), residual.gather(1, idx)
 
