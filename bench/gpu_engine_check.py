@@ -55,5 +55,15 @@ for dtype in (torch.float32, torch.bfloat16):
               [a == b for a, b in zip(got, refs)], "first-diff", [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, refs)],
               "sampled == solo:", s2 == r2, "prefill forwards", eng.stats()["prefill_forwards"], flush=True)
         bad += dtype == torch.float32 and (not all(a == b for a, b in zip(got, refs)) or s2 != r2)  # bf16: reported
+    # speculative decoding on the GPU (eager verify forwards beside the captured decode step): greedy equals plain
+    from kiln.speculative import ModelDrafter, NgramDrafter, speculative_step
+    rep = prompts[1][:12] * 3  # repeats, so prompt lookup finds drafts
+    plain = solo(rep, True, n=24)[0]
+    for drafter in (NgramDrafter(3), ModelDrafter(model, 256)):
+        stats = {}
+        got = [t for t, _ in speculative_step(rep, model, SamplingParams(), DecoderPool(model).get(len(rep) + 24),
+                                              drafter, 4, max_tokens=24, stats=stats)]
+        print(dtype, type(drafter).__name__, "speculative == plain:", got == plain, stats, flush=True)
+        bad += dtype == torch.float32 and got != plain
 print("FAILED" if bad else "all agree")
 sys.exit(1 if bad else 0)
