@@ -3,7 +3,7 @@
 Owns: writing a folder that transformers and kiln's safetensors path both read: weights dequantized to
 the chosen dtype under Hugging Face names, config.json from the GGUF metadata, tokenizer.json from the
 GGUF vocabulary, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json.
-Not: quantizing (quantize.py, later), the reverse direction.
+Not: quantizing into GGUF (`--to gguf` is kiln/quantize.py; main() only dispatches to it), the reverse direction.
 """
 
 from __future__ import annotations
