@@ -3,7 +3,7 @@
 Owns: writing a folder that transformers and kiln's safetensors path both read: weights dequantized to
 the chosen dtype under Hugging Face names, config.json from the GGUF metadata, tokenizer.json from the
 GGUF vocabulary, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json.
-Not: quantizing (quantize.py, later), the reverse direction.
+Not: quantizing into GGUF (`--to gguf` is kiln/quantize.py; main() only dispatches to it), the reverse direction.
 """
 
 from __future__ import annotations
@@ -63,13 +63,25 @@ def _progress(items, enabled):
 
 def main(argv: list[str]) -> int:
     from kiln.commands import _Parser
-    p = _Parser(prog="kiln convert", description="Convert a GGUF file to a Hugging Face safetensors folder.")
+    from kiln.quantize import FILE_TYPES
+    p = _Parser(prog="kiln convert", description="Convert a GGUF file to a Hugging Face safetensors folder "
+                "(--to hf, the default) or re-quantize it into a GGUF file (--to gguf).")
     p.add_argument("model", help="GGUF file or built-in name")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("out", help="output folder (--to hf) or file (--to gguf)")
+    p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="what to write (default hf)")
+    p.add_argument("--dtype", default="float32", help="--to hf: float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--type", default="q8_0", help="--to gguf: " + ", ".join(FILE_TYPES)
+                   + " (default q8_0; _s/_m are llama.cpp's per-tensor mixes)")
+    p.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE",
+                   help="--to gguf: tensors whose name matches REGEX get TYPE (repeatable; first match wins)")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="--to gguf: type of output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="--to gguf: type of token_embd.weight")
+    p.add_argument("--pure", action="store_true", help="--to gguf: every weight in --type, no mix")
     a = p.parse_args(argv)
     from kiln.hub import resolve
     from kiln.load import _dtype
+    if a.to == "gguf":
+        return _main_gguf(a, resolve)
     dtype = _dtype(a.dtype)  # checked before a built-in name is pulled
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise KilnError(f"{a.out} is a file; give a folder to write the model into")
@@ -77,4 +89,23 @@ def main(argv: list[str]) -> int:
     if src.is_dir():
         raise KilnError(f"{src} is already a folder; kiln convert reads a GGUF file")
     print(gguf_to_hf(src, a.out, dtype, progress=True))
+    return 0
+
+
+def _main_gguf(a, resolve) -> int:
+    from kiln.quantize import FILE_TYPES, convert_gguf, parse_overrides, parse_type
+    # every argument checked before a built-in name is pulled
+    if a.type not in FILE_TYPES:
+        raise KilnError(f"unknown --type {a.type!r}; kiln writes " + ", ".join(FILE_TYPES))
+    overrides = parse_overrides(a.tensor_type)
+    out_t = parse_type(a.output_tensor_type) if a.output_tensor_type else None
+    embd_t = parse_type(a.token_embedding_type) if a.token_embedding_type else None
+    if Path(a.out).is_dir():
+        raise KilnError(f"{a.out} is a folder; --to gguf writes one file")
+    if not Path(a.out).resolve().parent.is_dir():
+        raise KilnError(f"the folder of {a.out} does not exist")
+    src = resolve(a.model)
+    if src.is_dir():
+        raise KilnError(f"{src} is a folder; kiln convert --to gguf reads a GGUF file (for now)")
+    print(convert_gguf(src, a.out, a.type, overrides, out_t, embd_t, a.pure, progress=True))
     return 0
