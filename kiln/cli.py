@@ -19,6 +19,8 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
+    "finetune": ("kiln.finetune", "main", "train a LoRA / QLoRA adapter on your data (PEFT format)"),
+    "fuse": ("kiln.finetune.fuse", "main", "merge a LoRA adapter into its base (Hugging Face folder)"),
     "serve": ("kiln.serve", "main", "serve a model over the OpenAI API (chat, completions, tools, JSON schema)"),
 }
 

@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from collections import Counter
+from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.generate import sampling_params
@@ -94,10 +95,23 @@ def _check_sampling(a) -> None:
     check_model_args(a)
 
 
+def _adapter_args(p: argparse.ArgumentParser):
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply (kiln finetune's output; "
+                                                   "needs the layers apart: CPU with --quantized auto/off)")
+    p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
+
+
 def _load(a):
     from kiln.load import load
+    adapter = getattr(a, "adapter", None)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    return load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    if adapter is not None:
+        from kiln.finetune.layers import load_adapter
+        load_adapter(model, adapter, a.adapter_scale)
+    return model, tok
 
 
 def _read_prompt(a) -> str:
@@ -133,6 +147,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr at the end")
     _quantized_arg(p)
+    _adapter_args(p)
     _sampling_args(p)
     return p
 
@@ -167,6 +182,7 @@ def chat(argv: list[str]) -> int:
     _model_args(p)
     p.add_argument("--system", default=None, help="system message")
     _quantized_arg(p)
+    _adapter_args(p)
     _sampling_args(p)
     a = p.parse_args(argv)
     _check_sampling(a)
