@@ -59,26 +59,32 @@ class TrainArgs:
 
 def load_base(path_or_name, device="cpu", dtype=torch.float32, progress: bool = False):
     """(model, tokenizer) for training: each quantized GGUF linear a frozen DequantLinear over its blocks."""
-    from kiln.formats.gguf import GGUFTensor
     from kiln.hub import resolve
-    from kiln.load import build_model, read_model
+    from kiln.load import read_model
+    path = resolve(str(path_or_name), progress=progress)
+    config, weights, tok = read_model(Path(path))
+    model = build_base(config, weights, device=device, dtype=dtype, progress=progress)
+    model.source = str(path)
+    return model, tok
+
+
+def build_base(config: dict, weights, device="cpu", dtype=torch.float32, progress: bool = False):
+    """load.build_model with the QLoRA swap: quantized linears (not the head) stay in their GGUF blocks."""
+    from kiln.finetune.layers import DequantLinear
+    from kiln.formats.gguf import GGUFTensor
+    from kiln.load import build_model
     from kiln.quant.swap import swap_layers
 
     def linear(name, w, b):
-        if not isinstance(w, GGUFTensor) or not w.qtype > 1 or getattr(w, "add", 0) or name == "lm_head":
-            return None  # float weights (and the head, frozen and used once per step) load dense
+        if not isinstance(w, GGUFTensor) or int(w.qtype) <= 1 or getattr(w, "add", 0) or name == "lm_head":
+            return None  # float weights, and the head (frozen, no adapter), load dense
         bias = None if b is None else (b.dequantize() if isinstance(b, GGUFTensor) else b).float()
         return DequantLinear(w.raw_rows(), int(w.qtype), tuple(w.shape), bias)
 
     def swap(model, weights, policy=None):
         return swap_layers(model, weights, linear=linear)
 
-    from kiln.finetune.layers import DequantLinear
-    path = resolve(str(path_or_name), progress=progress)
-    config, weights, tok = read_model(Path(path))
-    model = build_model(config, weights, device=device, dtype=dtype, progress=progress, swap=swap)
-    model.source = str(path)
-    return model, tok
+    return build_model(config, weights, device=device, dtype=dtype, progress=progress, swap=swap)
 
 
 def loss_of(model, ids, tgt):
