@@ -191,7 +191,7 @@ def train(model, tok, data_dir, args: TrainArgs, progress: bool = True, log=prin
             (loss / max(n, 1)).backward()
             opt.step()
             tokens += int(ids.numel())
-            window.append(float(loss) / max(n, 1))
+            window.append(loss.item() / max(n, 1))
             tps = tokens / (time.perf_counter() - t0)
             if hasattr(pb, "set_postfix"):
                 pb.set_postfix(loss=f"{window[-1]:.3f}", tok_s=f"{tps:.0f}", mem=f"{_memory_gb():.2f}GB")
