@@ -45,7 +45,8 @@ def parser():
                    help="adapt the last N blocks (default -1: all)")
     p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS),
                    help=f"linear layers to adapt (default {' '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"AdamW's (default {d.learning_rate:g})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help=f"AdamW's (default {d.learning_rate:g})")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--mask-prompt", action="store_true", help="train on the completion / last assistant turn only")
     p.add_argument("--adapter-path", default=d.adapter_path, help=f"where the adapter goes (default {d.adapter_path})")
@@ -53,7 +54,8 @@ def parser():
     p.add_argument("--val-batches", type=int, default=d.val_batches,
                    help=f"validation batches per evaluation (-1: all; default {d.val_batches})")
     p.add_argument("--steps-per-eval", type=int, default=d.steps_per_eval, help=f"default {d.steps_per_eval}")
-    p.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
+    p.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"checkpoint every N steps (default {d.save_every})")
     p.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help=f"default {d.max_seq_length}")
     p.add_argument("--test", action="store_true", help="report the loss on test.jsonl after training")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
