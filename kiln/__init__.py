@@ -1,7 +1,8 @@
 """kiln: run large language models locally, from Python, fast.
 
 Public API (mlx-lm's shape): `load`, `generate`, `stream_generate`, `finetune` (and `DecoderPool`, to reuse KV
-caches and CUDA graphs across their calls). The batched engine that serves many sequences at once is `kiln.engine.Engine`.
+caches and CUDA graphs across their calls). The batched engine that serves many sequences at once is
+`kiln.engine.Engine`.
 Everything else is reached through these or through the `kiln` command line.
 """
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kiln.errors import KilnError
 from kiln.finetune import data as D
@@ -116,6 +115,7 @@ def _device(model):
 
 def checkpoint_blocks(model):
     """--grad-checkpoint: each block's activations are recomputed in backward (names stay as they are)."""
+    from torch.utils.checkpoint import checkpoint
     for block in model.model.layers:
         block.forward = lambda *a, _f=block.forward: checkpoint(_f, *a, use_reentrant=False)
 
