@@ -60,11 +60,12 @@ def _q8_model(tmp_path):
 
 
 def test_qlora_gradients_match_a_dense_base(tmp_path):
-    """On a Q8_0 GGUF the QLoRA base keeps its blocks; loss and adapter gradients are the dense model's, and only
-    adapters hold gradients."""
+    """On a Q8_0 GGUF the QLoRA base keeps its blocks; loss and adapter gradients are the dense model's (with and
+    without --grad-checkpoint), and only adapters hold gradients."""
+    from kiln.finetune.trainer import checkpoint_blocks
     from kiln.load import build_model
     cfg, weights = _q8_model(tmp_path)
-    models = [build_base(cfg, weights), build_model(cfg, weights)]
+    models = [build_base(cfg, weights), build_model(cfg, weights), build_base(cfg, weights)]
     assert sum(isinstance(m, L.DequantLinear) for m in models[0].modules()) == 2 * 7
     ids = torch.randint(0, cfg["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
     grads, losses = [], []
@@ -72,14 +73,17 @@ def test_qlora_gradients_match_a_dense_base(tmp_path):
         torch.manual_seed(0)
         L.apply_lora(m, 4, 8.0)
         _randomize_b(m)
+        if m is models[2]:
+            checkpoint_blocks(m)
         logp = torch.log_softmax(m(ids[:, :-1]), -1)
         loss = -logp.gather(-1, ids[:, 1:, None]).mean()
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in L.lora_parameters(m)]))
         assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
-    assert torch.allclose(losses[0], losses[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4) and grads[0].abs().max() > 0
+    for i in (1, 2):
+        assert torch.allclose(losses[0], losses[i], atol=1e-5)
+        assert torch.allclose(grads[0], grads[i], atol=1e-5, rtol=1e-4) and grads[0].abs().max() > 0
 
 
 def test_gradient_through_compact_cpu_layers():
