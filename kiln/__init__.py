@@ -1,15 +1,17 @@
 """kiln: run large language models locally, from Python, fast.
 
-Public API (mlx-lm's shape): `load`, `generate`, `stream_generate` (and `DecoderPool`, to reuse KV caches and
-CUDA graphs across their calls). The batched engine that serves many sequences at once is `kiln.engine.Engine`.
+Public API (mlx-lm's shape): `load`, `generate`, `stream_generate`, `finetune` (and `DecoderPool`, to reuse KV
+caches and CUDA graphs across their calls). The batched engine that serves many sequences at once is
+`kiln.engine.Engine`.
 Everything else is reached through these or through the `kiln` command line.
 """
 
 from kiln.errors import KilnError
 # Imported eagerly so that the functions, not the same-named submodules, are what `kiln.load` and
-# `kiln.generate` mean (importing a submodule later would otherwise rebind the attribute).
+# `kiln.generate` (and `kiln.finetune`) mean (importing a submodule later would otherwise rebind the attribute).
 from kiln.generate import DecoderPool, generate, stream_generate
 from kiln.load import load
+from kiln.finetune import finetune  # noqa: E402  (the function; kiln/finetune/ is the package)
 
 __version__ = "0.1.0"
-__all__ = ["KilnError", "load", "generate", "stream_generate", "DecoderPool", "__version__"]
+__all__ = ["KilnError", "load", "generate", "stream_generate", "finetune", "DecoderPool", "__version__"]

@@ -20,6 +20,8 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
     "perplexity": ("kiln.eval", "main", "perplexity / KL divergence on a text, as llama-perplexity computes them"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
+    "finetune": ("kiln.finetune", "main", "train a LoRA / QLoRA adapter on your data (PEFT format)"),
+    "fuse": ("kiln.finetune.fuse", "main", "merge a LoRA adapter into its base (Hugging Face folder)"),
     "serve": ("kiln.serve", "main", "serve a model over the OpenAI API (chat, completions, tools, JSON schema)"),
 }
 

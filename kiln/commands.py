@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from collections import Counter
+from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.generate import sampling_params
@@ -121,10 +122,23 @@ def _check_sampling(a) -> None:
     check_model_args(a)
 
 
+def _adapter_args(p: argparse.ArgumentParser):
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply (kiln finetune's output; "
+                                                   "needs the layers apart: CPU with --quantized auto/off)")
+    p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
+
+
 def _load(a):
     from kiln.load import load
+    adapter = getattr(a, "adapter", None)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    return load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    if adapter is not None:
+        from kiln.finetune.layers import load_adapter
+        load_adapter(model, adapter, a.adapter_scale)
+    return model, tok
 
 
 def _read_prompt(a) -> str:
@@ -162,6 +176,7 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="print speed and memory (and the drafts kept, with speculative decoding) to stderr at the end")
     _draft_args(p)
     _quantized_arg(p)
+    _adapter_args(p)
     _sampling_args(p)
     return p
 
@@ -201,6 +216,7 @@ def chat(argv: list[str]) -> int:
     _model_args(p)
     p.add_argument("--system", default=None, help="system message")
     _quantized_arg(p)
+    _adapter_args(p)
     _sampling_args(p)
     _draft_args(p)
     a = p.parse_args(argv)
