@@ -17,7 +17,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "chat": ("kiln.commands", "chat", "chat interactively (keeps history; /reset, /exit)"),
     "info": ("kiln.commands", "info", "describe a model file or folder"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
-    "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
+    "convert": ("kiln.convert", "main", "GGUF to a Hugging Face folder, or to GGUF re-quantized (--to gguf)"),
     "perplexity": ("kiln.eval", "main", "perplexity / KL divergence on a text, as llama-perplexity computes them"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
     "finetune": ("kiln.finetune", "main", "train a LoRA / QLoRA adapter on your data (PEFT format)"),
