@@ -7,7 +7,7 @@
 # CUDA backend, or its built wheel in parts):
 #   STEPS="profile compare" FILES="qwen3-0.6b:Q4_K_M llama-3.2-1b:Q4_K_M" bash bench/gpu_session.sh
 # FILES NAME:llq-TYPE: llama.cpp's quantizer (bench/llama_quantize.py) makes TYPE from NAME-F16.gguf (list the
-# F16 sources in LLQ_SRC, e.g. "qwen3-0.6b:F16").
+# F16 sources in LLQ_SRC; NO_LLAMA=1: no llama.cpp at all (kiln alone, no build), e.g. "qwen3-0.6b:F16").
 # PRE_CMD: a command run right after the files are made (while llama.cpp builds). BENCH_ARGS: `kiln bench` options for every file (default -p 128,512 -g 128 -r 3); DEEP / DEEP_ARGS: files that
 # also get long prompts and decode at depth.
 # Output under $OUT: session.log, profile.json, bench.jsonl (one JSON per file). The CUDA wheel (~150 MB) is
@@ -44,7 +44,7 @@ install_llama() {  # a carried wheel (whole or in parts) or a build from the tri
    echo "llama.cpp: built in $(( $(date +%s) - START )) s") \
    || { echo "llama.cpp build failed"; tail -30 /tmp/llbuild.log; }
 }
-if llama_ready; then echo "llama.cpp: already installed" > /tmp/llinstall.log; LLPID=0; else
+if llama_ready || [ -n "${NO_LLAMA:-}" ]; then echo "llama.cpp: installed or not wanted (NO_LLAMA)" > /tmp/llinstall.log; LLPID=0; else
   install_llama > /tmp/llinstall.log 2>&1 &
   LLPID=$!
 fi
