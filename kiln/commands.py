@@ -53,11 +53,26 @@ def _sampling_args(p: argparse.ArgumentParser):
                                                           "a fresh one each run)")
     p.add_argument("--ctx-size", type=int, default=None,
                    help="context length in tokens, prompt included (default: the model's)")
+    cache_type_args(p)
+
+
+def cache_type_args(p: argparse.ArgumentParser):
+    types = "f32, f16, bf16, q8_0, q4_0 or fp8 (default: the model's dtype)"
+    p.add_argument("-ctk", "--cache-type-k", default=None, help=f"KV cache type for keys: {types}")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help=f"KV cache type for values: {types}")
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def cache_kw(a) -> dict:
+    """The KV cache options of the command line, checked (a bad type costs no load)."""
+    from kiln.cache import cache_type
+    for t in (a.cache_type_k, a.cache_type_v):
+        cache_type(t, None)
+    return dict(cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
 
 
 def check_model_args(a) -> None:
@@ -91,6 +106,7 @@ def _check_sampling(a) -> None:
     if a.seed is not None and not 0 <= a.seed < 2 ** 64:
         raise KilnError(f"--seed {a.seed}: must be in 0 .. 2^64-1")
     sampling_params(**_sampling(a))
+    cache_kw(a)
     check_model_args(a)
 
 
@@ -152,7 +168,7 @@ def generate(argv: list[str]) -> int:
     from kiln.generate import stream_generate
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, **_sampling(a)):
+                                logprobs=False, **_sampling(a), **cache_kw(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:
@@ -199,7 +215,7 @@ def chat(argv: list[str]) -> int:
         reply = []
         try:
             for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
-                                     logprobs=False, **_sampling(a)):
+                                     logprobs=False, **_sampling(a), **cache_kw(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

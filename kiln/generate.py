@@ -147,10 +147,13 @@ class Decoder:
         self._pool = None
 
     @classmethod
-    def for_model(cls, model, max_len: int) -> Decoder:
-        """A Decoder over a fresh cache of `max_len` positions in the model's dtype, on its device."""
+    def for_model(cls, model, max_len: int, cache_type_k: str | None = None,
+                  cache_type_v: str | None = None) -> Decoder:
+        """A Decoder over a fresh cache of `max_len` positions (stored as cache_type_k / _v; None: the model's
+        dtype), on the model's device."""
         p = next(model.parameters())
-        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device))
+        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device,
+                                            type_k=cache_type_k, type_v=cache_type_v))
 
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
@@ -206,16 +209,17 @@ class DecoderPool:
 
     def __init__(self, model, keep: int = 2):
         self.model, self.keep = model, keep
-        self._decoders: dict[int, Decoder] = {}
+        self._decoders: dict[tuple, Decoder] = {}
 
-    def get(self, max_len: int) -> Decoder:
-        """A Decoder whose cache holds at least `max_len` positions."""
+    def get(self, max_len: int, cache_type_k: str | None = None, cache_type_v: str | None = None) -> Decoder:
+        """A Decoder whose cache holds at least `max_len` positions, stored as the given cache types."""
         size = min(-(-max_len // 256) * 256, max(max_len, self.model.args.max_position_embeddings))
-        if size not in self._decoders:
+        key = (size, cache_type_k, cache_type_v)
+        if key not in self._decoders:
             while len(self._decoders) >= self.keep:
                 self._decoders.pop(next(iter(self._decoders)))
-            self._decoders[size] = Decoder.for_model(self.model, size)
-        return self._decoders[size]
+            self._decoders[key] = Decoder.for_model(self.model, size, cache_type_k, cache_type_v)
+        return self._decoders[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,8 +289,12 @@ AHEAD = 2  # decode steps queued beyond the token the host reads next (CUDA)
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
                     max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
-                    logprobs: bool = True, **sampling) -> Iterator[GenerationResponse]:
+                    logprobs: bool = True, cache_type_k: str | None = None, cache_type_v: str | None = None,
+                    **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
+
+    `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values (kiln.cache.CACHE_TYPES: f32, f16,
+    bf16, q8_0, q4_0, fp8; None: the model's dtype), llama.cpp's -ctk / -ctv.
 
     `decoders`: a DecoderPool to reuse caches (and captured CUDA graphs) across calls; a fresh one otherwise.
     `logprobs`: False leaves GenerationResponse.logprobs None and saves a launch per token (what `generate`
@@ -301,7 +309,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     ctx = max_context or model.args.max_position_embeddings
     ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
     limit = min(len(ids) + max_tokens, ctx)
-    decoder = (decoders or DecoderPool(model, keep=1)).get(limit)
+    decoder = (decoders or DecoderPool(model, keep=1)).get(limit, cache_type_k, cache_type_v)
     yield from _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step,
                        logprobs)
 
