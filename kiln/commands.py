@@ -148,9 +148,47 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr at the end")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="reuse the KV state of a prompt saved by `kiln cache-prompt` (same model)")
     _quantized_arg(p)
     _sampling_args(p)
     return p
+
+
+def _build_prompt(a, tok, prompt: str):
+    """The prompt text as given, or chat messages where the chat template applies."""
+    if not a.no_chat_template and tok.chat_template:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
+        return msgs + [{"role": "user", "content": prompt}]
+    if a.system is not None:
+        raise KilnError("--system needs a chat template, and this model has none")
+    return prompt
+
+
+def cache_prompt(argv: list[str]) -> int:
+    p = _Parser(prog="kiln cache-prompt", description="Prefill a prompt and save its KV state to a file that "
+                "`kiln generate --prompt-cache FILE` reuses (the prompt is built as generate builds it).")
+    _model_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt ('-' reads stdin)")
+    p.add_argument("--prompt-file", "-f", default=None, help="read the prompt from this file (UTF-8)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
+    p.add_argument("--output", "-o", required=True, help="the prompt cache file to write")
+    cache_type_args(p)
+    _quantized_arg(p)
+    a = p.parse_args(argv)
+    kw = cache_kw(a)
+    text = _read_prompt(a)
+    if a.system is not None and a.no_chat_template:
+        raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
+    model, tok = _load(a)
+    from kiln.prompt_cache import cache_prompt as save
+    try:
+        n, size = save(model, tok, _build_prompt(a, tok, text), a.output, **kw)
+    except OSError as e:
+        raise KilnError(f"cannot write {a.output}: {e.strerror}") from None
+    print(f"saved {n} prompt tokens ({size / 1e6:.1f} MB) to {a.output}", file=sys.stderr)
+    return 0
 
 
 def generate(argv: list[str]) -> int:
@@ -160,15 +198,11 @@ def generate(argv: list[str]) -> int:
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
-    if not a.no_chat_template and tok.chat_template:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
-        prompt = msgs + [{"role": "user", "content": prompt}]
-    elif a.system is not None:
-        raise KilnError("--system needs a chat template, and this model has none")
+    prompt = _build_prompt(a, tok, prompt)
     from kiln.generate import stream_generate
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, **_sampling(a), **cache_kw(a)):
+                                logprobs=False, prompt_cache=a.prompt_cache, **_sampling(a), **cache_kw(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:

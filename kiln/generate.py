@@ -228,10 +228,11 @@ class DecoderPool:
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
                   prefill_step: int | None = None, logprobs: bool = True,
-                  max_tokens: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                  max_tokens: int | None = None, cached: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop,
     or `max_tokens` does (no step is run ahead for a token past it: `--max-tokens 1` captures no decode
-    graph). `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
+    graph). `cached`: the first `cached` prompt tokens are in the decoder's cache already (a prompt cache file),
+    fewer than the prompt's. `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
     4096; 512 elsewhere); chunks bound activation memory.
 
     On CUDA the device runs up to `AHEAD` steps ahead of the host: steps n+1 and n+2 are queued before
@@ -253,7 +254,7 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         return token, lp
 
     prefill_step = prefill_step or (PREFILL_BUCKETS[-1] if on_gpu else 512)
-    for start in range(0, ids.shape[1], prefill_step):
+    for start in range(cached, ids.shape[1], prefill_step):
         logits = decoder.prefill(ids[:, start:start + prefill_step], start)
     pos = ids.shape[1]  # where the newest queued token goes when it is fed back
     buffers = [torch.empty(1, dtype=torch.long, pin_memory=on_gpu) for _ in range(ahead + 1)]
@@ -290,11 +291,13 @@ AHEAD = 2  # decode steps queued beyond the token the host reads next (CUDA)
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
                     max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
                     logprobs: bool = True, cache_type_k: str | None = None, cache_type_v: str | None = None,
-                    **sampling) -> Iterator[GenerationResponse]:
+                    prompt_cache=None, **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
 
     `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values (kiln.cache.CACHE_TYPES: f32, f16,
     bf16, q8_0, q4_0, fp8; None: the model's dtype), llama.cpp's -ctk / -ctv.
+    `prompt_cache`: a file from `kiln cache-prompt` (kiln/prompt_cache.py) made by this model: the longest
+    common prefix of its tokens and the prompt's is read from it instead of prefilled.
 
     `decoders`: a DecoderPool to reuse caches (and captured CUDA graphs) across calls; a fresh one otherwise.
     `logprobs`: False leaves GenerationResponse.logprobs None and saves a launch per token (what `generate`
@@ -309,15 +312,26 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     ctx = max_context or model.args.max_position_embeddings
     ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
     limit = min(len(ids) + max_tokens, ctx)
+    cached, stored = 0, None
+    if prompt_cache is not None:
+        from kiln import prompt_cache as pc
+        header, parts = stored = pc.load(prompt_cache, model, tokenizer)
+        cache_type_k, cache_type_v = cache_type_k or header["type_k"], cache_type_v or header["type_v"]
+        while cached < min(len(header["tokens"]), len(ids) - 1) and header["tokens"][cached] == ids[cached]:
+            cached += 1
     decoder = (decoders or DecoderPool(model, keep=1)).get(limit, cache_type_k, cache_type_v)
+    if stored is not None:
+        pc.restore(decoder.cache, *stored, cached)
     yield from _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step,
-                       logprobs)
+                       logprobs, cached)
 
 
-def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step, want_lp):
+def _stream(model, tokenizer, ids, params, decoder, limit, max_tokens, stops, ignore_eos, prefill_step, want_lp,
+            cached=0):
     text, eos = TextStream(tokenizer, stops), set(tokenizer.eos_token_ids)
     tic, prompt_tps, t_first, peak = time.perf_counter(), 0.0, None, 0.0
-    steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=want_lp, max_tokens=max_tokens)
+    steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=want_lp, max_tokens=max_tokens,
+                          cached=cached)
     for n, (token, logprobs) in enumerate(steps, 1):
         if t_first is None:
             t_first = time.perf_counter()
