@@ -231,9 +231,9 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
                   max_tokens: int | None = None, cached: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop,
     or `max_tokens` does (no step is run ahead for a token past it: `--max-tokens 1` captures no decode
-    graph). `cached`: the first `cached` prompt tokens are in the decoder's cache already (a prompt cache file),
-    fewer than the prompt's. `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
-    4096; 512 elsewhere); chunks bound activation memory.
+    graph). `cached`: the first `cached` prompt tokens are in the decoder's cache already (a prompt cache
+    file), fewer than the prompt's. `prefill_step`: prompt tokens per forward, at most (default: the largest
+    prefill graph on CUDA, 4096; 512 elsewhere); chunks bound activation memory.
 
     On CUDA the device runs up to `AHEAD` steps ahead of the host: steps n+1 and n+2 are queued before
     token n is read back, so the host's bookkeeping (and its jitter) overlaps the GPU's work. Elsewhere

@@ -82,3 +82,12 @@ def test_quantized_kv_cache_kl_on_the_real_model(qwen):
         kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
         print(f"KV {tk}/{tv}: mean KL {kl:.5f}, {nbytes} bytes = {nbytes / bf16:.3f} of bf16")
         assert kl <= bound and nbytes / bf16 == pytest.approx(ratio)
+
+
+def test_cli_rejects_an_unknown_cache_type_before_loading():
+    import subprocess
+    import sys
+    for cmd in (["generate", "--prompt", "hi", "-ctk", "q9_9"], ["bench", "--cache-type-v", "q9_9"],
+                ["cache-prompt", "-p", "hi", "-o", "x.kpc", "-ctv", "q9_9"]):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli", *cmd], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "unknown KV cache type 'q9_9'" in r.stderr and "Traceback" not in r.stderr

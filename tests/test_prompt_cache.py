@@ -3,7 +3,6 @@ a fresh prefill on the real 0.5B model; another model's file, a truncated file a
 KilnErrors."""
 
 import pytest
-import torch
 
 import kiln
 from kiln import prompt_cache

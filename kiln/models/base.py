@@ -287,7 +287,8 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
     single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
     c = step.cache
     return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k.shape[1] == 1
-            and step.pos < c.max_len and c.direct and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
+            and step.pos < c.max_len and c.direct
+            and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
 def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: int, window, norms):
