@@ -91,3 +91,28 @@ def test_cli_rejects_an_unknown_cache_type_before_loading():
                 ["cache-prompt", "-p", "hi", "-o", "x.kpc", "-ctv", "q9_9"]):
         r = subprocess.run([sys.executable, "-m", "kiln.cli", *cmd], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "unknown KV cache type 'q9_9'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_q8_0_slot_cache_in_batched_rows_equals_each_sequence_alone():
+    """The engine's batched step (Step.rows over a q8_0 slot cache, slots not consecutive, rows at different
+    depths) gives each sequence the logits of its own batch-1 q8_0 decode."""
+    from tests.test_models import CONFIGS, _hf_model, _kiln_model
+    cfg = dict(CONFIGS["qwen2"], head_dim=32)
+    km = _kiln_model(cfg, _hf_model(cfg)[0])
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, cfg["vocab_size"], (1, n), generator=g) for n in (10, 7)]
+    slots, prefill = [2, 0], [6, 3]
+    with torch.no_grad():
+        cache = KVCache.for_model(km, batch=3, max_len=16, type_k="q8_0", type_v="q8_0")
+        outs = [[km(x[:, :n], Step.prefill(cache.slot(s), 0))] for x, n, s in zip(seqs, prefill, slots)]
+        for t in range(4):
+            pos = torch.tensor([prefill[0] + t, prefill[1] + t])
+            ids = torch.cat([x[:, p:p + 1] for x, p in zip(seqs, pos.tolist())])  # (B, 1)
+            logits = km(ids, Step.rows(cache.rows(slots, int(pos.max()) + 1), pos))
+            for b in range(2):
+                outs[b].append(logits[b:b + 1])
+        for x, n, out in zip(seqs, prefill, outs):
+            alone = KVCache.for_model(km, max_len=16, type_k="q8_0", type_v="q8_0")
+            ref = [km(x[:, :n], Step.prefill(alone, 0))]
+            ref += [km(x[:, p:p + 1], Step.prefill(alone, p)) for p in range(n, n + 4)]
+            assert (torch.cat(out, 1) - torch.cat(ref, 1)).abs().max() <= 1e-4
