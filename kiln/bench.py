@@ -71,7 +71,8 @@ def _timed(fn, device) -> float:
 
 
 @torch.inference_mode()
-def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], repeats: int) -> dict:
+def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], repeats: int,
+             cache_types: tuple = (None, None)) -> dict:
     """Prefill of each prompt length, decode after each depth (device loop, as llama-bench's tg), the
     decode and effective speed `generate` gets (stream_generate without log-probabilities: the host reads
     and detokenizes every token), time to first token; medians of `repeats`."""
@@ -79,7 +80,7 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
     device = next(model.parameters()).device
     ids_all = torch.tensor([prompt_ids(model.args.vocab_size, max(lengths + depths + [1]))], device=device)
     pool = DecoderPool(model, keep=1)
-    dec = pool.get(max(lengths + [d + 1 for d in depths]) + g + 1)  # the cache size kiln.generate would use
+    dec = pool.get(max(lengths + [d + 1 for d in depths]) + g + 1, *cache_types)  # the size generate would use
     capture_s = _timed(lambda: dec.step(ids_all[0, :1], 0), device)  # captures the decode graph (CUDA)
 
     def decode(start, n):  # the device loop: no token read back until the end
@@ -105,7 +106,8 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
     prompt = ids_all[0, :lengths[0]].tolist()
     for _ in range(repeats + 2):  # the first two runs: a prompt of a new length, then its graph's capture
         t0 = time.perf_counter()
-        for r in stream_generate(model, tokenizer, prompt, g, ignore_eos=True, decoders=pool, logprobs=False):
+        for r in stream_generate(model, tokenizer, prompt, g, ignore_eos=True, decoders=pool, logprobs=False,
+                                 cache_type_k=cache_types[0], cache_type_v=cache_types[1]):
             if r.generation_tokens == 1:
                 t1 = time.perf_counter()
         t2 = time.perf_counter()
@@ -239,16 +241,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
+    from kiln.commands import cache_kw, cache_type_args
+    cache_type_args(p)
     a = p.parse_args(argv)
+    cache_kw(a)
     q = {"auto": None, "on": True, "off": False}[a.quantized]
     report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
-                   quantized=q, depths=a.depth, cold=a.cold)
+                   quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v))
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
-          depths=(0,), cold=False) -> dict:
+          depths=(0,), cold=False, cache_types: tuple = (None, None)) -> dict:
     from kiln.generate import peak_memory_gb
     from kiln.load import load
     lengths, depths = ([p] if isinstance(p, int) else list(p)), list(depths)
@@ -269,7 +274,8 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
             out["file_gb"] = os.path.getsize(out["model"]) / 1e9
             out["memory_over_file"] = out["memory_after_load_gb"] / out["file_gb"]
     vocab = model.args.vocab_size
-    k = run_kiln(model, tokenizer, lengths, g, depths, repeats)
+    k = run_kiln(model, tokenizer, lengths, g, depths, repeats, cache_types)
+    k["kv_cache"] = {"types": dec_types(model, cache_types), "bytes_per_token": _kv_bytes_per_token(model, cache_types)}
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
     d0 = k["decode_tok_s"][depths[0]]
     k.update(load_s=load_s, peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
@@ -343,3 +349,16 @@ def format_report(r: dict) -> str:
         lines.append("llama.cpp cold start: its process start, load and first prompt; kiln's: a fresh `kiln "
                      "generate` process")
     return "\n".join(lines)
+
+
+def dec_types(model, cache_types) -> str:
+    """The cache types as 'K/V', canonical names."""
+    from kiln.cache import cache_type
+    dtype = next(model.parameters()).dtype
+    return "/".join(cache_type(t, dtype) for t in cache_types)
+
+
+def _kv_bytes_per_token(model, cache_types) -> int:
+    """KV cache bytes one token takes, every layer."""
+    from kiln.cache import KVCache
+    return KVCache.for_model(model, max_len=1, type_k=cache_types[0], type_v=cache_types[1]).nbytes

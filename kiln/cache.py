@@ -91,45 +91,158 @@ class Step:
         return kc, vc, (self.cache.slot_index if self.kind == ROWS else None)
 
 
+# ---------------------------------------------------------------- cache types (llama.cpp's -ctk / -ctv)
+# A type is a codec: `encode(x)` turns keys or values (..., D) into parts, each (..., width) of one dtype, stored
+# side by side in the cache; `decode(parts, dtype)` turns a slice of them back. q8_0 and q4_0 are llama.cpp's
+# blocks of 32 along D with an fp16 scale: q8_0 int8 x = q·d with d = amax/127; q4_0 x = (q - 8)·d with
+# d = -max/8 (max: the element of largest magnitude, with its sign), two 4-bit q a byte, element j in the low
+# nibble and element j + 16 in the high one. fp8 is e4m3 (saturated at ±448, no scale).
+
+QK = 32  # elements per block of q8_0 / q4_0
+_DENSE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+_NAMES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "bfloat16": "bf16",
+          "f8_e4m3": "fp8", "e4m3": "fp8", "q8": "q8_0", "q4": "q4_0"}
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "fp8")
+
+
+def cache_type(name, dtype: torch.dtype) -> str:
+    """The canonical name of a cache type (None: the model's dtype); KilnError for an unknown one."""
+    if name is None:
+        return next((k for k, v in _DENSE.items() if v == dtype), None)
+    key = _NAMES.get(str(name).lower(), str(name).lower())
+    if key not in CACHE_TYPES:
+        raise KilnError(f"unknown KV cache type {name!r}; known: {', '.join(CACHE_TYPES)}")
+    return key
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) → int8 q (..., D), fp16 scales (..., D/32)."""
+    xb = x.float().unflatten(-1, (-1, QK))  # (..., D/32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = (xb / torch.where(d == 0, 1.0, d)).round().clamp(-127, 127).to(torch.int8)
+    return q.flatten(-2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q8_0(q: torch.Tensor, d: torch.Tensor, dtype) -> torch.Tensor:
+    return (q.unflatten(-1, (-1, QK)).float() * d.float()[..., None]).flatten(-2).to(dtype)
+
+
+def quantize_q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) → uint8 packed q (..., D/2), fp16 scales (..., D/32)."""
+    xb = x.float().unflatten(-1, (-1, QK))  # (..., D/32, 32)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed element of largest magnitude
+    d = mx / -8
+    q = (xb / torch.where(d == 0, 1.0, d) + 8.5).clamp(0, 15.99).to(torch.uint8).clamp(max=15)
+    packed = q[..., :QK // 2] | (q[..., QK // 2:] << 4)  # (..., D/32, 16)
+    return packed.flatten(-2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q4_0(packed: torch.Tensor, d: torch.Tensor, dtype) -> torch.Tensor:
+    p = packed.unflatten(-1, (-1, QK // 2))  # (..., D/32, 16)
+    q = torch.cat([p & 15, p >> 4], -1).float() - 8  # (..., D/32, 32)
+    return (q * d.float()[..., None]).flatten(-2).to(dtype)
+
+
+def _encode(kind: str, x: torch.Tensor) -> tuple:
+    if kind == "q8_0":
+        return quantize_q8_0(x)
+    if kind == "q4_0":
+        return quantize_q4_0(x)
+    if kind == "fp8":
+        return (x.float().clamp(-448, 448).to(torch.float8_e4m3fn),)
+    return (x,)  # dense: the cache's store casts
+
+
+def _decode(kind: str, parts, dtype) -> torch.Tensor:
+    if kind == "q8_0":
+        return dequantize_q8_0(*parts, dtype)
+    if kind == "q4_0":
+        return dequantize_q4_0(*parts, dtype)
+    return parts[0] if parts[0].dtype == dtype else parts[0].to(dtype)
+
+
+def _layout(kind: str, d: int) -> list[tuple[int, torch.dtype]]:
+    """(width, dtype) of each stored part for head dim d."""
+    if kind == "q8_0":
+        return [(d, torch.int8), (d // QK, torch.float16)]
+    if kind == "q4_0":
+        return [(d // 2, torch.uint8), (d // QK, torch.float16)]
+    return [(d, _DENSE[kind])]
+
+
 class KVCache:
+    """Keys and values of every layer, stored in `type_k` / `type_v` (None: `dtype`, the model's; see
+    CACHE_TYPES); `update` returns them in the dtype of the keys and values it is given. `k`, `v` are the first
+    stored part of each ((L, B, K, S, D) for a dense type): the tensors the fused kernels read when the cache
+    is `direct` (stored in the model's own dtype)."""
+
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype=torch.float32, device="cpu"):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, K, S, D)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+                 dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None):
+        self.type_k, self.type_v = cache_type(type_k, dtype), cache_type(type_v, dtype)
+        for t in (self.type_k, self.type_v):
+            if t in ("q8_0", "q4_0") and head_dim % QK:
+                raise KilnError(f"KV cache type {t} needs a head dim divisible by {QK}; this model's is {head_dim}")
+        shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
+        self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
+        self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
+        self.dtype, self.max_len = dtype, max_len
+        self._views()
+
+    def _views(self):
+        self.k, self.v = self.kp[0], self.vp[0]
+        self.direct = self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
 
     @classmethod
-    def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None):
+    def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None,
+                  type_k: str | None = None, type_v: str | None = None):
         a = model.args
         p = next(model.parameters())
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
-                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device)
+                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's storage takes."""
+        return sum(t.numel() * t.element_size() for t in self.kp + self.vp)
+
+    def _write(self, layer: int, sl, k: torch.Tensor, v: torch.Tensor):
+        for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
+            for part, new in zip(parts, _encode(kind, x)):
+                part[layer, :, :, sl] = new
+
+    def _read(self, layer: int, sl, dtype):
+        return (_decode(self.type_k, [p[layer, :, :, sl] for p in self.kp], dtype),
+                _decode(self.type_v, [p[layer, :, :, sl] for p in self.vp], dtype))
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""
         end = pos + k.shape[2]
         if end > self.max_len:
             raise KilnError(f"context is full: position {end} exceeds the cache's {self.max_len} slots")
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self._write(layer, slice(pos, end), k, v)
+        return self._read(layer, slice(0, end), k.dtype)
 
     def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
         whole static cache (B, K, max_len, D); the caller's mask hides the slots not written yet."""
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer], self.v[layer]
+        for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
+            for part, new in zip(parts, _encode(kind, x)):
+                dst, new = part[layer], new.to(part.dtype)
+                if dst.dtype == torch.float8_e4m3fn:  # no fp8 index_copy on the CPU: copy the bytes
+                    dst, new = dst.view(torch.uint8), new.view(torch.uint8)
+                dst.index_copy_(2, positions, new)
+        return self._read(layer, slice(None), k.dtype)
 
     def layer_kv(self, layer: int):
-        """A layer's whole cache, (B, K, S, D) keys and values."""
+        """A layer's whole cache, (B, K, S, D) keys and values (a `direct` cache's storage)."""
         return self.k[layer], self.v[layer]
 
     def slot(self, i: int) -> KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
+        view.__dict__.update(self.__dict__)
+        view.kp, view.vp = [p[:, i:i + 1] for p in self.kp], [p[:, i:i + 1] for p in self.vp]
+        view._views()
         return view
 
     def rows(self, slots: list[int] | torch.Tensor, n_keys: int) -> RowsView:
@@ -164,14 +277,20 @@ class RowsView:
         """The whole slot cache of a layer, (N, K, S, D) keys and values."""
         return self.cache.k[layer], self.cache.v[layer]
 
+    @property
+    def direct(self) -> bool:
+        return self.cache.direct
+
     def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""
-        kc, vc = self.layer_kv(layer)  # (N, K, S, D)
+        c = self.cache
         rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
-        kc[rows, :, pos] = k.transpose(1, 2).to(kc.dtype)  # indexed (B, T, K, D)
-        vc[rows, :, pos] = v.transpose(1, 2).to(vc.dtype)
+        for parts, kind, x in ((c.kp, c.type_k, k), (c.vp, c.type_v, v)):
+            for part, new in zip(parts, _encode(kind, x)):
+                part[layer][rows, :, pos] = new.transpose(1, 2).to(part.dtype)  # indexed (B, T, K, W)
         if self._span is not None:  # consecutive slots: a view, no gather
-            b, e = self._span, self._span + self.n_rows
-            return kc[b:e, :, :self.n_keys], vc[b:e, :, :self.n_keys]
-        return (kc[:, :, :self.n_keys].index_select(0, self.slot_index),
-                vc[:, :, :self.n_keys].index_select(0, self.slot_index))
+            sel = lambda p: p[layer][self._span:self._span + self.n_rows, :, :self.n_keys]  # noqa: E731
+        else:
+            sel = lambda p: p[layer][:, :, :self.n_keys].index_select(0, self.slot_index)  # noqa: E731
+        return (_decode(c.type_k, [sel(p) for p in c.kp], k.dtype),
+                _decode(c.type_v, [sel(p) for p in c.vp], v.dtype))

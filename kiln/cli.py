@@ -15,6 +15,7 @@ from kiln.errors import KilnError
 SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "generate": ("kiln.commands", "generate", "generate text from a prompt"),
     "chat": ("kiln.commands", "chat", "chat interactively (keeps history; /reset, /exit)"),
+    "cache-prompt": ("kiln.commands", "cache_prompt", "save a prompt's KV state for generate --prompt-cache"),
     "info": ("kiln.commands", "info", "describe a model file or folder"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "GGUF to a Hugging Face folder, or to GGUF re-quantized (--to gguf)"),

@@ -54,6 +54,13 @@ def _sampling_args(p: argparse.ArgumentParser):
                                                           "a fresh one each run)")
     p.add_argument("--ctx-size", type=int, default=None,
                    help="context length in tokens, prompt included (default: the model's)")
+    cache_type_args(p)
+
+
+def cache_type_args(p: argparse.ArgumentParser):
+    types = "f32, f16, bf16, q8_0, q4_0 or fp8 (default: the model's dtype)"
+    p.add_argument("-ctk", "--cache-type-k", default=None, help=f"KV cache type for keys: {types}")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help=f"KV cache type for values: {types}")
 
 
 def _draft_args(p: argparse.ArgumentParser):
@@ -79,13 +86,21 @@ def _drafting(a) -> dict:
     """stream_generate's speculative-decoding arguments; loads the draft model (as the model was loaded)."""
     draft = None
     if a.draft_model is not None:
-        draft, _ = _load(argparse.Namespace(**{**vars(a), "model": a.draft_model}))
+        draft, _ = _load(argparse.Namespace(**{**vars(a), "model": a.draft_model, "adapter": None}))
     return dict(draft_model=draft, num_draft_tokens=a.num_draft_tokens, prompt_lookup=a.prompt_lookup_ngram)
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def cache_kw(a) -> dict:
+    """The KV cache options of the command line, checked (a bad type costs no load)."""
+    from kiln.cache import cache_type
+    for t in (a.cache_type_k, a.cache_type_v):
+        cache_type(t, None)
+    return dict(cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
 
 
 def check_model_args(a) -> None:
@@ -119,6 +134,7 @@ def _check_sampling(a) -> None:
     if a.seed is not None and not 0 <= a.seed < 2 ** 64:
         raise KilnError(f"--seed {a.seed}: must be in 0 .. 2^64-1")
     sampling_params(**_sampling(a))
+    cache_kw(a)
     check_model_args(a)
 
 
@@ -174,11 +190,49 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print speed and memory (and the drafts kept, with speculative decoding) to stderr at the end")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="reuse the KV state of a prompt saved by `kiln cache-prompt` (same model)")
     _draft_args(p)
     _quantized_arg(p)
     _adapter_args(p)
     _sampling_args(p)
     return p
+
+
+def _build_prompt(a, tok, prompt: str):
+    """The prompt text as given, or chat messages where the chat template applies."""
+    if not a.no_chat_template and tok.chat_template:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
+        return msgs + [{"role": "user", "content": prompt}]
+    if a.system is not None:
+        raise KilnError("--system needs a chat template, and this model has none")
+    return prompt
+
+
+def cache_prompt(argv: list[str]) -> int:
+    p = _Parser(prog="kiln cache-prompt", description="Prefill a prompt and save its KV state to a file that "
+                "`kiln generate --prompt-cache FILE` reuses (the prompt is built as generate builds it).")
+    _model_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt ('-' reads stdin)")
+    p.add_argument("--prompt-file", "-f", default=None, help="read the prompt from this file (UTF-8)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
+    p.add_argument("--output", "-o", required=True, help="the prompt cache file to write")
+    cache_type_args(p)
+    _quantized_arg(p)
+    a = p.parse_args(argv)
+    kw = cache_kw(a)
+    text = _read_prompt(a)
+    if a.system is not None and a.no_chat_template:
+        raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
+    model, tok = _load(a)
+    from kiln.prompt_cache import cache_prompt as save
+    try:
+        n, size = save(model, tok, _build_prompt(a, tok, text), a.output, **kw)
+    except OSError as e:
+        raise KilnError(f"cannot write {a.output}: {e.strerror}") from None
+    print(f"saved {n} prompt tokens ({size / 1e6:.1f} MB) to {a.output}", file=sys.stderr)
+    return 0
 
 
 def generate(argv: list[str]) -> int:
@@ -190,15 +244,12 @@ def generate(argv: list[str]) -> int:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
     drafting = _drafting(a)
-    if not a.no_chat_template and tok.chat_template:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else [])
-        prompt = msgs + [{"role": "user", "content": prompt}]
-    elif a.system is not None:
-        raise KilnError("--system needs a chat template, and this model has none")
+    prompt = _build_prompt(a, tok, prompt)
     from kiln.generate import stream_generate
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, **drafting, **_sampling(a)):
+                                logprobs=False, prompt_cache=a.prompt_cache, **drafting, **_sampling(a),
+                                **cache_kw(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:
@@ -252,7 +303,7 @@ def chat(argv: list[str]) -> int:
         reply = []
         try:
             for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
-                                     logprobs=False, **drafting, **_sampling(a)):
+                                     logprobs=False, **drafting, **_sampling(a), **cache_kw(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

@@ -230,7 +230,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
-                 prefill_step: int | None = None, graphs: bool | None = None, look_ahead: bool = True):
+                 prefill_step: int | None = None, graphs: bool | None = None, look_ahead: bool = True,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None):
         """`graphs`: the static, padded decode step (`_BatchStep`), captured as CUDA graphs on CUDA
         (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most, in
         one forward (default 2048 on CUDA, as llama-server's batch; 512 elsewhere).
@@ -250,7 +251,8 @@ class Engine:
         self.n_slots, self.ctx_size, self.max_queue, self.prefill_step = n_slots, ctx_size, max_queue, prefill_step
         self.vocab = a.vocab_size
         static = p.device.type == "cuda" if graphs is None else bool(graphs)
-        self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size)  # + a scratch slot
+        self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size,  # + a scratch slot
+                                       type_k=cache_type_k, type_v=cache_type_v)  # cache.CACHE_TYPES
         self.device = self.cache.k.device
         self._step = _BatchStep(model, self.cache, n_slots, static)
         self.look_ahead = bool(look_ahead)

@@ -150,10 +150,13 @@ class Decoder:
         self._pool = None
 
     @classmethod
-    def for_model(cls, model, max_len: int) -> Decoder:
-        """A Decoder over a fresh cache of `max_len` positions in the model's dtype, on its device."""
+    def for_model(cls, model, max_len: int, cache_type_k: str | None = None,
+                  cache_type_v: str | None = None) -> Decoder:
+        """A Decoder over a fresh cache of `max_len` positions (stored as cache_type_k / _v; None: the model's
+        dtype), on the model's device."""
         p = next(model.parameters())
-        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device))
+        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device,
+                                            type_k=cache_type_k, type_v=cache_type_v))
 
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
@@ -209,16 +212,17 @@ class DecoderPool:
 
     def __init__(self, model, keep: int = 2):
         self.model, self.keep = model, keep
-        self._decoders: dict[int, Decoder] = {}
+        self._decoders: dict[tuple, Decoder] = {}
 
-    def get(self, max_len: int) -> Decoder:
-        """A Decoder whose cache holds at least `max_len` positions."""
+    def get(self, max_len: int, cache_type_k: str | None = None, cache_type_v: str | None = None) -> Decoder:
+        """A Decoder whose cache holds at least `max_len` positions, stored as the given cache types."""
         size = min(-(-max_len // 256) * 256, max(max_len, self.model.args.max_position_embeddings))
-        if size not in self._decoders:
+        key = (size, cache_type_k, cache_type_v)
+        if key not in self._decoders:
             while len(self._decoders) >= self.keep:
                 self._decoders.pop(next(iter(self._decoders)))
-            self._decoders[size] = Decoder.for_model(self.model, size)
-        return self._decoders[size]
+            self._decoders[key] = Decoder.for_model(self.model, size, cache_type_k, cache_type_v)
+        return self._decoders[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,11 +231,12 @@ class DecoderPool:
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
                   prefill_step: int | None = None, logprobs: bool = True,
-                  max_tokens: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                  max_tokens: int | None = None, cached: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop,
     or `max_tokens` does (no step is run ahead for a token past it: `--max-tokens 1` captures no decode
-    graph). `prefill_step`: prompt tokens per forward, at most (default: the largest prefill graph on CUDA,
-    4096; 512 elsewhere); chunks bound activation memory.
+    graph). `cached`: the first `cached` prompt tokens are in the decoder's cache already (a prompt cache
+    file), fewer than the prompt's. `prefill_step`: prompt tokens per forward, at most (default: the largest
+    prefill graph on CUDA, 4096; 512 elsewhere); chunks bound activation memory.
 
     On CUDA the device runs up to `AHEAD` steps ahead of the host: steps n+1 and n+2 are queued before
     token n is read back, so the host's bookkeeping (and its jitter) overlaps the GPU's work. Elsewhere
@@ -252,7 +257,7 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
         return token, lp
 
     prefill_step = prefill_step or (PREFILL_BUCKETS[-1] if on_gpu else 512)
-    for start in range(0, ids.shape[1], prefill_step):
+    for start in range(cached, ids.shape[1], prefill_step):
         logits = decoder.prefill(ids[:, start:start + prefill_step], start)
     pos = ids.shape[1]  # where the newest queued token goes when it is fed back
     buffers = [torch.empty(1, dtype=torch.long, pin_memory=on_gpu) for _ in range(ahead + 1)]
@@ -288,9 +293,15 @@ AHEAD = 2  # decode steps queued beyond the token the host reads next (CUDA)
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=None, ignore_eos: bool = False,
                     max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
-                    logprobs: bool = True, draft_model=None, num_draft_tokens: int = 4, prompt_lookup: int = 0,
+                    logprobs: bool = True, cache_type_k: str | None = None, cache_type_v: str | None = None,
+                    prompt_cache=None, draft_model=None, num_draft_tokens: int = 4, prompt_lookup: int = 0,
                     **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
+
+    `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values (kiln.cache.CACHE_TYPES: f32, f16,
+    bf16, q8_0, q4_0, fp8; None: the model's dtype), llama.cpp's -ctk / -ctv.
+    `prompt_cache`: a file from `kiln cache-prompt` (kiln/prompt_cache.py) made by this model: the longest
+    common prefix of its tokens and the prompt's is read from it instead of prefilled.
 
     `decoders`: a DecoderPool to reuse caches (and captured CUDA graphs) across calls; a fresh one otherwise.
     `logprobs`: False leaves GenerationResponse.logprobs None and saves a launch per token (what `generate`
@@ -309,11 +320,23 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     ctx = max_context or model.args.max_position_embeddings
     ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
     limit = min(len(ids) + max_tokens, ctx)
-    decoder = (decoders or DecoderPool(model, keep=1)).get(limit)
+    cached, stored = 0, None
+    if prompt_cache is not None:
+        from kiln import prompt_cache as pc
+        header, parts = stored = pc.load(prompt_cache, model, tokenizer)
+        cache_type_k, cache_type_v = cache_type_k or header["type_k"], cache_type_v or header["type_v"]
+        while cached < min(len(header["tokens"]), len(ids) - 1) and header["tokens"][cached] == ids[cached]:
+            cached += 1
+    decoder = (decoders or DecoderPool(model, keep=1)).get(limit, cache_type_k, cache_type_v)
+    if stored is not None:
+        pc.restore(decoder.cache, *stored, cached)
     drafter = drafter_for(draft_model, prompt_lookup, decoder.cache.max_len, target=model)
+    if drafter is not None and cached:
+        raise KilnError("speculative decoding does not take a prompt cache yet: give one or the other")
     stats = {}
     if drafter is None:
-        steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=logprobs, max_tokens=max_tokens)
+        steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=logprobs, max_tokens=max_tokens,
+                              cached=cached)
     else:
         steps = speculative_step(ids, model, params, decoder, drafter, num_draft_tokens, prefill_step, logprobs,
                                  max_tokens, stats)

@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-np", type=int, default=4, help="concurrent sequences (slots; default 4)")
     p.add_argument("--ctx-size", "-c", type=int, default=None,
                    help="context per slot in tokens (default: the model's, at most 4096)")
+    from kiln.commands import cache_type_args
+    cache_type_args(p)
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 503 + Retry-After (default 64)")
     p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 "
@@ -59,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
 def _check(a) -> None:
     from kiln.commands import check_model_args
     check_model_args(a)
+    from kiln.commands import cache_kw
+    cache_kw(a)
     for name in ("parallel", "max_queue", "max_body"):
         if getattr(a, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
@@ -106,7 +110,7 @@ def main(argv: list[str]) -> int:
     app = create_app(lambda: load(path, device=a.device, dtype=a.dtype, progress=False), model_id=model_id,
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
                      max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
-                     read_timeout=a.read_timeout)
+                     read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v))
     server = server_for(app, a.host, a.port, log_level=a.log_level, read_timeout=a.read_timeout,
                         shutdown_grace=a.shutdown_grace)
     st = app.state.kiln

@@ -189,7 +189,8 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     positions, n_keys = step.keys(t, device)
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
     # decode attention over the static cache: those read positions directly, so no mask is built.
-    fused = step.kind != PREFILL and t == 1 and use_triton(ids, policy)  # a batched prompt chunk: SDPA
+    # A cache stored in another type than the model's (q8_0, q4_0, fp8, ...): dequantized, then SDPA.
+    fused = step.kind != PREFILL and t == 1 and use_triton(ids, policy) and step.cache.direct
     masks = {} if fused else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused,
                    rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks)
@@ -288,7 +289,8 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
     single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
     c = step.cache
     return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k.shape[1] == 1
-            and step.pos < c.max_len and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
+            and step.pos < c.max_len and c.direct
+            and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
 def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: int, window, norms):

@@ -42,9 +42,11 @@ _ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/tokenize", "/detoken
 # --- State: what requests need once the model is loaded --------------------------------------------------------
 class ServerState:
     def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
-                 max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0):
+                 max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
+                 cache_types: tuple = (None, None)):
         self.model_id, self.api_key, self.max_body, self.read_timeout = model_id, api_key, max_body, read_timeout
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
+        self.cache_types = cache_types  # (keys, values): kiln.cache.CACHE_TYPES, None: the model's dtype
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
         self.ready, self.load_error, self.on_load_failed = False, None, None
         self.max_chars: int | None = None  # a prompt longer than this cannot fit the context (see attach)
@@ -66,7 +68,8 @@ class ServerState:
         per_token = tokenizer.max_token_chars  # None: no provable bound, so every prompt is tokenized
         self.max_chars = self.ctx_size * per_token if per_token else None
         self.engine = Engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
-                             max_queue=self.max_queue)
+                             max_queue=self.max_queue, cache_type_k=self.cache_types[0],
+                             cache_type_v=self.cache_types[1])
         self.engine.start()
         self.ready = True
 
@@ -117,14 +120,16 @@ class ServerState:
 def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokenizer=None, model_id: str = "model",
                api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
                max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
-               read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0) -> FastAPI:
+               read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
+               cache_types: tuple = (None, None)) -> FastAPI:
     """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
     runs in a thread at startup (/health answers 503 until it is done). `allowed_hosts`: the Host header values
     served (transport.allowed_hosts; "*" for any); `read_timeout`: seconds a request body may pause;
     `template_timeout`: seconds a chat template may take to render one conversation."""
     if (loader is None) == (model is None or tokenizer is None):
         raise KilnError("create_app needs either a loader or both model and tokenizer")
-    st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout)
+    st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout,
+                     cache_types)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

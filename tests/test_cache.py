@@ -1,0 +1,118 @@
+"""KV cache types (kiln/cache.py): q8_0 / q4_0 blocks against llama.cpp's formulas, every type through a
+model against the default cache, and the real 0.5B model's logits over real text with a quantized cache."""
+
+import pytest
+import torch
+
+from kiln.cache import KVCache, Step, dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0
+from kiln.errors import KilnError
+
+
+def test_q8_0_and_q4_0_blocks_match_llama_cpp_formulas():
+    x = torch.randn(3, 64) * torch.logspace(-2, 2, 64)
+    q, d = quantize_q8_0(x)
+    assert q.dtype == torch.int8 and d.shape == (3, 2)
+    ref_d = x.view(3, 2, 32).abs().amax(-1) / 127  # llama.cpp quantize_row_q8_0_ref
+    assert torch.allclose(d.float(), ref_d.half().float())
+    assert (dequantize_q8_0(q, d, torch.float32) - x).abs().le(d.float().repeat_interleave(32, -1) * 0.6).all()
+    p, d4 = quantize_q4_0(x)
+    assert p.shape == (3, 32) and p.dtype == torch.uint8
+    xb = x.view(3, 2, 32)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(d4.float(), (mx / -8).half().float())
+    # llama.cpp dequantize_row_q4_0: low nibble -> element j, high nibble -> element j + 16
+    lo, hi = (p.view(3, 2, 16) & 15).float() - 8, (p.view(3, 2, 16) >> 4).float() - 8
+    ref = (torch.cat([lo, hi], -1) * d4.float()[..., None]).view(3, 64)
+    assert torch.equal(dequantize_q4_0(p, d4, torch.float32), ref)
+    assert (ref - x).abs().le(d4.float().abs().repeat_interleave(32, -1) * 1.01).all()
+
+
+def test_cache_types_bytes_and_errors():
+    args = dict(n_layers=2, batch=1, n_kv_heads=2, head_dim=64, max_len=32)
+    full = KVCache(**args, dtype=torch.bfloat16).nbytes
+    assert KVCache(**args, type_k="q8_0", type_v="q8_0").nbytes / full == pytest.approx(34 / 64)
+    assert KVCache(**args, type_k="q4_0", type_v="q4_0").nbytes / full == pytest.approx(18 / 64)
+    assert KVCache(**args, type_k="fp8", type_v="f16").nbytes / full == pytest.approx(3 / 4)
+    with pytest.raises(KilnError, match="unknown KV cache type 'q5_9'"):
+        KVCache(**args, type_k="q5_9")
+    with pytest.raises(KilnError, match="head dim divisible by 32"):
+        KVCache(**{**args, "head_dim": 48}, type_v="q4_0")
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0", "fp8"])
+def test_decode_with_a_typed_cache_tracks_the_uncached_model(kind):
+    """Prefill, eager steps and the CUDA-graph form of the step (the whole static cache read back) through a
+    cache of each type: logits near the uncached model's, and the two step forms identical."""
+    from tests.test_models import CONFIGS, _hf_model, _kiln_model
+    cfg = dict(CONFIGS["qwen2"], head_dim=32)
+    km = _kiln_model(cfg, _hf_model(cfg)[0])
+    ids = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(3))
+    outs = []
+    with torch.no_grad():
+        full = km(ids)
+        for graph in (False, True):
+            c = KVCache.for_model(km, max_len=24, type_k=kind, type_v=kind)
+            out = [km(ids[:, :8], Step.prefill(c, 0))]
+            out += [km(ids[:, t:t + 1], Step.graph(c, torch.tensor(t)) if graph else Step.prefill(c, t))
+                    for t in range(8, 16)]
+            outs.append(torch.cat(out, 1))
+    tol = {"f16": 0.01, "q8_0": 0.15, "q4_0": 2.5, "fp8": 2.5}[kind]
+    assert (outs[0] - full).abs().max() <= tol
+    assert (outs[0] - full).abs().max() > 1e-5  # the cache type is really in the path
+    assert (outs[0] - outs[1]).abs().max() <= 1e-3, (outs[0] - outs[1]).abs().max()
+
+
+@pytest.mark.model
+def test_quantized_kv_cache_kl_on_the_real_model(qwen):
+    """Teacher-forced logits over real text through a cache stored as q8_0 (K and V) and q8_0 K / q4_0 V,
+    against the default cache: mean KL, with the bytes against a bf16 cache."""
+    from tests.refs import load_refs
+    model, _ = qwen
+    docs = load_refs("tests/data/refs_qwen2.5-coder-0.5b.npz")["docs"]
+    ids = torch.tensor([[int(t) for d in docs for t in d["tokens"]][:128]])
+
+    def logprobs(tk, tv):
+        c = KVCache.for_model(model, max_len=ids.shape[1], type_k=tk, type_v=tv)
+        with torch.inference_mode():
+            return model(ids, Step.prefill(c, 0)).float().log_softmax(-1)[0], c.nbytes
+    ref, _ = logprobs(None, None)
+    bf16 = KVCache.for_model(model, max_len=ids.shape[1], dtype=torch.bfloat16).nbytes
+    for tk, tv, bound, ratio in (("q8_0", "q8_0", 0.015, 34 / 64), ("q8_0", "q4_0", 0.025, 26 / 64)):
+        lp, nbytes = logprobs(tk, tv)
+        kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+        print(f"KV {tk}/{tv}: mean KL {kl:.5f}, {nbytes} bytes = {nbytes / bf16:.3f} of bf16")
+        assert kl <= bound and nbytes / bf16 == pytest.approx(ratio)
+
+
+def test_cli_rejects_an_unknown_cache_type_before_loading():
+    import subprocess
+    import sys
+    for cmd in (["generate", "--prompt", "hi", "-ctk", "q9_9"], ["bench", "--cache-type-v", "q9_9"],
+                ["cache-prompt", "-p", "hi", "-o", "x.kpc", "-ctv", "q9_9"]):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli", *cmd], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "unknown KV cache type 'q9_9'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_q8_0_slot_cache_in_batched_rows_equals_each_sequence_alone():
+    """The engine's batched step (Step.rows over a q8_0 slot cache, slots not consecutive, rows at different
+    depths) gives each sequence the logits of its own batch-1 q8_0 decode."""
+    from tests.test_models import CONFIGS, _hf_model, _kiln_model
+    cfg = dict(CONFIGS["qwen2"], head_dim=32)
+    km = _kiln_model(cfg, _hf_model(cfg)[0])
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, cfg["vocab_size"], (1, n), generator=g) for n in (10, 7)]
+    slots, prefill = [2, 0], [6, 3]
+    with torch.no_grad():
+        cache = KVCache.for_model(km, batch=3, max_len=16, type_k="q8_0", type_v="q8_0")
+        outs = [[km(x[:, :n], Step.prefill(cache.slot(s), 0))] for x, n, s in zip(seqs, prefill, slots)]
+        for t in range(4):
+            pos = torch.tensor([prefill[0] + t, prefill[1] + t])
+            ids = torch.cat([x[:, p:p + 1] for x, p in zip(seqs, pos.tolist())])  # (B, 1)
+            logits = km(ids, Step.rows(cache.rows(slots, int(pos.max()) + 1), pos))
+            for b in range(2):
+                outs[b].append(logits[b:b + 1])
+        for x, n, out in zip(seqs, prefill, outs):
+            alone = KVCache.for_model(km, max_len=16, type_k="q8_0", type_v="q8_0")
+            ref = [km(x[:, :n], Step.prefill(alone, 0))]
+            ref += [km(x[:, p:p + 1], Step.prefill(alone, p)) for p in range(n, n + 4)]
+            assert (torch.cat(out, 1) - torch.cat(ref, 1)).abs().max() <= 1e-4
