@@ -95,25 +95,30 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu"):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, K, S, D)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if isinstance(device, (list, tuple)):  # a split model: one (B, K, S, D) tensor per layer, on its device
+            self.k = _PerLayer(torch.zeros(shape[1:], dtype=dtype, device=d) for d in device)
+            self.v = _PerLayer(torch.zeros(shape[1:], dtype=dtype, device=d) for d in device)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None):
         a = model.args
         p = next(model.parameters())
+        split = getattr(model, "layer_devices", None)  # kiln/split.py: each layer's KV on its device
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
-                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device)
+                   max_len or a.max_position_embeddings, dtype or p.dtype, device or split or p.device)
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""
         end = pos + k.shape[2]
         if end > self.max_len:
             raise KilnError(f"context is full: position {end} exceeds the cache's {self.max_len} slots")
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, pos:end] = k
+        self.v[layer][:, :, pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
@@ -129,7 +134,11 @@ class KVCache:
     def slot(self, i: int) -> KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
+        if isinstance(self.k, _PerLayer):
+            view.k, view.v = _PerLayer(t[i:i + 1] for t in self.k), _PerLayer(t[i:i + 1] for t in self.v)
+        else:
+            view.k, view.v = self.k[:, i:i + 1], self.v[:, i:i + 1]
+        view.max_len = self.max_len
         return view
 
     def rows(self, slots: list[int] | torch.Tensor, n_keys: int) -> RowsView:
@@ -139,6 +148,15 @@ class KVCache:
         if n_keys > self.max_len:
             raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
         return RowsView(self, slots, n_keys)
+
+
+class _PerLayer(list):
+    """A split model's keys or values: one (B, K, S, D) tensor per layer on the layer's device; `device` is
+    the first layer's (the CPU, where a split model's tokens go in)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self[0].device
 
 
 class RowsView:

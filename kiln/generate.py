@@ -90,7 +90,7 @@ def check_prompt(ids: list[int], context: int, vocab: int, fix: str = "raise the
 # ---------------------------------------------------------------------------------------------------------------
 def prefill_chunk(model, ids: torch.Tensor, cache, pos: int) -> torch.Tensor:
     """Read prompt tokens ids (1, T) into `cache` at positions pos.. ; logits (1, V) of the last one."""
-    return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float()
+    return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float().to(ids.device)  # split: head's
 
 
 def capture_graph(forward: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -155,7 +155,7 @@ class Decoder:
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
         position; in a graph: Step.graph at the static position tensor)."""
-        return self.model(self.token, step)[:, -1].float()  # (1, V)
+        return self.model(self.token, step)[:, -1].float().to(self.token.device)  # (1, V); split: from the head's
 
     def capture(self):
         """Warm up and capture; writes only the cache's last slot (still masked when real steps read it)."""
