@@ -16,6 +16,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "generate": ("kiln.commands", "generate", "generate text from a prompt"),
     "chat": ("kiln.commands", "chat", "chat interactively (keeps history; /reset, /exit)"),
     "info": ("kiln.commands", "info", "describe a model file or folder"),
+    "fit": ("kiln.fit", "main", "plan which layers go on the GPU and the bytes per device, without loading"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "convert a GGUF file to a Hugging Face safetensors folder"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
