@@ -43,8 +43,10 @@ class ModelSizes:
     head_cpu: int  # final norm + output head
     head_gpu: int
     kv_elems: int  # K and V elements per block per position: 2 * kv_heads * head_dim
-    compute_elems: int  # activation elements per prompt token of one forward (logits included)
+    compute_elems: int  # activation elements per prompt token of one forward
     max_ctx: int
+    vocab: int = 0  # one row of logits (prefill keeps only the last row's)
+    heads: int = 0  # attention scores per token and key on the CPU (SDPA's math path)
 
 
 @dataclass
@@ -130,9 +132,10 @@ def model_sizes(path, compact: bool = True) -> ModelSizes:
         else:  # the final norm and the head
             parts["head"][0] += c
             parts["head"][1] += _gpu(w)
-    compute = args.vocab_size + 3 * args.intermediate_size + 6 * args.hidden_size
+    compute = 3 * args.intermediate_size + 6 * args.hidden_size
     return ModelSizes(n_layers, cpu, gpu, *parts["embed"], *parts["head"],
-                      2 * args.num_key_value_heads * args.head_dim, compute, args.max_position_embeddings)
+                      2 * args.num_key_value_heads * args.head_dim, compute, args.max_position_embeddings,
+                      args.vocab_size, args.num_attention_heads)
 
 
 def needs(s: ModelSizes, n_gpu: int, ctx: int, cache_type: str = "bf16") -> tuple[int, int, int, int]:
@@ -140,13 +143,14 @@ def needs(s: ModelSizes, n_gpu: int, ctx: int, cache_type: str = "bf16") -> tupl
     n_cpu = s.n_layers - n_gpu
     kv_gpu = int(s.kv_elems * ctx * KV_BYTES[cache_type]) * n_gpu
     kv_host = s.kv_elems * ctx * 4 * n_cpu
-    compute = min(ctx, CHUNK) * s.compute_elems * 4
+    compute = (min(ctx, CHUNK) * s.compute_elems + s.vocab) * 4
     gpu = host = 0
     if n_gpu:
         gpu = sum(s.layer_gpu[n_cpu:]) + s.head_gpu + kv_gpu + compute
         gpu += s.embed_gpu if n_cpu == 0 else 0  # all on the GPU: the embedding too (no split)
     if n_cpu or not n_gpu:
-        host = sum(s.layer_cpu[:n_cpu]) + s.embed_cpu + (0 if n_gpu else s.head_cpu) + kv_host + compute
+        scores = min(ctx, CHUNK) * ctx * s.heads * 4 if n_cpu else 0
+        host = sum(s.layer_cpu[:n_cpu]) + s.embed_cpu + (0 if n_gpu else s.head_cpu) + kv_host + compute + scores
     return gpu, host, kv_gpu, kv_host
 
 
