@@ -38,6 +38,21 @@ def _quantized_arg(p: argparse.ArgumentParser):
                         "compact path (int4 / int8 rows, about a third of the memory; auto there is exact fp32)")
 
 
+def ngl(text: str):
+    """-ngl's value: 'auto', 'all' or a layer count >= 0."""
+    if text in ("auto", "all"):
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a layer count, 'all' or 'auto', got {text!r}")
+    return int(text)
+
+
+def ngl_arg(p: argparse.ArgumentParser):
+    p.add_argument("--n-gpu-layers", "-ngl", type=ngl, default="auto", metavar="N|all|auto",
+                   help="blocks on the GPU, the rest on the CPU (compact layers); auto (default): as many as "
+                        "fit in free GPU memory (`kiln fit` shows the plan); ignored without a GPU unless N > 0")
+
+
 def _sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
@@ -97,7 +112,8 @@ def _check_sampling(a) -> None:
 def _load(a):
     from kiln.load import load
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    return load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    return load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
+                n_gpu_layers=a.n_gpu_layers, ctx_size=a.ctx_size, verbose=getattr(a, "verbose", False))
 
 
 def _read_prompt(a) -> str:
@@ -131,8 +147,10 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr at the end")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the fit plan before loading (GPU runs) and speed and memory "
+                                                             "to stderr at the end")
     _quantized_arg(p)
+    ngl_arg(p)
     _sampling_args(p)
     return p
 
@@ -167,6 +185,7 @@ def chat(argv: list[str]) -> int:
     _model_args(p)
     p.add_argument("--system", default=None, help="system message")
     _quantized_arg(p)
+    ngl_arg(p)
     _sampling_args(p)
     a = p.parse_args(argv)
     _check_sampling(a)
