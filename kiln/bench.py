@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
+                   help="keep weights compact (default: GGUF blocks on GPUs, int4 / int8 rows on CPU; 'off' on CPU: fp32)")
     from kiln.commands import ngl_arg
     ngl_arg(p)
     a = p.parse_args(argv)

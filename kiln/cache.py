@@ -96,8 +96,9 @@ class KVCache:
                  dtype=torch.float32, device="cpu"):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, K, S, D)
         if isinstance(device, (list, tuple)):  # a split model: one (B, K, S, D) tensor per layer, on its device
-            self.k = _PerLayer(torch.zeros(shape[1:], dtype=dtype, device=d) for d in device)
-            self.v = _PerLayer(torch.zeros(shape[1:], dtype=dtype, device=d) for d in device)
+            dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * n_layers
+            self.k = _PerLayer(torch.zeros(shape[1:], dtype=t, device=d) for d, t in zip(device, dtypes))
+            self.v = _PerLayer(torch.zeros(shape[1:], dtype=t, device=d) for d, t in zip(device, dtypes))
         else:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -107,9 +108,11 @@ class KVCache:
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None):
         a = model.args
         p = next(model.parameters())
-        split = getattr(model, "layer_devices", None)  # kiln/split.py: each layer's KV on its device
+        split = getattr(model, "places", None)  # kiln/split.py: each layer's KV on its device, in its dtype
+        if split and device is None:
+            device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
-                   max_len or a.max_position_embeddings, dtype or p.dtype, device or split or p.device)
+                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device)
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""

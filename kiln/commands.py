@@ -34,8 +34,8 @@ def _model_args(p: argparse.ArgumentParser):
 
 def _quantized_arg(p: argparse.ArgumentParser):
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep the weights compact: on GPUs the GGUF blocks (auto there); on CPU 'on' is the "
-                        "compact path (int4 / int8 rows, about a third of the memory; auto there is exact fp32)")
+                   help="keep the weights compact (auto: on): on GPUs the GGUF blocks; on CPU int4 / int8 rows "
+                        "(kiln/quant/cpu.py); 'off' on CPU is the exact float32 copy (about 4x a Q4 file)")
 
 
 def ngl(text: str):

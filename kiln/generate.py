@@ -149,8 +149,7 @@ class Decoder:
     @classmethod
     def for_model(cls, model, max_len: int) -> Decoder:
         """A Decoder over a fresh cache of `max_len` positions in the model's dtype, on its device."""
-        p = next(model.parameters())
-        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device))
+        return cls(model, KVCache.for_model(model, max_len=max_len))  # a split model's: per layer, kiln/split.py
 
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int

@@ -41,7 +41,8 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
     there); on CPU each tensor is repacked at load into torch's packed CPU matmuls with bf16 activations
     (quant/cpu.py: Q4 types as exact int4, others as int8 rows, a screened output head, the embedding
-    left in its blocks; several times faster decode, near-lossless, opt-in). The default on CPU is exact fp32.
+    left in its blocks; several times faster decode, near-lossless; the default, as in llama.cpp);
+    `quantized=False` asks for the exact float32 copy on CPU (about four times a Q4 file's size in memory).
     `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     `n_gpu_layers` (None / "auto": as many as fit.plan finds room for at `ctx_size`; "all"; an int N): the last
     N blocks and the output head on the GPU, the embedding and the other blocks on the CPU (kiln/split.py);
@@ -60,7 +61,7 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         model = build_split(config, weights, places, places[-1], policy or DEFAULT, progress)
         model.source = str(path)
         return model, tokenizer
-    quantized = device.type == "cuda" if quantized is None else quantized
+    quantized = True if quantized is None else quantized  # compact by default, on CPU as on GPUs
     on_gpu = device.type == "cuda"
     swap = None
     if quantized and not on_gpu:

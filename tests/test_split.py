@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.cache import KVCache
+from kiln.generate import Decoder
 from kiln.errors import KilnError
 from kiln.quant.cpu import Int4Linear, Int8Linear
 from kiln.split import Place, layer_places
@@ -27,7 +27,7 @@ def test_two_cpu_devices_match_unsplit(qwen, qwen_path):
     assert [b.place for b in split.model.layers] == places
     ids = torch.tensor([tok.encode("def quicksort(xs):\n    ")])
     torch.testing.assert_close(split(ids), ref(ids), rtol=1e-4, atol=1e-4)
-    cache = KVCache.for_model(split, max_len=64)
+    cache = Decoder.for_model(split, 64).cache  # what generate runs with
     assert isinstance(cache.k, list) and len(cache.k) == n  # one tensor per layer, on the layer's device
     assert _greedy(split, tok, "def fib(n):") == _greedy(ref, tok, "def fib(n):")
 
@@ -57,3 +57,29 @@ def test_layer_places_rule():
 def test_gpu_layers_without_gpu_is_an_error(qwen_path):
     with pytest.raises(KilnError, match="CUDA"):
         kiln.load(qwen_path, device="cpu", n_gpu_layers=3)
+
+
+_RSS = """
+import resource, sys
+import kiln
+kiln.load(sys.argv[1], device="cpu")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_default_cpu_load_peak_rss_near_file_size():
+    """The default CPU load keeps quantized weights compact (no float32 copy) and drops the file's pages of
+    each repacked tensor: the 1.5B Q4_K_M's peak RSS, torch and the tokenizer included, measured 1.79x the
+    file (the float32 default: 7.6x). Issue 12 asks for 1.5x; the gap is open (the report says where)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import real_model
+    path = real_model("qwen2.5-coder-1.5b")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak, size = int(r.stdout.split()[-1]), os.path.getsize(path)
+    print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file ({size / 2**30:.2f} GiB)")
+    assert peak < 2.0 * size, peak / size
