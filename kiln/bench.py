@@ -241,26 +241,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
-    from kiln.commands import cache_kw, cache_type_args
+    from kiln.commands import cache_kw, cache_type_args, ngl_arg
     cache_type_args(p)
+    ngl_arg(p)
     a = p.parse_args(argv)
     cache_kw(a)
     q = {"auto": None, "on": True, "off": False}[a.quantized]
     report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
-                   quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v))
+                   quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
+                   n_gpu_layers=a.n_gpu_layers)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
-          depths=(0,), cold=False, cache_types: tuple = (None, None)) -> dict:
+          depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None) -> dict:
     from kiln.generate import peak_memory_gb
     from kiln.load import load
     lengths, depths = ([p] if isinstance(p, int) else list(p)), list(depths)
     if min(lengths) < 1 or g < 1 or repeats < 1 or min(depths) < 0:
         raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1, --depth >= 0")
     t = time.perf_counter()
-    model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized)
+    model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized, n_gpu_layers=n_gpu_layers,
+                            ctx_size=max(lengths) + max(depths) + g + 1)
     load_s = time.perf_counter() - t
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),

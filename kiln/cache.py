@@ -182,37 +182,52 @@ class KVCache:
         for t in (self.type_k, self.type_v):
             if t in ("q8_0", "q4_0") and head_dim % QK:
                 raise KilnError(f"KV cache type {t} needs a head dim divisible by {QK}; this model's is {head_dim}")
+        self.dtype, self.max_len = dtype, max_len
+        if isinstance(device, (list, tuple)):  # a split model (kiln/split.py): each layer on its device, in its dtype
+            if type_k is not None or type_v is not None:
+                raise KilnError("a model split between devices keeps its KV cache in each layer's dtype: "
+                                "drop the cache types, or load it on one device")
+            dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * n_layers
+            shape = (batch, n_kv_heads, max_len, head_dim)
+            self.type_k = self.type_v = None
+            self.kp = [_PerLayer(torch.zeros(shape, dtype=t, device=d) for d, t in zip(device, dtypes))]
+            self.vp = [_PerLayer(torch.zeros(shape, dtype=t, device=d) for d, t in zip(device, dtypes))]
+            self._views()
+            return
         shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
         self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
         self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
-        self.dtype, self.max_len = dtype, max_len
         self._views()
 
     def _views(self):
         self.k, self.v = self.kp[0], self.vp[0]
-        self.direct = self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
+        self.direct = isinstance(self.k, _PerLayer) or (
+            self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1)
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None,
                   type_k: str | None = None, type_v: str | None = None):
         a = model.args
         p = next(model.parameters())
+        split = getattr(model, "places", None)  # kiln/split.py: each layer's KV on its device, in its dtype
+        if split and device is None:
+            device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
                    max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v)
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache's storage takes."""
-        return sum(t.numel() * t.element_size() for t in self.kp + self.vp)
+        return sum(t.numel() * t.element_size() for p in self.kp + self.vp for t in (p if isinstance(p, list) else [p]))
 
     def _write(self, layer: int, sl, k: torch.Tensor, v: torch.Tensor):
         for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
             for part, new in zip(parts, _encode(kind, x)):
-                part[layer, :, :, sl] = new
+                part[layer][:, :, sl] = new
 
     def _read(self, layer: int, sl, dtype):
-        return (_decode(self.type_k, [p[layer, :, :, sl] for p in self.kp], dtype),
-                _decode(self.type_v, [p[layer, :, :, sl] for p in self.vp], dtype))
+        return (_decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
+                _decode(self.type_v, [p[layer][:, :, sl] for p in self.vp], dtype))
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""
@@ -227,7 +242,8 @@ class KVCache:
         whole static cache (B, K, max_len, D); the caller's mask hides the slots not written yet."""
         for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
             for part, new in zip(parts, _encode(kind, x)):
-                dst, new = part[layer], new.to(part.dtype)
+                dst = part[layer]
+                new = new.to(dst.dtype)
                 if dst.dtype == torch.float8_e4m3fn:  # no fp8 index_copy on the CPU: copy the bytes
                     dst, new = dst.view(torch.uint8), new.view(torch.uint8)
                 dst.index_copy_(2, positions, new)
@@ -241,7 +257,8 @@ class KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
         view = object.__new__(KVCache)
         view.__dict__.update(self.__dict__)
-        view.kp, view.vp = [p[:, i:i + 1] for p in self.kp], [p[:, i:i + 1] for p in self.vp]
+        row = lambda p: _PerLayer(t[i:i + 1] for t in p) if isinstance(p, _PerLayer) else p[:, i:i + 1]  # noqa: E731
+        view.kp, view.vp = [row(p) for p in self.kp], [row(p) for p in self.vp]
         view._views()
         return view
 
@@ -252,6 +269,15 @@ class KVCache:
         if n_keys > self.max_len:
             raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
         return RowsView(self, slots, n_keys)
+
+
+class _PerLayer(list):
+    """A split model's keys or values: one (B, K, S, D) tensor per layer on the layer's device; `device` is
+    the first layer's (the CPU, where a split model's tokens go in)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self[0].device
 
 
 class RowsView:

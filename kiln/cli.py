@@ -17,6 +17,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "chat": ("kiln.commands", "chat", "chat interactively (keeps history; /reset, /exit)"),
     "cache-prompt": ("kiln.commands", "cache_prompt", "save a prompt's KV state for generate --prompt-cache"),
     "info": ("kiln.commands", "info", "describe a model file or folder"),
+    "fit": ("kiln.fit", "main", "plan which layers go on the GPU and the bytes per device, without loading"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "GGUF to a Hugging Face folder, or to GGUF re-quantized (--to gguf)"),
     "perplexity": ("kiln.eval", "main", "perplexity / KL divergence on a text, as llama-perplexity computes them"),

@@ -35,8 +35,23 @@ def _model_args(p: argparse.ArgumentParser):
 
 def _quantized_arg(p: argparse.ArgumentParser):
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep the weights compact: on GPUs the GGUF blocks (auto there); on CPU 'on' is the "
-                        "compact path (int4 / int8 rows, about a third of the memory; auto there is exact fp32)")
+                   help="keep the weights compact (auto: on): on GPUs the GGUF blocks; on CPU int4 / int8 rows "
+                        "(kiln/quant/cpu.py); 'off' on CPU is the exact float32 copy (about 4x a Q4 file)")
+
+
+def ngl(text: str):
+    """-ngl's value: 'auto', 'all' or a layer count >= 0."""
+    if text in ("auto", "all"):
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a layer count, 'all' or 'auto', got {text!r}")
+    return int(text)
+
+
+def ngl_arg(p: argparse.ArgumentParser):
+    p.add_argument("--n-gpu-layers", "-ngl", type=ngl, default="auto", metavar="N|all|auto",
+                   help="blocks on the GPU, the rest on the CPU (compact layers); auto (default): as many as "
+                        "fit in free GPU memory (`kiln fit` shows the plan); ignored without a GPU unless N > 0")
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -150,7 +165,9 @@ def _load(a):
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized)
+    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
+                      n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),
+                      verbose=getattr(a, "verbose", False))
     if adapter is not None:
         from kiln.finetune.layers import load_adapter
         load_adapter(model, adapter, a.adapter_scale)
@@ -189,11 +206,13 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print speed and memory (and the drafts kept, with speculative decoding) to stderr at the end")
+                   help="print the fit plan before loading (GPU runs), and speed and memory (and the drafts kept, with "
+                        "speculative decoding) to stderr at the end")
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="reuse the KV state of a prompt saved by `kiln cache-prompt` (same model)")
     _draft_args(p)
     _quantized_arg(p)
+    ngl_arg(p)
     _adapter_args(p)
     _sampling_args(p)
     return p
@@ -268,6 +287,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="system message")
     _quantized_arg(p)
     _adapter_args(p)
+    ngl_arg(p)
     _sampling_args(p)
     _draft_args(p)
     a = p.parse_args(argv)

@@ -93,7 +93,7 @@ def check_prompt(ids: list[int], context: int, vocab: int, fix: str = "raise the
 # ---------------------------------------------------------------------------------------------------------------
 def prefill_chunk(model, ids: torch.Tensor, cache, pos: int) -> torch.Tensor:
     """Read prompt tokens ids (1, T) into `cache` at positions pos.. ; logits (1, V) of the last one."""
-    return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float()
+    return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float().to(ids.device)  # split: head's
 
 
 def capture_graph(forward: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -153,15 +153,13 @@ class Decoder:
     def for_model(cls, model, max_len: int, cache_type_k: str | None = None,
                   cache_type_v: str | None = None) -> Decoder:
         """A Decoder over a fresh cache of `max_len` positions (stored as cache_type_k / _v; None: the model's
-        dtype), on the model's device."""
-        p = next(model.parameters())
-        return cls(model, KVCache.for_model(model, max_len=max_len, dtype=p.dtype, device=p.device,
-                                            type_k=cache_type_k, type_v=cache_type_v))
+        dtype), on the model's device (a split model's: each layer's on its own, kiln/split.py)."""
+        return cls(model, KVCache.for_model(model, max_len=max_len, type_k=cache_type_k, type_v=cache_type_v))
 
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
         position; in a graph: Step.graph at the static position tensor)."""
-        return self.model(self.token, step)[:, -1].float()  # (1, V)
+        return self.model(self.token, step)[:, -1].float().to(self.token.device)  # (1, V); split: from the head's
 
     def capture(self):
         """Warm up and capture; writes only the cache's last slot (still masked when real steps read it)."""

@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
+    from kiln.commands import ngl_arg
+    ngl_arg(p)
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated Host names clients may use besides localhost and --host (default: only "
                         "those; any when --host is 0.0.0.0 or ::); guards against DNS rebinding, '*' allows any")
@@ -107,7 +109,15 @@ def main(argv: list[str]) -> int:
     from kiln.server.app import create_app, server_for
     from kiln.server.transport import allowed_hosts
     model_id = a.alias or (path.stem if path.is_file() else path.name)
-    app = create_app(lambda: load(path, device=a.device, dtype=a.dtype, progress=False), model_id=model_id,
+    def load_whole():
+        model, tok = load(path, device=a.device, dtype=a.dtype, progress=False, n_gpu_layers=a.n_gpu_layers,
+                          ctx_size=(a.ctx_size or 4096) * a.parallel)
+        if hasattr(model, "places"):  # the engine's batched steps run on one device
+            raise KilnError("kiln serve runs a model on one device: -ngl all (or 0, the CPU); a CPU + GPU split "
+                            "runs in generate, chat and bench")
+        return model, tok
+
+    app = create_app(load_whole, model_id=model_id,
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
                      max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
                      read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v))

@@ -36,4 +36,4 @@ def qwen(qwen_path):
     import torch
 
     import kiln
-    return kiln.load(qwen_path, device="cpu", dtype=torch.float32)
+    return kiln.load(qwen_path, device="cpu", dtype=torch.float32, quantized=False)

@@ -22,12 +22,12 @@ def folder(qwen_path, tmp_path_factory):
 
 def test_folder_matches_gguf(qwen_path, folder):
     text = "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n"
-    m1, t1 = kiln.load(qwen_path, device="cpu", dtype=torch.float32)
+    m1, t1 = kiln.load(qwen_path, device="cpu", dtype=torch.float32, quantized=False)
     ids = torch.tensor([t1.encode(text)])
     with torch.no_grad():
         ref = m1(ids)
     del m1
-    m2, t2 = kiln.load(folder, device="cpu", dtype=torch.float32)
+    m2, t2 = kiln.load(folder, device="cpu", dtype=torch.float32, quantized=False)
     assert t2.encode(text) == ids[0].tolist()
     assert t2.chat_template == t1.chat_template and t2.eos_token_ids == t1.eos_token_ids
     with torch.no_grad():

@@ -53,6 +53,7 @@ class GGUFTensor:
     data: torch.Tensor  # uint8 view of the file's bytes, never written
     row_perm: torch.Tensor | None = None  # rows to gather (un-permute q/k) before use
     add: float = 0.0  # constant added after dequantization (Gemma norms are stored as 1 + w)
+    mapped: bool = False  # data is a view of read_gguf's file mapping (release() may drop its pages)
 
     @property
     def type_name(self) -> str:
@@ -64,10 +65,33 @@ class GGUFTensor:
         rows = self.data.view(-1, self.data.numel() // max(1, _rows(self.shape)))
         return rows if self.row_perm is None else rows[self.row_perm]
 
+    def release(self) -> None:
+        """Drop this tensor's pages of the file from memory once a copy of it is made (the compact CPU
+        load): they are read from the file again if touched, and a load's peak RSS stays near the
+        compact size instead of the compact size plus the whole file."""
+        if self.mapped:
+            release_pages(self.data)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         from kiln.quant import dequantize
         w = dequantize(self.raw_rows().reshape(-1), self.qtype, self.shape, dtype=dtype)
         return w + self.add if self.add else w
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """madvise(DONTNEED) over the whole pages inside t, a view of the copy-on-write file mapping that
+    nothing writes (so the pages come back from the file, unchanged, when read again; never call it on
+    other memory: anonymous pages would come back as zeros); a no-op where that is not Linux."""
+    if not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0 or not os.uname().sysname == "Linux":
+        return
+    import ctypes
+    page = mmap.PAGESIZE
+    lo = -(-t.data_ptr() // page) * page  # inward: no byte outside t
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if hi <= lo:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -241,7 +265,7 @@ def _map_tensors(cur: _Cursor, infos, start: int, align: int) -> dict[str, GGUFT
         if b_lo < a_hi:
             raise cur.corrupt(f"tensors {short(a)} and {short(b)} overlap in the file")
     base = torch.from_numpy(np.memmap(cur.path, dtype=np.uint8, mode="c")) if infos else None  # copy-on-write
-    return {name: GGUFTensor(name, shape, qtype, base[slice(*spans[name])]) for name, shape, qtype, _ in infos}
+    return {name: GGUFTensor(name, shape, qtype, base[slice(*spans[name])], mapped=True) for name, shape, qtype, _ in infos}
 
 
 def _nbytes(path: str, label: str, qtype: int, shape: tuple[int, ...]) -> int:
@@ -450,9 +474,10 @@ def _fix_up(cfg: dict, hf: str, t: GGUFTensor) -> GGUFTensor:
         if t.shape[0] % (2 * heads):
             raise KilnError(f"tensor {t.name} has {t.shape[0]} rows, which {heads} heads of even size cannot "
                             f"split; config and weights disagree")
-        t = GGUFTensor(t.name, t.shape, t.qtype, t.data, row_perm=_unpermute_rows(t.shape[0], heads))
+        t = GGUFTensor(t.name, t.shape, t.qtype, t.data, row_perm=_unpermute_rows(t.shape[0], heads),
+                       mapped=t.mapped)
     if arch == "gemma3" and hf.endswith("norm.weight"):
-        t = GGUFTensor(t.name, t.shape, t.qtype, t.data, add=-1.0)
+        t = GGUFTensor(t.name, t.shape, t.qtype, t.data, add=-1.0, mapped=t.mapped)
     return t
 
 

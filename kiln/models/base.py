@@ -33,6 +33,7 @@ from kiln.errors import KilnError
 from kiln.ops import cpu as ops_cpu
 from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_write_kv, use_triton
 from kiln.policy import DEFAULT, Policy
+from kiln.split import run_blocks  # noqa: F401  (the block loop of every family; crosses a split's devices)
 
 
 @dataclass
@@ -288,7 +289,7 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
     """One token of a prefill-kind step inside a batch-1 cache, with room for it, that the native
     single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
     c = step.cache
-    return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k.shape[1] == 1
+    return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k[layer].shape[0] == 1
             and step.pos < c.max_len and c.direct
             and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 

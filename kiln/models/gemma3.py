@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, prepare, project)
+                              logit_rows, prepare, project, run_blocks)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -151,8 +151,7 @@ class Model(nn.Module):
         x = x * float(torch.tensor(a.hidden_size ** 0.5, dtype=x.dtype))  # the scale rounded to the model's dtype
         # (a Python number: a CUDA graph cannot capture a host-to-device copy)
         residual = None  # the stream starts at the first norm
-        for layer in m.layers:
-            x, residual = layer(x, residual, step)
+        x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
         logits = self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
         if a.final_logit_softcapping:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, prepare, project)
+                              logit_rows, prepare, project, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -146,7 +146,6 @@ class Model(nn.Module):
         m = self.model
         step = prepare(step, ids, self.policy, {"global": m.rotary}, {self.args.sliding_window})
         x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm
-        for layer in m.layers:
-            x, residual = layer(x, residual, step)
+        x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
         return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)

@@ -147,14 +147,17 @@ def _int4_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
 
 def _pack_int4(n: int, k: int, rows_of) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack a (N, K) weight in steps of PACK_ROWS rows; rows_of(a, b) -> (codes, scale, zero) of rows a:b."""
-    packs, szs = [], []
+    packed, szs = None, None  # filled in place: a torch.cat of the parts would hold the tensor twice at its peak
     for a in range(0, n, PACK_ROWS):
         codes, scale, zero = rows_of(a, min(n, a + PACK_ROWS))
         p, sz = _int4_rows(codes.reshape(-1, k), scale.reshape(codes.numel() // k, -1),
                            zero.reshape(codes.numel() // k, -1))
-        packs.append(p)
-        szs.append(sz)
-    return torch.cat(packs), torch.cat(szs, 1)
+        if packed is None:
+            packed = p.new_empty((n, *p.shape[1:]))
+            szs = sz.new_empty((sz.shape[0], n, *sz.shape[2:]))
+        packed[a:a + p.shape[0]] = p
+        szs[:, a:a + p.shape[0]] = sz
+    return packed, szs
 
 
 def _gguf_int4_rows(raw: torch.Tensor, qtype: int, k: int):
@@ -332,7 +335,10 @@ def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT
         return GGUFEmbedding(GGUFRows.of(w)) if quantized(w) else None
 
     def linear(name, w, b):
-        return compact_linear(w, None if b is None else dense(b), head=name == "lm_head", policy=policy)
+        layer = compact_linear(w, None if b is None else dense(b), head=name == "lm_head", policy=policy)
+        if hasattr(w, "release"):  # the file's pages of a repacked tensor: read again only where needed
+            w.release()
+        return layer
 
     taken = swap_layers(model, weights, linear=linear, embedding=embedding)
     join_projections(model)

@@ -1,0 +1,91 @@
+"""The CPU + GPU split on a real GPU: an 8B-shape Q4_K_M file under a GPU budget (issue 12's acceptance).
+
+Prints one JSON object: the `kiln fit` plan for the budget (layers on the GPU, predicted GPU bytes), the
+split model's logits against the all-GPU model's (mean KL over a prompt, top-1 agreement), the split's
+decode tok/s (eager steps, greedy, from `generate_step`), and torch.cuda.max_memory_allocated of the split
+load + prefill + decode next to the prediction. With --compare llama.cpp, llama-cpp-python's decode tok/s
+with the same number of GPU layers on the same file (n_gpu_layers counts the output layer as llama.cpp does).
+
+Usage: python bench/make_gguf.py --model llama-3.1-8b --type Q4_K_M --out /tmp/g
+       python bench/split_check.py /tmp/g/llama-3.1-8b-Q4_K_M.gguf --gpu-memory 3G [--compare llama.cpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import kiln
+from kiln.cache import KVCache, Step
+from kiln.fit import parse_bytes, plan_for
+
+
+def input_device(model) -> torch.device:
+    """Where the token ids go: a split model's first block's device (the CPU), else the model's."""
+    devices = getattr(model, "layer_devices", None)
+    return devices[0] if devices else next(model.parameters()).device
+
+
+def logits_of(model, ids):
+    with torch.inference_mode():
+        return model(ids.to(input_device(model))).float().cpu()
+
+
+def decode_tps(model, prompt_ids, n: int) -> float:
+    cache = KVCache.for_model(model, max_len=len(prompt_ids) + n + 1)
+    dev = input_device(model)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids], device=dev), Step.prefill(cache, 0), last_only=True)
+        tok, pos = logits[:, -1].argmax(-1).view(1, 1).to(dev), len(prompt_ids)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(n):
+            logits = model(tok, Step.prefill(cache, pos + i))
+            tok = logits[:, -1].argmax(-1).view(1, 1).to(dev)
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=parse_bytes("3G"))
+    p.add_argument("--ctx-size", type=int, default=4096)
+    p.add_argument("-n", type=int, default=64, help="decode steps timed")
+    p.add_argument("--compare", choices=["llama.cpp"], default=None)
+    a = p.parse_args(argv)
+    plan = plan_for(a.model, ctx_size=a.ctx_size, gpu_memory=a.gpu_memory)
+    out = {"plan": plan.describe(), "n_gpu_layers": plan.n_gpu_layers, "predicted_gpu_bytes": plan.gpu_bytes}
+    ids = torch.tensor([list(range(1000, 1256))])  # 256 token ids (random-weight file: any ids do)
+    torch.cuda.reset_peak_memory_stats()
+    split, _ = kiln.load(a.model, device="cuda", n_gpu_layers=plan.n_gpu_layers, ctx_size=a.ctx_size)
+    q = logits_of(split, ids)
+    out["decode_tps_split"] = decode_tps(split, ids[0].tolist(), a.n)
+    out["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+    out["predicted_over_measured"] = plan.gpu_bytes / out["max_memory_allocated"]
+    del split
+    torch.cuda.empty_cache()
+    full, _ = kiln.load(a.model, device="cuda", n_gpu_layers="all")
+    pl, ql = logits_of(full, ids).log_softmax(-1), q.log_softmax(-1)
+    out["kl_split_vs_all_gpu"] = (pl.exp() * (pl - ql)).sum(-1).mean().item()
+    out["top1_agree"] = (pl.argmax(-1) == ql.argmax(-1)).float().mean().item()
+    del full
+    if a.compare:
+        from llama_cpp import Llama
+        llm = Llama(a.model, n_gpu_layers=plan.n_gpu_layers + 1, n_ctx=a.ctx_size, verbose=False)
+        llm.eval(ids[0].tolist())
+        t = time.perf_counter()
+        tok = ids[0, -1].item()
+        for _ in range(a.n):
+            llm.eval([tok])
+            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        out["decode_tps_llama_cpp"] = a.n / (time.perf_counter() - t)
+        out["ratio"] = out["decode_tps_split"] / out["decode_tps_llama_cpp"]
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

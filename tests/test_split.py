@@ -1,0 +1,85 @@
+"""The CPU + GPU layer split (kiln/split.py), run on the CPU: a model split into two groups of blocks goes
+through the split machinery (per-block places, activations and the step crossing at the boundary, the KV
+cache one tensor per layer on the layer's device) and must match the unsplit model."""
+
+import pytest
+import torch
+
+import kiln
+from kiln.generate import Decoder
+from kiln.errors import KilnError
+from kiln.quant.cpu import Int4Linear, Int8Linear
+from kiln.split import Place, layer_places
+
+pytestmark = pytest.mark.model
+
+
+def _greedy(model, tok, prompt, n=8):
+    return kiln.generate(model, tok, tok.encode(prompt), max_tokens=n, temperature=0)
+
+
+def test_two_cpu_devices_match_unsplit(qwen, qwen_path):
+    ref, tok = qwen  # fp32, unsplit
+    n = ref.args.num_hidden_layers
+    # "cpu" and "cpu:0" are two places: the blocks cross between them as between the CPU and a GPU
+    places = [Place("cpu", False)] * (n // 2) + [Place("cpu:0", False)] * (n - n // 2)
+    split, _ = kiln.load(qwen_path, device="cpu", places=places)
+    assert [b.place for b in split.model.layers] == places
+    ids = torch.tensor([tok.encode("def quicksort(xs):\n    ")])
+    torch.testing.assert_close(split(ids), ref(ids), rtol=1e-4, atol=1e-4)
+    cache = Decoder.for_model(split, 64).cache  # what generate runs with
+    assert isinstance(cache.k, list) and len(cache.k) == n  # one tensor per layer, on the layer's device
+    assert _greedy(split, tok, "def fib(n):") == _greedy(ref, tok, "def fib(n):")
+
+
+def test_float_then_compact_group(qwen, qwen_path):
+    ref, tok = qwen
+    n = ref.args.num_hidden_layers
+    places = [Place("cpu", False)] * 4 + [Place("cpu:0", True)] * (n - 4)
+    split, _ = kiln.load(qwen_path, device="cpu", places=places)
+    first, last = split.model.layers[0].mlp, split.model.layers[-1].mlp
+    assert isinstance(first.down_proj, torch.nn.Linear)
+    assert isinstance(last.down_proj, (Int4Linear, Int8Linear))  # the compact CPU layers
+    ids = torch.tensor([tok.encode("import numpy as np\nx = np.arange(10)\nprint(x.sum())")])
+    p, q = ref(ids).float().log_softmax(-1), split(ids).float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert kl < 0.02, kl  # the compact layers' own error (near-lossless), no split error on top
+    assert (p.argmax(-1) == q.argmax(-1)).float().mean() > 0.9
+
+
+def test_layer_places_rule():
+    assert layer_places(4, 1) == [Place("cpu", True)] * 3 + [Place("cuda", True)]
+    assert layer_places(4, 0, cpu_compact=False) == [Place("cpu", False)] * 4
+    with pytest.raises(KilnError, match="between 0 and 4"):
+        layer_places(4, 5)
+
+
+def test_gpu_layers_without_gpu_is_an_error(qwen_path):
+    with pytest.raises(KilnError, match="CUDA"):
+        kiln.load(qwen_path, device="cpu", n_gpu_layers=3)
+
+
+_RSS = """
+import resource, sys
+import kiln
+kiln.load(sys.argv[1], device="cpu", quantized=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_compact_cpu_load_peak_rss_near_file_size():
+    """The compact CPU load keeps quantized weights compact (no float32 copy) and drops the file's pages of
+    each repacked tensor: the 1.5B Q4_K_M's peak RSS, torch and the tokenizer included, measured 1.79x the
+    file (the float32 load: 7.6x). Issue 12 asks for 1.5x; the gap is open (the report says where)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import real_model
+    path = real_model("qwen2.5-coder-1.5b")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak, size = int(r.stdout.split()[-1]), os.path.getsize(path)
+    print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file ({size / 2**30:.2f} GiB)")
+    assert peak < 2.0 * size, peak / size
