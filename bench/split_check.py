@@ -49,6 +49,17 @@ def decode_tps(model, prompt_ids, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def gpu_bytes_by_module(model) -> dict[str, int]:
+    """Bytes of the GPU tensors each kind of module holds directly (parameters and buffers), by class name."""
+    seen, by = set(), {}
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is not None and t.is_cuda and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                by[type(m).__name__] = by.get(type(m).__name__, 0) + t.numel() * t.element_size()
+    return dict(sorted(by.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -61,10 +72,19 @@ def main(argv=None):
     out = {"plan": plan.describe(), "n_gpu_layers": plan.n_gpu_layers, "predicted_gpu_bytes": plan.gpu_bytes}
     ids = torch.tensor([list(range(1000, 1256))])  # 256 token ids (random-weight file: any ids do)
     torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
     split, _ = kiln.load(a.model, device="cuda", n_gpu_layers=plan.n_gpu_layers, ctx_size=a.ctx_size)
+    out["load_s"] = time.perf_counter() - t
+    out["allocated_after_load"] = torch.cuda.memory_allocated()
+    out["peak_of_load"] = torch.cuda.max_memory_allocated()
+    out["gpu_bytes_by_module"] = gpu_bytes_by_module(split)
+    torch.cuda.reset_peak_memory_stats()
     q = logits_of(split, ids)
+    out["peak_of_prompt_forward"] = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     out["decode_tps_split"] = decode_tps(split, ids[0].tolist(), a.n)
-    out["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+    out["peak_of_decode"] = torch.cuda.max_memory_allocated()
+    out["max_memory_allocated"] = max(out["peak_of_load"], out["peak_of_prompt_forward"], out["peak_of_decode"])
     out["predicted_over_measured"] = plan.gpu_bytes / out["max_memory_allocated"]
     del split
     torch.cuda.empty_cache()

@@ -3,7 +3,7 @@
 # process each, in parallel), bench/gpu_engine_check.py, `kiln bench` of the old commit (.ab/old, a `git archive`)
 # and this checkout alternately on make_gguf files (speed within noise), then bench/split_check.py on an
 # 8B-shape Q4_K_M under a GPU budget. Output under $OUT: gpu_tests_*.log, engine_check.log, ab.jsonl,
-# split_check.json. Usage (repo root, .whl/ and .ab/ carried): OUT=dir bash bench/verify_session.sh
+# split_check.json. Usage (repo root, .whl/ and .ab/ carried): OUT=dir [ROUNDS="1 2"] bash bench/verify_session.sh
 set -u
 ROOT=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g /tmp/carry
@@ -12,7 +12,7 @@ for m in gguf:gguf yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe tqdm:tqdm; do
 done
 export PYTHONPATH="/tmp/carry:$ROOT" PYTHONUNBUFFERED=1
 START=$(date +%s); at() { echo "== $1 at $(( $(date +%s) - START )) s"; }
-for f in ${FILES:-"qwen3-0.6b llama-3.2-1b"}; do
+for f in ${FILES:-qwen3-0.6b llama-3.2-1b}; do
   timeout 120 python bench/make_gguf.py --model "$f" --type Q4_K_M --out /tmp/g > /dev/null 2>&1 || echo "make $f failed"
 done
 (timeout 200 python bench/make_gguf.py --model ${SPLIT_MODEL:-qwen3-8b} --type Q4_K_M --out /tmp/g > /dev/null 2>&1) &
@@ -26,8 +26,8 @@ tail -14 "$OUT/engine_check.log"
 wait $(jobs -p | grep -v "^$MK\$") 2>/dev/null
 for t in ${TESTS:-test_quant_kernels test_fuse test_ops test_models}; do echo "$t: $(tail -1 "$OUT/gpu_tests_$t.log")"; done
 at "tests"
-for round in 1 2; do
-  for f in ${FILES:-"qwen3-0.6b llama-3.2-1b"}; do
+for round in ${ROUNDS:-1 2}; do
+  for f in ${FILES:-qwen3-0.6b llama-3.2-1b}; do
     for side in old new; do
       dir=$ROOT; [ $side = old ] && dir=$ROOT/.ab/old
       (cd "$dir" && PYTHONPATH="/tmp/carry:$dir" timeout 120 python -m kiln.cli bench --model "/tmp/g/$f-Q4_K_M.gguf" \

@@ -54,6 +54,7 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     device = torch.device(device or default_device())
     dtype = _dtype(dtype) or default_dtype(device)
     config, weights, tokenizer = read_model(path)
+    check_model(config, weights)  # before the placement reads the config: the file is untrusted
     if places is None:
         places = _gpu_places(path, config, device, n_gpu_layers, quantized, ctx_size, verbose)
     if places is not None:
@@ -159,15 +160,21 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     return model.to(device).eval().requires_grad_(False)
 
 
+def check_model(config: dict, weights: Mapping):
+    """(model class, args class, weight shapes) once the config is one its model can be built from."""
+    model_cls, args_cls = get_model(config["model_type"])
+    shapes = shapes_of(weights)
+    check_config(args_cls, config, shapes)
+    return model_cls, args_cls, shapes
+
+
 def meta_model(config: dict, weights: Mapping):
     """(model on the meta device, its args), once config and weights are checked to agree; nothing is read.
 
     Model files are untrusted: the checks come before the model is built (an absurd size or layer count
     would otherwise allocate or loop) and before any weight is read (a wrong shape fails in milliseconds).
     """
-    model_cls, args_cls = get_model(config["model_type"])
-    shapes = shapes_of(weights)
-    check_config(args_cls, config, shapes)
+    model_cls, args_cls, shapes = check_model(config, weights)
     args = args_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(args)
