@@ -104,13 +104,14 @@ def _numel(w) -> int:
     return n
 
 
-def model_sizes(path, compact: bool = True) -> ModelSizes:
-    """Byte sizes of a model file's parts from its header (see the module docstring for the rules)."""
+def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:
+    """Byte sizes of a model file's parts from its header (see the module docstring for the rules);
+    `model`: its (config, weights) when the caller has read them already."""
     from torch import nn
 
-    from kiln.load import meta_model, read_model
+    from kiln.load import meta_model, read_weights
     from kiln.quant.swap import quantized, weight_of
-    config, weights, _ = read_model(Path(path))
+    config, weights = read_weights(Path(path)) if model is None else model
     model, args = meta_model(config, weights)
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     n_layers = args.num_hidden_layers
@@ -202,10 +203,11 @@ def free_memory(device=None) -> tuple[int, int]:
 
 
 def plan_for(path, ctx_size=None, device=None, cache_type: str = "bf16", gpu_memory=None,
-             host_memory=None, compact: bool = True) -> Plan:
-    """`plan` for the model file at `path` and this machine's free memory (or the budgets given)."""
+             host_memory=None, compact: bool = True, model=None) -> Plan:
+    """`plan` for the model file at `path` (`model`: its (config, weights), already read) and this machine's
+    free memory (or the budgets given)."""
     gpu, host = free_memory(device)
-    return plan(model_sizes(path, compact), gpu if gpu_memory is None else gpu_memory,
+    return plan(model_sizes(path, compact, model), gpu if gpu_memory is None else gpu_memory,
                 host if host_memory is None else host_memory, ctx_size, cache_type)
 
 

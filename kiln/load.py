@@ -1,8 +1,9 @@
 """The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
 
 Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
-`read_model(path) -> (config, weights, tokenizer)`, `meta_model` (the model on the meta device once
-config and weights are checked against each other: formats/checks.py), the choice of default device and
+`read_model(path) -> (config, weights, tokenizer)`, `read_weights(path)` (the same without the tokenizer),
+`meta_model` (the model on the meta device once config and weights are checked against each other:
+formats/checks.py), the choice of default device and
 dtype, and the wiring of the layers above the models: compact layers swapped in (quant/linear.swap_linears
 on GPUs, quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the
 kernel policy handed to the model (its steps' default) and to the swapped layers.
@@ -56,7 +57,7 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     config, weights, tokenizer = read_model(path)
     check_model(config, weights)  # before the placement reads the config: the file is untrusted
     if places is None:
-        places = _gpu_places(path, config, device, n_gpu_layers, quantized, ctx_size, verbose)
+        places = _gpu_places(path, (config, weights), device, n_gpu_layers, quantized, ctx_size, verbose)
     if places is not None:
         from kiln.split import build_split
         model = build_split(config, weights, places, places[-1], policy or DEFAULT, progress)
@@ -76,10 +77,10 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     return model, tokenizer
 
 
-def _gpu_places(path, config, device, n_gpu_layers, quantized, ctx_size, verbose):
+def _gpu_places(path, model, device, n_gpu_layers, quantized, ctx_size, verbose):
     """The per-block placement n_gpu_layers asks for on a CUDA device, or None where the model runs whole
-    on `device` (every block fits, or no GPU is involved)."""
-    n_layers = int(config["num_hidden_layers"])
+    on `device` (every block fits, or no GPU is involved); `model`: (config, weights), already read."""
+    n_layers = int(model[0]["num_hidden_layers"])
     if n_gpu_layers in (None, "auto", "all") and device.type != "cuda":
         return None
     if device.type != "cuda":
@@ -88,7 +89,7 @@ def _gpu_places(path, config, device, n_gpu_layers, quantized, ctx_size, verbose
         raise KilnError(f"n_gpu_layers={n_gpu_layers!r} needs a CUDA device, and the model loads on {device}")
     if n_gpu_layers in (None, "auto"):
         from kiln.fit import plan_for
-        p = plan_for(path, ctx_size=ctx_size, device=device)
+        p = plan_for(path, ctx_size=ctx_size, device=device, model=model)
         if verbose:
             print(p.describe(), flush=True)
         n_gpu_layers = p.n_gpu_layers
@@ -112,6 +113,16 @@ def read_model(path: Path):
     g = read_gguf(path)
     config = to_config(g)
     return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta)
+
+
+def read_weights(path: Path):
+    """(config, weights) of a GGUF file or a Hugging Face folder, without building the tokenizer."""
+    if path.is_dir():
+        from kiln.formats.safetensors import read_folder
+        return read_folder(path)
+    g = read_gguf(path)
+    config = to_config(g)
+    return config, hf_tensors(g, config)
 
 
 def _dtype(dtype):

@@ -112,7 +112,7 @@ class QuantLinear(nn.Module):
         if bias is not None:
             bias = bias.detach().to(device)
         if _kernels_serve(device, policy):
-            return cls(k, n, qtype, packed=repack(rows.to(device), qtype, (n, k)), bias=bias, policy=policy)
+            return cls(k, n, qtype, packed=repack(rows, qtype, (n, k), device), bias=bias, policy=policy)
         return cls(k, n, qtype, raw=rows.to(device), bias=bias, policy=policy)
 
     @property
@@ -226,7 +226,7 @@ def swap_linears(model: nn.Module, weights: Mapping, device=None, dtype=torch.bf
     def embedding(name, w):
         if not serve or not _has_kernels(w):
             return None
-        planes[id(w)] = packed = repack(w.raw_rows().to(device), w.qtype, tuple(w.shape))
+        planes[id(w)] = packed = repack(w.raw_rows(), w.qtype, tuple(w.shape), device)
         return QuantEmbedding(packed, dtype)
 
     def linear(name, w, b):

@@ -245,8 +245,10 @@ def _repack_rows(b: torch.Tensor, qtype: int) -> dict[str, torch.Tensor]:
     return dict(qs=nib(8, 136, 16), sc=rows(iq4_xs_scales(b)), d=f16(0))
 
 
-def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
-    """A GGUF tensor's raw bytes (uint8, (N, row_bytes) or flat) -> PackedWeight on raw's device. Lossless."""
+def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int], device=None) -> PackedWeight:
+    """A GGUF tensor's raw bytes (uint8, (N, row_bytes) or flat) -> PackedWeight on `device` (default: raw's).
+    Lossless. Rows cross to the device a slice at a time, into planes allocated once: the device holds the
+    planes and one slice, never the whole raw tensor beside them (a GPU budget of a split counts on it)."""
     fmt = format_of(qtype)
     if len(shape) != 2:
         raise KilnError(f"{fmt.name} weight of shape {tuple(shape)}: a linear weight must be 2-D (N, K)")
@@ -258,13 +260,16 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeigh
     if raw.dtype != torch.uint8 or raw.numel() != n * row_bytes:
         raise KilnError(f"{fmt.name} weight of shape {(n, k)} needs {n * row_bytes} bytes as uint8, got "
                         f"{raw.numel()} of {raw.dtype}; the file is truncated or its header is wrong")
+    device = raw.device if device is None else torch.device(device)
     blocks = raw.reshape(n, k // fmt.block, fmt.type_size)             # (N, nb, type_size)
     step = max(1, _REPACK_WEIGHTS // k)
-    parts = [_repack_rows(blocks[i:i + step], int(qtype)) for i in range(0, n, step)]
-    # contiguous: a one-block row's byte slice reshapes to a strided view, and the kernels index planes
-    # as dense row-major arrays
-    planes = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name].contiguous()
-              for name in parts[0]}
+    planes = None  # dense row-major planes, as the kernels index them
+    for i in range(0, n, step):
+        part = _repack_rows(blocks[i:i + step].to(device), int(qtype))
+        if planes is None:
+            planes = {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for name, t in part.items()}
+        for name, t in part.items():
+            planes[name][i:i + step] = t
     return PackedWeight(int(qtype), (n, k), **planes)
 
 
