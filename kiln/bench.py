@@ -123,6 +123,36 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
     }
 
 
+def run_speculative(model, tokenizer, prompt: list[int], g: int, repeats: int, drafting: dict) -> dict:
+    """Speculative decoding as `generate` streams it (stream_generate with the drafter, greedy) beside plain
+    decoding of the same prompt, alternately; medians of `repeats`; the drafts kept over every run."""
+    from kiln.generate import DecoderPool, stream_generate
+    pool = DecoderPool(model, keep=1)
+    times, drafted, accepted, same = {"plain": [], "speculative": []}, 0, 0, True
+    for i in range(repeats + 1):  # the first run of each: new lengths, graph captures
+        out = {}
+        for kind in ("plain", "speculative"):
+            kw = drafting if kind == "speculative" else {}
+            toks, t1 = [], None
+            for r in stream_generate(model, tokenizer, prompt, g, ignore_eos=True, decoders=pool, logprobs=False,
+                                     temperature=0.0, **kw):
+                t1 = t1 or time.perf_counter()
+                toks.append(r.token)
+            t2 = time.perf_counter()
+            if i:
+                times[kind].append((len(toks) - 1) / (t2 - t1) if len(toks) > 1 else float("nan"))
+                if kind == "speculative":
+                    drafted, accepted = drafted + r.drafted, accepted + r.accepted
+            out[kind] = toks
+        same = same and out["plain"] == out["speculative"]
+    plain, spec = statistics.median(times["plain"]), statistics.median(times["speculative"])
+    return {"drafter": ("draft model" if drafting.get("draft_model") is not None
+                        else f"prompt lookup (n-gram <= {drafting.get('prompt_lookup')})"),
+            "num_draft_tokens": drafting.get("num_draft_tokens"), "plain_user_tok_s": plain,
+            "speculative_user_tok_s": spec, "speedup": spec / plain, "drafted": drafted, "accepted": accepted,
+            "acceptance": accepted / drafted if drafted else float("nan"), "greedy_equal": same}
+
+
 def _prompt_top1(model, ids) -> list[int]:
     logits = model(ids)[0]  # (T, V)
     return logits.argmax(-1).tolist()
@@ -241,21 +271,31 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
-    from kiln.commands import cache_kw, cache_type_args, ngl_arg
+    from kiln.commands import _check_draft, _draft_args, _drafting, cache_kw, cache_type_args, ngl_arg
     cache_type_args(p)
     ngl_arg(p)
+    _draft_args(p)
+    p.add_argument("--prompt-file", default=None,
+                   help="with --draft-model or --prompt-lookup-ngram: the text whose continuation the speculative "
+                        "and plain greedy runs time (default: the random prompt of the other rows)")
     a = p.parse_args(argv)
     cache_kw(a)
+    _check_draft(a)
     q = {"auto": None, "on": True, "off": False}[a.quantized]
+    spec = None
+    if a.draft_model is not None or a.prompt_lookup_ngram:
+        spec = (lambda: _drafting(a), a.prompt_file)
     report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
                    quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
-                   n_gpu_layers=a.n_gpu_layers)
+                   n_gpu_layers=a.n_gpu_layers, speculative=spec)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
-          depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None) -> dict:
+          depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None, speculative=None) -> dict:
+    """The report `kiln bench` prints (see main). `speculative`: (a function returning stream_generate's
+    drafting arguments, a prompt file or None) to also time speculative decoding against plain."""
     from kiln.generate import peak_memory_gb
     from kiln.load import load
     lengths, depths = ([p] if isinstance(p, int) else list(p)), list(depths)
@@ -284,6 +324,13 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     k.update(load_s=load_s, peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
              achieved_gb_s=wb * d0 / 1e9, roofline_share=wb * d0 / bw)
     out["kiln"] = k
+    if speculative is not None:
+        make, prompt_file = speculative
+        prompt = prompt_ids(vocab, lengths[0])
+        if prompt_file is not None:
+            from pathlib import Path
+            prompt = tokenizer.encode(Path(prompt_file).read_text())
+        k["speculative"] = run_speculative(model, tokenizer, prompt, g, repeats, make())
     if cold:
         k["cold_generate_s"] = cold_generate(out["model"], device)
     if compare == "llama.cpp":
@@ -333,6 +380,12 @@ def format_report(r: dict) -> str:
                          lc and lc["decode_tok_s"][d], ratio.get("decode_tok_s", {}).get(d)))
     lines.append(row("decode as generate streams it", k["decode_user_tok_s"], lc and lc["decode_tok_s"][r["depths"][0]],
                      ratio.get("decode_user_tok_s")))
+    if "speculative" in k:
+        sp = k["speculative"]
+        lines.append(row(f"speculative greedy, K={sp['num_draft_tokens']}", sp["speculative_user_tok_s"]))
+        lines.append(row("  plain greedy, same prompt", sp["plain_user_tok_s"]))
+        lines.append(f"  {sp['drafter']}: {sp['speedup']:.2f}x, {sp['accepted']} of {sp['drafted']} drafts kept "
+                     f"({100 * sp['acceptance']:.0f}%), tokens equal to plain greedy: {sp['greedy_equal']}")
     lines.append(row(f"effective tok/s (pp{r['p'][0]} + tg{r['g']})", k["effective_tok_s"]))
     lines.append(row("time to first token ms", k["ttft_ms"]))
     lines.append(row("load s", k["load_s"], lc and lc["load_s"], ratio.get("load_s"), fmt="12.2f"))

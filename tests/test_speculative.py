@@ -108,3 +108,19 @@ def test_speculative_greedy_equals_plain_greedy_on_real_models(qwen):
     assert rs[-1].accepted >= 8, (rs[-1].accepted, tok.decode(plain))  # the new code repeats the prompt's lines
     with pytest.raises(KilnError):
         list(kiln.stream_generate(target, tok, edit, max_tokens=4, draft_model=draft, prompt_lookup=3))
+
+
+def test_bench_times_speculative_against_plain_greedy(qwen, tmp_path):
+    """`kiln bench --prompt-lookup-ngram`: the speculative run's tokens equal plain greedy's on the same
+    prompt, and the drafts it reports kept are a part of those drafted."""
+    from kiln.bench import format_report, run_speculative
+    model, tok = qwen
+    code = "def area(w, h):\n    total = w * h\n    return total\n"
+    prompt = tok.encode(f"{code}\n\n# The same function, renamed:\ndef area2(w, h):\n")
+    sp = run_speculative(model, tok, prompt, 16, 1, dict(prompt_lookup=3, num_draft_tokens=4))
+    assert sp["greedy_equal"] is True
+    assert 0 < sp["accepted"] <= sp["drafted"] and sp["acceptance"] == sp["accepted"] / sp["drafted"]
+    assert sp["speedup"] == sp["speculative_user_tok_s"] / sp["plain_user_tok_s"] > 0
+    from kiln.bench import main
+    with pytest.raises(KilnError, match="not both"):
+        main(["--model", "x", "--draft-model", "y", "--prompt-lookup-ngram", "2"])
