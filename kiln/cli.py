@@ -24,11 +24,12 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
     "finetune": ("kiln.finetune", "main", "train a LoRA / QLoRA adapter on your data (PEFT format)"),
     "fuse": ("kiln.finetune.fuse", "main", "merge a LoRA adapter into its base (Hugging Face folder)"),
+    "export-adapter": ("kiln.finetune.export", "main", "a LoRA adapter as a GGUF LoRA (llama.cpp) or mlx-lm folder"),
     "serve": ("kiln.serve", "main", "serve a model over the OpenAI API (chat, completions, tools, JSON schema)"),
 }
 
 USAGE = "usage: kiln <command> [options]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()) + \
+    f"  {name:<{max(map(len, SUBCOMMANDS))}}  {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()) + \
     "\n\nRun `kiln <command> --help` for a command's options."
 
 

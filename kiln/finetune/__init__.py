@@ -2,8 +2,8 @@
 
 Owns: the front door (argument parsing and `finetune`, which loads the base for training and runs the
 trainer). Layers and the PEFT format are in layers.py, data in data.py, the loop in trainer.py, merging
-into a Hugging Face folder in fuse.py.
-Not: GGUF-LoRA or mlx adapter export, adapters in the server (not yet written).
+into a Hugging Face folder in fuse.py, GGUF-LoRA and mlx-lm adapter export in export.py.
+Not: adapters in the server (not yet written).
 """
 
 from __future__ import annotations

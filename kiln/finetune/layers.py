@@ -169,8 +169,8 @@ def peft_config(r, alpha, dropout, targets, layers, n_layers, base="") -> dict:
     return cfg
 
 
-def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
-    """Apply a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to a loaded model."""
+def read_adapter(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(adapter_config.json's fields, {HF module name: (A (r, in), B (out, r))}) of a PEFT LoRA folder."""
     from safetensors.torch import load_file
     path = Path(path)
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
@@ -182,13 +182,27 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
         state = load_file(str(w_path))
     except (ValueError, OSError) as e:
         raise KilnError(f"cannot read the adapter in {path}: {e}") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") \
+            or cfg.get("use_rslora"):
         raise KilnError(f"{cfg_path}: only plain LoRA adapters are supported (no DoRA, rsLoRA, other PEFT types)")
     names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k.startswith(PREFIX)})
     if not names:
         raise KilnError(f"{w_path} holds no LoRA weights under PEFT's names ({PREFIX}...lora_A.weight)")
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r = int(cfg.get("r", 8))
+    pairs = {}
     for name in names:
+        a, b = state.get(f"{PREFIX}{name}.lora_A.weight"), state.get(f"{PREFIX}{name}.lora_B.weight")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise KilnError(f"the adapter's weights for {name} are missing or not of shape (r={r}, in) / (out, r)")
+        pairs[name] = (a, b)
+    return cfg, pairs
+
+
+def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
+    """Apply a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to a loaded model."""
+    cfg, pairs = read_adapter(path)
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    for name, (a, b) in pairs.items():
         parent_name, attr = name.rsplit(".", 1)
         try:
             parent = model.get_submodule(parent_name)
@@ -198,8 +212,7 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
         if getattr(parent, "qkv", None) is not None or getattr(parent, "gate_up", None) is not None:
             raise KilnError("this model's projections are joined (a GPU or --quantized CPU load); adapters need "
                             "them apart: load on CPU with --quantized off")
-        a, b = state.get(f"{PREFIX}{name}.lora_A.weight"), state.get(f"{PREFIX}{name}.lora_B.weight")
-        if a is None or b is None or a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
+        if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
             raise KilnError(f"the adapter's weights for {name} are missing or not of shape (r={r}, in) / (out, r)")
         layer = LoRALinear(base, r, alpha, 0.0, scale)
         with torch.no_grad():
@@ -207,7 +220,7 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
             layer.lora_B.weight.copy_(b)
         setattr(parent, attr, layer.requires_grad_(False))
         layer.base.requires_grad_(False)
-    return names
+    return list(pairs)
 
 
 def merge(model: nn.Module) -> nn.Module:

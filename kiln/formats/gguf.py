@@ -453,6 +453,30 @@ def hf_name(arch: str, name: str) -> str | None:
     return None
 
 
+def gguf_name(arch: str, hf: str) -> str | None:
+    """The GGUF name of a Hugging Face tensor name (hf_name's inverse), or None for names GGUF has not."""
+    glob = {v: k for k, v in _GLOBAL_NAMES.items()}
+    if hf in glob:
+        return glob[hf]
+    parts = hf.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return None
+    table = {v: k for k, v in {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(arch, {})}.items()}
+    key = table.get(".".join(parts[3:-1]))
+    return None if key is None else f"blk.{parts[2]}.{key}.{parts[-1]}"
+
+
+def permute_rows(cfg: dict, hf: str, t: torch.Tensor) -> torch.Tensor:
+    """Rows of a Hugging Face q/k projection (or of anything added to one, such as a LoRA B) in the order
+    llama.cpp's converter stores them for `cfg`'s architecture (_fix_up's inverse); other tensors as given."""
+    if cfg["model_type"] != "llama" or not (".q_proj." in hf or ".k_proj." in hf):
+        return t
+    heads = cfg["num_attention_heads"] if ".q_proj." in hf else cfg["num_key_value_heads"]
+    out = torch.empty_like(t)
+    out[_unpermute_rows(t.shape[0], heads)] = t
+    return out
+
+
 def hf_tensors(g: GGUFFile, cfg: dict) -> dict[str, GGUFTensor]:
     """Every loadable tensor under its Hugging Face name, with converter fix-ups undone (lazily)."""
     out = {}
