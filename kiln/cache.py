@@ -332,12 +332,20 @@ class KVCache:
             self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
             return self._read(layer, slice(None), k.dtype)
         old_k, old_v = self._read(layer, slice(None), k.dtype)
-        keys, values = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)  # (B, K, slots + T, D): copies
+        new_k, new_v = self._stored(self.kp, self.type_k, k), self._stored(self.vp, self.type_v, v)
+        keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D): copies
         p = torch.arange(pos, pos + t)
         stay = (p < ring.keep) | (p >= pos + t - ring.span)  # the positions no later one of the chunk overwrites
         idx = stay.nonzero().flatten()
         self._scatter(layer, ring.slot(p[idx]).to(k.device), k[:, :, idx.to(k.device)], v[:, :, idx.to(k.device)])
         return keys, values
+
+    @staticmethod
+    def _stored(parts, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """x as the cache gives it back once stored (its type's rounding), as a whole cache's update would."""
+        if len(parts) == 1 and parts[0].dtype == x.dtype:
+            return x
+        return _decode(kind, [p.to(part.dtype) for p, part in zip(_encode(kind, x), parts)], x.dtype)
 
     def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) into cache slots (T,) (a device tensor: no host sync)."""

@@ -1,0 +1,312 @@
+"""Bounded KV caches (cache.Ring): sliding-window layers that keep only their window, the rotating cache of
+max_kv_size (the first `keep` tokens and the latest ones, mlx-lm's), and llama.cpp's context shift.
+
+References: a sliding-window ring must give the logits of the whole-context cache and of the uncached forward
+(its window mask drops the same keys the ring drops), in one prefill, chunked prefills, eager and
+CUDA-graph-form decode steps, native and torch kernels; a rotating cache the full cache's while the sequence
+fits, and beyond it `_reference_forward`, an explicit forward whose every query attends to the first `keep`
+positions and the last max_kv_size - keep; a context shift the forward of a fresh model over the kept tokens
+at their new positions (one layer: its keys depend on nothing else), and, with several layers, the explicit
+forward with the dropped tokens masked from the queries after the shift. Tiny random configs run in well
+under a second each; the real Gemma 3 270M checks the memory (its config, on the meta device) and the front
+door (finish reasons, a shift past the context).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.cache import KVCache, Ring, Step, layer_windows, plan_rings
+from kiln.errors import KilnError
+from kiln.generate import ContextShift, Decoder, generate_step
+from kiln.load import build_model
+from kiln.models.base import key_rotation
+from kiln.ops import rope_qk_ref
+from kiln.policy import Policy
+from kiln.sample import SamplingParams
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+GEMMA = dict(TINY, model_type="gemma3", head_dim=32, rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=5,
+             query_pre_attn_scalar=24, num_hidden_layers=4,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
+LLAMA = dict(TINY, model_type="llama", rope_theta=10000.0, num_hidden_layers=3)
+TORCH = Policy(native=False)
+
+
+def _meta(cfg: dict):
+    """The model of cfg on the meta device (no weights)."""
+    import importlib
+    mod = importlib.import_module(f"kiln.models.{cfg['model_type']}")
+    with torch.device("meta"):
+        return mod.Model(mod.ModelArgs.from_dict(cfg))
+
+
+def _tiny(cfg: dict, **over):
+    cfg = dict(cfg, **over)
+    meta = _meta(cfg)
+    g = torch.Generator().manual_seed(0)
+    weights = {n: (torch.rand(p.shape, generator=g) - 0.5 if "norm" in n else torch.randn(p.shape, generator=g) * 0.15)
+               for n, p in meta.named_parameters()}
+    return build_model(cfg, weights)
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _cached(model, ids, cache, chunk, policy=None, graph_from=None):
+    """Logits (1, T, V) of ids read through `cache` in chunks of `chunk` tokens; from position graph_from on,
+    one token a step in the CUDA-graph form (the position a device tensor, the static cache's write)."""
+    out, pos = [], 0
+    while pos < ids.shape[1]:
+        n = 1 if graph_from is not None and pos >= graph_from else chunk
+        step = (Step.graph(cache, torch.tensor(pos), policy) if graph_from is not None and pos >= graph_from
+                else Step.prefill(cache, pos, policy))
+        out.append(model(ids[:, pos:pos + n], step))
+        pos += n
+    return torch.cat(out, 1)
+
+
+# ---------------------------------------------------------------- sliding-window rings
+
+@pytest.mark.parametrize("chunk", [40, 7, 5, 2, 1])
+@pytest.mark.parametrize("policy", [None, TORCH], ids=["native", "torch"])
+def test_sliding_ring_equals_full_cache(chunk, policy):
+    model = _tiny(GEMMA)
+    ids = _ids(40)  # 8 windows of 5
+    rings = plan_rings(layer_windows(model), 64)
+    assert rings == [Ring(0, 5), Ring(0, 5), None, Ring(0, 5)]
+    ring, full = KVCache.for_model(model, max_len=64, rings=rings), KVCache.for_model(model, max_len=64)
+    with torch.no_grad():
+        ref = model(ids)
+    got, want = _cached(model, ids, ring, chunk, policy), _cached(model, ids, full, chunk, policy)
+    assert (want - ref).abs().max() < 1e-4
+    assert (got - want).abs().max() < 1e-4, f"chunk {chunk}: ring vs full {(got - want).abs().max():.2e}"
+    assert ring.k[0].shape[2] == 5 and ring.k[2].shape[2] == 64  # a window layer holds 5 slots, a global all
+    assert ring.nbytes < 0.35 * full.nbytes
+
+
+def test_sliding_ring_graph_steps_and_quantized_types():
+    """The CUDA-graph form of a decode step (device position, index_copy into the ring, mask from the ring's
+    positions) and a q8_0 cache: the same logits as the full cache of the same type."""
+    model = _tiny(GEMMA)
+    ids = _ids(24, seed=2)
+    rings = plan_rings(layer_windows(model), 32)
+    for kind in (None, "q8_0"):
+        ring = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind, rings=rings)
+        full = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind)
+        got, want = _cached(model, ids, ring, 6, graph_from=8), _cached(model, ids, full, 6, graph_from=8)
+        assert (got - want).abs().max() < 1e-4, f"{kind}: {(got - want).abs().max():.2e}"
+
+
+def test_a_decoder_pool_bounds_sliding_layers_and_generates_the_same():
+    """Through generate_step: the default (ring) decoder and a whole-context one pick the same tokens with the
+    same log-probabilities, prompt longer than the window, eager decode."""
+    from kiln.generate import DecoderPool
+    model = _tiny(GEMMA)
+    prompt = _ids(13, seed=3)[0].tolist()
+    runs = []
+    for sliding in (True, False):
+        dec = DecoderPool(model).get(48, sliding=sliding)
+        assert (dec.cache.rings is not None) == sliding
+        runs.append(list(generate_step(prompt, model, SamplingParams(temperature=0.0), dec, prefill_step=4,
+                                       max_tokens=20)))
+    assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
+    assert max((a - b).abs().max().item() for (_, a), (_, b) in zip(*runs)) < 1e-4
+
+
+def test_plan_rings():
+    w = [512, 512, None]
+    assert plan_rings(w, 4096) == [Ring(0, 512), Ring(0, 512), None]
+    assert plan_rings(w, 512) is None  # the window covers the context: nothing to bound
+    assert plan_rings(w, 4096, sliding=False) is None
+    assert plan_rings([None, None], 4096) is None
+    # rotating: every layer keeps `keep` + the latest, or only its window where that is shorter
+    assert plan_rings(w, 4096, max_kv_size=1024, keep=4) == [Ring(0, 512), Ring(0, 512), Ring(4, 1020)]
+    assert plan_rings(w, 4096, max_kv_size=256, keep=4) == [Ring(4, 252)] * 3
+    assert plan_rings(w, 200, max_kv_size=256) is None
+    for bad in (4, 0, -3, 2.5, True):
+        with pytest.raises(KilnError, match="max_kv_size"):
+            plan_rings(w, 4096, max_kv_size=bad, keep=4)
+
+
+def test_ring_slots_and_positions():
+    r = Ring(2, 3)
+    assert [r.slot(p) for p in range(9)] == [0, 1, 2, 3, 4, 2, 3, 4, 2]
+    assert r.slot(torch.arange(9)).tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 2]
+    assert r.held(0, "cpu").tolist() == [-1] * 5
+    assert r.held(3, "cpu").tolist() == [0, 1, 2, -1, -1]
+    assert r.held(9, "cpu").tolist() == [0, 1, 8, 6, 7]
+    assert r.held(torch.tensor(9), "cpu").tolist() == [0, 1, 8, 6, 7]
+
+
+def test_gemma3_270m_cache_memory_drops(gemma_path):
+    """Gemma 3 270M at its 32k context: 15 of 18 layers keep 512 slots instead of 32768 (bytes counted on the
+    meta device: nothing allocated)."""
+    from kiln.formats.gguf import read_gguf, to_config
+    model = _meta(to_config(read_gguf(gemma_path)))
+    ctx = model.args.max_position_embeddings
+    assert ctx == 32768 and sum(w == 512 for w in layer_windows(model)) == 15
+    full = KVCache.for_model(model, max_len=ctx, dtype=torch.bfloat16, device="meta")
+    ring = KVCache.for_model(model, max_len=ctx, dtype=torch.bfloat16, device="meta",
+                             rings=plan_rings(layer_windows(model), ctx))
+    assert full.nbytes == 18 * 2 * 256 * ctx * 2
+    assert ring.nbytes == (3 * ctx + 15 * 512) * 2 * 256 * 2  # 0.18 of it: 1.2 GB -> 0.21 GB
+    rot = KVCache.for_model(model, max_len=ctx, dtype=torch.bfloat16, device="meta",
+                            rings=plan_rings(layer_windows(model), ctx, max_kv_size=1024))
+    assert rot.nbytes == (3 * 1024 + 15 * 512) * 2 * 256 * 2
+
+
+# ---------------------------------------------------------------- rotating cache (max_kv_size)
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@torch.no_grad()
+def _reference_forward(model, ids, visible):
+    """Logits (1, T, V) of a Llama model with every layer's query p attending to the keys j of `visible`
+    (T, T) bool, written out from the weights: RMSNorm, q/k/v, RoPE, softmax attention, SwiGLU."""
+    a, body = model.args, model.model
+    t = ids.shape[1]
+    pos = torch.arange(t)
+    x = body.embed_tokens(ids)  # (1, T, E)
+    for blk in body.layers:
+        at = blk.self_attn
+        h = _rms(x, blk.input_layernorm.weight, a.rms_norm_eps)
+        q = at.q_proj(h).view(1, t, -1, at.d)  # (1, T, H, D)
+        k = at.k_proj(h).view(1, t, -1, at.d)
+        v = at.v_proj(h).view(1, t, -1, at.d).transpose(1, 2)  # (1, K, T, D)
+        q, k = rope_qk_ref(q, k, pos, body.rotary.inv_freq)
+        q, k = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(at.h // at.kv, 1)
+        scores = (q @ k.transpose(-1, -2)) * at.d ** -0.5  # (1, H, T, T)
+        att = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(at.h // at.kv, 1)
+        x = x + at.o_proj(att.transpose(1, 2).reshape(1, t, -1))
+        h = _rms(x, blk.post_attention_layernorm.weight, a.rms_norm_eps)
+        m = blk.mlp
+        x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    return model.lm_head(_rms(x, body.norm.weight, a.rms_norm_eps))
+
+
+def _rotating_visible(t: int, max_kv_size: int, keep: int) -> torch.Tensor:
+    p, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return (j <= p) & ((j < keep) | (p - j < max_kv_size - keep))
+
+
+def test_reference_forward_is_the_model():
+    model = _tiny(LLAMA)
+    ids = _ids(20)
+    with torch.no_grad():
+        assert (_reference_forward(model, ids, torch.ones(20, 20).tril().bool()) - model(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [30, 8, 1])
+def test_rotating_cache_equals_full_then_keep_plus_window(chunk):
+    model = _tiny(LLAMA)
+    ids, m, keep = _ids(30, seed=4), 12, 4
+    rings = plan_rings(layer_windows(model), 64, max_kv_size=m, keep=keep)
+    assert rings == [Ring(4, 8)] * 3
+    cache = KVCache.for_model(model, max_len=64, rings=rings)
+    got = _cached(model, ids, cache, chunk)
+    with torch.no_grad():
+        full = model(ids)
+    ref = _reference_forward(model, ids, _rotating_visible(30, m, keep))
+    assert (got[:, :m] - full[:, :m]).abs().max() < 1e-4  # shorter than max_kv_size: the full cache's
+    assert (got - ref).abs().max() < 1e-4
+    assert (ref[:, m:] - full[:, m:]).abs().max() > 1e-2  # beyond it the two differ: the test can tell
+
+
+def test_rotating_cache_on_gemma_keeps_windows_and_the_full_cache_while_it_fits():
+    model = _tiny(GEMMA)
+    ids = _ids(30, seed=5)
+    rings = plan_rings(layer_windows(model), 64, max_kv_size=12, keep=4)
+    assert rings == [Ring(0, 5), Ring(0, 5), Ring(4, 8), Ring(0, 5)]
+    got = _cached(model, ids, KVCache.for_model(model, max_len=64, rings=rings), 7)
+    with torch.no_grad():
+        full = model(ids)
+    assert (got[:, :12] - full[:, :12]).abs().max() < 1e-4
+    assert (got[:, 12:] - full[:, 12:]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- context shift
+
+def _run_shift(model, prompt, n_ctx, keep, n, max_len=None):
+    dec = Decoder.for_model(model, max_len or n_ctx)
+    shift = ContextShift(n_ctx, keep, key_rotation(model, n_ctx))
+    return list(generate_step(prompt, model, SamplingParams(temperature=0.0), dec, max_tokens=n, shift=shift))
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GEMMA], ids=["llama", "gemma-local"])
+def test_context_shift_continues_as_a_fresh_forward_over_the_kept_tokens(cfg):
+    """One layer: its keys depend only on token and position, so after each shift the next distribution is
+    exactly that of a fresh forward over the kept tokens at positions 0.. (five shifts in 40 tokens)."""
+    model = _tiny(cfg, num_hidden_layers=1, layer_types=["sliding_attention"] if cfg is GEMMA else None)
+    prompt, n_ctx, keep = _ids(6, seed=6)[0].tolist(), 16, 3
+    steps = _run_shift(model, prompt, n_ctx, keep, 40)
+    discard, cached, worst, shifts = (n_ctx - keep) // 2, list(prompt), 0.0, 0
+    with torch.no_grad():
+        for i, (token, lp) in enumerate(steps):
+            if i:  # the previous token is fed at position len(cached): first a shift if the context is full
+                if len(cached) >= n_ctx:
+                    cached, shifts = cached[:keep] + cached[keep + discard:], shifts + 1
+                cached.append(steps[i - 1][0])
+            want = model(torch.tensor([cached]))[0, -1].float().log_softmax(-1)
+            worst = max(worst, (lp - want).abs().max().item())
+    assert shifts >= 3 and worst < 1e-4, f"{shifts} shifts, max |Δlogprob| {worst:.2e}"
+
+
+def test_context_shift_with_several_layers_equals_masked_reference():
+    """Three layers, one shift with keep 0: the logits after it equal the explicit forward over the whole
+    sequence where the queries after the shift do not see the dropped tokens (every kept token moves by the
+    same distance and RoPE sees only relative positions, so the re-rotated keys at their new positions act as
+    those at the old ones; with keep > 0 the kept prefix moves closer, which the one-layer test checks)."""
+    model = _tiny(LLAMA)
+    prompt, n_ctx, keep, n = _ids(5, seed=7)[0].tolist(), 14, 0, 12
+    steps = _run_shift(model, prompt, n_ctx, keep, n, max_len=32)
+    seq = prompt + [t for t, _ in steps]
+    discard, t = (n_ctx - keep) // 2, len(seq)
+    visible = torch.ones(t, t).tril().bool()
+    visible[n_ctx:, keep:keep + discard] = False  # queries from position n_ctx on (the shifted ones)
+    ref = _reference_forward(model, torch.tensor([seq]), visible)[0].log_softmax(-1)  # (T, V)
+    got = torch.stack([lp for _, lp in steps])  # step i: the distribution after seq[:len(prompt) + i]
+    want = ref[len(prompt) - 1:len(prompt) - 1 + n]
+    assert (got - want).abs().max() < 1e-4
+    unshifted = model(torch.tensor([seq]))[0].log_softmax(-1)[len(prompt) - 1:len(prompt) - 1 + n]
+    assert (got[-2:] - unshifted[-2:]).abs().max() > 1e-3  # the shift is really there
+
+
+def test_context_shift_refuses_a_window_it_would_break():
+    model = _tiny(GEMMA, num_hidden_layers=1, layer_types=["sliding_attention"])
+    dec = Decoder.for_model(model, 8, rings=plan_rings(layer_windows(model), 8))
+    shift = ContextShift(8, 4, key_rotation(model, 8))  # 2 dropped of 8: the window of 5 would lose a token
+    with pytest.raises(KilnError, match="context shift"):
+        list(generate_step([1, 2, 3, 4, 5], model, SamplingParams(temperature=0.0), dec, max_tokens=10, shift=shift))
+
+
+# ---------------------------------------------------------------- the front door, on the real Gemma 3 270M
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path):
+    return kiln.load(gemma_path, device="cpu")
+
+
+@pytest.mark.model
+def test_gemma3_270m_finish_reasons_and_shift(gemma):
+    model, tok = gemma
+    ids = tok.encode("The capital of France is")
+    n = len(ids)
+    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=50, max_context=n + 6, ignore_eos=True))
+    assert len(rs) == 6 and rs[-1].finish_reason == "length"  # the context is full: no error
+    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=14, max_context=n + 6, ignore_eos=True,
+                                   context_shift=True, keep=2))
+    assert len(rs) == 14 and rs[-1].finish_reason == "length" and all(r.finish_reason is None for r in rs[:-1])
+    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=8, ignore_eos=True, max_kv_size=n + 2))
+    assert len(rs) == 8
+    plain = list(kiln.stream_generate(model, tok, ids, max_tokens=8, ignore_eos=True))
+    assert [r.token for r in rs[:3]] == [r.token for r in plain[:3]]  # while the tokens fit: the same
+    for bad in (dict(max_kv_size=2, keep=4), dict(keep=-1), dict(max_kv_size=16, context_shift=True)):
+        with pytest.raises(KilnError):
+            list(kiln.stream_generate(model, tok, ids, max_tokens=2, **bad))
