@@ -456,6 +456,9 @@ class RowsView:
     def direct(self) -> bool:
         return self.cache.direct
 
+    def ring(self, layer: int) -> None:
+        return None  # a slot cache keeps every position (KVCache.rows)
+
     def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""
         c = self.cache
