@@ -314,6 +314,22 @@ def test_gemma3_270m_finish_reasons_and_shift(gemma):
 
 # ---------------------------------------------------------------- the GPU path (skipped without CUDA)
 
+@pytest.mark.skipif(torch.cuda.is_available() or not __import__("kiln.policy").policy.DEFAULT.triton_cpu,
+                    reason="the fused step on CPU tensors needs TRITON_INTERPRET=1 KILN_TRITON_CPU=1 (~20 s): "
+                           "run this file so to check it")
+def test_fused_graph_step_with_rings_under_the_triton_interpreter():
+    """The GPU decode step's kernels on CPU tensors (Triton's interpreter): global layers take the fused RoPE +
+    KV write and split-KV decode kernels, ring layers the unfused path; the same logits as the full cache."""
+    from kiln.models import base
+    model = _tiny(GEMMA)
+    ids = _ids(11, seed=2)
+    rings = plan_rings(layer_windows(model), 32)
+    ring, full = KVCache.for_model(model, max_len=32, rings=rings), KVCache.for_model(model, max_len=32)
+    assert base.prepare(Step.graph(ring, torch.tensor(9)), ids[:, :1], model.policy, {}, set()).fused
+    got, want = _cached(model, ids, ring, 7, graph_from=7), _cached(model, ids, full, 7, graph_from=7)
+    assert (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("max_kv_size", [None, 12])
 def test_cuda_graph_decoder_with_rings_equals_full_cache(max_kv_size):
