@@ -52,6 +52,7 @@ class Step:
     cache: KVCache | RowsView | None = None
     pos: int | torch.Tensor = 0
     policy: Policy | None = None
+    valid: torch.Tensor | None = None  # prefill: how many of the T rows are real (device; None: all)
     # Filled once per forward by models/base.prepare:
     positions: torch.Tensor | None = None  # (T,) absolute positions, or (B, T), one row each
     fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV)
@@ -61,10 +62,11 @@ class Step:
     n_keys: int = 0  # keys S of a layer without a ring
 
     @classmethod
-    def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None) -> Step:
+    def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None,
+                valid: torch.Tensor | None = None) -> Step:
         if isinstance(pos, torch.Tensor) or pos < 0 or (cache is None and pos):
             raise ValueError(f"Step.prefill takes an int position >= 0 (0 without a cache), got {pos!r}")
-        return cls(PREFILL, cache, int(pos), policy)
+        return cls(PREFILL, cache, int(pos), policy, valid)
 
     @classmethod
     def graph(cls, cache: KVCache, pos: torch.Tensor, policy: Policy | None = None) -> Step:
@@ -89,7 +91,7 @@ class Step:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) written at this step's positions -> the keys and values (B, K, S, D) to attend."""
         if self.kind == PREFILL:
-            return self.cache.update(layer, self.pos, k, v)
+            return self.cache.update(layer, self.pos, k, v, self.valid)
         return self.cache.update_at(layer, self.positions, k, v)
 
     def ring(self, layer: int) -> Ring | None:
@@ -100,7 +102,7 @@ class Step:
         """Absolute positions (S,) of the keys a ring layer's `update` returns for T new tokens (-1: an empty
         slot): one token is written first and the ring read whole; a longer chunk gets the ring as it was
         before it, then its own T keys (it may overwrite slots its earlier queries still need)."""
-        if t == 1:
+        if t == 1 and self.valid is None:
             return ring.held(self.pos + 1, device)
         if self.kind != PREFILL:
             raise KilnError("a ring (bounded) KV cache takes one token per CUDA-graph or batched step")
@@ -119,7 +121,9 @@ class Step:
 class Ring:
     """A bounded layer's slots: positions 0..keep-1 in slots 0..keep-1, then each later position p in slot
     keep + (p - keep) % span, overwriting the one `span` positions before it. A query at p sees a key j <= p
-    of this layer when j < keep or p - j < span (and, as everywhere, p - j < the layer's window)."""
+    of this layer when j < keep or p - j < span (and, as everywhere, p - j < the layer's window).
+    The layer stores one more slot, `scratch` (never read as a key): where a padded prompt graph's padding
+    rows and a chunk's overwritten rows are written, so a chunk's write is one fixed-shape index_copy."""
 
     keep: int
     span: int
@@ -128,6 +132,10 @@ class Ring:
     def slots(self) -> int:
         return self.keep + self.span
 
+    @property
+    def scratch(self) -> int:
+        return self.slots  # the index of the extra slot
+
     def slot(self, pos):
         """The slot of absolute position(s) pos (an int, or a tensor of them)."""
         if isinstance(pos, int):
@@ -135,12 +143,12 @@ class Ring:
         return torch.where(pos < self.keep, pos, self.keep + (pos - self.keep).remainder(self.span))
 
     def held(self, end, device) -> torch.Tensor:
-        """(slots,) the position each slot holds once positions 0..end-1 are written, -1 where none is yet.
-        `end` an int or a 0-dim device tensor (a CUDA-graph step)."""
-        s = torch.arange(self.slots, device=device)
+        """(slots + 1,) the position each slot holds once positions 0..end-1 are written, -1 where none is yet
+        (and for the scratch slot). `end` an int or a 0-dim device tensor (a CUDA-graph step)."""
+        s = torch.arange(self.slots + 1, device=device)
         back = end - 1 - s  # >= 0: slot s has been written
         recent = end - 1 - back.remainder(self.span)  # the latest p < end with p ≡ s (mod span), for s >= keep
-        return torch.where(back < 0, -1, torch.where(s < self.keep, s, recent))
+        return torch.where((back < 0) | (s == self.scratch), -1, torch.where(s < self.keep, s, recent))
 
 
 def layer_windows(model) -> list:
@@ -260,7 +268,7 @@ class KVCache:
                 raise KilnError(f"KV cache type {t} needs a head dim divisible by {QK}; this model's is {head_dim}")
         self.dtype, self.max_len = dtype, max_len
         self.rings = list(rings) if rings and any(rings) else None  # per layer: Ring or None (all positions)
-        slots = [max_len if r is None else r.slots for r in (self.rings or [None] * n_layers)]
+        slots = [max_len if r is None else r.slots + 1 for r in (self.rings or [None] * n_layers)]  # + scratch
         if isinstance(device, (list, tuple)):  # a split model (kiln/split.py): each layer on its device, in its dtype
             if type_k is not None or type_v is not None:
                 raise KilnError("a model split between devices keeps its KV cache in each layer's dtype: "
@@ -314,30 +322,31 @@ class KVCache:
         return (_decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
                 _decode(self.type_v, [p[layer][:, :, sl] for p in self.vp], dtype))
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer; a ring layer's: those of
-        `Step.ring_keys` (its slots, then the T new ones when T > 1)."""
+        `Step.ring_keys` (its slots, then the T new ones when T > 1). `valid`: a device count of the rows that
+        are real (a padded prompt graph's; None: all): a ring layer keeps none of the rest."""
         end = pos + k.shape[2]
         if end > self.max_len:
             raise KilnError(f"context is full: position {end} exceeds the cache's {self.max_len} slots")
         ring = self.ring(layer)
         if ring is not None:
-            return self._ring_update(layer, ring, pos, k, v)
+            return self._ring_update(layer, ring, pos, k, v, valid)
         self._write(layer, slice(pos, end), k, v)
         return self._read(layer, slice(0, end), k.dtype)
 
-    def _ring_update(self, layer: int, ring: Ring, pos: int, k: torch.Tensor, v: torch.Tensor):
+    def _ring_update(self, layer: int, ring: Ring, pos: int, k: torch.Tensor, v: torch.Tensor, valid=None):
         t = k.shape[2]
-        if t == 1:  # written first, then the whole ring
+        if t == 1 and valid is None:  # written first, then the whole ring
             self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
             return self._read(layer, slice(None), k.dtype)
         old_k, old_v = self._read(layer, slice(None), k.dtype)
         new_k, new_v = self._stored(self.kp, self.type_k, k), self._stored(self.vp, self.type_v, v)
         keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D): copies
-        p = torch.arange(pos, pos + t)
-        stay = (p < ring.keep) | (p >= pos + t - ring.span)  # the positions no later one of the chunk overwrites
-        idx = stay.nonzero().flatten()
-        self._scatter(layer, ring.slot(p[idx]).to(k.device), k[:, :, idx.to(k.device)], v[:, :, idx.to(k.device)])
+        p = torch.arange(pos, pos + t, device=k.device)
+        end = pos + t if valid is None else pos + valid  # past the real rows
+        stay = (p < end) & ((p < ring.keep) | (p >= end - ring.span))  # real, and not overwritten in the chunk
+        self._scatter(layer, torch.where(stay, ring.slot(p), ring.scratch), k, v)  # the rest: to scratch
         return keys, values
 
     @staticmethod

@@ -146,7 +146,7 @@ class Decoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
-        self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, logits)
+        self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, real rows, logits)
         self._seen: set[int] = set()
         self._pool = None
 
@@ -184,17 +184,17 @@ class Decoder:
         """Read prompt tokens ids (1, T) (on the cache's device) into the cache at positions pos.. ; logits
         (1, V) float32 of the last one (`prefill_chunk`, from a graph where one serves)."""
         t = ids.shape[1]
-        # (ring layers: a bucket's padding rows would overwrite slots the prompt's last tokens hold)
-        bucket = prefill_bucket(t, self.cache.max_len) if self.use_graph and pos == 0 and not self.cache.rings else None
+        bucket = prefill_bucket(t, self.cache.max_len) if self.use_graph and pos == 0 else None
         if bucket is None or (bucket not in self._prefills and bucket not in self._seen):
             if bucket is not None:
                 self._seen.add(bucket)
             return prefill_chunk(self.model, ids, self.cache, pos)
         if bucket not in self._prefills:
             self._prefills[bucket] = self._capture_prefill(bucket)
-        graph, buf, row, logits = self._prefills[bucket]
+        graph, buf, row, valid, logits = self._prefills[bucket]
         buf[:, :t].copy_(ids)
         row.fill_(t - 1)
+        valid.fill_(t)
         graph.replay()
         return logits
 
@@ -202,10 +202,13 @@ class Decoder:
         device = self.cache.k.device
         buf = torch.zeros(1, bucket, dtype=torch.long, device=device)  # pads: token 0, after the prompt
         row = torch.zeros(1, dtype=torch.long, device=device)
+        # Ring layers write only the `valid` real rows (0 while capturing: nothing) and send the padding to
+        # their scratch slot; a cache without rings takes the padding, overwritten before it is read.
+        valid = torch.zeros((), dtype=torch.long, device=device)
+        step = Step.prefill(self.cache, 0, valid=valid if self.cache.rings else None)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        graph, logits = capture_graph(
-            lambda: self.model(buf, Step.prefill(self.cache, 0), last_only=row)[:, -1].float(), self._pool)
-        return graph, buf, row, logits
+        graph, logits = capture_graph(lambda: self.model(buf, step, last_only=row)[:, -1].float(), self._pool)
+        return graph, buf, row, valid, logits
 
 
 class DecoderPool:

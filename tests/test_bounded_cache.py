@@ -72,8 +72,8 @@ def _cached(model, ids, cache, chunk, policy=None, graph_from=None):
 
 # ---------------------------------------------------------------- sliding-window rings
 
-@pytest.mark.parametrize("chunk", [40, 7, 5, 2, 1])
-@pytest.mark.parametrize("policy", [None, TORCH], ids=["native", "torch"])
+@pytest.mark.parametrize("chunk, policy", [(40, None), (7, None), (5, None), (2, None), (1, None), (1, TORCH)],
+                         ids=["prefill", "chunks-7", "chunks-5", "chunks-2", "decode-native", "decode-torch"])
 def test_sliding_ring_equals_full_cache(chunk, policy):
     model = _tiny(GEMMA)
     ids = _ids(40)  # 8 windows of 5
@@ -85,7 +85,7 @@ def test_sliding_ring_equals_full_cache(chunk, policy):
     got, want = _cached(model, ids, ring, chunk, policy), _cached(model, ids, full, chunk, policy)
     assert (want - ref).abs().max() < 1e-4
     assert (got - want).abs().max() < 1e-4, f"chunk {chunk}: ring vs full {(got - want).abs().max():.2e}"
-    assert ring.k[0].shape[2] == 5 and ring.k[2].shape[2] == 64  # a window layer holds 5 slots, a global all
+    assert ring.k[0].shape[2] == 6 and ring.k[2].shape[2] == 64  # a window layer: 5 slots + scratch
     assert ring.nbytes < 0.35 * full.nbytes
 
 
@@ -100,6 +100,25 @@ def test_sliding_ring_graph_steps_and_quantized_types():
         full = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind)
         got, want = _cached(model, ids, ring, 6, graph_from=8), _cached(model, ids, full, 6, graph_from=8)
         assert (got - want).abs().max() < 1e-4, f"{kind}: {(got - want).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("t", [3, 9])
+def test_a_padded_prompt_keeps_only_its_real_rows(t):
+    """A prompt graph's form (Decoder.prefill on CUDA): t real tokens padded to 16 rows, `valid` = t on the
+    device; the padding goes to the scratch slot, so the decode steps after it see what an unpadded prompt
+    left (t = 9: more real rows than the window of 5, then padding that would overwrite all of them)."""
+    model = _tiny(GEMMA)
+    ids = _ids(t + 6, seed=9)
+    padded = torch.cat([ids[:, :t], torch.zeros(1, 16 - t, dtype=torch.long)], 1)
+    rings = plan_rings(layer_windows(model), 32)
+    a, b = KVCache.for_model(model, max_len=32, rings=rings), KVCache.for_model(model, max_len=32, rings=rings)
+    with torch.no_grad():
+        first = model(padded, Step.prefill(a, 0, valid=torch.tensor(t)))[:, t - 1]
+        ref = model(ids[:, :t], Step.prefill(b, 0))[:, -1]
+        assert (first - ref).abs().max() < 1e-5
+        for p in range(t, t + 6):
+            got, want = model(ids[:, p:p + 1], Step.prefill(a, p)), model(ids[:, p:p + 1], Step.prefill(b, p))
+            assert (got - want).abs().max() < 1e-5, p
 
 
 def test_a_decoder_pool_bounds_sliding_layers_and_generates_the_same():
@@ -137,10 +156,10 @@ def test_ring_slots_and_positions():
     r = Ring(2, 3)
     assert [r.slot(p) for p in range(9)] == [0, 1, 2, 3, 4, 2, 3, 4, 2]
     assert r.slot(torch.arange(9)).tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 2]
-    assert r.held(0, "cpu").tolist() == [-1] * 5
-    assert r.held(3, "cpu").tolist() == [0, 1, 2, -1, -1]
-    assert r.held(9, "cpu").tolist() == [0, 1, 8, 6, 7]
-    assert r.held(torch.tensor(9), "cpu").tolist() == [0, 1, 8, 6, 7]
+    assert r.held(0, "cpu").tolist() == [-1] * 6  # the last: the scratch slot, never a key
+    assert r.held(3, "cpu").tolist() == [0, 1, 2, -1, -1, -1]
+    assert r.held(9, "cpu").tolist() == [0, 1, 8, 6, 7, -1]
+    assert r.held(torch.tensor(9), "cpu").tolist() == [0, 1, 8, 6, 7, -1]
 
 
 def test_gemma3_270m_cache_memory_drops(gemma_path):
@@ -154,10 +173,10 @@ def test_gemma3_270m_cache_memory_drops(gemma_path):
     ring = KVCache.for_model(model, max_len=ctx, dtype=torch.bfloat16, device="meta",
                              rings=plan_rings(layer_windows(model), ctx))
     assert full.nbytes == 18 * 2 * 256 * ctx * 2
-    assert ring.nbytes == (3 * ctx + 15 * 512) * 2 * 256 * 2  # 0.18 of it: 0.60 GB -> 0.11 GB
+    assert ring.nbytes == (3 * ctx + 15 * 513) * 2 * 256 * 2  # 0.18 of it: 0.60 GB -> 0.11 GB (+ scratch)
     rot = KVCache.for_model(model, max_len=ctx, dtype=torch.bfloat16, device="meta",
                             rings=plan_rings(layer_windows(model), ctx, max_kv_size=1024))
-    assert rot.nbytes == (3 * 1024 + 15 * 512) * 2 * 256 * 2
+    assert rot.nbytes == (3 * 1025 + 15 * 513) * 2 * 256 * 2
 
 
 # ---------------------------------------------------------------- rotating cache (max_kv_size)
@@ -286,28 +305,34 @@ def test_context_shift_refuses_a_window_it_would_break():
         list(generate_step([1, 2, 3, 4, 5], model, SamplingParams(temperature=0.0), dec, max_tokens=10, shift=shift))
 
 
-# ---------------------------------------------------------------- the front door, on the real Gemma 3 270M
+# ---------------------------------------------------------------- the front door, with Gemma 3 270M's tokenizer
 
 @pytest.fixture(scope="module")
-def gemma(gemma_path):
-    return kiln.load(gemma_path, device="cpu")
+def gemma_tok(gemma_path):
+    """(a tiny random Gemma 3 over the real vocabulary, the real Gemma 3 270M tokenizer): stream_generate's
+    finish reasons and checks do not depend on the weights, and this loads in a second, not twenty."""
+    from kiln.load import read_model
+    config, _, tok = read_model(gemma_path)
+    return _tiny(GEMMA, vocab_size=config["vocab_size"]), tok
 
 
 @pytest.mark.model
-def test_gemma3_270m_finish_reasons_and_shift(gemma):
-    model, tok = gemma
+def test_stream_generate_finish_reasons_shift_and_rotation(gemma_tok):
+    model, tok = gemma_tok
     ids = tok.encode("The capital of France is")
     n = len(ids)
     rs = list(kiln.stream_generate(model, tok, ids, max_tokens=50, max_context=n + 6, ignore_eos=True))
     assert len(rs) == 6 and rs[-1].finish_reason == "length"  # the context is full: no error
-    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=14, max_context=n + 6, ignore_eos=True,
-                                   context_shift=True, keep=2))
-    assert len(rs) == 14 and rs[-1].finish_reason == "length" and all(r.finish_reason is None for r in rs[:-1])
-    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=8, ignore_eos=True, max_kv_size=n + 2))
-    assert len(rs) == 8
-    plain = list(kiln.stream_generate(model, tok, ids, max_tokens=8, ignore_eos=True))
-    assert [r.token for r in rs[:3]] == [r.token for r in plain[:3]]  # while the tokens fit: the same
-    for bad in (dict(max_kv_size=2, keep=4), dict(keep=-1), dict(max_kv_size=16, context_shift=True)):
+    rs = list(kiln.stream_generate(model, tok, ids, max_tokens=30, max_context=n + 6, ignore_eos=True,
+                                   context_shift=True, keep=2))  # shifts past the context of n + 6
+    assert len(rs) == 30 and rs[-1].finish_reason == "length" and all(r.finish_reason is None for r in rs[:-1])
+    rot = list(kiln.stream_generate(model, tok, ids, max_tokens=12, ignore_eos=True, max_kv_size=n + 2))
+    plain = list(kiln.stream_generate(model, tok, ids, max_tokens=12, ignore_eos=True))
+    assert len(rot) == 12 and rot[-1].finish_reason == "length"
+    lp = [(a.logprobs - b.logprobs).abs().max().item() for a, b in zip(rot, plain)]
+    assert max(lp[:3]) < 1e-4 and max(lp[3:]) > 1e-3  # the same while n + 2 tokens hold everything, then not
+    for bad in (dict(max_kv_size=2, keep=4), dict(keep=-1), dict(max_kv_size=16, context_shift=True),
+                dict(max_kv_size=16, prompt_lookup=2)):
         with pytest.raises(KilnError):
             list(kiln.stream_generate(model, tok, ids, max_tokens=2, **bad))
 
