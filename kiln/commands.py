@@ -76,8 +76,9 @@ def _sampling_args(p: argparse.ArgumentParser):
 def _bounded_args(p: argparse.ArgumentParser):
     p.add_argument("--max-kv-size", type=int, default=None, metavar="N",
                    help="rotating KV cache of N tokens: keep the first --keep tokens and the latest ones, and "
-                        "attend only to those (mlx-lm's); memory stays bounded however long the generation "
-                        "(default: off; sliding-window layers, as Gemma 3's, always keep only their window)")
+                        "attend only to those (mlx-lm's); memory stays bounded however long the generation, up "
+                        "to --ctx-size (default: off; sliding-window layers, as Gemma 3's, keep only their "
+                        "window anyway, except with speculative decoding or --prompt-cache)")
     p.add_argument("--keep", type=int, default=4, metavar="N",
                    help="tokens at the start that --max-kv-size and --context-shift never drop (default 4)")
     p.add_argument("--context-shift", action="store_true",
@@ -109,6 +110,10 @@ def _check_bounded(a) -> None:
         raise KilnError(f"--max-kv-size {a.max_kv_size}: must be larger than --keep ({a.keep})")
     if a.max_kv_size is not None and a.context_shift:
         raise KilnError("give --max-kv-size or --context-shift, not both")
+    if a.max_kv_size is not None and (a.draft_model or a.prompt_lookup_ngram or getattr(a, "prompt_cache", None)):
+        raise KilnError("--max-kv-size does not combine with speculative decoding or --prompt-cache")
+    if a.context_shift and (a.draft_model or a.prompt_lookup_ngram):
+        raise KilnError("--context-shift does not combine with speculative decoding")
 
 
 def _check_draft(a) -> None:
