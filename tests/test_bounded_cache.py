@@ -21,7 +21,7 @@ from kiln.cache import KVCache, Ring, Step, layer_windows, plan_rings
 from kiln.errors import KilnError
 from kiln.generate import ContextShift, Decoder, generate_step
 from kiln.load import build_model
-from kiln.models.base import key_rotation
+from kiln.models.base import key_rotation, ring_mask
 from kiln.ops import rope_qk_ref
 from kiln.policy import Policy
 from kiln.sample import SamplingParams
@@ -248,6 +248,39 @@ def test_rotating_cache_on_gemma_keeps_windows_and_the_full_cache_while_it_fits(
         full = model(ids)
     assert (got[:, :12] - full[:, :12]).abs().max() < 1e-4
     assert (got[:, 12:] - full[:, 12:]).abs().max() > 1e-3
+
+
+def _visible_sets(m: int, keep: int, chunks: list[int]):
+    """Per query, the positions it attends to: (mlx-lm's RotatingKVCache, kiln's Ring) over the same chunks
+    (each key's value is its position, so the returned keys and their mask name the positions)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import RotatingKVCache
+    c, ring, pos, theirs, ours = RotatingKVCache(max_size=m, keep=keep), Ring(keep, m - keep), 0, [], []
+    for n in chunks:
+        x = mx.array(np.arange(pos, pos + n, dtype=np.float32).reshape(1, 1, n, 1))
+        mask = c.make_mask(n, return_array=True) if n > 1 else None
+        keys = np.array(c.update_and_fetch(x, x)[0]).reshape(-1).astype(int)
+        vis = np.ones((n, len(keys)), bool) if mask is None else np.array(mask).reshape(n, -1).astype(bool)
+        theirs += [sorted(keys[v].tolist()) for v in vis]
+        q = torch.arange(pos, pos + n)
+        k_pos = ring.held(pos + 1, "cpu") if n == 1 else torch.cat([ring.held(pos, "cpu"), q])
+        ours += [sorted(k_pos[v].tolist()) for v in ring_mask(q, k_pos, ring, None)]
+        pos += n
+    return theirs, ours
+
+
+def test_rotating_cache_keeps_what_mlx_lm_keeps():
+    """mlx-lm itself (skipped where it is not installed): decode steps attend to the same positions, also
+    after a prompt; a prompt chunk that runs past max_kv_size differs by design — mlx-lm's chunk queries see
+    a plain window of max_kv_size keys (without the first `keep`), kiln's the kept ones and the latest."""
+    pytest.importorskip("mlx_lm.models.cache")
+    for chunks in ([1] * 30, [6] + [1] * 20, [30] + [1] * 10):
+        theirs, ours = _visible_sets(12, 4, chunks)
+        start = chunks[0] if chunks[0] > 12 else 0  # the long prompt's own queries: the documented difference
+        assert theirs[start:] == ours[start:]
+    theirs, ours = _visible_sets(12, 4, [30])
+    assert theirs[20] == list(range(9, 21)) and ours[20] == [0, 1, 2, 3] + list(range(13, 21))
 
 
 # ---------------------------------------------------------------- context shift
