@@ -179,6 +179,19 @@ def test_gemma3_270m_cache_memory_drops(gemma_path):
     assert rot.nbytes == (3 * 1025 + 15 * 513) * 2 * 256 * 2
 
 
+def test_fit_counts_the_sliding_window_rings():
+    """`kiln fit`'s KV bytes follow the rings: 6 blocks, five with a window of 512, at 8192 positions."""
+    from kiln.fit import ModelSizes, needs
+    mib = 1 << 20
+    s = ModelSizes(6, [mib] * 6, [mib] * 6, mib, mib, mib, mib, kv_elems=512, compute_elems=0, max_ctx=8192,
+                   windows=[512] * 5 + [None])
+    full = ModelSizes(**{**s.__dict__, "windows": None})
+    assert needs(full, 6, 8192)[2] == 6 * 512 * 8192 * 2
+    assert needs(s, 6, 8192)[2] == (5 * 513 + 8192) * 512 * 2
+    assert needs(s, 2, 8192)[2:] == ((513 + 8192) * 512 * 2, 4 * 513 * 512 * 4)  # the last two on the GPU
+    assert needs(s, 6, 300)[2] == needs(full, 6, 300)[2]  # a context inside the window: no ring
+
+
 # ---------------------------------------------------------------- rotating cache (max_kv_size)
 
 def _rms(x, w, eps):
