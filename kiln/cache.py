@@ -341,7 +341,7 @@ class KVCache:
             self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
             return self._read(layer, slice(None), k.dtype)
         old_k, old_v = self._read(layer, slice(None), k.dtype)
-        new_k, new_v = self._stored(self.kp, self.type_k, k), self._stored(self.vp, self.type_v, v)
+        new_k, new_v = self._stored(layer, self.kp, self.type_k, k), self._stored(layer, self.vp, self.type_v, v)
         keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D): copies
         p = torch.arange(pos, pos + t, device=k.device)
         end = pos + t if valid is None else pos + valid  # past the real rows
@@ -350,11 +350,11 @@ class KVCache:
         return keys, values
 
     @staticmethod
-    def _stored(parts, kind: str, x: torch.Tensor) -> torch.Tensor:
+    def _stored(layer: int, parts, kind: str, x: torch.Tensor) -> torch.Tensor:
         """x as the cache gives it back once stored (its type's rounding), as a whole cache's update would."""
-        if len(parts) == 1 and parts[0].dtype == x.dtype:
+        if len(parts) == 1 and parts[0][layer].dtype == x.dtype:
             return x
-        return _decode(kind, [p.to(part.dtype) for p, part in zip(_encode(kind, x), parts)], x.dtype)
+        return _decode(kind, [p.to(part[layer].dtype) for p, part in zip(_encode(kind, x), parts)], x.dtype)
 
     def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) into cache slots (T,) (a device tensor: no host sync)."""
