@@ -43,13 +43,15 @@ def _meta(cfg: dict):
         return mod.Model(mod.ModelArgs.from_dict(cfg))
 
 
+def _weights(cfg: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {n: (torch.rand(p.shape, generator=g) - 0.5 if "norm" in n else torch.randn(p.shape, generator=g) * 0.15)
+            for n, p in _meta(cfg).named_parameters()}
+
+
 def _tiny(cfg: dict, **over):
     cfg = dict(cfg, **over)
-    meta = _meta(cfg)
-    g = torch.Generator().manual_seed(0)
-    weights = {n: (torch.rand(p.shape, generator=g) - 0.5 if "norm" in n else torch.randn(p.shape, generator=g) * 0.15)
-               for n, p in meta.named_parameters()}
-    return build_model(cfg, weights)
+    return build_model(cfg, _weights(cfg))
 
 
 def _ids(n: int, seed: int = 1) -> torch.Tensor:
@@ -100,6 +102,19 @@ def test_sliding_ring_graph_steps_and_quantized_types():
         full = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind)
         got, want = _cached(model, ids, ring, 6, graph_from=8), _cached(model, ids, full, 6, graph_from=8)
         assert (got - want).abs().max() < 1e-4, f"{kind}: {(got - want).abs().max():.2e}"
+
+
+def test_a_split_model_keeps_rings_per_layer_device():
+    """A model split between two places (kiln/split.py; "cpu" and "cpu:0" cross as CPU and GPU do): each
+    layer's ring on its own device, the logits of the unsplit model's full cache."""
+    from kiln.split import Place, build_split
+    places = [Place("cpu", False)] * 2 + [Place("cpu:0", False)] * 2
+    split = build_split(GEMMA, _weights(GEMMA), places, Place("cpu:0", False), TORCH)
+    model, ids = _tiny(GEMMA), _ids(20, seed=10)
+    ring = KVCache.for_model(split, max_len=32, rings=plan_rings(layer_windows(split), 32))
+    assert ring.k[1].shape[2] == 6 and ring.k[2].shape[2] == 32
+    got, want = _cached(split, ids, ring, 3), _cached(model, ids, KVCache.for_model(model, max_len=32), 3)
+    assert (got - want).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("t", [3, 9])
