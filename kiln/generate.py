@@ -3,9 +3,10 @@
 Owns: `generate_step` (token ids in, one (token, logprobs) per step out, until the cache is full, or on
 past it with a `ContextShift`), `stream_generate` / `generate` (prompt handling, context checks, which
 layers get a bounded cache, the text stream, stats per response); and, once for both token loops: prompt
-ids (`prompt_ids`, `check_prompt`), the model calls of each kind (`prefill_chunk`, `Decoder._forward`; the engine's batched-rows call is its own), CUDA-graph capture
-(`capture_graph`), the batch-1 `Decoder` (its decode graph and its prompt graphs, one per length bucket:
-`PREFILL_BUCKETS`) and the explicit `DecoderPool` that reuses them.
+ids (`prompt_ids`, `check_prompt`), the model calls of each kind (`prefill_chunk`, `Decoder._forward`; the
+engine's batched-rows call is its own), CUDA-graph capture (`capture_graph`), the batch-1 `Decoder` (its
+decode graph and its prompt graphs, one per length bucket: `PREFILL_BUCKETS`) and the explicit `DecoderPool`
+that reuses them.
 Not: sampling math and per-sequence sampling state (sample.py), detokenization and stop strings
 (textstream.py), the cache layout (cache.py), chat templates (tokenizer.py), batching (engine.py).
 """
