@@ -135,7 +135,8 @@ class Decoder:
     logits of its last real row picked by a device index. A prefill's host work (about 0.5-2 ms per layer
     of Python and launches on the H200's host) is then one launch; padded rows sit after the prompt, so
     causal attention keeps them out of every real row, and their cache slots are overwritten by the tokens
-    that follow before anything reads them. A bucket is captured on its second use, so a one-shot prompt
+    that follow before anything reads them (a ring layer's would not be: it sends them to its scratch slot,
+    Step.prefill's `valid`). A bucket is captured on its second use, so a one-shot prompt
     pays no capture; the prefill graphs share one memory pool (they never run at once), and their logits
     are valid until the next prefill.
     """
