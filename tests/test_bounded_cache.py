@@ -7,9 +7,11 @@ CUDA-graph-form decode steps, native and torch kernels; a rotating cache the ful
 fits, and beyond it `_reference_forward`, an explicit forward whose every query attends to the first `keep`
 positions and the last max_kv_size - keep; a context shift the forward of a fresh model over the kept tokens
 at their new positions (one layer: its keys depend on nothing else), and, with several layers, the explicit
-forward with the dropped tokens masked from the queries after the shift. Tiny random configs run in well
-under a second each; the real Gemma 3 270M checks the memory (its config, on the meta device) and the front
-door (finish reasons, a shift past the context).
+forward with the dropped tokens masked from the queries after the shift (keep 0: every kept token moves by
+the same distance). Tiny random configs run in well under a second each (on a quiet machine); Gemma 3 270M's
+real config gives the memory at 32k (on the meta device), its tokenizer the front door (finish reasons, a
+shift past the context, argument checks); mlx-lm, where installed, the positions a rotating cache keeps.
+bench/bounded_check.py compares ring and whole cache on the real weights (too slow for this file).
 """
 
 import pytest
