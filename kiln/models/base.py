@@ -7,9 +7,10 @@ form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel)
 from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
 fused decode kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the
 re-rotation of cached keys for a context shift (`key_rotation`), the glue to layers joined at load
-(`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family — RoPE (after the optional per-head
-q/k norms), the cache write and attention over grouped KV heads — and the one place that decides which
-attention kernels run for a step (fused Triton decode, one native CPU call, or torch's SDPA).
+(`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
+— RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
+the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
+call, or torch's SDPA).
 
 Models import only this file and kiln.ops; the kernels they call pick their own backend (Triton, native C,
 torch) from the tensors and the step's policy.
