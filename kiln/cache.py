@@ -101,12 +101,14 @@ class Step:
     def ring_keys(self, ring: Ring, t: int, device) -> torch.Tensor:
         """Absolute positions (S,) of the keys a ring layer's `update` returns for T new tokens (-1: an empty
         slot): one token is written first and the ring read whole; a longer chunk gets the ring as it was
-        before it, then its own T keys (it may overwrite slots its earlier queries still need)."""
+        before it (nothing from position 0), then its own T keys (it may overwrite slots its earlier queries
+        still need)."""
         if t == 1 and self.valid is None:
             return ring.held(self.pos + 1, device)
         if self.kind != PREFILL:
             raise KilnError("a ring (bounded) KV cache takes one token per CUDA-graph or batched step")
-        return torch.cat([ring.held(self.pos, device), torch.arange(self.pos, self.pos + t, device=device)])
+        new = torch.arange(self.pos, self.pos + t, device=device)
+        return torch.cat([ring.held(self.pos, device), new]) if self.pos else new  # from 0: nothing held
 
     def static_kv(self, layer: int):
         """(k_cache, v_cache, rows) that the fused decode kernels write and read: the layer's (B, K, S, D)
@@ -340,9 +342,11 @@ class KVCache:
         if t == 1 and valid is None:  # written first, then the whole ring
             self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
             return self._read(layer, slice(None), k.dtype)
-        old_k, old_v = self._read(layer, slice(None), k.dtype)
         new_k, new_v = self._stored(layer, self.kp, self.type_k, k), self._stored(layer, self.vp, self.type_v, v)
-        keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D): copies
+        keys, values = new_k, new_v  # a prompt from position 0: the ring holds nothing yet
+        if pos:
+            old_k, old_v = self._read(layer, slice(None), k.dtype)
+            keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D)
         p = torch.arange(pos, pos + t, device=k.device)
         end = pos + t if valid is None else pos + valid  # past the real rows
         stay = (p < end) & ((p < ring.keep) | (p >= end - ring.span))  # real, and not overwritten in the chunk

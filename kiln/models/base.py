@@ -294,8 +294,16 @@ def layer_mask(step: Step, layer: int, window: int | None, t: int, device) -> to
     key = window if ring is None else (window, ring)
     if key not in step.mask:
         step.mask[key] = (causal_mask(step.positions, step.n_keys, window, device) if ring is None
-                          else ring_mask(step.positions, step.ring_keys(ring, t, device), ring, window))
+                          else _ring_layer_mask(step, ring, window, t, device))
     return step.mask[key]
+
+
+def _ring_layer_mask(step: Step, ring: Ring, window: int | None, t: int, device) -> torch.Tensor | None:
+    """A prompt from position 0 into a ring without `keep` (a sliding window's) attends as a plain window of
+    the ring's span over its own keys: `causal_mask` (None, SDPA's causal kernel, when the span covers it)."""
+    if step.kind == PREFILL and step.pos == 0 and t > 1 and not ring.keep:
+        return causal_mask(step.positions, t, min(window or ring.span, ring.span), device)
+    return ring_mask(step.positions, step.ring_keys(ring, t, device), ring, window)
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None = None, norms: tuple = (),
