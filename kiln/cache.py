@@ -7,8 +7,13 @@ at device-side positions: the whole static cache comes back); for a server's slo
 sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a batch-1 cache) and
 `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different positions in different
 slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and their positions.
-Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), eviction,
-paging, which slot holds which request (engine.py).
+Bounded layers (`Ring`): a sliding-window layer keeps only its window, and a rotating cache (mlx-lm's
+max_kv_size) the first `keep` positions and the most recent ones, in a ring of slots; `update` then returns
+the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
+mask is built from that, so the slots need no reordering). `shift` drops positions and re-rotates the keys
+after them (llama.cpp's context shift).
+Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), paging, which
+slot holds which request (engine.py), which layers get a ring (`plan_rings` from the caller's choice).
 
 Shape alphabet: L layers, B batch (rows of a step), N slots, K kv heads, S positions, T new tokens,
 D head dim.
@@ -16,6 +21,7 @@ D head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,17 +52,21 @@ class Step:
     cache: KVCache | RowsView | None = None
     pos: int | torch.Tensor = 0
     policy: Policy | None = None
+    valid: torch.Tensor | None = None  # prefill: how many of the T rows are real (device; None: all)
     # Filled once per forward by models/base.prepare:
     positions: torch.Tensor | None = None  # (T,) absolute positions, or (B, T), one row each
     fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV)
     rope: dict = field(default_factory=dict)  # RoPE name ("global", "local") -> base.RopeAt
-    mask: dict = field(default_factory=dict)  # window (None: none) -> bool mask (T, S) or (B, 1, T, S)
+    mask: dict = field(default_factory=dict)  # window (None: none) -> bool mask (T, S) or (B, 1, T, S);
+    #                                           (window, Ring) -> the mask of a ring layer's keys
+    n_keys: int = 0  # keys S of a layer without a ring
 
     @classmethod
-    def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None) -> Step:
+    def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None,
+                valid: torch.Tensor | None = None) -> Step:
         if isinstance(pos, torch.Tensor) or pos < 0 or (cache is None and pos):
             raise ValueError(f"Step.prefill takes an int position >= 0 (0 without a cache), got {pos!r}")
-        return cls(PREFILL, cache, int(pos), policy)
+        return cls(PREFILL, cache, int(pos), policy, valid)
 
     @classmethod
     def graph(cls, cache: KVCache, pos: torch.Tensor, policy: Policy | None = None) -> Step:
@@ -81,14 +91,89 @@ class Step:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) written at this step's positions -> the keys and values (B, K, S, D) to attend."""
         if self.kind == PREFILL:
-            return self.cache.update(layer, self.pos, k, v)
+            return self.cache.update(layer, self.pos, k, v, self.valid)
         return self.cache.update_at(layer, self.positions, k, v)
+
+    def ring(self, layer: int) -> Ring | None:
+        """The layer's ring, None: it keeps every position (or there is no cache)."""
+        return None if self.cache is None else self.cache.ring(layer)
+
+    def ring_keys(self, ring: Ring, t: int, device) -> torch.Tensor:
+        """Absolute positions (S,) of the keys a ring layer's `update` returns for T new tokens (-1: an empty
+        slot): one token is written first and the ring read whole; a longer chunk gets the ring as it was
+        before it (nothing from position 0), then its own T keys (it may overwrite slots its earlier queries
+        still need)."""
+        if t == 1 and self.valid is None:
+            return ring.held(self.pos + 1, device)
+        if self.kind != PREFILL:
+            raise KilnError("a ring (bounded) KV cache takes one token per CUDA-graph or batched step")
+        new = torch.arange(self.pos, self.pos + t, device=device)
+        return torch.cat([ring.held(self.pos, device), new]) if self.pos else new  # from 0: nothing held
 
     def static_kv(self, layer: int):
         """(k_cache, v_cache, rows) that the fused decode kernels write and read: the layer's (B, K, S, D)
         with rows None, or for ROWS every slot (N, K, S, D) with the rows' slot index (B,)."""
         kc, vc = self.cache.layer_kv(layer)
         return kc, vc, (self.cache.slot_index if self.kind == ROWS else None)
+
+
+# ---------------------------------------------------------------- bounded layers
+
+@dataclass(frozen=True)
+class Ring:
+    """A bounded layer's slots: positions 0..keep-1 in slots 0..keep-1, then each later position p in slot
+    keep + (p - keep) % span, overwriting the one `span` positions before it. A query at p sees a key j <= p
+    of this layer when j < keep or p - j < span (and, as everywhere, p - j < the layer's window).
+    The layer stores one more slot, `scratch` (never read as a key): where a padded prompt graph's padding
+    rows and a chunk's overwritten rows are written, so a chunk's write is one fixed-shape index_copy."""
+
+    keep: int
+    span: int
+
+    @property
+    def slots(self) -> int:
+        return self.keep + self.span
+
+    @property
+    def scratch(self) -> int:
+        return self.slots  # the index of the extra slot
+
+    def slot(self, pos):
+        """The slot of absolute position(s) pos (an int, or a tensor of them)."""
+        if isinstance(pos, int):
+            return pos if pos < self.keep else self.keep + (pos - self.keep) % self.span
+        return torch.where(pos < self.keep, pos, self.keep + (pos - self.keep).remainder(self.span))
+
+    def held(self, end, device) -> torch.Tensor:
+        """(slots + 1,) the position each slot holds once positions 0..end-1 are written, -1 where none is yet
+        (and for the scratch slot). `end` an int or a 0-dim device tensor (a CUDA-graph step)."""
+        s = torch.arange(self.slots + 1, device=device)
+        back = end - 1 - s  # >= 0: slot s has been written
+        recent = end - 1 - back.remainder(self.span)  # the latest p < end with p ≡ s (mod span), for s >= keep
+        return torch.where((back < 0) | (s == self.scratch), -1, torch.where(s < self.keep, s, recent))
+
+
+def layer_windows(model) -> list:
+    """Each layer's sliding window (None: global attention), as its attention module declares it."""
+    return [getattr(block.self_attn, "window", None) for block in model.model.layers]
+
+
+def plan_rings(windows: list, max_len: int, max_kv_size: int | None = None, keep: int = 4,
+               sliding: bool = True) -> list | None:
+    """Per layer (windows: each layer's sliding window, None for a global one), the Ring it is stored in
+    (None: all max_len positions); None when no layer gets one. A sliding-window layer keeps its window
+    (`sliding`); with max_kv_size every layer keeps its first `keep` positions and the most recent ones,
+    max_kv_size slots in all (mlx-lm's RotatingKVCache), or only its window where that is shorter."""
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or isinstance(max_kv_size, bool)
+                                    or not isinstance(keep, int) or keep < 0 or max_kv_size <= keep):
+        raise KilnError(f"invalid max_kv_size {max_kv_size!r}: must be an integer larger than keep ({keep!r})")
+    rings = []
+    for w in windows:
+        ring = Ring(0, w) if w and sliding else None
+        if max_kv_size is not None:
+            ring = Ring(0, w) if w and w <= max_kv_size - keep else Ring(keep, max_kv_size - keep)
+        rings.append(ring if ring is not None and ring.slots < max_len else None)
+    return rings if any(rings) else None
 
 
 # ---------------------------------------------------------------- cache types (llama.cpp's -ctk / -ctv)
@@ -177,43 +262,53 @@ class KVCache:
     is `direct` (stored in the model's own dtype)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None):
+                 dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None,
+                 rings: list | None = None):
         self.type_k, self.type_v = cache_type(type_k, dtype), cache_type(type_v, dtype)
         for t in (self.type_k, self.type_v):
             if t in ("q8_0", "q4_0") and head_dim % QK:
                 raise KilnError(f"KV cache type {t} needs a head dim divisible by {QK}; this model's is {head_dim}")
         self.dtype, self.max_len = dtype, max_len
+        self.rings = list(rings) if rings and any(rings) else None  # per layer: Ring or None (all positions)
+        slots = [max_len if r is None else r.slots + 1 for r in (self.rings or [None] * n_layers)]  # + scratch
         if isinstance(device, (list, tuple)):  # a split model (kiln/split.py): each layer on its device, in its dtype
             if type_k is not None or type_v is not None:
                 raise KilnError("a model split between devices keeps its KV cache in each layer's dtype: "
                                 "drop the cache types, or load it on one device")
             dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * n_layers
-            shape = (batch, n_kv_heads, max_len, head_dim)
             self.type_k = self.type_v = None
-            self.kp = [_PerLayer(torch.zeros(shape, dtype=t, device=d) for d, t in zip(device, dtypes))]
-            self.vp = [_PerLayer(torch.zeros(shape, dtype=t, device=d) for d, t in zip(device, dtypes))]
-            self._views()
-            return
-        shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
-        self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
-        self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
+            zeros = lambda: _PerLayer(torch.zeros((batch, n_kv_heads, n, head_dim), dtype=t, device=d)  # noqa: E731
+                                      for n, d, t in zip(slots, device, dtypes))
+            self.kp, self.vp = [zeros()], [zeros()]
+        elif self.rings:  # layers of different lengths: one tensor each
+            self.kp = [_PerLayer(torch.zeros((batch, n_kv_heads, n, w), dtype=dt, device=device) for n in slots)
+                       for w, dt in _layout(self.type_k, head_dim)]
+            self.vp = [_PerLayer(torch.zeros((batch, n_kv_heads, n, w), dtype=dt, device=device) for n in slots)
+                       for w, dt in _layout(self.type_v, head_dim)]
+        else:
+            shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
+            self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
+            self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
         self._views()
 
     def _views(self):
         self.k, self.v = self.kp[0], self.vp[0]
-        self.direct = isinstance(self.k, _PerLayer) or (
+        self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1)
+
+    def ring(self, layer: int) -> Ring | None:
+        return None if self.rings is None else self.rings[layer]
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None,
-                  type_k: str | None = None, type_v: str | None = None):
+                  type_k: str | None = None, type_v: str | None = None, rings: list | None = None):
         a = model.args
         p = next(model.parameters())
         split = getattr(model, "places", None)  # kiln/split.py: each layer's KV on its device, in its dtype
         if split and device is None:
             device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
-                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v)
+                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings)
 
     @property
     def nbytes(self) -> int:
@@ -229,25 +324,86 @@ class KVCache:
         return (_decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
                 _decode(self.type_v, [p[layer][:, :, sl] for p in self.vp], dtype))
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer."""
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
+        """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer; a ring layer's: those of
+        `Step.ring_keys` (its slots, then the T new ones when T > 1). `valid`: a device count of the rows that
+        are real (a padded prompt graph's; None: all): a ring layer keeps none of the rest."""
         end = pos + k.shape[2]
         if end > self.max_len:
             raise KilnError(f"context is full: position {end} exceeds the cache's {self.max_len} slots")
+        ring = self.ring(layer)
+        if ring is not None:
+            return self._ring_update(layer, ring, pos, k, v, valid)
         self._write(layer, slice(pos, end), k, v)
         return self._read(layer, slice(0, end), k.dtype)
 
-    def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
-        whole static cache (B, K, max_len, D); the caller's mask hides the slots not written yet."""
+    def _ring_update(self, layer: int, ring: Ring, pos: int, k: torch.Tensor, v: torch.Tensor, valid=None):
+        t = k.shape[2]
+        if t == 1 and valid is None:  # written first, then the whole ring
+            self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
+            return self._read(layer, slice(None), k.dtype)
+        new_k, new_v = self._stored(layer, self.kp, self.type_k, k), self._stored(layer, self.vp, self.type_v, v)
+        keys, values = new_k, new_v  # a prompt from position 0: the ring holds nothing yet
+        if pos:
+            old_k, old_v = self._read(layer, slice(None), k.dtype)
+            keys, values = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)  # (B, K, slots + T, D)
+        p = torch.arange(pos, pos + t, device=k.device)
+        end = pos + t if valid is None else pos + valid  # past the real rows
+        stay = (p < end) & ((p < ring.keep) | (p >= end - ring.span))  # real, and not overwritten in the chunk
+        self._scatter(layer, torch.where(stay, ring.slot(p), ring.scratch), k, v)  # the rest: to scratch
+        return keys, values
+
+    @staticmethod
+    def _stored(layer: int, parts, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """x as the cache gives it back once stored (its type's rounding), as a whole cache's update would."""
+        if len(parts) == 1 and parts[0][layer].dtype == x.dtype:
+            return x
+        return _decode(kind, [p.to(part[layer].dtype) for p, part in zip(_encode(kind, x), parts)], x.dtype)
+
+    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) into cache slots (T,) (a device tensor: no host sync)."""
         for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
             for part, new in zip(parts, _encode(kind, x)):
                 dst = part[layer]
                 new = new.to(dst.dtype)
                 if dst.dtype == torch.float8_e4m3fn:  # no fp8 index_copy on the CPU: copy the bytes
                     dst, new = dst.view(torch.uint8), new.view(torch.uint8)
-                dst.index_copy_(2, positions, new)
+                dst.index_copy_(2, slots, new)
+
+    def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
+        whole static cache (B, K, max_len, D); the caller's mask hides the slots not written yet. A ring
+        layer takes one token, written at its slot (`Step.ring_keys` says what each slot holds)."""
+        ring = self.ring(layer)
+        if ring is not None:
+            if k.shape[2] != 1:
+                raise KilnError("a ring (bounded) KV cache takes one token per CUDA-graph step")
+            positions = ring.slot(positions)
+        self._scatter(layer, positions, k, v)
         return self._read(layer, slice(None), k.dtype)
+
+    def shift(self, end: int, keep: int, discard: int, rotate: Callable) -> None:
+        """Context shift (llama.cpp's): of positions 0..end-1, drop keep..keep+discard-1 and move the later
+        ones `discard` positions down, their keys re-rotated by `rotate(layer, k (B, K, S, D), delta (S,))`
+        (RoPE by delta positions, models/base.key_rotation). A ring layer keeps what it holds of them."""
+        for layer in range(len(self.kp[0])):
+            ring, device = self.ring(layer), self.kp[0][layer].device
+            old = torch.arange(end, device=device) if ring is None else ring.held(end, device)  # per slot
+            stay = ((old >= 0) & (old < keep)) | (old >= keep + discard)
+            src = stay.nonzero().flatten()
+            new = torch.where(old[src] < keep, old[src], old[src] - discard)
+            if ring is not None:
+                self._check_ring(ring, new, end - discard)
+            k, v = self._read(layer, slice(None), torch.float32)
+            k = rotate(layer, k.index_select(2, src), (new - old[src]))
+            self._scatter(layer, new if ring is None else ring.slot(new), k, v.index_select(2, src))
+
+    @staticmethod
+    def _check_ring(ring: Ring, kept: torch.Tensor, end: int):
+        need = ring.held(end, kept.device)
+        if not torch.isin(need[need >= 0], kept).all():
+            raise KilnError(f"context shift: a sliding-window layer of {ring.span} positions would lose tokens it "
+                            f"needs; use a context of at least twice the window plus keep")
 
     def layer_kv(self, layer: int):
         """A layer's whole cache, (B, K, S, D) keys and values (a `direct` cache's storage)."""
@@ -268,6 +424,8 @@ class KVCache:
         (a CUDA-graph step's static input: nothing is copied from the host)."""
         if n_keys > self.max_len:
             raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
+        if self.rings is not None:
+            raise KilnError("a slot cache keeps every position: bounded (ring) layers are for batch-1 caches")
         return RowsView(self, slots, n_keys)
 
 
@@ -278,6 +436,10 @@ class _PerLayer(list):
     @property
     def device(self) -> torch.device:
         return self[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[0].dtype
 
 
 class RowsView:
@@ -306,6 +468,9 @@ class RowsView:
     @property
     def direct(self) -> bool:
         return self.cache.direct
+
+    def ring(self, layer: int) -> None:
+        return None  # a slot cache keeps every position (KVCache.rows)
 
     def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""

@@ -70,6 +70,20 @@ def _sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--ctx-size", type=int, default=None,
                    help="context length in tokens, prompt included (default: the model's)")
     cache_type_args(p)
+    _bounded_args(p)
+
+
+def _bounded_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-kv-size", type=int, default=None, metavar="N",
+                   help="rotating KV cache of N tokens: keep the first --keep tokens and the latest ones, and "
+                        "attend only to those (mlx-lm's); memory stays bounded however long the generation, up "
+                        "to --ctx-size (default: off; sliding-window layers, as Gemma 3's, keep only their "
+                        "window anyway, except with speculative decoding or --prompt-cache)")
+    p.add_argument("--keep", type=int, default=4, metavar="N",
+                   help="tokens at the start that --max-kv-size and --context-shift never drop (default 4)")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when the context (--ctx-size) fills, drop half of the tokens after the first --keep "
+                        "and go on (llama.cpp's); default: generation stops there, finish reason 'length'")
 
 
 def cache_type_args(p: argparse.ArgumentParser):
@@ -86,6 +100,20 @@ def _draft_args(p: argparse.ArgumentParser):
     p.add_argument("--prompt-lookup-ngram", type=int, default=0, metavar="N",
                    help="speculative decoding without a draft model: draft the tokens that followed the context's "
                         "last n-gram (n <= N) earlier in it; good when the answer repeats the prompt (code edits)")
+
+
+def _check_bounded(a) -> None:
+    """--max-kv-size and --keep, before the load (stream_generate checks them too)."""
+    if a.keep < 0:
+        raise KilnError(f"--keep {a.keep}: must be at least 0")
+    if a.max_kv_size is not None and a.max_kv_size <= a.keep:
+        raise KilnError(f"--max-kv-size {a.max_kv_size}: must be larger than --keep ({a.keep})")
+    if a.max_kv_size is not None and a.context_shift:
+        raise KilnError("give --max-kv-size or --context-shift, not both")
+    if a.max_kv_size is not None and (a.draft_model or a.prompt_lookup_ngram or getattr(a, "prompt_cache", None)):
+        raise KilnError("--max-kv-size does not combine with speculative decoding or --prompt-cache")
+    if a.context_shift and (a.draft_model or a.prompt_lookup_ngram):
+        raise KilnError("--context-shift does not combine with speculative decoding")
 
 
 def _check_draft(a) -> None:
@@ -108,6 +136,10 @@ def _drafting(a) -> dict:
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _bounded(a) -> dict:
+    return dict(max_kv_size=a.max_kv_size, keep=a.keep, context_shift=a.context_shift)
 
 
 def cache_kw(a) -> dict:
@@ -258,6 +290,7 @@ def generate(argv: list[str]) -> int:
     a = generate_parser().parse_args(argv)
     _check_sampling(a)
     _check_draft(a)
+    _check_bounded(a)
     prompt = _read_prompt(a)
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
@@ -268,7 +301,7 @@ def generate(argv: list[str]) -> int:
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
                                 logprobs=False, prompt_cache=a.prompt_cache, **drafting, **_sampling(a),
-                                **cache_kw(a)):
+                                **cache_kw(a), **_bounded(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
     if a.verbose and last is not None:
@@ -293,6 +326,7 @@ def chat(argv: list[str]) -> int:
     a = p.parse_args(argv)
     _check_sampling(a)
     _check_draft(a)
+    _check_bounded(a)
     model, tok = _load(a)
     drafting = _drafting(a)
     if not tok.chat_template:
@@ -323,7 +357,7 @@ def chat(argv: list[str]) -> int:
         reply = []
         try:
             for r in stream_generate(model, tok, history, a.max_tokens, max_context=a.ctx_size, decoders=decoders,
-                                     logprobs=False, **drafting, **_sampling(a), **cache_kw(a)):
+                                     logprobs=False, **drafting, **_sampling(a), **cache_kw(a), **_bounded(a)):
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
         except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply only

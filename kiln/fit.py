@@ -13,7 +13,8 @@ CPU, compact: Q4_0 / Q4_1 / Q4_K linear weights in whole 64-row tiles → int4 (
 other linear weights → int8 rows (K + 2), a quantized output head → its int4 screen plus the file's rows
 (memory-mapped), a quantized embedding → the file's rows; everything else float32. CPU, float: float32.
 GPU: quantized weights keep their GGUF blocks, everything else bfloat16. The KV cache: 2 · kv_heads ·
-head_dim · ctx_size elements per block, in `cache_type` on the GPU and float32 on the CPU.
+head_dim · ctx_size elements per block (a sliding-window block: window + 1 positions where that is fewer,
+cache.Ring), in `cache_type` on the GPU and float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class ModelSizes:
     max_ctx: int
     vocab: int = 0  # one row of logits (prefill keeps only the last row's)
     heads: int = 0  # attention scores per token and key on the CPU (SDPA's math path)
+    windows: list | None = None  # per block: its sliding window (None: global), kept as a ring of window + 1
+
+
+def kv_positions(s: ModelSizes, ctx: int) -> list[int]:
+    """Cache positions of each block at context ctx (generate's default: sliding-window blocks keep theirs)."""
+    from kiln.cache import plan_rings
+    rings = plan_rings(s.windows or [None] * s.n_layers, ctx) or [None] * s.n_layers
+    return [ctx if r is None else r.slots + 1 for r in rings]
 
 
 @dataclass
@@ -109,6 +118,7 @@ def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:
     `model`: its (config, weights) when the caller has read them already."""
     from torch import nn
 
+    from kiln.cache import layer_windows
     from kiln.load import meta_model, read_weights
     from kiln.quant.swap import quantized, weight_of
     config, weights = read_weights(Path(path)) if model is None else model
@@ -136,14 +146,15 @@ def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:
     compute = 3 * args.intermediate_size + 6 * args.hidden_size
     return ModelSizes(n_layers, cpu, gpu, *parts["embed"], *parts["head"],
                       2 * args.num_key_value_heads * args.head_dim, compute, args.max_position_embeddings,
-                      args.vocab_size, args.num_attention_heads)
+                      args.vocab_size, args.num_attention_heads, layer_windows(model))
 
 
 def needs(s: ModelSizes, n_gpu: int, ctx: int, cache_type: str = "bf16") -> tuple[int, int, int, int]:
     """(gpu bytes, host bytes, gpu KV bytes, host KV bytes) with the last `n_gpu` blocks on the GPU."""
     n_cpu = s.n_layers - n_gpu
-    kv_gpu = int(s.kv_elems * ctx * KV_BYTES[cache_type]) * n_gpu
-    kv_host = s.kv_elems * ctx * 4 * n_cpu
+    pos = kv_positions(s, ctx)
+    kv_gpu = sum(int(s.kv_elems * n * KV_BYTES[cache_type]) for n in pos[n_cpu:])
+    kv_host = sum(s.kv_elems * n * 4 for n in pos[:n_cpu])
     compute = (min(ctx, CHUNK) * s.compute_elems + s.vocab) * 4
     gpu = host = 0
     if n_gpu:

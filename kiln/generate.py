@@ -1,11 +1,12 @@
 """Generation: the batch-1 token loop and the pieces it shares with the batched engine (kiln/engine.py).
 
-Owns: `generate_step` (token ids in, one (token, logprobs) per step out, until the cache is full),
-`stream_generate` / `generate` (prompt handling, context checks, the text stream, stats per response);
-and, once for both token loops: prompt ids (`prompt_ids`, `check_prompt`), the model calls of each kind
-(`prefill_chunk`, `Decoder._forward`; the engine's batched-rows call is its own), CUDA-graph capture
-(`capture_graph`), the batch-1 `Decoder` (its decode graph and its prompt graphs, one per length bucket:
-`PREFILL_BUCKETS`) and the explicit `DecoderPool` that reuses them.
+Owns: `generate_step` (token ids in, one (token, logprobs) per step out, until the cache is full, or on
+past it with a `ContextShift`), `stream_generate` / `generate` (prompt handling, context checks, which
+layers get a bounded cache, the text stream, stats per response); and, once for both token loops: prompt
+ids (`prompt_ids`, `check_prompt`), the model calls of each kind (`prefill_chunk`, `Decoder._forward`; the
+engine's batched-rows call is its own), CUDA-graph capture (`capture_graph`), the batch-1 `Decoder` (its
+decode graph and its prompt graphs, one per length bucket: `PREFILL_BUCKETS`) and the explicit `DecoderPool`
+that reuses them.
 Not: sampling math and per-sequence sampling state (sample.py), detokenization and stop strings
 (textstream.py), the cache layout (cache.py), chat templates (tokenizer.py), batching (engine.py).
 """
@@ -21,8 +22,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kiln.cache import KVCache, Step
+from kiln.cache import KVCache, Step, layer_windows, plan_rings
 from kiln.errors import KilnError
+from kiln.models.base import key_rotation
 from kiln.sample import Sampler, SamplingParams
 from kiln.speculative import drafter_for, speculative_step
 from kiln.textstream import TextStream
@@ -133,7 +135,8 @@ class Decoder:
     logits of its last real row picked by a device index. A prefill's host work (about 0.5-2 ms per layer
     of Python and launches on the H200's host) is then one launch; padded rows sit after the prompt, so
     causal attention keeps them out of every real row, and their cache slots are overwritten by the tokens
-    that follow before anything reads them. A bucket is captured on its second use, so a one-shot prompt
+    that follow before anything reads them (a ring layer's would not be: it sends them to its scratch slot,
+    Step.prefill's `valid`). A bucket is captured on its second use, so a one-shot prompt
     pays no capture; the prefill graphs share one memory pool (they never run at once), and their logits
     are valid until the next prefill.
     """
@@ -145,25 +148,28 @@ class Decoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
-        self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, logits)
+        self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, real rows, logits)
         self._seen: set[int] = set()
         self._pool = None
 
     @classmethod
     def for_model(cls, model, max_len: int, cache_type_k: str | None = None,
-                  cache_type_v: str | None = None) -> Decoder:
+                  cache_type_v: str | None = None, rings: list | None = None) -> Decoder:
         """A Decoder over a fresh cache of `max_len` positions (stored as cache_type_k / _v; None: the model's
-        dtype), on the model's device (a split model's: each layer's on its own, kiln/split.py)."""
-        return cls(model, KVCache.for_model(model, max_len=max_len, type_k=cache_type_k, type_v=cache_type_v))
+        dtype; `rings`: the bounded layers, cache.plan_rings), on the model's device (a split model's: each
+        layer's on its own, kiln/split.py)."""
+        return cls(model, KVCache.for_model(model, max_len=max_len, type_k=cache_type_k, type_v=cache_type_v,
+                                            rings=rings))
 
     def _forward(self, step: Step) -> torch.Tensor:
         """The decode step's model call: `self.token` where `step` says (eager: Step.prefill at an int
         position; in a graph: Step.graph at the static position tensor)."""
         return self.model(self.token, step)[:, -1].float().to(self.token.device)  # (1, V); split: from the head's
 
-    def capture(self):
-        """Warm up and capture; writes only the cache's last slot (still masked when real steps read it)."""
-        self.pos.fill_(self.cache.max_len - 1)
+    def capture(self, pos: int):
+        """Warm up and capture; writes only the cache's last slot (still masked when real steps read it), or
+        with ring layers the slots of `pos`, the step about to run (it overwrites them before reading)."""
+        self.pos.fill_(pos if self.cache.rings else self.cache.max_len - 1)
         self.graph, self.logits = capture_graph(lambda: self._forward(Step.graph(self.cache, self.pos)))
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
@@ -171,7 +177,7 @@ class Decoder:
         if not self.use_graph:
             return self._forward(Step.prefill(self.cache, pos))
         if self.graph is None:
-            self.capture()
+            self.capture(pos)
         self.pos.fill_(pos)
         self.graph.replay()
         return self.logits
@@ -187,9 +193,10 @@ class Decoder:
             return prefill_chunk(self.model, ids, self.cache, pos)
         if bucket not in self._prefills:
             self._prefills[bucket] = self._capture_prefill(bucket)
-        graph, buf, row, logits = self._prefills[bucket]
+        graph, buf, row, valid, logits = self._prefills[bucket]
         buf[:, :t].copy_(ids)
         row.fill_(t - 1)
+        valid.fill_(t)
         graph.replay()
         return logits
 
@@ -197,10 +204,13 @@ class Decoder:
         device = self.cache.k.device
         buf = torch.zeros(1, bucket, dtype=torch.long, device=device)  # pads: token 0, after the prompt
         row = torch.zeros(1, dtype=torch.long, device=device)
+        # Ring layers write only the `valid` real rows (0 while capturing: nothing) and send the padding to
+        # their scratch slot; a cache without rings takes the padding, overwritten before it is read.
+        valid = torch.zeros((), dtype=torch.long, device=device)
+        step = Step.prefill(self.cache, 0, valid=valid if self.cache.rings else None)
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        graph, logits = capture_graph(
-            lambda: self.model(buf, Step.prefill(self.cache, 0), last_only=row)[:, -1].float(), self._pool)
-        return graph, buf, row, logits
+        graph, logits = capture_graph(lambda: self.model(buf, step, last_only=row)[:, -1].float(), self._pool)
+        return graph, buf, row, valid, logits
 
 
 class DecoderPool:
@@ -212,29 +222,49 @@ class DecoderPool:
         self.model, self.keep = model, keep
         self._decoders: dict[tuple, Decoder] = {}
 
-    def get(self, max_len: int, cache_type_k: str | None = None, cache_type_v: str | None = None) -> Decoder:
-        """A Decoder whose cache holds at least `max_len` positions, stored as the given cache types."""
+    def get(self, max_len: int, cache_type_k: str | None = None, cache_type_v: str | None = None, *,
+            sliding: bool = True, max_kv_size: int | None = None, keep: int = 4) -> Decoder:
+        """A Decoder whose cache holds at least `max_len` positions, stored as the given cache types; its
+        sliding-window layers keep only their window (`sliding`), and with `max_kv_size` every layer only its
+        first `keep` positions and the latest ones (cache.plan_rings)."""
         size = min(-(-max_len // 256) * 256, max(max_len, self.model.args.max_position_embeddings))
-        key = (size, cache_type_k, cache_type_v)
+        rings = plan_rings(layer_windows(self.model), size, max_kv_size, keep, sliding)
+        key = (size, cache_type_k, cache_type_v, tuple(rings or ()))
         if key not in self._decoders:
             while len(self._decoders) >= self.keep:
                 self._decoders.pop(next(iter(self._decoders)))
-            self._decoders[key] = Decoder.for_model(self.model, size, cache_type_k, cache_type_v)
+            self._decoders[key] = Decoder.for_model(self.model, size, cache_type_k, cache_type_v, rings)
         return self._decoders[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The token loop and the text around it
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContextShift:
+    """llama.cpp's --context-shift: when a token would go to position n_ctx, positions keep..keep+discard-1
+    are dropped, discard = (n_ctx - keep) // 2, and the later ones move down with their keys re-rotated
+    (KVCache.shift; `rotate` from models.base.key_rotation), and generation goes on."""
+    n_ctx: int
+    keep: int
+    rotate: Callable
+
+    @property
+    def discard(self) -> int:
+        return (self.n_ctx - self.keep) // 2
+
+
 @torch.inference_mode()
 def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Decoder,
                   prefill_step: int | None = None, logprobs: bool = True,
-                  max_tokens: int | None = None, cached: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+                  max_tokens: int | None = None, cached: int = 0,
+                  shift: ContextShift | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logprobs (V,) or None) for each generated token; the caller decides when to stop,
     or `max_tokens` does (no step is run ahead for a token past it: `--max-tokens 1` captures no decode
     graph). `cached`: the first `cached` prompt tokens are in the decoder's cache already (a prompt cache
     file), fewer than the prompt's. `prefill_step`: prompt tokens per forward, at most (default: the largest
-    prefill graph on CUDA, 4096; 512 elsewhere); chunks bound activation memory.
+    prefill graph on CUDA, 4096; 512 elsewhere); chunks bound activation memory. Generation ends when the
+    cache is full, or with `shift` goes on past shift.n_ctx (ContextShift).
 
     On CUDA the device runs up to `AHEAD` steps ahead of the host: steps n+1 and n+2 are queued before
     token n is read back, so the host's bookkeeping (and its jitter) overlaps the GPU's work. Elsewhere
@@ -273,7 +303,11 @@ def generate_step(prompt: list[int], model, params: SamplingParams, decoder: Dec
     queue(token, lp, 0)
     queued = 1  # tokens queued so far, the first one (from the prompt's logits) included
     while True:
-        while len(pending) <= ahead and pos < cache.max_len and (max_tokens is None or queued < max_tokens):
+        while (len(pending) <= ahead and (pos < cache.max_len or shift is not None)
+               and (max_tokens is None or queued < max_tokens)):
+            if shift is not None and pos >= shift.n_ctx:
+                cache.shift(pos, shift.keep, shift.discard, shift.rotate)
+                pos -= shift.discard
             token, lp = pick(decoder.step(token, pos))
             pos += 1
             queue(token, lp, queued)
@@ -293,6 +327,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
                     max_context: int | None = None, prefill_step: int | None = None, decoders: DecoderPool | None = None,
                     logprobs: bool = True, cache_type_k: str | None = None, cache_type_v: str | None = None,
                     prompt_cache=None, draft_model=None, num_draft_tokens: int = 4, prompt_lookup: int = 0,
+                    max_kv_size: int | None = None, keep: int = 4, context_shift: bool = False,
                     **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
 
@@ -308,6 +343,11 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     `num_draft_tokens` per round, or `prompt_lookup=N` drafts by matching the context's last n-gram (n <= N)
     earlier in it; the target verifies a round in one forward. The output is distributed as without it
     (greedy: the same tokens); responses count `drafted` and `accepted` tokens.
+    Bounded caches (cache.plan_rings): sliding-window layers keep only their window (except with speculative
+    decoding or a prompt cache, which keep every position); `max_kv_size=N` keeps the first `keep` tokens
+    and the latest ones, N in all, and the model attends only to those (mlx-lm's rotating cache).
+    `context_shift`: when the context (`max_context`) fills, drop half of what follows the first `keep`
+    tokens and go on (llama.cpp's --context-shift); without it generation ends there, finish_reason "length".
     """
     params = sampling_params(**sampling)
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -317,7 +357,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
         raise KilnError("stop must be a string or a list of strings")
     ctx = max_context or model.args.max_position_embeddings
     ids = check_prompt(prompt_ids(tokenizer, prompt), ctx, model.args.vocab_size)
-    limit = min(len(ids) + max_tokens, ctx)
+    speculative = draft_model is not None or bool(prompt_lookup)
+    bounds = _bounds(model, ids, ctx, max_kv_size, keep, context_shift, speculative, prompt_cache is not None)
+    limit = len(ids) + max_tokens if context_shift else min(len(ids) + max_tokens, ctx)
     cached, stored = 0, None
     if prompt_cache is not None:
         from kiln import prompt_cache as pc
@@ -325,7 +367,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
         cache_type_k, cache_type_v = cache_type_k or header["type_k"], cache_type_v or header["type_v"]
         while cached < min(len(header["tokens"]), len(ids) - 1) and header["tokens"][cached] == ids[cached]:
             cached += 1
-    decoder = (decoders or DecoderPool(model, keep=1)).get(limit, cache_type_k, cache_type_v)
+    decoder = (decoders or DecoderPool(model, keep=1)).get(min(limit, ctx), cache_type_k, cache_type_v,
+                                                            max_kv_size=max_kv_size, keep=keep, sliding=bounds)
+    shift = ContextShift(ctx, min(keep, len(ids)), key_rotation(model, ctx)) if context_shift else None
     if stored is not None:
         pc.restore(decoder.cache, *stored, cached)
     drafter = drafter_for(draft_model, prompt_lookup, decoder.cache.max_len, target=model)
@@ -334,11 +378,27 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
     stats = {}
     if drafter is None:
         steps = generate_step(ids, model, params, decoder, prefill_step, logprobs=logprobs, max_tokens=max_tokens,
-                              cached=cached)
+                              cached=cached, shift=shift)
     else:
         steps = speculative_step(ids, model, params, decoder, drafter, num_draft_tokens, prefill_step, logprobs,
                                  max_tokens, stats)
     yield from _stream(tokenizer, ids, steps, decoder, limit, max_tokens, stops, ignore_eos, stats)
+
+
+def _bounds(model, ids, ctx, max_kv_size, keep, context_shift, speculative, prompt_cache) -> bool:
+    """Check the bounded-cache arguments; whether sliding-window layers keep only their window (not with
+    speculative decoding, which rewinds, nor a prompt cache file, which stores every position, nor a context
+    shift that would drop tokens a window still needs)."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise KilnError(f"invalid keep {keep!r}: must be an integer >= 0")
+    if max_kv_size is not None and (context_shift or speculative or prompt_cache):
+        raise KilnError("max_kv_size (a rotating KV cache) does not combine with context_shift, speculative "
+                        "decoding or a prompt cache: give one or the other")
+    if context_shift and (speculative or ctx - min(keep, len(ids)) < 2):
+        raise KilnError("context_shift needs a context of at least keep + 2 tokens and no speculative decoding")
+    windows = [w for w in layer_windows(model) if w]
+    kept = ctx - min(keep, len(ids)) - (ctx - min(keep, len(ids))) // 2  # positions after the first shift
+    return not (speculative or prompt_cache or (context_shift and windows and kept < max(windows)))
 
 
 def _stream(tokenizer, ids, steps, decoder, limit, max_tokens, stops, ignore_eos, stats):

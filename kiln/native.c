@@ -3,9 +3,10 @@
    Owns three kernels, each replacing a chain of small torch ops (or a slow packed matmul) at batch 1:
    - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x.
    - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
-   - kiln_decode_attention: one token's attention: per-head q/k RMSNorm (optional), rotate-half RoPE,
-     the k/v write into the cache at `pos`, then softmax(q k^T * scale) v over keys 0..pos (the last
-     `window` of them when window > 0), grouped-query heads.
+   - kiln_decode_attention: one token's attention at position `pos`: per-head q/k RMSNorm (optional),
+     rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
+     slots from `lo`, grouped-query heads. The caller picks the slots (native.py): for a plain cache slot =
+     pos and keys 0..pos, or the last `window` of them; for a ring (cache.Ring) every slot written so far.
    Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
    (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool; `threads` is
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
@@ -128,7 +129,7 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
                            float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
                            int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
                            const float *qn_w, const float *kn_w, float eps, float offset, float scale,
-                           int64_t window, float *out, int threads) {
+                           int64_t slot, int64_t lo, int64_t n_keys, float *out, int threads) {
     float cs[512], sn[512];  /* half <= 512 (native.py checks) */
     for (int64_t i = 0; i < half; i++) {
         float f = (float)pos * inv_freq[i];
@@ -136,10 +137,9 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
         sn[i] = sinf(f) * attn_factor;
     }
     for (int64_t g = 0; g < n_kv; g++) {
-        rope_head(k + g * d, k_cache + g * head_stride + pos * d, kn_w, eps, offset, d, cs, sn, half);
-        memcpy(v_cache + g * head_stride + pos * d, v + g * d, (size_t)d * sizeof(float));
+        rope_head(k + g * d, k_cache + g * head_stride + slot * d, kn_w, eps, offset, d, cs, sn, half);
+        memcpy(v_cache + g * head_stride + slot * d, v + g * d, (size_t)d * sizeof(float));
     }
-    int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0, n_keys = pos + 1 - lo;
     int64_t group = n_heads / n_kv;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t h = 0; h < n_heads; h++) {

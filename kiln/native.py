@@ -55,16 +55,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
-                     eps: float, offset: float, scale: float, window: int | None) -> torch.Tensor:
+                     eps: float, offset: float, scale: float, window: int | None,
+                     ring: tuple[int, int] | None = None) -> torch.Tensor:
     """One token: q (H, D), k/v (K, D) float32 before RoPE; k_cache/v_cache (K, S, D) float32 that
-    `attention_fits` (k, v are written at `pos`) -> (H * D,) attention output. See native.c."""
+    `attention_fits` (k, v are written at `pos`) -> (H * D,) attention output. See native.c.
+    `ring` (slot, n_keys): a ring layer's (cache.Ring) write slot, and the slots 0..n_keys-1 it attends to
+    (the caller has checked that every one of them is visible: `window` is then not used)."""
     h, d = q.shape
+    if ring is None:
+        lo = pos + 1 - window if window and pos + 1 > window else 0
+        slot, n_keys = pos, pos + 1 - lo
+    else:
+        (slot, n_keys), lo = ring, 0
     q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
     out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
     _lib().kiln_decode_attention(
         _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
         h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
-        eps, offset, scale, window or 0, _ptr(out), torch.get_num_threads())
+        eps, offset, scale, slot, lo, n_keys, _ptr(out), torch.get_num_threads())
     return out
 
 
@@ -98,7 +106,7 @@ def _lib():
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
-                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, p, ctypes.c_int]}
+                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
     for name, args in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     return lib

@@ -137,6 +137,10 @@ BAD = [  # (argv after the command, a fragment of the one-line error)
     (["chat", "--max-tokens", "-1"], "--max-tokens -1"),
     (["chat", "--top-p", "2"], "top_p"),
     (["chat", "--ctx-size", "1"], "--ctx-size 1"),
+    (["generate", "--max-kv-size", "4", "-p", "hi"], "--max-kv-size 4"),  # bounded caches (--keep 4)
+    (["generate", "--keep", "-1", "-p", "hi"], "--keep -1"),
+    (["generate", "--max-kv-size", "64", "--context-shift", "-p", "hi"], "not both"),
+    (["chat", "--context-shift", "--prompt-lookup-ngram", "2"], "speculative"),
 ]
 
 

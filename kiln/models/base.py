@@ -5,10 +5,12 @@ Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), `RMSNor
 form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel), RoPE frequency schedules
 (default, linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once
 from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
-fused decode kernels serve it), the glue to layers joined at load (`project`, `gated`, the int8 hand-off
-`int8_buffer`), and `attention`, the attention core of every family — RoPE (after the optional per-head
-q/k norms), the cache write and attention over grouped KV heads — and the one place that decides which
-attention kernels run for a step (fused Triton decode, one native CPU call, or torch's SDPA).
+fused decode kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the
+re-rotation of cached keys for a context shift (`key_rotation`), the glue to layers joined at load
+(`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
+— RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
+the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
+call, or torch's SDPA).
 
 Models import only this file and kiln.ops; the kernels they call pick their own backend (Triton, native C,
 torch) from the tensors and the step's policy.
@@ -28,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.cache import PREFILL, Step
+from kiln.cache import PREFILL, Ring, Step
 from kiln.errors import KilnError
 from kiln.ops import cpu as ops_cpu
-from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_write_kv, use_triton
+from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_ref, rope_qk_write_kv, use_triton
 from kiln.policy import DEFAULT, Policy
 from kiln.split import run_blocks  # noqa: F401  (the block loop of every family; crosses a split's devices)
 
@@ -177,6 +179,21 @@ def _norm_args(q_norm=None, k_norm=None) -> tuple:
     return q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset
 
 
+def key_rotation(model, total_len: int):
+    """For a context shift (cache.KVCache.shift): rotate(layer, k (B, K, S, D), delta (S,)) → k with each key's
+    RoPE moved by delta positions, in the layer's own schedule (Gemma: local or global). RoPE at p then at
+    delta is RoPE at p + delta, so this is exact up to rounding (a pure rotation: attn_factor not applied)."""
+    body = model.model
+    ropes = {"global": body.rotary, "local": getattr(body, "rotary_local", None)}
+    names = [getattr(block.self_attn, "rope", "global") for block in body.layers]
+
+    def rotate(layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        at = ropes[names[layer]](delta, total_len)
+        kt = k.transpose(1, 2)  # (B, S, K, D)
+        return rope_qk_ref(kt, kt, delta, at.inv_freq.to(k.device))[1].transpose(1, 2)
+    return rotate
+
+
 # ---------------------------------------------------------------- the step
 
 def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, windows) -> Step:
@@ -191,9 +208,12 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
     # decode attention over the static cache: those read positions directly, so no mask is built.
     # A cache stored in another type than the model's (q8_0, q4_0, fp8, ...): dequantized, then SDPA.
+    # A cache with ring layers: every mask is built when a layer first asks (`layer_mask`), as the ring
+    # layers' depend on their rings and the fused step's ring layers take the unfused path.
     fused = step.kind != PREFILL and t == 1 and use_triton(ids, policy) and step.cache.direct
-    masks = {} if fused else {w: causal_mask(positions, n_keys, w, device) for w in windows}
-    return replace(step, policy=policy, positions=positions, fused=fused,
+    lazy = fused or getattr(step.cache, "rings", None) is not None
+    masks = {} if lazy else {w: causal_mask(positions, n_keys, w, device) for w in windows}
+    return replace(step, policy=policy, positions=positions, fused=fused, n_keys=n_keys,
                    rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks)
 
 
@@ -257,32 +277,64 @@ def causal_mask(q_pos: torch.Tensor, s: int, window: int | None, device) -> torc
     return mask if q_pos.ndim == 1 else mask[:, None]
 
 
+def ring_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, ring: Ring, window: int | None) -> torch.Tensor:
+    """Boolean (T, S) for a ring layer (cache.Ring): query at p sees the key at absolute position j
+    (k_pos: -1 for an empty slot) when 0 <= j <= p, j is in the ring's keep or within its span of p, and
+    within the window of p. The keys may come in any order (attention does not care)."""
+    q, j = q_pos[:, None], k_pos[None, :]  # (T, 1), (1, S)
+    mask = (j >= 0) & (j <= q) & ((j < ring.keep) | (q - j < ring.span))
+    if window:
+        mask &= (q - j) < window
+    return mask
+
+
+def layer_mask(step: Step, layer: int, window: int | None, t: int, device) -> torch.Tensor | None:
+    """The mask of this layer's keys at this step, built once per forward for each (window, ring)."""
+    ring = step.ring(layer)
+    key = window if ring is None else (window, ring)
+    if key not in step.mask:
+        step.mask[key] = (causal_mask(step.positions, step.n_keys, window, device) if ring is None
+                          else _ring_layer_mask(step, ring, window, t, device))
+    return step.mask[key]
+
+
+def _ring_layer_mask(step: Step, ring: Ring, window: int | None, t: int, device) -> torch.Tensor | None:
+    """A prompt from position 0 into a ring without `keep` (a sliding window's) attends as a plain window of
+    the ring's span over its own keys: `causal_mask` (None, SDPA's causal kernel, when the span covers it)."""
+    if step.kind == PREFILL and step.pos == 0 and t > 1 and not ring.keep:
+        return causal_mask(step.positions, t, min(window or ring.span, ring.span), device)
+    return ring_mask(step.positions, step.ring_keys(ring, t, device), ring, window)
+
+
 def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None = None, norms: tuple = (),
               rope: str = "global") -> torch.Tensor:
     """q (B, T, H, D), k/v (B, T, K, D), before RoPE → (B, T, H*D): q and k normed per head (norms =
     (q_norm, k_norm), or none) and rotated (the step's `rope` table), k/v written into the cache, then
     attention over the keys the step's window mask lets each query see. This function decides the kernels:
 
-    - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device):
-      RoPE with the KV write into the static cache in one kernel, then split-KV decode attention (one
-      kernel with one split, else split + merge) — two launches per layer or three;
+    - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device)
+      at a layer without a ring: RoPE with the KV write into the static cache in one kernel, then split-KV
+      decode attention (one kernel with one split, else split + merge) — two launches per layer or three;
+      (the decode kernel reads slot j as position j: a ring layer's slots hold other positions, so it
+      takes the path below, with a mask from `Step.ring_keys`);
     - one float32 token of a prefill-kind step on the CPU where the native kernels fit
-      (ops.cpu.attention_fits): norms, RoPE, the KV write and attention in one native call;
+      (ops.cpu.attention_fits): norms, RoPE, the KV write and attention in one native call (a ring layer's
+      when every slot it holds is visible: `_native_ring`);
     - anything else (prefill, CPU): RoPE, the cache's write (`step.update`), then SDPA.
     """
     b, t = q.shape[:2]
     r, policy = step.rope[rope], step.policy
-    if step.fused:
+    if step.fused and step.ring(layer) is None:
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
         q = r.apply_write(q, k, v, kc, vc, rows, norms, policy)  # (B, T, H, D)
         return decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, policy=policy).reshape(b, t, -1)
-    if _native_token(q, step, layer, r):
+    if _native_token(q, step, layer, r) and _native_ring(step, layer, window) is not False:
         return _native_attention(q, k, v, r, scale, step, layer, window, norms)
     q, k = r.apply(q, k, norms, policy)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
     if step.cache is not None:
         k, v = step.update(layer, k, v)  # (B, K, S, D)
-    return attend(q, k, v, step.mask[window], scale)
+    return attend(q, k, v, layer_mask(step, layer, window, t, q.device), scale)
 
 
 def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool:
@@ -294,11 +346,24 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
             and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
+def _native_ring(step: Step, layer: int, window: int | None):
+    """For the native call: None (a layer without a ring), a ring layer's (write slot, slots to attend:
+    0..n-1), or False where some slot it holds is not visible to this token (torch's path then)."""
+    ring = step.ring(layer)
+    if ring is None:
+        return None
+    p = step.pos
+    if window and (window < ring.span or (ring.keep and p >= window)):
+        return False
+    return ring.slot(p), min(p + 1, ring.slots)
+
+
 def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: int, window, norms):
     """`attention` for one token in one native call (its torch twin: rope.apply, step.update, attend)."""
     c = step.cache
     out = ops_cpu.decode_attention(q[0, 0], k[0, 0], v[0, 0], c.k[layer][0], c.v[layer][0], step.pos,
-                                   rope.inv_freq, rope.attn_factor, *_norm_args(*norms), scale, window)
+                                   rope.inv_freq, rope.attn_factor, *_norm_args(*norms), scale, window,
+                                   _native_ring(step, layer, window))
     return out.view(1, 1, -1)  # (B, T, H*D)
 
 

@@ -57,7 +57,9 @@ def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tenso
 
 
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
-                     eps: float, offset: float, scale: float, window: int | None) -> torch.Tensor:
-    """native.decode_attention: one token where `attention_fits` -> (H * D,); k, v written at `pos`."""
+                     eps: float, offset: float, scale: float, window: int | None,
+                     ring: tuple[int, int] | None = None) -> torch.Tensor:
+    """native.decode_attention: one token where `attention_fits` -> (H * D,); k, v written at `pos` (a ring
+    layer's: at slot ring[0], attending to slots 0..ring[1]-1)."""
     return native.decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
-                                   eps, offset, scale, window)
+                                   eps, offset, scale, window, ring)
