@@ -1,0 +1,161 @@
+"""Tensor parallelism (kiln/parallel.py): two ranks over gloo give the logits of one process.
+
+One run of two worker processes (subprocesses joined by a file:// rendezvous) builds every case — each
+architecture kiln runs, with float weights and with GGUF blocks (Q4_K, Q6_K, Q8_0; llama's q/k rows behind
+the file's permutation) — sharded over both ranks, prefills a prompt into the KV cache and runs decode steps;
+the test process builds the same models whole and compares every logit (fp32: max |delta| <= 1e-4).
+The cases' weights come from fixed seeds, so workers and test build the same models without passing files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kiln.cache import KVCache, Step
+from kiln.errors import KilnError
+from kiln.formats.gguf import GGUFTensor, _fix_up
+from kiln.load import build_model, check_model
+from kiln.parallel import Shard
+from kiln.quant.quantize import quantize
+
+Q4_K, Q6_K, Q8_0 = 12, 14, 8  # GGUF type ids
+BASE = dict(vocab_size=99, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=128, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e4,
+            tie_word_embeddings=False)  # an odd vocabulary: the ranks' vocabulary shares differ
+CONFIGS = {
+    "llama": dict(BASE, model_type="llama", mlp_bias=True),  # down_proj's bias: rank 0's alone
+    "qwen2": dict(BASE, model_type="qwen2", attention_bias=True),
+    "qwen3": dict(BASE, model_type="qwen3"),
+    "gemma3": dict(BASE, model_type="gemma3", tie_word_embeddings=True, sliding_window=4, sliding_window_pattern=2,
+                   query_pre_attn_scalar=128, final_logit_softcapping=30.0),
+    "phi3": dict(BASE, model_type="phi3", partial_rotary_factor=0.5),
+}
+QTYPES = {"q_proj": Q4_K, "k_proj": Q4_K, "v_proj": Q8_0, "o_proj": Q4_K, "qkv_proj": Q4_K, "gate_proj": Q4_K,
+          "up_proj": Q4_K, "gate_up_proj": Q4_K, "down_proj": Q8_0, "embed_tokens": Q6_K, "lm_head": Q8_0}
+CASES = [(arch, quant) for arch in CONFIGS for quant in (False, True)]
+PROMPT, DECODE = [3, 14, 15, 92, 65, 35, 89], [79, 32, 38]  # teacher-forced: every run feeds the same ids
+
+
+def weights_for(arch: str, quant: bool) -> dict:
+    """Random weights of the tiny `arch` model (fixed seed); 2-D ones as random GGUF blocks with `quant`."""
+    cfg = CONFIGS[arch]
+    g = torch.Generator().manual_seed(sorted(CONFIGS).index(arch))
+    out = {}
+    for name, p in _params(cfg).items():
+        if quant and len(p.shape) == 2:
+            out[name] = _gguf(cfg, name, tuple(p.shape), g)
+        else:
+            t = torch.randn(p.shape, generator=g) * 0.05
+            out[name] = t + 1 if "norm" in name else t
+    return out
+
+
+def _params(cfg: dict) -> dict:
+    from kiln.models import get_model
+    model_cls, args_cls = get_model(cfg["model_type"])
+    with torch.device("meta"):
+        m = model_cls(args_cls.from_dict(cfg))
+    names = dict(m.named_parameters())
+    if cfg["tie_word_embeddings"]:
+        names.pop("lm_head.weight")
+    return names
+
+
+SCALES = {Q8_0: (0, 4e-4), Q4_K: (0, 5e-5, 2, 5e-5), Q6_K: (208, 1e-5)}  # (byte offset, size) of fp16 scales
+
+
+def _gguf(cfg: dict, name: str, shape: tuple[int, int], g) -> GGUFTensor:
+    """A GGUF tensor of random blocks (random codes, scales of a sane size: fast, and every code is a weight
+    the file could hold); llama's q/k behind the loader's un-permutation of the converter's rows (gguf._fix_up)."""
+    qtype = QTYPES[name.split(".")[-2]]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    n = shape[0] * shape[1] // block
+    raw = torch.randint(0, 256, (n, size), generator=g, dtype=torch.uint8)
+    offsets = SCALES[qtype]
+    for off, scale in zip(offsets[::2], offsets[1::2]):
+        d = (torch.rand(n, generator=g) * scale).to(torch.float16)
+        raw[:, off:off + 2] = d.view(torch.uint8).view(n, 2)
+    return _fix_up(cfg, name, GGUFTensor(name, shape, qtype, raw.reshape(-1)))
+
+
+def run(model) -> torch.Tensor:
+    """Logits (T + steps, V) of PROMPT prefilled into a KV cache, then of each DECODE token, one step each."""
+    cache = KVCache.for_model(model, max_len=32)
+    with torch.inference_mode():
+        out = [model(torch.tensor([PROMPT]), Step.prefill(cache, 0))[0]]
+        for i, tok in enumerate(DECODE):
+            out.append(model(torch.tensor([[tok]]), Step.prefill(cache, len(PROMPT) + i))[0])
+    return torch.cat(out)
+
+
+def sharded(cfg: dict, weights: dict, shard: Shard):
+    """What load.load does for a rank on the CPU (fp32): check whole, cut, build the shard, wrap."""
+    check_model(cfg, weights)
+    local, mine = shard.split(cfg, weights)
+    return shard.wrap(build_model(local, mine), cfg)
+
+
+def worker(rank: int, world: int, init: str, out: str):
+    """One rank of the two: every case sharded, its logits and its cache's KV heads saved to `out`."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    got = {}
+    for arch, quant in CASES:
+        model = sharded(CONFIGS[arch], weights_for(arch, quant), Shard(rank, world))
+        got[arch, quant] = run(model), KVCache.for_model(model, max_len=4).k.shape[2]
+    torch.save(got, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Both ranks' results: {(arch, quant): (logits, KV heads in its cache)} per rank."""
+    tmp = tmp_path_factory.mktemp("tp")
+    here = Path(__file__).parent
+    code = f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import test_parallel as t; " \
+           f"t.worker(int(sys.argv[1]), 2, {str(tmp / 'init')!r}, {str(tmp)!r})"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, stderr=subprocess.PIPE) for r in (0, 1)]
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.parametrize("arch,quant", CASES, ids=[f"{a}-{'gguf' if q else 'float'}" for a, q in CASES])
+def test_two_ranks_give_the_logits_of_one(ranks, arch, quant):
+    cfg = CONFIGS[arch]
+    weights = weights_for(arch, quant)
+    check_model(cfg, weights)
+    want = run(build_model(cfg, weights))
+    for rank, got in enumerate(ranks):
+        logits, kv_heads = got[arch, quant]
+        assert logits.shape == want.shape
+        err = (logits - want).abs().max().item()
+        assert err <= 1e-4, f"{arch} rank {rank}: max |delta logit| {err}"
+        assert kv_heads == cfg["num_key_value_heads"] // 2  # the cache holds this rank's KV heads only
+
+
+def test_heads_that_do_not_divide_are_refused():
+    cfg = CONFIGS["llama"]
+    with pytest.raises(KilnError, match="attention heads .4. to divide"):
+        Shard(0, 3).split(cfg, {})
+    with pytest.raises(KilnError, match="KV heads .2. to divide"):
+        Shard(0, 4).split(cfg, {})
+
+
+def test_a_row_cut_inside_a_block_is_refused():
+    cfg = dict(CONFIGS["llama"], head_dim=64)  # o_proj's input, 256 columns of Q4_K, cut at 128: inside a block
+    weights = {"model.layers.0.self_attn.o_proj.weight": GGUFTensor("o", (256, 256), Q4_K,
+                                                                    quantize(torch.randn(256, 256), Q4_K).reshape(-1))}
+    _, mine = Shard(1, 2).split(cfg, weights)
+    with pytest.raises(KilnError, match="blocks of 256 columns.*column 128"):
+        mine["model.layers.0.self_attn.o_proj.weight"]
