@@ -159,15 +159,24 @@ def _adapter_args(p: argparse.ArgumentParser):
     p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
 
 
-def _load(a):
+def tp_arg(p: argparse.ArgumentParser):
+    p.add_argument("--tensor-parallel", "-tp", type=int, default=None, metavar="N",
+                   help="tensor parallelism: shard the model's heads, MLP and vocabulary over N processes (one "
+                        "per GPU, NCCL; on the CPU, gloo and a share of the cores each); kiln starts them "
+                        "itself, or run `torchrun --nproc-per-node N -m kiln ...` (several hosts: torchrun's "
+                        "--nnodes, --node-rank and --rdzv-* flags); rank 0 reads the prompt and prints")
+
+
+def _load(a, **over):
     from kiln.load import load
     adapter = getattr(a, "adapter", None)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
-                      n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),
-                      verbose=getattr(a, "verbose", False))
+    kw = dict(device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
+              n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),
+              verbose=getattr(a, "verbose", False))
+    model, tok = load(a.model, **{**kw, **over})
     if adapter is not None:
         from kiln.finetune.layers import load_adapter
         load_adapter(model, adapter, a.adapter_scale)
@@ -215,6 +224,7 @@ def generate_parser() -> argparse.ArgumentParser:
     ngl_arg(p)
     _adapter_args(p)
     _sampling_args(p)
+    tp_arg(p)
     return p
 
 
@@ -258,16 +268,23 @@ def generate(argv: list[str]) -> int:
     a = generate_parser().parse_args(argv)
     _check_sampling(a)
     _check_draft(a)
+    if a.tensor_parallel is not None or _launched():
+        return _generate_parallel(a, argv)
     prompt = _read_prompt(a)
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
-    drafting = _drafting(a)
-    prompt = _build_prompt(a, tok, prompt)
+    _print_generation(a, model, tok, prompt, **_drafting(a))
+    return 0
+
+
+def _print_generation(a, model, tok, prompt: str, **kw) -> None:
+    """Stream the generated text to stdout (and, with --verbose, the speed to stderr)."""
     from kiln.generate import stream_generate
+    prompt = _build_prompt(a, tok, prompt)
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, prompt_cache=a.prompt_cache, **drafting, **_sampling(a),
+                                logprobs=False, prompt_cache=a.prompt_cache, **kw, **_sampling(a),
                                 **cache_kw(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
@@ -278,7 +295,57 @@ def generate(argv: list[str]) -> int:
         if last.drafted:
             print(f"Drafts: {last.accepted} of {last.drafted} kept ({100 * last.accepted / last.drafted:.0f}%)",
                   file=sys.stderr)
-    return 0
+
+
+def _launched() -> bool:
+    """Under torchrun (or a rank kiln spawned): WORLD_SIZE above 1 in the environment."""
+    import os
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
+def check_parallel(a) -> None:
+    """What tensor parallelism does not combine with yet, before any process is started."""
+    for flag, on in (("--draft-model", getattr(a, "draft_model", None)),
+                     ("--prompt-lookup-ngram", getattr(a, "prompt_lookup_ngram", 0)),
+                     ("--prompt-cache", getattr(a, "prompt_cache", None)), ("--adapter", getattr(a, "adapter", None)),
+                     ("--n-gpu-layers", getattr(a, "n_gpu_layers", "auto") not in ("auto", "all"))):
+        if on:
+            raise KilnError(f"{flag} does not combine with --tensor-parallel yet; drop one of them")
+    if a.tensor_parallel is not None and a.tensor_parallel < 1:
+        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
+
+
+def _generate_parallel(a, argv: list[str]) -> int:
+    """generate over the ranks of a tensor-parallel group: rank 0 reads the prompt, samples and prints; the
+    others follow its Decoder calls (kiln/launch.py)."""
+    from kiln import launch
+    from kiln.parallel import Shard
+    check_parallel(a)
+    if a.system is not None and a.no_chat_template:
+        raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
+    ranks = launch.Ranks.from_env()
+    prompt = _read_prompt(a) if ranks is None or ranks.rank == 0 else None
+    ranks, children = launch.start(a.tensor_parallel, ["generate", *argv])
+    if ranks is None:  # -tp 1: one process, as without the flag
+        model, tok = _load(a)
+        _print_generation(a, model, tok, prompt)
+        return 0
+    ok = False
+    try:
+        device = launch.init_group(ranks, a.device)
+        model, tok = _load(a, device=device, shard=Shard(ranks.rank, ranks.world), progress=ranks.rank == 0)
+        if ranks.rank:
+            launch.follow(model)
+        else:
+            pool = launch.LeaderPool(model, keep=1)
+            try:
+                _print_generation(a, model, tok, prompt, decoders=pool)
+            finally:
+                pool.close()
+        ok = True
+    finally:
+        code = launch.finish(children, ok)
+    return code
 
 
 def chat(argv: list[str]) -> int:
