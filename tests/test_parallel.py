@@ -159,3 +159,44 @@ def test_a_row_cut_inside_a_block_is_refused():
     _, mine = Shard(1, 2).split(cfg, weights)
     with pytest.raises(KilnError, match="blocks of 256 columns.*column 128"):
         mine["model.layers.0.self_attn.o_proj.weight"]
+
+
+# --- kiln generate --tensor-parallel ---------------------------------------------------------------------------
+
+def _kiln(*args, launcher=("-m", "kiln.cli"), env=None):
+    r = subprocess.run([sys.executable, *launcher, *map(str, args)], capture_output=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """A one-layer llama GGUF with a byte-level vocabulary (tests/test_cli.py), and its 1-rank greedy text."""
+    from test_cli import tiny_gguf
+
+    import kiln
+    path = tiny_gguf(tmp_path_factory.mktemp("tp_cli") / "tiny.gguf")
+    model, tok = kiln.load(path)
+    return path, kiln.generate(model, tok, "hello", max_tokens=12)
+
+
+def test_generate_on_two_ranks_prints_the_text_of_one(tiny_file):
+    path, want = tiny_file
+    rc, out, err = _kiln("generate", "-m", path, "-p", "hello", "-n", 12, "--no-chat-template", "-tp", 2)
+    assert rc == 0, err
+    assert out == want + "\n"
+    assert want.strip()
+
+
+def test_generate_under_torchrun(tiny_file):
+    path, want = tiny_file
+    rc, out, err = _kiln("--nproc-per-node", 2, "-m", "kiln", "generate", "-m", path, "-p", "hello", "-n", 12,
+                         "--no-chat-template", launcher=("-m", "torch.distributed.run"), env={"OMP_NUM_THREADS": "1"})
+    assert rc == 0, err
+    assert out == want + "\n"  # rank 1 prints nothing
+
+
+def test_generate_refuses_what_does_not_combine(tiny_file, capsys):
+    from kiln.cli import main
+    rc = main(["generate", "-m", str(tiny_file[0]), "-p", "hi", "-tp", "2", "--prompt-lookup-ngram", "3"])
+    assert rc == 2 and "--prompt-lookup-ngram does not combine with --tensor-parallel" in capsys.readouterr().err
