@@ -146,6 +146,7 @@ class ShardedWeights(Mapping):
 
     def __init__(self, weights: Mapping, sizes: Sizes, rank: int):
         self.base, self.sizes, self.rank = weights, sizes, rank
+        self._embedding = None  # its cut, made once: see __getitem__
 
     def __iter__(self):
         return iter(self.base)
@@ -157,6 +158,13 @@ class ShardedWeights(Mapping):
         return name in self.base
 
     def __getitem__(self, name):
+        if name == "model.embed_tokens.weight":  # a tied head must get the very object its embedding got:
+            if self._embedding is None:          # quant/linear.swap_linears shares their planes by identity
+                self._embedding = self._cut(name)
+            return self._embedding
+        return self._cut(name)
+
+    def _cut(self, name: str):
         how = cut(name, self.sizes, self.rank)
         w = self.base[name]
         return w if how is None else _cut(w, name, how, self.rank)

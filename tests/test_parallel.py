@@ -9,6 +9,7 @@ The cases' weights come from fixed seeds, so workers and test build the same mod
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from kiln.errors import KilnError
 from kiln.formats.gguf import GGUFTensor, _fix_up
 from kiln.load import build_model, check_model
 from kiln.parallel import Shard
-from kiln.quant.quantize import quantize
+from kiln.quant.cpu import compact_linears
 
 Q4_K, Q6_K, Q8_0 = 12, 14, 8  # GGUF type ids
 BASE = dict(vocab_size=99, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -39,7 +40,11 @@ CONFIGS = {
 }
 QTYPES = {"q_proj": Q4_K, "k_proj": Q4_K, "v_proj": Q8_0, "o_proj": Q4_K, "qkv_proj": Q4_K, "gate_proj": Q4_K,
           "up_proj": Q4_K, "gate_up_proj": Q4_K, "down_proj": Q8_0, "embed_tokens": Q6_K, "lm_head": Q8_0}
-CASES = [(arch, quant) for arch in CONFIGS for quant in (False, True)]
+KINDS = ("float", "gguf", "quantlinear", "compact")  # weights as floats or GGUF blocks; the layers GGUF blocks become:
+# nn.Linear in fp32 (the CPU default), QuantLinear (the GPU layer; its torch path here), the compact CPU layers
+CASES = [(arch, kind) for arch in CONFIGS for kind in KINDS[:2]] + \
+    [("llama", "quantlinear"), ("phi3", "quantlinear"), ("llama", "compact"), ("gemma3", "compact")]  # one layer
+# type's cut is the same in every family: two families each (a permuted q/k, fused projections, a tied head)
 PROMPT, DECODE = [3, 14, 15, 92, 65, 35, 89], [79, 32, 38]  # teacher-forced: every run feeds the same ids
 
 
@@ -72,9 +77,13 @@ SCALES = {Q8_0: (0, 4e-4), Q4_K: (0, 5e-5, 2, 5e-5), Q6_K: (208, 1e-5)}  # (byte
 
 
 def _gguf(cfg: dict, name: str, shape: tuple[int, int], g) -> GGUFTensor:
-    """A GGUF tensor of random blocks (random codes, scales of a sane size: fast, and every code is a weight
-    the file could hold); llama's q/k behind the loader's un-permutation of the converter's rows (gguf._fix_up)."""
-    qtype = QTYPES[name.split(".")[-2]]
+    """A GGUF tensor of random blocks; llama's q/k behind the loader's un-permutation of the converter's rows
+    (gguf._fix_up)."""
+    return _fix_up(cfg, name, random_gguf(name, shape, QTYPES[name.split(".")[-2]], g))
+
+
+def random_gguf(name: str, shape: tuple[int, int], qtype: int, g) -> GGUFTensor:
+    """Random codes with scales of a sane size: fast to make, and every block one a file could hold."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
     n = shape[0] * shape[1] // block
     raw = torch.randint(0, 256, (n, size), generator=g, dtype=torch.uint8)
@@ -82,7 +91,7 @@ def _gguf(cfg: dict, name: str, shape: tuple[int, int], g) -> GGUFTensor:
     for off, scale in zip(offsets[::2], offsets[1::2]):
         d = (torch.rand(n, generator=g) * scale).to(torch.float16)
         raw[:, off:off + 2] = d.view(torch.uint8).view(n, 2)
-    return _fix_up(cfg, name, GGUFTensor(name, shape, qtype, raw.reshape(-1)))
+    return GGUFTensor(name, shape, qtype, raw.reshape(-1))
 
 
 def run(model) -> torch.Tensor:
@@ -95,11 +104,16 @@ def run(model) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sharded(cfg: dict, weights: dict, shard: Shard):
-    """What load.load does for a rank on the CPU (fp32): check whole, cut, build the shard, wrap."""
+def build(arch: str, kind: str, shard: Shard | None = None):
+    """The model of one case, whole or (with `shard`) this rank's part as load.load builds it: the config
+    and weights checked whole, then cut, the shard built, the collectives wrapped around its layers."""
+    cfg, weights = CONFIGS[arch], weights_for(arch, kind != "float")
     check_model(cfg, weights)
-    local, mine = shard.split(cfg, weights)
-    return shard.wrap(build_model(local, mine), cfg)
+    local, mine = (cfg, weights) if shard is None else shard.split(cfg, weights)
+    layers = {"quantlinear": dict(quantized=True, device="cpu", dtype=torch.float32),
+              "compact": dict(swap=compact_linears)}.get(kind, {})
+    model = build_model(local, mine, **layers)
+    return model if shard is None else shard.wrap(model, cfg)
 
 
 def worker(rank: int, world: int, init: str, out: str):
@@ -108,16 +122,16 @@ def worker(rank: int, world: int, init: str, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     got = {}
-    for arch, quant in CASES:
-        model = sharded(CONFIGS[arch], weights_for(arch, quant), Shard(rank, world))
-        got[arch, quant] = run(model), KVCache.for_model(model, max_len=4).k.shape[2]
+    for arch, kind in CASES:
+        model = build(arch, kind, Shard(rank, world))
+        got[arch, kind] = run(model), KVCache.for_model(model, max_len=4).k.shape[2]
     torch.save(got, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Both ranks' results: {(arch, quant): (logits, KV heads in its cache)} per rank."""
+    """Both ranks' results: {(arch, kind): (logits, KV heads in its cache)} per rank."""
     tmp = tmp_path_factory.mktemp("tp")
     here = Path(__file__).parent
     code = f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import test_parallel as t; " \
@@ -130,18 +144,25 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
 
 
-@pytest.mark.parametrize("arch,quant", CASES, ids=[f"{a}-{'gguf' if q else 'float'}" for a, q in CASES])
-def test_two_ranks_give_the_logits_of_one(ranks, arch, quant):
-    cfg = CONFIGS[arch]
-    weights = weights_for(arch, quant)
-    check_model(cfg, weights)
-    want = run(build_model(cfg, weights))
+@functools.lru_cache(maxsize=None)
+def reference(arch: str, kind: str) -> torch.Tensor:
+    return run(build(arch, kind))
+
+
+@pytest.mark.parametrize("arch,kind", CASES, ids=[f"{a}-{k}" for a, k in CASES])
+def test_two_ranks_give_the_logits_of_one(ranks, arch, kind):
+    """Every logit of prefill and decode steps within 1e-4 of one process's; the compact CPU layers (bf16
+    activations, int8 rows quantized per rank's share of a row) within their own distance from fp32."""
+    want = reference(arch, "float" if kind == "float" else "gguf")  # fp32 from the file's blocks
+    tol = 1e-4
+    if kind == "compact":
+        tol = 2 * (run(build(arch, kind)) - want).abs().max().item() + 1e-3
     for rank, got in enumerate(ranks):
-        logits, kv_heads = got[arch, quant]
+        logits, kv_heads = got[arch, kind]
         assert logits.shape == want.shape
         err = (logits - want).abs().max().item()
-        assert err <= 1e-4, f"{arch} rank {rank}: max |delta logit| {err}"
-        assert kv_heads == cfg["num_key_value_heads"] // 2  # the cache holds this rank's KV heads only
+        assert err <= tol, f"{arch} {kind} rank {rank}: max |delta logit| {err} > {tol}"
+        assert kv_heads == CONFIGS[arch]["num_key_value_heads"] // 2  # the cache holds this rank's KV heads
 
 
 def test_heads_that_do_not_divide_are_refused():
@@ -154,8 +175,8 @@ def test_heads_that_do_not_divide_are_refused():
 
 def test_a_row_cut_inside_a_block_is_refused():
     cfg = dict(CONFIGS["llama"], head_dim=64)  # o_proj's input, 256 columns of Q4_K, cut at 128: inside a block
-    weights = {"model.layers.0.self_attn.o_proj.weight": GGUFTensor("o", (256, 256), Q4_K,
-                                                                    quantize(torch.randn(256, 256), Q4_K).reshape(-1))}
+    o = random_gguf("o", (256, 256), Q4_K, torch.Generator().manual_seed(0))
+    weights = {"model.layers.0.self_attn.o_proj.weight": o}
     _, mine = Shard(1, 2).split(cfg, weights)
     with pytest.raises(KilnError, match="blocks of 256 columns.*column 128"):
         mine["model.layers.0.self_attn.o_proj.weight"]
