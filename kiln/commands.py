@@ -319,32 +319,21 @@ def _generate_parallel(a, argv: list[str]) -> int:
     """generate over the ranks of a tensor-parallel group: rank 0 reads the prompt, samples and prints; the
     others follow its Decoder calls (kiln/launch.py)."""
     from kiln import launch
-    from kiln.parallel import Shard
     check_parallel(a)
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     ranks = launch.Ranks.from_env()
     prompt = _read_prompt(a) if ranks is None or ranks.rank == 0 else None
-    ranks, children = launch.start(a.tensor_parallel, ["generate", *argv])
-    if ranks is None:  # -tp 1: one process, as without the flag
+
+    def load(device, shard, first):
+        return _load(a, device=device, shard=shard, progress=first)
+
+    code = launch.run(a.tensor_parallel, ["generate", *argv], a.device, load,
+                      lambda model, tok, pool: _print_generation(a, model, tok, prompt, decoders=pool))
+    if code is None:  # -tp 1: one process, as without the flag
         model, tok = _load(a)
         _print_generation(a, model, tok, prompt)
         return 0
-    ok = False
-    try:
-        device = launch.init_group(ranks, a.device)
-        model, tok = _load(a, device=device, shard=Shard(ranks.rank, ranks.world), progress=ranks.rank == 0)
-        if ranks.rank:
-            launch.follow(model)
-        else:
-            pool = launch.LeaderPool(model, keep=1)
-            try:
-                _print_generation(a, model, tok, prompt, decoders=pool)
-            finally:
-                pool.close()
-        ok = True
-    finally:
-        code = launch.finish(children, ok)
     return code
 
 

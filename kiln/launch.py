@@ -1,6 +1,6 @@
 """The ranks of a tensor-parallel run: who they are, how they meet, and how rank 0 leads the others.
 
-Owns: `Ranks` (rank, world size, local rank, read from the environment torchrun sets: RANK, WORLD_SIZE,
+Owns: `run` (a command's body over the ranks: load everywhere, lead on rank 0, follow elsewhere), `Ranks` (rank, world size, local rank, read from the environment torchrun sets: RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), `start(world, argv)` (this process joins, or becomes, a group of
 `world` ranks: under torchrun it joins; otherwise it spawns ranks 1..N-1 as copies of its own command and is
 rank 0 itself), `init_group` (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), and the
@@ -8,7 +8,8 @@ lead-follow protocol of generation:
 
 - rank 0 owns tokenization, sampling and output; it runs the ordinary token loop (generate.generate_step)
   with a `LeaderPool`, whose Decoders announce every call before making it: a new cache (`get`), a prompt
-  chunk (`prefill`: the ids), a decode step (`step`: the chosen token) — one small broadcast each;
+  chunk (`prefill`: the ids), a decode step (`step`: the chosen token), a whole-sequence forward without a
+  cache (`forward`: the ids; bench's agreement pass) — one small broadcast each;
 - ranks 1..N-1 run `follow(model)`: they receive each announcement and make the same call on their own
   Decoder, so every forward (and every collective inside it) runs on all ranks in the same order;
 - `LeaderPool.close()` tells the followers to return.
@@ -24,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ from kiln.cache import CACHE_TYPES
 from kiln.errors import KilnError
 from kiln.generate import Decoder, DecoderPool
 
-OP_EXIT, OP_GET, OP_PREFILL, OP_STEP = 0, 1, 2, 3
+OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,32 @@ def start(world: int | None, argv: list[str]) -> tuple[Ranks | None, list[subpro
     if world < 1:
         raise KilnError(f"--tensor-parallel {world}: must be at least 1")
     return Ranks(0, world, 0), _spawn(world, argv)
+
+
+def run(world: int | None, argv: list[str], device: str | None, load: Callable, lead: Callable) -> int | None:
+    """A command over the ranks of a tensor-parallel group (None where there is none: `world` None or 1 and
+    no launcher): `load(device, shard, is_rank0) -> (model, tokenizer)` on every rank, then on rank 0
+    `lead(model, tokenizer, pool)` (a LeaderPool, closed afterwards) while the others `follow`. Returns the
+    exit status: 0, or a spawned follower's first non-zero one."""
+    from kiln.parallel import Shard
+    ranks, children = start(world, argv)
+    if ranks is None:
+        return None
+    ok = False
+    try:
+        model, tok = load(init_group(ranks, device), Shard(ranks.rank, ranks.world), ranks.rank == 0)
+        if ranks.rank:
+            follow(model)
+        else:
+            pool = LeaderPool(model, keep=1)
+            try:
+                lead(model, tok, pool)
+            finally:
+                pool.close()
+        ok = True
+    finally:
+        code = finish(children, ok)
+    return code
 
 
 def _spawn(world: int, argv: list[str]) -> list[subprocess.Popen]:
@@ -191,6 +219,12 @@ class LeaderPool(DecoderPool):
         d.link = self.link
         return d
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """model(ids) (a whole sequence, no cache) on every rank: logits (1, T, V)."""
+        self.link.send(OP_FORWARD, 0, ids.shape[1])
+        self.link.ids(ids)
+        return self.model(ids)
+
     def close(self):
         """Tell the followers to return from `follow`."""
         self.link.send(OP_EXIT)
@@ -212,5 +246,7 @@ def follow(model, keep: int = 2) -> None:
                 decoder.prefill(link.ids(n=b), a)
             elif op == OP_STEP:
                 decoder.step(torch.tensor([b], device=link.device), a)
+            elif op == OP_FORWARD:
+                model(link.ids(n=b))
             else:
                 raise KilnError(f"internal: unknown tensor-parallel op {op}")
