@@ -12,6 +12,9 @@ lead-follow protocol of generation:
   cache (`forward`: the ids; bench's agreement pass) — one small broadcast each;
 - ranks 1..N-1 run `follow(model)`: they receive each announcement and make the same call on their own
   Decoder, so every forward (and every collective inside it) runs on all ranks in the same order;
+- `LeaderEngine` (kiln serve) does the same for the batched engine: its creation (slots, context, cache
+  types), the graphs' warm-up, prompt chunks, batched prefills and batched decode steps (the rows' tokens,
+  positions and slots), which the followers make on an engine of their own (no requests, no sampling);
 - `LeaderPool.close()` tells the followers to return.
 
 The decode step stays whole on each rank: on CUDA each rank replays its own captured graph (the collectives
@@ -21,10 +24,13 @@ Not: cutting the model (parallel.py), the token loop (generate.py), the command 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,9 +39,11 @@ import torch.distributed as dist
 
 from kiln.cache import CACHE_TYPES
 from kiln.errors import KilnError
+from kiln.engine import Engine, _BatchStep
 from kiln.generate import Decoder, DecoderPool
 
-OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4
+OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4  # the batch-1 Decoder's calls
+OP_ENGINE, OP_WARM_UP, OP_ROWS_STEP, OP_CHUNK, OP_ROWS_PREFILL = 5, 6, 7, 8, 9  # the batched engine's
 
 
 @dataclass(frozen=True)
@@ -92,13 +100,32 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
         else:
             pool = LeaderPool(model, keep=1)
             try:
-                lead(model, tok, pool)
+                with _sigterm_raises():
+                    lead(model, tok, pool)
             finally:
                 pool.close()
         ok = True
     finally:
         code = finish(children, ok)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM as SystemExit while rank 0 leads, so that it still tells the followers to return (uvicorn
+    re-raises the signal it caught once the server is down; by default that would end rank 0 on the spot)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(sig, frame):
+        raise SystemExit(128 + sig)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _spawn(world: int, argv: list[str]) -> list[subprocess.Popen]:
@@ -154,26 +181,36 @@ def finish(children: list[subprocess.Popen], ok: bool = True) -> int:
 # ---------------------------------------------------------------- lead and follow
 
 class Link:
-    """Rank 0's announcements to the followers: a header (op, a, b, c) of int64, then the op's ids if any,
-    each one broadcast from rank 0 (on the device NCCL needs, or the CPU for gloo)."""
+    """Rank 0's announcements to the followers: a header of HEADER int64 (the op, then its numbers), then the
+    op's payload if any (ids, rows of a batch), each broadcast from rank 0 (on the device NCCL needs, or the
+    CPU for gloo)."""
+
+    HEADER = 8
 
     def __init__(self, device, group=None):
         self.device, self.group = torch.device(device), group
 
-    def send(self, op: int, a: int = 0, b: int = 0, c: int = 0, token: torch.Tensor | None = None):
-        hdr = torch.tensor([op, a, b, c], dtype=torch.long).to(self.device, non_blocking=True)
-        if token is not None:  # the sampled token, still on the device: no host sync
+    def send(self, op: int, *nums: int, token: torch.Tensor | None = None):
+        """Announce `op` with up to HEADER - 1 numbers; `token` (a device tensor: no host sync) goes in slot 2."""
+        hdr = torch.tensor([op, *nums] + [0] * (self.HEADER - 1 - len(nums)), dtype=torch.long)
+        hdr = hdr.to(self.device, non_blocking=True)
+        if token is not None:
             hdr[2:3].copy_(token.reshape(1))
         dist.broadcast(hdr, 0, group=self.group)
 
     def recv(self) -> list[int]:
-        hdr = torch.empty(4, dtype=torch.long, device=self.device)
+        hdr = torch.empty(self.HEADER, dtype=torch.long, device=self.device)
         dist.broadcast(hdr, 0, group=self.group)
         return hdr.tolist()
 
     def ids(self, ids: torch.Tensor | None = None, n: int = 0) -> torch.Tensor:
         """Rank 0 sends `ids` (1, n); a follower receives them."""
-        buf = ids.contiguous() if ids is not None else torch.empty(1, n, dtype=torch.long, device=self.device)
+        return self.payload(ids, (1, n))
+
+    def payload(self, x: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rank 0 sends x (int64 of `shape`); a follower (x None) receives it."""
+        buf = x.to(self.device, torch.long).contiguous() if x is not None else \
+            torch.empty(shape, dtype=torch.long, device=self.device)
         dist.broadcast(buf, 0, group=self.group)
         return buf
 
@@ -230,14 +267,59 @@ class LeaderPool(DecoderPool):
         self.link.send(OP_EXIT)
 
 
+class _LeaderStep(_BatchStep):
+    """Rank 0's batched decode step (engine._BatchStep): each call announced with its rows, then made."""
+
+    link: Link
+
+    def __call__(self, tokens, pos: list[int], slots: list[int]) -> torch.Tensor:
+        rows = torch.tensor([pos, slots], dtype=torch.long).to(self.link.device)  # (2, B)
+        tok = tokens.to(self.link.device, torch.long).view(1, -1) if isinstance(tokens, torch.Tensor) else \
+            torch.tensor([tokens], dtype=torch.long, device=self.link.device)  # (1, B): device picks stay there
+        self.link.send(OP_ROWS_STEP, len(pos))
+        self.link.payload(torch.cat([tok, rows]), (3, len(pos)))
+        return super().__call__(tokens, pos, slots)
+
+
+class LeaderEngine(Engine):
+    """Rank 0's engine (kiln serve -tp): its model calls — prompt chunks, batched prefills, batched decode
+    steps, the graphs' warm-up — are announced to the followers, which make them on an engine of their own
+    with the same slots, context and cache types (`follow`)."""
+
+    step_class = _LeaderStep
+
+    def __init__(self, model, tokenizer=None, **kw):
+        super().__init__(model, tokenizer, **kw)
+        self.link = self._step.link = Link(self.device, model.shard.group)
+        self.link.send(OP_ENGINE, self.n_slots, self.ctx_size, int(self._step.static), _code(self.cache.type_k),
+                       _code(self.cache.type_v))
+
+    def warm_up(self) -> None:
+        if self._thread is None and self._step.use_graphs:
+            self.link.send(OP_WARM_UP)
+        super().warm_up()
+
+    def _chunk_forward(self, slot: int, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        self.link.send(OP_CHUNK, slot, ids.shape[1], pos)
+        self.link.ids(ids)
+        return super()._chunk_forward(slot, ids, pos)
+
+    def _rows_forward(self, ids: torch.Tensor, pos: list[int], slots: list[int], last: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        rows = torch.tensor([pos, slots], dtype=torch.long, device=self.device).t()  # (B, 2)
+        self.link.send(OP_ROWS_PREFILL, b, t)
+        self.link.payload(torch.cat([ids, rows, last.view(b, 1)], 1), (b, t + 3))
+        return super()._rows_forward(ids, pos, slots, last)
+
+
 def follow(model, keep: int = 2) -> None:
-    """A follower's loop (ranks 1..N-1): make each call rank 0 announces on this rank's own Decoders, until
-    rank 0 closes its pool."""
+    """A follower's loop (ranks 1..N-1): make each call rank 0 announces on this rank's own Decoders or
+    engine, until rank 0 closes its pool."""
     link = Link(next(model.parameters()).device, model.shard.group)
-    pool, decoder = DecoderPool(model, keep), None
+    pool, decoder, engine = DecoderPool(model, keep), None, None
     with torch.inference_mode():
         while True:
-            op, a, b, c = link.recv()
+            op, a, b, c, d, e, _, _ = link.recv()
             if op == OP_EXIT:
                 return
             if op == OP_GET:
@@ -248,5 +330,18 @@ def follow(model, keep: int = 2) -> None:
                 decoder.step(torch.tensor([b], device=link.device), a)
             elif op == OP_FORWARD:
                 model(link.ids(n=b))
+            elif op == OP_ENGINE:
+                engine = Engine(model, None, n_slots=a, ctx_size=b, graphs=bool(c), cache_type_k=_type(d),
+                                cache_type_v=_type(e))
+            elif op == OP_WARM_UP:
+                engine.warm_up()
+            elif op == OP_ROWS_STEP:
+                tok, pos, slots = link.payload(None, (3, a))
+                engine._step(tok, pos.tolist(), slots.tolist())
+            elif op == OP_CHUNK:
+                engine._chunk_forward(a, link.ids(n=b), c)
+            elif op == OP_ROWS_PREFILL:
+                rows = link.payload(None, (a, b + 3))
+                engine._rows_forward(rows[:, :b], rows[:, b].tolist(), rows[:, b + 1].tolist(), rows[:, b + 2])
             else:
                 raise KilnError(f"internal: unknown tensor-parallel op {op}")

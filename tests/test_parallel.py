@@ -125,8 +125,32 @@ def worker(rank: int, world: int, init: str, out: str):
     for arch, kind in CASES:
         model = build(arch, kind, Shard(rank, world))
         got[arch, kind] = run(model), KVCache.for_model(model, max_len=4).k.shape[2]
+    got["engine"] = serve_requests(build("qwen3", "float", Shard(rank, world)), rank)
     torch.save(got, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+ENGINE_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [70, 71, 72, 73], [90, 3, 1, 4, 1, 5]]
+
+
+def serve_requests(model, rank: int | None = None, graphs: bool = True):
+    """The tokens of ENGINE_PROMPTS through the batched engine (kiln serve's), all submitted at once into
+    two slots (queueing, batched prefills, slot reuse), greedy; the static padded step (graphs=True: what a
+    CUDA graph replays, eager here) with look-ahead. Rank 0 leads (launch.LeaderEngine), the others follow."""
+    from kiln import launch
+    from kiln.engine import Engine, EngineRequest
+    from kiln.sample import SamplingParams
+    if rank:
+        launch.follow(model)
+        return None
+    engine = (Engine if rank is None else launch.LeaderEngine)(model, None, n_slots=2, ctx_size=32, graphs=graphs)
+    engine.start()
+    handles = [engine.submit(EngineRequest(p, SamplingParams(), max_tokens=5)) for p in ENGINE_PROMPTS]
+    tokens = [[o.token for o in h.sync()] for h in handles]
+    engine.stop()
+    if rank is not None:
+        launch.LeaderPool(model).close()
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +187,12 @@ def test_two_ranks_give_the_logits_of_one(ranks, arch, kind):
         err = (logits - want).abs().max().item()
         assert err <= tol, f"{arch} {kind} rank {rank}: max |delta logit| {err} > {tol}"
         assert kv_heads == CONFIGS[arch]["num_key_value_heads"] // 2  # the cache holds this rank's KV heads
+
+
+def test_the_engine_on_two_ranks_serves_the_tokens_of_one(ranks):
+    want = serve_requests(build("qwen3", "float"))
+    assert ranks[0]["engine"] == want
+    assert all(len(t) == 5 for t in want)
 
 
 def test_heads_that_do_not_divide_are_refused():
