@@ -275,7 +275,7 @@ def _bench_parallel(a, argv, args, kw) -> int | None:
         print(json.dumps(report, indent=1) if a.json else format_report(report))
 
     return launch.run(a.tensor_parallel, ["bench", *argv], a.device, lambda device, shard, first: _load_timed(
-        args[0], device, args[5], kw["quantized"], shard), lead)
+        args[0], device, args[5], kw["quantized"], shard), lead, a.model)
 
 
 def _load_timed(model_name, device, dtype, quantized, shard=None):

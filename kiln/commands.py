@@ -329,7 +329,7 @@ def _generate_parallel(a, argv: list[str]) -> int:
         return _load(a, device=device, shard=shard, progress=first)
 
     code = launch.run(a.tensor_parallel, ["generate", *argv], a.device, load,
-                      lambda model, tok, pool: _print_generation(a, model, tok, prompt, decoders=pool))
+                      lambda model, tok, pool: _print_generation(a, model, tok, prompt, decoders=pool), a.model)
     if code is None:  # -tp 1: one process, as without the flag
         model, tok = _load(a)
         _print_generation(a, model, tok, prompt)

@@ -83,12 +83,17 @@ def start(world: int | None, argv: list[str]) -> tuple[Ranks | None, list[subpro
     return Ranks(0, world, 0), _spawn(world, argv)
 
 
-def run(world: int | None, argv: list[str], device: str | None, load: Callable, lead: Callable) -> int | None:
+def run(world: int | None, argv: list[str], device: str | None, load: Callable, lead: Callable,
+        model: str | None = None) -> int | None:
     """A command over the ranks of a tensor-parallel group (None where there is none: `world` None or 1 and
     no launcher): `load(device, shard, is_rank0) -> (model, tokenizer)` on every rank, then on rank 0
     `lead(model, tokenizer, pool)` (a LeaderPool, closed afterwards) while the others `follow`. Returns the
-    exit status: 0, or a spawned follower's first non-zero one."""
-    from kiln.parallel import Shard
+    exit status: 0, or a spawned follower's first non-zero one. `model` (a name or path): where kiln spawns
+    the ranks, fetched and checked to divide among them first (one download, one error, no process started)."""
+    from kiln.parallel import Shard, check_file
+    if model is not None and Ranks.from_env() is None and world is not None and world > 1:
+        from kiln.hub import resolve
+        check_file(resolve(str(model), progress=True), world)
     ranks, children = start(world, argv)
     if ranks is None:
         return None

@@ -108,6 +108,23 @@ class Sizes:
         return min(rank * per, self.vocab), min((rank + 1) * per, self.vocab)
 
 
+def check_file(path, world: int) -> None:
+    """KilnError unless the model at `path` (a GGUF file or a Hugging Face folder) divides among `world` ranks,
+    read from its config alone: a launcher checks this before it starts any rank."""
+    from pathlib import Path
+    path = Path(path)
+    if path.is_dir():
+        from kiln.formats.safetensors import _config
+        config = _config(path)
+    else:
+        from kiln.formats.gguf import read_gguf, to_config
+        config = to_config(read_gguf(path))
+    try:
+        Sizes.of(config, world)  # KilnError where the model does not divide
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
+        pass  # a malformed config: the load checks it field by field and says what is wrong
+
+
 # ---------------------------------------------------------------- the weights' cuts
 
 def cut(name: str, s: Sizes, rank: int):

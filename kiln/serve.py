@@ -164,4 +164,4 @@ def _serve_parallel(a, argv: list[str], path: Path, model_id: str) -> int | None
         return load(path, device=device, dtype=a.dtype, progress=False, shard=shard)
 
     return launch.run(a.tensor_parallel, ["serve", *argv], a.device, load_shard,
-                      lambda model, tok, pool: _run(a, path, model_id, dict(model=model, tokenizer=tok)))
+                      lambda model, tok, pool: _run(a, path, model_id, dict(model=model, tokenizer=tok)), path)

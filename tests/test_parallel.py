@@ -251,3 +251,5 @@ def test_generate_refuses_what_does_not_combine(tiny_file, capsys):
     from kiln.cli import main
     rc = main(["generate", "-m", str(tiny_file[0]), "-p", "hi", "-tp", "2", "--prompt-lookup-ngram", "3"])
     assert rc == 2 and "--prompt-lookup-ngram does not combine with --tensor-parallel" in capsys.readouterr().err
+    rc = main(["generate", "-m", str(tiny_file[0]), "-p", "hi", "-tp", "3"])  # refused before a rank starts
+    assert rc == 2 and "attention heads (2) to divide among them" in capsys.readouterr().err
