@@ -1,7 +1,8 @@
 """The ranks of a tensor-parallel run: who they are, how they meet, and how rank 0 leads the others.
 
-Owns: `run` (a command's body over the ranks: load everywhere, lead on rank 0, follow elsewhere), `Ranks` (rank, world size, local rank, read from the environment torchrun sets: RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT), `start(world, argv)` (this process joins, or becomes, a group of
+Owns: `run` (a command's body over the ranks: load everywhere, lead on rank 0, follow elsewhere), `Ranks`
+(rank, world size, local rank, read from the environment torchrun sets: RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), `start(world, argv)` (this process joins, or becomes, a group of
 `world` ranks: under torchrun it joins; otherwise it spawns ranks 1..N-1 as copies of its own command and is
 rank 0 itself), `init_group` (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), and the
 lead-follow protocol of generation:
@@ -84,16 +85,17 @@ def start(world: int | None, argv: list[str]) -> tuple[Ranks | None, list[subpro
 
 
 def run(world: int | None, argv: list[str], device: str | None, load: Callable, lead: Callable,
-        model: str | None = None) -> int | None:
+        source: str | None = None) -> int | None:
     """A command over the ranks of a tensor-parallel group (None where there is none: `world` None or 1 and
     no launcher): `load(device, shard, is_rank0) -> (model, tokenizer)` on every rank, then on rank 0
     `lead(model, tokenizer, pool)` (a LeaderPool, closed afterwards) while the others `follow`. Returns the
-    exit status: 0, or a spawned follower's first non-zero one. `model` (a name or path): where kiln spawns
-    the ranks, fetched and checked to divide among them first (one download, one error, no process started)."""
+    exit status: 0, or a spawned follower's first non-zero one. `source` (the model's name or path): where
+    kiln spawns the ranks, fetched and checked to divide among them first (one download, one error, no
+    process started)."""
     from kiln.parallel import Shard, check_file
-    if model is not None and Ranks.from_env() is None and world is not None and world > 1:
+    if source is not None and Ranks.from_env() is None and world is not None and world > 1:
         from kiln.hub import resolve
-        check_file(resolve(str(model), progress=True), world)
+        check_file(resolve(str(source), progress=True), world)
     ranks, children = start(world, argv)
     if ranks is None:
         return None

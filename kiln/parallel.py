@@ -98,7 +98,7 @@ class Sizes:
             if n % self.world:
                 raise KilnError(f"tensor parallelism over {self.world} ranks needs the model's {what} ({n}) to "
                                 f"divide among them; use a tensor parallel size that divides {n}")
-        if self.vocab < self.world:
+        if self.vocab_rows(self.world - 1)[0] >= self.vocab:  # spans of ceil(V / world) leave the last empty
             raise KilnError(f"a vocabulary of {self.vocab} tokens cannot be split among {self.world} ranks")
 
     def vocab_rows(self, rank: int) -> tuple[int, int]:
