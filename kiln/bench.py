@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
     from kiln.commands import _launched, cache_kw, cache_type_args, ngl_arg, tp_arg
     cache_type_args(p)
     ngl_arg(p)
-    tp_arg(p)
+    tp_arg(p, "measures and prints (figures of its own shard)")
     a = p.parse_args(argv)
     cache_kw(a)
     q = {"auto": None, "on": True, "off": False}[a.quantized]

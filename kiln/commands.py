@@ -159,12 +159,12 @@ def _adapter_args(p: argparse.ArgumentParser):
     p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
 
 
-def tp_arg(p: argparse.ArgumentParser):
+def tp_arg(p: argparse.ArgumentParser, rank0: str = "reads the prompt and prints"):
     p.add_argument("--tensor-parallel", "-tp", type=int, default=None, metavar="N",
                    help="tensor parallelism: shard the model's heads, MLP and vocabulary over N processes (one "
                         "per GPU, NCCL; on the CPU, gloo and a share of the cores each); kiln starts them "
                         "itself, or run `torchrun --nproc-per-node N -m kiln ...` (several hosts: torchrun's "
-                        "--nnodes, --node-rank and --rdzv-* flags); rank 0 reads the prompt and prints")
+                        f"--nnodes, --node-rank and --rdzv-* flags); rank 0 {rank0}, the others follow")
 
 
 def _load(a, **over):

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
     from kiln.commands import ngl_arg, tp_arg
     ngl_arg(p)
-    tp_arg(p)
+    tp_arg(p, "serves HTTP once every rank has loaded its shard")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated Host names clients may use besides localhost and --host (default: only "
                         "those; any when --host is 0.0.0.0 or ::); guards against DNS rebinding, '*' allows any")
