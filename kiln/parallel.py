@@ -6,7 +6,7 @@ MLP and of the vocabulary) and a lazy view of its weights (`ShardedWeights`: eve
 GGUF blocks cut along block boundaries), and `Shard.wrap(model)` puts the collectives around the built layers:
 
 - column-parallel q/k/v, gate/up (and phi3's fused qkv_proj / gate_up_proj): this rank's output rows, whole
-  heads; no communication;
+  heads, and the MLP's columns in whole blocks of down_proj (as even as those allow); no communication;
 - row-parallel o_proj and down_proj: this rank's input columns, one all_reduce (sum) of the output each
   (`RowParallel`); a bias is held by rank 0 only;
 - the token embedding vocabulary-parallel (`VocabEmbedding`: a rank looks up its own ids, zeros elsewhere,
@@ -48,11 +48,12 @@ class Shard:
 
     def split(self, config: dict, weights: Mapping) -> tuple[dict, ShardedWeights]:
         """(this rank's config, a view of its weights) of a model checked whole (load.check_model)."""
-        sizes = Sizes.of(config, self.world)
+        sizes = Sizes.of(config, self.world, mlp_block(weights))
         a, b = sizes.vocab_rows(self.rank)
+        m, n = sizes.mlp_cols(self.rank)
         local = dict(config, num_attention_heads=sizes.heads // self.world,
                      num_key_value_heads=sizes.kv_heads // self.world, head_dim=sizes.head_dim,
-                     intermediate_size=sizes.intermediate // self.world, vocab_size=b - a)
+                     intermediate_size=n - m, vocab_size=b - a)
         return local, ShardedWeights(weights, sizes, self.rank)
 
     def wrap(self, model: nn.Module, config: dict) -> nn.Module:
@@ -81,25 +82,36 @@ class Sizes:
     intermediate: int
     vocab: int
     world: int
+    block: int = 1  # the MLP's cut points fall on multiples of this (down_proj's GGUF block size)
 
     @classmethod
-    def of(cls, config: dict, world: int) -> Sizes:
+    def of(cls, config: dict, world: int, block: int = 1) -> Sizes:
         from kiln.models import get_model
         a = get_model(config["model_type"])[1].from_dict(config)  # derived defaults (head_dim, kv heads)
-        s = cls(a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size, a.vocab_size, world)
+        s = cls(a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size, a.vocab_size, world,
+                block)
         s.check()
         return s
 
     def check(self):
         if not isinstance(self.world, int) or self.world < 1:
             raise KilnError(f"tensor parallel size must be an integer >= 1, got {self.world!r}")
-        for what, n in (("attention heads", self.heads), ("KV heads", self.kv_heads),
-                        ("MLP width (intermediate_size)", self.intermediate)):
+        for what, n in (("attention heads", self.heads), ("KV heads", self.kv_heads)):
             if n % self.world:
                 raise KilnError(f"tensor parallelism over {self.world} ranks needs the model's {what} ({n}) to "
                                 f"divide among them; use a tensor parallel size that divides {n}")
+        if self.intermediate % self.block or self.intermediate // self.block < self.world:
+            raise KilnError(f"the MLP's {self.intermediate} columns in blocks of {self.block} cannot be split "
+                            f"among {self.world} ranks; use fewer ranks")
         if self.vocab_rows(self.world - 1)[0] >= self.vocab:  # spans of ceil(V / world) leave the last empty
             raise KilnError(f"a vocabulary of {self.vocab} tokens cannot be split among {self.world} ranks")
+
+    def mlp_cols(self, rank: int) -> tuple[int, int]:
+        """Columns [a, b) of the MLP (gate/up rows, down columns) on `rank`: as even as whole blocks of down_proj
+        allow (a K-quant's 256: Qwen2.5-0.5B's 4864 = 19 blocks go 10 + 9 on two ranks). Exact however
+        uneven: the MLP is a sum over its columns."""
+        n = self.intermediate // self.block
+        return rank * n // self.world * self.block, (rank + 1) * n // self.world * self.block
 
     def vocab_rows(self, rank: int) -> tuple[int, int]:
         """Rows [a, b) of the embedding and output head on `rank`: equal spans of ceil(V / world), the last
@@ -108,19 +120,32 @@ class Sizes:
         return min(rank * per, self.vocab), min((rank + 1) * per, self.vocab)
 
 
+def mlp_block(weights: Mapping) -> int:
+    """The largest GGUF block of any down_proj (1 for float weights): where the MLP may be cut."""
+    from kiln.quant import _sizes
+    if hasattr(weights, "shapes"):  # a Hugging Face folder's lazy shards: float tensors (and none read here)
+        return 1
+    blocks = [_sizes(w.qtype)[0] for n, w in weights.items() if n.endswith("mlp.down_proj.weight") and
+              getattr(w, "qtype", None) is not None]
+    return max(blocks, default=1)
+
+
 def check_file(path, world: int) -> None:
     """KilnError unless the model at `path` (a GGUF file or a Hugging Face folder) divides among `world` ranks,
     read from its config alone: a launcher checks this before it starts any rank."""
     from pathlib import Path
     path = Path(path)
+    block = 1
     if path.is_dir():
         from kiln.formats.safetensors import _config
         config = _config(path)
     else:
-        from kiln.formats.gguf import read_gguf, to_config
-        config = to_config(read_gguf(path))
+        from kiln.formats.gguf import hf_tensors, read_gguf, to_config
+        g = read_gguf(path)
+        config = to_config(g)
+        block = mlp_block(hf_tensors(g, config))
     try:
-        Sizes.of(config, world)  # KilnError where the model does not divide
+        Sizes.of(config, world, block)  # KilnError where the model does not divide
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
         pass  # a malformed config: the load checks it field by field and says what is wrong
 
@@ -134,6 +159,7 @@ def cut(name: str, s: Sizes, rank: int):
     w = s.world
     q, kv, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
     mine = lambda n, off=0: (off + rank * n // w, off + (rank + 1) * n // w)  # noqa: E731  (rank's span of n)
+    m = s.mlp_cols(rank)
     kind = name.rsplit(".", 1)[-1]
     base = name.rsplit(".", 1)[0]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -143,11 +169,11 @@ def cut(name: str, s: Sizes, rank: int):
         "self_attn.k_proj": ("rows", [mine(kv)]),
         "self_attn.v_proj": ("rows", [mine(kv)]),
         "self_attn.qkv_proj": ("rows", [mine(q), mine(kv, q), mine(kv, q + kv)]),
-        "mlp.gate_proj": ("rows", [mine(i)]),
-        "mlp.up_proj": ("rows", [mine(i)]),
-        "mlp.gate_up_proj": ("rows", [mine(i), mine(i, i)]),
+        "mlp.gate_proj": ("rows", [m]),
+        "mlp.up_proj": ("rows", [m]),
+        "mlp.gate_up_proj": ("rows", [m, (i + m[0], i + m[1])]),
         "self_attn.o_proj": ("cols", mine(q)),
-        "mlp.down_proj": ("cols", mine(i)),
+        "mlp.down_proj": ("cols", m),
     }
     for suffix, how in table.items():
         if base.endswith("." + suffix):

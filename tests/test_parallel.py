@@ -27,9 +27,9 @@ from kiln.parallel import Shard
 from kiln.quant.cpu import compact_linears
 
 Q4_K, Q6_K, Q8_0 = 12, 14, 8  # GGUF type ids
-BASE = dict(vocab_size=99, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+BASE = dict(vocab_size=99, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=128, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e4,
-            tie_word_embeddings=False)  # an odd vocabulary: the ranks' vocabulary shares differ
+            tie_word_embeddings=False)  # an odd vocabulary and an MLP of 3 Q6_K blocks: the ranks' shares differ
 CONFIGS = {
     "llama": dict(BASE, model_type="llama", mlp_bias=True),  # down_proj's bias: rank 0's alone
     "qwen2": dict(BASE, model_type="qwen2", attention_bias=True),
@@ -39,7 +39,7 @@ CONFIGS = {
     "phi3": dict(BASE, model_type="phi3", partial_rotary_factor=0.5),
 }
 QTYPES = {"q_proj": Q4_K, "k_proj": Q4_K, "v_proj": Q8_0, "o_proj": Q4_K, "qkv_proj": Q4_K, "gate_proj": Q4_K,
-          "up_proj": Q4_K, "gate_up_proj": Q4_K, "down_proj": Q8_0, "embed_tokens": Q6_K, "lm_head": Q8_0}
+          "up_proj": Q4_K, "gate_up_proj": Q4_K, "down_proj": Q6_K, "embed_tokens": Q6_K, "lm_head": Q8_0}
 KINDS = ("float", "gguf", "quantlinear", "compact")  # weights as floats or GGUF blocks; the layers GGUF blocks become:
 # nn.Linear in fp32 (the CPU default), QuantLinear (the GPU layer; its torch path here), the compact CPU layers
 CASES = [(arch, kind) for arch in CONFIGS for kind in KINDS[:2]] + \
@@ -201,6 +201,16 @@ def test_heads_that_do_not_divide_are_refused():
         Shard(0, 3).split(cfg, {})
     with pytest.raises(KilnError, match="KV heads .2. to divide"):
         Shard(0, 4).split(cfg, {})
+
+
+def test_the_mlp_is_cut_in_whole_blocks_of_down_proj():
+    cfg, weights = CONFIGS["llama"], weights_for("llama", True)  # 768 columns: 3 Q6_K blocks of 256
+    local = [Shard(r, 2).split(cfg, weights) for r in (0, 1)]
+    assert [c["intermediate_size"] for c, _ in local] == [256, 512]
+    assert [w.shapes()["model.layers.1.mlp.down_proj.weight"] for _, w in local] == [(256, 256), (256, 512)]
+    with pytest.raises(KilnError, match="3 blocks|768 columns in blocks of 256 cannot be split among 4"):
+        Shard(0, 4).split(dict(cfg, num_attention_heads=4, num_key_value_heads=4), weights)
+    assert Shard(1, 2).split(CONFIGS["llama"], weights_for("llama", False))[0]["intermediate_size"] == 384
 
 
 def test_a_row_cut_inside_a_block_is_refused():
