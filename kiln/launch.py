@@ -34,6 +34,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -93,9 +94,11 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
     kiln spawns the ranks, fetched and checked to divide among them first (one download, one error, no
     process started)."""
     from kiln.parallel import Shard, check_file
-    if source is not None and Ranks.from_env() is None and world is not None and world > 1:
-        from kiln.hub import resolve
-        check_file(resolve(str(source), progress=True), world)
+    if Ranks.from_env() is None and world is not None and world > 1:  # kiln spawns: check what it can first
+        _check_gpus(world, device)
+        if source is not None:
+            from kiln.hub import resolve
+            check_file(resolve(str(source), progress=True), world)
     ranks, children = start(world, argv)
     if ranks is None:
         return None
@@ -115,6 +118,14 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
     finally:
         code = finish(children, ok)
     return code
+
+
+def _check_gpus(world: int, device: str | None) -> None:
+    """One GPU per rank on this host, where the ranks run on CUDA."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if cuda and torch.cuda.device_count() < world:
+        raise KilnError(f"--tensor-parallel {world} runs one rank per GPU, and this host has "
+                        f"{torch.cuda.device_count()}; use fewer ranks (or torchrun over several hosts)")
 
 
 @contextlib.contextmanager
@@ -169,8 +180,14 @@ def init_group(ranks: Ranks, device: str | None) -> torch.device:
     else:
         dev = torch.device("cpu")
     dist.init_process_group("nccl" if wants_cuda else "gloo", init_method="env://", rank=ranks.rank,
-                            world_size=ranks.world, **({"device_id": dev} if wants_cuda else {}))
+                            world_size=ranks.world, timeout=WAIT, **({"device_id": dev} if wants_cuda else {}))
     return dev
+
+
+# How long a collective may wait. Followers of an idle server wait in a broadcast for the next request, so
+# torch's default (10-30 minutes) would end them; a rank that dies closes its gloo connections at once, but
+# under NCCL the others notice only at this timeout.
+WAIT = timedelta(days=30)
 
 
 def finish(children: list[subprocess.Popen], ok: bool = True) -> int:
