@@ -249,12 +249,41 @@ def test_generate_on_two_ranks_prints_the_text_of_one(tiny_file):
     assert want.strip()
 
 
-def test_generate_under_torchrun(tiny_file):
+def test_serve_under_torchrun(tiny_file, tmp_path):
+    """torchrun's ranks (RANK, WORLD_SIZE from its environment): rank 0 serves HTTP, rank 1 follows; a greedy
+    completion is the 1-rank text; SIGTERM ends the job (rank 0 tells its follower first)."""
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
     path, want = tiny_file
-    rc, out, err = _kiln("--nproc-per-node", 2, "-m", "kiln", "generate", "-m", path, "-p", "hello", "-n", 12,
-                         "--no-chat-template", launcher=("-m", "torch.distributed.run"), env={"OMP_NUM_THREADS": "1"})
-    assert rc == 0, err
-    assert out == want + "\n"  # rank 1 prints nothing
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "wb")
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "kiln",
+                            "serve", "-m", str(path), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.3)
+        body = json.dumps({"prompt": "hello", "max_tokens": 12, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        got = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["text"]
+        assert got == want
+    finally:
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=60)
+        log.close()
 
 
 def test_generate_refuses_what_does_not_combine(tiny_file, capsys):
