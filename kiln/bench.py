@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
-    from kiln.commands import _launched, cache_kw, cache_type_args, ngl_arg, tp_arg
+    from kiln.commands import cache_kw, cache_type_args, ngl_arg, parallel_wanted, tp_arg
     cache_type_args(p)
     ngl_arg(p)
     tp_arg(p, "measures and prints (figures of its own shard)")
@@ -252,23 +252,19 @@ def main(argv: list[str]) -> int:
     kw = dict(quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
               n_gpu_layers=a.n_gpu_layers)
     args = (a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads)
-    if a.tensor_parallel is not None or _launched():
-        code = _bench_parallel(a, argv, args, kw)
-        if code is not None:
-            return code
+    if parallel_wanted(a):
+        return _bench_parallel(a, argv, args, kw)
     report = bench(*args, **kw)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
-def _bench_parallel(a, argv, args, kw) -> int | None:
+def _bench_parallel(a, argv, args, kw) -> int:
     """bench over the ranks of a tensor-parallel group (kiln/launch.py): every rank loads its shard, rank 0
-    measures and prints while the others follow. None: -tp 1 without a launcher (one process)."""
+    measures and prints while the others follow."""
     from kiln import launch
     if a.compare or a.cold or a.n_gpu_layers not in ("auto", "all"):
         raise KilnError("--compare, --cold and --n-gpu-layers do not combine with --tensor-parallel yet")
-    if a.tensor_parallel is not None and a.tensor_parallel < 1:
-        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
 
     def lead(model, tok, pool):
         report = bench(*args, **kw, loaded=(model, tok, pool))

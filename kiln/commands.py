@@ -268,7 +268,7 @@ def generate(argv: list[str]) -> int:
     a = generate_parser().parse_args(argv)
     _check_sampling(a)
     _check_draft(a)
-    if a.tensor_parallel is not None or _launched():
+    if parallel_wanted(a):
         return _generate_parallel(a, argv)
     prompt = _read_prompt(a)
     if a.system is not None and a.no_chat_template:
@@ -297,10 +297,13 @@ def _print_generation(a, model, tok, prompt: str, **kw) -> None:
                   file=sys.stderr)
 
 
-def _launched() -> bool:
-    """Under torchrun (or a rank kiln spawned): WORLD_SIZE above 1 in the environment."""
+def parallel_wanted(a) -> bool:
+    """Does the command run over tensor-parallel ranks: -tp N above 1, or under torchrun (or as a rank kiln
+    spawned: WORLD_SIZE above 1 in the environment)?"""
     import os
-    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    if a.tensor_parallel is not None and a.tensor_parallel < 1:
+        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
+    return (a.tensor_parallel or 1) > 1 or os.environ.get("WORLD_SIZE", "1") not in ("", "1")
 
 
 def check_parallel(a) -> None:
@@ -311,8 +314,6 @@ def check_parallel(a) -> None:
                      ("--n-gpu-layers", getattr(a, "n_gpu_layers", "auto") not in ("auto", "all"))):
         if on:
             raise KilnError(f"{flag} does not combine with --tensor-parallel yet; drop one of them")
-    if a.tensor_parallel is not None and a.tensor_parallel < 1:
-        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
 
 
 def _generate_parallel(a, argv: list[str]) -> int:
@@ -328,13 +329,8 @@ def _generate_parallel(a, argv: list[str]) -> int:
     def load(device, shard, first):
         return _load(a, device=device, shard=shard, progress=first)
 
-    code = launch.run(a.tensor_parallel, ["generate", *argv], a.device, load,
+    return launch.run(a.tensor_parallel, ["generate", *argv], a.device, load,
                       lambda model, tok, pool: _print_generation(a, model, tok, prompt, decoders=pool), a.model)
-    if code is None:  # -tp 1: one process, as without the flag
-        model, tok = _load(a)
-        _print_generation(a, model, tok, prompt)
-        return 0
-    return code
 
 
 def chat(argv: list[str]) -> int:

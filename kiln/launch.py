@@ -86,9 +86,9 @@ def start(world: int | None, argv: list[str]) -> tuple[Ranks | None, list[subpro
 
 
 def run(world: int | None, argv: list[str], device: str | None, load: Callable, lead: Callable,
-        source: str | None = None) -> int | None:
-    """A command over the ranks of a tensor-parallel group (None where there is none: `world` None or 1 and
-    no launcher): `load(device, shard, is_rank0) -> (model, tokenizer)` on every rank, then on rank 0
+        source: str | None = None) -> int:
+    """A command over the ranks of a tensor-parallel group (`world` ranks, or the launcher's):
+    `load(device, shard, is_rank0) -> (model, tokenizer)` on every rank, then on rank 0
     `lead(model, tokenizer, pool)` (a LeaderPool, closed afterwards) while the others `follow`. Returns the
     exit status: 0, or a spawned follower's first non-zero one. `source` (the model's name or path): where
     kiln spawns the ranks, fetched and checked to divide among them first (one download, one error, no
@@ -101,7 +101,7 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
             check_file(resolve(str(source), progress=True), world)
     ranks, children = start(world, argv)
     if ranks is None:
-        return None
+        raise KilnError("internal: launch.run without ranks (-tp 1 runs in one process)")
     ok = False
     try:
         model, tok = load(init_group(ranks, device), Shard(ranks.rank, ranks.world), ranks.rank == 0)

@@ -60,11 +60,10 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         if places is not None or n_gpu_layers not in (None, "auto", "all"):
             raise KilnError("tensor parallelism and a CPU+GPU layer split (n_gpu_layers) do not combine yet: "
                             "give one or the other")
-        config, weights = shard.split(config, weights)
-        places = ()  # every layer on `device`: each rank holds its share of all of them
-    if places is None:
+        config, weights = shard.split(config, weights)  # every layer on `device`: this rank's share of each
+    if places is None and shard is None:
         places = _gpu_places(path, config, device, n_gpu_layers, quantized, ctx_size, verbose)
-    if places:
+    if places is not None:
         from kiln.split import build_split
         model = build_split(config, weights, places, places[-1], policy or DEFAULT, progress)
         model.source = str(path)

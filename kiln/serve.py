@@ -106,13 +106,11 @@ def main(argv: list[str]) -> int:
                         f"(from a checkout: pip install -e '.[serve]')")
     from kiln.hub import resolve
     path = Path(resolve(a.model, progress=True))  # a bad name fails here, before the port is taken
-    from kiln.commands import _launched
+    from kiln.commands import parallel_wanted
     from kiln.load import load
     model_id = a.alias or (path.stem if path.is_file() else path.name)
-    if a.tensor_parallel is not None or _launched():
-        code = _serve_parallel(a, argv, path, model_id)
-        if code is not None:
-            return code
+    if parallel_wanted(a):
+        return _serve_parallel(a, argv, path, model_id)
 
     def load_whole():
         model, tok = load(path, device=a.device, dtype=a.dtype, progress=False, n_gpu_layers=a.n_gpu_layers,
@@ -149,16 +147,13 @@ def _run(a, path: Path, model_id: str, model_kw: dict) -> int:
     return 0
 
 
-def _serve_parallel(a, argv: list[str], path: Path, model_id: str) -> int | None:
+def _serve_parallel(a, argv: list[str], path: Path, model_id: str) -> int:
     """serve over the ranks of a tensor-parallel group (kiln/launch.py): every rank loads its shard first; then
-    rank 0 serves HTTP (its engine a launch.LeaderEngine) while the others follow its model calls. None: -tp 1
-    without a launcher (one process)."""
+    rank 0 serves HTTP (its engine a launch.LeaderEngine) while the others follow its model calls."""
     from kiln import launch
     from kiln.load import load
     if a.n_gpu_layers not in ("auto", "all"):
         raise KilnError("--n-gpu-layers does not combine with --tensor-parallel yet; drop one of them")
-    if a.tensor_parallel is not None and a.tensor_parallel < 1:
-        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
 
     def load_shard(device, shard, first):
         return load(path, device=device, dtype=a.dtype, progress=False, shard=shard)
