@@ -6,7 +6,8 @@ MLP and of the vocabulary) and a lazy view of its weights (`ShardedWeights`: eve
 GGUF blocks cut along block boundaries), and `Shard.wrap(model)` puts the collectives around the built layers:
 
 - column-parallel q/k/v, gate/up (and phi3's fused qkv_proj / gate_up_proj): this rank's output rows, whole
-  heads, and the MLP's columns in whole blocks of down_proj (as even as those allow); no communication;
+  heads (a KV head on several ranks where there are fewer than ranks), and the MLP's columns in whole
+  blocks of down_proj (as even as those allow); no communication;
 - row-parallel o_proj and down_proj: this rank's input columns, one all_reduce (sum) of the output each
   (`RowParallel`); a bias is held by rank 0 only;
 - the token embedding vocabulary-parallel (`VocabEmbedding`: a rank looks up its own ids, zeros elsewhere,
@@ -52,7 +53,7 @@ class Shard:
         a, b = sizes.vocab_rows(self.rank)
         m, n = sizes.mlp_cols(self.rank)
         local = dict(config, num_attention_heads=sizes.heads // self.world,
-                     num_key_value_heads=sizes.kv_heads // self.world, head_dim=sizes.head_dim,
+                     num_key_value_heads=sizes.local_kv_heads, head_dim=sizes.head_dim,
                      intermediate_size=n - m, vocab_size=b - a)
         return local, ShardedWeights(weights, sizes, self.rank)
 
@@ -96,15 +97,34 @@ class Sizes:
     def check(self):
         if not isinstance(self.world, int) or self.world < 1:
             raise KilnError(f"tensor parallel size must be an integer >= 1, got {self.world!r}")
-        for what, n in (("attention heads", self.heads), ("KV heads", self.kv_heads)):
-            if n % self.world:
-                raise KilnError(f"tensor parallelism over {self.world} ranks needs the model's {what} ({n}) to "
-                                f"divide among them; use a tensor parallel size that divides {n}")
+        if self.heads % self.world:
+            raise KilnError(f"tensor parallelism over {self.world} ranks needs the model's attention heads "
+                            f"({self.heads}) to divide among them; use a tensor parallel size that divides "
+                            f"{self.heads}")
+        if self.kv_heads % self.world and self.world % self.kv_heads:
+            raise KilnError(f"tensor parallelism over {self.world} ranks needs the model's KV heads "
+                            f"({self.kv_heads}) to divide among them, or to divide the ranks (each KV head then "
+                            f"on several ranks); use a tensor parallel size that divides {self.kv_heads} or a "
+                            f"multiple of it")
         if self.intermediate % self.block or self.intermediate // self.block < self.world:
             raise KilnError(f"the MLP's {self.intermediate} columns in blocks of {self.block} cannot be split "
                             f"among {self.world} ranks; use fewer ranks")
         if self.vocab_rows(self.world - 1)[0] >= self.vocab:  # spans of ceil(V / world) leave the last empty
             raise KilnError(f"a vocabulary of {self.vocab} tokens cannot be split among {self.world} ranks")
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads a rank holds: its share, or one (replicated) where there are fewer KV heads than ranks."""
+        return max(1, self.kv_heads // self.world)
+
+    def kv_rows(self, rank: int) -> tuple[int, int]:
+        """Rows [a, b) of k_proj / v_proj on `rank`: its share of the KV heads, or, with fewer KV heads than
+        ranks, the one KV head its query heads read (rank r's queries are heads of one group)."""
+        d = self.head_dim
+        if self.kv_heads >= self.world:
+            return rank * self.kv_heads // self.world * d, (rank + 1) * self.kv_heads // self.world * d
+        j = rank * self.kv_heads // self.world
+        return j * d, (j + 1) * d
 
     def mlp_cols(self, rank: int) -> tuple[int, int]:
         """Columns [a, b) of the MLP (gate/up rows, down columns) on `rank`: as even as whole blocks of down_proj
@@ -159,16 +179,16 @@ def cut(name: str, s: Sizes, rank: int):
     w = s.world
     q, kv, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
     mine = lambda n, off=0: (off + rank * n // w, off + (rank + 1) * n // w)  # noqa: E731  (rank's span of n)
-    m = s.mlp_cols(rank)
+    m, k = s.mlp_cols(rank), s.kv_rows(rank)
     kind = name.rsplit(".", 1)[-1]
     base = name.rsplit(".", 1)[0]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return "rows", [s.vocab_rows(rank)]
     table = {
         "self_attn.q_proj": ("rows", [mine(q)]),
-        "self_attn.k_proj": ("rows", [mine(kv)]),
-        "self_attn.v_proj": ("rows", [mine(kv)]),
-        "self_attn.qkv_proj": ("rows", [mine(q), mine(kv, q), mine(kv, q + kv)]),
+        "self_attn.k_proj": ("rows", [k]),
+        "self_attn.v_proj": ("rows", [k]),
+        "self_attn.qkv_proj": ("rows", [mine(q), (q + k[0], q + k[1]), (q + kv + k[0], q + kv + k[1])]),
         "mlp.gate_proj": ("rows", [m]),
         "mlp.up_proj": ("rows", [m]),
         "mlp.gate_up_proj": ("rows", [m, (i + m[0], i + m[1])]),

@@ -23,7 +23,7 @@ from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.formats.gguf import GGUFTensor, _fix_up
 from kiln.load import build_model, check_model
-from kiln.parallel import Shard
+from kiln.parallel import Shard, Sizes
 from kiln.quant.cpu import compact_linears
 
 Q4_K, Q6_K, Q8_0 = 12, 14, 8  # GGUF type ids
@@ -32,7 +32,7 @@ BASE = dict(vocab_size=99, hidden_size=256, intermediate_size=768, num_hidden_la
             tie_word_embeddings=False)  # an odd vocabulary and an MLP of 3 Q6_K blocks: the ranks' shares differ
 CONFIGS = {
     "llama": dict(BASE, model_type="llama", mlp_bias=True),  # down_proj's bias: rank 0's alone
-    "qwen2": dict(BASE, model_type="qwen2", attention_bias=True),
+    "qwen2": dict(BASE, model_type="qwen2", attention_bias=True, num_key_value_heads=1),  # the KV head on both
     "qwen3": dict(BASE, model_type="qwen3"),
     "gemma3": dict(BASE, model_type="gemma3", tie_word_embeddings=True, sliding_window=4, sliding_window_pattern=2,
                    query_pre_attn_scalar=128, final_logit_softcapping=30.0),
@@ -186,7 +186,7 @@ def test_two_ranks_give_the_logits_of_one(ranks, arch, kind):
         assert logits.shape == want.shape
         err = (logits - want).abs().max().item()
         assert err <= tol, f"{arch} {kind} rank {rank}: max |delta logit| {err} > {tol}"
-        assert kv_heads == CONFIGS[arch]["num_key_value_heads"] // 2  # the cache holds this rank's KV heads
+        assert kv_heads == max(1, CONFIGS[arch]["num_key_value_heads"] // 2)  # the cache: this rank's KV heads
 
 
 def test_the_engine_on_two_ranks_serves_the_tokens_of_one(ranks):
@@ -199,8 +199,11 @@ def test_heads_that_do_not_divide_are_refused():
     cfg = CONFIGS["llama"]
     with pytest.raises(KilnError, match="attention heads .4. to divide"):
         Shard(0, 3).split(cfg, {})
-    with pytest.raises(KilnError, match="KV heads .2. to divide"):
-        Shard(0, 4).split(cfg, {})
+    with pytest.raises(KilnError, match="KV heads .2. to divide among them, or to divide the ranks"):
+        Shard(0, 3).split(dict(cfg, num_attention_heads=6), {})
+    assert Shard(3, 4).split(cfg, {})[0]["num_key_value_heads"] == 1  # 2 KV heads on 4 ranks: each on two
+    s = Sizes(heads=8, kv_heads=2, head_dim=4, intermediate=8, vocab=8, world=4)
+    assert [s.kv_rows(r) for r in range(4)] == [(0, 4), (0, 4), (4, 8), (4, 8)]  # the head its queries read
 
 
 def test_the_mlp_is_cut_in_whole_blocks_of_down_proj():
