@@ -109,11 +109,16 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
             follow(model)
         else:
             pool = LeaderPool(model, keep=1)
+            interrupted = False
             try:
                 with _sigterm_raises():
                     lead(model, tok, pool)
+            except KeyboardInterrupt:  # Ctrl-C, perhaps inside a step: not told (its collectives may be half
+                interrupted = True     # done), the followers kiln spawned are stopped (torchrun stops its own)
+                raise
             finally:
-                pool.close()
+                if not interrupted:
+                    pool.close()
         ok = True
     finally:
         code = finish(children, ok)
@@ -148,7 +153,7 @@ def _sigterm_raises():
 
 def _spawn(world: int, argv: list[str]) -> list[subprocess.Popen]:
     """Ranks 1..world-1 as child processes on this host (rank 0 is this process): no stdin or stdout (rank 0
-    owns them), stderr shared so that their errors show."""
+    owns them), stderr shared so that their errors show; they end with rank 0 (`_die_with_parent`)."""
     with socket.socket() as s:  # a free port for the rendezvous (TCPStore on rank 0)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -160,8 +165,17 @@ def _spawn(world: int, argv: list[str]) -> list[subprocess.Popen]:
         os.environ["OMP_NUM_THREADS"] = threads
         torch.set_num_threads(int(threads))
     return [subprocess.Popen([sys.executable, "-m", "kiln.cli", *argv], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r)))
+                             stdout=subprocess.DEVNULL, env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r)),
+                             start_new_session=True, preexec_fn=_die_with_parent)
             for r in range(1, world)]
+
+
+def _die_with_parent() -> None:
+    """In a spawned follower, before it runs: end it when rank 0 ends (Linux: PR_SET_PDEATHSIG), however rank 0
+    ends; in a session of its own, so that the terminal's Ctrl-C reaches rank 0 alone (which stops it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def init_group(ranks: Ranks, device: str | None) -> torch.device:
