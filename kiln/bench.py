@@ -72,14 +72,15 @@ def _timed(fn, device) -> float:
 
 @torch.inference_mode()
 def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], repeats: int,
-             cache_types: tuple = (None, None)) -> dict:
+             cache_types: tuple = (None, None), pool=None) -> dict:
     """Prefill of each prompt length, decode after each depth (device loop, as llama-bench's tg), the
     decode and effective speed `generate` gets (stream_generate without log-probabilities: the host reads
-    and detokenizes every token), time to first token; medians of `repeats`."""
+    and detokenizes every token), time to first token; medians of `repeats`. `pool`: the DecoderPool to use
+    (tensor parallelism's rank 0 passes its launch.LeaderPool); a fresh one by default."""
     from kiln.generate import DecoderPool, stream_generate
     device = next(model.parameters()).device
     ids_all = torch.tensor([prompt_ids(model.args.vocab_size, max(lengths + depths + [1]))], device=device)
-    pool = DecoderPool(model, keep=1)
+    pool = pool or DecoderPool(model, keep=1)
     dec = pool.get(max(lengths + [d + 1 for d in depths]) + g + 1, *cache_types)  # the size generate would use
     capture_s = _timed(lambda: dec.step(ids_all[0, :1], 0), device)  # captures the decode graph (CUDA)
 
@@ -119,7 +120,7 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
         "prefill_tok_s": pre, "prefill_first_ms": first, "decode_tok_s": tg,
         "decode_user_tok_s": statistics.median(user), "effective_tok_s": statistics.median(eff),
         "ttft_ms": statistics.median(ttft), "ms_per_token": 1e3 / tg[depths[0]], "capture_s": capture_s,
-        "prompt_logits_top1": _prompt_top1(model, ids_all[:, :min(lengths[0], 512)]),
+        "prompt_logits_top1": _prompt_top1(getattr(pool, "forward", model), ids_all[:, :min(lengths[0], 512)]),
     }
 
 
@@ -153,8 +154,8 @@ def run_speculative(model, tokenizer, prompt: list[int], g: int, repeats: int, d
             "acceptance": accepted / drafted if drafted else float("nan"), "greedy_equal": same}
 
 
-def _prompt_top1(model, ids) -> list[int]:
-    logits = model(ids)[0]  # (T, V)
+def _prompt_top1(forward, ids) -> list[int]:
+    logits = forward(ids)[0]  # (T, V); a LeaderPool's forward: on every rank
     return logits.argmax(-1).tolist()
 
 
@@ -271,9 +272,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
-    from kiln.commands import _check_draft, _draft_args, _drafting, cache_kw, cache_type_args, ngl_arg
+    from kiln.commands import (_check_draft, _draft_args, _drafting, cache_kw, cache_type_args, ngl_arg,
+                               parallel_wanted, tp_arg)
     cache_type_args(p)
     ngl_arg(p)
+    tp_arg(p, "measures and prints (figures of its own shard)")
     _draft_args(p)
     p.add_argument("--prompt-file", default=None,
                    help="with --draft-model or --prompt-lookup-ngram: the text whose continuation the speculative "
@@ -285,26 +288,59 @@ def main(argv: list[str]) -> int:
     spec = None
     if a.draft_model is not None or a.prompt_lookup_ngram:
         spec = (lambda: _drafting(a), a.prompt_file)
-    report = bench(a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads,
-                   quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
-                   n_gpu_layers=a.n_gpu_layers, speculative=spec)
+    kw = dict(quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
+              n_gpu_layers=a.n_gpu_layers)
+    args = (a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads)
+    if parallel_wanted(a):
+        if spec is not None:
+            raise KilnError("--draft-model and --prompt-lookup-ngram do not combine with --tensor-parallel yet")
+        return _bench_parallel(a, argv, args, kw)
+    report = bench(*args, **kw, speculative=spec)
     print(json.dumps(report, indent=1) if a.json else format_report(report))
     return 0
 
 
+def _bench_parallel(a, argv, args, kw) -> int:
+    """bench over the ranks of a tensor-parallel group (kiln/launch.py): every rank loads its shard, rank 0
+    measures and prints while the others follow."""
+    from kiln import launch
+    if a.compare or a.cold or a.n_gpu_layers not in ("auto", "all"):
+        raise KilnError("--compare, --cold and --n-gpu-layers do not combine with --tensor-parallel yet")
+
+    def lead(model, tok, pool):
+        report = bench(*args, **kw, loaded=(model, tok, pool))
+        print(json.dumps(report, indent=1) if a.json else format_report(report))
+
+    return launch.run(a.tensor_parallel, ["bench", *argv], a.device, lambda device, shard, first: _load_timed(
+        args[0], device, args[5], kw["quantized"], shard), lead, a.model)
+
+
+def _load_timed(model_name, device, dtype, quantized, shard=None):
+    from kiln.load import load
+    t = time.perf_counter()
+    model, tok = load(model_name, device=device, dtype=dtype, quantized=quantized, shard=shard)
+    model.load_s = time.perf_counter() - t
+    return model, tok
+
+
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
-          depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None, speculative=None) -> dict:
-    """The report `kiln bench` prints (see main). `speculative`: (a function returning stream_generate's
-    drafting arguments, a prompt file or None) to also time speculative decoding against plain."""
+          depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None, loaded=None,
+          speculative=None) -> dict:
+    """The report of one model; `loaded`: (model, tokenizer, decoder pool) already loaded (a tensor-parallel
+    rank 0: its shard and its LeaderPool), else the model is loaded here. `speculative`: (a function returning
+    stream_generate's drafting arguments, a prompt file or None) to also time speculative decoding."""
     from kiln.generate import peak_memory_gb
     from kiln.load import load
     lengths, depths = ([p] if isinstance(p, int) else list(p)), list(depths)
     if min(lengths) < 1 or g < 1 or repeats < 1 or min(depths) < 0:
         raise KilnError("--prompt-tokens, --gen-tokens and --repeats must be >= 1, --depth >= 0")
     t = time.perf_counter()
-    model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized, n_gpu_layers=n_gpu_layers,
-                            ctx_size=max(lengths) + max(depths) + g + 1)
-    load_s = time.perf_counter() - t
+    if loaded is None:
+        model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized,
+                                n_gpu_layers=n_gpu_layers, ctx_size=max(lengths) + max(depths) + g + 1)
+        pool, load_s = None, time.perf_counter() - t
+    else:
+        (model, tokenizer, pool), load_s = loaded, loaded[0].load_s
     dev = next(model.parameters()).device
     out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
            "torch": torch.__version__, "p": lengths, "g": g, "depths": depths, "repeats": repeats, "load_s": load_s}
@@ -317,7 +353,9 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
             out["file_gb"] = os.path.getsize(out["model"]) / 1e9
             out["memory_over_file"] = out["memory_after_load_gb"] / out["file_gb"]
     vocab = model.args.vocab_size
-    k = run_kiln(model, tokenizer, lengths, g, depths, repeats, cache_types)
+    if loaded is not None:  # what each rank holds and reads per token below: its shard
+        out["tensor_parallel"] = model.shard.world
+    k = run_kiln(model, tokenizer, lengths, g, depths, repeats, cache_types, pool)
     k["kv_cache"] = {"types": dec_types(model, cache_types), "bytes_per_token": _kv_bytes_per_token(model, cache_types)}
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
     d0 = k["decode_tok_s"][depths[0]]
@@ -360,7 +398,8 @@ def _device_name(dev) -> str:
 def format_report(r: dict) -> str:
     k, lc, ratio = r["kiln"], r.get("llama.cpp"), r.get("ratio", {})
     native = {True: ", native decode kernels", False: ", no native kernels"}.get(r.get("native_cpu_kernels"), "")
-    lines = [f"model   {r['model']}", f"device  {r['device']}{native}  (torch {r['torch']})",
+    tp = f", tensor parallel over {r['tensor_parallel']} ranks (rank 0's figures)" if "tensor_parallel" in r else ""
+    lines = [f"model   {r['model']}", f"device  {r['device']}{native}{tp}  (torch {r['torch']})",
              f"load {r['load_s']:.1f} s, decode graph capture {k['capture_s']:.2f} s; g={r['g']}, median of "
              f"{r['repeats']}", "", f"{'':34}{'kiln':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if lc else "")]
 

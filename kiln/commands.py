@@ -191,15 +191,24 @@ def _adapter_args(p: argparse.ArgumentParser):
     p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
 
 
-def _load(a):
+def tp_arg(p: argparse.ArgumentParser, rank0: str = "reads the prompt and prints"):
+    p.add_argument("--tensor-parallel", "-tp", type=int, default=None, metavar="N",
+                   help="tensor parallelism: shard the model's heads, MLP and vocabulary over N processes (one "
+                        "per GPU, NCCL; on the CPU, gloo and a share of the cores each); kiln starts them "
+                        "itself, or run `torchrun --nproc-per-node N -m kiln ...` (several hosts: torchrun's "
+                        f"--nnodes, --node-rank and --rdzv-* flags); rank 0 {rank0}, the others follow")
+
+
+def _load(a, **over):
     from kiln.load import load
     adapter = getattr(a, "adapter", None)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
-    model, tok = load(a.model, device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
-                      n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),
-                      verbose=getattr(a, "verbose", False))
+    kw = dict(device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
+              n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),
+              verbose=getattr(a, "verbose", False))
+    model, tok = load(a.model, **{**kw, **over})
     if adapter is not None:
         from kiln.finetune.layers import load_adapter
         load_adapter(model, adapter, a.adapter_scale)
@@ -247,6 +256,7 @@ def generate_parser() -> argparse.ArgumentParser:
     ngl_arg(p)
     _adapter_args(p)
     _sampling_args(p)
+    tp_arg(p)
     return p
 
 
@@ -291,16 +301,25 @@ def generate(argv: list[str]) -> int:
     _check_sampling(a)
     _check_draft(a)
     _check_bounded(a)
+    if parallel_wanted(a):
+        if a.context_shift:
+            raise KilnError("--context-shift does not combine with --tensor-parallel yet")
+        return _generate_parallel(a, argv)
     prompt = _read_prompt(a)
     if a.system is not None and a.no_chat_template:
         raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
     model, tok = _load(a)
-    drafting = _drafting(a)
-    prompt = _build_prompt(a, tok, prompt)
+    _print_generation(a, model, tok, prompt, **_drafting(a))
+    return 0
+
+
+def _print_generation(a, model, tok, prompt: str, **kw) -> None:
+    """Stream the generated text to stdout (and, with --verbose, the speed to stderr)."""
     from kiln.generate import stream_generate
+    prompt = _build_prompt(a, tok, prompt)
     last = None
     for last in stream_generate(model, tok, prompt, a.max_tokens, stop=a.stop, max_context=a.ctx_size,
-                                logprobs=False, prompt_cache=a.prompt_cache, **drafting, **_sampling(a),
+                                logprobs=False, prompt_cache=a.prompt_cache, **kw, **_sampling(a),
                                 **cache_kw(a), **_bounded(a)):
         print(last.text, end="", flush=True)  # as it is made, also into a pipe
     print(flush=True)
@@ -311,7 +330,42 @@ def generate(argv: list[str]) -> int:
         if last.drafted:
             print(f"Drafts: {last.accepted} of {last.drafted} kept ({100 * last.accepted / last.drafted:.0f}%)",
                   file=sys.stderr)
-    return 0
+
+
+def parallel_wanted(a) -> bool:
+    """Does the command run over tensor-parallel ranks: -tp N above 1, or under torchrun (or as a rank kiln
+    spawned: WORLD_SIZE above 1 in the environment)?"""
+    import os
+    if a.tensor_parallel is not None and a.tensor_parallel < 1:
+        raise KilnError(f"--tensor-parallel {a.tensor_parallel}: must be at least 1")
+    return (a.tensor_parallel or 1) > 1 or os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
+def check_parallel(a) -> None:
+    """What tensor parallelism does not combine with yet, before any process is started."""
+    for flag, on in (("--draft-model", getattr(a, "draft_model", None)),
+                     ("--prompt-lookup-ngram", getattr(a, "prompt_lookup_ngram", 0)),
+                     ("--prompt-cache", getattr(a, "prompt_cache", None)), ("--adapter", getattr(a, "adapter", None)),
+                     ("--n-gpu-layers", getattr(a, "n_gpu_layers", "auto") not in ("auto", "all"))):
+        if on:
+            raise KilnError(f"{flag} does not combine with --tensor-parallel yet; drop one of them")
+
+
+def _generate_parallel(a, argv: list[str]) -> int:
+    """generate over the ranks of a tensor-parallel group: rank 0 reads the prompt, samples and prints; the
+    others follow its Decoder calls (kiln/launch.py)."""
+    from kiln import launch
+    check_parallel(a)
+    if a.system is not None and a.no_chat_template:
+        raise KilnError("--system needs the chat template; drop --no-chat-template or --system")
+    ranks = launch.Ranks.from_env()
+    prompt = _read_prompt(a) if ranks is None or ranks.rank == 0 else None
+
+    def load(device, shard, first):
+        return _load(a, device=device, shard=shard, progress=first)
+
+    return launch.run(a.tensor_parallel, ["generate", *argv], a.device, load,
+                      lambda model, tok, pool: _print_generation(a, model, tok, prompt, decoders=pool), a.model)
 
 
 def chat(argv: list[str]) -> int:

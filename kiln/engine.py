@@ -229,6 +229,8 @@ class Engine:
         engine.stop()
     """
 
+    step_class = _BatchStep  # tensor parallelism's rank 0 announces each batched step (launch.LeaderEngine)
+
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
                  prefill_step: int | None = None, graphs: bool | None = None, look_ahead: bool = True,
                  cache_type_k: str | None = None, cache_type_v: str | None = None):
@@ -254,7 +256,7 @@ class Engine:
         self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size,  # + a scratch slot
                                        type_k=cache_type_k, type_v=cache_type_v)  # cache.CACHE_TYPES
         self.device = self.cache.k.device
-        self._step = _BatchStep(model, self.cache, n_slots, static)
+        self._step = self.step_class(model, self.cache, n_slots, static)
         self.look_ahead = bool(look_ahead)
         self._ahead: tuple[list[_Row], torch.Tensor] | None = None  # a step launched before its inputs were read
         self._slots = [_Slot(i, []) for i in range(n_slots)]
@@ -447,9 +449,13 @@ class Engine:
         """The next n prompt tokens of one row, as a batch-1 prefill of its slot: logits (1, V) of the last."""
         slot = row.slot
         ids = torch.tensor([row.todo[:n]], dtype=torch.long, device=self.device)  # (1, n)
-        logits = prefill_chunk(self.model, ids, self.cache.slot(slot.index), len(slot.tokens))
+        logits = self._chunk_forward(slot.index, ids, len(slot.tokens))
         self._took(row, n)
         return logits
+
+    def _chunk_forward(self, slot: int, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """The model call of `_prefill_chunk`: ids (1, n) into slot `slot` at pos.. → logits (1, V)."""
+        return prefill_chunk(self.model, ids, self.cache.slot(slot), pos)
 
     def _prefill_rows(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
         """The next n_b prompt tokens of each row b in one forward over the slot cache (`Step.rows`): rows
@@ -457,14 +463,19 @@ class Engine:
         reads them before a real token overwrites them) → logits (B, V) of each row's last real token."""
         t, dev = max(n for _, n in group), self.device
         ids = torch.tensor([r.todo[:n] + [0] * (t - n) for r, n in group], dtype=torch.long, device=dev)  # (B, T)
-        pos = [len(r.slot.tokens) for r, _ in group]
-        view = self.cache.rows([r.slot.index for r, _ in group], max(pos) + t)
         last = torch.tensor([n - 1 for _, n in group], dtype=torch.long, device=dev)  # (B,)
-        logits = self.model(ids, Step.rows(view, torch.tensor(pos, dtype=torch.long, device=dev)),
-                            last_only=last)[:, -1].float()  # (B, V)
+        logits = self._rows_forward(ids, [len(r.slot.tokens) for r, _ in group], [r.slot.index for r, _ in group],
+                                    last)
         for r, n in group:
             self._took(r, n)
         return logits
+
+    def _rows_forward(self, ids: torch.Tensor, pos: list[int], slots: list[int], last: torch.Tensor) -> torch.Tensor:
+        """The model call of `_prefill_rows`: row b of ids (B, T) into slot slots[b] at pos[b].. → logits (B, V)
+        of row b's token last[b]."""
+        view = self.cache.rows(slots, max(pos) + ids.shape[1])
+        step = Step.rows(view, torch.tensor(pos, dtype=torch.long, device=self.device))
+        return self.model(ids, step, last_only=last)[:, -1].float()  # (B, V)
 
     def _took(self, row: _Row, n: int) -> None:
         """n prompt tokens of the row are in its slot now."""

@@ -218,6 +218,8 @@ class DecoderPool:
     per size. Sizes round up to a multiple of 256 (nearby requests share one); the last `keep` sizes stay.
     One generation at a time per pool (concurrent sequences: the engine)."""
 
+    decoder_class = Decoder  # tensor parallelism's rank 0 makes Decoders that announce their calls (launch.py)
+
     def __init__(self, model, keep: int = 2):
         self.model, self.keep = model, keep
         self._decoders: dict[tuple, Decoder] = {}
@@ -233,7 +235,7 @@ class DecoderPool:
         if key not in self._decoders:
             while len(self._decoders) >= self.keep:
                 self._decoders.pop(next(iter(self._decoders)))
-            self._decoders[key] = Decoder.for_model(self.model, size, cache_type_k, cache_type_v, rings)
+            self._decoders[key] = self.decoder_class.for_model(self.model, size, cache_type_k, cache_type_v, rings)
         return self._decoders[key]
 
 

@@ -36,7 +36,7 @@ def default_dtype(device) -> torch.dtype:
 
 def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: bool = False,
          quantized: bool | None = None, policy: Policy | None = None, n_gpu_layers=None, places=None,
-         ctx_size: int | None = None, verbose: bool = False):
+         ctx_size: int | None = None, verbose: bool = False, shard=None):
     """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
 
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
@@ -56,7 +56,13 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     dtype = _dtype(dtype) or default_dtype(device)
     config, weights, tokenizer = read_model(path)
     check_model(config, weights)  # before the placement reads the config: the file is untrusted
-    if places is None:
+    full = config
+    if shard is not None:
+        if places is not None or n_gpu_layers not in (None, "auto", "all"):
+            raise KilnError("tensor parallelism and a CPU+GPU layer split (n_gpu_layers) do not combine yet: "
+                            "give one or the other")
+        config, weights = shard.split(config, weights)  # every layer on `device`: this rank's share of each
+    if places is None and shard is None:
         places = _gpu_places(path, (config, weights), device, n_gpu_layers, quantized, ctx_size, verbose)
     if places is not None:
         from kiln.split import build_split
@@ -73,6 +79,8 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     if on_gpu:  # fewer, wider matmuls: a small model's decode step is bound by kernel launches
         from kiln.quant.swap import join_projections
         join_projections(model)
+    if shard is not None:
+        shard.wrap(model, full)
     model.source = str(path)
     return model, tokenizer
 

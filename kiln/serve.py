@@ -47,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
-    from kiln.commands import ngl_arg
+    from kiln.commands import ngl_arg, tp_arg
     ngl_arg(p)
+    tp_arg(p, "serves HTTP once every rank has loaded its shard")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated Host names clients may use besides localhost and --host (default: only "
                         "those; any when --host is 0.0.0.0 or ::); guards against DNS rebinding, '*' allows any")
@@ -105,10 +106,12 @@ def main(argv: list[str]) -> int:
                         f"(from a checkout: pip install -e '.[serve]')")
     from kiln.hub import resolve
     path = Path(resolve(a.model, progress=True))  # a bad name fails here, before the port is taken
+    from kiln.commands import parallel_wanted
     from kiln.load import load
-    from kiln.server.app import create_app, server_for
-    from kiln.server.transport import allowed_hosts
     model_id = a.alias or (path.stem if path.is_file() else path.name)
+    if parallel_wanted(a):
+        return _serve_parallel(a, argv, path, model_id)
+
     def load_whole():
         model, tok = load(path, device=a.device, dtype=a.dtype, progress=False, n_gpu_layers=a.n_gpu_layers,
                           ctx_size=(a.ctx_size or 4096) * a.parallel)
@@ -117,7 +120,15 @@ def main(argv: list[str]) -> int:
                             "runs in generate, chat and bench")
         return model, tok
 
-    app = create_app(load_whole, model_id=model_id,
+    return _run(a, path, model_id, dict(loader=load_whole))
+
+
+def _run(a, path: Path, model_id: str, model_kw: dict) -> int:
+    """Serve until shut down: the app on `model_kw` (a `loader`, run in the background while the port already
+    answers, or a loaded `model` and `tokenizer`)."""
+    from kiln.server.app import create_app, server_for
+    from kiln.server.transport import allowed_hosts
+    app = create_app(**model_kw, model_id=model_id,
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
                      max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
                      read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v))
@@ -134,3 +145,18 @@ def main(argv: list[str]) -> int:
         raise st.load_error if isinstance(st.load_error, KilnError) else KilnError(
             f"could not load {path}: {type(st.load_error).__name__}: {st.load_error}")
     return 0
+
+
+def _serve_parallel(a, argv: list[str], path: Path, model_id: str) -> int:
+    """serve over the ranks of a tensor-parallel group (kiln/launch.py): every rank loads its shard first; then
+    rank 0 serves HTTP (its engine a launch.LeaderEngine) while the others follow its model calls."""
+    from kiln import launch
+    from kiln.load import load
+    if a.n_gpu_layers not in ("auto", "all"):
+        raise KilnError("--n-gpu-layers does not combine with --tensor-parallel yet; drop one of them")
+
+    def load_shard(device, shard, first):
+        return load(path, device=device, dtype=a.dtype, progress=False, shard=shard)
+
+    return launch.run(a.tensor_parallel, ["serve", *argv], a.device, load_shard,
+                      lambda model, tok, pool: _run(a, path, model_id, dict(model=model, tokenizer=tok)), path)

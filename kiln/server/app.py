@@ -67,7 +67,11 @@ class ServerState:
         self.tool_style = tool_style(tokenizer)
         per_token = tokenizer.max_token_chars  # None: no provable bound, so every prompt is tokenized
         self.max_chars = self.ctx_size * per_token if per_token else None
-        self.engine = Engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
+        engine = Engine
+        if getattr(model, "shard", None) is not None:  # tensor parallelism: the other ranks follow its calls
+            from kiln.launch import LeaderEngine
+            engine = LeaderEngine
+        self.engine = engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
                              max_queue=self.max_queue, cache_type_k=self.cache_types[0],
                              cache_type_v=self.cache_types[1])
         self.engine.start()
