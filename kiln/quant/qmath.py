@@ -84,10 +84,11 @@ def sqrt32(t: torch.Tensor) -> torch.Tensor:
 
 def seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in index order, one rounding per add, as a C loop sums: (..., 1)."""
-    acc = t[..., 0:1].clone()
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i:i + 1]
-    return acc
+    cols = t.movedim(-1, 0).contiguous()                    # one contiguous slab per position
+    acc = cols[0].clone()
+    for i in range(1, cols.shape[0]):
+        acc += cols[i]
+    return acc.unsqueeze(-1)
 
 
 def _weighted_error(w, d, mad: bool):
