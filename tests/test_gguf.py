@@ -66,10 +66,12 @@ def _gguf_name(name, table):
 def spm_vocab(w: gguf.GGUFWriter, n: int):
     """A SentencePiece-style vocabulary of n tokens (<unk>, <s>, </s>, then letters and pieces), enough for
     llama.cpp to load the file."""
-    pieces = ["<unk>", "<s>", "</s>", "<0x0A>"] + [chr(0x2581) + chr(97 + i % 26) * (1 + i // 26) for i in range(n - 4)]
+    letters = [chr(97 + i) for i in range(26)]
+    words = [chr(0x2581) + c * k for k in range(1, 9) for c in letters]
+    pieces = (["<unk>", "<s>", "</s>", "<0x0A>", chr(0x2581)] + letters + words)[:n]
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
-    w.add_token_scores([0.0] * n)
+    w.add_token_scores([float(len(p)) if i > 3 else 0.0 for i, p in enumerate(pieces)])
     w.add_token_types([2, 3, 3, 6] + [1] * (n - 4))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)

@@ -1,7 +1,8 @@
 """kiln's quantizers (kiln/quant/quantize.py) against gguf-py and llama.cpp.
 
 Legacy and float types: byte-identical to gguf-py's `gguf.quants.quantize`, run live. K-quants (Q2_K ...
-Q6_K) and IQ4_NL / IQ4_XS, without and with an importance matrix: byte-identical, every block, to
+Q6_K) and IQ4_NL / IQ4_XS, without and with an importance matrix, and Q4_0 ... Q5_1 with one (llama.cpp's
+own weighted quantizers, which gguf-py does not have): byte-identical, every block, to
 llama.cpp's `ggml_quantize_chunk` bytes stored in tests/data/quant_refs.npz (tests/data/make_quant_refs.py;
 CI does not build llama.cpp), on a seeded random tensor with the block math's edge cases and on rows of a
 real tensor of the 0.5B model.
@@ -19,7 +20,8 @@ from kiln.errors import KilnError
 from kiln.formats.gguf import read_gguf
 from kiln.quant import dequantize
 from kiln.quant.quantize import quantize
-from tests.data.make_quant_refs import REAL_ROWS, REAL_TENSOR, TYPES, importance, random_input
+from tests.data.make_quant_refs import (LEGACY_IMATRIX_TYPES, REAL_ROWS, REAL_TENSOR, TYPES, importance,
+                                        random_input)
 
 T = gguf.GGMLQuantizationType
 REFS = Path(__file__).parent / "data" / "quant_refs.npz"
@@ -52,8 +54,11 @@ def _compare(x: np.ndarray, theirs: np.ndarray, name: str, imatrix: np.ndarray |
     assert same.all(), f"{name}: blocks {np.nonzero(~same)[0][:8]} differ from llama.cpp's"
 
 
-@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", TYPES)
+CASES = [(t, False) for t in TYPES] + [(t, True) for t in TYPES + LEGACY_IMATRIX_TYPES]
+IDS = [f"{t}-{'imatrix' if i else 'plain'}" for t, i in CASES]
+
+
+@pytest.mark.parametrize("name,imatrix", CASES, ids=IDS)
 def test_quants_match_llama_cpp_random(refs, name, imatrix):
     x = random_input()
     key = f"random_{name}" + ("_imatrix" if imatrix else "")
@@ -61,8 +66,7 @@ def test_quants_match_llama_cpp_random(refs, name, imatrix):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name,imatrix", CASES, ids=IDS)
 def test_quants_match_llama_cpp_real(refs, qwen_path, name, imatrix):
     t = read_gguf(qwen_path).tensors[REAL_TENSOR]
     data = t.raw_rows()[:REAL_ROWS].reshape(-1)                        # the first rows' bytes

@@ -7,9 +7,9 @@ BF16; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 byte-identical to gguf-py's `gguf.quants.quan
 Not: block layouts for reading (legacy.py, kquants.py, iquants.py, the `dequantize_*` there), choosing a
 type per tensor, or writing files (kiln/quantize.py).
 
-An importance matrix (per input column, llama.cpp's `quant_weights`) steers the K-quants and IQ4 as it
-steers llama.cpp's; Q4_0 ... Q5_1 ignore it (llama.cpp's imatrix variants of those are not reproduced),
-as Q8_0 and the float types ignore it in llama.cpp too.
+An importance matrix (per input column, llama.cpp's `quant_weights`) steers the K-quants, IQ4 and Q4_0 ...
+Q5_1 as it steers llama.cpp's (their `*_impl` functions: a weighted scale search instead of gguf-py's
+absmax rule); Q8_0 and the float types ignore it, as in llama.cpp.
 """
 
 import gguf
@@ -19,6 +19,7 @@ from kiln.errors import KilnError
 from kiln.quant.qmath import absmax_signed as _absmax_signed
 from kiln.quant.qmath import f16_bytes as _f16_bytes
 from kiln.quant.qmath import pack_bits as _pack_bits
+from kiln.quant.qmath import make_qkx2_quants, make_qx_quants, seqsum, sqrt32
 from kiln.quant.qmath import pack_nibbles as _pack_nibbles
 from kiln.quant.quantize_iq4 import quantize_iq4_nl, quantize_iq4_xs
 from kiln.quant.quantize_k import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
@@ -53,13 +54,19 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
 
-def _quantize_q4_0(b: torch.Tensor) -> torch.Tensor:
+def _quantize_q4_0(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    if w is not None:  # quantize_row_q4_0_impl: a weighted least-squares scale, no offset
+        d, L = make_qx_quants(b, 8, w)
+        return torch.cat([_f16_bytes(d), _pack_nibbles(L.to(torch.uint8))], -1)
     d = _absmax_signed(b) / -8
     q = torch.trunc(b * _inverse(d) + 8.5).clamp(0, 15).to(torch.uint8)
     return torch.cat([_f16_bytes(d), _pack_nibbles(q)], -1)
 
 
-def _quantize_q4_1(b: torch.Tensor) -> torch.Tensor:
+def _quantize_q4_1(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    if w is not None:  # quantize_row_q4_1_impl: make_qkx3_quants' scale and min
+        d, neg_min, L = make_qkx2_quants(b, w, 15, -0.9, 0.05, 36)
+        return torch.cat([_f16_bytes(d), _f16_bytes(-neg_min), _pack_nibbles(L.to(torch.uint8))], -1)
     mx, mn = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
     d = (mx - mn) / 15
     q = torch.trunc((b - mn) * _inverse(d) + 0.5).clamp(0, 15).to(torch.uint8)
@@ -71,14 +78,22 @@ def _five_bit_fields(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _pack_bits(q >> 4), _pack_nibbles(q & 0x0F)
 
 
-def _quantize_q5_0(b: torch.Tensor) -> torch.Tensor:
+def _quantize_q5_0(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    if w is not None:
+        d, L = make_qx_quants(b, 16, w)
+        qh, qs = _five_bit_fields(L.to(torch.uint8))
+        return torch.cat([_f16_bytes(d), qh, qs], -1)
     d = _absmax_signed(b) / -16
     q = torch.trunc(b * _inverse(d) + 16.5).clamp(0, 31).to(torch.uint8)
     qh, qs = _five_bit_fields(q)
     return torch.cat([_f16_bytes(d), qh, qs], -1)
 
 
-def _quantize_q5_1(b: torch.Tensor) -> torch.Tensor:
+def _quantize_q5_1(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    if w is not None:
+        d, neg_min, L = make_qkx2_quants(b, w, 31, -0.9, 0.05, 36)
+        qh, qs = _five_bit_fields(L.to(torch.uint8))
+        return torch.cat([_f16_bytes(d), _f16_bytes(-neg_min), qh, qs], -1)
     mx, mn = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
     d = (mx - mn) / 31
     q = torch.trunc((b - mn) * _inverse(d) + 0.5).clamp(0, 31).to(torch.uint8)
@@ -115,7 +130,10 @@ _QUANTIZERS = {
     _T.IQ4_XS: quantize_iq4_xs,
 }
 QUANTIZABLE = frozenset(_QUANTIZERS)
-IMATRIX_TYPES = frozenset({_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.IQ4_NL, _T.IQ4_XS})
+IMATRIX_TYPES = frozenset({_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.IQ4_NL, _T.IQ4_XS,
+                           _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1})
+# the legacy types' *_impl weigh by the whole row's mean square, so they get their weights made per row here
+_ROW_SIGMA = frozenset({_T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1})
 
 # Super-blocks per step: bounds the temporaries of the K-quant searches (tens of float32 copies each).
 _CHUNK_BLOCKS = 1 << 14
@@ -152,7 +170,10 @@ def quantize(x: torch.Tensor, qtype: int, imatrix: torch.Tensor | None = None) -
     blocks = x.reshape(-1, block)
     qw = None
     if imatrix is not None and qtype in IMATRIX_TYPES:
-        qw = imatrix.detach().to(_F32, copy=True).to(x.device).reshape(1, n).expand(rows, n).reshape(-1, block)
+        qw = imatrix.detach().to(_F32, copy=True).to(x.device).reshape(1, n).expand(rows, n)
+        if qtype in _ROW_SIGMA:  # quantize_row_q4_0_impl & co: qw * sqrt(mean x^2 of the row + x^2)
+            qw = qw * sqrt32(seqsum(x * x) / n + x * x)
+        qw = qw.reshape(-1, block)
     out = torch.empty(blocks.shape[0], size, dtype=torch.uint8, device=x.device)
     for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
         part = blocks[s:s + _CHUNK_BLOCKS]
