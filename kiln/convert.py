@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--type", default="q8_0", help="--to gguf: " + ", ".join(FILE_TYPES)
                    + " (default q8_0; the K and IQ4 types take llama.cpp's per-tensor mixes)")
     p.add_argument("--imatrix", metavar="FILE", help="--to gguf: importance matrix (llama.cpp's GGUF or .dat "
-                   "format, e.g. from `kiln imatrix`) steering the K-quant and IQ4 quantizers")
+                   "format, e.g. from `kiln imatrix`) steering the K-quant, IQ4 and Q4_0..Q5_1 "
+                   "quantizers")
     p.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE",
                    help="--to gguf: tensors whose name matches REGEX get TYPE (repeatable; first match wins)")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="--to gguf: type of output.weight")

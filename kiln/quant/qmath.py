@@ -1,6 +1,6 @@
 """The float arithmetic shared by kiln's quantizers, in llama.cpp's operation order.
 
-Owns: exact helpers (`rdiv`, `nearest_int`, `seqsum`, `sqrt32`, byte packing) and the per-group scale searches of
+Owns: exact helpers (`rdiv`, `div`, `nearest_int`, `seqsum`, `sqrt32`, byte packing) and the per-group scale searches of
 ggml-quants.c, each vectorized over groups (rows of a (G, n) tensor): `make_qkx2_quants` (also serves as
 make_qkx3_quants, the same search with other constants), `make_qx_quants` (rmse_type 1), `make_q3_quants`,
 `make_qp_quants`, and `best_index_iq4` (best_index_int8 on the IQ4_NL grid).
@@ -29,6 +29,11 @@ def f32(v: float) -> torch.Tensor:
 def rdiv(a: float, t: torch.Tensor) -> torch.Tensor:
     """a / t rounded once (torch's `a / t` is `a * (1 / t)`, rounded twice)."""
     return torch.div(torch.tensor(a, dtype=F32, device=t.device), t)
+
+
+def div(t: torch.Tensor, v: float) -> torch.Tensor:
+    """t / v rounded once on every device: CUDA computes `t / python_number` as t * (1 / v), rounded twice."""
+    return torch.div(t, torch.tensor(v, dtype=t.dtype, device=t.device))
 
 
 def safe(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

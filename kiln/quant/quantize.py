@@ -19,7 +19,7 @@ from kiln.errors import KilnError
 from kiln.quant.qmath import absmax_signed as _absmax_signed
 from kiln.quant.qmath import f16_bytes as _f16_bytes
 from kiln.quant.qmath import pack_bits as _pack_bits
-from kiln.quant.qmath import make_qkx2_quants, make_qx_quants, seqsum, sqrt32
+from kiln.quant.qmath import div, make_qkx2_quants, make_qx_quants, seqsum, sqrt32
 from kiln.quant.qmath import pack_nibbles as _pack_nibbles
 from kiln.quant.quantize_iq4 import quantize_iq4_nl, quantize_iq4_xs
 from kiln.quant.quantize_k import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
@@ -68,7 +68,7 @@ def _quantize_q4_1(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tens
         d, neg_min, L = make_qkx2_quants(b, w, 15, -0.9, 0.05, 36)
         return torch.cat([_f16_bytes(d), _f16_bytes(-neg_min), _pack_nibbles(L.to(torch.uint8))], -1)
     mx, mn = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
-    d = (mx - mn) / 15
+    d = div(mx - mn, 15)
     q = torch.trunc((b - mn) * _inverse(d) + 0.5).clamp(0, 15).to(torch.uint8)
     return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q)], -1)
 
@@ -95,14 +95,14 @@ def _quantize_q5_1(b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tens
         qh, qs = _five_bit_fields(L.to(torch.uint8))
         return torch.cat([_f16_bytes(d), _f16_bytes(-neg_min), qh, qs], -1)
     mx, mn = b.amax(-1, keepdim=True), b.amin(-1, keepdim=True)
-    d = (mx - mn) / 31
+    d = div(mx - mn, 31)
     q = torch.trunc((b - mn) * _inverse(d) + 0.5).clamp(0, 31).to(torch.uint8)
     qh, qs = _five_bit_fields(q)
     return torch.cat([_f16_bytes(d), _f16_bytes(mn), qh, qs], -1)
 
 
 def _quantize_q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = b.abs().amax(-1, keepdim=True) / 127
+    d = div(b.abs().amax(-1, keepdim=True), 127)
     v = b * _inverse(d)
     a = v.abs()
     fl = torch.floor(a)
@@ -172,7 +172,7 @@ def quantize(x: torch.Tensor, qtype: int, imatrix: torch.Tensor | None = None) -
     if imatrix is not None and qtype in IMATRIX_TYPES:
         qw = imatrix.detach().to(_F32, copy=True).to(x.device).reshape(1, n).expand(rows, n)
         if qtype in _ROW_SIGMA:  # quantize_row_q4_0_impl & co: qw * sqrt(mean x^2 of the row + x^2)
-            qw = qw * sqrt32(seqsum(x * x) / n + x * x)
+            qw = qw * sqrt32(div(seqsum(x * x), n) + x * x)
         qw = qw.reshape(-1, block)
     out = torch.empty(blocks.shape[0], size, dtype=torch.uint8, device=x.device)
     for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):

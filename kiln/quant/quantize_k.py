@@ -9,7 +9,7 @@ Not: the scale searches (qmath.py), the type registry and chunking (quantize.py)
 
 import torch
 
-from kiln.quant.qmath import (GROUP_MAX_EPS, absmax_signed, make_q3_quants, make_qkx2_quants,
+from kiln.quant.qmath import (GROUP_MAX_EPS, div, absmax_signed, make_q3_quants, make_qkx2_quants,
                               make_qp_quants, make_qx_quants, nearest_int, pack_crumbs, pack_nibbles, positive,
                               rdiv, seqsum, sqrt32)
 
@@ -42,8 +42,8 @@ def _q2_scales_ref(x: torch.Tensor):
     ps, pm = max_scale > 0, max_min > 0
     ls = torch.where(ps, nearest_int(rdiv(15, torch.where(ps, max_scale, 1)) * scales), 0)
     lm = torch.where(pm, nearest_int(rdiv(15, torch.where(pm, max_min, 1)) * mins), 0)
-    d16 = _f16(torch.where(ps, max_scale / 15, 0))
-    dmin16 = _f16(torch.where(pm, max_min / 15, 0))
+    d16 = _f16(torch.where(ps, div(max_scale, 15), 0))
+    dmin16 = _f16(torch.where(pm, div(max_min, 15), 0))
     return ((ls | (lm << 4)) & 0xFF), d16, dmin16, L
 
 
@@ -134,7 +134,7 @@ def _q45_scales_ref(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     inv_min = torch.where(max_min > 0, rdiv(63, max_min), torch.zeros_like(max_min))
     ls = (nearest_int(inv_scale * scales) & 0xFF).clamp(max=63)          # uint8_t, then MIN(63)
     lm = (nearest_int(inv_min * mins) & 0xFF).clamp(max=63)
-    return ls, lm, _f16(max_scale / 63), _f16(max_min / 63), L
+    return ls, lm, _f16(div(max_scale, 63)), _f16(div(max_min, 63)), L
 
 
 def _q45_scales_imatrix(x: torch.Tensor, qw: torch.Tensor, nmax: int):
