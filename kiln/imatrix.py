@@ -31,15 +31,20 @@ _MODULE_KINDS = {
     "self_attn.qkv_proj": ("attn_qkv",), "self_attn.o_proj": ("attn_output",),
     "self_attn.qkv": ("attn_q", "attn_k", "attn_v"),
     "mlp.gate_proj": ("ffn_gate",), "mlp.up_proj": ("ffn_up",), "mlp.down_proj": ("ffn_down",),
-    "mlp.gate_up": ("ffn_gate", "ffn_up"), "mlp.gate_up_proj": ("ffn_up",),
+    "mlp.gate_up_proj": ("ffn_up",),
+    # a joined gate/up layer runs through its wide_forward method, which no hook sees: the MLP's own
+    # input is the same tensor (gguf_names picks this entry only when the MLP has a joined layer)
+    "mlp": ("ffn_gate", "ffn_up"),
 }
 
 
-def gguf_names(module_path: str) -> tuple[str, ...]:
-    """The GGUF weight names a module of the model computes (model.layers.3.mlp.down_proj ->
+def gguf_names(module_path: str, module: torch.nn.Module | None = None) -> tuple[str, ...]:
+    """The GGUF weight names whose input a module of the model sees (model.layers.3.mlp.down_proj ->
     blk.3.ffn_down.weight), or () for modules outside the blocks' linear layers."""
     m = re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.(.+)", module_path)
     if not m or m.group(2) not in _MODULE_KINDS:
+        return ()
+    if m.group(2) == "mlp" and getattr(module, "gate_up", None) is None:
         return ()
     return tuple(f"blk.{m.group(1)}.{k}.weight" for k in _MODULE_KINDS[m.group(2)])
 
@@ -51,7 +56,7 @@ class Collector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._hooks = [mod.register_forward_pre_hook(self._hook(names))
-                       for path, mod in model.named_modules() if (names := gguf_names(path))]
+                       for path, mod in model.named_modules() if (names := gguf_names(path, mod))]
         if not self._hooks:
             raise KilnError("the model has no linear layers kiln can name for an importance matrix")
 

@@ -34,6 +34,11 @@ def collected(source):
     return collect(_kiln(source), CHUNKS)
 
 
+@pytest.fixture(scope="module")
+def hf_stats():
+    return _transformers_stats()
+
+
 def _transformers_stats():
     hf = _hf(CFG_MIX)
     sums, counts, hooks = {}, {}, []
@@ -55,8 +60,15 @@ def _transformers_stats():
     return sums, counts
 
 
-def test_statistics_match_transformers(collected):
-    sums, counts = _transformers_stats()
+@pytest.mark.parametrize("joined", [False, True], ids=["apart", "joined"])
+def test_statistics_match_transformers(collected, hf_stats, source, joined):
+    # joined: q/k/v and gate/up as one layer each, as kiln loads them on GPUs and on its compact CPU path
+    if joined:
+        from kiln.quant.swap import join_projections
+        model = join_projections(_kiln(source))
+        assert model.model.layers[0].mlp.gate_up is not None
+        collected = collect(model, CHUNKS)
+    sums, counts = hf_stats
     assert sorted(collected.sums) == sorted(sums) and len(sums) == 7 * CFG_MIX["num_hidden_layers"]
     for name, s in sums.items():
         assert collected.counts[name] == counts[name] == 32 * len(CHUNKS)
