@@ -4,6 +4,8 @@ numpy and torch: the AVX-512 wheel built for this project crashes otherwise). Pr
 Owns: calling llama-cpp-python 0.3.36 and the ggml library it loads, never kiln:
   quantize SRC OUT FTYPE            llama_model_quantize (llama-quantize without an importance matrix)
   run FILE                          load FILE in llama.cpp, evaluate IDS, print the last position's logits
+  check SRC OUT_DIR FILE:FTYPE ...  for each FILE: quantize SRC to OUT_DIR/llama-<FILE's name> in FTYPE, and
+                                    run FILE (both of the above, in one process)
   imatrix IMATRIX SRC KILN_FILE     read IMATRIX with ggml's own GGUF reader (gguf_init_from_file) and, as
                                     llama-quantize's load_imatrix does, take in_sum2 / lround(counts); then
                                     quantize each of SRC's F32 weights with ggml_quantize_chunk and that row
@@ -32,6 +34,16 @@ def run(path: str) -> dict:
     m = llama_cpp.Llama(path, n_ctx=64, n_batch=64, verbose=False, logits_all=True)
     m.eval(IDS)
     return {"logits": [float(v) for v in m.scores[len(IDS) - 1]]}
+
+
+def check(src: str, out_dir: str, *items: str) -> dict:
+    import os
+    result = {}
+    for item in items:
+        path, ftype = item.rsplit(":", 1)
+        out = os.path.join(out_dir, "llama-" + os.path.basename(path))
+        result[os.path.basename(path)] = {**quantize(src, out, ftype), **run(path), "llama_file": out}
+    return result
 
 
 class _Params(ctypes.Structure):
@@ -111,4 +123,4 @@ def imatrix(imatrix_path: str, src: str, kiln_file: str) -> dict:
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    print(json.dumps({"quantize": quantize, "run": run, "imatrix": imatrix}[cmd](*args)))
+    print(json.dumps({"quantize": quantize, "run": run, "check": check, "imatrix": imatrix}[cmd](*args)))

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -142,14 +143,22 @@ def llama_cpp_call(*args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@contextmanager
+def torch_threads(n: int):
+    # kiln's quantizers are long chains of small vector ops: on a CPU shared with other jobs, torch's
+    # thread pool spends more time waiting than working (20x here); one thread keeps the tests fast
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def one_thread():
-    # kiln's quantizers are long chains of small vector ops: on a CPU shared with other jobs, torch's
-    # thread pool spends more time waiting than working (20x here); one thread keeps the test fast
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +166,17 @@ def mix_source(tmp_path_factory):
     path = tmp_path_factory.mktemp("mix") / "f32.gguf"
     return write_gguf(path, _hf(CFG_MIX), CFG_MIX, "llama", vocab=True,
                       meta={"tokenizer.chat_template": TEMPLATE})
+
+
+@pytest.fixture(scope="module")
+def new_type_files(mix_source, tmp_path_factory):
+    """kiln's file of each new type, and llama.cpp's run of it and own quantization of the source
+    (one child process for all)."""
+    out = tmp_path_factory.mktemp("new_types")
+    with torch_threads(1):
+        ours = {t: convert_gguf(mix_source, out / f"kiln-{t}.gguf", t) for t in NEW_TYPES}
+    theirs = llama_cpp_call("check", mix_source, out, *(f"{p}:{int(FILE_TYPES[t][1])}" for t, p in ours.items()))
+    return {t: (p, theirs[p.name]) for t, p in ours.items()}
 
 
 def _same_tensors(ours: Path, theirs: Path):
@@ -172,14 +192,13 @@ def _same_tensors(ours: Path, theirs: Path):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("ftype", NEW_TYPES)
-def test_new_types_equal_llama_cpp_and_load_in_both(mix_source, tmp_path, one_thread, ftype):
+def test_new_types_equal_llama_cpp_and_load_in_both(new_type_files, ftype):
     """kiln's file is llama-quantize's, tensor for tensor (the mix, the fallbacks, the bytes), and it
     runs in llama.cpp and in kiln to the same logits."""
-    ours = convert_gguf(mix_source, tmp_path / f"kiln-{ftype}.gguf", ftype)
-    theirs = tmp_path / f"llama-{ftype}.gguf"
-    assert llama_cpp_call("quantize", mix_source, theirs, int(FILE_TYPES[ftype][1]))["rc"] == 0
-    _same_tensors(ours, theirs)
-    ref = torch.tensor(llama_cpp_call("run", ours)["logits"])
+    ours, theirs = new_type_files[ftype]
+    assert theirs["rc"] == 0
+    _same_tensors(ours, Path(theirs["llama_file"]))
+    ref = torch.tensor(theirs["logits"])
     with torch.no_grad():
         mine = _kiln(ours)(torch.tensor([IDS]))[0, -1]
     rel = ((mine - ref).norm() / ref.norm()).item()

@@ -237,10 +237,10 @@ IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
 
 
 def best_index_iq4(v: torch.Tensor) -> torch.Tensor:
-    """best_index_int8(16, kvalues_iq4nl, v): the index of the grid value nearest v (ties to the upper)."""
+    """best_index_int8(16, kvalues_iq4nl, v): the index of the grid value nearest v, the upper on a tie.
+
+    That is the number of midpoints between neighbours at or below v: near a midpoint both of the C
+    code's differences (v - lower, upper - v) are exact in float32 (they lie in the binade of v or below),
+    so its float comparison is the exact one, which the (exact, half-integer) midpoints make."""
     vals = torch.tensor(IQ4NL_VALUES, dtype=F32, device=v.device)
-    mu = torch.searchsorted(vals, v.contiguous(), right=True).clamp(1, 15)
-    lo, hi = vals[mu - 1], vals[mu]
-    idx = torch.where(v - lo < hi - v, mu - 1, mu)
-    idx = torch.where(v <= vals[0], torch.zeros_like(idx), idx)
-    return torch.where(v >= vals[15], torch.full_like(idx, 15), idx)
+    return torch.searchsorted((vals[:-1] + vals[1:]) / 2, v.contiguous(), right=True)
