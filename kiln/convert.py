@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="what to write (default hf)")
     p.add_argument("--dtype", default="float32", help="--to hf: float32, bfloat16 or float16 (default float32)")
     p.add_argument("--type", default="q8_0", help="--to gguf: " + ", ".join(FILE_TYPES)
-                   + " (default q8_0; the K and IQ4 types take llama.cpp's per-tensor mixes)")
+                   + " (default q8_0; each quantized type takes llama.cpp's per-tensor mix unless --pure)")
     p.add_argument("--imatrix", metavar="FILE", help="--to gguf: importance matrix (llama.cpp's GGUF or .dat "
                    "format, e.g. from `kiln imatrix`) steering the K-quant, IQ4 and Q4_0..Q5_1 "
                    "quantizers")

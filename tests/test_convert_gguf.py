@@ -2,7 +2,9 @@
 
 The written file is read back by gguf-py and by kiln: every tensor's bytes are kiln's quantizer applied to
 the source's weights in the type llama.cpp's mix gives it, the metadata is the source's, and the model
-computes what the source computes within the type's error.
+computes what the source computes within the type's error. The low-bit types (q2_k, q3_k_s/m/l, iq4_nl,
+iq4_xs) are checked against llama.cpp itself where llama-cpp-python is installed: kiln's file equals
+llama_model_quantize's tensor for tensor, and llama.cpp runs it (tests/llamacpp_quant.py, a child process).
 """
 
 import importlib.util

@@ -9,7 +9,7 @@ Not: the scale searches (qmath.py), the type registry and chunking (quantize.py)
 
 import torch
 
-from kiln.quant.qmath import (GROUP_MAX_EPS, div, absmax_signed, make_q3_quants, make_qkx2_quants,
+from kiln.quant.qmath import (GROUP_MAX_EPS, absmax_signed, div, make_q3_quants, make_qkx2_quants,
                               make_qp_quants, make_qx_quants, nearest_int, pack_crumbs, pack_nibbles, positive,
                               rdiv, seqsum, sqrt32)
 
