@@ -20,6 +20,7 @@ SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "fit": ("kiln.fit", "main", "plan which layers go on the GPU and the bytes per device, without loading"),
     "pull": ("kiln.commands", "pull", "download a model into kiln's cache"),
     "convert": ("kiln.convert", "main", "GGUF to a Hugging Face folder, or to GGUF re-quantized (--to gguf)"),
+    "imatrix": ("kiln.imatrix", "main", "importance matrix of a model over a text (llama.cpp's format)"),
     "perplexity": ("kiln.eval", "main", "perplexity / KL divergence on a text, as llama-perplexity computes them"),
     "bench": ("kiln.bench", "main", "measure prefill, decode and effective tok/s (optionally vs llama.cpp)"),
     "finetune": ("kiln.finetune", "main", "train a LoRA / QLoRA adapter on your data (PEFT format)"),

@@ -71,7 +71,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="what to write (default hf)")
     p.add_argument("--dtype", default="float32", help="--to hf: float32, bfloat16 or float16 (default float32)")
     p.add_argument("--type", default="q8_0", help="--to gguf: " + ", ".join(FILE_TYPES)
-                   + " (default q8_0; _s/_m are llama.cpp's per-tensor mixes)")
+                   + " (default q8_0; each quantized type takes llama.cpp's per-tensor mix unless --pure)")
+    p.add_argument("--imatrix", metavar="FILE", help="--to gguf: importance matrix (llama.cpp's GGUF or .dat "
+                   "format, e.g. from `kiln imatrix`) steering the K-quant, IQ4 and Q4_0..Q5_1 "
+                   "quantizers")
     p.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE",
                    help="--to gguf: tensors whose name matches REGEX get TYPE (repeatable; first match wins)")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="--to gguf: type of output.weight")
@@ -104,8 +107,12 @@ def _main_gguf(a, resolve) -> int:
         raise KilnError(f"{a.out} is a folder; --to gguf writes one file")
     if not Path(a.out).resolve().parent.is_dir():
         raise KilnError(f"the folder of {a.out} does not exist")
+    imatrix = None
+    if a.imatrix:
+        from kiln.imatrix import read_imatrix
+        imatrix = read_imatrix(a.imatrix)
     src = resolve(a.model)
     if src.is_dir():
         raise KilnError(f"{src} is a folder; kiln convert --to gguf reads a GGUF file (for now)")
-    print(convert_gguf(src, a.out, a.type, overrides, out_t, embd_t, a.pure, progress=True))
+    print(convert_gguf(src, a.out, a.type, overrides, out_t, embd_t, a.pure, progress=True, imatrix=imatrix))
     return 0

@@ -63,9 +63,26 @@ def _gguf_name(name, table):
     return f"blk.{parts[2]}.{table[key]}.{parts[-1]}"
 
 
-def write_gguf(path, hf, cfg, arch, qtype=None, meta=None, skip=()):
-    """Write `hf`'s weights as llama.cpp's converter would; 2-D weights in `qtype` (default F32)."""
+def spm_vocab(w: gguf.GGUFWriter, n: int):
+    """A SentencePiece-style vocabulary of n tokens (<unk>, <s>, </s>, then letters and pieces), enough for
+    llama.cpp to load the file."""
+    letters = [chr(97 + i) for i in range(26)]
+    words = [chr(0x2581) + c * k for k in range(1, 9) for c in letters]
+    pieces = (["<unk>", "<s>", "</s>", "<0x0A>", chr(0x2581)] + letters + words)[:n]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([float(len(p)) if i > 3 else 0.0 for i, p in enumerate(pieces)])
+    w.add_token_types([2, 3, 3, 6] + [1] * (n - 4))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def write_gguf(path, hf, cfg, arch, qtype=None, meta=None, skip=(), vocab=False):
+    """Write `hf`'s weights as llama.cpp's converter would; 2-D weights in `qtype` (default F32); with
+    `vocab`, a small SentencePiece vocabulary (spm_vocab) so that llama.cpp loads the file."""
     w = gguf.GGUFWriter(str(path), arch)
+    if vocab:
+        spm_vocab(w, cfg["vocab_size"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
