@@ -136,6 +136,24 @@ def kl_stats(base: dict, kept: list) -> dict:
             "same_top1": float(same.mean()), "rms_dp": float(dp.pow(2).mean().sqrt()), "positions": n}
 
 
+def check_chunking(a) -> None:
+    """--ctx-size and --chunks of a command that cuts a text into chunks (perplexity, imatrix)."""
+    if a.ctx_size < 4:
+        raise KilnError(f"--ctx-size {a.ctx_size}: must be at least 4")
+    if a.chunks is not None and a.chunks < 1:
+        raise KilnError(f"--chunks {a.chunks}: must be at least 1")
+
+
+def read_text(path, flag: str) -> str:
+    """The UTF-8 text of the file a command's `flag` names, or a KilnError that says why not."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise KilnError(f"cannot read {flag} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise KilnError(f"{flag} {path} is not UTF-8 text") from None
+
+
 def main(argv: list[str]) -> int:
     from kiln.commands import _Parser, _load, _model_args, _quantized_arg, check_model_args
 
@@ -152,17 +170,9 @@ def main(argv: list[str]) -> int:
                    help="compare with a base saved by --kl-divergence-base: mean/max/99.9%% KL, same top-1, RMS dp")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     a = p.parse_args(argv)
-    if a.ctx_size < 4:
-        raise KilnError(f"--ctx-size {a.ctx_size}: must be at least 4")
-    if a.chunks is not None and a.chunks < 1:
-        raise KilnError(f"--chunks {a.chunks}: must be at least 1")
+    check_chunking(a)
     check_model_args(a)
-    try:
-        text = Path(a.file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise KilnError(f"cannot read --file {a.file}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise KilnError(f"--file {a.file} is not UTF-8 text") from None
+    text = read_text(a.file, "--file")
     base = load_base(a.kl_divergence) if a.kl_divergence else None
     if base is not None and base["n_ctx"] != a.ctx_size:
         raise KilnError(f"the base was made with --ctx-size {base['n_ctx']}; give the same here")

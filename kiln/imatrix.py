@@ -182,6 +182,7 @@ def read_imatrix(path) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str]) -> int:
     from kiln.commands import _Parser, _load, _model_args, _quantized_arg, check_model_args
+    from kiln.eval import check_chunking, read_text
     from kiln.eval import chunks as make_chunks
 
     p = _Parser(prog="kiln imatrix", description="Compute an importance matrix (mean squared input activation "
@@ -194,19 +195,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ctx-size", "-c", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="use at most this many chunks (default: all)")
     a = p.parse_args(argv)
-    if a.ctx_size < 4:
-        raise KilnError(f"--ctx-size {a.ctx_size}: must be at least 4")
-    if a.chunks is not None and a.chunks < 1:
-        raise KilnError(f"--chunks {a.chunks}: must be at least 1")
+    check_chunking(a)
     if not Path(a.output).resolve().parent.is_dir():
         raise KilnError(f"the folder of {a.output} does not exist")
     check_model_args(a)
-    try:
-        text = Path(a.data).read_text(encoding="utf-8")
-    except OSError as e:
-        raise KilnError(f"cannot read --data {a.data}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise KilnError(f"--data {a.data} is not UTF-8 text") from None
+    text = read_text(a.data, "--data")
     model, tok = _load(a)
     bos = tok.bos_token_id if tok.add_bos else None
     chunks = make_chunks(tok.encode(text), a.ctx_size, a.chunks, bos)
