@@ -6,11 +6,8 @@
 # split_check.json. Usage (repo root, .whl/ and .ab/ carried): OUT=dir [ROUNDS="1 2"] bash bench/verify_session.sh
 set -u
 ROOT=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g /tmp/carry
-for m in gguf:gguf yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe tqdm:tqdm; do
-  python -c "import ${m%%:*}" 2>/dev/null || python -m pip install -q --no-deps --target /tmp/carry .whl/${m##*:}-*.whl
-done
-export PYTHONPATH="/tmp/carry:$ROOT" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
+. bench/carry_env.sh
 START=$(date +%s); at() { echo "== $1 at $(( $(date +%s) - START )) s"; }
 for f in ${FILES:-qwen3-0.6b llama-3.2-1b}; do
   timeout 120 python bench/make_gguf.py --model "$f" --type Q4_K_M --out /tmp/g > /dev/null 2>&1 || echo "make $f failed"

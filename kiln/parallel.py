@@ -152,22 +152,13 @@ def mlp_block(weights: Mapping) -> int:
 
 def check_file(path, world: int) -> None:
     """KilnError unless the model at `path` (a GGUF file or a Hugging Face folder) divides among `world` ranks,
-    read from its config alone: a launcher checks this before it starts any rank."""
+    read from its config and tensor headers alone: a launcher checks this before it starts any rank."""
     from pathlib import Path
-    path = Path(path)
-    block = 1
-    if path.is_dir():
-        from kiln.formats.safetensors import _config
-        config = _config(path)
-    else:
-        from kiln.formats.gguf import hf_tensors, read_gguf, to_config
-        g = read_gguf(path)
-        config = to_config(g)
-        block = mlp_block(hf_tensors(g, config))
-    try:
-        Sizes.of(config, world, block)  # KilnError where the model does not divide
-    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError):
-        pass  # a malformed config: the load checks it field by field and says what is wrong
+
+    from kiln.load import check_model, read_weights
+    config, weights = read_weights(Path(path))
+    check_model(config, weights)  # a malformed config: one KilnError naming the field, before any rank starts
+    Sizes.of(config, world, mlp_block(weights))  # KilnError where the model does not divide
 
 
 # ---------------------------------------------------------------- the weights' cuts
