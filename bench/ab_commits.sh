@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call: the same benchmarks on two commits side by side, alternating, in one call — for
 # changes that must keep speed "within noise" (a refactor). The new side is this checkout; the old side
-# is a `git archive` of the old commit unpacked in .ab/old (carried). gguf-py is carried in .carry/.
+# is a `git archive` of the old commit unpacked in .ab/old (carried). Wheels the GPU machine lacks: .whl/ (carried,
+# bench/carry_env.sh).
 #
 # Prepare here:  rm -rf .ab && mkdir -p .ab/old && git archive OLD_COMMIT | tar -x -C .ab/old
 #                echo OLD_COMMIT > .ab/old/COMMIT; git rev-parse HEAD > .ab/NEW_COMMIT
 # Run there:     FILES="qwen3-0.6b llama-3.2-1b" STEPS="bench engine" ROUNDS=2 bash bench/ab_commits.sh
-#                (carry .ab and .carry)
+#                (carry .ab and .whl)
 # Output under $OUT: ab.jsonl (one JSON per kiln bench run, with "side" and "round"), engine_*.json,
 # ab.log. Every file is Q4_K_M from bench/make_gguf.py (seed 0), made here in /tmp/g.
 set -u
@@ -17,12 +18,12 @@ STEPS=${STEPS:-"bench engine"}
 ROUNDS=${ROUNDS:-2}
 START=$(date +%s); BUDGET=${BUDGET:-570}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-export PYTHONUNBUFFERED=1
+. bench/carry_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 side_path() { if [ "$1" = old ]; then echo "$ROOT/.ab/old"; else echo "$ROOT"; fi; }
 
 for m in $FILES; do
-  PYTHONPATH="$ROOT/.carry:$ROOT" timeout 200 python bench/make_gguf.py --model "$m" --type Q4_K_M --out /tmp/g \
+  timeout 200 python bench/make_gguf.py --model "$m" --type Q4_K_M --out /tmp/g \
     > /dev/null 2>&1 || echo "make_gguf $m failed"
 done
 ls -la /tmp/g; echo "files made at $(( $(date +%s) - START )) s"
@@ -33,7 +34,7 @@ if [[ " $STEPS " == *" bench "* ]]; then
       for side in old new; do  # alternate: old, new, old, new …
         [ "$(left)" -lt 40 ] && { echo "out of time before $m $side round $r"; break 3; }
         dir=$(side_path $side)
-        (cd "$dir" && PYTHONPATH="$ROOT/.carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
+        (cd "$dir" && PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
           --model "/tmp/g/$m-Q4_K_M.gguf" -p 512 -g 128 -r 3 --json > /tmp/b.json 2> /tmp/b.err)
         rc=$?
         python - "$side" "$r" "$m" "$rc" >> "$OUT/ab.jsonl" <<'EOF'
@@ -50,8 +51,9 @@ EOF
 import json
 d = json.loads(open(__import__("os").environ["OUT"] + "/ab.jsonl").read().splitlines()[-1])
 k = d.get("kiln")
+one = lambda v: next(iter(v.values())) if isinstance(v, dict) else v  # newer bench: {length: tok/s}
 print(d["model"], d["side"], d["round"], "error" if not k else
-      f"pp {k['prefill_tok_s']:.0f} tg {k['decode_tok_s']:.1f} eff {k['effective_tok_s']:.1f} "
+      f"pp {one(k['prefill_tok_s']):.0f} tg {one(k['decode_tok_s']):.1f} eff {one(k['effective_tok_s']):.1f} "
       f"load {d.get('load_s', 0):.1f}s capture {k.get('capture_s', 0):.1f}s", d.get("error", ""))
 EOF
       done
@@ -64,7 +66,7 @@ if [[ " $STEPS " == *" engine "* ]]; then  # continuous batching on the 1B shape
     for side in old new; do
       [ "$(left)" -lt 60 ] && { echo "out of time before engine $side round $r"; break 2; }
       dir=$(side_path $side)
-      (cd "$dir" && PYTHONPATH="$ROOT/.carry:$dir" timeout 150 python bench/engine_bench.py \
+      (cd "$dir" && PYTHONPATH="/tmp/carry:$dir" timeout 150 python bench/engine_bench.py \
         --model /tmp/g/llama-3.2-1b-Q4_K_M.gguf --streams 32 --tokens 128 --prompt-len 64 \
         --out "$OUT/engine_${side}_r$r.json" 2>&1 | tail -4)
       echo "== engine $side round $r at $(( $(date +%s) - START )) s"

@@ -55,7 +55,7 @@ for dtype in (torch.float32, torch.bfloat16):
               [a == b for a, b in zip(got, refs)], "first-diff", [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, refs)],
               "sampled == solo:", s2 == r2, "prefill forwards", eng.stats()["prefill_forwards"], flush=True)
         bad += dtype == torch.float32 and (not all(a == b for a, b in zip(got, refs)) or s2 != r2)  # bf16: reported
-    # speculative decoding on the GPU (eager verify forwards beside the captured decode step): greedy equals plain
+    # speculative decoding on the GPU (verify graphs per row count beside the decode graph): greedy equals plain
     from kiln.speculative import ModelDrafter, NgramDrafter, speculative_step
     rep = prompts[1][:12] * 3  # repeats, so prompt lookup finds drafts
     plain = solo(rep, True, n=24)[0]

@@ -5,7 +5,9 @@
 2. `micro`: in-graph µs per call over rotating weight copies (no L2 reuse) for the shapes of Qwen3-0.6B,
    Llama-3.2-1B and Qwen3-8B: the float path with its table config (+ split-K sum), the int8 GEMV with
    the table config and a grid of (block_n, block_k, warps), and quantize_act alone.
-3. `model`: `kiln.bench` decode/prefill of each GGUF file with KILN_INT8=0, then on (one process each).
+3. `rowgrid`: 2..8 rows through the int8 kernel, a grid of its configs against the table's, one row's
+   GEMV and dequantize + cuBLAS (--rows, --models).
+4. `model`: `kiln.bench` decode/prefill of each GGUF file with KILN_INT8=0, then on (one process each).
 Usage (GPU machine): python bench/int8_ab.py --out DIR [--steps check,micro,model] [--files a.gguf,b.gguf]
 """
 
@@ -149,6 +151,57 @@ def batch(out, deadline):
         del ws
         torch.cuda.empty_cache()
     out["batch"] = rows
+
+
+ROW_GRID = [(bn, w, nw) for bn in (2, 4, 8) for w in (128, 256, 512) for nw in (4, 8)]
+
+
+def rowgrid(out, deadline, ms=(2, 5, 8), models=("qwen3-8b",)):
+    """A few rows of x (a speculative verify, a small server batch) through the int8 kernel: in-graph µs of
+    the table's config (route.q8_rows_config) and a grid of (block_n, words, warps), beside one row's GEMV
+    (the decode step) and dequantize + cuBLAS, at each model's shapes."""
+    import torch.nn.functional as F
+    rows = []
+    for model in models:
+        for qtype, n, k in SHAPES[model]:
+            if n > 65536 or (qtype, n, k) == (K.Q6_K, 1024, 4096):  # the head (dequant, mma) and v: left out
+                continue
+            w0 = packed(qtype, n, k)
+            copies = G.n_copies(w0.nbytes)
+            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            a1 = quantize_act(x1)
+            one = G.graph_us(lambda i: (lambda: matmul(x1, ws[i], act=a1)), copies)
+            for m in ms:
+                if time.time() > deadline:
+                    out["rowgrid"] = rows
+                    return
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                act = quantize_act(x)
+                r = {"model": model, "format": K.FORMATS[qtype].name, "n": n, "k": k, "m": m, "gemv_m1_us": one,
+                     "table_us": G.graph_us(lambda i: (lambda: gemm_int8(act, ws[i], None,
+                                                                         R.q8_rows_config(qtype, k, m))), copies),
+                     "dequant_us": G.graph_us(lambda i: (lambda: F.linear(x, dequantize_gpu(ws[i], x.dtype))),
+                                              copies)}
+                grid = {}
+                for bn, w, nw in ROW_GRID:
+                    if time.time() > deadline:
+                        break
+                    cfg = R.Q8Config(block_n=bn, words=w, num_warps=nw)
+                    try:
+                        grid[f"bn{bn}_w{w}_nw{nw}"] = round(
+                            G.graph_us(lambda i: (lambda: gemm_int8(act, ws[i], None, cfg)), copies), 2)
+                    except Exception as e:  # noqa: BLE001
+                        grid[f"bn{bn}_w{w}_nw{nw}"] = f"error {type(e).__name__}"
+                ok = {c: v for c, v in grid.items() if isinstance(v, float)}
+                r["best"] = min(ok, key=ok.get) if ok else None
+                r["best_us"] = ok.get(r["best"])
+                r["grid"] = grid
+                print(json.dumps({k_: v for k_, v in r.items() if k_ != "grid"}), flush=True)
+                rows.append(r)
+            del ws
+            torch.cuda.empty_cache()
+    out["rowgrid"] = rows
 
 
 DOT_GRID = [R.GemvConfig(block_n=bn, block_k=bk, num_warps=w, dot=True, num_stages=st, split_k=1)
@@ -304,6 +357,9 @@ def main():
             model(out, a.files.split(","), t0 + a.budget * 0.55)
         if "batch" in steps:
             batch(out, t0 + a.budget)
+        if "rowgrid" in steps:
+            rowgrid(out, t0 + a.budget, tuple(int(m) for m in a.rows.split(",")),
+                    tuple(m for m in a.models.split(",") if m) or ("qwen3-8b",))
         if "micro" in steps:
             micro(out, t0 + a.budget, [m for m in a.models.split(",") if m])
     finally:

@@ -2,10 +2,12 @@
 
 For an 8B-shape target and a 0.6B-shape draft (make_gguf files, one vocabulary): the target's decode step
 (the captured graph generate replays), its verify forward over K + 1 positions as kiln/speculative.py runs
-it (eager, all rows' logits), and the draft's decode step, at a context depth, medians of repeated timings.
+it (Decoder.verify: a CUDA graph per K + 1, all rows' logits; `_eager_ms`: the eager forward it replaced),
+and the draft's decode step and 2-row verify (its catch-up), at a context depth, medians of repeated timings.
 With --accept (bench/spec_accept.py's JSON: tokens per target forward measured with real weights on CPU),
 the predicted speed-up of each (drafter, K): tokens per round / (time per round / decode step time), the
-round being K draft steps (none for prompt lookup) and one verify. Prints one JSON object.
+round being the draft's catch-up and K - 1 draft steps (none for prompt lookup), then one verify. Prints one
+JSON object.
 
 Usage: python bench/spec_cost.py /tmp/g/qwen3-8b-Q4_K_M.gguf /tmp/g/qwen3-0.6b-Q4_K_M.gguf \
            [--accept bench/results/DIR/spec_accept_cpu.json] [--depth 512]
@@ -48,9 +50,12 @@ def step_costs(path: str, depth: int, ks: list[int], n: int) -> dict:
     with torch.inference_mode():
         for k in ks:
             rows = ids[:, depth:depth + k + 1]
-            fwd = lambda: model(rows, Step.prefill(dec.cache, depth))  # noqa: E731 (speculative_step's verify)
-            fwd()
-            out[f"verify_k{k}_ms"] = 1e3 * timed(fwd, n)
+            eager = lambda: model(rows, Step.prefill(dec.cache, depth))  # noqa: E731 (before Decoder.verify)
+            eager()
+            out[f"verify_k{k}_eager_ms"] = 1e3 * timed(eager, n)
+            verify = lambda: dec.verify(rows, depth)  # noqa: E731 (speculative_step's verify: a graph per K + 1)
+            verify(), verify()  # the second use captures
+            out[f"verify_k{k}_ms"] = 1e3 * timed(verify, n)
             out[f"verify_k{k}_over_step"] = out[f"verify_k{k}_ms"] / out["decode_step_ms"]
     del model, dec
     torch.cuda.empty_cache()
@@ -76,7 +81,10 @@ def main(argv=None) -> int:
             k = run["k"]
             if f"verify_k{k}_ms" not in t:
                 continue
-            round_ms = t[f"verify_k{k}_ms"] + (k * d if run["drafter"] == "draft model" else 0.0)
+            # a draft model's round: its catch-up (the bonus token and accepted drafts, a 2-row verify graph's
+            # cost taken for it), k - 1 more steps, then the target's verify of k + 1 rows
+            draft = out["draft"]["verify_k1_ms"] + (k - 1) * d if run["drafter"] == "draft model" else 0.0
+            round_ms = t[f"verify_k{k}_ms"] + draft
             tokens = run["tokens_per_round"]
             out["predicted"].append({"drafter": run["drafter"], "k": k, "tokens_per_round": tokens,
                                      "round_ms": round_ms, "speedup": tokens * t["decode_step_ms"] / round_ms})

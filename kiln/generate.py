@@ -149,7 +149,8 @@ class Decoder:
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
         self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, real rows, logits)
-        self._seen: set[int] = set()
+        self._verifies: dict[int, tuple] = {}  # rows T -> (graph, ids buffer, position, logits (T, V))
+        self._seen: set = set()  # prefill buckets and ("verify", T) used once (captured at the second use)
         self._pool = None
 
     @classmethod
@@ -197,6 +198,30 @@ class Decoder:
         buf[:, :t].copy_(ids)
         row.fill_(t - 1)
         valid.fill_(t)
+        graph.replay()
+        return logits
+
+    def verify(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """Read a few tokens ids (1, T) into the cache at positions pos.. (any pos); logits (T, V) float32 of
+        every row: speculative decoding's check of T - 1 drafts, and a draft model's catch-up. On CUDA from a
+        graph per T (Step.graph over the static cache, as the decode step), captured at its second use while
+        the slots it writes as it is captured (the last T) lie past pos; valid until the next verify."""
+        t = ids.shape[1]
+        entry = self._verifies.get(t)
+        if entry is None:
+            graphable = (self.use_graph and not self.cache.rings and t <= 64
+                         and pos + t <= self.cache.max_len - t)
+            if not graphable or ("verify", t) not in self._seen:
+                self._seen.add(("verify", t))
+                return self.model(ids, Step.prefill(self.cache, pos))[0].float()
+            buf = torch.zeros(1, t, dtype=torch.long, device=ids.device)
+            at = torch.full((), self.cache.max_len - t, dtype=torch.long, device=ids.device)
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            graph, logits = capture_graph(lambda: self.model(buf, Step.graph(self.cache, at))[0].float(), self._pool)
+            entry = self._verifies[t] = (graph, buf, at, logits)
+        graph, buf, at, logits = entry
+        buf.copy_(ids)
+        at.fill_(pos)
         graph.replay()
         return logits
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from kiln.cache import Step
 from kiln.errors import KilnError
 from kiln.sample import Sampler, SamplingParams, apply_penalties, filter_logits
 
@@ -69,9 +68,13 @@ class ModelDrafter:
         """k draft tokens after seq, and their distributions q (k, V) (None when greedy)."""
         dec, device = self.decoder, self.decoder.cache.k.device
         new = torch.tensor([seq[self.known:]], dtype=torch.long, device=device)  # (1, T), T >= 1
-        logits = None
-        for start in range(0, new.shape[1], 512):
-            logits = dec.prefill(new[:, start:start + 512], self.known + start)  # (1, V)
+        if self.known and new.shape[1] == 1:  # a round's catch-up: the target's bonus token (a graph step)
+            logits = dec.step(new[0], self.known)
+        elif self.known and new.shape[1] <= 64:  # and the accepted drafts this cache did not see
+            logits = dec.verify(new, self.known)[-1:]
+        else:
+            for start in range(0, new.shape[1], 512):
+                logits = dec.prefill(new[:, start:start + 512], self.known + start)  # (1, V)
         tokens, qs = [], []
         for i in range(k):
             if params.greedy:
@@ -140,7 +143,7 @@ def speculative_step(prompt: list[int], model, params: SamplingParams, decoder, 
         drafts, q = drafter.draft(seq, k, params, gen) if k > 0 else ([], None)
         drafts = drafts[:k]
         rows = torch.tensor([[seq[-1]] + drafts], dtype=torch.long, device=device)  # (1, k + 1)
-        raw = model(rows, Step.prefill(cache, length - 1))[0].float()  # (k + 1, V)
+        raw = decoder.verify(rows, length - 1)  # (k + 1, V)
         z = _processed(sampler, raw, drafts)
         accepted, last = _accept(z, drafts, q, params, gen)
         new = drafts[:accepted] + [last]

@@ -99,11 +99,14 @@ def test_sliding_ring_graph_steps_and_quantized_types():
     model = _tiny(GEMMA)
     ids = _ids(24, seed=2)
     rings = plan_rings(layer_windows(model), 32)
-    for kind in (None, "q8_0"):
+    # q8_0: ring and full attend over keys in another order, so SDPA may round a last bit differently (it
+    # does on AMD EPYC, not on Xeon), and a code of the next token's stored keys can flip: logits move by
+    # ~1e-3. Keys taken from wrong slots move them by ~0.1 and more.
+    for kind, tol in ((None, 1e-4), ("q8_0", 1e-2)):
         ring = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind, rings=rings)
         full = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind)
         got, want = _cached(model, ids, ring, 6, graph_from=8), _cached(model, ids, full, 6, graph_from=8)
-        assert (got - want).abs().max() < 1e-4, f"{kind}: {(got - want).abs().max():.2e}"
+        assert (got - want).abs().max() < tol, f"{kind}: {(got - want).abs().max():.2e}"
 
 
 def test_a_split_model_keeps_rings_per_layer_device():

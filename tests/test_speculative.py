@@ -124,3 +124,24 @@ def test_bench_times_speculative_against_plain_greedy(qwen, tmp_path):
     from kiln.bench import main
     with pytest.raises(KilnError, match="not both"):
         main(["--model", "x", "--draft-model", "y", "--prompt-lookup-ngram", "2"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_graph_equals_the_eager_forward_cuda(dtype):
+    """Decoder.verify, the speculative check's forward: from its second use a CUDA graph per row count over
+    the static cache, at any position; every row's logits as the eager forward's at the same positions."""
+    from kiln.cache import Step
+    model = tiny(0, vocab=64).to("cuda", dtype)
+    dec = Decoder.for_model(model, 48)
+    ids = torch.randint(0, 64, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    dec.prefill(ids[:, :10], 0)
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (6e-2, 2e-2)
+    with torch.inference_mode():
+        for pos in (10, 10, 15, 20):  # first use eager, then the graph (captured once) at moving positions
+            rows = ids[:, pos:pos + 5]
+            got = dec.verify(rows, pos).clone()
+            ref = model(rows, Step.prefill(dec.cache, pos))[0].float()  # rewrites the same slots
+            assert got.shape == (5, 64)
+            torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
+    assert list(dec._verifies) == [5]

@@ -16,8 +16,10 @@ machine), which the tests import.
 Usage:  python tests/data/make_quant_refs.py [--models-dir DIR]
 """
 
-# llama_cpp first: importing it after numpy/torch has crashed the AVX-512 wheel built for this project.
-import llama_cpp  # noqa: I001
+# llama_cpp first when run (importing it after numpy/torch has crashed the AVX-512 wheel built for this project);
+# only then: the tests and bench/quantizer_gpu_check.py import the inputs below on machines without llama.cpp.
+if __name__ == "__main__":
+    import llama_cpp  # noqa: I001
 
 import argparse
 import ctypes
