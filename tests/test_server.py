@@ -512,7 +512,7 @@ def test_load_64_streaming_clients(server, aclient):
     assert complete(asyncio.run(run(64, 1)), 64)  # warm-up: the largest batch shapes, allocator pools
     assert _wait_idle(server)
     warm = server.rss_kib()
-    assert complete(asyncio.run(run(64, 4)), 256)
+    assert complete(asyncio.run(run(64, 2)), 128)
     assert _wait_idle(server)
     after = server.rss_kib()
     assert after <= warm * 1.10, f"server RSS grew from {warm} KiB to {after} KiB"
