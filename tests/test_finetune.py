@@ -179,3 +179,37 @@ def test_cli_errors_before_loading(tmp_path, capsys):
     assert "--iters 0" in capsys.readouterr().err
     with pytest.raises(KilnError, match="rank 0"):
         L.apply_lora(nn.Module(), r=0)
+
+
+_KERNEL_TRAINING = """
+import tempfile, torch
+from pathlib import Path
+import test_finetune as T
+from kiln.finetune import layers as L
+from kiln.finetune.trainer import build_base
+from kiln.policy import Policy
+cfg, weights = T._q8_model(Path(tempfile.mkdtemp()))
+ids = torch.randint(0, cfg["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
+out = []
+for kernels in (True, False):  # the ops' kernels for CPU tensors (this process's default), then torch only
+    m = build_base(cfg, weights)
+    m.policy = Policy(triton_cpu=kernels)
+    torch.manual_seed(0)
+    L.apply_lora(m, 4, 8.0)
+    T._randomize_b(m)
+    logp = torch.log_softmax(m(ids[:, :-1]), -1)
+    loss = -logp.gather(-1, ids[:, 1:, None]).mean()
+    loss.backward()
+    out.append((loss.detach(), torch.cat([p.grad.flatten() for p in L.lora_parameters(m)])))
+assert torch.allclose(out[0][0], out[1][0], atol=1e-5), (out[0][0], out[1][0])
+assert torch.allclose(out[0][1], out[1][1], atol=1e-5, rtol=1e-4) and out[0][1].abs().max() > 0
+print("ok", float(out[0][0]))
+"""
+
+
+def test_training_through_a_model_whose_ops_take_the_kernels():
+    """On a GPU every op of a forward takes its Triton kernel, which has no backward: where autograd must go
+    through an op (its input requires grad) the torch reference runs instead. Under the interpreter, with
+    the kernels taking CPU tensors, loss and adapter gradients equal the torch-only model's."""
+    from interpreter import run_interpreted
+    assert run_interpreted(_KERNEL_TRAINING, timeout=600).startswith("ok")

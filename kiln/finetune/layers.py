@@ -2,7 +2,8 @@
 
 Owns: `LoRALinear` (a frozen base plus `scale * B(A(dropout(x)))`), `DequantLinear` (the QLoRA base: GGUF
 blocks kept as they are, dequantized per layer on the fly in forward and again in backward, so no dense copy
-of the base outlives one layer's matmul), `apply_lora` / `lora_parameters`, PEFT's key names and
+of the base outlives one layer's matmul; on CUDA by the Triton kernel over planes repacked once beside the
+blocks), `apply_lora` / `lora_parameters`, PEFT's key names and
 `adapter_config.json` (`save_adapter`, `load_adapter`), and `merge` (W + scale * B @ A, for `kiln fuse`).
 Not: training (trainer.py), data (data.py), loading the base (the trainer builds it through kiln.load's
 `build_model`).
@@ -59,8 +60,17 @@ class DequantLinear(nn.Module):
         self.qtype, self.out_features, self.in_features = qtype, *shape
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The dense (N, K) weight in dtype on the blocks' device: on CUDA by the Triton dequantization kernel
+        over the blocks repacked once into its planes (types it takes), else kiln's torch dequantization."""
         from kiln.quant import dequantize
-        return dequantize(self.raw.cpu(), self.qtype, (self.out_features, self.in_features), dtype).to(self.raw.device)
+        from kiln.quant.packed import FORMATS, repack
+        shape = (self.out_features, self.in_features)
+        if self.raw.is_cuda and self.qtype in FORMATS:
+            if getattr(self, "_packed", None) is None or self._packed.device != self.raw.device:
+                self._packed = repack(self.raw, self.qtype, shape)  # lossless; as large as the blocks
+            from kiln.quant.dequant import dequantize_gpu
+            return dequantize_gpu(self._packed, dtype)
+        return dequantize(self.raw.cpu(), self.qtype, shape, dtype).to(self.raw.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype), self.bias)

@@ -33,8 +33,9 @@ def jit(fn):
 
 
 def use_triton(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
-    """Run the Triton kernel for this tensor?"""
-    if not HAVE_TRITON:
+    """Run the Triton kernel for this tensor? Not where autograd must go through it (training: x requires
+    grad): the kernels have no backward, their torch references do."""
+    if not HAVE_TRITON or (x.requires_grad and torch.is_grad_enabled()):
         return False
     return x.is_cuda or policy.triton_cpu
 
