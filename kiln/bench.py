@@ -272,8 +272,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
-    from kiln.commands import (_check_draft, _draft_args, _drafting, cache_kw, cache_type_args, ngl_arg,
-                               parallel_wanted, tp_arg)
+    from kiln.commands import (_adapter_args, _check_adapter, _check_draft, _draft_args, _drafting, cache_kw,
+                               cache_type_args, ngl_arg, parallel_wanted, tp_arg)
+    _adapter_args(p)
     cache_type_args(p)
     ngl_arg(p)
     tp_arg(p, "measures and prints (figures of its own shard)")
@@ -284,12 +285,15 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     cache_kw(a)
     _check_draft(a)
+    _check_adapter(a)
+    if a.adapter is not None and a.compare:
+        raise KilnError("--adapter does not combine with --compare (llama.cpp would run the base alone)")
     q = {"auto": None, "on": True, "off": False}[a.quantized]
     spec = None
     if a.draft_model is not None or a.prompt_lookup_ngram:
         spec = (lambda: _drafting(a), a.prompt_file)
     kw = dict(quantized=q, depths=a.depth, cold=a.cold, cache_types=(a.cache_type_k, a.cache_type_v),
-              n_gpu_layers=a.n_gpu_layers)
+              n_gpu_layers=a.n_gpu_layers, adapter=(a.adapter, a.adapter_scale) if a.adapter else None)
     args = (a.model, a.prompt_tokens, a.gen_tokens, a.repeats, a.device, a.dtype, a.compare, a.threads)
     if parallel_wanted(a):
         if spec is not None:
@@ -304,8 +308,10 @@ def _bench_parallel(a, argv, args, kw) -> int:
     """bench over the ranks of a tensor-parallel group (kiln/launch.py): every rank loads its shard, rank 0
     measures and prints while the others follow."""
     from kiln import launch
-    if a.compare or a.cold or a.n_gpu_layers not in ("auto", "all"):
-        raise KilnError("--compare, --cold and --n-gpu-layers do not combine with --tensor-parallel yet")
+    from kiln.commands import check_parallel
+    check_parallel(a)
+    if a.compare or a.cold:
+        raise KilnError("--compare and --cold do not combine with --tensor-parallel yet")
 
     def lead(model, tok, pool):
         report = bench(*args, **kw, loaded=(model, tok, pool))
@@ -325,9 +331,10 @@ def _load_timed(model_name, device, dtype, quantized, shard=None):
 
 def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, threads=2, quantized=None,
           depths=(0,), cold=False, cache_types: tuple = (None, None), n_gpu_layers=None, loaded=None,
-          speculative=None) -> dict:
+          speculative=None, adapter=None) -> dict:
     """The report of one model; `loaded`: (model, tokenizer, decoder pool) already loaded (a tensor-parallel
-    rank 0: its shard and its LeaderPool), else the model is loaded here. `speculative`: (a function returning
+    rank 0: its shard and its LeaderPool), else the model is loaded here; `adapter`: (PEFT folder, scale)
+    applied after the load (its time included). `speculative`: (a function returning
     stream_generate's drafting arguments, a prompt file or None) to also time speculative decoding."""
     from kiln.generate import peak_memory_gb
     from kiln.load import load
@@ -338,6 +345,9 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     if loaded is None:
         model, tokenizer = load(model_name, device=device, dtype=dtype, quantized=quantized,
                                 n_gpu_layers=n_gpu_layers, ctx_size=max(lengths) + max(depths) + g + 1)
+        if adapter is not None:
+            from kiln.finetune.layers import load_adapter
+            load_adapter(model, *adapter)
         pool, load_s = None, time.perf_counter() - t
     else:
         (model, tokenizer, pool), load_s = loaded, loaded[0].load_s

@@ -186,9 +186,15 @@ def _check_sampling(a) -> None:
 
 
 def _adapter_args(p: argparse.ArgumentParser):
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply (kiln finetune's output; "
-                                                   "needs the layers apart: CPU with --quantized auto/off)")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply (kiln finetune's output)")
     p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies the adapter's effect (default 1)")
+
+
+def _check_adapter(a) -> None:
+    """--adapter names a PEFT folder (checked before anything loads)."""
+    adapter = getattr(a, "adapter", None)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
 
 
 def tp_arg(p: argparse.ArgumentParser, rank0: str = "reads the prompt and prints"):
@@ -201,9 +207,8 @@ def tp_arg(p: argparse.ArgumentParser, rank0: str = "reads the prompt and prints
 
 def _load(a, **over):
     from kiln.load import load
+    _check_adapter(a)
     adapter = getattr(a, "adapter", None)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise KilnError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
     quantized = {"auto": None, "on": True, "off": False}[a.quantized]
     kw = dict(device=a.device, dtype=a.dtype, progress=True, quantized=quantized,
               n_gpu_layers=getattr(a, "n_gpu_layers", None), ctx_size=getattr(a, "ctx_size", None),

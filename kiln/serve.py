@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
-    from kiln.commands import ngl_arg, tp_arg
+    from kiln.commands import _adapter_args, ngl_arg, tp_arg
+    _adapter_args(p)
     ngl_arg(p)
     tp_arg(p, "serves HTTP once every rank has loaded its shard")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
@@ -64,8 +65,9 @@ def parser() -> argparse.ArgumentParser:
 def _check(a) -> None:
     from kiln.commands import check_model_args
     check_model_args(a)
-    from kiln.commands import cache_kw
+    from kiln.commands import _check_adapter, cache_kw
     cache_kw(a)
+    _check_adapter(a)
     for name in ("parallel", "max_queue", "max_body"):
         if getattr(a, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
@@ -118,6 +120,9 @@ def main(argv: list[str]) -> int:
         if hasattr(model, "places"):  # the engine's batched steps run on one device
             raise KilnError("kiln serve runs a model on one device: -ngl all (or 0, the CPU); a CPU + GPU split "
                             "runs in generate, chat and bench")
+        if a.adapter is not None:  # every request runs base + adapter
+            from kiln.finetune.layers import load_adapter
+            load_adapter(model, a.adapter, a.adapter_scale)
         return model, tok
 
     return _run(a, path, model_id, dict(loader=load_whole))
@@ -152,8 +157,8 @@ def _serve_parallel(a, argv: list[str], path: Path, model_id: str) -> int:
     rank 0 serves HTTP (its engine a launch.LeaderEngine) while the others follow its model calls."""
     from kiln import launch
     from kiln.load import load
-    if a.n_gpu_layers not in ("auto", "all"):
-        raise KilnError("--n-gpu-layers does not combine with --tensor-parallel yet; drop one of them")
+    from kiln.commands import check_parallel
+    check_parallel(a)
 
     def load_shard(device, shard, first):
         return load(path, device=device, dtype=a.dtype, progress=False, shard=shard)

@@ -169,6 +169,44 @@ def test_train_fuse_and_cli(tiny_folder, tmp_path):
                  "--adapter-path", str(out), "--resume", "--val-batches", "1", "--steps-per-eval", "2"]) == 0
     assert main(["fuse", "--model", str(tiny_folder), "--adapter", str(out), "-o", str(tmp_path / "f2")]) == 0
     assert main(["generate", "--model", str(tiny_folder), "--adapter", str(tmp_path / "nope"), "-p", "hi"]) == 2
+    _serve_with_adapter(tiny_folder, out, base)
+
+
+def _serve_with_adapter(folder, adapter, adapted):
+    """`kiln serve --adapter`: the official client's chat completion is kiln.generate's over base + adapter."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    import kiln
+    from test_server import _free_port
+    tok = kiln.load(folder, device="cpu")[1]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--model", str(folder), "--adapter",
+                             str(adapter), "--alias", "tiny", "--port", str(port), "--device", "cpu", "--parallel", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + 120
+        while time.time() < end and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "Write in Kilnish: red apple"}]
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8)
+        want = kiln.generate(adapted, tok, msgs, max_tokens=8)
+        assert r.choices[0].message.content == want
+        assert want != kiln.generate(kiln.load(folder, device="cpu")[0], tok, msgs, max_tokens=8)  # the base's
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_cli_errors_before_loading(tmp_path, capsys):
@@ -213,3 +251,28 @@ def test_training_through_a_model_whose_ops_take_the_kernels():
     the kernels taking CPU tensors, loss and adapter gradients equal the torch-only model's."""
     from interpreter import run_interpreted
     assert run_interpreted(_KERNEL_TRAINING, timeout=600).startswith("ok")
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_adapter_over_joined_projections(tmp_path, name):
+    """A GPU or compact CPU load joins q/k/v and gate/up into one matmul each: the adapter's LoRA runs beside the
+    joined matmul (the tuple of parts and the wide gate/up both), the logits of the adapter over the layers
+    apart; --adapter-scale scales it the same way."""
+    from kiln.quant.swap import join_projections
+    cfg = tm.CONFIGS[name]
+    hf, _ = tm._hf_model(cfg)
+    src = tm._kiln_model(cfg, hf)
+    layers = list(range(cfg["num_hidden_layers"]))
+    L.apply_lora(src, 4, 8.0, 0.0, L.DEFAULT_TARGETS, layers)
+    _randomize_b(src)
+    L.save_adapter(src, tmp_path, L.peft_config(4, 8.0, 0.0, L.DEFAULT_TARGETS, layers, cfg["num_hidden_layers"]))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    for scale in (1.0, 0.5):
+        apart, joined = tm._kiln_model(cfg, hf), join_projections(tm._kiln_model(cfg, hf))
+        assert sum(type(m).__name__ == "Joined" for m in joined.modules()) == 2 * cfg["num_hidden_layers"]
+        for m in (apart, joined):
+            L.load_adapter(m, tmp_path, scale)
+        with torch.no_grad():
+            want, got, base = apart(ids), joined(ids), hf(ids).logits
+        assert (want - base).abs().max() > 0.05  # the adapter changes something
+        assert (got - want).abs().max() <= 1e-4, (scale, (got - want).abs().max())

@@ -208,6 +208,16 @@ def read_adapter(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor
     return cfg, pairs
 
 
+def _joined_part(parent: nn.Module, attr: str):
+    """(the Joined layer, part index) where `attr` (q_proj, ...) of parent was joined at load, else None."""
+    from kiln.quant.swap import JOINS
+    for joined, parts in JOINS.items():
+        mod = getattr(parent, joined, None)
+        if mod is not None and attr in parts and getattr(parent, attr, None) is None:
+            return mod, parts.index(attr)
+    return None
+
+
 def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
     """Apply a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to a loaded model."""
     cfg, pairs = read_adapter(path)
@@ -216,12 +226,18 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> list[str]:
         parent_name, attr = name.rsplit(".", 1)
         try:
             parent = model.get_submodule(parent_name)
-            base = getattr(parent, attr)
+            base = getattr(parent, attr) if _joined_part(parent, attr) is None else None
         except AttributeError:
             raise KilnError(f"the adapter names {name}, which this model does not have") from None
-        if getattr(parent, "qkv", None) is not None or getattr(parent, "gate_up", None) is not None:
-            raise KilnError("this model's projections are joined (a GPU or --quantized CPU load); adapters need "
-                            "them apart: load on CPU with --quantized off")
+        joined = _joined_part(parent, attr)
+        if joined is not None:  # q/k/v or gate/up joined at load (GPU, compact CPU): a LoRA beside the matmul
+            mod, part = joined
+            k = mod.groups[0].in_features
+            if a.shape != (r, k) or b.shape != ([w for ws in mod.splits for w in ws][part], r):
+                raise KilnError(f"the adapter's weights for {name} are not of shape (r={r}, in) / (out, r)")
+            where = next(iter([*mod.parameters(), *mod.buffers()])).device
+            mod.add_lora(part, a.float().to(where), b.float().to(where), scale * alpha / r)
+            continue
         if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
             raise KilnError(f"the adapter's weights for {name} are missing or not of shape (r={r}, in) / (out, r)")
         layer = LoRALinear(base, r, alpha, 0.0, scale)

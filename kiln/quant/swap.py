@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 import gguf
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
@@ -103,6 +104,21 @@ class Joined(nn.Module):
                 groups.append([layer])
         self.groups = nn.ModuleList(cat(g) for g in groups)
         self.splits = [[layer.out_features for layer in g] for g in groups]  # output widths per group
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # part -> LoRA A (r, K), B (N, r), scale
+
+    def add_lora(self, part: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Add scale * B @ A to original layer `part`'s weight, as a LoRA beside the joined matmul (an adapter
+        over a GPU or compact CPU load, whose q/k/v and gate/up are joined)."""
+        widths = [w for ws in self.splits for w in ws]
+        if not 0 <= part < len(widths) or b.shape[0] != widths[part]:
+            raise ValueError(f"LoRA of {tuple(b.shape[:1])} outputs for part {part} of widths {widths}")
+        self.lora[part] = (a, b, scale)
+
+    def _delta(self, x: torch.Tensor, part: int) -> torch.Tensor | None:
+        if part not in self.lora:
+            return None
+        a, b, scale = self.lora[part]
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale
 
     def forward(self, x: torch.Tensor, act=None) -> tuple[torch.Tensor, ...]:
         """x (..., K) -> one output per original layer; `act`: x already quantized to int8, the buffer
@@ -110,11 +126,18 @@ class Joined(nn.Module):
         outs = []
         for y, widths in zip(self._outputs(x, act), self.splits):  # y (..., sum(widths))
             outs += y.split(widths, dim=-1) if len(widths) > 1 else [y]
+        if self.lora:
+            outs = [y if (d := self._delta(x, i)) is None else y + d for i, y in enumerate(outs)]
         return tuple(outs)
 
     def wide_forward(self, x: torch.Tensor, act=None) -> torch.Tensor:
         """The single concatenated output (every part joined: `wide` is not None)."""
-        return self._outputs(x, act)[0]
+        y = self._outputs(x, act)[0]
+        if self.lora:
+            parts = [d if (d := self._delta(x, i)) is not None else y.new_zeros(*y.shape[:-1], w)
+                     for i, w in enumerate(self.splits[0])]
+            y = y + torch.cat(parts, -1)
+        return y
 
     def int8_input(self, x: torch.Tensor):
         """An empty int8 buffer for x (gemv_int8.QuantAct) when every group's GEMV reads x in int8, for the
