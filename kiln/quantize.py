@@ -216,10 +216,11 @@ def _importance(imatrix: dict, name: str, ncols: int):
 
 
 def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, embd_type=None,
-                 pure: bool = False, progress: bool = False, imatrix=None) -> Path:
+                 pure: bool = False, progress: bool = False, imatrix=None, deltas=None) -> Path:
     """Write the GGUF file `src` re-quantized to `ftype` at `out` (a temporary name, renamed at the end).
     `imatrix`: an importance matrix file (kiln/imatrix.py reads llama.cpp's GGUF and legacy .dat formats)
-    or a dict {GGUF tensor name: per-column importance}."""
+    or a dict {GGUF tensor name: per-column importance}. `deltas`: {GGUF tensor name: float32 tensor of its
+    shape, in the file's row order} added to the dequantized tensor before quantizing (`kiln fuse`)."""
     from kiln.formats.gguf import read_gguf
     from kiln.imatrix import read_imatrix
     from kiln.progress import bar
@@ -239,6 +240,8 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
         _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
         for name, t in bar(list(g.tensors.items()), desc="quantizing", unit="tensor", enabled=progress):
             x = dequantize(t.data.reshape(-1), t.qtype, t.shape)       # file order: no row permutation
+            if deltas and name in deltas:
+                x = x + deltas[name].reshape(x.shape).to(x.dtype)
             qt = tensor_type(name, t.shape, ftype, mix, overrides=overrides, output_type=output_type,
                              embd_type=embd_type, pure=pure)
             w = _importance(imatrix, name, t.shape[-1]) if imatrix else None

@@ -276,3 +276,33 @@ def test_adapter_over_joined_projections(tmp_path, name):
             want, got, base = apart(ids), joined(ids), hf(ids).logits
         assert (want - base).abs().max() > 0.05  # the adapter changes something
         assert (got - want).abs().max() <= 1e-4, (scale, (got - want).abs().max())
+
+
+def test_fuse_into_gguf_equals_base_plus_adapter(tmp_path):
+    """`kiln fuse --to gguf` on a llama GGUF (q/k rows in llama.cpp's permuted order): the fused file, written
+    f32, gives the logits of the base with the adapter applied (<= 1e-3); re-quantized to q8_0 it stays close."""
+    from kiln.cli import main
+    from kiln.load import build_model, read_weights
+    load = lambda path: build_model(*read_weights(path))  # noqa: E731 (the test files carry no vocabulary)
+    cfg, _ = _q8_model(tmp_path)
+    base_path = tmp_path / "q8.gguf"
+    src = load(base_path)
+    layers = list(range(cfg["num_hidden_layers"]))
+    torch.manual_seed(0)
+    L.apply_lora(src, 4, 8.0, 0.0, L.DEFAULT_TARGETS, layers)
+    _randomize_b(src)
+    L.save_adapter(src, tmp_path / "ad", L.peft_config(4, 8.0, 0.0, L.DEFAULT_TARGETS, layers, len(layers)))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = src(ids)
+        plain = load(base_path)(ids)
+    assert (want - plain).abs().max() > 0.05  # the adapter changes something
+    for ftype, tol in (("f32", 1e-3), ("q8_0", 5e-2)):
+        out = tmp_path / f"fused-{ftype}.gguf"
+        assert main(["fuse", "--model", str(base_path), "--adapter", str(tmp_path / "ad"), "-o", str(out), "--to",
+                     "gguf", "--type", ftype]) == 0
+        with torch.no_grad():
+            got = load(out)(ids)
+        assert (got - want).abs().max() <= tol, (ftype, (got - want).abs().max())
+    assert main(["fuse", "--model", str(tmp_path / "ad"), "--adapter", str(tmp_path / "ad"), "-o",
+                 str(tmp_path / "x.gguf"), "--to", "gguf"]) == 2  # a folder base: GGUF output needs a GGUF
