@@ -12,6 +12,32 @@ import pytest
 from kiln import hub
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreted(what): runs Triton's interpreter in a fresh process; 'file' "
+                                       "(the test file again) or the name of the module's code string")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Start every selected interpreted run now, in the background: minutes of one-thread Python each, they
+    overlap the rest of the session instead of following it (interpreter.py)."""
+    from interpreter import late, start_background
+    for item in items:
+        mark = item.get_closest_marker("interpreted")
+        if mark is None:
+            continue
+        if mark.args[0] == "file":
+            if late():  # the test's own condition: this process cannot run the kernels itself
+                start_background("file", str(item.path))
+        else:
+            start_background("code", getattr(item.module, mark.args[0]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from interpreter import stop_background
+    stop_background()
+
+
 def real_model(name: str) -> Path:
     """Path of a built-in model file, pulling it into kiln's cache on first use."""
     local = os.environ.get("KILN_TEST_MODELS")

@@ -245,6 +245,7 @@ print("ok", float(out[0][0]))
 """
 
 
+@pytest.mark.interpreted("_KERNEL_TRAINING")
 def test_training_through_a_model_whose_ops_take_the_kernels():
     """On a GPU every op of a forward takes its Triton kernel, which has no backward: where autograd must go
     through an op (its input requires grad) the torch reference runs instead. Under the interpreter, with

@@ -1,6 +1,7 @@
 """Joined projections (kiln/quant/swap.py) compute what the separate layers compute, and a GPU decode step
 over them — the int8 hand-off from the norm and activation kernels included — what the torch model does."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -146,6 +147,7 @@ for name in ("qwen3", "gemma3"):
 """
 
 
+@pytest.mark.interpreted("_INT8_STEP")
 def test_int8_decode_step_quantizes_inside_the_norm_and_activation_kernels():
     """The same tiny quantized qwen3 / gemma3 in float16: decode through the int8-activation GEMVs (x
     quantized by the RMSNorm and gated-activation kernels that produce it) against the torch model with the
@@ -153,6 +155,7 @@ def test_int8_decode_step_quantizes_inside_the_norm_and_activation_kernels():
     assert run_interpreted(_INT8_STEP, timeout=900).count("\n") == 2
 
 
+@pytest.mark.interpreted("_QUANT_STEP")
 def test_quantized_decode_step_matches_reference():
     """A tiny qwen3 and gemma3 with Q8_0 QuantLinears and joined projections, under Triton's interpreter
     (float32: the float GEMVs): the decode steps equal the torch model with the same dequantized weights."""

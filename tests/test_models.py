@@ -267,6 +267,7 @@ for name in ("qwen3", "gemma3", "phi3"):
 """
 
 
+@pytest.mark.interpreted("_TRITON_STEP")
 def test_triton_decode_step_matches_transformers():
     """The GPU decode step's kernels (norm, rope+qk-norm with the KV write, split-KV attention, gated
     activations over fused projections) run under Triton's CPU interpreter, in a fresh process because

@@ -47,6 +47,7 @@ LATE = late()
 
 
 @pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
+@pytest.mark.interpreted("file")
 def test_in_a_fresh_process():
     rerun_in_fresh_process(__file__)
 

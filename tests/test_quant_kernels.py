@@ -62,6 +62,7 @@ F16_FIELDS = {K.Q4_0: [0], K.Q4_1: [0, 2], K.Q5_0: [0], K.Q5_1: [0, 2], K.Q8_0: 
 
 
 @pytest.mark.skipif(not LATE, reason="the interpreter is on in this process")
+@pytest.mark.interpreted("file")
 def test_in_a_fresh_process():
     rerun_in_fresh_process(__file__)
 
