@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -266,6 +267,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clock = 0
+        self._commands: list[tuple[int, object, concurrent.futures.Future]] = []  # slot work for the loop thread
         self._counters = dict(requests_total=0, requests_finished=0, prefix_hits=0, prefix_tokens=0,
                               tokens_generated=0, prompt_tokens_prefilled=0, prefill_forwards=0, steps=0, errors=0)
 
@@ -324,6 +326,42 @@ class Engine:
                        kv_tokens_total=self.n_slots * self.ctx_size)
         return out
 
+    def slots(self) -> list[dict]:
+        """Each slot: its index, context size, whether a request runs in it, and how many tokens' keys and
+        values it holds (a finished request's stay, for the next prompt that shares their prefix)."""
+        with self._wake:
+            busy = {r.slot.index for r in self._rows}
+            return [{"id": s.index, "n_ctx": self.ctx_size, "is_processing": s.index in busy, "n_tokens": len(s.tokens)}
+                    for s in self._slots]
+
+    def slot_call(self, index: int, fn) -> concurrent.futures.Future:
+        """Run fn(cache, tokens) on the loop thread between two iterations, while slot `index` is idle: `cache`
+        the slot's batch-1 view of the KV cache (writes land in it), `tokens` the list of ids whose keys and
+        values it holds (fn may change it in place). The future holds fn's result, or a KilnError for a slot
+        that does not exist or is busy."""
+        if not isinstance(index, int) or not 0 <= index < self.n_slots:
+            raise KilnError(f"slot {index!r} does not exist: this engine has slots 0..{self.n_slots - 1}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._stopping or self._thread is None:
+                raise KilnError("the engine is not running")
+            self._commands.append((index, fn, fut))
+            self._wake.notify_all()
+        return fut
+
+    def _run_commands(self) -> None:
+        with self._wake:
+            commands, self._commands = self._commands, []
+            busy = {r.slot.index for r in self._rows}
+        for index, fn, fut in commands:
+            if index in busy:
+                fut.set_exception(KilnError(f"slot {index} is processing a request; try again when it is idle"))
+                continue
+            try:
+                fut.set_result(fn(self.cache.slot(index), self._slots[index].tokens))
+            except Exception as e:  # noqa: BLE001 (the caller's error, handed back through the future)
+                fut.set_exception(e)
+
     def _check(self, req: EngineRequest) -> None:
         if not isinstance(req.prompt, (list, tuple)):
             raise KilnError("the prompt must be a list of token ids")
@@ -351,6 +389,7 @@ class Engine:
         with torch.inference_mode():
             while self._wait_for_work():
                 try:
+                    self._run_commands()
                     self._iteration()
                 except Exception as e:  # a failure outside any one request (a bug): fail the running ones
                     log.exception("engine step failed")
@@ -360,7 +399,7 @@ class Engine:
 
     def _wait_for_work(self) -> bool:
         with self._wake:
-            while not self._stopping and not self._queue and not self._rows:
+            while not self._stopping and not self._queue and not self._rows and not self._commands:
                 self._wake.wait()
             return not self._stopping
 
@@ -372,6 +411,10 @@ class Engine:
         self._decode()
 
     def _shutdown(self) -> None:
+        with self._wake:
+            commands, self._commands = self._commands, []
+        for _, _, fut in commands:
+            fut.set_exception(KilnError("the engine stopped"))
         for row in list(self._rows):
             self._finish(row, "cancelled")
         with self._wake:

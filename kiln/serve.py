@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a client may take to send a request's head, or pause in its body (default 20)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may still run before they are cut (default 5)")
+    p.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder for POST /slots/{id}?action=save|restore (llama-server's): a slot's KV state to a "
+                        "file and back (default: off)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     return p
 
@@ -76,6 +79,8 @@ def _check(a) -> None:
             raise KilnError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if a.ctx_size is not None and a.ctx_size < 16:
         raise KilnError("--ctx-size must be at least 16 tokens")
+    if a.slot_save_path is not None and not Path(a.slot_save_path).is_dir():
+        raise KilnError(f"--slot-save-path {a.slot_save_path}: not a folder (create it first)")
     if not 0 < a.port < 65536:
         raise KilnError(f"--port {a.port} is not a TCP port (1..65535)")
 
@@ -136,7 +141,8 @@ def _run(a, path: Path, model_id: str, model_kw: dict) -> int:
     app = create_app(**model_kw, model_id=model_id,
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
                      max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
-                     read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v))
+                     read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v),
+                     slot_save_path=a.slot_save_path)
     server = server_for(app, a.host, a.port, log_level=a.log_level, read_timeout=a.read_timeout,
                         shutdown_grace=a.shutdown_grace)
     st = app.state.kiln

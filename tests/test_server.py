@@ -66,7 +66,8 @@ def server(qwen_path, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     cmd = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(qwen_path), "--alias", ALIAS, "--port",
            str(port), "--api-key", KEY, "--parallel", str(N_SLOTS), "--ctx-size", str(CTX), "--max-queue",
-           str(MAX_QUEUE), "--max-body", str(MAX_BODY), "--device", "cpu"]
+           str(MAX_QUEUE), "--max-body", str(MAX_BODY), "--device", "cpu", "--slot-save-path",
+           str(tmp_path_factory.mktemp("slots"))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     srv = Server(proc, port)
     try:
@@ -517,3 +518,36 @@ def test_load_64_streaming_clients(server, aclient):
     after = server.rss_kib()
     assert after <= warm * 1.10, f"server RSS grew from {warm} KiB to {after} KiB"
     assert server.proc.poll() is None
+
+
+def test_slots_save_erase_and_restore(server, client):
+    """llama-server's /slots: a slot's KV state saved to a file, the slot erased, the file restored into it; the
+    next request sharing the prompt reuses the restored tokens (cached_tokens) and answers as before."""
+    def slot(i, action, **body):
+        return httpx.post(f"{server.base}/slots/{i}", params={"action": action}, json=body or None, headers=_auth(),
+                          timeout=60)
+    assert _wait_idle(server)
+    for s in httpx.get(f"{server.base}/slots", headers=_auth()).json():
+        assert slot(s["id"], "erase").json()["n_erased"] == s["n_tokens"]
+    msgs = [{"role": "system", "content": "You answer in one short line. " * 12}, {"role": "user", "content": "Hi."}]
+    first = client.chat.completions.create(model=ALIAS, messages=msgs, max_tokens=6)
+    assert _wait_idle(server)
+    held = [s for s in httpx.get(f"{server.base}/slots", headers=_auth()).json() if s["n_tokens"]]
+    assert len(held) == 1 and not held[0]["is_processing"] and len(held) < N_SLOTS
+    i, n = held[0]["id"], held[0]["n_tokens"]
+    assert n >= first.usage.prompt_tokens
+    saved = slot(i, "save", filename="one.bin").json()
+    assert saved["id_slot"] == i and saved["n_saved"] == n and saved["n_written"] > 0 and "save_ms" in saved["timings"]
+    assert slot(i, "erase").json() == {"id_slot": i, "n_erased": n}
+    assert all(s["n_tokens"] == 0 for s in httpx.get(f"{server.base}/slots", headers=_auth()).json())
+    restored = slot(i, "restore", filename="one.bin").json()
+    assert restored["n_restored"] == n and restored["n_read"] == saved["n_written"]
+    again = client.chat.completions.create(model=ALIAS, messages=msgs, max_tokens=6)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    # mistakes: 404 for a slot that does not exist, 400 for a bad name, action or missing file
+    assert slot(N_SLOTS, "erase").status_code == 404
+    assert slot(i, "save", filename="../escape.bin").status_code == 400
+    assert slot(i, "restore", filename="nothing-here.bin").status_code == 400
+    assert slot(i, "bogus").status_code == 400
+    assert httpx.get(f"{server.base}/slots").status_code == 401  # the API key guards it like every endpoint

@@ -36,15 +36,16 @@ log = logging.getLogger("kiln.server")
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body over this is a 413
 RETRY_AFTER_S = prompts.RETRY_AFTER_S
 _ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/tokenize", "/detokenize", "/v1/chat/completions",
-                     "/v1/completions"})
+                     "/v1/completions", "/slots"})
 
 
 # --- State: what requests need once the model is loaded --------------------------------------------------------
 class ServerState:
     def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
                  max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
-                 cache_types: tuple = (None, None)):
+                 cache_types: tuple = (None, None), slot_save_path: str | None = None):
         self.model_id, self.api_key, self.max_body, self.read_timeout = model_id, api_key, max_body, read_timeout
+        self.slot_save_path = slot_save_path  # the folder of POST /slots/{id}?action=save|restore (None: off)
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
         self.cache_types = cache_types  # (keys, values): kiln.cache.CACHE_TYPES, None: the model's dtype
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
@@ -125,15 +126,16 @@ def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokeniz
                api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
                max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
                read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
-               cache_types: tuple = (None, None)) -> FastAPI:
+               cache_types: tuple = (None, None), slot_save_path: str | None = None) -> FastAPI:
     """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
     runs in a thread at startup (/health answers 503 until it is done). `allowed_hosts`: the Host header values
     served (transport.allowed_hosts; "*" for any); `read_timeout`: seconds a request body may pause;
-    `template_timeout`: seconds a chat template may take to render one conversation."""
+    `template_timeout`: seconds a chat template may take to render one conversation; `slot_save_path`: the
+    folder slots are saved to and restored from (server/slots.py; None: those actions answer 501)."""
     if (loader is None) == (model is None or tokenizer is None):
         raise KilnError("create_app needs either a loader or both model and tokenizer")
     st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout,
-                     cache_types)
+                     cache_types, slot_save_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -249,6 +251,21 @@ def _routes(app: FastAPI, st: ServerState) -> None:
         _auth(st, request)
         _check_model(st, name)
         return _model_card(st)
+
+    @app.get("/slots")
+    async def slots(request: Request):
+        _auth(st, request)
+        _ready(st)
+        return st.engine.slots()
+
+    @app.post("/slots/{slot}")
+    async def slot_action(slot: str, request: Request, action: str = ""):
+        from kiln.server import slots
+        _auth(st, request)
+        _ready(st)
+        needs_body = action in ("save", "restore")  # erase and unknown actions: no body read
+        body = await transport.read_json(request, st.max_body, st.read_timeout) if needs_body else None
+        return await slots.act(st, slot, action, body)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
