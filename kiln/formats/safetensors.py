@@ -2,7 +2,8 @@
 
 Owns: reading config.json (multimodal checkpoints give their text_config), finding the shards (through
 model.safetensors.index.json when present), and naming tensors by their Hugging Face text-model names.
-Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can run code).
+Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can run code), mlx-lm's quantized
+layers (formats/mlx.py: this file finds them, that one says what they are).
 """
 
 from __future__ import annotations
@@ -26,24 +27,32 @@ class _LazyShards(Mapping):
     A Mapping, not a dict: `get`, `values` and `items` all read through `__getitem__`.
     """
 
-    def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]],
+                 quantized: dict | None = None):
         self._where, self._shapes, self._handles = where, shapes, {}
+        self._quantized = quantized or {}  # {X.weight: formats.mlx.Quantized}, built on access
 
     def __iter__(self):
-        return iter(self._where)
+        yield from self._where
+        yield from self._quantized
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._where) + len(self._quantized)
 
     def __contains__(self, name) -> bool:
-        return name in self._where
+        return name in self._where or name in self._quantized
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
+        return {**self._shapes, **{n: q.shape for n, q in self._quantized.items()}}
 
     def __getitem__(self, name):
+        if name in self._quantized:
+            from kiln.formats.mlx import materialize
+            return materialize(self._quantized[name], self._read, name)
+        return self._read(*self._where[name])
+
+    def _read(self, path: Path, stored: str):
         from safetensors import SafetensorError, safe_open
-        path, stored = self._where[name]
         try:
             if path not in self._handles:
                 self._handles[path] = safe_open(str(path), framework="pt")
@@ -53,31 +62,38 @@ class _LazyShards(Mapping):
 
 
 def read_folder(path: Path) -> tuple[dict, dict]:
-    config = _config(path)
-    where, shapes = {}, {}
+    from kiln.formats import mlx
+    config, scheme = _config(path)
+    entries = {}  # {name: (file, stored, shape, dtype)}
     for f in _shards(path):
         for stored, (shape, dtype) in _header(f).items():
             name = _text_name(stored)
             if name is None:
                 continue
-            if dtype not in _FLOATS:
-                raise KilnError(f"{f}: tensor {short(stored)} is stored as {dtype}; kiln reads weights stored as "
-                                f"{', '.join(_FLOATS)}")
-            if name in where:
-                raise KilnError(f"{path}: tensor {short(name)} is stored twice ({where[name][0].name}: {where[name][1]}, "
-                                f"{f.name}: {stored}); the folder is inconsistent")
-            where[name], shapes[name] = (f, stored), shape
-    return config, _LazyShards(where, shapes)
+            if name in entries:
+                raise KilnError(f"{path}: tensor {short(name)} is stored twice ({entries[name][0].name}: "
+                                f"{entries[name][1]}, {f.name}: {stored}); the folder is inconsistent")
+            entries[name] = (f, stored, shape, dtype)
+    quantized = {}
+    if scheme is not None:
+        entries, quantized = mlx.group(entries, scheme, path)
+    for name, (f, stored, shape, dtype) in entries.items():
+        if dtype not in _FLOATS:
+            raise KilnError(f"{f}: tensor {short(stored)} is stored as {dtype}; kiln reads weights stored as "
+                            f"{', '.join(_FLOATS)}" + (" (or quantized as mlx-lm writes them)" if scheme else ""))
+    where = {n: e[:2] for n, e in entries.items()}
+    shapes = {n: e[2] for n, e in entries.items()}
+    return config, _LazyShards(where, shapes, quantized)
 
 
-def _config(path: Path) -> dict:
+def _config(path: Path) -> tuple[dict, object]:
+    """(the text model's config, its formats.mlx.Scheme or None when the weights are not quantized)."""
+    from kiln.formats import mlx
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise KilnError(f"{path} has no config.json; a Hugging Face model folder needs one")
     cfg = _json_object(cfg_path)
-    if "quantization" in cfg or "quantization_config" in cfg:
-        q = cfg.get("quantization") or cfg.get("quantization_config")
-        raise KilnError(f"{path} holds quantized safetensors ({q}); kiln reads these only as GGUF for now")
+    scheme = mlx.parse(cfg, cfg_path, _text_name)
     if "text_config" in cfg:  # multimodal wrapper: run the text model
         if not isinstance(cfg["text_config"], dict):
             raise KilnError(f"{cfg_path}: text_config is not a JSON object")
@@ -90,7 +106,7 @@ def _config(path: Path) -> dict:
         cfg = text
     if not isinstance(cfg.get("model_type"), str):
         raise KilnError(f"{cfg_path} has no model_type string; kiln cannot tell the architecture")
-    return cfg
+    return cfg, scheme
 
 
 def _json_object(file: Path) -> dict:

@@ -49,12 +49,15 @@ def unpack(wq: torch.Tensor, bits: int) -> torch.Tensor:
     k = rows.shape[1] * 8 // bits
     out = torch.empty(wq.shape[0], k, dtype=torch.uint8)
     starts, step = _row_chunks(wq.shape[0], k)
+    mask = (1 << bits) - 1
     for a in starts:
-        u = rows[a:a + step].view(-1, k // 8, bits).long()                 # (r, U, bits) bytes
-        v = u[..., 0].clone()
-        for i in range(1, bits):
-            v |= u[..., i] << (8 * i)                                      # (r, U) the 8 codes' bits
-        codes = torch.stack([(v >> (j * bits)) & ((1 << bits) - 1) for j in range(8)], -1)  # (r, U, 8)
+        b = rows[a:a + step]
+        if 8 % bits == 0:  # whole codes in each byte: plain byte ops (fast)
+            codes = torch.stack([(b >> (f * bits)) & mask for f in range(8 // bits)], -1)  # (r, L, 8/bits)
+        else:  # 8 codes in every `bits` bytes, read as one int64
+            u = b.view(b.shape[0], -1, bits).long()                        # (r, U, bits)
+            v = (u << _BYTE_SHIFTS[:bits]).sum(-1, keepdim=True)           # (r, U, 1)
+            codes = (v >> (_EIGHT * bits)) & mask                          # (r, U, 8)
         out[a:a + step] = codes.view(-1, k)
     return out
 
@@ -65,13 +68,21 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(r, k * bits // 8, dtype=torch.uint8)
     starts, step = _row_chunks(r, k)
     for a in starts:
-        c = codes[a:a + step].reshape(-1, k // 8, 8).long()               # (r, U, 8)
-        v = c[..., 0].clone()
-        for j in range(1, 8):
-            v |= c[..., j] << (j * bits)                                   # (r, U)
-        b = torch.stack([(v >> (8 * i)) & 0xFF for i in range(bits)], -1)  # (r, U, bits)
-        out[a:a + step] = b.to(torch.uint8).view(-1, k * bits // 8)
+        c = codes[a:a + step].to(torch.uint8)
+        if 8 % bits == 0:
+            c = c.view(c.shape[0], -1, 8 // bits)                          # (r, L, 8/bits)
+            b = c[..., 0].clone()
+            for f in range(1, 8 // bits):
+                b |= c[..., f] << (f * bits)                               # (r, L)
+        else:
+            v = (c.view(c.shape[0], -1, 8).long() << (_EIGHT * bits)).sum(-1, keepdim=True)  # (r, U, 1)
+            b = ((v >> _BYTE_SHIFTS[:bits]) & 0xFF).to(torch.uint8)        # (r, U, bits)
+        out[a:a + step] = b.view(-1, k * bits // 8)
     return out.view(torch.uint32)
+
+
+_EIGHT = torch.arange(8)            # code j of a unit sits at bit j * bits
+_BYTE_SHIFTS = torch.arange(8) * 8  # byte i of a unit at bit 8 * i
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int):
@@ -114,7 +125,7 @@ def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bit
     return out
 
 
-def f16_exact(scales: torch.Tensor, biases: torch.Tensor) -> tuple[bool, int]:
+def f16_fits(scales: torch.Tensor, biases: torch.Tensor) -> tuple[bool, int]:
     """(every value finite in f16 and no nonzero one flushed to 0, how many values f16 rounds).
 
     Q4_1 / Q5_1 keep d and m in f16. bf16 values in f16's normal range (6.1e-5 ... 65504) fit exactly (8
