@@ -103,6 +103,11 @@ def group(entries: dict, scheme: Scheme, path: Path) -> tuple[dict, dict]:
         quantized[f"{module}.weight"] = _quantized(module, parts, *bits_group)
         for p in _PARTS:
             del plain[f"{module}.{p}"]
+    for name, (_, _, _, dtype) in plain.items():
+        if name.endswith(".biases") or dtype == "U32":
+            module = name.rsplit(".", 1)[0]
+            raise KilnError(f"{path}: {short(name)} is part of a quantized layer, but {module}.scales is "
+                            f"missing; a quantized layer needs {', '.join(_PARTS)} (the folder is incomplete)")
     return plain, quantized
 
 

@@ -27,10 +27,13 @@ class _LazyShards(Mapping):
     A Mapping, not a dict: `get`, `values` and `items` all read through `__getitem__`.
     """
 
+    types_checked = True  # floats (read_folder checked), or blocks of supported types built here
+
     def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]],
                  quantized: dict | None = None):
         self._where, self._shapes, self._handles = where, shapes, {}
         self._quantized = quantized or {}  # {X.weight: formats.mlx.Quantized}, built on access
+        self._embedding = None
 
     def __iter__(self):
         yield from self._where
@@ -46,10 +49,14 @@ class _LazyShards(Mapping):
         return {**self._shapes, **{n: q.shape for n, q in self._quantized.items()}}
 
     def __getitem__(self, name):
-        if name in self._quantized:
-            from kiln.formats.mlx import materialize
+        if name not in self._quantized:
+            return self._read(*self._where[name])
+        from kiln.formats.mlx import materialize
+        if name != "model.embed_tokens.weight":
             return materialize(self._quantized[name], self._read, name)
-        return self._read(*self._where[name])
+        if self._embedding is None:  # a tied head must get the very object its embedding got: quant/linear
+            self._embedding = materialize(self._quantized[name], self._read, name)  # shares planes by identity
+        return self._embedding
 
     def _read(self, path: Path, stored: str):
         from safetensors import SafetensorError, safe_open
