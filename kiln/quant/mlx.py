@@ -94,9 +94,21 @@ def quantize(w: torch.Tensor, bits: int, group_size: int):
     """
     check(bits, group_size)
     r, k = w.shape
-    g = w.float().view(r, k // group_size, group_size)                 # (R, K/G, G)
+    wq = torch.empty(r, k * bits // 32, dtype=torch.uint32)
+    scales, biases = (torch.empty(r, k // group_size, dtype=w.dtype) for _ in range(2))
+    starts, step = _row_chunks(r, k)
+    for a in starts:  # a few MiB of float32 at a time: no temporaries the size of a whole embedding
+        q, scales[a:a + step], biases[a:a + step] = _quantize_rows(w[a:a + step], bits, group_size)
+        wq[a:a + step] = pack(q, bits)
+    return wq, scales, biases
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int):
+    """w (r, K) -> (codes (r, K) uint8, scales, biases (r, K / G) float32)."""
+    r, k = w.shape
+    g = w.float().view(r, k // group_size, group_size)                 # (r, K/G, G)
     n_bins = float((1 << bits) - 1)
-    w_min, w_max = g.amin(-1), g.amax(-1)                              # (R, K/G)
+    w_min, w_max = g.amin(-1), g.amax(-1)                              # (r, K/G)
     lower = w_min.abs() > w_max.abs()
     scale = torch.clamp((w_max - w_min) / n_bins, min=1e-7)
     scale = torch.where(lower, scale, -scale)
@@ -105,8 +117,9 @@ def quantize(w: torch.Tensor, bits: int, group_size: int):
     moved = q0 != 0
     scale = torch.where(moved, edge / torch.where(moved, q0, 1.0), scale)
     bias = torch.where(moved, edge, torch.zeros_like(edge))
-    q = torch.round((g - bias[..., None]) / scale[..., None]).clamp_(0, n_bins)  # (R, K/G, G)
-    return pack(q.to(torch.uint8).view(r, k), bits), scale.to(w.dtype), bias.to(w.dtype)
+    q = g.sub_(bias[..., None]) if g.data_ptr() != w.data_ptr() else g - bias[..., None]
+    q = q.div_(scale[..., None]).round_().clamp_(0, n_bins)            # (r, K/G, G)
+    return q.to(torch.uint8).view(r, k), scale, bias
 
 
 def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
