@@ -7,9 +7,11 @@ folder's tensors into quantized weights (`group` -> `Quantized`: where its tenso
 and (rows, inputs) shape), and turning one into what the loader takes (`materialize`):
   4 and 5 bits: GGUF Q4_1 / Q5_1 bytes (quant/mlx.to_blocks, exact: a group is G / 32 blocks with its scale
     and bias), so kiln's quantized matmuls run them (QuantLinear on GPUs, the int4 rows on the CPU) and the
-    exact fp32 path dequantizes them. The blocks keep scale and bias in f16: bf16 values in f16's normal
-    range fit exactly, float32 ones round to 11 bits (measured on the real 0.5B: tests/test_mlx.py, KL vs
-    mlx-lm's logits); a tensor whose values overflow f16 or underflow to 0 there is dequantized instead.
+    exact fp32 path dequantizes them. The blocks keep scale and bias in f16, which is not always exact:
+    bf16 values in f16's normal range fit exactly (in the real 0.5B's bf16 4-bit folder from mlx_lm.convert,
+    2 of its 19.7M scales and biases are f16 subnormals that round; logits over 256 tokens unchanged, KL 0),
+    float32 ones round to 11 bits (its float32 folder: mean KL 4e-6 against mlx-lm's logits,
+    tests/test_mlx.py); a tensor whose values overflow f16 or underflow to 0 there is dequantized instead.
   2, 3, 6, 8 bits: dequantized to float at load, bit-identical to `mx.dequantize` (no kernel here packs
     those widths).
 Not: the bit layout (quant/mlx.py), finding shards and reading headers (safetensors.py), writing (convert_mlx.py).
