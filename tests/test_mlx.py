@@ -272,3 +272,13 @@ def test_kiln_runs_the_folder_mlx_lm_writes(mlx_written):
             kl = _kl(ref, ours(torch.tensor([ids]))[0])
         print(f"mean KL(mlx-lm || kiln{' compact' if quantized else ''}) = {kl:.3g}")
         assert kl <= 0.01
+
+
+def test_scales_outside_f16_are_dequantized_not_rounded():
+    """Q4_1 / Q5_1 hold scale and bias in f16; a weight whose scales overflow it stays exact, as floats."""
+    from kiln.formats.mlx import Quantized, materialize
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)) * 1e6
+    parts = dict(zip(("weight", "scales", "biases"), affine.quantize(w, 4, 32)))
+    q = Quantized({p: (None, p) for p in parts}, 4, 32, (8, 64))
+    got = materialize(q, lambda _, p: parts[p], "x.weight")
+    assert isinstance(got, torch.Tensor) and torch.equal(got, affine.dequantize(*parts.values(), 4, 32))
