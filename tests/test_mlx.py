@@ -164,6 +164,9 @@ def test_cli_converts_a_gguf_to_an_mlx_folder(tmp_path):
     ours, _ = kiln.load(out, device="cpu")
     with torch.no_grad():
         assert _kl(ref, ours(torch.tensor([ids]))[0]) < 1e-3  # mlx-lm computes in bf16 here
+    info = run("info", out)
+    assert info.returncode == 0 and "mlx-lm quantized safetensors" in info.stdout, info.stderr
+    assert "bfloat16 x3, mlx 5-bit/32 x9" in info.stdout, info.stdout  # norms; 7 linears, embedding, head
     bad = run("convert", src, tmp_path / "bad", "--to", "mlx", "--q-bits", "7")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--q-bits" in bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx", "tiny.gguf"]

@@ -16,6 +16,7 @@ from kiln.errors import KilnError
 from kiln.formats.checks import short
 
 _FLOATS = ("F32", "F16", "BF16", "F64")  # the dtypes kiln converts weights from
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # Multimodal checkpoints (Gemma 3 4B+, …) keep the text model under these prefixes.
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 
@@ -30,10 +31,11 @@ class _LazyShards(Mapping):
     types_checked = True  # floats (read_folder checked), or blocks of supported types built here
 
     def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]],
-                 quantized: dict | None = None):
+                 quantized: dict | None = None, kinds: dict[str, str] | None = None):
         self._where, self._shapes, self._handles = where, shapes, {}
         self._quantized = quantized or {}  # {X.weight: formats.mlx.Quantized}, built on access
         self._embedding = None
+        self._kinds = kinds or {}  # {name: torch's name of its stored dtype}
 
     def __iter__(self):
         yield from self._where
@@ -47,6 +49,10 @@ class _LazyShards(Mapping):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {**self._shapes, **{n: q.shape for n, q in self._quantized.items()}}
+
+    def kinds(self) -> dict[str, str]:
+        """{name: how it is stored ('bfloat16', 'mlx 4-bit/64': 4-bit groups of 64)}, from the headers."""
+        return {**self._kinds, **{n: f"mlx {q.bits}-bit/{q.group_size}" for n, q in self._quantized.items()}}
 
     def __getitem__(self, name):
         if name not in self._quantized:
@@ -90,7 +96,8 @@ def read_folder(path: Path) -> tuple[dict, dict]:
                             f"{', '.join(_FLOATS)}" + (" (or quantized as mlx-lm writes them)" if scheme else ""))
     where = {n: e[:2] for n, e in entries.items()}
     shapes = {n: e[2] for n, e in entries.items()}
-    return config, _LazyShards(where, shapes, quantized)
+    kinds = {n: _TORCH_NAMES[e[3]] for n, e in entries.items()}
+    return config, _LazyShards(where, shapes, quantized, kinds)
 
 
 def _config(path: Path) -> tuple[dict, object]:
