@@ -98,6 +98,8 @@ def main(argv: list[str]) -> int:
         dtype = _dtype(a.dtype or "bfloat16")
         if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
             raise KilnError(f"{a.out} already exists and is not an empty folder; give a new folder to write into")
+        if not Path(a.out).resolve().parent.is_dir():
+            raise KilnError(f"the folder of {a.out} does not exist")
         print(to_mlx(resolve(a.model), a.out, a.q_bits, a.q_group_size, dtype, progress=True))
         return 0
     dtype = _dtype(a.dtype or "float32")  # checked before a built-in name is pulled

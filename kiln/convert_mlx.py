@@ -26,8 +26,10 @@ from kiln.errors import KilnError
 def to_mlx(src, out_dir, bits: int = 4, group_size: int = 64, dtype=torch.bfloat16,
            progress: bool = False) -> Path:
     """Write the model at `src` (GGUF file or Hugging Face folder) as an mlx-lm quantized folder `out_dir`."""
+    from kiln.load import _dtype
     from kiln.quant.mlx import check
     check(bits, group_size, "--q-bits/--q-group-size: ")
+    dtype = _dtype(dtype) or torch.bfloat16  # a torch dtype or its name
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KilnError(f"{out} already exists and is not an empty folder; give a new folder to write into")
