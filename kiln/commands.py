@@ -467,17 +467,15 @@ def _info_gguf(path) -> list[tuple[str, str]]:
 def _info_folder(path) -> list[tuple[str, str]]:
     from kiln.formats.safetensors import read_folder
     cfg, weights = read_folder(path)
-    dtypes, params = Counter(), 0
-    for name in weights:
-        t = weights[name]
-        dtypes[str(t.dtype).replace("torch.", "")] += 1
-        params += t.numel()
+    dtypes = Counter(weights.kinds().values())  # from the headers: no weight is read
+    params = sum(math.prod(s) for s in weights.shapes().values())
     from kiln.tokenizer import Tokenizer
     try:
         has_template = bool(Tokenizer.from_folder(path).chat_template)
     except KilnError:
         has_template = False
-    return _common_rows(path, "Hugging Face safetensors", cfg, params) + [
+    fmt = "mlx-lm quantized safetensors" if any(k.startswith("mlx") for k in dtypes) else "Hugging Face safetensors"
+    return _common_rows(path, fmt, cfg, params) + [
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in dtypes.items())),
         ("chat template", "yes" if has_template else "no"),
     ]

@@ -3,7 +3,8 @@
 Owns: writing a folder that transformers and kiln's safetensors path both read: weights dequantized to
 the chosen dtype under Hugging Face names, config.json from the GGUF metadata, tokenizer.json from the
 GGUF vocabulary, tokenizer_config.json (chat template, BOS/EOS) and generation_config.json.
-Not: quantizing into GGUF (`--to gguf` is kiln/quantize.py; main() only dispatches to it), the reverse direction.
+Not: quantizing into GGUF (`--to gguf` is kiln/quantize.py) or into an mlx-lm folder (`--to mlx` is
+kiln/convert_mlx.py); main() only dispatches to them. The reverse direction.
 """
 
 from __future__ import annotations
@@ -65,11 +66,18 @@ def main(argv: list[str]) -> int:
     from kiln.commands import _Parser
     from kiln.quantize import FILE_TYPES
     p = _Parser(prog="kiln convert", description="Convert a GGUF file to a Hugging Face safetensors folder "
-                "(--to hf, the default) or re-quantize it into a GGUF file (--to gguf).")
-    p.add_argument("model", help="GGUF file or built-in name")
-    p.add_argument("out", help="output folder (--to hf) or file (--to gguf)")
-    p.add_argument("--to", choices=("hf", "gguf"), default="hf", help="what to write (default hf)")
-    p.add_argument("--dtype", default="float32", help="--to hf: float32, bfloat16 or float16 (default float32)")
+                "(--to hf, the default), re-quantize it into a GGUF file (--to gguf), or quantize a GGUF file "
+                "or a Hugging Face folder into the folder `mlx_lm.convert -q` writes (--to mlx).")
+    p.add_argument("model", help="GGUF file or built-in name (--to mlx: also a Hugging Face folder)")
+    p.add_argument("out", help="output folder (--to hf, --to mlx) or file (--to gguf)")
+    p.add_argument("--to", choices=("hf", "gguf", "mlx"), default="hf", help="what to write (default hf)")
+    p.add_argument("--dtype", help="--to hf: float32, bfloat16 or float16 (default float32); --to mlx: the "
+                   "dtype of scales, biases and unquantized tensors (default bfloat16)")
+    p.add_argument("--q-bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 8),
+                   help="--to mlx: bits per weight (default 4). kiln runs 4- and 5-bit folders on its "
+                   "quantized kernels; 2, 3, 6 and 8 bits are dequantized to float when kiln loads them")
+    p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="--to mlx: weights per scale and bias (default 64)")
     p.add_argument("--type", default="q8_0", help="--to gguf: " + ", ".join(FILE_TYPES)
                    + " (default q8_0; each quantized type takes llama.cpp's per-tensor mix unless --pure)")
     p.add_argument("--imatrix", metavar="FILE", help="--to gguf: importance matrix (llama.cpp's GGUF or .dat "
@@ -85,7 +93,16 @@ def main(argv: list[str]) -> int:
     from kiln.load import _dtype
     if a.to == "gguf":
         return _main_gguf(a, resolve)
-    dtype = _dtype(a.dtype)  # checked before a built-in name is pulled
+    if a.to == "mlx":
+        from kiln.convert_mlx import to_mlx
+        dtype = _dtype(a.dtype or "bfloat16")
+        if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+            raise KilnError(f"{a.out} already exists and is not an empty folder; give a new folder to write into")
+        if not Path(a.out).resolve().parent.is_dir():
+            raise KilnError(f"the folder of {a.out} does not exist")
+        print(to_mlx(resolve(a.model), a.out, a.q_bits, a.q_group_size, dtype, progress=True))
+        return 0
+    dtype = _dtype(a.dtype or "float32")  # checked before a built-in name is pulled
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise KilnError(f"{a.out} is a file; give a folder to write the model into")
     src = resolve(a.model)

@@ -143,7 +143,9 @@ def check_weights(model, weights, shapes: dict[str, tuple[int, ...]]) -> None:
         if tuple(shapes[name]) != shape:
             raise KilnError(f"tensor {short(name)} has shape {tuple(shapes[name])} but the model needs {shape}; "
                             f"config and weights disagree")
-    for name, w in weights.items():
+    # A safetensors folder's lazy shards hold floats, or blocks of supported types kiln builds itself from an
+    # mlx folder (`types_checked`): iterating them would read (and convert) every weight to look at its type.
+    for name, w in (() if getattr(weights, "types_checked", False) else weights.items()):
         if isinstance(w, GGUFTensor) and w.qtype not in SUPPORTED:
             raise KilnError(f"tensor {short(name)} is stored as {type_name(w.qtype)}, which kiln cannot read yet "
                             f"(supported: {', '.join(sorted(type_name(t) for t in SUPPORTED))})")

@@ -2,7 +2,8 @@
 
 Owns: reading config.json (multimodal checkpoints give their text_config), finding the shards (through
 model.safetensors.index.json when present), and naming tensors by their Hugging Face text-model names.
-Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can run code).
+Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can run code), mlx-lm's quantized
+layers (formats/mlx.py: this file finds them, that one says what they are).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kiln.errors import KilnError
 from kiln.formats.checks import short
 
 _FLOATS = ("F32", "F16", "BF16", "F64")  # the dtypes kiln converts weights from
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # Multimodal checkpoints (Gemma 3 4B+, …) keep the text model under these prefixes.
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 
@@ -26,24 +28,44 @@ class _LazyShards(Mapping):
     A Mapping, not a dict: `get`, `values` and `items` all read through `__getitem__`.
     """
 
-    def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]]):
+    types_checked = True  # floats (read_folder checked), or blocks of supported types built here
+
+    def __init__(self, where: dict[str, tuple[Path, str]], shapes: dict[str, tuple[int, ...]],
+                 quantized: dict | None = None, kinds: dict[str, str] | None = None):
         self._where, self._shapes, self._handles = where, shapes, {}
+        self._quantized = quantized or {}  # {X.weight: formats.mlx.Quantized}, built on access
+        self._embedding = None
+        self._kinds = kinds or {}  # {name: torch's name of its stored dtype}
 
     def __iter__(self):
-        return iter(self._where)
+        yield from self._where
+        yield from self._quantized
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._where) + len(self._quantized)
 
     def __contains__(self, name) -> bool:
-        return name in self._where
+        return name in self._where or name in self._quantized
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
+        return {**self._shapes, **{n: q.shape for n, q in self._quantized.items()}}
+
+    def kinds(self) -> dict[str, str]:
+        """{name: how it is stored ('bfloat16', 'mlx 4-bit/64': 4-bit groups of 64)}, from the headers."""
+        return {**self._kinds, **{n: f"mlx {q.bits}-bit/{q.group_size}" for n, q in self._quantized.items()}}
 
     def __getitem__(self, name):
+        if name not in self._quantized:
+            return self._read(*self._where[name])
+        from kiln.formats.mlx import materialize
+        if name != "model.embed_tokens.weight":
+            return materialize(self._quantized[name], self._read, name)
+        if self._embedding is None:  # a tied head must get the very object its embedding got: quant/linear
+            self._embedding = materialize(self._quantized[name], self._read, name)  # shares planes by identity
+        return self._embedding
+
+    def _read(self, path: Path, stored: str):
         from safetensors import SafetensorError, safe_open
-        path, stored = self._where[name]
         try:
             if path not in self._handles:
                 self._handles[path] = safe_open(str(path), framework="pt")
@@ -53,31 +75,39 @@ class _LazyShards(Mapping):
 
 
 def read_folder(path: Path) -> tuple[dict, dict]:
-    config = _config(path)
-    where, shapes = {}, {}
+    from kiln.formats import mlx
+    config, scheme = _config(path)
+    entries = {}  # {name: (file, stored, shape, dtype)}
     for f in _shards(path):
         for stored, (shape, dtype) in _header(f).items():
             name = _text_name(stored)
             if name is None:
                 continue
-            if dtype not in _FLOATS:
-                raise KilnError(f"{f}: tensor {short(stored)} is stored as {dtype}; kiln reads weights stored as "
-                                f"{', '.join(_FLOATS)}")
-            if name in where:
-                raise KilnError(f"{path}: tensor {short(name)} is stored twice ({where[name][0].name}: {where[name][1]}, "
-                                f"{f.name}: {stored}); the folder is inconsistent")
-            where[name], shapes[name] = (f, stored), shape
-    return config, _LazyShards(where, shapes)
+            if name in entries:
+                raise KilnError(f"{path}: tensor {short(name)} is stored twice ({entries[name][0].name}: "
+                                f"{entries[name][1]}, {f.name}: {stored}); the folder is inconsistent")
+            entries[name] = (f, stored, shape, dtype)
+    quantized = {}
+    if scheme is not None:
+        entries, quantized = mlx.group(entries, scheme, path)
+    for name, (f, stored, shape, dtype) in entries.items():
+        if dtype not in _FLOATS:
+            raise KilnError(f"{f}: tensor {short(stored)} is stored as {dtype}; kiln reads weights stored as "
+                            f"{', '.join(_FLOATS)}" + (" (or quantized as mlx-lm writes them)" if scheme else ""))
+    where = {n: e[:2] for n, e in entries.items()}
+    shapes = {n: e[2] for n, e in entries.items()}
+    kinds = {n: _TORCH_NAMES[e[3]] for n, e in entries.items()}
+    return config, _LazyShards(where, shapes, quantized, kinds)
 
 
-def _config(path: Path) -> dict:
+def _config(path: Path) -> tuple[dict, object]:
+    """(the text model's config, its formats.mlx.Scheme or None when the weights are not quantized)."""
+    from kiln.formats import mlx
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise KilnError(f"{path} has no config.json; a Hugging Face model folder needs one")
     cfg = _json_object(cfg_path)
-    if "quantization" in cfg or "quantization_config" in cfg:
-        q = cfg.get("quantization") or cfg.get("quantization_config")
-        raise KilnError(f"{path} holds quantized safetensors ({q}); kiln reads these only as GGUF for now")
+    scheme = mlx.parse(cfg, cfg_path, _text_name)
     if "text_config" in cfg:  # multimodal wrapper: run the text model
         if not isinstance(cfg["text_config"], dict):
             raise KilnError(f"{cfg_path}: text_config is not a JSON object")
@@ -90,7 +120,7 @@ def _config(path: Path) -> dict:
         cfg = text
     if not isinstance(cfg.get("model_type"), str):
         raise KilnError(f"{cfg_path} has no model_type string; kiln cannot tell the architecture")
-    return cfg
+    return cfg, scheme
 
 
 def _json_object(file: Path) -> dict:
