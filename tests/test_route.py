@@ -78,7 +78,7 @@ def check_config(plan: Plan, qtype: int, rows: int, n: int, k: int, dtype: torch
         if cfg.block_n > 1:
             assert cdiv(n, cfg.block_n) >= 2 * sms
     elif plan.kind == "gemm_int8":
-        assert cfg == R.Q8Config(block_n=8, words=min(pow2(kw), 64), num_warps=4)
+        assert cfg == R.Q8Config(block_n=8, words=min(pow2(kw), 256 if rows <= 2 else 64), num_warps=4)
     elif plan.kind == "mma":
         assert cfg.natural == (n >= 65536) and 1 <= cfg.split_k <= cdiv(kw, cfg.words)
         assert cfg.block_n == (32 if cfg.natural else 128)

@@ -221,9 +221,12 @@ def q8_config(qtype: int, n: int, k: int, sms: int, block_n: int, block_k: int =
 
 def q8_rows_config(qtype: int, k: int, rows: int) -> Q8Config:
     """The int8 kernel for 2..32 rows: 8 weight rows per program, 64 words per K step (32 from 16 activation
-    rows, which also take 8 warps, to bound the (rows, activation rows, groups, V) tiles in registers)."""
+    rows, which also take 8 warps, to bound the (rows, activation rows, groups, V) tiles in registers); 2 rows
+    take 256 words (H200, Qwen3-8B shapes, bench/results/2026-12-04-h200-c/int8_ab.json: Q4_K 4096x4096 7.1 µs
+    vs 17.9 at 64, 4096x12288 19.5 vs 50.4, 5120x4096 10.9 vs 18.2, 24576x4096 39.6 vs 45.1; within 17% of
+    the best of the grid on each; at 5 rows no config of the grid came near one row's cost)."""
     mx = _pow2_at_least(rows)
-    words = min(_pow2_at_least(k // FORMATS[qtype].g), 64 if mx <= 8 else 32)
+    words = min(_pow2_at_least(k // FORMATS[qtype].g), 256 if mx <= 2 else 64 if mx <= 8 else 32)
     return Q8Config(block_n=8, words=words, num_warps=4 if mx <= 8 else 8)
 
 
