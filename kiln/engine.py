@@ -5,8 +5,9 @@ positions each) and which request holds which slot, prefix caching (a new reques
 whose remembered tokens share the longest prefix with its prompt, and prefills only the rest), chunked
 prefill, the batched decode step (every running request advances one token per model call, each row at
 its own position: models/base.py's per-row `pos` over a `cache.RowsView`), sampling the batch (one argmax
-for the plain greedy rows, each other row's own `sample.Sampler`), logprobs, and delivering `StepOutput`s
-to a `RequestHandle` that a thread or an event loop reads.
+for the plain greedy rows, each other row's own `sample.Sampler`), logprobs, delivering `StepOutput`s to
+the `RequestHandle` a thread or an event loop reads (both in engine_io.py, re-exported here), and slot work
+between iterations (`slot_call`: the server's /slots save, restore and erase).
 Not: text of any kind (templates: tokenizer.py; detokenization and stop strings: textstream.py), HTTP
 (server/), grammars (a processor comes in ready-made: server/structured.py), the model's math (models/,
 ops/). Shared with kiln.generate's batch-1 loop rather than kept here: the prompt check, the prefill
@@ -25,121 +26,23 @@ Shape alphabet: B rows in a step, V vocab (the model's logits width, which may e
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from kiln.cache import KVCache, Step
+from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
 from kiln.generate import capture_graph, check_prompt, prefill_chunk
 from kiln.sample import Sampler, SamplingParams
 
+__all__ = ["NO_TOKEN", "Engine", "EngineRequest", "QueueFull", "RequestHandle", "StepOutput"]
+
 log = logging.getLogger("kiln.engine")
-
-NO_TOKEN = -1  # the token of a final output that carries no token (cancelled, error)
-
-
-class QueueFull(Exception):
-    """Every slot is busy and `max_queue` requests already wait: try again later (HTTP 503)."""
-
-
-@dataclass
-class EngineRequest:
-    prompt: list[int]  # token ids, already templated and encoded
-    params: SamplingParams
-    max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()  # one of these finishes with "stop" (reported, is_stop=True)
-    processor: object | None = None  # a LogitsProcessor: mask(logits (V,)), accept(token), is_terminated()
-    top_logprobs: int = 0  # 0: only the chosen token's logprob; k > 0: also the top k (id, logprob)
-    ignore_eos: bool = False  # stop tokens neither finish nor count as stop tokens
-
-
-@dataclass
-class StepOutput:
-    token: int  # NO_TOKEN (-1) on a final "cancelled" / "error" output, which carries no token
-    logprob: float  # log-softmax of the raw model distribution at `token` (see the module docstring)
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
-    is_stop: bool = False  # a stop token, or a tokenless final output: not text to show
-
-
-class RequestHandle:
-    """What `Engine.submit` returns: iterate it (async or `sync()`) for StepOutputs; `cancel()` to stop.
-
-    The last output has `finish_reason` set; iteration ends after it. `cached_tokens` is the number of
-    prompt tokens served from the prefix cache (set when the request gets a slot), `error` the message
-    of a request that finished with "error".
-    """
-
-    def __init__(self, engine: Engine, request: EngineRequest):
-        self.request, self.cached_tokens, self.error, self.finish_reason = request, 0, None, None
-        self._engine, self._cancelled = engine, False
-        self._items: collections.deque[StepOutput] = collections.deque()
-        self._cond = threading.Condition()
-        self._done = False  # the final output has been handed to the reader
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the slot is freed at the next step boundary. Safe from any thread, repeatable."""
-        if not self._cancelled:
-            self._cancelled = True
-            self._engine._on_cancel(self)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def _put(self, out: StepOutput) -> None:  # engine thread
-        with self._cond:
-            self._items.append(out)
-            self._cond.notify_all()
-            loop, event = self._loop, self._event
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
-                pass
-
-    def _take(self) -> StepOutput | None:
-        """The next output if one is ready (caller holds the lock); marks the end after the final one."""
-        if not self._items:
-            return None
-        out = self._items.popleft()
-        if out.finish_reason is not None:
-            self._done = True
-        return out
-
-    def sync(self) -> Iterator[StepOutput]:
-        """Blocking iteration (tests, scripts)."""
-        while not self._done:
-            with self._cond:
-                while not self._items:
-                    self._cond.wait()
-                out = self._take()
-            yield out
-
-    def __aiter__(self) -> AsyncIterator[StepOutput]:
-        return self
-
-    async def __anext__(self) -> StepOutput:
-        while True:
-            with self._cond:
-                if self._done:
-                    raise StopAsyncIteration
-                out = self._take()
-                if out is not None:
-                    return out
-                if self._loop is None:
-                    self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
-                self._event.clear()  # under the lock: a _put after this sets it again
-            await self._event.wait()
 
 
 @dataclass
