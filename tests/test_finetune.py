@@ -189,15 +189,13 @@ def _serve_with_adapter(folder, adapter, adapted):
                              str(adapter), "--alias", "tiny", "--port", str(port), "--device", "cpu", "--parallel", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.time() + 120
-        while time.time() < end and proc.poll() is None:
+        end, healthy = time.time() + 300, False
+        while not healthy and time.time() < end and proc.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
+                healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.2)
+        assert healthy, proc.stderr.read()[-2000:] if proc.poll() is not None else "not healthy in 300 s"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": "Write in Kilnish: red apple"}]
         r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8)
