@@ -59,6 +59,13 @@ def packed(qtype, n, k, seed=0):
     return K.repack(G.random_rows(qtype, n, k, seed), qtype, (n, k))
 
 
+def rotating(qtype, n, k) -> list:
+    """Distinct random weights of one shape, enough of them (gpu_quant_check.n_copies) that in-graph calls
+    rotating over them stream from HBM rather than the L2."""
+    w0 = packed(qtype, n, k)
+    return [w0] + [packed(qtype, n, k, seed=i) for i in range(1, G.n_copies(w0.nbytes))]
+
+
 def check(out):
     rows = []
     for qtype in sorted(R.INT8_FORMATS):
@@ -92,9 +99,8 @@ def micro(out, deadline, models=None):
                 print("micro: out of time", flush=True)
                 out["micro"] = rows
                 return
-            w0 = packed(qtype, n, k)
-            copies = G.n_copies(w0.nbytes)
-            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            ws = rotating(qtype, n, k)
+            w0, copies = ws[0], len(ws)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             act = quantize_act(x)
             r = {"model": model, "format": K.FORMATS[qtype].name, "n": n, "k": k, "mb": w0.nbytes / 1e6}
@@ -131,9 +137,8 @@ def batch(out, deadline):
     rows = []
     dot = R.GemvConfig(block_n=32, block_k=256, dot=True, split_k=0)
     for qtype, n, k in SHAPES["llama-3.2-1b"][:4]:
-        w0 = packed(qtype, n, k)
-        copies = G.n_copies(w0.nbytes)
-        ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+        ws = rotating(qtype, n, k)
+        copies = len(ws)
         for m in (2, 4, 8, 16, 32):
             if time.time() > deadline:
                 out["batch"] = rows
@@ -166,9 +171,8 @@ def rowgrid(out, deadline, ms=(2, 5, 8), models=("qwen3-8b",)):
         for qtype, n, k in SHAPES[model]:
             if n > 65536 or (qtype, n, k) == (K.Q6_K, 1024, 4096):  # the head (dequant, mma) and v: left out
                 continue
-            w0 = packed(qtype, n, k)
-            copies = G.n_copies(w0.nbytes)
-            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            ws = rotating(qtype, n, k)
+            copies = len(ws)
             x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             a1 = quantize_act(x1)
             one = G.graph_us(lambda i: (lambda: matmul(x1, ws[i], act=a1)), copies)
@@ -215,9 +219,8 @@ def dotgrid(out, deadline, ms=(16, 32)):
     rows = []
     gemv_mod.MAX_M = max(ms)  # the bound gemv checks; the tiles themselves take any M
     for qtype, n, k in SHAPES["llama-3.2-1b"]:
-        w0 = packed(qtype, n, k)
-        copies = G.n_copies(w0.nbytes)
-        ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+        ws = rotating(qtype, n, k)
+        w0, copies = ws[0], len(ws)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), dequantize_gpu(w0, torch.float32))
@@ -269,9 +272,8 @@ def mma(out, deadline, ms=(32, 16), models=("llama-3.2-1b",), grid=None, n_min=0
         for qtype, n, k in SHAPES[model_name]:
             if n < n_min:
                 continue
-            w0 = packed(qtype, n, k)
-            copies = G.n_copies(w0.nbytes)
-            ws = [w0] + [packed(qtype, n, k, seed=i) for i in range(1, copies)]
+            ws = rotating(qtype, n, k)
+            w0, copies = ws[0], len(ws)
             wd = dequantize_gpu(w0, torch.float32)
             for m in ms:
                 if time.time() > deadline:
