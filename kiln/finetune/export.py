@@ -26,27 +26,33 @@ def _base_config(base) -> dict:
     return read_weights(Path(resolve(str(base), progress=True)))[0]
 
 
+def gguf_pairs(config: dict, pairs: dict):
+    """(GGUF tensor name, A (r, in), B (out, r) with its rows in the file's order — llama's q/k permuted as its
+    converter permutes them) for each adapted module of a PEFT adapter over `config`'s architecture."""
+    from kiln.formats.gguf import gguf_name, permute_rows
+    arch = config["model_type"]
+    for name, (a, b) in pairs.items():
+        g = gguf_name(arch, name + ".weight")
+        if g is None:
+            raise KilnError(f"the adapter adapts {name}, which has no GGUF name for architecture {arch!r}")
+        yield g, a.float(), permute_rows(config, name + ".weight", b.float())
+
+
 def to_gguf(adapter, base, out) -> Path:
     """Write the PEFT adapter at `adapter` (trained on `base`: a name, GGUF file or HF folder) as a GGUF LoRA."""
     import gguf
 
     from kiln.finetune.layers import read_adapter
-    from kiln.formats.gguf import gguf_name, permute_rows
     cfg, pairs = read_adapter(adapter)
     config = _base_config(base)
-    arch = config["model_type"]
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
+    w = gguf.GGUFWriter(str(tmp), config["model_type"])
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.get("lora_alpha", cfg.get("r", 8))))
-    for name, (a, b) in pairs.items():
-        g = gguf_name(arch, name + ".weight")
-        if g is None:
-            raise KilnError(f"the adapter adapts {name}, which has no GGUF name for architecture {arch!r}")
-        b = permute_rows(config, name + ".weight", b.float())
-        w.add_tensor(g + ".lora_a", a.float().contiguous().numpy())
+    for g, a, b in gguf_pairs(config, pairs):
+        w.add_tensor(g + ".lora_a", a.contiguous().numpy())
         w.add_tensor(g + ".lora_b", b.contiguous().numpy())
     try:
         w.write_header_to_file()

@@ -48,8 +48,8 @@ def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progr
 def fuse_gguf(model, adapter, out, scale: float = 1.0, ftype: str = "f16", progress: bool = False) -> Path:
     """The GGUF base `model` (name or file) with the adapter merged, re-quantized to `ftype` (quantize.FILE_TYPES)
     at `out`: metadata, tokenizer and chat template carried over from the base."""
+    from kiln.finetune.export import gguf_pairs
     from kiln.finetune.layers import read_adapter
-    from kiln.formats.gguf import gguf_name, permute_rows
     from kiln.hub import resolve
     from kiln.load import read_weights
     from kiln.quantize import convert_gguf
@@ -59,17 +59,12 @@ def fuse_gguf(model, adapter, out, scale: float = 1.0, ftype: str = "f16", progr
     config = read_weights(path)[0]
     cfg, pairs = read_adapter(adapter)
     factor = scale * float(cfg.get("lora_alpha", 8)) / int(cfg.get("r", 8))
-    deltas = {}
-    for name, (a, b) in pairs.items():
-        g = gguf_name(config["model_type"], name + ".weight")
-        if g is None:
-            raise KilnError(f"the adapter adapts {name}, which has no GGUF name for {config['model_type']!r}")
-        deltas[g] = permute_rows(config, name + ".weight", (b.float() @ a.float()) * factor)
+    deltas = {g: (b @ a) * factor for g, a, b in gguf_pairs(config, pairs)}  # rows in the file's order
     return convert_gguf(path, out, ftype, progress=progress, deltas=deltas)
 
 
 def main(argv: list[str]) -> int:
-    from kiln.commands import _Parser
+    from kiln.commands import _check_adapter, _Parser
     from kiln.load import _dtype
     from kiln.quantize import FILE_TYPES
     p = _Parser(prog="kiln fuse", description="Merge a PEFT LoRA adapter into its base model and write a "
@@ -83,8 +78,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--type", default="f16", choices=list(FILE_TYPES),
                    help="--to gguf (a GGUF base): the file type, as kiln convert --to gguf writes it (default f16)")
     a = p.parse_args(argv)
-    if not (Path(a.adapter) / "adapter_config.json").is_file():
-        raise KilnError(f"{a.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    _check_adapter(a)
     if a.to == "gguf":
         if Path(a.out).is_dir():
             raise KilnError(f"{a.out} is a folder; --to gguf writes a file")
