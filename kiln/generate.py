@@ -119,6 +119,10 @@ def capture_graph(forward: Callable[[], torch.Tensor], pool=None) -> tuple[torch
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
+# Rows a verify (Decoder.verify) takes in a captured graph: a speculative round's drafts plus one; more run eagerly.
+VERIFY_MAX_ROWS = 64
+
+
 def prefill_bucket(n: int, max_len: int) -> int | None:
     """The padded length a prompt of n tokens is prefilled at in a graph into a cache of max_len slots; None:
     none fits (eager)."""
@@ -209,7 +213,7 @@ class Decoder:
         t = ids.shape[1]
         entry = self._verifies.get(t)
         if entry is None:
-            graphable = (self.use_graph and not self.cache.rings and t <= 64
+            graphable = (self.use_graph and not self.cache.rings and t <= VERIFY_MAX_ROWS
                          and pos + t <= self.cache.max_len - t)
             if not graphable or ("verify", t) not in self._seen:
                 self._seen.add(("verify", t))
