@@ -37,12 +37,15 @@ from kiln.sample import SamplingParams  # noqa: E402
 from kiln.engine import Engine, EngineRequest  # noqa: E402
 
 
-def run_streams(engine: Engine, prompts: list[list[int]], tokens: int) -> list[dict]:
-    """Submit every prompt at once; per stream: submit time and each token's arrival time."""
+def run_streams(engine: Engine, prompts: list[list[int] | EngineRequest], tokens: int) -> list[dict]:
+    """Submit every prompt (or request: `tokens` long, EOS ignored) at once; per stream: submit time and each
+    token's arrival time."""
 
     async def one(prompt):
         t0 = time.perf_counter()
-        handle = engine.submit(EngineRequest(prompt, SamplingParams(), tokens, ignore_eos=True))
+        req = prompt if isinstance(prompt, EngineRequest) else EngineRequest(prompt, SamplingParams(), tokens,
+                                                                              ignore_eos=True)
+        handle = engine.submit(req)
         times = [time.perf_counter() async for out in handle if out.token >= 0]
         if handle.finish_reason != "length" or len(times) != tokens:
             raise RuntimeError(f"a stream ended with {handle.finish_reason!r} ({handle.error}) "

@@ -27,6 +27,7 @@ Shape alphabet: B rows in a step, V vocab (the model's logits width, which may e
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import logging
 import threading
@@ -50,6 +51,7 @@ class _Slot:
     index: int
     tokens: list[int]  # the tokens whose keys and values this slot holds, at positions 0..len-1
     last_used: int = 0  # admission counter: the least recently used free slot goes first
+    adapter: tuple[int, float] = (0, 1.0)  # (adapter, scale) those keys and values were computed under
 
 
 class _Row:
@@ -79,23 +81,33 @@ class _BatchStep:
         device = cache.k.device
         self.use_graphs = static and device.type == "cuda"
         self.buckets = sorted({min(1 << i, n_slots) for i in range(n_slots.bit_length() + 1)})
-        self.inputs = torch.zeros(3, n_slots, dtype=torch.long, device=device)  # token, position, slot rows
+        self.inputs = torch.zeros(4, n_slots, dtype=torch.long, device=device)  # token, position, slot, adapter rows
+        self.scales = torch.ones(n_slots, dtype=torch.float32, device=device)  # each row's adapter scale
+        self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int],
+                 adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
+        """`adapters`: each row's (adapter, scale) of the model's AdapterBank (default: none)."""
         b = len(pos)
         on_device = isinstance(tokens, torch.Tensor)
+        adapters = adapters or [(0, 1.0)] * b
         if not self.static:
             dev = self.cache.k.device
             ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
-            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1)
+            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
+            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
+            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1,
+                                 rows, scales)
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
         pad = bucket - b
         host = torch.tensor([([0] * b if on_device else tokens) + [0] * pad, pos + [0] * pad,
-                             slots + [self.scratch] * pad])  # (3, bucket)
+                             slots + [self.scratch] * pad, [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
         self.inputs[:, :bucket].copy_(host)
+        if self.bank is not None:
+            self.scales[:bucket].copy_(torch.tensor([s for _, s in adapters] + [1.0] * pad))
         if on_device:
             self.inputs[0, :b].copy_(tokens)
         if bucket in self.graphs:
@@ -104,23 +116,35 @@ class _BatchStep:
             return logits[:b]
         return self._static(bucket, max(pos) + 1)[:b]
 
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int, rows: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
         """The batched-rows model call: tokens (B,) each at its pos[b] in cache row slots[b] (a host list, or a
-        device tensor in the static form), no row reading past key n_keys - 1; logits (B, V)."""
-        return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
+        device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
+        n_keys - 1; logits (B, V)."""
+        with adapters_of(self.model, rows, scales):
+            return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
 
     def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
-        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys)
+        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
+                             self.inputs[3, :bucket], self.scales[:bucket])
 
     def _capture(self, bucket: int) -> None:
         """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
         self.inputs[:2].zero_()  # token 0 at position 0 …
         self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
+        self.inputs[3].zero_()  # (the base model's rows; the adapters' LoRAs run for every row all the same)
         try:
             self.graphs[bucket] = capture_graph(lambda: self._static(bucket, self.cache.max_len))
         except Exception:
             log.exception("capturing the batched decode step failed; it runs eagerly from now on")
             self.use_graphs, self.graphs = False, {}
+
+
+def adapters_of(model, rows: torch.Tensor, scales: torch.Tensor):
+    """The model's AdapterBank selection for one call (row b: adapter rows[b] at scales[b]); a no-op context
+    for a model without adapters."""
+    bank = getattr(model, "adapter_bank", None)
+    return contextlib.nullcontext() if bank is None else bank.select(rows, scales)
 
 
 class Engine:
@@ -238,10 +262,11 @@ class Engine:
                     for s in self._slots]
 
     def slot_call(self, index: int, fn) -> concurrent.futures.Future:
-        """Run fn(cache, tokens) on the loop thread between two iterations, while slot `index` is idle: `cache`
-        the slot's batch-1 view of the KV cache (writes land in it), `tokens` the list of ids whose keys and
-        values it holds (fn may change it in place). The future holds fn's result, or a KilnError for a slot
-        that does not exist or is busy."""
+        """Run fn(cache, slot) on the loop thread between two iterations, while slot `index` is idle: `cache`
+        the slot's batch-1 view of the KV cache (writes land in it), `slot` its `_Slot`: `tokens`, the list of
+        ids whose keys and values it holds, and `adapter`, the (adapter, scale) they were computed under (fn
+        may change both). The future holds fn's result, or a KilnError for a slot that does not exist or is
+        busy."""
         if not isinstance(index, int) or not 0 <= index < self.n_slots:
             raise KilnError(f"slot {index!r} does not exist: this engine has slots 0..{self.n_slots - 1}")
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -261,7 +286,7 @@ class Engine:
                 fut.set_exception(KilnError(f"slot {index} is processing a request; try again when it is idle"))
                 continue
             try:
-                fut.set_result(fn(self.cache.slot(index), self._slots[index].tokens))
+                fut.set_result(fn(self.cache.slot(index), self._slots[index]))
             except Exception as e:  # noqa: BLE001 (the caller's error, handed back through the future)
                 fut.set_exception(e)
 
@@ -274,6 +299,10 @@ class Engine:
         if not isinstance(req.top_logprobs, int) or not 0 <= req.top_logprobs <= self.vocab:
             raise KilnError(f"invalid top_logprobs {req.top_logprobs!r}: must be an integer >= 0")
         req.params.check_vocab(self.vocab)
+        bank = getattr(self.model, "adapter_bank", None)
+        n = 0 if bank is None else len(bank.names)
+        if not isinstance(req.adapter, int) or not 0 <= req.adapter <= n:
+            raise KilnError(f"invalid adapter {req.adapter!r}: this model has {n} adapters (0: none)")
 
     def _on_cancel(self, handle: RequestHandle) -> None:
         """A queued request leaves at once; an admitted one at the loop's next step boundary."""
@@ -340,11 +369,12 @@ class Engine:
             self._place(handle, free)
 
     def _place(self, handle: RequestHandle, free: list[_Slot]) -> None:
-        prompt = handle.request.prompt
-        slot, shared = max(((s, _common_prefix(s.tokens, prompt)) for s in free),
-                           key=lambda sp: (sp[1], -sp[0].last_used))
+        prompt, adapter = handle.request.prompt, _adapter_key(handle.request)
+        slot, shared = max(((s, _common_prefix(s.tokens, prompt) if s.adapter == adapter else 0) for s in free),
+                           key=lambda sp: (sp[1], -sp[0].last_used))  # keys under another adapter differ
         reuse = min(shared, len(prompt) - 1)  # at least one token is prefilled: its logits are the first step
         del slot.tokens[reuse:]
+        slot.adapter = adapter
         self._clock += 1
         slot.last_used = self._clock
         handle.cached_tokens = reuse
@@ -401,7 +431,13 @@ class Engine:
 
     def _chunk_forward(self, slot: int, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """The model call of `_prefill_chunk`: ids (1, n) into slot `slot` at pos.. → logits (1, V)."""
-        return prefill_chunk(self.model, ids, self.cache.slot(slot), pos)
+        with self._adapters([self._slots[slot].adapter]):
+            return prefill_chunk(self.model, ids, self.cache.slot(slot), pos)
+
+    def _adapters(self, keys: list[tuple[int, float]]):
+        """The adapter selection of rows with (adapter, scale) `keys`, for one eager model call."""
+        rows = torch.tensor([i for i, _ in keys], dtype=torch.long, device=self.device)
+        return adapters_of(self.model, rows, torch.tensor([s for _, s in keys], device=self.device))
 
     def _prefill_rows(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
         """The next n_b prompt tokens of each row b in one forward over the slot cache (`Step.rows`): rows
@@ -421,7 +457,8 @@ class Engine:
         of row b's token last[b]."""
         view = self.cache.rows(slots, max(pos) + ids.shape[1])
         step = Step.rows(view, torch.tensor(pos, dtype=torch.long, device=self.device))
-        return self.model(ids, step, last_only=last)[:, -1].float()  # (B, V)
+        with self._adapters([self._slots[s].adapter for s in slots]):
+            return self.model(ids, step, last_only=last)[:, -1].float()  # (B, V)
 
     def _took(self, row: _Row, n: int) -> None:
         """n prompt tokens of the row are in its slot now."""
@@ -447,7 +484,8 @@ class Engine:
 
     def _step_rows(self, rows: list[_Row], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """The batched step on `tokens`, one per row, each at its slot's next position: logits (B, V)."""
-        return self._step(tokens, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows])
+        return self._step(tokens, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows],
+                          [r.slot.adapter for r in rows])
 
     def _can_look_ahead(self, rows: list[_Row]) -> bool:
         """Launch the next decode step before reading this one's tokens (the host's work per token then
@@ -565,6 +603,11 @@ class Engine:
             if row in self._rows:
                 self._rows.remove(row)
                 self._counters["requests_finished"] += 1
+
+
+def _adapter_key(req: EngineRequest) -> tuple[int, float]:
+    """What a request's keys and values depend on besides its tokens: (adapter, scale); scale 1 with none."""
+    return (req.adapter, float(req.adapter_scale)) if req.adapter else (0, 1.0)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

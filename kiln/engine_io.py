@@ -36,6 +36,8 @@ class EngineRequest:
     processor: object | None = None  # a LogitsProcessor: mask(logits (V,)), accept(token), is_terminated()
     top_logprobs: int = 0  # 0: only the chosen token's logprob; k > 0: also the top k (id, logprob)
     ignore_eos: bool = False  # stop tokens neither finish nor count as stop tokens
+    adapter: int = 0  # the model's AdapterBank entry this request runs under (0: the base model)
+    adapter_scale: float = 1.0  # times that adapter's own alpha / r scale
 
 
 @dataclass

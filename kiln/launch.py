@@ -311,7 +311,8 @@ class _LeaderStep(_BatchStep):
 
     link: Link
 
-    def __call__(self, tokens, pos: list[int], slots: list[int]) -> torch.Tensor:
+    def __call__(self, tokens, pos: list[int], slots: list[int], adapters=None) -> torch.Tensor:
+        """(`adapters`: none under tensor parallelism; kiln serve refuses --adapter with --tp.)"""
         rows = torch.tensor([pos, slots], dtype=torch.long).to(self.link.device)  # (2, B)
         tok = tokens.to(self.link.device, torch.long).view(1, -1) if isinstance(tokens, torch.Tensor) else \
             torch.tensor([tokens], dtype=torch.long, device=self.link.device)  # (1, B): device picks stay there

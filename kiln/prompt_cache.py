@@ -34,13 +34,15 @@ def identity(model, tokenizer) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save(path, model, tokenizer, cache: KVCache, tokens: list[int]) -> int:
-    """Write the first len(tokens) positions of batch-1 `cache` (which holds `tokens`) to `path`; bytes."""
+def save(path, model, tokenizer, cache: KVCache, tokens: list[int], extra: dict | None = None) -> int:
+    """Write the first len(tokens) positions of batch-1 `cache` (which holds `tokens`) to `path`; bytes.
+    `extra`: more header fields (the server's slots: the adapter the keys were computed under)."""
     n = len(tokens)
     parts = [p[:, :, :, :n].contiguous().cpu() for p in cache.kp + cache.vp]  # (L, 1, K, n, W) each
     header = {"identity": identity(model, tokenizer), "tokens": [int(t) for t in tokens],
               "type_k": cache.type_k, "type_v": cache.type_v, "n_k": len(cache.kp),
-              "parts": [{"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape)} for p in parts]}
+              "parts": [{"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape)} for p in parts],
+              **(extra or {})}
     head = json.dumps(header).encode()
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(head)) + head)

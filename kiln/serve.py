@@ -47,8 +47,13 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
-    from kiln.commands import _adapter_args, ngl_arg, tp_arg
-    _adapter_args(p)
+    from kiln.commands import ngl_arg, tp_arg
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]PATH",
+                   help="a PEFT LoRA adapter folder (kiln finetune's output) to serve, repeatable: each request picks "
+                        "one by model 'ID:NAME', the body's \"adapter\": NAME or llama-server's \"lora\" field, and "
+                        "requests of different adapters decode in one batch; a request that picks none runs the first "
+                        "(NAME default: the folder's name; 'base' picks no adapter)")
+    p.add_argument("--adapter-scale", type=float, default=1.0, help="multiplies every adapter's effect (default 1)")
     ngl_arg(p)
     tp_arg(p, "serves HTTP once every rank has loaded its shard")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
@@ -68,9 +73,9 @@ def parser() -> argparse.ArgumentParser:
 def _check(a) -> None:
     from kiln.commands import check_model_args
     check_model_args(a)
-    from kiln.commands import _check_adapter, cache_kw
+    from kiln.commands import cache_kw
     cache_kw(a)
-    _check_adapter(a)
+    a.adapters = adapter_list(a.adapter)
     for name in ("parallel", "max_queue", "max_body"):
         if getattr(a, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
@@ -83,6 +88,19 @@ def _check(a) -> None:
         raise KilnError(f"--slot-save-path {a.slot_save_path}: not a folder (create it first)")
     if not 0 < a.port < 65536:
         raise KilnError(f"--port {a.port} is not a TCP port (1..65535)")
+
+
+def adapter_list(values: list[str] | None) -> list[tuple[str, Path]]:
+    """--adapter values ([NAME=]PATH) as [(name, folder)], each a PEFT folder (checked before anything loads)."""
+    out = []
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or Path(v).is_dir():  # a folder whose own name has '=' is a plain PATH
+            name, path = Path(v).name, v
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise KilnError(f"--adapter {v}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        out.append((name, Path(path)))
+    return out
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -125,9 +143,9 @@ def main(argv: list[str]) -> int:
         if hasattr(model, "places"):  # the engine's batched steps run on one device
             raise KilnError("kiln serve runs a model on one device: -ngl all (or 0, the CPU); a CPU + GPU split "
                             "runs in generate, chat and bench")
-        if a.adapter is not None:  # every request runs base + adapter
-            from kiln.finetune.layers import load_adapter
-            load_adapter(model, a.adapter, a.adapter_scale)
+        if a.adapters:  # each request picks one (server/adapters.py); rows of different ones share a step
+            from kiln.finetune.bank import AdapterBank
+            AdapterBank.load(model, a.adapters, a.adapter_scale)
         return model, tok
 
     return _run(a, path, model_id, dict(loader=load_whole))

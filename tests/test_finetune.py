@@ -174,37 +174,18 @@ def test_train_fuse_and_cli(tiny_folder, tmp_path):
 
 def _serve_with_adapter(folder, adapter, adapted):
     """`kiln serve --adapter`: the official client's chat completion is kiln.generate's over base + adapter."""
-    import subprocess
-    import sys
-    import time
-
-    import httpx
     import openai
 
     import kiln
-    from test_server import _free_port
+    from test_adapter_bank import serving
     tok = kiln.load(folder, device="cpu")[1]
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--model", str(folder), "--adapter",
-                             str(adapter), "--alias", "tiny", "--port", str(port), "--device", "cpu", "--parallel", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        end, healthy = time.time() + 300, False
-        while not healthy and time.time() < end and proc.poll() is None:
-            try:
-                healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert healthy, proc.stderr.read()[-2000:] if proc.poll() is not None else "not healthy in 300 s"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+    with serving(folder, ["--adapter", str(adapter), "--parallel", "2"]) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": "Write in Kilnish: red apple"}]
         r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8)
         want = kiln.generate(adapted, tok, msgs, max_tokens=8)
         assert r.choices[0].message.content == want
         assert want != kiln.generate(kiln.load(folder, device="cpu")[0], tok, msgs, max_tokens=8)  # the base's
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_cli_errors_before_loading(tmp_path, capsys):

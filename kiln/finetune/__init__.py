@@ -3,10 +3,12 @@
 Owns: the front door (argument parsing and `finetune`, which loads the base for training and runs the
 trainer). Layers and the PEFT format are in layers.py, data in data.py, the loop in trainer.py, merging
 into a Hugging Face folder in fuse.py, GGUF-LoRA and mlx-lm adapter export in export.py.
-Not: adapters in the server (not yet written).
+Several adapters over one served model, one per batch row, are in bank.py.
 """
 
 from __future__ import annotations
+
+import torch
 
 from kiln.errors import KilnError
 from kiln.finetune.layers import DEFAULT_TARGETS, load_adapter  # noqa: F401
@@ -15,16 +17,24 @@ from kiln.finetune.trainer import TrainArgs, load_base, train
 __all__ = ["finetune", "TrainArgs", "load_adapter", "main"]
 
 
-def finetune(model: str, data: str, progress: bool = True, device=None, **kwargs) -> dict:
+def finetune(model: str, data: str, progress: bool = True, device=None, dtype=None, **kwargs) -> dict:
     """Train a LoRA adapter on `model` (a name, GGUF file or HF folder; quantized GGUF weights stay in their
     blocks: QLoRA) with the data folder `data`; keyword arguments are TrainArgs' fields (iters, batch_size,
-    lora_rank, …, adapter_path). Returns the trainer's result (losses, tokens/s, where the adapter is)."""
+    lora_rank, …, adapter_path). `dtype`: what the base computes in (default float32 on CPU, bfloat16 on
+    CUDA; the adapters' own weights and optimizer state stay float32). Returns the trainer's result (losses,
+    tokens/s, where the adapter is)."""
     unknown = set(kwargs) - set(TrainArgs.__dataclass_fields__)
     if unknown:
         raise KilnError(f"finetune: unknown argument(s) {', '.join(sorted(unknown))}")
     args = TrainArgs(**kwargs)
     args.check()
-    m, tok = load_base(model, device=device or "cpu", progress=progress)
+    device = torch.device(device or "cpu")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise KilnError(f"--dtype {dtype}: float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    m, tok = load_base(model, device=device, dtype=dtype, progress=progress)
     return train(m, tok, data, args, progress=progress)
 
 
@@ -60,13 +70,15 @@ def parser():
     p.add_argument("--test", action="store_true", help="report the loss on test.jsonl after training")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="what the base computes in: float32, bfloat16 or float16 (default "
+                                                 "float32 on CPU, bfloat16 on CUDA; adapters train in float32)")
     return p
 
 
 def main(argv: list[str]) -> int:
     a = vars(parser().parse_args(argv))
-    model, data, device = a.pop("model"), a.pop("data"), a.pop("device")
+    model, data, device, dtype = a.pop("model"), a.pop("data"), a.pop("device"), a.pop("dtype")
     a["target_modules"] = tuple(a["target_modules"])
-    res = finetune(model, data, device=device, **a)
+    res = finetune(model, data, device=device, dtype=dtype, **a)
     print(f"adapter saved in {res['adapter_path']}")
     return 0

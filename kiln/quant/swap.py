@@ -105,6 +105,7 @@ class Joined(nn.Module):
         self.groups = nn.ModuleList(cat(g) for g in groups)
         self.splits = [[layer.out_features for layer in g] for g in groups]  # output widths per group
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # part -> LoRA A (r, K), B (N, r), scale
+        self.stacks: dict[int, nn.Module] = {}  # part -> several adapters' LoRAs, one per batch row (add_stack)
 
     def add_lora(self, part: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Add scale * B @ A to original layer `part`'s weight, as a LoRA beside the joined matmul (an adapter
@@ -114,11 +115,19 @@ class Joined(nn.Module):
             raise ValueError(f"LoRA of {tuple(b.shape[:1])} outputs for part {part} of widths {widths}")
         self.lora[part] = (a, b, scale)
 
+    def add_stack(self, part: int, stack: nn.Module) -> None:
+        """Put `stack(x)` (finetune/bank.LoRAStack: each batch row's own adapter, or None) beside part `part`."""
+        self.stacks[part] = stack
+
     def _delta(self, x: torch.Tensor, part: int) -> torch.Tensor | None:
-        if part not in self.lora:
-            return None
-        a, b, scale = self.lora[part]
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale
+        d = None
+        if part in self.lora:
+            a, b, scale = self.lora[part]
+            d = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale
+        if part in self.stacks:
+            s = self.stacks[part](x)
+            d = s if d is None else d if s is None else d + s
+        return d
 
     def forward(self, x: torch.Tensor, act=None) -> tuple[torch.Tensor, ...]:
         """x (..., K) -> one output per original layer; `act`: x already quantized to int8, the buffer
@@ -126,17 +135,18 @@ class Joined(nn.Module):
         outs = []
         for y, widths in zip(self._outputs(x, act), self.splits):  # y (..., sum(widths))
             outs += y.split(widths, dim=-1) if len(widths) > 1 else [y]
-        if self.lora:
+        if self.lora or self.stacks:
             outs = [y if (d := self._delta(x, i)) is None else y + d for i, y in enumerate(outs)]
         return tuple(outs)
 
     def wide_forward(self, x: torch.Tensor, act=None) -> torch.Tensor:
         """The single concatenated output (every part joined: `wide` is not None)."""
         y = self._outputs(x, act)[0]
-        if self.lora:
-            parts = [d if (d := self._delta(x, i)) is not None else y.new_zeros(*y.shape[:-1], w)
-                     for i, w in enumerate(self.splits[0])]
-            y = y + torch.cat(parts, -1)
+        if self.lora or self.stacks:
+            deltas = [self._delta(x, i) for i in range(len(self.splits[0]))]
+            if any(d is not None for d in deltas):
+                y = y + torch.cat([y.new_zeros(*y.shape[:-1], w) if d is None else d
+                                   for d, w in zip(deltas, self.splits[0])], -1)
         return y
 
     def int8_input(self, x: torch.Tensor):

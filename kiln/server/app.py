@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln import chat_template
 from kiln.errors import KilnError
-from kiln.server import prompts, transport
+from kiln.server import adapters, prompts, transport
 from kiln.server import protocol as P
 from kiln.server.choices import (Choice, cancel_all, check_finished, in_flight, merged_outputs, run_to_end,
                                    usage_of)
@@ -217,7 +217,9 @@ async def _open(st: ServerState, request: Request):
 
 
 def _check_model(st: ServerState, name: str | None) -> None:
-    if name is not None and name != st.model_id:
+    if st.ready:
+        adapters.check_model(st, name)
+    elif name is not None and name != st.model_id:  # adapters are known once loaded
         raise P.APIError(404, f"the model {name!r} does not exist; this server serves {st.model_id!r}",
                          param="model", code="model_not_found")
 
@@ -244,13 +246,14 @@ def _routes(app: FastAPI, st: ServerState) -> None:
     @app.get("/v1/models")
     async def models(request: Request):
         _auth(st, request)
-        return {"object": "list", "data": [_model_card(st)]}
+        return {"object": "list", "data": adapters.cards(st, _model_card(st)) if st.ready else [_model_card(st)]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         _auth(st, request)
         _check_model(st, name)
-        return _model_card(st)
+        card = _model_card(st)
+        return next((c for c in adapters.cards(st, card) if c["id"] == name), card) if st.ready else card
 
     @app.get("/slots")
     async def slots(request: Request):
@@ -293,7 +296,7 @@ def _model_card(st: ServerState) -> dict:
 
 # --- /v1/chat/completions --------------------------------------------------------------------------------------
 async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
-    _check_model(st, req.model)
+    served = adapters.resolve(st, req)
     prompts.check_capacity(st, req.n, "n")
     ids = await prompts.chat_ids(st, req)
     prompts.check_context(st, ids, "messages")
@@ -302,7 +305,7 @@ async def _chat(st: ServerState, request: Request, req: P.ChatRequest):
     t0 = time.perf_counter()
     handles = prompts.submit(st, ids, req, constraint, 0)
     choices = [Choice(i, h, st, req, tools_on) for i, h in enumerate(handles)]
-    meta = (P.new_id("chatcmpl"), P.now(), st.model_id)
+    meta = (P.new_id("chatcmpl"), P.now(), served)
     if req.stream:
         return _SSE(_chat_stream(st, req, ids, choices, meta, t0), lambda: cancel_all(choices))
     await _complete(st, request, [(ids, choices)], t0)
@@ -438,7 +441,7 @@ def _chat_deltas(c: Choice, text: str, req: P.ChatRequest) -> list[dict]:
 
 # --- /v1/completions -------------------------------------------------------------------------------------------
 async def _completions(st: ServerState, request: Request, req: P.CompletionRequest):
-    _check_model(st, req.model)
+    served = adapters.resolve(st, req)
     prompts.check_capacity(st, len(req.prompts) * req.n, "n" if len(req.prompts) == 1 else "prompt")
     prompt_ids = await prompts.completion_ids(st, req)
     t0 = time.perf_counter()
@@ -452,7 +455,7 @@ async def _completions(st: ServerState, request: Request, req: P.CompletionReque
         raise
     choices = [c for _, cs in groups for c in cs]
     echoes = [st.tokenizer.decode(ids) if req.echo else "" for ids, cs in groups for _ in cs]
-    meta = (P.new_id("cmpl"), P.now(), st.model_id)
+    meta = (P.new_id("cmpl"), P.now(), served)
     if req.stream:
         return _SSE(_completion_stream(st, req, groups, choices, echoes, meta, t0),
                     lambda: cancel_all(choices))

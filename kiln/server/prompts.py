@@ -148,7 +148,8 @@ def submit(st, ids: list[int], req: P.GenRequest, constraint, first_index: int) 
             handles.append(st.engine.submit(EngineRequest(
                 prompt=ids, params=_sampling(st, req, first_index + i), max_tokens=max_tokens,
                 stop_token_ids=eos, processor=constraint.processor() if constraint is not None else None,
-                top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos)))
+                top_logprobs=req.top_logprobs, ignore_eos=req.ignore_eos, adapter=req.adapter_key[0],
+                adapter_scale=req.adapter_key[1])))
     except BaseException as e:
         for h in handles:
             h.cancel()

@@ -164,6 +164,23 @@ def dict_of_strings(name, v) -> dict:
     return v
 
 
+def lora(name, v) -> list[tuple[int, float]]:
+    """llama-server's per-request adapters: [{"id": i, "scale": s}, ...] -> [(i, s)]."""
+    if not isinstance(v, list):
+        raise bad(name, f"invalid {name}: must be a list of {{'id': int, 'scale': number}} objects")
+    out = []
+    for i, e in enumerate(v):
+        obj(f"{name}[{i}]", e)
+        unknown = sorted(set(e) - {"id", "scale"})
+        if unknown:
+            raise unsupported(f"{name}[{i}].{unknown[0]}")
+        if "id" not in e:
+            raise bad(f"{name}[{i}].id", f"{name}[{i}] has no id")
+        out.append((integer(0)(f"{name}[{i}].id", e["id"]),
+                    number(-100, 100)(f"{name}[{i}].scale", e.get("scale", 1.0))))
+    return out
+
+
 _SAMPLING = {  # request field -> check; the names are SamplingParams' own
     "temperature": temperature,
     "top_p": number(0, 1, lo_open=True),
@@ -184,6 +201,8 @@ _COMMON = {
     "stream_options": stream_options,
     "user": string,  # an end-user id for the caller's own bookkeeping; kiln logs nothing per user
     "ignore_eos": boolean,  # llama-server / vLLM extension
+    "adapter": string,  # kiln: the name of a LoRA adapter the server loaded (--adapter NAME=PATH), or "base"
+    "lora": lora,  # llama-server: [{"id": i, "scale": s}] over the server's adapters in --adapter order
     **_SAMPLING,
 }
 
@@ -202,6 +221,9 @@ class GenRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    adapter: str | None = None  # the body's "adapter" (a name), if any
+    lora: list[tuple[int, float]] | None = None  # the body's "lora" (llama-server's), if any
+    adapter_key: tuple[int, float] = (0, 1.0)  # what the server resolved: (AdapterBank entry, scale)
 
 
 @dataclass
@@ -241,6 +263,7 @@ def _common(v: dict, req: GenRequest) -> None:
         raise bad("stream_options", "stream_options is only allowed with stream: true")
     req.include_usage = v.get("stream_options", False)
     req.ignore_eos = v.get("ignore_eos", False)
+    req.adapter, req.lora = v.get("adapter"), v.get("lora")
 
 
 # --- chat ---------------------------------------------------------------------------------------------------

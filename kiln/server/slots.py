@@ -36,6 +36,22 @@ def file_in(folder: str | None, body) -> tuple[str, Path]:
     return name, Path(folder) / name
 
 
+def _adapter_name(st, index: int) -> str | None:
+    """The name of AdapterBank entry `index` (None for the base), as a saved slot records it."""
+    return None if not index else st.model.adapter_bank.names[index - 1]
+
+
+def _adapter_index(st, name: str | None, file: str) -> int:
+    """The entry of the adapter a saved slot's keys were computed under, on this server; KilnError if not loaded."""
+    if name is None:
+        return 0
+    bank = getattr(st.model, "adapter_bank", None)
+    if bank is None or name not in bank.names:
+        raise KilnError(f"{file} was saved under the adapter {name!r}, which this server has not loaded "
+                        f"(--adapter {name}=PATH)")
+    return bank.names.index(name) + 1
+
+
 async def act(st, slot: str, action: str, body) -> dict:
     """One slot action for the server state `st` (its engine, model, tokenizer and save folder)."""
     from kiln import prompt_cache
@@ -44,29 +60,32 @@ async def act(st, slot: str, action: str, body) -> dict:
                          code="slot_not_found")
     index, t0 = int(slot), time.perf_counter()
     if action == "erase":
-        def run(cache, tokens):
-            n = len(tokens)
-            tokens.clear()
+        def run(cache, s):
+            n = len(s.tokens)
+            s.tokens.clear()
             return {"id_slot": index, "n_erased": n}
     elif action in ("save", "restore"):
         name, path = file_in(st.slot_save_path, body)
         if action == "save":
-            def run(cache, tokens):
+            def run(cache, s):
                 tmp = path.with_name(f".{name}.{os.getpid()}.part")
+                adapter = {"adapter": _adapter_name(st, s.adapter[0]), "adapter_scale": s.adapter[1]}
                 try:
-                    size = prompt_cache.save(tmp, st.model, st.tokenizer, cache, tokens)
+                    size = prompt_cache.save(tmp, st.model, st.tokenizer, cache, s.tokens, adapter)
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
-                return {"id_slot": index, "filename": name, "n_saved": len(tokens), "n_written": size}
+                return {"id_slot": index, "filename": name, "n_saved": len(s.tokens), "n_written": size}
         else:
-            def run(cache, tokens):
+            def run(cache, s):
                 header, parts = prompt_cache.load(path, st.model, st.tokenizer)
                 ids = [int(t) for t in header["tokens"]]
                 if len(ids) > st.engine.ctx_size:
                     raise KilnError(f"{name} holds {len(ids)} tokens; this server's slots hold {st.engine.ctx_size}")
+                adapter = _adapter_index(st, header.get("adapter"), name)
                 prompt_cache.restore(cache, header, parts, len(ids))
-                tokens[:] = ids
+                s.tokens[:] = ids
+                s.adapter = (adapter, float(header.get("adapter_scale", 1.0))) if adapter else (0, 1.0)
                 return {"id_slot": index, "filename": name, "n_restored": len(ids), "n_read": path.stat().st_size}
     else:
         raise P.APIError(400, f"unknown slot action {action!r}: save, restore or erase", param="action",
