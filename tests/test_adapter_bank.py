@@ -211,3 +211,46 @@ def test_server_picks_adapters_per_request(qwen_path, tmp_path):
             with pytest.raises(openai.APIStatusError) as e:
                 client.completions.create(model=model, prompt=prompt, max_tokens=1, extra_body=extra)
             assert e.value.status_code == status, (model, extra, e.value)
+
+
+def test_saved_slots_keep_their_adapter(qwen_path, tmp_path):
+    """A slot saved after a request under an adapter restores under it: the next request of that adapter reuses
+    the restored prefix, one of another adapter prefills anew (and answers as PEFT's base does); a server
+    without that adapter refuses the file."""
+    import httpx
+    import openai
+
+    from kiln.convert import _write_tokenizer
+    from kiln.formats.gguf import read_gguf
+    from kiln.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
+    cfg = dict(tm.CONFIGS["qwen2"], vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2)
+    hf, _ = tm._hf_model(cfg)
+    folder = tmp_path / "tiny"
+    hf.save_pretrained(folder)
+    _write_tokenizer(tok, folder)
+    folders = _save_adapters(cfg, hf, tmp_path)
+    pm = _peft(tm._hf_model(cfg)[0], folders)
+    prompt = torch.randint(0, 20000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = {name: tok.decode(_peft_greedy(pm, prompt, name, 4)) for name in ("__base__", "poet")}
+    (tmp_path / "slots").mkdir()
+    common = ["--parallel", "1", "--slot-save-path", str(tmp_path / "slots")]
+    with serving(folder, ["--adapter", f"poet={folders['poet']}", *common]) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120)
+        slot = lambda action, **body: httpx.post(f"{base_url.removesuffix('/v1')}/slots/0",  # noqa: E731
+                                                 params={"action": action}, json=body or None, timeout=60)
+        ask = lambda model: client.completions.create(model=model, prompt=prompt, max_tokens=4,  # noqa: E731
+                                                      temperature=0, extra_body={"ignore_eos": True})
+        assert ask("tiny:poet").choices[0].text == want["poet"]
+        assert slot("save", filename="poet.bin").status_code == 200
+        assert slot("erase").status_code == 200
+        assert slot("restore", filename="poet.bin").status_code == 200
+        r = ask("tiny:base")  # the restored keys are poet's: not this request's prefix
+        assert r.choices[0].text == want["__base__"] and r.usage.prompt_tokens_details.cached_tokens == 0
+        assert slot("restore", filename="poet.bin").status_code == 200
+        r = ask("tiny:poet")
+        assert r.choices[0].text == want["poet"] and r.usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+    with serving(folder, common) as base_url:
+        r = httpx.post(f"{base_url.removesuffix('/v1')}/slots/0", params={"action": "restore"},
+                       json={"filename": "poet.bin"}, timeout=60)
+        assert r.status_code == 400 and "adapter 'poet'" in r.text
