@@ -70,9 +70,10 @@ print(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).gr
 
 
 def test_compact_cpu_load_peak_rss_near_file_size():
-    """The compact CPU load keeps quantized weights compact (no float32 copy) and drops the file's pages of
-    each repacked tensor: the 1.5B Q4_K_M's peak RSS, torch and the tokenizer included, measured 1.79x the
-    file (the float32 load: 7.6x). Issue 12 asks for 1.5x; the gap is open (the report says where)."""
+    """The compact CPU load keeps quantized weights compact (no float32 copy), drops the file's pages of each
+    repacked tensor, joins q/k/v and gate/up without holding the parts to the end, and keeps glibc's heap
+    from fragmenting under the repack's temporaries: the 1.5B Q4_K_M's peak RSS, torch and the tokenizer
+    included, measured 1.40x the file (1.79x before the last two; the float32 load: 7.6x). Issue 12: < 1.5x."""
     import os
     import subprocess
     import sys
@@ -84,4 +85,4 @@ def test_compact_cpu_load_peak_rss_near_file_size():
     assert r.returncode == 0, r.stderr[-2000:]
     peak, size = int(r.stdout.split()[-1]), os.path.getsize(path)
     print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file ({size / 2**30:.2f} GiB)")
-    assert peak < 2.0 * size, peak / size
+    assert peak < 1.5 * size, peak / size

@@ -197,8 +197,10 @@ def _cat_linear(layers: list[nn.Linear]) -> nn.Linear:
 def join_projections(model: nn.Module) -> nn.Module:
     """In place: every module with q_proj/k_proj/v_proj gets `qkv`, every one with gate_proj/up_proj gets
     `gate_up` (a Joined) where some of them join; the separate layers are dropped so the weights are held
-    once."""
-    for mod in list(model.modules()):
+    once (the walk lists only the modules holding parts: a list of every module would keep each dropped layer
+    alive to the end, every joined weight held twice at the peak)."""
+    holders = [mod for mod in model.modules() if any(hasattr(mod, parts[0]) for parts in JOINS.values())]
+    for mod in holders:
         for name, parts in JOINS.items():
             layers = [getattr(mod, p, None) for p in parts]
             if not all(isinstance(layer, nn.Module) for layer in layers):
