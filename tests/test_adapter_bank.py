@@ -164,24 +164,31 @@ def serving(folder, args: list[str], alias: str = "tiny"):
         proc.wait(timeout=30)
 
 
-def test_server_picks_adapters_per_request(qwen_path, tmp_path):
-    """kiln serve --adapter sql=... --adapter poet=...: concurrent completions of the official client under each
-    choice (model id ID:NAME or the adapter's name, the body's adapter, llama-server's lora; none: the first
-    adapter) are PEFT's greedy tokens; /v1/models lists the adapters; unknown names and conflicting choices
-    are clear errors."""
-    import openai
-
+@pytest.fixture(scope="module")
+def tiny_served(qwen_path, tmp_path_factory):
+    """A tiny random qwen2 HF folder with the real Qwen tokenizer, its two adapters and PEFT over them:
+    (tokenizer, folder, {name: adapter folder}, PeftModel)."""
     from kiln.convert import _write_tokenizer
     from kiln.formats.gguf import read_gguf
     from kiln.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
     cfg = dict(tm.CONFIGS["qwen2"], vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2)
     hf, _ = tm._hf_model(cfg)
-    folder = tmp_path / "tiny"
-    hf.save_pretrained(folder)
-    _write_tokenizer(tok, folder)
-    folders = _save_adapters(cfg, hf, tmp_path)
-    pm = _peft(tm._hf_model(cfg)[0], folders)
+    root = tmp_path_factory.mktemp("served")
+    hf.save_pretrained(root / "tiny")
+    _write_tokenizer(tok, root / "tiny")
+    folders = _save_adapters(cfg, hf, root)
+    return tok, root / "tiny", folders, _peft(tm._hf_model(cfg)[0], folders)
+
+
+def test_server_picks_adapters_per_request(tiny_served):
+    """kiln serve --adapter sql=... --adapter poet=...: concurrent completions of the official client under each
+    choice (model id ID:NAME or the adapter's name, the body's adapter, llama-server's lora; none: the first
+    adapter) are PEFT's greedy tokens; /v1/models lists the adapters; unknown names and conflicting choices
+    are clear errors."""
+    import openai
+
+    tok, folder, folders, pm = tiny_served
     prompt = torch.randint(0, 20000, (7,), generator=torch.Generator().manual_seed(2)).tolist()
     n = 5
     want = {name: tok.decode(_peft_greedy(pm, prompt, name, n)) for name in ("__base__", "sql", "poet")}
@@ -213,24 +220,14 @@ def test_server_picks_adapters_per_request(qwen_path, tmp_path):
             assert e.value.status_code == status, (model, extra, e.value)
 
 
-def test_saved_slots_keep_their_adapter(qwen_path, tmp_path):
+def test_saved_slots_keep_their_adapter(tiny_served, tmp_path):
     """A slot saved after a request under an adapter restores under it: the next request of that adapter reuses
     the restored prefix, one of another adapter prefills anew (and answers as PEFT's base does); a server
     without that adapter refuses the file."""
     import httpx
     import openai
 
-    from kiln.convert import _write_tokenizer
-    from kiln.formats.gguf import read_gguf
-    from kiln.tokenizer import Tokenizer
-    tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
-    cfg = dict(tm.CONFIGS["qwen2"], vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2)
-    hf, _ = tm._hf_model(cfg)
-    folder = tmp_path / "tiny"
-    hf.save_pretrained(folder)
-    _write_tokenizer(tok, folder)
-    folders = _save_adapters(cfg, hf, tmp_path)
-    pm = _peft(tm._hf_model(cfg)[0], folders)
+    tok, folder, folders, pm = tiny_served
     prompt = torch.randint(0, 20000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     want = {name: tok.decode(_peft_greedy(pm, prompt, name, 4)) for name in ("__base__", "poet")}
     (tmp_path / "slots").mkdir()
