@@ -44,6 +44,31 @@ def gemv_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
     return y
 
 
+def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gemv_i8g_ref's contract, in native.c: x (K,) float32, q (N, K) int8, scale (N, K / G) float16 (one per
+    G weights of a row), bias (N,) float32 or None -> (N,) float32."""
+    n, k = q.shape
+    group = k // scale.shape[1]
+    x, q, scale, bias = _c(x), _c(q), _c(scale), _c(bias)
+    y = torch.empty(n, dtype=torch.float32)
+    _lib().kiln_gemv_i8g(_ptr(q), _ptr(x), _ptr(scale), group, _ptr(bias), _ptr(y), n, k, torch.get_num_threads())
+    return y
+
+
+def gemv_i8g_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_i8g computes, in torch: x rounded to int8 per group of G as llama.cpp rounds a row of
+    activations for these weights (xs = max|x| / 127, xq = round(x / xs), ties to even), each group's dot
+    product exact, then y[n] = sum_g scale[n, g] * xs[g] * dot[n, g] (+ bias)."""
+    n, k = q.shape
+    group = k // scale.shape[1]
+    xg = x.float().view(-1, group)                                   # (K / G, G)
+    xs = xg.abs().amax(1) / 127
+    xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[:, None])
+    dots = (q.view(n, -1, group).double() * xq.double()).sum(-1)    # (N, K / G), exact integers
+    y = ((scale.float() * xs).double() * dots).sum(1).float()
+    return y if bias is None else y + bias
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              residual: torch.Tensor | None = None):
     """ops.rms_norm_ref's contract for one float32 row x (..., E): y, or (y, h) with a residual."""
@@ -105,6 +130,7 @@ def _lib():
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
+                  "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
                   "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
     for name, args in signatures.items():

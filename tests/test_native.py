@@ -1,7 +1,7 @@
 """kiln/native.py and native.c: each native CPU kernel against its torch twin, and decode steps of every
 architecture with the kernels on and off.
 
-The twins: `Int8Linear.dequantize() @ x` for the GEMV, `ops.rms_norm_ref` for the norm, and
+The twins: `Int8Linear.dequantize() @ x` for the GEMV, `native.gemv_i8g_ref` for its group-scaled form, `ops.rms_norm_ref` for the norm, and
 `ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
 """
 
@@ -36,6 +36,32 @@ def test_gemv_i8_is_the_dequantized_product(n, k, bias):
     try:
         torch.set_num_threads(1)  # each row is one thread's: the same bits on any thread count
         assert torch.equal(native.gemv_i8(x, q, scale, b), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n,k,group", [(64, 896, 32), (40, 4864, 32), (33, 512, 16), (7, 96, 32), (5, 48, 16),
+                                         (3, 64, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_i8g_is_its_twin(n, k, group, bias):
+    """Group-scaled int8 rows (GGUF's own codes) against native.gemv_i8g_ref: x rounded to int8 per group as
+    llama.cpp rounds it, exact integer dots. K a multiple of 64 takes the AVX-512 steps, the rest the scalar
+    loop; codes cover the full int8 range (-128 too) and one group of x is all zeros."""
+    g = torch.Generator().manual_seed(n * k + group)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half()
+    x = torch.randn(k, generator=g)
+    x[:group] = 0
+    b = torch.randn(n, generator=g) if bias else None
+    y = native.gemv_i8g(x, q, scale, b)
+    assert y.shape == (n,) and y.dtype == torch.float32
+    assert _rel(y, native.gemv_i8g_ref(x, q, scale, b)) < 1e-6  # the same integers, fp32 sums of them
+    exact = (q.double().view(n, -1, group) * scale.double()[:, :, None]).view(n, k) @ x.double()
+    assert _rel(y, exact + (0 if b is None else b.double())) < 2e-2  # x's 8-bit rounding, ~0.5% typical
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.gemv_i8g(x, q, scale, b), y)
     finally:
         torch.set_num_threads(threads)
 

@@ -21,6 +21,9 @@ from kiln import native
 from kiln.policy import DEFAULT, Policy
 
 
+PACK = 1024  # rows of a group-scaled int8 weight dequantized at a time for a many-row product
+
+
 def serves(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
     """Does a native kernel take x? One float32 row (a batch-1 decode step) that `_native` allows."""
     return x.numel() == x.shape[-1] and _native(x, policy)
@@ -39,13 +42,26 @@ def rms_norm(x, weight, eps: float, offset: float = 0.0, residual=None):
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 policy: Policy = DEFAULT) -> torch.Tensor:
-    """x (..., K) @ (q * scale).T (+ bias) -> (..., N) in x.dtype: q (N, K) int8 rows, scale (N,) bf16, bias
-    (N,) float32. One row that `serves` takes the native GEMV (x kept in fp32, about twice the speed of
-    torch's kernel at batch 1); anything else torch's `_weight_int8pack_mm` (it vectorizes bf16 only)."""
+    """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype: W = q (N, K) int8 rows times scale, (N,) bf16 (one per
+    row) or (N, K / G) float16 (one per G weights: a GGUF file's own codes), bias (N,) float32. One row that
+    `serves` takes a native GEMV: per-row scales keep x in fp32 (about twice the speed of torch's kernel at
+    batch 1), group scales round x to int8 per group as llama.cpp does and multiply in int8. Anything else
+    runs torch's `_weight_int8pack_mm` (it vectorizes bf16 only), or for group scales a matmul in x's dtype
+    over W dequantized PACK rows at a time (exact)."""
     n = q.shape[0]
+    grouped = scale.dim() == 2
     if serves(x, policy):
-        return native.gemv_i8(x.reshape(-1), q, scale, bias).view(*x.shape[:-1], n)
-    y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
+        gemv = native.gemv_i8g if grouped else native.gemv_i8
+        return gemv(x.reshape(-1), q, scale, bias).view(*x.shape[:-1], n)
+    if grouped:  # x's own dtype (float32: the CPU's sgemm, and the exact weights' full precision)
+        x2 = x.reshape(-1, q.shape[1])  # (M, K)
+        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+        for a in range(0, n, PACK):
+            w = (q[a:a + PACK].view(-1, scale.shape[1], q.shape[1] // scale.shape[1]).float()
+                 * scale[a:a + PACK, :, None].float()).view(-1, q.shape[1])  # (PACK, K)
+            y[:, a:a + PACK] = x2 @ w.to(x.dtype).t()
+    else:
+        y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], n)

@@ -4,9 +4,11 @@ Owns the CPU layer types and the swap that builds them from a GGUF model's weigh
 - `Int4Linear`: 4-bit codes in torch's CPU int4 layout with one bf16 (scale, zero) per 32 weights,
   `w = (q - 8) * scale + zero`, through `_weight_int4pack_mm_for_cpu`. Q4_0, Q4_1 and Q4_K map onto it
   exactly up to the bf16 rounding of scale and zero (their codes are copied, not re-quantized).
-- `Int8Linear`: int8 rows with one bf16 scale per row, through `_weight_int8pack_mm`; every other type
-  (Q5_0, Q6_K, Q8_0, …, plain floats). A second rounding, finer than the GGUF block grids it re-quantizes.
-  One float32 row (the batch-1 decode step) goes through the native GEMV instead, where built (the choice
+- `Int8Linear`: int8 codes with a scale per block or per row. Q8_0, Q5_0 and Q6_K keep the file's own
+  codes and block scales (f16, per 32 or 16 weights: exact, `from_gguf`); every other type (the rest of
+  the K-quants, plain floats, a Q4 tensor that int4 tiles do not fit) becomes int8 rows with one bf16
+  scale per row through `_weight_int8pack_mm`, a second rounding finer than the grids it re-quantizes.
+  One float32 row (the batch-1 decode step) goes through a native GEMV instead, where built (the choice
   is ops/cpu.int8_linear's, under the layer's policy).
 - `ScreenedHead`: the output head (the largest matrix: 151936 x 896 for Qwen2.5-0.5B). A 4-bit copy
   screens the whole vocabulary, then the `SCREEN_TOP` best candidates of each row are recomputed exactly
@@ -21,8 +23,9 @@ Not: GPU kernels (route.py and the files it routes to, linear.py), the GGUF bloc
 kquants.py), loading order, the native kernels and when they serve (kiln.ops.cpu).
 
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
-run ~10x slower) and the result comes back in the caller's dtype. The native GEMV keeps x in fp32 and
-streams the int8 rows about twice as fast as `_weight_int8pack_mm` at batch 1.
+run ~10x slower) and the result comes back in the caller's dtype; block-scaled int8 runs many rows as an
+fp32 matmul of its exact weight. The native GEMVs stream int8 about twice as fast as `_weight_int8pack_mm`
+at batch 1 (per-row scales: x in fp32; block scales: x rounded to int8 per block, as llama.cpp does).
 
 Shape alphabet: M rows of activations, N output features, K input features, G = K / 32 groups,
 U candidate rows, V vocabulary.
@@ -70,16 +73,44 @@ def _cat_bias(layers) -> torch.Tensor | None:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ W.T (+ bias) with W held as int8 rows and one bf16 scale per row."""
+    """y = x @ W.T (+ bias) with W held as int8 rows and one bf16 scale per row, or (`from_gguf`, the exact
+    codes of a Q8_0 / Q5_0 / Q6_K tensor) one f16 scale per block of 32 or 16 weights."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  policy: Policy = DEFAULT):
         super().__init__()
         self.register_buffer("q", q)                                  # (N, K) int8
-        self.register_buffer("scale", scale)                          # (N,) bf16
+        self.register_buffer("scale", scale)                          # (N,) bf16, or (N, K / G) float16
         self.register_buffer("bias", _bias(bias))
         self.out_features, self.in_features = q.shape
         self.policy = policy  # whether the native GEMV may serve (kiln.ops.cpu)
+
+    @classmethod
+    def from_gguf(cls, raw: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
+                  policy: Policy = DEFAULT) -> Int8Linear:
+        """raw (N, row_bytes) uint8 rows of a type in INT8_EXACT -> its codes and block scales as they are
+        (no second rounding: the per-row int8 grid of `from_dense` costs a Q5_0 model ~1% of top-1). The
+        scales are f16: Q8_0's and Q5_0's own; Q6_K's d * scale rounded once (2^-11 relative)."""
+        n, k = shape
+        block, type_size = gguf.GGML_QUANT_SIZES[_T(qtype)]
+        fn = INT8_EXACT[int(qtype)]
+        q, scale = torch.empty(n, k, dtype=torch.int8), None
+        for a in range(0, n, PACK_ROWS):
+            codes, s = fn(raw[a:a + PACK_ROWS].reshape(-1, type_size))  # (B, block) int8, (B, block / G) f32
+            rows = codes.shape[0] * block // k
+            q[a:a + rows] = codes.reshape(rows, k)
+            if scale is None:
+                scale = torch.empty(n, k * s.shape[1] // block, dtype=torch.float16)
+            scale[a:a + rows] = s.reshape(rows, -1)
+        return cls(q, scale, bias, policy)
+
+    @property
+    def group(self) -> int | None:
+        """Weights per scale (None: one per row)."""
+        return self.in_features // self.scale.shape[1] if self.scale.dim() == 2 else None
+
+    def joins(self, other: Int8Linear) -> bool:
+        return self.group == other.group
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -98,16 +129,38 @@ class Int8Linear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 2 * self.scale.numel()
+        return self.q.numel() + self.scale.element_size() * self.scale.numel()
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.group is not None:
+            n, k = self.q.shape
+            return (self.q.float().view(n, -1, self.group) * self.scale.float()[:, :, None]).view(n, k).to(dtype)
         return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops_cpu.int8_linear(x, self.q, self.scale, self.bias, self.policy)  # native GEMV or torch's
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, bf16 x"
+        per = "row" if self.group is None else f"{self.group} weights"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, a scale per {per}"
+
+
+# --- int8: GGUF blocks whose codes are int8 already -> (codes (B, block) int8, scales (B, block / G) float32) ---
+
+def _q8_0(b: torch.Tensor):
+    return b[:, 2:34].view(torch.int8), legacy.f16_at(b, 0)
+
+
+def _q5_0(b: torch.Tensor):
+    return legacy._five_bit(b[:, 2:6], b[:, 6:22]).view(torch.int8).sub_(16), legacy.f16_at(b, 0)
+
+
+def _q6_k(b: torch.Tensor):
+    q = kquants._nibbles(b[:, 0:128], 64).bitwise_or_(kquants._crumbs(b[:, 128:192], 2) << 4)
+    return q.view(torch.int8).sub_(32), legacy.f16_at(b, 208) * b[:, 192:208].view(torch.int8)  # (B, 16)
+
+
+INT8_EXACT = {int(_T.Q8_0): _q8_0, int(_T.Q5_0): _q5_0, int(_T.Q6_K): _q6_k}
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
@@ -326,6 +379,8 @@ def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
         return Int4Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias)
+    if qtype in INT8_EXACT and not getattr(w, "add", 0):
+        return Int8Linear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias, policy)
     return Int8Linear.from_dense(dense(w), bias, policy)
 
 
