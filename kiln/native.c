@@ -3,7 +3,7 @@
    Owns four kernels, each replacing a chain of small torch ops (or a slow packed matmul) at batch 1:
    - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x;
      kiln_gemv_i8g: one f16 scale per group of weights in a row (exact GGUF codes), x rounded to int8 per
-     group as llama.cpp rounds it, int8 dot products.
+     group as llama.cpp rounds it, int8 dot products, a few rows of x at once.
    - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
    - kiln_decode_attention: one token's attention at position `pos`: per-head q/k RMSNorm (optional),
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
@@ -14,7 +14,8 @@
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
 
    Everything is fp32 in and out, accumulated in fp32 (kiln_gemv_i8g's dot products in int32). The torch
-   twins they are tested against: Int8Linear.dequantize() @ x, native.gemv_i8g_ref, ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
+   twins they are tested against: Int8Linear.dequantize() @ x, native.gemv_i8g_ref,
+   ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
 
 #include <math.h>
 #include <stdint.h>
@@ -164,12 +165,15 @@ static float row_i8g_avx512(const int8_t *qr, const int8_t *xq, const uint16_t *
 }
 #endif
 
+
+/* x (M, K) -> y (M, N): each row of q is read from memory once for all M rows of x (it stays in L1). */
 void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64_t group, const float *bias,
-                   float *y, int64_t n_rows, int64_t k_len, int threads) {
+                   float *y, int64_t n_rows, int64_t k_len, int64_t m_rows, int threads) {
     const int64_t n_groups = k_len / group;
-    int8_t *xq = malloc(k_len);
-    float *xs = malloc(n_groups * sizeof(float));
-    kiln_quantize_x(x, k_len, group, xq, xs);
+    int8_t *xq = malloc(m_rows * k_len);
+    float *xs = malloc(m_rows * n_groups * sizeof(float));
+    for (int64_t m = 0; m < m_rows; m++)
+        kiln_quantize_x(x + m * k_len, k_len, group, xq + m * k_len, xs + m * n_groups);
 #ifdef KILN_AVX512
     const int wide = (group == 16 || group == 32) && k_len % 64 == 0;
 #endif
@@ -177,21 +181,25 @@ void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64
     for (int64_t n = 0; n < n_rows; n++) {
         const int8_t *qr = q + n * k_len;
         const uint16_t *sr = scale + n * n_groups;
-        float v = 0.f;
+        for (int64_t m = 0; m < m_rows; m++) {
+            const int8_t *xqm = xq + m * k_len;
+            const float *xsm = xs + m * n_groups;
+            float v = 0.f;
 #ifdef KILN_AVX512
-        if (wide)
-            v = row_i8g_avx512(qr, xq, sr, xs, n_groups, group);
-        else
+            if (wide)
+                v = row_i8g_avx512(qr, xqm, sr, xsm, n_groups, group);
+            else
 #endif
-        for (int64_t g = 0; g < n_groups; g++) {
-            int32_t s = 0;
-            const int8_t *qg = qr + g * group, *xg = xq + g * group;
-            #pragma omp simd reduction(+:s)
-            for (int64_t j = 0; j < group; j++)
-                s += (int32_t)qg[j] * xg[j];
-            v += f16_to_f32(sr[g]) * xs[g] * (float)s;
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t t = 0;
+                const int8_t *qg = qr + g * group, *xg = xqm + g * group;
+                #pragma omp simd reduction(+:t)
+                for (int64_t j = 0; j < group; j++)
+                    t += (int32_t)qg[j] * xg[j];
+                v += f16_to_f32(sr[g]) * xsm[g] * (float)t;
+            }
+            y[m * n_rows + n] = bias ? v + bias[n] : v;
         }
-        y[n] = bias ? v + bias[n] : v;
     }
     free(xq);
     free(xs);

@@ -45,27 +45,37 @@ def gemv_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
 
 
 def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """gemv_i8g_ref's contract, in native.c: x (K,) float32, q (N, K) int8, scale (N, K / G) float16 (one per
-    G weights of a row), bias (N,) float32 or None -> (N,) float32."""
+    """gemv_i8g_ref's contract, in native.c: x (K,) or (M, K) float32 (a few rows: q is read once for all),
+    q (N, K) int8, scale (N, K / G) float16 (one per G weights of a row), bias (N,) float32 or None -> (N,)
+    or (M, N) float32."""
     n, k = q.shape
     group = k // scale.shape[1]
-    x, q, scale, bias = _c(x), _c(q), _c(scale), _c(bias)
-    y = torch.empty(n, dtype=torch.float32)
-    _lib().kiln_gemv_i8g(_ptr(q), _ptr(x), _ptr(scale), group, _ptr(bias), _ptr(y), n, k, torch.get_num_threads())
-    return y
+    x2 = _c(x.reshape(-1, k))
+    q, scale, bias = _c(q), _c(scale), _c(bias)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _lib().kiln_gemv_i8g(_ptr(q), _ptr(x2), _ptr(scale), group, _ptr(bias), _ptr(y), n, k, x2.shape[0],
+                         torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def _round_x(x: torch.Tensor, group: int):
+    """x (..., K) rounded to int8 per group of G as llama.cpp rounds activations for its integer dot products:
+    (xq (..., K / G, G) float64 holding integers, xs (..., K / G) float32) with xs = max|x| / 127 and
+    xq = round(x / xs), ties to even."""
+    xg = x.float().reshape(*x.shape[:-1], -1, group)
+    xs = xg.abs().amax(-1) / 127
+    xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[..., None])
+    return xq.double(), xs
 
 
 def gemv_i8g_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product gemv_i8g computes, in torch: x rounded to int8 per group of G as llama.cpp rounds a row of
-    activations for these weights (xs = max|x| / 127, xq = round(x / xs), ties to even), each group's dot
-    product exact, then y[n] = sum_g scale[n, g] * xs[g] * dot[n, g] (+ bias)."""
+    """The product gemv_i8g computes, in torch: x rounded by _round_x, each group's dot product exact, then
+    y[n] = sum_g scale[n, g] * xs[g] * dot[n, g] (+ bias)."""
     n, k = q.shape
     group = k // scale.shape[1]
-    xg = x.float().view(-1, group)                                   # (K / G, G)
-    xs = xg.abs().amax(1) / 127
-    xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[:, None])
-    dots = (q.view(n, -1, group).double() * xq.double()).sum(-1)    # (N, K / G), exact integers
-    y = ((scale.float() * xs).double() * dots).sum(1).float()
+    xq, xs = _round_x(x, group)                                      # (..., G', group), (..., G')
+    dots = torch.einsum("...gj,ngj->...ng", xq, q.view(n, -1, group).double())  # exact integers
+    y = ((scale.float() * xs[..., None, :]).double() * dots).sum(-1).float()
     return y if bias is None else y + bias
 
 
@@ -130,7 +140,7 @@ def _lib():
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
-                  "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 2 + [ctypes.c_int],
+                  "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 3 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
                   "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
     for name, args in signatures.items():

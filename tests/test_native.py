@@ -56,8 +56,11 @@ def test_gemv_i8g_is_its_twin(n, k, group, bias):
     y = native.gemv_i8g(x, q, scale, b)
     assert y.shape == (n,) and y.dtype == torch.float32
     assert _rel(y, native.gemv_i8g_ref(x, q, scale, b)) < 1e-6  # the same integers, fp32 sums of them
-    exact = (q.double().view(n, -1, group) * scale.double()[:, :, None]).view(n, k) @ x.double()
-    assert _rel(y, exact + (0 if b is None else b.double())) < 2e-2  # x's 8-bit rounding, ~0.5% typical
+    w = (q.double().view(n, -1, group) * scale.double()[:, :, None]).view(n, k)
+    assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 2e-2  # x's 8-bit rounding, ~0.5%
+    xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
+    ys = native.gemv_i8g(xs, q, scale, b)
+    assert ys.shape == (3, n) and torch.equal(ys[0], y) and _rel(ys, native.gemv_i8g_ref(xs, q, scale, b)) < 1e-6
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
