@@ -35,8 +35,9 @@ def _model_args(p: argparse.ArgumentParser):
 
 def _quantized_arg(p: argparse.ArgumentParser):
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep the weights compact (auto: on): on GPUs the GGUF blocks; on CPU int4 / int8 rows "
-                        "(kiln/quant/cpu.py); 'off' on CPU is the exact float32 copy (about 4x a Q4 file)")
+                   help="keep the weights compact (auto: on GPUs, off on CPU): on GPUs the GGUF blocks; on CPU "
+                        "int4 / int8 rows (kiln/quant/cpu.py); 'off' on CPU is the exact float32 copy (about 4x "
+                        "a Q4 file)")
 
 
 def ngl(text: str):

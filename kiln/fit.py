@@ -10,7 +10,8 @@ Not: building or placing the model (split.py, load.py), the KV cache itself (cac
 
 Byte rules (they mirror what load builds; tests/test_fit.py checks them against a loaded model):
 CPU, compact: Q4_0 / Q4_1 / Q4_K linear weights in whole 64-row tiles → int4 (K/2 + K/8 bytes per row),
-other linear weights → int8 rows (K + 2), a quantized output head → its int4 screen plus the file's rows
+Q8_0 / Q5_0 / Q6_K → their int8 codes and an f16 scale per 32 / 16 (K + K/16 or K/8), other linear weights →
+int8 rows (K + 2), a quantized output head → its int4 screen plus the file's rows
 (memory-mapped), a quantized embedding → the file's rows; everything else float32. CPU, float: float32.
 GPU: quantized weights keep their GGUF blocks, everything else bfloat16. The KV cache: 2 · kv_heads ·
 head_dim · ctx_size elements per block (a sliding-window block: window + 1 positions where that is fewer,
@@ -84,7 +85,7 @@ def _int4(n: int, k: int) -> int:
 
 
 def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
-    from kiln.quant.cpu import INT4_EXACT, SCREEN_MIN_ROWS
+    from kiln.quant.cpu import INT4_EXACT, INT8_GROUP, SCREEN_MIN_ROWS
     from kiln.quant.swap import quantized
     n, k = (int(s) for s in w.shape)
     if not compact:
@@ -94,6 +95,8 @@ def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
         return _int4(n, k) + (0 if shared else _raw(w))
     if q in INT4_EXACT and n % 64 == 0 and not getattr(w, "add", 0):
         return _int4(n, k)
+    if q in INT8_GROUP and not getattr(w, "add", 0):
+        return n * k + 2 * n * k // INT8_GROUP[q]  # the file's int8 codes, an f16 scale per block
     return n * k + 2 * n
 
 

@@ -40,10 +40,11 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
 
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
-    there); on CPU each tensor is repacked at load into torch's packed CPU matmuls with bf16 activations
-    (quant/cpu.py: Q4 types as exact int4, others as int8 rows, a screened output head, the embedding
-    left in its blocks; several times faster decode, near-lossless, opt-in: its top-1 agreement with llama.cpp on
-    the real 0.5B is below llama.cpp's own spread). The default on CPU is exact fp32.
+    there); on CPU each tensor is repacked at load (quant/cpu.py: Q4 types as int4, Q8_0 / Q5_0 / Q6_K as
+    their own int8 codes, others as int8 rows, a screened output head, the embedding left in its blocks:
+    about a third of the memory, faster decode, top-1 agreement with llama.cpp within its own spread).
+    The default on CPU is still exact fp32: the compact decode step rounds x to 8 bits as llama.cpp does,
+    so a prompt's log-probs move by up to ~0.07 with how its rows are batched.
     `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     `n_gpu_layers` (None / "auto": as many as fit.plan finds room for at `ctx_size`; "all"; an int N): the last
     N blocks and the output head on the GPU, the embedding and the other blocks on the CPU (kiln/split.py);

@@ -161,6 +161,7 @@ def _q6_k(b: torch.Tensor):
 
 
 INT8_EXACT = {int(_T.Q8_0): _q8_0, int(_T.Q5_0): _q5_0, int(_T.Q6_K): _q6_k}
+INT8_GROUP = {int(_T.Q8_0): 32, int(_T.Q5_0): 32, int(_T.Q6_K): 16}  # weights per f16 scale
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
