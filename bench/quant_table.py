@@ -32,12 +32,11 @@ KILN_SEARCH = ["q4_k_m", "q6_k", "iq4_xs", "q3_k_s", "q5_k_m", "iq4_nl", "q4_k_s
 
 
 def plan() -> list[tuple[str, str, bool]]:
-    """llama.cpp's plain rows first (a minute or two each), kiln's cheap rows, the issue's two imatrix types
-    (q3_k_s, iq4_xs) for both quantizers, kiln's searches, then the rest."""
+    """llama.cpp's plain rows (a minute or three each), kiln's cheap rows, llama.cpp's imatrix rows, kiln's
+    imatrix rows of the issue's two types (q3_k_s, iq4_xs), then kiln's searches."""
     jobs = [("llama", t, False) for t in TYPES] + [("kiln", t, False) for t in KILN_CHEAP]
-    jobs += [(q, t, True) for t in ("q3_k_s", "iq4_xs") for q in ("llama", "kiln")]
-    jobs += [("kiln", t, False) for t in KILN_SEARCH]
-    jobs += [(q, t, True) for t in TYPES for q in ("llama", "kiln")]
+    jobs += [("llama", t, True) for t in TYPES] + [("kiln", t, True) for t in ("q3_k_s", "iq4_xs")]
+    jobs += [("kiln", t, False) for t in KILN_SEARCH] + [("kiln", t, True) for t in KILN_CHEAP + KILN_SEARCH]
     return list(dict.fromkeys(jobs))
 
 
@@ -123,24 +122,35 @@ def measure(a, job, rows: list[dict], log) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per type, llama.cpp's and kiln's BPW / mean KL / same top-1 / PPL, +/- imatrix."""
+    """Markdown: one line per (type, imatrix): BPW, then llama.cpp's and kiln's mean KL, same top-1 and PPL,
+    and how many of kiln's tensors equal llama.cpp's; a side not in `rows` says so."""
     by = {r["key"]: r for r in rows}
 
-    def cell(q, t, im):
-        r = by.get(key(q, t, im))
-        if r is None:
-            return "not measured yet"
-        return f"{r['bpw']:.3f} / {r['mean_kl']:.5f} / {100 * r['same_top1']:.1f} % / {r['ppl']:.3f}"
+    def pair(t, im, fmt):
+        cells = []
+        for q in ("llama", "kiln"):
+            r = by.get(key(q, t, im))
+            cells.append(fmt(r) if r else "not measured yet")
+        return cells
+
+    def bpw(t, im):
+        v = sorted({f"{r['bpw']:.3f}" for q in ("llama", "kiln") if (r := by.get(key(q, t, im)))})
+        return " / ".join(v) or "not measured yet"
 
     def same(t, im):
-        r = by.get(key("kiln", t, im)) or {}
-        v = r.get("vs_other")
+        v = (by.get(key("kiln", t, im)) or by.get(key("llama", t, im)) or {}).get("vs_other")
         return f"{v['identical_tensors']}/{v['tensors']}" if v else "-"
 
-    head = ("| type | llama.cpp | kiln | kiln = llama.cpp tensors | llama.cpp + imatrix | kiln + imatrix | "
-            "kiln = llama.cpp tensors (imatrix) |\n|---|---|---|---|---|---|---|\n")
-    return head + "".join(f"| {t} | {cell('llama', t, False)} | {cell('kiln', t, False)} | {same(t, False)} | "
-                          f"{cell('llama', t, True)} | {cell('kiln', t, True)} | {same(t, True)} |\n" for t in TYPES)
+    out = ["| --type | imatrix | BPW | mean KL llama.cpp | mean KL kiln | same top-1 llama.cpp | same top-1 kiln "
+           "| PPL llama.cpp | PPL kiln | kiln's tensors = llama.cpp's |", "|" + " --- |" * 10]
+    for im in (False, True):
+        for t in TYPES:
+            kl = pair(t, im, lambda r: f"{r['mean_kl']:.5f} ± {r['mean_kl_error']:.5f}")
+            top = pair(t, im, lambda r: f"{100 * r['same_top1']:.1f}%")
+            ppl = pair(t, im, lambda r: f"{r['ppl']:.3f}")
+            out.append(f"| {t} | {'yes' if im else 'no'} | {bpw(t, im)} | {' | '.join(kl)} | {' | '.join(top)} "
+                       f"| {' | '.join(ppl)} | {same(t, im)} |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> int:
