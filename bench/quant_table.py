@@ -32,11 +32,13 @@ KILN_SEARCH = ["q4_k_m", "q6_k", "iq4_xs", "q3_k_s", "q5_k_m", "iq4_nl", "q4_k_s
 
 
 def plan() -> list[tuple[str, str, bool]]:
-    """llama.cpp's plain rows (a minute or three each), kiln's cheap rows, llama.cpp's imatrix rows, kiln's
-    imatrix rows of the issue's two types (q3_k_s, iq4_xs), then kiln's searches."""
+    """llama.cpp's plain rows (a minute or three each), kiln's cheap rows, llama.cpp's imatrix rows with kiln's
+    beside them for the issue's two imatrix types (q3_k_s, iq4_xs) early, then kiln's searches."""
     jobs = [("llama", t, False) for t in TYPES] + [("kiln", t, False) for t in KILN_CHEAP]
-    jobs += [("llama", t, True) for t in TYPES] + [("kiln", t, True) for t in ("q3_k_s", "iq4_xs")]
-    jobs += [("kiln", t, False) for t in KILN_SEARCH] + [("kiln", t, True) for t in KILN_CHEAP + KILN_SEARCH]
+    jobs += [("llama", t, True) for t in TYPES[:6]]
+    jobs += [(q, t, True) for t in ("q3_k_s", "iq4_xs") for q in ("llama", "kiln")]
+    jobs += [("llama", t, True) for t in TYPES] + [("kiln", t, False) for t in KILN_SEARCH]
+    jobs += [("kiln", t, True) for t in KILN_CHEAP + KILN_SEARCH]
     return list(dict.fromkeys(jobs))
 
 
