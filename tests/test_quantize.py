@@ -82,3 +82,12 @@ def test_bad_input_is_a_kiln_error():
         quantize(torch.zeros(3, 256), T.IQ2_XXS)
     with pytest.raises(KilnError, match="importance matrix"):
         quantize(torch.zeros(3, 256), T.Q4_K, torch.ones(128))
+
+
+def test_best_index_iq4_lookup_equals_search():
+    """The table lookup of best_index_iq4 against its binary-search twin, at and beside every midpoint."""
+    from kiln.quant.qmath import best_index_iq4, best_index_iq4_ref
+    v = torch.cat([torch.randn(1 << 16) * 100, torch.arange(-300, 300, 0.25),
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e30, -1e30])])
+    v = torch.cat([v, torch.nextafter(v, torch.tensor(float("inf"))), torch.nextafter(v, torch.tensor(-float("inf")))])
+    assert torch.equal(best_index_iq4(v), best_index_iq4_ref(v))

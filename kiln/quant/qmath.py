@@ -89,38 +89,61 @@ def sqrt32(t: torch.Tensor) -> torch.Tensor:
 
 def seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in index order, one rounding per add, as a C loop sums: (..., 1)."""
-    cols = t.movedim(-1, 0).contiguous()                    # one contiguous slab per position
-    acc = cols[0].clone()
-    for i in range(1, cols.shape[0]):
-        acc += cols[i]
-    return acc.unsqueeze(-1)
+    return colsum(t.movedim(-1, 0).contiguous()).squeeze(0).unsqueeze(-1)
 
 
-def _weighted_error(w, d, mad: bool):
-    return seqsum(w * (d.abs() if mad else d * d))
+def colsum(t: torch.Tensor) -> torch.Tensor:
+    """seqsum of a group stored as a column: t (n, G) -> (1, G), rows added in order."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc += t[i]
+    return acc.unsqueeze(0)
+
+
+def _cols(t: torch.Tensor) -> torch.Tensor:
+    """(G, n) -> (n, G) contiguous: the searches below keep each group in a column, so that a sum over a
+    group is n contiguous vector adds instead of a transposed copy per sum."""
+    return t.t().contiguous()
+
+
+def _nearest_clamped(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """nearest_int(f).clamp(lo, hi), with in-place steps on one temporary."""
+    n = (f + _MAGIC).view(torch.int32)
+    return n.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(lo, hi)
+
+
+def _weighted_error_cols(w, scale, lf, mn, x, mad: bool):
+    """seqsum(w * |d| or d * d) for d = scale * lf + mn - x, groups in columns, one temporary."""
+    d = torch.mul(scale, lf).add_(mn).sub_(x)
+    d = d.abs_() if mad else d.mul_(d)
+    return colsum(d.mul_(w))
 
 
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                      nstep: int, mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants (and make_qkx3_quants with weights) on every row of x (G, n):
     (scale (G,1), -min (G,1), L (G,n) int32)."""
-    mn = x.amin(-1, keepdim=True).clamp(max=0)
-    mx = x.amax(-1, keepdim=True)
-    sum_w = seqsum(w)
-    sum_x = seqsum(w * x)
+    x, w = _cols(x), _cols(w)                                 # (n, G)
+    mn = x.amin(0, keepdim=True).clamp(max=0)
+    mx = x.amax(0, keepdim=True)
+    sum_w = colsum(w)
+    sum_x = colsum(w * x)
     flat = mx == mn
     rng = torch.where(flat, torch.ones_like(mx), mx - mn)
     iscale = rdiv(nmax, rng)
     scale = 1 / iscale
-    L = nearest_int(iscale * (x - mn)).clamp(0, nmax)
-    best = _weighted_error(w, scale * L.to(F32) + mn - x, mad)
+    L = _nearest_clamped(iscale * (x - mn), 0, nmax)
+    best = _weighted_error_cols(w, scale, L.to(F32), mn, x, mad)
+    wl = torch.empty_like(x)
     for step in range(nstep + 1):
         # min is the best fit so far: the range moves with it, as in llama.cpp
         iscale = (f32(rmin) + f32(rdelta) * step + nmax) / torch.where(flat, rng, mx - mn)
-        la = nearest_int(iscale * (x - mn)).clamp(0, nmax)
+        la = _nearest_clamped(torch.sub(x, mn).mul_(iscale), 0, nmax)
         lf = la.to(F32)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
+        torch.mul(w, lf, out=wl)
+        sum_l = colsum(wl)
+        sum_l2 = colsum(torch.mul(wl, lf))
+        sum_xl = colsum(wl.mul_(x))
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = safe(D, ok)
@@ -129,7 +152,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         pos = this_min > 0
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        err = _weighted_error(w, this_scale * lf + this_min - x, mad)
+        err = _weighted_error_cols(w, this_scale, lf, this_min, x, mad)
         better = ok & (err < best)
         L = torch.where(better, la, L)
         best = torch.where(better, err, best)
@@ -137,22 +160,25 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         mn = torch.where(better, this_min, mn)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -mn, L
+    return scale.reshape(-1, 1), (-mn).reshape(-1, 1), L.t().contiguous()
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(rmse_type=1) on every row of x (G, n), weights w or x*x: (scale (G,1), L (G,n) int32)."""
-    mx = absmax_signed(x)
+    mx = absmax_signed(x).reshape(1, -1)
+    x = _cols(x)                                              # (n, G)
     zero = mx.abs() < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x if w is None else w
+    w = x * x if w is None else _cols(w)
     wx = w * x
+    wl = torch.empty_like(x)
 
     def attempt(iscale):
-        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        l = _nearest_clamped(iscale * x, -nmax, nmax - 1)
         lf = l.to(F32)
-        return l, seqsum(wx * lf), seqsum(w * lf * lf)
+        sumlx = colsum(torch.mul(wx, lf, out=wl))
+        return l, sumlx, colsum(torch.mul(w, lf, out=wl).mul_(lf))
 
     l, sumlx, suml2 = attempt(rdiv(-nmax, mxs))
     L = l + nmax
@@ -165,7 +191,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None
         L = torch.where(better, l + nmax, L)
         scale = torch.where(better, new_scale, scale)
         best = torch.where(better, new_scale * sumlx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, torch.zeros_like(L), L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale).reshape(-1, 1)
+    return scale, torch.where(zero, torch.zeros_like(L), L).t().contiguous()
 
 
 def _descend(x, w, L, sumlx, suml2, lo: int, hi: int, need_sl2: bool):
@@ -241,6 +268,20 @@ def best_index_iq4(v: torch.Tensor) -> torch.Tensor:
 
     That is the number of midpoints between neighbours at or below v: near a midpoint both of the C
     code's differences (v - lower, upper - v) are exact in float32 (they lie in the binade of v or below),
-    so its float comparison is the exact one, which the (exact, half-integer) midpoints make."""
+    so its float comparison is the exact one, which the (exact, half-integer) midpoints make. Twice each
+    midpoint is an integer, so that count is a table lookup at floor(2v) (`best_index_iq4_ref`: the search)."""
+    k = torch.nan_to_num(v * 2, nan=512.0).floor_().clamp_(-256, 255).to(torch.int64).add_(256)
+    return _iq4_counts(v.device)[k]
+
+
+def _iq4_counts(device) -> torch.Tensor:
+    """(512,) int64: entry k + 256 = the number of IQ4_NL midpoints m with 2m <= k."""
+    vals = torch.tensor(IQ4NL_VALUES, dtype=F32)
+    twice = vals[:-1] + vals[1:]                                     # 2 * midpoints, exact integers
+    return (twice[None, :] <= torch.arange(-256, 256, dtype=F32)[:, None]).sum(-1).to(device)
+
+
+def best_index_iq4_ref(v: torch.Tensor) -> torch.Tensor:
+    """best_index_iq4 as a binary search over the midpoints (its slow twin)."""
     vals = torch.tensor(IQ4NL_VALUES, dtype=F32, device=v.device)
     return torch.searchsorted((vals[:-1] + vals[1:]) / 2, v.contiguous(), right=True)

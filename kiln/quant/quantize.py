@@ -135,8 +135,9 @@ IMATRIX_TYPES = frozenset({_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.IQ4_N
 # the legacy types' *_impl weigh by the whole row's mean square, so they get their weights made per row here
 _ROW_SIGMA = frozenset({_T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1})
 
-# Super-blocks per step: bounds the temporaries of the K-quant searches (tens of float32 copies each).
-_CHUNK_BLOCKS = 1 << 14
+# Weights per step (whole blocks): bounds the temporaries of the scale searches (tens of float32 copies
+# each); counted in weights, not blocks, so that 32-weight and 256-weight types take steps of one size.
+_CHUNK_WEIGHTS = 1 << 18
 
 
 def _check(x: torch.Tensor, qtype, imatrix) -> int:
@@ -175,8 +176,9 @@ def quantize(x: torch.Tensor, qtype: int, imatrix: torch.Tensor | None = None) -
             qw = qw * sqrt32(div(seqsum(x * x), n) + x * x)
         qw = qw.reshape(-1, block)
     out = torch.empty(blocks.shape[0], size, dtype=torch.uint8, device=x.device)
-    for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        part = blocks[s:s + _CHUNK_BLOCKS]
-        out[s:s + _CHUNK_BLOCKS] = (_QUANTIZERS[qtype](part) if qw is None
-                                    else _QUANTIZERS[qtype](part, qw[s:s + _CHUNK_BLOCKS]))
+    step = max(1, _CHUNK_WEIGHTS // block)
+    for s in range(0, blocks.shape[0], step):
+        part = blocks[s:s + step]
+        out[s:s + step] = (_QUANTIZERS[qtype](part) if qw is None
+                           else _QUANTIZERS[qtype](part, qw[s:s + step]))
     return out.reshape(rows, n // block * size)

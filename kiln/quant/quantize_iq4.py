@@ -9,7 +9,7 @@ Not: the grid lookup and shared arithmetic (qmath.py), reading blocks (iquants.p
 
 import torch
 
-from kiln.quant.qmath import (F32, GROUP_MAX_EPS, IQ4NL_VALUES, absmax_signed, best_index_iq4, f16_bytes,
+from kiln.quant.qmath import (F32, GROUP_MAX_EPS, IQ4NL_VALUES, absmax_signed, best_index_iq4, colsum, f16_bytes,
                               nearest_int, pack_nibbles, rdiv, safe, seqsum, sqrt32)
 
 _NTRY = 7
@@ -24,16 +24,18 @@ def _weights(x: torch.Tensor, qw, group: int) -> torch.Tensor:
 
 
 def _block_scales(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The scale of each run xb (G, 32) that best fits the grid (weighted least squares over 15 tries): (G, 1)."""
+    """The scale of each run xb (G, 32) that best fits the grid (weighted least squares over 15 tries): (G, 1).
+    The runs are searched as columns (32, G), so that each sum over a run is 32 contiguous vector adds."""
     vals = torch.tensor(IQ4NL_VALUES, dtype=F32, device=xb.device)
-    mx = absmax_signed(xb)
+    mx = absmax_signed(xb).reshape(1, -1)
+    xb, w = xb.t().contiguous(), w.t().contiguous()
     zero = mx.abs() < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
 
     def fit(inv):
         q = vals[best_index_iq4(inv * xb)]
         wq = w * q
-        return seqsum(wq * xb), seqsum(wq * q)
+        return colsum(torch.mul(wq, xb)), colsum(wq.mul_(q))
 
     sumqx, sumq2 = fit(rdiv(1, torch.div(-mxs, vals[0])))
     d = torch.where(sumq2 > 0, sumqx / safe(sumq2, sumq2 > 0), torch.zeros_like(sumq2))
@@ -44,7 +46,7 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         dn = sumqx / safe(sumq2, sumq2 > 0)
         d = torch.where(better, dn, d)
         best = torch.where(better, dn * sumqx, best)
-    return torch.where(zero, torch.zeros_like(d), d)
+    return torch.where(zero, torch.zeros_like(d), d).reshape(-1, 1)
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
