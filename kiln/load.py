@@ -43,8 +43,8 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     there); on CPU each tensor is repacked at load (quant/cpu.py: Q4 types as int4, Q8_0 / Q5_0 / Q6_K as
     their own int8 codes, others as int8 rows, a screened output head, the embedding left in its blocks:
     about a third of the memory, faster decode, top-1 agreement with llama.cpp within its own spread).
-    The default on CPU is still exact fp32: the compact decode step rounds x to 8 bits as llama.cpp does,
-    so a prompt's log-probs move by up to ~0.07 with how its rows are batched.
+    The default on CPU is still exact fp32: on the compact layers a prompt's log-probs move by up to ~0.01
+    with how its rows are batched (README, "The compact CPU path").
     `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     `n_gpu_layers` (None / "auto": as many as fit.plan finds room for at `ctx_size`; "all"; an int N): the last
     N blocks and the output head on the GPU, the embedding and the other blocks on the CPU (kiln/split.py);

@@ -2,8 +2,8 @@
 
    Owns four kernels, each replacing a chain of small torch ops (or a slow packed matmul) at batch 1:
    - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x;
-     kiln_gemv_i8g: one f16 scale per group of weights in a row (exact GGUF codes), x rounded to int8 per
-     group as llama.cpp rounds it, int8 dot products, a few rows of x at once.
+     kiln_gemv_i8g: one f16 scale per group of weights in a row (exact GGUF codes), x rounded to int16 per
+     group, integer dot products, a few rows of x at once.
    - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
    - kiln_decode_attention: one token's attention at position `pos`: per-head q/k RMSNorm (optional),
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
@@ -21,8 +21,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__F16C__) || (defined(__AVX512F__) && defined(__AVX512BW__))
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define KILN_AVX512 1
 #endif
 
@@ -82,15 +84,17 @@ void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const 
 }
 
 /* int8 rows with one f16 scale per `group` weights (GGUF blocks whose codes are int8 already: Q8_0, Q5_0,
-   Q6_K), x rounded to int8 per group as llama.cpp rounds it (Q8_0 activations: xs = max|x| / 127,
-   xq = rint(x / xs)): y[n] = sum_g ws[n, g] * xs[g] * (q[n, group g] . xq[group g]), each group's dot in
-   int32. AVX-512: 64 codes per step, u8 x s8 products (|q| times xq with q's sign: VNNI's dpbusd, else
-   maddubs + madd), 16 lanes of int32 sums scaled by their group's ws * xs (one permute of a vector of 16
-   groups' scales) into one fp32 accumulator: ~10 instructions per 64 weights where the fp32 kernel above
-   spends ~16. Shapes: q (N, K), scale (N, K / group) f16 bits, group 16 or 32 dividing K; any other shape
-   takes the scalar loop (its int32 sums vectorized by the compiler). */
+   Q6_K): y[n] = sum_g ws[n, g] * xs[g] * (q[n, group g] . xq[group g]), each group's dot in int32, x rounded
+   to int16 per group (xs = max|x| / 32767, xq = rint(x / xs): 2^-16 of the group's largest value, finer than
+   bf16, so a row's product does not move with how rows are batched against the exact fp32 matmul that
+   serves many rows). AVX-512: a group's codes widened to int16, pairs of products summed into int32
+   (VNNI's dpwssd, else madd), one fp32 multiply-add per group. Shapes: q (N, K), scale (N, K / group) f16
+   bits, group dividing K; group 32 or 16 take the vector steps, others the scalar loop. */
 
 static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, u;
     if (e == 0x1F)
         u = sign | 0x7F800000u | (m << 13);  /* inf, nan */
@@ -106,83 +110,89 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+#endif
 }
 
-/* xq (K,), xs (K / group,): x's groups rounded to int8 (rint: to nearest, ties to even, as torch.round). */
-void kiln_quantize_x(const float *x, int64_t k_len, int64_t group, int8_t *xq, float *xs) {
+/* xq (K,), xs (K / group,): x's groups rounded to int16 (rint: to nearest, ties to even, as torch.round). */
+static void quantize_x16(const float *x, int64_t k_len, int64_t group, int16_t *xq, float *xs) {
     for (int64_t g = 0; g < k_len / group; g++) {
         const float *xg = x + g * group;
         float amax = 0.f;
         for (int64_t j = 0; j < group; j++)
             amax = fmaxf(amax, fabsf(xg[j]));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
         xs[g] = d;
         for (int64_t j = 0; j < group; j++)
-            xq[g * group + j] = (int8_t)lrintf(xg[j] * id);
+            xq[g * group + j] = (int16_t)lrintf(xg[j] * id);
     }
 }
 
 #ifdef KILN_AVX512
-static inline __m512i dot_u8s8(__m512i w, __m512i xq) {
-    const __m512i u = _mm512_abs_epi8(w);
-    const __m512i s = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xq);
-#ifdef __AVX512VNNI__
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
-#else  /* |q| <= 128 and |xq| <= 127: a pair's sum fits int16 without saturating */
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-#endif
-}
-
-static float row_i8g_avx512(const int8_t *qr, const int8_t *xq, const uint16_t *sr, const float *xs,
+static float row_i8g_avx512(const int8_t *qr, const int16_t *xq, const uint16_t *sr, const float *xs,
                             int64_t n_groups, int64_t group) {
-    const int64_t per_step = 64 / group;  /* groups per 64 codes: 2 or 4 */
-    /* lane i of a step's 16 int32 sums covers codes 4i..4i+3: group 4i / group of the step */
-    const __m512i lane_group = _mm512_srli_epi32(_mm512_slli_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2), group == 16 ? 4 : 5);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
-        const int64_t m = n_groups - g0 < 16 ? n_groups - g0 : 16;
-        const __mmask16 mask = (__mmask16)((1u << m) - 1);
-        const __m512 cs = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g0)),
-                                        _mm512_maskz_loadu_ps(mask, xs + g0));
-        const int8_t *qb = qr + g0 * group, *xb = xq + g0 * group;
-        int64_t j = 0;
-        for (; (j + 2) * per_step <= m; j += 2) {
-            const __m512i d0 = dot_u8s8(_mm512_loadu_si512(qb + 64 * j), _mm512_loadu_si512(xb + 64 * j));
-            const __m512i d1 = dot_u8s8(_mm512_loadu_si512(qb + 64 * j + 64), _mm512_loadu_si512(xb + 64 * j + 64));
-            const __m512i i0 = _mm512_add_epi32(lane_group, _mm512_set1_epi32((int)(j * per_step)));
-            const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32((int)per_step));
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(i0, cs), a0);
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(i1, cs), a1);
+    if (group == 32) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t g = 0;
+#ifdef __AVX512VNNI__
+#define KILN_PAIRS(w, x) _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x)
+#else
+#define KILN_PAIRS(w, x) _mm512_madd_epi16(w, x)
+#endif
+#define KILN_I8G_STEP(acc, gg) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(KILN_PAIRS( \
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qr + 32 * (gg)))), \
+            _mm512_loadu_si512(xq + 32 * (gg)))), _mm512_set1_ps(f16_to_f32(sr[gg]) * xs[gg]), acc)
+        for (; g + 2 <= n_groups; g += 2) {
+            KILN_I8G_STEP(a0, g);
+            KILN_I8G_STEP(a1, g + 1);
         }
-        if (j * per_step < m) {
-            const __m512i d0 = dot_u8s8(_mm512_loadu_si512(qb + 64 * j), _mm512_loadu_si512(xb + 64 * j));
-            const __m512i i0 = _mm512_add_epi32(lane_group, _mm512_set1_epi32((int)(j * per_step)));
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(i0, cs), a0);
-        }
+        if (g < n_groups)
+            KILN_I8G_STEP(a0, g);
+#undef KILN_I8G_STEP
+#undef KILN_PAIRS
+        return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    /* group 16: 256-bit steps */
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t g = 0;
+#ifdef __AVX512VNNI__
+#define KILN_PAIRS(w, x) _mm256_dpwssd_epi32(_mm256_setzero_si256(), w, x)
+#else
+#define KILN_PAIRS(w, x) _mm256_madd_epi16(w, x)
+#endif
+#define KILN_I8G_STEP(acc, gg) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(KILN_PAIRS( \
+            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * (gg)))), \
+            _mm256_loadu_si256((const __m256i *)(xq + 16 * (gg))))), _mm256_set1_ps(f16_to_f32(sr[gg]) * xs[gg]), acc)
+    for (; g + 2 <= n_groups; g += 2) {
+        KILN_I8G_STEP(a0, g);
+        KILN_I8G_STEP(a1, g + 1);
+    }
+    if (g < n_groups)
+        KILN_I8G_STEP(a0, g);
+#undef KILN_I8G_STEP
+#undef KILN_PAIRS
+    const __m256 a = _mm256_add_ps(a0, a1);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    return _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(h, h), _mm_movehdup_ps(_mm_hadd_ps(h, h))));
 }
 #endif
-
 
 /* x (M, K) -> y (M, N): each row of q is read from memory once for all M rows of x (it stays in L1). */
 void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64_t group, const float *bias,
                    float *y, int64_t n_rows, int64_t k_len, int64_t m_rows, int threads) {
     const int64_t n_groups = k_len / group;
-    int8_t *xq = malloc(m_rows * k_len);
+    int16_t *xq = malloc(m_rows * k_len * sizeof(int16_t));
     float *xs = malloc(m_rows * n_groups * sizeof(float));
     for (int64_t m = 0; m < m_rows; m++)
-        kiln_quantize_x(x + m * k_len, k_len, group, xq + m * k_len, xs + m * n_groups);
+        quantize_x16(x + m * k_len, k_len, group, xq + m * k_len, xs + m * n_groups);
 #ifdef KILN_AVX512
-    const int wide = (group == 16 || group == 32) && k_len % 64 == 0;
+    const int wide = group == 16 || group == 32;
 #endif
     #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
         const int8_t *qr = q + n * k_len;
         const uint16_t *sr = scale + n * n_groups;
         for (int64_t m = 0; m < m_rows; m++) {
-            const int8_t *xqm = xq + m * k_len;
+            const int16_t *xqm = xq + m * k_len;
             const float *xsm = xs + m * n_groups;
             float v = 0.f;
 #ifdef KILN_AVX512
@@ -192,7 +202,8 @@ void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64
 #endif
             for (int64_t g = 0; g < n_groups; g++) {
                 int32_t t = 0;
-                const int8_t *qg = qr + g * group, *xg = xqm + g * group;
+                const int8_t *qg = qr + g * group;
+                const int16_t *xg = xqm + g * group;
                 #pragma omp simd reduction(+:t)
                 for (int64_t j = 0; j < group; j++)
                     t += (int32_t)qg[j] * xg[j];

@@ -59,11 +59,10 @@ def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.
 
 
 def _round_x(x: torch.Tensor, group: int):
-    """x (..., K) rounded to int8 per group of G as llama.cpp rounds activations for its integer dot products:
-    (xq (..., K / G, G) float64 holding integers, xs (..., K / G) float32) with xs = max|x| / 127 and
-    xq = round(x / xs), ties to even."""
+    """x (..., K) rounded to int16 per group of G: (xq (..., K / G, G) float64 holding integers, xs (..., K / G)
+    float32) with xs = max|x| / 32767 and xq = round(x / xs), ties to even."""
     xg = x.float().reshape(*x.shape[:-1], -1, group)
-    xs = xg.abs().amax(-1) / 127
+    xs = xg.abs().amax(-1) / 32767
     xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[..., None])
     return xq.double(), xs
 

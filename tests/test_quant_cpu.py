@@ -98,7 +98,7 @@ def test_int8_linear_is_close_to_the_dense_layer():
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q6_K])
 def test_int8_from_gguf_keeps_the_files_codes(qtype):
     """Q8_0 / Q5_0 / Q6_K blocks become their own int8 codes and block scales: the file's exact weight (Q6_K's
-    d * scale rounded once to f16); a few rows run the native GEMV (x rounded to int8 per group), many an
+    d * scale rounded once to f16); a few rows run the native GEMV (x rounded to int16 per group), many an
     fp32 matmul of the exact weight."""
     n, k = 96, 512
     raw = _raw(qtype, n, k, seed=int(qtype))
@@ -114,8 +114,8 @@ def test_int8_from_gguf_keeps_the_files_codes(qtype):
     x = torch.randn(2, 20, k)  # more rows than NATIVE_ROWS: an fp32 matmul of the exact weight
     assert rel_err(lin(x), F.linear(x, lin.dequantize(), bias)) < 1e-6
     assert rel_err(lin(x), F.linear(x, ref, bias)) < 5e-4  # Q6_K: its f16 block scales (2^-11 each)
-    for m in (1, 3):  # a decode step, a few: x in 8 bits per block, as llama.cpp rounds it
-        assert rel_err(lin(x[0, :m]), F.linear(x[0, :m], ref, bias)) < 2e-2
+    for m in (1, 3):  # a decode step, a few: x in 16 bits per block, about as close as fp32
+        assert rel_err(lin(x[0, :m]), F.linear(x[0, :m], ref, bias)) < 5e-4
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0])
@@ -215,9 +215,7 @@ def test_compact_decode_steps_with_native_kernels(monkeypatch):
     assert len(calls) == n
     kl_fast, kl_slow = _kl(ref[:, 8:], fast[:, 8:]).mean(), _kl(ref[:, 8:], slow[:, 8:]).mean()
     print(f"tiny compact decode: KL native {kl_fast:.2e}, torch kernels {kl_slow:.2e}")
-    # torch's kernels run the block-scaled int8 layers exactly (fp32 x), the native ones round x to 8 bits per
-    # block as llama.cpp does (measured 2.1e-3 vs 1.8e-3 here); the per-row int8 and int4 layers the other way
-    assert kl_fast <= kl_slow * 1.5 + 1e-6 and torch.equal(fast[:, 8:].argmax(-1), slow[:, 8:].argmax(-1))
+    assert kl_fast <= kl_slow * 1.1 + 1e-6 and torch.equal(fast[:, 8:].argmax(-1), slow[:, 8:].argmax(-1))
 
 
 def test_fused_layers_compute_what_their_parts_do():
@@ -243,9 +241,9 @@ def test_fused_layers_compute_what_their_parts_do():
 
 QWEN_MIN_TOP1 = 0.978  # measured 0.9819 (exact fp32 path: 0.9835; llama.cpp's own settings: 0.9802-0.9852)
 QWEN_MAX_KL = 0.0016  # measured 0.00106 (fp32: 0.0009)
-# Decode steps one token at a time, measured 2026-12-04: native kernels top-1 0.9802, KL 0.00124 (int8
-# layers' x rounded to 8 bits per group as llama.cpp rounds it); with the int8 layers' earlier one scale per
-# row 0.9720, 0.00206.
+# Decode steps one token at a time, measured 2026-12-05: native kernels top-1 0.9819, KL 0.00113 (the int8
+# layers' x rounded to 16 bits per group; to 8 bits, as llama.cpp rounds it: 0.9802, 0.00124); with the
+# int8 layers' earlier one scale per row 0.9720, 0.00206.
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     row) or (N, K / G) float16 (one per G weights: a GGUF file's own codes), bias (N,) float32. Native GEMVs
     where `_native` allows: per-row scales for one row (x kept in fp32, about twice the speed of torch's
     kernel at batch 1); group scales for up to NATIVE_ROWS rows (a decode step, a batch of them, a draft's
-    verify: x rounded to int8 per group as llama.cpp does, int8 products, the weight read once for all
+    verify: x rounded to int16 per group, integer products, the weight read once for all
     rows). Anything else runs torch's `_weight_int8pack_mm` (it vectorizes bf16 only), or for group scales a
     matmul in x's dtype over W dequantized PACK rows at a time (exact: a prompt's prefill)."""
     n = q.shape[0]

@@ -25,7 +25,7 @@ kquants.py), loading order, the native kernels and when they serve (kiln.ops.cpu
 Activations enter the packed matmuls as bfloat16 (torch's CPU kernels vectorize only that; fp32 inputs
 run ~10x slower) and the result comes back in the caller's dtype; block-scaled int8 runs many rows as an
 fp32 matmul of its exact weight. The native GEMVs stream int8 about twice as fast as `_weight_int8pack_mm`
-at batch 1 (per-row scales: x in fp32; block scales: x rounded to int8 per block, as llama.cpp does).
+at batch 1 (per-row scales: x in fp32; block scales: x rounded to int16 per block, integer products).
 
 Shape alphabet: M rows of activations, N output features, K input features, G = K / 32 groups,
 U candidate rows, V vocabulary.
@@ -336,8 +336,9 @@ class GGUFEmbedding(nn.Module):
 class ScreenedHead(nn.Module):
     """The output head: a 4-bit screen over the vocabulary, then exact fp32 logits for the top candidates.
 
-    For every row of x the SCREEN_TOP highest screened logits are recomputed from the file's rows; all
-    candidates of a chunk of rows are recomputed for every row of the chunk (more exact logits, one matmul).
+    For every row of x its SCREEN_TOP highest screened logits are recomputed from the file's rows (the
+    candidates of a chunk of rows in one matmul, each row keeping its own: a row's logits are the same
+    however it is batched).
     """
 
     ROWS_PER_CHUNK = 16  # rows of x whose candidates are pooled (bounds the exact rows dequantized at once)
@@ -362,9 +363,11 @@ class ScreenedHead(nn.Module):
         y = self.screen(x2).float()                                    # (M, V)
         for a in range(0, x2.shape[0], self.ROWS_PER_CHUNK):
             part = y[a:a + self.ROWS_PER_CHUNK]
-            cand = part.topk(min(self.top, self.out_features), dim=-1).indices.reshape(-1).unique()  # (U,)
+            own = part.topk(min(self.top, self.out_features), dim=-1).indices  # (m, top)
+            cand = own.reshape(-1).unique()                                     # (U,) sorted
             exact = x2[a:a + self.ROWS_PER_CHUNK].float() @ self.exact.rows(cand).t()  # (m, U)
-            part.index_copy_(1, cand, exact)
+            # each row takes its own candidates only: its logits do not depend on the rows batched with it
+            part.scatter_(1, own, exact.gather(1, torch.searchsorted(cand, own)))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
