@@ -58,6 +58,15 @@ def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.
     return y.view(*x.shape[:-1], n)
 
 
+def dequant_i8g(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (N, K) int8, scale (N, K / G) float16 -> the weight (N, K) float32, scale * q per group (exact)."""
+    n, k = q.shape
+    q, scale = _c(q), _c(scale)
+    out = torch.empty(n, k, dtype=torch.float32)
+    _lib().kiln_dequant_i8g(_ptr(q), _ptr(scale), k // scale.shape[1], _ptr(out), n, k, torch.get_num_threads())
+    return out
+
+
 def _round_x(x: torch.Tensor, group: int):
     """x (..., K) rounded to int16 per group of G: (xq (..., K / G, G) float64 holding integers, xs (..., K / G)
     float32) with xs = max|x| / 32767 and xq = round(x / xs), ties to even."""
@@ -140,6 +149,7 @@ def _lib():
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
                   "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 3 + [ctypes.c_int],
+                  "kiln_dequant_i8g": [p] * 2 + [i, p] + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
                   "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
     for name, args in signatures.items():

@@ -69,6 +69,15 @@ def test_gemv_i8g_is_its_twin(n, k, group, bias):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("group", [16, 32])
+def test_dequant_i8g_is_the_scaled_codes(group):
+    g = torch.Generator().manual_seed(group)
+    q = torch.randint(-128, 128, (70, 4 * group), dtype=torch.int8, generator=g)
+    scale = (torch.randn(70, 4, generator=g) * 0.01).half()
+    want = (q.float().view(70, 4, group) * scale.float()[:, :, None]).view(70, -1)
+    assert torch.equal(native.dequant_i8g(q, scale), want)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_is_the_reference(offset, residual):

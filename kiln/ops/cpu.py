@@ -50,7 +50,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     kernel at batch 1); group scales for up to NATIVE_ROWS rows (a decode step, a batch of them, a draft's
     verify: x rounded to int16 per group, integer products, the weight read once for all
     rows). Anything else runs torch's `_weight_int8pack_mm` (it vectorizes bf16 only), or for group scales a
-    matmul in x's dtype over W dequantized PACK rows at a time (exact: a prompt's prefill)."""
+    matmul in x's dtype over W dequantized PACK rows at a time (exact: a prompt's prefill; native.c
+    dequantizes where built)."""
     n = q.shape[0]
     grouped = scale.dim() == 2
     if grouped and x.numel() <= NATIVE_ROWS * x.shape[-1] and _native(x, policy):
@@ -60,9 +61,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     if grouped:  # x's own dtype (float32: the CPU's sgemm, and the exact weights' full precision)
         x2 = x.reshape(-1, q.shape[1])  # (M, K)
         y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+        fast = policy.native and native.available()  # the weight dequantized by native.c (exact either way)
         for a in range(0, n, PACK):
-            w = (q[a:a + PACK].view(-1, scale.shape[1], q.shape[1] // scale.shape[1]).float()
-                 * scale[a:a + PACK, :, None].float()).view(-1, q.shape[1])  # (PACK, K)
+            if fast:
+                w = native.dequant_i8g(q[a:a + PACK], scale[a:a + PACK])  # (PACK, K) float32
+            else:
+                w = (q[a:a + PACK].view(-1, scale.shape[1], q.shape[1] // scale.shape[1]).float()
+                     * scale[a:a + PACK, :, None].float()).view(-1, q.shape[1])
             y[:, a:a + PACK] = x2 @ w.to(x.dtype).t()
     else:
         y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
