@@ -88,8 +88,8 @@ void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const 
    to int16 per group (xs = max|x| / 32767, xq = rint(x / xs): 2^-16 of the group's largest value, finer than
    bf16, so a row's product does not move with how rows are batched against the exact fp32 matmul that
    serves many rows). AVX-512: a group's codes widened to int16, pairs of products summed into int32
-   (VNNI's dpwssd, else madd), one fp32 multiply-add per group. Shapes: q (N, K), scale (N, K / group) f16
-   bits, group dividing K; group 32 or 16 take the vector steps, others the scalar loop. */
+   (VNNI's dpwssd, else madd), one fp32 multiply-add per 32 weights. Shapes: q (N, K), scale (N, K / group)
+   f16 bits, group dividing K; group 32 or 16 with K % 32 == 0 take the vector steps, others the scalar loop. */
 
 static inline float f16_to_f32(uint16_t h) {
 #ifdef __F16C__
@@ -128,51 +128,39 @@ static void quantize_x16(const float *x, int64_t k_len, int64_t group, int16_t *
 }
 
 #ifdef KILN_AVX512
+/* acc + 32 codes' products (step t of a row), each 16-lane half of int32 pair sums scaled by its group's
+   ws * xs: one scale for both halves (group 32) or one each (group 16). */
+static inline __m512 step_i8g(const int8_t *qr, const int16_t *xq, const uint16_t *sr, const float *xs,
+                              int64_t t, int64_t group, __m512 acc) {
+    __m512 sv;
+    if (group == 32)
+        sv = _mm512_set1_ps(f16_to_f32(sr[t]) * xs[t]);
+    else
+        sv = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(_mm512_set1_ps(f16_to_f32(sr[2 * t]) * xs[2 * t])),
+            _mm256_castps_pd(_mm256_set1_ps(f16_to_f32(sr[2 * t + 1]) * xs[2 * t + 1])), 1));
+    const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qr + 32 * t)));
+    const __m512i x = _mm512_loadu_si512(xq + 32 * t);
+#ifdef __AVX512VNNI__
+    const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
+#else
+    const __m512i d = _mm512_madd_epi16(w, x);
+#endif
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc);
+}
+
 static float row_i8g_avx512(const int8_t *qr, const int16_t *xq, const uint16_t *sr, const float *xs,
                             int64_t n_groups, int64_t group) {
-    if (group == 32) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t g = 0;
-#ifdef __AVX512VNNI__
-#define KILN_PAIRS(w, x) _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x)
-#else
-#define KILN_PAIRS(w, x) _mm512_madd_epi16(w, x)
-#endif
-#define KILN_I8G_STEP(acc, gg) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(KILN_PAIRS( \
-            _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qr + 32 * (gg)))), \
-            _mm512_loadu_si512(xq + 32 * (gg)))), _mm512_set1_ps(f16_to_f32(sr[gg]) * xs[gg]), acc)
-        for (; g + 2 <= n_groups; g += 2) {
-            KILN_I8G_STEP(a0, g);
-            KILN_I8G_STEP(a1, g + 1);
-        }
-        if (g < n_groups)
-            KILN_I8G_STEP(a0, g);
-#undef KILN_I8G_STEP
-#undef KILN_PAIRS
-        return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    const int64_t steps = n_groups * group / 32;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  /* two chains of multiply-adds */
+    int64_t t = 0;
+    for (; t + 2 <= steps; t += 2) {
+        a0 = step_i8g(qr, xq, sr, xs, t, group, a0);
+        a1 = step_i8g(qr, xq, sr, xs, t + 1, group, a1);
     }
-    /* group 16: 256-bit steps */
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t g = 0;
-#ifdef __AVX512VNNI__
-#define KILN_PAIRS(w, x) _mm256_dpwssd_epi32(_mm256_setzero_si256(), w, x)
-#else
-#define KILN_PAIRS(w, x) _mm256_madd_epi16(w, x)
-#endif
-#define KILN_I8G_STEP(acc, gg) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(KILN_PAIRS( \
-            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * (gg)))), \
-            _mm256_loadu_si256((const __m256i *)(xq + 16 * (gg))))), _mm256_set1_ps(f16_to_f32(sr[gg]) * xs[gg]), acc)
-    for (; g + 2 <= n_groups; g += 2) {
-        KILN_I8G_STEP(a0, g);
-        KILN_I8G_STEP(a1, g + 1);
-    }
-    if (g < n_groups)
-        KILN_I8G_STEP(a0, g);
-#undef KILN_I8G_STEP
-#undef KILN_PAIRS
-    const __m256 a = _mm256_add_ps(a0, a1);
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    return _mm_cvtss_f32(_mm_add_ss(_mm_hadd_ps(h, h), _mm_movehdup_ps(_mm_hadd_ps(h, h))));
+    if (t < steps)
+        a0 = step_i8g(qr, xq, sr, xs, t, group, a0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 #endif
 
@@ -185,7 +173,7 @@ void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64
     for (int64_t m = 0; m < m_rows; m++)
         quantize_x16(x + m * k_len, k_len, group, xq + m * k_len, xs + m * n_groups);
 #ifdef KILN_AVX512
-    const int wide = group == 16 || group == 32;
+    const int wide = (group == 16 || group == 32) && k_len % 32 == 0;
 #endif
     #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
