@@ -139,7 +139,11 @@ def _pip_download(pkg: str, dest: Path, pip_tmp: Path, seen) -> Path:
 def _largest_wheel(*folders: Path) -> int:
     sizes = [0]
     for folder in folders:
-        for f in folder.rglob("*.whl") if folder.exists() else ():
+        try:  # pip creates and removes its pip-unpack-* folders while the walk runs
+            found = list(folder.rglob("*.whl")) if folder.exists() else []
+        except FileNotFoundError:
+            continue  # this poll sees none of that folder; the next one will
+        for f in found:
             try:
                 sizes.append(f.stat().st_size)
             except FileNotFoundError:  # pip removed it between the listing and the stat
