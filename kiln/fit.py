@@ -85,7 +85,7 @@ def _int4(n: int, k: int) -> int:
 
 
 def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
-    from kiln.quant.cpu import INT4_EXACT, INT8_GROUP, SCREEN_MIN_ROWS
+    from kiln.quant.cpu import INT4_EXACT, INT8_EXACT, SCREEN_MIN_ROWS
     from kiln.quant.swap import quantized
     n, k = (int(s) for s in w.shape)
     if not compact:
@@ -95,8 +95,8 @@ def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
         return _int4(n, k) + (0 if shared else _raw(w))
     if q in INT4_EXACT and n % 64 == 0 and not getattr(w, "add", 0):
         return _int4(n, k)
-    if q in INT8_GROUP and not getattr(w, "add", 0):
-        return n * k + 2 * n * k // INT8_GROUP[q]  # the file's int8 codes, an f16 scale per block
+    if q in INT8_EXACT and not getattr(w, "add", 0):
+        return n * k + 2 * n * k // INT8_EXACT[q][1]  # the file's int8 codes, an f16 scale per block
     return n * k + 2 * n
 
 

@@ -86,9 +86,8 @@ void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const 
 /* int8 rows with one f16 scale per `group` weights (GGUF blocks whose codes are int8 already: Q8_0, Q5_0,
    Q6_K): y[n] = sum_g ws[n, g] * xs[g] * (q[n, group g] . xq[group g]), each group's dot in int32, x rounded
    to int16 per group (xs = max|x| / 32767, xq = rint(x / xs): 2^-16 of the group's largest value, finer than
-   bf16, so a row's product does not move with how rows are batched against the exact fp32 matmul that
-   serves many rows). AVX-512: a group's codes widened to int16, pairs of products summed into int32
-   (VNNI's dpwssd, else madd), one fp32 multiply-add per 32 weights. Shapes: q (N, K), scale (N, K / group)
+   bf16: a row's product stays within ~2e-5 of the exact fp32 matmul that serves many rows). AVX-512: a
+   group's codes widened to int16, pairs of products summed into int32 (VNNI's dpwssd, else madd), one fp32 multiply-add per 32 weights. Shapes: q (N, K), scale (N, K / group)
    f16 bits, group dividing K; group 32 or 16 with K % 32 == 0 take the vector steps, others the scalar loop. */
 
 static inline float f16_to_f32(uint16_t h) {

@@ -10,6 +10,7 @@ import torch
 
 from kiln import native, ops
 from kiln.models import base
+from kiln.ops.cpu import int8_weight_ref
 from kiln.ops import rms_norm_ref, rope_qk_ref
 from kiln.policy import Policy
 
@@ -76,6 +77,7 @@ def test_dequant_i8g_is_the_scaled_codes(group):
     scale = (torch.randn(70, 4, generator=g) * 0.01).half()
     want = (q.float().view(70, 4, group) * scale.float()[:, :, None]).view(70, -1)
     assert torch.equal(native.dequant_i8g(q, scale), want)
+    assert torch.equal(int8_weight_ref(q, scale), want)  # the torch path int8_linear takes without native.c
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])

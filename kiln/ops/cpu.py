@@ -9,7 +9,7 @@ the cache write and softmax attention — in one call: the CPU decode step of mo
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
-Each entry point's torch twin: ops.rms_norm_ref; Int8Linear.dequantize() @ x; ops.rope_qk_ref, then the
+Each entry point's torch twin: ops.rms_norm_ref; int8_weight_ref(q, scale) @ x (Int8Linear.dequantize); ops.rope_qk_ref, then the
 cache write and base.attend. tests/test_native.py compares them.
 """
 
@@ -42,6 +42,15 @@ def rms_norm(x, weight, eps: float, offset: float = 0.0, residual=None):
     return native.rms_norm(x, weight, eps, offset, residual)
 
 
+def int8_weight_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight (N, K) float32 of int8 rows q (N, K) and their scales: (N,) one per row or (N, K / G) one per
+    G weights (Int8Linear.dequantize; native.dequant_i8g computes the second form's same bits)."""
+    n, k = q.shape
+    if scale.dim() == 1:
+        return q.float() * scale.float()[:, None]
+    return (q.float().view(n, scale.shape[1], -1) * scale.float()[:, :, None]).view(n, k)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 policy: Policy = DEFAULT) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype: W = q (N, K) int8 rows times scale, (N,) bf16 (one per
@@ -55,20 +64,16 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     n = q.shape[0]
     grouped = scale.dim() == 2
     if grouped and x.numel() <= NATIVE_ROWS * x.shape[-1] and _native(x, policy):
-        return native.gemv_i8g(x.reshape(-1, q.shape[1]), q, scale, bias).view(*x.shape[:-1], n)
+        return native.gemv_i8g(x, q, scale, bias)
     if not grouped and serves(x, policy):
         return native.gemv_i8(x.reshape(-1), q, scale, bias).view(*x.shape[:-1], n)
     if grouped:  # x's own dtype (float32: the CPU's sgemm, and the exact weights' full precision)
         x2 = x.reshape(-1, q.shape[1])  # (M, K)
         y = torch.empty(x2.shape[0], n, dtype=x.dtype)
         fast = policy.native and native.available()  # the weight dequantized by native.c (exact either way)
+        dequant = native.dequant_i8g if fast else int8_weight_ref
         for a in range(0, n, PACK):
-            if fast:
-                w = native.dequant_i8g(q[a:a + PACK], scale[a:a + PACK])  # (PACK, K) float32
-            else:
-                w = (q[a:a + PACK].view(-1, scale.shape[1], q.shape[1] // scale.shape[1]).float()
-                     * scale[a:a + PACK, :, None].float()).view(-1, q.shape[1])
-            y[:, a:a + PACK] = x2 @ w.to(x.dtype).t()
+            y[:, a:a + PACK] = x2 @ dequant(q[a:a + PACK], scale[a:a + PACK]).to(x.dtype).t()  # (PACK, K) fp32
     else:
         y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
     if bias is not None:

@@ -92,15 +92,13 @@ class Int8Linear(nn.Module):
         (no second rounding: the per-row int8 grid of `from_dense` costs a Q5_0 model ~1% of top-1). The
         scales are f16: Q8_0's and Q5_0's own; Q6_K's d * scale rounded once (2^-11 relative)."""
         n, k = shape
-        block, type_size = gguf.GGML_QUANT_SIZES[_T(qtype)]
-        fn = INT8_EXACT[int(qtype)]
-        q, scale = torch.empty(n, k, dtype=torch.int8), None
+        _, type_size = gguf.GGML_QUANT_SIZES[_T(qtype)]
+        fn, group = INT8_EXACT[int(qtype)]
+        q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // group, dtype=torch.float16)
         for a in range(0, n, PACK_ROWS):
             codes, s = fn(raw[a:a + PACK_ROWS].reshape(-1, type_size))  # (B, block) int8, (B, block / G) f32
-            rows = codes.shape[0] * block // k
+            rows = codes.numel() // k
             q[a:a + rows] = codes.reshape(rows, k)
-            if scale is None:
-                scale = torch.empty(n, k * s.shape[1] // block, dtype=torch.float16)
             scale[a:a + rows] = s.reshape(rows, -1)
         return cls(q, scale, bias, policy)
 
@@ -132,10 +130,7 @@ class Int8Linear(nn.Module):
         return self.q.numel() + self.scale.element_size() * self.scale.numel()
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        if self.group is not None:
-            n, k = self.q.shape
-            return (self.q.float().view(n, -1, self.group) * self.scale.float()[:, :, None]).view(n, k).to(dtype)
-        return (self.q.float() * self.scale.float()[:, None]).to(dtype)
+        return ops_cpu.int8_weight_ref(self.q, self.scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops_cpu.int8_linear(x, self.q, self.scale, self.bias, self.policy)  # native GEMV or torch's
@@ -160,8 +155,8 @@ def _q6_k(b: torch.Tensor):
     return q.view(torch.int8).sub_(32), legacy.f16_at(b, 208) * b[:, 192:208].view(torch.int8)  # (B, 16)
 
 
-INT8_EXACT = {int(_T.Q8_0): _q8_0, int(_T.Q5_0): _q5_0, int(_T.Q6_K): _q6_k}
-INT8_GROUP = {int(_T.Q8_0): 32, int(_T.Q5_0): 32, int(_T.Q6_K): 16}  # weights per f16 scale
+INT8_EXACT = {int(_T.Q8_0): (_q8_0, 32), int(_T.Q5_0): (_q5_0, 32), int(_T.Q6_K): (_q6_k, 16)}  # (codes, weights
+# per f16 scale)
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
