@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.server import adapters
 from kiln.server import protocol as P
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -38,18 +39,18 @@ def file_in(folder: str | None, body) -> tuple[str, Path]:
 
 def _adapter_name(st, index: int) -> str | None:
     """The name of AdapterBank entry `index` (None for the base), as a saved slot records it."""
-    return None if not index else st.model.adapter_bank.names[index - 1]
+    return None if not index else adapters.names(st)[index - 1]
 
 
 def _adapter_index(st, name: str | None, file: str) -> int:
     """The entry of the adapter a saved slot's keys were computed under, on this server; KilnError if not loaded."""
     if name is None:
         return 0
-    bank = getattr(st.model, "adapter_bank", None)
-    if bank is None or name not in bank.names:
+    loaded = adapters.names(st)
+    if name not in loaded:
         raise KilnError(f"{file} was saved under the adapter {name!r}, which this server has not loaded "
                         f"(--adapter {name}=PATH)")
-    return bank.names.index(name) + 1
+    return loaded.index(name) + 1
 
 
 async def act(st, slot: str, action: str, body) -> dict:
