@@ -4,7 +4,8 @@ Prints one JSON object: the `kiln fit` plan for the budget (layers on the GPU, p
 split model's logits against the all-GPU model's (mean KL over a prompt, top-1 agreement), the split's
 decode tok/s (eager steps, greedy, from `generate_step`), and torch.cuda.max_memory_allocated of the split
 load + prefill + decode next to the prediction. With --compare llama.cpp, llama-cpp-python's decode tok/s
-with the same number of GPU layers on the same file (n_gpu_layers counts the output layer as llama.cpp does).
+with the same number of GPU layers on the same file (n_gpu_layers counts the output layer as llama.cpp does),
+in a process of its own, with half and all of the machine's threads (the better one counts).
 
 Usage: python bench/make_gguf.py --model llama-3.1-8b --type Q4_K_M --out /tmp/g
        python bench/split_check.py /tmp/g/llama-3.1-8b-Q4_K_M.gguf --gpu-memory 3G [--compare llama.cpp]
@@ -14,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
-import torch
+if "--llama-decode" in sys.argv:  # the llama.cpp side, in a process of its own: nothing imports torch first
+    torch = kiln = None
+else:
+    import torch
 
-import kiln
-from kiln.cache import KVCache, Step
-from kiln.fit import parse_bytes, plan_for
+    import kiln
+    from kiln.cache import KVCache, Step
+    from kiln.fit import parse_bytes, plan_for
 
 
 def input_device(model) -> torch.device:
@@ -63,12 +70,17 @@ def gpu_bytes_by_module(model) -> dict[str, int]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
-    p.add_argument("--gpu-memory", type=parse_bytes, default=parse_bytes("3G"))
+    p.add_argument("--llama-decode", type=int, default=None, help=argparse.SUPPRESS)  # n_gpu_layers (subprocess)
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--gpu-memory", default="3G")
     p.add_argument("--ctx-size", type=int, default=4096)
     p.add_argument("-n", type=int, default=64, help="decode steps timed")
     p.add_argument("--compare", choices=["llama.cpp"], default=None)
     a = p.parse_args(argv)
-    plan = plan_for(a.model, ctx_size=a.ctx_size, gpu_memory=a.gpu_memory)
+    if a.llama_decode is not None:
+        print(llama_decode(a.model, a.llama_decode, a.ctx_size, a.n, a.threads))
+        return
+    plan = plan_for(a.model, ctx_size=a.ctx_size, gpu_memory=parse_bytes(a.gpu_memory))
     out = {"plan": plan.describe(), "n_gpu_layers": plan.n_gpu_layers, "predicted_gpu_bytes": plan.gpu_bytes}
     ids = torch.tensor([list(range(1000, 1256))])  # 256 token ids (random-weight file: any ids do)
     torch.cuda.reset_peak_memory_stats()
@@ -93,18 +105,44 @@ def main(argv=None):
     out["kl_split_vs_all_gpu"] = (pl.exp() * (pl - ql)).sum(-1).mean().item()
     out["top1_agree"] = (pl.argmax(-1) == ql.argmax(-1)).float().mean().item()
     del full
-    if a.compare:
-        from llama_cpp import Llama
-        llm = Llama(a.model, n_gpu_layers=plan.n_gpu_layers + 1, n_ctx=a.ctx_size, verbose=False)
-        llm.eval(ids[0].tolist())
-        t = time.perf_counter()
-        tok = ids[0, -1].item()
-        for _ in range(a.n):
-            llm.eval([tok])
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
-        out["decode_tps_llama_cpp"] = a.n / (time.perf_counter() - t)
-        out["ratio"] = out["decode_tps_split"] / out["decode_tps_llama_cpp"]
+    torch.cuda.empty_cache()
+    try:  # the floor: the all-GPU bf16 model's own distance from the same file run in float32
+        full32, _ = kiln.load(a.model, device="cuda", n_gpu_layers="all", dtype=torch.float32)
+        fl = logits_of(full32, ids).log_softmax(-1)
+        out["kl_all_gpu_bf16_vs_f32"] = (fl.exp() * (fl - pl)).sum(-1).mean().item()
+        out["kl_split_vs_all_gpu_f32"] = (fl.exp() * (fl - ql)).sum(-1).mean().item()
+        del full32
+    except Exception as e:  # noqa: BLE001 (a bench: report and go on)
+        out["f32_error"] = repr(e)[:300]
+    if a.compare:  # in its own process: llama_cpp must be imported before torch
+        out["threads_kiln"] = torch.get_num_threads()
+        runs = {}
+        for threads in sorted({os.cpu_count() // 2, os.cpu_count()}):
+            cmd = [sys.executable, __file__, a.model, "--llama-decode", str(plan.n_gpu_layers + 1),
+                   "--ctx-size", str(a.ctx_size), "-n", str(a.n), "--threads", str(threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            runs[threads] = float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else r.stderr[-300:]
+        out["decode_tps_llama_cpp_by_threads"] = runs
+        best = max((v for v in runs.values() if isinstance(v, float)), default=None)
+        out["decode_tps_llama_cpp"] = best
+        out["ratio"] = best and out["decode_tps_split"] / best
     print(json.dumps(out, indent=1))
+
+
+def llama_decode(path: str, n_gpu_layers: int, ctx_size: int, n: int, threads: int) -> float:
+    """llama.cpp's greedy decode tok/s with n_gpu_layers (its count: the output layer is one of them) after
+    the same 256-token prompt as main's (the token loop as llama-bench's tg: one token per eval)."""
+    from llama_cpp import Llama
+    llm = Llama(path, n_gpu_layers=n_gpu_layers, n_ctx=ctx_size, n_threads=threads, n_batch=512,
+                flash_attn=True, verbose=False)
+    ids = list(range(1000, 1256))
+    llm.eval(ids)
+    tok = ids[-1]
+    t = time.perf_counter()
+    for _ in range(n):
+        llm.eval([tok])
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    return n / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":

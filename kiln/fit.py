@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 
 from kiln.errors import KilnError
@@ -91,6 +92,8 @@ def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
     if not compact:
         return 4 * n * k
     q = int(w.qtype) if quantized(w) else None
+    if q == int(gguf.GGMLQuantizationType.Q4_K) and not getattr(w, "add", 0):
+        return _raw(w)  # the file's blocks (Q4KLinear)
     if head and q is not None and n >= SCREEN_MIN_ROWS and n % 64 == 0:
         return _int4(n, k) + (0 if shared else _raw(w))
     if q in INT4_EXACT and n % 64 == 0 and not getattr(w, "add", 0):

@@ -86,14 +86,18 @@ def test_qlora_gradients_match_a_dense_base(tmp_path):
         assert torch.allclose(grads[0], grads[i], atol=1e-5, rtol=1e-4) and grads[0].abs().max() > 0
 
 
-def test_gradient_through_compact_cpu_layers():
-    """dL/dx through a frozen compact layer (Int4Linear of Q4_K blocks) is dL/dy @ its dequantized weight."""
+@pytest.mark.parametrize("kind", ["Q4KLinear", "Int4Linear"])
+def test_gradient_through_compact_cpu_layers(kind):
+    """dL/dx through a frozen compact layer (Q4_K blocks as the file holds them, or repacked to int4) is
+    dL/dy @ its dequantized weight (x needs a gradient: the torch path, not the native GEMV)."""
     from test_quant_kernels import random_rows
 
-    from kiln.quant import packed
-    from kiln.quant.cpu import Int4Linear
+    from kiln.quant import cpu, packed
     raw = random_rows(packed.Q4_K, 64, 256, seed=0)
-    base = Int4Linear.from_gguf(raw, packed.Q4_K, (64, 256))
+    if kind == "Q4KLinear":
+        base = cpu.Q4KLinear.from_gguf(raw, (64, 256))
+    else:
+        base = cpu.Int4Linear.from_gguf(raw, packed.Q4_K, (64, 256))
     layer = L.LoRALinear(base, 4, 8.0)
     x = torch.randn(3, 256, requires_grad=True)
     g = torch.randn(3, 64)
