@@ -411,6 +411,166 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
     free(xsum);
 }
 
+/* ------------------------------------------------------------------ Q6_K GEMV
+   GGUF's Q6_K blocks as the file holds them: 256 weights in 210 bytes, ql[128] (low 4 bits), qh[64] (high 2
+   bits), sixteen int8 scales sc_s, d (f16) at byte 208; w = d * sc_s * (q - 32) per sub-block of 16. In
+   each half h of 128 weights (ql + 64h, qh + 32h), weights 0-31 take the low nibbles of ql[0..31] and qh's
+   bits 0-1, 32-63 the low nibbles of ql[32..63] and bits 2-3, 64-95 and 96-127 the high nibbles and bits 4-5,
+   6-7. x is rounded and split as for Q4_K (|xq| <= 32639, two signed bytes, here in the weights' own order);
+   y[n] = sum_b d * xs_b * (sum_s sc_s * (q_s . xq_s) - 32 * sum_s sc_s * sum(xq_s)), with the codes q in
+   0..63 as dpbusd's unsigned side; two of the four 64-code steps join in int32 (< 2^31), then float.
+   Twin: native.gemv_q6k_ref. Shapes: blocks (N, K / 256 * 210) bytes, K % 256 == 0. */
+
+#define Q6K_BYTES 210
+
+/* One row of x for the Q6_K GEMV: as q4k_x with the halves in the weights' order, xsum per 16. */
+static void q6k_x(const float *x, int64_t k_len, int16_t *xq, float *xs, int32_t *xsum, int8_t *hi, int8_t *lo) {
+    quantize_x16(x, k_len, 256, Q4K_XMAX, xq, xs);
+    for (int64_t j = 0; j < k_len / 16; j++) {
+        int32_t t = 0;
+        for (int k = 0; k < 16; k++)
+            t += xq[16 * j + k];
+        xsum[j] = t;
+    }
+    for (int64_t i = 0; i < k_len; i++) {
+        const int l = ((xq[i] + 128) & 0xFF) - 128;
+        lo[i] = (int8_t)l;
+        hi[i] = (int8_t)((xq[i] - l) / 256);
+    }
+}
+
+static inline int q6k_code(const uint8_t *blk, int w) {  /* weight w's 6-bit code, 0..63 */
+    const int h = w / 128, l = w % 32, part = (w % 128) / 32;
+    const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+    const int low = part % 2 ? ql[l + 32] : ql[l];
+    return ((part < 2 ? low & 0x0F : low >> 4) | (((qh[l] >> (2 * part)) & 3) << 4));
+}
+
+#ifdef KILN_AVX512
+/* A block's codes as bytes in the weights' order, c[r] for weights 64r..64r+63, and its scales as int32
+   lanes, s[r]: sub-block 4r + i for lanes 4i..4i+3; sc16 every scale once. */
+static inline void q6k_unpack(const uint8_t *blk, __m512i *c, __m512i *s, __m512i *sc16) {
+    const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30);
+    for (int h = 0; h < 2; h++) {
+        const __m512i l = _mm512_loadu_si512(blk + 64 * h);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+        const __m512i qz = _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 2), 1);
+        c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, low), _mm512_and_si512(_mm512_slli_epi16(qz, 4), two));
+        c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low), _mm512_and_si512(qz, two));
+    }
+    *sc16 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    for (int r = 0; r < 4; r++)
+        s[r] = _mm512_permutexvar_epi32(_mm512_set_epi32(4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 2,
+                                                         4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 1, 4 * r + 1,
+                                                         4 * r + 1, 4 * r + 1, 4 * r, 4 * r, 4 * r, 4 * r), *sc16);
+}
+
+static inline void q6k_step(const __m512i *c, const __m512i *s, __m512i sc16, float d, const int8_t *hi,
+                            const int8_t *lo, float xs, const int32_t *xsum, __m512 *acc, __m512 *macc) {
+    __m512i v[4];
+    for (int r = 0; r < 4; r++)
+        v[r] = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_slli_epi32(dot_u8s8(c[r], hi + 64 * r), 8),
+                                                   dot_u8s8(c[r], lo + 64 * r)), s[r]);
+    const __m512 dx = _mm512_set1_ps(d * xs);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(v[0], v[1])), dx, *acc);
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(v[2], v[3])), dx, *acc);
+    const __m512i offs = _mm512_mullo_epi32(sc16, _mm512_loadu_si512(xsum));
+    *macc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(offs), _mm512_set1_ps(32.f * d * xs), *macc);
+}
+#endif
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
+/* x (M, K) -> y (M, N), M <= 16, as kiln_gemv_q4k. */
+void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
+                   int64_t k_len, int64_t m_rows, int threads) {
+    const int64_t nb = k_len / 256, ns = k_len / 16;
+    int16_t *xq = malloc(m_rows * k_len * sizeof(int16_t));
+    int8_t *hi = malloc(m_rows * k_len), *lo = malloc(m_rows * k_len);
+    float *xs = malloc(m_rows * nb * sizeof(float));
+    int32_t *xsum = malloc(m_rows * ns * sizeof(int32_t));
+    for (int64_t m = 0; m < m_rows; m++)
+        q6k_x(x + m * k_len, k_len, xq + m * k_len, xs + m * nb, xsum + m * ns, hi + m * k_len, lo + m * k_len);
+    #pragma omp parallel for schedule(guided, 16) num_threads(threads)
+    for (int64_t n = 0; n < n_rows; n++) {
+        const uint8_t *row = blocks + n * nb * Q6K_BYTES;
+#ifdef KILN_AVX512
+        __m512i c[4], s[4], sc16;
+        __m512 acc[16], macc[16];
+        for (int64_t m = 0; m < m_rows; m++) {
+            acc[m] = _mm512_setzero_ps();
+            macc[m] = _mm512_setzero_ps();
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * Q6K_BYTES;
+            const float d = f16_at(blk + 208);
+            q6k_unpack(blk, c, s, &sc16);
+            for (int64_t m = 0; m < m_rows; m++)
+                q6k_step(c, s, sc16, d, hi + m * k_len + 256 * b, lo + m * k_len + 256 * b, xs[m * nb + b],
+                         xsum + m * ns + 16 * b, &acc[m], &macc[m]);
+        }
+        for (int64_t m = 0; m < m_rows; m++) {
+            const float v = _mm512_reduce_add_ps(acc[m]) - _mm512_reduce_add_ps(macc[m]);
+            y[m * n_rows + n] = bias ? v + bias[n] : v;
+        }
+#else
+        for (int64_t m = 0; m < m_rows; m++) {
+            const int16_t *xm = xq + m * k_len;
+            float v = 0.f, offs = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * Q6K_BYTES;
+                const float d = f16_at(blk + 208);
+                int32_t t = 0, o = 0;
+                for (int w = 0; w < 256; w++)
+                    t += (int32_t)((const int8_t *)blk)[192 + w / 16] * q6k_code(blk, w) * xm[256 * b + w];
+                for (int j = 0; j < 16; j++)
+                    o += (int32_t)((const int8_t *)blk)[192 + j] * xsum[m * ns + 16 * b + j];
+                v += d * xs[m * nb + b] * (float)t;
+                offs += 32.f * d * xs[m * nb + b] * (float)o;
+            }
+            y[m * n_rows + n] = bias ? (v - offs) + bias[n] : v - offs;
+        }
+#endif
+    }
+    free(xq);
+    free(hi);
+    free(lo);
+    free(xs);
+    free(xsum);
+}
+
+/* Q6_K blocks dequantized to fp32, w = (d * sc_s) * (q - 32), rounded as kquants.dequantize_q6_k; each half
+   of a block in four runs of 32 (the layout above) that the compiler vectorizes. */
+void kiln_dequant_q6k(const uint8_t *blocks, float *out, int64_t n_rows, int64_t k_len, int threads) {
+    const int64_t nb = k_len / 256;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_rows; n++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = blocks + (n * nb + b) * Q6K_BYTES;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            const float d = f16_at(blk + 208);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+                float *o = out + n * k_len + b * 256 + 128 * h;
+                for (int half = 0; half < 2; half++) {  /* l in 0..15, then 16..31: one scale each */
+                    const float d0 = d * (float)sc[8 * h + half], d1 = d * (float)sc[8 * h + half + 2];
+                    const float d2 = d * (float)sc[8 * h + half + 4], d3 = d * (float)sc[8 * h + half + 6];
+                    #pragma omp simd
+                    for (int l = 16 * half; l < 16 * half + 16; l++) {
+                        o[l] = d0 * (float)(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+                        o[l + 32] = d1 * (float)(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                        o[l + 64] = d2 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                        o[l + 96] = d3 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                    }
+                }
+            }
+        }
+}
+
 /* The same blocks dequantized to fp32 (out (N, K)), w = (d * sc_j) * q - dmin * m_j rounded as
    kquants.dequantize_q4_k rounds it (two products, then the difference: no fused multiply-add). */
 __attribute__((optimize("fp-contract=off")))

@@ -29,6 +29,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 Q4K_BYTES = 144  # one Q4_K block: 256 weights
+Q6K_BYTES = 210  # one Q6_K block: 256 weights
+KQUANT_BYTES = {12: Q4K_BYTES, 14: Q6K_BYTES}  # GGML type -> bytes per 256 weights (Q4_K, Q6_K)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 
 
@@ -68,43 +70,58 @@ def dequant_i8g(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemv_q4k(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """gemv_q4k_ref's contract, in native.c: x (K,) or (M, K) float32 with M <= 16, blocks (N, K / 256 * 144)
-    uint8 (a Q4_K tensor's rows as the file holds them), bias (N,) float32 or None -> (N,) or (M, N) float32."""
-    n, k = blocks.shape[0], blocks.shape[1] // Q4K_BYTES * 256
+def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """gemv_k_ref's contract, in native.c: x (K,) or (M, K) float32 with M <= 16, blocks (N, K / 256 * B) uint8
+    (a Q4_K or Q6_K tensor's rows as the file holds them: qtype 12 or 14), bias (N,) float32 or None -> (N,) or
+    (M, N) float32."""
+    n, k = blocks.shape[0], blocks.shape[1] // KQUANT_BYTES[qtype] * 256
     x2 = _c(x.reshape(-1, k))
     if x2.shape[0] > 16:
-        raise ValueError(f"gemv_q4k takes at most 16 rows of x, got {x2.shape[0]}")
+        raise ValueError(f"gemv_k takes at most 16 rows of x, got {x2.shape[0]}")
     blocks, bias = _c(blocks), _c(bias)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _lib().kiln_gemv_q4k(_ptr(blocks), _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0], torch.get_num_threads())
+    fn = _lib().kiln_gemv_q4k if qtype == 12 else _lib().kiln_gemv_q6k
+    fn(_ptr(blocks), _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0], torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
 
-def dequant_q4k(blocks: torch.Tensor) -> torch.Tensor:
-    """blocks (N, K / 256 * 144) uint8 -> the weight (N, K) float32, bit-equal to kquants.dequantize_q4_k."""
-    n, k = blocks.shape[0], blocks.shape[1] // Q4K_BYTES * 256
+def dequant_k(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """blocks (N, K / 256 * B) uint8 of a Q4_K / Q6_K tensor -> the weight (N, K) float32, bit-equal to
+    kquants.dequantize_q4_k / _q6_k."""
+    n, k = blocks.shape[0], blocks.shape[1] // KQUANT_BYTES[qtype] * 256
     blocks = _c(blocks)
     out = torch.empty(n, k, dtype=torch.float32)
-    _lib().kiln_dequant_q4k(_ptr(blocks), _ptr(out), n, k, torch.get_num_threads())
+    fn = _lib().kiln_dequant_q4k if qtype == 12 else _lib().kiln_dequant_q6k
+    fn(_ptr(blocks), _ptr(out), n, k, torch.get_num_threads())
     return out
 
 
-def gemv_q4k_ref(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product gemv_q4k computes, in torch: x rounded per 256 to |xq| <= 32639 (_round_x), each sub-block's dot
-    exact, y[n] = sum_b xs_b * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * sum(xq_j)) (+ bias)."""
-    from kiln.quant.kquants import _nibbles, k_scales_mins
+def gemv_k_ref(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_k computes, in torch: x rounded per 256 to |xq| <= 32639 (_round_x), each sub-block's
+    dot exact, then per block Q4_K: xs * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * sum(xq_j)); Q6_K:
+    xs * d * sum_s sc_s * (dot_s - 32 * sum(xq_s)) with its codes 0..63 (+ bias)."""
+    from kiln.quant.kquants import _crumbs, _nibbles, k_scales_mins
     from kiln.quant.legacy import f16_at
-    n, k = blocks.shape[0], blocks.shape[1] // Q4K_BYTES * 256
-    b = blocks.reshape(-1, Q4K_BYTES)                                          # (N * B, 144)
-    sc, mn = (t.double().view(n, -1, 8) for t in k_scales_mins(b[:, 4:16]))   # (N, B, 8)
-    d, dmin = (f16_at(b, o).double().view(n, -1) for o in (0, 2))              # (N, B)
-    q = _nibbles(b[:, 16:144], 32).double().view(n, -1, 8, 32)                # (N, B, 8, 32)
+    size = KQUANT_BYTES[qtype]
+    n = blocks.shape[0]
+    b = blocks.reshape(-1, size)                                               # (N * B, size)
     xq, xs = _round_x(x, 256, 32639)                                           # (..., B, 256), (..., B)
-    xq = xq.view(*xq.shape[:-1], 8, 32)                                        # (..., B, 8, 32)
-    dots = torch.einsum("...bjl,nbjl->...nbj", xq, q)                          # exact integers
-    mins = torch.einsum("...bj,nbj->...nb", xq.sum(-1), mn)
-    y = (xs.double()[..., None, :] * (d * (dots * sc).sum(-1) - dmin * mins)).sum(-1).float()
+    if qtype == 12:
+        sc, mn = (t.double().view(n, -1, 8) for t in k_scales_mins(b[:, 4:16]))  # (N, B, 8)
+        d, dmin = (f16_at(b, o).double().view(n, -1) for o in (0, 2))          # (N, B)
+        q = _nibbles(b[:, 16:144], 32).double().view(n, -1, 8, 32)             # (N, B, 8, 32)
+        xq = xq.view(*xq.shape[:-1], 8, 32)                                    # (..., B, 8, 32)
+        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q)                      # exact integers
+        mins = torch.einsum("...bj,nbj->...nb", xq.sum(-1), mn)
+        per_block = d * (dots * sc).sum(-1) - dmin * mins                     # (..., N, B)
+    else:
+        sc = b[:, 192:208].view(torch.int8).double().view(n, -1, 16)           # (N, B, 16)
+        d = f16_at(b, 208).double().view(n, -1)
+        q = _nibbles(b[:, 0:128], 64).bitwise_or_(_crumbs(b[:, 128:192], 2) << 4).double().view(n, -1, 16, 16)
+        xq = xq.view(*xq.shape[:-1], 16, 16)
+        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q) - 32 * xq.sum(-1)[..., None, :, :]
+        per_block = d * (dots * sc).sum(-1)
+    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
     return y if bias is None else y + bias
 
 
@@ -192,7 +209,9 @@ def _lib():
                   "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 3 + [ctypes.c_int],
                   "kiln_dequant_i8g": [p] * 2 + [i, p] + [i] * 2 + [ctypes.c_int],
                   "kiln_gemv_q4k": [p] * 4 + [i] * 3 + [ctypes.c_int],
+                  "kiln_gemv_q6k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
+                  "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
                   "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
     for name, args in signatures.items():

@@ -2,7 +2,7 @@
 architecture with the kernels on and off.
 
 The twins: `Int8Linear.dequantize() @ x` for the GEMV, `native.gemv_i8g_ref` for its group-scaled form,
-`native.gemv_q4k_ref` and gguf-py's dequantization for Q4_K blocks, `ops.rms_norm_ref` for the norm, and
+`native.gemv_k_ref` and gguf-py's dequantization for Q4_K / Q6_K blocks, `ops.rms_norm_ref` for the norm, and
 `ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
 """
 
@@ -81,43 +81,47 @@ def test_dequant_i8g_is_the_scaled_codes(group):
     assert torch.equal(int8_weight_ref(q, scale), want)  # the torch path int8_linear takes without native.c
 
 
-def _q4k_blocks(n: int, k: int, g: torch.Generator) -> torch.Tensor:
-    """Q4_K rows (N, K / 256 * 144): random codes, scales and mins (every 6-bit value), finite f16 d / dmin."""
-    blocks = torch.randint(0, 256, (n * k // 256, 144), dtype=torch.uint8, generator=g)
-    blocks[:, 0:4] = (torch.rand(n * k // 256, 2, generator=g) * 0.01 + 1e-4).half().view(torch.uint8)
+def _kquant_blocks(qtype: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Q4_K / Q6_K rows (N, K / 256 * B): random codes and scales (every value), finite f16 d (and dmin)."""
+    size = native.KQUANT_BYTES[qtype]
+    blocks = torch.randint(0, 256, (n * k // 256, size), dtype=torch.uint8, generator=g)
+    at = (0, 4) if qtype == 12 else (208, 210)
+    blocks[:, at[0]:at[1]] = (torch.rand(n * k // 256, (at[1] - at[0]) // 2, generator=g) * 0.01 + 1e-4).half().view(
+        torch.uint8)
     return blocks.view(n, -1)
 
 
+@pytest.mark.parametrize("qtype", [12, 14])  # Q4_K, Q6_K
 @pytest.mark.parametrize("n,k", [(64, 256), (33, 512), (7, 2560)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_q4k_is_its_twin_and_the_files_weight(n, k, bias):
-    """Q4_K blocks as the file holds them against native.gemv_q4k_ref (x rounded to int16 per 256, exact
+def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
+    """K-quant blocks as the file holds them against native.gemv_k_ref (x rounded per 256 to 16 bits, exact
     integer dots) and against gguf-py's own dequantization of the same bytes (the weight any reader sees)."""
     import gguf
-    g = torch.Generator().manual_seed(n + k)
-    blocks = _q4k_blocks(n, k, g)
+    g = torch.Generator().manual_seed(n + k + qtype)
+    blocks = _kquant_blocks(qtype, n, k, g)
     x = torch.randn(k, generator=g)
     x[256:512] = 0  # a block of x all zeros (where there is a second)
     b = torch.randn(n, generator=g) if bias else None
-    y = native.gemv_q4k(x, blocks, b)
+    y = native.gemv_k(x, blocks, qtype, b)
     assert y.shape == (n,) and y.dtype == torch.float32
-    assert _rel(y, native.gemv_q4k_ref(x, blocks, b)) < 1e-6
-    w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q4_K)).double()
+    assert _rel(y, native.gemv_k_ref(x, blocks, qtype, b)) < 1e-6
+    w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))).double()
     assert w.shape == (n, k)
     assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 1e-4  # x's 16-bit rounding
-    assert torch.equal(native.dequant_q4k(blocks), ops.cpu._dequant_q4k_ref(blocks))  # the prompt's weight
-    assert _rel(native.dequant_q4k(blocks), w) < 1e-7
+    assert torch.equal(native.dequant_k(blocks, qtype), ops.cpu.kquant_weight_ref(blocks, qtype))  # a prompt's
+    assert _rel(native.dequant_k(blocks, qtype), w) < 1e-7
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
-    ys = native.gemv_q4k(xs, blocks, b)
-    assert torch.equal(ys[0], y) and _rel(ys, native.gemv_q4k_ref(xs, blocks, b)) < 1e-6
+    ys = native.gemv_k(xs, blocks, qtype, b)
+    assert torch.equal(ys[0], y) and _rel(ys, native.gemv_k_ref(xs, blocks, qtype, b)) < 1e-6
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(native.gemv_q4k(x, blocks, b), y)
+        assert torch.equal(native.gemv_k(x, blocks, qtype, b), y)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="at most 16 rows"):
-        native.gemv_q4k(torch.randn(17, k), blocks, b)
+        native.gemv_k(torch.randn(17, k), blocks, qtype, b)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])

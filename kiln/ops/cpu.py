@@ -4,14 +4,14 @@ Owns: the rule for when a native kernel serves a tensor (`serves`: one float32 r
 to differentiate, the policy's `native` on and the library built), and the CPU entry points the rest of
 kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row product of
 quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
-otherwise), `q4k_linear` (quant/cpu.Q4KLinear's product: native for a few rows, fp32 over the dequantized
-weight for a prompt) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms, RoPE,
+otherwise), `kquant_linear` (quant/cpu.KQuantLinear's product: native for a few rows, fp32 over the
+dequantized weight for a prompt) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms, RoPE,
 the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
 Each entry point's torch twin: ops.rms_norm_ref; int8_weight_ref(q, scale) @ x (Int8Linear.dequantize);
-native.gemv_q4k_ref; ops.rope_qk_ref, then the
+native.gemv_k_ref; ops.rope_qk_ref, then the
 cache write and base.attend. tests/test_native.py compares them.
 """
 
@@ -83,29 +83,31 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y.view(*x.shape[:-1], n)
 
 
-def q4k_linear(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None,
-               policy: Policy = DEFAULT) -> torch.Tensor:
-    """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype, W a Q4_K tensor's rows as the file holds them (blocks
-    (N, K / 256 * 144) uint8). Up to NATIVE_ROWS rows of x where `_native` allows: native.gemv_q4k (x rounded
-    to int16 per 256, integer products, each block unpacked once for all rows); otherwise a matmul in x's
-    dtype over W dequantized PACK rows at a time (exact; native.c dequantizes where built)."""
-    n, k = blocks.shape[0], blocks.shape[1] // native.Q4K_BYTES * 256
+def kquant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None,
+                  policy: Policy = DEFAULT) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype, W a Q4_K or Q6_K tensor's rows as the file holds them
+    (blocks (N, K / 256 * B) uint8; qtype 12 or 14). Up to NATIVE_ROWS rows of x where `_native` allows:
+    native.gemv_k (x rounded per 256 to 16 bits, integer products, each block unpacked once for all rows);
+    otherwise a matmul in x's dtype over W dequantized PACK rows at a time (exact; native.c dequantizes where
+    built)."""
+    n, k = blocks.shape[0], blocks.shape[1] // native.KQUANT_BYTES[qtype] * 256
     if x.numel() <= NATIVE_ROWS * k and _native(x, policy):
-        return native.gemv_q4k(x, blocks, bias)
+        return native.gemv_k(x, blocks, qtype, bias)
     x2 = x.reshape(-1, k)  # (M, K)
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    dequant = native.dequant_q4k if policy.native and native.available() else _dequant_q4k_ref
+    dequant = native.dequant_k if policy.native and native.available() else kquant_weight_ref
     for a in range(0, n, PACK):
-        y[:, a:a + PACK] = x2 @ dequant(blocks[a:a + PACK]).to(x.dtype).t()  # (PACK, K) fp32
+        y[:, a:a + PACK] = x2 @ dequant(blocks[a:a + PACK], qtype).to(x.dtype).t()  # (PACK, K) fp32
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], n)
 
 
-def _dequant_q4k_ref(blocks: torch.Tensor) -> torch.Tensor:
-    """blocks (N, K / 256 * 144) -> (N, K) float32 in torch (kquants.dequantize_q4_k; native.dequant_q4k's twin)."""
-    from kiln.quant.kquants import dequantize_q4_k
-    return dequantize_q4_k(blocks.reshape(-1, native.Q4K_BYTES)).view(blocks.shape[0], -1)
+def kquant_weight_ref(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """blocks (N, K / 256 * B) -> (N, K) float32 in torch (kquants' dequantization; native.dequant_k's twin)."""
+    from kiln.quant.kquants import dequantize_q4_k, dequantize_q6_k
+    fn = dequantize_q4_k if qtype == 12 else dequantize_q6_k
+    return fn(blocks.reshape(-1, native.KQUANT_BYTES[qtype])).view(blocks.shape[0], -1)
 
 
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor, policy: Policy = DEFAULT) -> bool:

@@ -1,15 +1,15 @@
 """The compact CPU path: GGUF weights repacked, tensor by tensor, into torch's packed CPU matmuls.
 
 Owns the CPU layer types and the swap that builds them from a GGUF model's weights:
-- `Q4KLinear`: a Q4_K tensor's blocks as the file holds them (exact, 4.5 bits a weight), run by
-  ops.cpu.q4k_linear: native.c's GEMV for a few rows (x rounded to 16 bits per 256, integer products), an
-  fp32 matmul of the exact weight for a prompt.
+- `KQuantLinear`: a Q4_K or Q6_K tensor's blocks as the file holds them (exact, 4.5 / 6.56 bits a weight),
+  run by ops.cpu.kquant_linear: native.c's GEMV for a few rows (x rounded to 16 bits per 256, integer
+  products), an fp32 matmul of the exact weight for a prompt; the output head too when it is one of them.
 - `Int4Linear`: 4-bit codes in torch's CPU int4 layout with one bf16 (scale, zero) per 32 weights,
   `w = (q - 8) * scale + zero`, through `_weight_int4pack_mm_for_cpu`. Q4_0 and Q4_1 (and the output head's
   screen) map onto it exactly up to the bf16 rounding of scale and zero (their codes are copied).
-- `Int8Linear`: int8 codes with a scale per block or per row. Q8_0, Q5_0 and Q6_K keep the file's own
-  codes and block scales (f16, per 32 or 16 weights: exact, `from_gguf`); every other type (the rest of
-  the K-quants, plain floats, a Q4 tensor that int4 tiles do not fit) becomes int8 rows with one bf16
+- `Int8Linear`: int8 codes with a scale per block or per row. Q8_0 and Q5_0 keep the file's own codes and
+  block scales (f16, per 32 weights: exact, `from_gguf`; Q6_K can too, its d * scale in f16); every other
+  type (the other K-quants, plain floats, a Q4 tensor that int4 tiles do not fit) becomes int8 rows with one bf16
   scale per row through `_weight_int8pack_mm`, a second rounding finer than the grids it re-quantizes.
   One float32 row (the batch-1 decode step) goes through a native GEMV instead, where built (the choice
   is ops/cpu.int8_linear's, under the layer's policy).
@@ -160,6 +160,7 @@ def _q6_k(b: torch.Tensor):
 
 INT8_EXACT = {int(_T.Q8_0): (_q8_0, 32), int(_T.Q5_0): (_q5_0, 32), int(_T.Q6_K): (_q6_k, 16)}  # (codes, weights
 # per f16 scale)
+KQUANT = (int(_T.Q4_K), int(_T.Q6_K))  # kept as the file's blocks (KQuantLinear), before INT8_EXACT
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
@@ -288,40 +289,46 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of 32, bf16 x"
 
 
-class Q4KLinear(nn.Module):
-    """y = x @ W.T (+ bias) with W a Q4_K tensor's rows as the file holds them (256 weights in 144 bytes: exact,
-    4.5 bits a weight); ops.cpu.q4k_linear runs it (native.c's GEMV for a few rows)."""
+class KQuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W a Q4_K or Q6_K tensor's rows as the file holds them (exact; 4.5 / 6.56 bits
+    a weight); ops.cpu.kquant_linear runs it (native.c's GEMV for a few rows)."""
 
-    def __init__(self, blocks: torch.Tensor, shape: tuple[int, int], bias=None, policy: Policy = DEFAULT):
+    def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
+                 policy: Policy = DEFAULT):
         super().__init__()
-        self.register_buffer("blocks", blocks)                        # (N, K / 256 * 144) uint8
+        self.register_buffer("blocks", blocks)                        # (N, K / 256 * type_size) uint8
         self.register_buffer("bias", _bias(bias))
-        self.out_features, self.in_features = shape
+        self.qtype, (self.out_features, self.in_features) = int(qtype), shape
         self.policy = policy
 
     @classmethod
-    def from_gguf(cls, raw: torch.Tensor, shape: tuple[int, int], bias=None, policy: Policy = DEFAULT) -> Q4KLinear:
-        """raw (N, row_bytes) uint8 rows of a Q4_K tensor (the file's mapping: copied, so the file's pages can go)."""
-        return cls(raw.contiguous().clone(), shape, bias, policy)
+    def from_gguf(cls, raw: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
+                  policy: Policy = DEFAULT) -> KQuantLinear:
+        """raw (N, row_bytes) uint8 rows of a KQUANT type (the file's mapping: copied, so its pages can go)."""
+        return cls(raw.contiguous().clone(), qtype, shape, bias, policy)
+
+    def joins(self, other: KQuantLinear) -> bool:
+        return self.qtype == other.qtype
 
     @classmethod
-    def cat(cls, layers: list[Q4KLinear]) -> Q4KLinear:
+    def cat(cls, layers: list[KQuantLinear]) -> KQuantLinear:
         n = sum(b.out_features for b in layers)
-        return cls(torch.cat([b.blocks for b in layers]), (n, layers[0].in_features), _cat_bias(layers),
-                   layers[0].policy)
+        return cls(torch.cat([b.blocks for b in layers]), layers[0].qtype, (n, layers[0].in_features),
+                   _cat_bias(layers), layers[0].policy)
 
     @property
     def nbytes(self) -> int:
         return self.blocks.numel()
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return ops_cpu._dequant_q4k_ref(self.blocks).to(dtype)
+        return ops_cpu.kquant_weight_ref(self.blocks, self.qtype).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops_cpu.q4k_linear(x, self.blocks, self.bias, self.policy)
+        return ops_cpu.kquant_linear(x, self.blocks, self.qtype, self.bias, self.policy)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_K blocks"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{_T(self.qtype).name} blocks")
 
 
 class GGUFRows:
@@ -413,8 +420,8 @@ class ScreenedHead(nn.Module):
 def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -> nn.Module:
     """The CPU layer for one weight (a GGUFTensor or a dense tensor): see the module docstring."""
     qtype = int(w.qtype) if quantized(w) else None
-    if qtype == int(_T.Q4_K) and not getattr(w, "add", 0):  # a head too: exact, and faster than a screen
-        return Q4KLinear.from_gguf(w.raw_rows(), tuple(w.shape), bias, policy)
+    if qtype in KQUANT and not getattr(w, "add", 0):  # a head too: exact, and faster than a screen
+        return KQuantLinear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias, policy)
     if head and qtype is not None and w.shape[0] >= SCREEN_MIN_ROWS and w.shape[0] % 64 == 0 and bias is None:
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles
