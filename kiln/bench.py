@@ -271,7 +271,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep weights compact (GPU default: GGUF blocks; CPU 'on': int4 / int8 rows, kiln/quant/cpu.py)")
+                   help="keep weights compact (auto: what the file quantized, GPU: GGUF blocks, CPU: "
+                        "kiln/quant/cpu.py's layers; on: float weights as int8 rows too on CPU; off: float copy)")
     from kiln.commands import (_adapter_args, _check_adapter, _check_draft, _draft_args, _drafting, cache_kw,
                                cache_type_args, ngl_arg, parallel_wanted, tp_arg)
     _adapter_args(p)

@@ -35,9 +35,9 @@ def _model_args(p: argparse.ArgumentParser):
 
 def _quantized_arg(p: argparse.ArgumentParser):
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep the weights compact (auto: on GPUs, off on CPU): on GPUs the GGUF blocks; on CPU "
-                        "int4 / int8 rows (kiln/quant/cpu.py); 'off' on CPU is the exact float32 copy (about 4x "
-                        "a Q4 file)")
+                   help="keep the weights compact (auto: what the file quantized, on GPUs as its GGUF blocks, on "
+                        "CPU as kiln/quant/cpu.py's layers, float weights float; on: float weights as int8 rows "
+                        "too on CPU; off: the float copy, about 4x a Q4 file in float32 on CPU)")
 
 
 def ngl(text: str):

@@ -40,11 +40,11 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     """Load a model and its tokenizer from a GGUF file, a Hugging Face folder, or a known name.
 
     `quantized` keeps weights compact: on CUDA the GGUF blocks stay packed (QuantLinear, the default
-    there); on CPU each tensor is repacked at load (quant/cpu.py: Q4 types as int4, Q8_0 / Q5_0 / Q6_K as
-    their own int8 codes, others as int8 rows, a screened output head, the embedding left in its blocks:
-    about a third of the memory, faster decode, top-1 agreement with llama.cpp within its own spread).
-    The default on CPU is still exact fp32: on the compact layers a prompt's log-probs move by up to ~0.01
-    with how its rows are batched (README, "The compact CPU path").
+    there); on CPU each quantized tensor stays compact (quant/cpu.py: Q4_K / Q6_K as the file's blocks, Q8_0 /
+    Q5_0 as their own int8 codes, Q4_0 / Q4_1 as int4, others as int8 rows, the embedding left in its blocks:
+    about a quarter of fp32's memory, faster decode, the file's exact weights where kept as blocks). None (the
+    default): so on both, float weights staying float32 on CPU; True on CPU: float weights become int8 rows
+    too; False: everything dequantized to `dtype` (exact fp32 on CPU).
     `policy` (kiln/policy.py; default: the environment's KILN_* switches) picks the kernels the model runs.
     `n_gpu_layers` (None / "auto": as many as fit.plan finds room for at `ctx_size`; "all"; an int N): the last
     N blocks and the output head on the GPU, the embedding and the other blocks on the CPU (kiln/split.py);
@@ -70,11 +70,14 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
         model = build_split(config, weights, places, places[-1], policy or DEFAULT, progress)
         model.source = str(path)
         return model, tokenizer
-    quantized = device.type == "cuda" if quantized is None else quantized  # CPU default: exact fp32 (see load)
     on_gpu = device.type == "cuda"
     swap = None
-    if quantized and not on_gpu:
-        from kiln.quant.cpu import compact_linears as swap  # joins its projections itself
+    if quantized is not False and not on_gpu:  # None: what the file quantized stays compact, floats stay fp32
+        from functools import partial
+
+        from kiln.quant.cpu import compact_linears
+        swap = partial(compact_linears, floats=bool(quantized))  # joins its projections itself
+    quantized = on_gpu if quantized is None else quantized
     model = build_model(config, weights, device=device, dtype=dtype, progress=progress,
                         quantized=quantized and on_gpu, swap=swap, policy=policy)
     if on_gpu:  # fewer, wider matmuls: a small model's decode step is bound by kernel launches

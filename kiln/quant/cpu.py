@@ -431,14 +431,17 @@ def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -
     return Int8Linear.from_dense(dense(w), bias, policy)
 
 
-def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT) -> list[str]:
+def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT, floats: bool = True) -> list[str]:
     """On a (meta-device) model, replace every nn.Linear with a compact CPU layer and a quantized GGUF
-    embedding table with a GGUFEmbedding, then join q/k/v and gate/up where they stack. Returns the
-    parameter names now held (the caller loads the rest)."""
+    embedding table with a GGUFEmbedding, then join q/k/v and gate/up where they stack. `floats`: a float
+    weight becomes int8 rows too (False: it stays a float32 nn.Linear, the CPU default's rule: only what the
+    file quantized stays quantized). Returns the parameter names now held (the caller loads the rest)."""
     def embedding(name, w):
         return GGUFEmbedding(GGUFRows.of(w)) if quantized(w) else None
 
     def linear(name, w, b):
+        if not floats and not quantized(w):
+            return None
         layer = compact_linear(w, None if b is None else dense(b), head=name == "lm_head", policy=policy)
         if hasattr(w, "release"):  # the file's pages of a repacked tensor: read again only where needed
             w.release()

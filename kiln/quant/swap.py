@@ -170,8 +170,8 @@ def joinable(a: nn.Module, b: nn.Module) -> bool:
     (`a.joins(b)` where it has one; nn.Linear: one dtype); types without a `cat` never join."""
     if type(a) is not type(b) or a.in_features != b.in_features or (a.bias is None) != (b.bias is None):
         return False
-    if type(a) is nn.Linear:
-        return a.weight.dtype == b.weight.dtype
+    if type(a) is nn.Linear:  # not while its weight is unread (meta): the loader assigns it by its own name
+        return a.weight.dtype == b.weight.dtype and not a.weight.is_meta and not b.weight.is_meta
     return hasattr(type(a), "cat") and (not hasattr(a, "joins") or a.joins(b))
 
 
