@@ -170,7 +170,7 @@ def test_equals_transformers_on_the_same_gguf(gemma_path):
     refs = load_refs(DATA / "refs_gemma3-270m.npz")
     hf = AutoModelForCausalLM.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name,
                                               dtype=torch.float32).eval()
-    model, _ = kiln.load(gemma_path, device="cpu", dtype=torch.float32)
+    model, _ = kiln.load(gemma_path, device="cpu", dtype=torch.float32, quantized=False)  # the exact weights
     for doc in refs["docs"][:2]:
         ids = torch.tensor([list(doc["tokens"])])
         with torch.inference_mode():
