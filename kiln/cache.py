@@ -302,8 +302,13 @@ class Basis:
         return (x.float() @ self.h.T).to(x.dtype)
 
 
-def _basis(kind: str, d: int, device, offset=None) -> Basis | None:
-    return Basis(d, device, offset) if kind in ("q8_0", "q4_0") else None
+BLOCK_TYPES = ("q8_0", "q4_0")  # the types stored rotated (by default)
+
+
+def _basis(kind: str, d: int, device, rotate: bool | None, offset=None) -> Basis | None:
+    """The basis a type is stored in: rotated for a block type (rotate None), for every type (True: a test's
+    f32 cache in the rotated basis, exact), or for none (False: llama.cpp's layout before its rotation)."""
+    return Basis(d, device, offset) if (kind in BLOCK_TYPES if rotate is None else rotate) else None
 
 
 class KVCache:
@@ -313,11 +318,12 @@ class KVCache:
     for other types), and attention takes its queries through `queries` and its output through `outputs`.
     `k`, `v` are the first stored part of each ((L, B, K, S, D) for a dense type): the tensors the fused
     kernels read when the cache is `direct` (stored in the model's own dtype). `key_offset` (L, K, D): what
-    a block type subtracts from keys before rotating them (`models/base.key_offsets`; None: nothing)."""
+    a block type subtracts from keys before rotating them (`models/base.key_offsets`; None: nothing);
+    `rotate`: which types are stored rotated (`_basis`; None: the block types)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None,
-                 rings: list | None = None, key_offset: torch.Tensor | None = None):
+                 rings: list | None = None, key_offset: torch.Tensor | None = None, rotate: bool | None = None):
         self.type_k, self.type_v = cache_type(type_k, dtype), cache_type(type_v, dtype)
         for t in (self.type_k, self.type_v):
             if t in ("q8_0", "q4_0") and head_dim % QK:
@@ -331,6 +337,7 @@ class KVCache:
                                 "drop the cache types, or load it on one device")
             dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * n_layers
             self.type_k = self.type_v = None
+            rotate = False  # each layer in its own dtype, on its own device
             zeros = lambda: _PerLayer(torch.zeros((batch, n_kv_heads, n, head_dim), dtype=t, device=d)  # noqa: E731
                                       for n, d, t in zip(slots, device, dtypes))
             self.kp, self.vp = [zeros()], [zeros()]
@@ -344,33 +351,35 @@ class KVCache:
             self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
             self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
         self.head_dim = head_dim
-        self.k_basis = _basis(self.type_k, head_dim, self.kp[0].device, key_offset)
-        self.v_basis = _basis(self.type_v, head_dim, self.kp[0].device)
+        self.k_basis = _basis(self.type_k, head_dim, self.kp[0].device, rotate, key_offset)
+        self.v_basis = _basis(self.type_v, head_dim, self.kp[0].device, rotate)
         self._views()
 
     def _views(self):
         self.k, self.v = self.kp[0], self.vp[0]
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
-            self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1)
+            self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
+            and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None,
-                  type_k: str | None = None, type_v: str | None = None, rings: list | None = None):
+                  type_k: str | None = None, type_v: str | None = None, rings: list | None = None,
+                  rotate: bool | None = None):
         a = model.args
         p = next(model.parameters())
         split = getattr(model, "places", None)  # kiln/split.py: each layer's KV on its device, in its dtype
         if split and device is None:
             device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         offset = None
-        if cache_type(type_k, p.dtype) in ("q8_0", "q4_0"):  # stored rotated, less the model's key bias
+        if not split and (cache_type(type_k, p.dtype) in BLOCK_TYPES if rotate is None else rotate):
             from kiln.models.base import key_offsets  # models import this file: the model's half, asked late
-            offset = key_offsets(model)
+            offset = key_offsets(model)  # keys stored rotated, less the model's key bias
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
                    max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings,
-                   offset)
+                   offset, rotate)
 
     @property
     def nbytes(self) -> int:
