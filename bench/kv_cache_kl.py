@@ -5,7 +5,8 @@ whole. Teacher-forced, every position scored, KL(default || quantized) over the 
 
 kiln: the model dequantized to float32 on the CPU (as the test loads it), its default cache float32; each
 type pair stored as kiln stores it (q8_0 / q4_0 rotated, keys less the k bias: cache.Basis) and, for
-comparison, unrotated (`rotate=False`: the layout before the rotation, llama.cpp's old one).
+comparison, rotated without that offset ("rotated": "no offset", as llama.cpp rotates) and unrotated
+(`rotate=False`: the layout before the rotation, llama.cpp's old one).
 llama.cpp (llama-cpp-python, in its own process: llama_cpp is imported before torch): flash attention, its
 default f16 cache as the reference; each pair with its rotation on (the default of recent llama.cpp for a
 quantized cache) and off (LLAMA_ATTN_ROT_DISABLE=1).
@@ -44,18 +45,22 @@ def kiln_rows(model_path: str, seqs: dict) -> list[dict]:
     from kiln.cache import KVCache, Step
     model, _ = kiln.load(model_path, device="cpu", dtype=torch.float32, quantized=False)
 
+    a = model.args
+
     def logprobs(ids, tk, tv, rotate):
         x = torch.tensor([ids])
-        c = KVCache.for_model(model, max_len=len(ids), type_k=tk, type_v=tv, rotate=rotate)
+        c = KVCache.for_model(model, max_len=len(ids), type_k=tk, type_v=tv, rotate=rotate) if rotate != "no offset" \
+            else KVCache(a.num_hidden_layers, 1, a.num_key_value_heads, a.head_dim, len(ids), type_k=tk, type_v=tv)
         with torch.inference_mode():
             return model(x, Step.prefill(c, 0)).float().log_softmax(-1)[0]
     refs = {name: logprobs(ids, None, None, None) for name, ids in seqs.items()}
     rows = []
     for tk, tv in PAIRS:
-        for rotate in (None, False):
+        for rotate in (None, "no offset", False):
             kl = {name: (refs[name].exp() * (refs[name] - logprobs(ids, tk, tv, rotate))).sum(-1).mean().item()
                   for name, ids in seqs.items()}
-            rows.append({"runtime": "kiln", "k": tk or "f32", "v": tv or "f32", "rotated": rotate is None, "kl": kl})
+            rows.append({"runtime": "kiln", "k": tk or "f32", "v": tv or "f32", "rotated": rotate or rotate is None,
+                         "kl": kl})
     return rows
 
 
@@ -65,7 +70,8 @@ def llama_rows(model_path: str, seqs: dict) -> list[dict]:
 
     def logprobs(ids, tk, tv, rotate):
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "0" if rotate else "1"  # read when a context's cache is made
-        llm = llama_cpp.Llama(model_path, n_ctx=256, n_batch=256, n_ubatch=256, type_k=GGML[tk], type_v=GGML[tv],
+        n = 1 << (len(ids) - 1).bit_length()
+        llm = llama_cpp.Llama(model_path, n_ctx=n, n_batch=n, n_ubatch=n, type_k=GGML[tk], type_v=GGML[tv],
                               flash_attn=True, logits_all=True, n_threads=2, verbose=False)
         llm.eval(ids)
         z = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
