@@ -11,7 +11,10 @@ Bounded layers (`Ring`): a sliding-window layer keeps only its window, and a rot
 max_kv_size) the first `keep` positions and the most recent ones, in a ring of slots; `update` then returns
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
 mask is built from that, so the slots need no reordering). `shift` drops positions and re-rotates the keys
-after them (llama.cpp's context shift).
+after them (llama.cpp's context shift). The cache types (llama.cpp's -ctk / -ctv) and their codecs, and the
+basis q8_0 / q4_0 store in (`Basis`: keys and values rotated by a Hadamard matrix, keys less the model's k
+bias); attention reads through `queries` / `outputs`, which rotate its query into that basis and its
+output back.
 Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), paging, which
 slot holds which request (engine.py), which layers get a ring (`plan_rings` from the caller's choice).
 
@@ -375,7 +378,7 @@ class KVCache:
             device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         offset = None
         if not split and (cache_type(type_k, p.dtype) in BLOCK_TYPES if rotate is None else rotate):
-            from kiln.models.base import key_offsets  # models import this file: the model's half, asked late
+            from kiln.models.base import key_offsets  # imported here: models/base imports this file
             offset = key_offsets(model)  # keys stored rotated, less the model's key bias
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
                    max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings,

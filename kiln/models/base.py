@@ -6,7 +6,8 @@ form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel)
 (default, linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once
 from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
 fused decode kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the
-re-rotation of cached keys for a context shift (`key_rotation`), the glue to layers joined at load
+re-rotation of cached keys for a context shift (`key_rotation`), the key offset a block-quantized cache
+subtracts before rotating (`key_offsets`: the k bias), the glue to layers joined at load
 (`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
 — RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
 the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
