@@ -172,3 +172,16 @@ def test_a_q8_0_slot_cache_in_batched_rows_equals_each_sequence_alone():
             ref = [km(x[:, :n], Step.prefill(alone, 0))]
             ref += [km(x[:, p:p + 1], Step.prefill(alone, p)) for p in range(n, n + 4)]
             assert (torch.cat(out, 1) - torch.cat(ref, 1)).abs().max() <= 1e-4
+
+
+def test_key_offsets_are_the_k_bias_also_in_a_joined_qkv():
+    """models/base.key_offsets: each layer's k_proj bias as (L, K, D), the same once q/k/v are joined into one
+    layer (a GPU load); None for a model without biases."""
+    from kiln.quant.swap import join_projections
+    from tests.test_bounded_cache import LLAMA, _tiny
+    model = _tiny(dict(LLAMA, model_type="qwen2", head_dim=32))
+    want = torch.stack([b.self_attn.k_proj.bias.detach().view(2, 32) for b in model.model.layers])
+    assert torch.equal(key_offsets(model), want)
+    join_projections(model)
+    assert not hasattr(model.model.layers[0].self_attn, "k_proj") and torch.equal(key_offsets(model), want)
+    assert key_offsets(_tiny(LLAMA)) is None
