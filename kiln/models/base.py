@@ -215,7 +215,7 @@ def _k_bias(attn: nn.Module, h: int, kv: int, d: int) -> torch.Tensor | None:
     if hasattr(attn, "k_norm"):
         return None
     if getattr(attn, "k_proj", None) is not None:
-        return attn.k_proj.bias
+        return getattr(attn.k_proj, "bias", None)
     joined = getattr(attn, "qkv", None) or getattr(attn, "qkv_proj", None)
     if joined is None:
         return None
