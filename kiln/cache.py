@@ -11,7 +11,10 @@ Bounded layers (`Ring`): a sliding-window layer keeps only its window, and a rot
 max_kv_size) the first `keep` positions and the most recent ones, in a ring of slots; `update` then returns
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
 mask is built from that, so the slots need no reordering). `shift` drops positions and re-rotates the keys
-after them (llama.cpp's context shift).
+after them (llama.cpp's context shift). The cache types (llama.cpp's -ctk / -ctv) and their codecs, and the
+basis q8_0 / q4_0 store in (`Basis`: keys and values rotated by a Hadamard matrix, keys less the model's k
+bias); attention reads through `queries` / `outputs`, which rotate its query into that basis and its
+output back.
 Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), paging, which
 slot holds which request (engine.py), which layers get a ring (`plan_rings` from the caller's choice).
 
@@ -255,15 +258,75 @@ def _layout(kind: str, d: int) -> list[tuple[int, torch.dtype]]:
     return [(d, _DENSE[kind])]
 
 
+# ---------------------------------------------------------------- the rotated basis of block types
+# A block's scale is set by its largest element: a key with a few channels ~100x the rest (Qwen2.5's keys
+# carry its k bias in a few low-frequency RoPE channels, and a high-frequency positional pair in layer 0)
+# quantizes the rest of that block to nothing. So q8_0 / q4_0 store keys and values rotated by an
+# orthonormal Walsh-Hadamard matrix H along D (QuaRot; llama.cpp's attn_rot_k / attn_rot_v), which spreads
+# a large channel over the block, and keys first less a fixed offset c per layer and head (the model's key
+# bias, `models/base.key_offsets`). Attention is unchanged in exact arithmetic: the query is rotated the
+# same way, q·H(k - c) = q·k - q·c with q·c the same for every key of a query (softmax does not see it),
+# and the output over rotated values is rotated back, (Σ p_i H v_i) Hᵀ = Σ p_i v_i.
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """(D, D) float32 orthonormal Walsh-Hadamard matrix, block-diagonal in blocks of the largest power of two
+    dividing d (the whole of d for 64, 128, 256; blocks of 32 for 96 or 160; of 64 for 192). Symmetric:
+    H = Hᵀ = H⁻¹."""
+    n = d & -d  # the largest power of two dividing d
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:  # Sylvester: [[h, h], [h, -h]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return torch.block_diag(*[h / n ** 0.5] * (d // n))
+
+
+class Basis:
+    """Where a block-quantized type stores keys or values: `into(layer, x)` = (x - offset[layer]) H (float32),
+    what is encoded; `back(layer, y)` its inverse (a context shift re-ropes keys in the model's basis);
+    `rotate(x)` = x H for queries and `unrotate(x)` = x Hᵀ for attention outputs, in x's dtype."""
+
+    def __init__(self, d: int, device, offset: torch.Tensor | None = None):
+        self.h = hadamard(d).to(device)
+        self.offset = None if offset is None else offset.to(device, torch.float32)  # (L, K, D) or None
+        self.name = f"hadamard{d & -d}" + ("-bias" if offset is not None else "")  # a prompt cache file's check
+
+    def into(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() if self.offset is None else x.float() - self.offset[layer][:, None]  # (B, K, T, D)
+        return x @ self.h
+
+    def back(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        y = y.float() @ self.h.T
+        return y if self.offset is None else y + self.offset[layer][:, None]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.h).to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.h.T).to(x.dtype)
+
+
+BLOCK_TYPES = ("q8_0", "q4_0")  # the types stored rotated (by default)
+
+
+def _basis(kind: str, d: int, device, rotate: bool | None, offset=None) -> Basis | None:
+    """The basis a type is stored in: rotated for a block type (rotate None), for every type (True: a test's
+    f32 cache in the rotated basis, exact), or for none (False: llama.cpp's layout before its rotation)."""
+    return Basis(d, device, offset) if (kind in BLOCK_TYPES if rotate is None else rotate) else None
+
+
 class KVCache:
     """Keys and values of every layer, stored in `type_k` / `type_v` (None: `dtype`, the model's; see
-    CACHE_TYPES); `update` returns them in the dtype of the keys and values it is given. `k`, `v` are the first
-    stored part of each ((L, B, K, S, D) for a dense type): the tensors the fused kernels read when the cache
-    is `direct` (stored in the model's own dtype)."""
+    CACHE_TYPES); `update` returns them in the dtype of the keys and values it is given, and in the cache's
+    basis: a block-quantized type's keys and values come back rotated (`k_basis`, `v_basis`: `Basis`, None
+    for other types), and attention takes its queries through `queries` and its output through `outputs`.
+    `k`, `v` are the first stored part of each ((L, B, K, S, D) for a dense type): the tensors the fused
+    kernels read when the cache is `direct` (stored in the model's own dtype). `key_offset` (L, K, D): what
+    a block type subtracts from keys before rotating them (`models/base.key_offsets`; None: nothing);
+    `rotate`: which types are stored rotated (`_basis`; None: the block types)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None,
-                 rings: list | None = None):
+                 rings: list | None = None, key_offset: torch.Tensor | None = None, rotate: bool | None = None):
         self.type_k, self.type_v = cache_type(type_k, dtype), cache_type(type_v, dtype)
         for t in (self.type_k, self.type_v):
             if t in ("q8_0", "q4_0") and head_dim % QK:
@@ -277,6 +340,7 @@ class KVCache:
                                 "drop the cache types, or load it on one device")
             dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * n_layers
             self.type_k = self.type_v = None
+            rotate = False  # each layer in its own dtype, on its own device
             zeros = lambda: _PerLayer(torch.zeros((batch, n_kv_heads, n, head_dim), dtype=t, device=d)  # noqa: E731
                                       for n, d, t in zip(slots, device, dtypes))
             self.kp, self.vp = [zeros()], [zeros()]
@@ -289,36 +353,61 @@ class KVCache:
             shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
             self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
             self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
+        self.head_dim = head_dim
+        self.k_basis = _basis(self.type_k, head_dim, self.kp[0].device, rotate, key_offset)
+        self.v_basis = _basis(self.type_v, head_dim, self.kp[0].device, rotate)
         self._views()
 
     def _views(self):
         self.k, self.v = self.kp[0], self.vp[0]
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
-            self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1)
+            self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
+            and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None,
-                  type_k: str | None = None, type_v: str | None = None, rings: list | None = None):
+                  type_k: str | None = None, type_v: str | None = None, rings: list | None = None,
+                  rotate: bool | None = None):
         a = model.args
         p = next(model.parameters())
         split = getattr(model, "places", None)  # kiln/split.py: each layer's KV on its device, in its dtype
         if split and device is None:
             device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
+        offset = None
+        if not split and (cache_type(type_k, p.dtype) in BLOCK_TYPES if rotate is None else rotate):
+            from kiln.models.base import key_offsets  # imported here: models/base imports this file
+            offset = key_offsets(model)  # keys stored rotated, less the model's key bias
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
-                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings)
+                   max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings,
+                   offset, rotate)
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache's storage takes."""
         return sum(t.numel() * t.element_size() for p in self.kp + self.vp for t in (p if isinstance(p, list) else [p]))
 
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q (..., D) in the basis of the keys `update` returns: rotated where they are stored rotated."""
+        return q if self.k_basis is None else self.k_basis.rotate(q)
+
+    def outputs(self, o: torch.Tensor) -> torch.Tensor:
+        """An attention output (..., H*D) over the values `update` returned, back in the model's basis."""
+        if self.v_basis is None:
+            return o
+        return self.v_basis.unrotate(o.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
+    def _encoded(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """(stored part, its new content) for each part of keys, then of values: k, v (B, K, T, D) in the
+        cache's basis and types."""
+        for parts, kind, basis, x in ((self.kp, self.type_k, self.k_basis, k), (self.vp, self.type_v, self.v_basis, v)):
+            yield from zip(parts, _encode(kind, x if basis is None else basis.into(layer, x)))
+
     def _write(self, layer: int, sl, k: torch.Tensor, v: torch.Tensor):
-        for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
-            for part, new in zip(parts, _encode(kind, x)):
-                part[layer][:, :, sl] = new
+        for part, new in self._encoded(layer, k, v):
+            part[layer][:, :, sl] = new
 
     def _read(self, layer: int, sl, dtype):
         return (_decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
@@ -342,7 +431,7 @@ class KVCache:
         if t == 1 and valid is None:  # written first, then the whole ring
             self._write(layer, slice(ring.slot(pos), ring.slot(pos) + 1), k, v)
             return self._read(layer, slice(None), k.dtype)
-        new_k, new_v = self._stored(layer, self.kp, self.type_k, k), self._stored(layer, self.vp, self.type_v, v)
+        new_k, new_v = self._stored(layer, k, v)
         keys, values = new_k, new_v  # a prompt from position 0: the ring holds nothing yet
         if pos:
             old_k, old_v = self._read(layer, slice(None), k.dtype)
@@ -353,22 +442,27 @@ class KVCache:
         self._scatter(layer, torch.where(stay, ring.slot(p), ring.scratch), k, v)  # the rest: to scratch
         return keys, values
 
-    @staticmethod
-    def _stored(layer: int, parts, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """x as the cache gives it back once stored (its type's rounding), as a whole cache's update would."""
-        if len(parts) == 1 and parts[0][layer].dtype == x.dtype:
-            return x
-        return _decode(kind, [p.to(part[layer].dtype) for p, part in zip(_encode(kind, x), parts)], x.dtype)
+    def _stored(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as the cache gives them back once stored (its types' rounding, its basis), as a whole cache's
+        update would."""
+        enc = list(self._encoded(layer, k, v))
+        n = len(self.kp)
+        out = []
+        for kind, pairs, x in ((self.type_k, enc[:n], k), (self.type_v, enc[n:], v)):
+            if len(pairs) == 1 and pairs[0][0][layer].dtype == x.dtype and pairs[0][1] is x:
+                out.append(x)  # stored as it is
+            else:
+                out.append(_decode(kind, [new.to(part[layer].dtype) for part, new in pairs], x.dtype))
+        return out[0], out[1]
 
     def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) into cache slots (T,) (a device tensor: no host sync)."""
-        for parts, kind, x in ((self.kp, self.type_k, k), (self.vp, self.type_v, v)):
-            for part, new in zip(parts, _encode(kind, x)):
-                dst = part[layer]
-                new = new.to(dst.dtype)
-                if dst.dtype == torch.float8_e4m3fn:  # no fp8 index_copy on the CPU: copy the bytes
-                    dst, new = dst.view(torch.uint8), new.view(torch.uint8)
-                dst.index_copy_(2, slots, new)
+        for part, new in self._encoded(layer, k, v):
+            dst = part[layer]
+            new = new.to(dst.dtype)
+            if dst.dtype == torch.float8_e4m3fn:  # no fp8 index_copy on the CPU: copy the bytes
+                dst, new = dst.view(torch.uint8), new.view(torch.uint8)
+            dst.index_copy_(2, slots, new)
 
     def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
@@ -385,7 +479,8 @@ class KVCache:
     def shift(self, end: int, keep: int, discard: int, rotate: Callable) -> None:
         """Context shift (llama.cpp's): of positions 0..end-1, drop keep..keep+discard-1 and move the later
         ones `discard` positions down, their keys re-rotated by `rotate(layer, k (B, K, S, D), delta (S,))`
-        (RoPE by delta positions, models/base.key_rotation). A ring layer keeps what it holds of them."""
+        (RoPE by delta positions, models/base.key_rotation). A ring layer keeps what it holds of them. Keys
+        stored in a rotated basis are re-roped in the model's (`Basis.back`: RoPE and H do not commute)."""
         for layer in range(len(self.kp[0])):
             ring, device = self.ring(layer), self.kp[0][layer].device
             old = torch.arange(end, device=device) if ring is None else ring.held(end, device)  # per slot
@@ -394,9 +489,14 @@ class KVCache:
             new = torch.where(old[src] < keep, old[src], old[src] - discard)
             if ring is not None:
                 self._check_ring(ring, new, end - discard)
-            k, v = self._read(layer, slice(None), torch.float32)
+            k, v = self._plain(layer, *self._read(layer, slice(None), torch.float32))
             k = rotate(layer, k.index_select(2, src), (new - old[src]))
             self._scatter(layer, new if ring is None else ring.slot(new), k, v.index_select(2, src))
+
+    def _plain(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as `_read` gives them, in the model's basis."""
+        return (k if self.k_basis is None else self.k_basis.back(layer, k),
+                v if self.v_basis is None else self.v_basis.back(layer, v))
 
     @staticmethod
     def _check_ring(ring: Ring, kept: torch.Tensor, end: int):
@@ -469,6 +569,12 @@ class RowsView:
     def direct(self) -> bool:
         return self.cache.direct
 
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        return self.cache.queries(q)
+
+    def outputs(self, o: torch.Tensor) -> torch.Tensor:
+        return self.cache.outputs(o)
+
     def ring(self, layer: int) -> None:
         return None  # a slot cache keeps every position (KVCache.rows)
 
@@ -476,9 +582,8 @@ class RowsView:
         """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""
         c = self.cache
         rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
-        for parts, kind, x in ((c.kp, c.type_k, k), (c.vp, c.type_v, v)):
-            for part, new in zip(parts, _encode(kind, x)):
-                part[layer][rows, :, pos] = new.transpose(1, 2).to(part.dtype)  # indexed (B, T, K, W)
+        for part, new in c._encoded(layer, k, v):
+            part[layer][rows, :, pos] = new.transpose(1, 2).to(part.dtype)  # indexed (B, T, K, W)
         if self._span is not None:  # consecutive slots: a view, no gather
             sel = lambda p: p[layer][self._span:self._span + self.n_rows, :, :self.n_keys]  # noqa: E731
         else:

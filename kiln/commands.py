@@ -88,7 +88,9 @@ def _bounded_args(p: argparse.ArgumentParser):
 
 
 def cache_type_args(p: argparse.ArgumentParser):
-    types = "f32, f16, bf16, q8_0, q4_0 or fp8 (default: the model's dtype)"
+    types = ("f32, f16, bf16, q8_0, q4_0 or fp8 (default: the model's dtype; q8_0 and q4_0 are stored rotated by "
+             "a Hadamard matrix, keys less the model's k bias, so a few large channels do not cost a block its "
+             "precision)")
     p.add_argument("-ctk", "--cache-type-k", default=None, help=f"KV cache type for keys: {types}")
     p.add_argument("-ctv", "--cache-type-v", default=None, help=f"KV cache type for values: {types}")
 

@@ -147,6 +147,20 @@ def adapters_of(model, rows: torch.Tensor, scales: torch.Tensor):
     return contextlib.nullcontext() if bank is None else bank.select(rows, scales)
 
 
+def fit_context(model, kv_bytes: int, n_slots: int, cache_type_k: str | None = None,
+                cache_type_v: str | None = None, graphs: bool | None = None) -> int:
+    """The ctx_size of the largest slot cache (n_slots rows of keys and values, and the static step's scratch
+    row) that takes at most kv_bytes, at most the model's positions: a KV memory budget in positions per slot
+    (what llama-server's -c over -np is). q8_0 stores 34 bytes per 32 values, bf16 64: 1.88x the positions."""
+    per_row = KVCache.for_model(model, max_len=1, type_k=cache_type_k, type_v=cache_type_v, rotate=False).nbytes
+    static = next(model.parameters()).device.type == "cuda" if graphs is None else bool(graphs)
+    ctx = min(kv_bytes // (per_row * (n_slots + static)), model.args.max_position_embeddings)
+    if ctx < 16:
+        raise KilnError(f"a KV budget of {kv_bytes} bytes gives {n_slots} slots {ctx} positions each "
+                        f"({per_row} bytes a position a slot); need at least 16")
+    return int(ctx)
+
+
 class Engine:
     """Continuous batching over a slot KV cache; see the module docstring.
 

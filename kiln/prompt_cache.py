@@ -2,8 +2,11 @@
 (`--prompt-cache FILE`, `stream_generate(..., prompt_cache=FILE)`), llama.cpp's --prompt-cache.
 
 Owns the file format and its checks: b"KILNPC1\\n", an 8-byte little-endian header length, a JSON header
-(the model's identity, the token ids, the cache types, each stored part's dtype and shape), then each part's
-raw bytes (keys' parts, then values'; positions 0..n of every layer). The identity is a sha256 of the model's
+(the model's identity, the token ids, the cache types, the basis keys and values are stored in, each stored
+part's dtype and shape), then each part's raw bytes (keys' parts, then values'; positions 0..n of every layer).
+Format 2 (header "version": 2) added the bases: q8_0 / q4_0 keys and values are stored rotated
+(cache.Basis); a file without them (format 1) holds them unrotated, so one of those types is refused with a
+clear KilnError (make it again) and a dense one loads as before. The identity is a sha256 of the model's
 config (`model.args`), the tokenizer's vocabulary size, special ids and the ids of a probe text, so a cache
 made by another model (or tokenizer) is refused with a clear KilnError, as is a truncated or foreign file.
 Not: the cache layout (cache.py), how much of a prompt a file covers (generate.py reuses the longest common
@@ -23,6 +26,7 @@ from kiln.cache import KVCache
 from kiln.errors import KilnError
 
 MAGIC = b"KILNPC1\n"
+VERSION = 2  # 2: the header names the basis of keys and values (cache.Basis.name; None: as they come)
 _PROBE = "The kiln fires clay at 1200 °C; def f(x): return x * 2  # 字"
 
 
@@ -40,7 +44,8 @@ def save(path, model, tokenizer, cache: KVCache, tokens: list[int], extra: dict 
     n = len(tokens)
     parts = [p[:, :, :, :n].contiguous().cpu() for p in cache.kp + cache.vp]  # (L, 1, K, n, W) each
     header = {"identity": identity(model, tokenizer), "tokens": [int(t) for t in tokens],
-              "type_k": cache.type_k, "type_v": cache.type_v, "n_k": len(cache.kp),
+              "type_k": cache.type_k, "type_v": cache.type_v, "n_k": len(cache.kp), "version": VERSION,
+              "basis_k": _name(cache.k_basis), "basis_v": _name(cache.v_basis),
               "parts": [{"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape)} for p in parts],
               **(extra or {})}
     head = json.dumps(header).encode()
@@ -87,8 +92,23 @@ def restore(cache: KVCache, header: dict, parts: list[torch.Tensor], n: int):
     if (cache.type_k, cache.type_v) != (header["type_k"], header["type_v"]):
         raise KilnError(f"the prompt cache stores KV as {header['type_k']}/{header['type_v']}; generate with "
                         f"--cache-type-k {header['type_k']} --cache-type-v {header['type_v']}")
+    stored, wanted = (header.get("basis_k"), header.get("basis_v")), (_name(cache.k_basis), _name(cache.v_basis))
+    if stored != wanted:
+        old = "version" not in header
+        raise KilnError(f"the prompt cache stores its {header['type_k']}/{header['type_v']} keys and values in "
+                        f"another basis ({_bases(stored)}) than this kiln ({_bases(wanted)})"
+                        + ("; it was made before kiln rotated quantized KV caches" if old else "")
+                        + ": make it again with `kiln cache-prompt`")
     for dst, src in zip(cache.kp + cache.vp, parts):
         dst[:, :, :, :n].copy_(src[:, :, :, :n])
+
+
+def _name(basis) -> str | None:
+    return None if basis is None else basis.name
+
+
+def _bases(names) -> str:
+    return "/".join(n or "unrotated" for n in names)
 
 
 @torch.inference_mode()

@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-np", type=int, default=4, help="concurrent sequences (slots; default 4)")
     p.add_argument("--ctx-size", "-c", type=int, default=None,
                    help="context per slot in tokens (default: the model's, at most 4096)")
+    p.add_argument("--kv-budget", default=None, metavar="SIZE",
+                   help="instead of --ctx-size: the KV cache memory the slots share (e.g. 2GiB, 500MB); each slot "
+                        "gets the positions that fit, so a q8_0 cache (-ctk q8_0 -ctv q8_0) holds 1.88x the "
+                        "context of bf16 in the same memory")
     from kiln.commands import cache_type_args
     cache_type_args(p)
     p.add_argument("--max-queue", type=int, default=64,
@@ -84,10 +88,30 @@ def _check(a) -> None:
             raise KilnError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if a.ctx_size is not None and a.ctx_size < 16:
         raise KilnError("--ctx-size must be at least 16 tokens")
+    if a.kv_budget is not None:
+        if a.ctx_size is not None:
+            raise KilnError("give --ctx-size or --kv-budget, not both")
+        a.kv_budget = parse_size(a.kv_budget)
     if a.slot_save_path is not None and not Path(a.slot_save_path).is_dir():
         raise KilnError(f"--slot-save-path {a.slot_save_path}: not a folder (create it first)")
     if not 0 < a.port < 65536:
         raise KilnError(f"--port {a.port} is not a TCP port (1..65535)")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '500MB', '1.5gb', '1000000' → bytes; KilnError otherwise."""
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("kmgib")
+    try:
+        value = float(num) * _UNITS[t[len(num):]]
+    except (ValueError, KeyError):
+        raise KilnError(f"--kv-budget {text!r}: not a size (e.g. 2GiB, 500MB, or bytes)") from None
+    if not 1 <= value < 2 ** 62:
+        raise KilnError(f"--kv-budget {text!r}: must be a positive number of bytes")
+    return int(value)
 
 
 def adapter_list(values: list[str] | None) -> list[tuple[str, Path]]:
@@ -160,7 +184,7 @@ def _run(a, path: Path, model_id: str, model_kw: dict) -> int:
                      api_key=a.api_key, n_slots=a.parallel, ctx_size=a.ctx_size, max_queue=a.max_queue,
                      max_body=a.max_body, allowed_hosts=allowed_hosts(a.host, a.allowed_hosts.split(",")),
                      read_timeout=a.read_timeout, cache_types=(a.cache_type_k, a.cache_type_v),
-                     slot_save_path=a.slot_save_path)
+                     slot_save_path=a.slot_save_path, kv_budget=a.kv_budget)
     server = server_for(app, a.host, a.port, log_level=a.log_level, read_timeout=a.read_timeout,
                         shutdown_grace=a.shutdown_grace)
     st = app.state.kiln

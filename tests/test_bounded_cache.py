@@ -439,3 +439,25 @@ def test_cuda_graph_decoder_with_rings_equals_full_cache(max_kv_size):
     assert dec.graph is not None
     assert [t for t, _ in got] == [t for t, _ in cpu]
     assert max((a.cpu() - b).abs().max().item() for (_, a), (_, b) in zip(got, cpu)) < 1e-3
+
+
+def test_context_shift_re_ropes_keys_stored_rotated():
+    """q8_0 / q4_0 store keys rotated and less the k bias (cache.Basis): a shift re-ropes them in the model's
+    basis. An f32 cache in that basis shifts to the plain cache's logits exactly (in float); a q8_0 cache (its
+    keys and values stored rotated) stays as near them after the shift as before it."""
+    model = _tiny(dict(LLAMA, model_type="qwen2", head_dim=32))  # q/k/v biases: a key offset
+    ids, rotate = _ids(20, seed=8), key_rotation(model, 16)
+    caches = [KVCache.for_model(model, max_len=16, rotate=r) for r in (False, True)]
+    caches.append(KVCache.for_model(model, max_len=16, type_k="q8_0", type_v="q8_0"))
+    outs = []
+    with torch.no_grad():
+        for c in caches:
+            before = model(ids[:, :16], Step.prefill(c, 0))[0]  # (16, V)
+            c.shift(16, 3, 6, rotate)  # positions 3..8 dropped, 9..15 now at 3..9
+            after = torch.cat([model(ids[:, t:t + 1], Step.prefill(c, t - 6))[0] for t in range(16, 20)])
+            outs.append((before, after))
+    (b0, a0), (b1, a1), (bq, aq) = outs
+    assert (b1 - b0).abs().max() <= 1e-4 and (a1 - a0).abs().max() <= 1e-4, (a1 - a0).abs().max()
+    err_before, err_after = (bq - b0).abs().max().item(), (aq - a0).abs().max().item()
+    print(f"q8_0 vs f32: max |Δlogit| {err_before:.4f} before the shift, {err_after:.4f} after")
+    assert 1e-4 < err_after <= 3 * err_before, (err_before, err_after)

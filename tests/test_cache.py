@@ -4,8 +4,10 @@ model against the default cache, and the real 0.5B model's logits over real text
 import pytest
 import torch
 
-from kiln.cache import KVCache, Step, dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0
+from kiln.cache import (KVCache, Step, dequantize_q4_0, dequantize_q8_0, hadamard, layer_windows, plan_rings,
+                        quantize_q4_0, quantize_q8_0)
 from kiln.errors import KilnError
+from kiln.models.base import key_offsets
 
 
 def test_q8_0_and_q4_0_blocks_match_llama_cpp_formulas():
@@ -39,6 +41,52 @@ def test_cache_types_bytes_and_errors():
         KVCache(**{**args, "head_dim": 48}, type_v="q4_0")
 
 
+def test_hadamard_blocks_are_the_largest_power_of_two_and_orthonormal():
+    """Against the closed form of Sylvester's matrix, H[i, j] = (-1)^popcount(i & j) / sqrt(n), in blocks of
+    the largest power of two dividing D (every head dim a block type allows: a multiple of 32)."""
+    for d, n in ((32, 32), (64, 64), (96, 32), (128, 128), (160, 32), (192, 64), (256, 256), (512, 512)):
+        h = hadamard(d)
+        i = torch.arange(n)
+        block = torch.tensor([[(-1) ** bin(a & b).count("1") for b in i.tolist()] for a in i.tolist()]) / n ** 0.5
+        assert torch.allclose(h, torch.block_diag(*[block.float()] * (d // n))), d
+        assert torch.equal(h, h.T) and torch.allclose(h @ h, torch.eye(d), atol=1e-6)
+
+
+def _tiny_pair(cfg, rings: bool, max_len: int, batch: int = 1):
+    """A tiny model of cfg and two f32 caches: plain, and stored in the basis of the block types (rotate)."""
+    from tests.test_bounded_cache import _tiny
+    km = _tiny(cfg)
+    r = plan_rings(layer_windows(km), max_len) if rings else None
+    return km, [KVCache.for_model(km, batch=batch, max_len=max_len, rings=r, rotate=rot) for rot in (False, True)]
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96])
+def test_a_cache_in_the_rotated_basis_attends_as_the_plain_one(head_dim):
+    """An f32 cache stored as the block types store (keys less the k bias, then H; values H), without their
+    rounding, gives the plain cache's logits in float (q·H(k - c) = q·k - q·c, the same shift for every key
+    of a query; (Σ p H v) Hᵀ = Σ p v): a prompt chunk, eager steps, the CUDA-graph form, a batched rows step;
+    Gemma's sliding-window rings too. D = 96: H in three blocks of 32."""
+    from tests.test_bounded_cache import GEMMA, LLAMA
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    for cfg, rings in ((dict(LLAMA, model_type="qwen2", head_dim=head_dim), False), (dict(GEMMA, head_dim=head_dim), True)):
+        km, caches = _tiny_pair(cfg, rings, 16, batch=2)
+        assert (key_offsets(km) is not None) == (cfg["model_type"] == "qwen2")  # q/k/v biases: an offset
+        outs = []
+        with torch.no_grad():
+            for c in caches:
+                one = c.slot(0)
+                out = [km(ids[:1, :6], Step.prefill(one, 0))]
+                out += [km(ids[:1, t:t + 1], Step.prefill(one, t)) for t in (6, 7)]
+                out += [km(ids[:1, t:t + 1], Step.graph(one, torch.tensor(t))) for t in (8, 9)]
+                if not rings:  # two rows at different depths of the slot cache
+                    km(ids[1:, :4], Step.prefill(c.slot(1), 0))
+                    pos = torch.tensor([10, 4])
+                    out.append(km(torch.stack([ids[0, 10:11], ids[1, 4:5]]), Step.rows(c.rows([0, 1], 11), pos)))
+                outs.append(torch.cat([o.flatten() for o in out]))
+        assert (caches[0].k[0] - caches[1].k[0]).abs().max() > 0.1  # really stored in another basis
+        assert (outs[0] - outs[1]).abs().max() <= 1e-4, (cfg["model_type"], (outs[0] - outs[1]).abs().max())
+
+
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0", "fp8"])
 def test_decode_with_a_typed_cache_tracks_the_uncached_model(kind):
     """Prefill, eager steps and the CUDA-graph form of the step (the whole static cache read back) through a
@@ -64,24 +112,32 @@ def test_decode_with_a_typed_cache_tracks_the_uncached_model(kind):
 
 @pytest.mark.model
 def test_quantized_kv_cache_kl_on_the_real_model(qwen):
-    """Teacher-forced logits over real text through a cache stored as q8_0 (K and V) and q8_0 K / q4_0 V,
-    against the default cache: mean KL, with the bytes against a bf16 cache."""
+    """Teacher-forced logits over 128 tokens of real text through a cache stored as q8_0 (K and V) and q8_0 K /
+    q4_0 V, against the default (f32) cache: mean KL (issue 12: <= 0.005 for q8_0 at about half the bytes of
+    bf16, <= 0.02 for q4_0), with the bytes against a bf16 cache. q8_0 / q4_0 store keys and values rotated by
+    H, keys less the k bias (cache.Basis); unrotated (`rotate=False`, printed beside) these were 0.0100 and
+    0.0167. llama.cpp on the same file and tokens (bench/kv_cache_kl.py, its f16 cache the reference): 0.0063
+    and 0.0097 with its rotation (the default), 0.0181 and 0.0222 without. q4_0 keys stay unusable on this
+    model either way (kiln 0.67 rotated, 0.70 not; llama.cpp 0.73 / 0.70): the q4_0 combination asserted is
+    q8_0 keys with q4_0 values (26/64 of bf16's bytes)."""
     from tests.refs import load_refs
     model, _ = qwen
     docs = load_refs("tests/data/refs_qwen2.5-coder-0.5b.npz")["docs"]
     ids = torch.tensor([[int(t) for d in docs for t in d["tokens"]][:128]])
 
-    def logprobs(tk, tv):
-        c = KVCache.for_model(model, max_len=ids.shape[1], type_k=tk, type_v=tv)
+    def logprobs(tk, tv, rotate=None):
+        c = KVCache.for_model(model, max_len=ids.shape[1], type_k=tk, type_v=tv, rotate=rotate)
         with torch.inference_mode():
             return model(ids, Step.prefill(c, 0)).float().log_softmax(-1)[0], c.nbytes
     ref, _ = logprobs(None, None)
+    kl = lambda lp: (ref.exp() * (ref - lp)).sum(-1).mean().item()  # noqa: E731
     bf16 = KVCache.for_model(model, max_len=ids.shape[1], dtype=torch.bfloat16).nbytes
-    for tk, tv, bound, ratio in (("q8_0", "q8_0", 0.015, 34 / 64), ("q8_0", "q4_0", 0.025, 26 / 64)):
-        lp, nbytes = logprobs(tk, tv)
-        kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
-        print(f"KV {tk}/{tv}: mean KL {kl:.5f}, {nbytes} bytes = {nbytes / bf16:.3f} of bf16")
-        assert kl <= bound and nbytes / bf16 == pytest.approx(ratio)
+    for tk, tv, bound, ratio in (("q8_0", "q8_0", 0.005, 34 / 64), ("q8_0", "q4_0", 0.02, 26 / 64)):
+        (lp, nbytes), (plain, _) = logprobs(tk, tv), logprobs(tk, tv, rotate=False)
+        print(f"KV {tk}/{tv}: mean KL {kl(lp):.5f} (unrotated {kl(plain):.5f}), {nbytes} bytes = "
+              f"{nbytes / bf16:.3f} of bf16")
+        assert kl(lp) <= bound and nbytes / bf16 == pytest.approx(ratio)
+        assert kl(lp) < kl(plain) / 3  # the rotation is what brings it there
 
 
 def test_cli_rejects_an_unknown_cache_type_before_loading():
@@ -116,3 +172,16 @@ def test_a_q8_0_slot_cache_in_batched_rows_equals_each_sequence_alone():
             ref = [km(x[:, :n], Step.prefill(alone, 0))]
             ref += [km(x[:, p:p + 1], Step.prefill(alone, p)) for p in range(n, n + 4)]
             assert (torch.cat(out, 1) - torch.cat(ref, 1)).abs().max() <= 1e-4
+
+
+def test_key_offsets_are_the_k_bias_also_in_a_joined_qkv():
+    """models/base.key_offsets: each layer's k_proj bias as (L, K, D), the same once q/k/v are joined into one
+    layer (a GPU load); None for a model without biases."""
+    from kiln.quant.swap import join_projections
+    from tests.test_bounded_cache import LLAMA, _tiny
+    model = _tiny(dict(LLAMA, model_type="qwen2", head_dim=32))
+    want = torch.stack([b.self_attn.k_proj.bias.detach().view(2, 32) for b in model.model.layers])
+    assert torch.equal(key_offsets(model), want)
+    join_projections(model)
+    assert not hasattr(model.model.layers[0].self_attn, "k_proj") and torch.equal(key_offsets(model), want)
+    assert key_offsets(_tiny(LLAMA)) is None

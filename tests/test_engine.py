@@ -369,3 +369,36 @@ def test_stop_cancels_everything_and_joins(qwen):
     e.stop()
     assert not thread.is_alive()
     assert a.finish_reason == "cancelled" and [o.finish_reason for o in b.sync()][-1] == "cancelled"
+
+
+def test_a_kv_budget_holds_1_88x_the_context_in_q8_0():
+    """engine.fit_context (`kiln serve --kv-budget`): in one KV byte budget a q8_0 slot cache gets 64/34 of a
+    bf16 one's positions per slot, within the budget; every slot filled at once holds its whole prompt
+    (bench/kv_capacity.py measures the same on a real config)."""
+    from kiln.engine import fit_context
+    from tests.test_bounded_cache import LLAMA, _tiny
+    model = _tiny(dict(LLAMA, model_type="qwen2", head_dim=32))  # fp32 on the CPU; 3 layers, 2 KV heads
+    budget, n_slots, held = 3 * 100 * 768, 3, {}  # bf16: 3 layers x K and V x 2 heads x 32 x 2 bytes = 768 a position
+    g = torch.Generator().manual_seed(0)
+    for kind in ("bf16", "q8_0"):
+        ctx = fit_context(model, budget, n_slots, kind, kind)
+        engine = Engine(model, None, n_slots=n_slots, ctx_size=ctx, cache_type_k=kind, cache_type_v=kind)
+        assert engine.cache.nbytes <= budget
+        engine.start()
+        try:
+            handles = [engine.submit(EngineRequest(prompt=torch.randint(0, 128, (ctx - 4,), generator=g).tolist(),
+                                                   params=SamplingParams(), max_tokens=2)) for _ in range(n_slots)]
+            assert all(list(h.sync())[-1].finish_reason == "length" for h in handles)
+            held[kind] = engine.stats()["kv_tokens_used"]
+        finally:
+            engine.stop()
+        assert held[kind] >= n_slots * (ctx - 4)
+    assert fit_context(model, budget, n_slots, "bf16", "bf16") == 100
+    assert held["q8_0"] / held["bf16"] == pytest.approx(64 / 34, rel=0.02)
+    with pytest.raises(KilnError, match="need at least 16"):
+        fit_context(model, 10_000, n_slots)
+    from kiln.serve import parse_size
+    assert [parse_size(t) for t in ("2GiB", "500MB", "1.5kb", "4096")] == [2 ** 31, 500_000_000, 1500, 4096]
+    for bad in ("2 parsecs", "inf", "-1", "GiB"):
+        with pytest.raises(KilnError, match="--kv-budget"):
+            parse_size(bad)

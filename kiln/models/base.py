@@ -6,7 +6,8 @@ form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel)
 (default, linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once
 from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
 fused decode kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the
-re-rotation of cached keys for a context shift (`key_rotation`), the glue to layers joined at load
+re-rotation of cached keys for a context shift (`key_rotation`), the key offset a block-quantized cache
+subtracts before rotating (`key_offsets`: the k bias), the glue to layers joined at load
 (`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
 — RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
 the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
@@ -194,6 +195,37 @@ def key_rotation(model, total_len: int):
     return rotate
 
 
+def key_offsets(model) -> torch.Tensor | None:
+    """(L, K, D) float32: the key each layer's projection gives a zero input before RoPE — its k bias
+    (Qwen2's; a joined qkv's slice of it) —, what a block-quantized KV cache subtracts from the keys it
+    stores (cache.Basis); None when no layer has one. Zero for a layer whose keys are normed per head (the
+    norm comes after the bias)."""
+    a = model.args
+    rows = [_k_bias(block.self_attn, a.num_attention_heads, a.num_key_value_heads, a.head_dim)
+            for block in model.model.layers]
+    if all(r is None for r in rows):
+        return None
+    zero = torch.zeros(a.num_key_value_heads * a.head_dim)
+    return torch.stack([zero if r is None else r.detach().float().cpu() for r in rows]).view(
+        len(rows), a.num_key_value_heads, a.head_dim)
+
+
+def _k_bias(attn: nn.Module, h: int, kv: int, d: int) -> torch.Tensor | None:
+    """The k rows of a layer's projection bias: k_proj's, or those of a joined qkv (Joined) or a qkv_proj."""
+    if hasattr(attn, "k_norm"):
+        return None
+    if getattr(attn, "k_proj", None) is not None:
+        return getattr(attn.k_proj, "bias", None)
+    joined = getattr(attn, "qkv", None) or getattr(attn, "qkv_proj", None)
+    if joined is None:
+        return None
+    layers = [joined] if not hasattr(joined, "groups") else list(joined.groups)
+    biases = [getattr(layer, "bias", None) for layer in layers]
+    if any(b is None for b in biases):
+        return None
+    return torch.cat(biases)[h * d:(h + kv) * d]  # q rows, then k, then v
+
+
 # ---------------------------------------------------------------- the step
 
 def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, windows) -> Step:
@@ -332,9 +364,11 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
         return _native_attention(q, k, v, r, scale, step, layer, window, norms)
     q, k = r.apply(q, k, norms, policy)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-    if step.cache is not None:
-        k, v = step.update(layer, k, v)  # (B, K, S, D)
-    return attend(q, k, v, layer_mask(step, layer, window, t, q.device), scale)
+    if step.cache is None:
+        return attend(q, k, v, layer_mask(step, layer, window, t, q.device), scale)
+    k, v = step.update(layer, k, v)  # (B, K, S, D), in the cache's basis (a block type's: rotated)
+    out = attend(step.cache.queries(q), k, v, layer_mask(step, layer, window, t, q.device), scale)
+    return step.cache.outputs(out)  # (B, T, H*D)
 
 
 def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool:

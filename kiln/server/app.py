@@ -43,11 +43,12 @@ _ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/tokenize", "/detoken
 class ServerState:
     def __init__(self, model_id: str, api_key: str | None, n_slots: int, ctx_size: int | None, max_queue: int,
                  max_body: int, read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
-                 cache_types: tuple = (None, None), slot_save_path: str | None = None):
+                 cache_types: tuple = (None, None), slot_save_path: str | None = None, kv_budget: int | None = None):
         self.model_id, self.api_key, self.max_body, self.read_timeout = model_id, api_key, max_body, read_timeout
         self.slot_save_path = slot_save_path  # the folder of POST /slots/{id}?action=save|restore (None: off)
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
         self.cache_types = cache_types  # (keys, values): kiln.cache.CACHE_TYPES, None: the model's dtype
+        self.kv_budget = kv_budget  # bytes of KV cache the slots share (sets ctx_size at attach), or None
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
         self.ready, self.load_error, self.on_load_failed = False, None, None
         self.max_chars: int | None = None  # a prompt longer than this cannot fit the context (see attach)
@@ -60,8 +61,10 @@ class ServerState:
 
     def attach(self, model, tokenizer) -> None:
         """Build the engine and the grammar compiler for a loaded model, then open for requests."""
-        from kiln.engine import Engine
+        from kiln.engine import Engine, fit_context
         from kiln.server.tools import tool_style
+        if self.kv_budget is not None:
+            self.ctx_size = fit_context(model, self.kv_budget, self.n_slots, *self.cache_types)
         self.ctx_size = self.ctx_size or min(model.args.max_position_embeddings, 4096)
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.args.vocab_size
@@ -126,16 +129,18 @@ def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokeniz
                api_key: str | None = None, n_slots: int = 4, ctx_size: int | None = None, max_queue: int = 64,
                max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
                read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
-               cache_types: tuple = (None, None), slot_save_path: str | None = None) -> FastAPI:
+               cache_types: tuple = (None, None), slot_save_path: str | None = None,
+               kv_budget: int | None = None) -> FastAPI:
     """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
     runs in a thread at startup (/health answers 503 until it is done). `allowed_hosts`: the Host header values
     served (transport.allowed_hosts; "*" for any); `read_timeout`: seconds a request body may pause;
     `template_timeout`: seconds a chat template may take to render one conversation; `slot_save_path`: the
-    folder slots are saved to and restored from (server/slots.py; None: those actions answer 501)."""
+    folder slots are saved to and restored from (server/slots.py; None: those actions answer 501);
+    `kv_budget`: bytes of KV cache the slots share, which sets ctx_size (engine.fit_context)."""
     if (loader is None) == (model is None or tokenizer is None):
         raise KilnError("create_app needs either a loader or both model and tokenizer")
     st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout,
-                     cache_types, slot_save_path)
+                     cache_types, slot_save_path, kv_budget)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
