@@ -238,6 +238,20 @@ void kiln_dequant_i8g(const int8_t *q, const uint16_t *scale, int64_t group, flo
 
 #define Q4K_BYTES 144
 #define Q4K_XMAX 32639.f
+/* Streaming a model's weights from DRAM, these GEMVs reach ~20 GB/s on two cores where plain reads reach 32:
+   the unpacking fills the core's window before it has asked for enough lines. Asking for the lines 2 KiB
+   ahead (the same row or the next ones, which follow in memory) measured 24-25 GB/s (1 KiB: 20, 4 KiB: 22). */
+#define KQ_PREFETCH 2048
+
+static inline void kq_prefetch(const uint8_t *blk, int bytes) {
+#ifdef KILN_AVX512
+    for (int o = 0; o < bytes; o += 64)
+        _mm_prefetch((const char *)blk + KQ_PREFETCH + o, _MM_HINT_T0);
+#else
+    (void)blk;
+    (void)bytes;
+#endif
+}
 
 /* The eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of a block's 12 packed bytes: bytes 0-3 hold
    scales 0-3 and the top 2 bits of scales 4-7, bytes 4-7 the same for mins, bytes 8-11 the low 4 bits of
@@ -356,6 +370,7 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
             __m512 acc = _mm512_setzero_ps();
             __m256 macc = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
+                kq_prefetch(row + b * Q4K_BYTES, Q4K_BYTES);
                 q4k_header(row + b * Q4K_BYTES, &d, &dmin, sm);
                 q4k_unpack(row + b * Q4K_BYTES, sm, c, s);
                 q4k_step(c, s, sm + 8, d, dmin, hi + 256 * b, lo + 256 * b, xs[b], xsum + 8 * b, &acc, &macc);
@@ -371,6 +386,7 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
             macc[m] = _mm256_setzero_ps();
         }
         for (int64_t b = 0; b < nb; b++) {
+            kq_prefetch(row + b * Q4K_BYTES, Q4K_BYTES);
             q4k_header(row + b * Q4K_BYTES, &d, &dmin, sm);
             q4k_unpack(row + b * Q4K_BYTES, sm, c, s);
             for (int64_t m = 0; m < m_rows; m++)
@@ -507,6 +523,7 @@ void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, flo
         }
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * Q6K_BYTES;
+            kq_prefetch(blk, Q6K_BYTES);
             const float d = f16_at(blk + 208);
             q6k_unpack(blk, c, s, &sc16);
             for (int64_t m = 0; m < m_rows; m++)
