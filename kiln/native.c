@@ -277,26 +277,46 @@ static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t
     q4k_scales(blk + 4, sm);
 }
 
-/* One row of x for the Q4_K GEMV: xq (K,) int16, xs (K / 256,), xsum (K / 32,) each sub-block's sum of xq,
-   and (AVX-512) xq's halves hi and lo as signed bytes, each block's in the codes' order: four groups of 64
-   (group g = 2p + h: the low (h = 0) or high nibbles of bytes 64p..64p+63, i.e. sub-blocks 4p + h, then
-   4p + 2 + h). */
-static void q4k_x(const float *x, int64_t k_len, int16_t *xq, float *xs, int32_t *xsum, int8_t *hi, int8_t *lo) {
-    quantize_x16(x, k_len, 256, Q4K_XMAX, xq, xs);
-    for (int64_t j = 0; j < k_len / 32; j++) {
-        int32_t t = 0;
-        for (int k = 0; k < 32; k++)
-            t += xq[32 * j + k];
-        xsum[j] = t;
+/* The rows of x for a K-quant GEMV: xq (M, K) rounded per 256 to |xq| <= 32639, xs (M, K / 256), xsum (M, K /
+   sub) each sub-block's sum of xq, and xq's halves hi and lo as signed bytes (xq = 256 * hi + lo), per block
+   in the order the type's codes unpack: Q4_K's four groups of 64 (group g = 2p + h: the low (h = 0) or high
+   nibbles of bytes 64p..64p+63, i.e. sub-blocks 4p + h, then 4p + 2 + h), Q6_K's the weights' own order. */
+typedef struct {
+    int16_t *xq;
+    int8_t *hi, *lo;
+    float *xs;
+    int32_t *xsum;
+} kq_x;
+
+static kq_x kq_x_make(const float *x, int64_t m_rows, int64_t k_len, int sub, int q4k_order) {
+    kq_x r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
+              malloc(m_rows * (k_len / 256) * sizeof(float)), malloc(m_rows * (k_len / sub) * sizeof(int32_t))};
+    for (int64_t m = 0; m < m_rows; m++) {
+        int16_t *xq = r.xq + m * k_len;
+        quantize_x16(x + m * k_len, k_len, 256, Q4K_XMAX, xq, r.xs + m * (k_len / 256));
+        for (int64_t j = 0; j < k_len / sub; j++) {
+            int32_t t = 0;
+            for (int k = 0; k < sub; k++)
+                t += xq[sub * j + k];
+            r.xsum[m * (k_len / sub) + j] = t;
+        }
+        for (int64_t i = 0; i < k_len; i++) {
+            const int64_t b = i / 256, g = (i % 256) / 64, j = i % 64;
+            const int v = q4k_order ? xq[256 * b + 32 * (4 * (g / 2) + g % 2 + (j >= 32 ? 2 : 0)) + j % 32] : xq[i];
+            const int l = ((v + 128) & 0xFF) - 128;
+            r.lo[m * k_len + i] = (int8_t)l;
+            r.hi[m * k_len + i] = (int8_t)((v - l) / 256);
+        }
     }
-    for (int64_t b = 0; b < k_len / 256; b++)
-        for (int g = 0; g < 4; g++)
-            for (int i = 0; i < 64; i++) {
-                const int v = xq[256 * b + 32 * (4 * (g / 2) + g % 2 + (i >= 32 ? 2 : 0)) + i % 32];
-                const int l = ((v + 128) & 0xFF) - 128;
-                lo[256 * b + 64 * g + i] = (int8_t)l;
-                hi[256 * b + 64 * g + i] = (int8_t)((v - l) / 256);
-            }
+    return r;
+}
+
+static void kq_x_free(kq_x *r) {
+    free(r->xq);
+    free(r->hi);
+    free(r->lo);
+    free(r->xs);
+    free(r->xsum);
 }
 
 #ifdef KILN_AVX512
@@ -353,12 +373,12 @@ static inline float q4k_finish(__m512 acc, __m256 macc) {
 void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
                    int64_t k_len, int64_t m_rows, int threads) {
     const int64_t nb = k_len / 256, ns = k_len / 32;
-    int16_t *xq = malloc(m_rows * k_len * sizeof(int16_t));
-    int8_t *hi = malloc(m_rows * k_len), *lo = malloc(m_rows * k_len);
-    float *xs = malloc(m_rows * nb * sizeof(float));
-    int32_t *xsum = malloc(m_rows * ns * sizeof(int32_t));
-    for (int64_t m = 0; m < m_rows; m++)
-        q4k_x(x + m * k_len, k_len, xq + m * k_len, xs + m * nb, xsum + m * ns, hi + m * k_len, lo + m * k_len);
+    kq_x r = kq_x_make(x, m_rows, k_len, 32, 1);
+    const int16_t *xq = r.xq;
+    const int8_t *hi = r.hi, *lo = r.lo;
+    const float *xs = r.xs;
+    const int32_t *xsum = r.xsum;
+    (void)xq, (void)hi, (void)lo;  /* the vector steps read hi / lo, the scalar ones xq */
     #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
         const uint8_t *row = blocks + n * nb * Q4K_BYTES;
@@ -420,11 +440,7 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
         }
 #endif
     }
-    free(xq);
-    free(hi);
-    free(lo);
-    free(xs);
-    free(xsum);
+    kq_x_free(&r);
 }
 
 /* ------------------------------------------------------------------ Q6_K GEMV
@@ -438,22 +454,6 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
    Twin: native.gemv_q6k_ref. Shapes: blocks (N, K / 256 * 210) bytes, K % 256 == 0. */
 
 #define Q6K_BYTES 210
-
-/* One row of x for the Q6_K GEMV: as q4k_x with the halves in the weights' order, xsum per 16. */
-static void q6k_x(const float *x, int64_t k_len, int16_t *xq, float *xs, int32_t *xsum, int8_t *hi, int8_t *lo) {
-    quantize_x16(x, k_len, 256, Q4K_XMAX, xq, xs);
-    for (int64_t j = 0; j < k_len / 16; j++) {
-        int32_t t = 0;
-        for (int k = 0; k < 16; k++)
-            t += xq[16 * j + k];
-        xsum[j] = t;
-    }
-    for (int64_t i = 0; i < k_len; i++) {
-        const int l = ((xq[i] + 128) & 0xFF) - 128;
-        lo[i] = (int8_t)l;
-        hi[i] = (int8_t)((xq[i] - l) / 256);
-    }
-}
 
 static inline int q6k_code(const uint8_t *blk, int w) {  /* weight w's 6-bit code, 0..63 */
     const int h = w / 128, l = w % 32, part = (w % 128) / 32;
@@ -505,12 +505,12 @@ static inline float f16_at(const uint8_t *p) {
 void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
                    int64_t k_len, int64_t m_rows, int threads) {
     const int64_t nb = k_len / 256, ns = k_len / 16;
-    int16_t *xq = malloc(m_rows * k_len * sizeof(int16_t));
-    int8_t *hi = malloc(m_rows * k_len), *lo = malloc(m_rows * k_len);
-    float *xs = malloc(m_rows * nb * sizeof(float));
-    int32_t *xsum = malloc(m_rows * ns * sizeof(int32_t));
-    for (int64_t m = 0; m < m_rows; m++)
-        q6k_x(x + m * k_len, k_len, xq + m * k_len, xs + m * nb, xsum + m * ns, hi + m * k_len, lo + m * k_len);
+    kq_x r = kq_x_make(x, m_rows, k_len, 16, 0);
+    const int16_t *xq = r.xq;
+    const int8_t *hi = r.hi, *lo = r.lo;
+    const float *xs = r.xs;
+    const int32_t *xsum = r.xsum;
+    (void)xq, (void)hi, (void)lo;  /* the vector steps read hi / lo, the scalar ones xq */
     #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
         const uint8_t *row = blocks + n * nb * Q6K_BYTES;
@@ -553,11 +553,7 @@ void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, flo
         }
 #endif
     }
-    free(xq);
-    free(hi);
-    free(lo);
-    free(xs);
-    free(xsum);
+    kq_x_free(&r);
 }
 
 /* Q6_K blocks dequantized to fp32, w = (d * sc_s) * (q - 32), rounded as kquants.dequantize_q6_k; each half
