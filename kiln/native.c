@@ -268,12 +268,15 @@ static inline void q4k_scales(const uint8_t *s, uint8_t *sm) {
     memcpy(sm, o, 16);
 }
 
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
 static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t *sm) {
-    uint16_t dh, mh;
-    memcpy(&dh, blk, 2);
-    memcpy(&mh, blk + 2, 2);
-    *d = f16_to_f32(dh);
-    *dmin = f16_to_f32(mh);
+    *d = f16_at(blk);
+    *dmin = f16_at(blk + 2);
     q4k_scales(blk + 4, sm);
 }
 
@@ -495,12 +498,6 @@ static inline void q6k_step(const __m512i *c, const __m512i *s, __m512i sc16, fl
 }
 #endif
 
-static inline float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16_to_f32(h);
-}
-
 /* x (M, K) -> y (M, N), M <= 16, as kiln_gemv_q4k. */
 void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
                    int64_t k_len, int64_t m_rows, int threads) {
@@ -593,12 +590,9 @@ void kiln_dequant_q4k(const uint8_t *blocks, float *out, int64_t n_rows, int64_t
     for (int64_t n = 0; n < n_rows; n++)
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = blocks + (n * nb + b) * Q4K_BYTES;
-            uint16_t dh, mh;
-            memcpy(&dh, blk, 2);
-            memcpy(&mh, blk + 2, 2);
-            const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
+            float d, dmin;
             uint8_t sm[16], *sc = sm, *mn = sm + 8;
-            q4k_scales(blk + 4, sm);
+            q4k_header(blk, &d, &dmin, sm);
             float *o = out + n * k_len + b * 256;
             for (int c = 0; c < 4; c++) {
                 const float dl0 = d * (float)sc[2 * c], ml0 = dmin * (float)mn[2 * c];

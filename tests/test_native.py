@@ -22,6 +22,17 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _on_one_thread(fn):
+    """fn() with torch (and so native.c) on one thread: each output row is one thread's, so a GEMV gives the
+    same bits on any thread count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 5), (64, 896), (33, 100), (40, 4864)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_i8_is_the_dequantized_product(n, k, bias):
@@ -34,12 +45,7 @@ def test_gemv_i8_is_the_dequantized_product(n, k, bias):
     y = native.gemv_i8(x, q, scale, b)
     assert y.shape == (n,) and y.dtype == torch.float32
     assert _rel(y, ref) < 1e-5  # fp32 accumulation of exact products: no bf16 rounding of x
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # each row is one thread's: the same bits on any thread count
-        assert torch.equal(native.gemv_i8(x, q, scale, b), y)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(_on_one_thread(lambda: native.gemv_i8(x, q, scale, b)), y)
 
 
 @pytest.mark.parametrize("n,k,group", [(64, 896, 32), (40, 4864, 32), (33, 512, 16), (7, 96, 32), (5, 48, 16),
@@ -63,12 +69,7 @@ def test_gemv_i8g_is_its_twin(n, k, group, bias):
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_i8g(xs, q, scale, b)
     assert ys.shape == (3, n) and torch.equal(ys[0], y) and _rel(ys, native.gemv_i8g_ref(xs, q, scale, b)) < 1e-6
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(native.gemv_i8g(x, q, scale, b), y)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(_on_one_thread(lambda: native.gemv_i8g(x, q, scale, b)), y)
 
 
 @pytest.mark.parametrize("group", [16, 32])
@@ -114,12 +115,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_k(xs, blocks, qtype, b)
     assert torch.equal(ys[0], y) and _rel(ys, native.gemv_k_ref(xs, blocks, qtype, b)) < 1e-6
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(native.gemv_k(x, blocks, qtype, b), y)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(_on_one_thread(lambda: native.gemv_k(x, blocks, qtype, b)), y)
     with pytest.raises(ValueError, match="at most 16 rows"):
         native.gemv_k(torch.randn(17, k), blocks, qtype, b)
 

@@ -69,15 +69,22 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         return native.gemv_i8g(x, q, scale, bias)
     if not grouped and serves(x, policy):
         return native.gemv_i8(x.reshape(-1), q, scale, bias).view(*x.shape[:-1], n)
-    if grouped:  # x's own dtype (float32: the CPU's sgemm, and the exact weights' full precision)
-        x2 = x.reshape(-1, q.shape[1])  # (M, K)
-        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-        fast = policy.native and native.available()  # the weight dequantized by native.c (exact either way)
-        dequant = native.dequant_i8g if fast else int8_weight_ref
-        for a in range(0, n, PACK):
-            y[:, a:a + PACK] = x2 @ dequant(q[a:a + PACK], scale[a:a + PACK]).to(x.dtype).t()  # (PACK, K) fp32
-    else:
-        y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
+    if grouped:  # the weight dequantized by native.c where built (exact either way)
+        dequant = native.dequant_i8g if policy.native and native.available() else int8_weight_ref
+        return _dequantized_product(x, n, lambda a, b: dequant(q[a:b], scale[a:b]), bias)
+    y = torch._weight_int8pack_mm(x.reshape(-1, q.shape[1]).to(torch.bfloat16), q, scale).to(x.dtype)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def _dequantized_product(x: torch.Tensor, n: int, rows, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) in x's own dtype (float32: the CPU's sgemm, and the exact weight's full
+    precision), W (N, K) dequantized PACK rows at a time: rows(a, b) -> W[a:b] float32."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    for a in range(0, n, PACK):
+        y[:, a:a + PACK] = x2 @ rows(a, a + PACK).to(x.dtype).t()  # (PACK, K)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], n)
@@ -93,14 +100,8 @@ def kquant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch
     n, k = blocks.shape[0], blocks.shape[1] // native.KQUANT_BYTES[qtype] * 256
     if x.numel() <= NATIVE_ROWS * k and _native(x, policy):
         return native.gemv_k(x, blocks, qtype, bias)
-    x2 = x.reshape(-1, k)  # (M, K)
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
     dequant = native.dequant_k if policy.native and native.available() else kquant_weight_ref
-    for a in range(0, n, PACK):
-        y[:, a:a + PACK] = x2 @ dequant(blocks[a:a + PACK], qtype).to(x.dtype).t()  # (PACK, K) fp32
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.view(*x.shape[:-1], n)
+    return _dequantized_product(x, n, lambda a, b: dequant(blocks[a:b], qtype), bias)
 
 
 def kquant_weight_ref(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
