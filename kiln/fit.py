@@ -85,14 +85,14 @@ def _int4(n: int, k: int) -> int:
 
 
 def _cpu_linear(w, head: bool, compact: bool, shared: bool) -> int:
-    from kiln.quant.cpu import INT4_EXACT, INT8_EXACT, KQUANT, SCREEN_MIN_ROWS
+    from kiln.quant.cpu import INT4_EXACT, INT8_EXACT, SCREEN_MIN_ROWS, BlockLinear
     from kiln.quant.swap import quantized
     n, k = (int(s) for s in w.shape)
     if not compact:
         return 4 * n * k
     q = int(w.qtype) if quantized(w) else None
-    if q in KQUANT and not getattr(w, "add", 0):
-        return _raw(w)  # the file's blocks (KQuantLinear)
+    if BlockLinear.takes(q, k) and not getattr(w, "add", 0):
+        return _raw(w)  # the file's blocks (BlockLinear)
     if head and q is not None and n >= SCREEN_MIN_ROWS and n % 64 == 0:
         return _int4(n, k) + (0 if shared else _raw(w))
     if q in INT4_EXACT and n % 64 == 0 and not getattr(w, "add", 0):

@@ -19,16 +19,8 @@
    kquants.dequantize_q4_k,
    ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
 
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__F16C__) || (defined(__AVX512F__) && defined(__AVX512BW__))
-#include <immintrin.h>
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define KILN_AVX512 1
-#endif
+#include "native.h"
+
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -92,42 +84,7 @@ void kiln_gemv_i8(const int8_t *q, const float *x, const uint16_t *scale, const 
    group's codes widened to int16, pairs of products summed into int32 (VNNI's dpwssd, else madd), one fp32 multiply-add per 32 weights. Shapes: q (N, K), scale (N, K / group)
    f16 bits, group dividing K; group 32 or 16 with K % 32 == 0 take the vector steps, others the scalar loop. */
 
-static inline float f16_to_f32(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, u;
-    if (e == 0x1F)
-        u = sign | 0x7F800000u | (m << 13);  /* inf, nan */
-    else if (e)
-        u = sign | ((e + 112) << 23) | (m << 13);
-    else if (!m)
-        u = sign;
-    else {  /* subnormal: m * 2^-24, normalized */
-        e = 113;
-        while (!(m & 0x400)) { m <<= 1; e--; }
-        u = sign | (e << 23) | ((m & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-#endif
-}
 
-/* xq (K,), xs (K / group,): x's groups rounded to integers within +-qmax (rint: to nearest, ties to even, as
-   torch.round). */
-static void quantize_x16(const float *x, int64_t k_len, int64_t group, float qmax, int16_t *xq, float *xs) {
-    for (int64_t g = 0; g < k_len / group; g++) {
-        const float *xg = x + g * group;
-        float amax = 0.f;
-        for (int64_t j = 0; j < group; j++)
-            amax = fmaxf(amax, fabsf(xg[j]));
-        const float d = amax / qmax, id = d > 0.f ? 1.f / d : 0.f;
-        xs[g] = d;
-        for (int64_t j = 0; j < group; j++)
-            xq[g * group + j] = (int16_t)lrintf(xg[j] * id);
-    }
-}
 
 #ifdef KILN_AVX512
 /* acc + 32 codes' products (step t of a row), each 16-lane half of int32 pair sums scaled by its group's
@@ -236,8 +193,6 @@ void kiln_dequant_i8g(const int8_t *q, const uint16_t *scale, int64_t group, flo
    native.gemv_q4k_ref. Shapes: blocks (N, K / 256 * 144) bytes, K % 256 == 0. Measured on two AVX-512 VNNI
    cores, 8960x1536: 29 G weights/s a core (16-bit codes times int16 x, dpwssd: 23), 54 on two. */
 
-#define Q4K_BYTES 144
-#define Q4K_XMAX 32639.f
 /* Streaming a model's weights from DRAM, these GEMVs reach ~20 GB/s on two cores where plain reads reach 32:
    the unpacking fills the core's window before it has asked for enough lines. Asking for the lines 2 KiB
    ahead (the same row or the next ones, which follow in memory) measured 24-25 GB/s (1 KiB: 20, 4 KiB: 22). */
@@ -253,32 +208,8 @@ static inline void kq_prefetch(const uint8_t *blk, int bytes) {
 #endif
 }
 
-/* The eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of a block's 12 packed bytes: bytes 0-3 hold
-   scales 0-3 and the top 2 bits of scales 4-7, bytes 4-7 the same for mins, bytes 8-11 the low 4 bits of
-   scales 4-7 (low nibbles) and mins 4-7 (high nibbles); worked on four bytes at a time. */
-static inline void q4k_scales(const uint8_t *s, uint8_t *sm) {
-    uint32_t a, b, c, o[4];
-    memcpy(&a, s, 4);
-    memcpy(&b, s + 4, 4);
-    memcpy(&c, s + 8, 4);
-    o[0] = a & 0x3F3F3F3Fu;
-    o[1] = (c & 0x0F0F0F0Fu) | (((a >> 6) & 0x03030303u) << 4);
-    o[2] = b & 0x3F3F3F3Fu;
-    o[3] = ((c >> 4) & 0x0F0F0F0Fu) | (((b >> 6) & 0x03030303u) << 4);
-    memcpy(sm, o, 16);
-}
 
-static inline float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16_to_f32(h);
-}
 
-static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t *sm) {
-    *d = f16_at(blk);
-    *dmin = f16_at(blk + 2);
-    q4k_scales(blk + 4, sm);
-}
 
 /* The rows of x for a K-quant GEMV: xq (M, K) rounded per 256 to |xq| <= 32639, xs (M, K / 256), xsum (M, K /
    sub) each sub-block's sum of xq, and xq's halves hi and lo as signed bytes (xq = 256 * hi + lo), per block
@@ -296,7 +227,7 @@ static kq_x kq_x_make(const float *x, int64_t m_rows, int64_t k_len, int sub, in
               malloc(m_rows * (k_len / 256) * sizeof(float)), malloc(m_rows * (k_len / sub) * sizeof(int32_t))};
     for (int64_t m = 0; m < m_rows; m++) {
         int16_t *xq = r.xq + m * k_len;
-        quantize_x16(x + m * k_len, k_len, 256, Q4K_XMAX, xq, r.xs + m * (k_len / 256));
+        quantize_x16(x + m * k_len, k_len, 256, XQ_MAX, xq, r.xs + m * (k_len / 256));
         for (int64_t j = 0; j < k_len / sub; j++) {
             int32_t t = 0;
             for (int k = 0; k < sub; k++)
@@ -323,13 +254,6 @@ static void kq_x_free(kq_x *r) {
 }
 
 #ifdef KILN_AVX512
-static inline __m512i dot_u8s8(__m512i codes, const int8_t *x) {
-#ifdef __AVX512VNNI__
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(x));
-#else
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(codes, _mm512_loadu_si512(x)), _mm512_set1_epi16(1));
-#endif
-}
 
 /* A block's codes as bytes, c[g] for group g, and its scales as int32 lanes, s[g]: sub-block 4p + h for
    lanes 0-7, 4p + 2 + h for lanes 8-15. */
@@ -455,8 +379,6 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
    y[n] = sum_b d * xs_b * (sum_s sc_s * (q_s . xq_s) - 32 * sum_s sc_s * sum(xq_s)), with the codes q in
    0..63 as dpbusd's unsigned side; two of the four 64-code steps join in int32 (< 2^31), then float.
    Twin: native.gemv_q6k_ref. Shapes: blocks (N, K / 256 * 210) bytes, K % 256 == 0. */
-
-#define Q6K_BYTES 210
 
 static inline int q6k_code(const uint8_t *blk, int w) {  /* weight w's 6-bit code, 0..63 */
     const int h = w / 128, l = w % 32, part = (w % 128) / 32;

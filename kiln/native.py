@@ -27,10 +27,14 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("native.c", "native_legacy.c")]
+HEADER = Path(__file__).with_name("native.h")
 Q4K_BYTES = 144  # one Q4_K block: 256 weights
 Q6K_BYTES = 210  # one Q6_K block: 256 weights
 KQUANT_BYTES = {12: Q4K_BYTES, 14: Q6K_BYTES}  # GGML type -> bytes per 256 weights (Q4_K, Q6_K)
+LEGACY_BYTES = {2: 18, 3: 20, 6: 22, 7: 24}  # GGML type -> bytes per 32 weights (Q4_0, Q4_1, Q5_0, Q5_1)
+BLOCK_WEIGHTS = {**{t: (b, 256) for t, b in KQUANT_BYTES.items()}, **{t: (b, 32) for t, b in LEGACY_BYTES.items()}}
+# every type gemv_block serves -> (bytes, weights) of one block
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 
 
@@ -83,6 +87,105 @@ def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor
     fn = _lib().kiln_gemv_q4k if qtype == 12 else _lib().kiln_gemv_q6k
     fn(_ptr(blocks), _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0], torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
+
+
+# GGML type -> (bytes a block, offset of qs, of qh (None: none), of m (None: none)); d is at 0 in each
+_LEGACY_FIELDS = {2: (18, 2, None, None), 3: (20, 4, None, 2), 6: (22, 6, 2, None), 7: (24, 8, 4, 2)}
+
+
+def regroup_lq(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """A Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor's rows as the file holds them, raw (N, K / 32 * B) uint8 with K % 128
+    == 0, -> the same bytes regrouped four blocks at a time as native_legacy.c reads them (its comment draws
+    the layout): (N, K / 128 * 4B) uint8."""
+    size, qs, qh, m = _LEGACY_FIELDS[qtype]
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, 4, size)                                            # (N, G, 4, B)
+    parts = [b[..., qs:qs + 16].reshape(n, -1, 64)]
+    if qh is not None:  # the four low halves of qh, then the four high halves
+        halves = b[..., qh:qh + 4].reshape(n, -1, 4, 2, 2)                    # (N, G, block, half, 2 bytes)
+        parts.append(halves.transpose(2, 3).reshape(n, -1, 16))
+    parts.append(b[..., 0:2].reshape(n, -1, 8))
+    if m is not None:
+        parts.append(b[..., m:m + 2].reshape(n, -1, 8))
+    return torch.cat(parts, -1).reshape(n, -1)
+
+
+def ungroup_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
+    """regroup_lq's inverse: the file's blocks (N, K / 32 * B) uint8."""
+    size, qs, qh, m = _LEGACY_FIELDS[qtype]
+    n = rows.shape[0]
+    g = rows.reshape(n, -1, 4 * size)                                          # (N, G, 4B)
+    b = torch.empty(n, g.shape[1], 4, size, dtype=torch.uint8)                 # (N, G, 4, B)
+    b[..., qs:qs + 16] = g[..., :64].reshape(n, -1, 4, 16)
+    at = 64
+    if qh is not None:
+        b[..., qh:qh + 4] = g[..., at:at + 16].reshape(n, -1, 2, 4, 2).transpose(2, 3).reshape(n, -1, 4, 4)
+        at += 16
+    b[..., 0:2] = g[..., at:at + 8].reshape(n, -1, 4, 2)
+    if m is not None:
+        b[..., m:m + 2] = g[..., at + 8:at + 16].reshape(n, -1, 4, 2)
+    return b.reshape(n, -1)
+
+
+def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """gemv_lq_ref's contract, in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
+    uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7), bias (N,) float32 or
+    None -> (N,) or (M, N) float32."""
+    n, k = rows.shape[0], rows.shape[1] // LEGACY_BYTES[qtype] * 32
+    x2 = _c(x.reshape(-1, k))
+    if x2.shape[0] > 16:
+        raise ValueError(f"gemv_lq takes at most 16 rows of x, got {x2.shape[0]}")
+    rows, bias = _c(rows), _c(bias)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _lib().kiln_gemv_lq(_ptr(rows), qtype, _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0],
+                        torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def dequant_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
+    """rows (N, K / 128 * 4B) uint8 regrouped by `regroup_lq` -> the weight (N, K) float32, bit-equal to
+    quant/legacy.py's dequantization of the file's blocks."""
+    n, k = rows.shape[0], rows.shape[1] // LEGACY_BYTES[qtype] * 32
+    rows = _c(rows)
+    out = torch.empty(n, k, dtype=torch.float32)
+    _lib().kiln_dequant_lq(_ptr(rows), qtype, _ptr(out), n, k, torch.get_num_threads())
+    return out
+
+
+def gemv_lq_ref(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_lq computes, in torch, from the file's blocks raw (N, K / 32 * B): x rounded per 32 to
+    |xq| <= 32639 (_round_x), each block's dot exact, then y = sum_b xs_b * (d_b * (q_b . xq_b) [+ m_b *
+    sum(xq_b)]) with q the codes less the type's offset (Q4_0: 8, Q5_0: 16; the _1 types: none, and their m)
+    (+ bias)."""
+    from kiln.quant import legacy
+    size, qs, qh, m = _LEGACY_FIELDS[qtype]
+    n = raw.shape[0]
+    b = raw.reshape(-1, size)                                                  # (N * B, size)
+    q = legacy._nibbles(b[:, qs:qs + 16]) if qh is None else legacy._five_bit(b[:, qh:qh + 4], b[:, qs:qs + 16])
+    q = (q.double() - {2: 8, 3: 0, 6: 16, 7: 0}[qtype]).view(n, -1, 32)     # (N, B, 32)
+    d = legacy.f16_at(b, 0).double().view(n, -1)                              # (N, B)
+    xq, xs = _round_x(x, 32, 32639)                                            # (..., B, 32), (..., B)
+    per_block = d * torch.einsum("...bl,nbl->...nb", xq, q)                    # exact integer dots
+    if m is not None:
+        per_block = per_block + legacy.f16_at(b, m).double().view(n, -1) * xq.sum(-1)[..., None, :]
+    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
+    return y if bias is None else y + bias
+
+
+def in_features(blocks: torch.Tensor, qtype: int) -> int:
+    """K of a weight held as rows of blocks (N, K / W * B) of a BLOCK_WEIGHTS type (legacy types regrouped)."""
+    size, weights = BLOCK_WEIGHTS[qtype]
+    return blocks.shape[1] // size * weights
+
+
+def gemv_block(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """gemv_k or gemv_lq, by qtype."""
+    return (gemv_k if qtype in KQUANT_BYTES else gemv_lq)(x, blocks, qtype, bias)
+
+
+def dequant_block(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """dequant_k or dequant_lq, by qtype."""
+    return (dequant_k if qtype in KQUANT_BYTES else dequant_lq)(blocks, qtype)
 
 
 def dequant_k(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -210,6 +313,8 @@ def _lib():
                   "kiln_dequant_i8g": [p] * 2 + [i, p] + [i] * 2 + [ctypes.c_int],
                   "kiln_gemv_q4k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_gemv_q6k": [p] * 4 + [i] * 3 + [ctypes.c_int],
+                  "kiln_gemv_lq": [p, ctypes.c_int] + [p] * 3 + [i] * 3 + [ctypes.c_int],
+                  "kiln_dequant_lq": [p, ctypes.c_int, p] + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
@@ -225,7 +330,8 @@ def _build() -> Path | None:
     if cc is None or omp is None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(CFLAGS), omp, _cpu_flags(),
+    texts = [f.read_text() for f in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(CFLAGS), omp, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     from kiln.hub import cache_dir
     out = cache_dir() / "kernels" / f"native-{key}.so"
@@ -233,10 +339,11 @@ def _build() -> Path | None:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, so = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        objs, so = [Path(tmp) / f"{f.stem}.o" for f in SOURCES], Path(tmp) / "k.so"
         # Compile with OpenMP, but link the runtime torch loaded (by path, not -lgomp: a wheel's bundled
         # libgomp has its own soname, and the system one would be a second pool of threads).
-        for cmd in ([cc, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)], [cc, "-shared", str(obj), omp, "-o", str(so)]):
+        cmds = [[cc, *CFLAGS, "-c", str(f), "-o", str(o)] for f, o in zip(SOURCES, objs)]
+        for cmd in [*cmds, [cc, "-shared", *map(str, objs), omp, "-o", str(so)]]:
             if subprocess.run(cmd, capture_output=True, timeout=120).returncode:
                 return None
         os.replace(so, out)  # atomic: a concurrent build of the same key writes the same bytes

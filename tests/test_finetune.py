@@ -86,7 +86,7 @@ def test_qlora_gradients_match_a_dense_base(tmp_path):
         assert torch.allclose(grads[0], grads[i], atol=1e-5, rtol=1e-4) and grads[0].abs().max() > 0
 
 
-@pytest.mark.parametrize("kind", ["KQuantLinear", "Int4Linear"])
+@pytest.mark.parametrize("kind", ["BlockLinear", "Int4Linear"])
 def test_gradient_through_compact_cpu_layers(kind):
     """dL/dx through a frozen compact layer (Q4_K blocks as the file holds them, or repacked to int4) is
     dL/dy @ its dequantized weight (x needs a gradient: the torch path, not the native GEMV)."""
@@ -94,8 +94,8 @@ def test_gradient_through_compact_cpu_layers(kind):
 
     from kiln.quant import cpu, packed
     raw = random_rows(packed.Q4_K, 64, 256, seed=0)
-    if kind == "KQuantLinear":
-        base = cpu.KQuantLinear.from_gguf(raw, packed.Q4_K, (64, 256))
+    if kind == "BlockLinear":
+        base = cpu.BlockLinear.from_gguf(raw, packed.Q4_K, (64, 256))
     else:
         base = cpu.Int4Linear.from_gguf(raw, packed.Q4_K, (64, 256))
     layer = L.LoRALinear(base, 4, 8.0)

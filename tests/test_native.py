@@ -2,7 +2,7 @@
 architecture with the kernels on and off.
 
 The twins: `Int8Linear.dequantize() @ x` for the GEMV, `native.gemv_i8g_ref` for its group-scaled form,
-`native.gemv_k_ref` and gguf-py's dequantization for Q4_K / Q6_K blocks, `ops.rms_norm_ref` for the norm, and
+`native.gemv_k_ref` / `native.gemv_lq_ref` and gguf-py's dequantization for Q4_K / Q6_K and legacy blocks, `ops.rms_norm_ref` for the norm, and
 `ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
 """
 
@@ -110,7 +110,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))).double()
     assert w.shape == (n, k)
     assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 1e-4  # x's 16-bit rounding
-    assert torch.equal(native.dequant_k(blocks, qtype), ops.cpu.kquant_weight_ref(blocks, qtype))  # a prompt's
+    assert torch.equal(native.dequant_k(blocks, qtype), ops.cpu.block_weight_ref(blocks, qtype))  # a prompt's
     assert _rel(native.dequant_k(blocks, qtype), w) < 1e-7
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_k(xs, blocks, qtype, b)
@@ -118,6 +118,34 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     assert torch.equal(_on_one_thread(lambda: native.gemv_k(x, blocks, qtype, b)), y)
     with pytest.raises(ValueError, match="at most 16 rows"):
         native.gemv_k(torch.randn(17, k), blocks, qtype, b)
+
+
+@pytest.mark.parametrize("qtype", [2, 3, 6, 7])  # Q4_0, Q4_1, Q5_0, Q5_1
+@pytest.mark.parametrize("n,k", [(64, 128), (33, 896), (7, 1024)])
+def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
+    """Legacy 32-weight blocks regrouped four at a time (native.regroup_lq: the same bytes, and back) against
+    native.gemv_lq_ref on the file's blocks (x rounded per 32 to 16 bits, exact integer dots) and against
+    gguf-py's dequantization of those blocks; random bytes: every code and fifth bit, finite f16 d and m."""
+    import gguf
+    g = torch.Generator().manual_seed(n + k + qtype)
+    size = native.LEGACY_BYTES[qtype]
+    raw = torch.randint(0, 256, (n * k // 32, size), dtype=torch.uint8, generator=g)
+    ends = 4 if qtype in (3, 7) else 2  # d, and m for the _1 types
+    raw[:, :ends] = ((torch.rand(n * k // 32, ends // 2, generator=g) - 0.5) * 0.02).half().view(torch.uint8)
+    raw = raw.view(n, -1)
+    rows = native.regroup_lq(raw, qtype)
+    assert rows.shape == raw.shape and torch.equal(native.ungroup_lq(rows, qtype), raw)
+    x = torch.randn(3, k, generator=g)
+    x[0, 32:64] = 0  # a block of x all zeros
+    x[1, 5] = 1e4  # one large value: the block's others round to few levels
+    b = torch.randn(n, generator=g)
+    y = native.gemv_lq(x, rows, qtype, b)
+    assert y.shape == (3, n) and _rel(y, native.gemv_lq_ref(x, raw, qtype, b)) < 1e-6
+    w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))).double()
+    assert _rel(y, x.double() @ w.t() + b.double()) < 1e-4  # x's 16-bit rounding
+    assert torch.equal(native.dequant_lq(rows, qtype), w.float())  # a prompt's weight: gguf-py's own
+    assert torch.equal(native.gemv_lq(x[1], rows, qtype, b), y[1])  # a row's product: its own, batched or not
+    assert torch.equal(_on_one_thread(lambda: native.gemv_lq(x, rows, qtype, b)), y)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])

@@ -82,28 +82,29 @@ def test_int4_linear_forward_is_its_dequantized_weight(m):
     assert rel_err(y, F.linear(x, _deq(raw, T.Q4_K, n, k), bias)) < 1.5e-2  # vs the file's exact weight
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
-def test_kquant_linear_keeps_the_files_blocks(qtype):
-    """A Q4_K / Q6_K tensor stays as the file's blocks: a few rows run the native GEMV (x rounded to 16 bits
-    per 256), many an fp32 matmul of the exact weight; stacked with another of its type it computes both."""
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
+def test_block_linear_keeps_the_files_blocks(qtype):
+    """A Q4_K / Q6_K / Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor stays in the file's blocks (the legacy ones regrouped in
+    the same bytes): a few rows run a native GEMV (x rounded to 16 bits per block), many an fp32 matmul of the
+    exact weight; stacked with another of its type it computes both."""
     n, k = 96, 512
     raw = _raw(qtype, n, k, seed=7)
     bias = torch.randn(n)
     lin = cpu.compact_linear(GGUFTensor("w", (n, k), int(qtype), raw.reshape(-1)), bias)
-    _, size = gguf.GGML_QUANT_SIZES[qtype]
-    assert isinstance(lin, cpu.KQuantLinear) and lin.nbytes == raw.numel() == n * k // 256 * size
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    assert isinstance(lin, cpu.BlockLinear) and lin.nbytes == raw.numel() == n * k // block * size
     ref = _deq(raw, qtype, n, k)
     assert torch.equal(lin.dequantize(), ref)
     x = torch.randn(2, 20, k)  # more rows than NATIVE_ROWS
     assert rel_err(lin(x), F.linear(x, ref, bias)) < 1e-6
     for m in (1, 3):
         assert rel_err(lin(x[0, :m]), F.linear(x[0, :m], ref, bias)) < 1e-4
-    other = cpu.KQuantLinear.from_gguf(_raw(qtype, 64, k, seed=8), qtype, (64, k))
-    both = cpu.KQuantLinear.cat([lin, cpu.KQuantLinear(other.blocks, qtype, (64, k), torch.zeros(64))])
+    other = cpu.BlockLinear.from_gguf(_raw(qtype, 64, k, seed=8), qtype, (64, k))
+    both = cpu.BlockLinear.cat([lin, cpu.BlockLinear(other.blocks, qtype, (64, k), torch.zeros(64))])
     y = both(x[0, :1])
     assert torch.equal(y[..., :n], lin(x[0, :1])) and torch.equal(y[..., n:], other(x[0, :1]))
-    other_type = T.Q4_K if qtype == T.Q6_K else T.Q6_K
-    assert not lin.joins(cpu.KQuantLinear.from_gguf(_raw(other_type, 64, k), other_type, (64, k)))
+    other_type = T.Q4_K if qtype != T.Q4_K else T.Q6_K
+    assert not lin.joins(cpu.BlockLinear.from_gguf(_raw(other_type, 64, k), other_type, (64, k)))
 
 
 def test_int8_linear_is_close_to_the_dense_layer():

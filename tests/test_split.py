@@ -8,7 +8,7 @@ import torch
 import kiln
 from kiln.generate import Decoder
 from kiln.errors import KilnError
-from kiln.quant.cpu import Int4Linear, Int8Linear, KQuantLinear
+from kiln.quant.cpu import Int4Linear, Int8Linear, BlockLinear
 from kiln.split import Place, layer_places
 
 pytestmark = pytest.mark.model
@@ -39,7 +39,7 @@ def test_float_then_compact_group(qwen, qwen_path):
     split, _ = kiln.load(qwen_path, device="cpu", places=places)
     first, last = split.model.layers[0].mlp, split.model.layers[-1].mlp
     assert isinstance(first.down_proj, torch.nn.Linear)
-    assert isinstance(last.down_proj, (Int4Linear, Int8Linear, KQuantLinear))  # the compact CPU layers
+    assert isinstance(last.down_proj, (Int4Linear, Int8Linear, BlockLinear))  # the compact CPU layers
     ids = torch.tensor([tok.encode("import numpy as np\nx = np.arange(10)\nprint(x.sum())")])
     p, q = ref(ids).float().log_softmax(-1), split(ids).float().log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()

@@ -4,14 +4,14 @@ Owns: the rule for when a native kernel serves a tensor (`serves`: one float32 r
 to differentiate, the policy's `native` on and the library built), and the CPU entry points the rest of
 kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row product of
 quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
-otherwise), `kquant_linear` (quant/cpu.KQuantLinear's product: native for a few rows, fp32 over the
+otherwise), `block_linear` (quant/cpu.BlockLinear's product: native for a few rows, fp32 over the
 dequantized weight for a prompt) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms, RoPE,
 the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
 Each entry point's torch twin: ops.rms_norm_ref; int8_weight_ref(q, scale) @ x (Int8Linear.dequantize);
-native.gemv_k_ref; ops.rope_qk_ref, then the
+native.gemv_k_ref / gemv_lq_ref; ops.rope_qk_ref, then the
 cache write and base.attend. tests/test_native.py compares them.
 """
 
@@ -90,25 +90,32 @@ def _dequantized_product(x: torch.Tensor, n: int, rows, bias: torch.Tensor | Non
     return y.view(*x.shape[:-1], n)
 
 
-def kquant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None,
-                  policy: Policy = DEFAULT) -> torch.Tensor:
-    """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype, W a Q4_K or Q6_K tensor's rows as the file holds them
-    (blocks (N, K / 256 * B) uint8; qtype 12 or 14). Up to NATIVE_ROWS rows of x where `_native` allows:
-    native.gemv_k (x rounded per 256 to 16 bits, integer products, each block unpacked once for all rows);
-    otherwise a matmul in x's dtype over W dequantized PACK rows at a time (exact; native.c dequantizes where
-    built)."""
-    n, k = blocks.shape[0], blocks.shape[1] // native.KQUANT_BYTES[qtype] * 256
+def block_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None,
+                 policy: Policy = DEFAULT) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype, W a tensor's rows in its file's blocks (blocks (N, K / W
+    * B) uint8 of a native.BLOCK_WEIGHTS type: Q4_K and Q6_K as the file holds them, Q4_0 / Q4_1 / Q5_0 / Q5_1
+    regrouped by native.regroup_lq). Up to NATIVE_ROWS rows of x where `_native` allows: native.gemv_block (x
+    rounded to 16 bits per block, integer products, each block unpacked once for all rows); otherwise a
+    matmul in x's dtype over W dequantized PACK rows at a time (exact; native.c dequantizes where built)."""
+    n, k = blocks.shape[0], native.in_features(blocks, qtype)
     if x.numel() <= NATIVE_ROWS * k and _native(x, policy):
-        return native.gemv_k(x, blocks, qtype, bias)
-    dequant = native.dequant_k if policy.native and native.available() else kquant_weight_ref
+        return native.gemv_block(x, blocks, qtype, bias)
+    dequant = native.dequant_block if policy.native and native.available() else block_weight_ref
     return _dequantized_product(x, n, lambda a, b: dequant(blocks[a:b], qtype), bias)
 
 
-def kquant_weight_ref(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """blocks (N, K / 256 * B) -> (N, K) float32 in torch (kquants' dequantization; native.dequant_k's twin)."""
-    from kiln.quant.kquants import dequantize_q4_k, dequantize_q6_k
-    fn = dequantize_q4_k if qtype == 12 else dequantize_q6_k
-    return fn(blocks.reshape(-1, native.KQUANT_BYTES[qtype])).view(blocks.shape[0], -1)
+def block_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """A tensor's rows as the file holds them, raw (N, row_bytes) uint8, -> what block_linear reads: a copy (so
+    the file's pages can go) for the K-quants, native.regroup_lq's regrouping for the legacy types."""
+    return raw.contiguous().clone() if qtype in native.KQUANT_BYTES else native.regroup_lq(raw, qtype)
+
+
+def block_weight_ref(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """blocks (N, K / W * B) -> (N, K) float32 in torch (the formats' own dequantization; native.dequant_block's
+    twin)."""
+    from kiln.quant import dequantize
+    raw = blocks if qtype in native.KQUANT_BYTES else native.ungroup_lq(blocks, qtype)
+    return dequantize(raw.reshape(-1), qtype, (blocks.shape[0], native.in_features(blocks, qtype)))
 
 
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor, policy: Policy = DEFAULT) -> bool:

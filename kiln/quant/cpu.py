@@ -1,12 +1,13 @@
 """The compact CPU path: GGUF weights repacked, tensor by tensor, into torch's packed CPU matmuls.
 
 Owns the CPU layer types and the swap that builds them from a GGUF model's weights:
-- `KQuantLinear`: a Q4_K or Q6_K tensor's blocks as the file holds them (exact, 4.5 / 6.56 bits a weight),
-  run by ops.cpu.kquant_linear: native.c's GEMV for a few rows (x rounded to 16 bits per 256, integer
-  products), an fp32 matmul of the exact weight for a prompt; the output head too when it is one of them.
+- `BlockLinear`: a tensor's blocks as the file holds them (exact): Q4_K and Q6_K (4.5 / 6.56 bits a weight),
+  and Q4_0 / Q4_1 / Q5_0 / Q5_1 regrouped four blocks at a time in the same bytes where K % 128 == 0; run by
+  ops.cpu.block_linear: native GEMVs for a few rows (x rounded to 16 bits per block, integer products), an
+  fp32 matmul of the exact weight for a prompt; the output head too when it is one of them.
 - `Int4Linear`: 4-bit codes in torch's CPU int4 layout with one bf16 (scale, zero) per 32 weights,
-  `w = (q - 8) * scale + zero`, through `_weight_int4pack_mm_for_cpu`. Q4_0 and Q4_1 (and the output head's
-  screen) map onto it exactly up to the bf16 rounding of scale and zero (their codes are copied).
+  `w = (q - 8) * scale + zero`, through `_weight_int4pack_mm_for_cpu`. Q4_0 and Q4_1 rows that BlockLinear
+  does not take (and the output head's screen) map onto it exactly up to the bf16 rounding of scale and zero.
 - `Int8Linear`: int8 codes with a scale per block or per row. Q8_0 and Q5_0 keep the file's own codes and
   block scales (f16, per 32 weights: exact, `from_gguf`; Q6_K can too, its d * scale in f16); every other
   type (the other K-quants, plain floats, a Q4 tensor that int4 tiles do not fit) becomes int8 rows with one bf16
@@ -160,7 +161,8 @@ def _q6_k(b: torch.Tensor):
 
 INT8_EXACT = {int(_T.Q8_0): (_q8_0, 32), int(_T.Q5_0): (_q5_0, 32), int(_T.Q6_K): (_q6_k, 16)}  # (codes, weights
 # per f16 scale)
-KQUANT = (int(_T.Q4_K), int(_T.Q6_K))  # kept as the file's blocks (KQuantLinear), before INT8_EXACT
+KQUANT = (int(_T.Q4_K), int(_T.Q6_K))  # kept as the file's blocks (BlockLinear), before INT8_EXACT
+LEGACY = (int(_T.Q4_0), int(_T.Q4_1), int(_T.Q5_0), int(_T.Q5_1))  # regrouped blocks (BlockLinear) where K % 128 == 0
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
@@ -289,29 +291,37 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of 32, bf16 x"
 
 
-class KQuantLinear(nn.Module):
-    """y = x @ W.T (+ bias) with W a Q4_K or Q6_K tensor's rows as the file holds them (exact; 4.5 / 6.56 bits
-    a weight); ops.cpu.kquant_linear runs it (native.c's GEMV for a few rows)."""
+class BlockLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W a tensor's rows in its file's blocks (exact): Q4_K and Q6_K as the file holds
+    them (4.5 / 6.56 bits a weight), Q4_0 / Q4_1 / Q5_0 / Q5_1 (4.5 to 6 bits) regrouped four blocks at a time
+    in the same bytes (native.regroup_lq); ops.cpu.block_linear runs it (native GEMVs for a few rows)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
                  policy: Policy = DEFAULT):
         super().__init__()
-        self.register_buffer("blocks", blocks)                        # (N, K / 256 * type_size) uint8
+        self.register_buffer("blocks", blocks)                        # (N, K / W * B) uint8
         self.register_buffer("bias", _bias(bias))
         self.qtype, (self.out_features, self.in_features) = int(qtype), shape
         self.policy = policy
 
     @classmethod
     def from_gguf(cls, raw: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
-                  policy: Policy = DEFAULT) -> KQuantLinear:
-        """raw (N, row_bytes) uint8 rows of a KQUANT type (the file's mapping: copied, so its pages can go)."""
-        return cls(raw.contiguous().clone(), qtype, shape, bias, policy)
+                  policy: Policy = DEFAULT) -> BlockLinear:
+        """raw (N, row_bytes) uint8 rows of a `takes` type (the file's mapping: copied or regrouped, so its pages
+        can go)."""
+        return cls(ops_cpu.block_rows(raw, int(qtype)), qtype, shape, bias, policy)
 
-    def joins(self, other: KQuantLinear) -> bool:
+    @staticmethod
+    def takes(qtype: int | None, k: int) -> bool:
+        """Does a (N, K) tensor of this type stay in its blocks? K-quants always; legacy types where K is whole
+        groups of four blocks (else Int8Linear / Int4Linear take them)."""
+        return qtype in KQUANT or (qtype in LEGACY and k % 128 == 0)
+
+    def joins(self, other: BlockLinear) -> bool:
         return self.qtype == other.qtype
 
     @classmethod
-    def cat(cls, layers: list[KQuantLinear]) -> KQuantLinear:
+    def cat(cls, layers: list[BlockLinear]) -> BlockLinear:
         n = sum(b.out_features for b in layers)
         return cls(torch.cat([b.blocks for b in layers]), layers[0].qtype, (n, layers[0].in_features),
                    _cat_bias(layers), layers[0].policy)
@@ -321,10 +331,10 @@ class KQuantLinear(nn.Module):
         return self.blocks.numel()
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return ops_cpu.kquant_weight_ref(self.blocks, self.qtype).to(dtype)
+        return ops_cpu.block_weight_ref(self.blocks, self.qtype).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops_cpu.kquant_linear(x, self.blocks, self.qtype, self.bias, self.policy)
+        return ops_cpu.block_linear(x, self.blocks, self.qtype, self.bias, self.policy)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -420,8 +430,8 @@ class ScreenedHead(nn.Module):
 def compact_linear(w, bias=None, head: bool = False, policy: Policy = DEFAULT) -> nn.Module:
     """The CPU layer for one weight (a GGUFTensor or a dense tensor): see the module docstring."""
     qtype = int(w.qtype) if quantized(w) else None
-    if qtype in KQUANT and not getattr(w, "add", 0):  # a head too: exact, and faster than a screen
-        return KQuantLinear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias, policy)
+    if BlockLinear.takes(qtype, w.shape[1]) and not getattr(w, "add", 0):  # a head too: exact, and faster
+        return BlockLinear.from_gguf(w.raw_rows(), qtype, tuple(w.shape), bias, policy)  # than a screen
     if head and qtype is not None and w.shape[0] >= SCREEN_MIN_ROWS and w.shape[0] % 64 == 0 and bias is None:
         return ScreenedHead.from_gguf(w)
     if qtype in INT4_EXACT and w.shape[0] % 64 == 0 and not getattr(w, "add", 0):  # whole 64-row tiles

@@ -1,0 +1,98 @@
+/* What native.c and native_gemm.c share: the vector-extension switch, f16 reads, the rounding of x to
+   int16 per group, GGUF's K-quant block sizes and Q4_K's packed scales. */
+
+#ifndef KILN_NATIVE_H
+#define KILN_NATIVE_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__) || (defined(__AVX512F__) && defined(__AVX512BW__))
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KILN_AVX512 1
+#endif
+
+#define Q4K_BYTES 144  /* one Q4_K block: 256 weights */
+#define Q6K_BYTES 210  /* one Q6_K block */
+#define XQ_MAX 32639.f  /* |xq| bound where x splits into two signed bytes (127 * 257: 256 * hi + lo) */
+
+static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, u;
+    if (e == 0x1F)
+        u = sign | 0x7F800000u | (m << 13);  /* inf, nan */
+    else if (e)
+        u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m)
+        u = sign;
+    else {  /* subnormal: m * 2^-24, normalized */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        u = sign | (e << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
+/* xq (K,), xs (K / group,): x's groups rounded to integers within +-qmax (rint: to nearest, ties to even, as
+   torch.round). */
+static void quantize_x16(const float *x, int64_t k_len, int64_t group, float qmax, int16_t *xq, float *xs) {
+    for (int64_t g = 0; g < k_len / group; g++) {
+        const float *xg = x + g * group;
+        float amax = 0.f;
+        for (int64_t j = 0; j < group; j++)
+            amax = fmaxf(amax, fabsf(xg[j]));
+        const float d = amax / qmax, id = d > 0.f ? 1.f / d : 0.f;
+        xs[g] = d;
+        for (int64_t j = 0; j < group; j++)
+            xq[g * group + j] = (int16_t)lrintf(xg[j] * id);
+    }
+}
+
+/* The eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of a block's 12 packed bytes: bytes 0-3 hold
+   scales 0-3 and the top 2 bits of scales 4-7, bytes 4-7 the same for mins, bytes 8-11 the low 4 bits of
+   scales 4-7 (low nibbles) and mins 4-7 (high nibbles); worked on four bytes at a time. */
+static inline void q4k_scales(const uint8_t *s, uint8_t *sm) {
+    uint32_t a, b, c, o[4];
+    memcpy(&a, s, 4);
+    memcpy(&b, s + 4, 4);
+    memcpy(&c, s + 8, 4);
+    o[0] = a & 0x3F3F3F3Fu;
+    o[1] = (c & 0x0F0F0F0Fu) | (((a >> 6) & 0x03030303u) << 4);
+    o[2] = b & 0x3F3F3F3Fu;
+    o[3] = ((c >> 4) & 0x0F0F0F0Fu) | (((b >> 6) & 0x03030303u) << 4);
+    memcpy(sm, o, 16);
+}
+
+static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t *sm) {
+    *d = f16_at(blk);
+    *dmin = f16_at(blk + 2);
+    q4k_scales(blk + 4, sm);
+}
+
+#ifdef KILN_AVX512
+/* 16 int32 lanes, each the dot of 4 unsigned codes with 4 signed bytes at x (VNNI's dpbusd, or its two-step
+   equivalent: the pair sums stay within int16 for codes < 64). */
+static inline __m512i dot_u8s8(__m512i codes, const int8_t *x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(x));
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(codes, _mm512_loadu_si512(x)), _mm512_set1_epi16(1));
+#endif
+}
+#endif
+
+#endif

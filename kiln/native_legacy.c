@@ -1,0 +1,196 @@
+/* GGUF's legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1), regrouped at load: a GEMV for a few rows of x and
+   an fp32 dequantization for a prompt's matmul (kiln/native.py builds this file with native.c).
+
+   Types (GGML numbers): Q4_0 (2) w = d * (q - 8); Q4_1 (3) w = d * q + m; Q5_0 (6) w = d * (q - 16); Q5_1 (7)
+   w = d * q + m; quant/legacy.py draws the file's blocks. quant/cpu.py (`regroup_legacy`) regroups each row's
+   blocks four at a time (128 weights) into the same number of bytes, fields side by side:
+     qs   64 bytes: the four blocks' 16 bytes of nibbles (block j at 16j: weight i < 16 the low nibble of byte i,
+          16 + i the high nibble);
+     qh   16 bytes (5-bit types): the four blocks' low 16 bits of qh (bit i: weight i's fifth bit), then their
+          high 16 bits, so that bit 16j + i of the first 8 bytes belongs to byte 16j + i of the low nibbles;
+     d    4 f16, then m 4 f16 (_1 types).
+   So one 64-byte load holds 128 codes that unpack with two masks and a shift, in the order [low nibbles of the
+   four blocks, high nibbles of the four blocks], and x is arranged in that order once per call.
+
+   The product: x rounded to integers per 32 weights (|xq| <= XQ_MAX = 32639, xs = max|x| / 32639), xq = 256 * hi
+   + lo with both halves signed bytes (as the K-quant GEMVs split it), the
+   unsigned codes (0..31) times each half by dpbusd, the halves joined in int32, each block's offset (8 or 16
+   times its sum of xq) taken in int32, then per block d * xs in float; the _1 types add m * xs * sum(xq).
+   Twin: native.gemv_lq_ref (on the file's blocks). Shapes: rows (N, K / 128 * 4B), K % 128 == 0. */
+
+#include "native.h"
+
+#define LQ_PREFETCH 2048  /* bytes ahead, as the K-quant GEMVs ask (native.c) */
+
+typedef struct {
+    int group, qh, d, m, off;  /* bytes per 128 weights; offsets of qh (-1: none), d, m (-1: none); code offset */
+} lq_t;
+
+static lq_t lq_type(int qtype) {
+    switch (qtype) {
+        case 2: return (lq_t){72, -1, 64, -1, 8};
+        case 3: return (lq_t){80, -1, 64, 72, 0};
+        case 6: return (lq_t){88, 64, 80, -1, 16};
+        default: return (lq_t){96, 64, 80, 88, 0};  /* 7: Q5_1 (native.py passes only these four) */
+    }
+}
+
+/* Group grp's 128 codes, 0..31, in weight order (block j's weight i at 32j + i). */
+static void lq_codes(const uint8_t *grp, lq_t t, uint8_t *out) {
+    uint16_t qh[8] = {0};
+    if (t.qh >= 0)
+        memcpy(qh, grp + t.qh, 16);
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 16; i++) {
+            const uint8_t v = grp[16 * j + i];
+            out[32 * j + i] = (uint8_t)((v & 0x0F) | (((qh[j] >> i) & 1) << 4));
+            out[32 * j + 16 + i] = (uint8_t)((v >> 4) | (((qh[4 + j] >> i) & 1) << 4));
+        }
+}
+
+/* The rows of x: xq (M, K) rounded per 32, xs (M, K / 32), xsum (M, K / 32); hi / lo (M, K)
+   in the codes' order per 128 (weight 32j + 16h + i of a group at 64h + 16j + i); corr (M, K / 128, 16) the
+   int32 each group's lanes subtract: off * sum(xq) of block j in lane 4j. */
+typedef struct {
+    int16_t *xq;
+    int8_t *hi, *lo;
+    float *xs;
+    int32_t *xsum, *corr;
+} lq_x;
+
+static lq_x lq_x_make(const float *x, int64_t m_rows, int64_t k_len, int off) {
+    const int64_t nb = k_len / 32, ng = k_len / 128;
+    lq_x r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
+              malloc(m_rows * nb * sizeof(float)), malloc(m_rows * nb * sizeof(int32_t)),
+              calloc(m_rows * ng * 16, sizeof(int32_t))};
+    for (int64_t m = 0; m < m_rows; m++) {
+        int16_t *xq = r.xq + m * k_len;
+        quantize_x16(x + m * k_len, k_len, 32, XQ_MAX, xq, r.xs + m * nb);
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++)
+                s += xq[32 * b + i];
+            r.xsum[m * nb + b] = s;
+            r.corr[(m * ng + b / 4) * 16 + 4 * (b % 4)] = off * s;
+        }
+        for (int64_t p = 0; p < k_len; p++) {
+            const int64_t g = p / 128, h = (p % 128) / 64, j = (p % 64) / 16, i = p % 16;
+            const int v = xq[128 * g + 32 * j + 16 * h + i], l = ((v + 128) & 0xFF) - 128;
+            r.lo[m * k_len + p] = (int8_t)l;
+            r.hi[m * k_len + p] = (int8_t)((v - l) / 256);
+        }
+    }
+    return r;
+}
+
+static void lq_x_free(lq_x *r) {
+    free(r->xq);
+    free(r->hi);
+    free(r->lo);
+    free(r->xs);
+    free(r->xsum);
+    free(r->corr);
+}
+
+#ifdef KILN_AVX512
+/* A group's codes: c[0] the low nibbles of its four blocks, c[1] the high ones, fifth bits added. */
+static inline void lq_unpack(const uint8_t *grp, lq_t t, __m512i *c) {
+    const __m512i v = _mm512_loadu_si512(grp), low = _mm512_set1_epi8(0x0F);
+    c[0] = _mm512_and_si512(v, low);
+    c[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    if (t.qh >= 0) {
+        uint64_t lo, hi;
+        memcpy(&lo, grp + t.qh, 8);
+        memcpy(&hi, grp + t.qh + 8, 8);
+        c[0] = _mm512_mask_add_epi8(c[0], (__mmask64)lo, c[0], _mm512_set1_epi8(16));
+        c[1] = _mm512_mask_add_epi8(c[1], (__mmask64)hi, c[1], _mm512_set1_epi8(16));
+    }
+}
+
+/* acc + one group's products for one row of x (hi / lo / corr / xs at the group). */
+static inline __m512 lq_step(const __m512i *c, const uint8_t *grp, lq_t t, const int8_t *hi, const int8_t *lo,
+                             const int32_t *corr, const float *xs, __m512 acc) {
+    const __m512i u = _mm512_add_epi32(
+        _mm512_slli_epi32(_mm512_add_epi32(dot_u8s8(c[0], hi), dot_u8s8(c[1], hi + 64)), 8),
+        _mm512_add_epi32(dot_u8s8(c[0], lo), dot_u8s8(c[1], lo + 64)));
+    const __m512i tot = _mm512_sub_epi32(u, _mm512_loadu_si512(corr));
+    const __m128 s4 = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + t.d))), _mm_loadu_ps(xs));
+    const __m512 s = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                           _mm512_castps128_ps512(s4));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), s, acc);
+}
+#endif
+
+/* x (M, K) -> y (M, N), M <= 16: each group unpacked once for all M rows of x. */
+void kiln_gemv_lq(const uint8_t *rows, int qtype, const float *x, const float *bias, float *y, int64_t n_rows,
+                  int64_t k_len, int64_t m_rows, int threads) {
+    const lq_t t = lq_type(qtype);
+    const int64_t nb = k_len / 32, ng = k_len / 128;
+    lq_x r = lq_x_make(x, m_rows, k_len, t.off);
+    #pragma omp parallel for schedule(guided, 16) num_threads(threads)
+    for (int64_t n = 0; n < n_rows; n++) {
+        const uint8_t *row = rows + n * ng * t.group;
+        float v[16];
+#ifdef KILN_AVX512
+        __m512 acc[16];
+        __m512i c[2];
+        for (int64_t m = 0; m < m_rows; m++)
+            acc[m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *grp = row + g * t.group;
+            _mm_prefetch((const char *)grp + LQ_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)grp + LQ_PREFETCH + 64, _MM_HINT_T0);
+            lq_unpack(grp, t, c);
+            for (int64_t m = 0; m < m_rows; m++)
+                acc[m] = lq_step(c, grp, t, r.hi + m * k_len + 128 * g, r.lo + m * k_len + 128 * g,
+                                 r.corr + (m * ng + g) * 16, r.xs + m * nb + 4 * g, acc[m]);
+        }
+        for (int64_t m = 0; m < m_rows; m++)
+            v[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+        uint8_t codes[128];
+        for (int64_t m = 0; m < m_rows; m++)
+            v[m] = 0.f;
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *grp = row + g * t.group;
+            lq_codes(grp, t, codes);
+            for (int64_t m = 0; m < m_rows; m++)
+                for (int j = 0; j < 4; j++) {
+                    int32_t s = 0;
+                    for (int i = 0; i < 32; i++)
+                        s += (int32_t)codes[32 * j + i] * r.xq[m * k_len + 128 * g + 32 * j + i];
+                    s -= t.off * r.xsum[m * nb + 4 * g + j];
+                    v[m] += f16_at(grp + t.d + 2 * j) * r.xs[m * nb + 4 * g + j] * (float)s;
+                }
+        }
+#endif
+        for (int64_t m = 0; m < m_rows; m++) {
+            if (t.m >= 0)  /* the _1 types' m * xs * sum(xq), per block */
+                for (int64_t b = 0; b < nb; b++)
+                    v[m] += f16_at(row + (b / 4) * t.group + t.m + 2 * (b % 4)) * r.xs[m * nb + b]
+                          * (float)r.xsum[m * nb + b];
+            y[m * n_rows + n] = bias ? v[m] + bias[n] : v[m];
+        }
+    }
+    lq_x_free(&r);
+}
+
+/* The weight (N, K) in fp32, w = d * (q - off) or d * q + m, bit-equal to quant/legacy.py's dequantizers
+   (d * q is exact in fp32: an 11-bit significand times a 5-bit code). */
+void kiln_dequant_lq(const uint8_t *rows, int qtype, float *out, int64_t n_rows, int64_t k_len, int threads) {
+    const lq_t t = lq_type(qtype);
+    const int64_t ng = k_len / 128;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_rows; n++)
+        for (int64_t g = 0; g < ng; g++) {
+            const uint8_t *grp = rows + (n * ng + g) * t.group;
+            uint8_t c[128];
+            lq_codes(grp, t, c);
+            for (int j = 0; j < 4; j++) {
+                const float d = f16_at(grp + t.d + 2 * j), m = t.m >= 0 ? f16_at(grp + t.m + 2 * j) : 0.f;
+                float *o = out + n * k_len + 128 * g + 32 * j;
+                for (int i = 0; i < 32; i++)  /* no "+ 0" for the symmetric types: it would turn -0 into +0 */
+                    o[i] = t.m >= 0 ? d * (float)c[32 * j + i] + m : d * (float)(c[32 * j + i] - t.off);
+            }
+        }
+}
