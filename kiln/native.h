@@ -84,13 +84,20 @@ static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t
 }
 
 #ifdef KILN_AVX512
-/* 16 int32 lanes, each the dot of 4 unsigned codes with 4 signed bytes at x (VNNI's dpbusd, or its two-step
-   equivalent: the pair sums stay within int16 for codes < 64). */
+/* Unsigned codes times signed bytes at x, as 16 int32 lanes: VNNI's dpbusd (lane i: bytes 4i..4i+3). Without
+   VNNI the same sum per 128-bit lane (each lane's four int32 hold its 16 products, in another grouping: every
+   caller sums a 128-bit lane or more under one scale), widened to 16 bits first so that no pair saturates. */
 static inline __m512i dot_u8s8(__m512i codes, const int8_t *x) {
+    const __m512i xv = _mm512_loadu_si512(x);
 #ifdef __AVX512VNNI__
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(x));
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
 #else
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(codes, _mm512_loadu_si512(x)), _mm512_set1_epi16(1));
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i lo = _mm512_madd_epi16(_mm512_unpacklo_epi8(codes, zero),
+                                         _mm512_srai_epi16(_mm512_unpacklo_epi8(xv, xv), 8));
+    const __m512i hi = _mm512_madd_epi16(_mm512_unpackhi_epi8(codes, zero),
+                                         _mm512_srai_epi16(_mm512_unpackhi_epi8(xv, xv), 8));
+    return _mm512_add_epi32(lo, hi);
 #endif
 }
 #endif

@@ -32,7 +32,7 @@ HEADER = Path(__file__).with_name("native.h")
 Q4K_BYTES = 144  # one Q4_K block: 256 weights
 Q6K_BYTES = 210  # one Q6_K block: 256 weights
 KQUANT_BYTES = {12: Q4K_BYTES, 14: Q6K_BYTES}  # GGML type -> bytes per 256 weights (Q4_K, Q6_K)
-LEGACY_BYTES = {2: 18, 3: 20, 6: 22, 7: 24}  # GGML type -> bytes per 32 weights (Q4_0, Q4_1, Q5_0, Q5_1)
+LEGACY_BYTES = {2: 18, 3: 20, 6: 22, 7: 24, 8: 34}  # GGML type -> bytes per 32 weights (Q4_0 ... Q8_0)
 BLOCK_WEIGHTS = {**{t: (b, 256) for t, b in KQUANT_BYTES.items()}, **{t: (b, 32) for t, b in LEGACY_BYTES.items()}}
 # every type gemv_block serves -> (bytes, weights) of one block
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
@@ -90,16 +90,20 @@ def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor
 
 
 # GGML type -> (bytes a block, offset of qs, of qh (None: none), of m (None: none)); d is at 0 in each
-_LEGACY_FIELDS = {2: (18, 2, None, None), 3: (20, 4, None, 2), 6: (22, 6, 2, None), 7: (24, 8, 4, 2)}
+_LEGACY_FIELDS = {2: (18, 2, None, None), 3: (20, 4, None, 2), 6: (22, 6, 2, None), 7: (24, 8, 4, 2),
+                  8: (34, 2, None, None)}
 
 
 def regroup_lq(raw: torch.Tensor, qtype: int) -> torch.Tensor:
-    """A Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor's rows as the file holds them, raw (N, K / 32 * B) uint8 with K % 128
-    == 0, -> the same bytes regrouped four blocks at a time as native_legacy.c reads them (its comment draws
-    the layout): (N, K / 128 * 4B) uint8."""
+    """A Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor's rows as the file holds them, raw (N, K / 32 * B) uint8 with
+    K % 128 == 0, -> the same bytes regrouped four blocks at a time as native_legacy.c reads them (its comment
+    draws the layout): (N, K / 128 * 4B) uint8."""
     size, qs, qh, m = _LEGACY_FIELDS[qtype]
     n = raw.shape[0]
     b = raw.reshape(n, -1, 4, size)                                            # (N, G, 4, B)
+    if qtype == 8:  # first halves of the four blocks' codes, then second halves, each + 128
+        halves = b[..., qs:qs + 32].reshape(n, -1, 4, 2, 16).transpose(2, 3).reshape(n, -1, 128) ^ 0x80
+        return torch.cat([halves, b[..., 0:2].reshape(n, -1, 8)], -1).reshape(n, -1)
     parts = [b[..., qs:qs + 16].reshape(n, -1, 64)]
     if qh is not None:  # the four low halves of qh, then the four high halves
         halves = b[..., qh:qh + 4].reshape(n, -1, 4, 2, 2)                    # (N, G, block, half, 2 bytes)
@@ -116,6 +120,10 @@ def ungroup_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     n = rows.shape[0]
     g = rows.reshape(n, -1, 4 * size)                                          # (N, G, 4B)
     b = torch.empty(n, g.shape[1], 4, size, dtype=torch.uint8)                 # (N, G, 4, B)
+    if qtype == 8:
+        b[..., qs:qs + 32] = (g[..., :128] ^ 0x80).reshape(n, -1, 2, 4, 16).transpose(2, 3).reshape(n, -1, 4, 32)
+        b[..., 0:2] = g[..., 128:136].reshape(n, -1, 4, 2)
+        return b.reshape(n, -1)
     b[..., qs:qs + 16] = g[..., :64].reshape(n, -1, 4, 16)
     at = 64
     if qh is not None:
@@ -129,7 +137,7 @@ def ungroup_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
 
 def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
     """gemv_lq_ref's contract, in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
-    uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7), bias (N,) float32 or
+    uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7, 8), bias (N,) float32 or
     None -> (N,) or (M, N) float32."""
     n, k = rows.shape[0], rows.shape[1] // LEGACY_BYTES[qtype] * 32
     x2 = _c(x.reshape(-1, k))
@@ -161,8 +169,11 @@ def gemv_lq_ref(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tens
     size, qs, qh, m = _LEGACY_FIELDS[qtype]
     n = raw.shape[0]
     b = raw.reshape(-1, size)                                                  # (N * B, size)
-    q = legacy._nibbles(b[:, qs:qs + 16]) if qh is None else legacy._five_bit(b[:, qh:qh + 4], b[:, qs:qs + 16])
-    q = (q.double() - {2: 8, 3: 0, 6: 16, 7: 0}[qtype]).view(n, -1, 32)     # (N, B, 32)
+    if qtype == 8:
+        q = b[:, 2:34].view(torch.int8).double().view(n, -1, 32)
+    else:
+        q = legacy._nibbles(b[:, qs:qs + 16]) if qh is None else legacy._five_bit(b[:, qh:qh + 4], b[:, qs:qs + 16])
+        q = (q.double() - {2: 8, 3: 0, 6: 16, 7: 0}[qtype]).view(n, -1, 32)  # (N, B, 32)
     d = legacy.f16_at(b, 0).double().view(n, -1)                              # (N, B)
     xq, xs = _round_x(x, 32, 32639)                                            # (..., B, 32), (..., B)
     per_block = d * torch.einsum("...bl,nbl->...nb", xq, q)                    # exact integer dots

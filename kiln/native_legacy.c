@@ -1,14 +1,16 @@
-/* GGUF's legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1), regrouped at load: a GEMV for a few rows of x and
+/* GGUF's legacy 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), regrouped at load: a GEMV for a few rows of x and
    an fp32 dequantization for a prompt's matmul (kiln/native.py builds this file with native.c).
 
    Types (GGML numbers): Q4_0 (2) w = d * (q - 8); Q4_1 (3) w = d * q + m; Q5_0 (6) w = d * (q - 16); Q5_1 (7)
-   w = d * q + m; quant/legacy.py draws the file's blocks. quant/cpu.py (`regroup_legacy`) regroups each row's
+   w = d * q + m; Q8_0 (8) w = d * q, q int8; quant/legacy.py draws the file's blocks. quant/cpu.py (`regroup_legacy`) regroups each row's
    blocks four at a time (128 weights) into the same number of bytes, fields side by side:
      qs   64 bytes: the four blocks' 16 bytes of nibbles (block j at 16j: weight i < 16 the low nibble of byte i,
           16 + i the high nibble);
      qh   16 bytes (5-bit types): the four blocks' low 16 bits of qh (bit i: weight i's fifth bit), then their
           high 16 bits, so that bit 16j + i of the first 8 bytes belongs to byte 16j + i of the low nibbles;
      d    4 f16, then m 4 f16 (_1 types).
+   Q8_0's 128 codes take the nibbles' order too: bytes 0-63 the first 16 codes of each block (block j at 16j),
+   bytes 64-127 the last 16, each code + 128 as an unsigned byte (its offset, 128, taken like Q5_0's 16).
    So one 64-byte load holds 128 codes that unpack with two masks and a shift, in the order [low nibbles of the
    four blocks, high nibbles of the four blocks], and x is arranged in that order once per call.
 
@@ -23,7 +25,8 @@
 #define LQ_PREFETCH 2048  /* bytes ahead, as the K-quant GEMVs ask (native.c) */
 
 typedef struct {
-    int group, qh, d, m, off;  /* bytes per 128 weights; offsets of qh (-1: none), d, m (-1: none); code offset */
+    int group, qh, d, m, off;  /* bytes per 128 weights; offsets of qh (-1: none), d, m (-1: none); code offset
+                                  (128: whole bytes, Q8_0) */
 } lq_t;
 
 static lq_t lq_type(int qtype) {
@@ -31,12 +34,21 @@ static lq_t lq_type(int qtype) {
         case 2: return (lq_t){72, -1, 64, -1, 8};
         case 3: return (lq_t){80, -1, 64, 72, 0};
         case 6: return (lq_t){88, 64, 80, -1, 16};
-        default: return (lq_t){96, 64, 80, 88, 0};  /* 7: Q5_1 (native.py passes only these four) */
+        case 8: return (lq_t){136, -1, 128, -1, 128};
+        default: return (lq_t){96, 64, 80, 88, 0};  /* 7: Q5_1 (native.py passes only these five) */
     }
 }
 
-/* Group grp's 128 codes, 0..31, in weight order (block j's weight i at 32j + i). */
+/* Group grp's 128 codes, 0..31 (0..255 for Q8_0), in weight order (block j's weight i at 32j + i). */
 static void lq_codes(const uint8_t *grp, lq_t t, uint8_t *out) {
+    if (t.off == 128) {
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 16; i++) {
+                out[32 * j + i] = grp[16 * j + i];
+                out[32 * j + 16 + i] = grp[64 + 16 * j + i];
+            }
+        return;
+    }
     uint16_t qh[8] = {0};
     if (t.qh >= 0)
         memcpy(qh, grp + t.qh, 16);
@@ -95,6 +107,11 @@ static void lq_x_free(lq_x *r) {
 #ifdef KILN_AVX512
 /* A group's codes: c[0] the low nibbles of its four blocks, c[1] the high ones, fifth bits added. */
 static inline void lq_unpack(const uint8_t *grp, lq_t t, __m512i *c) {
+    if (t.off == 128) {
+        c[0] = _mm512_loadu_si512(grp);
+        c[1] = _mm512_loadu_si512(grp + 64);
+        return;
+    }
     const __m512i v = _mm512_loadu_si512(grp), low = _mm512_set1_epi8(0x0F);
     c[0] = _mm512_and_si512(v, low);
     c[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -138,8 +155,8 @@ void kiln_gemv_lq(const uint8_t *rows, int qtype, const float *x, const float *b
             acc[m] = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
             const uint8_t *grp = row + g * t.group;
-            _mm_prefetch((const char *)grp + LQ_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)grp + LQ_PREFETCH + 64, _MM_HINT_T0);
+            for (int o = 0; o < t.group; o += 64)
+                _mm_prefetch((const char *)grp + LQ_PREFETCH + o, _MM_HINT_T0);
             lq_unpack(grp, t, c);
             for (int64_t m = 0; m < m_rows; m++)
                 acc[m] = lq_step(c, grp, t, r.hi + m * k_len + 128 * g, r.lo + m * k_len + 128 * g,

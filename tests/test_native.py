@@ -120,7 +120,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
         native.gemv_k(torch.randn(17, k), blocks, qtype, b)
 
 
-@pytest.mark.parametrize("qtype", [2, 3, 6, 7])  # Q4_0, Q4_1, Q5_0, Q5_1
+@pytest.mark.parametrize("qtype", [2, 3, 6, 7, 8])  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 @pytest.mark.parametrize("n,k", [(64, 128), (33, 896), (7, 1024)])
 def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     """Legacy 32-weight blocks regrouped four at a time (native.regroup_lq: the same bytes, and back) against
@@ -142,7 +142,7 @@ def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     y = native.gemv_lq(x, rows, qtype, b)
     assert y.shape == (3, n) and _rel(y, native.gemv_lq_ref(x, raw, qtype, b)) < 1e-6
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))).double()
-    assert _rel(y, x.double() @ w.t() + b.double()) < 1e-4  # x's 16-bit rounding
+    assert _rel(y, x.double() @ w.t() + b.double()) < 3e-4  # x's 16-bit rounding (the 1e4 row's block: coarse)
     assert torch.equal(native.dequant_lq(rows, qtype), w.float())  # a prompt's weight: gguf-py's own
     assert torch.equal(native.gemv_lq(x[1], rows, qtype, b), y[1])  # a row's product: its own, batched or not
     assert torch.equal(_on_one_thread(lambda: native.gemv_lq(x, rows, qtype, b)), y)

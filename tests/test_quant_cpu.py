@@ -82,7 +82,7 @@ def test_int4_linear_forward_is_its_dequantized_weight(m):
     assert rel_err(y, F.linear(x, _deq(raw, T.Q4_K, n, k), bias)) < 1.5e-2  # vs the file's exact weight
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0])
 def test_block_linear_keeps_the_files_blocks(qtype):
     """A Q4_K / Q6_K / Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor stays in the file's blocks (the legacy ones regrouped in
     the same bytes): a few rows run a native GEMV (x rounded to 16 bits per block), many an fp32 matmul of the
@@ -287,7 +287,7 @@ def test_real_qwen_compact_stays_close_to_llamacpp(qwen_compact):
         from test_real_models import DATA, coarse_kl
     model, _ = qwen_compact
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"Int4Linear", "Int8Linear", "ScreenedHead", "GGUFEmbedding"} <= kinds and "Linear" not in kinds
+    assert {"BlockLinear", "GGUFEmbedding"} <= kinds and "Linear" not in kinds  # Q5_0 / Q8_0 / K-quant blocks
     refs = load_refs(Path(DATA) / "refs_qwen2.5-coder-0.5b.npz")
     agree, kls = [], []
     with torch.inference_mode():

@@ -93,7 +93,7 @@ def _dequantized_product(x: torch.Tensor, n: int, rows, bias: torch.Tensor | Non
 def block_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None,
                  policy: Policy = DEFAULT) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) -> (..., N) in x.dtype, W a tensor's rows in its file's blocks (blocks (N, K / W
-    * B) uint8 of a native.BLOCK_WEIGHTS type: Q4_K and Q6_K as the file holds them, Q4_0 / Q4_1 / Q5_0 / Q5_1
+    * B) uint8 of a native.BLOCK_WEIGHTS type: Q4_K and Q6_K as the file holds them, Q4_0 ... Q8_0
     regrouped by native.regroup_lq). Up to NATIVE_ROWS rows of x where `_native` allows: native.gemv_block (x
     rounded to 16 bits per block, integer products, each block unpacked once for all rows); otherwise a
     matmul in x's dtype over W dequantized PACK rows at a time (exact; native.c dequantizes where built)."""
@@ -102,6 +102,13 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.
         return native.gemv_block(x, blocks, qtype, bias)
     dequant = native.dequant_block if policy.native and native.available() else block_weight_ref
     return _dequantized_product(x, n, lambda a, b: dequant(blocks[a:b], qtype), bias)
+
+
+def legacy_blocks_run() -> bool:
+    """Do the legacy block types run here in their regrouped blocks (native.c built)? Without it quant/cpu.py
+    keeps them as int8 codes / torch's int4 (torch has kernels for those; a regrouped block would be dequantized
+    whole on every call)."""
+    return native.available()
 
 
 def block_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:

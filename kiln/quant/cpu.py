@@ -2,7 +2,7 @@
 
 Owns the CPU layer types and the swap that builds them from a GGUF model's weights:
 - `BlockLinear`: a tensor's blocks as the file holds them (exact): Q4_K and Q6_K (4.5 / 6.56 bits a weight),
-  and Q4_0 / Q4_1 / Q5_0 / Q5_1 regrouped four blocks at a time in the same bytes where K % 128 == 0; run by
+  and Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 regrouped four blocks at a time in the same bytes where K % 128 == 0; run by
   ops.cpu.block_linear: native GEMVs for a few rows (x rounded to 16 bits per block, integer products), an
   fp32 matmul of the exact weight for a prompt; the output head too when it is one of them.
 - `Int4Linear`: 4-bit codes in torch's CPU int4 layout with one bf16 (scale, zero) per 32 weights,
@@ -162,7 +162,8 @@ def _q6_k(b: torch.Tensor):
 INT8_EXACT = {int(_T.Q8_0): (_q8_0, 32), int(_T.Q5_0): (_q5_0, 32), int(_T.Q6_K): (_q6_k, 16)}  # (codes, weights
 # per f16 scale)
 KQUANT = (int(_T.Q4_K), int(_T.Q6_K))  # kept as the file's blocks (BlockLinear), before INT8_EXACT
-LEGACY = (int(_T.Q4_0), int(_T.Q4_1), int(_T.Q5_0), int(_T.Q5_1))  # regrouped blocks (BlockLinear) where K % 128 == 0
+LEGACY = (int(_T.Q4_0), int(_T.Q4_1), int(_T.Q5_0), int(_T.Q5_1), int(_T.Q8_0))  # regrouped blocks (BlockLinear)
+# where K % 128 == 0
 
 
 # --- int4: GGUF blocks -> (codes 0..15, scale, zero) with w = (q - 8) * scale + zero per 32 weights ---
@@ -293,7 +294,7 @@ class Int4Linear(nn.Module):
 
 class BlockLinear(nn.Module):
     """y = x @ W.T (+ bias) with W a tensor's rows in its file's blocks (exact): Q4_K and Q6_K as the file holds
-    them (4.5 / 6.56 bits a weight), Q4_0 / Q4_1 / Q5_0 / Q5_1 (4.5 to 6 bits) regrouped four blocks at a time
+    them (4.5 / 6.56 bits a weight), Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 (4.5 to 8.5 bits) regrouped four blocks at a time
     in the same bytes (native.regroup_lq); ops.cpu.block_linear runs it (native GEMVs for a few rows)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int], bias=None,
@@ -314,8 +315,8 @@ class BlockLinear(nn.Module):
     @staticmethod
     def takes(qtype: int | None, k: int) -> bool:
         """Does a (N, K) tensor of this type stay in its blocks? K-quants always; legacy types where K is whole
-        groups of four blocks (else Int8Linear / Int4Linear take them)."""
-        return qtype in KQUANT or (qtype in LEGACY and k % 128 == 0)
+        groups of four blocks and the native kernels are built (else Int8Linear / Int4Linear take them)."""
+        return qtype in KQUANT or (qtype in LEGACY and k % 128 == 0 and ops_cpu.legacy_blocks_run())
 
     def joins(self, other: BlockLinear) -> bool:
         return self.qtype == other.qtype
