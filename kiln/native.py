@@ -78,13 +78,18 @@ def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor
     """gemv_k_ref's contract, in native.c: x (K,) or (M, K) float32 with M <= 16, blocks (N, K / 256 * B) uint8
     (a Q4_K or Q6_K tensor's rows as the file holds them: qtype 12 or 14), bias (N,) float32 or None -> (N,) or
     (M, N) float32."""
-    n, k = blocks.shape[0], blocks.shape[1] // KQUANT_BYTES[qtype] * 256
+    fn = _lib().kiln_gemv_q4k if qtype == 12 else _lib().kiln_gemv_q6k
+    return _few_rows("gemv_k", x, blocks, in_features(blocks, qtype), bias, fn)
+
+
+def _few_rows(name: str, x: torch.Tensor, blocks: torch.Tensor, k: int, bias: torch.Tensor | None, fn):
+    """A block GEMV's call: fn(blocks, x (M, K), bias, y (M, N), N, K, M, threads) for M <= 16 rows of x."""
+    n = blocks.shape[0]
     x2 = _c(x.reshape(-1, k))
     if x2.shape[0] > 16:
-        raise ValueError(f"gemv_k takes at most 16 rows of x, got {x2.shape[0]}")
+        raise ValueError(f"{name} takes at most 16 rows of x, got {x2.shape[0]}")
     blocks, bias = _c(blocks), _c(bias)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    fn = _lib().kiln_gemv_q4k if qtype == 12 else _lib().kiln_gemv_q6k
     fn(_ptr(blocks), _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0], torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
@@ -139,15 +144,8 @@ def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor 
     """gemv_lq_ref's contract, in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
     uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7, 8), bias (N,) float32 or
     None -> (N,) or (M, N) float32."""
-    n, k = rows.shape[0], rows.shape[1] // LEGACY_BYTES[qtype] * 32
-    x2 = _c(x.reshape(-1, k))
-    if x2.shape[0] > 16:
-        raise ValueError(f"gemv_lq takes at most 16 rows of x, got {x2.shape[0]}")
-    rows, bias = _c(rows), _c(bias)
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _lib().kiln_gemv_lq(_ptr(rows), qtype, _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0],
-                        torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    return _few_rows("gemv_lq", x, rows, in_features(rows, qtype), bias,
+                     lambda b, *rest: _lib().kiln_gemv_lq(b, qtype, *rest))
 
 
 def dequant_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
