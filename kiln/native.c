@@ -3,8 +3,9 @@
    Owns four kinds of kernel, each replacing a chain of small torch ops (or a slow packed matmul) at batch 1:
    - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x;
      kiln_gemv_i8g: one f16 scale per group of weights in a row (exact GGUF codes), x rounded to int16 per
-     group, integer dot products, a few rows of x at once; kiln_gemv_q4k: GGUF's Q4_K blocks as the file
-     holds them, the same way; kiln_dequant_i8g / kiln_dequant_q4k: those weights in fp32 for a prompt.
+     group, integer dot products, a few rows of x at once; kiln_gemv_q4k / kiln_gemv_q6k: GGUF's Q4_K / Q6_K
+     blocks as the file holds them, the same way; kiln_dequant_i8g / _q4k / _q6k: those weights in fp32 for a
+     prompt. (The legacy 32-weight blocks have theirs in native_legacy.c; native.h holds what both share.)
    - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
    - kiln_decode_attention: one token's attention at position `pos`: per-head q/k RMSNorm (optional),
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
@@ -15,9 +16,8 @@
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
 
    Everything is fp32 in and out, accumulated in fp32 (kiln_gemv_i8g's dot products in int32). The torch
-   twins they are tested against: Int8Linear.dequantize() @ x, native.gemv_i8g_ref, native.gemv_q4k_ref,
-   kquants.dequantize_q4_k,
-   ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
+   twins they are tested against: Int8Linear.dequantize() @ x, native.gemv_i8g_ref, native.gemv_k_ref,
+   kquants.dequantize_q4_k / _q6_k, ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
 
 #include "native.h"
 

@@ -142,8 +142,8 @@ def ungroup_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
 
 def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
     """gemv_lq_ref's contract, in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
-    uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7, 8), bias (N,) float32 or
-    None -> (N,) or (M, N) float32."""
+    uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7, 8), bias (N,)
+    float32 or None -> (N,) or (M, N) float32."""
     return _few_rows("gemv_lq", x, rows, in_features(rows, qtype), bias,
                      lambda b, *rest: _lib().kiln_gemv_lq(b, qtype, *rest))
 

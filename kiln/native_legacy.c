@@ -2,8 +2,8 @@
    an fp32 dequantization for a prompt's matmul (kiln/native.py builds this file with native.c).
 
    Types (GGML numbers): Q4_0 (2) w = d * (q - 8); Q4_1 (3) w = d * q + m; Q5_0 (6) w = d * (q - 16); Q5_1 (7)
-   w = d * q + m; Q8_0 (8) w = d * q, q int8; quant/legacy.py draws the file's blocks. quant/cpu.py (`regroup_legacy`) regroups each row's
-   blocks four at a time (128 weights) into the same number of bytes, fields side by side:
+   w = d * q + m; Q8_0 (8) w = d * q, q int8; quant/legacy.py draws the file's blocks. native.regroup_lq
+   regroups each row's blocks four at a time (128 weights) into the same number of bytes, fields side by side:
      qs   64 bytes: the four blocks' 16 bytes of nibbles (block j at 16j: weight i < 16 the low nibble of byte i,
           16 + i the high nibble);
      qh   16 bytes (5-bit types): the four blocks' low 16 bits of qh (bit i: weight i's fifth bit), then their

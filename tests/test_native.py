@@ -2,7 +2,8 @@
 architecture with the kernels on and off.
 
 The twins: `Int8Linear.dequantize() @ x` for the GEMV, `native.gemv_i8g_ref` for its group-scaled form,
-`native.gemv_k_ref` / `native.gemv_lq_ref` and gguf-py's dequantization for Q4_K / Q6_K and legacy blocks, `ops.rms_norm_ref` for the norm, and
+`native.gemv_k_ref` / `native.gemv_lq_ref` and gguf-py's dequantization for Q4_K / Q6_K and legacy blocks,
+`ops.rms_norm_ref` for the norm, and
 `ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
 """
 

@@ -5,8 +5,9 @@ to differentiate, the policy's `native` on and the library built), and the CPU e
 kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row product of
 quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
 otherwise), `block_linear` (quant/cpu.BlockLinear's product: native for a few rows, fp32 over the
-dequantized weight for a prompt) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms, RoPE,
-the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
+dequantized weight for a prompt; `block_rows` the layout it reads, `legacy_blocks_run` whether the legacy
+types may take it) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
+RoPE, the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
