@@ -208,49 +208,12 @@ static inline void kq_prefetch(const uint8_t *blk, int bytes) {
 #endif
 }
 
-
-
-
-/* The rows of x for a K-quant GEMV: xq (M, K) rounded per 256 to |xq| <= 32639, xs (M, K / 256), xsum (M, K /
-   sub) each sub-block's sum of xq, and xq's halves hi and lo as signed bytes (xq = 256 * hi + lo), per block
-   in the order the type's codes unpack: Q4_K's four groups of 64 (group g = 2p + h: the low (h = 0) or high
-   nibbles of bytes 64p..64p+63, i.e. sub-blocks 4p + h, then 4p + 2 + h), Q6_K's the weights' own order. */
-typedef struct {
-    int16_t *xq;
-    int8_t *hi, *lo;
-    float *xs;
-    int32_t *xsum;
-} kq_x;
-
-static kq_x kq_x_make(const float *x, int64_t m_rows, int64_t k_len, int sub, int q4k_order) {
-    kq_x r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
-              malloc(m_rows * (k_len / 256) * sizeof(float)), malloc(m_rows * (k_len / sub) * sizeof(int32_t))};
-    for (int64_t m = 0; m < m_rows; m++) {
-        int16_t *xq = r.xq + m * k_len;
-        quantize_x16(x + m * k_len, k_len, 256, XQ_MAX, xq, r.xs + m * (k_len / 256));
-        for (int64_t j = 0; j < k_len / sub; j++) {
-            int32_t t = 0;
-            for (int k = 0; k < sub; k++)
-                t += xq[sub * j + k];
-            r.xsum[m * (k_len / sub) + j] = t;
-        }
-        for (int64_t i = 0; i < k_len; i++) {
-            const int64_t b = i / 256, g = (i % 256) / 64, j = i % 64;
-            const int v = q4k_order ? xq[256 * b + 32 * (4 * (g / 2) + g % 2 + (j >= 32 ? 2 : 0)) + j % 32] : xq[i];
-            const int l = ((v + 128) & 0xFF) - 128;
-            r.lo[m * k_len + i] = (int8_t)l;
-            r.hi[m * k_len + i] = (int8_t)((v - l) / 256);
-        }
-    }
-    return r;
-}
-
-static void kq_x_free(kq_x *r) {
-    free(r->xq);
-    free(r->hi);
-    free(r->lo);
-    free(r->xs);
-    free(r->xsum);
+/* Where position i of a Q4_K row's byte planes takes x from (x_planes_make's order): per block Q4_K's four
+   groups of 64 (group g = 2p + h: the low (h = 0) or high nibbles of bytes 64p..64p+63, i.e. sub-blocks 4p + h,
+   then 4p + 2 + h). Q6_K's planes keep the weights' own order. */
+static int64_t q4k_order(int64_t i) {
+    const int64_t b = i / 256, g = (i % 256) / 64, j = i % 64;
+    return 256 * b + 32 * (4 * (g / 2) + g % 2 + (j >= 32 ? 2 : 0)) + j % 32;
 }
 
 #ifdef KILN_AVX512
@@ -300,7 +263,7 @@ static inline float q4k_finish(__m512 acc, __m256 macc) {
 void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
                    int64_t k_len, int64_t m_rows, int threads) {
     const int64_t nb = k_len / 256, ns = k_len / 32;
-    kq_x r = kq_x_make(x, m_rows, k_len, 32, 1);
+    x_planes r = x_planes_make(x, m_rows, k_len, 256, 32, q4k_order);
     const int16_t *xq = r.xq;
     const int8_t *hi = r.hi, *lo = r.lo;
     const float *xs = r.xs;
@@ -367,7 +330,7 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
         }
 #endif
     }
-    kq_x_free(&r);
+    x_planes_free(&r);
 }
 
 /* ------------------------------------------------------------------ Q6_K GEMV
@@ -424,7 +387,7 @@ static inline void q6k_step(const __m512i *c, const __m512i *s, __m512i sc16, fl
 void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, float *y, int64_t n_rows,
                    int64_t k_len, int64_t m_rows, int threads) {
     const int64_t nb = k_len / 256, ns = k_len / 16;
-    kq_x r = kq_x_make(x, m_rows, k_len, 16, 0);
+    x_planes r = x_planes_make(x, m_rows, k_len, 256, 16, NULL);
     const int16_t *xq = r.xq;
     const int8_t *hi = r.hi, *lo = r.lo;
     const float *xs = r.xs;
@@ -472,7 +435,7 @@ void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, flo
         }
 #endif
     }
-    kq_x_free(&r);
+    x_planes_free(&r);
 }
 
 /* Q6_K blocks dequantized to fp32, w = (d * sc_s) * (q - 32), rounded as kquants.dequantize_q6_k; each half

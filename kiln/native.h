@@ -83,6 +83,49 @@ static inline void q4k_header(const uint8_t *blk, float *d, float *dmin, uint8_t
     q4k_scales(blk + 4, sm);
 }
 
+/* The rows of x for the block GEMVs: xq (M, K) rounded per `group` to |xq| <= XQ_MAX, xs (M, K / group),
+   xsum (M, K / sub) each sub-block's sum of xq, and xq's halves as signed bytes, hi and lo (M, K), xq = 256 * hi
+   + lo, position i of a row holding xq[order(i)] (order NULL: i), the order the type's codes unpack in; corr:
+   the caller's (freed with the rest). */
+typedef struct {
+    int16_t *xq;
+    int8_t *hi, *lo;
+    float *xs;
+    int32_t *xsum, *corr;
+} x_planes;
+
+static x_planes x_planes_make(const float *x, int64_t m_rows, int64_t k_len, int64_t group, int64_t sub,
+                              int64_t (*order)(int64_t)) {
+    x_planes r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
+                  malloc(m_rows * (k_len / group) * sizeof(float)), malloc(m_rows * (k_len / sub) * sizeof(int32_t)),
+                  NULL};
+    for (int64_t m = 0; m < m_rows; m++) {
+        int16_t *xq = r.xq + m * k_len;
+        quantize_x16(x + m * k_len, k_len, group, XQ_MAX, xq, r.xs + m * (k_len / group));
+        for (int64_t j = 0; j < k_len / sub; j++) {
+            int32_t t = 0;
+            for (int64_t k = 0; k < sub; k++)
+                t += xq[sub * j + k];
+            r.xsum[m * (k_len / sub) + j] = t;
+        }
+        for (int64_t i = 0; i < k_len; i++) {
+            const int v = xq[order ? order(i) : i], l = ((v + 128) & 0xFF) - 128;
+            r.lo[m * k_len + i] = (int8_t)l;
+            r.hi[m * k_len + i] = (int8_t)((v - l) / 256);
+        }
+    }
+    return r;
+}
+
+static void x_planes_free(x_planes *r) {
+    free(r->xq);
+    free(r->hi);
+    free(r->lo);
+    free(r->xs);
+    free(r->xsum);
+    free(r->corr);
+}
+
 #ifdef KILN_AVX512
 /* Unsigned codes times signed bytes at x, as 16 int32 lanes: VNNI's dpbusd (lane i: bytes 4i..4i+3). Without
    VNNI the same sum per 128-bit lane (each lane's four int32 hold its 16 products, in another grouping: every

@@ -60,48 +60,23 @@ static void lq_codes(const uint8_t *grp, lq_t t, uint8_t *out) {
         }
 }
 
-/* The rows of x: xq (M, K) rounded per 32, xs (M, K / 32), xsum (M, K / 32); hi / lo (M, K)
-   in the codes' order per 128 (weight 32j + 16h + i of a group at 64h + 16j + i); corr (M, K / 128, 16) the
-   int32 each group's lanes subtract: off * sum(xq) of block j in lane 4j. */
-typedef struct {
-    int16_t *xq;
-    int8_t *hi, *lo;
-    float *xs;
-    int32_t *xsum, *corr;
-} lq_x;
-
-static lq_x lq_x_make(const float *x, int64_t m_rows, int64_t k_len, int off) {
-    const int64_t nb = k_len / 32, ng = k_len / 128;
-    lq_x r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
-              malloc(m_rows * nb * sizeof(float)), malloc(m_rows * nb * sizeof(int32_t)),
-              calloc(m_rows * ng * 16, sizeof(int32_t))};
-    for (int64_t m = 0; m < m_rows; m++) {
-        int16_t *xq = r.xq + m * k_len;
-        quantize_x16(x + m * k_len, k_len, 32, XQ_MAX, xq, r.xs + m * nb);
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t s = 0;
-            for (int i = 0; i < 32; i++)
-                s += xq[32 * b + i];
-            r.xsum[m * nb + b] = s;
-            r.corr[(m * ng + b / 4) * 16 + 4 * (b % 4)] = off * s;
-        }
-        for (int64_t p = 0; p < k_len; p++) {
-            const int64_t g = p / 128, h = (p % 128) / 64, j = (p % 64) / 16, i = p % 16;
-            const int v = xq[128 * g + 32 * j + 16 * h + i], l = ((v + 128) & 0xFF) - 128;
-            r.lo[m * k_len + p] = (int8_t)l;
-            r.hi[m * k_len + p] = (int8_t)((v - l) / 256);
-        }
-    }
-    return r;
+/* Where position p of a group's byte planes takes x from (x_planes_make's order): the codes' order per 128,
+   weight 32j + 16h + i of a group at 64h + 16j + i. */
+static int64_t lq_order(int64_t p) {
+    const int64_t g = p / 128, h = (p % 128) / 64, j = (p % 64) / 16, i = p % 16;
+    return 128 * g + 32 * j + 16 * h + i;
 }
 
-static void lq_x_free(lq_x *r) {
-    free(r->xq);
-    free(r->hi);
-    free(r->lo);
-    free(r->xs);
-    free(r->xsum);
-    free(r->corr);
+/* The rows of x rounded per 32 (x_planes_make), with corr (M, K / 128, 16): the int32 each group's lanes
+   subtract, off * sum(xq) of block j in lane 4j. */
+static x_planes lq_x_make(const float *x, int64_t m_rows, int64_t k_len, int off) {
+    const int64_t nb = k_len / 32, ng = k_len / 128;
+    x_planes r = x_planes_make(x, m_rows, k_len, 32, 32, lq_order);
+    r.corr = calloc(m_rows * ng * 16, sizeof(int32_t));
+    for (int64_t m = 0; m < m_rows; m++)
+        for (int64_t b = 0; b < nb; b++)
+            r.corr[(m * ng + b / 4) * 16 + 4 * (b % 4)] = off * r.xsum[m * nb + b];
+    return r;
 }
 
 #ifdef KILN_AVX512
@@ -143,7 +118,7 @@ void kiln_gemv_lq(const uint8_t *rows, int qtype, const float *x, const float *b
                   int64_t k_len, int64_t m_rows, int threads) {
     const lq_t t = lq_type(qtype);
     const int64_t nb = k_len / 32, ng = k_len / 128;
-    lq_x r = lq_x_make(x, m_rows, k_len, t.off);
+    x_planes r = lq_x_make(x, m_rows, k_len, t.off);
     #pragma omp parallel for schedule(guided, 16) num_threads(threads)
     for (int64_t n = 0; n < n_rows; n++) {
         const uint8_t *row = rows + n * ng * t.group;
@@ -189,7 +164,7 @@ void kiln_gemv_lq(const uint8_t *rows, int qtype, const float *x, const float *b
             y[m * n_rows + n] = bias ? v[m] + bias[n] : v[m];
         }
     }
-    lq_x_free(&r);
+    x_planes_free(&r);
 }
 
 /* The weight (N, K) in fp32, w = d * (q - off) or d * q + m, bit-equal to quant/legacy.py's dequantizers
