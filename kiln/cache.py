@@ -354,6 +354,7 @@ class KVCache:
             self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
             self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
         self.head_dim = head_dim
+        self.plans: dict = {}  # what a native CPU decode step built for the blocks it runs (models/base.run_blocks)
         self.k_basis = _basis(self.type_k, head_dim, self.kp[0].device, rotate, key_offset)
         self.v_basis = _basis(self.type_v, head_dim, self.kp[0].device, rotate)
         self._views()

@@ -1,5 +1,6 @@
-/* What native.c and native_gemm.c share: the vector-extension switch, f16 reads, the rounding of x to
-   int16 per group, GGUF's K-quant block sizes and Q4_K's packed scales. */
+/* What native.c, native_legacy.c and native_step.c share: the vector-extension switch, the kernels one file
+   calls from another, f16 reads, the rounding of x to int16 per group, GGUF's K-quant block sizes and Q4_K's
+   packed scales. */
 
 #ifndef KILN_NATIVE_H
 #define KILN_NATIVE_H
@@ -14,6 +15,15 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define KILN_AVX512 1
 #endif
+
+/* The kernels one file calls from another (native_step.c calls the others'). */
+void kiln_gemv_q4k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
+void kiln_gemv_q6k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
+void kiln_gemv_lq(const uint8_t *, int, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
+void kiln_rms_norm(const float *, const float *, const float *, float, float, float *, float *, int64_t);
+void kiln_decode_attention(const float *, float *, const float *, const float *, float *, float *, int64_t,
+                           int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float, const float *,
+                           const float *, float, float, float, int64_t, int64_t, int64_t, float *, int);
 
 #define Q4K_BYTES 144  /* one Q4_K block: 256 weights */
 #define Q6K_BYTES 210  /* one Q6_K block */
@@ -49,7 +59,7 @@ static inline float f16_at(const uint8_t *p) {
 
 /* xq (K,), xs (K / group,): x's groups rounded to integers within +-qmax (rint: to nearest, ties to even, as
    torch.round). */
-static void quantize_x16(const float *x, int64_t k_len, int64_t group, float qmax, int16_t *xq, float *xs) {
+static inline void quantize_x16(const float *x, int64_t k_len, int64_t group, float qmax, int16_t *xq, float *xs) {
     for (int64_t g = 0; g < k_len / group; g++) {
         const float *xg = x + g * group;
         float amax = 0.f;
@@ -94,7 +104,7 @@ typedef struct {
     int32_t *xsum, *corr;
 } x_planes;
 
-static x_planes x_planes_make(const float *x, int64_t m_rows, int64_t k_len, int64_t group, int64_t sub,
+static inline x_planes x_planes_make(const float *x, int64_t m_rows, int64_t k_len, int64_t group, int64_t sub,
                               int64_t (*order)(int64_t)) {
     x_planes r = {malloc(m_rows * k_len * sizeof(int16_t)), malloc(m_rows * k_len), malloc(m_rows * k_len),
                   malloc(m_rows * (k_len / group) * sizeof(float)), malloc(m_rows * (k_len / sub) * sizeof(int32_t)),
@@ -117,7 +127,7 @@ static x_planes x_planes_make(const float *x, int64_t m_rows, int64_t k_len, int
     return r;
 }
 
-static void x_planes_free(x_planes *r) {
+static inline void x_planes_free(x_planes *r) {
     free(r->xq);
     free(r->hi);
     free(r->lo);

@@ -1,8 +1,9 @@
-"""Native CPU kernels (native.c): compiled once per machine with the system C compiler, loaded by ctypes.
+"""Native CPU kernels (native.c, native_legacy.c, native_step.c): compiled once per machine with the system C compiler, loaded by ctypes.
 
 Owns: building and caching the library (<kiln cache>/kernels/, keyed by source, compiler, flags, CPU and
 OpenMP runtime), linking the OpenMP runtime torch already uses (two thread pools on two cores stall each
-other), `available()`, and the typed entry points with the shape checks that keep the C side simple.
+other), `available()`, and the typed entry points with the shape checks that keep the C side simple (`Stack`: a
+model's blocks as native_step.c reads them).
 Not: when they serve (ops/cpu.py, policy.native), the kernels (native.c), batched work (torch's kernels).
 
 Why not torch.compile (2-core AVX-512, 2026-11-26): inductor's int8 GEMV streams 18-21 GB/s against native.c's
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("native.c", "native_legacy.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("native.c", "native_legacy.c", "native_step.c")]
 HEADER = Path(__file__).with_name("native.h")
 Q4K_BYTES = 144  # one Q4_K block: 256 weights
 Q6K_BYTES = 210  # one Q6_K block: 256 weights
@@ -289,6 +290,71 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     return out
 
 
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("qtype", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm_attn", ctypes.c_void_p), ("norm_mlp", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("qkv", _Mat * 3), ("o", _Mat), ("gate_up", _Mat * 2), ("down", _Mat),
+                ("n_qkv", ctypes.c_int64), ("n_gate_up", ctypes.c_int64), ("window", ctypes.c_int64)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [*((n, ctypes.c_int64) for n in ("n_layers", "e", "heads", "kv_heads", "d", "inter")),
+                *((n, ctypes.c_float) for n in ("eps", "offset", "qk_eps", "qk_offset", "scale", "attn_factor")),
+                ("inv_freq", ctypes.c_void_p), ("half", ctypes.c_int64), ("pos", ctypes.c_int64),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("layer_stride", ctypes.c_int64),
+                ("head_stride", ctypes.c_int64)]
+
+
+class Stack:
+    """Blocks of the Llama layout as kiln_decode_layers (native_step.c) reads them, built once: `layers` one
+    dict per block — norm_attn, norm_mlp (E,) float32; q_norm, k_norm (D,) or None; window (0: none); qkv (up to
+    3), o (1), gate_up (up to 2), down (1): lists of (blocks, qtype, bias (N,) float32 or None), a projection's
+    parts in output order — and what every block shares: dims (E, H, K, D, I), eps / offset of the block norms,
+    of the per-head norms, and the attention scale. The caller has checked the shapes (ops/cpu.layer_plan);
+    the tensors are kept alive here."""
+
+    def __init__(self, layers: list[dict], dims: tuple[int, ...], norm: tuple[float, float],
+                 qk_norm: tuple[float, float], scale: float):
+        self.keep, self.dims = [], dims
+        self.layers = (_Layer * len(layers))(*(self._layer(b) for b in layers))
+        self.shared = _Stack(len(layers), *dims, *norm, *qk_norm, scale)
+
+    def _ptr(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _mat(self, part) -> _Mat:
+        blocks, qtype, bias = part
+        return _Mat(self._ptr(blocks), self._ptr(None if bias is None else bias.contiguous()), blocks.shape[0], qtype)
+
+    def _layer(self, b: dict) -> _Layer:
+        mats = lambda parts, n: (_Mat * n)(*(self._mat(p) for p in parts))  # noqa: E731
+        return _Layer(self._ptr(b["norm_attn"]), self._ptr(b["norm_mlp"]), self._ptr(b["q_norm"]),
+                      self._ptr(b["k_norm"]), mats(b["qkv"], 3), self._mat(b["o"][0]), mats(b["gate_up"], 2),
+                      self._mat(b["down"][0]), len(b["qkv"]), len(b["gate_up"]), b["window"] or 0)
+
+
+def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, inv_freq: torch.Tensor, attn_factor: float):
+    """One token through every block of `stack` (native_step.c): x (E,) float32, the first block's input;
+    residual (E,) the stream coming in, or None (the first block's: x itself); k_cache / v_cache (L, 1, K, S, D)
+    float32 contiguous, written at `pos` -> (the last block's MLP output, the residual stream), (E,) each."""
+    x, inv_freq = x.reshape(-1).clone(), _c(inv_freq)
+    res = torch.empty_like(x) if residual is None else residual.reshape(-1).clone()
+    s = _Stack.from_buffer_copy(stack.shared)  # this call's own: a Stack may serve two threads
+    s.inv_freq, s.half, s.pos, s.attn_factor = inv_freq.data_ptr(), inv_freq.numel(), pos, attn_factor
+    s.k_cache, s.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+    s.layer_stride, s.head_stride = k_cache.stride(0), k_cache.stride(2)
+    _lib().kiln_decode_layers(stack.layers, ctypes.byref(s), _ptr(x), _ptr(res), residual is not None,
+                              torch.get_num_threads())
+    return x, res
+
+
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
     """Does `decode_attention` take these? q (H, D) and a layer's cache (K, S, D), float32, D unit-strided
     and positions D apart (the cache's own layout), H a multiple of K, D within native.c's buffers."""
@@ -327,7 +393,8 @@ def _lib():
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
-                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int]}
+                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int],
+                  "kiln_decode_layers": [p] * 4 + [ctypes.c_int] * 2}
     for name, args in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     return lib

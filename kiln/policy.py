@@ -25,6 +25,8 @@ SWITCHES = {
     "mma": ("KILN_MMA", "0: 9..32-row GPU matmuls never use the tensor-core tiles (dequantize + cuBLAS)"),
     "pdl": ("KILN_PDL", "0: Triton kernels launch without programmatic dependent launch"),
     "native": ("KILN_NATIVE", "0: the CPU decode step uses torch's kernels, not kiln's C kernels"),
+    "native_step": ("KILN_NATIVE_STEP", "0: a CPU decode step calls the C kernels block by block from Python, "
+                                        "not once for every block"),
     "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy and cache length)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
                                       "TRITON_INTERPRET=1)"),
@@ -37,6 +39,7 @@ class Policy:
     mma: bool = True
     pdl: bool = True
     native: bool = True
+    native_step: bool = True
     attn_splits: int = 0  # 0: the default rule decides
     triton_cpu: bool = False
 
@@ -50,8 +53,8 @@ class Policy:
             return default if not v else v != "0"
 
         return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
-                   native=flag("native", True), attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")),
-                   triton_cpu=flag("triton_cpu", False))
+                   native=flag("native", True), native_step=flag("native_step", True),
+                   attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), triton_cpu=flag("triton_cpu", False))
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,8 @@ subtracts before rotating (`key_offsets`: the k bias), the glue to layers joined
 (`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
 — RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
 the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
-call, or torch's SDPA).
+call, or torch's SDPA), and `run_blocks`, the block loop of every family (a CPU decode token through every
+block in one native call where each block offers its `native_layer`, else block by block).
 
 Models import only this file and kiln.ops; the kernels they call pick their own backend (Triton, native C,
 torch) from the tensors and the step's policy.
@@ -36,7 +37,7 @@ from kiln.errors import KilnError
 from kiln.ops import cpu as ops_cpu
 from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_ref, rope_qk_write_kv, use_triton
 from kiln.policy import DEFAULT, Policy
-from kiln.split import run_blocks  # noqa: F401  (the block loop of every family; crosses a split's devices)
+from kiln import split
 
 
 @dataclass
@@ -260,6 +261,50 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
         return x[:, last_only], residual[:, last_only]
     idx = last_only.view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])
     return x.gather(1, idx), residual.gather(1, idx)
+
+
+# ---------------------------------------------------------------- the block loop
+
+def run_blocks(layers, x: torch.Tensor, residual, step: Step):
+    """x, residual through every block (the loop of every family) -> x, residual: one token of a CPU decode
+    step in one native call where every block has a native form (`native_layer`: ops.cpu.decode_layers), else
+    block by block (split.run_blocks, which crosses a split model's devices)."""
+    stack = _native_stack(layers, x, step)
+    if stack is not None:
+        r = step.rope["global"]
+        out = ops_cpu.decode_layers(stack, x, residual, step.pos, step.cache.k, step.cache.v, r.inv_freq,
+                                    r.attn_factor)
+        if out is not None:
+            return out
+    return split.run_blocks(layers, x, residual, step)
+
+
+def _native_stack(layers, x: torch.Tensor, step: Step):
+    """The native plan of these blocks (ops.cpu.layer_plan, built once per cache: KVCache.plans), or None where
+    the step is not one it runs: one float32 token on the CPU (ops.cpu.serves) of a prefill-kind step, the
+    policy's `native_step` on, a batch-1 cache in the model's dtype without rings, no block placed on a device."""
+    c = step.cache
+    if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
+            and getattr(c, "plans", None) is not None and c.direct and c.rings is None
+            and isinstance(c.k, torch.Tensor) and "global" in step.rope and ops_cpu.serves(x, step.policy)):
+        return None
+    key = id(layers)
+    if key not in c.plans:  # a module with hooks (kiln imatrix's) must see its own call: block by block
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
+        c.plans[key] = None if hooked else ops_cpu.layer_plan(
+            [None if getattr(b, "place", None) is not None else getattr(b, "native_layer", lambda: None)()
+             for b in layers])
+    return c.plans[key]
+
+
+def native_parts(module: nn.Module, joined: str, parts: tuple[str, ...] = ()) -> list | None:
+    """The projections `project` computes (module.<joined>, else each of `parts` in order) as the native
+    decode step reads them: (blocks, qtype, bias) in output order, or None where one has no native form (not in
+    file blocks, a LoRA beside it, no layer)."""
+    layer = getattr(module, joined, None)
+    layers = [layer] if layer is not None else [getattr(module, p, None) for p in parts]
+    found = [getattr(m, "native_parts", lambda: None)() for m in layers]
+    return None if not found or any(f is None for f in found) else [part for f in found for part in f]
 
 
 # ---------------------------------------------------------------- projections

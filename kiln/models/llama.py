@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, prepare, project, run_blocks)
+                              logit_rows, native_parts, prepare, project, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -99,6 +99,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    JOINED = ("qkv", "gate_up")  # the attention's q/k/v and the MLP's gate/up as one layer each (phi3: its own)
+
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = Attention(a, layer)
@@ -117,6 +119,19 @@ class Block(nn.Module):
         q8 = self.mlp.int8_input(x)
         x, residual = self.post_attention_layernorm(x, residual, step, q8)
         return self.mlp(x, step, q8), residual
+
+    def native_layer(self) -> dict | None:
+        """This block as the native CPU decode step takes it (ops.cpu.layer_plan: one C call runs `forward` for
+        every block of a token), or None where a projection has no native form (base.native_parts)."""
+        a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        parts = {"qkv": native_parts(a, self.JOINED[0], ("q_proj", "k_proj", "v_proj")),
+                 "o": native_parts(a, "o_proj"), "gate_up": native_parts(m, self.JOINED[1], ("gate_proj", "up_proj")),
+                 "down": native_parts(m, "down_proj")}
+        if any(p is None for p in parts.values()) or n1.offset != n2.offset or n1.eps != n2.eps:
+            return None
+        qk = (a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, a.q_norm.offset) if getattr(a, "qk_norm", False) else None
+        return {"norms": (n1.weight, n2.weight, n1.eps, n1.offset), "qk_norms": qk, "heads": (a.h, a.kv, a.d),
+                "scale": a.d ** -0.5, "window": a.window, **parts}
 
 
 class Body(nn.Module):

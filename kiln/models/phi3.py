@@ -59,6 +59,8 @@ class MLP(nn.Module):
 
 
 class Block(llama.Block):
+    JOINED = ("qkv_proj", "gate_up_proj")
+
     def __init__(self, a: ModelArgs, layer: int):
         nn.Module.__init__(self)
         self.self_attn = Attention(a, layer)

@@ -6,14 +6,17 @@ kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row
 quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
 otherwise), `block_linear` (quant/cpu.BlockLinear's product: native for a few rows, fp32 over the
 dequantized weight for a prompt; `block_rows` the layout it reads, `legacy_blocks_run` whether the legacy
-types may take it) and `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
-RoPE, the cache write and softmax attention — in one call: the CPU decode step of models/base.attention).
+types may take it), `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
+RoPE, the cache write and softmax attention — in one call: the CPU decode step of models/base.attention),
+and `decode_layers` with `layer_plan` (one token through every block of the Llama layout in one call, when
+all their projections are in file blocks: models/base.run_blocks).
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
 Each entry point's torch twin: ops.rms_norm_ref; int8_weight_ref(q, scale) @ x (Int8Linear.dequantize);
 native.gemv_k_ref / gemv_lq_ref; ops.rope_qk_ref, then the
-cache write and base.attend. tests/test_native.py compares them.
+cache write and base.attend; decode_layers: the same step block by block (Policy.native_step off).
+tests/test_native.py compares them.
 """
 
 from __future__ import annotations
@@ -138,3 +141,61 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     layer's: at slot ring[0], attending to slots 0..ring[1]-1)."""
     return native.decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
                                    eps, offset, scale, window, ring)
+
+
+def layer_plan(layers: list[dict | None]) -> native.Stack | None:
+    """Blocks of the Llama layout for `decode_layers`, one dict per block (models/llama.Block.native_layer):
+    norms (attention's weight, the MLP's, eps, offset), qk_norms ((q weight, k weight, eps, offset) or None),
+    heads (H, K, D), scale, window (None: none), and the projections qkv, o, gate_up, down as lists of parts
+    (blocks, qtype, bias) in output order. None where a block offers none (None) or native_step.c does not take
+    it: every part in file blocks (native.BLOCK_WEIGHTS), q/k/v in up to three parts and gate/up in up to two,
+    one shape and one set of norm constants for every block, the head dim within native.c's buffers."""
+    if not layers or any(b is None for b in layers) or not native.available():
+        return None
+    first = layers[0]
+    e = first["norms"][0].numel()
+    (h, kv, d), inter = first["heads"], sum(p[0].shape[0] for p in first["gate_up"]) // 2
+    shared = (first["heads"], first["norms"][2:], first["scale"],
+              None if first["qk_norms"] is None else first["qk_norms"][2:])
+    for b in layers:
+        if (b["heads"], b["norms"][2:], b["scale"], None if b["qk_norms"] is None else b["qk_norms"][2:]) != shared:
+            return None
+        parts = {"qkv": (b["qkv"], 3, e, (h + 2 * kv) * d), "o": (b["o"], 1, h * d, e),
+                 "gate_up": (b["gate_up"], 2, e, 2 * inter), "down": (b["down"], 1, inter, e)}
+        if not all(_parts_fit(*p) for p in parts.values()):
+            return None
+        vectors = [(w, e) for w in b["norms"][:2]] + [(w, d) for w in (b["qk_norms"] or ())[:2]]
+        if not all(w.dtype == torch.float32 and w.is_contiguous() and w.numel() == n for w, n in vectors):
+            return None
+    if h % kv or d > 1024 or d % 2:
+        return None
+    qk = first["qk_norms"]
+    return native.Stack([{"norm_attn": b["norms"][0], "norm_mlp": b["norms"][1],
+                          "q_norm": None if qk is None else b["qk_norms"][0],
+                          "k_norm": None if qk is None else b["qk_norms"][1], "window": b["window"],
+                          **{k: b[k] for k in ("qkv", "o", "gate_up", "down")}} for b in layers],
+                        (e, h, kv, d, inter), first["norms"][2:], (1e-6, 0.0) if qk is None else qk[2:],
+                        first["scale"])
+
+
+def _parts_fit(parts: list, most: int, k: int, n: int) -> bool:
+    """Do a projection's parts (blocks, qtype, bias) read K inputs in file blocks and give N outputs together?"""
+    return (0 < len(parts) <= most and sum(p[0].shape[0] for p in parts) == n
+            and all(q in native.BLOCK_WEIGHTS and w.dtype == torch.uint8 and w.is_contiguous() and w.dim() == 2
+                    and native.in_features(w, q) == k
+                    and (b is None or (b.dtype == torch.float32 and b.numel() == w.shape[0])) for w, q, b in parts))
+
+
+def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor, attn_factor: float):
+    """One token x (1, 1, E) float32 through every block of a `layer_plan`, in one native call, or None where
+    the cache is not one it writes: (L, 1, K, S, D) float32 contiguous keys and values with a slot at `pos`, the
+    RoPE frequencies within the head dim -> (x, residual) as the block loop returns them, (1, 1, E) each."""
+    e, _, kv, d, _ = stack.dims
+    shape = (len(stack.layers), 1, kv, k_cache.shape[3], d)
+    if not (k_cache.dtype == v_cache.dtype == torch.float32 and tuple(k_cache.shape) == tuple(v_cache.shape) == shape
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and pos < shape[3]
+            and 2 * inv_freq.numel() <= d and x.numel() == e):
+        return None
+    out, res = native.decode_layers(stack, x, residual, pos, k_cache, v_cache, inv_freq, attn_factor)
+    return out.view(1, 1, e), res.view(1, 1, e)

@@ -334,6 +334,10 @@ class BlockLinear(nn.Module):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return ops_cpu.block_weight_ref(self.blocks, self.qtype).to(dtype)
 
+    def native_parts(self) -> list:
+        """[(blocks, qtype, bias)]: this matmul as a native decode step of every block reads it (ops.cpu.layer_plan)."""
+        return [(self.blocks, self.qtype, self.bias)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops_cpu.block_linear(x, self.blocks, self.qtype, self.bias, self.policy)
 

@@ -149,6 +149,14 @@ class Joined(nn.Module):
                                    for d, w in zip(deltas, self.splits[0])], -1)
         return y
 
+    def native_parts(self) -> list | None:
+        """Every group's `native_parts` in output order (ops.cpu.layer_plan), or None: a group without them, or
+        a LoRA beside the joined matmul."""
+        if self.lora or self.stacks:
+            return None
+        parts = [getattr(g, "native_parts", lambda: None)() for g in self.groups]
+        return None if any(p is None for p in parts) else [part for p in parts for part in p]
+
     def int8_input(self, x: torch.Tensor):
         """An empty int8 buffer for x (gemv_int8.QuantAct) when every group's GEMV reads x in int8, for the
         kernel that produces x to fill (one quantization for all groups, inside a launch made anyway)."""

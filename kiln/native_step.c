@@ -1,0 +1,86 @@
+/* One CPU decode step through a whole stack of Llama-layout blocks in one call: the block loop of
+   models/base.run_blocks for one token, without a return to Python between kernels.
+
+   Owns kiln_decode_layers: for each block, in the residual-stream form models/llama.Block.forward runs,
+       h = x + residual (the first block of a step without a residual: h = x);  y = rms_norm(h)
+       [q | k | v] = qkv(y);  a = attention (kiln_decode_attention: q/k norms, RoPE, the cache write)
+       h = h + o(a);  y = rms_norm(h);  [gate | up] = gate_up(y);  x = down(silu(gate) * up)
+   with every matmul one of the block GEMVs (kiln_gemv_q4k / _q6k in native.c, kiln_gemv_lq in
+   native_legacy.c) for the one row, each projection in up to three parts of consecutive outputs (a joined
+   q/k/v whose parts came in different block types), the norms and attention the same C functions the
+   block-by-block step calls; x and the residual stream come back for the final norm and the output head.
+   Not: deciding which steps and models it serves (models/base.py, ops/cpu.layer_plan), sliding-window
+   rings (those steps go block by block), the kernels themselves.
+
+   Its twin is the block-by-block step (the same kernels called from Python; silu(g) * u here in C where
+   torch computes it there), compared in tests/test_native.py. */
+
+#include "native.h"
+
+typedef struct {  /* y (n,) = W x (+ bias), W's n rows in blocks of GGML type qtype (regrouped: legacy) */
+    const uint8_t *w;
+    const float *bias;  /* NULL: none */
+    int64_t n, qtype;
+} kiln_mat;
+
+typedef struct {  /* one block */
+    const float *norm_attn, *norm_mlp;  /* (E,) */
+    const float *q_norm, *k_norm;       /* (D,) per-head norms, or NULL */
+    kiln_mat qkv[3], o, gate_up[2], down;
+    int64_t n_qkv, n_gate_up, window;   /* parts used; window 0: every key */
+} kiln_layer;
+
+typedef struct {  /* what every block shares, and this step's position and cache */
+    int64_t n_layers, e, heads, kv_heads, d, inter;
+    float eps, offset, qk_eps, qk_offset, scale, attn_factor;
+    const float *inv_freq;  /* (half,) RoPE frequencies */
+    int64_t half, pos;
+    float *k_cache, *v_cache;  /* layer l, head g, slot s at l * layer_stride + g * head_stride + s * d */
+    int64_t layer_stride, head_stride;
+} kiln_stack;
+
+static void gemv(const kiln_mat *m, const float *x, float *y, int64_t k, int threads) {
+    if (m->qtype == 12)
+        kiln_gemv_q4k(m->w, x, m->bias, y, m->n, k, 1, threads);
+    else if (m->qtype == 14)
+        kiln_gemv_q6k(m->w, x, m->bias, y, m->n, k, 1, threads);
+    else
+        kiln_gemv_lq(m->w, (int)m->qtype, x, m->bias, y, m->n, k, 1, threads);
+}
+
+static void gemv_parts(const kiln_mat *m, int64_t parts, const float *x, float *y, int64_t k, int threads) {
+    for (int64_t p = 0; p < parts; y += m[p].n, p++)
+        gemv(&m[p], x, y, k, threads);
+}
+
+/* x (E,): the first block's input, overwritten with the last block's MLP output; residual (E,): the stream
+   coming in (has_residual 0: none yet), overwritten with the stream going out. */
+void kiln_decode_layers(const kiln_layer *layers, const kiln_stack *s, float *x, float *residual,
+                        int has_residual, int threads) {
+    const int64_t e = s->e, hd = s->heads * s->d, kvd = s->kv_heads * s->d, inter = s->inter;
+    float *y = malloc((size_t)(e + hd + 2 * kvd + 2 * hd + e + 3 * inter) * sizeof(float));
+    float *qkv = y + e, *att = qkv + hd + 2 * kvd, *qr = att + hd, *o = qr + hd, *gu = o + e, *act = gu + 2 * inter;
+    const int64_t p = s->pos;
+    for (int64_t l = 0; l < s->n_layers; l++) {
+        const kiln_layer *b = &layers[l];
+        if (l == 0 && !has_residual) {
+            memcpy(residual, x, (size_t)e * sizeof(float));
+            kiln_rms_norm(x, NULL, b->norm_attn, s->eps, s->offset, y, NULL, e);
+        } else {
+            kiln_rms_norm(x, residual, b->norm_attn, s->eps, s->offset, y, residual, e);
+        }
+        gemv_parts(b->qkv, b->n_qkv, y, qkv, e, threads);
+        const int64_t first = b->window && p + 1 > b->window ? p + 1 - b->window : 0;
+        kiln_decode_attention(qkv, qr, qkv + hd, qkv + hd + kvd, s->k_cache + l * s->layer_stride,
+                              s->v_cache + l * s->layer_stride, s->head_stride, p, s->heads, s->kv_heads,
+                              s->d, s->inv_freq, s->half, s->attn_factor, b->q_norm, b->k_norm, s->qk_eps,
+                              s->qk_offset, s->scale, p, first, p + 1 - first, att, threads);
+        gemv(&b->o, att, o, hd, threads);
+        kiln_rms_norm(o, residual, b->norm_mlp, s->eps, s->offset, y, residual, e);
+        gemv_parts(b->gate_up, b->n_gate_up, y, gu, e, threads);
+        for (int64_t i = 0; i < inter; i++)
+            act[i] = gu[i] / (1.f + expf(-gu[i])) * gu[inter + i];
+        gemv(&b->down, act, x, inter, threads);
+    }
+    free(y);
+}
