@@ -17,6 +17,9 @@
 #endif
 
 /* The kernels one file calls from another (native_step.c calls the others'). */
+void kiln_gemv_i8(const int8_t *, const float *, const uint16_t *, const float *, float *, int64_t, int64_t, int);
+void kiln_gemv_i8g(const int8_t *, const float *, const uint16_t *, int64_t, const float *, float *, int64_t, int64_t,
+                   int64_t, int);
 void kiln_gemv_q4k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_gemv_q6k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_gemv_lq(const uint8_t *, int, const float *, const float *, float *, int64_t, int64_t, int64_t, int);

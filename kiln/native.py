@@ -290,8 +290,12 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     return out
 
 
+I8_ROWS, I8_GROUPS = -1, -2  # native_step.c's codes for int8 rows: one bf16 scale a row, one f16 scale a group
+
+
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("qtype", ctypes.c_int64)]
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                *((n, ctypes.c_int64) for n in ("n", "qtype", "group"))]
 
 
 class _Layer(ctypes.Structure):
@@ -311,8 +315,9 @@ class _Stack(ctypes.Structure):
 class Stack:
     """Blocks of the Llama layout as kiln_decode_layers (native_step.c) reads them, built once: `layers` one
     dict per block — norm_attn, norm_mlp (E,) float32; q_norm, k_norm (D,) or None; window (0: none); qkv (up to
-    3), o (1), gate_up (up to 2), down (1): lists of (blocks, qtype, bias (N,) float32 or None), a projection's
-    parts in output order — and what every block shares: dims (E, H, K, D, I), eps / offset of the block norms,
+    3), o (1), gate_up (up to 2), down (1): lists of (weight, qtype, bias (N,) float32 or None, scale, group), a
+    projection's parts in output order (blocks of a BLOCK_WEIGHTS type: scale None, group 0; int8 rows (N, K):
+    qtype I8_ROWS with scale (N,) bf16, or I8_GROUPS with (N, K / group) float16) — and what every block shares: dims (E, H, K, D, I), eps / offset of the block norms,
     of the per-head norms, and the attention scale. The caller has checked the shapes (ops/cpu.layer_plan);
     the tensors are kept alive here."""
 
@@ -329,8 +334,8 @@ class Stack:
         return t.data_ptr()
 
     def _mat(self, part) -> _Mat:
-        blocks, qtype, bias = part
-        return _Mat(self._ptr(blocks), self._ptr(None if bias is None else bias.contiguous()), blocks.shape[0], qtype)
+        w, qtype, bias, scale, group = part
+        return _Mat(self._ptr(w), self._ptr(bias), self._ptr(scale), w.shape[0], qtype, group)
 
     def _layer(self, b: dict) -> _Layer:
         mats = lambda parts, n: (_Mat * n)(*(self._mat(p) for p in parts))  # noqa: E731

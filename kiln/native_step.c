@@ -6,7 +6,8 @@
        [q | k | v] = qkv(y);  a = attention (kiln_decode_attention: q/k norms, RoPE, the cache write)
        h = h + o(a);  y = rms_norm(h);  [gate | up] = gate_up(y);  x = down(silu(gate) * up)
    with every matmul one of the block GEMVs (kiln_gemv_q4k / _q6k in native.c, kiln_gemv_lq in
-   native_legacy.c) for the one row, each projection in up to three parts of consecutive outputs (a joined
+   native_legacy.c) or int8-row GEMVs (kiln_gemv_i8 / _i8g: what the compact load makes of other types) for
+   the one row, each projection in up to three parts of consecutive outputs (a joined
    q/k/v whose parts came in different block types), the norms and attention the same C functions the
    block-by-block step calls; x and the residual stream come back for the final norm and the output head.
    Not: deciding which steps and models it serves (models/base.py, ops/cpu.layer_plan), sliding-window
@@ -17,11 +18,16 @@
 
 #include "native.h"
 
-typedef struct {  /* y (n,) = W x (+ bias), W's n rows in blocks of GGML type qtype (regrouped: legacy) */
-    const uint8_t *w;
-    const float *bias;  /* NULL: none */
-    int64_t n, qtype;
+typedef struct {  /* y (n,) = W x (+ bias): W's n rows in blocks of GGML type qtype (regrouped: legacy), or
+                     int8 rows (qtype I8_ROWS: one bf16 scale a row; I8_GROUPS: one f16 scale per `group`) */
+    const void *w;
+    const float *bias;    /* NULL: none */
+    const uint16_t *scale; /* the int8 rows' scales */
+    int64_t n, qtype, group;
 } kiln_mat;
+
+#define I8_ROWS -1
+#define I8_GROUPS -2
 
 typedef struct {  /* one block */
     const float *norm_attn, *norm_mlp;  /* (E,) */
@@ -40,7 +46,11 @@ typedef struct {  /* what every block shares, and this step's position and cache
 } kiln_stack;
 
 static void gemv(const kiln_mat *m, const float *x, float *y, int64_t k, int threads) {
-    if (m->qtype == 12)
+    if (m->qtype == I8_ROWS)
+        kiln_gemv_i8(m->w, x, m->scale, m->bias, y, m->n, k, threads);
+    else if (m->qtype == I8_GROUPS)
+        kiln_gemv_i8g(m->w, x, m->scale, m->group, m->bias, y, m->n, k, 1, threads);
+    else if (m->qtype == 12)
         kiln_gemv_q4k(m->w, x, m->bias, y, m->n, k, 1, threads);
     else if (m->qtype == 14)
         kiln_gemv_q6k(m->w, x, m->bias, y, m->n, k, 1, threads);

@@ -225,46 +225,58 @@ def test_unused_when_switched_off():
 
 
 # Each projection of a tiny model in its own GGUF block type (q/k/v three types: three parts of one matmul;
-# gate/up two); phi3's fused qkv_proj and gate_up_proj one each.
+# gate/up two); phi3's fused qkv_proj and gate_up_proj one each. "-int8": rows of 160, which only int8 rows take
+# (Q8_0 / Q5_0 codes with their block scales; Q5_K requantized with one scale a row).
 STEP_TYPES = {"q_proj": 12, "k_proj": 7, "v_proj": 8, "o_proj": 6, "gate_proj": 3, "up_proj": 14, "down_proj": 12,
               "qkv_proj": 14, "gate_up_proj": 2, "lm_head": 8, "embed_tokens": 8}
+INT8_TYPES = {"q_proj": 8, "k_proj": 6, "v_proj": 8, "o_proj": 6, "gate_proj": 8, "up_proj": 6, "down_proj": 13,
+              "lm_head": 8, "embed_tokens": 8}
 
 
 def _block_model(name: str, policy: Policy):
-    """A tiny model of family `name` (test_models' configs, widened to whole blocks: E 256, I 512, D 64) whose
-    every projection is in GGUF blocks of STEP_TYPES, loaded compact (as kiln.load on a CPU)."""
+    """A tiny model of family `name` (test_models' configs, widened to whole blocks: E 256, I 512, D 64; "-int8":
+    E 160, D 40) whose every projection is in GGUF blocks of STEP_TYPES (INT8_TYPES), loaded compact (as
+    kiln.load on a CPU); "-window": a sliding window of 5."""
     import test_models as tm
 
     from kiln.formats.gguf import GGUFTensor
     from kiln.load import build_model
     from kiln.quant import cpu
     from kiln.quant.quantize import quantize
-    cfg = dict(tm.CONFIGS[name.removesuffix("-window")], hidden_size=256, intermediate_size=512, head_dim=64,
-               num_hidden_layers=2)
+    family = name.split("-")[0] + ("-longrope" if "longrope" in name else "")
+    cfg = dict(tm.CONFIGS[family], hidden_size=256, intermediate_size=512, head_dim=64, num_hidden_layers=2)
     if "longrope" in str(cfg.get("rope_scaling")):
         cfg["rope_scaling"] = dict(cfg["rope_scaling"], short_factor=[1.0 + 0.01 * i for i in range(32)],
                                    long_factor=[2.0 + 0.03 * i for i in range(32)])
     if name.endswith("-window"):
         cfg["sliding_window"] = 5
+    types = STEP_TYPES
+    if name.endswith("-int8"):
+        cfg.update(hidden_size=160, head_dim=40)
+        types = INT8_TYPES
     hf, _ = tm._hf_model(cfg)
     weights = {}
     for key, p in hf.state_dict().items():
-        qtype = next((t for part, t in STEP_TYPES.items() if part in key), None) if p.dim() == 2 else None
+        qtype = next((t for part, t in types.items() if part in key), None) if p.dim() == 2 else None
         weights[key] = p.detach().float() if qtype is None else GGUFTensor(
             key, tuple(p.shape), qtype, quantize(p.detach().float(), qtype).reshape(-1))
     return cfg, build_model(cfg, weights, swap=cpu.compact_linears, policy=policy)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
-                                  "phi3-longrope"])
+                                  "phi3-longrope", "qwen2-int8"])
 def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, monkeypatch):
     """A CPU decode step of every block in one native call (native_step.c, through ops.cpu.decode_layers) gives
     the logits of the same kernels called block by block from Python, for every Llama-layout family, with every
-    block type in one model, and serves every decode step (none of the prefill)."""
+    block type in one model (and int8 rows of both kinds in another), and serves every decode step (none of the
+    prefill)."""
     import test_models as tm
     cfg, km = _block_model(name, Policy())
     kinds = {type(m).__name__ for m in km.model.layers.modules()}
-    assert "BlockLinear" in kinds and not kinds & {"Linear", "Int8Linear", "Int4Linear"}
+    assert ("Int8Linear" if name.endswith("-int8") else "BlockLinear") in kinds
+    assert not kinds & {"Linear", "Int4Linear"}
+    if name.endswith("-int8"):  # both kinds of int8 rows
+        assert {m.group for m in km.model.layers.modules() if type(m).__name__ == "Int8Linear"} == {None, 32}
     ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
     calls, real = [], native.decode_layers
     monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))

@@ -147,8 +147,8 @@ def layer_plan(layers: list[dict | None]) -> native.Stack | None:
     """Blocks of the Llama layout for `decode_layers`, one dict per block (models/llama.Block.native_layer):
     norms (attention's weight, the MLP's, eps, offset), qk_norms ((q weight, k weight, eps, offset) or None),
     heads (H, K, D), scale, window (None: none), and the projections qkv, o, gate_up, down as lists of parts
-    (blocks, qtype, bias) in output order. None where a block offers none (None) or native_step.c does not take
-    it: every part in file blocks (native.BLOCK_WEIGHTS), q/k/v in up to three parts and gate/up in up to two,
+    (native.Stack's (weight, qtype, bias, scale, group)) in output order. None where a block offers none (None)
+    or native_step.c does not take it: every part in file blocks (native.BLOCK_WEIGHTS) or int8 rows, q/k/v in up to three parts and gate/up in up to two,
     one shape and one set of norm constants for every block, the head dim within native.c's buffers."""
     if not layers or any(b is None for b in layers) or not native.available():
         return None
@@ -178,12 +178,36 @@ def layer_plan(layers: list[dict | None]) -> native.Stack | None:
                         first["scale"])
 
 
+def block_part(blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> tuple:
+    """A `block_linear` weight as one part of a projection in a `layer_plan`."""
+    return blocks, qtype, bias, None, 0
+
+
+def int8_part(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """An `int8_linear` weight (scale (N,) bf16 per row, or (N, K / G) float16 per group) as one part of a
+    projection in a `layer_plan`."""
+    if scale.dim() == 1:
+        return q, native.I8_ROWS, bias, scale, 0
+    return q, native.I8_GROUPS, bias, scale, q.shape[1] // scale.shape[1]
+
+
 def _parts_fit(parts: list, most: int, k: int, n: int) -> bool:
-    """Do a projection's parts (blocks, qtype, bias) read K inputs in file blocks and give N outputs together?"""
-    return (0 < len(parts) <= most and sum(p[0].shape[0] for p in parts) == n
-            and all(q in native.BLOCK_WEIGHTS and w.dtype == torch.uint8 and w.is_contiguous() and w.dim() == 2
-                    and native.in_features(w, q) == k
-                    and (b is None or (b.dtype == torch.float32 and b.numel() == w.shape[0])) for w, q, b in parts))
+    """Do a projection's parts (native.Stack's five-tuples) read K inputs and give N outputs together, each in
+    file blocks or int8 rows that a native GEMV takes?"""
+    return 0 < len(parts) <= most and sum(p[0].shape[0] for p in parts) == n and all(_part_fits(p, k) for p in parts)
+
+
+def _part_fits(part: tuple, k: int) -> bool:
+    w, qtype, bias, scale, group = part
+    if not (w.dim() == 2 and w.is_contiguous() and (bias is None or (bias.dtype == torch.float32
+                                                                     and bias.numel() == w.shape[0]))):
+        return False
+    if qtype in native.BLOCK_WEIGHTS:
+        return w.dtype == torch.uint8 and native.in_features(w, qtype) == k and scale is None
+    if qtype == native.I8_ROWS:
+        return w.dtype == torch.int8 and w.shape[1] == k and scale.dtype == torch.bfloat16 and scale.shape == w.shape[:1]
+    return (qtype == native.I8_GROUPS and w.dtype == torch.int8 and w.shape[1] == k and group > 0 and k % group == 0
+            and scale.dtype == torch.float16 and scale.is_contiguous() and tuple(scale.shape) == (w.shape[0], k // group))
 
 
 def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int,

@@ -114,6 +114,10 @@ class Int8Linear(nn.Module):
     def joins(self, other: Int8Linear) -> bool:
         return self.group == other.group
 
+    def native_parts(self) -> list:
+        """This matmul as a native decode step of every block reads it (native.Stack's parts)."""
+        return [ops_cpu.int8_part(self.q, self.scale, self.bias)]
+
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    policy: Policy = DEFAULT) -> Int8Linear:
@@ -335,8 +339,8 @@ class BlockLinear(nn.Module):
         return ops_cpu.block_weight_ref(self.blocks, self.qtype).to(dtype)
 
     def native_parts(self) -> list:
-        """[(blocks, qtype, bias)]: this matmul as a native decode step of every block reads it (ops.cpu.layer_plan)."""
-        return [(self.blocks, self.qtype, self.bias)]
+        """This matmul as a native decode step of every block reads it (native.Stack's parts)."""
+        return [ops_cpu.block_part(self.blocks, self.qtype, self.bias)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops_cpu.block_linear(x, self.blocks, self.qtype, self.bias, self.policy)
