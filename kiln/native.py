@@ -299,33 +299,36 @@ class _Mat(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("norm_attn", ctypes.c_void_p), ("norm_mlp", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
-                ("k_norm", ctypes.c_void_p), ("qkv", _Mat * 3), ("o", _Mat), ("gate_up", _Mat * 2), ("down", _Mat),
-                ("n_qkv", ctypes.c_int64), ("n_gate_up", ctypes.c_int64), ("window", ctypes.c_int64)]
+    _fields_ = [*((n, ctypes.c_void_p) for n in ("norm_attn", "norm_mlp", "post_attn", "post_mlp", "q_norm", "k_norm")),
+                ("qkv", _Mat * 3), ("o", _Mat), ("gate_up", _Mat * 2), ("down", _Mat),
+                *((n, ctypes.c_int64) for n in ("n_qkv", "n_gate_up", "rope", "act")), ("scale", ctypes.c_float)]
 
 
 class _Stack(ctypes.Structure):
     _fields_ = [*((n, ctypes.c_int64) for n in ("n_layers", "e", "heads", "kv_heads", "d", "inter")),
-                *((n, ctypes.c_float) for n in ("eps", "offset", "qk_eps", "qk_offset", "scale", "attn_factor")),
-                ("inv_freq", ctypes.c_void_p), ("half", ctypes.c_int64), ("pos", ctypes.c_int64),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("layer_stride", ctypes.c_int64),
-                ("head_stride", ctypes.c_int64)]
+                *((n, ctypes.c_float) for n in ("eps", "offset", "qk_eps", "qk_offset")),
+                ("inv_freq", ctypes.c_void_p * 2), ("half", ctypes.c_int64 * 2), ("attn_factor", ctypes.c_float * 2),
+                ("pos", ctypes.c_int64), ("where", ctypes.c_void_p)]
+
+
+ACTS = {"silu": 0, "gelu_tanh": 1}  # native_step.c's activation codes
 
 
 class Stack:
-    """Blocks of the Llama layout as kiln_decode_layers (native_step.c) reads them, built once: `layers` one
-    dict per block — norm_attn, norm_mlp (E,) float32; q_norm, k_norm (D,) or None; window (0: none); qkv (up to
-    3), o (1), gate_up (up to 2), down (1): lists of (weight, qtype, bias (N,) float32 or None, scale, group), a
-    projection's parts in output order (blocks of a BLOCK_WEIGHTS type: scale None, group 0; int8 rows (N, K):
-    qtype I8_ROWS with scale (N,) bf16, or I8_GROUPS with (N, K / group) float16) — and what every block shares: dims (E, H, K, D, I), eps / offset of the block norms,
-    of the per-head norms, and the attention scale. The caller has checked the shapes (ops/cpu.layer_plan);
-    the tensors are kept alive here."""
+    """Blocks as kiln_decode_layers (native_step.c) reads them, built once: `layers` one dict per block —
+    norm_attn, norm_mlp, post_attn, post_mlp (E,) float32 (the post norms None: none); q_norm, k_norm (D,) or
+    None; rope (0 or 1: which of a step's two tables), act (an ACTS name), scale; qkv (up to 3), o (1), gate_up
+    (up to 2), down (1): lists of (weight, qtype, bias (N,) float32 or None, scale, group), a projection's parts
+    in output order (blocks of a BLOCK_WEIGHTS type: scale None, group 0; int8 rows (N, K): qtype I8_ROWS with
+    scale (N,) bf16, or I8_GROUPS with (N, K / group) float16) — and what every block shares: dims (E, H, K, D,
+    I), eps / offset of the block norms and of the per-head norms. The caller has checked the shapes
+    (ops/cpu.layer_plan); the tensors are kept alive here."""
 
     def __init__(self, layers: list[dict], dims: tuple[int, ...], norm: tuple[float, float],
-                 qk_norm: tuple[float, float], scale: float):
+                 qk_norm: tuple[float, float]):
         self.keep, self.dims = [], dims
         self.layers = (_Layer * len(layers))(*(self._layer(b) for b in layers))
-        self.shared = _Stack(len(layers), *dims, *norm, *qk_norm, scale)
+        self.shared = _Stack(len(layers), *dims, *norm, *qk_norm)
 
     def _ptr(self, t: torch.Tensor | None):
         if t is None:
@@ -339,22 +342,28 @@ class Stack:
 
     def _layer(self, b: dict) -> _Layer:
         mats = lambda parts, n: (_Mat * n)(*(self._mat(p) for p in parts))  # noqa: E731
-        return _Layer(self._ptr(b["norm_attn"]), self._ptr(b["norm_mlp"]), self._ptr(b["q_norm"]),
-                      self._ptr(b["k_norm"]), mats(b["qkv"], 3), self._mat(b["o"][0]), mats(b["gate_up"], 2),
-                      self._mat(b["down"][0]), len(b["qkv"]), len(b["gate_up"]), b["window"] or 0)
+        return _Layer(*(self._ptr(b[n]) for n in ("norm_attn", "norm_mlp", "post_attn", "post_mlp", "q_norm",
+                                                  "k_norm")),
+                      mats(b["qkv"], 3), self._mat(b["o"][0]), mats(b["gate_up"], 2), self._mat(b["down"][0]),
+                      len(b["qkv"]), len(b["gate_up"]), b["rope"], ACTS[b["act"]], b["scale"])
 
 
-def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, inv_freq: torch.Tensor, attn_factor: float):
+def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int, where: torch.Tensor,
+                  ropes: list[tuple[torch.Tensor, float]]):
     """One token through every block of `stack` (native_step.c): x (E,) float32, the first block's input;
-    residual (E,) the stream coming in, or None (the first block's: x itself); k_cache / v_cache (L, 1, K, S, D)
-    float32 contiguous, written at `pos` -> (the last block's MLP output, the residual stream), (E,) each."""
-    x, inv_freq = x.reshape(-1).clone(), _c(inv_freq)
+    residual (E,) the stream coming in, or None (the first block's: x itself); where (L, 6) int64, per block the
+    addresses of its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the
+    slot `pos` is written to, the first slot attended and how many; ropes: up to two (inv_freq (R/2,) float32,
+    attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual stream),
+    (E,) each."""
+    x = x.reshape(-1).clone()
     res = torch.empty_like(x) if residual is None else residual.reshape(-1).clone()
     s = _Stack.from_buffer_copy(stack.shared)  # this call's own: a Stack may serve two threads
-    s.inv_freq, s.half, s.pos, s.attn_factor = inv_freq.data_ptr(), inv_freq.numel(), pos, attn_factor
-    s.k_cache, s.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-    s.layer_stride, s.head_stride = k_cache.stride(0), k_cache.stride(2)
+    ropes = [(_c(inv), factor) for inv, factor in ropes]
+    for i, (inv, factor) in enumerate(ropes):
+        s.inv_freq[i], s.half[i], s.attn_factor[i] = inv.data_ptr(), inv.numel(), factor
+    where = where.contiguous()
+    s.pos, s.where = pos, where.data_ptr()
     _lib().kiln_decode_layers(stack.layers, ctypes.byref(s), _ptr(x), _ptr(res), residual is not None,
                               torch.get_num_threads())
     return x, res

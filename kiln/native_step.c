@@ -4,17 +4,19 @@
    Owns kiln_decode_layers: for each block, in the residual-stream form models/llama.Block.forward runs,
        h = x + residual (the first block of a step without a residual: h = x);  y = rms_norm(h)
        [q | k | v] = qkv(y);  a = attention (kiln_decode_attention: q/k norms, RoPE, the cache write)
-       h = h + o(a);  y = rms_norm(h);  [gate | up] = gate_up(y);  x = down(silu(gate) * up)
+       h = h + post_attn(o(a));  y = rms_norm(h);  [gate | up] = gate_up(y);  x = post_mlp(down(act(gate) * up))
+   (post_attn, post_mlp: Gemma 3's norms, else none; act silu, or Gemma's tanh gelu; each block's RoPE one of
+   the step's two tables, global or local, and its cache slots as the caller found them: rings included)
    with every matmul one of the block GEMVs (kiln_gemv_q4k / _q6k in native.c, kiln_gemv_lq in
    native_legacy.c) or int8-row GEMVs (kiln_gemv_i8 / _i8g: what the compact load makes of other types) for
    the one row, each projection in up to three parts of consecutive outputs (a joined
    q/k/v whose parts came in different block types), the norms and attention the same C functions the
    block-by-block step calls; x and the residual stream come back for the final norm and the output head.
-   Not: deciding which steps and models it serves (models/base.py, ops/cpu.layer_plan), sliding-window
-   rings (those steps go block by block), the kernels themselves.
+   Not: deciding which steps and models it serves (models/base.py, ops/cpu.layer_plan), which cache slots a
+   token writes and reads (models/base.py), the kernels themselves.
 
    Its twin is the block-by-block step (the same kernels called from Python; silu(g) * u here in C where
-   torch computes it there), compared in tests/test_native.py. */
+   torch computes it there; gelu likewise), compared in tests/test_native.py. */
 
 #include "native.h"
 
@@ -30,19 +32,24 @@ typedef struct {  /* y (n,) = W x (+ bias): W's n rows in blocks of GGML type qt
 #define I8_GROUPS -2
 
 typedef struct {  /* one block */
-    const float *norm_attn, *norm_mlp;  /* (E,) */
+    const float *norm_attn, *norm_mlp;  /* (E,) the norms before attention and before the MLP */
+    const float *post_attn, *post_mlp;  /* (E,) Gemma's norms of the attention's and the MLP's outputs, or NULL */
     const float *q_norm, *k_norm;       /* (D,) per-head norms, or NULL */
     kiln_mat qkv[3], o, gate_up[2], down;
-    int64_t n_qkv, n_gate_up, window;   /* parts used; window 0: every key */
+    int64_t n_qkv, n_gate_up;           /* parts used */
+    int64_t rope, act;                  /* the step's RoPE table (0 or 1); act 0: silu, 1: gelu (tanh) */
+    float scale;                        /* of q.k */
 } kiln_layer;
 
-typedef struct {  /* what every block shares, and this step's position and cache */
+typedef struct {  /* what every block shares, and this step's position, RoPE tables and cache slots */
     int64_t n_layers, e, heads, kv_heads, d, inter;
-    float eps, offset, qk_eps, qk_offset, scale, attn_factor;
-    const float *inv_freq;  /* (half,) RoPE frequencies */
-    int64_t half, pos;
-    float *k_cache, *v_cache;  /* layer l, head g, slot s at l * layer_stride + g * head_stride + s * d */
-    int64_t layer_stride, head_stride;
+    float eps, offset, qk_eps, qk_offset;
+    const float *inv_freq[2];  /* (half,) RoPE frequencies of each table */
+    int64_t half[2];
+    float attn_factor[2];
+    int64_t pos;
+    const int64_t *where;  /* (L, 6) per block: addresses of its k and v cache (K, S, D) float32, the head
+                              stride, the slot pos is written to, the first slot attended, the slots attended */
 } kiln_stack;
 
 static void gemv(const kiln_mat *m, const float *x, float *y, int64_t k, int threads) {
@@ -70,9 +77,9 @@ void kiln_decode_layers(const kiln_layer *layers, const kiln_stack *s, float *x,
     const int64_t e = s->e, hd = s->heads * s->d, kvd = s->kv_heads * s->d, inter = s->inter;
     float *y = malloc((size_t)(e + hd + 2 * kvd + 2 * hd + e + 3 * inter) * sizeof(float));
     float *qkv = y + e, *att = qkv + hd + 2 * kvd, *qr = att + hd, *o = qr + hd, *gu = o + e, *act = gu + 2 * inter;
-    const int64_t p = s->pos;
     for (int64_t l = 0; l < s->n_layers; l++) {
         const kiln_layer *b = &layers[l];
+        const int64_t *at = s->where + 6 * l, r = b->rope;
         if (l == 0 && !has_residual) {
             memcpy(residual, x, (size_t)e * sizeof(float));
             kiln_rms_norm(x, NULL, b->norm_attn, s->eps, s->offset, y, NULL, e);
@@ -80,17 +87,27 @@ void kiln_decode_layers(const kiln_layer *layers, const kiln_stack *s, float *x,
             kiln_rms_norm(x, residual, b->norm_attn, s->eps, s->offset, y, residual, e);
         }
         gemv_parts(b->qkv, b->n_qkv, y, qkv, e, threads);
-        const int64_t first = b->window && p + 1 > b->window ? p + 1 - b->window : 0;
-        kiln_decode_attention(qkv, qr, qkv + hd, qkv + hd + kvd, s->k_cache + l * s->layer_stride,
-                              s->v_cache + l * s->layer_stride, s->head_stride, p, s->heads, s->kv_heads,
-                              s->d, s->inv_freq, s->half, s->attn_factor, b->q_norm, b->k_norm, s->qk_eps,
-                              s->qk_offset, s->scale, p, first, p + 1 - first, att, threads);
+        kiln_decode_attention(qkv, qr, qkv + hd, qkv + hd + kvd, (float *)(intptr_t)at[0], (float *)(intptr_t)at[1],
+                              at[2], s->pos, s->heads, s->kv_heads, s->d, s->inv_freq[r], s->half[r],
+                              s->attn_factor[r], b->q_norm, b->k_norm, s->qk_eps, s->qk_offset, b->scale, at[3],
+                              at[4], at[5], att, threads);
         gemv(&b->o, att, o, hd, threads);
+        if (b->post_attn)  /* in place: the norm reads all of o before it writes */
+            kiln_rms_norm(o, NULL, b->post_attn, s->eps, s->offset, o, NULL, e);
         kiln_rms_norm(o, residual, b->norm_mlp, s->eps, s->offset, y, residual, e);
         gemv_parts(b->gate_up, b->n_gate_up, y, gu, e, threads);
-        for (int64_t i = 0; i < inter; i++)
-            act[i] = gu[i] / (1.f + expf(-gu[i])) * gu[inter + i];
+        if (b->act == 0) {
+            for (int64_t i = 0; i < inter; i++)
+                act[i] = gu[i] / (1.f + expf(-gu[i])) * gu[inter + i];
+        } else {
+            for (int64_t i = 0; i < inter; i++) {
+                const float g = gu[i];
+                act[i] = 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * gu[inter + i];
+            }
+        }
         gemv(&b->down, act, x, inter, threads);
+        if (b->post_mlp)
+            kiln_rms_norm(x, NULL, b->post_mlp, s->eps, s->offset, x, NULL, e);
     }
     free(y);
 }

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kiln import native, ops
+from kiln.cache import KVCache, Step, layer_windows, plan_rings
 from kiln.models import base
 from kiln.ops.cpu import int8_weight_ref
 from kiln.ops import rms_norm_ref, rope_qk_ref
@@ -234,8 +235,8 @@ INT8_TYPES = {"q_proj": 8, "k_proj": 6, "v_proj": 8, "o_proj": 6, "gate_proj": 8
 
 
 def _block_model(name: str, policy: Policy):
-    """A tiny model of family `name` (test_models' configs, widened to whole blocks: E 256, I 512, D 64; "-int8":
-    E 160, D 40) whose every projection is in GGUF blocks of STEP_TYPES (INT8_TYPES), loaded compact (as
+    """A tiny model of family `name` (test_models' configs, widened to whole blocks: E 256, I 512, D 64, 2 layers
+    but gemma3's 4; "-int8": E 160, D 40) whose every projection is in GGUF blocks of STEP_TYPES (INT8_TYPES), loaded compact (as
     kiln.load on a CPU); "-window": a sliding window of 5."""
     import test_models as tm
 
@@ -244,7 +245,9 @@ def _block_model(name: str, policy: Policy):
     from kiln.quant import cpu
     from kiln.quant.quantize import quantize
     family = name.split("-")[0] + ("-longrope" if "longrope" in name else "")
-    cfg = dict(tm.CONFIGS[family], hidden_size=256, intermediate_size=512, head_dim=64, num_hidden_layers=2)
+    cfg = dict(tm.CONFIGS[family], hidden_size=256, intermediate_size=512, head_dim=64)
+    if "layer_types" not in cfg:  # gemma3 keeps its 4 layers, 3 of them sliding
+        cfg["num_hidden_layers"] = 2
     if "longrope" in str(cfg.get("rope_scaling")):
         cfg["rope_scaling"] = dict(cfg["rope_scaling"], short_factor=[1.0 + 0.01 * i for i in range(32)],
                                    long_factor=[2.0 + 0.03 * i for i in range(32)])
@@ -260,31 +263,46 @@ def _block_model(name: str, policy: Policy):
         qtype = next((t for part, t in types.items() if part in key), None) if p.dim() == 2 else None
         weights[key] = p.detach().float() if qtype is None else GGUFTensor(
             key, tuple(p.shape), qtype, quantize(p.detach().float(), qtype).reshape(-1))
-    return cfg, build_model(cfg, weights, swap=cpu.compact_linears, policy=policy)
+    conf = dict(cfg, model_type=cfg["model_type"].replace("gemma3_text", "gemma3"))
+    return cfg, build_model(conf, weights, swap=cpu.compact_linears, policy=policy)
+
+
+def _steps(model, ids, prefill: int, policy: Policy, rings=None):
+    """test_models.decode_steps over a cache of `rings` (cache.plan_rings' per-layer Ring or None)."""
+    cache = KVCache.for_model(model, max_len=32, rings=rings)
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], Step.prefill(cache, 0, policy))]
+        out += [model(ids[:, t:t + 1], Step.prefill(cache, t, policy)) for t in range(prefill, ids.shape[1])]
+    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
-                                  "phi3-longrope", "qwen2-int8"])
+                                  "phi3-longrope", "gemma3", "gemma3-rings", "llama-rotating", "qwen2-int8"])
 def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, monkeypatch):
     """A CPU decode step of every block in one native call (native_step.c, through ops.cpu.decode_layers) gives
-    the logits of the same kernels called block by block from Python, for every Llama-layout family, with every
-    block type in one model (and int8 rows of both kinds in another), and serves every decode step (none of the
-    prefill)."""
-    import test_models as tm
+    the logits of the same kernels called block by block from Python, for every Llama-layout family and Gemma 3,
+    with every block type in one model (and int8 rows of both kinds in another), over a plain cache and over
+    rings (gemma3's sliding layers keeping their window of 5; every layer keeping 4 + the last 6, mlx-lm's
+    rotating cache), and serves every decode step (none of the prefill)."""
     cfg, km = _block_model(name, Policy())
     kinds = {type(m).__name__ for m in km.model.layers.modules()}
     assert ("Int8Linear" if name.endswith("-int8") else "BlockLinear") in kinds
     assert not kinds & {"Linear", "Int4Linear"}
     if name.endswith("-int8"):  # both kinds of int8 rows
         assert {m.group for m in km.model.layers.modules() if type(m).__name__ == "Int8Linear"} == {None, 32}
+    rings = None
+    if name.endswith(("-rings", "-rotating")):
+        rings = plan_rings(layer_windows(km), 32, 10 if name.endswith("-rotating") else None)
+        assert rings is not None
     ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
     calls, real = [], native.decode_layers
     monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    one_call = tm.decode_steps(km, ids, 12, policy=Policy(native_step=True))
+    one_call = _steps(km, ids, 12, Policy(native_step=True), rings)
     assert len(calls) == 8
     assert not Policy.from_env({"KILN_NATIVE_STEP": "0"}).native_step
-    block_by_block = tm.decode_steps(km, ids, 12, policy=Policy(native_step=False))
+    block_by_block = _steps(km, ids, 12, Policy(native_step=False), rings)
     assert len(calls) == 8
     err = (one_call - block_by_block).abs().max().item() / block_by_block.abs().max().item()
     print(f"{name}: max |Δlogit| / max |logit| = {err:.2e}")
-    assert err <= 1e-3  # silu in C (glibc's expf) and torch's differ in the last bit; x rounds per block to 2^-15
+    assert err <= 1e-3  # silu / gelu in C (glibc's expf, tanhf) and torch's differ in the last bit; x rounds per
+    # block to 2^-15

@@ -267,13 +267,14 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
 
 def run_blocks(layers, x: torch.Tensor, residual, step: Step):
     """x, residual through every block (the loop of every family) -> x, residual: one token of a CPU decode
-    step in one native call where every block has a native form (`native_layer`: ops.cpu.decode_layers), else
-    block by block (split.run_blocks, which crosses a split model's devices)."""
+    step in one native call where every block has a native form (`native_layer`: ops.cpu.decode_layers) and
+    every layer's slots are ones the native attention takes, else block by block (split.run_blocks, which
+    crosses a split model's devices)."""
     stack = _native_stack(layers, x, step)
-    if stack is not None:
-        r = step.rope["global"]
-        out = ops_cpu.decode_layers(stack, x, residual, step.pos, step.cache.k, step.cache.v, r.inv_freq,
-                                    r.attn_factor)
+    where = None if stack is None else _native_where(step, stack.windows)
+    if where is not None:
+        tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
+        out = ops_cpu.decode_layers(stack, x, residual, step.pos, where, tables)
         if out is not None:
             return out
     return split.run_blocks(layers, x, residual, step)
@@ -282,19 +283,45 @@ def run_blocks(layers, x: torch.Tensor, residual, step: Step):
 def _native_stack(layers, x: torch.Tensor, step: Step):
     """The native plan of these blocks (ops.cpu.layer_plan, built once per cache: KVCache.plans), or None where
     the step is not one it runs: one float32 token on the CPU (ops.cpu.serves) of a prefill-kind step, the
-    policy's `native_step` on, a batch-1 cache in the model's dtype without rings, no block placed on a device."""
+    policy's `native_step` on, a batch-1 cache in the model's dtype, no block placed on a device or hooked."""
     c = step.cache
     if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
-            and getattr(c, "plans", None) is not None and c.direct and c.rings is None
-            and isinstance(c.k, torch.Tensor) and "global" in step.rope and ops_cpu.serves(x, step.policy)):
+            and getattr(c, "plans", None) is not None and c.direct and ops_cpu.serves(x, step.policy)):
         return None
     key = id(layers)
     if key not in c.plans:  # a module with hooks (kiln imatrix's) must see its own call: block by block
         hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
-        c.plans[key] = None if hooked else ops_cpu.layer_plan(
-            [None if getattr(b, "place", None) is not None else getattr(b, "native_layer", lambda: None)()
-             for b in layers])
+        blocks = [None if hooked or getattr(b, "place", None) is not None else
+                  getattr(b, "native_layer", lambda: None)() for b in layers]
+        c.plans[key] = stack = ops_cpu.layer_plan(blocks)
+        if stack is not None:
+            stack.windows = [b["window"] for b in blocks]
     return c.plans[key]
+
+
+def _native_where(step: Step, windows: list) -> torch.Tensor | None:
+    """(L, 6) int64 for ops.cpu.decode_layers: per layer the addresses of its k and v cache (K, S, D), the head
+    stride, the slot this token is written to, the first slot it attends and how many (`_native_ring` for a
+    ring layer; the last `window` positions, or all, otherwise); None where a layer's cache is not float32
+    (K, S, D) with positions D apart or its token is not one the native attention takes."""
+    c, p = step.cache, step.pos
+    rows = []
+    for layer, window in enumerate(windows):
+        ring = _native_ring(step, layer, window)
+        if ring is False:
+            return None
+        if ring is None:
+            lo = p + 1 - window if window and p + 1 > window else 0
+            ring = (p, p + 1 - lo)
+        else:
+            lo = 0
+        k, v = c.k[layer], c.v[layer]  # (1, K, S, D)
+        if not (k.dtype == v.dtype == torch.float32 and k.shape[0] == 1 and k.stride(3) == v.stride(3) == 1
+                and k.stride(2) == v.stride(2) == k.shape[3] and k.stride(1) == v.stride(1)
+                and ring[0] < k.shape[2] and lo + ring[1] <= k.shape[2]):
+            return None
+        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), ring[0], lo, ring[1]))
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def native_parts(module: nn.Module, joined: str, parts: tuple[str, ...] = ()) -> list | None:

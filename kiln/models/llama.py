@@ -130,8 +130,9 @@ class Block(nn.Module):
         if any(p is None for p in parts.values()) or n1.offset != n2.offset or n1.eps != n2.eps:
             return None
         qk = (a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, a.q_norm.offset) if getattr(a, "qk_norm", False) else None
-        return {"norms": (n1.weight, n2.weight, n1.eps, n1.offset), "qk_norms": qk, "heads": (a.h, a.kv, a.d),
-                "scale": a.d ** -0.5, "window": a.window, **parts}
+        return {"norms": (n1.weight, n2.weight, n1.eps, n1.offset), "post_norms": None, "qk_norms": qk,
+                "heads": (a.h, a.kv, a.d), "scale": a.d ** -0.5, "window": a.window, "rope": "global", "act": "silu",
+                **parts}
 
 
 class Body(nn.Module):

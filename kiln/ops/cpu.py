@@ -144,38 +144,46 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
 
 
 def layer_plan(layers: list[dict | None]) -> native.Stack | None:
-    """Blocks of the Llama layout for `decode_layers`, one dict per block (models/llama.Block.native_layer):
-    norms (attention's weight, the MLP's, eps, offset), qk_norms ((q weight, k weight, eps, offset) or None),
-    heads (H, K, D), scale, window (None: none), and the projections qkv, o, gate_up, down as lists of parts
-    (native.Stack's (weight, qtype, bias, scale, group)) in output order. None where a block offers none (None)
-    or native_step.c does not take it: every part in file blocks (native.BLOCK_WEIGHTS) or int8 rows, q/k/v in up to three parts and gate/up in up to two,
-    one shape and one set of norm constants for every block, the head dim within native.c's buffers."""
+    """Blocks for `decode_layers`, one dict per block (models/llama.Block.native_layer, gemma3's): norms
+    (the weights before attention and before the MLP, eps, offset), post_norms (Gemma's weights after
+    attention and after the MLP, or None), qk_norms ((q weight, k weight, eps, offset) or None), heads (H, K,
+    D), scale, window (None: none), rope (the name of its table in a step: "global", "local"), act ("silu",
+    "gelu_tanh"), and the projections qkv, o, gate_up, down as lists of parts (native.Stack's (weight, qtype,
+    bias, scale, group)) in output order. None where a block offers none (None) or native_step.c does not take
+    it: every part in file blocks (native.BLOCK_WEIGHTS) or int8 rows, q/k/v in up to three parts and gate/up
+    in up to two, one shape and one set of norm constants for every block, at most two RoPE tables, the head
+    dim within native.c's buffers. The plan's `ropes`: the table names in the order the blocks index them."""
     if not layers or any(b is None for b in layers) or not native.available():
         return None
     first = layers[0]
     e = first["norms"][0].numel()
     (h, kv, d), inter = first["heads"], sum(p[0].shape[0] for p in first["gate_up"]) // 2
-    shared = (first["heads"], first["norms"][2:], first["scale"],
-              None if first["qk_norms"] is None else first["qk_norms"][2:])
+    constants = lambda b: (b["heads"], b["norms"][2:], b["qk_norms"] and b["qk_norms"][2:],  # noqa: E731
+                           b["post_norms"] is None)
+    ropes = list(dict.fromkeys(b["rope"] for b in layers))
+    if h % kv or d > 1024 or d % 2 or len(ropes) > 2 or any(b["act"] not in native.ACTS for b in layers):
+        return None
     for b in layers:
-        if (b["heads"], b["norms"][2:], b["scale"], None if b["qk_norms"] is None else b["qk_norms"][2:]) != shared:
+        if constants(b) != constants(first):
             return None
         parts = {"qkv": (b["qkv"], 3, e, (h + 2 * kv) * d), "o": (b["o"], 1, h * d, e),
                  "gate_up": (b["gate_up"], 2, e, 2 * inter), "down": (b["down"], 1, inter, e)}
         if not all(_parts_fit(*p) for p in parts.values()):
             return None
-        vectors = [(w, e) for w in b["norms"][:2]] + [(w, d) for w in (b["qk_norms"] or ())[:2]]
+        vectors = ([(w, e) for w in b["norms"][:2] + (b["post_norms"] or ())]
+                   + [(w, d) for w in (b["qk_norms"] or ())[:2]])
         if not all(w.dtype == torch.float32 and w.is_contiguous() and w.numel() == n for w, n in vectors):
             return None
-    if h % kv or d > 1024 or d % 2:
-        return None
     qk = first["qk_norms"]
-    return native.Stack([{"norm_attn": b["norms"][0], "norm_mlp": b["norms"][1],
-                          "q_norm": None if qk is None else b["qk_norms"][0],
-                          "k_norm": None if qk is None else b["qk_norms"][1], "window": b["window"],
-                          **{k: b[k] for k in ("qkv", "o", "gate_up", "down")}} for b in layers],
-                        (e, h, kv, d, inter), first["norms"][2:], (1e-6, 0.0) if qk is None else qk[2:],
-                        first["scale"])
+    stack = native.Stack([{"norm_attn": b["norms"][0], "norm_mlp": b["norms"][1],
+                           "post_attn": b["post_norms"] and b["post_norms"][0],
+                           "post_mlp": b["post_norms"] and b["post_norms"][1],
+                           "q_norm": qk and b["qk_norms"][0], "k_norm": qk and b["qk_norms"][1],
+                           "rope": ropes.index(b["rope"]), "act": b["act"], "scale": b["scale"],
+                           **{k: b[k] for k in ("qkv", "o", "gate_up", "down")}} for b in layers],
+                          (e, h, kv, d, inter), first["norms"][2:], (1e-6, 0.0) if qk is None else qk[2:])
+    stack.ropes = ropes
+    return stack
 
 
 def block_part(blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> tuple:
@@ -211,15 +219,14 @@ def _part_fits(part: tuple, k: int) -> bool:
 
 
 def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor, attn_factor: float):
-    """One token x (1, 1, E) float32 through every block of a `layer_plan`, in one native call, or None where
-    the cache is not one it writes: (L, 1, K, S, D) float32 contiguous keys and values with a slot at `pos`, the
-    RoPE frequencies within the head dim -> (x, residual) as the block loop returns them, (1, 1, E) each."""
-    e, _, kv, d, _ = stack.dims
-    shape = (len(stack.layers), 1, kv, k_cache.shape[3], d)
-    if not (k_cache.dtype == v_cache.dtype == torch.float32 and tuple(k_cache.shape) == tuple(v_cache.shape) == shape
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and pos < shape[3]
-            and 2 * inv_freq.numel() <= d and x.numel() == e):
+                  where: torch.Tensor, ropes: dict):
+    """One token x (1, 1, E) float32 through every block of a `layer_plan` in one native call: `where` (L, 6)
+    int64 each block's cache (native.decode_layers; models/base.py finds it), `ropes` the step's tables (name ->
+    (inv_freq, attn_factor)) -> (x, residual) as the block loop returns them, (1, 1, E) each; None where a
+    table does not fit the head dim."""
+    e, _, _, d, _ = stack.dims
+    tables = [ropes[name] for name in stack.ropes]
+    if x.numel() != e or any(2 * inv.numel() > d for inv, _ in tables):
         return None
-    out, res = native.decode_layers(stack, x, residual, pos, k_cache, v_cache, inv_freq, attn_factor)
+    out, res = native.decode_layers(stack, x, residual, pos, where, tables)
     return out.view(1, 1, e), res.view(1, 1, e)
