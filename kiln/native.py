@@ -1,4 +1,5 @@
-"""Native CPU kernels (native.c, native_legacy.c, native_step.c): compiled once per machine with the system C compiler, loaded by ctypes.
+"""Native CPU kernels (native.c, native_legacy.c, native_step.c): compiled once per machine with the system C
+compiler, loaded by ctypes.
 
 Owns: building and caching the library (<kiln cache>/kernels/, keyed by source, compiler, flags, CPU and
 OpenMP runtime), linking the OpenMP runtime torch already uses (two thread pools on two cores stall each

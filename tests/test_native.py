@@ -236,8 +236,8 @@ INT8_TYPES = {"q_proj": 8, "k_proj": 6, "v_proj": 8, "o_proj": 6, "gate_proj": 8
 
 def _block_model(name: str, policy: Policy):
     """A tiny model of family `name` (test_models' configs, widened to whole blocks: E 256, I 512, D 64, 2 layers
-    but gemma3's 4; "-int8": E 160, D 40) whose every projection is in GGUF blocks of STEP_TYPES (INT8_TYPES), loaded compact (as
-    kiln.load on a CPU); "-window": a sliding window of 5."""
+    but gemma3's 4; "-int8": E 160, D 40) whose every projection is in GGUF blocks of STEP_TYPES (INT8_TYPES),
+    loaded compact (as kiln.load on a CPU); "-window": a sliding window of 5."""
     import test_models as tm
 
     from kiln.formats.gguf import GGUFTensor

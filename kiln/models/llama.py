@@ -157,8 +157,8 @@ class Model(nn.Module):
 
     def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool | torch.Tensor = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) of one row: the last with last_only=True, row i with
-        last_only=tensor([i]), row i[b] of row b with a (B,) tensor); `step` (cache.Step) says where the tokens go; None: a whole sequence from
-        position 0, no cache."""
+        last_only=tensor([i]), row i[b] of row b with a (B,) tensor); `step` (cache.Step) says where the tokens
+        go; None: a whole sequence from position 0, no cache."""
         m = self.model
         step = prepare(step, ids, self.policy, {"global": m.rotary}, {self.args.sliding_window})
         x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm

@@ -212,10 +212,12 @@ def _part_fits(part: tuple, k: int) -> bool:
         return False
     if qtype in native.BLOCK_WEIGHTS:
         return w.dtype == torch.uint8 and native.in_features(w, qtype) == k and scale is None
+    if not (w.dtype == torch.int8 and w.shape[1] == k and scale is not None and scale.is_contiguous()):
+        return False
     if qtype == native.I8_ROWS:
-        return w.dtype == torch.int8 and w.shape[1] == k and scale.dtype == torch.bfloat16 and scale.shape == w.shape[:1]
-    return (qtype == native.I8_GROUPS and w.dtype == torch.int8 and w.shape[1] == k and group > 0 and k % group == 0
-            and scale.dtype == torch.float16 and scale.is_contiguous() and tuple(scale.shape) == (w.shape[0], k // group))
+        return scale.dtype == torch.bfloat16 and scale.shape == w.shape[:1]
+    return (qtype == native.I8_GROUPS and group > 0 and k % group == 0 and scale.dtype == torch.float16
+            and tuple(scale.shape) == (w.shape[0], k // group))
 
 
 def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int,
