@@ -357,7 +357,10 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
            "torch": torch.__version__, "p": lengths, "g": g, "depths": depths, "repeats": repeats, "load_s": load_s}
     if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
         from kiln import native
+        from kiln.models.base import native_plan
         out["native_cpu_kernels"] = model.policy.native and native.available()
+        out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step
+                                  and native_plan(model.model.layers) is not None)  # a token in one native call
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
         if os.path.isfile(out["model"]):
@@ -409,6 +412,7 @@ def _device_name(dev) -> str:
 def format_report(r: dict) -> str:
     k, lc, ratio = r["kiln"], r.get("llama.cpp"), r.get("ratio", {})
     native = {True: ", native decode kernels", False: ", no native kernels"}.get(r.get("native_cpu_kernels"), "")
+    native += ", one call a token" if r.get("native_step") else ""
     tp = f", tensor parallel over {r['tensor_parallel']} ranks (rank 0's figures)" if "tensor_parallel" in r else ""
     lines = [f"model   {r['model']}", f"device  {r['device']}{native}{tp}  (torch {r['torch']})",
              f"load {r['load_s']:.1f} s, decode graph capture {k['capture_s']:.2f} s; g={r['g']}, median of "

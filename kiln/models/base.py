@@ -289,14 +289,22 @@ def _native_stack(layers, x: torch.Tensor, step: Step):
             and getattr(c, "plans", None) is not None and c.direct and ops_cpu.serves(x, step.policy)):
         return None
     key = id(layers)
-    if key not in c.plans:  # a module with hooks (kiln imatrix's) must see its own call: block by block
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
-        blocks = [None if hooked or getattr(b, "place", None) is not None else
-                  getattr(b, "native_layer", lambda: None)() for b in layers]
-        c.plans[key] = stack = ops_cpu.layer_plan(blocks)
-        if stack is not None:
-            stack.windows = [b["window"] for b in blocks]
+    if key not in c.plans:
+        c.plans[key] = native_plan(layers)
     return c.plans[key]
+
+
+def native_plan(layers):
+    """ops.cpu.layer_plan of these blocks (each block's `native_layer`; the plan's `windows`, each block's
+    sliding window), or None: a block without one, placed on a device, or with hooks (kiln imatrix's, which
+    must see their own calls)."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
+    blocks = [None if hooked or getattr(b, "place", None) is not None else
+              getattr(b, "native_layer", lambda: None)() for b in layers]
+    stack = ops_cpu.layer_plan(blocks)
+    if stack is not None:
+        stack.windows = [b["window"] for b in blocks]
+    return stack
 
 
 def _native_where(step: Step, windows: list) -> torch.Tensor | None:
