@@ -144,16 +144,27 @@ def on_device(step, device: torch.device):
     return replace(step, positions=step.positions.to(device), rope=rope, mask=mask)
 
 
-def run_blocks(layers, x: torch.Tensor, residual, step):
+def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
     """x, residual through every block; where a block's place differs from the one before it (a split
-    model: `block.place`), x, residual and the step cross to its device, once per boundary → x, residual."""
-    here = None
-    for layer in layers:
-        place = getattr(layer, "place", None)
+    model: `block.place`), x, residual and the step cross to its device, once per boundary → x, residual.
+    Each run of blocks of one place goes to `run(start, end, x, residual, step)` first (models/base.py's
+    native CPU step), which returns (x, residual) or None: then block by block."""
+    here, start = None, 0
+    while start < len(layers):
+        place = getattr(layers[start], "place", None)
         if place is not None and place != here:
             here, dev = place, torch.device(place.device)
             x = x.to(dev)
             residual = None if residual is None else residual.to(dev)
             step = on_device(step, dev)
-        x, residual = layer(x, residual, step)
+        end = start + 1
+        while end < len(layers) and getattr(layers[end], "place", None) == place:
+            end += 1
+        out = None if run is None else run(start, end, x, residual, step)
+        if out is None:
+            for layer in layers[start:end]:
+                x, residual = layer(x, residual, step)
+        else:
+            x, residual = out
+        start = end
     return x, residual

@@ -86,3 +86,19 @@ def test_compact_cpu_load_peak_rss_near_file_size():
     peak, size = int(r.stdout.split()[-1]), os.path.getsize(path)
     print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f}x the file ({size / 2**30:.2f} GiB)")
     assert peak < 1.5 * size, peak / size
+
+
+def test_the_compact_cpu_group_decodes_in_one_native_call(qwen_path, monkeypatch):
+    """A split's run of compact CPU blocks takes a decode token in one native call (models/base._native_run,
+    the blocks' layer indices offset into the split's per-layer cache) and decodes what the same split does
+    block by block."""
+    from kiln import native
+    from kiln.policy import Policy
+    places = [Place("cpu", False)] * 4 + [Place("cpu:0", True)] * 20
+    split, tok = kiln.load(qwen_path, device="cpu", places=places)
+    calls, real = [], native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(a[0]) or real(*a))
+    one_call = _greedy(split, tok, "def fib(n):")
+    assert len(calls) == 7 and len(calls[0].layers) == 20  # every decode token, the compact group's 20 blocks
+    split.policy = Policy(native_step=False)
+    assert _greedy(split, tok, "def fib(n):") == one_call and len(calls) == 7

@@ -266,55 +266,53 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
 # ---------------------------------------------------------------- the block loop
 
 def run_blocks(layers, x: torch.Tensor, residual, step: Step):
-    """x, residual through every block (the loop of every family) -> x, residual: one token of a CPU decode
-    step in one native call where every block has a native form (`native_layer`: ops.cpu.decode_layers) and
-    every layer's slots are ones the native attention takes, else block by block (split.run_blocks, which
-    crosses a split model's devices)."""
-    stack = _native_stack(layers, x, step)
-    where = None if stack is None else _native_where(step, stack.windows)
-    if where is not None:
-        tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
-        out = ops_cpu.decode_layers(stack, x, residual, step.pos, where, tables)
-        if out is not None:
-            return out
-    return split.run_blocks(layers, x, residual, step)
+    """x, residual through every block (the loop of every family) -> x, residual: split.run_blocks (which
+    crosses a split model's devices), each run of blocks on one place first offered to `_native_run`."""
+    return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_run(layers, a, b, *rest))
 
 
-def _native_stack(layers, x: torch.Tensor, step: Step):
-    """The native plan of these blocks (ops.cpu.layer_plan, built once per cache: KVCache.plans), or None where
-    the step is not one it runs: one float32 token on the CPU (ops.cpu.serves) of a prefill-kind step, the
-    policy's `native_step` on, a batch-1 cache in the model's dtype, no block placed on a device or hooked."""
+def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
+    """Blocks a..b-1 (all on one place) for one token of a CPU decode step in one native call
+    (ops.cpu.decode_layers) -> (x, residual), or None: block by block. It serves one float32 token on the CPU
+    (ops.cpu.serves) of a prefill-kind step, the policy's `native_step` on, a batch-1 cache in the model's
+    dtype, where every block has a native form (`native_plan`, built once per cache: KVCache.plans) and
+    every layer's slots are ones the native attention takes (`_native_where`)."""
     c = step.cache
     if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
             and getattr(c, "plans", None) is not None and c.direct and ops_cpu.serves(x, step.policy)):
         return None
-    key = id(layers)
+    key = (id(layers), a, b)
     if key not in c.plans:
-        c.plans[key] = native_plan(layers)
-    return c.plans[key]
+        c.plans[key] = native_plan(layers[a:b])
+    stack = c.plans[key]
+    where = None if stack is None else _native_where(step, stack.windows, a)
+    if where is None:
+        return None
+    tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
+    return ops_cpu.decode_layers(stack, x, residual, step.pos, where, tables)
 
 
 def native_plan(layers):
     """ops.cpu.layer_plan of these blocks (each block's `native_layer`; the plan's `windows`, each block's
-    sliding window), or None: a block without one, placed on a device, or with hooks (kiln imatrix's, which
+    sliding window), or None: a block without one, placed off the CPU, or with hooks (kiln imatrix's, which
     must see their own calls)."""
     hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
-    blocks = [None if hooked or getattr(b, "place", None) is not None else
-              getattr(b, "native_layer", lambda: None)() for b in layers]
+    on_cpu = all(getattr(b, "place", None) is None or torch.device(b.place.device).type == "cpu" for b in layers)
+    blocks = [getattr(b, "native_layer", lambda: None)() if on_cpu and not hooked else None for b in layers]
     stack = ops_cpu.layer_plan(blocks)
     if stack is not None:
         stack.windows = [b["window"] for b in blocks]
     return stack
 
 
-def _native_where(step: Step, windows: list) -> torch.Tensor | None:
-    """(L, 6) int64 for ops.cpu.decode_layers: per layer the addresses of its k and v cache (K, S, D), the head
+def _native_where(step: Step, windows: list, first: int = 0) -> torch.Tensor | None:
+    """(L, 6) int64 for ops.cpu.decode_layers: per layer (first, first + 1, ...) the addresses of its k and v cache (K, S, D), the head
     stride, the slot this token is written to, the first slot it attends and how many (`_native_ring` for a
     ring layer; the last `window` positions, or all, otherwise); None where a layer's cache is not float32
     (K, S, D) with positions D apart or its token is not one the native attention takes."""
     c, p = step.cache, step.pos
     rows = []
-    for layer, window in enumerate(windows):
+    for layer, window in enumerate(windows, first):
         ring = _native_ring(step, layer, window)
         if ring is False:
             return None
