@@ -540,6 +540,49 @@ static void rope_head(const float *x, float *o, const float *nw, float eps, floa
         o[i] = x[i];
 }
 
+/* p (n,) -> exp(p - max p) / sum, in place: the exponentials 16 lanes at a time where AVX-512 is built
+   (exp512: 2^k * e^r with |r| <= ln2 / 2, Cephes' polynomial, within 2 ulp of expf), expf otherwise. */
+#ifdef KILN_AVX512
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* below: 0 after scalef, as expf gives */
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, k);
+}
+#endif
+
+static void softmax_exp(float *p, int64_t n) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < n; s++)
+        mx = p[s] > mx ? p[s] : mx;
+    int64_t s = 0;
+#ifdef KILN_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; s + 16 <= n; s += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s), _mm512_set1_ps(mx)));
+        _mm512_storeu_ps(p + s, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; s < n; s++) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    const float inv = 1.f / sum;
+    for (s = 0; s < n; s++)
+        p[s] *= inv;
+}
+
 void kiln_decode_attention(const float *q, float *qr, const float *k, const float *v, float *k_cache,
                            float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
                            int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
@@ -555,33 +598,41 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
         rope_head(k + g * d, k_cache + g * head_stride + slot * d, kn_w, eps, offset, d, cs, sn, half);
         memcpy(v_cache + g * head_stride + slot * d, v + g * d, (size_t)d * sizeof(float));
     }
-    int64_t group = n_heads / n_kv;
+    /* One work item: a kv head and a share of its query heads, so that each key and value row is read once
+       for all of them (the cache streams from memory once a step); a kv head's heads split further where
+       there are fewer kv heads than threads. */
+    const int64_t group = n_heads / n_kv;
+    int64_t split = threads > n_kv ? (threads + n_kv - 1) / n_kv : 1;
+    split = split > group ? group : split;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t h = 0; h < n_heads; h++) {
-        float *qh = qr + h * d, *oh = out + h * d;
-        const float *kc = k_cache + (h / group) * head_stride + lo * d;
-        const float *vc = v_cache + (h / group) * head_stride + lo * d;
-        rope_head(q + h * d, qh, qn_w, eps, offset, d, cs, sn, half);
-        float *p = malloc((size_t)n_keys * sizeof(float)), mx = -INFINITY, sum = 0.f;
-        for (int64_t s = 0; s < n_keys; s++) {
-            float dot = 0.f;
-            #pragma omp simd reduction(+:dot)
-            for (int64_t i = 0; i < d; i++)
-                dot += qh[i] * kc[s * d + i];
-            p[s] = dot * scale;
-            mx = p[s] > mx ? p[s] : mx;
+    for (int64_t item = 0; item < n_kv * split; item++) {
+        const int64_t g = item / split, part = item % split;
+        const int64_t h0 = g * group + part * group / split, nh = g * group + (part + 1) * group / split - h0;
+        const float *kc = k_cache + g * head_stride + lo * d, *vc = v_cache + g * head_stride + lo * d;
+        float *p = malloc((size_t)(nh * n_keys) * sizeof(float));
+        for (int64_t j = 0; j < nh; j++) {
+            rope_head(q + (h0 + j) * d, qr + (h0 + j) * d, qn_w, eps, offset, d, cs, sn, half);
+            memset(out + (h0 + j) * d, 0, (size_t)d * sizeof(float));
         }
-        for (int64_t i = 0; i < d; i++)
-            oh[i] = 0.f;
-        for (int64_t s = 0; s < n_keys; s++) {
-            float e = expf(p[s] - mx);
-            sum += e;
-            #pragma omp simd
-            for (int64_t i = 0; i < d; i++)
-                oh[i] += e * vc[s * d + i];
-        }
-        for (int64_t i = 0; i < d; i++)
-            oh[i] /= sum;
+        for (int64_t s = 0; s < n_keys; s++)
+            for (int64_t j = 0; j < nh; j++) {
+                const float *qh = qr + (h0 + j) * d;
+                float dot = 0.f;
+                #pragma omp simd reduction(+:dot)
+                for (int64_t i = 0; i < d; i++)
+                    dot += qh[i] * kc[s * d + i];
+                p[j * n_keys + s] = dot * scale;
+            }
+        for (int64_t j = 0; j < nh; j++)
+            softmax_exp(p + j * n_keys, n_keys);
+        for (int64_t s = 0; s < n_keys; s++)
+            for (int64_t j = 0; j < nh; j++) {
+                float *oh = out + (h0 + j) * d;
+                const float e = p[j * n_keys + s];
+                #pragma omp simd
+                for (int64_t i = 0; i < d; i++)
+                    oh[i] += e * vc[s * d + i];
+            }
         free(p);
     }
 }
