@@ -285,7 +285,7 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
     if key not in c.plans:
         c.plans[key] = native_plan(layers[a:b])
     stack = c.plans[key]
-    where = None if stack is None else _native_where(step, stack.windows, a)
+    where = None if stack is None else _native_where(step, stack, a)
     if where is None:
         return None
     tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
@@ -305,14 +305,16 @@ def native_plan(layers):
     return stack
 
 
-def _native_where(step: Step, windows: list, first: int = 0) -> torch.Tensor | None:
-    """(L, 6) int64 for ops.cpu.decode_layers: per layer (first, first + 1, ...) the addresses of its k and v cache (K, S, D), the head
-    stride, the slot this token is written to, the first slot it attends and how many (`_native_ring` for a
-    ring layer; the last `window` positions, or all, otherwise); None where a layer's cache is not float32
-    (K, S, D) with positions D apart or its token is not one the native attention takes."""
+def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
+    """(L, 6) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
+    its k and v cache (K, S, D), the head stride, the slot this token is written to, the first slot it attends
+    and how many (`_native_ring` for a ring layer; the last `window` positions, or all, otherwise); None where
+    a layer's cache is not float32 (K, S, D) of the plan's K and D with positions D apart, or its token is not
+    one the native attention takes."""
     c, p = step.cache, step.pos
+    _, _, kv, d, _ = stack.dims
     rows = []
-    for layer, window in enumerate(windows, first):
+    for layer, window in enumerate(stack.windows, first):
         ring = _native_ring(step, layer, window)
         if ring is False:
             return None
@@ -322,7 +324,8 @@ def _native_where(step: Step, windows: list, first: int = 0) -> torch.Tensor | N
         else:
             lo = 0
         k, v = c.k[layer], c.v[layer]  # (1, K, S, D)
-        if not (k.dtype == v.dtype == torch.float32 and k.shape[0] == 1 and k.stride(3) == v.stride(3) == 1
+        if not (k.dtype == v.dtype == torch.float32 and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
+                and k.shape[3] == v.shape[3] == d and k.stride(3) == v.stride(3) == 1
                 and k.stride(2) == v.stride(2) == k.shape[3] and k.stride(1) == v.stride(1)
                 and ring[0] < k.shape[2] and lo + ring[1] <= k.shape[2]):
             return None
@@ -332,8 +335,8 @@ def _native_where(step: Step, windows: list, first: int = 0) -> torch.Tensor | N
 
 def native_parts(module: nn.Module, joined: str, parts: tuple[str, ...] = ()) -> list | None:
     """The projections `project` computes (module.<joined>, else each of `parts` in order) as the native
-    decode step reads them: (blocks, qtype, bias) in output order, or None where one has no native form (not in
-    file blocks, a LoRA beside it, no layer)."""
+    decode step reads them (native.Stack's parts: weight, qtype, bias, scale, group) in output order, or None
+    where one has no native form (not in file blocks or int8 rows, a LoRA beside it, no layer)."""
     layer = getattr(module, joined, None)
     layers = [layer] if layer is not None else [getattr(module, p, None) for p in parts]
     found = [getattr(m, "native_parts", lambda: None)() for m in layers]
