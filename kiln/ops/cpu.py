@@ -8,8 +8,8 @@ otherwise), `block_linear` (quant/cpu.BlockLinear's product: native for a few ro
 dequantized weight for a prompt; `block_rows` the layout it reads, `legacy_blocks_run` whether the legacy
 types may take it), `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
 RoPE, the cache write and softmax attention — in one call: the CPU decode step of models/base.attention),
-and `decode_layers` with `layer_plan` (one token through every block of the Llama layout in one call, when
-all their projections are in file blocks: models/base.run_blocks).
+and `decode_layers` with `layer_plan` (one token through every block of the Llama layout or Gemma 3's in one
+call, when all their projections are file blocks or int8 rows: models/base.run_blocks decides).
 Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the other ops files), which
 kind of step takes the single-token attention (models/base.attention decides that).
 
