@@ -277,11 +277,7 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     `ring` (slot, n_keys): a ring layer's (cache.Ring) write slot, and the slots 0..n_keys-1 it attends to
     (the caller has checked that every one of them is visible: `window` is then not used)."""
     h, d = q.shape
-    if ring is None:
-        lo = pos + 1 - window if window and pos + 1 > window else 0
-        slot, n_keys = pos, pos + 1 - lo
-    else:
-        (slot, n_keys), lo = ring, 0
+    slot, lo, n_keys = attention_slots(pos, window, ring)
     q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
     out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
     _lib().kiln_decode_attention(
@@ -368,6 +364,15 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
     _lib().kiln_decode_layers(stack.layers, ctypes.byref(s), _ptr(x), _ptr(res), residual is not None,
                               torch.get_num_threads())
     return x, res
+
+
+def attention_slots(pos: int, window: int | None, ring: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(the slot a token at `pos` is written to, the first slot it attends, how many): a plain cache's slot pos
+    and keys 0..pos, or the last `window` of them; a ring layer's (slot, n_keys) as given, from slot 0."""
+    if ring is not None:
+        return ring[0], 0, ring[1]
+    lo = pos + 1 - window if window and pos + 1 > window else 0
+    return pos, lo, pos + 1 - lo
 
 
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln import native, ops
-from kiln.cache import KVCache, Step, layer_windows, plan_rings
+from kiln.cache import layer_windows, plan_rings
 from kiln.models import base
 from kiln.ops.cpu import int8_weight_ref
 from kiln.ops import rms_norm_ref, rope_qk_ref
@@ -267,15 +267,6 @@ def _block_model(name: str, policy: Policy):
     return cfg, build_model(conf, weights, swap=cpu.compact_linears, policy=policy)
 
 
-def _steps(model, ids, prefill: int, policy: Policy, rings=None):
-    """test_models.decode_steps over a cache of `rings` (cache.plan_rings' per-layer Ring or None)."""
-    cache = KVCache.for_model(model, max_len=32, rings=rings)
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], Step.prefill(cache, 0, policy))]
-        out += [model(ids[:, t:t + 1], Step.prefill(cache, t, policy)) for t in range(prefill, ids.shape[1])]
-    return torch.cat(out, dim=1)
-
-
 @pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
                                   "phi3-longrope", "gemma3", "gemma3-rings", "llama-rotating", "qwen2-int8"])
 def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, monkeypatch):
@@ -284,6 +275,7 @@ def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, mo
     with every block type in one model (and int8 rows of both kinds in another), over a plain cache and over
     rings (gemma3's sliding layers keeping their window of 5; every layer keeping 4 + the last 6, mlx-lm's
     rotating cache), and serves every decode step (none of the prefill)."""
+    import test_models as tm
     cfg, km = _block_model(name, Policy())
     kinds = {type(m).__name__ for m in km.model.layers.modules()}
     assert ("Int8Linear" if name.endswith("-int8") else "BlockLinear") in kinds
@@ -297,10 +289,10 @@ def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, mo
     ids = torch.randint(0, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
     calls, real = [], native.decode_layers
     monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    one_call = _steps(km, ids, 12, Policy(native_step=True), rings)
+    one_call = tm.decode_steps(km, ids, 12, policy=Policy(native_step=True), rings=rings)
     assert len(calls) == 8
     assert not Policy.from_env({"KILN_NATIVE_STEP": "0"}).native_step
-    block_by_block = _steps(km, ids, 12, Policy(native_step=False), rings)
+    block_by_block = tm.decode_steps(km, ids, 12, policy=Policy(native_step=False), rings=rings)
     assert len(calls) == 8
     err = (one_call - block_by_block).abs().max().item() / block_by_block.abs().max().item()
     print(f"{name}: max |Δlogit| / max |logit| = {err:.2e}")

@@ -293,24 +293,20 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
 
 
 def native_plan(layers):
-    """ops.cpu.layer_plan of these blocks (each block's `native_layer`; the plan's `windows`, each block's
-    sliding window), or None: a block without one, placed off the CPU, or with hooks (kiln imatrix's, which
-    must see their own calls)."""
+    """ops.cpu.layer_plan of these blocks (each block's `native_layer`), or None: a block without one, placed off
+    the CPU, or with hooks (kiln imatrix's, which must see their own calls)."""
     hooked = any(m._forward_hooks or m._forward_pre_hooks for b in layers for m in b.modules())
     on_cpu = all(getattr(b, "place", None) is None or torch.device(b.place.device).type == "cpu" for b in layers)
-    blocks = [getattr(b, "native_layer", lambda: None)() if on_cpu and not hooked else None for b in layers]
-    stack = ops_cpu.layer_plan(blocks)
-    if stack is not None:
-        stack.windows = [b["window"] for b in blocks]
-    return stack
+    return ops_cpu.layer_plan([getattr(b, "native_layer", lambda: None)() if on_cpu and not hooked else None
+                               for b in layers])
 
 
 def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
     """(L, 6) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
     its k and v cache (K, S, D), the head stride, the slot this token is written to, the first slot it attends
-    and how many (`_native_ring` for a ring layer; the last `window` positions, or all, otherwise); None where
-    a layer's cache is not float32 (K, S, D) of the plan's K and D with positions D apart, or its token is not
-    one the native attention takes."""
+    and how many (ops.cpu.attention_slots; `_native_ring` for a ring layer); None where a layer's cache is not
+    float32 (K, S, D) of the plan's K and D with positions D apart, or its token is not one the native
+    attention takes."""
     c, p = step.cache, step.pos
     _, _, kv, d, _ = stack.dims
     rows = []
@@ -318,29 +314,28 @@ def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
         ring = _native_ring(step, layer, window)
         if ring is False:
             return None
-        if ring is None:
-            lo = p + 1 - window if window and p + 1 > window else 0
-            ring = (p, p + 1 - lo)
-        else:
-            lo = 0
+        slot, lo, n_keys = ops_cpu.attention_slots(p, window, ring)
         k, v = c.k[layer], c.v[layer]  # (1, K, S, D)
         if not (k.dtype == v.dtype == torch.float32 and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
                 and k.shape[3] == v.shape[3] == d and k.stride(3) == v.stride(3) == 1
                 and k.stride(2) == v.stride(2) == k.shape[3] and k.stride(1) == v.stride(1)
-                and ring[0] < k.shape[2] and lo + ring[1] <= k.shape[2]):
+                and slot < k.shape[2] and lo + n_keys <= k.shape[2]):
             return None
-        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), ring[0], lo, ring[1]))
+        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), slot, lo, n_keys))
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def native_parts(module: nn.Module, joined: str, parts: tuple[str, ...] = ()) -> list | None:
-    """The projections `project` computes (module.<joined>, else each of `parts` in order) as the native
-    decode step reads them (native.Stack's parts: weight, qtype, bias, scale, group) in output order, or None
-    where one has no native form (not in file blocks or int8 rows, a LoRA beside it, no layer)."""
-    layer = getattr(module, joined, None)
-    layers = [layer] if layer is not None else [getattr(module, p, None) for p in parts]
-    found = [getattr(m, "native_parts", lambda: None)() for m in layers]
-    return None if not found or any(f is None for f in found) else [part for f in found for part in f]
+def native_projections(attn: nn.Module, mlp: nn.Module, joined: tuple[str, str] = ("qkv", "gate_up")) -> dict | None:
+    """A block's qkv, o, gate_up and down as the native decode step reads them (each the projections `project`
+    computes: attn.<joined[0]>, else q/k/v_proj; mlp.<joined[1]>, else gate/up_proj; as native.Stack's parts:
+    weight, qtype, bias, scale, group, in output order), or None where one has no native form (not in file
+    blocks or int8 rows, a LoRA beside it, no layer)."""
+    def parts(module, name, separate=()):
+        layer = getattr(module, name, None)
+        return ops_cpu.join_parts([layer] if layer is not None else [getattr(module, p, None) for p in separate])
+    found = {"qkv": parts(attn, joined[0], ("q_proj", "k_proj", "v_proj")), "o": parts(attn, "o_proj"),
+             "gate_up": parts(mlp, joined[1], ("gate_proj", "up_proj")), "down": parts(mlp, "down_proj")}
+    return None if any(p is None for p in found.values()) else found
 
 
 # ---------------------------------------------------------------- projections

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, native_parts, prepare, project, run_blocks)
+                              logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -125,12 +125,10 @@ class Block(nn.Module):
     def native_layer(self) -> dict | None:
         """This block as the native CPU decode step takes it (ops.cpu.layer_plan; llama.Block.native_layer),
         or None where a projection has no native form."""
-        a, m = self.self_attn, self.mlp
-        parts = {"qkv": native_parts(a, "qkv", ("q_proj", "k_proj", "v_proj")), "o": native_parts(a, "o_proj"),
-                 "gate_up": native_parts(m, "gate_up", ("gate_proj", "up_proj")), "down": native_parts(m, "down_proj")}
+        a, parts = self.self_attn, native_projections(self.self_attn, self.mlp)
         norms = (self.input_layernorm, self.pre_feedforward_layernorm, self.post_attention_layernorm,
                  self.post_feedforward_layernorm)
-        if any(p is None for p in parts.values()) or len({(n.eps, n.offset) for n in norms}) > 1:
+        if parts is None or len({(n.eps, n.offset) for n in norms}) > 1:
             return None
         return {"norms": (norms[0].weight, norms[1].weight, norms[0].eps, norms[0].offset),
                 "post_norms": (norms[2].weight, norms[3].weight),

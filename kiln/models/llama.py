@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, native_parts, prepare, project, run_blocks)
+                              logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -122,12 +122,10 @@ class Block(nn.Module):
 
     def native_layer(self) -> dict | None:
         """This block as the native CPU decode step takes it (ops.cpu.layer_plan: one C call runs `forward` for
-        every block of a token), or None where a projection has no native form (base.native_parts)."""
+        every block of a token), or None where a projection has no native form (base.native_projections)."""
         a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        parts = {"qkv": native_parts(a, self.JOINED[0], ("q_proj", "k_proj", "v_proj")),
-                 "o": native_parts(a, "o_proj"), "gate_up": native_parts(m, self.JOINED[1], ("gate_proj", "up_proj")),
-                 "down": native_parts(m, "down_proj")}
-        if any(p is None for p in parts.values()) or n1.offset != n2.offset or n1.eps != n2.eps:
+        parts = native_projections(a, m, self.JOINED)
+        if parts is None or n1.offset != n2.offset or n1.eps != n2.eps:
             return None
         qk = (a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, a.q_norm.offset) if getattr(a, "qk_norm", False) else None
         return {"norms": (n1.weight, n2.weight, n1.eps, n1.offset), "post_norms": None, "qk_norms": qk,

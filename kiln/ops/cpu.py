@@ -129,6 +129,9 @@ def block_weight_ref(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     return dequantize(raw.reshape(-1), qtype, (blocks.shape[0], native.in_features(blocks, qtype)))
 
 
+attention_slots = native.attention_slots  # which cache slots decode_attention writes and reads (also decode_layers')
+
+
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor, policy: Policy = DEFAULT) -> bool:
     """Does `decode_attention` take one token's q (H, D) against a layer's cache (K, S, D)?"""
     return _native(q, policy) and native.attention_fits(q, k_cache, inv_freq)
@@ -152,7 +155,8 @@ def layer_plan(layers: list[dict | None]) -> native.Stack | None:
     bias, scale, group)) in output order. None where a block offers none (None) or native_step.c does not take
     it: every part in file blocks (native.BLOCK_WEIGHTS) or int8 rows, q/k/v in up to three parts and gate/up
     in up to two, one shape and one set of norm constants for every block, at most two RoPE tables, the head
-    dim within native.c's buffers. The plan's `ropes`: the table names in the order the blocks index them."""
+    dim within native.c's buffers. The plan's `ropes`: the table names in the order the blocks index them;
+    `windows`: each block's window."""
     if not layers or any(b is None for b in layers) or not native.available():
         return None
     first = layers[0]
@@ -182,8 +186,15 @@ def layer_plan(layers: list[dict | None]) -> native.Stack | None:
                            "rope": ropes.index(b["rope"]), "act": b["act"], "scale": b["scale"],
                            **{k: b[k] for k in ("qkv", "o", "gate_up", "down")}} for b in layers],
                           (e, h, kv, d, inter), first["norms"][2:], (1e-6, 0.0) if qk is None else qk[2:])
-    stack.ropes = ropes
+    stack.ropes, stack.windows = ropes, [b["window"] for b in layers]
     return stack
+
+
+def join_parts(layers) -> list | None:
+    """The parts of layers computed one after another into consecutive outputs (each layer's `native_parts`,
+    in order), or None where a layer has none (or there are no layers)."""
+    found = [getattr(m, "native_parts", lambda: None)() for m in layers]
+    return None if not found or any(f is None for f in found) else [part for f in found for part in f]
 
 
 def block_part(blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> tuple:

@@ -152,10 +152,8 @@ class Joined(nn.Module):
     def native_parts(self) -> list | None:
         """Every group's `native_parts` in output order (ops.cpu.layer_plan), or None: a group without them, or
         a LoRA beside the joined matmul."""
-        if self.lora or self.stacks:
-            return None
-        parts = [getattr(g, "native_parts", lambda: None)() for g in self.groups]
-        return None if any(p is None for p in parts) else [part for p in parts for part in p]
+        from kiln.ops.cpu import join_parts
+        return None if self.lora or self.stacks else join_parts(self.groups)
 
     def int8_input(self, x: torch.Tensor):
         """An empty int8 buffer for x (gemv_int8.QuantAct) when every group's GEMV reads x in int8, for the
