@@ -5,13 +5,15 @@ Usage (on the GPU machine): python bench/decode_ab.py --model a.gguf [--depth 16
 --user: tok/s of the device loop (no token read back), of generate_step with and without log-probabilities
 (the host reads every token), and of stream_generate (text too), then the host functions of
 stream_generate by own time (cProfile). --depth/--splits: tg after a depth-token context with the decode
-attention's split count forced (0: the default rule), each a fresh Decoder in the same process.
+attention's split count forced (0: the default rule) and each --launches setting of its kernel, each a
+fresh Decoder in the same process, each pair timed twice (interleaved).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import statistics
@@ -82,20 +84,23 @@ def user(model, tok, g, out):
     out["host_top"] = [{"us": round(1e6 * a, 2), "calls": round(c, 2), "fn": n} for a, c, n in rows[:25]]
 
 
-def depth(model, d, g, splits, out):
+def depth(model, d, g, splits, launches, out):
     from kiln.generate import Decoder
-    base = model.policy
+    from kiln.ops import attention
+    base, base_launch = model.policy, attention._LAUNCH
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
-    for ns in splits:
+    for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
+        attention._LAUNCH = attention.Launch(**launch)  # read when the decode graph is captured
         dec = Decoder.for_model(model, d + g + 8)
         dec.prefill(ids, 0)
         device_loop(dec, d, 4)
-        out[f"tg{g}_at_{d}_splits_{ns}"] = g / _timed(lambda: device_loop(dec, d, g))
-        print(ns, out[f"tg{g}_at_{d}_splits_{ns}"], flush=True)
+        key = f"tg{g}_at_{d}_splits_{ns}" + (f"_{json.dumps(launch, separators=(',', ':'))}" if launch else "")
+        out.setdefault(key, []).append(g / _timed(lambda: device_loop(dec, d, g)))
+        print(key, out[key], flush=True)
         dec = None
         torch.cuda.empty_cache()
-    model.policy = base
+    model.policy, attention._LAUNCH = base, base_launch
 
 
 @torch.inference_mode()
@@ -105,6 +110,7 @@ def main():
     ap.add_argument("-g", type=int, default=128)
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--splits", default="0")
+    ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -114,7 +120,7 @@ def main():
     if a.user:
         user(model, tok, a.g, out)
     if a.depth:
-        depth(model, a.depth, a.g, [int(s) for s in a.splits.split(",")], out)
+        depth(model, a.depth, a.g, [int(s) for s in a.splits.split(",")], json.loads(a.launches), out)
     print(json.dumps({k: v for k, v in out.items() if k != "host_top"}, indent=1))
     for r in out.get("host_top", [])[:15]:
         print(f"  {r['us']:8.2f} us x{r['calls']:<5} {r['fn']}")

@@ -90,7 +90,7 @@ if [[ " $STEPS " == *" profile "* ]]; then
   echo "== profile rc=$? at $(( $(date +%s) - START )) s"
 fi
 if [[ " $STEPS " == *" compare "* ]]; then
-  while kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 150 ]; do sleep 5; done
+  while [ "$LLPID" != 0 ] && kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 150 ]; do sleep 5; done
   cat /tmp/llinstall.log
   for f in $FILES; do  # NAME:llq-TYPE: llama.cpp's quantizer makes TYPE from NAME-F16.gguf
     [[ "$f" == *llq-* ]] && [ ! -f "/tmp/g/${f%%:*}-${f##*:}.gguf" ] && llama_ready && \

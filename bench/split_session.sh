@@ -11,7 +11,7 @@ lscpu > "$OUT/cpu.txt"; grep -o "avx512[a-z_]*\|avx2\|avx_vnni" /proc/cpuinfo | 
 timeout 60 python bench/cpu_kernel_rates.py > "$OUT/kernel_rates.json" 2>/tmp/kr.err; cat "$OUT/kernel_rates.json"; tail -3 /tmp/kr.err
 timeout 150 python bench/split_profile.py /tmp/g/qwen3-8b-Q4_K_M.gguf --threads 8,16 > "$OUT/split_profile.txt" 2>&1
 echo "== profile rc=$? at $(( $(date +%s) - START )) s"; head -c 3000 "$OUT/split_profile.txt"
-while kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 200 ]; do sleep 5; done; cat /tmp/llinstall.log
+while [ "$LLPID" != 0 ] && kill -0 $LLPID 2>/dev/null && [ "$(left)" -gt 200 ]; do sleep 5; done; cat /tmp/llinstall.log
 CMP=""; llama_ready && CMP="--compare llama.cpp"
 timeout $(( $(left) - 15 )) python bench/split_check.py /tmp/g/qwen3-8b-Q4_K_M.gguf --gpu-memory 3G $CMP \
   > "$OUT/split_check.json" 2> /tmp/split.err; echo "== split rc=$? at $(( $(date +%s) - START )) s"

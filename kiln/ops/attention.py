@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,22 @@ from kiln.ops import jit, pdl, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
+
+
+class Launch(NamedTuple):
+    """How the split kernel is launched (bench/attn_sweep.py times the alternatives on a GPU).
+
+    block_n keys per tile; warps, stages as Triton's; tiles_per_split: no split of a full cache walks
+    more tiles than this one after another; skip_empty: a runtime `if` skips tiles past the split's keys
+    (else their loads are masked off, which lets Triton pipeline the loop's loads)."""
+    block_n: int = _BLOCK_N
+    warps: int = 0  # 0: 4, or 8 where D > 128
+    stages: int = 2
+    tiles_per_split: int = 4
+    skip_empty: bool = True
+
+
+_LAUNCH = Launch()
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -70,9 +87,10 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                      softcap: float | None = None, rows: torch.Tensor | None = None, *,
-                     splits: int | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+                     splits: int | None = None, policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
-    of key-range splits; with one, a single launch."""
+    of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
+    (default `_LAUNCH`, which bench/decode_ab.py replaces to time others in a whole model)."""
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows)
     b, t, h, d = q.shape
@@ -80,8 +98,10 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     assert h % kh == 0 and k_cache.shape[-1] == d and k_cache.stride(-1) == v_cache.stride(-1) == 1
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
-    n_tiles = triton.cdiv(s_max, _BLOCK_N)
-    ns = max(1, min(splits or policy.attn_splits or _default_splits(q.device, b * kh, n_tiles), n_tiles))
+    launch = launch or _LAUNCH
+    n_tiles = triton.cdiv(s_max, launch.block_n)
+    ns = max(1, min(splits or policy.attn_splits
+                    or _default_splits(q.device, b * kh, n_tiles, launch.tiles_per_split), n_tiles))
     out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
     if ns == 1:  # the split kernel writes `out` itself
         mid_o, mid_lse = out, out
@@ -96,8 +116,9 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         float(scale), float(softcap or 1.0), int(window or 0),
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
-        BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=8 if d > 128 else 4, num_stages=2,
+        BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
+        SKIP_EMPTY=launch.skip_empty, DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
@@ -106,13 +127,10 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     return out
 
 
-def _default_splits(device: torch.device, programs: int, n_tiles: int) -> int:
+def _default_splits(device: torch.device, programs: int, n_tiles: int, tiles_per_split: int) -> int:
     """Splits so that (B·K) × NS programs fill the device about twice over, and no split of a full cache
-    walks more than _TILES_PER_SPLIT tiles one after another (a long context is latency-bound otherwise)."""
-    return max(1, math.ceil(2 * _sm_count(device) / programs), math.ceil(n_tiles / _TILES_PER_SPLIT))
-
-
-_TILES_PER_SPLIT = 4
+    walks more than `tiles_per_split` tiles one after another (a long context is latency-bound otherwise)."""
+    return max(1, math.ceil(2 * _sm_count(device) / programs), math.ceil(n_tiles / tiles_per_split))
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +147,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                  SKIP_EMPTY: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -171,7 +189,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(MAX_TILES):
         j0 = start + i * BLOCK_N
-        if j0 < end:
+        if (not SKIP_EMPTY) or j0 < end:  # masked loads of a tile past `end` read no memory
             j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
             jm = j < end
             kv_mask = jm[:, None] & dm[None, :]
