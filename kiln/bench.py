@@ -273,19 +273,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
                    help="keep weights compact (auto: what the file quantized, GPU: GGUF blocks, CPU: "
                         "kiln/quant/cpu.py's layers; on: float weights as int8 rows too on CPU; off: float copy)")
-    from kiln.commands import (_adapter_args, _check_adapter, _check_draft, _draft_args, _drafting, cache_kw,
+    from kiln.commands import (_adapter_args, _check_adapter, check_draft, draft_args, _drafting, cache_kw,
                                cache_type_args, ngl_arg, parallel_wanted, tp_arg)
     _adapter_args(p)
     cache_type_args(p)
     ngl_arg(p)
     tp_arg(p, "measures and prints (figures of its own shard)")
-    _draft_args(p)
+    draft_args(p)
     p.add_argument("--prompt-file", default=None,
                    help="with --draft-model or --prompt-lookup-ngram: the text whose continuation the speculative "
                         "and plain greedy runs time (default: the random prompt of the other rows)")
     a = p.parse_args(argv)
     cache_kw(a)
-    _check_draft(a)
+    check_draft(a)
     _check_adapter(a)
     if a.adapter is not None and a.compare:
         raise KilnError("--adapter does not combine with --compare (llama.cpp would run the base alone)")

@@ -95,7 +95,7 @@ def cache_type_args(p: argparse.ArgumentParser):
     p.add_argument("-ctv", "--cache-type-v", default=None, help=f"KV cache type for values: {types}")
 
 
-def _draft_args(p: argparse.ArgumentParser):
+def draft_args(p: argparse.ArgumentParser):
     p.add_argument("--draft-model", default=None,
                    help="speculative decoding: a smaller model with the same vocabulary drafts tokens that the "
                         "model checks in one step (output as without it)")
@@ -119,7 +119,7 @@ def _check_bounded(a) -> None:
         raise KilnError("--context-shift does not combine with speculative decoding")
 
 
-def _check_draft(a) -> None:
+def check_draft(a) -> None:
     if a.num_draft_tokens < 1:
         raise KilnError(f"--num-draft-tokens {a.num_draft_tokens}: must be at least 1")
     if a.prompt_lookup_ngram < 0:
@@ -259,7 +259,7 @@ def generate_parser() -> argparse.ArgumentParser:
                         "speculative decoding) to stderr at the end")
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="reuse the KV state of a prompt saved by `kiln cache-prompt` (same model)")
-    _draft_args(p)
+    draft_args(p)
     _quantized_arg(p)
     ngl_arg(p)
     _adapter_args(p)
@@ -307,7 +307,7 @@ def cache_prompt(argv: list[str]) -> int:
 def generate(argv: list[str]) -> int:
     a = generate_parser().parse_args(argv)
     _check_sampling(a)
-    _check_draft(a)
+    check_draft(a)
     _check_bounded(a)
     if parallel_wanted(a):
         if a.context_shift:
@@ -384,10 +384,10 @@ def chat(argv: list[str]) -> int:
     _adapter_args(p)
     ngl_arg(p)
     _sampling_args(p)
-    _draft_args(p)
+    draft_args(p)
     a = p.parse_args(argv)
     _check_sampling(a)
-    _check_draft(a)
+    check_draft(a)
     _check_bounded(a)
     model, tok = _load(a)
     drafting = _drafting(a)

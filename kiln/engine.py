@@ -5,7 +5,9 @@ positions each) and which request holds which slot, prefix caching (a new reques
 whose remembered tokens share the longest prefix with its prompt, and prefills only the rest), chunked
 prefill, the batched decode step (every running request advances one token per model call, each row at
 its own position: models/base.py's per-row `pos` over a `cache.RowsView`), sampling the batch (one argmax
-for the plain greedy rows, each other row's own `sample.Sampler`), logprobs, delivering `StepOutput`s to
+for the plain greedy rows, each other row's own `sample.Sampler`), speculative decoding (`_speculate`: each
+row's drafts, from engine_draft.SlotDrafter, checked in one forward of K + 1 tokens a row; rejected positions
+need no undo, the slot's tokens say what it holds), logprobs, delivering `StepOutput`s to
 the `RequestHandle` a thread or an event loop reads (both in engine_io.py, re-exported here), and slot work
 between iterations (`slot_call`: the server's /slots save, restore and erase).
 Not: text of any kind (templates: tokenizer.py; detokenization and stop strings: textstream.py), HTTP
@@ -27,7 +29,6 @@ Shape alphabet: B rows in a step, V vocab (the model's logits width, which may e
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures
 import logging
 import threading
@@ -36,10 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from kiln.cache import KVCache, Step
+from kiln.engine_draft import DraftJob, SlotDrafter
+from kiln.engine_step import BatchStep, adapters_of
 from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
-from kiln.generate import capture_graph, check_prompt, prefill_chunk
-from kiln.sample import Sampler, SamplingParams
+from kiln.generate import check_prompt, prefill_chunk
+from kiln.sample import Sampler
+from kiln.speculative import accept_drafts, processed_logits
 
 __all__ = ["NO_TOKEN", "Engine", "EngineRequest", "QueueFull", "RequestHandle", "StepOutput"]
 
@@ -62,89 +66,6 @@ class _Row:
         self.handle, self.req, self.slot, self.todo = handle, req, slot, todo  # todo: prompt left to prefill
         self.n_out, self.last = 0, NO_TOKEN  # tokens generated; the last one, to be fed next
         self.sampler = Sampler(req.params, req.prompt, vocab, device, req.processor)
-
-
-class _BatchStep:
-    """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in (the
-    tokens may instead be a device tensor (B,): the previous step's picks, never read by the host).
-
-    Eager (`static=False`): the inputs as given, keys gathered up to the longest row. Static: the rows
-    are padded to a bucket size (powers of two up to n_slots) with rows that write into a scratch slot
-    (the cache's extra last row) at position 0, and read from static device buffers — on CUDA each
-    bucket is captured once as a CUDA graph and replayed (one launch per step instead of hundreds). On
-    other devices the static form runs eagerly, exactly what a graph would replay, so CPU tests cover the
-    padding and the scratch slot. A capture that fails falls back to eager replay of the static form.
-    """
-
-    def __init__(self, model, cache: KVCache, n_slots: int, static: bool):
-        self.model, self.cache, self.static, self.scratch = model, cache, static, n_slots
-        device = cache.k.device
-        self.use_graphs = static and device.type == "cuda"
-        self.buckets = sorted({min(1 << i, n_slots) for i in range(n_slots.bit_length() + 1)})
-        self.inputs = torch.zeros(4, n_slots, dtype=torch.long, device=device)  # token, position, slot, adapter rows
-        self.scales = torch.ones(n_slots, dtype=torch.float32, device=device)  # each row's adapter scale
-        self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-
-    def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int],
-                 adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
-        """`adapters`: each row's (adapter, scale) of the model's AdapterBank (default: none)."""
-        b = len(pos)
-        on_device = isinstance(tokens, torch.Tensor)
-        adapters = adapters or [(0, 1.0)] * b
-        if not self.static:
-            dev = self.cache.k.device
-            ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
-            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
-            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
-            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1,
-                                 rows, scales)
-        bucket = next(n for n in self.buckets if n >= b)
-        if self.use_graphs and bucket not in self.graphs:
-            self._capture(bucket)
-        pad = bucket - b
-        host = torch.tensor([([0] * b if on_device else tokens) + [0] * pad, pos + [0] * pad,
-                             slots + [self.scratch] * pad, [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
-        self.inputs[:, :bucket].copy_(host)
-        if self.bank is not None:
-            self.scales[:bucket].copy_(torch.tensor([s for _, s in adapters] + [1.0] * pad))
-        if on_device:
-            self.inputs[0, :b].copy_(tokens)
-        if bucket in self.graphs:
-            graph, logits = self.graphs[bucket]
-            graph.replay()
-            return logits[:b]
-        return self._static(bucket, max(pos) + 1)[:b]
-
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int, rows: torch.Tensor,
-                 scales: torch.Tensor) -> torch.Tensor:
-        """The batched-rows model call: tokens (B,) each at its pos[b] in cache row slots[b] (a host list, or a
-        device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
-        n_keys - 1; logits (B, V)."""
-        with adapters_of(self.model, rows, scales):
-            return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
-
-    def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
-        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
-                             self.inputs[3, :bucket], self.scales[:bucket])
-
-    def _capture(self, bucket: int) -> None:
-        """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
-        self.inputs[:2].zero_()  # token 0 at position 0 …
-        self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
-        self.inputs[3].zero_()  # (the base model's rows; the adapters' LoRAs run for every row all the same)
-        try:
-            self.graphs[bucket] = capture_graph(lambda: self._static(bucket, self.cache.max_len))
-        except Exception:
-            log.exception("capturing the batched decode step failed; it runs eagerly from now on")
-            self.use_graphs, self.graphs = False, {}
-
-
-def adapters_of(model, rows: torch.Tensor, scales: torch.Tensor):
-    """The model's AdapterBank selection for one call (row b: adapter rows[b] at scales[b]); a no-op context
-    for a model without adapters."""
-    bank = getattr(model, "adapter_bank", None)
-    return contextlib.nullcontext() if bank is None else bank.select(rows, scales)
 
 
 def fit_context(model, kv_bytes: int, n_slots: int, cache_type_k: str | None = None,
@@ -171,16 +92,20 @@ class Engine:
         engine.stop()
     """
 
-    step_class = _BatchStep  # tensor parallelism's rank 0 announces each batched step (launch.LeaderEngine)
+    step_class = BatchStep  # tensor parallelism's rank 0 announces each batched step (launch.LeaderEngine)
 
     def __init__(self, model, tokenizer=None, n_slots: int = 4, ctx_size: int = 4096, max_queue: int = 64,
                  prefill_step: int | None = None, graphs: bool | None = None, look_ahead: bool = True,
-                 cache_type_k: str | None = None, cache_type_v: str | None = None):
-        """`graphs`: the static, padded decode step (`_BatchStep`), captured as CUDA graphs on CUDA
+                 cache_type_k: str | None = None, cache_type_v: str | None = None, draft_model=None,
+                 prompt_lookup: int = 0, num_draft_tokens: int = 4):
+        """`graphs`: the static, padded decode step (`BatchStep`), captured as CUDA graphs on CUDA
         (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most, in
         one forward (default 2048 on CUDA, as llama-server's batch; 512 elsewhere).
         `look_ahead`: with the static step, launch the next decode step on the device's own greedy picks
-        before the host reads them (`_can_look_ahead`); the attribute may be switched while running."""
+        before the host reads them (`_can_look_ahead`); the attribute may be switched while running.
+        `draft_model` (same vocabulary) or `prompt_lookup` (n-gram size): speculative decoding, up to
+        `num_draft_tokens` drafts a row a step, verified eagerly (no look-ahead then); greedy rows give their
+        plain greedy tokens, sampled rows tokens distributed as plain sampling (speculative.py's rule)."""
         a = model.args
         if not isinstance(n_slots, int) or n_slots < 1:
             raise KilnError(f"invalid n_slots {n_slots!r}: need at least one slot (concurrent sequence)")
@@ -200,6 +125,8 @@ class Engine:
         self.device = self.cache.k.device
         self._step = self.step_class(model, self.cache, n_slots, static)
         self.look_ahead = bool(look_ahead)
+        self.drafter = None if draft_model is None and not prompt_lookup else SlotDrafter(
+            num_draft_tokens, prompt_lookup, draft_model, model, n_slots, ctx_size)
         self._ahead: tuple[list[_Row], torch.Tensor] | None = None  # a step launched before its inputs were read
         self._slots = [_Slot(i, []) for i in range(n_slots)]
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -210,7 +137,8 @@ class Engine:
         self._clock = 0
         self._commands: list[tuple[int, object, concurrent.futures.Future]] = []  # slot work for the loop thread
         self._counters = dict(requests_total=0, requests_finished=0, prefix_hits=0, prefix_tokens=0,
-                              tokens_generated=0, prompt_tokens_prefilled=0, prefill_forwards=0, steps=0, errors=0)
+                              tokens_generated=0, prompt_tokens_prefilled=0, prefill_forwards=0, steps=0, errors=0,
+                              drafted=0, accepted=0)
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -300,6 +228,8 @@ class Engine:
                 fut.set_exception(KilnError(f"slot {index} is processing a request; try again when it is idle"))
                 continue
             try:
+                if self.drafter is not None:  # fn may rewrite the slot: its draft cache starts over
+                    self.drafter.forget(index, 0)
                 fut.set_result(fn(self.cache.slot(index), self._slots[index]))
             except Exception as e:  # noqa: BLE001 (the caller's error, handed back through the future)
                 fut.set_exception(e)
@@ -388,6 +318,8 @@ class Engine:
                            key=lambda sp: (sp[1], -sp[0].last_used))  # keys under another adapter differ
         reuse = min(shared, len(prompt) - 1)  # at least one token is prefilled: its logits are the first step
         del slot.tokens[reuse:]
+        if self.drafter is not None:
+            self.drafter.forget(slot.index, reuse)
         slot.adapter = adapter
         self._clock += 1
         slot.last_used = self._clock
@@ -487,6 +419,8 @@ class Engine:
         ahead, self._ahead = self._ahead, None
         if not rows:
             return
+        if ahead is None and self.drafter is not None and self._speculate(rows):
+            return
         if ahead is not None and ahead[0] == rows:  # launched last iteration with these rows' tokens
             logits = ahead[1]
         else:  # (a stale look-ahead only rewrote, at the same positions, keys and values of the same tokens)
@@ -504,13 +438,78 @@ class Engine:
     def _can_look_ahead(self, rows: list[_Row]) -> bool:
         """Launch the next decode step before reading this one's tokens (the host's work per token then
         overlaps the device's next step)? Only where it will almost surely be used and nothing but the
-        tokens is needed from the host: the static step, greedy rows without processors or top_logprobs,
+        tokens is needed from the host: the static step (no drafts), greedy rows without processors or top_logprobs,
         none at its length limit, nobody waiting for a slot or a prefill. A row that stops (EOS, cancel)
         or joins makes the launched step stale; the next iteration then runs its own."""
-        if not (self.look_ahead and self._step.static) or self._queue or any(r.todo for r in self._rows):
+        if not (self.look_ahead and self._step.static) or self.drafter:
+            return False
+        if self._queue or any(r.todo for r in self._rows):
             return False
         return all(r.sampler.plain and not r.req.top_logprobs and r.n_out + 1 < r.req.max_tokens
                    and len(r.req.prompt) + r.n_out + 1 < self.ctx_size for r in rows)
+
+    def _speculate(self, rows: list[_Row]) -> bool:
+        """One speculative step: each row's drafts (none for rows with a logits processor), one forward of
+        its last token and drafts at its next positions (rows padded to the longest), the drafts a row keeps
+        and the token after them delivered in order. False, and nothing run, when no row has a draft."""
+        jobs = {}
+        for b, r in enumerate(rows):
+            k = min(self.drafter.num_draft, self.ctx_size - 1 - len(r.slot.tokens), r.req.max_tokens - r.n_out - 1)
+            if r.req.processor is None and k > 0:
+                jobs[b] = DraftJob(r.slot.index, r.slot.tokens + [r.last], k, r.req.params, r.sampler.gen)
+        drafts = dict(zip(jobs, self.drafter.draft(list(jobs.values())))) if jobs else {}
+        if not any(d for d, _ in drafts.values()):
+            return False
+        t = min(1 + max(len(d) for d, _ in drafts.values()), min(self.ctx_size - len(r.slot.tokens) for r in rows))
+        drafts = {b: (d[:t - 1], None if q is None else q[:t - 1]) for b, (d, q) in drafts.items()}
+        ids = [[r.last] + drafts.get(b, ([], None))[0] for b, r in enumerate(rows)]
+        logits = self._verify_forward(torch.tensor([i + [0] * (t - len(i)) for i in ids], device=self.device),
+                                      rows)  # (B, T, V)
+        self._counters["steps"] += 1
+        for b, r in enumerate(rows):
+            d, q = drafts.get(b, ([], None))
+            raw = logits[b, :1 + len(d)]  # (1 + k, V)
+            try:
+                if d:
+                    a, last = accept_drafts(processed_logits(r.sampler, raw, d), d, q, r.req.params, r.sampler.gen)
+                else:  # the plain step's draw (a processor's mask included)
+                    a, last = 0, int(r.sampler(raw[:1])[0])
+            except Exception as e:  # a processor or a sampling value that fails: this request only
+                log.exception("sampling failed for one request")
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+                continue
+            self._counters["drafted"] += len(d)
+            self._counters["accepted"] += a
+            length = len(r.slot.tokens) + 1  # the context, r.last included
+            self._deliver(r, raw, d[:a] + [last])
+            if self.drafter is not None:
+                self.drafter.trim(r.slot.index, length + min(a, max(len(d) - 1, 0)))
+        return True
+
+    def _verify_forward(self, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Row b's tokens ids[b] (B, T) into its slot from its next position on → logits (B, T, V) of every one."""
+        pos = [len(r.slot.tokens) for r in rows]
+        step = Step.rows(self.cache.rows([r.slot.index for r in rows], max(pos) + ids.shape[1]),
+                         torch.tensor(pos, dtype=torch.long, device=self.device))
+        with self._adapters([r.slot.adapter for r in rows]):
+            return self.model(ids, step).float()
+
+    def _deliver(self, row: _Row, raw: torch.Tensor, tokens: list[int]) -> None:
+        """A speculative step's tokens for one row, in order: raw (≥ len(tokens), V) the logits each was
+        drawn after. The slot takes the row's fed token and each kept draft; stops at the row's end."""
+        lps = raw[:len(tokens)].log_softmax(-1)
+        chosen = lps[torch.arange(len(tokens), device=lps.device), torch.tensor(tokens, device=lps.device)].tolist()
+        k = row.req.top_logprobs
+        tops = [None] * len(tokens)
+        if k:
+            vals, ids = torch.topk(lps, k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        fed = [row.last] + tokens[:-1]
+        for tok, prev, lp, top in zip(tokens, fed, chosen, tops):
+            row.slot.tokens.append(prev)
+            self._advance(row, tok, lp, top)
+            if row not in self._rows:
+                return
 
     def _look_ahead(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         try:

@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from kiln.cache import CACHE_TYPES
 from kiln.errors import KilnError
-from kiln.engine import Engine, _BatchStep
+from kiln.engine import Engine
+from kiln.engine_step import BatchStep
 from kiln.generate import Decoder, DecoderPool
 
 OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4  # the batch-1 Decoder's calls
@@ -306,8 +307,8 @@ class LeaderPool(DecoderPool):
         self.link.send(OP_EXIT)
 
 
-class _LeaderStep(_BatchStep):
-    """Rank 0's batched decode step (engine._BatchStep): each call announced with its rows, then made."""
+class _LeaderStep(BatchStep):
+    """Rank 0's batched decode step (engine_step.BatchStep): each call announced with its rows, then made."""
 
     link: Link
 

@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
                                                                           "above; default 8 MiB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
-    from kiln.commands import ngl_arg, tp_arg
+    from kiln.commands import draft_args, ngl_arg, tp_arg
+    draft_args(p)
     p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]PATH",
                    help="a PEFT LoRA adapter folder (kiln finetune's output) to serve, repeatable: each request picks "
                         "one by model 'ID:NAME', the body's \"adapter\": NAME or llama-server's \"lora\" field, and "
@@ -75,8 +76,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check(a) -> None:
-    from kiln.commands import check_model_args
+    from kiln.commands import check_draft, check_model_args
     check_model_args(a)
+    check_draft(a)
     from kiln.commands import cache_kw
     cache_kw(a)
     a.adapters = adapter_list(a.adapter)
@@ -170,7 +172,10 @@ def main(argv: list[str]) -> int:
         if a.adapters:  # each request picks one (server/adapters.py); rows of different ones share a step
             from kiln.finetune.bank import AdapterBank
             AdapterBank.load(model, a.adapters, a.adapter_scale)
-        return model, tok
+        drafting = dict(prompt_lookup=a.prompt_lookup_ngram, num_draft_tokens=a.num_draft_tokens)
+        if a.draft_model is not None:  # speculative decoding in the engine (kiln/engine_draft.py)
+            drafting["draft_model"], _ = load(resolve(a.draft_model), device=a.device, dtype=a.dtype, progress=False)
+        return model, tok, drafting
 
     return _run(a, path, model_id, dict(loader=load_whole))
 

@@ -9,7 +9,8 @@ q(d)), a rejection draws from norm(max(0, p - q)) (Leviathan et al. 2023; with a
 so every token is distributed as plain sampling from p. p is the target's distribution after the same
 penalties, bias, temperature, top-k/p and min-p that plain sampling applies (sample.py), each row with the
 penalty counts of the draft tokens before it.
-Not: the single-step loop and its CUDA graphs (generate.py), text (textstream.py), the engine's batch.
+Not: the single-step loop and its CUDA graphs (generate.py), text (textstream.py), the engine's batch
+(engine.py and engine_draft.py, which use `processed_logits` and `accept_drafts` row by row).
 
 Rejected positions need no undo: the target's cache keeps the accepted prefix, and the next verify writes
 over the rest before anything reads it; the draft model's cache is trimmed to what still matches.
@@ -145,8 +146,8 @@ def speculative_step(prompt: list[int], model, params: SamplingParams, decoder, 
         drafts = drafts[:k]
         rows = torch.tensor([[seq[-1]] + drafts], dtype=torch.long, device=device)  # (1, k + 1)
         raw = decoder.verify(rows, length - 1)  # (k + 1, V)
-        z = _processed(sampler, raw, drafts)
-        accepted, last = _accept(z, drafts, q, params, gen)
+        z = processed_logits(sampler, raw, drafts)
+        accepted, last = accept_drafts(z, drafts, q, params, gen)
         new = drafts[:accepted] + [last]
         stats["drafted"] += len(drafts)
         stats["accepted"] += accepted
@@ -162,7 +163,7 @@ def speculative_step(prompt: list[int], model, params: SamplingParams, decoder, 
                 return
 
 
-def _processed(sampler: Sampler, raw: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+def processed_logits(sampler: Sampler, raw: torch.Tensor, drafts: list[int]) -> torch.Tensor:
     """The target's logits rows (k + 1, V) after the sampler's penalties and bias, row i counting the draft
     tokens before it as generated (what plain sampling would see had they been drawn)."""
     z = raw
@@ -179,7 +180,7 @@ def _processed(sampler: Sampler, raw: torch.Tensor, drafts: list[int]) -> torch.
     return z
 
 
-def _accept(z: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams, gen):
+def accept_drafts(z: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams, gen):
     """(number of draft tokens kept, the token after them) from the target's processed rows z (k + 1, V)."""
     k = len(drafts)
     if params.greedy:

@@ -551,3 +551,31 @@ def test_slots_save_erase_and_restore(server, client):
     assert slot(i, "restore", filename="nothing-here.bin").status_code == 400
     assert slot(i, "bogus").status_code == 400
     assert httpx.get(f"{server.base}/slots").status_code == 401  # the API key guards it like every endpoint
+
+
+def test_a_server_with_prompt_lookup_answers_as_plain_greedy(qwen_path, qwen, tmp_path):
+    """`kiln serve --prompt-lookup-ngram`: speculative decoding in the engine gives kiln.generate's greedy
+    text (a code edit, whose answer repeats the prompt), streamed and not, and /metrics counts the drafts."""
+    import kiln
+    model, tok = qwen
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--model", str(qwen_path), "--alias", ALIAS,
+                             "--port", str(port), "--api-key", KEY, "--parallel", "2", "--ctx-size", "512",
+                             "--device", "cpu", "--prompt-lookup-ngram", "3", "--num-draft-tokens", "6"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    srv = Server(proc, port)
+    try:
+        _wait_healthy(srv, log)
+        client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key=KEY, max_retries=0, timeout=600)
+        code = "def area(w, h):\n    total = w * h\n    print('area', total)\n    return total\n"
+        edit = f"{code}\n\n# The same function with `total` renamed to `result`:\ndef area(w, h):\n"
+        want = kiln.generate(model, tok, edit, max_tokens=32)
+        assert client.completions.create(model=ALIAS, prompt=edit, max_tokens=32).choices[0].text == want
+        stream = client.completions.create(model=ALIAS, prompt=edit, max_tokens=32, stream=True)
+        assert "".join(p.choices[0].text for p in stream) == want
+        assert 0 < srv.metric("kiln_draft_tokens_accepted_total") <= srv.metric("kiln_draft_tokens_total")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

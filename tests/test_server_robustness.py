@@ -161,9 +161,10 @@ class HealthWatch:
         self.srv, self.every, self.times, self.bad = srv, every, [], []
 
     def __enter__(self):
-        self._stop = threading.Event()
+        self._stop, self._first = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        self._first.wait(30)  # the watch is on before the request it watches is sent
         return self
 
     def _run(self):
@@ -175,6 +176,7 @@ class HealthWatch:
                 except httpx.TransportError as e:
                     status = repr(e)
                 self.times.append(time.perf_counter() - t)
+                self._first.set()
                 if status != 200:
                     self.bad.append(status)
                 time.sleep(self.every)

@@ -145,3 +145,79 @@ def test_verify_graph_equals_the_eager_forward_cuda(dtype):
             assert got.shape == (5, 64)
             torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
     assert list(dec._verifies) == [5]
+
+
+# ---------------------------------------------------------------- the engine (continuous batching)
+
+def engine_tokens(engine, prompts, n, **params):
+    from kiln.engine import EngineRequest
+    handles = [engine.submit(EngineRequest(prompt=p, params=SamplingParams(**params), max_tokens=n, ignore_eos=True,
+                                           top_logprobs=1)) for p in prompts]
+    return [list(h.sync()) for h in handles]
+
+
+@pytest.mark.model
+def test_engine_speculation_gives_plain_greedy_tokens_and_logprobs(qwen):
+    """Three greedy requests on two slots (one waits, then reuses a slot) with prompt lookup, the model itself
+    as its draft (every draft kept: several tokens a row a step) and a random draft (nearly every one
+    rejected): the tokens of each request run alone, and its logprobs."""
+    from kiln.engine import Engine
+    model, tok = qwen
+    code = "def area(w, h):\n    total = w * h\n    print('area', total)\n    return total\n"
+    prompts = [tok.encode(p) for p in (f"{code}\n\n# The same function with `total` renamed to `result`:\n"
+                                       "def area(w, h):\n", "def fibonacci(n):", "The capital of France is")]
+    solo = [list(kiln.stream_generate(model, tok, p, 10, ignore_eos=True)) for p in prompts]
+    stranger = tiny(3, vocab=model.args.vocab_size)
+    for kw in (dict(prompt_lookup=3, num_draft_tokens=6), dict(draft_model=model, num_draft_tokens=3),
+               dict(draft_model=stranger, num_draft_tokens=2)):
+        e = Engine(model, tok, n_slots=2, ctx_size=128, **kw)
+        e.start()
+        try:
+            outs = engine_tokens(e, prompts, 10, temperature=0.0)
+            stats = e.stats()
+        finally:
+            e.stop()
+        assert [[o.token for o in out] for out in outs] == [[r.token for r in s] for s in solo], kw
+        for out, s in zip(outs, solo):
+            want = [float(r.logprobs[r.token]) for r in s]
+            assert [o.logprob for o in out] == pytest.approx(want, abs=2e-3)
+            assert [o.top_logprobs[0][0] for o in out] == [o.token for o in out]
+        assert stats["drafted"] > 0 and stats["steps"] < 30, (kw, stats)  # fewer steps than the 30 tokens
+        if kw.get("draft_model") is model:
+            assert stats["accepted"] == stats["drafted"]
+        if kw.get("draft_model") is stranger:
+            assert stats["accepted"] < stats["drafted"] / 2
+
+
+@pytest.mark.parametrize("drafter", ["far-draft", "ngram"])
+def test_engine_speculative_sampling_draws_from_the_target_distribution(one_thread, drafter):
+    """The engine's speculative rows (four slots at different points of their requests in one verify step)
+    sample tokens 2-4 with the target's exact marginals, as in the batch-1 test above."""
+    from kiln.engine import Engine
+    target, v, n, prompt = tiny(0), 8, 800, [1, 2, 3]
+    kw = dict(draft_model=tiny(1), num_draft_tokens=2) if drafter == "far-draft" else dict(prompt_lookup=1,
+                                                                                          num_draft_tokens=2)
+    e = Engine(target, None, n_slots=4, ctx_size=16, max_queue=n, **kw)
+    e.start()
+    try:
+        from kiln.engine import EngineRequest
+        handles = [e.submit(EngineRequest(prompt=prompt, params=SamplingParams(temperature=1.0, seed=s), max_tokens=4,
+                                          ignore_eos=True)) for s in range(n)]
+        outs = [[o.token for o in h.sync()] for h in handles]
+        stats = e.stats()
+    finally:
+        e.stop()
+    counts = torch.zeros(3, v)
+    for out in outs:
+        for i in range(3):
+            counts[i, out[i + 1]] += 1
+    p1 = exact_next(target, torch.tensor([prompt]))[0]
+    p2 = exact_next(target, torch.tensor([prompt + [a] for a in range(v)]))
+    p3 = exact_next(target, torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])).view(v, v, v)
+    p4 = exact_next(target, torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v)
+                                          for c in range(v)])).view(v, v, v, v)
+    marginals = [p1 @ p2, torch.einsum("a,ab,abc->c", p1, p2, p3), torch.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4)]
+    for got, m in zip(counts, marginals):
+        chi2 = float(((got - n * m) ** 2 / (n * m)).sum())
+        assert chi2 < CHI2_DF7_P001, (chi2, got.tolist(), (n * m).tolist())
+    assert stats["drafted"] > n / 2 and 0 < stats["accepted"] < stats["drafted"], stats

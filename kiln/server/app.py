@@ -59,8 +59,9 @@ class ServerState:
         self.metrics = Metrics()
         self.created = P.now()
 
-    def attach(self, model, tokenizer) -> None:
-        """Build the engine and the grammar compiler for a loaded model, then open for requests."""
+    def attach(self, model, tokenizer, drafting: dict | None = None) -> None:
+        """Build the engine (with `drafting`, its speculative-decoding arguments) for a loaded model, then open
+        for requests."""
         from kiln.engine import Engine, fit_context
         from kiln.server.tools import tool_style
         if self.kv_budget is not None:
@@ -77,7 +78,7 @@ class ServerState:
             engine = LeaderEngine
         self.engine = engine(model, tokenizer, n_slots=self.n_slots, ctx_size=self.ctx_size,
                              max_queue=self.max_queue, cache_type_k=self.cache_types[0],
-                             cache_type_v=self.cache_types[1])
+                             cache_type_v=self.cache_types[1], **(drafting or {}))
         self.engine.start()
         self.ready = True
 
@@ -130,13 +131,15 @@ def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokeniz
                max_body: int = MAX_BODY, allowed_hosts: tuple[str, ...] = transport.LOCAL_HOSTS,
                read_timeout: float = transport.READ_TIMEOUT, template_timeout: float = 5.0,
                cache_types: tuple = (None, None), slot_save_path: str | None = None,
-               kv_budget: int | None = None) -> FastAPI:
+               kv_budget: int | None = None, drafting: dict | None = None) -> FastAPI:
     """An ASGI app serving one model. Give either `model` and `tokenizer`, or a `loader` returning them, which
     runs in a thread at startup (/health answers 503 until it is done). `allowed_hosts`: the Host header values
     served (transport.allowed_hosts; "*" for any); `read_timeout`: seconds a request body may pause;
     `template_timeout`: seconds a chat template may take to render one conversation; `slot_save_path`: the
     folder slots are saved to and restored from (server/slots.py; None: those actions answer 501);
-    `kv_budget`: bytes of KV cache the slots share, which sets ctx_size (engine.fit_context)."""
+    `kv_budget`: bytes of KV cache the slots share, which sets ctx_size (engine.fit_context); `drafting`: the
+    engine's speculative-decoding arguments (draft_model or prompt_lookup, num_draft_tokens; a loader may
+    return them as a third item, after loading the draft model)."""
     if (loader is None) == (model is None or tokenizer is None):
         raise KilnError("create_app needs either a loader or both model and tokenizer")
     st = ServerState(model_id, api_key, n_slots, ctx_size, max_queue, max_body, read_timeout, template_timeout,
@@ -147,7 +150,7 @@ def create_app(loader: Callable[[], tuple] | None = None, *, model=None, tokeniz
         if loader is not None:
             st.load_in_background(loader)
         else:
-            st.attach(model, tokenizer)
+            st.attach(model, tokenizer, drafting)
         yield
         await st.stop()
 

@@ -19,7 +19,10 @@ _GAUGES = {  # engine.stats() key -> (metric name, help)
     "kv_tokens_used": ("kiln_kv_cache_tokens_used", "KV-cache positions holding tokens"),
     "kv_tokens_total": ("kiln_kv_cache_tokens_total", "KV-cache positions in all slots"),
     "prefix_hits": ("kiln_prefix_cache_hits_total", "requests that reused a cached prompt prefix"),
+    "drafted": ("kiln_draft_tokens_total", "tokens drafted for speculative decoding"),
+    "accepted": ("kiln_draft_tokens_accepted_total", "drafted tokens the model kept"),
 }
+_COUNTERS = ("prefix_hits", "drafted", "accepted")  # engine.stats() keys that only grow
 
 
 def _labels(pairs: tuple) -> str:
@@ -77,6 +80,6 @@ class Metrics:
                 f"kiln_requests_in_flight {self.in_flight}"]
         for key, (name, help_) in _GAUGES.items():
             if stats and isinstance(stats.get(key), (int, float)):
-                kind = "counter" if name.endswith("_total") and key == "prefix_hits" else "gauge"
+                kind = "counter" if key in _COUNTERS else "gauge"
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {stats[key]}"]
         return "\n".join(out) + "\n"

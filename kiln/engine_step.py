@@ -1,0 +1,101 @@
+"""The engine's batched decode forward, eager or as CUDA graphs of padded buckets, and the adapter selection of
+a batch's rows.
+
+Owns: `BatchStep` (`logits (B, V) = step(tokens, positions, slots)`; see its docstring), `adapters_of`.
+Not: which rows step together or what is done with their logits (engine.py), the model's math (models/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from kiln.cache import KVCache, Step
+from kiln.generate import capture_graph
+
+log = logging.getLogger("kiln.engine")
+
+
+class BatchStep:
+    """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in (the
+    tokens may instead be a device tensor (B,): the previous step's picks, never read by the host).
+
+    Eager (`static=False`): the inputs as given, keys gathered up to the longest row. Static: the rows
+    are padded to a bucket size (powers of two up to n_slots) with rows that write into a scratch slot
+    (the cache's extra last row) at position 0, and read from static device buffers — on CUDA each
+    bucket is captured once as a CUDA graph and replayed (one launch per step instead of hundreds). On
+    other devices the static form runs eagerly, exactly what a graph would replay, so CPU tests cover the
+    padding and the scratch slot. A capture that fails falls back to eager replay of the static form.
+    """
+
+    def __init__(self, model, cache: KVCache, n_slots: int, static: bool):
+        self.model, self.cache, self.static, self.scratch = model, cache, static, n_slots
+        device = cache.k.device
+        self.use_graphs = static and device.type == "cuda"
+        self.buckets = sorted({min(1 << i, n_slots) for i in range(n_slots.bit_length() + 1)})
+        self.inputs = torch.zeros(4, n_slots, dtype=torch.long, device=device)  # token, position, slot, adapter rows
+        self.scales = torch.ones(n_slots, dtype=torch.float32, device=device)  # each row's adapter scale
+        self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int],
+                 adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
+        """`adapters`: each row's (adapter, scale) of the model's AdapterBank (default: none)."""
+        b = len(pos)
+        on_device = isinstance(tokens, torch.Tensor)
+        adapters = adapters or [(0, 1.0)] * b
+        if not self.static:
+            dev = self.cache.k.device
+            ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
+            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
+            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
+            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1,
+                                 rows, scales)
+        bucket = next(n for n in self.buckets if n >= b)
+        if self.use_graphs and bucket not in self.graphs:
+            self._capture(bucket)
+        pad = bucket - b
+        host = torch.tensor([([0] * b if on_device else tokens) + [0] * pad, pos + [0] * pad,
+                             slots + [self.scratch] * pad, [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
+        self.inputs[:, :bucket].copy_(host)
+        if self.bank is not None:
+            self.scales[:bucket].copy_(torch.tensor([s for _, s in adapters] + [1.0] * pad))
+        if on_device:
+            self.inputs[0, :b].copy_(tokens)
+        if bucket in self.graphs:
+            graph, logits = self.graphs[bucket]
+            graph.replay()
+            return logits[:b]
+        return self._static(bucket, max(pos) + 1)[:b]
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int, rows: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
+        """The batched-rows model call: tokens (B,) each at its pos[b] in cache row slots[b] (a host list, or a
+        device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
+        n_keys - 1; logits (B, V)."""
+        with adapters_of(self.model, rows, scales):
+            return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
+
+    def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
+        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
+                             self.inputs[3, :bucket], self.scales[:bucket])
+
+    def _capture(self, bucket: int) -> None:
+        """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
+        self.inputs[:2].zero_()  # token 0 at position 0 …
+        self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
+        self.inputs[3].zero_()  # (the base model's rows; the adapters' LoRAs run for every row all the same)
+        try:
+            self.graphs[bucket] = capture_graph(lambda: self._static(bucket, self.cache.max_len))
+        except Exception:
+            log.exception("capturing the batched decode step failed; it runs eagerly from now on")
+            self.use_graphs, self.graphs = False, {}
+
+
+def adapters_of(model, rows: torch.Tensor, scales: torch.Tensor):
+    """The model's AdapterBank selection for one call (row b: adapter rows[b] at scales[b]); a no-op context
+    for a model without adapters."""
+    bank = getattr(model, "adapter_bank", None)
+    return contextlib.nullcontext() if bank is None else bank.select(rows, scales)
