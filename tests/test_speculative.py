@@ -40,6 +40,21 @@ def exact_next(model, prefixes: torch.Tensor) -> torch.Tensor:
     return model(prefixes)[:, -1].float().softmax(-1)
 
 
+def assert_marginals(target, prompt: list[int], counts: torch.Tensor, n: int) -> None:
+    """counts (3, V) of the 2nd, 3rd and 4th tokens of n runs against their exact marginals under plain
+    sampling (by enumeration): a chi-square test each."""
+    v = counts.shape[1]
+    p1 = exact_next(target, torch.tensor([prompt]))[0]  # (V,)
+    p2 = exact_next(target, torch.tensor([prompt + [a] for a in range(v)]))  # (V, V): p(t2 | t1)
+    p3 = exact_next(target, torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])).view(v, v, v)
+    p4 = exact_next(target, torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v)
+                                          for c in range(v)])).view(v, v, v, v)
+    marginals = [p1 @ p2, torch.einsum("a,ab,abc->c", p1, p2, p3), torch.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4)]
+    for got, m in zip(counts, marginals):
+        chi2 = float(((got - n * m) ** 2 / (n * m)).sum())
+        assert chi2 < CHI2_DF7_P001, (chi2, got.tolist(), (n * m).tolist())
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls on one thread: two threads spin against each other (~25x slower on a busy 2-core machine)."""
@@ -66,16 +81,7 @@ def test_speculative_sampling_draws_from_the_target_distribution(one_thread, dra
         for i in range(3):
             counts[i, out[i + 1]] += 1
         accepted += stats["accepted"]
-    # exact marginals of the 2nd, 3rd and 4th tokens under plain sampling, by enumeration
-    p1 = exact_next(target, torch.tensor([prompt]))[0]  # (V,)
-    p2 = exact_next(target, torch.tensor([prompt + [a] for a in range(v)]))  # (V, V): p(t2 | t1)
-    p3 = exact_next(target, torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])).view(v, v, v)
-    p4 = exact_next(target, torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v)
-                                          for c in range(v)])).view(v, v, v, v)
-    marginals = [p1 @ p2, torch.einsum("a,ab,abc->c", p1, p2, p3), torch.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4)]
-    for got, m in zip(counts, marginals):
-        chi2 = float(((got - n * m) ** 2 / (n * m)).sum())
-        assert chi2 < CHI2_DF7_P001, (chi2, got.tolist(), (n * m).tolist())
+    assert_marginals(target, prompt, counts, n)
     rate = accepted / (2 * n)
     assert (rate < 0.5) if draft_seed else (rate > 0.5), rate  # each case exercises the path it is for
 
@@ -211,13 +217,5 @@ def test_engine_speculative_sampling_draws_from_the_target_distribution(one_thre
     for out in outs:
         for i in range(3):
             counts[i, out[i + 1]] += 1
-    p1 = exact_next(target, torch.tensor([prompt]))[0]
-    p2 = exact_next(target, torch.tensor([prompt + [a] for a in range(v)]))
-    p3 = exact_next(target, torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])).view(v, v, v)
-    p4 = exact_next(target, torch.tensor([prompt + [a, b, c] for a in range(v) for b in range(v)
-                                          for c in range(v)])).view(v, v, v, v)
-    marginals = [p1 @ p2, torch.einsum("a,ab,abc->c", p1, p2, p3), torch.einsum("a,ab,abc,abcd->d", p1, p2, p3, p4)]
-    for got, m in zip(counts, marginals):
-        chi2 = float(((got - n * m) ** 2 / (n * m)).sum())
-        assert chi2 < CHI2_DF7_P001, (chi2, got.tolist(), (n * m).tolist())
+    assert_marginals(target, prompt, counts, n)
     assert stats["drafted"] > n / 2 and 0 < stats["accepted"] < stats["drafted"], stats
