@@ -24,6 +24,7 @@ D head dim.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -562,6 +563,13 @@ class RowsView:
         if slots == list(range(slots[0], slots[0] + len(slots))):
             self._span = slots[0]
 
+    def to(self, device) -> RowsView:
+        """This view with its slot index on `device`: a split model's rows crossing to the layers there
+        (split.on_device; each layer's keys and values already live on its own device)."""
+        view = copy.copy(self)
+        view.slot_index = self.slot_index.to(device)
+        return view
+
     def layer_kv(self, layer: int):
         """The whole slot cache of a layer, (N, K, S, D) keys and values."""
         return self.cache.k[layer], self.cache.v[layer]
@@ -584,7 +592,7 @@ class RowsView:
         c = self.cache
         rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
         for part, new in c._encoded(layer, k, v):
-            part[layer][rows, :, pos] = new.transpose(1, 2).to(part.dtype)  # indexed (B, T, K, W)
+            part[layer][rows, :, pos] = new.transpose(1, 2).to(part[layer].dtype)  # indexed (B, T, K, W)
         if self._span is not None:  # consecutive slots: a view, no gather
             sel = lambda p: p[layer][self._span:self._span + self.n_rows, :, :self.n_keys]  # noqa: E731
         else:

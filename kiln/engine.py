@@ -38,12 +38,13 @@ import torch
 
 from kiln.cache import KVCache, Step
 from kiln.engine_draft import DraftJob, SlotDrafter
-from kiln.engine_step import BatchStep, adapters_of
+from kiln.engine_step import BatchStep, adapters_of, static_step
 from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
 from kiln.generate import check_prompt, prefill_chunk
 from kiln.sample import Sampler
 from kiln.speculative import accept_drafts, processed_logits
+from kiln.split import input_device
 
 __all__ = ["NO_TOKEN", "Engine", "EngineRequest", "QueueFull", "RequestHandle", "StepOutput"]
 
@@ -74,7 +75,7 @@ def fit_context(model, kv_bytes: int, n_slots: int, cache_type_k: str | None = N
     row) that takes at most kv_bytes, at most the model's positions: a KV memory budget in positions per slot
     (what llama-server's -c over -np is). q8_0 stores 34 bytes per 32 values, bf16 64: 1.88x the positions."""
     per_row = KVCache.for_model(model, max_len=1, type_k=cache_type_k, type_v=cache_type_v, rotate=False).nbytes
-    static = next(model.parameters()).device.type == "cuda" if graphs is None else bool(graphs)
+    static = static_step(model, graphs)
     ctx = min(kv_bytes // (per_row * (n_slots + static)), model.args.max_position_embeddings)
     if ctx < 16:
         raise KilnError(f"a KV budget of {kv_bytes} bytes gives {n_slots} slots {ctx} positions each "
@@ -99,8 +100,9 @@ class Engine:
                  cache_type_k: str | None = None, cache_type_v: str | None = None, draft_model=None,
                  prompt_lookup: int = 0, num_draft_tokens: int = 4):
         """`graphs`: the static, padded decode step (`BatchStep`), captured as CUDA graphs on CUDA
-        (default: on CUDA only). `prefill_step`: prompt tokens prefilled per loop iteration, at most, in
-        one forward (default 2048 on CUDA, as llama-server's batch; 512 elsewhere).
+        (default: on CUDA only; a model split across devices, kiln/split.py, steps eagerly: its token ids,
+        sampling and logits on the embedding's device, the CPU). `prefill_step`: prompt tokens prefilled per
+        loop iteration, at most, in one forward (default 2048 on CUDA, as llama-server's batch; 512 elsewhere).
         `look_ahead`: with the static step, launch the next decode step on the device's own greedy picks
         before the host reads them (`_can_look_ahead`); the attribute may be switched while running.
         `draft_model` (same vocabulary) or `prompt_lookup` (n-gram size): speculative decoding, up to
@@ -119,10 +121,10 @@ class Engine:
         prefill_step = prefill_step or (2048 if p.device.type == "cuda" else 512)
         self.n_slots, self.ctx_size, self.max_queue, self.prefill_step = n_slots, ctx_size, max_queue, prefill_step
         self.vocab = a.vocab_size
-        static = p.device.type == "cuda" if graphs is None else bool(graphs)
+        static = static_step(model, graphs)
         self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size,  # + a scratch slot
                                        type_k=cache_type_k, type_v=cache_type_v)  # cache.CACHE_TYPES
-        self.device = self.cache.k.device
+        self.device = input_device(model, self.cache.k.device)  # token ids, sampling and logits (split: the CPU)
         self._step = self.step_class(model, self.cache, n_slots, static)
         self.look_ahead = bool(look_ahead)
         self.drafter = None if draft_model is None and not prompt_lookup else SlotDrafter(
@@ -404,7 +406,7 @@ class Engine:
         view = self.cache.rows(slots, max(pos) + ids.shape[1])
         step = Step.rows(view, torch.tensor(pos, dtype=torch.long, device=self.device))
         with self._adapters([self._slots[s].adapter for s in slots]):
-            return self.model(ids, step, last_only=last)[:, -1].float()  # (B, V)
+            return self.model(ids, step, last_only=last)[:, -1].float().to(self.device)  # (B, V); split: head's
 
     def _took(self, row: _Row, n: int) -> None:
         """n prompt tokens of the row are in its slot now."""
@@ -471,6 +473,7 @@ class Engine:
             raw = logits[b, :1 + len(d)]  # (1 + k, V)
             try:
                 if d:
+                    q = None if q is None else q.to(raw.device)  # a draft model on another device than the head
                     a, last = accept_drafts(processed_logits(r.sampler, raw, d), d, q, r.req.params, r.sampler.gen)
                 else:  # the plain step's draw (a processor's mask included)
                     a, last = 0, int(r.sampler(raw[:1])[0])
@@ -492,7 +495,7 @@ class Engine:
         step = Step.rows(self.cache.rows([r.slot.index for r in rows], max(pos) + ids.shape[1]),
                          torch.tensor(pos, dtype=torch.long, device=self.device))
         with self._adapters([r.slot.adapter for r in rows]):
-            return self.model(ids, step).float()
+            return self.model(ids, step).float().to(self.device)
 
     def _deliver(self, row: _Row, raw: torch.Tensor, tokens: list[int]) -> None:
         """A speculative step's tokens for one row, in order: raw (≥ len(tokens), V) the logits each was

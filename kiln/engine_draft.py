@@ -21,6 +21,7 @@ from kiln.errors import KilnError
 from kiln.generate import prefill_chunk
 from kiln.sample import SamplingParams, filter_logits
 from kiln.speculative import NgramDrafter
+from kiln.split import input_device
 
 CATCH_UP_ROWS = 16  # a row further behind than this catches up alone, as a chunked prompt prefill
 
@@ -54,7 +55,7 @@ class SlotDrafter:
         self.model = draft_model
         if draft_model is not None:
             self.cache = KVCache.for_model(draft_model, batch=n_slots, max_len=ctx_size)
-            self.device = self.cache.k.device
+            self.device = input_device(draft_model, self.cache.k.device)  # a split draft's: the CPU
             self.known = [0] * n_slots  # leading tokens of each slot's context that its draft cache holds
             self.fed = [0] * n_slots  # positions the last draft wrote (context and draft tokens)
 
@@ -86,6 +87,7 @@ class SlotDrafter:
                     t = int(logits[n].argmax())
                 else:
                     q = filter_logits(logits[n:n + 1], j.params).softmax(-1)  # (1, V)
+                    q = q if j.gen is None else q.to(j.gen.device)  # the row's generator: the target's device
                     t = int(torch.multinomial(q, 1, generator=j.gen)[0, 0])
                     qs[b].append(q[0])
                 tokens[b].append(t)
@@ -129,4 +131,4 @@ class SlotDrafter:
         `last[b]` (False: the last of all)."""
         view = self.cache.rows(slots, min(max(pos) + ids.shape[1], self.cache.max_len))
         step = Step.rows(view, torch.tensor(pos, dtype=torch.long, device=self.device))
-        return self.model(ids, step, last_only=last)[:, -1].float()
+        return self.model(ids, step, last_only=last)[:, -1].float().to(self.device)  # split: from the head's

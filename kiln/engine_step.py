@@ -1,7 +1,8 @@
 """The engine's batched decode forward, eager or as CUDA graphs of padded buckets, and the adapter selection of
 a batch's rows.
 
-Owns: `BatchStep` (`logits (B, V) = step(tokens, positions, slots)`; see its docstring), `adapters_of`.
+Owns: `BatchStep` (`logits (B, V) = step(tokens, positions, slots)`; see its docstring), `static_step` (whether
+the engine takes the static form: not for a model split across devices), `adapters_of`.
 Not: which rows step together or what is done with their logits (engine.py), the model's math (models/).
 """
 
@@ -13,7 +14,9 @@ import logging
 import torch
 
 from kiln.cache import KVCache, Step
+from kiln.errors import KilnError
 from kiln.generate import capture_graph
+from kiln.split import input_device
 
 log = logging.getLogger("kiln.engine")
 
@@ -32,7 +35,7 @@ class BatchStep:
 
     def __init__(self, model, cache: KVCache, n_slots: int, static: bool):
         self.model, self.cache, self.static, self.scratch = model, cache, static, n_slots
-        device = cache.k.device
+        device = self.device = input_device(model, cache.k.device)  # a split model's: the CPU (static is off)
         self.use_graphs = static and device.type == "cuda"
         self.buckets = sorted({min(1 << i, n_slots) for i in range(n_slots.bit_length() + 1)})
         self.inputs = torch.zeros(4, n_slots, dtype=torch.long, device=device)  # token, position, slot, adapter rows
@@ -47,7 +50,7 @@ class BatchStep:
         on_device = isinstance(tokens, torch.Tensor)
         adapters = adapters or [(0, 1.0)] * b
         if not self.static:
-            dev = self.cache.k.device
+            dev = self.device
             ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
             rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
             scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
@@ -76,7 +79,8 @@ class BatchStep:
         device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
         n_keys - 1; logits (B, V)."""
         with adapters_of(self.model, rows, scales):
-            return self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1].float()
+            logits = self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1]
+        return logits.float().to(self.device)  # (B, V); a split model's come from the head's device
 
     def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
         return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
@@ -99,3 +103,14 @@ def adapters_of(model, rows: torch.Tensor, scales: torch.Tensor):
     for a model without adapters."""
     bank = getattr(model, "adapter_bank", None)
     return contextlib.nullcontext() if bank is None else bank.select(rows, scales)
+
+
+def static_step(model, graphs: bool | None) -> bool:
+    """Whether the engine runs the static, padded batched step (`graphs`; None: on CUDA). A model split across
+    devices (kiln/split.py) steps eagerly: a CUDA graph's static buffers live on one device."""
+    if getattr(model, "places", None) is not None:
+        if graphs:
+            raise KilnError("a model split across devices runs the batched step eagerly: graphs=False, or load "
+                            "the model on one device")
+        return False
+    return next(model.parameters()).device.type == "cuda" if graphs is None else bool(graphs)

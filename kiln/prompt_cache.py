@@ -4,6 +4,8 @@
 Owns the file format and its checks: b"KILNPC1\\n", an 8-byte little-endian header length, a JSON header
 (the model's identity, the token ids, the cache types, the basis keys and values are stored in, each stored
 part's dtype and shape), then each part's raw bytes (keys' parts, then values'; positions 0..n of every layer).
+A split model's cache (kiln/split.py: one tensor per layer, each on its device in its dtype) is stored one part
+per layer ("per_layer": true), and restores only into a cache laid out the same.
 Format 2 (header "version": 2) added the bases: q8_0 / q4_0 keys and values are stored rotated
 (cache.Basis); a file without them (format 1) holds them unrotated, so one of those types is refused with a
 clear KilnError (make it again) and a dense one loads as before. The identity is a sha256 of the model's
@@ -42,9 +44,10 @@ def save(path, model, tokenizer, cache: KVCache, tokens: list[int], extra: dict 
     """Write the first len(tokens) positions of batch-1 `cache` (which holds `tokens`) to `path`; bytes.
     `extra`: more header fields (the server's slots: the adapter the keys were computed under)."""
     n = len(tokens)
-    parts = [p[:, :, :, :n].contiguous().cpu() for p in cache.kp + cache.vp]  # (L, 1, K, n, W) each
+    parts = [p.narrow(-2, 0, n).contiguous().cpu() for p in _stored(cache)]  # (L, 1, K, n, W) or (1, K, n, W)
     header = {"identity": identity(model, tokenizer), "tokens": [int(t) for t in tokens],
               "type_k": cache.type_k, "type_v": cache.type_v, "n_k": len(cache.kp), "version": VERSION,
+              "per_layer": _per_layer(cache),
               "basis_k": _name(cache.k_basis), "basis_v": _name(cache.v_basis),
               "parts": [{"dtype": str(p.dtype).removeprefix("torch."), "shape": list(p.shape)} for p in parts],
               **(extra or {})}
@@ -89,6 +92,11 @@ def load(path, model, tokenizer) -> tuple[dict, list[torch.Tensor]]:
 
 def restore(cache: KVCache, header: dict, parts: list[torch.Tensor], n: int):
     """Copy the first n stored positions into batch-1 `cache` (of the same cache types)."""
+    if bool(header.get("per_layer")) != _per_layer(cache):  # before the types: a split's are None (per layer)
+        saved, here = ("split across devices", "on one device") if header.get("per_layer") else \
+            ("on one device", "split across devices")
+        raise KilnError(f"the prompt cache was saved from the model {saved} (its KV cache laid out for that); the "
+                        f"model here runs {here}: make it again with the model placed as here")
     if (cache.type_k, cache.type_v) != (header["type_k"], header["type_v"]):
         raise KilnError(f"the prompt cache stores KV as {header['type_k']}/{header['type_v']}; generate with "
                         f"--cache-type-k {header['type_k']} --cache-type-v {header['type_v']}")
@@ -99,8 +107,23 @@ def restore(cache: KVCache, header: dict, parts: list[torch.Tensor], n: int):
                         f"another basis ({_bases(stored)}) than this kiln ({_bases(wanted)})"
                         + ("; it was made before kiln rotated quantized KV caches" if old else "")
                         + ": make it again with `kiln cache-prompt`")
-    for dst, src in zip(cache.kp + cache.vp, parts):
-        dst[:, :, :, :n].copy_(src[:, :, :, :n])
+    dsts = _stored(cache)
+    if len(dsts) != len(parts) or any(d.shape[:-2] != s.shape[:-2] or d.shape[-1] != s.shape[-1]
+                                      for d, s in zip(dsts, parts)):
+        raise KilnError("the prompt cache's stored parts do not match this model's KV cache layout: make it again")
+    for dst, src in zip(dsts, parts):
+        dst.narrow(-2, 0, n).copy_(src.narrow(-2, 0, n))  # (to each layer's device and dtype)
+
+
+def _per_layer(cache: KVCache) -> bool:
+    """A split model's cache (kiln/split.py): one tensor per layer, on its device, in its dtype."""
+    return isinstance(cache.kp[0], list)
+
+
+def _stored(cache: KVCache) -> list[torch.Tensor]:
+    """Every stored tensor, positions along dim -2, keys' parts then values': (L, B, K, S, W) each, or for a
+    split model's cache one (B, K, S, D) per layer."""
+    return [t for p in cache.kp + cache.vp for t in (p if isinstance(p, list) else [p])]
 
 
 def _name(basis) -> str | None:

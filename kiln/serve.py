@@ -164,11 +164,10 @@ def main(argv: list[str]) -> int:
         return _serve_parallel(a, argv, path, model_id)
 
     def load_whole():
+        # -ngl N < the model's layers: a CPU + GPU split (kiln/split.py), which the engine steps eagerly (no CUDA
+        # graphs, no look-ahead); its KV cache is per layer, in each layer's dtype (no -ctk / -ctv: KVCache says so)
         model, tok = load(path, device=a.device, dtype=a.dtype, progress=False, n_gpu_layers=a.n_gpu_layers,
                           ctx_size=(a.ctx_size or 4096) * a.parallel)
-        if hasattr(model, "places"):  # the engine's batched steps run on one device
-            raise KilnError("kiln serve runs a model on one device: -ngl all (or 0, the CPU); a CPU + GPU split "
-                            "runs in generate, chat and bench")
         if a.adapters:  # each request picks one (server/adapters.py); rows of different ones share a step
             from kiln.finetune.bank import AdapterBank
             AdapterBank.load(model, a.adapters, a.adapter_scale)

@@ -5,7 +5,8 @@ Owns: `Place` (a device and whether its layers stay compact), `layer_places(n_la
 the CPU), `build_split(config, weights, places, head, policy)` (a model whose blocks are built and placed
 per `places`: GPU blocks as QuantLinear, CPU blocks with the compact CPU layers or float32) and
 `run_blocks(layers, x, residual, step)`, the loop every model family runs its blocks with: where the place
-changes, the activations (and the step's positions, RoPE tables and masks) cross once.
+changes, the activations (and the step's positions, RoPE tables and masks; a batched-rows step's per-row
+positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go.
 Not: the plan of how many layers fit (fit.py), the KV cache storage (cache.py keeps one tensor per layer on
 that layer's device when the model has `layer_devices`), kernels.
 
@@ -15,6 +16,7 @@ the same crossing code as CPU + GPU, which is how the split is tested on a machi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -135,13 +137,30 @@ def _place_of(name: str, where: dict, head: Place, emb: Place) -> Place:
 
 
 def on_device(step, device: torch.device):
-    """The step with what prepare() computed for this forward moved to `device` (RoPE tables, masks)."""
+    """The step with what prepare() computed for this forward moved to `device`: positions, RoPE tables,
+    masks, and for a batched-rows step (Step.rows, the engine's) its per-row positions and the slot index of
+    its RowsView. A CUDA-graph step cannot cross: its inputs are static buffers on one device."""
+    from kiln.cache import GRAPH, RowsView
     from kiln.models.base import RopeAt
-    if step.kind != "prefill":
-        raise KilnError("a model split across devices runs eager steps only (no CUDA graph, no batched rows)")
+    if step.kind == GRAPH:
+        raise KilnError("a model split across devices runs eager steps only (no CUDA graph): "
+                        "turn graphs off, or load the model on one device")
     rope = {k: RopeAt(r.pos.to(device), r.inv_freq.to(device), r.attn_factor, r.rot_dim) for k, r in step.rope.items()}
     mask = {w: (m if m is None else m.to(device)) for w, m in step.mask.items()}
-    return replace(step, positions=step.positions.to(device), rope=rope, mask=mask)
+    cache = step.cache.to(device) if isinstance(step.cache, RowsView) else step.cache
+    pos = step.pos.to(device) if isinstance(step.pos, torch.Tensor) else step.pos
+    valid = None if step.valid is None else step.valid.to(device)
+    return replace(step, cache=cache, pos=pos, valid=valid, positions=step.positions.to(device), rope=rope,
+                   mask=mask)
+
+
+def input_device(model, default) -> torch.device:
+    """The device a model's token ids go to: a split model's embedding's (the CPU: build_split), else
+    `default` (the device the whole model runs on)."""
+    if getattr(model, "places", None) is None:
+        return torch.device(default)
+    emb = model.model.embed_tokens
+    return next(itertools.chain(emb.parameters(), emb.buffers())).device
 
 
 def run_blocks(layers, x: torch.Tensor, residual, step, run=None):

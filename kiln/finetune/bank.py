@@ -102,10 +102,11 @@ class LoRAStack(nn.Module):
             raise RuntimeError(f"adapter rows for {rows.shape[0]} batch rows, input of {x.shape[0]}")
         if self.a.dtype != x.dtype:
             self.a, self.b = self.a.to(x.dtype), self.b.to(x.dtype)
+        rows = rows.to(x.device)  # a split model's layers past the CPU: the selection crosses with them
         xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, K)
         h = torch.bmm(xs, self.a[rows].transpose(1, 2))  # (B, T, r)
         d = torch.bmm(h, self.b[rows].transpose(1, 2))  # (B, T, N)
-        d = d * self.bank.row_scale.to(x.dtype)[:, None, None]
+        d = d * self.bank.row_scale.to(x.device, x.dtype)[:, None, None]
         return d.reshape(*x.shape[:-1], d.shape[-1])
 
 

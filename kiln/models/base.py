@@ -259,7 +259,7 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
         return x[:, -1:], residual[:, -1:]
     if isinstance(last_only, slice):  # rows of every batch row (perplexity's scored half)
         return x[:, last_only], residual[:, last_only]
-    idx = last_only.view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])
+    idx = last_only.to(x.device).view(-1, 1, 1).expand(x.shape[0], 1, x.shape[2])  # split: ids' device → x's
     return x.gather(1, idx), residual.gather(1, idx)
 
 
