@@ -38,7 +38,7 @@ import torch
 
 from kiln.cache import KVCache, Step
 from kiln.engine_draft import DraftJob, SlotDrafter
-from kiln.engine_step import BatchStep, adapters_of, static_step
+from kiln.engine_step import BatchStep, adapters_of, fit_context, static_step
 from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
 from kiln.generate import check_prompt, prefill_chunk
@@ -46,7 +46,7 @@ from kiln.sample import Sampler
 from kiln.speculative import accept_drafts, processed_logits
 from kiln.split import input_device
 
-__all__ = ["NO_TOKEN", "Engine", "EngineRequest", "QueueFull", "RequestHandle", "StepOutput"]
+__all__ = ["NO_TOKEN", "Engine", "EngineRequest", "QueueFull", "RequestHandle", "StepOutput", "fit_context"]
 
 log = logging.getLogger("kiln.engine")
 
@@ -67,20 +67,6 @@ class _Row:
         self.handle, self.req, self.slot, self.todo = handle, req, slot, todo  # todo: prompt left to prefill
         self.n_out, self.last = 0, NO_TOKEN  # tokens generated; the last one, to be fed next
         self.sampler = Sampler(req.params, req.prompt, vocab, device, req.processor)
-
-
-def fit_context(model, kv_bytes: int, n_slots: int, cache_type_k: str | None = None,
-                cache_type_v: str | None = None, graphs: bool | None = None) -> int:
-    """The ctx_size of the largest slot cache (n_slots rows of keys and values, and the static step's scratch
-    row) that takes at most kv_bytes, at most the model's positions: a KV memory budget in positions per slot
-    (what llama-server's -c over -np is). q8_0 stores 34 bytes per 32 values, bf16 64: 1.88x the positions."""
-    per_row = KVCache.for_model(model, max_len=1, type_k=cache_type_k, type_v=cache_type_v, rotate=False).nbytes
-    static = static_step(model, graphs)
-    ctx = min(kv_bytes // (per_row * (n_slots + static)), model.args.max_position_embeddings)
-    if ctx < 16:
-        raise KilnError(f"a KV budget of {kv_bytes} bytes gives {n_slots} slots {ctx} positions each "
-                        f"({per_row} bytes a position a slot); need at least 16")
-    return int(ctx)
 
 
 class Engine:

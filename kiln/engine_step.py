@@ -2,7 +2,8 @@
 a batch's rows.
 
 Owns: `BatchStep` (`logits (B, V) = step(tokens, positions, slots)`; see its docstring), `static_step` (whether
-the engine takes the static form: not for a model split across devices), `adapters_of`.
+the engine takes the static form: not for a model split across devices), `adapters_of`, `fit_context` (a
+slot cache's context from a KV byte budget; kiln.engine re-exports it).
 Not: which rows step together or what is done with their logits (engine.py), the model's math (models/).
 """
 
@@ -114,3 +115,17 @@ def static_step(model, graphs: bool | None) -> bool:
                             "the model on one device")
         return False
     return next(model.parameters()).device.type == "cuda" if graphs is None else bool(graphs)
+
+
+def fit_context(model, kv_bytes: int, n_slots: int, cache_type_k: str | None = None,
+                cache_type_v: str | None = None, graphs: bool | None = None) -> int:
+    """The ctx_size of the largest slot cache (n_slots rows of keys and values, and the static step's scratch
+    row) that takes at most kv_bytes, at most the model's positions: a KV memory budget in positions per slot
+    (what llama-server's -c over -np is). q8_0 stores 34 bytes per 32 values, bf16 64: 1.88x the positions."""
+    per_row = KVCache.for_model(model, max_len=1, type_k=cache_type_k, type_v=cache_type_v, rotate=False).nbytes
+    static = static_step(model, graphs)
+    ctx = min(kv_bytes // (per_row * (n_slots + static)), model.args.max_position_embeddings)
+    if ctx < 16:
+        raise KilnError(f"a KV budget of {kv_bytes} bytes gives {n_slots} slots {ctx} positions each "
+                        f"({per_row} bytes a position a slot); need at least 16")
+    return int(ctx)
