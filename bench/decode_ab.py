@@ -87,11 +87,12 @@ def user(model, tok, g, out):
 def depth(model, d, g, splits, launches, out):
     from kiln.generate import Decoder
     from kiln.ops import attention
-    base, base_launch = model.policy, attention._LAUNCH
+    base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
         attention._LAUNCH = attention.Launch(**launch)  # read when the decode graph is captured
+        attention._LAUNCHES = {} if launch else base_launches  # {}: the defaults, by head dim
         dec = Decoder.for_model(model, d + g + 8)
         dec.prefill(ids, 0)
         device_loop(dec, d, 4)
@@ -100,7 +101,7 @@ def depth(model, d, g, splits, launches, out):
         print(key, out[key], flush=True)
         dec = None
         torch.cuda.empty_cache()
-    model.policy, attention._LAUNCH = base, base_launch
+    model.policy, attention._LAUNCH, attention._LAUNCHES = base, base_launch, base_launches
 
 
 @torch.inference_mode()
