@@ -471,8 +471,7 @@ class Engine:
             self._counters["accepted"] += a
             length = len(r.slot.tokens) + 1  # the context, r.last included
             self._deliver(r, raw, d[:a] + [last])
-            if self.drafter is not None:
-                self.drafter.trim(r.slot.index, length + min(a, max(len(d) - 1, 0)))
+            self.drafter.trim(r.slot.index, length + min(a, max(len(d) - 1, 0)))
         return True
 
     def _verify_forward(self, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -486,17 +485,14 @@ class Engine:
     def _deliver(self, row: _Row, raw: torch.Tensor, tokens: list[int]) -> None:
         """A speculative step's tokens for one row, in order: raw (≥ len(tokens), V) the logits each was
         drawn after. The slot takes the row's fed token and each kept draft; stops at the row's end."""
-        lps = raw[:len(tokens)].log_softmax(-1)
-        chosen = lps[torch.arange(len(tokens), device=lps.device), torch.tensor(tokens, device=lps.device)].tolist()
-        k = row.req.top_logprobs
-        tops = [None] * len(tokens)
-        if k:
-            vals, ids = torch.topk(lps, k, dim=-1)
-            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        z = raw[:len(tokens)]
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        chosen = (z.gather(1, torch.tensor(tokens, device=z.device)[:, None])[:, 0] - lse).tolist()
+        tops = self._top_logprobs([row] * len(tokens), z, lse)  # as _emit's, one "row" per position
         fed = [row.last] + tokens[:-1]
-        for tok, prev, lp, top in zip(tokens, fed, chosen, tops):
+        for i, (tok, prev, lp) in enumerate(zip(tokens, fed, chosen)):
             row.slot.tokens.append(prev)
-            self._advance(row, tok, lp, top)
+            self._advance(row, tok, lp, tops.get(i))
             if row not in self._rows:
                 return
 

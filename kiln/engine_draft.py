@@ -20,7 +20,7 @@ from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.generate import prefill_chunk
 from kiln.sample import SamplingParams, filter_logits
-from kiln.speculative import NgramDrafter
+from kiln.speculative import NgramDrafter, check_drafting
 from kiln.split import input_device
 
 CATCH_UP_ROWS = 16  # a row further behind than this catches up alone, as a chunked prompt prefill
@@ -43,13 +43,9 @@ class SlotDrafter:
 
     def __init__(self, num_draft: int, prompt_lookup: int = 0, draft_model=None, target=None, n_slots: int = 1,
                  ctx_size: int = 0):
-        if not isinstance(num_draft, int) or num_draft < 1:
-            raise KilnError(f"invalid num_draft_tokens {num_draft!r}: must be an integer >= 1")
-        if (draft_model is None) == (not prompt_lookup):
-            raise KilnError("speculative decoding takes one drafter: a draft model or prompt lookup")
-        if draft_model is not None and target is not None and draft_model.args.vocab_size != target.args.vocab_size:
-            raise KilnError(f"the draft model's vocabulary ({draft_model.args.vocab_size} ids) differs from the "
-                            f"target's ({target.args.vocab_size}): speculative decoding needs one vocabulary")
+        check_drafting(draft_model, prompt_lookup, target, num_draft)
+        if draft_model is None and not prompt_lookup:
+            raise KilnError("speculative decoding needs a drafter: a draft model or prompt lookup")
         self.num_draft = num_draft
         self.ngram = NgramDrafter(prompt_lookup) if prompt_lookup else None
         self.model = draft_model

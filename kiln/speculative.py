@@ -97,15 +97,23 @@ class ModelDrafter:
         self.known = min(self.fed, valid)
 
 
-def drafter_for(draft_model=None, prompt_lookup: int = 0, max_len: int = 0, target=None):
-    """The drafter a generation asked for: a draft model, prompt lookup of n-grams up to `prompt_lookup`
-    tokens long, or None. A draft model must have the target's vocabulary size (one tokenizer)."""
+def check_drafting(draft_model=None, prompt_lookup: int = 0, target=None, num_draft: int | None = None) -> None:
+    """KilnError unless the drafting asked for can run: one drafter at most, a draft model with the target's
+    vocabulary size (one tokenizer), and (when given) a positive number of draft tokens."""
     if draft_model is not None and prompt_lookup:
         raise KilnError("choose one drafter: a draft model or prompt lookup, not both")
+    if draft_model is not None and target is not None and draft_model.args.vocab_size != target.args.vocab_size:
+        raise KilnError(f"the draft model's vocabulary ({draft_model.args.vocab_size} ids) differs from the "
+                        f"target's ({target.args.vocab_size}): speculative decoding needs one vocabulary")
+    if num_draft is not None and (not isinstance(num_draft, int) or num_draft < 1):
+        raise KilnError(f"invalid num_draft_tokens {num_draft!r}: must be an integer >= 1")
+
+
+def drafter_for(draft_model=None, prompt_lookup: int = 0, max_len: int = 0, target=None):
+    """The drafter a generation asked for: a draft model, prompt lookup of n-grams up to `prompt_lookup`
+    tokens long, or None (`check_drafting`'s rules)."""
+    check_drafting(draft_model, prompt_lookup, target)
     if draft_model is not None:
-        if target is not None and draft_model.args.vocab_size != target.args.vocab_size:
-            raise KilnError(f"the draft model's vocabulary ({draft_model.args.vocab_size} ids) differs from the "
-                            f"target's ({target.args.vocab_size}): speculative decoding needs one vocabulary")
         return ModelDrafter(draft_model, max_len)
     if prompt_lookup:
         return NgramDrafter(prompt_lookup)
@@ -119,8 +127,7 @@ def speculative_step(prompt: list[int], model, params: SamplingParams, decoder, 
     """generate_step's contract with a drafter: yield (token, logprobs (V,) or None) per generated token.
     Each round drafts up to `num_draft` tokens and verifies them with one target forward over K + 1
     positions; `stats` (a dict) counts "drafted" and "accepted" draft tokens and "rounds"."""
-    if not isinstance(num_draft, int) or num_draft < 1:
-        raise KilnError(f"invalid num_draft_tokens {num_draft!r}: must be an integer >= 1")
+    check_drafting(num_draft=num_draft)
     cache = decoder.cache
     device = cache.k.device
     vocab = model.args.vocab_size
