@@ -2,7 +2,8 @@
 
 Prints one JSON object: the `kiln fit` plan for the budget (layers on the GPU, predicted GPU bytes), the
 split model's logits against the all-GPU model's (mean KL over a prompt, top-1 agreement), the split's
-decode tok/s (eager steps, greedy, from `generate_step`), and torch.cuda.max_memory_allocated of the split
+decode tok/s (greedy, through generate's Decoder: its GPU blocks from a CUDA graph, and eagerly; and as
+stream_generate reports it), and torch.cuda.max_memory_allocated of the split
 load + prefill + decode next to the prediction. With --compare llama.cpp, llama-cpp-python's decode tok/s
 with the same number of GPU layers on the same file (n_gpu_layers counts the output layer as llama.cpp does),
 in a process of its own, with half and all of the machine's threads (the better one counts).
@@ -41,17 +42,27 @@ def logits_of(model, ids):
         return model(ids.to(input_device(model))).float().cpu()
 
 
-def decode_tps(model, prompt_ids, n: int) -> float:
-    cache = KVCache.for_model(model, max_len=len(prompt_ids) + n + 1)
+def decode_tps(model, prompt_ids, n: int, graphs: bool = True, tokens: list | None = None) -> float:
+    """Greedy decode tok/s of n steps after the prompt, through the Decoder that generate uses (a split's GPU
+    blocks replay a CUDA graph: split.DeviceGraphs; graphs=False runs them eagerly), after two untimed
+    steps (the first runs eagerly, the second captures); the tokens go to `tokens` if given."""
+    from kiln.generate import Decoder
+    dec = Decoder.for_model(model, len(prompt_ids) + n + 4)
+    if not graphs:
+        dec.graphs = None
     dev = input_device(model)
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt_ids], device=dev), Step.prefill(cache, 0), last_only=True)
-        tok, pos = logits[:, -1].argmax(-1).view(1, 1).to(dev), len(prompt_ids)
+        tok = dec.prefill(torch.tensor([prompt_ids], device=dev), 0).argmax(-1)
+        pos = len(prompt_ids)
+        for i in range(2):
+            tok = dec.step(tok, pos + i).argmax(-1)
+        pos += 2
         torch.cuda.synchronize()
         t = time.perf_counter()
         for i in range(n):
-            logits = model(tok, Step.prefill(cache, pos + i))
-            tok = logits[:, -1].argmax(-1).view(1, 1).to(dev)
+            tok = dec.step(tok, pos + i).argmax(-1)
+            if tokens is not None:
+                tokens.append(int(tok))
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t)
 
@@ -85,7 +96,7 @@ def main(argv=None):
     ids = torch.tensor([list(range(1000, 1256))])  # 256 token ids (random-weight file: any ids do)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    split, _ = kiln.load(a.model, device="cuda", n_gpu_layers=plan.n_gpu_layers, ctx_size=a.ctx_size)
+    split, tok = kiln.load(a.model, device="cuda", n_gpu_layers=plan.n_gpu_layers, ctx_size=a.ctx_size)
     out["load_s"] = time.perf_counter() - t
     out["allocated_after_load"] = torch.cuda.memory_allocated()
     out["peak_of_load"] = torch.cuda.max_memory_allocated()
@@ -94,7 +105,16 @@ def main(argv=None):
     q = logits_of(split, ids)
     out["peak_of_prompt_forward"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out["decode_tps_split"] = decode_tps(split, ids[0].tolist(), a.n)
+    graphed, eager = [], []
+    out["decode_tps_split"] = decode_tps(split, ids[0].tolist(), a.n, tokens=graphed)
+    out["decode_tps_split_eager"] = decode_tps(split, ids[0].tolist(), a.n, graphs=False, tokens=eager)
+    out["graph_tokens_equal_eager"] = graphed == eager
+    t = time.perf_counter()
+    last = None
+    for last in kiln.stream_generate(split, tok, ids[0].tolist(), a.n, ignore_eos=True, logprobs=False):
+        pass
+    out["stream_generate_tps_split"] = last.generation_tps
+    out["stream_generate_s"] = time.perf_counter() - t
     out["peak_of_decode"] = torch.cuda.max_memory_allocated()
     out["max_memory_allocated"] = max(out["peak_of_load"], out["peak_of_prompt_forward"], out["peak_of_decode"])
     out["predicted_over_measured"] = plan.gpu_bytes / out["max_memory_allocated"]

@@ -42,7 +42,8 @@ class Step:
 
     - `Step.prefill(cache, pos)`: every row's tokens at positions pos..pos+T-1 (an int) of `cache` (a
       KVCache or a slot's batch-1 view): a prompt chunk, or an eager decode step. Without a cache, a whole
-      sequence from position 0 (what `model(ids)` runs).
+      sequence from position 0 (what `model(ids)` runs). A split model's one-token step given `graphs`
+      (split.DeviceGraphs) replays its GPU blocks from a graph (split.run_blocks).
     - `Step.graph(cache, pos)`: a decode step captured in a CUDA graph. `pos` is a 0-dim device tensor (the
       graph's static input); the keys are the whole static cache, the slots past pos masked.
     - `Step.rows(view, pos)`: a batched step over a slot cache (a server): row b at position pos[b] ((B,)
@@ -57,6 +58,8 @@ class Step:
     pos: int | torch.Tensor = 0
     policy: Policy | None = None
     valid: torch.Tensor | None = None  # prefill: how many of the T rows are real (device; None: all)
+    graphs: object = None  # a batch-1 decode step of a split model: where its GPU blocks' captured graphs are
+    #                        kept (split.DeviceGraphs; the Decoder's); None: they run eagerly
     # Filled once per forward by models/base.prepare:
     positions: torch.Tensor | None = None  # (T,) absolute positions, or (B, T), one row each
     fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV)
@@ -67,10 +70,10 @@ class Step:
 
     @classmethod
     def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None,
-                valid: torch.Tensor | None = None) -> Step:
+                valid: torch.Tensor | None = None, graphs=None) -> Step:
         if isinstance(pos, torch.Tensor) or pos < 0 or (cache is None and pos):
             raise ValueError(f"Step.prefill takes an int position >= 0 (0 without a cache), got {pos!r}")
-        return cls(PREFILL, cache, int(pos), policy, valid)
+        return cls(PREFILL, cache, int(pos), policy, valid, graphs)
 
     @classmethod
     def graph(cls, cache: KVCache, pos: torch.Tensor, policy: Policy | None = None) -> Step:

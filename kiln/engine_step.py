@@ -16,7 +16,7 @@ import torch
 
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
-from kiln.generate import capture_graph
+from kiln.ops.graph import capture_graph
 from kiln.split import input_device
 
 log = logging.getLogger("kiln.engine")

@@ -4,9 +4,9 @@ Owns: `generate_step` (token ids in, one (token, logprobs) per step out, until t
 past it with a `ContextShift`), `stream_generate` / `generate` (prompt handling, context checks, which
 layers get a bounded cache, the text stream, stats per response); and, once for both token loops: prompt
 ids (`prompt_ids`, `check_prompt`), the model calls of each kind (`prefill_chunk`, `Decoder._forward`; the
-engine's batched-rows call is its own), CUDA-graph capture (`capture_graph`), the batch-1 `Decoder` (its
-decode graph and its prompt graphs, one per length bucket: `PREFILL_BUCKETS`) and the explicit `DecoderPool`
-that reuses them.
+engine's batched-rows call is its own), the batch-1 `Decoder` (its decode graph and its prompt graphs, one
+per length bucket: `PREFILL_BUCKETS`; a split model's decode step replays graphs of its GPU blocks,
+split.DeviceGraphs) and the explicit `DecoderPool` that reuses them.
 Not: sampling math and per-sequence sampling state (sample.py), detokenization and stop strings
 (textstream.py), the cache layout (cache.py), chat templates (tokenizer.py), batching (engine.py).
 """
@@ -25,7 +25,9 @@ import torch
 from kiln.cache import KVCache, Step, layer_windows, plan_rings
 from kiln.errors import KilnError
 from kiln.models.base import key_rotation
+from kiln.ops.graph import capture_graph
 from kiln.sample import Sampler, SamplingParams
+from kiln.split import DeviceGraphs
 from kiln.speculative import drafter_for, speculative_step
 from kiln.textstream import TextStream
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -98,22 +100,6 @@ def prefill_chunk(model, ids: torch.Tensor, cache, pos: int) -> torch.Tensor:
     return model(ids, Step.prefill(cache, pos), last_only=True)[:, -1].float().to(ids.device)  # split: head's
 
 
-def capture_graph(forward: Callable[[], torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """(graph, its static output) of `forward`, after two warm-up runs on a side stream (Triton compiles and
-    autotunes there, outside the capture). `forward` reads and writes only static buffers. `pool`: a memory
-    pool shared with other graphs that never run at the same time (torch.cuda.graph_pool_handle)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = forward()
-    return graph, out
-
-
 # Prompt lengths a prefill graph is captured for: a prompt of n tokens runs in the smallest that holds it, padded
 # (at most ~50% more rows, whose cost is small beside the fixed cost of reading every weight once).
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -152,6 +138,9 @@ class Decoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
+        places = getattr(model, "places", None) or ()  # a split model's GPU blocks: their own graphs (split.py)
+        gpu_blocks = any(torch.device(p.device).type == "cuda" for p in places) and use_graph is not False
+        self.graphs = DeviceGraphs() if gpu_blocks else None
         self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, real rows, logits)
         self._verifies: dict[int, tuple] = {}  # rows T -> (graph, ids buffer, position, logits (T, V))
         self._seen: set = set()  # prefill buckets and ("verify", T) used once (captured at the second use)
@@ -180,7 +169,7 @@ class Decoder:
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         self.token.copy_(token.view(1, 1))
         if not self.use_graph:
-            return self._forward(Step.prefill(self.cache, pos))
+            return self._forward(Step.prefill(self.cache, pos, graphs=self.graphs))
         if self.graph is None:
             self.capture(pos)
         self.pos.fill_(pos)

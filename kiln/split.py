@@ -6,7 +6,8 @@ the CPU), `build_split(config, weights, places, head, policy)` (a model whose bl
 per `places`: GPU blocks as QuantLinear, CPU blocks with the compact CPU layers or float32) and
 `run_blocks(layers, x, residual, step)`, the loop every model family runs its blocks with: where the place
 changes, the activations (and the step's positions, RoPE tables and masks; a batched-rows step's per-row
-positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go.
+positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go;
+`DeviceGraphs`, the CUDA graphs a batch-1 decode step replays for its runs of GPU blocks.
 Not: the plan of how many layers fit (fit.py), the KV cache storage (cache.py keeps one tensor per layer on
 that layer's device when the model has `layer_devices`), kernels.
 
@@ -166,20 +167,26 @@ def input_device(model, default) -> torch.device:
 def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
     """x, residual through every block; where a block's place differs from the one before it (a split
     model: `block.place`), x, residual and the step cross to its device, once per boundary → x, residual.
-    Each run of blocks of one place goes to `run(start, end, x, residual, step)` first (models/base.py's
-    native CPU step), which returns (x, residual) or None: then block by block."""
+    A run of blocks of one place that the step's `graphs` (DeviceGraphs) serve replays its graph, which
+    takes x and the residual where they are; any other goes to `run(start, end, x, residual, step)` first
+    (models/base.py's native CPU step), which returns (x, residual) or None: then block by block."""
     here, start = None, 0
     while start < len(layers):
         place = getattr(layers[start], "place", None)
-        if place is not None and place != here:
-            here, dev = place, torch.device(place.device)
-            x = x.to(dev)
-            residual = None if residual is None else residual.to(dev)
-            step = on_device(step, dev)
         end = start + 1
         while end < len(layers) and getattr(layers[end], "place", None) == place:
             end += 1
-        out = None if run is None else run(start, end, x, residual, step)
+        out, moved = None, place is not None and place != here
+        if moved:
+            here, dev = place, torch.device(place.device)
+            if step.graphs is not None:
+                out = step.graphs.run(layers, start, end, x, residual, step, dev)
+            if out is None:
+                x = x.to(dev)
+                residual = None if residual is None else residual.to(dev)
+                step = on_device(step, dev)
+        if out is None and run is not None:
+            out = run(start, end, x, residual, step)
         if out is None:
             for layer in layers[start:end]:
                 x, residual = layer(x, residual, step)
@@ -187,3 +194,96 @@ def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
             x, residual = out
         start = end
     return x, residual
+
+
+class DeviceGraphs:
+    """CUDA graphs of a split model's runs of GPU blocks, for batch-1 one-token steps (a Decoder's decode
+    step: `Step.prefill(cache, pos, graphs=...)`), one per run of blocks, captured at its second use.
+
+    Eager, a split step's GPU half is a few hundred kernel launches from Python (~30 ms a token for 19 blocks
+    of an 8B model, more than its CPU half); replayed, one launch. The graph reads x and the residual from
+    static buffers and its position from a device tensor, as the all-GPU decode graph does (`Step.graph`:
+    the keys are the layer's whole static cache, slots past the position masked), so every later position
+    replays it. Which steps it serves: `_serves`. `capture`: the capture routine (ops.graph.capture_graph;
+    a test on a machine without CUDA passes one that re-runs the forward). `kinds`: the device types served
+    (a test's second CPU group stands in for the GPU)."""
+
+    def __init__(self, capture=None, kinds: tuple = ("cuda",)):
+        from kiln.ops.graph import capture_graph
+        self.capture, self.kinds = capture or capture_graph, kinds
+        self.graphs: dict = {}  # (id(layers), a, b, residual given) -> _Segment
+        self._seen: set = set()
+        self.pool = None
+
+    def run(self, layers, a: int, b: int, x: torch.Tensor, residual, step, device: torch.device):
+        """Blocks a..b-1 of `layers` (one place, on `device`; x, residual and the step still on the blocks'
+        before) from a graph -> (x, residual) on `device`, valid until the next replay; None: not served."""
+        if not self._serves(layers[a:b], x, step, device):
+            return None
+        key = (id(layers), a, b, residual is None)
+        seg = self.graphs.get(key)
+        if seg is None or not seg.fits(step):
+            if key not in self._seen:  # a one-off call captures nothing
+                self._seen.add(key)
+                return None
+            if self.pool is None and device.type == "cuda":
+                self.pool = torch.cuda.graph_pool_handle()
+            seg = self.graphs[key] = _Segment(layers[a:b], x, residual, step, device, self.capture, self.pool)
+        return seg.replay(x, residual, step.pos)
+
+    def _serves(self, blocks, x: torch.Tensor, step, device: torch.device) -> bool:
+        from kiln.cache import PREFILL, KVCache
+        if device.type not in self.kinds or tuple(x.shape[:2]) != (1, 1) or step.kind != PREFILL:
+            return False
+        if step.valid is not None or not isinstance(step.cache, KVCache) or torch.is_grad_enabled():
+            return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for blk in blocks for m in blk.modules())
+
+
+class _Segment:
+    """One run of blocks captured for one-token steps: static x, residual and position; the output pair."""
+
+    def __init__(self, blocks, x: torch.Tensor, residual, step, device, capture, pool):
+        self.cache, self.step = step.cache, step
+        self.x = x.to(device, copy=True)
+        self.residual = None if residual is None else residual.to(device, copy=True)
+        self.pos = torch.tensor(step.pos, dtype=torch.long, device=device)
+        self.inv = {k: r.inv_freq.clone() for k, r in step.rope.items()}  # where the step was: a longrope
+        self.inv_here = {k: v.to(device) for k, v in self.inv.items()}  # switch (fits) recaptures
+
+        def forward():
+            g = self._graph_step()
+            h, r = self.x, self.residual
+            for block in blocks:
+                h, r = block(h, r, g)
+            return h, r
+
+        self.graph, self.out = capture(forward, pool)
+
+    def _graph_step(self):
+        """The step as a CUDA-graph decode step (cache.Step.graph's form) at the static position: its
+        positions, RoPE tables and (built by the first layer that asks) masks computed from that tensor."""
+        from kiln.cache import GRAPH
+        from kiln.models.base import RopeAt
+        from kiln.ops import use_triton
+        s = self.step
+        positions = self.pos + torch.arange(1, device=self.pos.device)  # (1,)
+        rope = {k: RopeAt(positions, self.inv_here[k], r.attn_factor, r.rot_dim) for k, r in s.rope.items()}
+        return replace(s, kind=GRAPH, pos=self.pos, positions=positions, rope=rope, mask={}, graphs=None,
+                       n_keys=self.cache.max_len, fused=use_triton(self.x, s.policy) and self.cache.direct)
+
+    def fits(self, step) -> bool:
+        """Does this graph compute `step`? Same cache, and the same RoPE frequencies (longrope switches them)."""
+        return step.cache is self.cache and step.rope.keys() == self.inv.keys() and all(
+            torch.equal(step.rope[k].inv_freq, v) for k, v in self.inv.items())
+
+    def replay(self, x: torch.Tensor, residual, pos: int):
+        """x and the residual (from any device) and the position into the static inputs; replay."""
+        self.x.copy_(x)
+        if residual is not None:
+            self.residual.copy_(residual)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.out

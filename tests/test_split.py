@@ -102,3 +102,52 @@ def test_the_compact_cpu_group_decodes_in_one_native_call(qwen_path, monkeypatch
     assert len(calls) == 7 and len(calls[0].layers) == 20  # every decode token, the compact group's 20 blocks
     split.policy = Policy(native_step=False)
     assert _greedy(split, tok, "def fib(n):") == one_call and len(calls) == 7
+
+
+def _rerun(forward, pool=None):
+    """A stand-in for CUDA-graph capture on a machine without CUDA: (a 'graph' whose replay runs `forward`
+    again and copies its results into the first run's output tensors, as a replay refills a graph's static
+    outputs; those outputs). What it leaves to the device: the capture itself (bench/split_check.py)."""
+    out = forward()
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+            for o, new in zip(out, forward()):
+                o.copy_(new)
+
+    return Graph(), out
+
+
+def _decode_logprobs(model, tok, prompt, graphs=None, n=8, sliding=True):
+    from kiln.generate import DecoderPool, generate_step
+    from kiln.sample import SamplingParams
+    dec = DecoderPool(model).get(64, sliding=sliding)
+    dec.graphs = graphs
+    steps = generate_step(tok.encode(prompt), model, SamplingParams(temperature=0), dec, max_tokens=n)
+    return [(t.item() if torch.is_tensor(t) else t, lp) for t, lp in steps]
+
+
+@pytest.mark.parametrize("name", ["qwen", "gemma"])
+def test_split_decode_replays_its_device_blocks_from_graphs(name, qwen_path, gemma_path):
+    """A split model's batch-1 decode steps replay each run of blocks on a served device from a graph built
+    as the all-GPU decode graph's step (split.DeviceGraphs: static x / residual / position, keys over the
+    whole cache with later slots masked; Gemma's sliding layers keep ring caches): every token and its
+    log-probabilities as the same split run block by block, captured at the second step, replayed after."""
+    from kiln.split import DeviceGraphs
+    path = qwen_path if name == "qwen" else gemma_path
+    n = kiln.load(path, device="cpu", quantized=False)[0].args.num_hidden_layers
+    places = [Place("cpu", False)] * 3 + [Place("cpu:0", False)] * (n - 3)
+    split, tok = kiln.load(path, device="cpu", places=places)
+    graphs = DeviceGraphs(capture=_rerun, kinds=("cpu",))  # both groups stand in for the GPU
+    prompt = "def fib(n):\n    "
+    ref = _decode_logprobs(split, tok, prompt)
+    got = _decode_logprobs(split, tok, prompt, graphs)
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(graphs.graphs) == 2  # one per group: the first without a residual, the second with one
+    # 8 tokens: the prompt's, a first eager decode step, a second that captures, then replays
+    assert [type(seg.graph).replays for seg in graphs.graphs.values()] == [8 - 2] * 2
