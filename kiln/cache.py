@@ -43,7 +43,7 @@ class Step:
     - `Step.prefill(cache, pos)`: every row's tokens at positions pos..pos+T-1 (an int) of `cache` (a
       KVCache or a slot's batch-1 view): a prompt chunk, or an eager decode step. Without a cache, a whole
       sequence from position 0 (what `model(ids)` runs). A split model's one-token step given `graphs`
-      (split.DeviceGraphs) replays its GPU blocks from a graph (split.run_blocks).
+      (split.DeviceGraphs) replays its GPU blocks from a graph (split.run_blocks); so does `Step.rows`'s.
     - `Step.graph(cache, pos)`: a decode step captured in a CUDA graph. `pos` is a 0-dim device tensor (the
       graph's static input); the keys are the whole static cache, the slots past pos masked.
     - `Step.rows(view, pos)`: a batched step over a slot cache (a server): row b at position pos[b] ((B,)
@@ -58,8 +58,8 @@ class Step:
     pos: int | torch.Tensor = 0
     policy: Policy | None = None
     valid: torch.Tensor | None = None  # prefill: how many of the T rows are real (device; None: all)
-    graphs: object = None  # a batch-1 decode step of a split model: where its GPU blocks' captured graphs are
-    #                        kept (split.DeviceGraphs; the Decoder's); None: they run eagerly
+    graphs: object = None  # a split model's one-token step: where its GPU blocks' captured graphs are kept
+    #                        (split.DeviceGraphs: the Decoder's, the engine's); None: they run eagerly
     # Filled once per forward by models/base.prepare:
     positions: torch.Tensor | None = None  # (T,) absolute positions, or (B, T), one row each
     fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV)
@@ -82,10 +82,10 @@ class Step:
         return cls(GRAPH, cache, pos, policy)
 
     @classmethod
-    def rows(cls, view: RowsView, pos: torch.Tensor, policy: Policy | None = None) -> Step:
+    def rows(cls, view: RowsView, pos: torch.Tensor, policy: Policy | None = None, graphs=None) -> Step:
         if not isinstance(pos, torch.Tensor) or pos.ndim != 1 or not isinstance(view, RowsView):
             raise ValueError("Step.rows takes a RowsView (KVCache.rows) and per-row positions (B,)")
-        return cls(ROWS, view, pos, policy)
+        return cls(ROWS, view, pos, policy, graphs=graphs)
 
     def keys(self, t: int, device) -> tuple[torch.Tensor, int]:
         """(absolute positions of the T new tokens — (T,), or (B, T) for ROWS —, number of keys S)."""

@@ -17,7 +17,7 @@ import torch
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.ops.graph import capture_graph
-from kiln.split import input_device
+from kiln.split import DeviceGraphs, input_device
 
 log = logging.getLogger("kiln.engine")
 
@@ -32,6 +32,8 @@ class BatchStep:
     bucket is captured once as a CUDA graph and replayed (one launch per step instead of hundreds). On
     other devices the static form runs eagerly, exactly what a graph would replay, so CPU tests cover the
     padding and the scratch slot. A capture that fails falls back to eager replay of the static form.
+    A model split across devices steps eagerly, each row count's GPU blocks from a graph of their own
+    (`split_graphs`, split.DeviceGraphs; not with an adapter bank, whose row selection is set per call).
     """
 
     def __init__(self, model, cache: KVCache, n_slots: int, static: bool):
@@ -43,6 +45,9 @@ class BatchStep:
         self.scales = torch.ones(n_slots, dtype=torch.float32, device=device)  # each row's adapter scale
         self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        places = getattr(model, "places", None) or ()  # a split model steps eagerly, its GPU blocks from graphs
+        gpu_blocks = any(torch.device(p.device).type == "cuda" for p in places) and self.bank is None
+        self.split_graphs = DeviceGraphs() if gpu_blocks and not static else None
 
     def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int],
                  adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
@@ -80,7 +85,8 @@ class BatchStep:
         device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
         n_keys - 1; logits (B, V)."""
         with adapters_of(self.model, rows, scales):
-            logits = self.model(tokens[:, None], Step.rows(self.cache.rows(slots, n_keys), pos))[:, -1]
+            step = Step.rows(self.cache.rows(slots, n_keys), pos, graphs=self.split_graphs)
+            logits = self.model(tokens[:, None], step)[:, -1]
         return logits.float().to(self.device)  # (B, V); a split model's come from the head's device
 
     def _static(self, bucket: int, n_keys: int) -> torch.Tensor:

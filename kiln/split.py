@@ -197,21 +197,22 @@ def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
 
 
 class DeviceGraphs:
-    """CUDA graphs of a split model's runs of GPU blocks, for batch-1 one-token steps (a Decoder's decode
-    step: `Step.prefill(cache, pos, graphs=...)`), one per run of blocks, captured at its second use.
+    """CUDA graphs of a split model's runs of GPU blocks for one-token steps, one per run of blocks (and per
+    row count), captured at its second use: a batch-1 Decoder's decode step (`Step.prefill(cache, pos,
+    graphs=...)`) and the engine's batched rows (`Step.rows(view, pos, graphs=...)`).
 
     Eager, a split step's GPU half is a few hundred kernel launches from Python (~30 ms a token for 19 blocks
-    of an 8B model, more than its CPU half); replayed, one launch. The graph reads x and the residual from
-    static buffers and its position from a device tensor, as the all-GPU decode graph does (`Step.graph`:
-    the keys are the layer's whole static cache, slots past the position masked), so every later position
-    replays it. Which steps it serves: `_serves`. `capture`: the capture routine (ops.graph.capture_graph;
-    a test on a machine without CUDA passes one that re-runs the forward). `kinds`: the device types served
-    (a test's second CPU group stands in for the GPU)."""
+    of an 8B model, more than its CPU half); replayed, one launch. The graph reads x, the residual, the
+    positions (and a batch's slot index) from static buffers, and its step has the form of the all-GPU decode
+    graph's (`Step.graph`, or a static `Step.rows`: keys over the whole cache, slots past a row's position
+    masked), so every later position replays it. Which steps it serves: `_serves`. `capture`: the capture
+    routine (ops.graph.capture_graph; a test on a machine without CUDA passes one that re-runs the forward).
+    `kinds`: the device types served (a test's second CPU group stands in for the GPU)."""
 
     def __init__(self, capture=None, kinds: tuple = ("cuda",)):
         from kiln.ops.graph import capture_graph
         self.capture, self.kinds = capture or capture_graph, kinds
-        self.graphs: dict = {}  # (id(layers), a, b, residual given) -> _Segment
+        self.graphs: dict = {}  # (id(layers), a, b, residual given, rows) -> _Segment
         self._seen: set = set()
         self.pool = None
 
@@ -220,7 +221,7 @@ class DeviceGraphs:
         before) from a graph -> (x, residual) on `device`, valid until the next replay; None: not served."""
         if not self._serves(layers[a:b], x, step, device):
             return None
-        key = (id(layers), a, b, residual is None)
+        key = (id(layers), a, b, residual is None, x.shape[0])
         seg = self.graphs.get(key)
         if seg is None or not seg.fits(step):
             if key not in self._seen:  # a one-off call captures nothing
@@ -229,27 +230,33 @@ class DeviceGraphs:
             if self.pool is None and device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
             seg = self.graphs[key] = _Segment(layers[a:b], x, residual, step, device, self.capture, self.pool)
-        return seg.replay(x, residual, step.pos)
+        return seg.replay(x, residual, step)
 
     def _serves(self, blocks, x: torch.Tensor, step, device: torch.device) -> bool:
-        from kiln.cache import PREFILL, KVCache
-        if device.type not in self.kinds or tuple(x.shape[:2]) != (1, 1) or step.kind != PREFILL:
+        from kiln.cache import PREFILL, ROWS, KVCache, RowsView
+        if device.type not in self.kinds or x.shape[1] != 1 or torch.is_grad_enabled():
             return False
-        if step.valid is not None or not isinstance(step.cache, KVCache) or torch.is_grad_enabled():
-            return False
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if step.kind == PREFILL:
+            ok = x.shape[0] == 1 and step.valid is None and isinstance(step.cache, KVCache)
+        else:
+            ok = step.kind == ROWS and isinstance(step.cache, RowsView)
+        if not ok or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for blk in blocks for m in blk.modules())
 
 
 class _Segment:
-    """One run of blocks captured for one-token steps: static x, residual and position; the output pair."""
+    """One run of blocks captured for one-token steps: static x, residual, positions (and a batch's slots);
+    the output pair."""
 
     def __init__(self, blocks, x: torch.Tensor, residual, step, device, capture, pool):
-        self.cache, self.step = step.cache, step
+        from kiln.cache import ROWS
+        self.step, self.rows = step, step.kind == ROWS
+        self.cache = step.cache.cache if self.rows else step.cache  # a batch's: the slot cache behind its view
         self.x = x.to(device, copy=True)
         self.residual = None if residual is None else residual.to(device, copy=True)
-        self.pos = torch.tensor(step.pos, dtype=torch.long, device=device)
+        self.pos = torch.as_tensor(step.pos).to(device, torch.long, copy=True)  # () or (B,)
+        self.slots = step.cache.slot_index.to(device, copy=True) if self.rows else None
         self.inv = {k: r.inv_freq.clone() for k, r in step.rope.items()}  # where the step was: a longrope
         self.inv_here = {k: v.to(device) for k, v in self.inv.items()}  # switch (fits) recaptures
 
@@ -263,27 +270,36 @@ class _Segment:
         self.graph, self.out = capture(forward, pool)
 
     def _graph_step(self):
-        """The step as a CUDA-graph decode step (cache.Step.graph's form) at the static position: its
-        positions, RoPE tables and (built by the first layer that asks) masks computed from that tensor."""
-        from kiln.cache import GRAPH
+        """The step in the form the all-GPU graphs capture, at the static positions: a batch-1 step as
+        `Step.graph`, a batch's as `Step.rows` over the whole slot cache; positions, RoPE tables and (built by
+        the first layer that asks) masks computed from those tensors."""
+        from kiln.cache import GRAPH, RowsView
         from kiln.models.base import RopeAt
         from kiln.ops import use_triton
         s = self.step
-        positions = self.pos + torch.arange(1, device=self.pos.device)  # (1,)
+        positions = self.pos[..., None] + torch.arange(1, device=self.pos.device)  # (B, 1), or (1,) for a GRAPH step
+        positions = positions if self.rows else positions.view(1)
+        cache = RowsView(self.cache, self.slots, self.cache.max_len) if self.rows else self.cache
         rope = {k: RopeAt(positions, self.inv_here[k], r.attn_factor, r.rot_dim) for k, r in s.rope.items()}
-        return replace(s, kind=GRAPH, pos=self.pos, positions=positions, rope=rope, mask={}, graphs=None,
-                       n_keys=self.cache.max_len, fused=use_triton(self.x, s.policy) and self.cache.direct)
+        return replace(s, kind=s.kind if self.rows else GRAPH, cache=cache, pos=self.pos, positions=positions,
+                       rope=rope, mask={}, graphs=None, n_keys=self.cache.max_len,
+                       fused=use_triton(self.x, s.policy) and self.cache.direct)
 
     def fits(self, step) -> bool:
         """Does this graph compute `step`? Same cache, and the same RoPE frequencies (longrope switches them)."""
-        return step.cache is self.cache and step.rope.keys() == self.inv.keys() and all(
+        cache = step.cache.cache if self.rows else step.cache
+        return cache is self.cache and step.rope.keys() == self.inv.keys() and all(
             torch.equal(step.rope[k].inv_freq, v) for k, v in self.inv.items())
 
-    def replay(self, x: torch.Tensor, residual, pos: int):
-        """x and the residual (from any device) and the position into the static inputs; replay."""
+    def replay(self, x: torch.Tensor, residual, step):
+        """x, the residual, the step's positions (and slots) from any device into the static inputs; replay."""
         self.x.copy_(x)
         if residual is not None:
             self.residual.copy_(residual)
-        self.pos.fill_(pos)
+        if self.rows:
+            self.pos.copy_(step.pos)
+            self.slots.copy_(step.cache.slot_index)
+        else:
+            self.pos.fill_(step.pos)
         self.graph.replay()
         return self.out

@@ -63,3 +63,21 @@ def qwen(qwen_path):
 
     import kiln
     return kiln.load(qwen_path, device="cpu", dtype=torch.float32, quantized=False)
+
+
+def rerun_capture(forward, pool=None):
+    """A stand-in for CUDA-graph capture (ops.graph.capture_graph) on a machine without CUDA: (a 'graph' whose
+    replay runs `forward` again and copies its results into the first run's output tensors, as a replay
+    refills a graph's static outputs; those outputs). What it leaves to the device: the capture itself
+    (bench/split_check.py, bench/gpu_engine_check.py)."""
+    out = forward()
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+            for o, new in zip(out, forward()):
+                o.copy_(new)
+
+    return Graph(), out

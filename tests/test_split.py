@@ -10,6 +10,7 @@ from kiln.generate import Decoder
 from kiln.errors import KilnError
 from kiln.quant.cpu import Int4Linear, Int8Linear, BlockLinear
 from kiln.split import Place, layer_places
+from tests.conftest import rerun_capture
 
 pytestmark = pytest.mark.model
 
@@ -104,23 +105,6 @@ def test_the_compact_cpu_group_decodes_in_one_native_call(qwen_path, monkeypatch
     assert _greedy(split, tok, "def fib(n):") == one_call and len(calls) == 7
 
 
-def _rerun(forward, pool=None):
-    """A stand-in for CUDA-graph capture on a machine without CUDA: (a 'graph' whose replay runs `forward`
-    again and copies its results into the first run's output tensors, as a replay refills a graph's static
-    outputs; those outputs). What it leaves to the device: the capture itself (bench/split_check.py)."""
-    out = forward()
-
-    class Graph:
-        replays = 0
-
-        def replay(self):
-            Graph.replays += 1
-            for o, new in zip(out, forward()):
-                o.copy_(new)
-
-    return Graph(), out
-
-
 def _decode_logprobs(model, tok, prompt, graphs=None, n=8, sliding=True):
     from kiln.generate import DecoderPool, generate_step
     from kiln.sample import SamplingParams
@@ -141,7 +125,7 @@ def test_split_decode_replays_its_device_blocks_from_graphs(name, qwen_path, gem
     n = kiln.load(path, device="cpu", quantized=False)[0].args.num_hidden_layers
     places = [Place("cpu", False)] * 3 + [Place("cpu:0", False)] * (n - 3)
     split, tok = kiln.load(path, device="cpu", places=places)
-    graphs = DeviceGraphs(capture=_rerun, kinds=("cpu",))  # both groups stand in for the GPU
+    graphs = DeviceGraphs(capture=rerun_capture, kinds=("cpu",))  # both groups stand in for the GPU
     prompt = "def fib(n):\n    "
     ref = _decode_logprobs(split, tok, prompt)
     got = _decode_logprobs(split, tok, prompt, graphs)

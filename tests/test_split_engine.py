@@ -86,6 +86,60 @@ def test_concurrent_greedy_requests_equal_their_solo_runs(qwen, split, prefill_s
     check_slot_keys(e, ref)
 
 
+def test_decode_steps_replay_the_device_blocks_from_graphs(qwen, split):
+    """The engine's batched decode steps on a split model replay each run of blocks on a served device from
+    a graph per row count (split.DeviceGraphs: static x / residual / positions / slot index, keys over every
+    slot's whole cache, later slots masked); here both CPU groups stand in for the GPU (a re-running capture):
+    every token as the unsplit model's alone, logprobs within 1e-3, every slot's keys."""
+    from kiln.split import DeviceGraphs
+    from tests.conftest import rerun_capture
+    ref, tok = qwen
+    e = Engine(split, tok, n_slots=3, ctx_size=96)
+    e._step.split_graphs = graphs = DeviceGraphs(capture=rerun_capture, kinds=("cpu",))
+    lengths = [N + 3 * (i % 3) for i in range(len(PROMPTS))]  # rows end apart: a row count meets other slots
+    handles = [e.submit(EngineRequest(prompt=tok.encode(p), params=SamplingParams(), max_tokens=n,
+                                      ignore_eos=True)) for p, n in zip(PROMPTS, lengths)]
+    e.start()
+    try:
+        outs = [list(h.sync()) for h in handles]
+    finally:
+        e.stop()
+    for out, p, n in zip(outs, PROMPTS, lengths):
+        tokens, lps = solo(qwen, p, n)
+        assert [o.token for o in out] == tokens, p
+        assert [o.logprob for o in out] == pytest.approx(lps, abs=1e-3)
+    assert graphs.graphs and all(type(s.graph).replays for s in graphs.graphs.values())
+    assert len({key[-1] for key in graphs.graphs}) >= 2  # graphs of more than one row count
+    check_slot_keys(e, ref)
+
+
+def test_a_rows_graph_follows_its_slots_and_positions(qwen, split):
+    """One row count's graph replayed for other slots at other positions (what a server's changing batch
+    does) gives the eager step's logits: the static slot index and positions are refilled each step."""
+    from kiln.split import DeviceGraphs
+    from tests.conftest import rerun_capture
+    tok = qwen[1]
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+
+    def run(graphs):
+        cache, done, out = KVCache.for_model(split, batch=3, max_len=64), [0, 0, 0], []
+        with torch.inference_mode():
+            for i, ids in enumerate(prompts):
+                split(torch.tensor([ids]), Step.prefill(cache.slot(i), 0))
+            for slots in ([0, 1], [0, 1], [2, 0], [1, 2], [0, 2]):
+                pos = [len(prompts[s]) + done[s] for s in slots]
+                step = Step.rows(cache.rows(slots, max(pos) + 1), torch.tensor(pos), graphs=graphs)
+                out.append(split(torch.tensor([[100 + s] for s in slots]), step)[:, -1].clone())
+                for s in slots:
+                    done[s] += 1
+        return out
+
+    graphs = DeviceGraphs(capture=rerun_capture, kinds=("cpu",))
+    for got, want in zip(run(graphs), run(None)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [type(s.graph).replays for s in graphs.graphs.values()] == [4, 4]  # both groups, steps 2-5
+
+
 def test_prompt_lookup_speculation_equals_solo_runs(qwen, split):
     ref, tok = qwen
     code = "def area(w, h):\n    total = w * h\n    print('area', total)\n    return total\n"
