@@ -67,6 +67,26 @@ def decode_tps(model, prompt_ids, n: int, graphs: bool = True, tokens: list | No
     return n / (time.perf_counter() - t)
 
 
+def graph_vs_eager(model, prompt_ids, feed: list[int]) -> dict:
+    """The split's decode logits from its GPU blocks' graph against the same steps run eagerly, both fed the
+    same tokens (teacher-forced): mean KL and max |delta logit| over the steps."""
+    from kiln.generate import Decoder
+    dev, out = input_device(model), {}
+    for graphs in (True, False):
+        dec = Decoder.for_model(model, len(prompt_ids) + len(feed) + 1)
+        if not graphs:
+            dec.graphs = None
+        with torch.inference_mode():
+            rows = [dec.prefill(torch.tensor([prompt_ids], device=dev), 0).float().cpu()]
+            for i, t in enumerate(feed):
+                rows.append(dec.step(torch.tensor([t], device=dev), len(prompt_ids) + i).float().cpu())
+        out[graphs] = torch.cat(rows)
+    p, q = out[False].log_softmax(-1), out[True].log_softmax(-1)
+    return {"kl_graph_vs_eager": (p.exp() * (p - q)).sum(-1).mean().item(),
+            "max_abs_logit_delta": (out[True] - out[False]).abs().max().item(),
+            "top1_graph_vs_eager": (p.argmax(-1) == q.argmax(-1)).float().mean().item()}
+
+
 def gpu_bytes_by_module(model) -> dict[str, int]:
     """Bytes of the GPU tensors each kind of module holds directly (parameters and buffers), by class name."""
     seen, by = set(), {}
@@ -109,6 +129,7 @@ def main(argv=None):
     out["decode_tps_split"] = decode_tps(split, ids[0].tolist(), a.n, tokens=graphed)
     out["decode_tps_split_eager"] = decode_tps(split, ids[0].tolist(), a.n, graphs=False, tokens=eager)
     out["graph_tokens_equal_eager"] = graphed == eager
+    out.update(graph_vs_eager(split, ids[0].tolist(), eager[:32]))
     t = time.perf_counter()
     last = None
     for last in kiln.stream_generate(split, tok, ids[0].tolist(), a.n, ignore_eos=True, logprobs=False):

@@ -17,7 +17,6 @@ the same crossing code as CPU + GPU, which is how the split is tested on a machi
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -156,12 +155,10 @@ def on_device(step, device: torch.device):
 
 
 def input_device(model, default) -> torch.device:
-    """The device a model's token ids go to: a split model's embedding's (the CPU: build_split), else
-    `default` (the device the whole model runs on)."""
-    if getattr(model, "places", None) is None:
-        return torch.device(default)
-    emb = model.model.embed_tokens
-    return next(itertools.chain(emb.parameters(), emb.buffers())).device
+    """The device a model's token ids go to: a split model's embedding's (the CPU: build_split puts it there,
+    compact or not; a compact table may hold no parameter to ask), else `default` (where the whole model
+    runs)."""
+    return torch.device(default) if getattr(model, "places", None) is None else torch.device("cpu")
 
 
 def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
@@ -181,9 +178,9 @@ def run_blocks(layers, x: torch.Tensor, residual, step, run=None):
             here, dev = place, torch.device(place.device)
             if step.graphs is not None:
                 out = step.graphs.run(layers, start, end, x, residual, step, dev)
-            if out is None:
-                x = x.to(dev)
-                residual = None if residual is None else residual.to(dev)
+            if out is None:  # in the place's dtype: a GPU group runs in bf16, as the whole model would there
+                x = x.to(dev, place.dtype)
+                residual = None if residual is None else residual.to(dev, place.dtype)
                 step = on_device(step, dev)
         if out is None and run is not None:
             out = run(start, end, x, residual, step)
@@ -253,8 +250,9 @@ class _Segment:
         from kiln.cache import ROWS
         self.step, self.rows = step, step.kind == ROWS
         self.cache = step.cache.cache if self.rows else step.cache  # a batch's: the slot cache behind its view
-        self.x = x.to(device, copy=True)
-        self.residual = None if residual is None else residual.to(device, copy=True)
+        dtype = blocks[0].place.dtype  # as run_blocks crosses
+        self.x = x.to(device, dtype, copy=True)
+        self.residual = None if residual is None else residual.to(device, dtype, copy=True)
         self.pos = torch.as_tensor(step.pos).to(device, torch.long, copy=True)  # () or (B,)
         self.slots = step.cache.slot_index.to(device, copy=True) if self.rows else None
         self.inv = {k: r.inv_freq.clone() for k, r in step.rope.items()}  # where the step was: a longrope

@@ -113,6 +113,18 @@ def test_decode_steps_replay_the_device_blocks_from_graphs(qwen, split):
     check_slot_keys(e, ref)
 
 
+def test_the_engine_serves_a_split_whose_first_group_is_compact(qwen_path):
+    """`kiln serve -ngl`'s split: compact CPU blocks and a compact token table (which holds no parameter to
+    say its device) before the second group: the engine's greedy tokens equal kiln.generate's on the model."""
+    model, tok = kiln.load(qwen_path, device="cpu", places=[Place("cpu", True)] * K + [Place("cpu:0", True)] * 14)
+    e = Engine(model, tok, n_slots=2, ctx_size=64)
+    assert e.device == torch.device("cpu")
+    out = run_all(e, tok, PROMPTS[:2])
+    for o, p in zip(out, PROMPTS[:2]):
+        want = kiln.generate(model, tok, tok.encode(p), max_tokens=N, temperature=0, ignore_eos=True)
+        assert tok.decode([x.token for x in o]) == want, p
+
+
 def test_a_rows_graph_follows_its_slots_and_positions(qwen, split):
     """One row count's graph replayed for other slots at other positions (what a server's changing batch
     does) gives the eager step's logits: the static slot index and positions are refilled each step."""
