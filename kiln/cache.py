@@ -62,7 +62,8 @@ class Step:
     #                        (split.DeviceGraphs: the Decoder's, the engine's); None: they run eagerly
     # Filled once per forward by models/base.prepare:
     positions: torch.Tensor | None = None  # (T,) absolute positions, or (B, T), one row each
-    fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV)
+    fused: bool = False  # a GRAPH / ROWS step the fused decode kernels serve (RoPE + KV write, then split-KV;
+    #                      up to models.base.FUSED_MAX_T tokens a row)
     rope: dict = field(default_factory=dict)  # RoPE name ("global", "local") -> base.RopeAt
     mask: dict = field(default_factory=dict)  # window (None: none) -> bool mask (T, S) or (B, 1, T, S);
     #                                           (window, Ring) -> the mask of a ring layer's keys

@@ -476,11 +476,8 @@ class Engine:
 
     def _verify_forward(self, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Row b's tokens ids[b] (B, T) into its slot from its next position on → logits (B, T, V) of every one."""
-        pos = [len(r.slot.tokens) for r in rows]
-        step = Step.rows(self.cache.rows([r.slot.index for r in rows], max(pos) + ids.shape[1]),
-                         torch.tensor(pos, dtype=torch.long, device=self.device))
-        with self._adapters([r.slot.adapter for r in rows]):
-            return self.model(ids, step).float().to(self.device)
+        return self._step.verify(ids, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows],
+                                 [r.slot.adapter for r in rows])
 
     def _deliver(self, row: _Row, raw: torch.Tensor, tokens: list[int]) -> None:
         """A speculative step's tokens for one row, in order: raw (≥ len(tokens), V) the logits each was

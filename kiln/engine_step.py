@@ -21,6 +21,8 @@ from kiln.split import DeviceGraphs, input_device
 
 log = logging.getLogger("kiln.engine")
 
+VERIFY_MAX_T = 17  # tokens a row that a speculative check takes in the static form (16 drafts + 1)
+
 
 class BatchStep:
     """The batched decode forward: `logits (B, V) = step(tokens, positions, slots)`, host lists in (the
@@ -44,7 +46,8 @@ class BatchStep:
         self.inputs = torch.zeros(4, n_slots, dtype=torch.long, device=device)  # token, position, slot, adapter rows
         self.scales = torch.ones(n_slots, dtype=torch.float32, device=device)  # each row's adapter scale
         self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict = {}  # bucket, or (bucket, T) for a check of T tokens a row -> (graph, logits)
+        self.checks: dict[int, torch.Tensor] = {}  # T -> the static (n_slots, T) tokens of a check
         places = getattr(model, "places", None) or ()  # a split model steps eagerly, its GPU blocks from graphs
         gpu_blocks = any(torch.device(p.device).type == "cuda" for p in places) and self.bank is None
         self.split_graphs = DeviceGraphs() if gpu_blocks and not static else None
@@ -65,12 +68,7 @@ class BatchStep:
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
-        pad = bucket - b
-        host = torch.tensor([([0] * b if on_device else tokens) + [0] * pad, pos + [0] * pad,
-                             slots + [self.scratch] * pad, [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
-        self.inputs[:, :bucket].copy_(host)
-        if self.bank is not None:
-            self.scales[:bucket].copy_(torch.tensor([s for _, s in adapters] + [1.0] * pad))
+        self._fill(bucket, [0] * b if on_device else list(tokens), pos, slots, adapters)
         if on_device:
             self.inputs[0, :b].copy_(tokens)
         if bucket in self.graphs:
@@ -79,27 +77,71 @@ class BatchStep:
             return logits[:b]
         return self._static(bucket, max(pos) + 1)[:b]
 
+    def verify(self, ids: torch.Tensor, pos: list[int], slots: list[int],
+               adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
+        """Speculative decoding's check: row b's T tokens ids[b] (B, T) into slot slots[b] from position pos[b]
+        on → logits (B, T, V) of every one. The static form pads the rows to a bucket as `__call__` does, its
+        tokens in a static (n_slots, T) buffer; on CUDA a graph per (bucket, T) up to VERIFY_MAX_T."""
+        b, t = ids.shape
+        adapters = adapters or [(0, 1.0)] * b
+        if not self.static or t > VERIFY_MAX_T:
+            dev = self.device
+            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
+            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
+            return self._forward(ids.to(dev), torch.tensor(pos, dtype=torch.long, device=dev), slots,
+                                 max(pos) + t, rows, scales)
+        bucket, key = next(n for n in self.buckets if n >= b), (next(n for n in self.buckets if n >= b), t)
+        if max(pos) + t > self.cache.max_len:
+            raise KilnError(f"context is full: position {max(pos) + t} exceeds the cache's {self.cache.max_len} slots")
+        if t not in self.checks:
+            self.checks[t] = torch.zeros(self.scratch, t, dtype=torch.long, device=self.device)
+        if self.use_graphs and key not in self.graphs:
+            self._capture(key)
+        self._fill(bucket, [0] * b, pos, slots, adapters)
+        self.checks[t][:b].copy_(ids)
+        self.checks[t][b:bucket].zero_()
+        if key in self.graphs:
+            graph, logits = self.graphs[key]
+            graph.replay()
+            return logits[:b]
+        return self._static(key, self.cache.max_len)[:b]
+
+    def _fill(self, bucket: int, tokens: list[int], pos: list[int], slots: list[int], adapters) -> None:
+        """The static inputs of the first `bucket` rows: the given rows, then pads on the scratch slot."""
+        b, pad = len(pos), bucket - len(pos)
+        host = torch.tensor([tokens + [0] * pad, pos + [0] * pad, slots + [self.scratch] * pad,
+                             [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
+        self.inputs[:, :bucket].copy_(host)
+        if self.bank is not None:
+            self.scales[:bucket].copy_(torch.tensor([s for _, s in adapters] + [1.0] * pad))
+
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots, n_keys: int, rows: torch.Tensor,
                  scales: torch.Tensor) -> torch.Tensor:
         """The batched-rows model call: tokens (B,) each at its pos[b] in cache row slots[b] (a host list, or a
         device tensor in the static form), under adapter rows[b] at scales[b], no row reading past key
-        n_keys - 1; logits (B, V)."""
+        n_keys - 1; logits (B, V) — or, for tokens (B, T), T tokens a row from pos[b] on: logits (B, T, V)."""
         with adapters_of(self.model, rows, scales):
             step = Step.rows(self.cache.rows(slots, n_keys), pos, graphs=self.split_graphs)
-            logits = self.model(tokens[:, None], step)[:, -1]
-        return logits.float().to(self.device)  # (B, V); a split model's come from the head's device
+            logits = self.model(tokens[:, None] if tokens.dim() == 1 else tokens, step)
+        logits = logits[:, -1] if tokens.dim() == 1 else logits
+        return logits.float().to(self.device)  # a split model's come from the head's device
 
-    def _static(self, bucket: int, n_keys: int) -> torch.Tensor:
-        return self._forward(self.inputs[0, :bucket], self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
+    def _static(self, key, n_keys: int) -> torch.Tensor:
+        """The static form's call: key a bucket (a decode step) or (bucket, T) (a check of T tokens a row)."""
+        bucket, t = key if isinstance(key, tuple) else (key, None)
+        tokens = self.inputs[0, :bucket] if t is None else self.checks[t][:bucket]
+        return self._forward(tokens, self.inputs[1, :bucket], self.inputs[2, :bucket], n_keys,
                              self.inputs[3, :bucket], self.scales[:bucket])
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, key) -> None:
         """Warm up (Triton compiles) and capture with every row on the scratch slot: nothing real is written."""
         self.inputs[:2].zero_()  # token 0 at position 0 …
         self.inputs[2].fill_(self.scratch)  # … of the scratch slot, for every row
         self.inputs[3].zero_()  # (the base model's rows; the adapters' LoRAs run for every row all the same)
+        for buf in self.checks.values():
+            buf.zero_()
         try:
-            self.graphs[bucket] = capture_graph(lambda: self._static(bucket, self.cache.max_len))
+            self.graphs[key] = capture_graph(lambda: self._static(key, self.cache.max_len))
         except Exception:
             log.exception("capturing the batched decode step failed; it runs eagerly from now on")
             self.use_graphs, self.graphs = False, {}

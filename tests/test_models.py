@@ -258,6 +258,12 @@ for name in ("qwen3", "gemma3", "phi3"):
             parts.append(km(ids[:, t:t + 1], Step.graph(cache, torch.tensor(t))))
     err = (torch.cat(parts, 1) - ref).abs().max().item()
     assert err <= 1e-4, (name, err)
+    cache = KVCache.for_model(km, max_len=16)  # a speculative check: 4 tokens in one fused graph step
+    with torch.no_grad():
+        km(ids[:, :6], Step.prefill(cache, 0))
+        check = km(ids[:, 6:10], Step.graph(cache, torch.tensor(6)))
+    err = max(err, (check - ref[:, 6:10]).abs().max().item())
+    assert err <= 1e-4, (name, "check", err)
     seqs = [ids, ids[:, :7], ids[:, 1:]]  # the server's batched step over slots: the fused per-row ops
     with torch.no_grad():
         rows = tm._rows_decode(km, seqs, slots=[2, 0, 3], prefill=[7, 5, 7])

@@ -163,10 +163,12 @@ def engine_tokens(engine, prompts, n, **params):
 
 
 @pytest.mark.model
-def test_engine_speculation_gives_plain_greedy_tokens_and_logprobs(qwen):
+@pytest.mark.parametrize("graphs", [None, True])
+def test_engine_speculation_gives_plain_greedy_tokens_and_logprobs(qwen, graphs):
     """Three greedy requests on two slots (one waits, then reuses a slot) with prompt lookup, the model itself
     as its draft (every draft kept: several tokens a row a step) and a random draft (nearly every one
-    rejected): the tokens of each request run alone, and its logprobs."""
+    rejected): the tokens of each request run alone, and its logprobs; eager, and in the static form (graphs:
+    rows padded to a bucket on the scratch slot, tokens from static buffers: what a CUDA graph replays)."""
     from kiln.engine import Engine
     model, tok = qwen
     code = "def area(w, h):\n    total = w * h\n    print('area', total)\n    return total\n"
@@ -176,7 +178,7 @@ def test_engine_speculation_gives_plain_greedy_tokens_and_logprobs(qwen):
     stranger = tiny(3, vocab=model.args.vocab_size)
     for kw in (dict(prompt_lookup=3, num_draft_tokens=6), dict(draft_model=model, num_draft_tokens=3),
                dict(draft_model=stranger, num_draft_tokens=2)):
-        e = Engine(model, tok, n_slots=2, ctx_size=128, **kw)
+        e = Engine(model, tok, n_slots=2, ctx_size=128, graphs=graphs, **kw)
         e.start()
         try:
             outs = engine_tokens(e, prompts, 10, temperature=0.0)

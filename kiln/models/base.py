@@ -229,6 +229,9 @@ def _k_bias(attn: nn.Module, h: int, kv: int, d: int) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------- the step
 
+FUSED_MAX_T = 16  # tokens a row that a CUDA-graph or batched step takes through the fused decode kernels
+
+
 def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, windows) -> Step:
     """The caller's step (None: `model(ids)`, a whole sequence without a cache) with what every layer of
     this forward reads computed once: the policy (the step's, else the model's `policy`), the absolute
@@ -239,11 +242,12 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     t, device = ids.shape[1], ids.device
     positions, n_keys = step.keys(t, device)
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
-    # decode attention over the static cache: those read positions directly, so no mask is built.
+    # decode attention over the static cache: those read positions directly, so no mask is built. Up to
+    # FUSED_MAX_T tokens a row (a speculative check of drafts): the decode kernel's query tile holds them all.
     # A cache stored in another type than the model's (q8_0, q4_0, fp8, ...): dequantized, then SDPA.
     # A cache with ring layers: every mask is built when a layer first asks (`layer_mask`), as the ring
     # layers' depend on their rings and the fused step's ring layers take the unfused path.
-    fused = step.kind != PREFILL and t == 1 and use_triton(ids, policy) and step.cache.direct
+    fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy) and step.cache.direct
     lazy = fused or getattr(step.cache, "rings", None) is not None
     masks = {} if lazy else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused, n_keys=n_keys,
