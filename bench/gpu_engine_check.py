@@ -65,5 +65,21 @@ for dtype in (torch.float32, torch.bfloat16):
                                               drafter, 4, max_tokens=24, stats=stats)]
         print(dtype, type(drafter).__name__, "speculative == plain:", got == plain, stats, flush=True)
         bad += dtype == torch.float32 and got != plain
+    # the engine's speculative rows (a check of K + 1 tokens a row through the fused kernels, a graph per
+    # (bucket, K + 1)): greedy equals each request's plain solo run
+    for kw in (dict(prompt_lookup=3, num_draft_tokens=4), dict(draft_model=model, num_draft_tokens=4)):
+        eng = Engine(model, None, n_slots=4, ctx_size=256, graphs=True, **kw)
+        hs = [eng.submit(EngineRequest(p, SamplingParams(), 24, ignore_eos=True)) for p in [rep] + prompts[:3]]
+        eng.start()
+        try:
+            got = [[o.token for o in h.sync()] for h in hs]
+        finally:
+            eng.stop()
+        want = [plain] + refs[:3]
+        st = eng.stats()
+        print(dtype, "engine speculative", list(kw)[0], "== solo:", [a == b for a, b in zip(got, want)],
+              "check graphs", sorted(k for k in eng._step.graphs if isinstance(k, tuple)),
+              "drafted", st["drafted"], "accepted", st["accepted"], flush=True)
+        bad += dtype == torch.float32 and (got != want or ("draft_model" in kw and st["accepted"] != st["drafted"]))
 print("FAILED" if bad else "all agree")
 sys.exit(1 if bad else 0)

@@ -425,8 +425,9 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     attention over the keys the step's window mask lets each query see. This function decides the kernels:
 
     - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device)
-      at a layer without a ring: RoPE with the KV write into the static cache in one kernel, then split-KV
-      decode attention (one kernel with one split, else split + merge) — two launches per layer or three;
+      at a layer without a ring, heads of 16 or more values: RoPE with the KV write into the static cache
+      in one kernel, then split-KV decode attention (one kernel with one split, else split + merge) — two
+      launches per layer or three;
       (the decode kernel reads slot j as position j: a ring layer's slots hold other positions, so it
       takes the path below, with a mask from `Step.ring_keys`);
     - one float32 token of a prefill-kind step on the CPU where the native kernels fit
@@ -436,7 +437,7 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     """
     b, t = q.shape[:2]
     r, policy = step.rope[rope], step.policy
-    if step.fused and step.ring(layer) is None:
+    if step.fused and step.ring(layer) is None and q.shape[-1] >= 16:  # (the kernel's dots need 16 a row)
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
         q = r.apply_write(q, k, v, kc, vc, rows, norms, policy)  # (B, T, H, D)
         return decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, policy=policy).reshape(b, t, -1)
