@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 
 import torch
 import torch.distributed as dist
 
-import kiln
-from kiln.generate import DecoderPool
-from kiln.parallel import Shard
+sys.path.insert(0, ".")
+import kiln  # noqa: E402
+from bench.spec_cost import timed  # noqa: E402
+from kiln.generate import DecoderPool  # noqa: E402
+from kiln.parallel import Shard  # noqa: E402
 
 
 class Unwrapped(Shard):
@@ -34,18 +35,6 @@ class Unwrapped(Shard):
 
     def wrap(self, model, config):
         return model
-
-
-def timed(fn, n: int) -> float:
-    """Median seconds of fn() over n runs, synchronized."""
-    out = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def decode_step_ms(model, depth: int, n: int) -> float:

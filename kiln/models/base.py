@@ -24,6 +24,8 @@ Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K k
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -493,9 +495,24 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     elif k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(h // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                         **extra)  # (B, H, T, D)
+    with _masked_backends(q, mask):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                             **extra)  # (B, H, T, D)
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
+def _masked_backends(q: torch.Tensor, mask) -> contextlib.AbstractContextManager:
+    """SDPA's kernels for a masked call on CUDA without cuDNN's: it builds a plan for every new key count (48-70
+    ms a call on an H100, torch 2.11: bench/sdpa_shapes.py), and an eager step's key count is new each step;
+    the memory-efficient kernel takes the mask at 0.2 ms."""
+    if mask is None or not q.is_cuda or _SDPA_NO_CUDNN is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_SDPA_NO_CUDNN)
+
+
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    _SDPA_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # pragma: no cover
+    sdpa_kernel, _SDPA_NO_CUDNN = None, None
