@@ -4,7 +4,8 @@ Owns: reading and checking `tokenizer.ggml.*`, building a `tokenizers.Tokenizer`
 per-`pre` regexes; SentencePiece "llama" vocabularies replayed as score-ranked BPE), llama.cpp's end-of-generation
 ids and retyping of tokens it knows by spelling, BOS/EOS, flags, templates, and each id's piece. Entry point:
 `backend_from_gguf(meta) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
-tokenizer.py. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py).
+tokenizer.py. The hot paths of a 150k-262k token vocabulary (splitting merges, spelling pieces) run in bulk, each
+beside its one-by-one twin. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 from collections.abc import Iterable
 from functools import cache
+from itertools import accumulate, repeat
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -190,7 +192,7 @@ def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
     value = meta.get(key)
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) or (n and len(value) < n):
+    if not isinstance(value, list) or not _all_of(value, kind) or (n and len(value) < n):
         what = f"a {type(value).__name__}" if not isinstance(value, list) else f"{len(value)} items"
         raise KilnError(f"GGUF vocabulary is inconsistent: {key} is {what}, expected {n or 'a list of'} "
                         f"{getattr(kind, '__name__', 'number')} values; the file is damaged, re-download or "
@@ -198,18 +200,50 @@ def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
     return value
 
 
+def _all_of(values: list, kind) -> bool:
+    """all(isinstance(v, kind) for v in values), one check per distinct type instead of per item."""
+    return all(issubclass(t, kind) for t in set(map(type, values)))
+
+
 def _bpe_backend(vocab: _GGUFVocab, meta: dict) -> tuple[_Backend, dict]:
     """gpt2-style byte-level BPE, split by the regexes llama.cpp uses for this `pre`."""
     regexes, flags = _pre_regexes(meta.get("tokenizer.ggml.pre") or "")
-    ids = vocab.ids
-    merges = [m for m in map(_split_merge, vocab.merges) if m and m[0] in ids and m[1] in ids and m[0] + m[1] in ids]
-    backend = _Backend(models.BPE(vocab=ids, merges=merges, ignore_merges=flags.get("ignore_merges", False)))
+    backend = _Backend(_bpe_model(vocab, flags.get("ignore_merges", False)))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                         use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     backend.add_tokens(vocab.added_tokens())
     return backend, flags
+
+
+def _bpe_model(vocab: _GGUFVocab, ignore_merges: bool) -> models.BPE:
+    """The BPE over the file's merges. The merges are split in bulk (`_merge_pairs`) and handed over unchecked:
+    `models.BPE` refuses a merge naming a token the vocabulary lacks, and only then are they split and checked
+    one by one (`_checked_merges`, which drops such merges as llama.cpp does)."""
+    pairs = _merge_pairs(vocab.merges)
+    if pairs is not None:
+        try:
+            return models.BPE(vocab=vocab.ids, merges=pairs, ignore_merges=ignore_merges)
+        except Exception:  # the Rust builder's errors are plain Exceptions
+            pass
+    return models.BPE(vocab=vocab.ids, merges=_checked_merges(vocab), ignore_merges=ignore_merges)
+
+
+def _merge_pairs(lines: list[str]) -> list[tuple[str, str]] | None:
+    """Each merge split at its one space, in bulk; None unless every merge has exactly one space and not
+    first, where llama.cpp's rule (the first space after the first character) splits them the same."""
+    if list(map(str.count, lines, repeat(" "))).count(1) != len(lines):
+        return None
+    words = " ".join(lines).split(" ")
+    left, right = words[0::2], words[1::2]
+    return list(zip(left, right)) if all(left) else None
+
+
+def _checked_merges(vocab: _GGUFVocab) -> list[tuple[str, str]]:
+    """The slow twin of _merge_pairs: each merge split by llama.cpp's rule, those naming a missing token dropped."""
+    ids = vocab.ids
+    return [m for m in map(_split_merge, vocab.merges) if m and m[0] in ids and m[1] in ids and m[0] + m[1] in ids]
 
 
 def _split_merge(line: str) -> tuple[str, str] | None:
@@ -325,19 +359,29 @@ def _gguf_templates(meta: dict) -> dict[str, str]:
 
 
 def _gguf_pieces(vocab: _GGUFVocab) -> list[bytes]:
-    """What each id adds to decoded text, as llama.cpp's token_to_piece(special=True) spells it."""
-    normal = byte_level_bytes if vocab.model == "gpt2" else spm_bytes
-    out = []
-    for text, kind in zip(vocab.tokens, vocab.types):
-        if kind == NORMAL:
-            out.append(normal(text))
-        elif kind in _MATCHED_IN_TEXT:
-            out.append(text.encode("utf-8"))
-        elif kind == BYTE:
-            out.append(byte_token(text))
-        else:  # UNUSED / UNDEFINED tokens print nothing
-            out.append(b"")
-    return out
+    """What each id adds to decoded text, as llama.cpp's token_to_piece(special=True) spells it: every token
+    spelled in bulk as a NORMAL one, then the others one by one (`_gguf_pieces_one_by_one` is the slow twin)."""
+    pieces = (byte_level_pieces if vocab.model == "gpt2" else spm_pieces)(vocab.tokens)
+    if pieces is None:
+        return _gguf_pieces_one_by_one(vocab)
+    for i in [i for i, kind in enumerate(vocab.types) if kind != NORMAL]:
+        pieces[i] = _piece(vocab.tokens[i], vocab.types[i], vocab.model)
+    return pieces
+
+
+def _gguf_pieces_one_by_one(vocab: _GGUFVocab) -> list[bytes]:
+    """_gguf_pieces token by token: each spelled as its type says."""
+    return [_piece(text, kind, vocab.model) for text, kind in zip(vocab.tokens, vocab.types)]
+
+
+def _piece(text: str, kind: int, model: str) -> bytes:
+    if kind == NORMAL:
+        return byte_level_bytes(text) if model == "gpt2" else spm_bytes(text)
+    if kind in _MATCHED_IN_TEXT:
+        return text.encode("utf-8")
+    if kind == BYTE:
+        return byte_token(text)
+    return b""  # UNUSED / UNDEFINED tokens print nothing
 
 
 # --- Pieces: the bytes each token adds to decoded text (tokenizer.py reads Hugging Face vocabularies too) ---
@@ -348,6 +392,45 @@ def spm_bytes(text: str) -> bytes:
 def byte_token(text: str) -> bytes:
     m = BYTE_TOKEN.fullmatch(text)
     return bytes([int(m.group(1), 16)]) if m else text.encode("utf-8")
+
+
+def spm_pieces(texts: list[str]) -> list[bytes] | None:
+    """[spm_bytes(t) for t in texts] in bulk (one encode, split at zero characters); None where a text holds a
+    zero character or a lone surrogate (one that never becomes a NORMAL token's piece must not fail the rest)."""
+    joined = "\0".join(texts)
+    if joined.count("\0") != len(texts) - 1:
+        return None
+    try:
+        return spm_bytes(joined).split(b"\0")
+    except UnicodeEncodeError:
+        return None
+
+
+def byte_level_pieces(texts: list[str]) -> list[bytes] | None:
+    """[byte_level_bytes(t) for t in texts] in bulk: every character looked up at once in a table of GPT-2's byte
+    alphabet (`byte_level_array`), a text with a character outside it spelled on its own; None where a text holds
+    a lone surrogate."""
+    try:
+        chars = np.frombuffer("".join(texts).encode("utf-32-le"), "<u4")
+    except UnicodeEncodeError:
+        return None
+    table = byte_level_array()
+    raw = table[np.minimum(chars, len(table) - 1)]
+    data, ends = raw.astype(np.uint8).tobytes(), list(accumulate(map(len, texts)))
+    out = list(map(data.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+    for i in set(np.searchsorted(ends, np.flatnonzero(raw < 0), side="right").tolist()):
+        out[i] = byte_level_bytes(texts[i])
+    return out
+
+
+@cache
+def byte_level_array() -> np.ndarray:
+    """byte_level_table as an array over characters 0..0x144: the byte, or -1 (not in the alphabet; the last
+    entry stands for every character past it)."""
+    out = np.full(0x145, -1, dtype=np.int16)
+    for c, b in byte_level_table().items():
+        out[c] = -1 if b == 0xFFFF else b
+    return out
 
 
 @cache
