@@ -3,9 +3,10 @@
 Owns: reading and checking `tokenizer.ggml.*`, building a `tokenizers.Tokenizer` (byte-level BPE with llama.cpp's
 per-`pre` regexes; SentencePiece "llama" vocabularies replayed as score-ranked BPE), llama.cpp's end-of-generation
 ids and retyping of tokens it knows by spelling, BOS/EOS, flags, templates, and each id's piece. Entry point:
-`backend_from_gguf(meta) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
+`backend_from_gguf(meta, cache_dir) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
 tokenizer.py. The hot paths of a 150k-262k token vocabulary (splitting merges, spelling pieces) run in bulk, each
-beside its one-by-one twin. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py).
+beside its one-by-one twin. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py), keeping derived
+merges on disk (vocab_cache.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import re
 from collections.abc import Iterable
 from functools import cache
 from itertools import accumulate, repeat
+from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from kiln.errors import KilnError
+from kiln.formats.vocab_cache import cached_merges
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +125,17 @@ BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 # --- The vocabulary and the backend ----------------------------------------------------------------------------
-def backend_from_gguf(meta: dict) -> tuple[_Backend, dict]:
+def backend_from_gguf(meta: dict, cache_dir: Path | None = None) -> tuple[_Backend, dict]:
     """The backend for a GGUF file's metadata, and the rest of what a Tokenizer needs (its keyword arguments:
-    pieces, special ids, BOS/EOS, end-of-generation ids, add_bos/add_eos, chat templates, template tokens)."""
+    pieces, special ids, BOS/EOS, end-of-generation ids, add_bos/add_eos, chat templates, template tokens).
+    `cache_dir`: where a SentencePiece vocabulary's merges are kept across processes (vocab_cache.py); None: not
+    kept."""
     vocab = _GGUFVocab.read(meta)
     eog = _llama_cpp_specials(vocab, meta)
     if vocab.model == "gpt2":
         backend, flags = _bpe_backend(vocab, meta)
     elif vocab.model == "llama":
-        backend, flags = _spm_backend(vocab, meta), {"add_bos": True}
+        backend, flags = _spm_backend(vocab, meta, cache_dir), {"add_bos": True}
     else:
         raise KilnError(f"GGUF tokenizer model {vocab.model!r:.80} is not supported (kiln reads 'gpt2' BPE and "
                         "'llama' SentencePiece vocabularies); point kiln at the model's Hugging Face folder "
@@ -264,7 +269,7 @@ def _pre_regexes(pre: str) -> tuple[tuple[str, ...], dict]:
     return _PRE_REGEXES[family], flags
 
 
-def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
+def _spm_backend(vocab: _GGUFVocab, meta: dict, cache_dir: Path | None = None) -> _Backend:
     """SentencePiece "llama" vocabularies, replayed as BPE.
 
     llama.cpp's SPM tokenizer starts from UTF-8 characters and repeatedly merges the adjacent pair whose
@@ -275,8 +280,9 @@ def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
     """
     ids = vocab.ids
     order = np.argsort(-np.asarray(vocab.scores, dtype=np.float64), kind="stable")  # best score first
-    ranked = [vocab.tokens[i] for i in order.tolist()]
-    merges = [(a, b) for p in ranked for k in range(1, len(p)) if (a := p[:k]) in ids and (b := p[k:]) in ids]
+    ranked = list(map(vocab.tokens.__getitem__, order.tolist()))
+    folder = cache_dir if len(ranked) >= _SPM_CACHED_FROM else None  # a small one derives faster than it reads
+    merges = cached_merges(folder, ranked, lambda: _spm_merges(ranked, ids), _SPM_MERGES)
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     unk_text = vocab.tokens[unk] if isinstance(unk, int) and 0 <= unk < len(vocab.tokens) else None
     backend = _Backend(models.BPE(vocab=ids, merges=merges, byte_fallback=True, unk_token=unk_text))
@@ -289,6 +295,15 @@ def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
     # which is what llama.cpp does (it prefixes a space after every special token)
     backend.add_tokens(vocab.added_tokens())
     return backend
+
+
+_SPM_MERGES = "spm-merges/1"  # the cache's name for what _spm_merges derives: change it when that changes
+_SPM_CACHED_FROM = 16384  # tokens
+
+
+def _spm_merges(ranked: list[str], ids: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of every token whose two sides are tokens: by token rank, then left to right."""
+    return [(a, b) for p in ranked for k in range(1, len(p)) if (a := p[:k]) in ids and (b := p[k:]) in ids]
 
 
 def _spm_space_prefix(meta: dict) -> bool:
