@@ -176,8 +176,13 @@ class _GGUFVocab:
 
     def added_tokens(self) -> list[AddedToken]:
         """Tokens matched in raw text before the model runs: CONTROL/UNKNOWN (special) and USER_DEFINED."""
-        return [AddedToken(self.tokens[i], special=t != USER_DEFINED, normalized=False)
-                for i, t in enumerate(self.types) if t in _MATCHED_IN_TEXT]
+        return [AddedToken(self.tokens[i], special=self.types[i] != USER_DEFINED, normalized=False)
+                for i in self.typed(_MATCHED_IN_TEXT)]
+
+    def typed(self, kinds: Iterable[int], keep: bool = True) -> list[int]:
+        """Ids whose type is one of `kinds` (or, not `keep`, is none of them), in id order; one numpy pass."""
+        hit = np.isin(np.asarray(self.types), list(kinds))
+        return np.flatnonzero(hit if keep else ~hit).tolist()
 
     def find(self, texts: Iterable[str]) -> list[int]:
         """Ids of the tokens spelled as one of `texts`, in id order."""
@@ -317,7 +322,7 @@ def _gguf_fields(vocab: _GGUFVocab, meta: dict, flags: dict) -> dict:
     names = {"bos_token": ids["bos"], "eos_token": ids["eos"], "unk_token": ids["unknown"],
              "pad_token": ids["padding"]}
     return dict(
-        pieces=_gguf_pieces(vocab), special_ids=[i for i, t in enumerate(vocab.types) if t in _SKIPPABLE],
+        pieces=_gguf_pieces(vocab), special_ids=vocab.typed(_SKIPPABLE),
         bos_token_id=ids["bos"], eos_token_id=ids["eos"],
         add_bos=bool(add_bos) and ids["bos"] is not None, add_eos=bool(meta.get("tokenizer.ggml.add_eos_token")),
         strip_leading_space=vocab.model == "llama" and _spm_space_prefix(meta),
@@ -379,7 +384,7 @@ def _gguf_pieces(vocab: _GGUFVocab) -> list[bytes]:
     pieces = (byte_level_pieces if vocab.model == "gpt2" else spm_pieces)(vocab.tokens)
     if pieces is None:
         return _gguf_pieces_one_by_one(vocab)
-    for i in [i for i, kind in enumerate(vocab.types) if kind != NORMAL]:
+    for i in vocab.typed([NORMAL], keep=False):
         pieces[i] = _piece(vocab.tokens[i], vocab.types[i], vocab.model)
     return pieces
 

@@ -25,8 +25,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KILNMRG1"  # the layout: MAGIC, key (32 bytes), sha256 of the payload (32), then the payload:
-_HEADER = len(MAGIC) + 32 + 32  # int32 little-endian (left rank, right rank) per merge
+# An entry: MAGIC, the key (32 bytes), the payload's sha256 (32 bytes), then the payload: per merge, the ranks of
+# its left and right side as int32 little-endian.
+MAGIC = b"KILNMRG1"
+_HEADER = len(MAGIC) + 32 + 32
 
 
 def vocabulary_key(ranked: list[str], version: str) -> bytes:
