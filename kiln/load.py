@@ -122,9 +122,10 @@ def read_model(path: Path):
         from kiln.formats.safetensors import read_folder
         config, weights = read_folder(path)
         return config, weights, Tokenizer.from_folder(path)
+    from kiln.hub import cache_dir
     g = read_gguf(path)
     config = to_config(g)
-    return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta)
+    return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta, cache_dir() / "tokenizers")
 
 
 def read_weights(path: Path):

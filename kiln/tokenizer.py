@@ -56,10 +56,11 @@ class Tokenizer:
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, meta) -> Tokenizer:
-        """Build from a GGUF file's metadata (`read_gguf(path).meta`, or the GGUFFile itself)."""
+    def from_gguf(cls, meta, cache_dir: Path | None = None) -> Tokenizer:
+        """Build from a GGUF file's metadata (`read_gguf(path).meta`, or the GGUFFile itself); `cache_dir`: where
+        what is slow to derive from the vocabulary is kept across processes (None: nowhere)."""
         meta = getattr(meta, "meta", meta)
-        backend, fields = backend_from_gguf(meta)
+        backend, fields = backend_from_gguf(meta, cache_dir)
         return cls(backend, **fields)
 
     @classmethod

@@ -4,6 +4,7 @@ A tiny Llama and a tiny Gemma 3 are written the way llama.cpp's converter writes
 permuted, Gemma norms stored as 1 + w); kiln must read them back into the exact Hugging Face model.
 """
 
+import struct
 import subprocess
 import sys
 
@@ -241,3 +242,91 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "--temp", "-1", "--prompt", "hi",
                         "--model", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "temperature" in r.stderr
+
+
+# ---------------------------------------------------------------- string arrays: bulk against one by one
+
+def _string_array(items: list[bytes], tail: bytes = b"\x07" * 40) -> bytes:
+    return b"".join(struct.pack("<Q", len(b)) + b for b in items) + tail
+
+
+def _both_readers(buf: bytes, n: int):
+    """(bulk_strings's answer, the one-by-one reader's strings and end, or its KilnError's text)."""
+    from kiln.formats.gguf import _Cursor, bulk_strings
+    cur = _Cursor(buf, "x.gguf")
+    try:
+        slow = (cur.strings_one_by_one(n, "the array"), cur.pos)
+    except KilnError as e:
+        slow = str(e)
+    return bulk_strings(buf, 0, len(buf), n), slow
+
+
+def _vocabulary(rng, n: int) -> list[bytes]:
+    alphabet = ["a", "Ġ", "▁", "é", "你", "👨‍👩‍👧", " ", "\n", "<|im_end|>", "{", "\t", "\x7f"]
+    return [("".join(rng.choice(alphabet, size=rng.integers(1, 12)))).encode() for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", ["plain", "empty strings", "empty strings in a row", "long strings", "zero byte",
+                                  "leading zero byte", "invalid utf-8", "truncated", "length past the end",
+                                  "array at the end"])
+def test_bulk_strings_equal_one_by_one(case):
+    """The bulk reader gives the one-by-one reader's strings and end, or declines (None) and leaves the
+    one-by-one reader to decode or refuse the array; it never gives anything else."""
+    rng = np.random.default_rng(0)
+    items = _vocabulary(rng, 3000)
+    tail = b"\x07" * 40
+    if case == "empty strings":
+        items[5] = items[9] = items[-1] = b""
+    elif case == "empty strings in a row":  # one run of zero bytes: where each starts is not guessed
+        items[5:9] = [b""] * 4
+    elif case == "long strings":
+        items[10], items[20] = b"x" * 70_000, "é".encode() * 300
+    elif case == "zero byte":
+        items[100] = b"ab\0cd"
+    elif case == "leading zero byte":
+        items[100] = b"\0\0\0\0ab"
+    elif case == "invalid utf-8":
+        items[100] = b"ab\xffcd"
+    elif case == "array at the end":
+        tail = b""
+    buf = _string_array(items, tail)
+    if case == "truncated":
+        buf = buf[:len(buf) // 2]
+    elif case == "length past the end":
+        buf = buf + struct.pack("<Q", 1000) + b"abc"
+    n = len(items) + (case == "length past the end")
+    bulk, slow = _both_readers(buf, n)
+    if case in ("plain", "empty strings", "long strings", "array at the end"):
+        assert bulk is not None and bulk == slow
+    else:  # declined: the one-by-one reader reads these (replacing invalid UTF-8) or names the damage
+        assert bulk is None
+    if case == "invalid utf-8":
+        assert slow[0][100] == "ab\ufffdcd"
+    if case in ("truncated", "length past the end"):
+        assert "truncated or corrupt" in slow
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m", "qwen2.5-coder-1.5b"])
+def test_real_vocabularies_read_in_bulk(name, monkeypatch):
+    """On each real model every vocabulary-sized array is read in bulk, and the metadata equals what the
+    one-by-one reader reads (test_fuzz_formats also checks the Qwen header against an independent parse)."""
+    from kiln.formats import gguf as G
+    try:
+        from tests.conftest import real_model
+    except ImportError:
+        from conftest import real_model
+    path = real_model(name)
+    served, bulk = [], G.bulk_strings
+
+    def spy(*args):
+        out = bulk(*args)
+        served.append((args[-1], out is not None))
+        return out
+
+    monkeypatch.setattr(G, "bulk_strings", spy)
+    fast = read_gguf(path).meta
+    big = [ok for n, ok in served if n >= G._BULK_MIN]
+    assert big and all(big)
+    monkeypatch.setattr(G, "bulk_strings", lambda *a: None)
+    assert fast == read_gguf(path).meta

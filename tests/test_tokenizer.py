@@ -172,6 +172,45 @@ def test_unknown_pre_falls_back_to_gpt2(metas, caplog):
     assert tok.encode("Hello world's 12345") == want.encode("Hello world's 12345")
 
 
+# --- fast paths against their slow twins (gguf_vocab) -----------------------------------------------------------
+@pytest.mark.model
+@pytest.mark.parametrize("key", list(FILES))
+def test_bulk_pieces_and_merges_equal_one_by_one(metas, key):
+    from kiln.formats import gguf_vocab as V
+    vocab = V._GGUFVocab.read(metas[key])
+    V._llama_cpp_specials(vocab, metas[key])
+    assert V._gguf_pieces(vocab) == V._gguf_pieces_one_by_one(vocab)
+    if vocab.model == "gpt2":
+        assert V._merge_pairs(vocab.merges) == V._checked_merges(vocab)
+
+
+def test_bulk_pieces_and_merges_on_odd_vocabularies():
+    """Texts outside GPT-2's byte alphabet, zero characters, merges without a space, with two, with one first,
+    or naming a missing token: the bulk spellings equal the one-by-one ones, and the BPE built from the bulk
+    split encodes as the one from the checked merges."""
+    from kiln.formats import gguf_vocab as V
+    texts = ["a", "Ġb", "é", "你", "\x00", "", "ĠĠ", "Ċ\n", "\x7f", "▁x▁", "<0x41>", "Āā", "\u0144"]
+    assert V.byte_level_pieces(texts) == list(map(V.byte_level_bytes, texts))
+    assert V.spm_pieces(texts) is None  # a zero character: spelled one by one
+    assert V.spm_pieces(texts[5:]) == list(map(V.spm_bytes, texts[5:]))
+    assert V.spm_pieces(["a", "\ud800"]) is None and V.byte_level_pieces(["a", "\ud800"]) is None
+    tokens = ["a", "\ud800", "<s>"]  # a lone surrogate in an unused token: never spelled, as before
+    vocab = V._GGUFVocab("llama", tokens, [V.NORMAL, V.UNUSED, V.CONTROL], [0.0] * 3, [])
+    assert V._gguf_pieces(vocab) == V._gguf_pieces_one_by_one(vocab) == [b"a", b"", b"<s>"]
+    tokens = ["a", "b", "ab", "c", "abc", " ", "a b", " a"]
+    ok = ["a b", "ab c"]
+    for merges in (ok, ok + ["ab"], ok + ["a  b"], ok + [" a b"], ok + ["a c"], ["a b c", "ab"], ok + ["a "]):
+        vocab = V._GGUFVocab("gpt2", list(tokens), [V.NORMAL] * len(tokens), [0.0] * len(tokens), merges)
+        pairs, checked = V._merge_pairs(merges), V._checked_merges(vocab)
+        if pairs is not None and pairs != checked:  # a merge naming a missing token: the Rust builder refuses it
+            with pytest.raises(Exception, match="out of vocabulary"):
+                models.BPE(vocab=vocab.ids, merges=pairs)
+        bulk = Backend(V._bpe_model(vocab, False))
+        slow = Backend(models.BPE(vocab=vocab.ids, merges=checked))
+        for text in ("abc", "ab", "a", "cab", "abcabc"):
+            assert bulk.encode(text).ids == slow.encode(text).ids, (merges, text)
+
+
 # --- special ids and metadata --------------------------------------------------------------------------------------
 @pytest.mark.model
 def test_gguf_special_ids(toks):

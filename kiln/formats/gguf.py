@@ -156,7 +156,16 @@ class _Cursor:
         return str(self.take(n, what), "utf-8", "replace")
 
     def strings(self, n: int, what: str) -> list[str]:
-        """`n` length-prefixed strings (a vocabulary: the hot loop of opening a file, so kept tight)."""
+        """`n` length-prefixed strings (a vocabulary: the hot loop of opening a file): in bulk where
+        `bulk_strings` can, else one by one, which also names whatever is wrong."""
+        found = bulk_strings(self.buf, self.pos, self.end, n)
+        if found is None:
+            return self.strings_one_by_one(n, what)
+        out, self.pos = found
+        return out
+
+    def strings_one_by_one(self, n: int, what: str) -> list[str]:
+        """The slow twin of `bulk_strings`: a Python step per string, each checked against the bytes left."""
         buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
         out = []
         for i in range(n):
@@ -192,6 +201,75 @@ class _Cursor:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype][0], what)
         raise self.corrupt(f"{what} has unknown value type {vtype}")
+
+
+_BULK_MIN = 256  # fewer strings than this are read one by one: numpy's fixed costs would not pay
+_BULK_MAX_AVG = 256  # bytes a string on average past which bulk_strings gives up (its scan would be too big)
+_BULK_MAX_BYTES = 1 << 25  # nor scans more bytes (a 262k-token vocabulary takes 4 MB), whatever a count declares
+
+
+def bulk_strings(buf, pos: int, end: int, n: int) -> tuple[list[str], int] | None:
+    """`n` GGUF strings (each a u64 byte length, then UTF-8 bytes) from `buf[pos:end]` with no Python step per
+    string, and the position after them; None where the one-by-one reader must do it.
+
+    Where each string starts is guessed from the bytes, then proven. A length below 2**32 ends in four zero
+    bytes, and a string that neither is empty nor starts with a zero byte begins right after, so each length
+    is the last position p whose bytes p+4..p+7 are zero. The guesses stand only if the first is at `pos` and
+    each next one is its predecessor's start + 8 + length: that chain is exactly what the one-by-one reader
+    walks. The lengths' bytes are then zeroed and everything decoded at once and split at each eight zeros.
+    None when the chain breaks, a string holds a zero byte or invalid UTF-8 (the one-by-one reader's "replace"
+    decides what those read as), or the strings do not fit the bytes (it names what is wrong).
+    """
+    if n < _BULK_MIN:
+        return None
+    limit = min(end - pos, 64 + _BULK_MAX_AVG * n, _BULK_MAX_BYTES)
+    size = min(limit, 64 + 24 * n)
+    while True:
+        region = np.frombuffer(buf, np.uint8, size, pos)
+        try:
+            found = _string_starts(region, n)
+            break
+        except _Short:
+            if size >= limit:
+                return None
+            size = min(limit, size * 4)
+    if found is None:
+        return None
+    starts, stop = found
+    body = region[:stop].copy()
+    for k in range(8):
+        body[starts + k] = 0
+    try:
+        text = str(body.data, "utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.count("\0") != 8 * n:  # a string holds a zero byte
+        return None
+    return text.split("\0" * 8)[1:], pos + stop
+
+
+class _Short(Exception):
+    """The bytes looked at end before the strings do."""
+
+
+def _string_starts(region: np.ndarray, n: int) -> tuple[np.ndarray, int] | None:
+    """(where each of the first `n` strings in `region` starts, where the last ends) once proven; None when the
+    guess fails; _Short when `region` ends too soon to tell."""
+    if len(region) < 16:
+        raise _Short
+    zero = region == 0
+    four = zero[4:-3] & zero[5:-2] & zero[6:-1] & zero[7:]  # four[p]: bytes p+4..p+7 are zero
+    starts = np.flatnonzero(four[:-1] & ~four[1:])[:n]
+    if len(starts) < n:
+        raise _Short
+    stops = starts + 8  # + each length, below 2**32: its top four bytes are zero
+    for k in range(4):
+        stops += region[starts + k].astype(np.int64) << (8 * k)
+    if starts[0] != 0 or not np.array_equal(stops[:-1], starts[1:]):
+        return None
+    if stops[-1] > len(region):
+        raise _Short
+    return starts, int(stops[-1])
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:

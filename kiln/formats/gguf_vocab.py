@@ -3,8 +3,10 @@
 Owns: reading and checking `tokenizer.ggml.*`, building a `tokenizers.Tokenizer` (byte-level BPE with llama.cpp's
 per-`pre` regexes; SentencePiece "llama" vocabularies replayed as score-ranked BPE), llama.cpp's end-of-generation
 ids and retyping of tokens it knows by spelling, BOS/EOS, flags, templates, and each id's piece. Entry point:
-`backend_from_gguf(meta) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
-tokenizer.py. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py).
+`backend_from_gguf(meta, cache_dir) -> (backend, Tokenizer keyword arguments)`; the piece spellings are shared with
+tokenizer.py. The hot paths of a 150k-262k token vocabulary (splitting merges, spelling pieces) run in bulk, each
+beside its one-by-one twin. Not: parsing the file (gguf.py), encoding and decoding (tokenizer.py), keeping derived
+merges on disk (vocab_cache.py).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import logging
 import re
 from collections.abc import Iterable
 from functools import cache
+from itertools import accumulate, repeat
+from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from kiln.errors import KilnError
+from kiln.formats.vocab_cache import cached_merges
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +125,17 @@ BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 # --- The vocabulary and the backend ----------------------------------------------------------------------------
-def backend_from_gguf(meta: dict) -> tuple[_Backend, dict]:
+def backend_from_gguf(meta: dict, cache_dir: Path | None = None) -> tuple[_Backend, dict]:
     """The backend for a GGUF file's metadata, and the rest of what a Tokenizer needs (its keyword arguments:
-    pieces, special ids, BOS/EOS, end-of-generation ids, add_bos/add_eos, chat templates, template tokens)."""
+    pieces, special ids, BOS/EOS, end-of-generation ids, add_bos/add_eos, chat templates, template tokens).
+    `cache_dir`: where a SentencePiece vocabulary's merges are kept across processes (vocab_cache.py); None: not
+    kept."""
     vocab = _GGUFVocab.read(meta)
     eog = _llama_cpp_specials(vocab, meta)
     if vocab.model == "gpt2":
         backend, flags = _bpe_backend(vocab, meta)
     elif vocab.model == "llama":
-        backend, flags = _spm_backend(vocab, meta), {"add_bos": True}
+        backend, flags = _spm_backend(vocab, meta, cache_dir), {"add_bos": True}
     else:
         raise KilnError(f"GGUF tokenizer model {vocab.model!r:.80} is not supported (kiln reads 'gpt2' BPE and "
                         "'llama' SentencePiece vocabularies); point kiln at the model's Hugging Face folder "
@@ -169,8 +176,13 @@ class _GGUFVocab:
 
     def added_tokens(self) -> list[AddedToken]:
         """Tokens matched in raw text before the model runs: CONTROL/UNKNOWN (special) and USER_DEFINED."""
-        return [AddedToken(self.tokens[i], special=t != USER_DEFINED, normalized=False)
-                for i, t in enumerate(self.types) if t in _MATCHED_IN_TEXT]
+        return [AddedToken(self.tokens[i], special=self.types[i] != USER_DEFINED, normalized=False)
+                for i in self.typed(_MATCHED_IN_TEXT)]
+
+    def typed(self, kinds: Iterable[int], keep: bool = True) -> list[int]:
+        """Ids whose type is one of `kinds` (or, not `keep`, is none of them), in id order; one numpy pass."""
+        hit = np.isin(np.asarray(self.types), list(kinds))
+        return np.flatnonzero(hit if keep else ~hit).tolist()
 
     def find(self, texts: Iterable[str]) -> list[int]:
         """Ids of the tokens spelled as one of `texts`, in id order."""
@@ -190,7 +202,7 @@ def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
     value = meta.get(key)
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value) or (n and len(value) < n):
+    if not isinstance(value, list) or not _all_of(value, kind) or (n and len(value) < n):
         what = f"a {type(value).__name__}" if not isinstance(value, list) else f"{len(value)} items"
         raise KilnError(f"GGUF vocabulary is inconsistent: {key} is {what}, expected {n or 'a list of'} "
                         f"{getattr(kind, '__name__', 'number')} values; the file is damaged, re-download or "
@@ -198,18 +210,50 @@ def _gguf_list(meta: dict, key: str, kind, n: int | None) -> list:
     return value
 
 
+def _all_of(values: list, kind) -> bool:
+    """all(isinstance(v, kind) for v in values), one check per distinct type instead of per item."""
+    return all(issubclass(t, kind) for t in set(map(type, values)))
+
+
 def _bpe_backend(vocab: _GGUFVocab, meta: dict) -> tuple[_Backend, dict]:
     """gpt2-style byte-level BPE, split by the regexes llama.cpp uses for this `pre`."""
     regexes, flags = _pre_regexes(meta.get("tokenizer.ggml.pre") or "")
-    ids = vocab.ids
-    merges = [m for m in map(_split_merge, vocab.merges) if m and m[0] in ids and m[1] in ids and m[0] + m[1] in ids]
-    backend = _Backend(models.BPE(vocab=ids, merges=merges, ignore_merges=flags.get("ignore_merges", False)))
+    backend = _Backend(_bpe_model(vocab, flags.get("ignore_merges", False)))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                         use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     backend.add_tokens(vocab.added_tokens())
     return backend, flags
+
+
+def _bpe_model(vocab: _GGUFVocab, ignore_merges: bool) -> models.BPE:
+    """The BPE over the file's merges. The merges are split in bulk (`_merge_pairs`) and handed over unchecked:
+    `models.BPE` refuses a merge naming a token the vocabulary lacks, and only then are they split and checked
+    one by one (`_checked_merges`, which drops such merges as llama.cpp does)."""
+    pairs = _merge_pairs(vocab.merges)
+    if pairs is not None:
+        try:
+            return models.BPE(vocab=vocab.ids, merges=pairs, ignore_merges=ignore_merges)
+        except Exception:  # the Rust builder's errors are plain Exceptions
+            pass
+    return models.BPE(vocab=vocab.ids, merges=_checked_merges(vocab), ignore_merges=ignore_merges)
+
+
+def _merge_pairs(lines: list[str]) -> list[tuple[str, str]] | None:
+    """Each merge split at its one space, in bulk; None unless every merge has exactly one space and not
+    first, where llama.cpp's rule (the first space after the first character) splits them the same."""
+    if list(map(str.count, lines, repeat(" "))).count(1) != len(lines):
+        return None
+    words = " ".join(lines).split(" ")
+    left, right = words[0::2], words[1::2]
+    return list(zip(left, right)) if all(left) else None
+
+
+def _checked_merges(vocab: _GGUFVocab) -> list[tuple[str, str]]:
+    """The slow twin of _merge_pairs: each merge split by llama.cpp's rule, those naming a missing token dropped."""
+    ids = vocab.ids
+    return [m for m in map(_split_merge, vocab.merges) if m and m[0] in ids and m[1] in ids and m[0] + m[1] in ids]
 
 
 def _split_merge(line: str) -> tuple[str, str] | None:
@@ -230,7 +274,7 @@ def _pre_regexes(pre: str) -> tuple[tuple[str, ...], dict]:
     return _PRE_REGEXES[family], flags
 
 
-def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
+def _spm_backend(vocab: _GGUFVocab, meta: dict, cache_dir: Path | None = None) -> _Backend:
     """SentencePiece "llama" vocabularies, replayed as BPE.
 
     llama.cpp's SPM tokenizer starts from UTF-8 characters and repeatedly merges the adjacent pair whose
@@ -241,8 +285,9 @@ def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
     """
     ids = vocab.ids
     order = np.argsort(-np.asarray(vocab.scores, dtype=np.float64), kind="stable")  # best score first
-    ranked = [vocab.tokens[i] for i in order.tolist()]
-    merges = [(a, b) for p in ranked for k in range(1, len(p)) if (a := p[:k]) in ids and (b := p[k:]) in ids]
+    ranked = list(map(vocab.tokens.__getitem__, order.tolist()))
+    folder = cache_dir if len(ranked) >= _SPM_CACHED_FROM else None  # a small one derives faster than it reads
+    merges = cached_merges(folder, ranked, lambda: _spm_merges(ranked, ids), _SPM_MERGES)
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     unk_text = vocab.tokens[unk] if isinstance(unk, int) and 0 <= unk < len(vocab.tokens) else None
     backend = _Backend(models.BPE(vocab=ids, merges=merges, byte_fallback=True, unk_token=unk_text))
@@ -257,6 +302,15 @@ def _spm_backend(vocab: _GGUFVocab, meta: dict) -> _Backend:
     return backend
 
 
+_SPM_MERGES = "spm-merges/1"  # the cache's name for what _spm_merges derives: change it when that changes
+_SPM_CACHED_FROM = 16384  # tokens
+
+
+def _spm_merges(ranked: list[str], ids: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of every token whose two sides are tokens: by token rank, then left to right."""
+    return [(a, b) for p in ranked for k in range(1, len(p)) if (a := p[:k]) in ids and (b := p[k:]) in ids]
+
+
 def _spm_space_prefix(meta: dict) -> bool:
     return bool(meta.get("tokenizer.ggml.add_space_prefix", True))
 
@@ -268,7 +322,7 @@ def _gguf_fields(vocab: _GGUFVocab, meta: dict, flags: dict) -> dict:
     names = {"bos_token": ids["bos"], "eos_token": ids["eos"], "unk_token": ids["unknown"],
              "pad_token": ids["padding"]}
     return dict(
-        pieces=_gguf_pieces(vocab), special_ids=[i for i, t in enumerate(vocab.types) if t in _SKIPPABLE],
+        pieces=_gguf_pieces(vocab), special_ids=vocab.typed(_SKIPPABLE),
         bos_token_id=ids["bos"], eos_token_id=ids["eos"],
         add_bos=bool(add_bos) and ids["bos"] is not None, add_eos=bool(meta.get("tokenizer.ggml.add_eos_token")),
         strip_leading_space=vocab.model == "llama" and _spm_space_prefix(meta),
@@ -325,19 +379,29 @@ def _gguf_templates(meta: dict) -> dict[str, str]:
 
 
 def _gguf_pieces(vocab: _GGUFVocab) -> list[bytes]:
-    """What each id adds to decoded text, as llama.cpp's token_to_piece(special=True) spells it."""
-    normal = byte_level_bytes if vocab.model == "gpt2" else spm_bytes
-    out = []
-    for text, kind in zip(vocab.tokens, vocab.types):
-        if kind == NORMAL:
-            out.append(normal(text))
-        elif kind in _MATCHED_IN_TEXT:
-            out.append(text.encode("utf-8"))
-        elif kind == BYTE:
-            out.append(byte_token(text))
-        else:  # UNUSED / UNDEFINED tokens print nothing
-            out.append(b"")
-    return out
+    """What each id adds to decoded text, as llama.cpp's token_to_piece(special=True) spells it: every token
+    spelled in bulk as a NORMAL one, then the others one by one (`_gguf_pieces_one_by_one` is the slow twin)."""
+    pieces = (byte_level_pieces if vocab.model == "gpt2" else spm_pieces)(vocab.tokens)
+    if pieces is None:
+        return _gguf_pieces_one_by_one(vocab)
+    for i in vocab.typed([NORMAL], keep=False):
+        pieces[i] = _piece(vocab.tokens[i], vocab.types[i], vocab.model)
+    return pieces
+
+
+def _gguf_pieces_one_by_one(vocab: _GGUFVocab) -> list[bytes]:
+    """_gguf_pieces token by token: each spelled as its type says."""
+    return [_piece(text, kind, vocab.model) for text, kind in zip(vocab.tokens, vocab.types)]
+
+
+def _piece(text: str, kind: int, model: str) -> bytes:
+    if kind == NORMAL:
+        return byte_level_bytes(text) if model == "gpt2" else spm_bytes(text)
+    if kind in _MATCHED_IN_TEXT:
+        return text.encode("utf-8")
+    if kind == BYTE:
+        return byte_token(text)
+    return b""  # UNUSED / UNDEFINED tokens print nothing
 
 
 # --- Pieces: the bytes each token adds to decoded text (tokenizer.py reads Hugging Face vocabularies too) ---
@@ -348,6 +412,45 @@ def spm_bytes(text: str) -> bytes:
 def byte_token(text: str) -> bytes:
     m = BYTE_TOKEN.fullmatch(text)
     return bytes([int(m.group(1), 16)]) if m else text.encode("utf-8")
+
+
+def spm_pieces(texts: list[str]) -> list[bytes] | None:
+    """[spm_bytes(t) for t in texts] in bulk (one encode, split at zero characters); None where a text holds a
+    zero character or a lone surrogate (one that never becomes a NORMAL token's piece must not fail the rest)."""
+    joined = "\0".join(texts)
+    if joined.count("\0") != len(texts) - 1:
+        return None
+    try:
+        return spm_bytes(joined).split(b"\0")
+    except UnicodeEncodeError:
+        return None
+
+
+def byte_level_pieces(texts: list[str]) -> list[bytes] | None:
+    """[byte_level_bytes(t) for t in texts] in bulk: every character looked up at once in a table of GPT-2's byte
+    alphabet (`byte_level_array`), a text with a character outside it spelled on its own; None where a text holds
+    a lone surrogate."""
+    try:
+        chars = np.frombuffer("".join(texts).encode("utf-32-le"), "<u4")
+    except UnicodeEncodeError:
+        return None
+    table = byte_level_array()
+    raw = table[np.minimum(chars, len(table) - 1)]
+    data, ends = raw.astype(np.uint8).tobytes(), list(accumulate(map(len, texts)))
+    out = list(map(data.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+    for i in set(np.searchsorted(ends, np.flatnonzero(raw < 0), side="right").tolist()):
+        out[i] = byte_level_bytes(texts[i])
+    return out
+
+
+@cache
+def byte_level_array() -> np.ndarray:
+    """byte_level_table as an array over characters 0..0x144: the byte, or -1 (not in the alphabet; the last
+    entry stands for every character past it)."""
+    out = np.full(0x145, -1, dtype=np.int16)
+    for c, b in byte_level_table().items():
+        out[c] = -1 if b == 0xFFFF else b
+    return out
 
 
 @cache
