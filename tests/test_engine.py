@@ -402,3 +402,32 @@ def test_a_kv_budget_holds_1_88x_the_context_in_q8_0():
     for bad in ("2 parsecs", "inf", "-1", "GiB"):
         with pytest.raises(KilnError, match="--kv-budget"):
             parse_size(bad)
+
+
+def test_compact_cpu_rows_decode_through_the_one_call_native_step(qwen_path, monkeypatch):
+    """The default (compact) CPU model in the engine: each row of a batched decode step goes through the
+    batch-1 one-call native step on its slot's view at its own position (models.base._native_steps), so
+    every request's tokens and logprobs are those of kiln's batch-1 generation on the same model."""
+    import kiln
+    from kiln import native
+    model, tok = kiln.load(qwen_path, device="cpu")
+    if not native.available():
+        pytest.skip("no C compiler: the native step is not built")
+    prompts = PROMPTS[:3]
+    refs = [solo((model, tok), p) for p in prompts]
+    calls, real = [], native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    e = Engine(model, tok, n_slots=3, ctx_size=128)
+    e.start()
+    try:
+        got = [run(e, req(tok, p)) for p in prompts[:1]]  # one row alone, then three together
+        handles = [e.submit(req(tok, p)) for p in prompts]
+        outs = [list(h.sync()) for h in handles]
+    finally:
+        e.stop()
+    assert got[0][0] == refs[0][0]
+    for out, (tokens, lps) in zip(outs, refs):
+        assert [o.token for o in out] == tokens
+        want = [float(lp[t]) for lp, t in zip(lps, tokens)]
+        assert [o.logprob for o in out] == pytest.approx(want, abs=1e-3)
+    assert len(calls) >= 3 * (N - 1)  # the rows' decode steps took the native call, one row at a time

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.cache import PREFILL, Ring, Step
+from kiln.cache import PREFILL, ROWS, Ring, Step
 from kiln.errors import KilnError
 from kiln.ops import cpu as ops_cpu
 from kiln.ops import decode_attention, rms_norm, rope_qk, rope_qk_ref, rope_qk_write_kv, use_triton
@@ -274,7 +274,29 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
 def run_blocks(layers, x: torch.Tensor, residual, step: Step):
     """x, residual through every block (the loop of every family) -> x, residual: split.run_blocks (which
     crosses a split model's devices), each run of blocks on one place first offered to `_native_run`."""
-    return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_run(layers, a, b, *rest))
+    return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_steps(layers, a, b, *rest))
+
+
+NATIVE_ROWS = 8  # rows of a batched step (a CPU server's) that go through the one-call native step one by one
+
+
+def _native_steps(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
+    """`_native_run` for a batch-1 step; a batched-rows step of one token a row (the engine's decode on the
+    CPU), up to NATIVE_ROWS rows, one row at a time through it, each on its slot's batch-1 view at its own
+    position (its keys 0..pos, as the row's mask allows) -> (x, residual), or None: block by block."""
+    if step.kind != ROWS:
+        return _native_run(layers, a, b, x, residual, step)
+    view = step.cache
+    if x.shape[1] != 1 or x.shape[0] > NATIVE_ROWS or x.is_cuda or not view.direct:
+        return None
+    outs = []
+    for i, (slot, pos) in enumerate(zip(view.slot_index.tolist(), step.pos.tolist())):
+        row = replace(step, kind=PREFILL, cache=view.cache.slot(slot), pos=pos, graphs=None)
+        out = _native_run(layers, a, b, x[i:i + 1], None if residual is None else residual[i:i + 1], row)
+        if out is None:  # (a row written already is written again, the same, block by block)
+            return None
+        outs.append(out)
+    return torch.cat([o[0] for o in outs]), (None if outs[0][1] is None else torch.cat([o[1] for o in outs]))
 
 
 def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
