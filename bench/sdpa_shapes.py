@@ -17,12 +17,14 @@ def run(S, backends=None):
             F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     torch.cuda.synchronize(); return 1e3 * (time.perf_counter() - t)
 run(50)
-for name, b in [("default", None), ("no cudnn", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
-                ("efficient", [SDPBackend.EFFICIENT_ATTENTION]), ("math", [SDPBackend.MATH]), ("cudnn", [SDPBackend.CUDNN_ATTENTION])]:
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+for name, b in [("default", None), ("no cudnn", NO_CUDNN), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
+                ("math", [SDPBackend.MATH]), ("cudnn", [SDPBackend.CUDNN_ATTENTION])]:
     try:
         new = [run(S, b) for S in range(100, 110)]
         same = [run(100, b) for _ in range(5)]
-        print(f"{name:10s} new shapes ms {[round(x, 2) for x in new]} same shape {[round(x, 3) for x in same]}")
+        print(f"{name:10s} new shapes ms {[round(x, 2) for x in new]} "
+              f"same shape {[round(x, 3) for x in same]}")
     except Exception as e:
         print(name, "error", repr(e)[:200])
 import sys
