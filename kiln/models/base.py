@@ -277,7 +277,8 @@ def run_blocks(layers, x: torch.Tensor, residual, step: Step):
     return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_steps(layers, a, b, *rest))
 
 
-NATIVE_ROWS = 8  # rows of a batched step (a CPU server's) that go through the one-call native step one by one
+NATIVE_ROWS = 1  # rows of a batched step (a CPU server's) that go through the one-call native step one by one:
+#                 more rows read the weights once in the batched kernels (4 rows on 2 cores: 37-43 tok/s vs 31-33)
 
 
 def _native_steps(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
