@@ -305,7 +305,7 @@ class _Stack(ctypes.Structure):
     _fields_ = [*((n, ctypes.c_int64) for n in ("n_layers", "e", "heads", "kv_heads", "d", "inter")),
                 *((n, ctypes.c_float) for n in ("eps", "offset", "qk_eps", "qk_offset")),
                 ("inv_freq", ctypes.c_void_p * 2), ("half", ctypes.c_int64 * 2), ("attn_factor", ctypes.c_float * 2),
-                ("pos", ctypes.c_int64), ("where", ctypes.c_void_p)]
+                ("rows", ctypes.c_int64), ("pos", ctypes.c_void_p), ("where", ctypes.c_void_p)]
 
 
 ACTS = {"silu": 0, "gelu_tanh": 1}  # native_step.c's activation codes
@@ -345,22 +345,27 @@ class Stack:
                       len(b["qkv"]), len(b["gate_up"]), b["rope"], ACTS[b["act"]], b["scale"])
 
 
-def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int, where: torch.Tensor,
+def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, pos, where: torch.Tensor,
                   ropes: list[tuple[torch.Tensor, float]]):
-    """One token through every block of `stack` (native_step.c): x (E,) float32, the first block's input;
-    residual (E,) the stream coming in, or None (the first block's: x itself); where (L, 6) int64, per block the
-    addresses of its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the
-    slot `pos` is written to, the first slot attended and how many; ropes: up to two (inv_freq (R/2,) float32,
-    attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual stream),
-    (E,) each."""
-    x = x.reshape(-1).clone()
-    res = torch.empty_like(x) if residual is None else residual.reshape(-1).clone()
+    """Tokens through every block of `stack` (native_step.c), one a row: x (B, E) (or (E,)) float32, the first
+    block's input; residual likewise, the stream coming in, or None (the first block's: x itself); pos the
+    rows' positions (an int for one row); where (B, L, 6) (or (L, 6)) int64, per row and block the addresses of
+    its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
+    row's token is written to, the first slot attended and how many; ropes: up to two (inv_freq (R/2,)
+    float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
+    stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take up to 16)."""
+    e = stack.dims[0]
+    x = x.reshape(-1, e).clone()
+    res = torch.empty_like(x) if residual is None else residual.reshape(-1, e).clone()
+    pos = torch.tensor([pos] if isinstance(pos, int) else list(pos), dtype=torch.int64)
+    if not 1 <= len(pos) <= 16 or len(pos) != x.shape[0]:
+        raise ValueError(f"decode_layers takes 1 to 16 rows, one position each: {x.shape[0]} rows, {len(pos)}")
     s = _Stack.from_buffer_copy(stack.shared)  # this call's own: a Stack may serve two threads
     ropes = [(_c(inv), factor) for inv, factor in ropes]
     for i, (inv, factor) in enumerate(ropes):
         s.inv_freq[i], s.half[i], s.attn_factor[i] = inv.data_ptr(), inv.numel(), factor
     where = where.contiguous()
-    s.pos, s.where = pos, where.data_ptr()
+    s.rows, s.pos, s.where = len(pos), pos.data_ptr(), where.data_ptr()
     _lib().kiln_decode_layers(stack.layers, ctypes.byref(s), _ptr(x), _ptr(res), residual is not None,
                               torch.get_num_threads())
     return x, res

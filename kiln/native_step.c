@@ -47,67 +47,99 @@ typedef struct {  /* what every block shares, and this step's position, RoPE tab
     const float *inv_freq[2];  /* (half,) RoPE frequencies of each table */
     int64_t half[2];
     float attn_factor[2];
-    int64_t pos;
-    const int64_t *where;  /* (L, 6) per block: addresses of its k and v cache (K, S, D) float32, the head
-                              stride, the slot pos is written to, the first slot attended, the slots attended */
+    int64_t rows;          /* tokens in this step, one a row (a server's batched decode step: each row its
+                              own sequence, position and cache slots) */
+    const int64_t *pos;    /* (rows,) each row's position */
+    const int64_t *where;  /* (rows, L, 6) per row and block: addresses of its k and v cache (K, S, D) float32,
+                              the head stride, the slot pos is written to, the first slot attended, how many */
 } kiln_stack;
 
-static void gemv(const kiln_mat *m, const float *x, float *y, int64_t k, int threads) {
-    if (m->qtype == I8_ROWS)
-        kiln_gemv_i8(m->w, x, m->scale, m->bias, y, m->n, k, threads);
-    else if (m->qtype == I8_GROUPS)
-        kiln_gemv_i8g(m->w, x, m->scale, m->group, m->bias, y, m->n, k, 1, threads);
+/* y (rows, n) = x (rows, k) W^T: the block kernels take the rows together, reading each weight once */
+static void gemv(const kiln_mat *m, const float *x, float *y, int64_t k, int64_t rows, int threads) {
+    if (m->qtype == I8_ROWS) {
+        for (int64_t r = 0; r < rows; r++)
+            kiln_gemv_i8(m->w, x + r * k, m->scale, m->bias, y + r * m->n, m->n, k, threads);
+    } else if (m->qtype == I8_GROUPS)
+        kiln_gemv_i8g(m->w, x, m->scale, m->group, m->bias, y, m->n, k, rows, threads);
     else if (m->qtype == 12)
-        kiln_gemv_q4k(m->w, x, m->bias, y, m->n, k, 1, threads);
+        kiln_gemv_q4k(m->w, x, m->bias, y, m->n, k, rows, threads);
     else if (m->qtype == 14)
-        kiln_gemv_q6k(m->w, x, m->bias, y, m->n, k, 1, threads);
+        kiln_gemv_q6k(m->w, x, m->bias, y, m->n, k, rows, threads);
     else
-        kiln_gemv_lq(m->w, (int)m->qtype, x, m->bias, y, m->n, k, 1, threads);
+        kiln_gemv_lq(m->w, (int)m->qtype, x, m->bias, y, m->n, k, rows, threads);
 }
 
-static void gemv_parts(const kiln_mat *m, int64_t parts, const float *x, float *y, int64_t k, int threads) {
-    for (int64_t p = 0; p < parts; y += m[p].n, p++)
-        gemv(&m[p], x, y, k, threads);
+/* y (rows, sum of the parts' n): the parts' outputs side by side in each row (one part: written in place) */
+static void gemv_parts(const kiln_mat *m, int64_t parts, const float *x, float *y, int64_t k, int64_t rows,
+                       float *tmp, int threads) {
+    if (parts == 1) {
+        gemv(m, x, y, k, rows, threads);
+        return;
+    }
+    int64_t width = 0, off = 0;
+    for (int64_t p = 0; p < parts; p++)
+        width += m[p].n;
+    for (int64_t p = 0; p < parts; off += m[p].n, p++) {
+        float *out = rows == 1 ? y + off : tmp;
+        gemv(&m[p], x, out, k, rows, threads);
+        for (int64_t r = 0; rows > 1 && r < rows; r++)
+            memcpy(y + r * width + off, tmp + r * m[p].n, (size_t)m[p].n * sizeof(float));
+    }
 }
 
-/* x (E,): the first block's input, overwritten with the last block's MLP output; residual (E,): the stream
-   coming in (has_residual 0: none yet), overwritten with the stream going out. */
+/* x (rows, E): the first block's input, overwritten with the last block's MLP output; residual (rows, E): the
+   stream coming in (has_residual 0: none yet), overwritten with the stream going out. */
 void kiln_decode_layers(const kiln_layer *layers, const kiln_stack *s, float *x, float *residual,
                         int has_residual, int threads) {
-    const int64_t e = s->e, hd = s->heads * s->d, kvd = s->kv_heads * s->d, inter = s->inter;
-    float *y = malloc((size_t)(e + hd + 2 * kvd + 2 * hd + e + 3 * inter) * sizeof(float));
-    float *qkv = y + e, *att = qkv + hd + 2 * kvd, *qr = att + hd, *o = qr + hd, *gu = o + e, *act = gu + 2 * inter;
+    const int64_t e = s->e, hd = s->heads * s->d, kvd = s->kv_heads * s->d, inter = s->inter, rows = s->rows;
+    const int64_t nqkv = hd + 2 * kvd, widest = 2 * inter > nqkv ? 2 * inter : nqkv;
+    float *y = malloc((size_t)rows * (e + nqkv + 2 * hd + e + 3 * inter + widest) * sizeof(float));
+    float *qkv = y + rows * e, *att = qkv + rows * nqkv, *qr = att + rows * hd, *o = qr + rows * hd;
+    float *gu = o + rows * e, *act = gu + rows * 2 * inter, *tmp = act + rows * inter;
     for (int64_t l = 0; l < s->n_layers; l++) {
         const kiln_layer *b = &layers[l];
-        const int64_t *at = s->where + 6 * l, r = b->rope;
-        if (l == 0 && !has_residual) {
-            memcpy(residual, x, (size_t)e * sizeof(float));
-            kiln_rms_norm(x, NULL, b->norm_attn, s->eps, s->offset, y, NULL, e);
-        } else {
-            kiln_rms_norm(x, residual, b->norm_attn, s->eps, s->offset, y, residual, e);
-        }
-        gemv_parts(b->qkv, b->n_qkv, y, qkv, e, threads);
-        kiln_decode_attention(qkv, qr, qkv + hd, qkv + hd + kvd, (float *)(intptr_t)at[0], (float *)(intptr_t)at[1],
-                              at[2], s->pos, s->heads, s->kv_heads, s->d, s->inv_freq[r], s->half[r],
-                              s->attn_factor[r], b->q_norm, b->k_norm, s->qk_eps, s->qk_offset, b->scale, at[3],
-                              at[4], at[5], att, threads);
-        gemv(&b->o, att, o, hd, threads);
-        if (b->post_attn)  /* in place: the norm reads all of o before it writes */
-            kiln_rms_norm(o, NULL, b->post_attn, s->eps, s->offset, o, NULL, e);
-        kiln_rms_norm(o, residual, b->norm_mlp, s->eps, s->offset, y, residual, e);
-        gemv_parts(b->gate_up, b->n_gate_up, y, gu, e, threads);
-        if (b->act == 0) {
-            for (int64_t i = 0; i < inter; i++)
-                act[i] = gu[i] / (1.f + expf(-gu[i])) * gu[inter + i];
-        } else {
-            for (int64_t i = 0; i < inter; i++) {
-                const float g = gu[i];
-                act[i] = 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * gu[inter + i];
+        const int64_t r = b->rope;
+        for (int64_t i = 0; i < rows; i++) {
+            float *xi = x + i * e, *ri = residual + i * e;
+            if (l == 0 && !has_residual) {
+                memcpy(ri, xi, (size_t)e * sizeof(float));
+                kiln_rms_norm(xi, NULL, b->norm_attn, s->eps, s->offset, y + i * e, NULL, e);
+            } else {
+                kiln_rms_norm(xi, ri, b->norm_attn, s->eps, s->offset, y + i * e, ri, e);
             }
         }
-        gemv(&b->down, act, x, inter, threads);
-        if (b->post_mlp)
-            kiln_rms_norm(x, NULL, b->post_mlp, s->eps, s->offset, x, NULL, e);
+        gemv_parts(b->qkv, b->n_qkv, y, qkv, e, rows, tmp, threads);
+        for (int64_t i = 0; i < rows; i++) {
+            const int64_t *at = s->where + 6 * (i * s->n_layers + l);
+            float *qi = qkv + i * nqkv;
+            kiln_decode_attention(qi, qr + i * hd, qi + hd, qi + hd + kvd, (float *)(intptr_t)at[0],
+                                  (float *)(intptr_t)at[1], at[2], s->pos[i], s->heads, s->kv_heads, s->d,
+                                  s->inv_freq[r], s->half[r], s->attn_factor[r], b->q_norm, b->k_norm, s->qk_eps,
+                                  s->qk_offset, b->scale, at[3], at[4], at[5], att + i * hd, threads);
+        }
+        gemv(&b->o, att, o, hd, rows, threads);
+        for (int64_t i = 0; i < rows; i++) {
+            float *oi = o + i * e;
+            if (b->post_attn)  /* in place: the norm reads all of o before it writes */
+                kiln_rms_norm(oi, NULL, b->post_attn, s->eps, s->offset, oi, NULL, e);
+            kiln_rms_norm(oi, residual + i * e, b->norm_mlp, s->eps, s->offset, y + i * e, residual + i * e, e);
+        }
+        gemv_parts(b->gate_up, b->n_gate_up, y, gu, e, rows, tmp, threads);
+        for (int64_t i = 0; i < rows; i++) {
+            const float *g = gu + i * 2 * inter, *u = g + inter;
+            float *a = act + i * inter;
+            if (b->act == 0) {
+                for (int64_t j = 0; j < inter; j++)
+                    a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+            } else {
+                for (int64_t j = 0; j < inter; j++)
+                    a[j] = 0.5f * g[j] * (1.f + tanhf(0.7978845608028654f * (g[j] + 0.044715f * g[j] * g[j] * g[j])))
+                           * u[j];
+            }
+        }
+        gemv(&b->down, act, x, inter, rows, threads);
+        for (int64_t i = 0; b->post_mlp && i < rows; i++)
+            kiln_rms_norm(x + i * e, NULL, b->post_mlp, s->eps, s->offset, x + i * e, NULL, e);
     }
     free(y);
 }

@@ -277,35 +277,44 @@ def run_blocks(layers, x: torch.Tensor, residual, step: Step):
     return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_steps(layers, a, b, *rest))
 
 
-NATIVE_ROWS = 1  # rows of a batched step (a CPU server's) that go through the one-call native step one by one:
-#                 more rows read the weights once in the batched kernels (4 rows on 2 cores: 37-43 tok/s vs 31-33)
+NATIVE_ROWS = 16  # rows of a batched step (a CPU server's) that go through the one-call native step together
 
 
 def _native_steps(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
-    """`_native_run` for a batch-1 step; a batched-rows step of one token a row (the engine's decode on the
-    CPU), up to NATIVE_ROWS rows, one row at a time through it, each on its slot's batch-1 view at its own
-    position (its keys 0..pos, as the row's mask allows) -> (x, residual), or None: block by block."""
+    """`_native_run` for a batch-1 step; for a batched-rows step of one token a row (the engine's decode on the
+    CPU), up to NATIVE_ROWS rows, all rows in one native call, each on its slot's batch-1 view at its own
+    position (its keys 0..pos, as the row's mask allows; the rows share each weight's read) -> (x, residual),
+    or None: block by block."""
     if step.kind != ROWS:
         return _native_run(layers, a, b, x, residual, step)
     view = step.cache
-    if x.shape[1] != 1 or x.shape[0] > NATIVE_ROWS or x.is_cuda or not view.direct:
+    if x.shape[1] != 1 or not 1 <= x.shape[0] <= NATIVE_ROWS or x.is_cuda or not view.direct:
         return None
-    outs = []
-    for i, (slot, pos) in enumerate(zip(view.slot_index.tolist(), step.pos.tolist())):
-        row = replace(step, kind=PREFILL, cache=view.cache.slot(slot), pos=pos, graphs=None)
-        out = _native_run(layers, a, b, x[i:i + 1], None if residual is None else residual[i:i + 1], row)
-        if out is None:  # (a row written already is written again, the same, block by block)
-            return None
-        outs.append(out)
-    return torch.cat([o[0] for o in outs]), (None if outs[0][1] is None else torch.cat([o[1] for o in outs]))
+    rows = [replace(step, kind=PREFILL, cache=view.cache.slot(s), pos=p, graphs=None)
+            for s, p in zip(view.slot_index.tolist(), step.pos.tolist())]
+    found = [_native_found(layers, a, b, x[:1], row) for row in rows]
+    if any(f is None for f in found):
+        return None
+    tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
+    return ops_cpu.decode_layers(found[0][0], x, residual, [r.pos for r in rows],
+                                 torch.stack([where for _, where in found]), tables)
 
 
 def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
     """Blocks a..b-1 (all on one place) for one token of a CPU decode step in one native call
-    (ops.cpu.decode_layers) -> (x, residual), or None: block by block. It serves one float32 token on the CPU
+    (ops.cpu.decode_layers) -> (x, residual), or None: block by block (`_native_found` says which steps)."""
+    found = _native_found(layers, a, b, x, step)
+    if found is None:
+        return None
+    tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
+    return ops_cpu.decode_layers(found[0], x, residual, step.pos, found[1], tables)
+
+
+def _native_found(layers, a: int, b: int, x: torch.Tensor, step: Step):
+    """(the native plan of blocks a..b-1, where each layer's slots are) for one float32 token on the CPU
     (ops.cpu.serves) of a prefill-kind step, the policy's `native_step` on, a batch-1 cache in the model's
-    dtype, where every block has a native form (`native_plan`, built once per cache: KVCache.plans) and
-    every layer's slots are ones the native attention takes (`_native_where`)."""
+    dtype, where every block has a native form (`native_plan`, built once per cache: KVCache.plans) and every
+    layer's slots are ones the native attention takes (`_native_where`); else None."""
     c = step.cache
     if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
             and getattr(c, "plans", None) is not None and c.direct and ops_cpu.serves(x, step.policy)):
@@ -315,10 +324,7 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
         c.plans[key] = native_plan(layers[a:b])
     stack = c.plans[key]
     where = None if stack is None else _native_where(step, stack, a)
-    if where is None:
-        return None
-    tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
-    return ops_cpu.decode_layers(stack, x, residual, step.pos, where, tables)
+    return None if where is None else (stack, where)
 
 
 def native_plan(layers):

@@ -231,15 +231,16 @@ def _part_fits(part: tuple, k: int) -> bool:
             and tuple(scale.shape) == (w.shape[0], k // group))
 
 
-def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos: int,
+def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos,
                   where: torch.Tensor, ropes: dict):
-    """One token x (1, 1, E) float32 through every block of a `layer_plan` in one native call: `where` (L, 6)
-    int64 each block's cache (native.decode_layers; models/base.py finds it), `ropes` the step's tables (name ->
-    (inv_freq, attn_factor)) -> (x, residual) as the block loop returns them, (1, 1, E) each; None where a
-    table does not fit the head dim."""
+    """Tokens x (B, 1, E) float32, one a row, through every block of a `layer_plan` in one native call: pos the
+    rows' positions (an int for one row), `where` (B, L, 6) or (L, 6) int64 each row's and block's cache
+    (native.decode_layers; models/base.py finds it), `ropes` the step's tables (name -> (inv_freq,
+    attn_factor)) -> (x, residual) as the block loop returns them, (B, 1, E) each; None where a table does not
+    fit the head dim."""
     e, _, _, d, _ = stack.dims
     tables = [ropes[name] for name in stack.ropes]
-    if x.numel() != e or any(2 * inv.numel() > d for inv, _ in tables):
+    if x.shape[-1] != e or x.numel() != e * x.shape[0] or any(2 * inv.numel() > d for inv, _ in tables):
         return None
     out, res = native.decode_layers(stack, x, residual, pos, where, tables)
-    return out.view(1, 1, e), res.view(1, 1, e)
+    return out.view(-1, 1, e), res.view(-1, 1, e)
