@@ -524,12 +524,16 @@ class KVCache:
         view._views()
         return view
 
+    def check_keys(self, n_keys: int) -> None:
+        """KilnError unless a row needing `n_keys` keys (its position + its new tokens) fits the cache."""
+        if n_keys > self.max_len:
+            raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
+
     def rows(self, slots: list[int] | torch.Tensor, n_keys: int) -> RowsView:
         """A view for one step over the given slots (batch row b lives in slot slots[b]) in which no row
         needs more than `n_keys` keys (its position + its new tokens). `slots` may be a (B,) device tensor
         (a CUDA-graph step's static input: nothing is copied from the host)."""
-        if n_keys > self.max_len:
-            raise KilnError(f"context is full: position {n_keys} exceeds the cache's {self.max_len} slots")
+        self.check_keys(n_keys)
         if self.rings is not None:
             raise KilnError("a slot cache keeps every position: bounded (ring) layers are for batch-1 caches")
         return RowsView(self, slots, n_keys)

@@ -17,7 +17,7 @@ import torch
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.ops.graph import capture_graph
-from kiln.split import DeviceGraphs, input_device
+from kiln.split import DeviceGraphs, gpu_blocks, input_device
 
 log = logging.getLogger("kiln.engine")
 
@@ -48,9 +48,8 @@ class BatchStep:
         self.bank = getattr(model, "adapter_bank", None)  # finetune/bank.AdapterBank: an adapter per row
         self.graphs: dict = {}  # bucket, or (bucket, T) for a check of T tokens a row -> (graph, logits)
         self.checks: dict[int, torch.Tensor] = {}  # T -> the static (n_slots, T) tokens of a check
-        places = getattr(model, "places", None) or ()  # a split model steps eagerly, its GPU blocks from graphs
-        gpu_blocks = any(torch.device(p.device).type == "cuda" for p in places) and self.bank is None
-        self.split_graphs = DeviceGraphs() if gpu_blocks and not static else None
+        # a split model steps eagerly, its GPU blocks from graphs
+        self.split_graphs = DeviceGraphs() if gpu_blocks(model) and self.bank is None and not static else None
 
     def __call__(self, tokens: list[int] | torch.Tensor, pos: list[int], slots: list[int],
                  adapters: list[tuple[int, float]] | None = None) -> torch.Tensor:
@@ -59,12 +58,8 @@ class BatchStep:
         on_device = isinstance(tokens, torch.Tensor)
         adapters = adapters or [(0, 1.0)] * b
         if not self.static:
-            dev = self.device
-            ids = tokens.to(dev, torch.long) if on_device else torch.tensor(tokens, dtype=torch.long, device=dev)
-            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
-            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
-            return self._forward(ids, torch.tensor(pos, dtype=torch.long, device=dev), slots, max(pos) + 1,
-                                 rows, scales)
+            ids = tokens if on_device else torch.tensor(tokens, dtype=torch.long, device=self.device)
+            return self._eager(ids, pos, slots, adapters)
         bucket = next(n for n in self.buckets if n >= b)
         if self.use_graphs and bucket not in self.graphs:
             self._capture(bucket)
@@ -85,14 +80,10 @@ class BatchStep:
         b, t = ids.shape
         adapters = adapters or [(0, 1.0)] * b
         if not self.static or t > VERIFY_MAX_T:
-            dev = self.device
-            rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
-            scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
-            return self._forward(ids.to(dev), torch.tensor(pos, dtype=torch.long, device=dev), slots,
-                                 max(pos) + t, rows, scales)
-        bucket, key = next(n for n in self.buckets if n >= b), (next(n for n in self.buckets if n >= b), t)
-        if max(pos) + t > self.cache.max_len:
-            raise KilnError(f"context is full: position {max(pos) + t} exceeds the cache's {self.cache.max_len} slots")
+            return self._eager(ids, pos, slots, adapters)
+        bucket = next(n for n in self.buckets if n >= b)
+        key = (bucket, t)
+        self.cache.check_keys(max(pos) + t)
         if t not in self.checks:
             self.checks[t] = torch.zeros(self.scratch, t, dtype=torch.long, device=self.device)
         if self.use_graphs and key not in self.graphs:
@@ -106,9 +97,18 @@ class BatchStep:
             return logits[:b]
         return self._static(key, self.cache.max_len)[:b]
 
+    def _eager(self, ids: torch.Tensor, pos: list[int], slots: list[int], adapters) -> torch.Tensor:
+        """The step as given, no padding: ids (B,) (a decode step) or (B, T) (a check) → `_forward`'s logits."""
+        dev = self.device
+        rows = torch.tensor([i for i, _ in adapters], dtype=torch.long, device=dev)
+        scales = torch.tensor([s for _, s in adapters], dtype=torch.float32, device=dev)
+        t = 1 if ids.dim() == 1 else ids.shape[1]
+        return self._forward(ids.to(dev, torch.long), torch.tensor(pos, dtype=torch.long, device=dev), slots,
+                             max(pos) + t, rows, scales)
+
     def _fill(self, bucket: int, tokens: list[int], pos: list[int], slots: list[int], adapters) -> None:
         """The static inputs of the first `bucket` rows: the given rows, then pads on the scratch slot."""
-        b, pad = len(pos), bucket - len(pos)
+        pad = bucket - len(pos)
         host = torch.tensor([tokens + [0] * pad, pos + [0] * pad, slots + [self.scratch] * pad,
                              [i for i, _ in adapters] + [0] * pad])  # (4, bucket)
         self.inputs[:, :bucket].copy_(host)

@@ -27,7 +27,7 @@ from kiln.errors import KilnError
 from kiln.models.base import key_rotation
 from kiln.ops.graph import capture_graph
 from kiln.sample import Sampler, SamplingParams
-from kiln.split import DeviceGraphs
+from kiln.split import DeviceGraphs, gpu_blocks
 from kiln.speculative import drafter_for, speculative_step
 from kiln.textstream import TextStream
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -138,9 +138,7 @@ class Decoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
-        places = getattr(model, "places", None) or ()  # a split model's GPU blocks: their own graphs (split.py)
-        gpu_blocks = any(torch.device(p.device).type == "cuda" for p in places) and use_graph is not False
-        self.graphs = DeviceGraphs() if gpu_blocks else None
+        self.graphs = DeviceGraphs() if gpu_blocks(model) and use_graph is not False else None  # a split's
         self._prefills: dict[int, tuple] = {}  # bucket -> (graph, ids buffer, row index, real rows, logits)
         self._verifies: dict[int, tuple] = {}  # rows T -> (graph, ids buffer, position, logits (T, V))
         self._seen: set = set()  # prefill buckets and ("verify", T) used once (captured at the second use)

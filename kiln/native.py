@@ -35,6 +35,7 @@ Q4K_BYTES = 144  # one Q4_K block: 256 weights
 Q6K_BYTES = 210  # one Q6_K block: 256 weights
 KQUANT_BYTES = {12: Q4K_BYTES, 14: Q6K_BYTES}  # GGML type -> bytes per 256 weights (Q4_K, Q6_K)
 LEGACY_BYTES = {2: 18, 3: 20, 6: 22, 7: 24, 8: 34}  # GGML type -> bytes per 32 weights (Q4_0 ... Q8_0)
+MAX_ROWS = 16  # rows of x a block GEMV (and the one-call step) takes: native.c keeps an accumulator per row
 BLOCK_WEIGHTS = {**{t: (b, 256) for t, b in KQUANT_BYTES.items()}, **{t: (b, 32) for t, b in LEGACY_BYTES.items()}}
 # every type gemv_block serves -> (bytes, weights) of one block
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
@@ -88,8 +89,8 @@ def _few_rows(name: str, x: torch.Tensor, blocks: torch.Tensor, k: int, bias: to
     """A block GEMV's call: fn(blocks, x (M, K), bias, y (M, N), N, K, M, threads) for M <= 16 rows of x."""
     n = blocks.shape[0]
     x2 = _c(x.reshape(-1, k))
-    if x2.shape[0] > 16:
-        raise ValueError(f"{name} takes at most 16 rows of x, got {x2.shape[0]}")
+    if x2.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name} takes at most {MAX_ROWS} rows of x, got {x2.shape[0]}")
     blocks, bias = _c(blocks), _c(bias)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     fn(_ptr(blocks), _ptr(x2), _ptr(bias), _ptr(y), n, k, x2.shape[0], torch.get_num_threads())
@@ -353,13 +354,14 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
     its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
     row's token is written to, the first slot attended and how many; ropes: up to two (inv_freq (R/2,)
     float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
-    stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take up to 16)."""
+    stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
     x = x.reshape(-1, e).clone()
     res = torch.empty_like(x) if residual is None else residual.reshape(-1, e).clone()
     pos = torch.tensor([pos] if isinstance(pos, int) else list(pos), dtype=torch.int64)
-    if not 1 <= len(pos) <= 16 or len(pos) != x.shape[0]:
-        raise ValueError(f"decode_layers takes 1 to 16 rows, one position each: {x.shape[0]} rows, {len(pos)}")
+    if not 1 <= len(pos) <= MAX_ROWS or len(pos) != x.shape[0]:
+        raise ValueError(f"decode_layers takes 1 to {MAX_ROWS} rows, one position each: {x.shape[0]} rows, "
+                         f"{len(pos)}")
     s = _Stack.from_buffer_copy(stack.shared)  # this call's own: a Stack may serve two threads
     ropes = [(_c(inv), factor) for inv, factor in ropes]
     for i, (inv, factor) in enumerate(ropes):

@@ -7,7 +7,7 @@ per `places`: GPU blocks as QuantLinear, CPU blocks with the compact CPU layers 
 `run_blocks(layers, x, residual, step)`, the loop every model family runs its blocks with: where the place
 changes, the activations (and the step's positions, RoPE tables and masks; a batched-rows step's per-row
 positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go;
-`DeviceGraphs`, the CUDA graphs a batch-1 decode step replays for its runs of GPU blocks.
+`DeviceGraphs`, the CUDA graphs a one-token step replays for its runs of GPU blocks (`gpu_blocks`: has it any).
 Not: the plan of how many layers fit (fit.py), the KV cache storage (cache.py keeps one tensor per layer on
 that layer's device when the model has `layer_devices`), kernels.
 
@@ -159,6 +159,11 @@ def input_device(model, default) -> torch.device:
     compact or not; a compact table may hold no parameter to ask), else `default` (where the whole model
     runs)."""
     return torch.device(default) if getattr(model, "places", None) is None else torch.device("cpu")
+
+
+def gpu_blocks(model) -> bool:
+    """Is `model` split with some of its blocks on a CUDA device (whose steps DeviceGraphs can replay)?"""
+    return any(torch.device(p.device).type == "cuda" for p in getattr(model, "places", None) or ())
 
 
 def run_blocks(layers, x: torch.Tensor, residual, step, run=None):

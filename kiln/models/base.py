@@ -274,40 +274,28 @@ def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torc
 def run_blocks(layers, x: torch.Tensor, residual, step: Step):
     """x, residual through every block (the loop of every family) -> x, residual: split.run_blocks (which
     crosses a split model's devices), each run of blocks on one place first offered to `_native_run`."""
-    return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_steps(layers, a, b, *rest))
+    return split.run_blocks(layers, x, residual, step, lambda a, b, *rest: _native_run(layers, a, b, *rest))
 
 
-NATIVE_ROWS = 16  # rows of a batched step (a CPU server's) that go through the one-call native step together
-
-
-def _native_steps(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
-    """`_native_run` for a batch-1 step; for a batched-rows step of one token a row (the engine's decode on the
-    CPU), up to NATIVE_ROWS rows, all rows in one native call, each on its slot's batch-1 view at its own
-    position (its keys 0..pos, as the row's mask allows; the rows share each weight's read) -> (x, residual),
-    or None: block by block."""
-    if step.kind != ROWS:
-        return _native_run(layers, a, b, x, residual, step)
-    view = step.cache
-    if x.shape[1] != 1 or not 1 <= x.shape[0] <= NATIVE_ROWS or x.is_cuda or not view.direct:
-        return None
-    rows = [replace(step, kind=PREFILL, cache=view.cache.slot(s), pos=p, graphs=None)
-            for s, p in zip(view.slot_index.tolist(), step.pos.tolist())]
-    found = [_native_found(layers, a, b, x[:1], row) for row in rows]
+def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
+    """Blocks a..b-1 (all on one place) in one native call (ops.cpu.decode_layers) -> (x, residual), or None:
+    block by block. It serves one token of a batch-1 step (`_native_found` says which), and a batched-rows
+    step of one token a row (the engine's decode on the CPU) of up to ops.cpu.NATIVE_ROWS rows, each row on its
+    slot's batch-1 view at its own position (its keys 0..pos, as the row's mask allows; the rows share each
+    weight's read)."""
+    rows = [step]
+    if step.kind == ROWS:
+        view = step.cache
+        if x.shape[1] != 1 or not 1 <= x.shape[0] <= ops_cpu.NATIVE_ROWS or x.is_cuda or not view.direct:
+            return None
+        rows = [replace(step, kind=PREFILL, cache=view.cache.slot(s), pos=p, graphs=None)
+                for s, p in zip(view.slot_index.tolist(), step.pos.tolist())]
+    found = [_native_found(layers, a, b, x[i:i + 1], row) for i, row in enumerate(rows)]
     if any(f is None for f in found):
         return None
     tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
     return ops_cpu.decode_layers(found[0][0], x, residual, [r.pos for r in rows],
                                  torch.stack([where for _, where in found]), tables)
-
-
-def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
-    """Blocks a..b-1 (all on one place) for one token of a CPU decode step in one native call
-    (ops.cpu.decode_layers) -> (x, residual), or None: block by block (`_native_found` says which steps)."""
-    found = _native_found(layers, a, b, x, step)
-    if found is None:
-        return None
-    tables = {name: (r.inv_freq, r.attn_factor) for name, r in step.rope.items()}
-    return ops_cpu.decode_layers(found[0], x, residual, step.pos, found[1], tables)
 
 
 def _native_found(layers, a: int, b: int, x: torch.Tensor, step: Step):

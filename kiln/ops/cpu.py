@@ -28,7 +28,7 @@ from kiln.policy import DEFAULT, Policy
 
 
 PACK = 1024  # rows of a group-scaled int8 weight dequantized at a time for a many-row product
-NATIVE_ROWS = 16  # up to this many rows of x a group-scaled int8 product stays native: 4864x896 on two
+NATIVE_ROWS = native.MAX_ROWS  # up to this many rows of x a group-scaled int8 product stays native: 4864x896 on two
 # threads, 16 rows 1.2 ms native vs 5.0 ms dequantized + sgemm (64 rows: 4.2 vs 8.4; the crossover ~128)
 
 
