@@ -5,7 +5,7 @@ Prints one JSON line per (shape, depth, setting): microseconds per call (split +
 it had to read over that time (GB/s), and max |out - reference| (float32 torch attention). The default
 setting comes first in each group; the last line names the fastest setting per (shape, depth).
 
-Usage (GPU machine): python bench/attn_sweep.py [--depths 4096,16384] [--budget 200] > sweep.jsonl
+Usage (GPU machine): python bench/attn_sweep.py [--depths 4096,16384] [--budget 200] [--focus] > sweep.jsonl
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ SHAPES = {  # name: (query heads, kv heads, head dim) of the models the issue na
     "qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}
 
 
-def settings():
+def settings(focus: bool = False):
+    """The default first, then the grid; `focus`: masked tiles only, smaller tiles, deeper pipelines and
+    longer splits (the corner the first grid's best settings sat in)."""
     yield Launch()
-    for bn, skip, stages, tiles, warps in itertools.product((64, 128), (True, False), (2, 3), (4, 8), (4, 8)):
+    grid = (((32, 64), (False,), (2, 3, 4), (8, 16), (4, 8)) if focus else
+            ((64, 128), (True, False), (2, 3), (4, 8), (4, 8)))
+    for bn, skip, stages, tiles, warps in itertools.product(*grid):
         s = Launch(block_n=bn, warps=warps, stages=stages, tiles_per_split=tiles, skip_empty=skip)
         if s != Launch(warps=4):
             yield s
@@ -38,6 +42,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--depths", default="16384,4096")
     p.add_argument("--budget", type=float, default=200.0, help="seconds; settings left untimed after it")
+    p.add_argument("--focus", action="store_true", help="the focused grid (see settings)")
     a = p.parse_args()
     t_end = time.time() + a.budget
     best = {}
@@ -51,7 +56,7 @@ def main():
             pos = torch.tensor([depth - 1], device="cuda")
             ref = decode_attention_ref(q, kc, vc, pos, d ** -0.5).float()
             nbytes = 2 * kh * depth * d * 2
-            for s in settings():
+            for s in settings(a.focus):
                 if time.time() > t_end:
                     break
                 try:
