@@ -265,12 +265,53 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, int], device=None) -
     step = max(1, _REPACK_WEIGHTS // k)
     planes = None  # dense row-major planes, as the kernels index them
     for i in range(0, n, step):
-        part = _repack_rows(blocks[i:i + step].to(device), int(qtype))
+        part = _repack_rows(to_device(blocks[i:i + step], device), int(qtype))
         if planes is None:
             planes = {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for name, t in part.items()}
         for name, t in part.items():
             planes[name][i:i + step] = t
     return PackedWeight(int(qtype), (n, k), **planes)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`. A CPU tensor bound for a CUDA device crosses through `_Staging`'s pinned buffers: the
+    device's copy is asynchronous, so the host reads the next slice from the file while the device copies and
+    repacks this one (a pageable tensor's `.to` copies synchronously through the driver's own staging)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _STAGING:
+        _STAGING[key] = _Staging()
+    return _STAGING[key].to(t, torch.device("cuda", key))
+
+
+class _Staging:
+    """Two pinned host buffers used in turn (one per CUDA device, kept for the process: 2 x ~18 MB). A buffer is
+    refilled only after the device's copy out of it is done (its event)."""
+
+    def __init__(self):
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.done: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def to(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        j, self.turn = self.turn, self.turn ^ 1
+        if self.done[j] is not None:
+            self.done[j].synchronize()
+        n = t.numel() * t.element_size()
+        if self.bufs[j] is None or self.bufs[j].numel() < n:
+            self.bufs[j] = None  # the old buffer goes back before the bigger one is pinned
+            self.bufs[j] = torch.empty(max(n, _REPACK_WEIGHTS * 34 // 32), dtype=torch.uint8, pin_memory=True)
+        buf = self.bufs[j][:n]
+        buf.copy_(t.contiguous().view(-1).view(torch.uint8))
+        out = torch.empty(t.shape, dtype=t.dtype, device=device)
+        out.view(-1).view(torch.uint8).copy_(buf, non_blocking=True)
+        self.done[j] = torch.cuda.Event()
+        self.done[j].record(torch.cuda.current_stream(device))
+        return out
+
+
+_STAGING: dict[int, _Staging] = {}
 
 
 # ---------------------------------------------------------------- the slow, obviously correct twin
