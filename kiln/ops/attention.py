@@ -16,8 +16,12 @@ How the split kernel works, and why:
   min(pos) - window + 1. That range — not the whole cache — is cut into NS equal runs of tiles, one per
   split. A short context still spreads over many programs; a program whose run starts past `hi` skips
   every tile and only stores "-inf: nothing here", which the merge ignores.
-- Tiles are visited by a loop with a compile-time bound and a runtime `if` per tile (rather than a
-  runtime loop bound); the triton interpreter used by the CPU tests cannot run runtime-bounded loops.
+- A program walks only its own share of tiles: on a GPU the loop's trip count is the split's tile count,
+  read at run time, so a short context in a long cache costs a short walk (a loop of the grid's worst-case
+  length with masked tiles cost the 8B ~0.7 ms a token at depth 1 of a 16k cache: every masked tile still
+  waits on its loads and does its dots). Triton pipelines the loads of either loop. The interpreter used by
+  the CPU tests cannot run a loop bounded at run time: there the bound is the worst case and tiles past the
+  split's keys are masked off (`Launch.runtime_loop` False on a GPU times the same form).
 - Scores live in the log2 domain (exp2 is the fast instruction); the merge weights every split's
   partial output by 2^(lse_split - lse_max).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -48,20 +53,20 @@ class Launch(NamedTuple):
     """How the split kernel is launched (bench/attn_sweep.py times the alternatives on a GPU).
 
     block_n keys per tile; warps, stages as Triton's; tiles_per_split: no split of a full cache walks
-    more tiles than this one after another; skip_empty: a runtime `if` skips tiles past the split's keys
-    (else their loads are masked off, which lets Triton pipeline the loop's loads)."""
+    more tiles than this one after another; runtime_loop: each program's loop runs its own split's tile
+    count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form)."""
     block_n: int = _BLOCK_N
     warps: int = 0  # 0: 4, or 8 where D > 128
     stages: int = 2
     tiles_per_split: int = 4
-    skip_empty: bool = True
+    runtime_loop: bool = True
 
 
 _LAUNCH = Launch()
-# Head dim 128 (Qwen3, Llama 3 8B): 8 warps, 8 tiles a split, masked tiles past a split's keys (pipelined
-# loads): 10% less time at 16384 keys, 3% at 4096 in a CUDA graph on the H100, 4.4% more whole-model tokens/s
-# for the 8B at depth 16384 (bench/results/2026-12-05-h100/); head dim 64 measured slower with it.
-_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, skip_empty=False)}
+# Head dim 128 (Qwen3, Llama 3 8B): 8 warps, 8 tiles a split: 10% less time at 16384 keys, 3% at 4096 in a
+# CUDA graph on the H100, 4.4% more whole-model tokens/s for the 8B at depth 16384 (bench/results/2026-12-05-h100/,
+# then with masked tiles in place of a runtime `if`); head dim 64 measured slower with it.
+_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -121,7 +126,8 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
-        SKIP_EMPTY=launch.skip_empty, DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        RUNTIME_LOOP=launch.runtime_loop and os.environ.get("TRITON_INTERPRET") != "1",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
     if ns == 1:
@@ -151,7 +157,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  SKIP_EMPTY: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                  RUNTIME_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -191,27 +197,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in range(MAX_TILES):
-        j0 = start + i * BLOCK_N
-        if (not SKIP_EMPTY) or j0 < end:  # masked loads of a tile past `end` read no memory
-            j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
-            jm = j < end
-            kv_mask = jm[:, None] & dm[None, :]
-            kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-            vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
-            if HAS_SOFTCAP:
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
-            vis = (j[None, :] <= pm[:, None]) & jm[None, :]
-            if HAS_WINDOW:
-                vis = vis & ((pm[:, None] - j[None, :]) < window)
-            s = tl.where(vis, s * 1.4426950408889634, float("-inf"))  # log2 domain
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])  # (M, N)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-            m_i = m_new
+    if RUNTIME_LOOP:  # this split's own tiles
+        for i in range(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, start + i * BLOCK_N, end, d, dm, pm, m_i, l_i, acc,
+                                  scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_PREC)
+    else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
+        for i in range(MAX_TILES):
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, start + i * BLOCK_N, end, d, dm, pm, m_i, l_i, acc,
+                                  scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_PREC)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
@@ -224,6 +217,30 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
         tl.store(o_ptr + (row * NS + split)[:, None] * D + d[None, :], o,
                  mask=(row_ok & seen)[:, None] & dm[None, :])
+
+
+@jit
+def _tile(q, k_base, v_base, sks, svs, j0, end, d, dm, pm, m_i, l_i, acc, scale, softcap, window,
+          HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
+    j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
+    jm = j < end
+    kv_mask = jm[:, None] & dm[None, :]
+    kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+    vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
+    if HAS_SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
+    vis = (j[None, :] <= pm[:, None]) & jm[None, :]
+    if HAS_WINDOW:
+        vis = vis & ((pm[:, None] - j[None, :]) < window)
+    s = tl.where(vis, s * 1.4426950408889634, float("-inf"))  # log2 domain
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # (M, N)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+    return m_new, l_i, acc
 
 
 @jit
