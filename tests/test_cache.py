@@ -1,5 +1,6 @@
 """KV cache types (kiln/cache.py): q8_0 / q4_0 blocks against llama.cpp's formulas, every type through a
-model against the default cache, and the real 0.5B model's logits over real text with a quantized cache."""
+model against the default cache, the fused decode step reading a q8_0 cache as stored (interpreted kernels)
+against the unfused one, and the real 0.5B model's logits over real text with a quantized cache."""
 
 import pytest
 import torch

@@ -3,8 +3,9 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256, and the single-split launch without a merge; RoPE with the KV write in one kernel, into
-caches of another dtype; per-row positions and cache rows for a server's batched step),
+D = 64 and 256, the single-split launch without a merge, q8_0 keys and/or values read as codes + scales;
+RoPE with the KV write in one kernel, into caches of another dtype; per-row positions and cache rows for a
+server's batched step),
 the dispatch rule and the split-count knob (the policy's), and — on a GPU — one CUDA-graph capture and replay.
 Not: speed (bench/gpu_ops_check.py), real shapes.
 
