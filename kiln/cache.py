@@ -3,10 +3,12 @@ tokens go in it; attention calls one verb, `k, v = step.update(layer, k, v)`.
 
 Owns: the storage (layers, B, K, max_len, D); `update(layer, pos, k, v)`, which writes the new keys and
 values at positions pos..pos+T and returns everything the layer may attend to, and `update_at` (the same
-at device-side positions: the whole static cache comes back); for a server's slot cache (one batch row per
-sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a batch-1 cache) and
-`rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different positions in different
-slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and their positions.
+at device-side positions: the whole static cache comes back; `write_at` writes alone, for the fused decode
+kernels that read the stored parts themselves: `fused_reads`, `layer_kv`, `layer_scales`); for a server's
+slot cache (one batch row per sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a
+batch-1 cache) and `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different
+positions in different slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and
+their positions.
 Bounded layers (`Ring`): a sliding-window layer keeps only its window, and a rotating cache (mlx-lm's
 max_kv_size) the first `keep` positions and the most recent ones, in a ring of slots; `update` then returns
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
@@ -120,7 +122,8 @@ class Step:
 
     def static_kv(self, layer: int):
         """(k_cache, v_cache, rows) that the fused decode kernels write and read: the layer's (B, K, S, D)
-        with rows None, or for ROWS every slot (N, K, S, D) with the rows' slot index (B,)."""
+        with rows None, or for ROWS every slot (N, K, S, D) with the rows' slot index (B,); a q8_0 part's
+        codes (its scales: the cache's `layer_scales`)."""
         kc, vc = self.cache.layer_kv(layer)
         return kc, vc, (self.cache.slot_index if self.kind == ROWS else None)
 
@@ -369,6 +372,8 @@ class KVCache:
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
+        # decode_attention reads each part as stored (q8_0: codes and scales); the caller rotates q and out
+        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), "q8_0"}
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
@@ -470,16 +475,21 @@ class KVCache:
                 dst, new = dst.view(torch.uint8), new.view(torch.uint8)
             dst.index_copy_(2, slots, new)
 
-    def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, K, T, D) written at device-side positions (T,) (a CUDA-graph step: an index_copy) → the
-        whole static cache (B, K, max_len, D); the caller's mask hides the slots not written yet. A ring
-        layer takes one token, written at its slot (`Step.ring_keys` says what each slot holds)."""
+    def write_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, K, T, D) encoded and written at device-side positions (T,) (a CUDA-graph step: an
+        index_copy, no host sync), nothing read back. A ring layer takes one token, written at its slot
+        (`Step.ring_keys` says what each slot holds)."""
         ring = self.ring(layer)
         if ring is not None:
             if k.shape[2] != 1:
                 raise KilnError("a ring (bounded) KV cache takes one token per CUDA-graph step")
             positions = ring.slot(positions)
         self._scatter(layer, positions, k, v)
+
+    def update_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """`write_at`, then the whole static cache (B, K, max_len, D) decoded; the caller's mask hides the
+        slots not written yet."""
+        self.write_at(layer, positions, k, v)
         return self._read(layer, slice(None), k.dtype)
 
     def shift(self, end: int, keep: int, discard: int, rotate: Callable) -> None:
@@ -512,8 +522,12 @@ class KVCache:
                             f"needs; use a context of at least twice the window plus keep")
 
     def layer_kv(self, layer: int):
-        """A layer's whole cache, (B, K, S, D) keys and values (a `direct` cache's storage)."""
+        """A layer's whole cache, (B, K, S, D) keys and values (a `direct` cache's storage; q8_0's codes)."""
         return self.k[layer], self.v[layer]
+
+    def layer_scales(self, layer: int):
+        """The q8_0 scales (B, K, S, D/32) beside `layer_kv`'s keys and values (None: not q8_0)."""
+        return tuple(p[1][layer] if t == "q8_0" else None for p, t in ((self.kp, self.type_k), (self.vp, self.type_v)))
 
     def slot(self, i: int) -> KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
@@ -557,7 +571,8 @@ class RowsView:
 
     `update_at(layer, pos, k, v)` with pos (B, T) absolute positions writes row b's keys into slot slots[b]
     at pos[b] and returns the keys (B, K, n_keys, D) of those slots; positions past a row's own are stale
-    and the caller's per-row mask hides them. The fused GPU path reads `layer_kv` and `slot_index` instead.
+    and the caller's per-row mask hides them. The fused GPU path writes with `write_at` and reads `layer_kv`,
+    `layer_scales` and `slot_index` instead.
     """
 
     def __init__(self, cache: KVCache, slots: list[int] | torch.Tensor, n_keys: int):
@@ -586,6 +601,13 @@ class RowsView:
     def direct(self) -> bool:
         return self.cache.direct
 
+    @property
+    def fused_reads(self) -> bool:
+        return self.cache.fused_reads
+
+    def layer_scales(self, layer: int):
+        return self.cache.layer_scales(layer)
+
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return self.cache.queries(q)
 
@@ -595,12 +617,16 @@ class RowsView:
     def ring(self, layer: int) -> None:
         return None  # a slot cache keeps every position (KVCache.rows)
 
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """pos (B, T), k/v (B, K, T, D) encoded and written into the rows' slots, nothing read back."""
+        rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
+        for part, new in self.cache._encoded(layer, k, v):
+            part[layer][rows, :, pos] = new.transpose(1, 2).to(part[layer].dtype)  # indexed (B, T, K, W)
+
     def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """pos (B, T), k/v (B, K, T, D) → keys and values (B, K, n_keys, D) of the rows' slots."""
         c = self.cache
-        rows = self.slot_index[:, None]  # (B, 1) broadcasts against pos (B, T)
-        for part, new in c._encoded(layer, k, v):
-            part[layer][rows, :, pos] = new.transpose(1, 2).to(part[layer].dtype)  # indexed (B, T, K, W)
+        self.write_at(layer, pos, k, v)
         if self._span is not None:  # consecutive slots: a view, no gather
             sel = lambda p: p[layer][self._span:self._span + self.n_rows, :, :self.n_keys]  # noqa: E731
         else:

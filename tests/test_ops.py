@@ -3,8 +3,9 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256, and the single-split launch without a merge; RoPE with the KV write in one kernel, into
-caches of another dtype; per-row positions and cache rows for a server's batched step),
+D = 64 and 256, the single-split launch without a merge, q8_0 keys and/or values read as codes + scales;
+RoPE with the KV write in one kernel, into caches of another dtype; per-row positions and cache rows for a
+server's batched step),
 the dispatch rule and the split-count knob (the policy's), and — on a GPU — one CUDA-graph capture and replay.
 Not: speed (bench/gpu_ops_check.py), real shapes.
 
@@ -370,6 +371,45 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
     tol = {k: 2 * v for k, v in TOL[dtype].items()}
     for splits in (3, 1):  # split + merge; one launch
         out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits, policy=P)
+        torch.testing.assert_close(out, ref, **tol)
+
+
+def _q8_0(x):
+    """x (..., D) → (int8 codes, float16 scales (..., D/32)): the q8_0 cache layout (kiln.cache)."""
+    from kiln.cache import quantize_q8_0
+    return quantize_q8_0(x.float())
+
+
+def _dequant(codes, scales, dtype):
+    from kiln.cache import dequantize_q8_0
+    return dequantize_q8_0(codes, scales, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("stored", ["kv", "k", "v"])  # which of keys and values are q8_0
+@pytest.mark.parametrize("case", [dict(t=1), dict(t=3, window=40), dict(t=3, rows=True)])
+def test_decode_attention_reads_q8_0_caches(dtype, stored, case):
+    """Int8 codes and their scales dequantized tile by tile in the kernel: the reference over the dequantized
+    cache (also the reference's own q8_0 form), one split and several, per-row positions and cache rows."""
+    t, window, n = case["t"], case.get("window"), 4 if case.get("rows") else 3
+    q = rand(3, t, 8, 64, dtype=dtype)
+    kq, ks = _q8_0(rand(n, 2, 150, 64, seed=1))
+    vq, vs = _q8_0(rand(n, 2, 150, 64, seed=2, scale=3.0))
+    kd, vd = _dequant(kq, ks, dtype), _dequant(vq, vs, dtype)
+    pos, rows = torch.arange(120, 120 + t, device=DEVICE), None
+    if case.get("rows"):
+        pos = torch.tensor(ROW_POS, device=DEVICE)[:, :1] + torch.arange(t, device=DEVICE)  # (B, T)
+        rows = torch.tensor(ROW_SLOTS, device=DEVICE)
+    kc, k_scale = (kq, ks) if "k" in stored else (kd, None)
+    vc, v_scale = (vq, vs) if "v" in stored else (vd, None)
+    ref = ops.decode_attention_ref(q, kd, vd, pos, 0.125, window, rows=rows)
+    tol = {k: (2 if dtype != torch.float32 else 1) * v for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows, k_scale=k_scale,
+                                                        v_scale=v_scale), ref, **tol)
+    for splits in (1, 3):  # one launch; split + merge
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, k_scale=k_scale, v_scale=v_scale,
+                                   splits=splits, policy=P)
+        assert out.dtype == dtype
         torch.testing.assert_close(out, ref, **tol)
 
 

@@ -246,10 +246,11 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
     # decode attention over the static cache: those read positions directly, so no mask is built. Up to
     # FUSED_MAX_T tokens a row (a speculative check of drafts): the decode kernel's query tile holds them all.
-    # A cache stored in another type than the model's (q8_0, q4_0, fp8, ...): dequantized, then SDPA.
+    # A cache the decode kernel reads as stored (`fused_reads`: each of K and V in the model's dtype or q8_0)
+    # too: one in another type (q4_0, fp8, another float) is dequantized whole, then SDPA.
     # A cache with ring layers: every mask is built when a layer first asks (`layer_mask`), as the ring
     # layers' depend on their rings and the fused step's ring layers take the unfused path.
-    fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy) and step.cache.direct
+    fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy) and step.cache.fused_reads
     lazy = fused or getattr(step.cache, "rings", None) is not None
     masks = {} if lazy else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused, n_keys=n_keys,
@@ -446,7 +447,8 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device)
       at a layer without a ring, heads of 16 or more values: RoPE with the KV write into the static cache
       in one kernel, then split-KV decode attention (one kernel with one split, else split + merge) — two
-      launches per layer or three;
+      launches per layer or three; a cache not stored in the model's dtype and basis (q8_0: `_fused_stored`)
+      takes RoPE, the cache's own encoder and the rotations in torch around the same decode kernel;
       (the decode kernel reads slot j as position j: a ring layer's slots hold other positions, so it
       takes the path below, with a mask from `Step.ring_keys`);
     - one float32 token of a prefill-kind step on the CPU where the native kernels fit
@@ -457,6 +459,8 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     b, t = q.shape[:2]
     r, policy = step.rope[rope], step.policy
     if step.fused and step.ring(layer) is None and q.shape[-1] >= 16:  # (the kernel's dots need 16 a row)
+        if not step.cache.direct:
+            return _fused_stored(q, k, v, r, step, layer, scale, window, norms)
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
         q = r.apply_write(q, k, v, kc, vc, rows, norms, policy)  # (B, T, H, D)
         return decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, policy=policy).reshape(b, t, -1)
@@ -469,6 +473,22 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     k, v = step.update(layer, k, v)  # (B, K, S, D), in the cache's basis (a block type's: rotated)
     out = attend(step.cache.queries(q), k, v, layer_mask(step, layer, window, t, q.device), scale)
     return step.cache.outputs(out)  # (B, T, H*D)
+
+
+def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms) -> torch.Tensor:
+    """The fused step's attention over a cache stored in its own types and basis (`fused_reads`, not `direct`:
+    q8_0, rotated): RoPE, the cache's encoder writing the new keys and values (nothing read back), and the
+    decode kernel over the stored parts (q8_0: codes and scales) with the query rotated into the cache's basis
+    and the output back — where `update_at` would dequantize the whole layer every step. → (B, T, H*D)."""
+    b, t = q.shape[:2]
+    c = step.cache
+    q, k = r.apply(q, k, norms, step.policy)
+    c.write_at(layer, step.positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, T, D)
+    kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D): codes of a q8_0 part
+    k_scale, v_scale = c.layer_scales(layer)  # (B or N, K, S, D/32) or None
+    out = decode_attention(c.queries(q), kc, vc, step.positions, scale, window, rows=rows, k_scale=k_scale,
+                           v_scale=v_scale, policy=step.policy)  # (B, T, H, D)
+    return c.outputs(out.reshape(b, t, -1))
 
 
 def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool:

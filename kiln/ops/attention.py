@@ -5,8 +5,12 @@ Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch whe
 (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
 (a server's slot) each batch row reads: a batched decode step over sequences at different depths.
-Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing the cache (kv.py),
-RoPE (rope.py), paging.
+Keys and values may each be stored as q8_0 (int8 codes and a float16 scale per 32 values along D: `k_scale`,
+`v_scale`, cache.quantize_q8_0's layout) and are then dequantized tile by tile in registers, so a quantized
+cache is read at its own size; the reference dequantizes the whole cache first.
+Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing or encoding the cache
+(rope.py, cache.py), the rotated basis a quantized cache is stored in (the caller rotates q and the output:
+cache.KVCache.queries / outputs), RoPE (rope.py), paging, q4_0 (dequantized by the caller).
 
 How the split kernel works, and why:
 - One program per (batch, kv head, split). It handles the G = H / K query heads that share the kv head,
@@ -47,6 +51,7 @@ from kiln.ops import jit, pdl, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
+QK = 32  # values per q8_0 scale (cache.QK)
 
 
 class Launch(NamedTuple):
@@ -70,16 +75,20 @@ _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
-                         softcap: float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                         softcap: float | None = None, rows: torch.Tensor | None = None,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype.
 
-    Per row: pos (B, T), and rows (B,) picks cache row rows[b] of k_cache, v_cache (N, K, S, D)."""
+    Per row: pos (B, T), and rows (B,) picks cache row rows[b] of k_cache, v_cache (N, K, S, D).
+    q8_0: k_scale (B or N, K, S, D/32) float16 makes k_cache int8 codes, each key value code · its block's
+    scale (v_scale likewise for v_cache)."""
     if rows is not None:
         k_cache, v_cache = k_cache[rows], v_cache[rows]  # (B, K, S, D)
+        k_scale, v_scale = (None if x is None else x[rows] for x in (k_scale, v_scale))
     h, kh, s = q.shape[2], k_cache.shape[1], k_cache.shape[2]
     qf = q.float().transpose(1, 2)  # (B, H, T, D)
-    k = k_cache.float().repeat_interleave(h // kh, dim=1)  # (B, H, S, D): query head i uses kv head i // G
-    v = v_cache.float().repeat_interleave(h // kh, dim=1)
+    k = _values(k_cache, k_scale).repeat_interleave(h // kh, dim=1)  # (B, H, S, D): head i uses kv head i // G
+    v = _values(v_cache, v_scale).repeat_interleave(h // kh, dim=1)
     scores = qf @ k.transpose(-1, -2) * scale  # (B, H, T, S)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
@@ -94,17 +103,27 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
     return out.transpose(1, 2).to(q.dtype)  # (B, T, H, D)
 
 
+def _values(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """A cache (..., D) in float32: as stored, or q8_0 codes times their block's scale (..., D/32)
+    (cache.dequantize_q8_0's formula; ops do not import the cache)."""
+    if scales is None:
+        return cache.float()
+    return (cache.unflatten(-1, (-1, QK)).float() * scales.float()[..., None]).flatten(-2)
+
+
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
-                     softcap: float | None = None, rows: torch.Tensor | None = None, *,
+                     softcap: float | None = None, rows: torch.Tensor | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
                      splits: int | None = None, policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
     (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others)."""
     if not use_triton(q, policy):
-        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows)
+        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale)
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
     assert h % kh == 0 and k_cache.shape[-1] == d and k_cache.stride(-1) == v_cache.stride(-1) == 1
+    assert all(x is None or x.stride(-1) == 1 for x in (k_scale, v_scale))
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     launch = launch or _LAUNCHES.get(d, _LAUNCH)
@@ -122,8 +141,10 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     _split_kernel[(b * kh, ns)](
         q, k_cache, v_cache, pos, rows if rows is not None else pos, mid_o, mid_lse, *q.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
-        float(scale), float(softcap or 1.0), int(window or 0),
+        float(scale), float(softcap or 1.0), int(window or 0), *_scale_args(k_scale, k_cache),
+        *_scale_args(v_scale, v_cache),
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
+        K_Q8=k_scale is not None, V_Q8=v_scale is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and os.environ.get("TRITON_INTERPRET") != "1",
@@ -135,6 +156,12 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
                                 BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q, policy))
     return out
+
+
+def _scale_args(scales: torch.Tensor | None, cache: torch.Tensor) -> tuple:
+    """(pointer, row, head and position strides) of a q8_0 cache's scales; the cache itself and zeros where
+    it has none (its kernel branch never reads them)."""
+    return (cache, 0, 0, 0) if scales is None else (scales, *scales.stride()[:3])
 
 
 def _default_splits(device: torch.device, programs: int, n_tiles: int, tiles_per_split: int) -> int:
@@ -153,8 +180,10 @@ def _sm_count(device: torch.device) -> int:
 @jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, scale, softcap, window,
+                  ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
+                  K_Q8: tl.constexpr, V_Q8: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
@@ -192,6 +221,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
+    ks_base = ks_ptr + cb * sksb + kh * sksh + (d // 32)[None, :]  # (1, D) each value's q8_0 scale
+    vs_base = vs_ptr + cb * svsb + kh * svsh + (d // 32)[None, :]
 
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -199,12 +230,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if RUNTIME_LOOP:  # this split's own tiles
         for i in range(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, start + i * BLOCK_N, end, d, dm, pm, m_i, l_i, acc,
-                                  scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_PREC)
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
+                                  end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
+                                  K_Q8, V_Q8, BLOCK_N, DOT_PREC)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, start + i * BLOCK_N, end, d, dm, pm, m_i, l_i, acc,
-                                  scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, DOT_PREC)
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
+                                  end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
+                                  K_Q8, V_Q8, BLOCK_N, DOT_PREC)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
@@ -220,14 +253,19 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
 
 @jit
-def _tile(q, k_base, v_base, sks, svs, j0, end, d, dm, pm, m_i, l_i, acc, scale, softcap, window,
-          HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, acc, scale,
+          softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_Q8: tl.constexpr,
+          V_Q8: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
     kv_mask = jm[:, None] & dm[None, :]
     kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
     vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+    if K_Q8:  # int8 codes · their block's scale, in registers: the cache is read at its own size
+        kt = _q8_0(kt, ks_base + j[:, None] * skss, kv_mask).to(q.dtype)
+    if V_Q8:
+        vt = _q8_0(vt, vs_base + j[:, None] * svss, kv_mask).to(q.dtype)
     s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
     if HAS_SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
@@ -241,6 +279,13 @@ def _tile(q, k_base, v_base, sks, svs, j0, end, d, dm, pm, m_i, l_i, acc, scale,
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
     return m_new, l_i, acc
+
+
+@jit
+def _q8_0(codes, scale_ptrs, mask):
+    """A tile of q8_0 codes (N, D) int8 → float32 values; scale_ptrs (N, D): each value's block scale."""
+    sc = tl.load(scale_ptrs, mask=mask, other=0.0)  # (N, D) float16, 32 lanes per scale (cached loads)
+    return codes.to(tl.float32) * sc.to(tl.float32)
 
 
 @jit
