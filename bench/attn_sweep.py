@@ -5,7 +5,8 @@ Prints one JSON line per (shape, depth, setting): microseconds per call (split +
 it had to read over that time (GB/s), and max |out - reference| (float32 torch attention). The default
 setting comes first in each group; the last line names the fastest setting per (shape, depth).
 
-Usage (GPU machine): python bench/attn_sweep.py [--depths 4096,16384] [--budget 200] [--focus] > sweep.jsonl
+Usage (GPU machine): python bench/attn_sweep.py [--depths 4096,16384] [--budget 200] [--focus] [--splits 0,66]
+       [--shapes qwen3-8b] > sweep.jsonl
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def main():
     p.add_argument("--depths", default="16384,4096")
     p.add_argument("--budget", type=float, default=200.0, help="seconds; settings left untimed after it")
     p.add_argument("--focus", action="store_true", help="the focused grid (see settings)")
+    p.add_argument("--splits", default="0", help="split counts to time each setting at (0: the default rule)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     a = p.parse_args()
     t_end = time.time() + a.budget
     best = {}
     for depth in (int(x) for x in a.depths.split(",")):
-        for name, (h, kh, d) in SHAPES.items():
+        for name, (h, kh, d) in ((n, SHAPES[n]) for n in a.shapes.split(",")):
             g = torch.Generator(device="cuda").manual_seed(0)
             s_max = depth + 256
             q = torch.randn(1, 1, h, d, device="cuda", generator=g).bfloat16()
@@ -56,18 +59,18 @@ def main():
             pos = torch.tensor([depth - 1], device="cuda")
             ref = decode_attention_ref(q, kc, vc, pos, d ** -0.5).float()
             nbytes = 2 * kh * depth * d * 2
-            for s in settings(a.focus):
+            for s, ns in itertools.product(settings(a.focus), [int(x) for x in a.splits.split(",")]):
                 if time.time() > t_end:
                     break
                 try:
-                    out = decode_attention(q, kc, vc, pos, d ** -0.5, launch=s)
+                    out = decode_attention(q, kc, vc, pos, d ** -0.5, launch=s, splits=ns or None)
                     err = (out.float() - ref).abs().max().item()
                     us = 1e3 * triton.testing.do_bench_cudagraph(
-                        lambda: decode_attention(q, kc, vc, pos, d ** -0.5, launch=s), rep=40)
+                        lambda: decode_attention(q, kc, vc, pos, d ** -0.5, launch=s, splits=ns or None), rep=40)
                 except Exception as e:  # a setting that does not compile (registers, shared memory)
                     print(json.dumps({"shape": name, "depth": depth, "launch": s._asdict(), "error": str(e)[:200]}))
                     continue
-                row = {"shape": name, "depth": depth, "launch": s._asdict(), "us": round(us, 2),
+                row = {"shape": name, "depth": depth, "launch": s._asdict(), "splits": ns, "us": round(us, 2),
                        "gb_s": round(nbytes / us / 1e3, 1), "max_err": err}
                 print(json.dumps(row), flush=True)
                 key = (name, depth)

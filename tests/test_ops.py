@@ -387,14 +387,15 @@ def _dequant(codes, scales, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("stored", ["kv", "k", "v"])  # which of keys and values are q8_0
-@pytest.mark.parametrize("case", [dict(t=1), dict(t=3, window=40), dict(t=3, rows=True)])
+@pytest.mark.parametrize("case", [dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96)])
 def test_decode_attention_reads_q8_0_caches(dtype, stored, case):
     """Int8 codes and their scales dequantized tile by tile in the kernel: the reference over the dequantized
-    cache (also the reference's own q8_0 form), one split and several, per-row positions and cache rows."""
-    t, window, n = case["t"], case.get("window"), 4 if case.get("rows") else 3
-    q = rand(3, t, 8, 64, dtype=dtype)
-    kq, ks = _q8_0(rand(n, 2, 150, 64, seed=1))
-    vq, vs = _q8_0(rand(n, 2, 150, 64, seed=2, scale=3.0))
+    cache (also the reference's own q8_0 form), one split and several, per-row positions and cache rows, a
+    head dim of 3 scale blocks (the kernel's tile holds 4: the padded block masked)."""
+    t, window, n, d = case["t"], case.get("window"), 4 if case.get("rows") else 3, case.get("d", 64)
+    q = rand(3, t, 8, d, dtype=dtype)
+    kq, ks = _q8_0(rand(n, 2, 150, d, seed=1))
+    vq, vs = _q8_0(rand(n, 2, 150, d, seed=2, scale=3.0))
     kd, vd = _dequant(kq, ks, dtype), _dequant(vq, vs, dtype)
     pos, rows = torch.arange(120, 120 + t, device=DEVICE), None
     if case.get("rows"):

@@ -221,8 +221,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
-    ks_base = ks_ptr + cb * sksb + kh * sksh + (d // 32)[None, :]  # (1, D) each value's q8_0 scale
-    vs_base = vs_ptr + cb * svsb + kh * svsh + (d // 32)[None, :]
+    ks_base = ks_ptr + cb * sksb + kh * sksh  # this kv head's q8_0 scales (S, D/32)
+    vs_base = vs_ptr + cb * svsb + kh * svsh
 
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -232,12 +232,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         for i in range(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_Q8, V_Q8, BLOCK_N, DOT_PREC)
+                                  K_Q8, V_Q8, D, BLOCK_N, BLOCK_D, DOT_PREC)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_Q8, V_Q8, BLOCK_N, DOT_PREC)
+                                  K_Q8, V_Q8, D, BLOCK_N, BLOCK_D, DOT_PREC)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
@@ -255,7 +255,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 @jit
 def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, acc, scale,
           softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_Q8: tl.constexpr,
-          V_Q8: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+          V_Q8: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          DOT_PREC: tl.constexpr):
     """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
@@ -263,9 +264,9 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
     kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
     vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
     if K_Q8:  # int8 codes · their block's scale, in registers: the cache is read at its own size
-        kt = _q8_0(kt, ks_base + j[:, None] * skss, kv_mask).to(q.dtype)
+        kt = _q8_0(kt, ks_base + j[:, None] * skss, jm, D, BLOCK_N, BLOCK_D).to(q.dtype)
     if V_Q8:
-        vt = _q8_0(vt, vs_base + j[:, None] * svss, kv_mask).to(q.dtype)
+        vt = _q8_0(vt, vs_base + j[:, None] * svss, jm, D, BLOCK_N, BLOCK_D).to(q.dtype)
     s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
     if HAS_SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
@@ -282,10 +283,14 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
 
 
 @jit
-def _q8_0(codes, scale_ptrs, mask):
-    """A tile of q8_0 codes (N, D) int8 → float32 values; scale_ptrs (N, D): each value's block scale."""
-    sc = tl.load(scale_ptrs, mask=mask, other=0.0)  # (N, D) float16, 32 lanes per scale (cached loads)
-    return codes.to(tl.float32) * sc.to(tl.float32)
+def _q8_0(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of q8_0 codes (N, D) int8 → float32 values; rows (N, 1): each key's scales (D/32 of them). The
+    scales load as (N, D/32), one address each (an (N, D) gather of them cost as much as the codes), and
+    multiply the codes viewed as (N, D/32, 32)."""
+    nb = tl.arange(0, BLOCK_D // 32)
+    sc = tl.load(rows + nb[None, :], mask=jm[:, None] & (nb[None, :] < D // 32), other=0.0)  # (N, D/32)
+    x = tl.reshape(codes.to(tl.float32), [BLOCK_N, BLOCK_D // 32, 32]) * sc.to(tl.float32)[:, :, None]
+    return tl.reshape(x, [BLOCK_N, BLOCK_D])
 
 
 @jit
