@@ -1,4 +1,4 @@
-"""GPU check of the rotated q8_0 / q4_0 KV cache (cache.Basis) on a tiny random qwen2 (k bias: a key offset):
+"""GPU check of the rotated q8_0 / q4_0 KV cache (kv_types.Basis) on a tiny random qwen2 (k bias: a key offset):
 the batch-1 Decoder's captured CUDA-graph step against its eager step, the engine's captured batched steps
 against solo runs, an f32 cache in the rotated basis against the plain one, and bench/kv_capacity.py's fill
 of every slot in one KV budget (bf16 against q8_0). Prints one line per check; exits 1 if any disagrees.

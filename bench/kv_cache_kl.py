@@ -4,7 +4,7 @@ file's documents joined, cut at 128) and each of the refs file's four documents 
 whole. Teacher-forced, every position scored, KL(default || quantized) over the full vocabulary.
 
 kiln: the model dequantized to float32 on the CPU (as the test loads it), its default cache float32; each
-type pair stored as kiln stores it (q8_0 / q4_0 rotated, keys less the k bias: cache.Basis) and, for
+type pair stored as kiln stores it (q8_0 / q4_0 rotated, keys less the k bias: kv_types.Basis) and, for
 comparison, rotated without that offset ("rotated": "no offset", as llama.cpp rotates) and unrotated
 (`rotate=False`: the layout before the rotation, llama.cpp's old one).
 llama.cpp (llama-cpp-python, in its own process: llama_cpp is imported before torch): flash attention, its

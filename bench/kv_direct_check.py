@@ -27,7 +27,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, ".")
-from kiln.cache import dequantize_q8_0, quantize_q8_0  # noqa: E402
+from kiln.kv_types import dequantize_q8_0, quantize_q8_0  # noqa: E402
 from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}  # (H, K, D)

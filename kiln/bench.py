@@ -471,7 +471,7 @@ def format_report(r: dict) -> str:
 
 def dec_types(model, cache_types) -> str:
     """The cache types as 'K/V', canonical names."""
-    from kiln.cache import cache_type
+    from kiln.kv_types import cache_type
     dtype = next(model.parameters()).dtype
     return "/".join(cache_type(t, dtype) for t in cache_types)
 

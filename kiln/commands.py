@@ -147,7 +147,7 @@ def _bounded(a) -> dict:
 
 def cache_kw(a) -> dict:
     """The KV cache options of the command line, checked (a bad type costs no load)."""
-    from kiln.cache import cache_type
+    from kiln.kv_types import cache_type
     for t in (a.cache_type_k, a.cache_type_v):
         cache_type(t, None)
     return dict(cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)

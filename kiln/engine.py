@@ -109,7 +109,7 @@ class Engine:
         self.vocab = a.vocab_size
         static = static_step(model, graphs)
         self.cache = KVCache.for_model(model, batch=n_slots + static, max_len=ctx_size,  # + a scratch slot
-                                       type_k=cache_type_k, type_v=cache_type_v)  # cache.CACHE_TYPES
+                                       type_k=cache_type_k, type_v=cache_type_v)  # kv_types.CACHE_TYPES
         self.device = input_device(model, self.cache.k.device)  # token ids, sampling and logits (split: the CPU)
         self._step = self.step_class(model, self.cache, n_slots, static)
         self.look_ahead = bool(look_ahead)

@@ -349,7 +349,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, stop=Non
                     **sampling) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token; the last one has finish_reason set.
 
-    `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values (kiln.cache.CACHE_TYPES: f32, f16,
+    `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values (kiln.kv_types.CACHE_TYPES: f32, f16,
     bf16, q8_0, q4_0, fp8; None: the model's dtype), llama.cpp's -ctk / -ctv.
     `prompt_cache`: a file from `kiln cache-prompt` (kiln/prompt_cache.py) made by this model: the longest
     common prefix of its tokens and the prompt's is read from it instead of prefilled.

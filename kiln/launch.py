@@ -39,7 +39,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kiln.cache import CACHE_TYPES
+from kiln.kv_types import CACHE_TYPES
 from kiln.errors import KilnError
 from kiln.engine import Engine
 from kiln.engine_step import BatchStep
@@ -289,7 +289,7 @@ class LeaderPool(DecoderPool):
 
     def get(self, max_len: int, cache_type_k: str | None = None, cache_type_v: str | None = None, *,
             sliding: bool = True, max_kv_size: int | None = None, keep: int = 4) -> Decoder:
-        from kiln.cache import cache_type
+        from kiln.kv_types import cache_type
         kinds = [cache_type(t, None) if t is not None else None for t in (cache_type_k, cache_type_v)]
         self.link.send(OP_GET, max_len, *map(_code, kinds), int(sliding), max_kv_size or 0, keep)
         d = super().get(max_len, *kinds, sliding=sliding, max_kv_size=max_kv_size, keep=keep)

@@ -7,7 +7,7 @@ part's dtype and shape), then each part's raw bytes (keys' parts, then values'; 
 A split model's cache (kiln/split.py: one tensor per layer, each on its device in its dtype) is stored one part
 per layer ("per_layer": true), and restores only into a cache laid out the same.
 Format 2 (header "version": 2) added the bases: q8_0 / q4_0 keys and values are stored rotated
-(cache.Basis); a file without them (format 1) holds them unrotated, so one of those types is refused with a
+(kv_types.Basis); a file without them (format 1) holds them unrotated, so one of those types is refused with a
 clear KilnError (make it again) and a dense one loads as before. The identity is a sha256 of the model's
 config (`model.args`), the tokenizer's vocabulary size, special ids and the ids of a probe text, so a cache
 made by another model (or tokenizer) is refused with a clear KilnError, as is a truncated or foreign file.
@@ -28,7 +28,7 @@ from kiln.cache import KVCache
 from kiln.errors import KilnError
 
 MAGIC = b"KILNPC1\n"
-VERSION = 2  # 2: the header names the basis of keys and values (cache.Basis.name; None: as they come)
+VERSION = 2  # 2: the header names the basis of keys and values (kv_types.Basis.name; None: as they come)
 _PROBE = "The kiln fires clay at 1200 °C; def f(x): return x * 2  # 字"
 
 

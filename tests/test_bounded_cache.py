@@ -442,7 +442,7 @@ def test_cuda_graph_decoder_with_rings_equals_full_cache(max_kv_size):
 
 
 def test_context_shift_re_ropes_keys_stored_rotated():
-    """q8_0 / q4_0 store keys rotated and less the k bias (cache.Basis): a shift re-ropes them in the model's
+    """q8_0 / q4_0 store keys rotated and less the k bias (kv_types.Basis): a shift re-ropes them in the model's
     basis. An f32 cache in that basis shifts to the plain cache's logits exactly (in float); a q8_0 cache (its
     keys and values stored rotated) stays as near them after the shift as before it."""
     model = _tiny(dict(LLAMA, model_type="qwen2", head_dim=32))  # q/k/v biases: a key offset

@@ -5,8 +5,8 @@ against the unfused one, and the real 0.5B model's logits over real text with a 
 import pytest
 import torch
 
-from kiln.cache import (KVCache, Step, dequantize_q4_0, dequantize_q8_0, hadamard, layer_windows, plan_rings,
-                        quantize_q4_0, quantize_q8_0)
+from kiln.cache import KVCache, Step, layer_windows, plan_rings
+from kiln.kv_types import dequantize_q4_0, dequantize_q8_0, hadamard, quantize_q4_0, quantize_q8_0
 from kiln.errors import KilnError
 from kiln.models.base import key_offsets
 
@@ -116,7 +116,7 @@ def test_quantized_kv_cache_kl_on_the_real_model(qwen):
     """Teacher-forced logits over 128 tokens of real text through a cache stored as q8_0 (K and V) and q8_0 K /
     q4_0 V, against the default (f32) cache: mean KL (issue 12: <= 0.005 for q8_0 at about half the bytes of
     bf16, <= 0.02 for q4_0), with the bytes against a bf16 cache. q8_0 / q4_0 store keys and values rotated by
-    H, keys less the k bias (cache.Basis); unrotated (`rotate=False`, printed beside) these were 0.0100 and
+    H, keys less the k bias (kv_types.Basis); unrotated (`rotate=False`, printed beside) these were 0.0100 and
     0.0167. llama.cpp on the same file and tokens (bench/kv_cache_kl.py, its f16 cache the reference): 0.0063
     and 0.0097 with its rotation (the default), 0.0181 and 0.0222 without. q4_0 keys stay unusable on this
     model either way (kiln 0.67 rotated, 0.70 not; llama.cpp 0.73 / 0.70): the q4_0 combination asserted is

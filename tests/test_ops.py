@@ -376,12 +376,12 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
 
 def _q8_0(x):
     """x (..., D) → (int8 codes, float16 scales (..., D/32)): the q8_0 cache layout (kiln.cache)."""
-    from kiln.cache import quantize_q8_0
+    from kiln.kv_types import quantize_q8_0
     return quantize_q8_0(x.float())
 
 
 def _dequant(codes, scales, dtype):
-    from kiln.cache import dequantize_q8_0
+    from kiln.kv_types import dequantize_q8_0
     return dequantize_q8_0(codes, scales, dtype)
 
 

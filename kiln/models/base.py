@@ -201,7 +201,7 @@ def key_rotation(model, total_len: int):
 def key_offsets(model) -> torch.Tensor | None:
     """(L, K, D) float32: the key each layer's projection gives a zero input before RoPE — its k bias
     (Qwen2's; a joined qkv's slice of it) —, what a block-quantized KV cache subtracts from the keys it
-    stores (cache.Basis); None when no layer has one. Zero for a layer whose keys are normed per head (the
+    stores (kv_types.Basis); None when no layer has one. Zero for a layer whose keys are normed per head (the
     norm comes after the bias)."""
     a = model.args
     rows = [_k_bias(block.self_attn, a.num_attention_heads, a.num_key_value_heads, a.head_dim)

@@ -6,7 +6,7 @@ Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch whe
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
 (a server's slot) each batch row reads: a batched decode step over sequences at different depths.
 Keys and values may each be stored as q8_0 (int8 codes and a float16 scale per 32 values along D: `k_scale`,
-`v_scale`, cache.quantize_q8_0's layout) and are then dequantized tile by tile in registers, so a quantized
+`v_scale`, kv_types.quantize_q8_0's layout) and are then dequantized tile by tile in registers, so a quantized
 cache is read at its own size; the reference dequantizes the whole cache first.
 Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing or encoding the cache
 (rope.py, cache.py), the rotated basis a quantized cache is stored in (the caller rotates q and the output:
@@ -51,7 +51,7 @@ from kiln.ops import jit, pdl, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
-QK = 32  # values per q8_0 scale (cache.QK)
+QK = 32  # values per q8_0 scale (kv_types.QK)
 
 
 class Launch(NamedTuple):
@@ -105,7 +105,7 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
 
 def _values(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """A cache (..., D) in float32: as stored, or q8_0 codes times their block's scale (..., D/32)
-    (cache.dequantize_q8_0's formula; ops do not import the cache)."""
+    (kv_types.dequantize_q8_0's formula; ops do not import kv_types)."""
     if scales is None:
         return cache.float()
     return (cache.unflatten(-1, (-1, QK)).float() * scales.float()[..., None]).flatten(-2)

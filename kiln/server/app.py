@@ -47,7 +47,7 @@ class ServerState:
         self.model_id, self.api_key, self.max_body, self.read_timeout = model_id, api_key, max_body, read_timeout
         self.slot_save_path = slot_save_path  # the folder of POST /slots/{id}?action=save|restore (None: off)
         self.n_slots, self.ctx_size, self.max_queue = n_slots, ctx_size, max_queue
-        self.cache_types = cache_types  # (keys, values): kiln.cache.CACHE_TYPES, None: the model's dtype
+        self.cache_types = cache_types  # (keys, values): kiln.kv_types.CACHE_TYPES, None: the model's dtype
         self.kv_budget = kv_budget  # bytes of KV cache the slots share (sets ctx_size at attach), or None
         self.model = self.tokenizer = self.engine = self.structured = self.tool_style = None
         self.ready, self.load_error, self.on_load_failed = False, None, None
