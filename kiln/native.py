@@ -105,12 +105,38 @@ _LEGACY_FIELDS = {2: (18, 2, None, None), 3: (20, 4, None, 2), 6: (22, 6, 2, Non
 def regroup_lq(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """A Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor's rows as the file holds them, raw (N, K / 32 * B) uint8 with
     K % 128 == 0, -> the same bytes regrouped four blocks at a time as native_legacy.c reads them (its comment
-    draws the layout): (N, K / 128 * 4B) uint8."""
+    draws the layout): (N, K / 128 * 4B) uint8. In one native pass where the library is built
+    (kiln_permute_groups in `_group_order`'s byte order: most of a compact CPU load's repacking was torch's
+    strided copies here), else `regroup_lq_ref`."""
+    if _lib() is None:
+        return regroup_lq_ref(raw, qtype)
+    raw = raw.contiguous()
+    perm, flip = _group_order(qtype)
+    out = torch.empty_like(raw)
+    _lib().kiln_permute_groups(_ptr(raw), _ptr(out), raw.numel() // perm.numel(), perm.numel(), _ptr(perm),
+                               _ptr(flip), torch.get_num_threads())
+    return out
+
+
+@functools.cache
+def _group_order(qtype: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm int16, flip uint8) of one group of four blocks: regrouped byte i is source byte perm[i] ^ flip[i],
+    read off regroup_lq_ref run on the byte positions themselves (and on zeros, for the flipped bits)."""
+    size = _LEGACY_FIELDS[qtype][0]
+    pos = torch.arange(4 * size, dtype=torch.int16).view(1, -1)
+    flip = regroup_lq_ref(torch.zeros(1, 4 * size, dtype=torch.uint8), qtype).view(-1)
+    return regroup_lq_ref(pos, qtype, flip=False).view(-1).contiguous(), flip.contiguous()
+
+
+def regroup_lq_ref(raw: torch.Tensor, qtype: int, flip: bool = True) -> torch.Tensor:
+    """regroup_lq in torch (the reference; `flip` False leaves Q8_0's codes unflipped: `_group_order` runs it on
+    byte positions)."""
     size, qs, qh, m = _LEGACY_FIELDS[qtype]
     n = raw.shape[0]
     b = raw.reshape(n, -1, 4, size)                                            # (N, G, 4, B)
     if qtype == 8:  # first halves of the four blocks' codes, then second halves, each + 128
-        halves = b[..., qs:qs + 32].reshape(n, -1, 4, 2, 16).transpose(2, 3).reshape(n, -1, 128) ^ 0x80
+        halves = b[..., qs:qs + 32].reshape(n, -1, 4, 2, 16).transpose(2, 3).reshape(n, -1, 128)
+        halves = halves ^ 0x80 if flip else halves
         return torch.cat([halves, b[..., 0:2].reshape(n, -1, 8)], -1).reshape(n, -1)
     parts = [b[..., qs:qs + 16].reshape(n, -1, 64)]
     if qh is not None:  # the four low halves of qh, then the four high halves
@@ -417,6 +443,7 @@ def _lib():
                   "kiln_gemv_q6k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_gemv_lq": [p, ctypes.c_int] + [p] * 3 + [i] * 3 + [ctypes.c_int],
                   "kiln_dequant_lq": [p, ctypes.c_int, p] + [i] * 2 + [ctypes.c_int],
+                  "kiln_permute_groups": [p] * 2 + [i] * 2 + [p] * 2 + [ctypes.c_int],
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],

@@ -186,3 +186,17 @@ void kiln_dequant_lq(const uint8_t *rows, int qtype, float *out, int64_t n_rows,
             }
         }
 }
+
+/* The load's regrouping (native.regroup_lq): every group of `group` bytes (four blocks) of src written to dst
+   in the order `perm` gives (dst[i] = src[perm[i]] ^ flip[i]); native.py derives perm and flip from
+   regroup_lq's torch form, which stays the reference. */
+void kiln_permute_groups(const uint8_t *src, uint8_t *dst, int64_t n_groups, int64_t group, const int16_t *perm,
+                         const uint8_t *flip, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < n_groups; g++) {
+        const uint8_t *s = src + g * group;
+        uint8_t *d = dst + g * group;
+        for (int64_t i = 0; i < group; i++)
+            d[i] = s[perm[i]] ^ flip[i];
+    }
+}

@@ -135,7 +135,8 @@ def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     ends = 4 if qtype in (3, 7) else 2  # d, and m for the _1 types
     raw[:, :ends] = ((torch.rand(n * k // 32, ends // 2, generator=g) - 0.5) * 0.02).half().view(torch.uint8)
     raw = raw.view(n, -1)
-    rows = native.regroup_lq(raw, qtype)
+    rows = native.regroup_lq(raw, qtype)  # the native pass
+    assert torch.equal(rows, native.regroup_lq_ref(raw, qtype))
     assert rows.shape == raw.shape and torch.equal(native.ungroup_lq(rows, qtype), raw)
     x = torch.randn(3, k, generator=g)
     x[0, 32:64] = 0  # a block of x all zeros
