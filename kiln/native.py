@@ -106,26 +106,34 @@ def regroup_lq(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """A Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor's rows as the file holds them, raw (N, K / 32 * B) uint8 with
     K % 128 == 0, -> the same bytes regrouped four blocks at a time as native_legacy.c reads them (its comment
     draws the layout): (N, K / 128 * 4B) uint8. In one native pass where the library is built
-    (kiln_permute_groups in `_group_order`'s byte order: most of a compact CPU load's repacking was torch's
-    strided copies here), else `regroup_lq_ref`."""
+    (kiln_permute_groups over `_group_runs`: most of a compact CPU load's repacking was torch's strided copies
+    here), else `regroup_lq_ref`."""
     if _lib() is None:
         return regroup_lq_ref(raw, qtype)
     raw = raw.contiguous()
-    perm, flip = _group_order(qtype)
+    runs = _group_runs(qtype)
     out = torch.empty_like(raw)
-    _lib().kiln_permute_groups(_ptr(raw), _ptr(out), raw.numel() // perm.numel(), perm.numel(), _ptr(perm),
-                               _ptr(flip), torch.get_num_threads())
+    group = 4 * _LEGACY_FIELDS[qtype][0]
+    _lib().kiln_permute_groups(_ptr(raw), _ptr(out), raw.numel() // group, group, runs.shape[0], _ptr(runs),
+                               torch.get_num_threads())
     return out
 
 
 @functools.cache
-def _group_order(qtype: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perm int16, flip uint8) of one group of four blocks: regrouped byte i is source byte perm[i] ^ flip[i],
-    read off regroup_lq_ref run on the byte positions themselves (and on zeros, for the flipped bits)."""
+def _group_runs(qtype: int) -> torch.Tensor:
+    """(R, 4) int16 runs (to, from, length, flip) that rewrite one group of four blocks as regroup_lq_ref does,
+    read off it run on the byte positions themselves (and on zeros, for the flipped bits)."""
     size = _LEGACY_FIELDS[qtype][0]
-    pos = torch.arange(4 * size, dtype=torch.int16).view(1, -1)
+    perm = regroup_lq_ref(torch.arange(4 * size, dtype=torch.int16).view(1, -1), qtype, flip=False).view(-1)
     flip = regroup_lq_ref(torch.zeros(1, 4 * size, dtype=torch.uint8), qtype).view(-1)
-    return regroup_lq_ref(pos, qtype, flip=False).view(-1).contiguous(), flip.contiguous()
+    runs = []
+    for i, (src, f) in enumerate(zip(perm.tolist(), flip.tolist())):
+        r = runs[-1] if runs else None
+        if r and r[1] + r[2] == src and r[0] + r[2] == i and r[3] == bool(f):
+            r[2] += 1
+        else:
+            runs.append([i, src, 1, bool(f)])
+    return torch.tensor(runs, dtype=torch.int16)
 
 
 def regroup_lq_ref(raw: torch.Tensor, qtype: int, flip: bool = True) -> torch.Tensor:
@@ -443,7 +451,7 @@ def _lib():
                   "kiln_gemv_q6k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_gemv_lq": [p, ctypes.c_int] + [p] * 3 + [i] * 3 + [ctypes.c_int],
                   "kiln_dequant_lq": [p, ctypes.c_int, p] + [i] * 2 + [ctypes.c_int],
-                  "kiln_permute_groups": [p] * 2 + [i] * 2 + [p] * 2 + [ctypes.c_int],
+                  "kiln_permute_groups": [p] * 2 + [i] * 3 + [p, ctypes.c_int],
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],

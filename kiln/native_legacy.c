@@ -187,16 +187,33 @@ void kiln_dequant_lq(const uint8_t *rows, int qtype, float *out, int64_t n_rows,
         }
 }
 
-/* The load's regrouping (native.regroup_lq): every group of `group` bytes (four blocks) of src written to dst
-   in the order `perm` gives (dst[i] = src[perm[i]] ^ flip[i]); native.py derives perm and flip from
-   regroup_lq's torch form, which stays the reference. */
-void kiln_permute_groups(const uint8_t *src, uint8_t *dst, int64_t n_groups, int64_t group, const int16_t *perm,
-                         const uint8_t *flip, int threads) {
+/* The load's regrouping (native.regroup_lq): every group of `group` bytes (four blocks) of src rewritten in
+   dst as `n_runs` runs, run r copying len[r] bytes from src offset from[r] to dst offset to[r], XORed with
+   0x80 where flip[r] (Q8_0's codes); native.py reads the runs off regroup_lq's torch form, the reference. */
+void kiln_permute_groups(const uint8_t *src, uint8_t *dst, int64_t n_groups, int64_t group, int64_t n_runs,
+                         const int16_t *runs, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n_groups; g++) {
         const uint8_t *s = src + g * group;
         uint8_t *d = dst + g * group;
-        for (int64_t i = 0; i < group; i++)
-            d[i] = s[perm[i]] ^ flip[i];
+        for (int64_t r = 0; r < n_runs; r++) {
+            const int16_t *run = runs + 4 * r;  /* to, from, len, flip */
+            const uint8_t x = run[3] ? 0x80 : 0;
+            if (run[2] == 16) {  /* the runs are 16 bytes (codes) or 2 (scales, high bits): fixed-size copies */
+                uint64_t a, b, m = x * 0x0101010101010101ull;
+                memcpy(&a, s + run[1], 8);
+                memcpy(&b, s + run[1] + 8, 8);
+                a ^= m;
+                b ^= m;
+                memcpy(d + run[0], &a, 8);
+                memcpy(d + run[0] + 8, &b, 8);
+            } else if (run[2] == 2) {
+                d[run[0]] = s[run[1]] ^ x;
+                d[run[0] + 1] = s[run[1] + 1] ^ x;
+            } else {
+                for (int16_t i = 0; i < run[2]; i++)
+                    d[run[0] + i] = s[run[1] + i] ^ x;
+            }
+        }
     }
 }
