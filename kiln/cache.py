@@ -14,7 +14,7 @@ max_kv_size) the first `keep` positions and the most recent ones, in a ring of s
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
 mask is built from that, so the slots need no reordering). `shift` drops positions and re-rotates the keys
 after them (llama.cpp's context shift). Each part is stored in its cache type (kv_types.py: the codecs and
-the basis q8_0 / q4_0 store in, re-exported here); attention reads through `queries` / `outputs`, which
+the basis q8_0 / q4_0 store in); attention reads through `queries` / `outputs`, which
 rotate its query into that basis and its output back.
 Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), paging, which
 slot holds which request (engine.py), which layers get a ring (`plan_rings` from the caller's choice).
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.errors import KilnError
-from kiln.kv_types import BLOCK_TYPES, QK, _basis, _decode, _encode, _layout, cache_type
+from kiln.kv_types import BLOCK_TYPES, QK, basis_for, cache_type, decode, encode, layout
 from kiln.policy import Policy
 
 PREFILL, GRAPH, ROWS = "prefill", "graph", "rows"
@@ -195,7 +195,7 @@ class KVCache:
     `k`, `v` are the first stored part of each ((L, B, K, S, D) for a dense type): the tensors the fused
     kernels read when the cache is `direct` (stored in the model's own dtype). `key_offset` (L, K, D): what
     a block type subtracts from keys before rotating them (`models/base.key_offsets`; None: nothing);
-    `rotate`: which types are stored rotated (`_basis`; None: the block types)."""
+    `rotate`: which types are stored rotated (`kv_types.basis_for`; None: the block types)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu", type_k: str | None = None, type_v: str | None = None,
@@ -219,17 +219,17 @@ class KVCache:
             self.kp, self.vp = [zeros()], [zeros()]
         elif self.rings:  # layers of different lengths: one tensor each
             self.kp = [_PerLayer(torch.zeros((batch, n_kv_heads, n, w), dtype=dt, device=device) for n in slots)
-                       for w, dt in _layout(self.type_k, head_dim)]
+                       for w, dt in layout(self.type_k, head_dim)]
             self.vp = [_PerLayer(torch.zeros((batch, n_kv_heads, n, w), dtype=dt, device=device) for n in slots)
-                       for w, dt in _layout(self.type_v, head_dim)]
+                       for w, dt in layout(self.type_v, head_dim)]
         else:
             shape = (n_layers, batch, n_kv_heads, max_len)  # (L, B, K, S) + (width,)
-            self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_k, head_dim)]
-            self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in _layout(self.type_v, head_dim)]
+            self.kp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in layout(self.type_k, head_dim)]
+            self.vp = [torch.zeros(shape + (w,), dtype=dt, device=device) for w, dt in layout(self.type_v, head_dim)]
         self.head_dim = head_dim
         self.plans: dict = {}  # what a native CPU decode step built for the blocks it runs (models/base.run_blocks)
-        self.k_basis = _basis(self.type_k, head_dim, self.kp[0].device, rotate, key_offset)
-        self.v_basis = _basis(self.type_v, head_dim, self.kp[0].device, rotate)
+        self.k_basis = basis_for(self.type_k, head_dim, self.kp[0].device, rotate, key_offset)
+        self.v_basis = basis_for(self.type_v, head_dim, self.kp[0].device, rotate)
         self._views()
 
     def _views(self):
@@ -279,15 +279,15 @@ class KVCache:
         """(stored part, its new content) for each part of keys, then of values: k, v (B, K, T, D) in the
         cache's basis and types."""
         for parts, kind, basis, x in ((self.kp, self.type_k, self.k_basis, k), (self.vp, self.type_v, self.v_basis, v)):
-            yield from zip(parts, _encode(kind, x if basis is None else basis.into(layer, x)))
+            yield from zip(parts, encode(kind, x if basis is None else basis.into(layer, x)))
 
     def _write(self, layer: int, sl, k: torch.Tensor, v: torch.Tensor):
         for part, new in self._encoded(layer, k, v):
             part[layer][:, :, sl] = new
 
     def _read(self, layer: int, sl, dtype):
-        return (_decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
-                _decode(self.type_v, [p[layer][:, :, sl] for p in self.vp], dtype))
+        return (decode(self.type_k, [p[layer][:, :, sl] for p in self.kp], dtype),
+                decode(self.type_v, [p[layer][:, :, sl] for p in self.vp], dtype))
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
         """k, v (B, K, T, D) → all keys and values (B, K, pos+T, D) of this layer; a ring layer's: those of
@@ -328,7 +328,7 @@ class KVCache:
             if len(pairs) == 1 and pairs[0][0][layer].dtype == x.dtype and pairs[0][1] is x:
                 out.append(x)  # stored as it is
             else:
-                out.append(_decode(kind, [new.to(part[layer].dtype) for part, new in pairs], x.dtype))
+                out.append(decode(kind, [new.to(part[layer].dtype) for part, new in pairs], x.dtype))
         return out[0], out[1]
 
     def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -496,5 +496,5 @@ class RowsView:
             sel = lambda p: p[layer][self._span:self._span + self.n_rows, :, :self.n_keys]  # noqa: E731
         else:
             sel = lambda p: p[layer][:, :, :self.n_keys].index_select(0, self.slot_index)  # noqa: E731
-        return (_decode(c.type_k, [sel(p) for p in c.kp], k.dtype),
-                _decode(c.type_v, [sel(p) for p in c.vp], v.dtype))
+        return (decode(c.type_k, [sel(p) for p in c.kp], k.dtype),
+                decode(c.type_v, [sel(p) for p in c.vp], v.dtype))

@@ -1,9 +1,9 @@
 """KV cache types (llama.cpp's -ctk / -ctv): their names, codecs and the rotated basis block types store in.
 
 Owns: `CACHE_TYPES` and `cache_type` (canonical names), the q8_0 / q4_0 codecs (`quantize_q8_0`, ...), how a
-type is laid out in the cache (`_layout`: its parts) and encoded / decoded (`_encode`, `_decode`), the
-Walsh-Hadamard basis q8_0 / q4_0 store keys and values in (`hadamard`, `Basis`, `_basis`).
-Not: the cache's storage and its writes and reads (cache.py, which re-exports these names), attention over a
+type is laid out in the cache (`layout`: its parts) and encoded / decoded (`encode`, `decode`), the
+Walsh-Hadamard basis q8_0 / q4_0 store keys and values in (`hadamard`, `Basis`, `basis_for`).
+Not: the cache's storage and its writes and reads (cache.py), attention over a
 stored type (ops/attention.py reads q8_0 directly; models/base.attention decides).
 """
 
@@ -65,7 +65,7 @@ def dequantize_q4_0(packed: torch.Tensor, d: torch.Tensor, dtype) -> torch.Tenso
     return (q * d.float()[..., None]).flatten(-2).to(dtype)
 
 
-def _encode(kind: str, x: torch.Tensor) -> tuple:
+def encode(kind: str, x: torch.Tensor) -> tuple:
     if kind == "q8_0":
         return quantize_q8_0(x)
     if kind == "q4_0":
@@ -75,7 +75,7 @@ def _encode(kind: str, x: torch.Tensor) -> tuple:
     return (x,)  # dense: the cache's store casts
 
 
-def _decode(kind: str, parts, dtype) -> torch.Tensor:
+def decode(kind: str, parts, dtype) -> torch.Tensor:
     if kind == "q8_0":
         return dequantize_q8_0(*parts, dtype)
     if kind == "q4_0":
@@ -83,7 +83,7 @@ def _decode(kind: str, parts, dtype) -> torch.Tensor:
     return parts[0] if parts[0].dtype == dtype else parts[0].to(dtype)
 
 
-def _layout(kind: str, d: int) -> list[tuple[int, torch.dtype]]:
+def layout(kind: str, d: int) -> list[tuple[int, torch.dtype]]:
     """(width, dtype) of each stored part for head dim d."""
     if kind == "q8_0":
         return [(d, torch.int8), (d // QK, torch.float16)]
@@ -142,7 +142,7 @@ class Basis:
 BLOCK_TYPES = ("q8_0", "q4_0")  # the types stored rotated (by default)
 
 
-def _basis(kind: str, d: int, device, rotate: bool | None, offset=None) -> Basis | None:
+def basis_for(kind: str, d: int, device, rotate: bool | None, offset=None) -> Basis | None:
     """The basis a type is stored in: rotated for a block type (rotate None), for every type (True: a test's
     f32 cache in the rotated basis, exact), or for none (False: llama.cpp's layout before its rotation)."""
     return Basis(d, device, offset) if (kind in BLOCK_TYPES if rotate is None else rotate) else None

@@ -137,7 +137,7 @@ def _group_runs(qtype: int) -> torch.Tensor:
 
 
 def regroup_lq_ref(raw: torch.Tensor, qtype: int, flip: bool = True) -> torch.Tensor:
-    """regroup_lq in torch (the reference; `flip` False leaves Q8_0's codes unflipped: `_group_order` runs it on
+    """regroup_lq in torch (the reference; `flip` False leaves Q8_0's codes unflipped: `_group_runs` runs it on
     byte positions)."""
     size, qs, qh, m = _LEGACY_FIELDS[qtype]
     n = raw.shape[0]

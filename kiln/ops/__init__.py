@@ -13,6 +13,7 @@ arguments' shapes, positions arrive as a device tensor.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -30,6 +31,12 @@ except ImportError:  # torch-only installs (CPU wheels, macOS): the references s
 def jit(fn):
     """`triton.jit` when Triton is installed; the bare function (never launched) otherwise."""
     return triton.jit(fn) if HAVE_TRITON else fn
+
+
+def interpreted() -> bool:
+    """Do Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, the tests)? Read at each launch, as
+    the tests set it after import. The interpreter lacks inline assembly, PDL and loops bounded at run time."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:

@@ -42,16 +42,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-from kiln.ops import jit, pdl, tl, triton, use_triton
+from kiln.kv_types import dequantize_q8_0
+from kiln.ops import interpreted, jit, pdl, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
-QK = 32  # values per q8_0 scale (kv_types.QK)
 
 
 class Launch(NamedTuple):
@@ -104,11 +103,8 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
 
 
 def _values(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """A cache (..., D) in float32: as stored, or q8_0 codes times their block's scale (..., D/32)
-    (kv_types.dequantize_q8_0's formula; ops do not import kv_types)."""
-    if scales is None:
-        return cache.float()
-    return (cache.unflatten(-1, (-1, QK)).float() * scales.float()[..., None]).flatten(-2)
+    """A cache (..., D) in float32: as stored, or q8_0 codes times their block's scale (..., D/32)."""
+    return cache.float() if scales is None else dequantize_q8_0(cache, scales, torch.float32)
 
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -147,7 +143,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         K_Q8=k_scale is not None, V_Q8=v_scale is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
-        RUNTIME_LOOP=launch.runtime_loop and os.environ.get("TRITON_INTERPRET") != "1",
+        RUNTIME_LOOP=launch.runtime_loop and not interpreted(),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))

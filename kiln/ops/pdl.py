@@ -13,11 +13,10 @@ writing anything; a kernel that ends without `wait` would let its successor over
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from kiln.ops import HAVE_TRITON, jit, tl
+from kiln.ops import HAVE_TRITON, interpreted, jit, tl
 from kiln.policy import DEFAULT, Policy
 
 if HAVE_TRITON:
@@ -33,7 +32,7 @@ def _capable(index: int) -> bool:
 
 def enabled(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
     """Launch kernels on x's device with PDL? (policy.pdl off, from KILN_PDL=0: no, for A/B runs.)"""
-    return (x.is_cuda and policy.pdl and os.environ.get("TRITON_INTERPRET") != "1"
+    return (x.is_cuda and policy.pdl and not interpreted()
             and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 

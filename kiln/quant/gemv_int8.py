@@ -9,12 +9,11 @@ tile helpers (tiles.py), the packed layout (packed.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from kiln.ops import jit, pdl, tl, triton
+from kiln.ops import interpreted, jit, pdl, tl, triton
 from kiln.ops.q8 import store_q8
 from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import FORMATS, V, PackedWeight
@@ -305,6 +304,6 @@ def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, c
     kernel[(triton.cdiv(n, config.block_n),)](
         act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n,
         FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"], OFFSET=OFFSETS.get(w.qtype, 0),
-        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=os.environ.get("TRITON_INTERPRET") != "1",
+        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=not interpreted(),
         num_warps=config.num_warps, **rows, **geo, **extra, **pdl.launch_kw(act.xq, policy))
     return y
