@@ -1,15 +1,18 @@
-"""GPU check of decode attention reading a q8_0 KV cache as stored (int8 codes + float16 scales dequantized in
+"""GPU check of decode attention reading a q8_0 / q4_0 KV cache as stored (codes + float16 scales dequantized in
 the split kernel's registers) against the bf16 cache it replaces. Three parts, each printing JSON lines (an
 error is printed as {"part": ..., "error": ...} and the next part runs):
 
-(a) accuracy: decode_attention over q8_0 K/V against decode_attention_ref over the same codes dequantized
-    (float32), head dims 64 / 128, T 1 and 4, bf16 queries; the bf16 cache's own kernel error beside it;
+(a) accuracy: decode_attention over q8_0 / q4_0 K/V against decode_attention_ref over the same codes
+    dequantized (float32), head dims 64 / 128, T 1 and 4, bf16 queries; the bf16 cache's own kernel error beside
+    it; and with the output rotated back in the kernel (out_rot, a Hadamard matrix);
 (b) speed: microseconds per call inside a CUDA graph (triton.testing.do_bench_cudagraph) at 4096 and 16384
-    keys, batch 1, one token, for the shapes of bench/attn_sweep.py: the bf16 cache, the q8_0 cache read
-    directly, and the q8_0 cache dequantized whole first (what a step did before: the cost it no longer pays);
+    keys, batch 1, one token, for the shapes of bench/attn_sweep.py: the bf16 cache, the q8_0 and q4_0 caches
+    read directly (q8_0 also with the output rotation), and the q8_0 cache dequantized whole first (what a step
+    did before: the cost it no longer pays);
 (c) the whole model: decode tok/s after a 16384-token context (default 16384: --depth) with the default cache
-    and with -ctk q8_0 -ctv q8_0, through kiln's Decoder (DecoderPool.get, prefill, the CUDA-graph step), and
-    whether the captured q8_0 step called the decode kernel with scales (the fused path) in every layer.
+    and with the block types (-ctk/-ctv q8_0/q8_0, q8_0/q4_0, q4_0/q4_0), through kiln's Decoder
+    (DecoderPool.get, prefill, the CUDA-graph step), and whether the captured step called the decode kernel
+    with scales (the fused path) in every layer.
 
 Usage (GPU machine, repo root): python bench/kv_direct_check.py [model.gguf] [--depth 16384] [--gen 64]
 Without a model path part (c) is skipped. About 1-3 minutes on an H100 (most of it the model load and prefill).
@@ -27,7 +30,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, ".")
-from kiln.kv_types import dequantize_q8_0, quantize_q8_0  # noqa: E402
+from kiln.kv_types import dequantize_q8_0, encode, hadamard, quantize_q8_0  # noqa: E402
 from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}  # (H, K, D)
@@ -63,7 +66,14 @@ def accuracy():
             dense = decode_attention(q, k, v, pos, d ** -0.5)  # the bf16 kernel against its own reference
             dense_ref = decode_attention_ref(q, k, v, pos, d ** -0.5).float()
             row["bf16_max_err"] = (dense.float() - dense_ref).abs().max().item()
-            row["ok"] = max(val for key, val in row.items() if key.startswith("q8_max")) < 2e-2
+            (k4, k4s), (v4, v4s) = encode("q4_0", k.float()), encode("q4_0", v.float())
+            ref4 = decode_attention_ref(q.float(), k4, v4, pos, d ** -0.5, k_scale=k4s, v_scale=v4s)
+            out4 = decode_attention(q, k4, v4, pos, d ** -0.5, k_scale=k4s, v_scale=v4s)
+            row["q4_max_err"] = (out4.float() - ref4).abs().max().item()
+            rot = hadamard(d).cuda()
+            out_r = decode_attention(q, kq, vq, pos, d ** -0.5, k_scale=ks, v_scale=vs, out_rot=rot)
+            row["q8_rot_max_err"] = (out_r.float() - ref @ rot).abs().max().item()
+            row["ok"] = max(val for key, val in row.items() if key.startswith(("q8_", "q4_"))) < 2e-2
             _emit(**row)
 
 
@@ -74,8 +84,11 @@ def speed():
             q = torch.randn(1, 1, h, d, device="cuda").bfloat16()
             pos = torch.tensor([depth - 1], device="cuda")
             scale = d ** -0.5
+            (k4, k4s), (v4, v4s), rot = encode("q4_0", k), encode("q4_0", v), hadamard(d).cuda()
             runs = {"bf16": lambda: decode_attention(q, k, v, pos, scale),
                     "q8_0": lambda: decode_attention(q, kq, vq, pos, scale, k_scale=ks, v_scale=vs),
+                    "q8_0_rot": lambda: decode_attention(q, kq, vq, pos, scale, k_scale=ks, v_scale=vs, out_rot=rot),
+                    "q4_0": lambda: decode_attention(q, k4, v4, pos, scale, k_scale=k4s, v_scale=v4s),
                     "q8_0_dequant_whole": lambda: decode_attention(q, dequantize_q8_0(kq, ks, q.dtype),
                                                                    dequantize_q8_0(vq, vs, q.dtype), pos, scale)}
             row = {"part": "speed", "shape": name, "depth": depth}
@@ -98,7 +111,7 @@ def whole_model(path: str, depth: int, gen: int):
     kernel, scaled = base.decode_attention, []  # which decode kernel calls the captured step made with scales
     base.decode_attention = lambda *a, **kw: scaled.append(kw.get("k_scale") is not None) or kernel(*a, **kw)
     try:
-        for types in ((None, None), ("q8_0", "q8_0")):
+        for types in ((None, None), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")):
             scaled.clear()
             row = _decode_rate(model, ids, types, gen)
             _emit(part="model", cache=types[0] or "default", depth=depth, **row, kernel_calls=len(scaled),

@@ -33,7 +33,8 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kv_types import BLOCK_TYPES, QK, basis_for, cache_type, decode, encode, layout
-from kiln.policy import Policy
+from kiln.ops.kv_write import Side, encode_kv
+from kiln.policy import DEFAULT, Policy
 
 PREFILL, GRAPH, ROWS = "prefill", "graph", "rows"
 
@@ -237,8 +238,9 @@ class KVCache:
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
-        # decode_attention reads each part as stored (q8_0: codes and scales); the caller rotates q and out
-        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), "q8_0"}
+        # the fused step writes each part with ops.kv_write (the query rotated into the keys' basis) and
+        # decode_attention reads them as stored (q8_0 / q4_0: codes and scales; values rotated back)
+        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), *BLOCK_TYPES}
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
@@ -391,8 +393,23 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def layer_scales(self, layer: int):
-        """The q8_0 scales (B, K, S, D/32) beside `layer_kv`'s keys and values (None: not q8_0)."""
-        return tuple(p[1][layer] if t == "q8_0" else None for p, t in ((self.kp, self.type_k), (self.vp, self.type_v)))
+        """The block scales (B, K, S, D/32) beside `layer_kv`'s keys and values (None: not a block type)."""
+        return tuple(p[1][layer] if t in BLOCK_TYPES else None
+                     for p, t in ((self.kp, self.type_k), (self.vp, self.type_v)))
+
+    def out_rotation(self):
+        """The (D, D) matrix that takes an attention output over the values as stored back to the model's
+        basis (the values' Hᵀ), None where they are stored in it."""
+        return None if self.v_basis is None else self.v_basis.ht
+
+    def encode_at(self, layer: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  policy: Policy = DEFAULT, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A fused step's write (ops.kv_write.encode_kv: one kernel on a GPU): q, k (B, T, H or K, D) after
+        RoPE and v, k and v encoded into this layer at positions (T,) or (B, T) (cache rows `rows` (B,), else
+        row b), nothing read back → q in the keys' basis."""
+        sides = [Side(kind, tuple(p[layer] for p in parts), basis, layer) for kind, parts, basis in
+                 ((self.type_k, self.kp, self.k_basis), (self.type_v, self.vp, self.v_basis))]
+        return encode_kv(q, k, v, *sides, positions, rows, policy)
 
     def slot(self, i: int) -> KVCache:
         """A batch-1 cache sharing row i's storage: writes through it land in this cache."""
@@ -475,6 +492,14 @@ class RowsView:
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return self.cache.queries(q)
+
+    def out_rotation(self):
+        return self.cache.out_rotation()
+
+    def encode_at(self, layer: int, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  policy: Policy = DEFAULT) -> torch.Tensor:
+        """pos (B, T): `KVCache.encode_at` into the rows' slots."""
+        return self.cache.encode_at(layer, pos, q, k, v, policy, rows=self.slot_index)
 
     def outputs(self, o: torch.Tensor) -> torch.Tensor:
         return self.cache.outputs(o)

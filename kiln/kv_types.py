@@ -121,6 +121,7 @@ class Basis:
 
     def __init__(self, d: int, device, offset: torch.Tensor | None = None):
         self.h = hadamard(d).to(device)
+        self.ht = self.h.T.contiguous()  # what takes an output over rotated values back (decode_attention's out_rot)
         self.offset = None if offset is None else offset.to(device, torch.float32)  # (L, K, D) or None
         self.name = f"hadamard{d & -d}" + ("-bias" if offset is not None else "")  # a prompt cache file's check
 
@@ -136,7 +137,7 @@ class Basis:
         return (x.float() @ self.h).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() @ self.h.T).to(x.dtype)
+        return (x.float() @ self.ht).to(x.dtype)
 
 
 BLOCK_TYPES = ("q8_0", "q4_0")  # the types stored rotated (by default)

@@ -3,7 +3,8 @@
 Owns: the comparisons (norm incl. Gemma offset and fused residual; RoPE incl. partial rotary, q/k norms,
 strided inputs; gated activations; split-KV decode attention incl. GQA, several query tokens, sliding
 window, soft-capping, positions not starting at 0, cache lengths that are not a multiple of the tile,
-D = 64 and 256, the single-split launch without a merge, q8_0 keys and/or values read as codes + scales;
+D = 64 and 256, the single-split launch without a merge, q8_0 / q4_0 keys and/or values read as codes + scales
+and values rotated back in the kernel; the rotated, encoded KV write (kv_write);
 RoPE with the KV write in one kernel, into caches of another dtype; per-row positions and cache rows for a
 server's batched step),
 the dispatch rule and the split-count knob (the policy's), and — on a GPU — one CUDA-graph capture and replay.
@@ -374,44 +375,104 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
         torch.testing.assert_close(out, ref, **tol)
 
 
-def _q8_0(x):
-    """x (..., D) → (int8 codes, float16 scales (..., D/32)): the q8_0 cache layout (kiln.cache)."""
-    from kiln.kv_types import quantize_q8_0
-    return quantize_q8_0(x.float())
+def _codes(kind, x):
+    """x (..., D) → (codes, float16 scales (..., D/32)): a block type's cache layout (kiln.kv_types)."""
+    from kiln.kv_types import encode
+    return encode(kind, x.float())
 
 
-def _dequant(codes, scales, dtype):
-    from kiln.kv_types import dequantize_q8_0
-    return dequantize_q8_0(codes, scales, dtype)
+def _dequant(kind, codes, scales, dtype):
+    from kiln.kv_types import decode
+    return decode(kind, (codes, scales), dtype)
+
+
+_BLOCK_CASES = [("q8_0", stored, case) for stored in ("kv", "k", "v")  # which of keys and values are stored so
+                for case in (dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96))]
+_BLOCK_CASES += [("q8_0", "kv", dict(t=2, rot=True))] + [
+    ("q4_0", "kv", case) for case in (dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("stored", ["kv", "k", "v"])  # which of keys and values are q8_0
-@pytest.mark.parametrize("case", [dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96)])
-def test_decode_attention_reads_q8_0_caches(dtype, stored, case):
-    """Int8 codes and their scales dequantized tile by tile in the kernel: the reference over the dequantized
-    cache (also the reference's own q8_0 form), one split and several, per-row positions and cache rows, a
-    head dim of 3 scale blocks (the kernel's tile holds 4: the padded block masked)."""
+@pytest.mark.parametrize("kind, stored, case", _BLOCK_CASES)
+def test_decode_attention_reads_block_caches(dtype, kind, stored, case):
+    """Codes and their scales (q8_0: int8; q4_0: two 4-bit codes a byte) dequantized tile by tile in the
+    kernel: the reference over the dequantized cache (also the reference's own block form), one split and
+    several, per-row positions and cache rows, a head dim of 3 scale blocks (the kernel's tile holds 4: the
+    padded block masked), and an output rotated back in the kernel (values stored in a Hadamard basis)."""
+    from kiln.kv_types import hadamard
     t, window, n, d = case["t"], case.get("window"), 4 if case.get("rows") else 3, case.get("d", 64)
     q = rand(3, t, 8, d, dtype=dtype)
-    kq, ks = _q8_0(rand(n, 2, 150, d, seed=1))
-    vq, vs = _q8_0(rand(n, 2, 150, d, seed=2, scale=3.0))
-    kd, vd = _dequant(kq, ks, dtype), _dequant(vq, vs, dtype)
+    kq, ks = _codes(kind, rand(n, 2, 150, d, seed=1))
+    vq, vs = _codes(kind, rand(n, 2, 150, d, seed=2, scale=3.0))
+    kd, vd = _dequant(kind, kq, ks, dtype), _dequant(kind, vq, vs, dtype)
     pos, rows = torch.arange(120, 120 + t, device=DEVICE), None
     if case.get("rows"):
         pos = torch.tensor(ROW_POS, device=DEVICE)[:, :1] + torch.arange(t, device=DEVICE)  # (B, T)
         rows = torch.tensor(ROW_SLOTS, device=DEVICE)
+    rot = hadamard(d).to(DEVICE) if case.get("rot") else None
     kc, k_scale = (kq, ks) if "k" in stored else (kd, None)
     vc, v_scale = (vq, vs) if "v" in stored else (vd, None)
     ref = ops.decode_attention_ref(q, kd, vd, pos, 0.125, window, rows=rows)
+    if rot is not None:  # rotated back in float32, then rounded
+        ref = (ops.decode_attention_ref(q.float(), kd.float(), vd.float(), pos, 0.125, window) @ rot).to(dtype)
     tol = {k: (2 if dtype != torch.float32 else 1) * v for k, v in TOL[dtype].items()}
     torch.testing.assert_close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows, k_scale=k_scale,
-                                                        v_scale=v_scale), ref, **tol)
+                                                        v_scale=v_scale, out_rot=rot), ref, **tol)
     for splits in (1, 3):  # one launch; split + merge
         out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, k_scale=k_scale, v_scale=v_scale,
-                                   splits=splits, policy=P)
+                                   out_rot=rot, splits=splits, policy=P)
         assert out.dtype == dtype
         torch.testing.assert_close(out, ref, **tol)
+
+
+def _side(kind, n, kh, s, d, layer, basis, dtype):
+    from kiln.kv_types import layout
+    from kiln.ops.kv_write import Side
+    parts = tuple(torch.zeros(n, kh, s, w, dtype=dt if kind in ("q8_0", "q4_0") else dtype, device=DEVICE)
+                  for w, dt in layout(kind, d))
+    return Side(kind, parts, basis, layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [dict(kinds=("q8_0", "q8_0"), rot=(True, True)),
+                                  dict(kinds=("q8_0", "q4_0"), rot=(True, True), rows=True, d=96),
+                                  dict(kinds=("q4_0", "q8_0"), rot=(False, False), t=3),
+                                  dict(kinds=("q8_0", None), rot=(True, False), rows=True, t=2),
+                                  dict(kinds=(None, None), rot=(True, True), d=32)])
+def test_encode_kv_writes_what_the_torch_codecs_write(dtype, case):
+    """One kernel rotates q into the keys' basis and writes keys (less the layer's offset, rotated) and values
+    (rotated) encoded as q8_0 / q4_0 / a float type (None: q's dtype) at the step's positions (shared, or per
+    row into other cache rows): codes equal the reference's but for rounding ties (at most one code apart,
+    rarely), scales, floats and the rotated q equal."""
+    from kiln.kv_types import Basis, decode
+    from kiln.ops.kv_write import encode_kv, encode_kv_ref
+    b, t, h, kh, s, d, layer = 2, case.get("t", 1), 8, 2, 40, case.get("d", 64), 1
+    q, k, v = rand(b, t, h, d, dtype=dtype), rand(b, t, kh, d, dtype=dtype, seed=1), rand(b, t, kh, d, dtype=dtype,
+                                                                                           seed=2, scale=3.0)
+    k[..., 3] += 40  # a large channel, as a key bias makes one
+    offset = rand(3, kh, d, seed=3)  # (L, K, D)
+    bases = [Basis(d, DEVICE, offset) if case["rot"][0] else None, Basis(d, DEVICE) if case["rot"][1] else None]
+    kinds = [kd or {torch.float32: "f32", torch.float16: "f16"}[dtype] for kd in case["kinds"]]
+    pos, rows, n = torch.arange(30, 30 + t, device=DEVICE), None, b
+    if case.get("rows"):
+        pos = torch.tensor([[5], [33]], device=DEVICE) + torch.arange(t, device=DEVICE)  # (B, T)
+        rows, n = torch.tensor([3, 0], device=DEVICE), 4
+    got = [_side(kd, n, kh, s, d, layer, bs, dtype) for kd, bs in zip(kinds, bases)]
+    ref = [_side(kd, n, kh, s, d, layer, bs, dtype) for kd, bs in zip(kinds, bases)]
+    q_ref = encode_kv_ref(q, k, v, *ref, pos, rows)
+    q_got = encode_kv(q, k, v, *got, pos, rows, policy=P)
+    assert (q_got is q) == (bases[0] is None)
+    torch.testing.assert_close(q_got, q_ref, **TOL[dtype])
+    for kd, g, r in zip(kinds, got, ref):
+        assert any(p.abs().sum() > 0 for p in r.parts)  # something was written
+        if kd in ("q8_0", "q4_0"):
+            torch.testing.assert_close(g.parts[1], r.parts[1], rtol=1e-3, atol=1e-6)  # float16 scales
+            gv, rv = (decode(kd, x.parts, torch.float32) for x in (g, r))  # (N, K, S, D)
+            step = r.parts[1].float().abs().repeat_interleave(32, -1)  # one code, in values
+            assert ((gv - rv).abs() <= step * 1.001 + 1e-6).all()
+            assert ((gv - rv).abs() > 1e-6).float().mean() < 0.01  # ties only
+        else:
+            torch.testing.assert_close(g.parts[0], r.parts[0], **TOL[dtype])
 
 
 # ---------------------------------------------------------------- CUDA graph (GPU only)

@@ -477,18 +477,19 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
 
 def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms) -> torch.Tensor:
     """The fused step's attention over a cache stored in its own types and basis (`fused_reads`, not `direct`:
-    q8_0, rotated): RoPE, the cache's encoder writing the new keys and values (nothing read back), and the
-    decode kernel over the stored parts (q8_0: codes and scales) with the query rotated into the cache's basis
-    and the output back — where `update_at` would dequantize the whole layer every step. → (B, T, H*D)."""
+    q8_0, q4_0, rotated): RoPE, then one kernel that rotates the query into the keys' basis and encodes and
+    writes the new keys and values (ops.kv_write; nothing read back), then the decode kernel over the stored
+    parts (codes and scales), which rotates its output back — where `update_at` would dequantize the whole
+    layer every step. → (B, T, H*D)."""
     b, t = q.shape[:2]
     c = step.cache
     q, k = r.apply(q, k, norms, step.policy)
-    c.write_at(layer, step.positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, T, D)
-    kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D): codes of a q8_0 part
+    q = c.encode_at(layer, step.positions, q, k, v, step.policy)  # (B, T, H, D) in the keys' basis
+    kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D or D/2): a block part's codes
     k_scale, v_scale = c.layer_scales(layer)  # (B or N, K, S, D/32) or None
-    out = decode_attention(c.queries(q), kc, vc, step.positions, scale, window, rows=rows, k_scale=k_scale,
-                           v_scale=v_scale, policy=step.policy)  # (B, T, H, D)
-    return c.outputs(out.reshape(b, t, -1))
+    out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, k_scale=k_scale, v_scale=v_scale,
+                           out_rot=c.out_rotation(), policy=step.policy)  # (B, T, H, D)
+    return out.reshape(b, t, -1)
 
 
 def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool:

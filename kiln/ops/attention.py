@@ -5,12 +5,13 @@ Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch whe
 (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
 (a server's slot) each batch row reads: a batched decode step over sequences at different depths.
-Keys and values may each be stored as q8_0 (int8 codes and a float16 scale per 32 values along D: `k_scale`,
-`v_scale`, kv_types.quantize_q8_0's layout) and are then dequantized tile by tile in registers, so a quantized
-cache is read at its own size; the reference dequantizes the whole cache first.
-Not: prefill over long prompts (T is small here: 1..8 draft/verify tokens), writing or encoding the cache
-(rope.py, cache.py), the rotated basis a quantized cache is stored in (the caller rotates q and the output:
-cache.KVCache.queries / outputs), RoPE (rope.py), paging, q4_0 (dequantized by the caller).
+Keys and values may each be stored in another float type than q's (fp8: converted tile by tile), or as
+q8_0 / q4_0 (codes and a float16 scale per 32 values along D: `k_scale`, `v_scale`, kv_types' layouts; int8
+codes are q8_0's, uint8 q4_0's) and are then dequantized tile by tile in registers, so a quantized cache is
+read at its own size; the reference dequantizes the whole cache first. Values stored in a rotated basis
+(kv_types.Basis) are rotated back in the kernel: `out_rot`, the output's matrix, applied before it is stored.
+Not: prefill over long prompts (T is small here: 1..16 draft/verify tokens), writing or encoding the cache
+(rope.py, kv_write.py, cache.py), rotating the query into the keys' basis (kv_write.py), RoPE, paging.
 
 How the split kernel works, and why:
 - One program per (batch, kv head, split). It handles the G = H / K query heads that share the kv head,
@@ -46,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from kiln.kv_types import dequantize_q8_0
+from kiln.kv_types import dequantize_q4_0, dequantize_q8_0
 from kiln.ops import interpreted, jit, pdl, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
@@ -75,12 +76,13 @@ _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                          softcap: float | None = None, rows: torch.Tensor | None = None,
-                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                         out_rot: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype.
 
     Per row: pos (B, T), and rows (B,) picks cache row rows[b] of k_cache, v_cache (N, K, S, D).
-    q8_0: k_scale (B or N, K, S, D/32) float16 makes k_cache int8 codes, each key value code · its block's
-    scale (v_scale likewise for v_cache)."""
+    q8_0 / q4_0: k_scale (B or N, K, S, D/32) float16 makes k_cache codes (int8 (.., D): q8_0; uint8
+    (.., D/2): q4_0), v_scale likewise for v_cache. out_rot (D, D) float32: the output (float32) times it."""
     if rows is not None:
         k_cache, v_cache = k_cache[rows], v_cache[rows]  # (B, K, S, D)
         k_scale, v_scale = (None if x is None else x[rows] for x in (k_scale, v_scale))
@@ -99,27 +101,34 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
     if pos.ndim == 2:
         mask = mask[:, None]  # (B, 1, T, S)
     out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
+    out = out if out_rot is None else out @ out_rot
     return out.transpose(1, 2).to(q.dtype)  # (B, T, H, D)
 
 
 def _values(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """A cache (..., D) in float32: as stored, or q8_0 codes times their block's scale (..., D/32)."""
-    return cache.float() if scales is None else dequantize_q8_0(cache, scales, torch.float32)
+    """A cache (..., D) in float32: as stored, or q8_0 / q4_0 codes times their block's scale (..., D/32)."""
+    if scales is None:
+        return cache.float()
+    return (dequantize_q8_0 if cache.dtype == torch.int8 else dequantize_q4_0)(cache, scales, torch.float32)
 
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                      softcap: float | None = None, rows: torch.Tensor | None = None,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
-                     splits: int | None = None, policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     out_rot: torch.Tensor | None = None, *, splits: int | None = None, policy: Policy = DEFAULT,
+                     launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
     (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others)."""
     if not use_triton(q, policy):
-        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale)
+        return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
+                                    out_rot)
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
-    assert h % kh == 0 and k_cache.shape[-1] == d and k_cache.stride(-1) == v_cache.stride(-1) == 1
-    assert all(x is None or x.stride(-1) == 1 for x in (k_scale, v_scale))
+    k_kind, v_kind = _kind(k_cache, k_scale), _kind(v_cache, v_scale)
+    assert h % kh == 0 and k_cache.stride(-1) == v_cache.stride(-1) == 1
+    assert k_cache.shape[-1] == (d // 2 if k_kind == 2 else d) and v_cache.shape[-1] == (d // 2 if v_kind == 2 else d)
+    assert all(x is None or x.stride(-1) == 1 for x in (k_scale, v_scale, out_rot))
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     launch = launch or _LAUNCHES.get(d, _LAUNCH)
@@ -138,9 +147,9 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         q, k_cache, v_cache, pos, rows if rows is not None else pos, mid_o, mid_lse, *q.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
         float(scale), float(softcap or 1.0), int(window or 0), *_scale_args(k_scale, k_cache),
-        *_scale_args(v_scale, v_cache),
+        *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
-        K_Q8=k_scale is not None, V_Q8=v_scale is not None,
+        K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(),
@@ -154,8 +163,13 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     return out
 
 
+def _kind(cache: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """The kernel's code for how a cache is stored: 0 floats, 1 q8_0 (int8 codes), 2 q4_0 (uint8, two a byte)."""
+    return 0 if scales is None else 1 if cache.dtype == torch.int8 else 2
+
+
 def _scale_args(scales: torch.Tensor | None, cache: torch.Tensor) -> tuple:
-    """(pointer, row, head and position strides) of a q8_0 cache's scales; the cache itself and zeros where
+    """(pointer, row, head and position strides) of a block cache's scales; the cache itself and zeros where
     it has none (its kernel branch never reads them)."""
     return (cache, 0, 0, 0) if scales is None else (scales, *scales.stride()[:3])
 
@@ -176,10 +190,10 @@ def _sm_count(device: torch.device) -> int:
 @jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, scale, softcap, window,
-                  ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss,
+                  ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss, rot_ptr,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-                  K_Q8: tl.constexpr, V_Q8: tl.constexpr,
+                  K_KIND: tl.constexpr, V_KIND: tl.constexpr, OUT_ROT: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
@@ -217,7 +231,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
-    ks_base = ks_ptr + cb * sksb + kh * sksh  # this kv head's q8_0 scales (S, D/32)
+    ks_base = ks_ptr + cb * sksb + kh * sksh  # this kv head's block scales (S, D/32)
     vs_base = vs_ptr + cb * svsb + kh * svsh
 
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
@@ -228,16 +242,19 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         for i in range(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_Q8, V_Q8, D, BLOCK_N, BLOCK_D, DOT_PREC)
+                                  K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_Q8, V_Q8, D, BLOCK_N, BLOCK_D, DOT_PREC)
+                                  K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if OUT_ROT:  # values stored rotated: the output back in the model's basis (linear, so before the merge)
+        o = tl.dot(o, tl.load(rot_ptr + d[:, None] * D + d[None, :], mask=dm[:, None] & dm[None, :], other=0.0),
+                   input_precision=DOT_PREC)
     if FINAL:  # the only split: o is the answer; o_ptr is the output (B, T, H, D) in q's dtype
         tl.store(o_ptr + row[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dm[None, :])
@@ -250,19 +267,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
 @jit
 def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, acc, scale,
-          softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_Q8: tl.constexpr,
-          V_Q8: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_KIND: tl.constexpr,
+          V_KIND: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           DOT_PREC: tl.constexpr):
     """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
-    kv_mask = jm[:, None] & dm[None, :]
-    kt = tl.load(k_base + j[:, None] * sks + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-    vt = tl.load(v_base + j[:, None] * svs + d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-    if K_Q8:  # int8 codes · their block's scale, in registers: the cache is read at its own size
-        kt = _q8_0(kt, ks_base + j[:, None] * skss, jm, D, BLOCK_N, BLOCK_D).to(q.dtype)
-    if V_Q8:
-        vt = _q8_0(vt, vs_base + j[:, None] * svss, jm, D, BLOCK_N, BLOCK_D).to(q.dtype)
+    kt = _load(k_base, ks_base, j, jm, sks, skss, d, dm, K_KIND, D, BLOCK_N, BLOCK_D).to(q.dtype)  # (N, D)
+    vt = _load(v_base, vs_base, j, jm, svs, svss, d, dm, V_KIND, D, BLOCK_N, BLOCK_D).to(q.dtype)
     s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale  # (M, N) float32
     if HAS_SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap · tanh(s / softcap)
@@ -279,13 +291,29 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
 
 
 @jit
-def _q8_0(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A tile of q8_0 codes (N, D) int8 → float32 values; rows (N, 1): each key's scales (D/32 of them). The
-    scales load as (N, D/32), one address each (an (N, D) gather of them cost as much as the codes), and
+def _load(base, s_base, j, jm, stride, s_stride, d, dm, KIND: tl.constexpr, D: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (N, D) tile of keys or values at slots j as stored: floats as they are; q8_0 / q4_0 codes times
+    their block's scale in float32, in registers, so the cache is read at its own size."""
+    mask = jm[:, None] & dm[None, :]
+    if KIND == 2:  # q4_0: element e of a block in byte e % 16, low nibble for e < 16, high for e >= 16
+        byte = tl.load(base + j[:, None] * stride + ((d // 32) * 16 + d % 16)[None, :], mask=mask, other=0)
+        codes = (byte.to(tl.int32) >> ((d // 16) % 2 * 4)[None, :]) & 15
+        return _scaled((codes - 8).to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
+    x = tl.load(base + j[:, None] * stride + d[None, :], mask=mask, other=0.0)
+    if KIND == 1:
+        return _scaled(x.to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
+    return x
+
+
+@jit
+def _scaled(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of codes (N, D) float32 times their block's scale; rows (N, 1): each key's scales (D/32 of them).
+    The scales load as (N, D/32), one address each (an (N, D) gather of them cost as much as the codes), and
     multiply the codes viewed as (N, D/32, 32)."""
     nb = tl.arange(0, BLOCK_D // 32)
     sc = tl.load(rows + nb[None, :], mask=jm[:, None] & (nb[None, :] < D // 32), other=0.0)  # (N, D/32)
-    x = tl.reshape(codes.to(tl.float32), [BLOCK_N, BLOCK_D // 32, 32]) * sc.to(tl.float32)[:, :, None]
+    x = tl.reshape(codes, [BLOCK_N, BLOCK_D // 32, 32]) * sc.to(tl.float32)[:, :, None]
     return tl.reshape(x, [BLOCK_N, BLOCK_D])
 
 

@@ -53,15 +53,18 @@ def write_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
 
     With per-row positions pos (B, T) and/or rows (B,): k_cache, v_cache are (N, K, S, D) and batch row b
     writes cache row rows[b] (default b) at positions pos[b]."""
+    write_rows_ref(k_cache, k, pos, rows)
+    write_rows_ref(v_cache, v, pos, rows)
+
+
+def write_rows_ref(cache: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """One tensor of `write_kv_ref`: cache (B or N, K, S, W) <- x (B, T, K, W), converted to its dtype."""
     if pos.ndim == 1 and rows is None:
-        k_cache.index_copy_(2, pos, k.transpose(1, 2).to(k_cache.dtype))  # (B, K, T, D) into (B, K, S, D)
-        v_cache.index_copy_(2, pos, v.transpose(1, 2).to(v_cache.dtype))
+        cache.index_copy_(2, pos, x.transpose(1, 2).to(cache.dtype))  # (B, K, T, W) into (B, K, S, W)
         return
-    b, t = k.shape[:2]
-    r = (rows if rows is not None else torch.arange(b, device=k.device))[:, None]  # (B, 1)
-    p = pos.expand(b, t)  # (B, T)
-    k_cache[r, :, p] = k.to(k_cache.dtype)  # indexed (B, T, K, D)
-    v_cache[r, :, p] = v.to(v_cache.dtype)
+    b, t = x.shape[:2]
+    r = (rows if rows is not None else torch.arange(b, device=x.device))[:, None]  # (B, 1)
+    cache[r, :, pos.expand(b, t)] = x.to(cache.dtype)  # indexed (B, T, K, W)
 
 
 def rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,

@@ -1,0 +1,183 @@
+"""A decode step's keys and values into a KV cache stored in its own types and basis, in one kernel.
+
+Owns: `encode_kv` (Triton: the query rotated into the keys' basis; keys less their offset, rotated and
+encoded; values rotated and encoded; both written at the step's positions) and `encode_kv_ref` (the same
+in torch: kv_types' `Basis` and codecs, then the slots' write), and `Side` (one of keys / values: its type,
+its stored parts of one layer, its basis).
+Types: a dense float type (the part's dtype), q8_0 and q4_0 (kv_types' layouts: codes, then a float16
+scale per 32 values along D). fp8 is not taken: Triton's interpreter rounds fp8 stores wrongly, so the
+tests could not check it.
+Not: RoPE (rope.py, before this), the cache object (cache.py builds the sides), attention over the stored
+parts (attention.py), prompts (cache.py's torch writes).
+
+Shape alphabet: B batch, T new tokens, H query heads, K kv heads, D head dim, S cache positions,
+N cache rows, W a part's width (D, D/2 for q4_0 codes, D/32 for scales).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kiln.kv_types import Basis, encode
+from kiln.ops import jit, pdl, tl, triton, use_triton
+from kiln.ops.rope import write_rows_ref
+from kiln.policy import DEFAULT, Policy
+
+_ROWS = 16  # heads a program: the rotation is a (16, D) x (D, D) dot
+_KINDS = {"q8_0": 1, "q4_0": 2}  # the kernel's codes; 0: a dense float type
+
+
+class Side(NamedTuple):
+    """Keys or values of one layer: `kind` (a kv_types cache type), `parts` its stored tensors (N, K, S, W)
+    in kv_types.layout's order, `basis` (None: stored in the model's basis) and the `layer` it is for."""
+    kind: str
+    parts: tuple
+    basis: Basis | None
+    layer: int
+
+
+def encode_kv_ref(q, k, v, ks: Side, vs: Side, pos, rows=None) -> torch.Tensor:
+    """q (B, T, H, D), k and v (B, T, K, D) (q and k after RoPE); pos (T,) or (B, T) int64; rows (B,) the
+    cache row of each batch row (None: row b). Each of k and v is moved into its side's basis (`Basis.into`),
+    encoded (`kv_types.encode`) and written at its positions → q in the keys' basis (B, T, H, D)."""
+    for side, x in ((ks, k), (vs, v)):
+        x = x.transpose(1, 2)  # (B, K, T, D): the basis' layout
+        x = x if side.basis is None else side.basis.into(side.layer, x)
+        for part, new in zip(side.parts, encode(side.kind, x)):
+            write_rows_ref(part, new.transpose(1, 2), pos, rows)
+    return q if ks.basis is None else ks.basis.rotate(q)
+
+
+def encode_kv(q, k, v, ks: Side, vs: Side, pos, rows=None, policy: Policy = DEFAULT) -> torch.Tensor:
+    """Same contract as `encode_kv_ref`; one launch (head dim at least 16: the rotation is a dot). Returns q
+    itself when the keys are not rotated."""
+    if not use_triton(q, policy):
+        return encode_kv_ref(q, k, v, ks, vs, pos, rows)
+    b, t, h, d = q.shape
+    assert d >= 16 and v.shape == k.shape
+    kh = k.shape[2]
+    rot_q = ks.basis is not None
+    qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device) if rot_q else q
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    nqb = triton.cdiv(h, _ROWS) if rot_q else 0
+    nkb = triton.cdiv(kh, _ROWS)
+    offset = ks.basis.offset[ks.layer] if rot_q and ks.basis.offset is not None else None  # (K, D)
+    _encode_kernel[(b * t, nqb + 2 * nkb)](
+        q, k, v, qo, *_side_args(ks, k), *_side_args(vs, k), offset if offset is not None else k,
+        pos, rows if rows is not None else pos, t, h, kh, nqb, nkb, pos.stride(0) if pos.ndim == 2 else 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        D=d, K_KIND=_KINDS.get(ks.kind, 0), V_KIND=_KINDS.get(vs.kind, 0), K_ROT=rot_q,
+        V_ROT=vs.basis is not None, HAS_OFFSET=offset is not None, HAS_ROWS=rows is not None,
+        ROWS=_ROWS, BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee", num_warps=4, **pdl.launch_kw(q, policy))
+    return qo
+
+
+def _side_args(side: Side, x: torch.Tensor) -> tuple:
+    """(codes or values, scales, their row / head / position strides (scales': 0 without), the basis'
+    (D, D) matrix) of one side for the kernel; stand-ins (never read) where it has none."""
+    codes = side.parts[0]
+    scales = side.parts[1] if len(side.parts) > 1 else codes
+    strides = scales.stride()[:3] if len(side.parts) > 1 else (0, 0, 0)
+    mat = side.basis.h if side.basis is not None else x
+    return (codes, scales, mat, codes.stride(0), codes.stride(1), codes.stride(2), *strides)
+
+
+@jit
+def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
+                   kc_ptr, ks_ptr, kh_ptr, skcb, skch, skcs, sksb, sksh, skss,
+                   vc_ptr, vs_ptr, vh_ptr, svcb, svch, svcs, svsb, svsh, svss,
+                   off_ptr, pos_ptr, rows_ptr, T, H, KH, NQB, NKB, spb,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                   D: tl.constexpr, K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_ROT: tl.constexpr,
+                   V_ROT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_ROWS: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+    """Program (token bt, block of ROWS heads): the first NQB blocks are query heads (rotated by the keys'
+    matrix), the next NKB key heads, the last NKB value heads (each written into its cache at this token's
+    row and position)."""
+    pdl.start(PDL)
+    pdl.wait(PDL)
+    bt = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = (bt // T).to(tl.int64)
+    t = bt % T
+    d = tl.arange(0, BLOCK_D)
+    if blk < NQB:
+        heads = blk * ROWS + tl.arange(0, ROWS)
+        x = _rows(q_ptr + b * sqb + t * sqt, heads, H, sqh, d, D)
+        y = _rotate(x, kh_ptr, d, D, BLOCK_D, DOT_PREC)
+        tl.store(qo_ptr + bt.to(tl.int64) * H * D + heads[:, None] * D + d[None, :], y.to(qo_ptr.dtype.element_ty),
+                 mask=(heads[:, None] < H) & (d[None, :] < D))
+    else:
+        cb = b  # the cache row this batch row writes (a server's slot), and this token's position
+        if HAS_ROWS:
+            cb = tl.load(rows_ptr + b).to(tl.int64)
+        p = tl.load(pos_ptr + b * spb + t).to(tl.int64)
+        if blk < NQB + NKB:
+            heads = (blk - NQB) * ROWS + tl.arange(0, ROWS)
+            x = _rows(k_ptr + b * skb + t * skt, heads, KH, skh, d, D)
+            if HAS_OFFSET:  # keys less the layer's offset (K, D) before the rotation (kv_types.Basis.into)
+                x -= tl.load(off_ptr + heads[:, None] * D + d[None, :],
+                             mask=(heads[:, None] < KH) & (d[None, :] < D), other=0.0)
+            if K_ROT:
+                x = _rotate(x, kh_ptr, d, D, BLOCK_D, DOT_PREC)
+            _store(x, heads, KH, kc_ptr + cb * skcb + p * skcs, skch, ks_ptr + cb * sksb + p * skss, sksh, d,
+                   D, K_KIND, ROWS, BLOCK_D)
+        else:
+            heads = (blk - NQB - NKB) * ROWS + tl.arange(0, ROWS)
+            x = _rows(v_ptr + b * svb + t * svt, heads, KH, svh, d, D)
+            if V_ROT:
+                x = _rotate(x, vh_ptr, d, D, BLOCK_D, DOT_PREC)
+            _store(x, heads, KH, vc_ptr + cb * svcb + p * svcs, svch, vs_ptr + cb * svsb + p * svss, svsh, d,
+                   D, V_KIND, ROWS, BLOCK_D)
+
+
+@jit
+def _rows(x_ptr, heads, n_heads, stride_h, d, D: tl.constexpr):
+    """Heads (ROWS,) of one token, (ROWS, BLOCK_D) float32; zeros past n_heads and D."""
+    mask = (heads[:, None] < n_heads) & (d[None, :] < D)
+    return tl.load(x_ptr + heads[:, None] * stride_h + d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@jit
+def _rotate(x, m_ptr, d, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """x (ROWS, BLOCK_D) @ M (D, D) float32, as Basis does it (x.float() @ h)."""
+    mm = (d[:, None] < D) & (d[None, :] < D)
+    m = tl.load(m_ptr + d[:, None] * D + d[None, :], mask=mm, other=0.0)  # (BLOCK_D, BLOCK_D)
+    return tl.dot(x, m, input_precision=DOT_PREC)
+
+
+@jit
+def _store(x, heads, n_heads, c_ptr, sch, s_ptr, ssh, d, D: tl.constexpr, KIND: tl.constexpr,
+           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x (ROWS, BLOCK_D) float32 encoded (kv_types.encode) into codes at c_ptr + head * sch (+ scales at
+    s_ptr + head * ssh): KIND 0 the values in the part's dtype, 1 q8_0, 2 q4_0."""
+    hm = heads[:, None] < n_heads
+    if KIND == 0:
+        tl.store(c_ptr + heads[:, None] * sch + d[None, :], x.to(c_ptr.dtype.element_ty), mask=hm & (d[None, :] < D))
+    else:
+        NB: tl.constexpr = BLOCK_D // 32
+        xb = tl.reshape(x, [ROWS, NB, 32])
+        amax = tl.max(tl.abs(xb), axis=2)  # (ROWS, NB)
+        if KIND == 1:  # q = round(x / d), d = amax / 127
+            sc = amax / 127.0
+            y = xb / tl.where(sc == 0.0, 1.0, sc)[:, :, None]
+            q = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+            codes = tl.reshape(q, [ROWS, BLOCK_D]).to(tl.int8)
+            tl.store(c_ptr + heads[:, None] * sch + d[None, :], codes, mask=hm & (d[None, :] < D))
+        else:  # q4_0: d = -max / 8 (max: the signed element of largest magnitude), q = x / d + 8 in 0..15
+            mx = tl.max(tl.where(tl.abs(xb) == amax[:, :, None], xb, float("-inf")), axis=2)
+            sc = mx / -8.0
+            y = xb / tl.where(sc == 0.0, 1.0, sc)[:, :, None] + 8.5
+            q = tl.minimum(tl.maximum(y, 0.0), 15.99).to(tl.int32)  # truncates: floor of a positive value
+            q = tl.minimum(q, 15)
+            # element j of a block in the low nibble of byte j, element j + 16 in the high one
+            nib = tl.reshape(q, [ROWS, NB, 2, 16])
+            w = tl.where(tl.arange(0, 2) == 0, 1, 16)[None, None, :, None]
+            packed = tl.reshape(tl.sum(nib * w, axis=2), [ROWS, BLOCK_D // 2]).to(tl.uint8)
+            e = tl.arange(0, BLOCK_D // 2)
+            tl.store(c_ptr + heads[:, None] * sch + e[None, :], packed, mask=hm & (e[None, :] < D // 2))
+        nb = tl.arange(0, NB)
+        tl.store(s_ptr + heads[:, None] * ssh + nb[None, :], sc.to(s_ptr.dtype.element_ty),
+                 mask=hm & (nb[None, :] < D // 32))
