@@ -10,9 +10,9 @@ error is printed as {"part": ..., "error": ...} and the next part runs):
     read directly (q8_0 also with the output rotation), and the q8_0 cache dequantized whole first (what a step
     did before: the cost it no longer pays);
 (c) the whole model: decode tok/s after a 16384-token context (default 16384: --depth) with the default cache
-    and with the block types (-ctk/-ctv q8_0/q8_0, q8_0/q4_0, q4_0/q4_0), through kiln's Decoder
+    and with the other types (-ctk/-ctv q8_0/q8_0, q8_0/q4_0, q4_0/q4_0, fp8/fp8), through kiln's Decoder
     (DecoderPool.get, prefill, the CUDA-graph step), and whether the captured step called the decode kernel
-    with scales (the fused path) in every layer.
+    over the keys as stored (the fused path) in every layer.
 
 Usage (GPU machine, repo root): python bench/kv_direct_check.py [model.gguf] [--depth 16384] [--gen 64]
 Without a model path part (c) is skipped. About 1-3 minutes on an H100 (most of it the model load and prefill).
@@ -108,14 +108,15 @@ def whole_model(path: str, depth: int, gen: int):
     model, _ = load(path, device="cuda", ctx_size=depth + gen + 64)
     ids = torch.randint(100, min(model.args.vocab_size, 32000), (1, depth), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
-    kernel, scaled = base.decode_attention, []  # which decode kernel calls the captured step made with scales
-    base.decode_attention = lambda *a, **kw: scaled.append(kw.get("k_scale") is not None) or kernel(*a, **kw)
+    kernel, scaled = base.decode_attention, []  # which decode kernel calls read the keys as stored (not bf16)
+    stored = (torch.int8, torch.uint8, torch.float8_e4m3fn)
+    base.decode_attention = lambda *a, **kw: scaled.append(a[1].dtype in stored) or kernel(*a, **kw)
     try:
-        for types in ((None, None), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0")):
+        for types in ((None, None), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"), ("fp8", "fp8")):
             scaled.clear()
             row = _decode_rate(model, ids, types, gen)
             _emit(part="model", cache=types[0] or "default", depth=depth, **row, kernel_calls=len(scaled),
-                  kernel_calls_with_scales=sum(scaled), layers=model.args.num_hidden_layers)
+                  kernel_calls_read_stored=sum(scaled), layers=model.args.num_hidden_layers)
             torch.cuda.empty_cache()
     finally:
         base.decode_attention = kernel

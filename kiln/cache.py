@@ -240,7 +240,8 @@ class KVCache:
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
         # the fused step writes each part with ops.kv_write (the query rotated into the keys' basis) and
         # decode_attention reads them as stored (q8_0 / q4_0: codes and scales; values rotated back)
-        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), *BLOCK_TYPES}
+        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), "fp8",
+                                                                          *BLOCK_TYPES}
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]

@@ -376,27 +376,30 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
 
 
 def _codes(kind, x):
-    """x (..., D) → (codes, float16 scales (..., D/32)): a block type's cache layout (kiln.kv_types)."""
+    """x (..., D) → (codes, float16 scales (..., D/32)): a block type's cache layout (kiln.kv_types); fp8: the
+    values and no scales."""
     from kiln.kv_types import encode
-    return encode(kind, x.float())
+    parts = encode(kind, x.float())
+    return parts if len(parts) == 2 else (parts[0], None)
 
 
 def _dequant(kind, codes, scales, dtype):
     from kiln.kv_types import decode
-    return decode(kind, (codes, scales), dtype)
+    return decode(kind, (codes, scales) if scales is not None else (codes,), dtype)
 
 
 _BLOCK_CASES = [("q8_0", stored, case) for stored in ("kv", "k", "v")  # which of keys and values are stored so
                 for case in (dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96))]
 _BLOCK_CASES += [("q8_0", "kv", dict(t=2, rot=True))] + [
     ("q4_0", "kv", case) for case in (dict(t=1), dict(t=3, window=40), dict(t=3, rows=True), dict(t=2, d=96))]
+_BLOCK_CASES += [("fp8", "kv", dict(t=3, rows=True)), ("fp8", "k", dict(t=1))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind, stored, case", _BLOCK_CASES)
 def test_decode_attention_reads_block_caches(dtype, kind, stored, case):
-    """Codes and their scales (q8_0: int8; q4_0: two 4-bit codes a byte) dequantized tile by tile in the
-    kernel: the reference over the dequantized cache (also the reference's own block form), one split and
+    """Codes and their scales (q8_0: int8; q4_0: two 4-bit codes a byte), or fp8 values, converted tile by tile
+    in the kernel: the reference over the dequantized cache (also the reference's own block form), one split and
     several, per-row positions and cache rows, a head dim of 3 scale blocks (the kernel's tile holds 4: the
     padded block masked), and an output rotated back in the kernel (values stored in a Hadamard basis)."""
     from kiln.kv_types import hadamard
@@ -428,7 +431,7 @@ def test_decode_attention_reads_block_caches(dtype, kind, stored, case):
 def _side(kind, n, kh, s, d, layer, basis, dtype):
     from kiln.kv_types import layout
     from kiln.ops.kv_write import Side
-    parts = tuple(torch.zeros(n, kh, s, w, dtype=dt if kind in ("q8_0", "q4_0") else dtype, device=DEVICE)
+    parts = tuple(torch.zeros(n, kh, s, w, dtype=dt if kind in ("q8_0", "q4_0", "fp8") else dtype, device=DEVICE)
                   for w, dt in layout(kind, d))
     return Side(kind, parts, basis, layer)
 
@@ -438,18 +441,21 @@ def _side(kind, n, kh, s, d, layer, basis, dtype):
                                   dict(kinds=("q8_0", "q4_0"), rot=(True, True), rows=True, d=96),
                                   dict(kinds=("q4_0", "q8_0"), rot=(False, False), t=3),
                                   dict(kinds=("q8_0", None), rot=(True, False), rows=True, t=2),
-                                  dict(kinds=(None, None), rot=(True, True), d=32)])
+                                  dict(kinds=(None, None), rot=(True, True), d=32),
+                                  dict(kinds=("fp8", "fp8"), rot=(False, False), rows=True, t=2)])
 def test_encode_kv_writes_what_the_torch_codecs_write(dtype, case):
     """One kernel rotates q into the keys' basis and writes keys (less the layer's offset, rotated) and values
-    (rotated) encoded as q8_0 / q4_0 / a float type (None: q's dtype) at the step's positions (shared, or per
-    row into other cache rows): codes equal the reference's but for rounding ties (at most one code apart,
-    rarely), scales, floats and the rotated q equal."""
+    (rotated) encoded as q8_0 / q4_0 / fp8 / a float type (None: q's dtype) at the step's positions (shared, or
+    per row into other cache rows): codes equal the reference's but for rounding ties (at most one code apart,
+    rarely); scales, floats, fp8 values (some past ±448, some subnormal) and the rotated q equal."""
     from kiln.kv_types import Basis, decode
     from kiln.ops.kv_write import encode_kv, encode_kv_ref
     b, t, h, kh, s, d, layer = 2, case.get("t", 1), 8, 2, 40, case.get("d", 64), 1
     q, k, v = rand(b, t, h, d, dtype=dtype), rand(b, t, kh, d, dtype=dtype, seed=1), rand(b, t, kh, d, dtype=dtype,
                                                                                            seed=2, scale=3.0)
     k[..., 3] += 40  # a large channel, as a key bias makes one
+    v[..., 5] *= 300  # values past fp8's range
+    v[..., 6] *= 1e-3  # and below its normal range
     offset = rand(3, kh, d, seed=3)  # (L, K, D)
     bases = [Basis(d, DEVICE, offset) if case["rot"][0] else None, Basis(d, DEVICE) if case["rot"][1] else None]
     kinds = [kd or {torch.float32: "f32", torch.float16: "f16"}[dtype] for kd in case["kinds"]]
@@ -464,8 +470,10 @@ def test_encode_kv_writes_what_the_torch_codecs_write(dtype, case):
     assert (q_got is q) == (bases[0] is None)
     torch.testing.assert_close(q_got, q_ref, **TOL[dtype])
     for kd, g, r in zip(kinds, got, ref):
-        assert any(p.abs().sum() > 0 for p in r.parts)  # something was written
-        if kd in ("q8_0", "q4_0"):
+        assert any(p.float().abs().sum() > 0 for p in r.parts)  # something was written
+        if kd == "fp8":
+            assert torch.equal(g.parts[0].view(torch.uint8), r.parts[0].view(torch.uint8))
+        elif kd in ("q8_0", "q4_0"):
             torch.testing.assert_close(g.parts[1], r.parts[1], rtol=1e-3, atol=1e-6)  # float16 scales
             gv, rv = (decode(kd, x.parts, torch.float32) for x in (g, r))  # (N, K, S, D)
             step = r.parts[1].float().abs().repeat_interleave(32, -1)  # one code, in values

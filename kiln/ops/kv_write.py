@@ -4,9 +4,9 @@ Owns: `encode_kv` (Triton: the query rotated into the keys' basis; keys less the
 encoded; values rotated and encoded; both written at the step's positions) and `encode_kv_ref` (the same
 in torch: kv_types' `Basis` and codecs, then the slots' write), and `Side` (one of keys / values: its type,
 its stored parts of one layer, its basis).
-Types: a dense float type (the part's dtype), q8_0 and q4_0 (kv_types' layouts: codes, then a float16
-scale per 32 values along D). fp8 is not taken: Triton's interpreter rounds fp8 stores wrongly, so the
-tests could not check it.
+Types: a dense float type (the part's dtype), fp8 (e4m3, saturated at ±448: rounded to its grid in float32
+arithmetic, then stored — a value on the grid converts exactly on a GPU and in Triton's interpreter, whose own
+fp8 rounding is wrong), q8_0 and q4_0 (kv_types' layouts: codes, then a float16 scale per 32 values along D).
 Not: RoPE (rope.py, before this), the cache object (cache.py builds the sides), attention over the stored
 parts (attention.py), prompts (cache.py's torch writes).
 
@@ -26,7 +26,7 @@ from kiln.ops.rope import write_rows_ref
 from kiln.policy import DEFAULT, Policy
 
 _ROWS = 16  # heads a program: the rotation is a (16, D) x (D, D) dot
-_KINDS = {"q8_0": 1, "q4_0": 2}  # the kernel's codes; 0: a dense float type
+_KINDS = {"q8_0": 1, "q4_0": 2, "fp8": 3}  # the kernel's codes; 0: another float type
 
 
 class Side(NamedTuple):
@@ -152,10 +152,13 @@ def _rotate(x, m_ptr, d, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.co
 def _store(x, heads, n_heads, c_ptr, sch, s_ptr, ssh, d, D: tl.constexpr, KIND: tl.constexpr,
            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """x (ROWS, BLOCK_D) float32 encoded (kv_types.encode) into codes at c_ptr + head * sch (+ scales at
-    s_ptr + head * ssh): KIND 0 the values in the part's dtype, 1 q8_0, 2 q4_0."""
+    s_ptr + head * ssh): KIND 0 the values in the part's dtype, 1 q8_0, 2 q4_0, 3 fp8 e4m3."""
     hm = heads[:, None] < n_heads
     if KIND == 0:
         tl.store(c_ptr + heads[:, None] * sch + d[None, :], x.to(c_ptr.dtype.element_ty), mask=hm & (d[None, :] < D))
+    elif KIND == 3:
+        tl.store(c_ptr + heads[:, None] * sch + d[None, :], _e4m3(x).to(c_ptr.dtype.element_ty),
+                 mask=hm & (d[None, :] < D))
     else:
         NB: tl.constexpr = BLOCK_D // 32
         xb = tl.reshape(x, [ROWS, NB, 32])
@@ -181,3 +184,17 @@ def _store(x, heads, n_heads, c_ptr, sch, s_ptr, ssh, d, D: tl.constexpr, KIND: 
         nb = tl.arange(0, NB)
         tl.store(s_ptr + heads[:, None] * ssh + nb[None, :], sc.to(s_ptr.dtype.element_ty),
                  mask=hm & (nb[None, :] < D // 32))
+
+
+@jit
+def _e4m3(x):
+    """x float32 clamped to ±448 and rounded to the nearest e4m3 value (ties to even), still float32: 3 mantissa
+    bits below the exponent, which is at least -6 (smaller values on the subnormal grid of 2^-9)."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # the exponent of |x| (x = 0: -127)
+    e = tl.maximum(e, -6) - 3  # log2 of the grid's step at x: -9..5
+    step = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e, and its inverse: exact products
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    big = 12582912.0  # 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer, ties to even
+    r = ((x * inv + big) - big) * step
+    return tl.where(r == 0.0, x * 0.0, r)  # a value rounded to zero keeps its sign, as a conversion's does
