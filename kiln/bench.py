@@ -178,7 +178,8 @@ def cold_generate(model_name, device=None) -> float:
 
 # llama.cpp timed as llama-bench times it (its C API through llama-cpp-python's bindings): prompts in batches of
 # n_batch 2048 (n_ubatch 512), logits of the last row only, flash attention on, memory cleared before each
-# run; generation one token per llama_decode with a synchronize after each; a depth prefilled untimed first.
+# run; generation one token per llama_decode with a synchronize after each; a depth prefilled untimed first;
+# its KV cache in kiln's -ctk / -ctv types where llama.cpp has them (`_GGML_KV`; else its default, f16).
 # The agreement check (every prompt row's argmax) runs afterwards, outside the timed region.
 _LLAMA_WORKER = r"""
 import ctypes, json, statistics, sys, time
@@ -187,8 +188,9 @@ import llama_cpp
 cfg = json.loads(sys.argv[1])
 ids, g, reps, lengths, depths = cfg["ids"], cfg["g"], cfg["repeats"], cfg["lengths"], cfg["depths"]
 n_ctx = max(lengths + [d + g for d in depths]) + 16
+kv = {k: v for k, v in (("type_k", cfg["type_k"]), ("type_v", cfg["type_v"])) if v is not None}
 llm = llama_cpp.Llama(cfg["path"], n_gpu_layers=-1, flash_attn=True, n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
-                      verbose=False, n_threads=cfg["threads"], n_threads_batch=cfg["threads"])
+                      verbose=False, n_threads=cfg["threads"], n_threads_batch=cfg["threads"], **kv)
 load_s = time.perf_counter() - t0
 ctx = llm._ctx.ctx
 mem = llama_cpp.llama_get_memory(ctx)
@@ -236,10 +238,15 @@ print(json.dumps({"prefill_tok_s": pre, "decode_tok_s": tg, "ms_per_token": 1e3 
 """
 
 
+_GGML_KV = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml's type numbers of kiln's cache types
+
+
 def run_llamacpp(path: str, ids: list[int], lengths: list[int], g: int, depths: list[int], repeats: int,
-                 threads: int) -> dict:
+                 threads: int, kv_types: tuple = (None, None)) -> dict:
+    """llama.cpp's figures for the same work (`_LLAMA_WORKER`, its own process); kv_types: kiln's canonical
+    cache type names (None: llama.cpp's default), each passed on where llama.cpp has it."""
     cfg = json.dumps({"path": path, "ids": ids, "lengths": lengths, "g": g, "depths": depths, "repeats": repeats,
-                      "threads": threads})
+                      "threads": threads, "type_k": _GGML_KV.get(kv_types[0]), "type_v": _GGML_KV.get(kv_types[1])})
     r = subprocess.run([sys.executable, "-c", _LLAMA_WORKER, cfg], capture_output=True, text=True)
     if r.returncode:
         raise KilnError(f"llama.cpp comparison failed (is llama-cpp-python installed?): "
@@ -396,7 +403,10 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         ids = prompt_ids(vocab, max(lengths + depths + [1]))
-        lc = run_llamacpp(out["model"], ids, lengths, g, depths, repeats, threads)
+        mine = k["kv_cache"]["types"].split("/")
+        kv = [t if t in _GGML_KV and given else None for t, given in zip(mine, cache_types)]
+        lc = run_llamacpp(out["model"], ids, lengths, g, depths, repeats, threads, kv)
+        lc["kv_cache"] = "/".join(t or "f16" for t in kv)  # what llama.cpp ran with
         n = len(lc["prompt_logits_top1"])
         out["llama.cpp"] = lc
         out["prompt_top1_agreement"] = sum(x == y for x, y in zip(k["prompt_logits_top1"], lc["prompt_logits_top1"])) / n
@@ -454,6 +464,10 @@ def format_report(r: dict) -> str:
     if "cold_generate_s" in k or lc:
         lines.append(row("cold start to first token s", k.get("cold_generate_s", float("nan")),
                          lc and lc["first_token_s"], fmt="12.2f"))
+    kv = k.get("kv_cache")
+    if kv:
+        lines.append(f"KV cache {kv['types']}, {kv['bytes_per_token']:,} bytes a token"
+                     + (f"; llama.cpp's {lc['kv_cache']}" if lc and "kv_cache" in lc else ""))
     if "memory_over_file" in r:
         lines += ["", f"GPU memory after load {r['memory_after_load_gb']:.3f} GB = "
                       f"{r['memory_over_file']:.2f} x the file ({r['file_gb']:.3f} GB)"]

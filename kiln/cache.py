@@ -3,8 +3,8 @@ tokens go in it; attention calls one verb, `k, v = step.update(layer, k, v)`.
 
 Owns: the storage (layers, B, K, max_len, D); `update(layer, pos, k, v)`, which writes the new keys and
 values at positions pos..pos+T and returns everything the layer may attend to, and `update_at` (the same
-at device-side positions: the whole static cache comes back; `write_at` writes alone, for the fused decode
-kernels that read the stored parts themselves: `fused_reads`, `layer_kv`, `layer_scales`); for a server's
+at device-side positions: the whole static cache comes back; `encode_at` writes alone, for the fused decode
+kernels that read the stored parts themselves: `layer_kv`, `layer_scales`, `out_rotation`); for a server's
 slot cache (one batch row per sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a
 batch-1 cache) and `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different
 positions in different slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and
@@ -14,8 +14,8 @@ max_kv_size) the first `keep` positions and the most recent ones, in a ring of s
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the
 mask is built from that, so the slots need no reordering). `shift` drops positions and re-rotates the keys
 after them (llama.cpp's context shift). Each part is stored in its cache type (kv_types.py: the codecs and
-the basis q8_0 / q4_0 store in); attention reads through `queries` / `outputs`, which
-rotate its query into that basis and its output back.
+the basis q8_0 / q4_0 store in); attention over what `update` returns goes through `queries` / `outputs`,
+which rotate its query into that basis and its output back (the fused step: `encode_at`, `out_rotation`).
 Not: masks and RoPE tables (models/base.prepare builds them once per forward from the step), paging, which
 slot holds which request (engine.py), which layers get a ring (`plan_rings` from the caller's choice).
 
@@ -238,10 +238,6 @@ class KVCache:
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
-        # the fused step writes each part with ops.kv_write (the query rotated into the keys' basis) and
-        # decode_attention reads them as stored (q8_0 / q4_0: codes and scales; values rotated back)
-        self.fused_reads = self.direct or {self.type_k, self.type_v} <= {cache_type(None, self.dtype), "fp8",
-                                                                          *BLOCK_TYPES}
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
@@ -483,10 +479,6 @@ class RowsView:
     @property
     def direct(self) -> bool:
         return self.cache.direct
-
-    @property
-    def fused_reads(self) -> bool:
-        return self.cache.fused_reads
 
     def layer_scales(self, layer: int):
         return self.cache.layer_scales(layer)

@@ -286,7 +286,7 @@ class _Segment:
         rope = {k: RopeAt(positions, self.inv_here[k], r.attn_factor, r.rot_dim) for k, r in s.rope.items()}
         return replace(s, kind=s.kind if self.rows else GRAPH, cache=cache, pos=self.pos, positions=positions,
                        rope=rope, mask={}, graphs=None, n_keys=self.cache.max_len,
-                       fused=use_triton(self.x, s.policy) and self.cache.fused_reads)
+                       fused=use_triton(self.x, s.policy))
 
     def fits(self, step) -> bool:
         """Does this graph compute `step`? Same cache, and the same RoPE frequencies (longrope switches them)."""

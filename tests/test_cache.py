@@ -184,14 +184,14 @@ from kiln.policy import Policy
 on, off = Policy(triton_cpu=True), Policy()  # the kernels (interpreted); torch (the prompts)
 read = []
 kernel = base.decode_attention
-stored = (torch.int8, torch.uint8, torch.float8_e4m3fn)  # keys read as stored: q8_0, q4_0 codes; fp8
+stored = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float16)  # keys read as stored: codes, fp8, f16
 base.decode_attention = lambda *a, **kw: read.append(a[1].dtype in stored) or kernel(*a, **kw)
 g = torch.Generator().manual_seed(6)
 for name in ("qwen2", "gemma3"):  # the k bias (a key offset); sliding windows, q/k norms
     cfg = dict(tm.CONFIGS[name], head_dim=64)
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
     ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=g)
-    for tk, tv in (("q8_0", "q8_0"), ("q8_0", "q4_0"), ("fp8", "fp8")):
+    for tk, tv in (("q8_0", "q8_0"), ("q8_0", "q4_0"), ("fp8", "fp8"), ("f16", "q8_0")):
         outs = []
         for base.FUSED_MAX_T in (16, 0):  # the fused step (kv_write's kernel, the decode kernel over the codes);
             #                               torch's write, attention over the whole cache dequantized
@@ -216,12 +216,13 @@ for name in ("qwen2", "gemma3"):  # the k bias (a key offset); sliding windows, 
 
 @pytest.mark.interpreted("_FUSED_Q8")
 def test_a_fused_step_reads_a_q8_0_cache_as_stored():
-    """A CUDA-graph step (1 and 3 tokens) and a batched-rows step over a q8_0 / q4_0 / fp8 cache through the fused
-    kernels (Triton's interpreter): kv_write's encoder, the decode kernel reading the codes and scales as
-    stored, the query and output rotated in them: the logits of the unfused step (SDPA over the dequantized cache), for qwen2 (keys
-    less the k bias) and gemma3 (sliding windows, q/k norms), q8_0 values and q4_0 values; an fp8 cache."""
+    """A CUDA-graph step (1 and 3 tokens) and a batched-rows step over a q8_0 / q4_0 / fp8 cache through the
+    fused kernels (Triton's interpreter): kv_write's encoder, the decode kernel reading the codes and scales
+    as stored, the query and output rotated in them: the logits of the unfused step (SDPA over the dequantized
+    cache), for qwen2 (keys less the k bias) and gemma3 (sliding windows, q/k norms), q8_0 values and q4_0
+    values; an fp8 cache; float16 keys (another float type than the model's) beside rotated q8_0 values."""
     from interpreter import run_interpreted
-    assert run_interpreted(_FUSED_Q8, timeout=900).count("\n") == 6
+    assert run_interpreted(_FUSED_Q8, timeout=900).count("\n") == 8
 
 
 def test_key_offsets_are_the_k_bias_also_in_a_joined_qkv():

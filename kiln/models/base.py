@@ -246,11 +246,10 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     # A CUDA-graph step and a batched step on a Triton device take RoPE with the KV write, then split-KV
     # decode attention over the static cache: those read positions directly, so no mask is built. Up to
     # FUSED_MAX_T tokens a row (a speculative check of drafts): the decode kernel's query tile holds them all.
-    # A cache the decode kernel reads as stored (`fused_reads`: each of K and V in the model's dtype or q8_0)
-    # too: one in another type (q4_0, fp8, another float) is dequantized whole, then SDPA.
+    # Every cache type: the decode kernel reads each as stored (q8_0 / q4_0 codes and scales, fp8, floats).
     # A cache with ring layers: every mask is built when a layer first asks (`layer_mask`), as the ring
     # layers' depend on their rings and the fused step's ring layers take the unfused path.
-    fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy) and step.cache.fused_reads
+    fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy)
     lazy = fused or getattr(step.cache, "rings", None) is not None
     masks = {} if lazy else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused, n_keys=n_keys,
@@ -476,8 +475,8 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
 
 
 def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms) -> torch.Tensor:
-    """The fused step's attention over a cache stored in its own types and basis (`fused_reads`, not `direct`:
-    q8_0, q4_0, rotated): RoPE, then one kernel that rotates the query into the keys' basis and encodes and
+    """The fused step's attention over a cache stored in its own types and basis (not `direct`: q8_0, q4_0,
+    fp8, another float type, rotated): RoPE, then one kernel that rotates the query into the keys' basis and encodes and
     writes the new keys and values (ops.kv_write; nothing read back), then the decode kernel over the stored
     parts (codes and scales), which rotates its output back — where `update_at` would dequantize the whole
     layer every step. → (B, T, H*D)."""
