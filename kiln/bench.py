@@ -372,7 +372,8 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         from kiln import native
         from kiln.models.base import native_plan
         out["native_cpu_kernels"] = model.policy.native and native.available()
-        out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step
+        plain = dec_types(model, cache_types) == dec_types(model, (None, None))  # the native token's cache
+        out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step and plain
                                   and native_plan(model.model.layers) is not None)  # a token in one native call
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
