@@ -11,6 +11,7 @@
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
      slots from `lo`, grouped-query heads. The caller picks the slots (native.py): for a plain cache slot =
      pos and keys 0..pos, or the last `window` of them; for a ring (cache.Ring) every slot written so far.
+     With a kiln_kvq, the cache is q8_0 in a rotated basis (kv_types) and read as stored.
    Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
    (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool; `threads` is
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
@@ -583,11 +584,97 @@ static void softmax_exp(float *p, int64_t n) {
         p[s] *= inv;
 }
 
+/* q8_0 caches (kv_types: per key or value row, int8 codes (D,) and one f16 scale per 32, both rows in the
+   float cache's layout: code [g, s, i] at g * head_stride + s * D + i, scale [g, s, b] at (g * head_stride +
+   s * D) / 32 + b), stored in a rotated basis (kv_types.Basis): a key row is k (after RoPE) less koff[g], times
+   rot; a value row v times rot; the query is rotated the same way and each head's output rotated back (rot^T).
+   rot NULL: no rotation; koff NULL: no offset (kiln_kvq: native.h). */
+static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as torch's .half() */
+#ifdef __F16C__
+    return _cvtss_sh(f, 0);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u)
+        return (uint16_t)(sign | 0x7C00 | (a > 0x7F800000u ? 0x200 : 0));  /* inf, nan */
+    if (a >= 0x477FF000u)
+        return (uint16_t)(sign | 0x7C00);  /* rounds past 65504: inf */
+    if (a < 0x38800000u) {  /* below 2^-14: a subnormal (or zero) of 2^-24 steps */
+        float m;
+        memcpy(&m, &a, sizeof m);
+        return (uint16_t)(sign | (uint16_t)nearbyintf(m * 16777216.f));
+    }
+    const uint32_t r = a + 0xFFF + ((a >> 13) & 1);  /* round the 13 dropped bits, ties to even */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+#endif
+}
+
+/* y = x @ m, or x @ m^T (t), for one (d,) row and a (d, d) matrix */
+static void matvec(const float *x, const float *m, float *y, int64_t d, int t) {
+    for (int64_t i = 0; i < d; i++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d; j++)
+            acc += x[j] * (t ? m[i * d + j] : m[j * d + i]);
+        y[i] = acc;
+    }
+}
+
+/* x (d,) into q8_0 codes (d,) and d / 32 f16 scales, as kv_types.quantize_q8_0 (amax / 127, round to nearest
+   even) */
+static void quantize_q8_0_row(const float *x, int8_t *q, uint16_t *sc, int64_t d) {
+    for (int64_t b = 0; b < d / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(xb[j]));
+        const float dd = amax / 127.f, div = dd == 0.f ? 1.f : dd;
+        for (int j = 0; j < 32; j++) {
+            float r = nearbyintf(xb[j] / div);
+            q[b * 32 + j] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+        }
+        sc[b] = f32_to_f16(dd);
+    }
+}
+
+/* The new row of one kv head: RoPE'd key (kbuf) or value, moved into the cache's basis and encoded at `slot` */
+static void store_q8_0(const float *x, const float *off, const float *rot, int8_t *codes, uint16_t *scales,
+                       int64_t row, int64_t d) {
+    float t[1024], y[1024];
+    for (int64_t i = 0; i < d; i++)
+        t[i] = off ? x[i] - off[i] : x[i];
+    if (rot)
+        matvec(t, rot, y, d, 0);
+    quantize_q8_0_row(rot ? y : t, codes + row, scales + row / 32, d);
+}
+
+static float dot_q8_0(const float *x, const int8_t *q, const uint16_t *sc, int64_t d) {
+    float s = 0.f;
+    for (int64_t b = 0; b < d / 32; b++) {
+        float part = 0.f;
+        #pragma omp simd reduction(+:part)
+        for (int j = 0; j < 32; j++)
+            part += x[b * 32 + j] * (float)q[b * 32 + j];
+        s += part * f16_to_f32(sc[b]);
+    }
+    return s;
+}
+
+static void axpy_q8_0(float a, const int8_t *q, const uint16_t *sc, float *o, int64_t d) {
+    for (int64_t b = 0; b < d / 32; b++) {
+        const float ab = a * f16_to_f32(sc[b]);
+        #pragma omp simd
+        for (int j = 0; j < 32; j++)
+            o[b * 32 + j] += ab * (float)q[b * 32 + j];
+    }
+}
+
 void kiln_decode_attention(const float *q, float *qr, const float *k, const float *v, float *k_cache,
                            float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
                            int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
                            const float *qn_w, const float *kn_w, float eps, float offset, float scale,
-                           int64_t slot, int64_t lo, int64_t n_keys, float *out, int threads) {
+                           int64_t slot, int64_t lo, int64_t n_keys, float *out, int threads,
+                           const kiln_kvq *kvq) {
     float cs[512], sn[512];  /* half <= 512 (native.py checks) */
     for (int64_t i = 0; i < half; i++) {
         float f = (float)pos * inv_freq[i];
@@ -595,6 +682,14 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
         sn[i] = sinf(f) * attn_factor;
     }
     for (int64_t g = 0; g < n_kv; g++) {
+        if (kvq) {  /* q8_0: RoPE into a row of scratch, then the basis and the codes */
+            float kr[1024];
+            const int64_t row = g * head_stride + slot * d;
+            rope_head(k + g * d, kr, kn_w, eps, offset, d, cs, sn, half);
+            store_q8_0(kr, kvq->koff ? kvq->koff + g * d : NULL, kvq->rot, kvq->kq, kvq->ks, row, d);
+            store_q8_0(v + g * d, NULL, kvq->rot, kvq->vq, kvq->vs, row, d);
+            continue;
+        }
         rope_head(k + g * d, k_cache + g * head_stride + slot * d, kn_w, eps, offset, d, cs, sn, half);
         memcpy(v_cache + g * head_stride + slot * d, v + g * d, (size_t)d * sizeof(float));
     }
@@ -608,19 +703,30 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
     for (int64_t item = 0; item < n_kv * split; item++) {
         const int64_t g = item / split, part = item % split;
         const int64_t h0 = g * group + part * group / split, nh = g * group + (part + 1) * group / split - h0;
-        const float *kc = k_cache + g * head_stride + lo * d, *vc = v_cache + g * head_stride + lo * d;
+        const int64_t base = g * head_stride + lo * d;  /* this kv head's first attended row */
+        const float *kc = kvq ? NULL : k_cache + base, *vc = kvq ? NULL : v_cache + base;
         float *p = malloc((size_t)(nh * n_keys) * sizeof(float));
         for (int64_t j = 0; j < nh; j++) {
-            rope_head(q + (h0 + j) * d, qr + (h0 + j) * d, qn_w, eps, offset, d, cs, sn, half);
+            float *qh = qr + (h0 + j) * d;
+            rope_head(q + (h0 + j) * d, qh, qn_w, eps, offset, d, cs, sn, half);
+            if (kvq && kvq->rot) {  /* the query into the keys' basis */
+                float t[1024];
+                memcpy(t, qh, (size_t)d * sizeof(float));
+                matvec(t, kvq->rot, qh, d, 0);
+            }
             memset(out + (h0 + j) * d, 0, (size_t)d * sizeof(float));
         }
         for (int64_t s = 0; s < n_keys; s++)
             for (int64_t j = 0; j < nh; j++) {
                 const float *qh = qr + (h0 + j) * d;
                 float dot = 0.f;
-                #pragma omp simd reduction(+:dot)
-                for (int64_t i = 0; i < d; i++)
-                    dot += qh[i] * kc[s * d + i];
+                if (kvq)
+                    dot = dot_q8_0(qh, kvq->kq + base + s * d, kvq->ks + (base + s * d) / 32, d);
+                else {
+                    #pragma omp simd reduction(+:dot)
+                    for (int64_t i = 0; i < d; i++)
+                        dot += qh[i] * kc[s * d + i];
+                }
                 p[j * n_keys + s] = dot * scale;
             }
         for (int64_t j = 0; j < nh; j++)
@@ -629,9 +735,19 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
             for (int64_t j = 0; j < nh; j++) {
                 float *oh = out + (h0 + j) * d;
                 const float e = p[j * n_keys + s];
+                if (kvq) {
+                    axpy_q8_0(e, kvq->vq + base + s * d, kvq->vs + (base + s * d) / 32, oh, d);
+                    continue;
+                }
                 #pragma omp simd
                 for (int64_t i = 0; i < d; i++)
                     oh[i] += e * vc[s * d + i];
+            }
+        if (kvq && kvq->rot)  /* each head's output back from the values' basis */
+            for (int64_t j = 0; j < nh; j++) {
+                float t[1024];
+                memcpy(t, out + (h0 + j) * d, (size_t)d * sizeof(float));
+                matvec(t, kvq->rot, out + (h0 + j) * d, d, 1);
             }
         free(p);
     }

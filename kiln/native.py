@@ -304,21 +304,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return y if h is None else (y, h)
 
 
+class _KVQ(ctypes.Structure):  # native.h's kiln_kvq
+    _fields_ = [(n, ctypes.c_void_p) for n in ("kq", "vq", "ks", "vs", "rot", "koff")]
+
+
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
                      eps: float, offset: float, scale: float, window: int | None,
-                     ring: tuple[int, int] | None = None) -> torch.Tensor:
+                     ring: tuple[int, int] | None = None, q8: tuple | None = None) -> torch.Tensor:
     """One token: q (H, D), k/v (K, D) float32 before RoPE; k_cache/v_cache (K, S, D) float32 that
     `attention_fits` (k, v are written at `pos`) -> (H * D,) attention output. See native.c.
     `ring` (slot, n_keys): a ring layer's (cache.Ring) write slot, and the slots 0..n_keys-1 it attends to
-    (the caller has checked that every one of them is visible: `window` is then not used)."""
+    (the caller has checked that every one of them is visible: `window` is then not used).
+    `q8` (k_scales, v_scales (K, S, D/32) float16, rotation (D, D) float32 or None, key offset (K, D) or
+    None): k_cache / v_cache are q8_0 codes (K, S, D) int8 in that basis (kv_types), written and read so."""
     h, d = q.shape
     slot, lo, n_keys = attention_slots(pos, window, ring)
     q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
     out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
+    kvq = None
+    if q8 is not None:
+        ks, vs, rot, koff = q8
+        assert ks.is_contiguous() and vs.is_contiguous() and ks.shape == (*k_cache.shape[:2], d // 32)
+        rot, koff = _c(rot), _c(koff)
+        kvq = ctypes.byref(_KVQ(k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(), vs.data_ptr(), _ptr(rot),
+                                _ptr(koff)))
     _lib().kiln_decode_attention(
         _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
         h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
-        eps, offset, scale, slot, lo, n_keys, _ptr(out), torch.get_num_threads())
+        eps, offset, scale, slot, lo, n_keys, _ptr(out), torch.get_num_threads(), kvq)
     return out
 
 
@@ -384,9 +397,10 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
                   ropes: list[tuple[torch.Tensor, float]]):
     """Tokens through every block of `stack` (native_step.c), one a row: x (B, E) (or (E,)) float32, the first
     block's input; residual likewise, the stream coming in, or None (the first block's: x itself); pos the
-    rows' positions (an int for one row); where (B, L, 6) (or (L, 6)) int64, per row and block the addresses of
+    rows' positions (an int for one row); where (B, L, 10) (or (L, 10)) int64, per row and block the addresses of
     its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
-    row's token is written to, the first slot attended and how many; ropes: up to two (inv_freq (R/2,)
+    row's token is written to, the first slot attended and how many, then a q8_0 cache's (the first two its
+    codes, int8) k and v scales, rotation and key offset (decode_attention's q8), else zeros; ropes: up to two (inv_freq (R/2,)
     float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
     stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
@@ -417,10 +431,12 @@ def attention_slots(pos: int, window: int | None, ring: tuple[int, int] | None) 
 
 
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
-    """Does `decode_attention` take these? q (H, D) and a layer's cache (K, S, D), float32, D unit-strided
-    and positions D apart (the cache's own layout), H a multiple of K, D within native.c's buffers."""
+    """Does `decode_attention` take these? q (H, D) and a layer's cache (K, S, D), float32 (or q8_0 codes,
+    int8), D unit-strided and positions D apart (the cache's own layout), H a multiple of K, D within
+    native.c's buffers."""
     d = q.shape[-1]
-    return (d <= 1024 and 2 * inv_freq.numel() <= d and q.dtype == k_cache.dtype == torch.float32
+    return (d <= 1024 and 2 * inv_freq.numel() <= d and q.dtype == torch.float32
+            and k_cache.dtype in (torch.float32, torch.int8)
             and k_cache.stride(2) == 1 and k_cache.stride(1) == d and q.shape[0] % k_cache.shape[0] == 0)
 
 
@@ -455,7 +471,7 @@ def _lib():
                   "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
-                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int],
+                  "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int, p],
                   "kiln_decode_layers": [p] * 4 + [ctypes.c_int] * 2}
     for name, args in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None

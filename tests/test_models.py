@@ -78,12 +78,12 @@ def test_matches_transformers(name):
     assert err <= 1e-4, f"{name}: max |Δlogit| = {err}"
 
 
-def decode_steps(model, ids, prefill, max_len=32, graph=False, policy=None, rings=None):
+def decode_steps(model, ids, prefill, max_len=32, graph=False, policy=None, rings=None, types=(None, None)):
     """Logits of `ids` (1, T) as generate computes them: the first `prefill` tokens in one call, then one
     token at a time through a fresh KV cache (graph: the CUDA-graph form of the step, the position a
-    device tensor); (1, T, V). `policy`: the steps' (None: the model's); `rings`: the cache's (cache.plan_rings).
-    Shared by the decode tests of test_native, test_quant_cpu and test_fuse."""
-    cache = KVCache.for_model(model, max_len=max_len, rings=rings)
+    device tensor); (1, T, V). `policy`: the steps' (None: the model's); `rings`: the cache's (cache.plan_rings);
+    `types`: its key and value types. Shared by the decode tests of test_native, test_quant_cpu and test_fuse."""
+    cache = KVCache.for_model(model, max_len=max_len, rings=rings, type_k=types[0], type_v=types[1])
 
     def step(t):
         return Step.graph(cache, torch.tensor(t), policy) if graph else Step.prefill(cache, t, policy)

@@ -286,7 +286,8 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
     rows = [step]
     if step.kind == ROWS:
         view = step.cache
-        if x.shape[1] != 1 or not 1 <= x.shape[0] <= ops_cpu.NATIVE_ROWS or x.is_cuda or not view.direct:
+        if (x.shape[1] != 1 or not 1 <= x.shape[0] <= ops_cpu.NATIVE_ROWS or x.is_cuda
+                or not (view.direct or view.cache.native_q8(0) is not None)):
             return None
         rows = [replace(step, kind=PREFILL, cache=view.cache.slot(s), pos=p, graphs=None)
                 for s, p in zip(view.slot_index.tolist(), step.pos.tolist())]
@@ -301,11 +302,12 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
 def _native_found(layers, a: int, b: int, x: torch.Tensor, step: Step):
     """(the native plan of blocks a..b-1, where each layer's slots are) for one float32 token on the CPU
     (ops.cpu.serves) of a prefill-kind step, the policy's `native_step` on, a batch-1 cache in the model's
-    dtype, where every block has a native form (`native_plan`, built once per cache: KVCache.plans) and every
+    dtype or q8_0, where every block has a native form (`native_plan`, built once per cache: KVCache.plans) and every
     layer's slots are ones the native attention takes (`_native_where`); else None."""
     c = step.cache
     if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
-            and getattr(c, "plans", None) is not None and c.direct and ops_cpu.serves(x, step.policy)):
+            and getattr(c, "plans", None) is not None and (c.direct or c.native_q8(a) is not None)
+            and ops_cpu.serves(x, step.policy)):
         return None
     key = (id(layers), a, b)
     if key not in c.plans:
@@ -325,11 +327,12 @@ def native_plan(layers):
 
 
 def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
-    """(L, 6) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
+    """(L, 10) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
     its k and v cache (K, S, D), the head stride, the slot this token is written to, the first slot it attends
-    and how many (ops.cpu.attention_slots; `_native_ring` for a ring layer); None where a layer's cache is not
-    float32 (K, S, D) of the plan's K and D with positions D apart, or its token is not one the native
-    attention takes."""
+    and how many (ops.cpu.attention_slots; `_native_ring` for a ring layer), then a q8_0 cache's scales,
+    rotation and key offset (KVCache.native_q8; zeros for a float cache); None where a layer's cache is not
+    float32 or q8_0 codes (K, S, D) of the plan's K and D with positions D apart, or its token is not one the
+    native attention takes."""
     c, p = step.cache, step.pos
     _, _, kv, d, _ = stack.dims
     rows = []
@@ -339,12 +342,15 @@ def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
             return None
         slot, lo, n_keys = ops_cpu.attention_slots(p, window, ring)
         k, v = c.k[layer], c.v[layer]  # (1, K, S, D)
-        if not (k.dtype == v.dtype == torch.float32 and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
+        q8 = c.native_q8(layer)
+        if not ((k.dtype == v.dtype == torch.float32 or q8 is not None)
+                and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
                 and k.shape[3] == v.shape[3] == d and k.stride(3) == v.stride(3) == 1
                 and k.stride(2) == v.stride(2) == k.shape[3] and k.stride(1) == v.stride(1)
                 and slot < k.shape[2] and lo + n_keys <= k.shape[2]):
             return None
-        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), slot, lo, n_keys))
+        extra = (0, 0, 0, 0) if q8 is None else tuple(0 if t is None else t.data_ptr() for t in q8)
+        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), slot, lo, n_keys, *extra))
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -496,7 +502,7 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
     single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
     c = step.cache
     return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k[layer].shape[0] == 1
-            and step.pos < c.max_len and c.direct
+            and step.pos < c.max_len and (c.direct or c.native_q8(layer) is not None)
             and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
@@ -517,7 +523,7 @@ def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: in
     c = step.cache
     out = ops_cpu.decode_attention(q[0, 0], k[0, 0], v[0, 0], c.k[layer][0], c.v[layer][0], step.pos,
                                    rope.inv_freq, rope.attn_factor, *_norm_args(*norms), scale, window,
-                                   _native_ring(step, layer, window))
+                                   _native_ring(step, layer, window), c.native_q8(layer))
     return out.view(1, 1, -1)  # (B, T, H*D)
 
 
