@@ -496,16 +496,6 @@ class RowsView:
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return self.cache.queries(q)
 
-    def native_q8(self, layer: int):
-        """What the native CPU token needs beside `layer_kv` to read and write this layer as q8_0 keys and values
-        (ops.cpu.decode_attention's q8: batch row 0's scales (K, S, D/32), the basis' (D, D) matrix and the
-        keys' offset (K, D), None where not rotated), None unless both are q8_0."""
-        if self.type_k != "q8_0" or self.type_v != "q8_0":
-            return None
-        b = self.k_basis
-        off = None if b is None or b.offset is None else b.offset[layer]
-        return self.kp[1][layer][0], self.vp[1][layer][0], None if b is None else b.h, off
-
     def out_rotation(self):
         return self.cache.out_rotation()
 

@@ -397,11 +397,11 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
                   ropes: list[tuple[torch.Tensor, float]]):
     """Tokens through every block of `stack` (native_step.c), one a row: x (B, E) (or (E,)) float32, the first
     block's input; residual likewise, the stream coming in, or None (the first block's: x itself); pos the
-    rows' positions (an int for one row); where (B, L, 10) (or (L, 10)) int64, per row and block the addresses of
-    its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
+    rows' positions (an int for one row); where (B, L, 10) (or (L, 10)) int64, per row and block the addresses
+    of its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
     row's token is written to, the first slot attended and how many, then a q8_0 cache's (the first two its
-    codes, int8) k and v scales, rotation and key offset (decode_attention's q8), else zeros; ropes: up to two (inv_freq (R/2,)
-    float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
+    codes, int8) k and v scales, rotation and key offset (decode_attention's q8), else zeros; ropes: up to two
+    (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
     stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
     x = x.reshape(-1, e).clone()

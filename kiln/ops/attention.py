@@ -252,17 +252,29 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    if OUT_ROT:  # values stored rotated: the output back in the model's basis (linear, so before the merge)
-        o = tl.dot(o, tl.load(rot_ptr + d[:, None] * D + d[None, :], mask=dm[:, None] & dm[None, :], other=0.0),
-                   input_precision=DOT_PREC)
     if FINAL:  # the only split: o is the answer; o_ptr is the output (B, T, H, D) in q's dtype
-        tl.store(o_ptr + row[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & dm[None, :])
+        _store_out(o, o_ptr + row[:, None] * D, row_ok[:, None], rot_ptr, d, dm, D, BLOCK_D, OUT_ROT, DOT_PREC)
     else:  # partial result of this split: normalized output and its log2-sum-exp; "-inf": no visible key
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
-        tl.store(o_ptr + (row * NS + split)[:, None] * D + d[None, :], o,
-                 mask=(row_ok & seen)[:, None] & dm[None, :])
+        _store_out(o, o_ptr + (row * NS + split)[:, None] * D, (row_ok & seen)[:, None], rot_ptr, d, dm, D, BLOCK_D,
+                   OUT_ROT, DOT_PREC)
+
+
+@jit
+def _store_out(o, at, rows_ok, rot_ptr, d, dm, D: tl.constexpr, BLOCK_D: tl.constexpr, OUT_ROT: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """o (M, D) float32 stored at `at` (M, 1) + column, in at's dtype; OUT_ROT: values stored rotated, so the
+    output goes back to the model's basis first, o @ R (linear: before the merge as well as after), 32 columns
+    of R a dot (a whole (D, D) one would not fit beside the tiles at D = 256)."""
+    if OUT_ROT:
+        for c in tl.static_range((BLOCK_D + 31) // 32):
+            cols = c * 32 + tl.arange(0, 32)
+            r = tl.load(rot_ptr + d[:, None] * D + cols[None, :], mask=dm[:, None] & (cols[None, :] < D), other=0.0)
+            tl.store(at + cols[None, :], tl.dot(o, r, input_precision=DOT_PREC).to(at.dtype.element_ty),
+                     mask=rows_ok & (cols[None, :] < D))
+    else:
+        tl.store(at + d[None, :], o.to(at.dtype.element_ty), mask=rows_ok & dm[None, :])
 
 
 @jit
@@ -294,15 +306,18 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
 def _load(base, s_base, j, jm, stride, s_stride, d, dm, KIND: tl.constexpr, D: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The (N, D) tile of keys or values at slots j as stored: floats as they are; q8_0 / q4_0 codes times
-    their block's scale in float32, in registers, so the cache is read at its own size."""
+    their block's scale in float32, in registers, so the cache is read at its own size. (One return: the
+    compiler visits what follows a return in a static branch too, and its returns must agree in type.)"""
     mask = jm[:, None] & dm[None, :]
     if KIND == 2:  # q4_0: element e of a block in byte e % 16, low nibble for e < 16, high for e >= 16
         byte = tl.load(base + j[:, None] * stride + ((d // 32) * 16 + d % 16)[None, :], mask=mask, other=0)
         codes = (byte.to(tl.int32) >> ((d // 16) % 2 * 4)[None, :]) & 15
-        return _scaled((codes - 8).to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
-    x = tl.load(base + j[:, None] * stride + d[None, :], mask=mask, other=0.0)
-    if KIND == 1:
-        return _scaled(x.to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
+        x = _scaled((codes - 8).to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
+    elif KIND == 1:
+        x = tl.load(base + j[:, None] * stride + d[None, :], mask=mask, other=0)
+        x = _scaled(x.to(tl.float32), s_base + j[:, None] * s_stride, jm, D, BLOCK_N, BLOCK_D)
+    else:
+        x = tl.load(base + j[:, None] * stride + d[None, :], mask=mask, other=0.0)
     return x
 
 

@@ -95,7 +95,8 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
                    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     """Program (token bt, block of ROWS heads): the first NQB blocks are query heads (rotated by the keys'
     matrix), the next NKB key heads, the last NKB value heads (each written into its cache at this token's
-    row and position)."""
+    row and position). Each row is produced 16 columns at a time (a (D, 16) slice of the matrix a dot: a
+    whole (D, D) one would not fit a program's memory at D = 256), two such halves making one block of 32."""
     pdl.start(PDL)
     pdl.wait(PDL)
     bt = tl.program_id(0)
@@ -105,10 +106,10 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
     d = tl.arange(0, BLOCK_D)
     if blk < NQB:
         heads = blk * ROWS + tl.arange(0, ROWS)
-        x = _rows(q_ptr + b * sqb + t * sqt, heads, H, sqh, d, D)
-        y = _rotate(x, kh_ptr, d, D, BLOCK_D, DOT_PREC)
-        tl.store(qo_ptr + bt.to(tl.int64) * H * D + heads[:, None] * D + d[None, :], y.to(qo_ptr.dtype.element_ty),
-                 mask=(heads[:, None] < H) & (d[None, :] < D))
+        x_ptr = q_ptr + b * sqb + t * sqt
+        x = _rows(x_ptr, heads, H, sqh, d, D)
+        _encode(x, x_ptr, heads, H, sqh, kh_ptr, qo_ptr + bt.to(tl.int64) * H * D, D, qo_ptr, 0, d, D, 0,
+                True, ROWS, BLOCK_D, DOT_PREC)
     else:
         cb = b  # the cache row this batch row writes (a server's slot), and this token's position
         if HAS_ROWS:
@@ -116,21 +117,23 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
         p = tl.load(pos_ptr + b * spb + t).to(tl.int64)
         if blk < NQB + NKB:
             heads = (blk - NQB) * ROWS + tl.arange(0, ROWS)
-            x = _rows(k_ptr + b * skb + t * skt, heads, KH, skh, d, D)
-            if HAS_OFFSET:  # keys less the layer's offset (K, D) before the rotation (kv_types.Basis.into)
-                x -= tl.load(off_ptr + heads[:, None] * D + d[None, :],
-                             mask=(heads[:, None] < KH) & (d[None, :] < D), other=0.0)
+            x_ptr = k_ptr + b * skb + t * skt
+            x = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)  # the whole rows: what a rotation's dots take
             if K_ROT:
-                x = _rotate(x, kh_ptr, d, D, BLOCK_D, DOT_PREC)
-            _store(x, heads, KH, kc_ptr + cb * skcb + p * skcs, skch, ks_ptr + cb * sksb + p * skss, sksh, d,
-                   D, K_KIND, ROWS, BLOCK_D)
+                x = _rows(x_ptr, heads, KH, skh, d, D)
+                if HAS_OFFSET:  # keys less the layer's offset (K, D) before the rotation (kv_types.Basis.into)
+                    x -= tl.load(off_ptr + heads[:, None] * D + d[None, :],
+                                 mask=(heads[:, None] < KH) & (d[None, :] < D), other=0.0)
+            _encode(x, x_ptr, heads, KH, skh, kh_ptr, kc_ptr + cb * skcb + p * skcs, skch,
+                    ks_ptr + cb * sksb + p * skss, sksh, d, D, K_KIND, K_ROT, ROWS, BLOCK_D, DOT_PREC)
         else:
             heads = (blk - NQB - NKB) * ROWS + tl.arange(0, ROWS)
-            x = _rows(v_ptr + b * svb + t * svt, heads, KH, svh, d, D)
+            x_ptr = v_ptr + b * svb + t * svt
+            x = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
             if V_ROT:
-                x = _rotate(x, vh_ptr, d, D, BLOCK_D, DOT_PREC)
-            _store(x, heads, KH, vc_ptr + cb * svcb + p * svcs, svch, vs_ptr + cb * svsb + p * svss, svsh, d,
-                   D, V_KIND, ROWS, BLOCK_D)
+                x = _rows(x_ptr, heads, KH, svh, d, D)
+            _encode(x, x_ptr, heads, KH, svh, vh_ptr, vc_ptr + cb * svcb + p * svcs, svch,
+                    vs_ptr + cb * svsb + p * svss, svsh, d, D, V_KIND, V_ROT, ROWS, BLOCK_D, DOT_PREC)
 
 
 @jit
@@ -141,49 +144,72 @@ def _rows(x_ptr, heads, n_heads, stride_h, d, D: tl.constexpr):
 
 
 @jit
-def _rotate(x, m_ptr, d, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """x (ROWS, BLOCK_D) @ M (D, D) float32, as Basis does it (x.float() @ h)."""
-    mm = (d[:, None] < D) & (d[None, :] < D)
-    m = tl.load(m_ptr + d[:, None] * D + d[None, :], mask=mm, other=0.0)  # (BLOCK_D, BLOCK_D)
-    return tl.dot(x, m, input_precision=DOT_PREC)
+def _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, d, cols, D: tl.constexpr, ROT: tl.constexpr,
+          DOT_PREC: tl.constexpr):
+    """Columns `cols` (16) of the rows in the stored basis, (ROWS, 16) float32: x @ M[:, cols] (as Basis does
+    it, x.float() @ h), or without a rotation the rows' own columns, read from x_ptr; zeros past D."""
+    if ROT:
+        m = tl.load(m_ptr + d[:, None] * D + cols[None, :], mask=(d[:, None] < D) & (cols[None, :] < D), other=0.0)
+        y = tl.dot(x, m, input_precision=DOT_PREC)
+    else:
+        mask = (heads[:, None] < n_heads) & (cols[None, :] < D)
+        y = tl.load(x_ptr + heads[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return y
 
 
 @jit
-def _store(x, heads, n_heads, c_ptr, sch, s_ptr, ssh, d, D: tl.constexpr, KIND: tl.constexpr,
-           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x (ROWS, BLOCK_D) float32 encoded (kv_types.encode) into codes at c_ptr + head * sch (+ scales at
-    s_ptr + head * ssh): KIND 0 the values in the part's dtype, 1 q8_0, 2 q4_0, 3 fp8 e4m3."""
+def _encode(x, x_ptr, heads, n_heads, stride_h, m_ptr, c_ptr, sch, s_ptr, ssh, d, D: tl.constexpr,
+            KIND: tl.constexpr, ROT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """The rows (x, or read from x_ptr: `_cols`) in the stored basis, encoded (kv_types.encode) into codes at
+    c_ptr + head * sch (+ scales at s_ptr + head * ssh): KIND 0 the values in the part's dtype, 1 q8_0, 2 q4_0,
+    3 fp8 e4m3. One block of 32 columns at a time: its low and high halves of 16."""
     hm = heads[:, None] < n_heads
-    if KIND == 0:
-        tl.store(c_ptr + heads[:, None] * sch + d[None, :], x.to(c_ptr.dtype.element_ty), mask=hm & (d[None, :] < D))
-    elif KIND == 3:
-        tl.store(c_ptr + heads[:, None] * sch + d[None, :], _e4m3(x).to(c_ptr.dtype.element_ty),
-                 mask=hm & (d[None, :] < D))
-    else:
-        NB: tl.constexpr = BLOCK_D // 32
-        xb = tl.reshape(x, [ROWS, NB, 32])
-        amax = tl.max(tl.abs(xb), axis=2)  # (ROWS, NB)
-        if KIND == 1:  # q = round(x / d), d = amax / 127
-            sc = amax / 127.0
-            y = xb / tl.where(sc == 0.0, 1.0, sc)[:, :, None]
-            q = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
-            codes = tl.reshape(q, [ROWS, BLOCK_D]).to(tl.int8)
-            tl.store(c_ptr + heads[:, None] * sch + d[None, :], codes, mask=hm & (d[None, :] < D))
-        else:  # q4_0: d = -max / 8 (max: the signed element of largest magnitude), q = x / d + 8 in 0..15
-            mx = tl.max(tl.where(tl.abs(xb) == amax[:, :, None], xb, float("-inf")), axis=2)
-            sc = mx / -8.0
-            y = xb / tl.where(sc == 0.0, 1.0, sc)[:, :, None] + 8.5
-            q = tl.minimum(tl.maximum(y, 0.0), 15.99).to(tl.int32)  # truncates: floor of a positive value
-            q = tl.minimum(q, 15)
-            # element j of a block in the low nibble of byte j, element j + 16 in the high one
-            nib = tl.reshape(q, [ROWS, NB, 2, 16])
-            w = tl.where(tl.arange(0, 2) == 0, 1, 16)[None, None, :, None]
-            packed = tl.reshape(tl.sum(nib * w, axis=2), [ROWS, BLOCK_D // 2]).to(tl.uint8)
-            e = tl.arange(0, BLOCK_D // 2)
-            tl.store(c_ptr + heads[:, None] * sch + e[None, :], packed, mask=hm & (e[None, :] < D // 2))
-        nb = tl.arange(0, NB)
-        tl.store(s_ptr + heads[:, None] * ssh + nb[None, :], sc.to(s_ptr.dtype.element_ty),
-                 mask=hm & (nb[None, :] < D // 32))
+    for c in tl.static_range((BLOCK_D + 31) // 32):
+        lo_cols = c * 32 + tl.arange(0, 16)
+        hi_cols = lo_cols + 16
+        lo = _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, d, lo_cols, D, ROT, DOT_PREC)  # (ROWS, 16)
+        hi = _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, d, hi_cols, D, ROT, DOT_PREC)
+        lo_at = c_ptr + heads[:, None] * sch + lo_cols[None, :]
+        hi_at = c_ptr + heads[:, None] * sch + hi_cols[None, :]
+        lo_ok = hm & (lo_cols[None, :] < D)
+        hi_ok = hm & (hi_cols[None, :] < D)
+        if KIND == 0:
+            tl.store(lo_at, lo.to(c_ptr.dtype.element_ty), mask=lo_ok)
+            tl.store(hi_at, hi.to(c_ptr.dtype.element_ty), mask=hi_ok)
+        elif KIND == 3:
+            tl.store(lo_at, _e4m3(lo).to(c_ptr.dtype.element_ty), mask=lo_ok)
+            tl.store(hi_at, _e4m3(hi).to(c_ptr.dtype.element_ty), mask=hi_ok)
+        else:
+            amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))  # (ROWS,) the block's
+            if KIND == 1:  # q = round(x / d), d = amax / 127
+                sc = amax / 127.0
+                div = tl.where(sc == 0.0, 1.0, sc)[:, None]
+                tl.store(lo_at, _round_clamp(lo / div).to(tl.int8), mask=lo_ok)
+                tl.store(hi_at, _round_clamp(hi / div).to(tl.int8), mask=hi_ok)
+            else:  # q4_0: d = -max / 8 (max: the signed element of largest magnitude), q = x / d + 8 in 0..15
+                m_lo = tl.max(tl.where(tl.abs(lo) == amax[:, None], lo, float("-inf")), axis=1)
+                m_hi = tl.max(tl.where(tl.abs(hi) == amax[:, None], hi, float("-inf")), axis=1)
+                sc = tl.where(m_lo > float("-inf"), m_lo, m_hi) / -8.0  # the first such element's sign
+                div = tl.where(sc == 0.0, 1.0, sc)[:, None]
+                # element j of the block in the low nibble of byte j, element j + 16 in the high one
+                packed = _nibble(lo / div) + 16 * _nibble(hi / div)
+                e = c * 16 + tl.arange(0, 16)
+                tl.store(c_ptr + heads[:, None] * sch + e[None, :], packed.to(tl.uint8), mask=lo_ok)
+            tl.store(s_ptr + heads * ssh + c, sc.to(s_ptr.dtype.element_ty), mask=(heads < n_heads) & (c * 32 < D))
+
+
+@jit
+def _round_clamp(y):
+    """y to the nearest integer (halves away from zero's upper side: floor(y + 0.5); torch.round's ties to even
+    differ only on exact halves) within -127..127, float32."""
+    return tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+
+
+@jit
+def _nibble(y):
+    """A q4_0 code of y = x / d: floor(y + 8.5) within 0..15 (kv_types.quantize_q4_0), int32."""
+    return tl.minimum(tl.minimum(tl.maximum(y + 8.5, 0.0), 15.99).to(tl.int32), 15)
 
 
 @jit

@@ -1,0 +1,83 @@
+"""The decode step's Triton kernels compiled for an H100 (sm_90) on a machine without a GPU: Triton's
+ahead-of-time path (front end, lowering to PTX, ptxas), in the forms each KV cache type asks for.
+
+Owns: that check. The other kernel tests run Triton's interpreter, which executes the kernels as Python and
+so accepts code the GPU compiler rejects (a static branch's early `return` of another type than the
+function's last one: the compiler visits what follows it too). Not: whether the compiled kernels compute the
+right thing (test_ops in the interpreter; on a GPU the same tests compiled).
+
+The compile runs in a fresh process without TRITON_INTERPRET (this process may have the interpreter on: a
+kernel decorated then is not a compilable JITFunction); about a minute with an empty Triton cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+# (name, split kernel: dtypes of q / k cache / v cache / scales, K and V kinds, out rotation, head dim, one split)
+SPLIT = [("bf16 d128, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, False),
+         ("bf16 d128, one split", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, True),
+         ("q8_0 K+V rotated d128", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False),
+         ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "u8", "fp16"), 1, 2, True, 256, True),
+         ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False)]
+# (name, encode kernel: dtypes of q / k codes / k scales / v codes / v scales, K and V kinds, rotations, head dim)
+ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "fp16"), 1, 1, True, True, 128),
+          ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "fp16", "u8", "fp16"), 1, 2, True, True, 256),
+          ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "fp8e4nv", "fp8e4nv"), 3, 3, False, False, 128),
+          ("bf16 K / q8_0 V rotated d96", ("bf16", "bf16", "bf16", "i8", "fp16"), 0, 1, False, True, 96)]
+
+
+def _compile_all() -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kiln.ops import attention, kv_write
+    target, out = GPUTarget("cuda", 90, 32), []
+
+    def compile_one(name, fn, pointers, consts):
+        sig = {n: "constexpr" if n in consts else "*" + pointers[n] if n in pointers else
+               "fp32" if n in ("scale", "softcap") else "i64" if n.startswith("s") else "i32" for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        try:
+            triton.compile(src, target=target, options={"num_warps": 4})
+            out.append({"name": name, "ok": True})
+        except Exception as e:  # reported, not raised: every form is tried
+            out.append({"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
+
+    for name, (q, k, v, s), kk, vk, rot, d, final in SPLIT:
+        pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
+                        lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32")
+        consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
+                      OUT_ROT=rot, FINAL=final, MAX_TILES=8, BLOCK_M=16, BLOCK_N=64, BLOCK_D=d, BLOCK_T=2,
+                      RUNTIME_LOOP=True, DOT_PREC=None, PDL=True)
+        compile_one("split: " + name, attention._split_kernel, pointers, consts)
+    for name, (q, kc, ks, vc, vs), kk, vk, krot, vrot, d in ENCODE:
+        pointers = dict(q_ptr=q, k_ptr=q, v_ptr=q, qo_ptr=q, kc_ptr=kc, ks_ptr=ks, kh_ptr="fp32", vc_ptr=vc,
+                        vs_ptr=vs, vh_ptr="fp32", off_ptr="fp32", pos_ptr="i64", rows_ptr="i64")
+        consts = dict(D=d, K_KIND=kk, V_KIND=vk, K_ROT=krot, V_ROT=vrot, HAS_OFFSET=krot, HAS_ROWS=True, ROWS=16,
+                      BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee", PDL=True)
+        compile_one("encode: " + name, kv_write._encode_kernel, pointers, consts)
+    return out
+
+
+def test_decode_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KILN_TRITON_CPU")}
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, __file__], cwd=root, env=dict(env, PYTHONPATH=str(root)),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(results) == len(SPLIT) + len(ENCODE)
+    failed = [f"{x['name']}: {x['error']}" for x in results if not x["ok"]]
+    assert not failed, "\n\n".join(failed)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
