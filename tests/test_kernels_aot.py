@@ -4,7 +4,8 @@ ahead-of-time path (front end, lowering to PTX, ptxas), in the forms each KV cac
 Owns: that check. The other kernel tests run Triton's interpreter, which executes the kernels as Python and
 so accepts code the GPU compiler rejects (a static branch's early `return` of another type than the
 function's last one: the compiler visits what follows it too). Not: whether the compiled kernels compute the
-right thing (test_ops in the interpreter; on a GPU the same tests compiled).
+right thing (test_ops in the interpreter; on a GPU the same tests compiled). Each form must also fit the
+H100's shared memory (a launch over it fails).
 
 The compile runs in a fresh process without TRITON_INTERPRET (this process may have the interpreter on: a
 kernel decorated then is not a compilable JITFunction); about a minute with an empty Triton cache.
@@ -33,6 +34,9 @@ ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "f
           ("bf16 K / q8_0 V rotated d96", ("bf16", "bf16", "bf16", "i8", "fp16"), 0, 1, False, True, 96)]
 
 
+SMEM = 232448  # bytes of shared memory a program may take on sm_90
+
+
 def _compile_all() -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -41,23 +45,25 @@ def _compile_all() -> list[dict]:
     from kiln.ops import attention, kv_write
     target, out = GPUTarget("cuda", 90, 32), []
 
-    def compile_one(name, fn, pointers, consts):
+    def compile_one(name, fn, pointers, consts, warps=4):
         sig = {n: "constexpr" if n in consts else "*" + pointers[n] if n in pointers else
                "fp32" if n in ("scale", "softcap") else "i64" if n.startswith("s") else "i32" for n in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         try:
-            triton.compile(src, target=target, options={"num_warps": 4})
-            out.append({"name": name, "ok": True})
+            k = triton.compile(src, target=target, options={"num_warps": warps})
+            out.append({"name": name, "ok": k.metadata.shared <= SMEM, "error": f"{k.metadata.shared} bytes of "
+                        f"shared memory, over the H100's {SMEM}"})
         except Exception as e:  # reported, not raised: every form is tried
             out.append({"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
 
     for name, (q, k, v, s), kk, vk, rot, d, final in SPLIT:
         pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
                         lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32")
+        launch = attention._LAUNCHES.get(d, attention._LAUNCH)  # as decode_attention launches it
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
-                      OUT_ROT=rot, FINAL=final, MAX_TILES=8, BLOCK_M=16, BLOCK_N=64, BLOCK_D=d, BLOCK_T=2,
+                      OUT_ROT=rot, FINAL=final, MAX_TILES=8, BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2,
                       RUNTIME_LOOP=True, DOT_PREC=None, PDL=True)
-        compile_one("split: " + name, attention._split_kernel, pointers, consts)
+        compile_one("split: " + name, attention._split_kernel, pointers, consts, launch.warps or (8 if d > 128 else 4))
     for name, (q, kc, ks, vc, vs), kk, vk, krot, vrot, d in ENCODE:
         pointers = dict(q_ptr=q, k_ptr=q, v_ptr=q, qo_ptr=q, kc_ptr=kc, ks_ptr=ks, kh_ptr="fp32", vc_ptr=vc,
                         vs_ptr=vs, vh_ptr="fp32", off_ptr="fp32", pos_ptr="i64", rows_ptr="i64")
