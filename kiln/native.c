@@ -610,13 +610,24 @@ static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as to
 #endif
 }
 
-/* y = x @ m, or x @ m^T (t), for one (d,) row and a (d, d) matrix */
+/* y = x @ m, or x @ m^T (t), for one (d,) row and a (d, d) matrix; both forms walk m's rows (vectorized) */
 static void matvec(const float *x, const float *m, float *y, int64_t d, int t) {
-    for (int64_t i = 0; i < d; i++) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < d; j++)
-            acc += x[j] * (t ? m[i * d + j] : m[j * d + i]);
-        y[i] = acc;
+    if (t) {
+        for (int64_t i = 0; i < d; i++) {
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (int64_t j = 0; j < d; j++)
+                acc += x[j] * m[i * d + j];
+            y[i] = acc;
+        }
+        return;
+    }
+    memset(y, 0, (size_t)d * sizeof(float));
+    for (int64_t j = 0; j < d; j++) {
+        const float xj = x[j];
+        #pragma omp simd
+        for (int64_t i = 0; i < d; i++)
+            y[i] += xj * m[j * d + i];
     }
 }
 
