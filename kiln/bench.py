@@ -372,7 +372,8 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         from kiln import native
         from kiln.models.base import native_plan
         out["native_cpu_kernels"] = model.policy.native and native.available()
-        plain = dec_types(model, cache_types) == dec_types(model, (None, None))  # the native token's cache
+        kv = dec_types(model, cache_types)  # the native token takes the model's dtype, q8_0 K + q8_0 / q4_0 V
+        plain = kv in (dec_types(model, (None, None)), "q8_0/q8_0", "q8_0/q4_0")
         out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step and plain
                                   and native_plan(model.model.layers) is not None)  # a token in one native call
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from

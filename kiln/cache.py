@@ -395,14 +395,14 @@ class KVCache:
                      for p, t in ((self.kp, self.type_k), (self.vp, self.type_v)))
 
     def native_q8(self, layer: int):
-        """What the native CPU token needs beside `layer_kv` to read and write this layer as q8_0 keys and values
-        (ops.cpu.decode_attention's q8: batch row 0's scales (K, S, D/32), the basis' (D, D) matrix and the
-        keys' offset (K, D), None where not rotated), None unless both are q8_0."""
-        if self.type_k != "q8_0" or self.type_v != "q8_0":
+        """What the native CPU token needs beside `layer_kv` to read and write this layer as q8_0 keys and q8_0
+        or q4_0 values (ops.cpu.decode_attention's q8: batch row 0's scales (K, S, D/32), the basis' (D, D)
+        matrix and the keys' offset (K, D), None where not rotated, whether values are q4_0), else None."""
+        if self.type_k != "q8_0" or self.type_v not in ("q8_0", "q4_0"):
             return None
         b = self.k_basis
         off = None if b is None or b.offset is None else b.offset[layer]
-        return self.kp[1][layer][0], self.vp[1][layer][0], None if b is None else b.h, off
+        return self.kp[1][layer][0], self.vp[1][layer][0], None if b is None else b.h, off, self.type_v == "q4_0"
 
     def out_rotation(self):
         """The (D, D) matrix that takes an attention output over the values as stored back to the model's

@@ -11,7 +11,7 @@
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
      slots from `lo`, grouped-query heads. The caller picks the slots (native.py): for a plain cache slot =
      pos and keys 0..pos, or the last `window` of them; for a ring (cache.Ring) every slot written so far.
-     With a kiln_kvq, the cache is q8_0 in a rotated basis (kv_types) and read as stored.
+     With a kiln_kvq, the cache is q8_0 (values q8_0 or q4_0) in a rotated basis (kv_types), read as stored.
    Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
    (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool; `threads` is
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
@@ -588,7 +588,9 @@ static void softmax_exp(float *p, int64_t n) {
    float cache's layout: code [g, s, i] at g * head_stride + s * D + i, scale [g, s, b] at (g * head_stride +
    s * D) / 32 + b), stored in a rotated basis (kv_types.Basis): a key row is k (after RoPE) less koff[g], times
    rot; a value row v times rot; the query is rotated the same way and each head's output rotated back (rot^T).
-   rot NULL: no rotation; koff NULL: no offset (kiln_kvq: native.h). */
+   rot NULL: no rotation; koff NULL: no offset (kiln_kvq: native.h). Values may be q4_0 instead (v_q4): D / 2
+   bytes a row (code [g, s, j] at (g * head_stride + s * D) / 2 + j; element j of a block in the low nibble
+   of its byte j, element j + 16 in the high one), the same scales. */
 static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as torch's .half() */
 #ifdef __F16C__
     return _cvtss_sh(f, 0);
@@ -648,35 +650,61 @@ static void quantize_q8_0_row(const float *x, int8_t *q, uint16_t *sc, int64_t d
     }
 }
 
-/* The new row of one kv head: RoPE'd key (kbuf) or value, moved into the cache's basis and encoded at `slot` */
-static void store_q8_0(const float *x, const float *off, const float *rot, int8_t *codes, uint16_t *scales,
-                       int64_t row, int64_t d) {
+/* x (d,) into q4_0 bytes (d / 2,) and d / 32 f16 scales, as kv_types.quantize_q4_0 (scale: the first element
+   of largest magnitude, with its sign, over -8; codes floor(x / scale + 8.5) within 0..15) */
+static void quantize_q4_0_row(const float *x, uint8_t *q, uint16_t *sc, int64_t d) {
+    for (int64_t b = 0; b < d / 32; b++) {
+        const float *xb = x + b * 32;
+        float mx = 0.f;
+        for (int j = 0; j < 32; j++)
+            mx = fabsf(xb[j]) > fabsf(mx) ? xb[j] : mx;
+        const float dd = mx / -8.f, div = dd == 0.f ? 1.f : dd;
+        uint8_t c[32];
+        for (int j = 0; j < 32; j++) {
+            float y = xb[j] / div + 8.5f;
+            y = y < 0.f ? 0.f : y > 15.99f ? 15.99f : y;
+            c[j] = (uint8_t)y > 15 ? 15 : (uint8_t)y;
+        }
+        for (int j = 0; j < 16; j++)
+            q[b * 16 + j] = (uint8_t)(c[j] | (c[j + 16] << 4));
+        sc[b] = f32_to_f16(dd);
+    }
+}
+
+/* The new row of one kv head: RoPE'd key or value, moved into the cache's basis and encoded (q8_0, or q4_0
+   with q4) at element `row` of the float layout (q4_0's bytes at row / 2) */
+static void store_row(const float *x, const float *off, const float *rot, void *codes, uint16_t *scales,
+                      int64_t row, int64_t d, int q4) {
     float t[1024], y[1024];
     for (int64_t i = 0; i < d; i++)
         t[i] = off ? x[i] - off[i] : x[i];
     if (rot)
         matvec(t, rot, y, d, 0);
-    quantize_q8_0_row(rot ? y : t, codes + row, scales + row / 32, d);
+    if (q4)
+        quantize_q4_0_row(rot ? y : t, (uint8_t *)codes + row / 2, scales + row / 32, d);
+    else
+        quantize_q8_0_row(rot ? y : t, (int8_t *)codes + row, scales + row / 32, d);
 }
 
-static float dot_q8_0(const float *x, const int8_t *q, const uint16_t *sc, int64_t d) {
-    float s = 0.f;
+/* One stored row (d,) back to floats: q8_0 codes times their block's scale; q4_0 (two codes a byte) likewise */
+static void decode_q8_0(const int8_t *q, const uint16_t *sc, float *x, int64_t d) {
     for (int64_t b = 0; b < d / 32; b++) {
-        float part = 0.f;
-        #pragma omp simd reduction(+:part)
-        for (int j = 0; j < 32; j++)
-            part += x[b * 32 + j] * (float)q[b * 32 + j];
-        s += part * f16_to_f32(sc[b]);
-    }
-    return s;
-}
-
-static void axpy_q8_0(float a, const int8_t *q, const uint16_t *sc, float *o, int64_t d) {
-    for (int64_t b = 0; b < d / 32; b++) {
-        const float ab = a * f16_to_f32(sc[b]);
+        const float f = f16_to_f32(sc[b]);
         #pragma omp simd
         for (int j = 0; j < 32; j++)
-            o[b * 32 + j] += ab * (float)q[b * 32 + j];
+            x[b * 32 + j] = f * (float)q[b * 32 + j];
+    }
+}
+
+static void decode_q4_0(const uint8_t *q, const uint16_t *sc, float *x, int64_t d) {
+    for (int64_t b = 0; b < d / 32; b++) {
+        const float f = f16_to_f32(sc[b]);
+        const uint8_t *qb = q + b * 16;
+        #pragma omp simd
+        for (int j = 0; j < 16; j++) {
+            x[b * 32 + j] = f * (float)((qb[j] & 15) - 8);
+            x[b * 32 + 16 + j] = f * (float)((qb[j] >> 4) - 8);
+        }
     }
 }
 
@@ -697,8 +725,8 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
             float kr[1024];
             const int64_t row = g * head_stride + slot * d;
             rope_head(k + g * d, kr, kn_w, eps, offset, d, cs, sn, half);
-            store_q8_0(kr, kvq->koff ? kvq->koff + g * d : NULL, kvq->rot, kvq->kq, kvq->ks, row, d);
-            store_q8_0(v + g * d, NULL, kvq->rot, kvq->vq, kvq->vs, row, d);
+            store_row(kr, kvq->koff ? kvq->koff + g * d : NULL, kvq->rot, kvq->kq, kvq->ks, row, d, 0);
+            store_row(v + g * d, NULL, kvq->rot, kvq->vq, kvq->vs, row, d, (int)kvq->v_q4);
             continue;
         }
         rope_head(k + g * d, k_cache + g * head_stride + slot * d, kn_w, eps, offset, d, cs, sn, half);
@@ -727,33 +755,36 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
             }
             memset(out + (h0 + j) * d, 0, (size_t)d * sizeof(float));
         }
-        for (int64_t s = 0; s < n_keys; s++)
+        float row[1024];  /* a q8_0 / q4_0 row in floats: decoded once for all nh heads */
+        for (int64_t s = 0; s < n_keys; s++) {
+            const float *kr = kc ? kc + s * d : row;
+            if (!kc)
+                decode_q8_0(kvq->kq + base + s * d, kvq->ks + (base + s * d) / 32, row, d);
             for (int64_t j = 0; j < nh; j++) {
                 const float *qh = qr + (h0 + j) * d;
                 float dot = 0.f;
-                if (kvq)
-                    dot = dot_q8_0(qh, kvq->kq + base + s * d, kvq->ks + (base + s * d) / 32, d);
-                else {
-                    #pragma omp simd reduction(+:dot)
-                    for (int64_t i = 0; i < d; i++)
-                        dot += qh[i] * kc[s * d + i];
-                }
+                #pragma omp simd reduction(+:dot)
+                for (int64_t i = 0; i < d; i++)
+                    dot += qh[i] * kr[i];
                 p[j * n_keys + s] = dot * scale;
             }
+        }
         for (int64_t j = 0; j < nh; j++)
             softmax_exp(p + j * n_keys, n_keys);
-        for (int64_t s = 0; s < n_keys; s++)
+        for (int64_t s = 0; s < n_keys; s++) {
+            const float *vr = vc ? vc + s * d : row;
+            if (!vc && kvq->v_q4)
+                decode_q4_0((const uint8_t *)kvq->vq + (base + s * d) / 2, kvq->vs + (base + s * d) / 32, row, d);
+            else if (!vc)
+                decode_q8_0(kvq->vq + base + s * d, kvq->vs + (base + s * d) / 32, row, d);
             for (int64_t j = 0; j < nh; j++) {
                 float *oh = out + (h0 + j) * d;
                 const float e = p[j * n_keys + s];
-                if (kvq) {
-                    axpy_q8_0(e, kvq->vq + base + s * d, kvq->vs + (base + s * d) / 32, oh, d);
-                    continue;
-                }
                 #pragma omp simd
                 for (int64_t i = 0; i < d; i++)
-                    oh[i] += e * vc[s * d + i];
+                    oh[i] += e * vr[i];
             }
+        }
         if (kvq && kvq->rot)  /* each head's output back from the values' basis */
             for (int64_t j = 0; j < nh; j++) {
                 float t[1024];

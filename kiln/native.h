@@ -24,10 +24,11 @@ void kiln_gemv_q4k(const uint8_t *, const float *, const float *, float *, int64
 void kiln_gemv_q6k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_gemv_lq(const uint8_t *, int, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_rms_norm(const float *, const float *, const float *, float, float, float *, float *, int64_t);
-typedef struct {  /* a q8_0 KV cache for kiln_decode_attention (native.c) */
-    int8_t *kq, *vq;          /* codes, in the float cache's layout */
-    uint16_t *ks, *vs;        /* f16 scales, one per 32 codes */
+typedef struct {  /* a q8_0 KV cache (values q8_0 or q4_0) for kiln_decode_attention (native.c) */
+    int8_t *kq, *vq;          /* codes, in the float cache's layout (q4_0 values: two a byte, half its offsets) */
+    uint16_t *ks, *vs;        /* f16 scales, one per 32 values */
     const float *rot, *koff;  /* (D, D) the basis, (K, D) the keys' offset; NULL: none */
+    int64_t v_q4;             /* values are q4_0 */
 } kiln_kvq;
 void kiln_decode_attention(const float *, float *, const float *, const float *, float *, float *, int64_t,
                            int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float, const float *,

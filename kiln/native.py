@@ -305,7 +305,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 class _KVQ(ctypes.Structure):  # native.h's kiln_kvq
-    _fields_ = [(n, ctypes.c_void_p) for n in ("kq", "vq", "ks", "vs", "rot", "koff")]
+    _fields_ = [*((n, ctypes.c_void_p) for n in ("kq", "vq", "ks", "vs", "rot", "koff")), ("v_q4", ctypes.c_int64)]
 
 
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
@@ -316,18 +316,21 @@ def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor:
     `ring` (slot, n_keys): a ring layer's (cache.Ring) write slot, and the slots 0..n_keys-1 it attends to
     (the caller has checked that every one of them is visible: `window` is then not used).
     `q8` (k_scales, v_scales (K, S, D/32) float16, rotation (D, D) float32 or None, key offset (K, D) or
-    None): k_cache / v_cache are q8_0 codes (K, S, D) int8 in that basis (kv_types), written and read so."""
+    None, values q4_0): k_cache is q8_0 codes (K, S, D) int8, v_cache q8_0's or q4_0's ((K, S, D/2) uint8),
+    in that basis (kv_types), written and read so."""
     h, d = q.shape
     slot, lo, n_keys = attention_slots(pos, window, ring)
     q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
     out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
     kvq = None
     if q8 is not None:
-        ks, vs, rot, koff = q8
-        assert ks.is_contiguous() and vs.is_contiguous() and ks.shape == (*k_cache.shape[:2], d // 32)
+        ks, vs, rot, koff, v_q4 = q8
+        assert ks.is_contiguous() and vs.is_contiguous() and ks.shape == vs.shape == (*k_cache.shape[:2], d // 32)
+        w = d // 2 if v_q4 else d  # a value row's width
+        assert v_cache.shape[-1] == w and v_cache.stride(1) * d == k_cache.stride(1) * w
         rot, koff = _c(rot), _c(koff)
         kvq = ctypes.byref(_KVQ(k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(), vs.data_ptr(), _ptr(rot),
-                                _ptr(koff)))
+                                _ptr(koff), int(v_q4)))
     _lib().kiln_decode_attention(
         _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
         h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
@@ -397,12 +400,13 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
                   ropes: list[tuple[torch.Tensor, float]]):
     """Tokens through every block of `stack` (native_step.c), one a row: x (B, E) (or (E,)) float32, the first
     block's input; residual likewise, the stream coming in, or None (the first block's: x itself); pos the
-    rows' positions (an int for one row); where (B, L, 10) (or (L, 10)) int64, per row and block the addresses
+    rows' positions (an int for one row); where (B, L, 11) (or (L, 11)) int64, per row and block the addresses
     of its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
     row's token is written to, the first slot attended and how many, then a q8_0 cache's (the first two its
-    codes, int8) k and v scales, rotation and key offset (decode_attention's q8), else zeros; ropes: up to two
-    (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the last block's MLP output, the residual
-    stream), (B, E) each (the rows' own order). The rows share each weight's read (the GEMVs take MAX_ROWS)."""
+    codes) k and v scales, rotation, key offset and whether values are q4_0 (decode_attention's q8), else
+    zeros; ropes: up to two (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the
+    last block's MLP output, the residual stream), (B, E) each (the rows' own order). The rows share each
+    weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
     x = x.reshape(-1, e).clone()
     res = torch.empty_like(x) if residual is None else residual.reshape(-1, e).clone()

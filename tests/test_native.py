@@ -216,11 +216,13 @@ def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch
     assert err <= 1e-4, f"{name}: native vs torch decode max |Δlogit| = {err}"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
-def test_decode_steps_over_a_q8_0_cache_with_native_kernels_equal_the_torch_path(name, monkeypatch):
-    """The same over a q8_0 KV cache (keys and values stored rotated, keys less the k bias: kv_types), which
-    the native token writes and reads as codes and scales: the logits of torch's path (dequantize, SDPA) within
-    3e-3 (the rotation's sums in another order can move a code by one, and the next layers see it)."""
+@pytest.mark.parametrize("name, types", [("llama", ("q8_0", "q8_0")), ("qwen2", ("q8_0", "q8_0")),
+                                         ("gemma3", ("q8_0", "q8_0")), ("qwen2", ("q8_0", "q4_0"))])
+def test_decode_steps_over_a_q8_0_cache_with_native_kernels_equal_the_torch_path(name, types, monkeypatch):
+    """The same over a q8_0 KV cache (keys and values stored rotated, keys less the k bias: kv_types; values
+    also as q4_0), which the native token writes and reads as codes and scales: the logits of torch's path
+    (dequantize, SDPA) within 3e-3 (the rotation's sums in another order can move a code by one, and the next
+    layers see it)."""
     import test_models as tm
     cfg = dict(tm.CONFIGS[name], head_dim=64)
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
@@ -228,7 +230,6 @@ def test_decode_steps_over_a_q8_0_cache_with_native_kernels_equal_the_torch_path
     calls = []
     real = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(a[-1] is not None) or real(*a))
-    types = ("q8_0", "q8_0")
     with_native = tm.decode_steps(km, ids, 12, policy=Policy(native=True), types=types)
     assert calls == [True] * (8 * cfg["num_hidden_layers"])  # every decode step's layers, over the codes
     without = tm.decode_steps(km, ids, 12, policy=Policy(native=False), types=types)
@@ -292,14 +293,14 @@ def _block_model(name: str, policy: Policy):
 
 @pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
                                   "phi3-longrope", "gemma3", "gemma3-rings", "llama-rotating", "qwen2-int8",
-                                  "qwen2-q8kv", "gemma3-rings-q8kv"])
+                                  "qwen2-q8kv", "gemma3-rings-q8kv", "llama-q8q4kv"])
 def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, monkeypatch):
     """A CPU decode step of every block in one native call (native_step.c, through ops.cpu.decode_layers) gives
     the logits of the same kernels called block by block from Python, for every Llama-layout family and Gemma 3,
     with every block type in one model (and int8 rows of both kinds in another), over a plain cache and over
     rings (gemma3's sliding layers keeping their window of 5; every layer keeping 4 + the last 6, mlx-lm's
     rotating cache), over a q8_0 KV cache ("-q8kv": codes and scales in the rotated basis, qwen2's keys less
-    its k bias), and serves every decode step (none of the prefill)."""
+    its k bias; "-q8q4kv": q4_0 values), and serves every decode step (none of the prefill)."""
     import test_models as tm
     cfg, km = _block_model(name, Policy())
     kinds = {type(m).__name__ for m in km.model.layers.modules()}
@@ -307,7 +308,8 @@ def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, mo
     assert not kinds & {"Linear", "Int4Linear"}
     if name.endswith("-int8"):  # both kinds of int8 rows
         assert {m.group for m in km.model.layers.modules() if type(m).__name__ == "Int8Linear"} == {None, 32}
-    rings, types = None, ("q8_0", "q8_0") if name.endswith("-q8kv") else (None, None)
+    kv = {"-q8kv": ("q8_0", "q8_0"), "-q8q4kv": ("q8_0", "q4_0")}  # KV cache types by suffix
+    rings, types = None, kv.get(name[name.rfind("-"):], (None, None))
     if "-rings" in name or "-rotating" in name:
         rings = plan_rings(layer_windows(km), 32, 10 if name.endswith("-rotating") else None)
         assert rings is not None

@@ -235,7 +235,7 @@ def _part_fits(part: tuple, k: int) -> bool:
 def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos,
                   where: torch.Tensor, ropes: dict):
     """Tokens x (B, 1, E) float32, one a row, through every block of a `layer_plan` in one native call: pos the
-    rows' positions (an int for one row), `where` (B, L, 10) or (L, 10) int64 each row's and block's cache
+    rows' positions (an int for one row), `where` (B, L, 11) or (L, 11) int64 each row's and block's cache
     (native.decode_layers; models/base.py finds it), `ropes` the step's tables (name -> (inv_freq,
     attn_factor)) -> (x, residual) as the block loop returns them, (B, 1, E) each; None where a table does not
     fit the head dim."""
