@@ -166,10 +166,11 @@ def test_prefill_graphs_equal_eager_prefills(name):
     assert sorted(graphed._prefills) == [16, 32]  # captured on second use; the first of 20 ran eagerly
 
 
-def _rows_decode(km, seqs, slots, prefill, n_slots=4):
+def _rows_decode(km, seqs, slots, prefill, n_slots=4, types=(None, None)):
     """Prefill each sequence's first `prefill[i]` tokens into its slot (batch-1 views), then decode the
-    rest one batched step at a time with per-row positions; returns each row's logits (1, T_i, V)."""
-    cache = KVCache.for_model(km, batch=n_slots, max_len=32)
+    rest one batched step at a time with per-row positions; returns each row's logits (1, T_i, V). `types`:
+    the cache's key and value types."""
+    cache = KVCache.for_model(km, batch=n_slots, max_len=32, type_k=types[0], type_v=types[1])
     outs = [[km(x[:, :n], Step.prefill(cache.slot(s), 0))] for x, n, s in zip(seqs, prefill, slots)]
     at = list(prefill)
     while True:
