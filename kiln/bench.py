@@ -278,7 +278,8 @@ def main(argv: list[str]) -> int:
                         "(default 0)")
     p.add_argument("-r", "--repeats", type=int, default=5, help="timed runs; the report takes the median "
                                                                  "(default 5)")
-    p.add_argument("--compare", choices=["llama.cpp"], default=None, help="also run llama.cpp on the same file")
+    p.add_argument("--compare", choices=["llama.cpp"], default=None, help="also run llama.cpp on the same file "
+                   "(with the same -ctk / -ctv where llama.cpp has the type)")
     p.add_argument("--cold", action="store_true",
                    help="also time a fresh `kiln generate --max-tokens 1` process (cold start)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
