@@ -12,7 +12,6 @@ Not: loading (load.py), the forward itself (models/).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys

@@ -1,5 +1,6 @@
-"""The decode step's Triton kernels compiled for an H100 (sm_90) on a machine without a GPU: Triton's
-ahead-of-time path (front end, lowering to PTX, ptxas), in the forms each KV cache type asks for.
+"""The decode step's attention kernels compiled for an H100 (sm_90) on a machine without a GPU: Triton's
+ahead-of-time path (front end, lowering to PTX, ptxas), in the forms each KV cache type asks for (the split
+kernel, kv_write's encoder), and the default step's RoPE-with-KV-write and merge kernels.
 
 Owns: that check. The other kernel tests run Triton's interpreter, which executes the kernels as Python and
 so accepts code the GPU compiler rejects (a static branch's early `return` of another type than the
@@ -42,12 +43,13 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kiln.ops import attention, kv_write
+    from kiln.ops import attention, kv_write, rope
     target, out = GPUTarget("cuda", 90, 32), []
 
     def compile_one(name, fn, pointers, consts, warps=4):
+        floats = ("scale", "softcap", "attn_factor", "eps", "offset")
         sig = {n: "constexpr" if n in consts else "*" + pointers[n] if n in pointers else
-               "fp32" if n in ("scale", "softcap") else "i64" if n.startswith("s") else "i32" for n in fn.arg_names}
+               "fp32" if n in floats else "i64" if n.startswith("s") else "i32" for n in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         try:
             k = triton.compile(src, target=target, options={"num_warps": warps})
@@ -70,6 +72,14 @@ def _compile_all() -> list[dict]:
         consts = dict(D=d, K_KIND=kk, V_KIND=vk, K_ROT=krot, V_ROT=vrot, HAS_OFFSET=krot, HAS_ROWS=True, ROWS=16,
                       BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee", PDL=True)
         compile_one("encode: " + name, kv_write._encode_kernel, pointers, consts)
+    # the rest of a default (bf16) decode step's attention: RoPE with the q/k norms and the KV write, the merge
+    compile_one("rope + KV write, q/k norms, d128", rope._rope_qk_kernel,
+                dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", qo_ptr="bf16", ko_ptr="bf16", vo_ptr="bf16",
+                     qw_ptr="bf16", kw_ptr="bf16", pos_ptr="i64", rows_ptr="i64", inv_ptr="fp32"),
+                dict(D=128, HALF=64, HAS_NORM=True, HAS_OFFSET=False, HAS_TAIL=False, WRITE_KV=True, HAS_ROWS=True,
+                     BLOCK_H=4, BLOCK_HALF=64, BLOCK_TAIL=1, BLOCK_D=128, PDL=True))
+    compile_one("merge d128", attention._merge_kernel, dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16"),
+                dict(D=128, BLOCK_S=64, BLOCK_D=128, PDL=True))
     return out
 
 
@@ -80,7 +90,7 @@ def test_decode_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == len(SPLIT) + len(ENCODE)
+    assert len(results) == len(SPLIT) + len(ENCODE) + 2
     failed = [f"{x['name']}: {x['error']}" for x in results if not x["ok"]]
     assert not failed, "\n\n".join(failed)
 

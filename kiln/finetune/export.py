@@ -15,8 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from kiln.errors import KilnError
 
 
