@@ -373,9 +373,9 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         from kiln import native
         from kiln.models.base import native_plan
         out["native_cpu_kernels"] = model.policy.native and native.available()
-        kv = dec_types(model, cache_types)  # the native token takes the model's dtype, q8_0 K + q8_0 / q4_0 V
-        plain = kv in (dec_types(model, (None, None)), "q8_0/q8_0", "q8_0/q4_0")
-        out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step and plain
+        from kiln.cache import KVCache
+        reads = KVCache.for_model(model, max_len=1, type_k=cache_types[0], type_v=cache_types[1]).native_reads
+        out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step and reads
                                   and native_plan(model.model.layers) is not None)  # a token in one native call
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9

@@ -238,6 +238,8 @@ class KVCache:
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
+        # the native CPU token reads it (if float32 there): the model's dtype, or q8_0 keys with q8_0 / q4_0 values
+        self.native_reads = self.direct or (self.type_k == "q8_0" and self.type_v in ("q8_0", "q4_0"))
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
@@ -398,7 +400,7 @@ class KVCache:
         """What the native CPU token needs beside `layer_kv` to read and write this layer as q8_0 keys and q8_0
         or q4_0 values (ops.cpu.decode_attention's q8: batch row 0's scales (K, S, D/32), the basis' (D, D)
         matrix and the keys' offset (K, D), None where not rotated, whether values are q4_0), else None."""
-        if self.type_k != "q8_0" or self.type_v not in ("q8_0", "q4_0"):
+        if self.direct or not self.native_reads:
             return None
         b = self.k_basis
         off = None if b is None or b.offset is None else b.offset[layer]
@@ -489,6 +491,10 @@ class RowsView:
     @property
     def direct(self) -> bool:
         return self.cache.direct
+
+    @property
+    def native_reads(self) -> bool:
+        return self.cache.native_reads
 
     def layer_scales(self, layer: int):
         return self.cache.layer_scales(layer)

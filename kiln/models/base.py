@@ -287,7 +287,7 @@ def _native_run(layers, a: int, b: int, x: torch.Tensor, residual, step: Step):
     if step.kind == ROWS:
         view = step.cache
         if (x.shape[1] != 1 or not 1 <= x.shape[0] <= ops_cpu.NATIVE_ROWS or x.is_cuda
-                or not (view.direct or view.cache.native_q8(0) is not None)):
+                or not view.native_reads):
             return None
         rows = [replace(step, kind=PREFILL, cache=view.cache.slot(s), pos=p, graphs=None)
                 for s, p in zip(view.slot_index.tolist(), step.pos.tolist())]
@@ -306,7 +306,7 @@ def _native_found(layers, a: int, b: int, x: torch.Tensor, step: Step):
     layer's slots are ones the native attention takes (`_native_where`); else None."""
     c = step.cache
     if not (step.kind == PREFILL and step.policy.native_step and x.shape[:2] == (1, 1) and c is not None
-            and getattr(c, "plans", None) is not None and (c.direct or c.native_q8(a) is not None)
+            and getattr(c, "plans", None) is not None and c.native_reads
             and ops_cpu.serves(x, step.policy)):
         return None
     key = (id(layers), a, b)
@@ -503,7 +503,7 @@ def _native_token(q: torch.Tensor, step: Step, layer: int, rope: RopeAt) -> bool
     single-token attention takes (ops.cpu.attention_fits: float32 on the CPU, the policy's `native`)."""
     c = step.cache
     return (step.kind == PREFILL and c is not None and q.shape[0] == q.shape[1] == 1 and c.k[layer].shape[0] == 1
-            and step.pos < c.max_len and (c.direct or c.native_q8(layer) is not None)
+            and step.pos < c.max_len and c.native_reads
             and ops_cpu.attention_fits(q[0, 0], c.k[layer][0], rope.inv_freq, step.policy))
 
 
