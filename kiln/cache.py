@@ -33,6 +33,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kv_types import BLOCK_TYPES, QK, basis_for, cache_type, decode, encode, layout
+from kiln.native import KV_TYPES, KVStore
 from kiln.ops.kv_write import Side, encode_kv
 from kiln.policy import DEFAULT, Policy
 
@@ -238,8 +239,8 @@ class KVCache:
         self.direct = self.type_k is None or (  # None: a split model's, in each layer's dtype
             self.k.dtype == self.v.dtype == self.dtype and len(self.kp) == len(self.vp) == 1
             and self.k_basis is None and self.v_basis is None)  # the fused kernels read keys as they come
-        # the native CPU token reads it (if float32 there): the model's dtype, or q8_0 keys with q8_0 / q4_0 values
-        self.native_reads = self.direct or (self.type_k == "q8_0" and self.type_v in ("q8_0", "q4_0"))
+        # the native CPU token reads it (if float32 there): the model's dtype, or each side in a type it stores
+        self.native_reads = self.direct or (self.type_k in KV_TYPES and self.type_v in KV_TYPES)
 
     def ring(self, layer: int) -> Ring | None:
         return None if self.rings is None else self.rings[layer]
@@ -396,15 +397,16 @@ class KVCache:
         return tuple(p[1][layer] if t in BLOCK_TYPES else None
                      for p, t in ((self.kp, self.type_k), (self.vp, self.type_v)))
 
-    def native_q8(self, layer: int):
-        """What the native CPU token needs beside `layer_kv` to read and write this layer as q8_0 keys and q8_0
-        or q4_0 values (ops.cpu.decode_attention's q8: batch row 0's scales (K, S, D/32), the basis' (D, D)
-        matrix and the keys' offset (K, D), None where not rotated, whether values are q4_0), else None."""
+    def native_kv(self, layer: int) -> KVStore | None:
+        """How the native CPU token writes and reads this layer beside `layer_kv` (batch row 0's scales), or
+        None: stored in the model's dtype as it comes (`direct`), or not a cache it reads (`native_reads`)."""
         if self.direct or not self.native_reads:
             return None
-        b = self.k_basis
-        off = None if b is None or b.offset is None else b.offset[layer]
-        return self.kp[1][layer][0], self.vp[1][layer][0], None if b is None else b.h, off, self.type_v == "q4_0"
+        k_scale, v_scale = (None if s is None else s[0] for s in self.layer_scales(layer))
+        kb, vb = self.k_basis, self.v_basis
+        off = None if kb is None or kb.offset is None else kb.offset[layer]
+        return KVStore(self.type_k, self.type_v, k_scale, v_scale, None if kb is None else kb.h,
+                       None if vb is None else vb.h, off)
 
     def out_rotation(self):
         """The (D, D) matrix that takes an attention output over the values as stored back to the model's

@@ -11,7 +11,7 @@
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
      slots from `lo`, grouped-query heads. The caller picks the slots (native.py): for a plain cache slot =
      pos and keys 0..pos, or the last `window` of them; for a ring (cache.Ring) every slot written so far.
-     With a kiln_kvq, the cache is q8_0 (values q8_0 or q4_0) in a rotated basis (kv_types), read as stored.
+     With a kiln_kv, each side is f16, bf16, q8_0 or q4_0, maybe in a rotated basis (kv_types), read as stored.
    Not: when they are used (quant/cpu.py, models/base.py), the weights' layout (quant/cpu.py), threads
    (OpenMP: the runtime torch itself uses, which native.py links, so both share one pool; `threads` is
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
@@ -584,13 +584,12 @@ static void softmax_exp(float *p, int64_t n) {
         p[s] *= inv;
 }
 
-/* q8_0 caches (kv_types: per key or value row, int8 codes (D,) and one f16 scale per 32, both rows in the
-   float cache's layout: code [g, s, i] at g * head_stride + s * D + i, scale [g, s, b] at (g * head_stride +
-   s * D) / 32 + b), stored in a rotated basis (kv_types.Basis): a key row is k (after RoPE) less koff[g], times
-   rot; a value row v times rot; the query is rotated the same way and each head's output rotated back (rot^T).
-   rot NULL: no rotation; koff NULL: no offset (kiln_kvq: native.h). Values may be q4_0 instead (v_q4): D / 2
-   bytes a row (code [g, s, j] at (g * head_stride + s * D) / 2 + j; element j of a block in the low nibble
-   of its byte j, element j + 16 in the high one), the same scales. */
+/* Caches not in float32 (kiln_kv): each side's rows in f16, bf16, q8_0 or q4_0 (kv_types), in the float
+   cache's layout: element [g, s, i] at e = g * head_stride + s * D + i (q4_0's byte at e / 2: element j of a
+   32-block in the low nibble of its byte j, element j + 16 in the high one; a block type's f16 scale at e / 32),
+   each side possibly stored in a rotated basis (kv_types.Basis): a key row is k (after RoPE) less koff[g], times
+   krot; a value row v times vrot; the query is rotated as the keys and each head's output back as the values
+   (vrot^T). NULL: no rotation, no offset. */
 static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as torch's .half() */
 #ifdef __F16C__
     return _cvtss_sh(f, 0);
@@ -610,6 +609,14 @@ static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as to
     const uint32_t r = a + 0xFFF + ((a >> 13) & 1);  /* round the 13 dropped bits, ties to even */
     return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
 #endif
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* to nearest, ties to even, as torch's .bfloat16() */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return (uint16_t)((u >> 16) | 0x40);  /* nan stays a (quiet) nan */
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 /* y = x @ m, or x @ m^T (t), for one (d,) row and a (d, d) matrix; both forms walk m's rows (vectorized) */
@@ -671,70 +678,92 @@ static void quantize_q4_0_row(const float *x, uint8_t *q, uint16_t *sc, int64_t 
     }
 }
 
-/* The new row of one kv head: RoPE'd key or value, moved into the cache's basis and encoded (q8_0, or q4_0
-   with q4) at element `row` of the float layout (q4_0's bytes at row / 2) */
-static void store_row(const float *x, const float *off, const float *rot, void *codes, uint16_t *scales,
-                      int64_t row, int64_t d, int q4) {
+/* The new row of one kv head (a RoPE'd key or a value): less off, into the side's basis (rot), stored as its
+   type at element e of the float layout */
+static void put_row(const float *x, const float *off, const float *rot, int64_t kind, void *c, uint16_t *sc,
+                    int64_t e, int64_t d) {
     float t[1024], y[1024];
     for (int64_t i = 0; i < d; i++)
         t[i] = off ? x[i] - off[i] : x[i];
     if (rot)
         matvec(t, rot, y, d, 0);
-    if (q4)
-        quantize_q4_0_row(rot ? y : t, (uint8_t *)codes + row / 2, scales + row / 32, d);
+    const float *r = rot ? y : t;
+    if (kind == KV_Q4_0)
+        quantize_q4_0_row(r, (uint8_t *)c + e / 2, sc + e / 32, d);
+    else if (kind == KV_Q8_0)
+        quantize_q8_0_row(r, (int8_t *)c + e, sc + e / 32, d);
+    else if (kind == KV_F16 || kind == KV_BF16)
+        for (int64_t i = 0; i < d; i++)
+            ((uint16_t *)c)[e + i] = kind == KV_F16 ? f32_to_f16(r[i]) : f32_to_bf16(r[i]);
     else
-        quantize_q8_0_row(rot ? y : t, (int8_t *)codes + row, scales + row / 32, d);
+        memcpy((float *)c + e, r, (size_t)d * sizeof(float));
 }
 
-/* One stored row (d,) back to floats: q8_0 codes times their block's scale; q4_0 (two codes a byte) likewise */
-static void decode_q8_0(const int8_t *q, const uint16_t *sc, float *x, int64_t d) {
-    for (int64_t b = 0; b < d / 32; b++) {
-        const float f = f16_to_f32(sc[b]);
-        #pragma omp simd
-        for (int j = 0; j < 32; j++)
-            x[b * 32 + j] = f * (float)q[b * 32 + j];
-    }
-}
-
-static void decode_q4_0(const uint8_t *q, const uint16_t *sc, float *x, int64_t d) {
-    for (int64_t b = 0; b < d / 32; b++) {
-        const float f = f16_to_f32(sc[b]);
-        const uint8_t *qb = q + b * 16;
-        #pragma omp simd
-        for (int j = 0; j < 16; j++) {
-            x[b * 32 + j] = f * (float)((qb[j] & 15) - 8);
-            x[b * 32 + 16 + j] = f * (float)((qb[j] >> 4) - 8);
+/* The stored row at element e back to floats (d,): float32's in place, any other type decoded into buf */
+static const float *get_row(int64_t kind, const void *c, const uint16_t *sc, int64_t e, int64_t d, float *buf) {
+    if (kind == KV_F32)
+        return (const float *)c + e;
+    if (kind == KV_Q8_0 || kind == KV_Q4_0) {
+        for (int64_t b = 0; b < d / 32; b++) {
+            const float f = f16_to_f32(sc[e / 32 + b]);
+            float *xb = buf + b * 32;
+            if (kind == KV_Q8_0) {
+                const int8_t *qb = (const int8_t *)c + e + b * 32;
+                #pragma omp simd
+                for (int j = 0; j < 32; j++)
+                    xb[j] = f * (float)qb[j];
+            } else {
+                const uint8_t *qb = (const uint8_t *)c + e / 2 + b * 16;
+                #pragma omp simd
+                for (int j = 0; j < 16; j++) {
+                    xb[j] = f * (float)((qb[j] & 15) - 8);
+                    xb[16 + j] = f * (float)((qb[j] >> 4) - 8);
+                }
+            }
         }
+        return buf;
     }
+    const uint16_t *h = (const uint16_t *)c + e;
+    int64_t i = 0;
+    if (kind == KV_BF16) {
+        #pragma omp simd
+        for (i = 0; i < d; i++)
+            buf[i] = bf16_to_f32(h[i]);
+        return buf;
+    }
+#ifdef __F16C__
+    for (; i + 8 <= d; i += 8)
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < d; i++)
+        buf[i] = f16_to_f32(h[i]);
+    return buf;
 }
 
-void kiln_decode_attention(const float *q, float *qr, const float *k, const float *v, float *k_cache,
-                           float *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
+void kiln_decode_attention(const float *q, float *qr, const float *k, const float *v, void *k_cache,
+                           void *v_cache, int64_t head_stride, int64_t pos, int64_t n_heads,
                            int64_t n_kv, int64_t d, const float *inv_freq, int64_t half, float attn_factor,
                            const float *qn_w, const float *kn_w, float eps, float offset, float scale,
                            int64_t slot, int64_t lo, int64_t n_keys, float *out, int threads,
-                           const kiln_kvq *kvq) {
+                           const kiln_kv *kv) {
+    static const kiln_kv plain = {NULL, NULL, NULL, NULL, NULL, KV_F32, KV_F32};
+    kv = kv ? kv : &plain;
     float cs[512], sn[512];  /* half <= 512 (native.py checks) */
     for (int64_t i = 0; i < half; i++) {
         float f = (float)pos * inv_freq[i];
         cs[i] = cosf(f) * attn_factor;
         sn[i] = sinf(f) * attn_factor;
     }
-    for (int64_t g = 0; g < n_kv; g++) {
-        if (kvq) {  /* q8_0: RoPE into a row of scratch, then the basis and the codes */
-            float kr[1024];
-            const int64_t row = g * head_stride + slot * d;
-            rope_head(k + g * d, kr, kn_w, eps, offset, d, cs, sn, half);
-            store_row(kr, kvq->koff ? kvq->koff + g * d : NULL, kvq->rot, kvq->kq, kvq->ks, row, d, 0);
-            store_row(v + g * d, NULL, kvq->rot, kvq->vq, kvq->vs, row, d, (int)kvq->v_q4);
-            continue;
-        }
-        rope_head(k + g * d, k_cache + g * head_stride + slot * d, kn_w, eps, offset, d, cs, sn, half);
-        memcpy(v_cache + g * head_stride + slot * d, v + g * d, (size_t)d * sizeof(float));
+    for (int64_t g = 0; g < n_kv; g++) {  /* RoPE into a row of scratch, then the side's basis and type */
+        float kr[1024];
+        const int64_t e = g * head_stride + slot * d;
+        rope_head(k + g * d, kr, kn_w, eps, offset, d, cs, sn, half);
+        put_row(kr, kv->koff ? kv->koff + g * d : NULL, kv->krot, kv->kt, k_cache, kv->ks, e, d);
+        put_row(v + g * d, NULL, kv->vrot, kv->vt, v_cache, kv->vs, e, d);
     }
-    /* One work item: a kv head and a share of its query heads, so that each key and value row is read once
-       for all of them (the cache streams from memory once a step); a kv head's heads split further where
-       there are fewer kv heads than threads. */
+    /* One work item: a kv head and a share of its query heads, so that each key and value row is read (and
+       decoded) once for all of them (the cache streams from memory once a step); a kv head's heads split
+       further where there are fewer kv heads than threads. */
     const int64_t group = n_heads / n_kv;
     int64_t split = threads > n_kv ? (threads + n_kv - 1) / n_kv : 1;
     split = split > group ? group : split;
@@ -743,23 +772,20 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
         const int64_t g = item / split, part = item % split;
         const int64_t h0 = g * group + part * group / split, nh = g * group + (part + 1) * group / split - h0;
         const int64_t base = g * head_stride + lo * d;  /* this kv head's first attended row */
-        const float *kc = kvq ? NULL : k_cache + base, *vc = kvq ? NULL : v_cache + base;
         float *p = malloc((size_t)(nh * n_keys) * sizeof(float));
         for (int64_t j = 0; j < nh; j++) {
             float *qh = qr + (h0 + j) * d;
             rope_head(q + (h0 + j) * d, qh, qn_w, eps, offset, d, cs, sn, half);
-            if (kvq && kvq->rot) {  /* the query into the keys' basis */
+            if (kv->krot) {  /* the query into the keys' basis */
                 float t[1024];
                 memcpy(t, qh, (size_t)d * sizeof(float));
-                matvec(t, kvq->rot, qh, d, 0);
+                matvec(t, kv->krot, qh, d, 0);
             }
             memset(out + (h0 + j) * d, 0, (size_t)d * sizeof(float));
         }
-        float row[1024];  /* a q8_0 / q4_0 row in floats: decoded once for all nh heads */
+        float row[1024];  /* a stored row in floats: decoded once for all nh heads */
         for (int64_t s = 0; s < n_keys; s++) {
-            const float *kr = kc ? kc + s * d : row;
-            if (!kc)
-                decode_q8_0(kvq->kq + base + s * d, kvq->ks + (base + s * d) / 32, row, d);
+            const float *kr = get_row(kv->kt, k_cache, kv->ks, base + s * d, d, row);
             for (int64_t j = 0; j < nh; j++) {
                 const float *qh = qr + (h0 + j) * d;
                 float dot = 0.f;
@@ -772,11 +798,7 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
         for (int64_t j = 0; j < nh; j++)
             softmax_exp(p + j * n_keys, n_keys);
         for (int64_t s = 0; s < n_keys; s++) {
-            const float *vr = vc ? vc + s * d : row;
-            if (!vc && kvq->v_q4)
-                decode_q4_0((const uint8_t *)kvq->vq + (base + s * d) / 2, kvq->vs + (base + s * d) / 32, row, d);
-            else if (!vc)
-                decode_q8_0(kvq->vq + base + s * d, kvq->vs + (base + s * d) / 32, row, d);
+            const float *vr = get_row(kv->vt, v_cache, kv->vs, base + s * d, d, row);
             for (int64_t j = 0; j < nh; j++) {
                 float *oh = out + (h0 + j) * d;
                 const float e = p[j * n_keys + s];
@@ -785,11 +807,11 @@ void kiln_decode_attention(const float *q, float *qr, const float *k, const floa
                     oh[i] += e * vr[i];
             }
         }
-        if (kvq && kvq->rot)  /* each head's output back from the values' basis */
+        if (kv->vrot)  /* each head's output back from the values' basis */
             for (int64_t j = 0; j < nh; j++) {
                 float t[1024];
                 memcpy(t, out + (h0 + j) * d, (size_t)d * sizeof(float));
-                matvec(t, kvq->rot, out + (h0 + j) * d, d, 1);
+                matvec(t, kv->vrot, out + (h0 + j) * d, d, 1);
             }
         free(p);
     }

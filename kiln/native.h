@@ -24,16 +24,16 @@ void kiln_gemv_q4k(const uint8_t *, const float *, const float *, float *, int64
 void kiln_gemv_q6k(const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_gemv_lq(const uint8_t *, int, const float *, const float *, float *, int64_t, int64_t, int64_t, int);
 void kiln_rms_norm(const float *, const float *, const float *, float, float, float *, float *, int64_t);
-typedef struct {  /* a q8_0 KV cache (values q8_0 or q4_0) for kiln_decode_attention (native.c) */
-    int8_t *kq, *vq;          /* codes, in the float cache's layout (q4_0 values: two a byte, half its offsets) */
-    uint16_t *ks, *vs;        /* f16 scales, one per 32 values */
-    const float *rot, *koff;  /* (D, D) the basis, (K, D) the keys' offset; NULL: none */
-    int64_t v_q4;             /* values are q4_0 */
-} kiln_kvq;
-void kiln_decode_attention(const float *, float *, const float *, const float *, float *, float *, int64_t,
+enum { KV_F32, KV_F16, KV_BF16, KV_Q8_0, KV_Q4_0 };  /* a KV cache side's stored type (kiln_kv) */
+typedef struct {  /* how kiln_decode_attention (native.c) writes and reads a cache that is not plain float32 */
+    uint16_t *ks, *vs;                /* q8_0 / q4_0 f16 scales, one per 32 values; else NULL */
+    const float *krot, *vrot, *koff;  /* (D, D) each side's basis, (K, D) the keys' offset; NULL: none */
+    int64_t kt, vt;                   /* each side's type (KV_*) */
+} kiln_kv;
+void kiln_decode_attention(const float *, float *, const float *, const float *, void *, void *, int64_t,
                            int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float, const float *,
                            const float *, float, float, float, int64_t, int64_t, int64_t, float *, int,
-                           const kiln_kvq *);
+                           const kiln_kv *);
 
 #define Q4K_BYTES 144  /* one Q4_K block: 256 weights */
 #define Q6K_BYTES 210  /* one Q6_K block */

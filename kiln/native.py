@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -304,38 +305,80 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return y if h is None else (y, h)
 
 
-class _KVQ(ctypes.Structure):  # native.h's kiln_kvq
-    _fields_ = [*((n, ctypes.c_void_p) for n in ("kq", "vq", "ks", "vs", "rot", "koff")), ("v_q4", ctypes.c_int64)]
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # native.h's KV_*: the cache types it stores
+_WIDTH = {"q4_0": 2}  # elements a stored item holds (q4_0: two a byte; the rest one each)
+
+
+class KVStore(NamedTuple):
+    """How a layer's cache is stored where it is not plain float32 (native.h's kiln_kv; KVCache.native_kv):
+    each side's type (KV_TYPES' names), a block type's f16 scales (K, S, D/32) else None, each side's basis
+    (D, D) float32 or None (not rotated), the keys' offset (K, D) or None."""
+    k_type: str
+    v_type: str
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
+    k_rot: torch.Tensor | None = None
+    v_rot: torch.Tensor | None = None
+    k_offset: torch.Tensor | None = None
+
+    def ints(self) -> tuple[int, ...]:
+        """The six ints a `where` row ends with (native_step.c): scales, rotations, offset addresses (0: none),
+        the types (k + 16 * v)."""
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        return (*map(ptr, self[2:]), KV_TYPES[self.k_type] + 16 * KV_TYPES[self.v_type])
+
+
+class _KV(ctypes.Structure):  # native.h's kiln_kv
+    _fields_ = [*((n, ctypes.c_void_p) for n in ("ks", "vs", "krot", "vrot", "koff")),
+                ("kt", ctypes.c_int64), ("vt", ctypes.c_int64)]
 
 
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
                      eps: float, offset: float, scale: float, window: int | None,
-                     ring: tuple[int, int] | None = None, q8: tuple | None = None) -> torch.Tensor:
+                     ring: tuple[int, int] | None = None, store: KVStore | None = None) -> torch.Tensor:
     """One token: q (H, D), k/v (K, D) float32 before RoPE; k_cache/v_cache (K, S, D) float32 that
     `attention_fits` (k, v are written at `pos`) -> (H * D,) attention output. See native.c.
     `ring` (slot, n_keys): a ring layer's (cache.Ring) write slot, and the slots 0..n_keys-1 it attends to
     (the caller has checked that every one of them is visible: `window` is then not used).
-    `q8` (k_scales, v_scales (K, S, D/32) float16, rotation (D, D) float32 or None, key offset (K, D) or
-    None, values q4_0): k_cache is q8_0 codes (K, S, D) int8, v_cache q8_0's or q4_0's ((K, S, D/2) uint8),
-    in that basis (kv_types), written and read so."""
+    `store`: the caches are stored so instead (KVStore; each (K, S, D) in its type, q4_0's (K, S, D/2) bytes),
+    written and read so."""
     h, d = q.shape
     slot, lo, n_keys = attention_slots(pos, window, ring)
     q, k, v, inv_freq, q_norm_w, k_norm_w = _c(q), _c(k), _c(v), _c(inv_freq), _c(q_norm_w), _c(k_norm_w)
     out, qr = torch.empty(h * d, dtype=torch.float32), torch.empty(h * d, dtype=torch.float32)
-    kvq = None
-    if q8 is not None:
-        ks, vs, rot, koff, v_q4 = q8
-        assert ks.is_contiguous() and vs.is_contiguous() and ks.shape == vs.shape == (*k_cache.shape[:2], d // 32)
-        w = d // 2 if v_q4 else d  # a value row's width
-        assert v_cache.shape[-1] == w and v_cache.stride(1) * d == k_cache.stride(1) * w
-        rot, koff = _c(rot), _c(koff)
-        kvq = ctypes.byref(_KVQ(k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(), vs.data_ptr(), _ptr(rot),
-                                _ptr(koff), int(v_q4)))
+    assert stored_fits(k_cache, v_cache, d, store), "decode_attention: a cache not stored as its KVStore says"
+    kv = None
+    if store is not None:
+        parts = store[2:4] + tuple(map(_c, store[4:]))  # kept alive through the call
+        kv = ctypes.byref(_KV(*map(_ptr, parts), KV_TYPES[store.k_type], KV_TYPES[store.v_type]))
     _lib().kiln_decode_attention(
-        _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
+        _ptr(q), _ptr(qr), _ptr(k), _ptr(v), k_cache.data_ptr(), v_cache.data_ptr(), head_stride(k_cache, store), pos,
         h, k.shape[0], d, _ptr(inv_freq), inv_freq.numel(), attn_factor, _ptr(q_norm_w), _ptr(k_norm_w),
-        eps, offset, scale, slot, lo, n_keys, _ptr(out), torch.get_num_threads(), kvq)
+        eps, offset, scale, slot, lo, n_keys, _ptr(out), torch.get_num_threads(), kv)
     return out
+
+
+_STORED = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.int8,
+           "q4_0": torch.uint8}
+
+
+def stored_fits(k_cache: torch.Tensor, v_cache: torch.Tensor, d: int, store: KVStore | None) -> bool:
+    """Does a layer's cache (K, S, ·) keys and values hold rows of d as decode_attention reads them: float32
+    (store None) or the KVStore's types with their scales, each row unit-strided right after the last, and one
+    head stride in elements for both sides?"""
+    types = ("f32", "f32") if store is None else store[:2]
+    scales = (None, None) if store is None else store[2:4]
+    for c, t, sc in zip((k_cache, v_cache), types, scales):
+        if not (c.dtype == _STORED[t] and c.shape[-1] * _WIDTH.get(t, 1) == d and c.stride(-1) == 1
+                and c.stride(-2) == c.shape[-1] and (sc is None) == (t not in ("q8_0", "q4_0"))
+                and (sc is None or (sc.is_contiguous() and sc.shape == (*c.shape[:2], d // 32)))):
+            return False
+    return head_stride(k_cache, store) == v_cache.stride(0) * _WIDTH.get(types[1], 1)
+
+
+def head_stride(k_cache: torch.Tensor, store: KVStore | None) -> int:
+    """A (K, S, ·) cache's distance between kv heads in elements (q4_0's: twice its bytes)."""
+    return k_cache.stride(0) * (1 if store is None else _WIDTH.get(store.k_type, 1))
 
 
 I8_ROWS, I8_GROUPS = -1, -2  # native_step.c's codes for int8 rows: one bf16 scale a row, one f16 scale a group
@@ -400,11 +443,10 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
                   ropes: list[tuple[torch.Tensor, float]]):
     """Tokens through every block of `stack` (native_step.c), one a row: x (B, E) (or (E,)) float32, the first
     block's input; residual likewise, the stream coming in, or None (the first block's: x itself); pos the
-    rows' positions (an int for one row); where (B, L, 11) (or (L, 11)) int64, per row and block the addresses
-    of its k and v cache (K, S, D) float32 (positions D apart, dims unit-strided), the head stride, the slot the
-    row's token is written to, the first slot attended and how many, then a q8_0 cache's (the first two its
-    codes) k and v scales, rotation, key offset and whether values are q4_0 (decode_attention's q8), else
-    zeros; ropes: up to two (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the
+    rows' positions (an int for one row); where (B, L, 12) (or (L, 12)) int64, per row and block the addresses
+    of its k and v cache (K, S, D) (positions D apart, dims unit-strided), the head stride in elements, the slot
+    the row's token is written to, the first slot attended and how many, then how they are stored
+    (KVStore.ints(); float32: 0, 0, 0, 0, 0, 0); ropes: up to two (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the
     last block's MLP output, the residual stream), (B, E) each (the rows' own order). The rows share each
     weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
@@ -435,13 +477,14 @@ def attention_slots(pos: int, window: int | None, ring: tuple[int, int] | None) 
 
 
 def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
-    """Does `decode_attention` take these? q (H, D) and a layer's cache (K, S, D), float32 (or q8_0 codes,
-    int8), D unit-strided and positions D apart (the cache's own layout), H a multiple of K, D within
+    """Does `decode_attention` take these? q (H, D) float32 and a layer's cache (K, S, ·) in a type it stores
+    (KV_TYPES), rows unit-strided one after another (the cache's own layout), H a multiple of K, D within
     native.c's buffers."""
     d = q.shape[-1]
     return (d <= 1024 and 2 * inv_freq.numel() <= d and q.dtype == torch.float32
-            and k_cache.dtype in (torch.float32, torch.int8)
-            and k_cache.stride(2) == 1 and k_cache.stride(1) == d and q.shape[0] % k_cache.shape[0] == 0)
+            and k_cache.dtype in _STORED.values()
+            and k_cache.stride(2) == 1 and k_cache.stride(1) == k_cache.shape[2]
+            and q.shape[0] % k_cache.shape[0] == 0)
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:

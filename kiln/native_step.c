@@ -50,10 +50,10 @@ typedef struct {  /* what every block shares, and this step's position, RoPE tab
     int64_t rows;          /* tokens in this step, one a row (a server's batched decode step: each row its
                               own sequence, position and cache slots) */
     const int64_t *pos;    /* (rows,) each row's position */
-    const int64_t *where;  /* (rows, L, 11) per row and block: addresses of its k and v cache (K, S, D) float32,
-                              the head stride, the slot pos is written to, the first slot attended, how many;
-                              a q8_0 cache (the first two its codes): its k and v scales, rotation, key offset
-                              and whether values are q4_0 (kiln_kvq), else zeros */
+    const int64_t *where;  /* (rows, L, 12) per row and block: addresses of its k and v cache (K, S, D) in their
+                              types, the head stride, the slot pos is written to, the first slot attended, how
+                              many; then kiln_kv's k and v scales, k and v rotations, key offset (0: none)
+                              and the types (kt + 16 * vt) */
 } kiln_stack;
 
 /* y (rows, n) = x (rows, k) W^T: the block kernels take the rows together, reading each weight once */
@@ -112,16 +112,16 @@ void kiln_decode_layers(const kiln_layer *layers, const kiln_stack *s, float *x,
         }
         gemv_parts(b->qkv, b->n_qkv, y, qkv, e, rows, tmp, threads);
         for (int64_t i = 0; i < rows; i++) {
-            const int64_t *at = s->where + 11 * (i * s->n_layers + l);
+            const int64_t *at = s->where + 12 * (i * s->n_layers + l);
             float *qi = qkv + i * nqkv;
-            const kiln_kvq q8 = {(int8_t *)(intptr_t)at[0], (int8_t *)(intptr_t)at[1], (uint16_t *)(intptr_t)at[6],
-                                 (uint16_t *)(intptr_t)at[7], (const float *)(intptr_t)at[8],
-                                 (const float *)(intptr_t)at[9], at[10]};
-            kiln_decode_attention(qi, qr + i * hd, qi + hd, qi + hd + kvd, (float *)(intptr_t)at[0],
-                                  (float *)(intptr_t)at[1], at[2], s->pos[i], s->heads, s->kv_heads, s->d,
+            const kiln_kv kv = {(uint16_t *)(intptr_t)at[6], (uint16_t *)(intptr_t)at[7],
+                                (const float *)(intptr_t)at[8], (const float *)(intptr_t)at[9],
+                                (const float *)(intptr_t)at[10], at[11] % 16, at[11] / 16};
+            kiln_decode_attention(qi, qr + i * hd, qi + hd, qi + hd + kvd, (void *)(intptr_t)at[0],
+                                  (void *)(intptr_t)at[1], at[2], s->pos[i], s->heads, s->kv_heads, s->d,
                                   s->inv_freq[r], s->half[r], s->attn_factor[r], b->q_norm, b->k_norm, s->qk_eps,
                                   s->qk_offset, b->scale, at[3], at[4], at[5], att + i * hd, threads,
-                                  at[6] ? &q8 : NULL);
+                                  &kv);
         }
         gemv(&b->o, att, o, hd, rows, threads);
         for (int64_t i = 0; i < rows; i++) {

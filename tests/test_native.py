@@ -217,12 +217,14 @@ def test_decode_steps_with_native_kernels_equal_the_torch_path(name, monkeypatch
 
 
 @pytest.mark.parametrize("name, types", [("llama", ("q8_0", "q8_0")), ("qwen2", ("q8_0", "q8_0")),
-                                         ("gemma3", ("q8_0", "q8_0")), ("qwen2", ("q8_0", "q4_0"))])
-def test_decode_steps_over_a_q8_0_cache_with_native_kernels_equal_the_torch_path(name, types, monkeypatch):
-    """The same over a q8_0 KV cache (keys and values stored rotated, keys less the k bias: kv_types; values
-    also as q4_0), which the native token writes and reads as codes and scales: the logits of torch's path
-    (dequantize, SDPA) within 3e-3 (the rotation's sums in another order can move a code by one, and the next
-    layers see it)."""
+                                         ("gemma3", ("q8_0", "q8_0")), ("qwen2", ("q8_0", "q4_0")),
+                                         ("qwen2", ("q4_0", "q4_0")), ("llama", ("f16", "f16")),
+                                         ("qwen3", ("bf16", "q8_0")), ("gemma3", ("q4_0", "f16"))])
+def test_decode_steps_over_a_typed_cache_with_native_kernels_equal_the_torch_path(name, types, monkeypatch):
+    """The same over a KV cache of other types (q8_0 / q4_0 stored rotated, keys less the k bias: kv_types;
+    f16 / bf16 as they are; the two sides mixed), which the native token writes and reads as stored: the logits
+    of torch's path (kv_types' encode and decode, SDPA) within 3e-3 (the rotation's sums in another order can
+    move a code by one, and the next layers see it)."""
     import test_models as tm
     cfg = dict(tm.CONFIGS[name], head_dim=64)
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
@@ -235,8 +237,8 @@ def test_decode_steps_over_a_q8_0_cache_with_native_kernels_equal_the_torch_path
     without = tm.decode_steps(km, ids, 12, policy=Policy(native=False), types=types)
     plain = tm.decode_steps(km, ids, 12, policy=Policy(native=False))
     err = (with_native - without).abs().max().item()
-    assert err <= 3e-3, f"{name}: native vs torch decode over q8_0, max |Δlogit| = {err}"
-    assert (without - plain).abs().max() > 10 * err  # q8_0's own error: the cache type is in both paths
+    assert err <= 3e-3, f"{name}: native vs torch decode over {types}, max |Δlogit| = {err}"
+    assert (without - plain).abs().max() > 10 * err  # the type's own error: the cache type is in both paths
 
 
 def test_unused_when_switched_off():
@@ -293,14 +295,16 @@ def _block_model(name: str, policy: Policy):
 
 @pytest.mark.parametrize("name", ["llama", "llama3.1", "mistral", "mistral-window", "qwen2", "qwen3", "phi3",
                                   "phi3-longrope", "gemma3", "gemma3-rings", "llama-rotating", "qwen2-int8",
-                                  "qwen2-q8kv", "gemma3-rings-q8kv", "llama-q8q4kv"])
+                                  "qwen2-q8kv", "gemma3-rings-q8kv", "llama-q8q4kv", "qwen2-q4kv",
+                                  "gemma3-rings-f16kv", "qwen3-bf16q4kv"])
 def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, monkeypatch):
     """A CPU decode step of every block in one native call (native_step.c, through ops.cpu.decode_layers) gives
     the logits of the same kernels called block by block from Python, for every Llama-layout family and Gemma 3,
     with every block type in one model (and int8 rows of both kinds in another), over a plain cache and over
     rings (gemma3's sliding layers keeping their window of 5; every layer keeping 4 + the last 6, mlx-lm's
     rotating cache), over a q8_0 KV cache ("-q8kv": codes and scales in the rotated basis, qwen2's keys less
-    its k bias; "-q8q4kv": q4_0 values), and serves every decode step (none of the prefill)."""
+    its k bias; "-q8q4kv": q4_0 values; "-q4kv": q4_0 both) and f16 / bf16 ones, and serves every decode step
+    (none of the prefill)."""
     import test_models as tm
     cfg, km = _block_model(name, Policy())
     kinds = {type(m).__name__ for m in km.model.layers.modules()}
@@ -308,7 +312,8 @@ def test_one_native_call_for_every_block_equals_the_step_block_by_block(name, mo
     assert not kinds & {"Linear", "Int4Linear"}
     if name.endswith("-int8"):  # both kinds of int8 rows
         assert {m.group for m in km.model.layers.modules() if type(m).__name__ == "Int8Linear"} == {None, 32}
-    kv = {"-q8kv": ("q8_0", "q8_0"), "-q8q4kv": ("q8_0", "q4_0")}  # KV cache types by suffix
+    kv = {"-q8kv": ("q8_0", "q8_0"), "-q8q4kv": ("q8_0", "q4_0"), "-q4kv": ("q4_0", "q4_0"),  # KV cache types
+          "-f16kv": ("f16", "f16"), "-bf16q4kv": ("bf16", "q4_0")}
     rings, types = None, kv.get(name[name.rfind("-"):], (None, None))
     if "-rings" in name or "-rotating" in name:
         rings = plan_rings(layer_windows(km), 32, 10 if name.endswith("-rotating") else None)

@@ -327,12 +327,12 @@ def native_plan(layers):
 
 
 def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
-    """(L, 11) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
-    its k and v cache (K, S, D), the head stride, the slot this token is written to, the first slot it attends
-    and how many (ops.cpu.attention_slots; `_native_ring` for a ring layer), then a q8_0 cache's scales,
-    rotation, key offset and whether its values are q4_0 (KVCache.native_q8; zeros for a float cache); None
-    where a layer's cache is not float32 or those codes (K, S, D) of the plan's K and D with positions D apart,
-    or its token is not one the native attention takes."""
+    """(L, 12) int64 for ops.cpu.decode_layers: for the plan's layers first, first + 1, ... the addresses of
+    its k and v cache (K, S, ·), the head stride in elements, the slot this token is written to, the first slot it
+    attends and how many (ops.cpu.attention_slots; `_native_ring` for a ring layer), then how the layer is stored
+    (KVCache.native_kv's KVStore.ints(); zeros for float32); None where a layer's cache is not float32 or a
+    type the native token stores, of the plan's K and D with rows one after another, or its token is not one
+    the native attention takes."""
     c, p = step.cache, step.pos
     _, _, kv, d, _ = stack.dims
     rows = []
@@ -341,17 +341,15 @@ def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
         if ring is False:
             return None
         slot, lo, n_keys = ops_cpu.attention_slots(p, window, ring)
-        k, v = c.k[layer], c.v[layer]  # (1, K, S, D)
-        q8 = c.native_q8(layer)
-        w = d // 2 if q8 is not None and q8[4] else d  # a value row's width: q4_0's bytes
-        if not ((k.dtype == v.dtype == torch.float32 or q8 is not None)
+        k, v = c.k[layer], c.v[layer]  # (1, K, S, ·)
+        store = c.native_kv(layer)
+        if not ((k.dtype == v.dtype == torch.float32 or store is not None)
                 and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
-                and k.shape[3] == d and v.shape[3] == w and k.stride(3) == v.stride(3) == 1
-                and k.stride(2) == d and v.stride(2) == w and k.stride(1) == v.stride(1) * d // w
+                and ops_cpu.stored_fits(k[0], v[0], d, store)
                 and slot < k.shape[2] and lo + n_keys <= k.shape[2]):
             return None
-        extra = (0, 0, 0, 0, 0) if q8 is None else (*(0 if t is None else t.data_ptr() for t in q8[:4]), int(q8[4]))
-        rows.append((k.data_ptr(), v.data_ptr(), k.stride(1), slot, lo, n_keys, *extra))
+        extra = (0,) * 6 if store is None else store.ints()
+        rows.append((k.data_ptr(), v.data_ptr(), ops_cpu.head_stride(k[0], store), slot, lo, n_keys, *extra))
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -524,7 +522,7 @@ def _native_attention(q, k, v, rope: RopeAt, scale: float, step: Step, layer: in
     c = step.cache
     out = ops_cpu.decode_attention(q[0, 0], k[0, 0], v[0, 0], c.k[layer][0], c.v[layer][0], step.pos,
                                    rope.inv_freq, rope.attn_factor, *_norm_args(*norms), scale, window,
-                                   _native_ring(step, layer, window), c.native_q8(layer))
+                                   _native_ring(step, layer, window), c.native_kv(layer))
     return out.view(1, 1, -1)  # (B, T, H*D)
 
 

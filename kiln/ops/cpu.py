@@ -139,12 +139,15 @@ def attention_fits(q: torch.Tensor, k_cache: torch.Tensor, inv_freq: torch.Tenso
 
 def decode_attention(q, k, v, k_cache, v_cache, pos: int, inv_freq, attn_factor: float, q_norm_w, k_norm_w,
                      eps: float, offset: float, scale: float, window: int | None,
-                     ring: tuple[int, int] | None = None, q8: tuple | None = None) -> torch.Tensor:
+                     ring: tuple[int, int] | None = None, store: native.KVStore | None = None) -> torch.Tensor:
     """native.decode_attention: one token where `attention_fits` -> (H * D,); k, v written at `pos` (a ring
-    layer's: at slot ring[0], attending to slots 0..ring[1]-1); q8: a q8_0 cache's scales and basis (the
-    caches then its codes: KVCache.native_q8)."""
+    layer's: at slot ring[0], attending to slots 0..ring[1]-1); store: how the caches are stored where not
+    float32 (KVCache.native_kv)."""
     return native.decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
-                                   eps, offset, scale, window, ring, q8)
+                                   eps, offset, scale, window, ring, store)
+
+
+stored_fits, head_stride = native.stored_fits, native.head_stride  # the layout decode_layers' `where` rows take
 
 
 def layer_plan(layers: list[dict | None]) -> native.Stack | None:
@@ -235,7 +238,7 @@ def _part_fits(part: tuple, k: int) -> bool:
 def decode_layers(stack: native.Stack, x: torch.Tensor, residual: torch.Tensor | None, pos,
                   where: torch.Tensor, ropes: dict):
     """Tokens x (B, 1, E) float32, one a row, through every block of a `layer_plan` in one native call: pos the
-    rows' positions (an int for one row), `where` (B, L, 11) or (L, 11) int64 each row's and block's cache
+    rows' positions (an int for one row), `where` (B, L, 12) or (L, 12) int64 each row's and block's cache
     (native.decode_layers; models/base.py finds it), `ropes` the step's tables (name -> (inv_freq,
     attn_factor)) -> (x, residual) as the block loop returns them, (B, 1, E) each; None where a table does not
     fit the head dim."""
