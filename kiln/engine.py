@@ -42,7 +42,7 @@ from kiln.engine_step import BatchStep, adapters_of, fit_context, static_step
 from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
 from kiln.generate import check_prompt, prefill_chunk
-from kiln.sample import Sampler
+from kiln.sample import Sampler, pick_rows, top_logprobs
 from kiln.speculative import accept_drafts, processed_logits
 from kiln.split import input_device
 
@@ -485,7 +485,7 @@ class Engine:
         z = raw[:len(tokens)]
         lse = torch.logsumexp(z, dim=-1)  # (n,)
         chosen = (z.gather(1, torch.tensor(tokens, device=z.device)[:, None])[:, 0] - lse).tolist()
-        tops = self._top_logprobs([row] * len(tokens), z, lse)  # as _emit's, one "row" per position
+        tops = top_logprobs(z, lse, [row.req.top_logprobs] * len(tokens))  # as _emit's, one "row" per position
         fed = [row.last] + tokens[:-1]
         for i, (tok, prev, lp) in enumerate(zip(tokens, fed, chosen)):
             row.slot.tokens.append(prev)
@@ -505,11 +505,11 @@ class Engine:
         """Sample one token per row from logits (B, V), deliver it, and finish the rows that are done.
         With `look_ahead`, the next decode step is launched on the picked tokens (still on the device)
         before the host waits for them."""
-        tokens, failed = self._pick(rows, logits)
+        tokens, failed = pick_rows([r.sampler for r in rows], logits)
         lse = torch.logsumexp(logits, dim=-1)  # (B,)
         chosen = logits.gather(1, tokens[:, None])[:, 0] - lse  # (B,) raw-distribution logprobs
         out = torch.stack([tokens.double(), chosen.double()])  # (2, B): one device → host transfer
-        tops = self._top_logprobs(rows, logits, lse)
+        tops = top_logprobs(logits, lse, [r.req.top_logprobs for r in rows])
         if look_ahead and not failed:
             ready = None
             if out.is_cuda:
@@ -525,36 +525,6 @@ class Engine:
                 self._finish(row, "error", failed[b])
                 continue
             self._advance(row, int(host[0][b]), host[1][b], tops.get(b))
-
-    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
-        """Token ids (B,) on the device; rows whose sampling raised are returned as {row: message}."""
-        plain = [b for b, r in enumerate(rows) if r.sampler.plain]
-        if len(plain) == len(rows):
-            return logits.argmax(-1), {}
-        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-        if plain:
-            idx = torch.tensor(plain, device=logits.device)
-            tokens[idx] = logits[idx].argmax(-1)
-        failed = {}
-        for b, row in enumerate(rows):
-            if not row.sampler.plain:
-                try:
-                    tokens[b] = row.sampler(logits[b:b + 1])[0]
-                except Exception as e:  # a processor or a sampling value that fails: this request only
-                    log.exception("sampling failed for one request")
-                    failed[b] = f"{type(e).__name__}: {e}"
-        return tokens, failed
-
-    def _top_logprobs(self, rows, logits, lse) -> dict[int, list[tuple[int, float]]]:
-        want = [(b, r.req.top_logprobs) for b, r in enumerate(rows) if r.req.top_logprobs > 0]
-        if not want:
-            return {}
-        idx = torch.tensor([b for b, _ in want], device=logits.device)
-        k = max(k for _, k in want)
-        vals, ids = torch.topk(logits[idx], k, dim=-1)  # (W, k)
-        vals = (vals - lse[idx, None]).tolist()
-        ids = ids.tolist()
-        return {b: list(zip(ids[i][:kb], vals[i][:kb])) for i, (b, kb) in enumerate(want)}
 
     def _advance(self, row: _Row, token: int, logprob: float, top) -> None:
         """Account for the token a row just produced, deliver it, and finish the row if it is done."""

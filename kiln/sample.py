@@ -3,7 +3,8 @@
 Owns: validation of every sampling value, penalties over the tokens seen so far, logit bias,
 temperature, top-k, top-p, min-p, and the draw itself (`argmax(probs / Exponential(1))`, which needs no
 cumulative sum on the host and no `.item()`); `Sampler`, one sequence's sampling state (its seeded
-generator, bias vector, token counts and logits processor), shared by `generate_step` and the engine.
+generator, bias vector, token counts and logits processor), shared by `generate_step` and the engine; a
+batch's draw (`pick_rows`: one argmax for the greedy rows) and top logprobs (`top_logprobs`).
 Not: the token loops (generate.py, engine.py), grammars (server/structured.py builds the processors).
 
 Shape alphabet: B batch, V vocab.
@@ -11,12 +12,15 @@ Shape alphabet: B batch, V vocab.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from kiln.errors import KilnError
+
+log = logging.getLogger("kiln.engine")  # the batch's sampling failures are the engine's to report
 
 
 @dataclass
@@ -155,3 +159,38 @@ class Sampler:
             self.processor.accept(token)
         if self.counts is not None:
             self.counts[0, token] += 1
+
+
+def pick_rows(samplers: list[Sampler], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    """A batch's tokens (B,) on the device from logits (B, V), row b drawn by samplers[b] (one argmax for every
+    plain greedy row); rows whose sampling raised (a processor or a value that fails: that request only) come
+    back as {row: message}, their token 0."""
+    plain = [b for b, s in enumerate(samplers) if s.plain]
+    if len(plain) == len(samplers):
+        return logits.argmax(-1), {}
+    tokens = torch.zeros(len(samplers), dtype=torch.long, device=logits.device)
+    if plain:
+        idx = torch.tensor(plain, device=logits.device)
+        tokens[idx] = logits[idx].argmax(-1)
+    failed = {}
+    for b, s in enumerate(samplers):
+        if not s.plain:
+            try:
+                tokens[b] = s(logits[b:b + 1])[0]
+            except Exception as e:
+                log.exception("sampling failed for one request")
+                failed[b] = f"{type(e).__name__}: {e}"
+    return tokens, failed
+
+
+def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, ks: list[int]) -> dict[int, list[tuple[int, float]]]:
+    """Each row's ks[b] most likely tokens and their log-probabilities, logits (B, V) less lse (B,), for the rows
+    that ask (ks[b] > 0): {row: [(token, logprob), ...]}, one device-to-host read for all of them."""
+    want = [(b, k) for b, k in enumerate(ks) if k > 0]
+    if not want:
+        return {}
+    idx = torch.tensor([b for b, _ in want], device=logits.device)
+    vals, ids = torch.topk(logits[idx], max(k for _, k in want), dim=-1)  # (W, k)
+    vals = (vals - lse[idx, None]).tolist()
+    ids = ids.tolist()
+    return {b: list(zip(ids[i][:k], vals[i][:k])) for i, (b, k) in enumerate(want)}
