@@ -72,6 +72,7 @@ class Step:
     mask: dict = field(default_factory=dict)  # window (None: none) -> bool mask (T, S) or (B, 1, T, S);
     #                                           (window, Ring) -> the mask of a ring layer's keys
     n_keys: int = 0  # keys S of a layer without a ring
+    slots: dict = field(default_factory=dict)  # Ring -> where the fused step writes its tokens (`ring_slots`)
 
     @classmethod
     def prefill(cls, cache: KVCache | None = None, pos: int = 0, policy: Policy | None = None,
@@ -109,6 +110,13 @@ class Step:
     def ring(self, layer: int) -> Ring | None:
         """The layer's ring, None: it keeps every position (or there is no cache)."""
         return None if self.cache is None else self.cache.ring(layer)
+
+    def ring_slots(self, ring: Ring) -> torch.Tensor:
+        """The slots of a ring layer (positions' shape) this step's tokens are written to, computed once per
+        forward for each ring (device tensors: a CUDA-graph step's too)."""
+        if ring not in self.slots:
+            self.slots[ring] = ring.slot(self.positions)
+        return self.slots[ring]
 
     def ring_keys(self, ring: Ring, t: int, device) -> torch.Tensor:
         """Absolute positions (S,) of the keys a ring layer's `update` returns for T new tokens (-1: an empty

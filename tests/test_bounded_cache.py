@@ -408,16 +408,33 @@ def test_stream_generate_finish_reasons_shift_and_rotation(gemma_tok):
 @pytest.mark.skipif(torch.cuda.is_available() or not __import__("kiln.policy").policy.DEFAULT.triton_cpu,
                     reason="the fused step on CPU tensors needs TRITON_INTERPRET=1 KILN_TRITON_CPU=1 (~20 s): "
                            "run this file so to check it")
-def test_fused_graph_step_with_rings_under_the_triton_interpreter():
-    """The GPU decode step's kernels on CPU tensors (Triton's interpreter): global layers take the fused RoPE +
-    KV write and split-KV decode kernels, ring layers the unfused path; the same logits as the full cache."""
+def test_fused_graph_step_with_rings_under_the_triton_interpreter(monkeypatch):
+    """The GPU decode step's kernels on CPU tensors (Triton's interpreter): every layer takes the fused RoPE +
+    KV write and split-KV decode kernels, a ring layer's written at its slots and read whole (base._ring_fuses);
+    the same logits as the full cache (sliding windows; also q8_0 / q4_0 ones), and as the unfused ring step
+    where a rotating cache's layers mix (global ones fused, sliding ones whose window its kept tokens may
+    leave unfused)."""
     from kiln.models import base
     model = _tiny(GEMMA)
     ids = _ids(11, seed=2)
+    calls, real = [], base.decode_attention
+    monkeypatch.setattr(base, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     rings = plan_rings(layer_windows(model), 32)
-    ring, full = KVCache.for_model(model, max_len=32, rings=rings), KVCache.for_model(model, max_len=32)
-    assert base.prepare(Step.graph(ring, torch.tensor(9)), ids[:, :1], model.policy, {}, set()).fused
-    got, want = _cached(model, ids, ring, 7, graph_from=7), _cached(model, ids, full, 7, graph_from=7)
+    for kind, tol in ((None, 1e-4), ("q8_0", 1e-2)):
+        ring = KVCache.for_model(model, max_len=32, rings=rings, type_k=kind, type_v=kind)
+        full = KVCache.for_model(model, max_len=32, type_k=kind, type_v=kind)
+        assert base.prepare(Step.graph(ring, torch.tensor(9)), ids[:, :1], model.policy, {}, set()).fused
+        calls.clear()
+        got = _cached(model, ids, ring, 7, graph_from=7)
+        assert len(calls) == 4 * 4  # four graph steps, every layer fused
+        want = _cached(model, ids, full, 7, graph_from=7)
+        assert (got - want).abs().max() < tol, f"{kind}: {(got - want).abs().max():.2e}"
+    rot = plan_rings(layer_windows(model), 32, 8, 4)  # sliding layers Ring(4, 4) in a window of 5, global too
+    calls.clear()
+    got = _cached(model, ids, KVCache.for_model(model, max_len=32, rings=rot), 7, graph_from=7)
+    assert len(calls) == 4 * 1  # the global layer only
+    want = _cached(model, ids, KVCache.for_model(model, max_len=32, rings=rot), 7, Policy(triton_cpu=False),
+                   graph_from=7)
     assert (got - want).abs().max() < 1e-4
 
 

@@ -75,8 +75,9 @@ def _compile_all() -> list[dict]:
     # the rest of a default (bf16) decode step's attention: RoPE with the q/k norms and the KV write, the merge
     compile_one("rope + KV write, q/k norms, d128", rope._rope_qk_kernel,
                 dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", qo_ptr="bf16", ko_ptr="bf16", vo_ptr="bf16",
-                     qw_ptr="bf16", kw_ptr="bf16", pos_ptr="i64", rows_ptr="i64", inv_ptr="fp32"),
+                     qw_ptr="bf16", kw_ptr="bf16", pos_ptr="i64", rows_ptr="i64", slots_ptr="i64", inv_ptr="fp32"),
                 dict(D=128, HALF=64, HAS_NORM=True, HAS_OFFSET=False, HAS_TAIL=False, WRITE_KV=True, HAS_ROWS=True,
+                     HAS_SLOTS=True,
                      BLOCK_H=4, BLOCK_HALF=64, BLOCK_TAIL=1, BLOCK_D=128, PDL=True))
     compile_one("merge d128", attention._merge_kernel, dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16"),
                 dict(D=128, BLOCK_S=64, BLOCK_D=128, PDL=True))

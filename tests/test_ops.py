@@ -265,19 +265,20 @@ def _rope_kv_inputs(b, t, h, k, d, dtype):
     return q, kk, v
 
 
-def _check_rope_kv(q, kk, v, kc, vc, pos, rows, inv, kw):
+def _check_rope_kv(q, kk, v, kc, vc, pos, rows, inv, kw, slots=None):
+    at = pos if slots is None else slots  # where the keys and values go (a ring layer's slots)
     want_k, want_v = kc.clone(), vc.clone()
     want_q, rk = ops.rope_qk_ref(q, kk, pos, inv, **kw)
-    ops.write_kv_ref(want_k, want_v, rk, v, pos, rows)
+    ops.write_kv_ref(want_k, want_v, rk, v, at, rows)
     b, t = q.shape[:2]
     hit = torch.zeros(kc.shape[:3], dtype=torch.bool, device=kc.device)  # (B or N, K, S): slots written
-    hit[(rows if rows is not None else torch.arange(b, device=kc.device))[:, None], :, pos.expand(b, t)] = True
+    hit[(rows if rows is not None else torch.arange(b, device=kc.device))[:, None], :, at.expand(b, t)] = True
     two_k, two_v = kc.clone(), vc.clone()  # the rope kernel, then the KV write, unfused
     two_q, rk = ops.rope_qk(q, kk, pos, inv, policy=P, **kw)
-    ops.write_kv_ref(two_k, two_v, rk, v, pos, rows)
+    ops.write_kv_ref(two_k, two_v, rk, v, at, rows)
     for fn in (partial(ops.rope_qk_write_kv, policy=P), ops.rope_qk_write_kv_ref):
         got_k, got_v = kc.clone(), vc.clone()
-        got_q = fn(q, kk, v, got_k, got_v, pos, inv, rows=rows, **kw)
+        got_q = fn(q, kk, v, got_k, got_v, pos, inv, rows=rows, slots=slots, **kw)
         assert got_q.shape == q.shape and got_q.dtype == q.dtype
         close(got_q, want_q, q.dtype)
         torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)  # the values copied, nothing else touched
@@ -358,6 +359,44 @@ def test_rope_qk_write_kv_per_row_positions(name, slots, cache_dtype):
         kw.update(q_norm_w=rand(d, dtype=torch.float16, seed=3), k_norm_w=rand(d, dtype=torch.float16, seed=4),
                   norm_offset=c["norm"])
     _check_rope_kv(q, kk, v, kc if slots else kc[:3], vc if slots else vc[:3], pos, rows, _inv_freq(c["rot"]), kw)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_qk_write_kv_at_ring_slots(per_row):
+    """A ring layer's write (cache.Ring): RoPE at the absolute positions, the keys and values into the slots
+    the positions wrap to (Ring(2, 5): 0, 1, then 2 + (p - 2) % 5), not at the positions."""
+    from kiln.cache import Ring
+    c = ROPE_KV_CASES["qwen3-norm"]
+    d, ring = c["d"], Ring(2, 5)
+    q, kk, v = _rope_kv_inputs(3, 1, 8, 2, d, torch.float16)
+    kc, vc = rand(4, 2, ring.slots + 1, d, seed=5), rand(4, 2, ring.slots + 1, d, seed=6)  # + scratch
+    pos = torch.tensor([[40], [1], [9]] if per_row else [9], device=DEVICE)  # (B, 1), or (1,) for every row
+    rows = torch.tensor(ROW_SLOTS, device=DEVICE) if per_row else None
+    kw = dict(rot_dim=c["rot"], q_norm_w=rand(d, dtype=torch.float16, seed=3),
+              k_norm_w=rand(d, dtype=torch.float16, seed=4))
+    slots = ring.slot(pos)
+    assert slots.flatten().tolist() == ([5, 1, 4] if per_row else [4])
+    _check_rope_kv(q, kk, v, kc if per_row else kc[:3], vc if per_row else vc[:3], pos, rows, _inv_freq(c["rot"]),
+                   kw, slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_sees_a_ring_up_to_its_last_slot(dtype):
+    """`last`: a query at pos sees slots 0..min(pos, last) and nothing after (a ring layer's whole ring once it
+    has wrapped; its scratch slot never): each row against the reference over its slots alone, the cache cut
+    after them, as a query at the last of them."""
+    q = rand(3, 1, 8, 64, dtype=dtype)  # (B, T, H, D)
+    kc, vc = rand(4, 2, 11, 64, dtype=dtype, seed=1), rand(4, 2, 11, 64, dtype=dtype, seed=2)  # 10 slots + scratch
+    pos, rows = torch.tensor(ROW_POS, device=DEVICE), torch.tensor(ROW_SLOTS, device=DEVICE)  # 40, 3, 129
+    ref = torch.cat([ops.decode_attention_ref(q[b:b + 1], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n],
+                                              torch.tensor([n - 1], device=DEVICE), 0.125)
+                     for b, (s, n) in enumerate(zip(ROW_SLOTS, (10, 4, 10)))])
+    close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, rows=rows, last=9), ref, dtype)
+    kc[:, :, 10], vc[:, :, 10] = float("nan"), float("nan")  # the scratch slot: the kernel never loads it
+    tol = {k: 2 * v for k, v in TOL[dtype].items()}
+    for splits in (3, 1):
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, rows=rows, last=9, splits=splits, policy=P)
+        torch.testing.assert_close(out, ref, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -169,11 +169,12 @@ class RopeAt(NamedTuple):
         return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, *_norm_args(*norms), self.rot_dim,
                        policy=policy)
 
-    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, norms: tuple = (), policy: Policy = DEFAULT):
-        """`apply`, with the rotated k and v written into the static cache at these positions (cache row
-        rows[b] for batch row b, if given) in the same kernel → rotated q (B, T, H, D)."""
+    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, norms: tuple = (), policy: Policy = DEFAULT,
+                    slots=None):
+        """`apply`, with the rotated k and v written into the static cache at these positions, or at `slots`
+        (a ring layer's), cache row rows[b] for batch row b if given, in the same kernel → rotated q (B, T, H, D)."""
         return rope_qk_write_kv(q, k, v, k_cache, v_cache, self.pos, self.inv_freq, self.attn_factor,
-                                *_norm_args(*norms), self.rot_dim, rows, policy=policy)
+                                *_norm_args(*norms), self.rot_dim, rows, slots, policy=policy)
 
 
 def _norm_args(q_norm=None, k_norm=None) -> tuple:
@@ -248,12 +249,12 @@ def prepare(step: Step | None, ids: torch.Tensor, policy: Policy, ropes: dict, w
     # FUSED_MAX_T tokens a row (a speculative check of drafts): the decode kernel's query tile holds them all.
     # Every cache type: the decode kernel reads each as stored (q8_0 / q4_0 codes and scales, fp8, floats).
     # A cache with ring layers: every mask is built when a layer first asks (`layer_mask`), as the ring
-    # layers' depend on their rings and the fused step's ring layers take the unfused path.
+    # layers' depend on their rings (the fused step's ring layers need none where `_ring_fuses`).
     fused = step.kind != PREFILL and t <= FUSED_MAX_T and use_triton(ids, policy)
     lazy = fused or getattr(step.cache, "rings", None) is not None
     masks = {} if lazy else {w: causal_mask(positions, n_keys, w, device) for w in windows}
     return replace(step, policy=policy, positions=positions, fused=fused, n_keys=n_keys,
-                   rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks)
+                   rope={name: r(positions, n_keys) for name, r in ropes.items()}, mask=masks, slots={})
 
 
 def logit_rows(last_only, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,13 +449,14 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     (q_norm, k_norm), or none) and rotated (the step's `rope` table), k/v written into the cache, then
     attention over the keys the step's window mask lets each query see. This function decides the kernels:
 
-    - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device)
-      at a layer without a ring, heads of 16 or more values: RoPE with the KV write into the static cache
-      in one kernel, then split-KV decode attention (one kernel with one split, else split + merge) — two
-      launches per layer or three; a cache not stored in the model's dtype and basis (q8_0: `_fused_stored`)
-      takes RoPE, the cache's own encoder and the rotations in torch around the same decode kernel;
-      (the decode kernel reads slot j as position j: a ring layer's slots hold other positions, so it
-      takes the path below, with a mask from `Step.ring_keys`);
+    - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device),
+      heads of 16 or more values: RoPE with the KV write into the static cache in one kernel, then split-KV
+      decode attention (one kernel with one split, else split + merge) — two launches per layer or three; a
+      cache not stored in the model's dtype and basis (q8_0, ...: `_fused_stored`) takes RoPE, then
+      ops.kv_write's one kernel that encodes the keys and values, around the same decode kernel. The kernel
+      reads slot j as position j; a ring layer (cache.Ring) is written at its slots (`Step.ring_slots`) and
+      read whole up to its last slot where every slot it holds is visible (`_ring_fuses`: one token a row),
+      else it takes the path below, with a mask from `Step.ring_keys`;
     - one float32 token of a prefill-kind step on the CPU where the native kernels fit
       (ops.cpu.attention_fits): norms, RoPE, the KV write and attention in one native call (a ring layer's
       when every slot it holds is visible: `_native_ring`);
@@ -462,12 +464,17 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     """
     b, t = q.shape[:2]
     r, policy = step.rope[rope], step.policy
-    if step.fused and step.ring(layer) is None and q.shape[-1] >= 16:  # (the kernel's dots need 16 a row)
+    ring = step.ring(layer)
+    if step.fused and q.shape[-1] >= 16 and (ring is None or _ring_fuses(ring, window, t)):  # (dots of 16 a row)
+        slots, last = None, None
+        if ring is not None:  # every slot it holds is visible: the kernel reads them all, in any order
+            slots, last, window = step.ring_slots(ring), ring.slots - 1, None
         if not step.cache.direct:
-            return _fused_stored(q, k, v, r, step, layer, scale, window, norms)
+            return _fused_stored(q, k, v, r, step, layer, scale, window, norms, slots, last)
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
-        q = r.apply_write(q, k, v, kc, vc, rows, norms, policy)  # (B, T, H, D)
-        return decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, policy=policy).reshape(b, t, -1)
+        q = r.apply_write(q, k, v, kc, vc, rows, norms, policy, slots)  # (B, T, H, D)
+        out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, last=last, policy=policy)
+        return out.reshape(b, t, -1)
     if _native_token(q, step, layer, r) and _native_ring(step, layer, window) is not False:
         return _native_attention(q, k, v, r, scale, step, layer, window, norms)
     q, k = r.apply(q, k, norms, policy)
@@ -479,20 +486,28 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     return step.cache.outputs(out)  # (B, T, H*D)
 
 
-def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms) -> torch.Tensor:
+def _ring_fuses(ring: Ring, window: int | None, t: int) -> bool:
+    """Does a ring layer's fused step see every slot it holds, so the decode kernel may read them all as they
+    lie (`last`: the ring's final slot, no window)? One token a row, and the window (if any) spans the ring
+    with nothing kept before it (a rotating cache's first tokens may fall out of a window)."""
+    return t == 1 and (window is None or (not ring.keep and ring.span <= window))
+
+
+def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms, slots=None,
+                  last=None) -> torch.Tensor:
     """The fused step's attention over a cache stored in its own types and basis (not `direct`: q8_0, q4_0,
     fp8, another float type, rotated): RoPE, then one kernel that rotates the query into the keys' basis and encodes and
     writes the new keys and values (ops.kv_write; nothing read back), then the decode kernel over the stored
     parts (codes and scales), which rotates its output back — where `update_at` would dequantize the whole
-    layer every step. → (B, T, H*D)."""
+    layer every step. A ring layer's keys go to `slots`, and it sees its slots up to `last`. → (B, T, H*D)."""
     b, t = q.shape[:2]
     c = step.cache
     q, k = r.apply(q, k, norms, step.policy)
-    q = c.encode_at(layer, step.positions, q, k, v, step.policy)  # (B, T, H, D) in the keys' basis
+    q = c.encode_at(layer, step.positions if slots is None else slots, q, k, v, step.policy)  # the keys' basis
     kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D or D/2): a block part's codes
     k_scale, v_scale = c.layer_scales(layer)  # (B or N, K, S, D/32) or None
     out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, k_scale=k_scale, v_scale=v_scale,
-                           out_rot=c.out_rotation(), policy=step.policy)  # (B, T, H, D)
+                           out_rot=c.out_rotation(), last=last, policy=step.policy)  # (B, T, H, D)
     return out.reshape(b, t, -1)
 
 

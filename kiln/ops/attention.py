@@ -77,8 +77,10 @@ _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                          softcap: float | None = None, rows: torch.Tensor | None = None,
                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                         out_rot: torch.Tensor | None = None) -> torch.Tensor:
+                         out_rot: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
     """q (B, T, H, D); k_cache, v_cache (B, K, S, D); pos (T,) int64 → (B, T, H, D) in q.dtype.
+    A query at pos sees slots 0..min(pos, last) (last None: S - 1) within `window` of pos: a ring layer's
+    slots (cache.Ring, one token a row) are all visible once written, last its final slot and no window.
 
     Per row: pos (B, T), and rows (B,) picks cache row rows[b] of k_cache, v_cache (N, K, S, D).
     q8_0 / q4_0: k_scale (B or N, K, S, D/32) float16 makes k_cache codes (int8 (.., D): q8_0; uint8
@@ -94,7 +96,7 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | N
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     j = torch.arange(s, device=q.device)
-    p = pos[..., None]  # (T, 1) or (B, T, 1)
+    p = (pos if last is None else pos.clamp(max=last))[..., None]  # (T, 1) or (B, T, 1)
     mask = j <= p  # (T, S) or (B, T, S)
     if window:
         mask &= (p - j) < window
@@ -115,14 +117,14 @@ def _values(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
                      softcap: float | None = None, rows: torch.Tensor | None = None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                     out_rot: torch.Tensor | None = None, *, splits: int | None = None, policy: Policy = DEFAULT,
-                     launch: Launch | None = None) -> torch.Tensor:
+                     out_rot: torch.Tensor | None = None, last: int | None = None, *, splits: int | None = None,
+                     policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
     (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others)."""
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
-                                    out_rot)
+                                    out_rot, last)
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
     k_kind, v_kind = _kind(k_cache, k_scale), _kind(v_cache, v_scale)
@@ -146,8 +148,8 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     _split_kernel[(b * kh, ns)](
         q, k_cache, v_cache, pos, rows if rows is not None else pos, mid_o, mid_lse, *q.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
-        float(scale), float(softcap or 1.0), int(window or 0), *_scale_args(k_scale, k_cache),
-        *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
+        s_max - 1 if last is None else int(last), float(scale), float(softcap or 1.0), int(window or 0),
+        *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
@@ -189,7 +191,7 @@ def _sm_count(device: torch.device) -> int:
 
 @jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
-                  sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, scale, softcap, window,
+                  sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, LAST, scale, softcap, window,
                   ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss, rot_ptr,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
@@ -210,7 +212,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
-    pt = tl.load(pos_ptr + ts, mask=ts < T, other=-1)  # (T,)
+    pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1), LAST)  # (T,) a ring's queries see its every slot
     hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
     lo = hi * 0
     if HAS_WINDOW:
@@ -224,7 +226,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     tm = m // G
     head = kh * G + m % G
     row_ok = m < T * G
-    pm = tl.load(pos_ptr + tm, mask=row_ok, other=-1)  # (M,) padded rows see nothing
+    pm = tl.minimum(tl.load(pos_ptr + tm, mask=row_ok, other=-1), LAST)  # (M,) padded rows see nothing
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],

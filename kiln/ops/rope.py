@@ -69,13 +69,14 @@ def write_rows_ref(cache: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, rows
 
 def rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
                          k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
-                         rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`rope_qk_ref`, then `write_kv_ref(k_cache, v_cache, rotated k, v, pos, rows)` → rotated q (B, T, H, D).
+                         rows: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope_qk_ref`, then `write_kv_ref(k_cache, v_cache, rotated k, v, slots, rows)` → rotated q (B, T, H, D);
+    slots (pos's shape): where each token is written (None: at pos; a ring layer's: cache.Ring.slot(pos)).
 
     v (B, T, K, D); k_cache, v_cache (B, K, S, D), or (N, K, S, D) with rows (B,), written in place; the
     rotated keys are rounded to k's dtype before they are converted to the cache's, as the two ops do."""
     q, k = rope_qk_ref(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim)
-    write_kv_ref(k_cache, v_cache, k, v, pos, rows)
+    write_kv_ref(k_cache, v_cache, k, v, pos if slots is None else slots, rows)
     return q
 
 
@@ -91,20 +92,22 @@ def rope_qk(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm
 
 def rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None,
                      k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0, rot_dim: int | None = None,
-                     rows: torch.Tensor | None = None, policy: Policy = DEFAULT) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                     policy: Policy = DEFAULT) -> torch.Tensor:
     """Same contract as `rope_qk_write_kv_ref`; one kernel launch for q, k, v and both caches."""
     if not use_triton(q, policy):
         return rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w,
-                                    eps, norm_offset, rot_dim, rows)
+                                    eps, norm_offset, rot_dim, rows, slots)
+    assert slots is None or (slots.shape == pos.shape and slots.stride() == pos.stride())
     assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     assert v.shape == k.shape, "one value per key"
     return _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, None,
-                   (_unit_last(v), k_cache, v_cache, rows), policy)
+                   (_unit_last(v), k_cache, v_cache, rows, slots), policy)
 
 
 def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offset, rot_dim, ko, kv, policy):
     """One `_rope_qk_kernel` launch → rotated q; the keys go to `ko` (B, T, K, D), or with kv = (v, k_cache,
-    v_cache, rows) into the caches, with the values beside them."""
+    v_cache, rows, slots) into the caches, with the values beside them."""
     b, t, h, d = q.shape
     kh = k.shape[2]
     half = inv_freq.shape[0] if rot_dim is None else rot_dim // 2
@@ -113,17 +116,19 @@ def _launch(q, k, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps, norm_offs
     q, k = _unit_last(q), _unit_last(k)
     qo = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)  # (B, T, H, D)
     has_norm, write_kv = q_norm_w is not None, kv is not None
-    v, kc, vc, rows = kv if write_kv else (k, ko, ko, None)  # unused stand-ins without the cache write
+    v, kc, vc, rows, slots = kv if write_kv else (k, ko, ko, None, None)  # stand-ins without the cache write
     # Where keys go, as (row, position, head) strides: ko (B, T, K, D), or the cache (B or N, K, S, D).
     so = (kc.stride(0), kc.stride(2), kc.stride(1)) if write_kv else (t * kh * d, kh * d, d)
     nqb, nkb = triton.cdiv(h, _BLOCK_H), triton.cdiv(kh, _BLOCK_H)
     _rope_qk_kernel[(b * t, nqb + nkb)](
         q, k, v, qo, kc, vc, q_norm_w if has_norm else q, k_norm_w if has_norm else k, pos,
-        rows if rows is not None else pos, inv_freq, t, h, kh, nqb, pos.stride(0) if pos.ndim == 2 else 0,
+        rows if rows is not None else pos, slots if slots is not None else pos, inv_freq, t, h, kh, nqb,
+        pos.stride(0) if pos.ndim == 2 else 0,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *so,
         float(attn_factor), float(eps), float(norm_offset),
         D=d, HALF=half, HAS_NORM=has_norm, HAS_OFFSET=bool(norm_offset), HAS_TAIL=2 * half < d,
-        WRITE_KV=write_kv, HAS_ROWS=rows is not None, BLOCK_H=_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
+        WRITE_KV=write_kv, HAS_ROWS=rows is not None, HAS_SLOTS=slots is not None, BLOCK_H=_BLOCK_H,
+        BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(d - 2 * half, 1)), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
         **pdl.launch_kw(q, policy))
     return qo
@@ -134,16 +139,17 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, pos_ptr, rows_ptr, inv_ptr,
-                    T, H, KH, NQB, spb, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, pos_ptr, rows_ptr, slots_ptr,
+                    inv_ptr, T, H, KH, NQB, spb, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                     attn_factor, eps, offset,
                     D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     HAS_TAIL: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                    HAS_SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (token bt, head block hb). Keys go to ko at (row, position, head) strides (sob, sot, soh):
-    ko itself (row b, position t) or, with WRITE_KV, the key cache (row rows[b] or b, position pos), where
-    the values of the same heads are copied too (vo: the value cache, same strides)."""
+    ko itself (row b, position t) or, with WRITE_KV, the key cache (row rows[b] or b, position pos, or the
+    token's slot in `slots`), where the values of the same heads are copied too (vo: the value cache, same
+    strides)."""
     pdl.start(PDL)
     pdl.wait(PDL)
     bt = tl.program_id(0)
@@ -167,7 +173,10 @@ def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
             cb = b
             if HAS_ROWS:
                 cb = tl.load(rows_ptr + b).to(tl.int64)
-            ob = cb * sob + p * sot
+            at = p
+            if HAS_SLOTS:
+                at = tl.load(slots_ptr + b * spb + t)
+            ob = cb * sob + at * sot
             _copy_heads(v_ptr + b * svb + t * svt, vo_ptr + ob, h0, KH, svh, soh, D, BLOCK_H, BLOCK_D)
         _rope_heads(k_ptr + b * skb + t * skt, ko_ptr + ob, kw_ptr, cos, sin,
                     h0, KH, skh, soh, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
