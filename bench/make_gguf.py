@@ -56,6 +56,7 @@ class ModelSpec:
     pad: int | None
     add_bos: bool
     llama3_rope: tuple[float, float, float, int] | None = None  # factor, low, high, original context
+    sliding_window: int | None = None  # gemma3: every layer but each sixth attends within this window
 
 
 _QWEN_SPECIALS = ((151643, "<|endoftext|>"), (151644, "<|im_start|>"), (151645, "<|im_end|>"))
@@ -67,6 +68,14 @@ _LLAMA = dict(arch="llama", vocab=128256, rope_theta=500000.0, rms_eps=1e-5, con
               pre="llama-bpe", first_special=128000, specials=_LLAMA_SPECIALS, bos=128000, eos=128001,
               pad=None, add_bos=True)
 
+# Gemma 3's text models: its real vocabulary is a 262k SentencePiece one; here the byte-level stand-in's merges
+# run out at 246,334 tokens and the rest are control tokens (the bos / eos ids among them).
+_GEMMA = dict(arch="gemma3", head_dim=256, vocab=262144, tied=True, rope_theta=1e6, rms_eps=1e-6,
+              config_has_head_dim=True, pre="qwen2", first_special=246334,
+              specials=((246334, "<bos>"), (246335, "<eos>"), (246336, "<end_of_turn>")), bos=246334,
+              eos=246335, pad=None, add_bos=True)
+
+
 MODELS = {s.name: s for s in (
     ModelSpec("qwen3-0.6b", hidden=1024, layers=28, heads=16, kv_heads=8, ffn=3072, tied=True, **_QWEN),
     ModelSpec("llama-3.2-1b", hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, ffn=8192,
@@ -74,6 +83,10 @@ MODELS = {s.name: s for s in (
     ModelSpec("qwen3-8b", hidden=4096, layers=36, heads=32, kv_heads=8, ffn=12288, tied=False, **_QWEN),
     ModelSpec("llama-3.1-8b", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, ffn=14336,
               tied=False, config_has_head_dim=False, llama3_rope=(8.0, 1.0, 4.0, 8192), **_LLAMA),
+    ModelSpec("gemma-3-1b", hidden=1152, layers=26, heads=4, kv_heads=1, ffn=6912, context=32768,
+              sliding_window=512, **_GEMMA),
+    ModelSpec("gemma-3-4b", hidden=2560, layers=34, heads=8, kv_heads=4, ffn=10240, context=131072,
+              sliding_window=1024, **_GEMMA),
 )}
 
 FILE_TYPES = {"Q4_K_M": 15, "Q8_0": 7, "F16": 1}  # general.file_type (llama_ftype)
@@ -133,6 +146,8 @@ def add_metadata(w: GGUFWriter, spec: ModelSpec, ftype: str) -> None:
     if spec.arch == "llama":
         w.add_vocab_size(spec.vocab)
         w.add_rope_dimension_count(spec.head_dim)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
     add_tokenizer(w, spec)
     w.add_quantization_version(2)
 
@@ -177,10 +192,14 @@ def tensor_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(s.layers):
         blk = [("attn_norm", (s.hidden,)), ("attn_q", (q, s.hidden)), ("attn_k", (kv, s.hidden)),
                ("attn_v", (kv, s.hidden)), ("attn_output", (s.hidden, q))]
-        if s.arch == "qwen3":
+        if s.arch in ("qwen3", "gemma3"):
             blk += [("attn_q_norm", (s.head_dim,)), ("attn_k_norm", (s.head_dim,))]
+        if s.arch == "gemma3":  # norms after attention and after the MLP too
+            blk += [("post_attention_norm", (s.hidden,))]
         blk += [("ffn_norm", (s.hidden,)), ("ffn_gate", (s.ffn, s.hidden)), ("ffn_up", (s.ffn, s.hidden)),
                 ("ffn_down", (s.hidden, s.ffn))]
+        if s.arch == "gemma3":
+            blk += [("post_ffw_norm", (s.hidden,))]
         out += [(f"blk.{i}.{n}.weight", shape) for n, shape in blk]
     out.append(("output_norm.weight", (s.hidden,)))
     if not s.tied:
