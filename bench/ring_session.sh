@@ -17,7 +17,7 @@ START=$(date +%s)
 grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests_ring.log" | head -12
 echo "ring tests at $(( $(date +%s) - START )) s"
 wait
-for r in 1 2; do
+for r in $(seq 1 ${RING_ROUNDS:-2}); do
   for side in old new; do
     [ $(( $(date +%s) - START )) -gt ${RING_BUDGET:-330} ] && { echo "skip $side $r: time"; continue; }
     dir=$ROOT; [ $side = old ] && dir=$ROOT/.ab/old
