@@ -10,8 +10,10 @@ ROOT=$PWD; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
 START=$(date +%s)
 . bench/carry_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-[ -f /tmp/g/qwen3-8b-Q4_K_M.gguf ] || timeout 150 python bench/make_gguf.py --model qwen3-8b --type Q4_K_M --out /tmp/g \
-  > /dev/null 2>&1 &
+MODELS=${KVQ_MODELS-qwen3-8b qwen3-0.6b}  # set but blank: the tests and checks only
+first=$(echo $MODELS | cut -d' ' -f1)
+[ -z "$first" ] || [ -f /tmp/g/$first-Q4_K_M.gguf ] || timeout 150 python bench/make_gguf.py --model $first --type Q4_K_M \
+  --out /tmp/g > /dev/null 2>&1 &
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "attention or block_caches or encode_kv" \
   > "$OUT/gpu_tests_kv.log" 2>&1
 echo "tests: $(tail -1 "$OUT/gpu_tests_kv.log") at $(( $(date +%s) - START )) s"
@@ -19,7 +21,7 @@ grep -E "FAILED|Error" "$OUT/gpu_tests_kv.log" | head -10
 timeout 90 python bench/gpu_kv_rot_check.py > "$OUT/kv_rot_check.txt" 2>&1; echo "kv_rot rc=$?"; tail -12 "$OUT/kv_rot_check.txt"
 echo "rot at $(( $(date +%s) - START )) s"
 wait
-for m in ${KVQ_MODELS:-qwen3-8b qwen3-0.6b}; do
+for m in $MODELS; do
   [ $(( $(date +%s) - START )) -gt 380 ] && { echo "skip $m: time"; continue; }
   [ -f /tmp/g/$m-Q4_K_M.gguf ] || timeout 60 python bench/make_gguf.py --model $m --type Q4_K_M --out /tmp/g > /dev/null 2>&1
   timeout 170 python bench/kv_direct_check.py /tmp/g/$m-Q4_K_M.gguf > "$OUT/kv_direct_$m.jsonl" 2>/tmp/kv.err
