@@ -12,8 +12,8 @@ START=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 MODELS=${KVQ_MODELS-qwen3-8b qwen3-0.6b}  # set but blank: the tests and checks only
 first=$(echo $MODELS | cut -d' ' -f1)
-[ -z "$first" ] || [ -f /tmp/g/$first-Q4_K_M.gguf ] || timeout 150 python bench/make_gguf.py --model $first --type Q4_K_M \
-  --out /tmp/g > /dev/null 2>&1 &
+[ -z "$first" ] || [ -f /tmp/g/$first-Q4_K_M.gguf ] || timeout 150 python bench/make_gguf.py --model $first \
+  --type Q4_K_M --out /tmp/g > /dev/null 2>&1 &
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "attention or block_caches or encode_kv" \
   > "$OUT/gpu_tests_kv.log" 2>&1
 echo "tests: $(tail -1 "$OUT/gpu_tests_kv.log") at $(( $(date +%s) - START )) s"

@@ -446,9 +446,9 @@ def decode_layers(stack: Stack, x: torch.Tensor, residual: torch.Tensor | None, 
     rows' positions (an int for one row); where (B, L, 12) (or (L, 12)) int64, per row and block the addresses
     of its k and v cache (K, S, D) (positions D apart, dims unit-strided), the head stride in elements, the slot
     the row's token is written to, the first slot attended and how many, then how they are stored
-    (KVStore.ints(); float32: 0, 0, 0, 0, 0, 0); ropes: up to two (inv_freq (R/2,) float32, attn_factor), the tables the blocks' `rope` picks -> (the
-    last block's MLP output, the residual stream), (B, E) each (the rows' own order). The rows share each
-    weight's read (the GEMVs take MAX_ROWS)."""
+    (KVStore.ints(); float32: 0, 0, 0, 0, 0, 0); ropes: up to two (inv_freq (R/2,) float32, attn_factor), the
+    tables the blocks' `rope` picks -> (the last block's MLP output, the residual stream), (B, E) each (the
+    rows' own order). The rows share each weight's read (the GEMVs take MAX_ROWS)."""
     e = stack.dims[0]
     x = x.reshape(-1, e).clone()
     res = torch.empty_like(x) if residual is None else residual.reshape(-1, e).clone()
