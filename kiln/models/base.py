@@ -344,9 +344,8 @@ def _native_where(step: Step, stack, first: int = 0) -> torch.Tensor | None:
         slot, lo, n_keys = ops_cpu.attention_slots(p, window, ring)
         k, v = c.k[layer], c.v[layer]  # (1, K, S, ·)
         store = c.native_kv(layer)
-        if not ((k.dtype == v.dtype == torch.float32 or store is not None)
-                and tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
-                and ops_cpu.stored_fits(k[0], v[0], d, store)
+        if not (tuple(k.shape[:2]) == tuple(v.shape[:2]) == (1, kv)
+                and ops_cpu.stored_fits(k[0], v[0], d, store)  # float32, or as the KVStore says
                 and slot < k.shape[2] and lo + n_keys <= k.shape[2]):
             return None
         extra = (0,) * 6 if store is None else store.ints()
