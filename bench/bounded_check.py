@@ -20,7 +20,8 @@ import torch
 
 import kiln
 from kiln import hub
-from kiln.generate import DecoderPool, generate_step
+from kiln.decoder import DecoderPool
+from kiln.generate import generate_step
 from kiln.sample import SamplingParams
 
 

@@ -40,7 +40,8 @@ def device_loop(dec, start, g):
 
 
 def user(model, tok, g, out):
-    from kiln.generate import DecoderPool, generate_step, stream_generate
+    from kiln.decoder import DecoderPool
+    from kiln.generate import generate_step, stream_generate
     from kiln.sample import SamplingParams
     pool = DecoderPool(model, keep=1)
     prompt = list(range(100, 228))
@@ -85,7 +86,7 @@ def user(model, tok, g, out):
 
 
 def depth(model, d, g, splits, launches, out):
-    from kiln.generate import Decoder
+    from kiln.decoder import Decoder
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()

@@ -21,7 +21,7 @@ import kiln
 
 def decoder(model, max_len: int):
     try:
-        from kiln.generate import DecoderPool
+        from kiln.decoder import DecoderPool
         return DecoderPool(model, keep=1).get(max_len)
     except ImportError:  # before issue 10
         from kiln.generate import decoder_for

@@ -9,7 +9,8 @@ import torch
 sys.path.insert(0, ".")
 from transformers import AutoConfig, AutoModelForCausalLM
 from kiln.load import build_model
-from kiln.generate import Decoder, DecoderPool, generate_step
+from kiln.decoder import Decoder, DecoderPool
+from kiln.generate import generate_step
 from kiln.sample import SamplingParams
 from kiln.engine import Engine, EngineRequest
 

@@ -13,7 +13,8 @@ sys.path.insert(0, ".")
 from bench.kv_capacity import fill  # noqa: E402
 from kiln.cache import KVCache, Step  # noqa: E402
 from kiln.engine import Engine, EngineRequest  # noqa: E402
-from kiln.generate import Decoder, generate_step  # noqa: E402
+from kiln.decoder import Decoder  # noqa: E402
+from kiln.generate import generate_step  # noqa: E402
 from kiln.load import build_model  # noqa: E402
 from kiln.sample import SamplingParams  # noqa: E402
 from tests.test_bounded_cache import _weights  # noqa: E402

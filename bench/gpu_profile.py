@@ -30,7 +30,7 @@ from gpu_quant_check import graph_us, n_copies  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln.cache import KVCache, Step  # noqa: E402
-from kiln.generate import Decoder  # noqa: E402
+from kiln.decoder import Decoder  # noqa: E402
 from kiln.quant import packed as K  # noqa: E402
 from kiln.quant import route as R  # noqa: E402
 from kiln.quant.gemv import gemv  # noqa: E402

@@ -125,7 +125,7 @@ def whole_model(path: str, depth: int, gen: int):
 def _decode_rate(model, ids: torch.Tensor, types: tuple, gen: int) -> dict:
     """Prefill `ids` into a fresh Decoder's cache of `types`, then decode `gen` tokens from the captured
     step (the device loop: nothing read back until the end); median tok/s of 3."""
-    from kiln.generate import DecoderPool
+    from kiln.decoder import DecoderPool
     depth = ids.shape[1]
     dec = DecoderPool(model, keep=1).get(depth + gen + 16, *types)
     first = dec.prefill(ids, 0).argmax(-1)

@@ -21,7 +21,7 @@ ap.add_argument("--side", default="")
 a = ap.parse_args()
 sys.path.insert(0, a.root)
 import kiln  # noqa: E402
-from kiln.load import read_model  # noqa: E402
+from kiln.reader import read_model  # noqa: E402
 
 t = time.perf_counter()
 torch.zeros(1, device="cuda")

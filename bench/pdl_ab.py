@@ -21,7 +21,7 @@ def run(path: str, out: str) -> None:
     """One setting (this process's KILN_PDL): bench numbers to stdout, tokens and last logits to `out`."""
     import kiln
     from kiln.bench import run_kiln
-    from kiln.generate import DecoderPool
+    from kiln.decoder import DecoderPool
     model, _ = kiln.load(path, device="cuda")
     r = run_kiln(model, 512, 128, 3)
     dec = DecoderPool(model).get(64)

@@ -38,13 +38,13 @@ def _old_attend(q, k, v, mask, scale):
 
 
 def _variant(name, model, ids, cache):
-    from kiln.generate import prefill_chunk
+    from kiln.decoder import prefill_chunk
     from kiln.models import base
     base.attend = _old_attend if name == "mask" else _ATTEND
     fn = lambda: prefill_chunk(model, ids, cache, 0)  # noqa: E731
     if name != "graph":
         return fn
-    from kiln.generate import capture_graph
+    from kiln.ops.graph import capture_graph
     graph, out = capture_graph(fn)
     return lambda: (graph.replay(), out)[1]
 
@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     import kiln
-    from kiln.generate import DecoderPool
+    from kiln.decoder import DecoderPool
     from kiln.models import base
     global _ATTEND
     _ATTEND = base.attend

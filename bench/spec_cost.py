@@ -24,7 +24,7 @@ import torch
 
 import kiln
 from kiln.cache import Step
-from kiln.generate import DecoderPool
+from kiln.decoder import DecoderPool
 
 
 def timed(fn, n: int) -> float:

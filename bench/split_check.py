@@ -46,7 +46,7 @@ def decode_tps(model, prompt_ids, n: int, graphs: bool = True, tokens: list | No
     """Greedy decode tok/s of n steps after the prompt, through the Decoder that generate uses (a split's GPU
     blocks replay a CUDA graph: split.DeviceGraphs; graphs=False runs them eagerly), after two untimed
     steps (the first runs eagerly, the second captures); the tokens go to `tokens` if given."""
-    from kiln.generate import Decoder
+    from kiln.decoder import Decoder
     dec = Decoder.for_model(model, len(prompt_ids) + n + 4)
     if not graphs:
         dec.graphs = None
@@ -70,7 +70,7 @@ def decode_tps(model, prompt_ids, n: int, graphs: bool = True, tokens: list | No
 def graph_vs_eager(model, prompt_ids, feed: list[int]) -> dict:
     """The split's decode logits from its GPU blocks' graph against the same steps run eagerly, both fed the
     same tokens (teacher-forced): mean KL and max |delta logit| over the steps."""
-    from kiln.generate import Decoder
+    from kiln.decoder import Decoder
     dev, out = input_device(model), {}
     for graphs in (True, False):
         dec = Decoder.for_model(model, len(prompt_ids) + len(feed) + 1)

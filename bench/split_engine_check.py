@@ -63,7 +63,7 @@ def main():
     pairs = [(x, y) for r, s in zip(on, off) for x, y in zip(r, s)]
     out["agree"] = sum(x == y for x, y in pairs) / max(len(pairs), 1)
     out["first_tokens_equal"] = [r[0] == s[0] for r, s in zip(on, off)]
-    from kiln.generate import Decoder
+    from kiln.decoder import Decoder
     dec = Decoder.for_model(model, 128)
     dec.graphs = None
     with torch.inference_mode():

@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, ".")
 import kiln  # noqa: E402
 from bench.spec_cost import timed  # noqa: E402
-from kiln.generate import DecoderPool  # noqa: E402
+from kiln.decoder import DecoderPool  # noqa: E402
 from kiln.parallel import Shard  # noqa: E402
 
 

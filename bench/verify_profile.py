@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kiln
 from kiln.cache import Step
-from kiln.generate import DecoderPool
+from kiln.decoder import DecoderPool
 
 
 def kernels(fn) -> dict:

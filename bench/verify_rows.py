@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, ".")
 import kiln  # noqa: E402
-from kiln.generate import Decoder  # noqa: E402
+from kiln.decoder import Decoder  # noqa: E402
 
 
 def timed(fn, device: str, n: int = 5) -> float:

@@ -9,7 +9,8 @@ Everything else is reached through these or through the `kiln` command line.
 from kiln.errors import KilnError
 # Imported eagerly so that the functions, not the same-named submodules, are what `kiln.load` and
 # `kiln.generate` (and `kiln.finetune`) mean (importing a submodule later would otherwise rebind the attribute).
-from kiln.generate import DecoderPool, generate, stream_generate
+from kiln.decoder import DecoderPool
+from kiln.generate import generate, stream_generate
 from kiln.load import load
 from kiln.finetune import finetune  # noqa: E402  (the function; kiln/finetune/ is the package)
 

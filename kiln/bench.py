@@ -77,7 +77,8 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
     decode and effective speed `generate` gets (stream_generate without log-probabilities: the host reads
     and detokenizes every token), time to first token; medians of `repeats`. `pool`: the DecoderPool to use
     (tensor parallelism's rank 0 passes its launch.LeaderPool); a fresh one by default."""
-    from kiln.generate import DecoderPool, stream_generate
+    from kiln.decoder import DecoderPool
+    from kiln.generate import stream_generate
     device = next(model.parameters()).device
     ids_all = torch.tensor([prompt_ids(model.args.vocab_size, max(lengths + depths + [1]))], device=device)
     pool = pool or DecoderPool(model, keep=1)
@@ -133,7 +134,8 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
 def run_speculative(model, tokenizer, prompt: list[int], g: int, repeats: int, drafting: dict) -> dict:
     """Speculative decoding as `generate` streams it (stream_generate with the drafter, greedy) beside plain
     decoding of the same prompt, alternately; medians of `repeats`; the drafts kept over every run."""
-    from kiln.generate import DecoderPool, stream_generate
+    from kiln.decoder import DecoderPool
+    from kiln.generate import stream_generate
     pool = DecoderPool(model, keep=1)
     times, drafted, accepted, same = {"plain": [], "speculative": []}, 0, 0, True
     for i in range(repeats + 1):  # the first run of each: new lengths, graph captures
@@ -386,7 +388,7 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     if loaded is not None:  # what each rank holds and reads per token below: its shard
         out["tensor_parallel"] = model.shard.world
     k = run_kiln(model, tokenizer, lengths, g, depths, repeats, cache_types, pool)
-    k["kv_cache"] = {"types": dec_types(model, cache_types), "bytes_per_token": _kv_bytes_per_token(model, cache_types)}
+    k["kv_cache"] = {"types": dec_types(model, cache_types), **_kv_bytes_per_token(model, cache_types)}
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev)
     d0 = k["decode_tok_s"][depths[0]]
     k.update(load_s=load_s, peak_memory_gb=peak_memory_gb(dev), weight_bytes_per_token=wb, copy_bw_gb_s=bw / 1e9,
@@ -469,7 +471,9 @@ def format_report(r: dict) -> str:
                          lc and lc["first_token_s"], fmt="12.2f"))
     kv = k.get("kv_cache")
     if kv:
-        lines.append(f"KV cache {kv['types']}, {kv['bytes_per_token']:,} bytes a token"
+        ring = (f" ({kv['window_layers']} of {kv['layers']} layers keep only their {kv['window']}-token window: "
+                f"{kv['bytes_per_token_past_window']:,} a token past it)") if kv.get("window_layers") else ""
+        lines.append(f"KV cache {kv['types']}, {kv['bytes_per_token']:,} bytes a token{ring}"
                      + (f"; llama.cpp's {lc['kv_cache']}" if lc and "kv_cache" in lc else ""))
     if "memory_over_file" in r:
         lines += ["", f"GPU memory after load {r['memory_after_load_gb']:.3f} GB = "
@@ -493,7 +497,15 @@ def dec_types(model, cache_types) -> str:
     return "/".join(cache_type(t, dtype) for t in cache_types)
 
 
-def _kv_bytes_per_token(model, cache_types) -> int:
-    """KV cache bytes one token takes, every layer."""
-    from kiln.cache import KVCache
-    return KVCache.for_model(model, max_len=1, type_k=cache_types[0], type_v=cache_types[1]).nbytes
+def _kv_bytes_per_token(model, cache_types) -> dict:
+    """KV cache bytes one token takes in every layer; with sliding-window layers (which keep only their window,
+    cache.plan_rings), how many there are and the bytes a token takes past the window (the other layers')."""
+    from kiln.cache import KVCache, layer_windows
+    per_token = KVCache.for_model(model, max_len=1, type_k=cache_types[0], type_v=cache_types[1]).nbytes
+    windows = layer_windows(model)
+    out = {"bytes_per_token": per_token, "layers": len(windows)}
+    sliding = [w for w in windows if w]
+    if sliding:  # every layer's keys and values have one shape: a layer's share is per_token / layers
+        out.update(window_layers=len(sliding), window=max(sliding),
+                   bytes_per_token_past_window=per_token * (len(windows) - len(sliding)) // len(windows))
+    return out

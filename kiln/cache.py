@@ -264,8 +264,7 @@ class KVCache:
             device, dtype = [torch.device(q.device) for q in split], dtype or [q.dtype for q in split]
         offset = None
         if not split and (cache_type(type_k, p.dtype) in BLOCK_TYPES if rotate is None else rotate):
-            from kiln.models.base import key_offsets  # imported here: models/base imports this file
-            offset = key_offsets(model)  # keys stored rotated, less the model's key bias
+            offset = model.key_offsets()  # keys stored rotated, less the model's key bias (models/base.key_offsets)
         return cls(a.num_hidden_layers, batch, a.num_key_value_heads, a.head_dim,
                    max_len or a.max_position_embeddings, dtype or p.dtype, device or p.device, type_k, type_v, rings,
                    offset, rotate)

@@ -155,9 +155,9 @@ def cache_kw(a) -> dict:
 
 def check_model_args(a) -> None:
     """--device and --dtype, before anything slow (a download, a load)."""
-    from kiln.load import _dtype
+    from kiln.reader import dtype_named
     try:
-        _dtype(a.dtype)
+        dtype_named(a.dtype)
     except KilnError as e:
         raise KilnError(f"--dtype: {e}") from None
     if a.device is None:
@@ -393,7 +393,8 @@ def chat(argv: list[str]) -> int:
     drafting = _drafting(a)
     if not tok.chat_template:
         raise KilnError("this model has no chat template; use `kiln generate --no-chat-template`")
-    from kiln.generate import DecoderPool, stream_generate
+    from kiln.decoder import DecoderPool
+    from kiln.generate import stream_generate
     decoders = DecoderPool(model)  # one KV cache (and CUDA graph) for the whole conversation
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)

@@ -23,7 +23,7 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
     from safetensors.torch import save_file
 
     from kiln.formats.gguf import hf_tensors, read_gguf, to_config
-    from kiln.load import _materialize
+    from kiln.reader import materialize
     from kiln.tokenizer import Tokenizer
 
     g = read_gguf(src)
@@ -31,7 +31,7 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = hf_tensors(g, config)
-    state = {name: _materialize(w, name, None, "cpu", dtype).contiguous()
+    state = {name: materialize(w, name, None, "cpu", dtype).contiguous()
              for name, w in _progress(weights.items(), progress)}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = {k: v for k, v in config.items() if v is not None}
@@ -40,21 +40,8 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
     # safetensors writes through a private temporary file (mode 0600); the weights get the mode that
     # config.json got from open() under the user's umask, like every other file here
     os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
-    _write_tokenizer(Tokenizer.from_gguf(g.meta), out)
+    Tokenizer.from_gguf(g.meta).save_folder(out)
     return out
-
-
-def _write_tokenizer(tok, out: Path):
-    tok.backend.save(str(out / "tokenizer.json"))
-    name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
-    tc = {"bos_token": name(tok.bos_token_id), "eos_token": name(tok.eos_token_id),
-          "add_bos_token": tok.add_bos, "add_eos_token": tok.add_eos,
-          "tokenizer_class": "PreTrainedTokenizerFast"}
-    if tok.chat_template:
-        tc["chat_template"] = tok.chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
-    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": sorted(tok.eos_token_ids)}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def _progress(items, enabled):
@@ -90,19 +77,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pure", action="store_true", help="--to gguf: every weight in --type, no mix")
     a = p.parse_args(argv)
     from kiln.hub import resolve
-    from kiln.load import _dtype
+    from kiln.reader import dtype_named
     if a.to == "gguf":
         return _main_gguf(a, resolve)
     if a.to == "mlx":
         from kiln.convert_mlx import to_mlx
-        dtype = _dtype(a.dtype or "bfloat16")
+        dtype = dtype_named(a.dtype or "bfloat16")
         if Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
             raise KilnError(f"{a.out} already exists and is not an empty folder; give a new folder to write into")
         if not Path(a.out).resolve().parent.is_dir():
             raise KilnError(f"the folder of {a.out} does not exist")
         print(to_mlx(resolve(a.model), a.out, a.q_bits, a.q_group_size, dtype, progress=True))
         return 0
-    dtype = _dtype(a.dtype or "float32")  # checked before a built-in name is pulled
+    dtype = dtype_named(a.dtype or "float32")  # checked before a built-in name is pulled
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise KilnError(f"{a.out} is a file; give a folder to write the model into")
     src = resolve(a.model)

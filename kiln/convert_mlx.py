@@ -26,16 +26,16 @@ from kiln.errors import KilnError
 def to_mlx(src, out_dir, bits: int = 4, group_size: int = 64, dtype=torch.bfloat16,
            progress: bool = False) -> Path:
     """Write the model at `src` (GGUF file or Hugging Face folder) as an mlx-lm quantized folder `out_dir`."""
-    from kiln.load import _dtype
+    from kiln.reader import dtype_named
     from kiln.quant.mlx import check
     check(bits, group_size, "--q-bits/--q-group-size: ")
-    dtype = _dtype(dtype) or torch.bfloat16  # a torch dtype or its name
+    dtype = dtype_named(dtype) or torch.bfloat16  # a torch dtype or its name
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KilnError(f"{out} already exists and is not an empty folder; give a new folder to write into")
     if not out.resolve().parent.is_dir():
         raise KilnError(f"the folder of {out} does not exist")
-    from kiln.load import meta_model, read_model
+    from kiln.reader import meta_model, read_model
     config, weights, tok = read_model(Path(src))
     model, _ = meta_model(config, weights)  # the checks, and the module types that say what mlx-lm quantizes
     tmp = out.resolve().parent / f".{out.name}.kiln-partial-{os.getpid()}"
@@ -65,8 +65,7 @@ def _quantizable(model: nn.Module, group_size: int) -> set[str]:
 def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype, progress):
     from safetensors.torch import save_file
 
-    from kiln.convert import _write_tokenizer
-    from kiln.load import _materialize
+    from kiln.reader import materialize
     from kiln.progress import bar
     from kiln.quant.mlx import quantize
     tied = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in weights
@@ -74,7 +73,7 @@ def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype
     names = [n for n in weights if not (tied and n == "lm_head.weight")]  # mlx-lm's sanitize drops a tied head
     for name in bar(names, desc=f"quantizing ({bits}-bit, groups of {group_size})", unit="tensor",
                     enabled=progress):
-        w = _materialize(weights[name], name, None, "cpu", dtype).contiguous()
+        w = materialize(weights[name], name, None, "cpu", dtype).contiguous()
         if name in quantizable:
             module = name.removesuffix(".weight")
             wq, scales, biases = quantize(w, bits, group_size)  # (R, K*bits/32) u32, (R, K/G) dtype x2
@@ -87,7 +86,7 @@ def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
     (tmp / "config.json").write_text(json.dumps(_config(config, bits, group_size, dtype), indent=4))
     os.chmod(tmp / "model.safetensors", stat.S_IMODE((tmp / "config.json").stat().st_mode))
-    _write_tokenizer(tok, tmp)
+    tok.save_folder(tmp)
 
 
 def _config(config: dict, bits: int, group_size: int, dtype) -> dict:

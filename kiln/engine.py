@@ -41,7 +41,8 @@ from kiln.engine_draft import DraftJob, SlotDrafter
 from kiln.engine_step import BatchStep, adapters_of, fit_context, static_step
 from kiln.engine_io import NO_TOKEN, EngineRequest, QueueFull, RequestHandle, StepOutput
 from kiln.errors import KilnError
-from kiln.generate import check_prompt, prefill_chunk
+from kiln.decoder import prefill_chunk
+from kiln.tokenizer import check_prompt
 from kiln.sample import Sampler, pick_rows, top_logprobs
 from kiln.speculative import accept_drafts, processed_logits
 from kiln.split import input_device

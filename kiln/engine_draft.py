@@ -18,7 +18,7 @@ import torch
 
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
-from kiln.generate import prefill_chunk
+from kiln.decoder import prefill_chunk
 from kiln.sample import SamplingParams, filter_logits
 from kiln.speculative import NgramDrafter, check_drafting
 from kiln.split import input_device

@@ -124,7 +124,7 @@ def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:
     from torch import nn
 
     from kiln.cache import layer_windows
-    from kiln.load import meta_model, read_weights
+    from kiln.reader import meta_model, read_weights
     from kiln.quant.swap import quantized, weight_of
     config, weights = read_weights(Path(path)) if model is None else model
     model, args = meta_model(config, weights)

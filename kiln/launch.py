@@ -43,7 +43,7 @@ from kiln.kv_types import CACHE_TYPES
 from kiln.errors import KilnError
 from kiln.engine import Engine
 from kiln.engine_step import BatchStep
-from kiln.generate import Decoder, DecoderPool
+from kiln.decoder import Decoder, DecoderPool
 
 OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4  # the batch-1 Decoder's calls
 OP_ENGINE, OP_WARM_UP, OP_ROWS_STEP, OP_CHUNK, OP_ROWS_PREFILL = 5, 6, 7, 8, 9  # the batched engine's

@@ -1,13 +1,14 @@
-"""The assembly line: sniff format → read → ModelArgs → Model on meta → assign weights → place.
+"""The assembly line: read → ModelArgs → Model on meta → swap compact layers → assign weights → place.
 
-Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`,
-`read_model(path) -> (config, weights, tokenizer)`, `read_weights(path)` (the same without the tokenizer),
-`meta_model` (the model on the meta device once config and weights are checked against each other:
-formats/checks.py), the choice of default device and
-dtype, and the wiring of the layers above the models: compact layers swapped in (quant/linear.swap_linears
-on GPUs, quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the
-kernel policy handed to the model (its steps' default) and to the swapped layers.
-Not: file formats (formats/), names and downloads (hub.py), dequantization (quant/), tokenization.
+Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`
+(a model on one device), `build_split(config, weights, places, head, policy)` (a model whose blocks are built
+and placed per `places`, split.Place: GPU blocks as QuantLinear, CPU blocks compact or float32), the choice of
+default device and dtype and of the placement n_gpu_layers asks for (fit.plan_for under "auto"), and the wiring
+of the layers above the models: compact layers swapped in (quant/linear.swap_linears on GPUs,
+quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the kernel policy
+handed to the model (its steps' default) and to the swapped layers.
+Not: reading files and checking them against the model (reader.py, formats/), names and downloads (hub.py),
+dequantization (quant/), running a split model (split.py), tokenization.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kiln.errors import KilnError
-from kiln.formats.checks import check_config, check_weights, shapes_of
-from kiln.formats.gguf import GGUFTensor, hf_tensors, read_gguf, to_config
-from kiln.models import get_model
 from kiln.policy import DEFAULT, Policy
+from kiln.reader import check_model, dtype_named, materialize, meta_model, read_model
+from kiln.split import Place, layer_places
 
 
 def default_device() -> str:
@@ -54,7 +55,7 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
 
     path = Path(resolve(str(path_or_name), progress=progress))
     device = torch.device(device or default_device())
-    dtype = _dtype(dtype) or default_dtype(device)
+    dtype = dtype_named(dtype) or default_dtype(device)
     config, weights, tokenizer = read_model(path)
     check_model(config, weights)  # before the placement reads the config: the file is untrusted
     full = config
@@ -66,7 +67,6 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
     if places is None and shard is None:
         places = _gpu_places(path, (config, weights), device, n_gpu_layers, quantized, ctx_size, verbose)
     if places is not None:
-        from kiln.split import build_split
         model = build_split(config, weights, places, places[-1], policy or DEFAULT, progress)
         model.source = str(path)
         return model, tokenizer
@@ -111,41 +111,7 @@ def _gpu_places(path, model, device, n_gpu_layers, quantized, ctx_size, verbose)
         raise KilnError(f"n_gpu_layers must be an int, 'all' or 'auto', got {n_gpu_layers!r}")
     if n_gpu_layers >= n_layers:
         return None
-    from kiln.split import layer_places
     return layer_places(n_layers, n_gpu_layers, str(device), cpu_compact=quantized is not False)
-
-
-def read_model(path: Path):
-    """(config, weights, tokenizer) of a GGUF file or a Hugging Face folder; weights are read lazily."""
-    from kiln.tokenizer import Tokenizer
-    if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        config, weights = read_folder(path)
-        return config, weights, Tokenizer.from_folder(path)
-    from kiln.hub import cache_dir
-    g = read_gguf(path)
-    config = to_config(g)
-    return config, hf_tensors(g, config), Tokenizer.from_gguf(g.meta, cache_dir() / "tokenizers")
-
-
-def read_weights(path: Path):
-    """(config, weights) of a GGUF file or a Hugging Face folder, without building the tokenizer."""
-    if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        return read_folder(path)
-    g = read_gguf(path)
-    config = to_config(g)
-    return config, hf_tensors(g, config)
-
-
-def _dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise KilnError(f"dtype {dtype!r} is not supported (use one of {', '.join(table)})")
-    return table[dtype]
 
 
 def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float32, progress: bool = False,
@@ -170,7 +136,7 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
     wanted = {n: p for n, p in model.named_parameters() if n not in taken}
     state = {}
     for name in _progress(list(wanted), progress, "loading weights"):
-        state[name] = _materialize(weight_of(weights, name), name, tuple(wanted[name].shape), device, dtype)
+        state[name] = materialize(weight_of(weights, name), name, tuple(wanted[name].shape), device, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # QuantLinear layers hold their own data
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
     if left:
@@ -179,39 +145,9 @@ def build_model(config: dict, weights: Mapping, device="cpu", dtype=torch.float3
             and "lm_head.weight" not in taken:
         model.lm_head.weight = model.model.embed_tokens.weight
     if "model.rope_freqs" in weights:
-        model.model.rotary.freq_factors = _materialize(weights["model.rope_freqs"], "rope_freqs",
+        model.model.rotary.freq_factors = materialize(weights["model.rope_freqs"], "rope_freqs",
                                                        None, "cpu", torch.float32)
     return model.to(device).eval().requires_grad_(False)
-
-
-def check_model(config: dict, weights: Mapping):
-    """(model class, args class, weight shapes) once the config is one its model can be built from."""
-    model_cls, args_cls = get_model(config["model_type"])
-    shapes = shapes_of(weights)
-    check_config(args_cls, config, shapes)
-    return model_cls, args_cls, shapes
-
-
-def meta_model(config: dict, weights: Mapping):
-    """(model on the meta device, its args), once config and weights are checked to agree; nothing is read.
-
-    Model files are untrusted: the checks come before the model is built (an absurd size or layer count
-    would otherwise allocate or loop) and before any weight is read (a wrong shape fails in milliseconds).
-    """
-    model_cls, args_cls, shapes = check_model(config, weights)
-    args = args_cls.from_dict(config)
-    with torch.device("meta"):
-        model = model_cls(args)
-    check_weights(model, weights, shapes)
-    return model, args
-
-
-def _materialize(w, name: str, shape, device, dtype) -> torch.Tensor:
-    t = w.dequantize(torch.float32) if isinstance(w, GGUFTensor) else w
-    if shape is not None and tuple(t.shape) != shape:
-        raise KilnError(f"tensor {name} has shape {tuple(t.shape)} but the config needs {shape}; "
-                        f"config and weights disagree")
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -219,3 +155,93 @@ def _progress(items, enabled: bool, desc: str):
         return items
     from kiln.progress import bar  # a tqdm bar on a terminal, plain lines in a log
     return bar(items, desc=desc, unit="tensor", leave=False)
+
+
+class _Prefixed(Mapping):
+    """weights seen from inside one module: m["self_attn.q_proj.weight"] is weights[prefix + that]."""
+
+    def __init__(self, weights: Mapping, prefix: str):
+        self.weights, self.prefix = weights, prefix
+
+    def __getitem__(self, k):
+        return self.weights[self.prefix + k]
+
+    def __contains__(self, k):
+        return self.prefix + k in self.weights
+
+    def __iter__(self):
+        n = len(self.prefix)
+        return (k[n:] for k in self.weights if k.startswith(self.prefix))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _swap(module: nn.Module, weights: Mapping, place: Place, policy) -> list[str]:
+    """Replace module's layers as `place` calls for (names relative to module); the names taken."""
+    if not place.compact:
+        return []
+    if torch.device(place.device).type == "cuda":
+        from kiln.quant.linear import swap_linears
+        from kiln.quant.swap import join_projections
+        taken = swap_linears(module, weights, place.device, place.dtype, policy=policy)
+        join_projections(module)
+        return taken
+    from kiln.quant.cpu import compact_linears
+    return compact_linears(module, weights, policy=policy)
+
+
+def build_split(config: dict, weights: Mapping, places: list[Place], head: Place, policy, progress=False):
+    """A model of `config` whose block i is made and placed as places[i]; the final norm and output head as
+    `head`, the embedding on the CPU (compact when the first place is). Tensors are read one at a time."""
+    from kiln.quant.swap import weight_of
+    model, args = meta_model(config, weights)
+    if len(places) != args.num_hidden_layers:
+        raise KilnError(f"a placement of {len(places)} layers for a model of {args.num_hidden_layers}")
+    model.policy = policy
+    body = model.model
+    taken = set()
+    for i, (block, place) in enumerate(zip(body.layers, places)):
+        prefix = f"model.layers.{i}."
+        taken |= {prefix + n for n in _swap(block, _Prefixed(weights, prefix), place, policy)}
+    holder = nn.Module()  # the head alone, so its swap sees the name "lm_head" and joins nothing else
+    holder.lm_head = model.lm_head
+    head_w = {"lm_head.weight": weight_of(weights, "lm_head.weight")}
+    taken |= set(_swap(holder, head_w, head, policy))
+    model.lm_head = holder.lm_head
+    embed = nn.Module()
+    embed.embed_tokens = body.embed_tokens
+    emb_place = Place("cpu", places[0].compact if places else head.compact)
+    if emb_place.compact:
+        from kiln.quant.cpu import compact_linears
+        taken |= {"model." + n for n in compact_linears(embed, _Prefixed(weights, "model."), policy=policy)}
+    body.embed_tokens = embed.embed_tokens
+    where = {f"model.layers.{i}.": p for i, p in enumerate(places)}
+    state = {}
+    wanted = [(n, p) for n, p in model.named_parameters() if n not in taken]
+    for name, p in _progress(wanted, progress, "loading weights"):
+        place = _place_of(name, where, head, emb_place)
+        state[name] = materialize(weight_of(weights, name), name, tuple(p.shape), place.device, place.dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(args, "tie_word_embeddings", False) and "lm_head.weight" not in weights \
+            and "lm_head.weight" not in taken and head.device == "cpu" and not head.compact:
+        model.lm_head.weight = body.embed_tokens.weight
+    if "model.rope_freqs" in weights:
+        body.rotary.freq_factors = materialize(weights["model.rope_freqs"], "rope_freqs", None, "cpu", torch.float32)
+    for block, place in zip(body.layers, places):
+        block.to(place.device)
+        block.place = place
+    body.norm.to(head.device)
+    model.lm_head.to(head.device)
+    model.layer_devices = [torch.device(p.device) for p in places]
+    model.places = places
+    return model.eval().requires_grad_(False)
+
+
+def _place_of(name: str, where: dict, head: Place, emb: Place) -> Place:
+    if name.startswith("model.layers."):
+        prefix = ".".join(name.split(".")[:3]) + "."
+        return where[prefix]
+    if name.startswith(("lm_head.", "model.norm.")):
+        return head
+    return emb

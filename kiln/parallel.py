@@ -155,7 +155,7 @@ def check_file(path, world: int) -> None:
     read from its config and tensor headers alone: a launcher checks this before it starts any rank."""
     from pathlib import Path
 
-    from kiln.load import check_model, read_weights
+    from kiln.reader import check_model, read_weights
     config, weights = read_weights(Path(path))
     check_model(config, weights)  # a malformed config: one KilnError naming the field, before any rank starts
     Sizes.of(config, world, mlp_block(weights))  # KilnError where the model does not divide

@@ -140,7 +140,7 @@ def cache_prompt(model, tokenizer, prompt, path, cache_type_k: str | None = None
     """Prefill `prompt` (text, chat messages or ids, as generate takes it) and save its KV state to `path`;
     (tokens, bytes written)."""
     from kiln.cache import Step
-    from kiln.generate import check_prompt, prompt_ids
+    from kiln.tokenizer import check_prompt, prompt_ids
     ids = check_prompt(prompt_ids(tokenizer, prompt), model.args.max_position_embeddings + 1, model.args.vocab_size)
     cache = KVCache.for_model(model, max_len=len(ids), type_k=cache_type_k, type_v=cache_type_v)
     x = torch.tensor([ids], device=cache.k.device)

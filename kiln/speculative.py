@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from kiln.decoder import VERIFY_MAX_ROWS, Decoder
 from kiln.errors import KilnError
 from kiln.sample import Sampler, SamplingParams, apply_penalties, filter_logits
 
@@ -55,8 +56,6 @@ class ModelDrafter:
     else draws from its own tempered and filtered distribution q (no penalties: any q keeps the output exact)."""
 
     def __init__(self, model, max_len: int):
-        from kiln.generate import Decoder  # generate.py imports this module
-
         self.model = model
         self.decoder = Decoder.for_model(model, max_len)
         self.known = 0  # leading positions of the context whose keys and values the draft cache holds
@@ -67,12 +66,12 @@ class ModelDrafter:
 
     def draft(self, seq: list[int], k: int, params: SamplingParams, gen) -> tuple[list[int], torch.Tensor | None]:
         """k draft tokens after seq, and their distributions q (k, V) (None when greedy)."""
-        from kiln.generate import VERIFY_MAX_ROWS  # a longer catch-up is a prompt chunk: prefilled, last row only
         dec, device = self.decoder, self.decoder.cache.k.device
         new = torch.tensor([seq[self.known:]], dtype=torch.long, device=device)  # (1, T), T >= 1
         if self.known and new.shape[1] == 1:  # a round's catch-up: the target's bonus token (a graph step)
             logits = dec.step(new[0], self.known)
-        elif self.known and new.shape[1] <= VERIFY_MAX_ROWS:  # and the accepted drafts this cache did not see
+        elif self.known and new.shape[1] <= VERIFY_MAX_ROWS:  # the accepted drafts this cache did not see (more:
+            # a prompt chunk, prefilled, last row only)
             logits = dec.verify(new, self.known)[-1:]
         else:
             for start in range(0, new.shape[1], 512):

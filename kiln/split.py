@@ -1,15 +1,13 @@
 """CPU + GPU layer split: which device (and which kind of layer) each block lives and runs on.
 
 Owns: `Place` (a device and whether its layers stay compact), `layer_places(n_layers, n_gpu_layers, ...)`
-(llama.cpp's rule: the last N blocks and the output head on the GPU, the embedding and the other blocks on
-the CPU), `build_split(config, weights, places, head, policy)` (a model whose blocks are built and placed
-per `places`: GPU blocks as QuantLinear, CPU blocks with the compact CPU layers or float32) and
-`run_blocks(layers, x, residual, step)`, the loop every model family runs its blocks with: where the place
-changes, the activations (and the step's positions, RoPE tables and masks; a batched-rows step's per-row
+(llama.cpp's rule: the last N blocks and the output head on the GPU, the embedding and the other blocks on the
+CPU) and `run_blocks(layers, x, residual, step)`, the loop every model family runs its blocks with: where the
+place changes, the activations (and the step's positions, RoPE tables and masks; a batched-rows step's per-row
 positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go;
 `DeviceGraphs`, the CUDA graphs a one-token step replays for its runs of GPU blocks (`gpu_blocks`: has it any).
-Not: the plan of how many layers fit (fit.py), the KV cache storage (cache.py keeps one tensor per layer on
-that layer's device when the model has `layer_devices`), kernels.
+Not: building a split model (load.build_split), the plan of how many layers fit (fit.py), the KV cache storage
+(cache.py keeps one tensor per layer on that layer's device when the model has `layer_devices`), kernels.
 
 A place is a group, not just a device: two groups on the CPU (float32 blocks, then compact blocks) run
 the same crossing code as CPU + GPU, which is how the split is tested on a machine without a GPU.
@@ -17,13 +15,14 @@ the same crossing code as CPU + GPU, which is how the split is tested on a machi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
+from kiln.cache import GRAPH, PREFILL, ROWS, KVCache, RowsView
 from kiln.errors import KilnError
+from kiln.ops import use_triton
+from kiln.ops.graph import capture_graph
 
 
 @dataclass(frozen=True)
@@ -45,107 +44,14 @@ def layer_places(n_layers: int, n_gpu_layers: int, gpu: str = "cuda", cpu_compac
     return [Place("cpu", cpu_compact)] * n_cpu + [Place(gpu, True)] * n_gpu_layers
 
 
-class _Prefixed(Mapping):
-    """weights seen from inside one module: m["self_attn.q_proj.weight"] is weights[prefix + that]."""
-
-    def __init__(self, weights: Mapping, prefix: str):
-        self.weights, self.prefix = weights, prefix
-
-    def __getitem__(self, k):
-        return self.weights[self.prefix + k]
-
-    def __contains__(self, k):
-        return self.prefix + k in self.weights
-
-    def __iter__(self):
-        n = len(self.prefix)
-        return (k[n:] for k in self.weights if k.startswith(self.prefix))
-
-    def __len__(self):
-        return sum(1 for _ in self)
-
-
-def _swap(module: nn.Module, weights: Mapping, place: Place, policy) -> list[str]:
-    """Replace module's layers as `place` calls for (names relative to module); the names taken."""
-    if not place.compact:
-        return []
-    if torch.device(place.device).type == "cuda":
-        from kiln.quant.linear import swap_linears
-        from kiln.quant.swap import join_projections
-        taken = swap_linears(module, weights, place.device, place.dtype, policy=policy)
-        join_projections(module)
-        return taken
-    from kiln.quant.cpu import compact_linears
-    return compact_linears(module, weights, policy=policy)
-
-
-def build_split(config: dict, weights: Mapping, places: list[Place], head: Place, policy, progress=False):
-    """A model of `config` whose block i is made and placed as places[i]; the final norm and output head as
-    `head`, the embedding on the CPU (compact when the first place is). Tensors are read one at a time."""
-    from kiln.load import _materialize, _progress, meta_model
-    from kiln.quant.swap import weight_of
-    model, args = meta_model(config, weights)
-    if len(places) != args.num_hidden_layers:
-        raise KilnError(f"a placement of {len(places)} layers for a model of {args.num_hidden_layers}")
-    model.policy = policy
-    body = model.model
-    taken = set()
-    for i, (block, place) in enumerate(zip(body.layers, places)):
-        prefix = f"model.layers.{i}."
-        taken |= {prefix + n for n in _swap(block, _Prefixed(weights, prefix), place, policy)}
-    holder = nn.Module()  # the head alone, so its swap sees the name "lm_head" and joins nothing else
-    holder.lm_head = model.lm_head
-    head_w = {"lm_head.weight": weight_of(weights, "lm_head.weight")}
-    taken |= set(_swap(holder, head_w, head, policy))
-    model.lm_head = holder.lm_head
-    embed = nn.Module()
-    embed.embed_tokens = body.embed_tokens
-    emb_place = Place("cpu", places[0].compact if places else head.compact)
-    if emb_place.compact:
-        from kiln.quant.cpu import compact_linears
-        taken |= {"model." + n for n in compact_linears(embed, _Prefixed(weights, "model."), policy=policy)}
-    body.embed_tokens = embed.embed_tokens
-    where = {f"model.layers.{i}.": p for i, p in enumerate(places)}
-    state = {}
-    wanted = [(n, p) for n, p in model.named_parameters() if n not in taken]
-    for name, p in _progress(wanted, progress, "loading weights"):
-        place = _place_of(name, where, head, emb_place)
-        state[name] = _materialize(weight_of(weights, name), name, tuple(p.shape), place.device, place.dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(args, "tie_word_embeddings", False) and "lm_head.weight" not in weights \
-            and "lm_head.weight" not in taken and head.device == "cpu" and not head.compact:
-        model.lm_head.weight = body.embed_tokens.weight
-    if "model.rope_freqs" in weights:
-        body.rotary.freq_factors = _materialize(weights["model.rope_freqs"], "rope_freqs", None, "cpu", torch.float32)
-    for block, place in zip(body.layers, places):
-        block.to(place.device)
-        block.place = place
-    body.norm.to(head.device)
-    model.lm_head.to(head.device)
-    model.layer_devices = [torch.device(p.device) for p in places]
-    model.places = places
-    return model.eval().requires_grad_(False)
-
-
-def _place_of(name: str, where: dict, head: Place, emb: Place) -> Place:
-    if name.startswith("model.layers."):
-        prefix = ".".join(name.split(".")[:3]) + "."
-        return where[prefix]
-    if name.startswith(("lm_head.", "model.norm.")):
-        return head
-    return emb
-
-
 def on_device(step, device: torch.device):
     """The step with what prepare() computed for this forward moved to `device`: positions, RoPE tables,
     masks, and for a batched-rows step (Step.rows, the engine's) its per-row positions and the slot index of
     its RowsView. A CUDA-graph step cannot cross: its inputs are static buffers on one device."""
-    from kiln.cache import GRAPH, RowsView
-    from kiln.models.base import RopeAt
     if step.kind == GRAPH:
         raise KilnError("a model split across devices runs eager steps only (no CUDA graph): "
                         "turn graphs off, or load the model on one device")
-    rope = {k: RopeAt(r.pos.to(device), r.inv_freq.to(device), r.attn_factor, r.rot_dim) for k, r in step.rope.items()}
+    rope = {k: r._replace(pos=r.pos.to(device), inv_freq=r.inv_freq.to(device)) for k, r in step.rope.items()}
     mask = {w: (m if m is None else m.to(device)) for w, m in step.mask.items()}
     cache = step.cache.to(device) if isinstance(step.cache, RowsView) else step.cache
     pos = step.pos.to(device) if isinstance(step.pos, torch.Tensor) else step.pos
@@ -212,7 +118,6 @@ class DeviceGraphs:
     `kinds`: the device types served (a test's second CPU group stands in for the GPU)."""
 
     def __init__(self, capture=None, kinds: tuple = ("cuda",)):
-        from kiln.ops.graph import capture_graph
         self.capture, self.kinds = capture or capture_graph, kinds
         self.graphs: dict = {}  # (id(layers), a, b, residual given, rows) -> _Segment
         self._seen: set = set()
@@ -235,7 +140,6 @@ class DeviceGraphs:
         return seg.replay(x, residual, step)
 
     def _serves(self, blocks, x: torch.Tensor, step, device: torch.device) -> bool:
-        from kiln.cache import PREFILL, ROWS, KVCache, RowsView
         if device.type not in self.kinds or x.shape[1] != 1 or torch.is_grad_enabled():
             return False
         if step.kind == PREFILL:
@@ -252,7 +156,6 @@ class _Segment:
     the output pair."""
 
     def __init__(self, blocks, x: torch.Tensor, residual, step, device, capture, pool):
-        from kiln.cache import ROWS
         self.step, self.rows = step, step.kind == ROWS
         self.cache = step.cache.cache if self.rows else step.cache  # a batch's: the slot cache behind its view
         dtype = blocks[0].place.dtype  # as run_blocks crosses
@@ -276,14 +179,11 @@ class _Segment:
         """The step in the form the all-GPU graphs capture, at the static positions: a batch-1 step as
         `Step.graph`, a batch's as `Step.rows` over the whole slot cache; positions, RoPE tables and (built by
         the first layer that asks) masks computed from those tensors."""
-        from kiln.cache import GRAPH, RowsView
-        from kiln.models.base import RopeAt
-        from kiln.ops import use_triton
         s = self.step
         positions = self.pos[..., None] + torch.arange(1, device=self.pos.device)  # (B, 1), or (1,) for a GRAPH step
         positions = positions if self.rows else positions.view(1)
         cache = RowsView(self.cache, self.slots, self.cache.max_len) if self.rows else self.cache
-        rope = {k: RopeAt(positions, self.inv_here[k], r.attn_factor, r.rot_dim) for k, r in s.rope.items()}
+        rope = {k: r._replace(pos=positions, inv_freq=self.inv_here[k]) for k, r in s.rope.items()}
         return replace(s, kind=s.kind if self.rows else GRAPH, cache=cache, pos=self.pos, positions=positions,
                        rope=rope, mask={}, graphs=None, n_keys=self.cache.max_len,
                        fused=use_triton(self.x, s.policy))

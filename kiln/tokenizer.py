@@ -1,9 +1,11 @@
 """Text <-> token ids: the Tokenizer (from a GGUF vocabulary or a Hugging Face folder), chat prompts, streaming.
 
-Owns: `Tokenizer` (encode, decode, single tokens, end-of-generation ids), reading a Hugging Face tokenizer folder,
-chat prompts whose control tokens come only from the template (`chat_ids`), a provable bound on characters per
-token, and a streaming detokenizer that never emits half a UTF-8 character. Decoding reads one table of bytes
-per id (llama.cpp's pieces), so `decode(ids)` and a StreamingDetokenizer's output are the same text.
+Owns: `Tokenizer` (encode, decode, single tokens, end-of-generation ids), reading a Hugging Face tokenizer
+folder, chat prompts whose control tokens come only from the template (`chat_ids`), a prompt's ids and their
+checks against a model's vocabulary and context (`prompt_ids`, `check_prompt`: both token loops' and the prompt
+cache's), a provable bound on characters per token, and a streaming detokenizer that never emits half a UTF-8
+character. Decoding reads one table of bytes per id (llama.cpp's pieces), so `decode(ids)` and a
+StreamingDetokenizer's output are the same text.
 Not: GGUF vocabularies (formats/gguf_vocab.py), stop strings (textstream.py), sampling, the Jinja sandbox
 (chat_template.py), tool calls (server/), llama.cpp's cosmetic `clean_spaces` (kiln's decode is lossless).
 """
@@ -77,6 +79,21 @@ class Tokenizer:
         except Exception as e:  # the Rust parser's errors are plain Exceptions
             raise KilnError(f"{file} is not a readable tokenizer ({e}); re-download or re-save it") from None
         return cls(backend, **_folder_fields(root, backend))
+
+    def save_folder(self, out: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json into `out` (a Hugging Face
+        folder that from_folder, transformers and mlx-lm read back: kiln convert, fuse, adapters)."""
+        out = Path(out)
+        self.backend.save(str(out / "tokenizer.json"))
+        name = lambda i: self.backend.id_to_token(i) if i is not None else None  # noqa: E731
+        tc = {"bos_token": name(self.bos_token_id), "eos_token": name(self.eos_token_id),
+              "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template:
+            tc["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+        gen = {"bos_token_id": self.bos_token_id, "eos_token_id": sorted(self.eos_token_ids)}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
     # --- encode / decode ---------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -253,6 +270,38 @@ class Tokenizer:
             raise KilnError("this model has no chat template; pass --no-chat-template to send the prompt as raw "
                             "text, or supply a template (--chat-template FILE)")
         return self.chat_template
+
+
+# --- Prompts: what a generation starts from -------------------------------------------------------------------
+class ContextFull(KilnError):
+    """The prompt leaves no room for a generated token in the context (the server's context_length_exceeded)."""
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """A str is used as is, a list of chat messages gets the chat template, a list of ints is ids."""
+    if isinstance(prompt, (str, list, tuple)) and not prompt:  # empty even where the tokenizer adds a BOS
+        raise KilnError("the prompt is empty: give at least one token of text")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.chat_ids(list(prompt), add_generation_prompt=True)  # message text is encoded as text
+    raise KilnError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+
+
+def check_prompt(ids: list[int], context: int, vocab: int, fix: str = "raise the context size") -> list[int]:
+    """The ids, if a model with `vocab` ids can generate after them within `context` positions; else KilnError
+    (ContextFull when too long; `fix` says how to get a larger context)."""
+    if not ids:
+        raise KilnError("the prompt is empty: give at least one token of text")
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise KilnError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+    if len(ids) >= context:
+        raise ContextFull(f"the prompt has {len(ids)} tokens but the context holds {context}; shorten the "
+                          f"prompt or {fix}")
+    return ids
 
 
 # --- Streaming -------------------------------------------------------------------------------------------------

@@ -454,7 +454,7 @@ def mutate(seed: int, case: int, h: Header, w: Writer):
 
 def load_gguf(path: Path):
     """What kiln.load does with a GGUF file, up to and including the model on the meta device."""
-    from kiln.load import meta_model, read_model
+    from kiln.reader import meta_model, read_model
     config, weights, tokenizer = read_model(path)
     meta_model(config, weights)
     return tokenizer

@@ -168,7 +168,6 @@ def serving(folder, args: list[str], alias: str = "tiny"):
 def tiny_served(qwen_path, tmp_path_factory):
     """A tiny random qwen2 HF folder with the real Qwen tokenizer, its two adapters and PEFT over them:
     (tokenizer, folder, {name: adapter folder}, PeftModel)."""
-    from kiln.convert import _write_tokenizer
     from kiln.formats.gguf import read_gguf
     from kiln.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
@@ -176,7 +175,7 @@ def tiny_served(qwen_path, tmp_path_factory):
     hf, _ = tm._hf_model(cfg)
     root = tmp_path_factory.mktemp("served")
     hf.save_pretrained(root / "tiny")
-    _write_tokenizer(tok, root / "tiny")
+    tok.save_folder(root / "tiny")
     folders = _save_adapters(cfg, hf, root)
     return tok, root / "tiny", folders, _peft(tm._hf_model(cfg)[0], folders)
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import kiln
 from kiln.cache import KVCache, Ring, Step, layer_windows, plan_rings
 from kiln.errors import KilnError
-from kiln.generate import ContextShift, Decoder, generate_step
+from kiln.decoder import Decoder
+from kiln.generate import ContextShift, generate_step
 from kiln.load import build_model
 from kiln.models.base import key_rotation, ring_mask
 from kiln.ops import rope_qk_ref
@@ -112,7 +113,8 @@ def test_sliding_ring_graph_steps_and_quantized_types():
 def test_a_split_model_keeps_rings_per_layer_device():
     """A model split between two places (kiln/split.py; "cpu" and "cpu:0" cross as CPU and GPU do): each
     layer's ring on its own device, the logits of the unsplit model's full cache."""
-    from kiln.split import Place, build_split
+    from kiln.load import build_split
+    from kiln.split import Place
     places = [Place("cpu", False)] * 2 + [Place("cpu:0", False)] * 2
     split = build_split(GEMMA, _weights(GEMMA), places, Place("cpu:0", False), TORCH)
     model, ids = _tiny(GEMMA), _ids(20, seed=10)
@@ -144,7 +146,7 @@ def test_a_padded_prompt_keeps_only_its_real_rows(t):
 def test_a_decoder_pool_bounds_sliding_layers_and_generates_the_same():
     """Through generate_step: the default (ring) decoder and a whole-context one pick the same tokens with the
     same log-probabilities, prompt longer than the window, eager decode."""
-    from kiln.generate import DecoderPool
+    from kiln.decoder import DecoderPool
     model = _tiny(GEMMA)
     prompt = _ids(13, seed=3)[0].tolist()
     runs = []
@@ -170,6 +172,23 @@ def test_plan_rings():
     for bad in (4, 0, -3, 2.5, True):
         with pytest.raises(KilnError, match="max_kv_size"):
             plan_rings(w, 4096, max_kv_size=bad, keep=4)
+
+@pytest.mark.parametrize("types", [(None, None), ("q8_0", "f16")])
+def test_bench_kv_bytes_match_what_a_bounded_cache_allocates(types):
+    """kiln bench's KV line: bytes a token in every layer, and past the window what one more position costs a
+    cache whose sliding layers are rings (measured from two allocated caches, not from the formula)."""
+    from kiln.bench import _kv_bytes_per_token
+    model = _tiny(GEMMA)
+    kv = _kv_bytes_per_token(model, types)
+    one = KVCache.for_model(model, max_len=1, type_k=types[0], type_v=types[1])
+    assert kv["bytes_per_token"] == one.nbytes and (kv["layers"], kv["window_layers"], kv["window"]) == (4, 3, 5)
+
+    def ringed(n):
+        rings = plan_rings(layer_windows(model), n)
+        return KVCache.for_model(model, max_len=n, type_k=types[0], type_v=types[1], rings=rings).nbytes
+    assert kv["bytes_per_token_past_window"] == (ringed(96) - ringed(64)) // 32
+    assert "window_layers" not in _kv_bytes_per_token(_tiny(LLAMA), (None, None))
+
 
 
 def test_ring_slots_and_positions():
@@ -377,7 +396,7 @@ def test_context_shift_refuses_a_window_it_would_break():
 def gemma_tok(gemma_path):
     """(a tiny random Gemma 3 over the real vocabulary, the real Gemma 3 270M tokenizer): stream_generate's
     finish reasons and checks do not depend on the weights, and this loads in a second, not twenty."""
-    from kiln.load import read_model
+    from kiln.reader import read_model
     config, _, tok = read_model(gemma_path)
     return _tiny(GEMMA, vocab_size=config["vocab_size"]), tok
 

@@ -191,10 +191,13 @@ for name in ("qwen2", "gemma3"):  # the k bias (a key offset); sliding windows, 
     cfg = dict(tm.CONFIGS[name], head_dim=64)
     km = tm._kiln_model(cfg, tm._hf_model(cfg)[0])
     ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=g)
-    for tk, tv in (("q8_0", "q8_0"), ("q8_0", "q4_0"), ("fp8", "fp8"), ("f16", "q8_0")):
+    exact = None  # the unfused steps over a float cache: what each type's own rounding is measured against
+    for tk, tv in ((None, None), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("fp8", "fp8"), ("f16", "q8_0")):
         outs = []
         for base.FUSED_MAX_T in (16, 0):  # the fused step (kv_write's kernel, the decode kernel over the codes);
             #                               torch's write, attention over the whole cache dequantized
+            if tk is None and base.FUSED_MAX_T:
+                continue
             c = KVCache.for_model(km, batch=3, max_len=16, type_k=tk, type_v=tv)
             one = c.slot(1)
             with torch.no_grad():
@@ -206,11 +209,19 @@ for name in ("qwen2", "gemma3"):  # the k bias (a key offset); sliding windows, 
                 out.append(km(torch.stack([ids[0, 11:12], ids[1, 4:5]]), Step.rows(c.rows([1, 2], 12), pos, on)))
             outs.append(torch.cat([o.flatten() for o in out]))
         base.FUSED_MAX_T = 16
+        if tk is None:
+            exact = outs[0]
+            read.clear()
+            continue
         assert base.prepare(Step.graph(one, torch.tensor(9), on), ids[:, :1], off, {}, set()).fused
-        err = (outs[0] - outs[1]).abs().max().item()
-        assert err <= 1e-3 and all(read) and len(read) == 4 * cfg["num_hidden_layers"], (name, tk, tv, err, read)
+        # The two paths' float sums differ in their last bits, and a later layer's key or value can then round
+        # to the neighbouring code (one q8_0 step: ~0.005 here); a wrong read (scales, basis, offset, slots)
+        # costs as much as the type's whole rounding (0.05 for q8_0, 0.2 for fp8, 0.6 for q4_0 values here).
+        err, rounding = (outs[0] - outs[1]).abs().max().item(), (outs[1] - exact).abs().max().item()
+        ok = err <= max(1e-3, 0.25 * rounding)
+        assert ok and all(read) and len(read) == 4 * cfg["num_hidden_layers"], (name, tk, tv, err, rounding, read)
         read.clear()
-        print(name, tk, tv, err)
+        print(name, tk, tv, err, rounding)
 """
 
 
@@ -219,8 +230,9 @@ def test_a_fused_step_reads_a_q8_0_cache_as_stored():
     """A CUDA-graph step (1 and 3 tokens) and a batched-rows step over a q8_0 / q4_0 / fp8 cache through the
     fused kernels (Triton's interpreter): kv_write's encoder, the decode kernel reading the codes and scales
     as stored, the query and output rotated in them: the logits of the unfused step (SDPA over the dequantized
-    cache), for qwen2 (keys less the k bias) and gemma3 (sliding windows, q/k norms), q8_0 values and q4_0
-    values; an fp8 cache; float16 keys (another float type than the model's) beside rotated q8_0 values."""
+    cache) within a quarter of what the type's own rounding costs (against a float cache), for qwen2 (keys less
+    the k bias) and gemma3 (sliding windows, q/k norms), q8_0 values and q4_0 values; an fp8 cache; float16 keys
+    (another float type than the model's) beside rotated q8_0 values."""
     from interpreter import run_interpreted
     assert run_interpreted(_FUSED_Q8, timeout=900).count("\n") == 8
 

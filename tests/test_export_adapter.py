@@ -77,14 +77,13 @@ def _tiny_folder(out: Path, qwen_path, name: str) -> Path:
     """A tiny random HF folder of architecture `name` with the real Qwen tokenizer files."""
     import test_models as tm
 
-    from kiln.convert import _write_tokenizer
     from kiln.formats.gguf import read_gguf
     from kiln.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
     cfg = dict(tm.CONFIGS[name], vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=3)
     hf, _ = tm._hf_model(cfg)
     hf.save_pretrained(out)
-    _write_tokenizer(tok, out)
+    tok.save_folder(out)
     return out
 
 

@@ -120,7 +120,6 @@ def test_malformed_record_names_file_and_line(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, qwen_path):
     """A tiny random qwen2 HF folder with the real Qwen tokenizer (and its chat template)."""
-    from kiln.convert import _write_tokenizer
     from kiln.formats.gguf import read_gguf
     from kiln.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(read_gguf(qwen_path).meta)
@@ -128,7 +127,7 @@ def tiny_folder(tmp_path_factory, qwen_path):
     hf, _ = tm._hf_model(cfg)
     out = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(out)
-    _write_tokenizer(tok, out)
+    tok.save_folder(out)
     return out
 
 
@@ -266,7 +265,8 @@ def test_fuse_into_gguf_equals_base_plus_adapter(tmp_path):
     """`kiln fuse --to gguf` on a llama GGUF (q/k rows in llama.cpp's permuted order): the fused file, written
     f32, gives the logits of the base with the adapter applied (<= 1e-3); re-quantized to q8_0 it stays close."""
     from kiln.cli import main
-    from kiln.load import build_model, read_weights
+    from kiln.load import build_model
+    from kiln.reader import read_weights
     load = lambda path: build_model(*read_weights(path))  # noqa: E731 (the test files carry no vocabulary)
     cfg, _ = _q8_model(tmp_path)
     base_path = tmp_path / "q8.gguf"

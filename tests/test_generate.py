@@ -10,7 +10,7 @@ import torch
 
 import kiln
 from kiln.errors import KilnError
-from kiln.generate import DecoderPool
+from kiln.decoder import DecoderPool
 
 pytestmark = pytest.mark.model
 

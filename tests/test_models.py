@@ -124,7 +124,7 @@ def test_steps_are_built_explicitly():
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_a_padded_prompt_reads_like_the_prompt_alone(name):
-    """What a prefill graph runs (generate.Decoder.prefill): the prompt padded at the end, the logits of its
+    """What a prefill graph runs (decoder.Decoder.prefill): the prompt padded at the end, the logits of its
     last real row (last_only=index), then decoding from the real length over the padded slots; equal to
     the unpadded prompt and to the uncached forward (gemma3: a window shorter than the padded length)."""
     cfg = CONFIGS[name]
@@ -148,7 +148,7 @@ def test_a_padded_prompt_reads_like_the_prompt_alone(name):
 def test_prefill_graphs_equal_eager_prefills(name):
     """Decoder.prefill from captured graphs (a bucket's second use captures, the third replays) gives the
     eager prefill's logits and the same decode after it, for prompts sharing a bucket and not."""
-    from kiln.generate import Decoder
+    from kiln.decoder import Decoder
     cfg = CONFIGS[name]
     hf, _ = _hf_model(cfg)
     km = _kiln_model(cfg, hf).cuda()

@@ -22,7 +22,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from kiln.cache import KVCache, Step
 from kiln.errors import KilnError
 from kiln.formats.gguf import GGUFTensor, _fix_up
-from kiln.load import build_model, check_model
+from kiln.load import build_model
+from kiln.reader import check_model
 from kiln.parallel import Shard, Sizes
 from kiln.quant.cpu import compact_linears
 

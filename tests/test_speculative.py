@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kiln
 from kiln.errors import KilnError
-from kiln.generate import Decoder
+from kiln.decoder import Decoder
 from kiln.load import build_model
 from kiln.sample import SamplingParams
 from kiln.speculative import ModelDrafter, NgramDrafter, speculative_step

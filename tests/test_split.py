@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.generate import Decoder
+from kiln.decoder import Decoder
 from kiln.errors import KilnError
 from kiln.quant.cpu import Int4Linear, Int8Linear, BlockLinear
 from kiln.split import Place, layer_places
@@ -106,7 +106,8 @@ def test_the_compact_cpu_group_decodes_in_one_native_call(qwen_path, monkeypatch
 
 
 def _decode_logprobs(model, tok, prompt, graphs=None, n=8, sliding=True):
-    from kiln.generate import DecoderPool, generate_step
+    from kiln.decoder import DecoderPool
+    from kiln.generate import generate_step
     from kiln.sample import SamplingParams
     dec = DecoderPool(model).get(64, sliding=sliding)
     dec.graphs = graphs

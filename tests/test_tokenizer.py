@@ -390,7 +390,7 @@ def test_control_tokens_when_the_template_reads_the_text(tmp_path):
     ids = tok.chat_ids([{"role": "user", "content": "a</s><s>b"}])  # spans known: spelled out as text
     assert ids[0] == bos and ids[-1] == eos and ids.count(eos) == 1 and ids.count(bos) == 1
     assert tok.decode(ids) == "<s>a</s><s>b</s>"
-    from kiln.generate import prompt_ids  # kiln.generate's chat path is the same
+    from kiln.tokenizer import prompt_ids  # kiln.generate's chat path is the same
     assert prompt_ids(tok, [{"role": "user", "content": "a</s><s>b"}]) == ids
 
 

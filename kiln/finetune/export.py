@@ -20,7 +20,7 @@ from kiln.errors import KilnError
 
 def _base_config(base) -> dict:
     from kiln.hub import resolve
-    from kiln.load import read_weights
+    from kiln.reader import read_weights
     return read_weights(Path(resolve(str(base), progress=True)))[0]
 
 

@@ -22,10 +22,10 @@ from kiln.errors import KilnError
 def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progress: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    from kiln.convert import _write_tokenizer
     from kiln.finetune.layers import load_adapter, merge
     from kiln.hub import resolve
-    from kiln.load import build_model, read_model
+    from kiln.load import build_model
+    from kiln.reader import read_model
 
     config, weights, tok = read_model(Path(resolve(str(model), progress=progress)))
     m = build_model(config, weights, device="cpu", dtype=torch.float32, progress=progress)
@@ -41,7 +41,7 @@ def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progr
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
-    _write_tokenizer(tok, out)
+    tok.save_folder(out)
     return out
 
 
@@ -51,7 +51,7 @@ def fuse_gguf(model, adapter, out, scale: float = 1.0, ftype: str = "f16", progr
     from kiln.finetune.export import gguf_pairs
     from kiln.finetune.layers import read_adapter
     from kiln.hub import resolve
-    from kiln.load import read_weights
+    from kiln.reader import read_weights
     from kiln.quantize import convert_gguf
     path = Path(resolve(str(model), progress=progress))
     if path.is_dir() or path.suffix != ".gguf":
@@ -65,7 +65,7 @@ def fuse_gguf(model, adapter, out, scale: float = 1.0, ftype: str = "f16", progr
 
 def main(argv: list[str]) -> int:
     from kiln.commands import _check_adapter, _Parser
-    from kiln.load import _dtype
+    from kiln.reader import dtype_named
     from kiln.quantize import FILE_TYPES
     p = _Parser(prog="kiln fuse", description="Merge a PEFT LoRA adapter into its base model and write a "
                                               "Hugging Face safetensors folder or (--to gguf) a GGUF file.")
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
             raise KilnError(f"{a.out} is a folder; --to gguf writes a file")
         print(fuse_gguf(a.model, a.adapter, a.out, a.adapter_scale, a.type, progress=True))
         return 0
-    dtype = _dtype(a.dtype)
+    dtype = dtype_named(a.dtype)
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise KilnError(f"{a.out} is a file; give a folder to write the model into")
     print(fuse(a.model, a.adapter, a.out, a.adapter_scale, dtype, progress=True))

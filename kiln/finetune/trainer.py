@@ -59,7 +59,7 @@ class TrainArgs:
 def load_base(path_or_name, device="cpu", dtype=torch.float32, progress: bool = False):
     """(model, tokenizer) for training: each quantized GGUF linear a frozen DequantLinear over its blocks."""
     from kiln.hub import resolve
-    from kiln.load import read_model
+    from kiln.reader import read_model
     path = resolve(str(path_or_name), progress=progress)
     config, weights, tok = read_model(Path(path))
     model = build_base(config, weights, device=device, dtype=dtype, progress=progress)

@@ -12,7 +12,9 @@ import dataclasses
 import math
 import re
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, short
+from kiln.formats.gguf import GGUFTensor
+from kiln.quant import SUPPORTED, type_name
 
 # Fields that size a tensor: none can exceed the largest dimension of any weight in the file.
 _SIZES = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_attention_heads",
@@ -21,12 +23,6 @@ _SIZES = ("hidden_size", "intermediate_size", "vocab_size", "head_dim", "num_att
 _POSITIVE = (*_SIZES, "num_hidden_layers", "max_position_embeddings", "sliding_window_pattern")
 _INT_MAX = 2**31 - 1
 _LAYER = re.compile(r"model\.layers\.(\d{1,9})\.")
-
-
-def short(value, limit: int = 80) -> str:
-    """repr(value), cut to `limit` characters: names and values from a corrupt file can be megabytes."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def shapes_of(weights) -> dict[str, tuple[int, ...]]:
@@ -122,8 +118,6 @@ def _check_sizes(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
 def check_weights(model, weights, shapes: dict[str, tuple[int, ...]]) -> None:
     """Every parameter of the (meta) model has a weight of its shape, every weight a parameter, in a type
     kiln can read (the tied output head may borrow the embedding; GGUF llama 3.1 adds its rope factors)."""
-    from kiln.formats.gguf import GGUFTensor
-    from kiln.quant import SUPPORTED, type_name
     kind = model.args.model_type if hasattr(model, "args") else type(model).__name__
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if "lm_head.weight" in params and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from kiln.errors import KilnError
-from kiln.formats.checks import short
+from kiln.errors import KilnError, short
 
 MAGIC = b"GGUF"
 _U64 = struct.Struct("<Q")

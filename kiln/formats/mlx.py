@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.errors import KilnError
-from kiln.formats.checks import short
+from kiln.errors import KilnError, short
 from kiln.quant import mlx as affine
 
 _FLOATS = ("F32", "F16", "BF16")

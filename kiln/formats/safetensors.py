@@ -12,8 +12,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from kiln.errors import KilnError
-from kiln.formats.checks import short
+from kiln.errors import KilnError, short
 
 _FLOATS = ("F32", "F16", "BF16", "F64")  # the dtypes kiln converts weights from
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

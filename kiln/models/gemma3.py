@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, native_projections, prepare, project, run_blocks)
+                              key_offsets, logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -171,3 +171,8 @@ class Model(nn.Module):
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
         return logits
+
+    def key_offsets(self) -> torch.Tensor | None:
+        """(L, K, D): what a block-quantized KV cache subtracts from the keys it stores (models/base.key_offsets;
+        KVCache.for_model asks the model, so cache.py imports no model code)."""
+        return key_offsets(self)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, native_projections, prepare, project, run_blocks)
+                              key_offsets, logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -163,3 +163,8 @@ class Model(nn.Module):
         x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
         return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
+
+    def key_offsets(self) -> torch.Tensor | None:
+        """(L, K, D): what a block-quantized KV cache subtracts from the keys it stores (models/base.key_offsets;
+        KVCache.for_model asks the model, so cache.py imports no model code)."""
+        return key_offsets(self)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.ops import jit, pdl, tl, use_triton
+from kiln.ops import pdl
+from kiln.ops.dispatch import jit, tl, use_triton
 from kiln.ops.q8 import store_q8
 from kiln.policy import DEFAULT, Policy
 

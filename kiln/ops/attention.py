@@ -48,7 +48,8 @@ from typing import NamedTuple
 import torch
 
 from kiln.kv_types import dequantize_q4_0, dequantize_q8_0
-from kiln.ops import interpreted, jit, pdl, tl, triton, use_triton
+from kiln.ops import pdl
+from kiln.ops.dispatch import interpreted, jit, tl, triton, use_triton
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from kiln.kv_types import Basis, encode
-from kiln.ops import jit, pdl, tl, triton, use_triton
+from kiln.ops import pdl
+from kiln.ops.dispatch import jit, tl, triton, use_triton
 from kiln.ops.rope import write_rows_ref
 from kiln.policy import DEFAULT, Policy
 

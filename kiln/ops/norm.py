@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import cpu, jit, pdl, tl, triton, use_triton
+from kiln.ops import cpu, pdl
+from kiln.ops.dispatch import jit, tl, triton, use_triton
 from kiln.ops.q8 import store_q8
 from kiln.policy import DEFAULT, Policy
 

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from kiln.ops import HAVE_TRITON, interpreted, jit, tl
+from kiln.ops.dispatch import HAVE_TRITON, interpreted, jit, tl
 from kiln.policy import DEFAULT, Policy
 
 if HAVE_TRITON:

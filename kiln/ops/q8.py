@@ -9,7 +9,7 @@ Not: the GEMV, gemv_int8.quantize_act (which calls this too).
 
 from __future__ import annotations
 
-from kiln.ops import jit, tl
+from kiln.ops.dispatch import jit, tl
 
 
 @jit

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, pdl, tl, triton, use_triton
+from kiln.ops import pdl
+from kiln.ops.dispatch import jit, tl, triton, use_triton
 from kiln.ops.norm import rms_norm_ref
 from kiln.policy import DEFAULT, Policy
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton
+from kiln.ops.dispatch import jit, tl, triton
 from kiln.quant.packed import V, PackedWeight
 from kiln.quant.route import DequantConfig
 from kiln.quant.tiles import const, dense_tile, geometry, plane_args

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton
+from kiln.ops.dispatch import jit, tl, triton
 from kiln.quant.packed import IQ4_NL, IQ4_XS, V, PackedWeight
 from kiln.quant.route import GemvConfig
 from kiln.quant.tiles import (block_scales, const, constexpr_function, dense_tile, gemv_constants, geometry,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.ops import interpreted, jit, pdl, tl, triton
+from kiln.ops import pdl
+from kiln.ops.dispatch import interpreted, jit, tl, triton
 from kiln.ops.q8 import store_q8
 from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import FORMATS, V, PackedWeight

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops import jit, tl, triton
+from kiln.ops.dispatch import jit, tl, triton
 from kiln.quant.packed import FORMATS, V, PackedWeight
 from kiln.quant.route import MAX_MMA_M, MMA_FORMATS, MmaConfig
 from kiln.quant.tiles import block_scales, codes, const, plane_args, scales, store_rows, sum_splits

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from kiln.ops import HAVE_TRITON, jit, tl, triton
+from kiln.ops.dispatch import HAVE_TRITON, jit, tl, triton
 from kiln.quant.packed import (FORMATS, IQ4_NL, IQ4_XS, KVALUES, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                                Q6_K, Q8_0, V, Format, PackedWeight, field_offset, packed_fields)
 

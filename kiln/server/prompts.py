@@ -13,7 +13,7 @@ import asyncio
 
 from kiln import chat_template
 from kiln.errors import KilnError
-from kiln.generate import ContextFull, check_prompt
+from kiln.tokenizer import ContextFull, check_prompt
 from kiln.sample import SamplingParams
 from kiln.server import protocol as P
 
