@@ -1,6 +1,8 @@
 """The decode step's attention kernels compiled for an H100 (sm_90) on a machine without a GPU: Triton's
 ahead-of-time path (front end, lowering to PTX, ptxas), in the forms each KV cache type asks for (the split
-kernel, kv_write's encoder), and the default step's RoPE-with-KV-write and merge kernels.
+kernel, kv_write's encoder) with the warps they launch with, and the default step's RoPE-with-KV-write and merge
+kernels; none may spill more than a register or two (`ptxas -v` on the PTX: the encoder's 4-warp form at head dim
+128 spilled and took 100 µs a layer on an H100, bench/results/2026-12-06-h100/).
 
 Owns: that check. The other kernel tests run Triton's interpreter, which executes the kernels as Python and
 so accepts code the GPU compiler rejects (a static branch's early `return` of another type than the
@@ -28,14 +30,35 @@ SPLIT = [("bf16 d128, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, Fa
          ("q8_0 K+V rotated d128", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False),
          ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "u8", "fp16"), 1, 2, True, 256, True),
          ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False)]
-# (name, encode kernel: dtypes of q / k codes / k scales / v codes / v scales, K and V kinds, rotations, head dim)
+# (name, encode kernel: dtypes of q / k codes / k scales / v codes / v scales, K and V kinds, rotations, head dim);
+# a side without a rotation passes its keys as the matrix (kv_write._side_args' stand-in), in q's dtype
 ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "fp16"), 1, 1, True, True, 128),
+          ("q8_0 K+V rotated, d64", ("bf16", "i8", "fp16", "i8", "fp16"), 1, 1, True, True, 64),
           ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "fp16", "u8", "fp16"), 1, 2, True, True, 256),
           ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "fp8e4nv", "fp8e4nv"), 3, 3, False, False, 128),
-          ("bf16 K / q8_0 V rotated d96", ("bf16", "bf16", "bf16", "i8", "fp16"), 0, 1, False, True, 96)]
+          ("bf16 K / q8_0 V rotated d96", ("bf16", "bf16", "bf16", "i8", "fp16"), 0, 1, False, True, 96),
+          ("fp16 model, q4_0 K / q8_0 V unrotated d64", ("fp16", "u8", "fp16", "i8", "fp16"), 2, 1, False, False, 64)]
 
 
 SMEM = 232448  # bytes of shared memory a program may take on sm_90
+SPILL_MAX = 16  # bytes of spill stores a form may have: a register or two (the q8_0 / q4_0 split kernel at head
+#                 dim 256 spills 8); the encoder that took 100 µs a call spilled 1,024 (ptxas) / 1,800 (on the H100)
+
+
+def _spills(ptx: str) -> int:
+    """Bytes of spill stores ptxas reports for the PTX (Triton's own ptxas, sm_90a)."""
+    import re
+    import tempfile
+
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        r = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o",
+                            str(Path(tmp) / "k.cubin")], capture_output=True, text=True, timeout=300)
+    found = re.findall(r"(\d+) bytes spill stores", r.stderr)
+    assert r.returncode == 0 and found, r.stderr[-2000:]
+    return sum(map(int, found))
 
 
 def _compile_all() -> list[dict]:
@@ -53,8 +76,10 @@ def _compile_all() -> list[dict]:
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         try:
             k = triton.compile(src, target=target, options={"num_warps": warps})
-            out.append({"name": name, "ok": k.metadata.shared <= SMEM, "error": f"{k.metadata.shared} bytes of "
-                        f"shared memory, over the H100's {SMEM}"})
+            spills = _spills(k.asm["ptx"])
+            out.append({"name": name, "ok": k.metadata.shared <= SMEM and spills <= SPILL_MAX, "spills": spills,
+                        "error": f"{k.metadata.shared} bytes of shared memory (the H100 has {SMEM}), "
+                                 f"{spills} bytes of register spills ({warps} warps)"})
         except Exception as e:  # reported, not raised: every form is tried
             out.append({"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
 
@@ -67,11 +92,12 @@ def _compile_all() -> list[dict]:
                       RUNTIME_LOOP=True, DOT_PREC=None, PDL=True)
         compile_one("split: " + name, attention._split_kernel, pointers, consts, launch.warps or (8 if d > 128 else 4))
     for name, (q, kc, ks, vc, vs), kk, vk, krot, vrot, d in ENCODE:
-        pointers = dict(q_ptr=q, k_ptr=q, v_ptr=q, qo_ptr=q, kc_ptr=kc, ks_ptr=ks, kh_ptr="fp32", vc_ptr=vc,
-                        vs_ptr=vs, vh_ptr="fp32", off_ptr="fp32", pos_ptr="i64", rows_ptr="i64")
+        pointers = dict(q_ptr=q, k_ptr=q, v_ptr=q, qo_ptr=q, kc_ptr=kc, ks_ptr=ks, kh_ptr="fp32" if krot else q,
+                        vc_ptr=vc, vs_ptr=vs, vh_ptr="fp32" if vrot else q, off_ptr="fp32" if krot else q,
+                        pos_ptr="i64", rows_ptr="i64")
         consts = dict(D=d, K_KIND=kk, V_KIND=vk, K_ROT=krot, V_ROT=vrot, HAS_OFFSET=krot, HAS_ROWS=True, ROWS=16,
-                      BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee", PDL=True)
-        compile_one("encode: " + name, kv_write._encode_kernel, pointers, consts)
+                      BLOCK_D=triton.next_power_of_2(d), DOT_PREC=kv_write.ROT_PREC, PDL=True)
+        compile_one("encode: " + name, kv_write._encode_kernel, pointers, consts, kv_write.encode_warps(d))
     # the rest of a default (bf16) decode step's attention: RoPE with the q/k norms and the KV write, the merge
     compile_one("rope + KV write, q/k norms, d128", rope._rope_qk_kernel,
                 dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", qo_ptr="bf16", ko_ptr="bf16", vo_ptr="bf16",

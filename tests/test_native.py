@@ -337,8 +337,8 @@ def test_batched_rows_in_one_native_call_equal_the_rows_block_by_block(name, mon
     """A server's batched decode step on the CPU (rows at different positions in non-consecutive slots, joining
     and leaving): its rows through every block in one native call together (models.base._native_steps; the
     GEMVs read each weight once for all rows) give each sequence's logits decoded alone through the batch-1
-    native call (1e-4), and those of the batched step block by block (1e-3; 4e-3 where torch's int8 matmul,
-    which rounds x to bf16, serves several rows); also over a q8_0 slot cache ("-q8kv"; block by block, torch's
+    native call (1e-4), and those of the batched step block by block (1e-3; 8e-3, two of bf16's relative steps,
+    where torch's int8 matmul, which rounds x to bf16, serves several rows); also over a q8_0 slot cache ("-q8kv"; block by block, torch's
     attention over the dequantized rows: 5e-3)."""
     import test_models as tm
     cfg, km = _block_model(name, Policy())
@@ -363,4 +363,4 @@ def test_batched_rows_in_one_native_call_equal_the_rows_block_by_block(name, mon
     assert sum(rows) == 0
     for a, b in zip(together, by_block):
         err = (a - b).abs().max().item() / b.abs().max().item()
-        assert err <= (4e-3 if name.endswith("-int8") else 5e-3 if name.endswith("-q8kv") else 1e-3), (name, err)
+        assert err <= (8e-3 if name.endswith("-int8") else 5e-3 if name.endswith("-q8kv") else 1e-3), (name, err)
