@@ -96,7 +96,8 @@ def _compile_all() -> list[dict]:
                         vc_ptr=vc, vs_ptr=vs, vh_ptr="fp32" if vrot else q, off_ptr="fp32" if krot else q,
                         pos_ptr="i64", rows_ptr="i64")
         consts = dict(D=d, K_KIND=kk, V_KIND=vk, K_ROT=krot, V_ROT=vrot, HAS_OFFSET=krot, HAS_ROWS=True, ROWS=16,
-                      BLOCK_D=triton.next_power_of_2(d), DOT_PREC=kv_write.ROT_PREC, PDL=True)
+                      BLOCK_D=triton.next_power_of_2(d), WHOLE=kv_write.whole_rows(d), DOT_PREC=kv_write.ROT_PREC,
+                      PDL=True)
         compile_one("encode: " + name, kv_write._encode_kernel, pointers, consts, kv_write.encode_warps(d))
     # the rest of a default (bf16) decode step's attention: RoPE with the q/k norms and the KV write, the merge
     compile_one("rope + KV write, q/k norms, d128", rope._rope_qk_kernel,

@@ -481,7 +481,8 @@ def _side(kind, n, kh, s, d, layer, basis, dtype):
                                   dict(kinds=("q4_0", "q8_0"), rot=(False, False), t=3),
                                   dict(kinds=("q8_0", None), rot=(True, False), rows=True, t=2),
                                   dict(kinds=(None, None), rot=(True, True), d=32),
-                                  dict(kinds=("fp8", "fp8"), rot=(False, False), rows=True, t=2)])
+                                  dict(kinds=("fp8", "fp8"), rot=(False, False), rows=True, t=2),
+                                  dict(kinds=("q8_0", "q4_0"), rot=(True, True), d=256)])  # 32 columns at a time
 def test_encode_kv_writes_what_the_torch_codecs_write(dtype, case):
     """One kernel rotates q into the keys' basis and writes keys (less the layer's offset, rotated) and values
     (rotated) encoded as q8_0 / q4_0 / fp8 / a float type (None: q's dtype) at the step's positions (shared, or

@@ -28,16 +28,24 @@ from kiln.policy import DEFAULT, Policy
 
 _ROWS = 16  # heads a program: the rotation is a (16, D) x (D, D) dot
 # The rotation's dots are "ieee" float32 (Basis's x.float() @ h up to the order of the sums): FMA loops whose
-# operands each thread holds whole. Over whole rows, 4 warps at D = 128 took 32 registers and ~1,800 spills a
-# thread on the H100 (100 µs a call; 8 warps: 174 registers, 7.6 µs; tf32x3 dots spilled too: 19.9 µs), and D = 256
-# spilled with any warps; summed over 32 columns at a time in a loop no form spills (tests/test_kernels_aot.py
-# runs ptxas -v on each). bench/encode_kv_time.py, bench/results/2026-12-06-h100/.
+# operands each thread holds. Whole rows held in registers: at D = 128 with 4 warps that took 32 registers and
+# ~1,800 spills a thread on the H100 (100 µs a call), with 8 warps 174 registers and 7.6 µs, D = 64 with 4 warps
+# 2.7 µs (tf32x3 dots spilled as well: 19.9 µs at D = 128); at D = 256 they spill with any warps. Summed over 32
+# columns of x at a time in a loop nothing spills, but it measured slower where whole rows fit (13.2 µs at 128,
+# 4.1 at 64), so it serves D > 128 only (46.5 µs at D = 256, 8 warps). tests/test_kernels_aot.py runs ptxas -v on
+# each form; bench/encode_kv_time.py, bench/results/2026-12-06-h100/.
+WHOLE_ROWS_MAX = 128
 ROT_PREC = "ieee"
 
 
 def encode_warps(d: int) -> int:
     """Warps of the encoder's programs (few: one per token and 16 heads): 8 above head dim 64."""
     return 8 if d > 64 else 4
+
+
+def whole_rows(d: int) -> bool:
+    """Does the encoder hold each row whole in registers for the rotation (else it sums 32 columns at a time)?"""
+    return triton.next_power_of_2(d) <= WHOLE_ROWS_MAX
 
 
 _KINDS = {"q8_0": 1, "q4_0": 2, "fp8": 3}  # the kernel's codes; 0: another float type
@@ -84,8 +92,8 @@ def encode_kv(q, k, v, ks: Side, vs: Side, pos, rows=None, policy: Policy = DEFA
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         D=d, K_KIND=_KINDS.get(ks.kind, 0), V_KIND=_KINDS.get(vs.kind, 0), K_ROT=rot_q,
         V_ROT=vs.basis is not None, HAS_OFFSET=offset is not None, HAS_ROWS=rows is not None,
-        ROWS=_ROWS, BLOCK_D=triton.next_power_of_2(d), DOT_PREC=ROT_PREC, num_warps=encode_warps(d),
-        **pdl.launch_kw(q, policy))
+        ROWS=_ROWS, BLOCK_D=triton.next_power_of_2(d), WHOLE=whole_rows(d), DOT_PREC=ROT_PREC,
+        num_warps=encode_warps(d), **pdl.launch_kw(q, policy))
     return qo
 
 
@@ -107,11 +115,12 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
                    D: tl.constexpr, K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_ROT: tl.constexpr,
                    V_ROT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_ROWS: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_D: tl.constexpr, WHOLE: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     """Program (token bt, block of ROWS heads): the first NQB blocks are query heads (rotated by the keys'
     matrix), the next NKB key heads, the last NKB value heads (each written into its cache at this token's
-    row and position). Each row is produced 16 columns at a time (`_cols`: (32, 16) slices of the matrix, a
-    dot each), two such halves making one block of 32."""
+    row and position). Each row is produced 16 columns at a time (`_cols`: a (D, 16) slice of the matrix against
+    the rows held whole (WHOLE), or (32, 16) slices against 32 columns of them at a time), two such halves making
+    one block of 32."""
     pdl.start(PDL)
     pdl.wait(PDL)
     bt = tl.program_id(0)
@@ -121,8 +130,10 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
     if blk < NQB:
         if K_ROT:  # (NQB is 0 without a key basis, and then kh_ptr is a stand-in this branch must not compile for)
             heads = blk * ROWS + tl.arange(0, ROWS)
-            _encode(q_ptr + b * sqb + t * sqt, heads, H, sqh, kh_ptr, off_ptr, qo_ptr + bt.to(tl.int64) * H * D, D,
-                    qo_ptr, 0, D, 0, True, False, ROWS, BLOCK_D, DOT_PREC)
+            x_ptr = q_ptr + b * sqb + t * sqt
+            x = _rows(x_ptr, heads, H, sqh, off_ptr, D, False, WHOLE, ROWS, BLOCK_D)
+            _encode(x, x_ptr, heads, H, sqh, kh_ptr, off_ptr, qo_ptr + bt.to(tl.int64) * H * D, D, qo_ptr, 0, D, 0,
+                    True, False, WHOLE, ROWS, BLOCK_D, DOT_PREC)
     else:
         cb = b  # the cache row this batch row writes (a server's slot), and this token's position
         if HAS_ROWS:
@@ -130,34 +141,58 @@ def _encode_kernel(q_ptr, k_ptr, v_ptr, qo_ptr,
         p = tl.load(pos_ptr + b * spb + t).to(tl.int64)
         if blk < NQB + NKB:  # keys less the layer's offset (K, D) before the rotation (kv_types.Basis.into)
             heads = (blk - NQB) * ROWS + tl.arange(0, ROWS)
-            _encode(k_ptr + b * skb + t * skt, heads, KH, skh, kh_ptr, off_ptr, kc_ptr + cb * skcb + p * skcs, skch,
-                    ks_ptr + cb * sksb + p * skss, sksh, D, K_KIND, K_ROT, HAS_OFFSET, ROWS, BLOCK_D, DOT_PREC)
+            x_ptr = k_ptr + b * skb + t * skt
+            x = _rows(x_ptr, heads, KH, skh, off_ptr, D, HAS_OFFSET, WHOLE and K_ROT, ROWS, BLOCK_D)
+            _encode(x, x_ptr, heads, KH, skh, kh_ptr, off_ptr, kc_ptr + cb * skcb + p * skcs, skch,
+                    ks_ptr + cb * sksb + p * skss, sksh, D, K_KIND, K_ROT, HAS_OFFSET, WHOLE, ROWS, BLOCK_D, DOT_PREC)
         else:
             heads = (blk - NQB - NKB) * ROWS + tl.arange(0, ROWS)
-            _encode(v_ptr + b * svb + t * svt, heads, KH, svh, vh_ptr, off_ptr, vc_ptr + cb * svcb + p * svcs, svch,
-                    vs_ptr + cb * svsb + p * svss, svsh, D, V_KIND, V_ROT, False, ROWS, BLOCK_D, DOT_PREC)
+            x_ptr = v_ptr + b * svb + t * svt
+            x = _rows(x_ptr, heads, KH, svh, off_ptr, D, False, WHOLE and V_ROT, ROWS, BLOCK_D)
+            _encode(x, x_ptr, heads, KH, svh, vh_ptr, off_ptr, vc_ptr + cb * svcb + p * svcs, svch,
+                    vs_ptr + cb * svsb + p * svss, svsh, D, V_KIND, V_ROT, False, WHOLE, ROWS, BLOCK_D, DOT_PREC)
 
 
 @jit
-def _cols(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, cols, D: tl.constexpr, ROT: tl.constexpr,
-          OFFSET: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Columns `cols` (16) of the rows at x_ptr (less the offset rows at off_ptr) in the stored basis, (ROWS, 16)
-    float32: x @ M[:, cols] (as Basis does it, x.float() @ h), summed over 32 columns of x at a time (a whole row
-    a thread spilled registers at D = 128 with 4 warps, at D = 256 with any), or without a rotation the rows'
-    own columns; zeros past D."""
+def _rows(x_ptr, heads, n_heads, stride_h, off_ptr, D: tl.constexpr, OFFSET: tl.constexpr, LOAD: tl.constexpr,
+          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Heads (ROWS,) of one token whole, (ROWS, BLOCK_D) float32, less the offset rows with OFFSET; zeros past
+    n_heads and D, and everywhere without LOAD (`_cols` then reads what it needs itself)."""
+    x = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if LOAD:
+        d = tl.arange(0, BLOCK_D)
+        mask = (heads[:, None] < n_heads) & (d[None, :] < D)
+        x = tl.load(x_ptr + heads[:, None] * stride_h + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if OFFSET:  # keys less the layer's offset (K, D) before the rotation (kv_types.Basis.into)
+            x -= tl.load(off_ptr + heads[:, None] * D + d[None, :], mask=mask, other=0.0)
+    return x
+
+
+@jit
+def _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, cols, D: tl.constexpr, ROT: tl.constexpr,
+          OFFSET: tl.constexpr, WHOLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+          DOT_PREC: tl.constexpr):
+    """Columns `cols` (16) of the rows in the stored basis, (ROWS, 16) float32: x @ M[:, cols] (as Basis does it,
+    x.float() @ h) with the rows x held whole (WHOLE), else summed over 32 columns of the rows at x_ptr (less
+    the offset rows at off_ptr) at a time; without a rotation the rows' own columns. Zeros past D."""
     hm = heads[:, None] < n_heads
     if ROT:
-        kc: tl.constexpr = 32 if BLOCK_D >= 32 else BLOCK_D
-        y = tl.zeros([ROWS, 16], dtype=tl.float32)
-        for c in tl.range(BLOCK_D // kc):  # a loop, not unrolled: unrolled, the loads of x stayed live across it
-            dk = c * kc + tl.arange(0, kc)
-            xm = hm & (dk[None, :] < D)
-            x = tl.load(x_ptr + heads[:, None] * stride_h + dk[None, :], mask=xm, other=0.0).to(tl.float32)
-            if OFFSET:
-                x -= tl.load(off_ptr + heads[:, None] * D + dk[None, :], mask=xm, other=0.0)
-            m = tl.load(m_ptr + dk[:, None] * D + cols[None, :], mask=(dk[:, None] < D) & (cols[None, :] < D),
+        if WHOLE:
+            d = tl.arange(0, BLOCK_D)
+            m = tl.load(m_ptr + d[:, None] * D + cols[None, :], mask=(d[:, None] < D) & (cols[None, :] < D),
                         other=0.0)
-            y += tl.dot(x, m, input_precision=DOT_PREC)
+            y = tl.dot(x, m, input_precision=DOT_PREC)
+        else:
+            y = tl.zeros([ROWS, 16], dtype=tl.float32)
+            for c in tl.range(BLOCK_D // 32):  # a loop, not unrolled: unrolled, the loads of x stayed live across it
+                dk = c * 32 + tl.arange(0, 32)
+                xm = hm & (dk[None, :] < D)
+                xc = tl.load(x_ptr + heads[:, None] * stride_h + dk[None, :], mask=xm, other=0.0).to(tl.float32)
+                if OFFSET:
+                    xc -= tl.load(off_ptr + heads[:, None] * D + dk[None, :], mask=xm, other=0.0)
+                m = tl.load(m_ptr + dk[:, None] * D + cols[None, :], mask=(dk[:, None] < D) & (cols[None, :] < D),
+                            other=0.0)
+                y += tl.dot(xc, m, input_precision=DOT_PREC)
     else:
         y = tl.load(x_ptr + heads[:, None] * stride_h + cols[None, :], mask=hm & (cols[None, :] < D),
                     other=0.0).to(tl.float32)
@@ -165,10 +200,10 @@ def _cols(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, cols, D: tl.constexpr
 
 
 @jit
-def _encode(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, c_ptr, sch, s_ptr, ssh, D: tl.constexpr,
-            KIND: tl.constexpr, ROT: tl.constexpr, OFFSET: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-            DOT_PREC: tl.constexpr):
-    """The rows at x_ptr (heads of one token; less the offset rows with OFFSET) in the stored basis (`_cols`),
+def _encode(x, x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, c_ptr, sch, s_ptr, ssh, D: tl.constexpr,
+            KIND: tl.constexpr, ROT: tl.constexpr, OFFSET: tl.constexpr, WHOLE: tl.constexpr, ROWS: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The rows (x held whole, or read at x_ptr; less the offset rows with OFFSET) in the stored basis (`_cols`),
     encoded (kv_types.encode) into codes at c_ptr + head * sch (+ scales at s_ptr + head * ssh): KIND 0 the
     values in the part's dtype, 1 q8_0, 2 q4_0, 3 fp8 e4m3. One block of 32 columns at a time: its low and high
     halves of 16."""
@@ -176,9 +211,10 @@ def _encode(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, c_ptr, sch, s_ptr, 
     for c in tl.static_range((BLOCK_D + 31) // 32):
         lo_cols = c * 32 + tl.arange(0, 16)
         hi_cols = lo_cols + 16
-        lo = _cols(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, lo_cols, D, ROT, OFFSET, ROWS, BLOCK_D,
+        lo = _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, lo_cols, D, ROT, OFFSET, WHOLE, ROWS, BLOCK_D,
                    DOT_PREC)  # (ROWS, 16)
-        hi = _cols(x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, hi_cols, D, ROT, OFFSET, ROWS, BLOCK_D, DOT_PREC)
+        hi = _cols(x, x_ptr, heads, n_heads, stride_h, m_ptr, off_ptr, hi_cols, D, ROT, OFFSET, WHOLE, ROWS, BLOCK_D,
+                   DOT_PREC)
         lo_at = c_ptr + heads[:, None] * sch + lo_cols[None, :]
         hi_at = c_ptr + heads[:, None] * sch + hi_cols[None, :]
         lo_ok = hm & (lo_cols[None, :] < D)
