@@ -1,0 +1,102 @@
+"""Every Triton launch a quantized matmul makes, compiled for an H100 (sm_90) instead of run: test_kernels_aot.py
+runs this file in a fresh process without the interpreter (KILN_TRITON_CPU=1 routes CPU tensors to the kernels).
+
+`JITFunction.run` is replaced by a compile: each launch's arguments as the entry point passed them give the
+signature (tensors as pointers of their dtype, ints, floats) and the constexprs, its options the warps, stages
+and PDL; Triton's AOT path lowers it and ptxas (-v) reports its spills. The entry points then go on with
+unwritten outputs, which nothing reads. Prints one JSON list: per distinct compiled form, its kernel, the
+matmul it served, the shared memory and the bytes of spill stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["KILN_TRITON_CPU"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from test_kernels_aot import _spills  # noqa: E402
+
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
+          torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
+OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
+RESULTS: dict = {}
+CONTEXT = [""]
+
+
+def _compile(fn: JITFunction, args, kwargs):
+    bound = dict(zip(fn.arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = bound.get(p.name, p.default)
+        if p.is_constexpr:
+            consts[p.name] = v
+            sig[p.name] = "constexpr"
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + DTYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i64" if not -2**31 <= v < 2**31 else "i32"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name} is {type(v).__name__}")
+    options = {k: v for k, v in kwargs.items() if k in OPTIONS}
+    key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())))
+    if key in RESULTS:
+        return
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        RESULTS[key] = {"kernel": fn.__name__, "for": CONTEXT[0], "shared": k.metadata.shared,
+                        "spills": _spills(k.asm["ptx"]), "warps": options.get("num_warps", 4)}
+    except Exception as e:  # noqa: BLE001  (reported: every form is tried)
+        RESULTS[key] = {"kernel": fn.__name__, "for": CONTEXT[0], "error": f"{type(e).__name__}: {str(e)[-1200:]}"}
+
+
+def run(self, *args, grid, warmup, **kwargs):
+    _compile(self, args, kwargs)
+
+
+def main() -> None:
+    from kiln.quant import packed as K
+    from kiln.quant import route
+    from kiln.quant.linear import QuantLinear
+    from kiln.quant.mma import gemm_mma
+    JITFunction.run = run
+    route.sm_count = lambda device: 132  # the H100's: the plans (splits, tables) an H100 gets
+    for qtype in K.FORMATS:
+        n, k = 1024, 2048
+        fmt = K.FORMATS[qtype]
+        raw = torch.zeros(n, k // fmt.block * fmt.type_size, dtype=torch.uint8)  # never read: only compiled for
+        layer = QuantLinear.from_gguf(raw, qtype, (n, k), device="cpu")
+        for dtype in (torch.bfloat16, torch.float16):
+            for m in (1, 4, 16, 32, 64):
+                CONTEXT[0] = f"{fmt.name} {m} rows {DTYPES[dtype]}"
+                with torch.no_grad():
+                    layer(torch.zeros(m, k, dtype=dtype))
+            # the tensor-core tiles route's table keeps for wider matrices (an output head, a 1B's gate/up): the
+            # same compiled forms over this layer (the weight's rows are a run-time argument)
+            for rows, wide in ((16, 65536), (32, 65536), (16, 16384)):
+                cfg = route.mma_config(qtype, wide, k, rows, dtype)
+                if cfg is not None:
+                    CONTEXT[0] = f"{fmt.name} {rows} rows {DTYPES[dtype]}, tensor cores as for {wide}x{k}"
+                    gemm_mma(torch.zeros(rows, k, dtype=dtype), layer.packed, None,
+                             route.mma_launch(cfg, qtype, wide, k, 132))
+    print(json.dumps(list(RESULTS.values())))
+
+
+if __name__ == "__main__":
+    main()
