@@ -1,5 +1,6 @@
-"""Every Triton launch a quantized matmul makes, compiled for an H100 (sm_90) instead of run: test_kernels_aot.py
-runs this file in a fresh process without the interpreter (KILN_TRITON_CPU=1 routes CPU tensors to the kernels).
+"""Every Triton launch a quantized matmul and a decode step make, compiled for an H100 (sm_90) instead of run:
+test_kernels_aot.py runs this file in a fresh process without the interpreter (KILN_TRITON_CPU=1 routes CPU
+tensors to the kernels).
 
 `JITFunction.run` is replaced by a compile: each launch's arguments as the entry point passed them give the
 signature (tensors as pointers of their dtype, ints, floats) and the constexprs, its options the warps, stages
@@ -70,6 +71,34 @@ def run(self, *args, grid, warmup, **kwargs):
     _compile(self, args, kwargs)
 
 
+def model_steps() -> None:
+    """A decode step in its CUDA-graph form and a server's batched-rows step, for model shapes of each attention
+    form (Qwen3: head dim 128, q/k norms; Gemma 3: 256, a sliding and a global layer; Llama: 64) in bf16
+    over a bf16 cache and over q8_0 / q4_0 / fp8 ones: the norm, RoPE-with-KV-write, encoder, split / merge
+    and gated-activation launches each makes."""
+    from kiln.cache import KVCache, Step
+    from kiln.load import build_model
+    from test_bounded_cache import _weights
+    base = dict(vocab_size=256, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    shapes = {"qwen3": dict(base, model_type="qwen3", num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                            rope_theta=1e6),
+              "gemma3": dict(base, model_type="gemma3", num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                             rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=512, query_pre_attn_scalar=256,
+                             layer_types=["sliding_attention", "full_attention"]),
+              "llama": dict(base, model_type="llama", num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                            rope_theta=5e5)}
+    for name, cfg in shapes.items():
+        model = build_model(cfg, _weights(cfg), dtype=torch.bfloat16)
+        for kind in (None, "q8_0", "q4_0", "fp8"):
+            CONTEXT[0] = f"{name} decode step, {kind or 'bf16'} cache"
+            cache = KVCache.for_model(model, batch=2, max_len=2048, type_k=kind, type_v=kind)
+            with torch.no_grad():
+                model(torch.zeros(1, 1, dtype=torch.long), Step.graph(cache.slot(0), torch.tensor(1000)))
+                CONTEXT[0] = f"{name} batched rows, {kind or 'bf16'} cache"
+                model(torch.zeros(2, 1, dtype=torch.long), Step.rows(cache.rows([0, 1], 2048), torch.tensor([900, 5])))
+
+
 def main() -> None:
     from kiln.quant import packed as K
     from kiln.quant import route
@@ -95,6 +124,7 @@ def main() -> None:
                     CONTEXT[0] = f"{fmt.name} {rows} rows {DTYPES[dtype]}, tensor cores as for {wide}x{k}"
                     gemm_mma(torch.zeros(rows, k, dtype=dtype), layer.packed, None,
                              route.mma_launch(cfg, qtype, wide, k, 132))
+    model_steps()
     print(json.dumps(list(RESULTS.values())))
 
 

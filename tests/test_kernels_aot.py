@@ -29,7 +29,8 @@ SPLIT = [("bf16 d128, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, Fa
          ("bf16 d128, one split", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, True),
          ("q8_0 K+V rotated d128", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False),
          ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "u8", "fp16"), 1, 2, True, 256, True),
-         ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False)]
+         ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False),
+         ("bf16 d256 (Gemma's global layers)", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 256, False)]
 # (name, encode kernel: dtypes of q / k codes / k scales / v codes / v scales, K and V kinds, rotations, head dim);
 # a side without a rotation passes its keys as the matrix (kv_write._side_args' stand-in), in q's dtype
 ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "fp16"), 1, 1, True, True, 128),
@@ -86,7 +87,8 @@ def _compile_all() -> list[dict]:
     for name, (q, k, v, s), kk, vk, rot, d, final in SPLIT:
         pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
                         lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32")
-        launch = attention._LAUNCHES.get(d, attention._LAUNCH)  # as decode_attention launches it
+        key = (d, "float, no window") if kk == vk == 0 else d  # as decode_attention picks it (no window here)
+        launch = attention._LAUNCHES.get(key) or attention._LAUNCHES.get(d, attention._LAUNCH)
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
                       OUT_ROT=rot, FINAL=final, MAX_TILES=8, BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2,
                       RUNTIME_LOOP=True, DOT_PREC=None, PDL=True)
@@ -132,10 +134,12 @@ MMA_SPILL_MAX = 1024  # the tensor-core tiles in route's table configs spill 12-
 #                       1,024 is where the encoder's spills cost 100 µs a call
 
 
-def test_quantized_matmul_launches_compile_for_sm90():
+def test_every_launch_of_a_decode_step_compiles_for_sm90():
     """Every launch QuantLinear makes on an H100 (route's plans for 1-64 rows of each format, bf16 and fp16, and
-    the tensor-core forms its table keeps) compiles for sm_90, spilling no more than a register or two (the
-    tensor-core tiles: below MMA_SPILL_MAX); tests/aot_launches.py compiles them in place of running them."""
+    the tensor-core forms its table keeps), and every launch of a one-token graph step and a batched-rows step
+    of Qwen3-, Gemma-3- and Llama-shaped attention over bf16, q8_0, q4_0 and fp8 caches, compiles for sm_90,
+    spilling no more than a register or two (the tensor-core tiles: below MMA_SPILL_MAX);
+    tests/aot_launches.py compiles them in place of running them."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KILN_TRITON_CPU")}
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, str(root / "tests" / "aot_launches.py")], cwd=root,
@@ -143,7 +147,8 @@ def test_quantized_matmul_launches_compile_for_sm90():
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     kernels = {x["kernel"] for x in results}
-    assert {"_gemv_kernel", "_gemv_q8_kernel", "_gemm_q8_kernel", "_mma_kernel", "_dequant_kernel"} <= kernels
+    assert {"_gemv_kernel", "_gemv_q8_kernel", "_gemm_q8_kernel", "_mma_kernel", "_dequant_kernel", "_split_kernel",
+            "_merge_kernel", "_encode_kernel", "_rope_qk_kernel", "_rms_norm_kernel"} <= kernels
     failed = [f"{x['kernel']} ({x['for']}): {x.get('error') or x['spills']} bytes spilled"
               for x in results if "error" in x or x["spills"] > (MMA_SPILL_MAX if x["kernel"] == "_mma_kernel"
                                                                   else SPILL_MAX)]
