@@ -1,18 +1,18 @@
 """Pieces every model family shares: args parsing, RMSNorm, rotary embeddings, the step, masks, the
 projections' glue and the attention core.
 
-Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), `RMSNorm` in the residual-stream
-form (`x, residual = norm(x, residual, step)`: the add inside the norm's kernel), RoPE frequency schedules
-(default, linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once
-from the caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the
-fused decode kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the
-re-rotation of cached keys for a context shift (`key_rotation`), the key offset a block-quantized cache
-subtracts before rotating (`key_offsets`: the k bias), the glue to layers joined at load
-(`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family
-— RoPE (after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and
-the one place that decides which attention kernels run for a step (fused Triton decode, one native CPU
-call, or torch's SDPA), and `run_blocks`, the block loop of every family (a CPU decode token through every
-block in one native call where each block offers its `native_layer`, else block by block).
+Owns: `BaseArgs.from_dict` (config.json spelling, unknown keys dropped), `RMSNorm` in the residual-stream form
+(`x, residual = norm(x, residual, step)`: the add inside the norm's kernel), RoPE frequency schedules (default,
+linear, llama3, longrope, GGUF per-frequency factors), `prepare` (what one forward computes once from the
+caller's `cache.Step`: positions, RoPE tables, the causal / sliding-window masks, whether the fused decode
+kernels serve it; a ring layer's mask from the positions its slots hold: `ring_mask`), the re-rotation of cached
+keys for a context shift (`key_rotation`), the key offset a block-quantized cache subtracts before rotating
+(`key_offsets`: the k bias; `CausalLM`, every family's Model's base, asks it), the glue to layers joined at load
+(`project`, `gated`, the int8 hand-off `int8_buffer`), and `attention`, the attention core of every family — RoPE
+(after the optional per-head q/k norms), the cache write and attention over grouped KV heads — and the one place
+that decides which attention kernels run for a step (fused Triton decode, one native CPU call, or torch's SDPA),
+and `run_blocks`, the block loop of every family (a CPU decode token through every block in one native call where
+each block offers its `native_layer`, else block by block).
 
 Models import only this file and kiln.ops; the kernels they call pick their own backend (Triton, native C,
 torch) from the tensors and the step's policy.
@@ -212,6 +212,18 @@ def key_offsets(model) -> torch.Tensor | None:
     zero = torch.zeros(a.num_key_value_heads * a.head_dim)
     return torch.stack([zero if r is None else r.detach().float().cpu() for r in rows]).view(
         len(rows), a.num_key_value_heads, a.head_dim)
+
+
+class CausalLM(nn.Module):
+    """What every family's top-level Model shares: the kernel policy of a step that names none (kiln.load sets
+    the one it was given) and its key offsets, which KVCache.for_model asks the model for (cache.py imports no
+    model code)."""
+
+    policy = DEFAULT
+
+    def key_offsets(self) -> torch.Tensor | None:
+        """(L, K, D): `key_offsets(self)`, what a block-quantized KV cache subtracts from the keys it stores."""
+        return key_offsets(self)
 
 
 def _k_bias(attn: nn.Module, h: int, kv: int, d: int) -> torch.Tensor | None:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              key_offsets, logit_rows, native_projections, prepare, project, run_blocks)
+from kiln.models.base import (BaseArgs, CausalLM, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
+                              logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import gelu_tanh_mul
 
 
@@ -147,8 +147,7 @@ class Body(nn.Module):
         self.rotary_local = RoPE(a.head_dim, a.rope_local_base_freq, None, a.max_position_embeddings)
 
 
-class Model(nn.Module):
-    policy = DEFAULT  # the kernel switches of a step that names none; kiln.load sets the one it was given
+class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -171,8 +170,3 @@ class Model(nn.Module):
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
         return logits
-
-    def key_offsets(self) -> torch.Tensor | None:
-        """(L, K, D): what a block-quantized KV cache subtracts from the keys it stores (models/base.key_offsets;
-        KVCache.for_model asks the model, so cache.py imports no model code)."""
-        return key_offsets(self)

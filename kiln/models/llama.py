@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import (DEFAULT, BaseArgs, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              key_offsets, logit_rows, native_projections, prepare, project, run_blocks)
+from kiln.models.base import (BaseArgs, CausalLM, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
+                              logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -144,8 +144,7 @@ class Body(nn.Module):
         self.rotary = RoPE(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
 
 
-class Model(nn.Module):
-    policy = DEFAULT  # the kernel switches of a step that names none; kiln.load sets the one it was given
+class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -163,8 +162,3 @@ class Model(nn.Module):
         x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
         return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
-
-    def key_offsets(self) -> torch.Tensor | None:
-        """(L, K, D): what a block-quantized KV cache subtracts from the keys it stores (models/base.key_offsets;
-        KVCache.for_model asks the model, so cache.py imports no model code)."""
-        return key_offsets(self)
