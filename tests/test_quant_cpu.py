@@ -107,6 +107,18 @@ def test_block_linear_keeps_the_files_blocks(qtype):
     assert not lin.joins(cpu.BlockLinear.from_gguf(_raw(other_type, 64, k), other_type, (64, k)))
 
 
+def test_prompt_product_passes_gradients_to_x():
+    """Many rows of x that need a gradient (a LoRA adapter trained over compact weights) take torch's matmul:
+    oneDNN's GEMM, which serves prompts, has no backward and would leave x.grad None."""
+    n, k = 64, 256
+    raw = _raw(T.Q4_K, n, k, seed=3)
+    lin = cpu.compact_linear(GGUFTensor("w", (n, k), int(T.Q4_K), raw.reshape(-1)), None)
+    x = torch.randn(20, k, requires_grad=True)
+    lin(x).square().sum().backward()
+    w = _deq(raw, T.Q4_K, n, k)
+    torch.testing.assert_close(x.grad, 2 * (x.detach() @ w.t()) @ w, rtol=1e-4, atol=1e-4)
+
+
 def test_int8_linear_is_close_to_the_dense_layer():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)

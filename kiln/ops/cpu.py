@@ -5,8 +5,8 @@ to differentiate, the policy's `native` on and the library built), and the CPU e
 kiln calls: `rms_norm` (ops.rms_norm's native half), `int8_linear` (the int8-row product of
 quant/cpu.Int8Linear: the native GEMV for one row, torch's `_weight_int8pack_mm` with bf16 activations
 otherwise), `block_linear` (quant/cpu.BlockLinear's product: native for a few rows, fp32 over the
-dequantized weight for a prompt; `block_rows` the layout it reads, `legacy_blocks_run` whether the legacy
-types may take it), `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
+dequantized weight for a prompt, `sgemm`; `block_rows` the layout it reads, `legacy_blocks_run` whether the
+legacy types may take it), `decode_attention` with `attention_fits` (one token's whole attention — q/k norms,
 RoPE, the cache write and softmax attention — in one call: the CPU decode step of models/base.attention),
 and `decode_layers` with `layer_plan` (one token through every block of the Llama layout or Gemma 3's in one
 call, when all their projections are file blocks or int8 rows: models/base.run_blocks decides).
@@ -83,15 +83,32 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 
 def _dequantized_product(x: torch.Tensor, n: int, rows, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) @ W.T (+ bias) in x's own dtype (float32: the CPU's sgemm, and the exact weight's full
-    precision), W (N, K) dequantized PACK rows at a time: rows(a, b) -> W[a:b] float32."""
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    """x (..., K) @ W.T (+ bias) in x's own dtype (float32: `sgemm`, the exact weight's full precision), W (N, K)
+    dequantized PACK rows at a time: rows(a, b) -> W[a:b] float32."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
     for a in range(0, n, PACK):
-        y[:, a:a + PACK] = x2 @ rows(a, a + PACK).to(x.dtype).t()  # (PACK, K)
+        y[:, a:a + PACK] = sgemm(x2, rows(a, a + PACK).to(x.dtype))  # (M, PACK)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], n)
+
+
+def sgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T in float32 through oneDNN's GEMM where torch has it, else torch's matmul (MKL's
+    sgemm; and where x needs a gradient: oneDNN's op has none). Same precision (float32 products and sums; the
+    order differs), measured on the AMD EPYC of bench/results/2026-12-06-cpu (one thread, 512 x 896 @ 896 x 4864):
+    oneDNN 20.0 ms, MKL 44.2 ms: MKL keeps AVX-512 for Intel's CPUs."""
+    global _ONEDNN
+    if _ONEDNN and x.dtype == w.dtype == torch.float32 and not x.requires_grad:
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+        except (AttributeError, RuntimeError):  # a torch built without oneDNN
+            _ONEDNN = False
+    return x @ w.t()
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def block_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None,
