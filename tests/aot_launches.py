@@ -62,7 +62,7 @@ def _compile(fn: JITFunction, args, kwargs):
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         RESULTS[key] = {"kernel": fn.__name__, "for": CONTEXT[0], "shared": k.metadata.shared,
-                        "spills": _spills(k.asm["ptx"]), "warps": options.get("num_warps", 4)}
+                        "spills": _spills(k.asm["ptx"]), "warps": options.get("num_warps", 4), "consts": consts}
     except Exception as e:  # noqa: BLE001  (reported: every form is tried)
         RESULTS[key] = {"kernel": fn.__name__, "for": CONTEXT[0], "error": f"{type(e).__name__}: {str(e)[-1200:]}"}
 

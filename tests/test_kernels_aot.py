@@ -44,6 +44,17 @@ ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "f
 SMEM = 232448  # bytes of shared memory a program may take on sm_90
 SPILL_MAX = 16  # bytes of spill stores a form may have: a register or two (the q8_0 / q4_0 split kernel at head
 #                 dim 256 spills 8); the encoder that took 100 µs a call spilled 1,024 (ptxas) / 1,800 (on the H100)
+D256_FLOAT_SPILL_MAX = 6144  # the split kernel at head dim 256 over a float cache without a window (Gemma 3's global
+#                 and ring layers) spills 5,388 bytes (fp8 1,296) with its 64-key tiles, and measured faster than the
+#                 32-key form that spills none (attention._LAUNCHES: Gemma-3-1B tg128 1,144 vs 1,043 tok/s, H100)
+
+
+def spill_max(kernel: str, consts: dict) -> int:
+    """Bytes of spills a compiled form may have: SPILL_MAX, or a measured allowance (D256_FLOAT_SPILL_MAX)."""
+    if kernel == "_split_kernel" and consts.get("D") == 256 and consts.get("K_KIND") == consts.get("V_KIND") == 0 \
+            and not consts.get("HAS_WINDOW"):
+        return D256_FLOAT_SPILL_MAX
+    return SPILL_MAX
 
 
 def _spills(ptx: str) -> int:
@@ -78,7 +89,8 @@ def _compile_all() -> list[dict]:
         try:
             k = triton.compile(src, target=target, options={"num_warps": warps})
             spills = _spills(k.asm["ptx"])
-            out.append({"name": name, "ok": k.metadata.shared <= SMEM and spills <= SPILL_MAX, "spills": spills,
+            out.append({"name": name, "spills": spills,
+                        "ok": k.metadata.shared <= SMEM and spills <= spill_max(fn.__name__, consts),
                         "error": f"{k.metadata.shared} bytes of shared memory (the H100 has {SMEM}), "
                                  f"{spills} bytes of register spills ({warps} warps)"})
         except Exception as e:  # reported, not raised: every form is tried
@@ -87,8 +99,7 @@ def _compile_all() -> list[dict]:
     for name, (q, k, v, s), kk, vk, rot, d, final in SPLIT:
         pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
                         lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32")
-        key = (d, "float, no window") if kk == vk == 0 else d  # as decode_attention picks it (no window here)
-        launch = attention._LAUNCHES.get(key) or attention._LAUNCHES.get(d, attention._LAUNCH)
+        launch = attention._LAUNCHES.get(d, attention._LAUNCH)  # as decode_attention picks it
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
                       OUT_ROT=rot, FINAL=final, MAX_TILES=8, BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2,
                       RUNTIME_LOOP=True, DOT_PREC=None, PDL=True)
@@ -151,5 +162,5 @@ def test_every_launch_of_a_decode_step_compiles_for_sm90():
             "_merge_kernel", "_encode_kernel", "_rope_qk_kernel", "_rms_norm_kernel"} <= kernels
     failed = [f"{x['kernel']} ({x['for']}): {x.get('error') or x['spills']} bytes spilled"
               for x in results if "error" in x or x["spills"] > (MMA_SPILL_MAX if x["kernel"] == "_mma_kernel"
-                                                                  else SPILL_MAX)]
+                                                                  else spill_max(x["kernel"], x["consts"]))]
     assert not failed, "\n".join(failed)

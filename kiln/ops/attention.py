@@ -72,12 +72,11 @@ _LAUNCH = Launch()
 # Head dim 128 (Qwen3, Llama 3 8B): 8 warps, 8 tiles a split: 10% less time at 16384 keys, 3% at 4096 in a
 # CUDA graph on the H100, 4.4% more whole-model tokens/s for the 8B at depth 16384 (bench/results/2026-12-05-h100/,
 # then with masked tiles in place of a runtime `if`); head dim 64 measured slower with it.
-# Head dim 256 (Gemma 3) over a float cache without a window (its global layers, and ring layers, read whole):
-# 64-key tiles spill 5,388 bytes a thread in ptxas (bf16; fp8 1,296) where the windowed form spills none;
-# 32-key tiles with 8 warps spill none (8 of them a split keep 256 keys a split). q8_0 / q4_0 caches keep 64-key
-# tiles (12 bytes; 32-key ones spilled 148 / 20). Chosen by ptxas alone (tests/test_kernels_aot.py): not yet timed.
-_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8),
-             (256, "float, no window"): Launch(block_n=32, warps=8, tiles_per_split=8)}
+# Head dim 256 (Gemma 3) keeps the default: its float-cache form without a window (global layers, and ring layers,
+# read whole) spills 5,388 bytes a thread in ptxas (fp8 1,296) with 64-key tiles, yet 32-key tiles with 8 warps and
+# 8 a split, which spill none, decoded Gemma-3-1B slower: tg128 1,043 / 992 tok/s at depth 0 / 4096 against 1,144 /
+# 1,110 (H100, same call, bench/results/2026-12-06-h100-b/ring_ab.jsonl).
+_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -127,7 +126,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
                      policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
-    (default: `_LAUNCHES` by head dim, and for head dim 256 by window and cache type, else `_LAUNCH`;
+    (default: `_LAUNCHES` by head dim, else `_LAUNCH`;
     bench/decode_ab.py replaces both to time others)."""
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
@@ -140,8 +139,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     assert all(x is None or x.stride(-1) == 1 for x in (k_scale, v_scale, out_rot))
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
-    key = (d, "float, no window") if not window and k_kind == v_kind == 0 else d
-    launch = launch or _LAUNCHES.get(key) or _LAUNCHES.get(d, _LAUNCH)
+    launch = launch or _LAUNCHES.get(d, _LAUNCH)
     n_tiles = triton.cdiv(s_max, launch.block_n)
     ns = max(1, min(splits or policy.attn_splits
                     or _default_splits(q.device, b * kh, n_tiles, launch.tiles_per_split), n_tiles))
