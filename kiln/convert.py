@@ -9,9 +9,6 @@ kiln/convert_mlx.py); main() only dispatches to them. The reverse direction.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from kiln.errors import KilnError
 
 def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Path:
     from kiln.formats.gguf import hf_tensors, read_gguf, to_config
+    from kiln.formats.safetensors import hf_config, write_folder
     from kiln.progress import bar
     from kiln.reader import materialize
     from kiln.tokenizer import Tokenizer
@@ -34,25 +32,6 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
              for name, w in bar(list(weights.items()), desc="converting", unit="tensor", enabled=progress)}
     write_folder(out, state, hf_config(config, dtype), Tokenizer.from_gguf(g.meta))
     return out
-
-
-def hf_config(config: dict, dtype) -> dict:
-    """config.json's content: the config without its None values, with torch_dtype."""
-    cfg = {k: v for k, v in config.items() if v is not None}
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    return cfg
-
-
-def write_folder(out: Path, state: dict, cfg: dict, tok, fmt: str = "pt", indent: int = 2) -> None:
-    """model.safetensors (metadata format `fmt`), config.json and the tokenizer's files into the folder `out`
-    (the folders `--to hf`, `--to mlx` and `kiln fuse` write)."""
-    from safetensors.torch import save_file
-    save_file(state, str(out / "model.safetensors"), metadata={"format": fmt})
-    (out / "config.json").write_text(json.dumps(cfg, indent=indent))
-    # safetensors writes through a private temporary file (mode 0600); the weights get the mode that
-    # config.json got from open() under the user's umask, like every other file here
-    os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
-    tok.save_folder(out)
 
 
 def main(argv: list[str]) -> int:

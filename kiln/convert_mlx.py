@@ -62,7 +62,7 @@ def _quantizable(model: nn.Module, group_size: int) -> set[str]:
 
 
 def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype, progress):
-    from kiln.convert import write_folder
+    from kiln.formats.safetensors import write_folder
     from kiln.reader import materialize
     from kiln.progress import bar
     from kiln.quant.mlx import quantize
@@ -85,7 +85,7 @@ def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype
 
 
 def _config(config: dict, bits: int, group_size: int, dtype) -> dict:
-    from kiln.convert import hf_config
+    from kiln.formats.safetensors import hf_config
     cfg = hf_config(config, dtype)
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}  # mlx-lm's quantize_model writes both
     cfg["quantization"], cfg["quantization_config"] = q, dict(q)

@@ -3,8 +3,8 @@
 Owns: `fuse(model, adapter, out, scale, dtype)` (W + scale * alpha/r * B @ A on the float32 dequantized base,
 then the chosen dtype), `fuse_gguf(model, adapter, out, scale, ftype)` (a GGUF base: the same sums in the
 file's row order, every tensor then written as `kiln convert --to gguf --type` writes it) and `main(argv)`.
-Not: the adapter format (layers.py), tokenizer files (convert.py's writer), the quantizers and file types
-(kiln/quantize.py).
+Not: the adapter format (layers.py), the folder's files (formats/safetensors.write_folder), the quantizers and
+file types (kiln/quantize.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kiln.errors import KilnError
 
 
 def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progress: bool = False) -> Path:
-    from kiln.convert import hf_config, write_folder
+    from kiln.formats.safetensors import hf_config, write_folder
     from kiln.finetune.layers import load_adapter, merge
     from kiln.hub import resolve
     from kiln.load import build_model
