@@ -21,6 +21,7 @@ cache.Ring), in `cache_type` on the GPU and float32 on the CPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -112,10 +113,7 @@ def _gpu(w) -> int:
 
 
 def _numel(w) -> int:
-    n = 1
-    for s in w.shape:
-        n *= int(s)
-    return n
+    return math.prod(int(s) for s in w.shape)
 
 
 def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:

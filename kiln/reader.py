@@ -25,9 +25,7 @@ def read_model(path: Path):
     """(config, weights, tokenizer) of a GGUF file or a Hugging Face folder; weights are read lazily."""
     from kiln.tokenizer import Tokenizer
     if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        config, weights = read_folder(path)
-        return config, weights, Tokenizer.from_folder(path)
+        return (*read_weights(path), Tokenizer.from_folder(path))
     from kiln.hub import cache_dir
     g = read_gguf(path)
     config = to_config(g)
