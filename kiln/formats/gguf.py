@@ -54,11 +54,6 @@ class GGUFTensor:
     add: float = 0.0  # constant added after dequantization (Gemma norms are stored as 1 + w)
     mapped: bool = False  # data is a view of read_gguf's file mapping (release() may drop its pages)
 
-    @property
-    def type_name(self) -> str:
-        from kiln.quant import type_name
-        return type_name(self.qtype)
-
     def raw_rows(self) -> torch.Tensor:
         """The packed bytes as (rows, row_bytes), with the row permutation applied."""
         rows = self.data.view(-1, self.data.numel() // max(1, _rows(self.shape)))
@@ -272,11 +267,8 @@ def _string_starts(region: np.ndarray, n: int) -> tuple[np.ndarray, int] | None:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse the header of a GGUF file and map its tensors without reading them.
-
-    Model files are untrusted input: everything declared in the header (counts, lengths, shapes, offsets,
-    the alignment) is checked against the file before it is used, and anything wrong is a KilnError.
-    """
+    """Parse the header of a GGUF file and map its tensors without reading them (every declared count, length,
+    shape, offset and the alignment checked first: see the module docstring)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
