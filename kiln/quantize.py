@@ -221,7 +221,7 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
     `imatrix`: an importance matrix file (kiln/imatrix.py reads llama.cpp's GGUF and legacy .dat formats)
     or a dict {GGUF tensor name: per-column importance}. `deltas`: {GGUF tensor name: float32 tensor of its
     shape, in the file's row order} added to the dequantized tensor before quantizing (`kiln fuse`)."""
-    from kiln.formats.gguf import read_gguf
+    from kiln.formats.gguf import read_gguf, write_file
     from kiln.imatrix import read_imatrix
     from kiln.progress import bar
     from kiln.quant import dequantize
@@ -235,27 +235,18 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
     out = Path(out)
     mix = _mix_info(g, bool(imatrix))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    writer = gguf.GGUFWriter(str(tmp), g.arch)
-    try:
-        _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
-        for name, t in bar(list(g.tensors.items()), desc="quantizing", unit="tensor", enabled=progress):
-            x = dequantize(t.data.reshape(-1), t.qtype, t.shape)       # file order: no row permutation
-            if deltas and name in deltas:
-                x = x + deltas[name].reshape(x.shape).to(x.dtype)
-            qt = tensor_type(name, t.shape, ftype, mix, overrides=overrides, output_type=output_type,
-                             embd_type=embd_type, pure=pure)
-            w = _importance(imatrix, name, t.shape[-1]) if imatrix else None
-            _add_tensor(writer, name, quantize(x.reshape(-1, t.shape[-1]), qt, w).numpy(), qt, t.shape)
-            del x
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    writer = gguf.GGUFWriter(str(tmp), g.arch)  # nothing is written before write_file
+    _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
+    for name, t in bar(list(g.tensors.items()), desc="quantizing", unit="tensor", enabled=progress):
+        x = dequantize(t.data.reshape(-1), t.qtype, t.shape)       # file order: no row permutation
+        if deltas and name in deltas:
+            x = x + deltas[name].reshape(x.shape).to(x.dtype)
+        qt = tensor_type(name, t.shape, ftype, mix, overrides=overrides, output_type=output_type,
+                         embd_type=embd_type, pure=pure)
+        w = _importance(imatrix, name, t.shape[-1]) if imatrix else None
+        _add_tensor(writer, name, quantize(x.reshape(-1, t.shape[-1]), qt, w).numpy(), qt, t.shape)
+        del x
+    write_file(writer, tmp, out)
     return out
 
 
