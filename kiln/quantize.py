@@ -152,13 +152,11 @@ def _fallback(t: int, ncols: int) -> int:
     return t if ncols % gguf.GGML_QUANT_SIZES[_T(t)][0] == 0 else _T.F16
 
 
-def tensor_type(name: str, shape: tuple[int, ...], ftype: str, mix: MixInfo | int, has_output: bool = True,
-                overrides=(), output_type=None, embd_type=None, pure: bool = False) -> int:
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str, mix: MixInfo, overrides=(), output_type=None,
+                embd_type=None, pure: bool = False) -> int:
     """The GGUF type of tensor `name` (torch shape (rows, n)) in a file of type `ftype`: llama.cpp's
     llama_tensor_get_type (overrides, then the mix, then the fallback for rows that are not a multiple of
-    the type's block). `mix` a MixInfo, or the layer count (with `has_output`)."""
-    if not isinstance(mix, MixInfo):
-        mix = MixInfo(mix, has_output)
+    the type's block)."""
     base = FILE_TYPES[ftype][0]
     if len(shape) < 2 or not name.endswith(".weight"):
         return _T.F32  # norms and biases stay float32, as llama.cpp keeps them

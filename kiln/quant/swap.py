@@ -140,7 +140,7 @@ class Joined(nn.Module):
         return tuple(outs)
 
     def wide_forward(self, x: torch.Tensor, act=None) -> torch.Tensor:
-        """The single concatenated output (every part joined: `wide` is not None)."""
+        """The single concatenated output (every part joined: one group)."""
         y = self._outputs(x, act)[0]
         if self.lora or self.stacks:
             deltas = [self._delta(x, i) for i in range(len(self.splits[0]))]
@@ -164,11 +164,6 @@ class Joined(nn.Module):
 
     def _outputs(self, x: torch.Tensor, act) -> list[torch.Tensor]:
         return [g(x) for g in self.groups] if act is None else [g(x, act=act) for g in self.groups]
-
-    @property
-    def wide(self) -> nn.Module | None:
-        """The single concatenated layer when every part joined (its output is the parts side by side)."""
-        return self.groups[0] if len(self.groups) == 1 else None
 
 
 def joinable(a: nn.Module, b: nn.Module) -> bool:
