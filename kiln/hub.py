@@ -205,11 +205,3 @@ def _hf_download(name: str, progress: bool) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise KilnError(f"could not download {name} from Hugging Face: {str(e).splitlines()[0]}") from None
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
