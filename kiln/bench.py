@@ -356,7 +356,8 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     else:
         (model, tokenizer, pool), load_s = loaded, loaded[0].load_s
     dev = next(model.parameters()).device
-    out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    out = {"model": getattr(model, "source", str(model_name)), "device": name,
            "torch": torch.__version__, "p": lengths, "g": g, "depths": depths, "repeats": repeats, "load_s": load_s}
     if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
         from kiln import native
@@ -409,12 +410,6 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     for side in ("kiln", "llama.cpp"):
         out.get(side, {}).pop("prompt_logits_top1", None)
     return out
-
-
-def _device_name(dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def format_report(r: dict) -> str:

@@ -302,7 +302,8 @@ class Engine:
             self._place(handle, free)
 
     def _place(self, handle: RequestHandle, free: list[_Slot]) -> None:
-        prompt, adapter = handle.request.prompt, _adapter_key(handle.request)
+        req = handle.request  # its keys and values depend on its tokens and on (adapter, scale): scale 1 with none
+        prompt, adapter = req.prompt, ((req.adapter, float(req.adapter_scale)) if req.adapter else (0, 1.0))
         slot, shared = max(((s, _common_prefix(s.tokens, prompt) if s.adapter == adapter else 0) for s in free),
                            key=lambda sp: (sp[1], -sp[0].last_used))  # keys under another adapter differ
         reuse = min(shared, len(prompt) - 1)  # at least one token is prefilled: its logits are the first step
@@ -565,11 +566,6 @@ class Engine:
             if row in self._rows:
                 self._rows.remove(row)
                 self._counters["requests_finished"] += 1
-
-
-def _adapter_key(req: EngineRequest) -> tuple[int, float]:
-    """What a request's keys and values depend on besides its tokens: (adapter, scale); scale 1 with none."""
-    return (req.adapter, float(req.adapter_scale)) if req.adapter else (0, 1.0)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
