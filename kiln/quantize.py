@@ -192,11 +192,6 @@ def _n_gqa(g) -> int:
     return heads // kv
 
 
-def _mix_info(g, has_imatrix: bool) -> MixInfo:
-    n_layer = 1 + max((_layer(n) for n in g.tensors if _layer(n) is not None), default=-1)
-    return MixInfo(n_layer, "output.weight" in g.tensors, _n_gqa(g), has_imatrix)
-
-
 def _add_tensor(writer, name: str, q: np.ndarray, qt: int, shape):
     if qt == _T.F32:
         writer.add_tensor(name, q.view(np.float32).reshape(shape))
@@ -231,7 +226,8 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
         imatrix = read_imatrix(imatrix)
     g = read_gguf(src)
     out = Path(out)
-    mix = _mix_info(g, bool(imatrix))
+    n_layer = 1 + max((_layer(n) for n in g.tensors if _layer(n) is not None), default=-1)
+    mix = MixInfo(n_layer, "output.weight" in g.tensors, _n_gqa(g), bool(imatrix))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     writer = gguf.GGUFWriter(str(tmp), g.arch)  # nothing is written before write_file
     _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
