@@ -470,8 +470,6 @@ class RowsView:
     `layer_scales` and `slot_index` instead.
     """
 
-    SHARED = ("direct", "native_reads", "layer_scales", "queries", "outputs", "out_rotation")  # the cache's own
-
     def __init__(self, cache: KVCache, slots: list[int] | torch.Tensor, n_keys: int):
         self.cache, self.n_keys, self.max_len = cache, n_keys, cache.max_len
         self._span = None  # the first slot, when the slots are consecutive (read as a view, no gather)
@@ -490,19 +488,34 @@ class RowsView:
         view.slot_index = self.slot_index.to(device)
         return view
 
-    def __getattr__(self, name: str):  # only for what the view lacks: SHARED comes from the slot cache
-        if name in RowsView.SHARED:
-            return getattr(self.cache, name)
-        raise AttributeError(name)
-
     def layer_kv(self, layer: int):
         """The whole slot cache of a layer, (N, K, S, D) keys and values."""
         return self.cache.k[layer], self.cache.v[layer]
+
+    @property
+    def direct(self) -> bool:
+        return self.cache.direct
+
+    @property
+    def native_reads(self) -> bool:
+        return self.cache.native_reads
+
+    def layer_scales(self, layer: int):
+        return self.cache.layer_scales(layer)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        return self.cache.queries(q)
+
+    def out_rotation(self):
+        return self.cache.out_rotation()
 
     def encode_at(self, layer: int, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   policy: Policy = DEFAULT) -> torch.Tensor:
         """pos (B, T): `KVCache.encode_at` into the rows' slots."""
         return self.cache.encode_at(layer, pos, q, k, v, policy, rows=self.slot_index)
+
+    def outputs(self, o: torch.Tensor) -> torch.Tensor:
+        return self.cache.outputs(o)
 
     def ring(self, layer: int) -> None:
         return None  # a slot cache keeps every position (KVCache.rows)
