@@ -17,7 +17,7 @@
    torch.get_num_threads(), passed in because OpenMP's own setting is per calling thread).
 
    Everything is fp32 in and out, accumulated in fp32 (kiln_gemv_i8g's dot products in int32). The torch
-   twins they are tested against: Int8Linear.dequantize() @ x, gemv_i8g_ref, gemv_k_ref (tests/test_native.py),
+   twins they are tested against: Int8Linear.dequantize() @ x, native.gemv_i8g_ref, native.gemv_k_ref,
    kquants.dequantize_q4_k / _q6_k, ops.rms_norm_ref, ops.rope_qk_ref + KVCache.update + base.attend. */
 
 #include "native.h"

@@ -56,7 +56,7 @@ def gemv_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
 
 
 def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """test_native.gemv_i8g_ref in native.c: x (K,) or (M, K) float32 (a few rows: q is read once for all),
+    """gemv_i8g_ref's contract, in native.c: x (K,) or (M, K) float32 (a few rows: q is read once for all),
     q (N, K) int8, scale (N, K / G) float16 (one per G weights of a row), bias (N,) float32 or None -> (N,)
     or (M, N) float32."""
     n, k = q.shape
@@ -79,7 +79,7 @@ def dequant_i8g(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """test_native.gemv_k_ref in native.c: x (K,) or (M, K) float32 with M <= 16, blocks (N, K / 256 * B) uint8
+    """gemv_k_ref's contract, in native.c: x (K,) or (M, K) float32 with M <= 16, blocks (N, K / 256 * B) uint8
     (a Q4_K or Q6_K tensor's rows as the file holds them: qtype 12 or 14), bias (N,) float32 or None -> (N,) or
     (M, N) float32."""
     fn = _lib().kiln_gemv_q4k if qtype == 12 else _lib().kiln_gemv_q6k
@@ -179,7 +179,7 @@ def ungroup_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
 
 
 def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """test_native.gemv_lq_ref in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
+    """gemv_lq_ref's contract, in native_legacy.c: x (K,) or (M, K) float32 with M <= 16, rows (N, K / 128 * 4B)
     uint8 (a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 tensor regrouped by `regroup_lq`: qtype 2, 3, 6, 7, 8), bias (N,)
     float32 or None -> (N,) or (M, N) float32."""
     return _few_rows("gemv_lq", x, rows, in_features(rows, qtype), bias,
@@ -194,6 +194,29 @@ def dequant_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     out = torch.empty(n, k, dtype=torch.float32)
     _lib().kiln_dequant_lq(_ptr(rows), qtype, _ptr(out), n, k, torch.get_num_threads())
     return out
+
+
+def gemv_lq_ref(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_lq computes, in torch, from the file's blocks raw (N, K / 32 * B): x rounded per 32 to
+    |xq| <= 32639 (_round_x), each block's dot exact, then y = sum_b xs_b * (d_b * (q_b . xq_b) [+ m_b *
+    sum(xq_b)]) with q the codes less the type's offset (Q4_0: 8, Q5_0: 16; the _1 types: none, and their m)
+    (+ bias)."""
+    from kiln.quant import legacy
+    size, qs, qh, m = _LEGACY_FIELDS[qtype]
+    n = raw.shape[0]
+    b = raw.reshape(-1, size)                                                  # (N * B, size)
+    if qtype == 8:
+        q = b[:, 2:34].view(torch.int8).double().view(n, -1, 32)
+    else:
+        q = legacy._nibbles(b[:, qs:qs + 16]) if qh is None else legacy._five_bit(b[:, qh:qh + 4], b[:, qs:qs + 16])
+        q = (q.double() - {2: 8, 3: 0, 6: 16, 7: 0}[qtype]).view(n, -1, 32)  # (N, B, 32)
+    d = legacy.f16_at(b, 0).double().view(n, -1)                              # (N, B)
+    xq, xs = _round_x(x, 32, 32639)                                            # (..., B, 32), (..., B)
+    per_block = d * torch.einsum("...bl,nbl->...nb", xq, q)                    # exact integer dots
+    if m is not None:
+        per_block = per_block + legacy.f16_at(b, m).double().view(n, -1) * xq.sum(-1)[..., None, :]
+    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
+    return y if bias is None else y + bias
 
 
 def in_features(blocks: torch.Tensor, qtype: int) -> int:
@@ -221,6 +244,55 @@ def dequant_k(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     fn = _lib().kiln_dequant_q4k if qtype == 12 else _lib().kiln_dequant_q6k
     fn(_ptr(blocks), _ptr(out), n, k, torch.get_num_threads())
     return out
+
+
+def gemv_k_ref(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_k computes, in torch: x rounded per 256 to |xq| <= 32639 (_round_x), each sub-block's
+    dot exact, then per block Q4_K: xs * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * sum(xq_j)); Q6_K:
+    xs * d * sum_s sc_s * (dot_s - 32 * sum(xq_s)) with its codes 0..63 (+ bias)."""
+    from kiln.quant.kquants import _crumbs, _nibbles, k_scales_mins
+    from kiln.quant.legacy import f16_at
+    size = KQUANT_BYTES[qtype]
+    n = blocks.shape[0]
+    b = blocks.reshape(-1, size)                                               # (N * B, size)
+    xq, xs = _round_x(x, 256, 32639)                                           # (..., B, 256), (..., B)
+    if qtype == 12:
+        sc, mn = (t.double().view(n, -1, 8) for t in k_scales_mins(b[:, 4:16]))  # (N, B, 8)
+        d, dmin = (f16_at(b, o).double().view(n, -1) for o in (0, 2))          # (N, B)
+        q = _nibbles(b[:, 16:144], 32).double().view(n, -1, 8, 32)             # (N, B, 8, 32)
+        xq = xq.view(*xq.shape[:-1], 8, 32)                                    # (..., B, 8, 32)
+        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q)                      # exact integers
+        mins = torch.einsum("...bj,nbj->...nb", xq.sum(-1), mn)
+        per_block = d * (dots * sc).sum(-1) - dmin * mins                     # (..., N, B)
+    else:
+        sc = b[:, 192:208].view(torch.int8).double().view(n, -1, 16)           # (N, B, 16)
+        d = f16_at(b, 208).double().view(n, -1)
+        q = _nibbles(b[:, 0:128], 64).bitwise_or_(_crumbs(b[:, 128:192], 2) << 4).double().view(n, -1, 16, 16)
+        xq = xq.view(*xq.shape[:-1], 16, 16)
+        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q) - 32 * xq.sum(-1)[..., None, :, :]
+        per_block = d * (dots * sc).sum(-1)
+    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
+    return y if bias is None else y + bias
+
+
+def _round_x(x: torch.Tensor, group: int, qmax: int = 32767):
+    """x (..., K) rounded to integers per group of G: (xq (..., K / G, G) float64 holding integers, xs (..., K / G)
+    float32) with xs = max|x| / qmax and xq = round(x / xs), ties to even."""
+    xg = x.float().reshape(*x.shape[:-1], -1, group)
+    xs = xg.abs().amax(-1) / qmax
+    xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[..., None])
+    return xq.double(), xs
+
+
+def gemv_i8g_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product gemv_i8g computes, in torch: x rounded by _round_x, each group's dot product exact, then
+    y[n] = sum_g scale[n, g] * xs[g] * dot[n, g] (+ bias)."""
+    n, k = q.shape
+    group = k // scale.shape[1]
+    xq, xs = _round_x(x, group)                                      # (..., G', group), (..., G')
+    dots = torch.einsum("...gj,ngj->...ng", xq, q.view(n, -1, group).double())  # exact integers
+    y = ((scale.float() * xs[..., None, :]).double() * dots).sum(-1).float()
+    return y if bias is None else y + bias
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

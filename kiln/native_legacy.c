@@ -18,7 +18,7 @@
    + lo with both halves signed bytes (as the K-quant GEMVs split it), the
    unsigned codes (0..31) times each half by dpbusd, the halves joined in int32, each block's offset (8 or 16
    times its sum of xq) taken in int32, then per block d * xs in float; the _1 types add m * xs * sum(xq).
-   Twin: tests/test_native.py's gemv_lq_ref (on the file's blocks). Shapes: rows (N, K / 128 * 4B), K % 128 == 0. */
+   Twin: native.gemv_lq_ref (on the file's blocks). Shapes: rows (N, K / 128 * 4B), K % 128 == 0. */
 
 #include "native.h"
 

@@ -1,7 +1,7 @@
 """The text side of one generation: token ids in, text safe to show out, with stop strings and a finish reason.
 
 Owns: `TextStream` (detokenizer + stop strings + finish reason per sequence: kiln.stream_generate and the
-server), `StopMatcher` (stop strings, linear in the text fed; its slow twin: test_textstream.split_stop).
+server), `StopMatcher` (stop strings, linear in the text fed) and `split_stop`, its slow twin.
 Not: decoding bytes (tokenizer.py), stop tokens and length limits (generate.py, engine.py), tool calls.
 """
 
@@ -75,6 +75,17 @@ class _Stop:
                 k += 1
             fail.append(k)
         self._k = k
+
+
+def split_stop(pending: str, stops: list[str]) -> tuple[str, str, bool]:
+    """The slow twin of StopMatcher.feed: (text safe to emit, text held back, stop found), rescanning all of
+    `pending` (everything held back plus the new text) each time; quadratic in the stop length."""
+    stops = [s for s in stops if s]
+    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+    if hits:
+        return pending[:min(hits)], "", True
+    hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+    return pending[:len(pending) - hold], pending[len(pending) - hold:], False
 
 
 class TextStream:

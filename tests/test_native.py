@@ -1,8 +1,8 @@
 """kiln/native.py and native.c: each native CPU kernel against its torch twin, and decode steps of every
 architecture with the kernels on and off.
 
-The twins: `Int8Linear.dequantize() @ x` for the GEMV, `gemv_i8g_ref` for its group-scaled form,
-`gemv_k_ref` / `gemv_lq_ref` and gguf-py's dequantization for Q4_K / Q6_K and legacy blocks,
+The twins: `Int8Linear.dequantize() @ x` for the GEMV, `native.gemv_i8g_ref` for its group-scaled form,
+`native.gemv_k_ref` / `native.gemv_lq_ref` and gguf-py's dequantization for Q4_K / Q6_K and legacy blocks,
 `ops.rms_norm_ref` for the norm, and
 `ops.rope_qk_ref` + a cache write + `base.attend` for one token's attention (norms, RoPE, window, GQA).
 """
@@ -22,80 +22,6 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler / 
 
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# The twins of the block GEMVs: what native.c computes, in torch (exact integer dots of x rounded per group).
-
-def gemv_lq_ref(x: torch.Tensor, raw: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product native.gemv_lq computes, in torch, from the file's blocks raw (N, K / 32 * B): x rounded per 32 to
-    |xq| <= 32639 (_round_x), each block's dot exact, then y = sum_b xs_b * (d_b * (q_b . xq_b) [+ m_b *
-    sum(xq_b)]) with q the codes less the type's offset (Q4_0: 8, Q5_0: 16; the _1 types: none, and their m)
-    (+ bias)."""
-    from kiln.quant import legacy
-    size, qs, qh, m = native._LEGACY_FIELDS[qtype]
-    n = raw.shape[0]
-    b = raw.reshape(-1, size)                                                  # (N * B, size)
-    if qtype == 8:
-        q = b[:, 2:34].view(torch.int8).double().view(n, -1, 32)
-    else:
-        q = legacy._nibbles(b[:, qs:qs + 16]) if qh is None else legacy._five_bit(b[:, qh:qh + 4], b[:, qs:qs + 16])
-        q = (q.double() - {2: 8, 3: 0, 6: 16, 7: 0}[qtype]).view(n, -1, 32)  # (N, B, 32)
-    d = legacy.f16_at(b, 0).double().view(n, -1)                              # (N, B)
-    xq, xs = _round_x(x, 32, 32639)                                            # (..., B, 32), (..., B)
-    per_block = d * torch.einsum("...bl,nbl->...nb", xq, q)                    # exact integer dots
-    if m is not None:
-        per_block = per_block + legacy.f16_at(b, m).double().view(n, -1) * xq.sum(-1)[..., None, :]
-    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
-    return y if bias is None else y + bias
-
-
-def gemv_k_ref(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product native.gemv_k computes, in torch: x rounded per 256 to |xq| <= 32639 (_round_x), each sub-block's
-    dot exact, then per block Q4_K: xs * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * sum(xq_j)); Q6_K:
-    xs * d * sum_s sc_s * (dot_s - 32 * sum(xq_s)) with its codes 0..63 (+ bias)."""
-    from kiln.quant.kquants import _crumbs, _nibbles, k_scales_mins
-    from kiln.quant.legacy import f16_at
-    size = native.KQUANT_BYTES[qtype]
-    n = blocks.shape[0]
-    b = blocks.reshape(-1, size)                                               # (N * B, size)
-    xq, xs = _round_x(x, 256, 32639)                                           # (..., B, 256), (..., B)
-    if qtype == 12:
-        sc, mn = (t.double().view(n, -1, 8) for t in k_scales_mins(b[:, 4:16]))  # (N, B, 8)
-        d, dmin = (f16_at(b, o).double().view(n, -1) for o in (0, 2))          # (N, B)
-        q = _nibbles(b[:, 16:144], 32).double().view(n, -1, 8, 32)             # (N, B, 8, 32)
-        xq = xq.view(*xq.shape[:-1], 8, 32)                                    # (..., B, 8, 32)
-        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q)                      # exact integers
-        mins = torch.einsum("...bj,nbj->...nb", xq.sum(-1), mn)
-        per_block = d * (dots * sc).sum(-1) - dmin * mins                     # (..., N, B)
-    else:
-        sc = b[:, 192:208].view(torch.int8).double().view(n, -1, 16)           # (N, B, 16)
-        d = f16_at(b, 208).double().view(n, -1)
-        q = _nibbles(b[:, 0:128], 64).bitwise_or_(_crumbs(b[:, 128:192], 2) << 4).double().view(n, -1, 16, 16)
-        xq = xq.view(*xq.shape[:-1], 16, 16)
-        dots = torch.einsum("...bjl,nbjl->...nbj", xq, q) - 32 * xq.sum(-1)[..., None, :, :]
-        per_block = d * (dots * sc).sum(-1)
-    y = (xs.double()[..., None, :] * per_block).sum(-1).float()
-    return y if bias is None else y + bias
-
-
-def _round_x(x: torch.Tensor, group: int, qmax: int = 32767):
-    """x (..., K) rounded to integers per group of G: (xq (..., K / G, G) float64 holding integers, xs (..., K / G)
-    float32) with xs = max|x| / qmax and xq = round(x / xs), ties to even."""
-    xg = x.float().reshape(*x.shape[:-1], -1, group)
-    xs = xg.abs().amax(-1) / qmax
-    xq = torch.round(xg * torch.where(xs > 0, 1 / xs, torch.zeros_like(xs))[..., None])
-    return xq.double(), xs
-
-
-def gemv_i8g_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product native.gemv_i8g computes, in torch: x rounded by _round_x, each group's dot product exact, then
-    y[n] = sum_g scale[n, g] * xs[g] * dot[n, g] (+ bias)."""
-    n, k = q.shape
-    group = k // scale.shape[1]
-    xq, xs = _round_x(x, group)                                      # (..., G', group), (..., G')
-    dots = torch.einsum("...gj,ngj->...ng", xq, q.view(n, -1, group).double())  # exact integers
-    y = ((scale.float() * xs[..., None, :]).double() * dots).sum(-1).float()
-    return y if bias is None else y + bias
 
 
 def _on_one_thread(fn):
@@ -128,7 +54,7 @@ def test_gemv_i8_is_the_dequantized_product(n, k, bias):
                                          (3, 64, 32)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_i8g_is_its_twin(n, k, group, bias):
-    """Group-scaled int8 rows (GGUF's own codes) against gemv_i8g_ref: x rounded to int16 per group,
+    """Group-scaled int8 rows (GGUF's own codes) against native.gemv_i8g_ref: x rounded to int16 per group,
     exact integer dots. K a multiple of 64 takes the AVX-512 steps, the rest the scalar
     loop; codes cover the full int8 range (-128 too) and one group of x is all zeros."""
     g = torch.Generator().manual_seed(n * k + group)
@@ -139,12 +65,12 @@ def test_gemv_i8g_is_its_twin(n, k, group, bias):
     b = torch.randn(n, generator=g) if bias else None
     y = native.gemv_i8g(x, q, scale, b)
     assert y.shape == (n,) and y.dtype == torch.float32
-    assert _rel(y, gemv_i8g_ref(x, q, scale, b)) < 1e-6  # the same integers, fp32 sums of them
+    assert _rel(y, native.gemv_i8g_ref(x, q, scale, b)) < 1e-6  # the same integers, fp32 sums of them
     w = (q.double().view(n, -1, group) * scale.double()[:, :, None]).view(n, k)
     assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 1e-4  # x's 16-bit rounding, ~2e-5
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_i8g(xs, q, scale, b)
-    assert ys.shape == (3, n) and torch.equal(ys[0], y) and _rel(ys, gemv_i8g_ref(xs, q, scale, b)) < 1e-6
+    assert ys.shape == (3, n) and torch.equal(ys[0], y) and _rel(ys, native.gemv_i8g_ref(xs, q, scale, b)) < 1e-6
     assert torch.equal(_on_one_thread(lambda: native.gemv_i8g(x, q, scale, b)), y)
 
 
@@ -172,7 +98,7 @@ def _kquant_blocks(qtype: int, n: int, k: int, g: torch.Generator) -> torch.Tens
 @pytest.mark.parametrize("n,k", [(64, 256), (33, 512), (7, 2560)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
-    """K-quant blocks as the file holds them against gemv_k_ref (x rounded per 256 to 16 bits, exact
+    """K-quant blocks as the file holds them against native.gemv_k_ref (x rounded per 256 to 16 bits, exact
     integer dots) and against gguf-py's own dequantization of the same bytes (the weight any reader sees)."""
     import gguf
     g = torch.Generator().manual_seed(n + k + qtype)
@@ -182,7 +108,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     b = torch.randn(n, generator=g) if bias else None
     y = native.gemv_k(x, blocks, qtype, b)
     assert y.shape == (n,) and y.dtype == torch.float32
-    assert _rel(y, gemv_k_ref(x, blocks, qtype, b)) < 1e-6
+    assert _rel(y, native.gemv_k_ref(x, blocks, qtype, b)) < 1e-6
     w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))).double()
     assert w.shape == (n, k)
     assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 1e-4  # x's 16-bit rounding
@@ -190,7 +116,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     assert _rel(native.dequant_k(blocks, qtype), w) < 1e-7
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_k(xs, blocks, qtype, b)
-    assert torch.equal(ys[0], y) and _rel(ys, gemv_k_ref(xs, blocks, qtype, b)) < 1e-6
+    assert torch.equal(ys[0], y) and _rel(ys, native.gemv_k_ref(xs, blocks, qtype, b)) < 1e-6
     assert torch.equal(_on_one_thread(lambda: native.gemv_k(x, blocks, qtype, b)), y)
     with pytest.raises(ValueError, match="at most 16 rows"):
         native.gemv_k(torch.randn(17, k), blocks, qtype, b)
@@ -200,7 +126,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
 @pytest.mark.parametrize("n,k", [(64, 128), (33, 896), (7, 1024)])
 def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     """Legacy 32-weight blocks regrouped four at a time (native.regroup_lq: the same bytes, and back) against
-    gemv_lq_ref on the file's blocks (x rounded per 32 to 16 bits, exact integer dots) and against
+    native.gemv_lq_ref on the file's blocks (x rounded per 32 to 16 bits, exact integer dots) and against
     gguf-py's dequantization of those blocks; random bytes: every code and fifth bit, finite f16 d and m."""
     import gguf
     g = torch.Generator().manual_seed(n + k + qtype)
@@ -217,7 +143,7 @@ def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     x[1, 5] = 1e4  # one large value: the block's others round to few levels
     b = torch.randn(n, generator=g)
     y = native.gemv_lq(x, rows, qtype, b)
-    assert y.shape == (3, n) and _rel(y, gemv_lq_ref(x, raw, qtype, b)) < 1e-6
+    assert y.shape == (3, n) and _rel(y, native.gemv_lq_ref(x, raw, qtype, b)) < 1e-6
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))).double()
     assert _rel(y, x.double() @ w.t() + b.double()) < 3e-4  # x's 16-bit rounding (the 1e4 row's block: coarse)
     assert torch.equal(native.dequant_lq(rows, qtype), w.float())  # a prompt's weight: gguf-py's own

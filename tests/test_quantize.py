@@ -86,12 +86,7 @@ def test_bad_input_is_a_kiln_error():
 
 def test_best_index_iq4_lookup_equals_search():
     """The table lookup of best_index_iq4 against its binary-search twin, at and beside every midpoint."""
-    from kiln.quant.qmath import F32, IQ4NL_VALUES, best_index_iq4
-
-    def best_index_iq4_ref(v):  # the slow twin: a binary search over the midpoints
-        vals = torch.tensor(IQ4NL_VALUES, dtype=F32, device=v.device)
-        return torch.searchsorted((vals[:-1] + vals[1:]) / 2, v.contiguous(), right=True)
-
+    from kiln.quant.qmath import best_index_iq4, best_index_iq4_ref
     v = torch.cat([torch.randn(1 << 16) * 100, torch.arange(-300, 300, 0.25),
                    torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e30, -1e30])])
     v = torch.cat([v, torch.nextafter(v, torch.tensor(float("inf"))), torch.nextafter(v, torch.tensor(-float("inf")))])

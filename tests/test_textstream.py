@@ -12,21 +12,10 @@ import time
 
 import pytest
 
-from kiln.textstream import StopMatcher, TextStream
+from kiln.textstream import StopMatcher, TextStream, split_stop
 
 # single code points, a combining sequence, an emoji with a skin-tone modifier, a flag (two regional indicators)
 ALPHABET = ["a", "b", "c", "\n", " ", "é", "e\u0301", "👍🏽", "🇫🇷", "中"]
-
-
-def split_stop(pending: str, stops: list[str]) -> tuple[str, str, bool]:
-    """The slow twin of StopMatcher.feed: (text safe to emit, text held back, stop found), rescanning all of
-    `pending` (everything held back plus the new text) each time; quadratic in the stop length."""
-    stops = [s for s in stops if s]
-    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-    if hits:
-        return pending[:min(hits)], "", True
-    hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-    return pending[:len(pending) - hold], pending[len(pending) - hold:], False
 
 
 def _random_text(rng, n):

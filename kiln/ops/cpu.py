@@ -14,7 +14,7 @@ Not: the kernels (native.c, built and loaded by native.py), the GPU kernels (the
 kind of step takes the single-token attention (models/base.attention decides that).
 
 Each entry point's torch twin: ops.rms_norm_ref; int8_weight_ref(q, scale) @ x (Int8Linear.dequantize);
-the tests' gemv_k_ref / gemv_lq_ref; ops.rope_qk_ref, then the
+native.gemv_k_ref / gemv_lq_ref; ops.rope_qk_ref, then the
 cache write and base.attend; decode_layers: the same step block by block (Policy.native_step off).
 tests/test_native.py compares them.
 """

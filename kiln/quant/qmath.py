@@ -269,7 +269,7 @@ def best_index_iq4(v: torch.Tensor) -> torch.Tensor:
     That is the number of midpoints between neighbours at or below v: near a midpoint both of the C
     code's differences (v - lower, upper - v) are exact in float32 (they lie in the binade of v or below),
     so its float comparison is the exact one, which the (exact, half-integer) midpoints make. Twice each
-    midpoint is an integer, so that count is a table lookup at floor(2v) (the search: test_quantize's twin)."""
+    midpoint is an integer, so that count is a table lookup at floor(2v) (`best_index_iq4_ref`: the search)."""
     k = torch.nan_to_num(v * 2, nan=512.0).floor_().clamp_(-256, 255).to(torch.int64).add_(256)
     return _iq4_counts(v.device)[k]
 
@@ -279,3 +279,9 @@ def _iq4_counts(device) -> torch.Tensor:
     vals = torch.tensor(IQ4NL_VALUES, dtype=F32)
     twice = vals[:-1] + vals[1:]                                     # 2 * midpoints, exact integers
     return (twice[None, :] <= torch.arange(-256, 256, dtype=F32)[:, None]).sum(-1).to(device)
+
+
+def best_index_iq4_ref(v: torch.Tensor) -> torch.Tensor:
+    """best_index_iq4 as a binary search over the midpoints (its slow twin)."""
+    vals = torch.tensor(IQ4NL_VALUES, dtype=F32, device=v.device)
+    return torch.searchsorted((vals[:-1] + vals[1:]) / 2, v.contiguous(), right=True)
