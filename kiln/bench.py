@@ -35,14 +35,7 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / statistics.median(_timed(lambda: dst.copy_(src), device) for _ in range(5))
 
 
 def weight_bytes_per_token(model) -> int:
@@ -122,12 +115,13 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
         eff.append(g / (t2 - t0))
         ttft.append(1e3 * (t1 - t0))
     user, eff, ttft = user[2:], eff[2:], ttft[2:]
+    forward = getattr(pool, "forward", model)  # a LeaderPool's forward: on every rank
     return {
         "prefill_tok_s": pre, "prefill_first_ms": first, "decode_tok_s": tg,
         "decode_user_tok_s": statistics.median(user), "decode_device_at_prompt_tok_s": at_prompt,
         "user_over_device": statistics.median(user) / at_prompt, "effective_tok_s": statistics.median(eff),
         "ttft_ms": statistics.median(ttft), "ms_per_token": 1e3 / tg[depths[0]], "capture_s": capture_s,
-        "prompt_logits_top1": _prompt_top1(getattr(pool, "forward", model), ids_all[:, :min(lengths[0], 512)]),
+        "prompt_logits_top1": forward(ids_all[:, :min(lengths[0], 512)])[0].argmax(-1).tolist(),
     }
 
 
@@ -160,11 +154,6 @@ def run_speculative(model, tokenizer, prompt: list[int], g: int, repeats: int, d
             "num_draft_tokens": drafting.get("num_draft_tokens"), "plain_user_tok_s": plain,
             "speculative_user_tok_s": spec, "speedup": spec / plain, "drafted": drafted, "accepted": accepted,
             "acceptance": accepted / drafted if drafted else float("nan"), "greedy_equal": same}
-
-
-def _prompt_top1(forward, ids) -> list[int]:
-    logits = forward(ids)[0]  # (T, V); a LeaderPool's forward: on every rank
-    return logits.argmax(-1).tolist()
 
 
 def cold_generate(model_name, device=None) -> float:
@@ -268,7 +257,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    from kiln.commands import _Parser, _model_args
+    from kiln.commands import _Parser, _model_args, _quantized_arg
     p = _Parser(prog="kiln bench", description="Measure prefill, decode and effective tok/s of a model.")
     _model_args(p)
     p.add_argument("-p", "--prompt-tokens", type=_ints, default=[512],
@@ -286,9 +275,7 @@ def main(argv: list[str]) -> int:
                    help="also time a fresh `kiln generate --max-tokens 1` process (cold start)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--quantized", choices=["auto", "on", "off"], default="auto",
-                   help="keep weights compact (auto: what the file quantized, GPU: GGUF blocks, CPU: "
-                        "kiln/quant/cpu.py's layers; on: float weights as int8 rows too on CPU; off: float copy)")
+    _quantized_arg(p)
     from kiln.commands import (_adapter_args, _check_adapter, check_draft, draft_args, _drafting, cache_kw,
                                cache_type_args, ngl_arg, parallel_wanted, tp_arg)
     _adapter_args(p)
@@ -369,7 +356,8 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     else:
         (model, tokenizer, pool), load_s = loaded, loaded[0].load_s
     dev = next(model.parameters()).device
-    out = {"model": getattr(model, "source", str(model_name)), "device": _device_name(dev),
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    out = {"model": getattr(model, "source", str(model_name)), "device": name,
            "torch": torch.__version__, "p": lengths, "g": g, "depths": depths, "repeats": repeats, "load_s": load_s}
     if dev.type == "cpu":  # the batch-1 decode step's kernels (kiln/native.py) or torch's alone
         from kiln import native
@@ -422,12 +410,6 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
     for side in ("kiln", "llama.cpp"):
         out.get(side, {}).pop("prompt_logits_top1", None)
     return out
-
-
-def _device_name(dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def format_report(r: dict) -> str:

@@ -1,14 +1,9 @@
 """KV cache: pre-allocated keys and values for every layer, and the `Step` that says where a forward's new
 tokens go in it; attention calls one verb, `k, v = step.update(layer, k, v)`.
 
-Owns: the storage (layers, B, K, max_len, D); `update(layer, pos, k, v)`, which writes the new keys and
-values at positions pos..pos+T and returns everything the layer may attend to, and `update_at` (the same
-at device-side positions: the whole static cache comes back; `encode_at` writes alone, for the fused decode
-kernels that read the stored parts themselves: `layer_kv`, `layer_scales`, `out_rotation`); for a server's
-slot cache (one batch row per sequence), `slot(i)` (a batch-1 view of row i: prefill one request as a
-batch-1 cache) and `rows(slots, n_keys)` (a `RowsView` for a batched step whose rows sit at different
-positions in different slots); `Step` with its three kinds (prefill / CUDA-graph step / batched rows) and
-their positions.
+Owns: the storage (layers, B, K, max_len, D), its writes and reads (`update`, `update_at`; `encode_at` and
+the stored parts for the fused decode kernels), a server's slot cache (one batch row per sequence: `slot(i)`,
+a batch-1 view; `rows(slots, n_keys)`, a `RowsView` for a batched step), and `Step` with its three kinds.
 Bounded layers (`Ring`): a sliding-window layer keeps only its window, and a rotating cache (mlx-lm's
 max_kv_size) the first `keep` positions and the most recent ones, in a ring of slots; `update` then returns
 the ring's slots plus the new keys, and `Step.ring_keys` says which absolute position each of them holds (the

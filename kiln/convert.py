@@ -9,9 +9,6 @@ kiln/convert_mlx.py); main() only dispatches to them. The reverse direction.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from pathlib import Path
 
 import torch
@@ -20,9 +17,9 @@ from kiln.errors import KilnError
 
 
 def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     from kiln.formats.gguf import hf_tensors, read_gguf, to_config
+    from kiln.formats.safetensors import hf_config, write_folder
+    from kiln.progress import bar
     from kiln.reader import materialize
     from kiln.tokenizer import Tokenizer
 
@@ -32,21 +29,9 @@ def gguf_to_hf(src, out_dir, dtype=torch.float32, progress: bool = False) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     weights = hf_tensors(g, config)
     state = {name: materialize(w, name, None, "cpu", dtype).contiguous()
-             for name, w in _progress(weights.items(), progress)}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {k: v for k, v in config.items() if v is not None}
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    # safetensors writes through a private temporary file (mode 0600); the weights get the mode that
-    # config.json got from open() under the user's umask, like every other file here
-    os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
-    Tokenizer.from_gguf(g.meta).save_folder(out)
+             for name, w in bar(list(weights.items()), desc="converting", unit="tensor", enabled=progress)}
+    write_folder(out, state, hf_config(config, dtype), Tokenizer.from_gguf(g.meta))
     return out
-
-
-def _progress(items, enabled):
-    from kiln.progress import bar
-    return bar(list(items), desc="converting", unit="tensor", enabled=enabled)
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import torch
@@ -63,8 +62,7 @@ def _quantizable(model: nn.Module, group_size: int) -> set[str]:
 
 
 def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype, progress):
-    from safetensors.torch import save_file
-
+    from kiln.formats.safetensors import write_folder
     from kiln.reader import materialize
     from kiln.progress import bar
     from kiln.quant.mlx import quantize
@@ -80,18 +78,15 @@ def _write(tmp: Path, config, weights, tok, quantizable, bits, group_size, dtype
             state.update({f"{module}.weight": wq, f"{module}.scales": scales, f"{module}.biases": biases})
         else:
             state[name] = w
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": {k: "model.safetensors" for k in sorted(state)}}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-    (tmp / "config.json").write_text(json.dumps(_config(config, bits, group_size, dtype), indent=4))
-    os.chmod(tmp / "model.safetensors", stat.S_IMODE((tmp / "config.json").stat().st_mode))
-    tok.save_folder(tmp)
+    write_folder(tmp, state, _config(config, bits, group_size, dtype), tok, fmt="mlx", indent=4)
 
 
 def _config(config: dict, bits: int, group_size: int, dtype) -> dict:
-    cfg = {k: v for k, v in config.items() if v is not None}
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    from kiln.formats.safetensors import hf_config
+    cfg = hf_config(config, dtype)
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}  # mlx-lm's quantize_model writes both
     cfg["quantization"], cfg["quantization_config"] = q, dict(q)
     return dict(sorted(cfg.items()))

@@ -302,7 +302,8 @@ class Engine:
             self._place(handle, free)
 
     def _place(self, handle: RequestHandle, free: list[_Slot]) -> None:
-        prompt, adapter = handle.request.prompt, _adapter_key(handle.request)
+        req = handle.request  # its keys and values depend on its tokens and on (adapter, scale): scale 1 with none
+        prompt, adapter = req.prompt, ((req.adapter, float(req.adapter_scale)) if req.adapter else (0, 1.0))
         slot, shared = max(((s, _common_prefix(s.tokens, prompt) if s.adapter == adapter else 0) for s in free),
                            key=lambda sp: (sp[1], -sp[0].last_used))  # keys under another adapter differ
         reuse = min(shared, len(prompt) - 1)  # at least one token is prefilled: its logits are the first step
@@ -452,8 +453,9 @@ class Engine:
         t = min(1 + max(len(d) for d, _ in drafts.values()), min(self.ctx_size - len(r.slot.tokens) for r in rows))
         drafts = {b: (d[:t - 1], None if q is None else q[:t - 1]) for b, (d, q) in drafts.items()}
         ids = [[r.last] + drafts.get(b, ([], None))[0] for b, r in enumerate(rows)]
-        logits = self._verify_forward(torch.tensor([i + [0] * (t - len(i)) for i in ids], device=self.device),
-                                      rows)  # (B, T, V)
+        ids = torch.tensor([i + [0] * (t - len(i)) for i in ids], device=self.device)  # (B, T)
+        logits = self._step.verify(ids, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows],
+                                   [r.slot.adapter for r in rows])  # (B, T, V): row b from its slot's next position
         self._counters["steps"] += 1
         for b, r in enumerate(rows):
             d, q = drafts.get(b, ([], None))
@@ -474,11 +476,6 @@ class Engine:
             self._deliver(r, raw, d[:a] + [last])
             self.drafter.trim(r.slot.index, length + min(a, max(len(d) - 1, 0)))
         return True
-
-    def _verify_forward(self, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Row b's tokens ids[b] (B, T) into its slot from its next position on → logits (B, T, V) of every one."""
-        return self._step.verify(ids, [len(r.slot.tokens) for r in rows], [r.slot.index for r in rows],
-                                 [r.slot.adapter for r in rows])
 
     def _deliver(self, row: _Row, raw: torch.Tensor, tokens: list[int]) -> None:
         """A speculative step's tokens for one row, in order: raw (≥ len(tokens), V) the logits each was
@@ -569,11 +566,6 @@ class Engine:
             if row in self._rows:
                 self._rows.remove(row)
                 self._counters["requests_finished"] += 1
-
-
-def _adapter_key(req: EngineRequest) -> tuple[int, float]:
-    """What a request's keys and values depend on besides its tokens: (adapter, scale); scale 1 with none."""
-    return (req.adapter, float(req.adapter_scale)) if req.adapter else (0, 1.0)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,8 +1,7 @@
 """The engine's batched decode forward, eager or as CUDA graphs of padded buckets, and the adapter selection of
 a batch's rows.
 
-Owns: `BatchStep` (`logits (B, V) = step(tokens, positions, slots)`; see its docstring), `static_step` (whether
-the engine takes the static form: not for a model split across devices), `adapters_of`, `fit_context` (a
+Owns: `BatchStep`, `static_step` (whether the engine takes the static form), `adapters_of`, `fit_context` (a
 slot cache's context from a KV byte budget; kiln.engine re-exports it).
 Not: which rows step together or what is done with their logits (engine.py), the model's math (models/).
 """

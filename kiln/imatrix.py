@@ -93,6 +93,7 @@ def collect(model, chunks: list[list[int]], progress: bool = False) -> Collector
 
 def write_imatrix(path, sums: dict, counts: dict, datasets: list[str], chunk_count: int, chunk_size: int):
     """llama.cpp's GGUF imatrix file (what llama-imatrix writes by default), one matrix per tensor."""
+    from kiln.formats.gguf import write_file
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
     w = gguf.GGUFWriter(str(tmp), arch="")
@@ -104,16 +105,7 @@ def write_imatrix(path, sums: dict, counts: dict, datasets: list[str], chunk_cou
     for name in sorted(sums):
         w.add_tensor(f"{name}.in_sum2", sums[name].to(torch.float32).numpy().reshape(1, -1))
         w.add_tensor(f"{name}.counts", np.array([[counts[name]]], dtype=np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        tmp.replace(path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file(w, tmp, path)
     return path
 
 

@@ -96,7 +96,10 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
     process started)."""
     from kiln.parallel import Shard, check_file
     if Ranks.from_env() is None and world is not None and world > 1:  # kiln spawns: check what it can first
-        _check_gpus(world, device)
+        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if cuda and torch.cuda.device_count() < world:  # one GPU per rank on this host
+            raise KilnError(f"--tensor-parallel {world} runs one rank per GPU, and this host has "
+                            f"{torch.cuda.device_count()}; use fewer ranks (or torchrun over several hosts)")
         if source is not None:
             from kiln.hub import resolve
             check_file(resolve(str(source), progress=True), world)
@@ -124,14 +127,6 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
     finally:
         code = finish(children, ok)
     return code
-
-
-def _check_gpus(world: int, device: str | None) -> None:
-    """One GPU per rank on this host, where the ranks run on CUDA."""
-    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if cuda and torch.cuda.device_count() < world:
-        raise KilnError(f"--tensor-parallel {world} runs one rank per GPU, and this host has "
-                        f"{torch.cuda.device_count()}; use fewer ranks (or torchrun over several hosts)")
 
 
 @contextlib.contextmanager

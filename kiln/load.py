@@ -1,12 +1,11 @@
 """The assembly line: read → ModelArgs → Model on meta → swap compact layers → assign weights → place.
 
-Owns: `load(path_or_name, device, dtype, policy) -> (model, tokenizer)`, `build_model(config, weights, ...)`
-(a model on one device), `build_split(config, weights, places, head, policy)` (a model whose blocks are built
-and placed per `places`, split.Place: GPU blocks as QuantLinear, CPU blocks compact or float32), the choice of
-default device and dtype and of the placement n_gpu_layers asks for (fit.plan_for under "auto"), and the wiring
-of the layers above the models: compact layers swapped in (quant/linear.swap_linears on GPUs,
-quant/cpu.compact_linears on the CPU), projections joined (quant/swap.join_projections), and the kernel policy
-handed to the model (its steps' default) and to the swapped layers.
+Owns: `load`, `build_model` (a model on one device), `build_split` (blocks built and placed per split.Place:
+GPU blocks as QuantLinear, CPU blocks compact or float32), the choice of default device and dtype and of the
+placement n_gpu_layers asks for (fit.plan_for under "auto"), and the wiring of the layers above the models:
+compact layers swapped in (quant/linear.swap_linears on GPUs, quant/cpu.compact_linears on the CPU),
+projections joined (quant/swap.join_projections), and the kernel policy handed to the model (its steps'
+default) and to the swapped layers.
 Not: reading files and checking them against the model (reader.py, formats/), names and downloads (hub.py),
 dequantization (quant/), running a split model (split.py), tokenization.
 """

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.quant.swap import dense
 
 
 @dataclass(frozen=True)
@@ -241,17 +242,13 @@ def _cut_shape(shape: tuple[int, ...], how) -> tuple[int, ...]:
 def _cut(w, name: str, how, rank: int):
     from kiln.formats.gguf import GGUFTensor
     if how[0] == "bias0":
-        return w if rank == 0 else torch.zeros_like(_dense(w))
+        return w if rank == 0 else torch.zeros_like(dense(w))
     if isinstance(w, GGUFTensor):
         return _cut_rows_gguf(w, how[1]) if how[0] == "rows" else _cut_cols_gguf(w, name, *how[1])
     if how[0] == "rows":
         return torch.cat([w[a:b] for a, b in how[1]]).clone()  # a copy: the whole tensor is not kept alive
     a, b = how[1]
     return w[..., a:b].contiguous()
-
-
-def _dense(w) -> torch.Tensor:
-    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
 
 
 def _cut_rows_gguf(t, spans):
@@ -261,7 +258,7 @@ def _cut_rows_gguf(t, spans):
     dequantized and cut."""
     from kiln.formats.gguf import GGUFTensor
     if len(t.shape) == 1:
-        return torch.cat([_dense(t)[a:b] for a, b in spans])
+        return torch.cat([dense(t)[a:b] for a, b in spans])
     n = sum(b - a for a, b in spans)
     full = t.data.view(t.shape[0], -1)  # (rows, row bytes) in the file's order
     if t.row_perm is None and len(spans) == 1:

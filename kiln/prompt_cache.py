@@ -139,11 +139,11 @@ def cache_prompt(model, tokenizer, prompt, path, cache_type_k: str | None = None
                  cache_type_v: str | None = None, prefill_step: int = 512) -> tuple[int, int]:
     """Prefill `prompt` (text, chat messages or ids, as generate takes it) and save its KV state to `path`;
     (tokens, bytes written)."""
-    from kiln.cache import Step
+    from kiln.decoder import prefill_chunk
     from kiln.tokenizer import check_prompt, prompt_ids
     ids = check_prompt(prompt_ids(tokenizer, prompt), model.args.max_position_embeddings + 1, model.args.vocab_size)
     cache = KVCache.for_model(model, max_len=len(ids), type_k=cache_type_k, type_v=cache_type_v)
     x = torch.tensor([ids], device=cache.k.device)
     for s in range(0, len(ids), prefill_step):
-        model(x[:, s:s + prefill_step], Step.prefill(cache, s), last_only=True)
+        prefill_chunk(model, x[:, s:s + prefill_step], cache, s)
     return len(ids), save(path, model, tokenizer, cache, ids)

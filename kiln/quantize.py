@@ -152,13 +152,11 @@ def _fallback(t: int, ncols: int) -> int:
     return t if ncols % gguf.GGML_QUANT_SIZES[_T(t)][0] == 0 else _T.F16
 
 
-def tensor_type(name: str, shape: tuple[int, ...], ftype: str, mix: MixInfo | int, has_output: bool = True,
-                overrides=(), output_type=None, embd_type=None, pure: bool = False) -> int:
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str, mix: MixInfo, overrides=(), output_type=None,
+                embd_type=None, pure: bool = False) -> int:
     """The GGUF type of tensor `name` (torch shape (rows, n)) in a file of type `ftype`: llama.cpp's
     llama_tensor_get_type (overrides, then the mix, then the fallback for rows that are not a multiple of
-    the type's block). `mix` a MixInfo, or the layer count (with `has_output`)."""
-    if not isinstance(mix, MixInfo):
-        mix = MixInfo(mix, has_output)
+    the type's block)."""
     base = FILE_TYPES[ftype][0]
     if len(shape) < 2 or not name.endswith(".weight"):
         return _T.F32  # norms and biases stay float32, as llama.cpp keeps them
@@ -194,11 +192,6 @@ def _n_gqa(g) -> int:
     return heads // kv
 
 
-def _mix_info(g, has_imatrix: bool) -> MixInfo:
-    n_layer = 1 + max((_layer(n) for n in g.tensors if _layer(n) is not None), default=-1)
-    return MixInfo(n_layer, "output.weight" in g.tensors, _n_gqa(g), has_imatrix)
-
-
 def _add_tensor(writer, name: str, q: np.ndarray, qt: int, shape):
     if qt == _T.F32:
         writer.add_tensor(name, q.view(np.float32).reshape(shape))
@@ -221,7 +214,7 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
     `imatrix`: an importance matrix file (kiln/imatrix.py reads llama.cpp's GGUF and legacy .dat formats)
     or a dict {GGUF tensor name: per-column importance}. `deltas`: {GGUF tensor name: float32 tensor of its
     shape, in the file's row order} added to the dequantized tensor before quantizing (`kiln fuse`)."""
-    from kiln.formats.gguf import read_gguf
+    from kiln.formats.gguf import read_gguf, write_file
     from kiln.imatrix import read_imatrix
     from kiln.progress import bar
     from kiln.quant import dequantize
@@ -233,29 +226,21 @@ def convert_gguf(src, out, ftype: str = "q8_0", overrides=(), output_type=None, 
         imatrix = read_imatrix(imatrix)
     g = read_gguf(src)
     out = Path(out)
-    mix = _mix_info(g, bool(imatrix))
+    n_layer = 1 + max((_layer(n) for n in g.tensors if _layer(n) is not None), default=-1)
+    mix = MixInfo(n_layer, "output.weight" in g.tensors, _n_gqa(g), bool(imatrix))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    writer = gguf.GGUFWriter(str(tmp), g.arch)
-    try:
-        _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
-        for name, t in bar(list(g.tensors.items()), desc="quantizing", unit="tensor", enabled=progress):
-            x = dequantize(t.data.reshape(-1), t.qtype, t.shape)       # file order: no row permutation
-            if deltas and name in deltas:
-                x = x + deltas[name].reshape(x.shape).to(x.dtype)
-            qt = tensor_type(name, t.shape, ftype, mix, overrides=overrides, output_type=output_type,
-                             embd_type=embd_type, pure=pure)
-            w = _importance(imatrix, name, t.shape[-1]) if imatrix else None
-            _add_tensor(writer, name, quantize(x.reshape(-1, t.shape[-1]), qt, w).numpy(), qt, t.shape)
-            del x
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    writer = gguf.GGUFWriter(str(tmp), g.arch)  # nothing is written before write_file
+    _copy_metadata(str(src), writer, FILE_TYPES[ftype][1])
+    for name, t in bar(list(g.tensors.items()), desc="quantizing", unit="tensor", enabled=progress):
+        x = dequantize(t.data.reshape(-1), t.qtype, t.shape)       # file order: no row permutation
+        if deltas and name in deltas:
+            x = x + deltas[name].reshape(x.shape).to(x.dtype)
+        qt = tensor_type(name, t.shape, ftype, mix, overrides=overrides, output_type=output_type,
+                         embd_type=embd_type, pure=pure)
+        w = _importance(imatrix, name, t.shape[-1]) if imatrix else None
+        _add_tensor(writer, name, quantize(x.reshape(-1, t.shape[-1]), qt, w).numpy(), qt, t.shape)
+        del x
+    write_file(writer, tmp, out)
     return out
 
 

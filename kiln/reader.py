@@ -1,11 +1,9 @@
 """A model's files read without building anything: config, lazy weights, tokenizer; the model on meta.
 
-Owns: `read_model(path) -> (config, weights, tokenizer)`, `read_weights(path)` (the same without the tokenizer),
-`check_model` / `meta_model` (the model on the meta device once config and weights are checked against each
-other: formats/checks.py), `materialize` (one weight as a tensor of the model's shape, device and dtype) and
-`dtype_named` (a dtype from its name). What the loader (load.py), the planner (fit.py), conversions and
-fine-tuning all read with. Not: building or placing a model (load.py), file formats (formats/), names and
-downloads (hub.py).
+Owns: `read_model` / `read_weights`, `check_model` / `meta_model` (config and weights checked against each
+other first: formats/checks.py), `materialize` and `dtype_named`: what the loader (load.py), the planner
+(fit.py), conversions and fine-tuning all read with.
+Not: building or placing a model (load.py), file formats (formats/), names and downloads (hub.py).
 """
 
 from __future__ import annotations
@@ -25,9 +23,7 @@ def read_model(path: Path):
     """(config, weights, tokenizer) of a GGUF file or a Hugging Face folder; weights are read lazily."""
     from kiln.tokenizer import Tokenizer
     if path.is_dir():
-        from kiln.formats.safetensors import read_folder
-        config, weights = read_folder(path)
-        return config, weights, Tokenizer.from_folder(path)
+        return (*read_weights(path), Tokenizer.from_folder(path))
     from kiln.hub import cache_dir
     g = read_gguf(path)
     config = to_config(g)

@@ -16,20 +16,13 @@ import socket
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.hub import BUILTIN, DEFAULT_MODEL
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise KilnError(message)
 
 
 def parser() -> argparse.ArgumentParser:
+    from kiln.commands import _model_args, _Parser, cache_type_args, draft_args, ngl_arg, tp_arg
     p = _Parser(prog="kiln serve", description="Serve a model over the OpenAI API (chat, completions, tools, "
                                                "structured output) to many clients at once.")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"GGUF file, Hugging Face folder or repo id, or a built-in name ({', '.join(BUILTIN)}); "
-                        f"default {DEFAULT_MODEL}")
+    _model_args(p)
     p.add_argument("--alias", default=None, help="the model id clients send (default: the file or folder name "
                                                  "without extension)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -43,15 +36,11 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of --ctx-size: the KV cache memory the slots share (e.g. 2GiB, 500MB); each slot "
                         "gets the positions that fit, so a q8_0 cache (-ctk q8_0 -ctv q8_0) holds 1.88x the "
                         "context of bf16 in the same memory")
-    from kiln.commands import cache_type_args
     cache_type_args(p)
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 503 + Retry-After (default 64)")
     p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="largest request body in bytes (413 "
                                                                           "above; default 8 MiB)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")
-    from kiln.commands import draft_args, ngl_arg, tp_arg
     draft_args(p)
     p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]PATH",
                    help="a PEFT LoRA adapter folder (kiln finetune's output) to serve, repeatable: each request picks "
@@ -76,10 +65,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _check(a) -> None:
-    from kiln.commands import check_draft, check_model_args
+    from kiln.commands import cache_kw, check_draft, check_model_args
     check_model_args(a)
     check_draft(a)
-    from kiln.commands import cache_kw
     cache_kw(a)
     a.adapters = adapter_list(a.adapter)
     for name in ("parallel", "max_queue", "max_body"):

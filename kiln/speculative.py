@@ -56,7 +56,6 @@ class ModelDrafter:
     else draws from its own tempered and filtered distribution q (no penalties: any q keeps the output exact)."""
 
     def __init__(self, model, max_len: int):
-        self.model = model
         self.decoder = Decoder.for_model(model, max_len)
         self.known = 0  # leading positions of the context whose keys and values the draft cache holds
         self.fed = 0  # positions written by the last draft (the context's and the draft tokens')

@@ -7,7 +7,7 @@ place changes, the activations (and the step's positions, RoPE tables and masks;
 positions and slot index too: `on_device`) cross once; `input_device`, where a model's token ids go;
 `DeviceGraphs`, the CUDA graphs a one-token step replays for its runs of GPU blocks (`gpu_blocks`: has it any).
 Not: building a split model (load.build_split), the plan of how many layers fit (fit.py), the KV cache storage
-(cache.py keeps one tensor per layer on that layer's device when the model has `layer_devices`), kernels.
+(cache.py keeps one tensor per layer on that layer's device when the model has `places`), kernels.
 
 A place is a group, not just a device: two groups on the CPU (float32 blocks, then compact blocks) run
 the same crossing code as CPU + GPU, which is how the split is tested on a machine without a GPU.

@@ -1,6 +1,7 @@
 """Read the llama.cpp reference files written by tests/data/make_llamacpp_refs.py.
 
-Owns: turning one `refs_<key>.npz` back into plain Python/numpy structures. numpy only, so tests that
+Owns: turning one `refs_<key>.npz` back into plain Python/numpy structures, and `sha256_file` (is the
+model the one the references were made from?). numpy only, so tests that
 compare against llama.cpp never import llama_cpp (CI does not build it). Does not compare anything.
 
 Layout of the file: `meta` is a JSON string (model key, GGUF file name and sha256, llama-cpp-python
@@ -11,6 +12,7 @@ outside the top-K, argmax (N,), and argmax_<variant> (N,) for each of llama.cpp'
 in meta["variants"] (one token per eval, flash attention, an f32 KV cache).
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -29,3 +31,12 @@ def load_refs(path) -> dict:
         part = slice(d["offset"], d["offset"] + d["n"])
         docs.append({"name": d["name"], "text": d["text"], **{f: a[part] for f, a in arrays.items()}})
     return {"meta": meta, "docs": docs, "greedy": meta["greedy"]}
+
+
+def sha256_file(path) -> str:
+    """The sha256 of a file (the model a reference file was made from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -80,25 +80,25 @@ def test_overrides_and_pure(source, tmp_path):
     assert t["blk.0.ffn_up.weight"].qtype == T.Q8_0 and t["blk.1.ffn_gate.weight"].qtype == T.Q8_0
     assert t["output.weight"].qtype == T.Q5_1 and t["token_embd.weight"].qtype == T.F16
     assert t["blk.0.attn_q.weight"].qtype == T.Q4_0
-    from kiln.quantize import tensor_type
-    assert tensor_type("blk.1.attn_v.weight", (128, 256), "q4_k_m", 2, True, pure=True) == T.Q4_K
-    assert tensor_type("output.weight", (96, 256), "q4_k_m", 2, True, pure=True) == T.Q4_K
+    from kiln.quantize import MixInfo, tensor_type
+    assert tensor_type("blk.1.attn_v.weight", (128, 256), "q4_k_m", MixInfo(2, True), pure=True) == T.Q4_K
+    assert tensor_type("output.weight", (96, 256), "q4_k_m", MixInfo(2, True), pure=True) == T.Q4_K
 
 
 def test_q4_k_m_mix_and_fallbacks():
     # llama.cpp's Q4_K_M: output in Q6_K, attn_v and ffn_down in Q6_K on the layers use_more_bits picks,
     # and rows that are not a multiple of 256 fall back (Q4_K -> Q5_0, Q6_K -> Q8_0)
-    from kiln.quantize import tensor_type
-    assert tensor_type("output.weight", (96, 256), "q4_k_m", 2, True) == T.Q6_K
-    assert tensor_type("token_embd.weight", (96, 256), "q4_k_m", 2, False) == T.Q6_K     # tied: the output
-    assert tensor_type("token_embd.weight", (96, 256), "q4_k_m", 2, True) == T.Q4_K
-    assert tensor_type("blk.0.attn_v.weight", (128, 256), "q4_k_m", 2, True) == T.Q4_K
-    assert tensor_type("blk.1.attn_v.weight", (128, 256), "q4_k_m", 2, True) == T.Q6_K
-    assert tensor_type("blk.0.attn_norm.weight", (256,), "q4_k_m", 2, True) == T.F32
-    assert tensor_type("blk.0.attn_q.weight", (896, 896), "q4_k_m", 24, True) == T.Q5_0
-    assert tensor_type("output.weight", (1000, 896), "q4_k_m", 24, True) == T.Q8_0
-    assert tensor_type("blk.0.ffn_down.weight", (896, 4864), "q4_k_m", 24, True) == T.Q6_K
-    assert tensor_type("blk.4.ffn_down.weight", (896, 4864), "q4_k_m", 24, True) == T.Q4_K
+    from kiln.quantize import MixInfo, tensor_type
+    assert tensor_type("output.weight", (96, 256), "q4_k_m", MixInfo(2, True)) == T.Q6_K
+    assert tensor_type("token_embd.weight", (96, 256), "q4_k_m", MixInfo(2, False)) == T.Q6_K     # tied: the output
+    assert tensor_type("token_embd.weight", (96, 256), "q4_k_m", MixInfo(2, True)) == T.Q4_K
+    assert tensor_type("blk.0.attn_v.weight", (128, 256), "q4_k_m", MixInfo(2, True)) == T.Q4_K
+    assert tensor_type("blk.1.attn_v.weight", (128, 256), "q4_k_m", MixInfo(2, True)) == T.Q6_K
+    assert tensor_type("blk.0.attn_norm.weight", (256,), "q4_k_m", MixInfo(2, True)) == T.F32
+    assert tensor_type("blk.0.attn_q.weight", (896, 896), "q4_k_m", MixInfo(24, True)) == T.Q5_0
+    assert tensor_type("output.weight", (1000, 896), "q4_k_m", MixInfo(24, True)) == T.Q8_0
+    assert tensor_type("blk.0.ffn_down.weight", (896, 4864), "q4_k_m", MixInfo(24, True)) == T.Q6_K
+    assert tensor_type("blk.4.ffn_down.weight", (896, 4864), "q4_k_m", MixInfo(24, True)) == T.Q4_K
 
 
 def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ def test_quant_groups_join_by_type():
     """Q4_K q and k join into one packed matrix; a Q6_K v stays apart (a Q4_K_M file's mix)."""
     q, k, v = _quant(packed.Q4_K, 64, 256, 0), _quant(packed.Q4_K, 32, 256, 1), _quant(packed.Q6_K, 32, 256, 2)
     f = Joined([q, k, v])
-    assert [g.out_features for g in f.groups] == [96, 32] and f.wide is None
+    assert [g.out_features for g in f.groups] == [96, 32]
     x = torch.randn(3, 256)
     for got, lin in zip(f(x), (q, k, v)):
         assert torch.equal(got, lin(x))
@@ -39,8 +39,8 @@ def test_dense_join_and_model_unchanged():
         join_projections(km)
         got = km(ids)
     attn = km.model.layers[0].self_attn
-    assert attn.qkv is not None and attn.qkv.wide is not None and not hasattr(attn, "q_proj")
-    assert km.model.layers[0].mlp.gate_up.wide is not None
+    assert attn.qkv is not None and len(attn.qkv.groups) == 1 and not hasattr(attn, "q_proj")
+    assert len(km.model.layers[0].mlp.gate_up.groups) == 1
     assert (got - ref).abs().max().item() <= 1e-5
 
 

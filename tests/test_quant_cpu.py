@@ -263,7 +263,7 @@ def test_fused_layers_compute_what_their_parts_do():
         mod = torch.nn.Module()
         mod.q_proj, mod.k_proj, mod.v_proj, mod.qkv = *parts, None
         join_projections(mod)
-        assert not hasattr(mod, "q_proj") and isinstance(mod.qkv, Joined) and mod.qkv.wide is not None
+        assert not hasattr(mod, "q_proj") and isinstance(mod.qkv, Joined) and len(mod.qkv.groups) == 1
         for got, part in zip(mod.qkv(x), parts):
             assert torch.equal(got, part(x))  # the same rows, the same dot products
         assert torch.equal(mod.qkv.wide_forward(x), torch.cat(mod.qkv(x), -1))

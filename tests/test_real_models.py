@@ -25,14 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.hub import sha256_file
-
 try:  # tests/ as a package, or tests/ itself on sys.path (pytest's default "prepend" import mode)
     from tests.conftest import real_model
-    from tests.refs import load_refs
+    from tests.refs import load_refs, sha256_file
 except ImportError:
     from conftest import real_model
-    from refs import load_refs
+    from refs import load_refs, sha256_file
 
 pytestmark = pytest.mark.model
 

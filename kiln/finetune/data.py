@@ -17,8 +17,6 @@ import torch
 
 from kiln.errors import KilnError
 
-SPLITS = ("train", "valid", "test")
-
 
 def read_split(folder, split: str, required: bool = True) -> list[dict]:
     path = Path(folder) / f"{split}.jsonl"

@@ -41,6 +41,7 @@ def to_gguf(adapter, base, out) -> Path:
     import gguf
 
     from kiln.finetune.layers import read_adapter
+    from kiln.formats.gguf import write_file
     cfg, pairs = read_adapter(adapter)
     config = _base_config(base)
     out = Path(out)
@@ -52,13 +53,7 @@ def to_gguf(adapter, base, out) -> Path:
     for g, a, b in gguf_pairs(config, pairs):
         w.add_tensor(g + ".lora_a", a.contiguous().numpy())
         w.add_tensor(g + ".lora_b", b.contiguous().numpy())
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    os.replace(tmp, out)  # an interrupted export leaves no half file under the real name
+    write_file(w, tmp, out)
     return out
 
 

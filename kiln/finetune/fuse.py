@@ -3,15 +3,12 @@
 Owns: `fuse(model, adapter, out, scale, dtype)` (W + scale * alpha/r * B @ A on the float32 dequantized base,
 then the chosen dtype), `fuse_gguf(model, adapter, out, scale, ftype)` (a GGUF base: the same sums in the
 file's row order, every tensor then written as `kiln convert --to gguf --type` writes it) and `main(argv)`.
-Not: the adapter format (layers.py), tokenizer files (convert.py's writer), the quantizers and file types
-(kiln/quantize.py).
+Not: the adapter format (layers.py), the folder's files (formats/safetensors.write_folder), the quantizers and
+file types (kiln/quantize.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from pathlib import Path
 
 import torch
@@ -20,8 +17,7 @@ from kiln.errors import KilnError
 
 
 def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progress: bool = False) -> Path:
-    from safetensors.torch import save_file
-
+    from kiln.formats.safetensors import hf_config, write_folder
     from kiln.finetune.layers import load_adapter, merge
     from kiln.hub import resolve
     from kiln.load import build_model
@@ -36,12 +32,7 @@ def fuse(model, adapter, out_dir, scale: float = 1.0, dtype=torch.float32, progr
              if n in weights and not (tied and n == "lm_head.weight")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {k: v for k, v in config.items() if v is not None}
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
-    tok.save_folder(out)
+    write_folder(out, state, hf_config(config, dtype), tok)
     return out
 
 

@@ -3,7 +3,7 @@
 Owns: parsing a GGUF v2/v3 file into (metadata dict, tensor infos over an mmap), turning the metadata
 into a Hugging Face style config dict, and naming every tensor by its Hugging Face name, with the
 per-architecture fix-ups llama.cpp's converter applied undone (q/k row permutation for llama, +1 on
-Gemma norm weights).
+Gemma norm weights); `write_file`, the last step of every GGUF file kiln writes.
 Not: dequantization (quant/), building the model (load.py), the vocabulary (tokenizer.py reads `meta`).
 
 Model files are untrusted input: every count, length, shape, offset and the alignment declared in the
@@ -54,14 +54,9 @@ class GGUFTensor:
     add: float = 0.0  # constant added after dequantization (Gemma norms are stored as 1 + w)
     mapped: bool = False  # data is a view of read_gguf's file mapping (release() may drop its pages)
 
-    @property
-    def type_name(self) -> str:
-        from kiln.quant import type_name
-        return type_name(self.qtype)
-
     def raw_rows(self) -> torch.Tensor:
         """The packed bytes as (rows, row_bytes), with the row permutation applied."""
-        rows = self.data.view(-1, self.data.numel() // max(1, _rows(self.shape)))
+        rows = self.data.view(-1, self.data.numel() // max(1, math.prod(self.shape[:-1])))
         return rows if self.row_perm is None else rows[self.row_perm]
 
     def release(self) -> None:
@@ -91,10 +86,6 @@ def release_pages(t: torch.Tensor) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
-
-
-def _rows(shape: tuple[int, ...]) -> int:
-    return math.prod(shape[:-1])
 
 
 @dataclass
@@ -272,11 +263,8 @@ def _string_starts(region: np.ndarray, n: int) -> tuple[np.ndarray, int] | None:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse the header of a GGUF file and map its tensors without reading them.
-
-    Model files are untrusted input: everything declared in the header (counts, lengths, shapes, offsets,
-    the alignment) is checked against the file before it is used, and anything wrong is a KilnError.
-    """
+    """Parse the header of a GGUF file and map its tensors without reading them (every declared count, length,
+    shape, offset and the alignment checked first: see the module docstring)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -355,6 +343,21 @@ def _nbytes(path: str, label: str, qtype: int, shape: tuple[int, ...]) -> int:
         raise KilnError(f"{path}: tensor {label} row length {shape[-1]} is not a multiple of its "
                         f"block size {block}; the file is corrupt")
     return math.prod(shape) // block * size
+
+
+def write_file(writer, tmp, out) -> None:
+    """Write what a gguf.GGUFWriter holds to its file `tmp` (a Path), then rename it `out`: an interrupted write
+    leaves no half file under the real name (nor the temporary one)."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- metadata → Hugging Face config

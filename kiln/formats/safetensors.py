@@ -1,7 +1,8 @@
 """Hugging Face / mlx-community folders: config.json plus one or sharded safetensors files.
 
 Owns: reading config.json (multimodal checkpoints give their text_config), finding the shards (through
-model.safetensors.index.json when present), and naming tensors by their Hugging Face text-model names.
+model.safetensors.index.json when present), and naming tensors by their Hugging Face text-model names; writing
+one (`write_folder`: kiln convert --to hf / --to mlx, kiln fuse).
 Not: tokenizer files (tokenizer.py), pickled weights (never read: a pickle can run code), mlx-lm's quantized
 layers (formats/mlx.py: this file finds them, that one says what they are).
 """
@@ -9,6 +10,8 @@ layers (formats/mlx.py: this file finds them, that one says what they are).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -206,3 +209,21 @@ def _text_name(stored: str) -> str | None:
             rest = stored[len(p):]
             return rest if rest.startswith("lm_head.") else "model." + rest
     return stored
+
+
+def hf_config(config: dict, dtype) -> dict:
+    """config.json's content: the config without its None values, with torch_dtype."""
+    cfg = {k: v for k, v in config.items() if v is not None}
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    return cfg
+
+
+def write_folder(out: Path, state: dict, cfg: dict, tok, fmt: str = "pt", indent: int = 2) -> None:
+    """model.safetensors (metadata format `fmt`), config.json and the tokenizer's files into the folder `out`."""
+    from safetensors.torch import save_file
+    save_file(state, str(out / "model.safetensors"), metadata={"format": fmt})
+    (out / "config.json").write_text(json.dumps(cfg, indent=indent))
+    # safetensors writes through a private temporary file (mode 0600); the weights get the mode that
+    # config.json got from open() under the user's umask, like every other file here
+    os.chmod(out / "model.safetensors", stat.S_IMODE((out / "config.json").stat().st_mode))
+    tok.save_folder(out)

@@ -215,11 +215,18 @@ def key_offsets(model) -> torch.Tensor | None:
 
 
 class CausalLM(nn.Module):
-    """What every family's top-level Model shares: the kernel policy of a step that names none (kiln.load sets
-    the one it was given) and its key offsets, which KVCache.for_model asks the model for (cache.py imports no
-    model code)."""
+    """What every family's top-level Model shares: its parts (`model`, the family's `body`: Hugging Face's
+    `model.` prefix; `lm_head`), the kernel policy of a step that names none (kiln.load sets the one it was
+    given) and its key offsets, which KVCache.for_model asks the model for (cache.py imports no model code)."""
 
     policy = DEFAULT
+    body: type
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.model = self.body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def key_offsets(self) -> torch.Tensor | None:
         """(L, K, D): `key_offsets(self)`, what a block-quantized KV cache subtracts from the keys it stores."""

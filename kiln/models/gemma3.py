@@ -148,12 +148,7 @@ class Body(nn.Module):
 
 
 class Model(CausalLM):
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = Body(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    body = Body
 
     def forward(self, ids: torch.Tensor, step: Step | None = None, last_only: bool | torch.Tensor = False):
         """ids (B, T) → logits (B, T, V) (or (B, 1, V) with last_only); `step` as in llama.Model."""

@@ -81,8 +81,4 @@ class Body(nn.Module):
 
 
 class Model(llama.Model):
-    def __init__(self, args: ModelArgs):
-        nn.Module.__init__(self)
-        self.args = args
-        self.model = Body(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    body = Body

@@ -18,8 +18,6 @@ import torch
 from kiln.errors import KilnError
 from kiln.quant import iquants, kquants, legacy
 
-__all__ = ["SUPPORTED", "dequantize", "nbytes", "type_name"]
-
 _T = gguf.GGMLQuantizationType
 
 # Weights dequantized per step. Each step's temporaries (unpacked codes; a float32 result only for other

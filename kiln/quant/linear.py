@@ -1,11 +1,8 @@
 """`QuantLinear`: an nn.Linear whose weight stays in its GGUF quantized form, and `swap_linears`.
 
-Owns: QuantLinear (built by `from_gguf`; `forward` runs the plan route.py makes for its shape; the dense
-reference weight `dequantize`; `cat`, its rows stacked with its neighbours' for swap.Joined; `int8_input`,
-the buffer a producer kernel fills for its int8 GEMV), `run` (a Plan executed: the one place that maps a
-plan's kind to its kernel entry point), `matmul` (a PackedWeight times x by the plan for that shape), and
-`swap_linears`, which replaces every nn.Linear whose GGUF weight is quantized (and, where the kernels serve
-the device, every quantized nn.Embedding) through swap.py's walker.
+Owns: QuantLinear, `run` (the one place that maps a route.Plan's kind to its kernel entry point), `matmul`
+and `swap_linears` (every nn.Linear whose GGUF weight is quantized and, where the kernels serve the device,
+every quantized nn.Embedding, through swap.py's walker).
 Not: the routing decisions (route.py), the kernels (gemv.py, gemv_int8.py, mma.py, dequant.py) and the packed
 layout (packed.py), the GGUF block formats (legacy.py, kquants.py, iquants.py), the walker and the joining
 rule (swap.py), wiring into kiln/load.py (the loader calls swap_linears on the model it builds).

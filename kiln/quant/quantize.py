@@ -24,8 +24,6 @@ from kiln.quant.qmath import pack_nibbles as _pack_nibbles
 from kiln.quant.quantize_iq4 import quantize_iq4_nl, quantize_iq4_xs
 from kiln.quant.quantize_k import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 
-__all__ = ["QUANTIZABLE", "IMATRIX_TYPES", "quantize"]
-
 _T = gguf.GGMLQuantizationType
 _F32 = torch.float32
 

@@ -29,8 +29,6 @@ from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import (FORMATS, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                Q8_0, V)
 
-KINDS = ("gemv_int8", "gemm_int8", "gemv", "mma", "dequant", "reference")
-
 
 # ---------------------------------------------------------------- launch configs (what each kernel is told)
 
@@ -87,7 +85,8 @@ class DequantConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """One matmul's route: `kind` (KINDS) and the config its kernel launches with (None for reference)."""
+    """One matmul's route: `kind` (gemv_int8, gemm_int8, gemv, mma, dequant or reference) and the config its
+    kernel launches with (None for reference)."""
 
     kind: str
     config: GemvConfig | Q8Config | MmaConfig | DequantConfig | None = None

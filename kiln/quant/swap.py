@@ -1,13 +1,9 @@
 """Layer surgery at load: the one walker that replaces a model's layers by what their weights call for, and
 the one rule that joins projections of one input (q/k/v, gate/up) into one wider layer.
 
-Owns: `swap_layers(model, weights, linear=, embedding=)`, the walker both compact paths share — the GPU's
-(quant/linear.swap_linears: QuantLinear, QuantEmbedding) and the CPU's (quant/cpu.compact_linears) — which
-finds each layer's weight (`weight_of`, with the tied-output rule), checks its shape, and collects the
-parameter names the new layers hold; `quantized(w)` (is a weight in a GGUF block format) and `dense(w)` (a
-weight as a torch tensor); `Joined` (linear layers of one input as one or a few wider ones), `joinable` / `cat`,
-and `join_projections(model)`, which gives every attention block its `qkv` and every MLP its `gate_up` where
-layers join.
+Owns: `swap_layers`, the walker both compact paths share (quant/linear.swap_linears on GPUs,
+quant/cpu.compact_linears on the CPU), with `weight_of` (the tied-output rule), `quantized` and `dense`;
+`Joined`, `joinable` / `cat` and `join_projections` (every attention block's `qkv`, every MLP's `gate_up`).
 Not: the layer types and how each stacks its rows (a `cat` classmethod on QuantLinear, cpu.Int8Linear,
 cpu.Int4Linear; nn.Linear's is here), which layer a path makes of a weight (the callbacks), the kernels,
 how models call joined layers (models/base.project, gated, int8_buffer).
@@ -140,7 +136,7 @@ class Joined(nn.Module):
         return tuple(outs)
 
     def wide_forward(self, x: torch.Tensor, act=None) -> torch.Tensor:
-        """The single concatenated output (every part joined: `wide` is not None)."""
+        """The single concatenated output (every part joined: one group)."""
         y = self._outputs(x, act)[0]
         if self.lora or self.stacks:
             deltas = [self._delta(x, i) for i in range(len(self.splits[0]))]
@@ -164,11 +160,6 @@ class Joined(nn.Module):
 
     def _outputs(self, x: torch.Tensor, act) -> list[torch.Tensor]:
         return [g(x) for g in self.groups] if act is None else [g(x, act=act) for g in self.groups]
-
-    @property
-    def wide(self) -> nn.Module | None:
-        """The single concatenated layer when every part joined (its output is the parts side by side)."""
-        return self.groups[0] if len(self.groups) == 1 else None
 
 
 def joinable(a: nn.Module, b: nn.Module) -> bool:

@@ -22,10 +22,6 @@ def names(st) -> list[str]:
     return [] if bank is None else list(bank.names)
 
 
-def served_ids(st) -> list[str]:
-    return [st.model_id] + [f"{st.model_id}:{n}" for n in names(st)]
-
-
 def check_model(st, name: str | None) -> str | None:
     """The adapter a model id picks (an adapter's name or BASE; None for the server's own id or no id);
     404 for an id this server does not serve."""
@@ -37,8 +33,9 @@ def check_model(st, name: str | None) -> str | None:
         return suffix
     if name in loaded:
         return name
+    served = [st.model_id] + [f"{st.model_id}:{n}" for n in loaded]
     raise P.APIError(404, f"the model {name!r} does not exist; this server serves "
-                          f"{', '.join(repr(i) for i in served_ids(st))}", param="model", code="model_not_found")
+                          f"{', '.join(map(repr, served))}", param="model", code="model_not_found")
 
 
 def resolve(st, req: P.GenRequest) -> str:

@@ -32,7 +32,7 @@ class Choice:
         self.want_logprobs = req.logprobs
         self.stream = TextStream(st.tokenizer, req.stop)
         self.parts, self.entries, self.entries_all = [], [], []
-        self.n_tokens, self.finish, self.started = 0, None, None
+        self.n_tokens, self.finish = 0, None
         self.parser = None
         if tools_on:
             from kiln.server.tools import ToolStreamParser

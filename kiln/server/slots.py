@@ -37,11 +37,6 @@ def file_in(folder: str | None, body) -> tuple[str, Path]:
     return name, Path(folder) / name
 
 
-def _adapter_name(st, index: int) -> str | None:
-    """The name of AdapterBank entry `index` (None for the base), as a saved slot records it."""
-    return None if not index else adapters.names(st)[index - 1]
-
-
 def _adapter_index(st, name: str | None, file: str) -> int:
     """The entry of the adapter a saved slot's keys were computed under, on this server; KilnError if not loaded."""
     if name is None:
@@ -70,7 +65,8 @@ async def act(st, slot: str, action: str, body) -> dict:
         if action == "save":
             def run(cache, s):
                 tmp = path.with_name(f".{name}.{os.getpid()}.part")
-                adapter = {"adapter": _adapter_name(st, s.adapter[0]), "adapter_scale": s.adapter[1]}
+                a, scale = s.adapter  # (AdapterBank entry, scale): a file records the adapter's name
+                adapter = {"adapter": adapters.names(st)[a - 1] if a else None, "adapter_scale": scale}
                 try:
                     size = prompt_cache.save(tmp, st.model, st.tokenizer, cache, s.tokens, adapter)
                     os.replace(tmp, path)

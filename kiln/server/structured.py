@@ -122,9 +122,6 @@ class Structured:
                 self._cache.popitem(last=False)
         return made
 
-    def cache_info(self) -> dict:
-        return {"entries": len(self._cache), "max_entries": self._cache_size}
-
 
 def matches_nothing(compiled, vocab_size: int, stop_ids: list[int], budget: int = 256, branch: int = 8) -> bool:
     """True only if no token sequence can complete the grammar: a search from its start that tries every allowed

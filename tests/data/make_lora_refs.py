@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln.finetune.export import to_gguf  # noqa: E402
+from refs import sha256_file  # noqa: E402  (tests/ is on sys.path)
 from test_export_adapter import gguf_tensor_hash, seeded_adapter  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
@@ -52,7 +53,7 @@ with torch.inference_mode():
     ours = model(torch.tensor([tokens]))[0].argmax(-1).tolist()
 print(f"llama.cpp base vs lora differ at {np.mean(np.array(base) != np.array(with_lora)):.3f}; kiln+lora vs "
       f"llama.cpp+lora agree at {np.mean(np.array(ours) == np.array(with_lora)):.4f}", file=sys.stderr)
-json.dump({"model_sha256": kiln.hub.sha256_file(a.model), "tokens": tokens, "argmax_base": base,
+json.dump({"model_sha256": sha256_file(a.model), "tokens": tokens, "argmax_base": base,
            "margin_base": base_margin, "argmax_lora": with_lora, "margin_lora": margin,
            "tensor_sha256": gguf_tensor_hash(lora)},
           open(os.path.join(HERE, "lora_refs.json"), "w"))
