@@ -221,14 +221,27 @@ static int64_t q4k_order(int64_t i) {
 
 /* A block's codes as bytes, c[g] for group g, and its scales as int32 lanes, s[g]: sub-block 4p + h for
    lanes 0-7, 4p + 2 + h for lanes 8-15. */
-static inline void q4k_unpack(const uint8_t *blk, const uint8_t *sm, __m512i *c, __m512i *s) {
+/* q4k_scales' sixteen bytes (scales, then mins) in a register: the 12 packed bytes worked on as the four 32-bit
+   lanes of one load (bytes 4-19 of the block), so no store and reload stands between a block's header and its
+   products. */
+static inline __m128i q4k_scales_v(const uint8_t *blk) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(blk + 4));  /* lanes a, b, c, (the codes' first 4 bytes) */
+    const __m128i lo = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)),
+                                                    _mm_set_epi32(4, 0, 0, 0)),
+                                     _mm_set_epi32(0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F));
+    const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)), 6),
+                                      _mm_set_epi32(0x03030303, 0, 0x03030303, 0));
+    return _mm_or_si128(lo, _mm_slli_epi32(top, 4));
+}
+
+static inline void q4k_unpack(const uint8_t *blk, __m128i sm, __m512i *c, __m512i *s) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 2; p++) {
         const __m512i v = _mm512_loadu_si512(blk + 16 + 64 * p);
         c[2 * p] = _mm512_and_si512(v, low);
         c[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     }
-    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sm)));
+    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(sm));
     s[0] = _mm512_permutexvar_epi32(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), sc);
     s[1] = _mm512_permutexvar_epi32(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), sc);
     s[2] = _mm512_permutexvar_epi32(_mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4), sc);
@@ -237,7 +250,7 @@ static inline void q4k_unpack(const uint8_t *blk, const uint8_t *sm, __m512i *c,
 
 /* One block's part of one row of x: sum_j sc_j * (q_j . xq_j) into 16 float lanes (acc, times d * xs), the
    mins into 8 (macc). */
-static inline void q4k_step(const __m512i *c, const __m512i *s, const uint8_t *mn, float d, float dmin,
+static inline void q4k_step(const __m512i *c, const __m512i *s, __m128i sm, float d, float dmin,
                             const int8_t *hi, const int8_t *lo, float xs, const int32_t *xsum,
                             __m512 *acc, __m256 *macc) {
     __m512i tot = _mm512_setzero_si512();
@@ -247,7 +260,7 @@ static inline void q4k_step(const __m512i *c, const __m512i *s, const uint8_t *m
         tot = _mm512_add_epi32(tot, _mm512_mullo_epi32(u, s[g]));
     }
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), _mm512_set1_ps(d * xs), *acc);
-    const __m256i mins = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn)),
+    const __m256i mins = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)),
                                             _mm256_loadu_si256((const __m256i *)xsum));
     *macc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * xs), *macc);
 }
@@ -274,17 +287,18 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
     for (int64_t n = 0; n < n_rows; n++) {
         const uint8_t *row = blocks + n * nb * Q4K_BYTES;
         float d, dmin;
-        uint8_t sm[16];
 #ifdef KILN_AVX512
         __m512i c[4], s[4];
         if (m_rows == 1) {
             __m512 acc = _mm512_setzero_ps();
             __m256 macc = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                kq_prefetch(row + b * Q4K_BYTES, Q4K_BYTES);
-                q4k_header(row + b * Q4K_BYTES, &d, &dmin, sm);
-                q4k_unpack(row + b * Q4K_BYTES, sm, c, s);
-                q4k_step(c, s, sm + 8, d, dmin, hi + 256 * b, lo + 256 * b, xs[b], xsum + 8 * b, &acc, &macc);
+                const uint8_t *blk = row + b * Q4K_BYTES;
+                kq_prefetch(blk, Q4K_BYTES);
+                const __m128i smv = q4k_scales_v(blk);
+                q4k_unpack(blk, smv, c, s);
+                q4k_step(c, s, smv, f16_at(blk), f16_at(blk + 2), hi + 256 * b, lo + 256 * b, xs[b], xsum + 8 * b,
+                         &acc, &macc);
             }
             const float v = q4k_finish(acc, macc);
             y[n] = bias ? v + bias[n] : v;
@@ -297,11 +311,14 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
             macc[m] = _mm256_setzero_ps();
         }
         for (int64_t b = 0; b < nb; b++) {
-            kq_prefetch(row + b * Q4K_BYTES, Q4K_BYTES);
-            q4k_header(row + b * Q4K_BYTES, &d, &dmin, sm);
-            q4k_unpack(row + b * Q4K_BYTES, sm, c, s);
+            const uint8_t *blk = row + b * Q4K_BYTES;
+            kq_prefetch(blk, Q4K_BYTES);
+            const __m128i smv = q4k_scales_v(blk);
+            d = f16_at(blk);
+            dmin = f16_at(blk + 2);
+            q4k_unpack(blk, smv, c, s);
             for (int64_t m = 0; m < m_rows; m++)
-                q4k_step(c, s, sm + 8, d, dmin, hi + m * k_len + 256 * b, lo + m * k_len + 256 * b,
+                q4k_step(c, s, smv, d, dmin, hi + m * k_len + 256 * b, lo + m * k_len + 256 * b,
                          xs[m * nb + b], xsum + m * ns + 8 * b, &acc[m], &macc[m]);
         }
         for (int64_t m = 0; m < m_rows; m++) {
@@ -309,6 +326,7 @@ void kiln_gemv_q4k(const uint8_t *blocks, const float *x, const float *bias, flo
             y[m * n_rows + n] = bias ? v + bias[n] : v;
         }
 #else
+        uint8_t sm[16];
         for (int64_t m = 0; m < m_rows; m++) {
             const int16_t *xm = xq + m * k_len;
             float v = 0.f, mins = 0.f;
@@ -399,6 +417,18 @@ void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, flo
         const uint8_t *row = blocks + n * nb * Q6K_BYTES;
 #ifdef KILN_AVX512
         __m512i c[4], s[4], sc16;
+        if (m_rows == 1) {  /* accumulators in registers, as kiln_gemv_q4k's one row */
+            __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * Q6K_BYTES;
+                kq_prefetch(blk, Q6K_BYTES);
+                q6k_unpack(blk, c, s, &sc16);
+                q6k_step(c, s, sc16, f16_at(blk + 208), hi + 256 * b, lo + 256 * b, xs[b], xsum + 16 * b, &acc, &macc);
+            }
+            const float v = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(macc);
+            y[n] = bias ? v + bias[n] : v;
+            continue;
+        }
         __m512 acc[16], macc[16];
         for (int64_t m = 0; m < m_rows; m++) {
             acc[m] = _mm512_setzero_ps();
