@@ -47,6 +47,8 @@ from kiln.decoder import Decoder, DecoderPool
 
 OP_EXIT, OP_GET, OP_PREFILL, OP_STEP, OP_FORWARD = 0, 1, 2, 3, 4  # the batch-1 Decoder's calls
 OP_ENGINE, OP_WARM_UP, OP_ROWS_STEP, OP_CHUNK, OP_ROWS_PREFILL = 5, 6, 7, 8, 9  # the batched engine's
+KEEP = 1  # Decoders every rank's pool keeps: one number for all, so a size the leader builds anew (and captures,
+#           with its collectives) is built anew on every follower too, never taken from a follower's longer memory
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def run(world: int | None, argv: list[str], device: str | None, load: Callable, 
         if ranks.rank:
             follow(model)
         else:
-            pool = LeaderPool(model, keep=1)
+            pool = LeaderPool(model)
             interrupted = False
             try:
                 with _sigterm_raises():
@@ -278,7 +280,7 @@ class LeaderPool(DecoderPool):
 
     decoder_class = LeaderDecoder
 
-    def __init__(self, model, keep: int = 2):
+    def __init__(self, model, keep: int = KEEP):
         super().__init__(model, keep)
         self.link = Link(next(model.parameters()).device, model.shard.group)
 
@@ -348,7 +350,7 @@ class LeaderEngine(Engine):
         return super()._rows_forward(ids, pos, slots, last)
 
 
-def follow(model, keep: int = 2) -> None:
+def follow(model, keep: int = KEEP) -> None:
     """A follower's loop (ranks 1..N-1): make each call rank 0 announces on this rank's own Decoders or
     engine, until rank 0 closes its pool."""
     link = Link(next(model.parameters()).device, model.shard.group)
