@@ -219,8 +219,6 @@ static int64_t q4k_order(int64_t i) {
 
 #ifdef KILN_AVX512
 
-/* A block's codes as bytes, c[g] for group g, and its scales as int32 lanes, s[g]: sub-block 4p + h for
-   lanes 0-7, 4p + 2 + h for lanes 8-15. */
 /* q4k_scales' sixteen bytes (scales, then mins) in a register: the 12 packed bytes worked on as the four 32-bit
    lanes of one load (bytes 4-19 of the block), so no store and reload stands between a block's header and its
    products. */
@@ -234,6 +232,8 @@ static inline __m128i q4k_scales_v(const uint8_t *blk) {
     return _mm_or_si128(lo, _mm_slli_epi32(top, 4));
 }
 
+/* A block's codes as bytes, c[g] for group g, and its scales (sm: q4k_scales_v) as int32 lanes, s[g]: sub-block
+   4p + h for lanes 0-7, 4p + 2 + h for lanes 8-15. */
 static inline void q4k_unpack(const uint8_t *blk, __m128i sm, __m512i *c, __m512i *s) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 2; p++) {

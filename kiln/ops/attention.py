@@ -126,8 +126,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
                      policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
-    (default: `_LAUNCHES` by head dim, else `_LAUNCH`;
-    bench/decode_ab.py replaces both to time others)."""
+    (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others)."""
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
                                     out_rot, last)
