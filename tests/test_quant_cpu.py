@@ -349,3 +349,34 @@ def test_real_qwen_compact_decodes_what_it_prefills(qwen_compact):
     assert logits.argmax(-1).tolist() == gen
     weights = sum(getattr(m, "nbytes", 0) for m in model.modules() if not isinstance(m, GGUFEmbedding))
     assert weights < 0.5e9  # compact: int8/int4 layers + the 4-bit screen (fp32 would be ~2 GB)
+
+
+def _vm_flags(ptr: int) -> list[str]:
+    """The smaps VmFlags of the mapping that holds address ptr in this process."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_compact_weights_lie_in_huge_page_memory(qwen_path):
+    """The load moves the compact layers' large buffers into one mapping advised for transparent huge pages
+    (smaps' VmFlags 'hg'; the decode step streams them), and that model computes bit for bit what the same
+    load left in ordinary pages does."""
+    import kiln
+    model, tok = kiln.load(qwen_path, device="cpu", quantized=True, policy=Policy(huge_pages=True))
+    plain, _ = kiln.load(qwen_path, device="cpu", quantized=True, policy=Policy(huge_pages=False))
+    big = [(n, t) for n, t in model.named_buffers() if t.nbytes >= cpu.HUGE_PAGE]
+    assert len(big) > 20 and all("hg" in _vm_flags(t.data_ptr()) for _, t in big), [n for n, _ in big][:3]
+    assert not any("hg" in _vm_flags(t.data_ptr()) for _, t in plain.named_buffers() if t.nbytes >= cpu.HUGE_PAGE)
+    ids = torch.tensor([tok.encode("def fibonacci(n):")])
+    with torch.inference_mode():
+        assert torch.equal(model(ids), plain(ids))
+        assert torch.equal(model(ids[:, :1]), plain(ids[:, :1]))  # the one-row native GEMVs

@@ -74,8 +74,9 @@ class GGUFTensor:
 
 def release_pages(t: torch.Tensor) -> None:
     """madvise(DONTNEED) over the whole pages inside t, a view of the copy-on-write file mapping that
-    nothing writes (so the pages come back from the file, unchanged, when read again; never call it on
-    other memory: anonymous pages would come back as zeros); a no-op where that is not Linux."""
+    nothing writes (so the pages come back from the file, unchanged, when read again), or memory that is
+    never read again (anonymous pages come back as zeros: quant/cpu._to_huge_pages's moved tensors); a
+    no-op where that is not Linux."""
     if not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0 or not os.uname().sysname == "Linux":
         return
     import ctypes

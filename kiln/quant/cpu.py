@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import mmap
 from collections.abc import Mapping
 
 import gguf
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.formats.gguf import release_pages
 from kiln.ops import cpu as ops_cpu
 from kiln.policy import DEFAULT, Policy
 from kiln.quant import dequantize as dequantize_gguf
@@ -469,7 +471,48 @@ def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT
     with _small_mmap_threshold():
         taken = swap_layers(model, weights, linear=linear, embedding=embedding)
         join_projections(model)
+        if policy.huge_pages:
+            _to_huge_pages(model)
     return taken
+
+
+HUGE_PAGE = 2 << 20
+
+
+def _to_huge_pages(model: nn.Module) -> mmap.mmap | None:
+    """Move the compact layers' large buffers into one anonymous mapping advised for transparent huge pages.
+
+    A decode step streams every weight once; in 4 KiB pages each page costs a TLB miss and the hardware
+    prefetchers stop at its edge (the 1.5B Q4_K_M: 37.4 -> 39.6 tok/s on two threads, the same process
+    alternating). Each tensor moves a few MiB at a time, the old copy's pages given back as they are copied, so
+    the load's peak memory does not grow. Only buffers that own their whole storage move (never a view of the
+    file's mapping); one shared by two layers moves once. Nothing happens where the system has no
+    MADV_HUGEPAGE; where huge pages are off the mapping is plain memory."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    kinds = (BlockLinear, Int4Linear, Int8Linear)
+    found = [(m, k) for m in model.modules() if isinstance(m, kinds) for k, t in m._buffers.items()
+             if t is not None and t.nbytes >= HUGE_PAGE and t.is_contiguous() and t.storage_offset() == 0
+             and t.untyped_storage().nbytes() == t.nbytes]
+    olds = {m._buffers[k].data_ptr(): m._buffers[k] for m, k in found}
+    if not olds:
+        return None
+    size = lambda t: -(-t.nbytes // 64) * 64  # noqa: E731  (each tensor on a cache line)
+    arena = mmap.mmap(-1, sum(size(t) for t in olds.values()) + HUGE_PAGE,
+                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory takes huge pages
+    arena.madvise(mmap.MADV_HUGEPAGE)                               # under another, usually closed, setting
+    room = torch.frombuffer(arena, dtype=torch.uint8)  # holds `arena` for as long as any view of it lives
+    at, new = -room.data_ptr() % HUGE_PAGE, {}
+    for ptr, t in olds.items():
+        src, dst = t.view(-1).view(torch.uint8), room[at:at + t.nbytes]
+        for a in range(0, t.nbytes, 4 * HUGE_PAGE):
+            dst[a:a + 4 * HUGE_PAGE].copy_(src[a:a + 4 * HUGE_PAGE])
+            release_pages(src[a:a + 4 * HUGE_PAGE])  # read no more: the tensor goes below
+        new[ptr] = dst.view(t.dtype).view(t.shape)
+        at += size(t)
+    for m, k in found:
+        m._buffers[k] = new[m._buffers[k].data_ptr()]
+    return arena
 
 
 @contextlib.contextmanager
