@@ -119,6 +119,32 @@ def test_prompt_product_passes_gradients_to_x():
     torch.testing.assert_close(x.grad, 2 * (x.detach() @ w.t()) @ w, rtol=1e-4, atol=1e-4)
 
 
+def test_float_linear_prompt_product_and_gradients(monkeypatch):
+    """models.base.Linear: a float32 prompt's product (more than NATIVE_ROWS rows, no gradient asked) goes through
+    ops.cpu.sgemm (oneDNN's GEMM where torch has it), within float32 rounding of nn.Linear's; a decode row, and any
+    product that needs a gradient (of x, or of the weight in full fine-tuning), is nn.Linear's own, gradients and
+    all."""
+    from kiln.models.base import Linear
+    from kiln.ops import cpu as ops_cpu
+    calls, real = [], ops_cpu.sgemm
+    monkeypatch.setattr(ops_cpu, "sgemm", lambda x, w: calls.append(x.shape) or real(x, w))
+    torch.manual_seed(0)
+    lin = Linear(96, 80)
+    x = torch.randn(3, 40, 96)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+        assert calls == [(120, 96)]
+        assert torch.equal(lin(x[:, :1]), torch.nn.functional.linear(x[:, :1], lin.weight, lin.bias))
+    xg = x.clone().requires_grad_(True)
+    lin(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad, 2 * (want @ lin.weight), rtol=1e-4, atol=1e-4)
+    lin.weight.grad = None
+    lin(x).sum().backward()  # x needs none; the weight does
+    torch.testing.assert_close(lin.weight.grad, torch.ones(120, 80).t() @ x.reshape(-1, 96), rtol=1e-4, atol=1e-4)
+    assert calls == [(120, 96)]  # neither a decode row nor a product with a gradient went through it
+
+
 def test_int8_linear_is_close_to_the_dense_layer():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
@@ -351,31 +377,34 @@ def test_real_qwen_compact_decodes_what_it_prefills(qwen_compact):
     assert weights < 0.5e9  # compact: int8/int4 layers + the 4-bit screen (fp32 would be ~2 GB)
 
 
-def _vm_flags(ptr: int) -> list[str]:
-    """The smaps VmFlags of the mapping that holds address ptr in this process."""
-    inside = False
+def _mapping(ptr: int) -> tuple[int, int, list[str]]:
+    """(start, end, VmFlags) of the mapping that holds address ptr in this process (Linux's smaps)."""
+    span = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= ptr < hi
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
+            span = (lo, hi) if lo <= ptr < hi else None
+        elif span and line.startswith("VmFlags:"):
+            return (*span, line.split()[1:])
     raise AssertionError(f"no mapping holds {ptr:#x}")
 
 
 @pytest.mark.model
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_compact_weights_lie_in_huge_page_memory(qwen_path):
-    """The load moves the compact layers' large buffers into one mapping advised for transparent huge pages
-    (smaps' VmFlags 'hg'; the decode step streams them), and that model computes bit for bit what the same
+    """The load moves the compact layers' large buffers into one mapping of their own, advised for transparent huge
+    pages (smaps' VmFlags 'hg'; the decode step streams them), and that model computes bit for bit what the same
     load left in ordinary pages does."""
     import kiln
     model, tok = kiln.load(qwen_path, device="cpu", quantized=True, policy=Policy(huge_pages=True))
     plain, _ = kiln.load(qwen_path, device="cpu", quantized=True, policy=Policy(huge_pages=False))
-    big = [(n, t) for n, t in model.named_buffers() if t.nbytes >= cpu.HUGE_PAGE]
-    assert len(big) > 20 and all("hg" in _vm_flags(t.data_ptr()) for _, t in big), [n for n, _ in big][:3]
-    assert not any("hg" in _vm_flags(t.data_ptr()) for _, t in plain.named_buffers() if t.nbytes >= cpu.HUGE_PAGE)
+    big = [t for _, t in model.named_buffers() if t.nbytes >= cpu.HUGE_PAGE]
+    maps = {_mapping(t.data_ptr())[:2] for t in big}
+    assert len(big) > 20 and len(maps) == 1, maps  # one arena
+    (lo, hi), = maps
+    assert "hg" in _mapping(lo)[2] and hi - lo <= sum(t.nbytes for t in big) + 64 * len(big) + 2 * cpu.HUGE_PAGE
+    assert not any(lo <= t.data_ptr() < hi for _, t in plain.named_buffers())
     ids = torch.tensor([tok.encode("def fibonacci(n):")])
     with torch.inference_mode():
         assert torch.equal(model(ids), plain(ids))

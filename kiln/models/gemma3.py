@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import (BaseArgs, CausalLM, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
+from kiln.models.base import (BaseArgs, CausalLM, Linear, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
                               logit_rows, native_projections, prepare, project, run_blocks)
 from kiln.ops import gelu_tanh_mul
 
@@ -61,10 +61,10 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.q_proj = nn.Linear(a.hidden_size, self.h * self.d, bias=a.attention_bias)
-        self.k_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
-        self.v_proj = nn.Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
-        self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=a.attention_bias)
+        self.q_proj = Linear(a.hidden_size, self.h * self.d, bias=a.attention_bias)
+        self.k_proj = Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.v_proj = Linear(a.hidden_size, self.kv * self.d, bias=a.attention_bias)
+        self.o_proj = Linear(self.h * self.d, a.hidden_size, bias=a.attention_bias)
         self.q_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.d, a.rms_norm_eps, offset=1.0)
         self.scale = a.query_pre_attn_scalar ** -0.5
@@ -89,9 +89,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_proj = Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False)
         self.gate_up = None  # gate and up as one matmul (joined at load on GPUs and on the compact CPU path)
 
     def int8_input(self, x):

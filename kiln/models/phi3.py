@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kiln.models import llama
-from kiln.models.base import RMSNorm, RoPE, Step, attention, embedding
+from kiln.models.base import Linear, RMSNorm, RoPE, Step, attention, embedding
 from kiln.ops import silu_mul
 
 
@@ -29,8 +29,8 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.h, self.kv, self.d = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.qkv_proj = nn.Linear(a.hidden_size, (self.h + 2 * self.kv) * self.d, bias=a.attention_bias)
-        self.o_proj = nn.Linear(self.h * self.d, a.hidden_size, bias=False)
+        self.qkv_proj = Linear(a.hidden_size, (self.h + 2 * self.kv) * self.d, bias=a.attention_bias)
+        self.o_proj = Linear(self.h * self.d, a.hidden_size, bias=False)
         self.window = a.sliding_window
 
     def int8_input(self, x):
@@ -47,8 +47,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def int8_input(self, x):
         return None  # gate_up_proj is one layer already

@@ -167,7 +167,7 @@ def joinable(a: nn.Module, b: nn.Module) -> bool:
     (`a.joins(b)` where it has one; nn.Linear: one dtype); types without a `cat` never join."""
     if type(a) is not type(b) or a.in_features != b.in_features or (a.bias is None) != (b.bias is None):
         return False
-    if type(a) is nn.Linear:  # not while its weight is unread (meta): the loader assigns it by its own name
+    if isinstance(a, nn.Linear):  # not while its weight is unread (meta): the loader assigns it by its own name
         return a.weight.dtype == b.weight.dtype and not a.weight.is_meta and not b.weight.is_meta
     return hasattr(type(a), "cat") and (not hasattr(a, "joins") or a.joins(b))
 
@@ -176,15 +176,15 @@ def cat(layers: list[nn.Module]) -> nn.Module:
     """One layer computing `layers` (joinable neighbours) side by side: their rows stacked."""
     if len(layers) == 1:
         return layers[0]
-    if type(layers[0]) is nn.Linear:
+    if isinstance(layers[0], nn.Linear):
         return _cat_linear(layers)
     return type(layers[0]).cat(layers)
 
 
 def _cat_linear(layers: list[nn.Linear]) -> nn.Linear:
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    out = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), bias=bias is not None,
-                    device="meta")
+    out = type(layers[0])(layers[0].in_features, sum(layer.out_features for layer in layers), bias=bias is not None,
+                          device="meta")  # models.base.Linear stays itself
     out.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
     if bias is not None:
         out.bias = nn.Parameter(bias, requires_grad=False)
