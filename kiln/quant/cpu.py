@@ -471,7 +471,7 @@ def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT
     with _small_mmap_threshold():
         taken = swap_layers(model, weights, linear=linear, embedding=embedding)
         join_projections(model)
-        if policy.huge_pages:
+        if policy.huge_pages:  # off by default: a slower load for a faster decode
             _to_huge_pages(model)
     return taken
 
@@ -480,14 +480,16 @@ HUGE_PAGE = 2 << 20
 
 
 def _to_huge_pages(model: nn.Module) -> mmap.mmap | None:
-    """Move the compact layers' large buffers into one anonymous mapping advised for transparent huge pages.
+    """Move the compact layers' large buffers into one anonymous mapping advised for transparent huge pages
+    (policy.huge_pages, KILN_HUGE_PAGES=1; off by default).
 
     A decode step streams every weight once; in 4 KiB pages each page costs a TLB miss and the hardware
     prefetchers stop at its edge (the 1.5B Q4_K_M: 37.4 -> 39.6 tok/s on two threads, the same process
-    alternating). Each tensor moves a few MiB at a time, the old copy's pages given back as they are copied, so
-    the load's peak memory does not grow. Only buffers that own their whole storage move (never a view of the
-    file's mapping); one shared by two layers moves once. Nothing happens where the system has no
-    MADV_HUGEPAGE; where huge pages are off the mapping is plain memory."""
+    alternating), but the huge pages' first faults cost the load (that 1.5B: 0.72-0.76 s -> 1.16-2.35 s on the
+    EPYC VM of bench/results/2026-12-06-cpu-b). Each tensor moves a few MiB at a time, the old copy's pages given
+    back as they are copied, so the load's peak memory does not grow. Only buffers that own their whole storage
+    move (never a view of the file's mapping); one shared by two layers moves once. Nothing happens where the
+    system has no MADV_HUGEPAGE; where the system's huge pages are off the mapping is plain memory."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     kinds = (BlockLinear, Int4Linear, Int8Linear)
