@@ -120,10 +120,10 @@ def test_prompt_product_passes_gradients_to_x():
 
 
 def test_float_linear_prompt_product_and_gradients(monkeypatch):
-    """models.base.Linear: a float32 prompt's product (more than NATIVE_ROWS rows, no gradient asked) goes through
-    ops.cpu.sgemm (oneDNN's GEMM where torch has it), within float32 rounding of nn.Linear's; a decode row, and any
-    product that needs a gradient (of x, or of the weight in full fine-tuning), is nn.Linear's own, gradients and
-    all."""
+    """models.base.Linear (ops.cpu.linear): a float32 prompt's product (more than NATIVE_ROWS rows, no gradient
+    asked) goes through ops.cpu.sgemm (oneDNN's GEMM where torch has it), within float32 rounding of nn.Linear's;
+    a decode row, and any product that needs a gradient (of x, or of the weight in full fine-tuning), is
+    nn.Linear's own, gradients and all."""
     from kiln.models.base import Linear
     from kiln.ops import cpu as ops_cpu
     calls, real = [], ops_cpu.sgemm

@@ -76,21 +76,10 @@ def embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose float32 product of many rows on the CPU (a prompt: more than ops.cpu.NATIVE_ROWS rows, no
-    gradient asked) goes through ops.cpu.sgemm, oneDNN's GEMM where torch has it: torch's own float32 matmul is
-    MKL's, which keeps its AVX-512 kernels for Intel's CPUs (0.5B in float32, 512-token forward on two AMD EPYC
-    cores: 165-188 -> 309-327 tok/s, logits within 7.5e-5). Everything else is nn.Linear's."""
+    """nn.Linear whose product is ops.cpu.linear's (a float32 prompt on the CPU: oneDNN's GEMM)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-                or x.numel() <= ops_cpu.NATIVE_ROWS * self.in_features
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return F.linear(x, w, self.bias)
-        y = ops_cpu.sgemm(x.reshape(-1, self.in_features), w)  # (M, N)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return ops_cpu.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
