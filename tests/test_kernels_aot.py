@@ -119,8 +119,10 @@ def _compile_all() -> list[dict]:
                 dict(D=128, HALF=64, HAS_NORM=True, HAS_OFFSET=False, HAS_TAIL=False, WRITE_KV=True, HAS_ROWS=True,
                      HAS_SLOTS=True,
                      BLOCK_H=4, BLOCK_HALF=64, BLOCK_TAIL=1, BLOCK_D=128, PDL=True))
-    compile_one("merge d128", attention._merge_kernel, dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16"),
-                dict(D=128, BLOCK_S=64, BLOCK_D=128, PDL=True))
+    for q8 in (False, True):  # True: the one output row also stored in int8 for the output projection
+        compile_one("merge d128" + (", int8 output" if q8 else ""), attention._merge_kernel,
+                    dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16", xq_ptr="i32", xd_ptr="fp32", xs_ptr="i32"),
+                    dict(D=128, BLOCK_S=64, BLOCK_D=128, Q8=q8, PDL=True))
     return out
 
 
@@ -131,7 +133,7 @@ def test_decode_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == len(SPLIT) + len(ENCODE) + 2
+    assert len(results) == len(SPLIT) + len(ENCODE) + 3
     failed = [f"{x['name']}: {x['error']}" for x in results if not x["ok"]]
     assert not failed, "\n\n".join(failed)
 

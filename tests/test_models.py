@@ -212,8 +212,8 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
     from kiln.models import base
     calls = {}
 
-    def count(name, fn):  # the references take no policy
-        return lambda *a, policy, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
+    def count(name, fn):  # the references take no policy (nor decode_attention's q8: None here, no int8 GEMVs)
+        return lambda *a, policy, q8=None, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
 
     monkeypatch.setattr(base, "use_triton", lambda x, policy: True)  # base's dispatch only: other ops stay torch
     monkeypatch.setattr(base, "rope_qk", count("rope_qk", ops.rope_qk_ref))

@@ -233,6 +233,25 @@ def test_decode_attention_splits_from_the_policy(monkeypatch):
         Policy.from_env({"KILN_ATTN_SPLITS": "zero"})
 
 
+@pytest.mark.parametrize("d,splits", [(64, 3), (128, 2), (128, 1), (96, 3)])
+def test_decode_attention_stores_its_output_quantized(d, splits):
+    """One output row (B·T = 1) and a merge to run: the merge kernel also stores the output quantized to int8 as
+    quantize_act stores it (codes, scales and run sums, bit for bit), so the output projection needs no
+    launch of its own; with one split, or a head dim not a power of two, it leaves the buffer to the caller."""
+    from kiln.quant.gemv_int8 import empty_act, quantize_act
+    c = dict(b=1, h=8, k=2, d=d, t=1, s=300, start=250)
+    for dtype in DTYPES:
+        q, kc, vc, pos = _attn_inputs(c, dtype)
+        act = empty_act(8 * d, dtype, q.device)
+        out = ops.decode_attention(q, kc, vc, pos, d ** -0.5, splits=splits, policy=P, q8=act)
+        close(out, ops.decode_attention_ref(q, kc, vc, pos, d ** -0.5), dtype)
+        assert act.filled == (splits > 1 and d != 96)
+        if act.filled:
+            want = quantize_act(out.reshape(1, -1), P)
+            for got, ref in zip(act.buffers, want.buffers):
+                assert torch.equal(got, ref.reshape(got.shape))
+
+
 def test_decode_attention_never_reads_past_the_last_position():
     c = dict(h=8, k=2, d=64, t=2, s=200, start=70)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)

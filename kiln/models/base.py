@@ -469,10 +469,10 @@ def _ring_layer_mask(step: Step, ring: Ring, window: int | None, t: int, device)
 
 
 def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None = None, norms: tuple = (),
-              rope: str = "global") -> torch.Tensor:
+              rope: str = "global", q8=None) -> torch.Tensor:
     """q (B, T, H, D), k/v (B, T, K, D), before RoPE → (B, T, H*D): q and k normed per head (norms =
-    (q_norm, k_norm), or none) and rotated (the step's `rope` table), k/v written into the cache, then
-    attention over the keys the step's window mask lets each query see. This function decides the kernels:
+    (q_norm, k_norm), or none) and rotated (the step's `rope` table), k/v written into the cache, then attention
+    over the keys the step's window mask lets each query see (the fused step may fill `q8`). It decides the kernels:
 
     - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device),
       heads of 16 or more values: RoPE with the KV write into the static cache in one kernel, then split-KV
@@ -495,10 +495,10 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
         if ring is not None:  # every slot it holds is visible: the kernel reads them all, in any order
             slots, last, window = step.ring_slots(ring), ring.slots - 1, None
         if not step.cache.direct:
-            return _fused_stored(q, k, v, r, step, layer, scale, window, norms, slots, last)
+            return _fused_stored(q, k, v, r, step, layer, scale, window, norms, slots, last, q8)
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
         q = r.apply_write(q, k, v, kc, vc, rows, norms, policy, slots)  # (B, T, H, D)
-        out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, last=last, policy=policy)
+        out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, last=last, policy=policy, q8=q8)
         return out.reshape(b, t, -1)
     if _native_token(q, step, layer, r) and _native_ring(step, layer, window) is not False:
         return _native_attention(q, k, v, r, scale, step, layer, window, norms)
@@ -519,7 +519,7 @@ def _ring_fuses(ring: Ring, window: int | None, t: int) -> bool:
 
 
 def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, window, norms, slots=None,
-                  last=None) -> torch.Tensor:
+                  last=None, q8=None) -> torch.Tensor:
     """The fused step's attention over a cache stored in its own types and basis (not `direct`: q8_0, q4_0,
     fp8, another float type, rotated): RoPE, then one kernel that rotates the query into the keys' basis and encodes and
     writes the new keys and values (ops.kv_write; nothing read back), then the decode kernel over the stored
@@ -532,7 +532,7 @@ def _fused_stored(q, k, v, r: RopeAt, step: Step, layer: int, scale: float, wind
     kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D or D/2): a block part's codes
     k_scale, v_scale = c.layer_scales(layer)  # (B or N, K, S, D/32) or None
     out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, k_scale=k_scale, v_scale=v_scale,
-                           out_rot=c.out_rotation(), last=last, policy=step.policy)  # (B, T, H, D)
+                           out_rot=c.out_rotation(), last=last, policy=step.policy, q8=q8)  # (B, T, H, D)
     return out.reshape(b, t, -1)
 
 

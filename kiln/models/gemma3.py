@@ -82,8 +82,9 @@ class Attention(nn.Module):
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
         v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         norms = (self.q_norm, self.k_norm)  # applied with RoPE, inside attention
-        out = attention(q, k, v, step, self.layer, self.scale, self.window, norms, self.rope)
-        return self.o_proj(out)  # (B, T, E)
+        o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))  # o_proj's int8 input, if the attention fills it
+        out = attention(q, k, v, step, self.layer, self.scale, self.window, norms, self.rope, q8=o8)
+        return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)  # (B, T, E)
 
 
 class MLP(nn.Module):

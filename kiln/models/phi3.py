@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kiln.models import llama
-from kiln.models.base import Linear, RMSNorm, RoPE, Step, attention, embedding
+from kiln.models.base import Linear, RMSNorm, RoPE, Step, attention, embedding, int8_buffer
 from kiln.ops import silu_mul
 
 
@@ -40,8 +40,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.h + 2 * self.kv, self.d)  # (B, T, H+2K, D)
         q, k, v = qkv.split([self.h, self.kv, self.kv], dim=2)
-        out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window)  # RoPE inside
-        return self.o_proj(out)  # (B, T, E)
+        o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))  # o_proj's int8 input, if the attention fills it
+        out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window, q8=o8)  # RoPE inside
+        return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)  # (B, T, E)
 
 
 class MLP(nn.Module):

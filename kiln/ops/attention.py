@@ -31,6 +31,9 @@ How the split kernel works, and why:
   partial output by 2^(lse_split - lse_max).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
+- With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
+  GEMV (`q8`, ops/q8.store_q8: each program its head's 32-blocks), one launch less a layer; the codes are
+  quantize_act's, so logits do not change (H100: +1.2-2.7% decode tok/s, bench/results/2026-12-06-h100-c/).
 - The number of splits: the `splits` argument, else the policy's `attn_splits` (`KILN_ATTN_SPLITS`, for
   A/B runs on a GPU; a CUDA graph keeps the value it was captured with), else enough programs to fill the
   device about twice over; always at most one split per key tile.
@@ -50,6 +53,7 @@ import torch
 from kiln.kv_types import dequantize_q4_0, dequantize_q8_0
 from kiln.ops import pdl
 from kiln.ops.dispatch import interpreted, jit, tl, triton, use_triton
+from kiln.ops.q8 import store_q8
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
@@ -77,6 +81,7 @@ _LAUNCH = Launch()
 # 8 a split, which spill none, decoded Gemma-3-1B slower: tg128 1,043 / 992 tok/s at depth 0 / 4096 against 1,144 /
 # 1,110 (H100, same call, bench/results/2026-12-06-h100-b/ring_ab.jsonl).
 _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
+MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -123,10 +128,13 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
                      softcap: float | None = None, rows: torch.Tensor | None = None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                      out_rot: torch.Tensor | None = None, last: int | None = None, *, splits: int | None = None,
-                     policy: Policy = DEFAULT, launch: Launch | None = None) -> torch.Tensor:
+                     policy: Policy = DEFAULT, launch: Launch | None = None, q8=None) -> torch.Tensor:
     """Same contract as `decode_attention_ref`. `splits` (else the policy's `attn_splits`) sets the number
     of key-range splits; with one, a single launch. `launch`: the kernel's tile and pipeline settings
-    (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others)."""
+    (default: `_LAUNCHES` by head dim, else `_LAUNCH`; bench/decode_ab.py replaces both to time others).
+    `q8`: an empty gemv_int8.QuantAct for the output's one row (B·T = 1), which the merge kernel fills with the
+    output quantized as the next projection reads it (what quantize_act would store), saving that launch;
+    `q8.filled` says whether it did (not with one split, or a head dim not a power of two of 32 or more)."""
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
                                     out_rot, last)
@@ -165,8 +173,12 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
-    _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, ns, D=d, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                                BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_kw(q, policy))
+    fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
+    _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d,
+                                BLOCK_S=max(2, triton.next_power_of_2(ns)), BLOCK_D=triton.next_power_of_2(d),
+                                Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
+    if fill:
+        q8.filled = True
     return out
 
 
@@ -340,8 +352,8 @@ def _scaled(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
 
 
 @jit
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_D: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -354,3 +366,6 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, NS, D: tl.constexpr, BLOCK_S: tl.cons
                 mask=(lse > float("-inf"))[:, None] & (d < D)[None, :], other=0.0)  # (NS, D)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    if Q8:  # one output row: this head's 32-blocks of it, as quantize_act stores the values out_ptr now holds
+        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), row * (D // 32), (row + 1) * (D // 32), xq_ptr,
+                 xd_ptr, xs_ptr, BLOCK_D // 32)

@@ -233,6 +233,7 @@ class QuantAct:
     xd: torch.Tensor
     xs: torch.Tensor
     dtype: torch.dtype
+    filled: bool = False  # set by a producer that fills the buffers only where it can (ops.decode_attention)
 
     @property
     def k(self) -> int:
