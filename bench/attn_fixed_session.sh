@@ -1,9 +1,12 @@
+#!/usr/bin/env bash
+# One device call (kiln only): decode attention's fixed cost (bench/attn_fixed.py), then tg128 at depth 0 in a
+# short cache (-d 0) and in a 16.6k one (-d 0,16384) on Qwen3-0.6B and Qwen3-8B Q4_K_M (make_gguf, seed 0).
+# Output under $OUT: attn_fixed.jsonl, tg_cache.jsonl. Usage, repo root, .whl/ carried:
+#   OUT=... bash bench/attn_fixed_session.sh
 set -u
-export PYTHONPATH=/tmp/carry:$PWD PYTHONUNBUFFERED=1
-mkdir -p /tmp/carry /tmp/g
-for m in gguf:gguf yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe tqdm:tqdm; do
-  python -c "import ${m%%:*}" 2>/dev/null || python -m pip install -q --no-deps --target /tmp/carry .whl/${m##*:}-*.whl
-done
+ROOT=$PWD
+source bench/carry_env.sh
+mkdir -p /tmp/g
 nvidia-smi --query-gpu=name --format=csv,noheader
 (python bench/make_gguf.py --model qwen3-8b --type Q4_K_M --out /tmp/g > /dev/null 2>&1; echo "8b made") &
 python bench/make_gguf.py --model qwen3-0.6b --type Q4_K_M --out /tmp/g > /dev/null 2>&1

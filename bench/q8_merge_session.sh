@@ -5,11 +5,9 @@
 # Qwen3-0.6B, Llama-3.2-1B, Qwen3-8B Q4_K_M (make_gguf, seed 0). Usage, repo root, .whl/ carried:
 #   OUT=... bash bench/q8_merge_session.sh
 set -u
-export PYTHONPATH=/tmp/carry:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/carry /tmp/g
-for m in gguf:gguf yaml:pyyaml jinja2:jinja2 markupsafe:markupsafe tqdm:tqdm; do
-  python -c "import ${m%%:*}" 2>/dev/null || python -m pip install -q --no-deps --target /tmp/carry .whl/${m##*:}-*.whl
-done
+ROOT=$PWD
+source bench/carry_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
 nvidia-smi --query-gpu=name --format=csv,noheader
 (for f in qwen3-0.6b llama-3.2-1b qwen3-8b; do
    python bench/make_gguf.py --model $f --type Q4_K_M --out /tmp/g > /dev/null 2>&1; done; echo "files made") &

@@ -479,7 +479,7 @@ def compact_linears(model: nn.Module, weights: Mapping, policy: Policy = DEFAULT
 HUGE_PAGE = 2 << 20
 
 
-def _to_huge_pages(model: nn.Module) -> mmap.mmap | None:
+def _to_huge_pages(model: nn.Module) -> None:
     """Move the compact layers' large buffers into one anonymous mapping advised for transparent huge pages
     (policy.huge_pages, KILN_HUGE_PAGES=1; off by default).
 
@@ -491,14 +491,14 @@ def _to_huge_pages(model: nn.Module) -> mmap.mmap | None:
     move (never a view of the file's mapping); one shared by two layers moves once. Nothing happens where the
     system has no MADV_HUGEPAGE; where the system's huge pages are off the mapping is plain memory."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
+        return
     kinds = (BlockLinear, Int4Linear, Int8Linear)
     found = [(m, k) for m in model.modules() if isinstance(m, kinds) for k, t in m._buffers.items()
              if t is not None and t.nbytes >= HUGE_PAGE and t.is_contiguous() and t.storage_offset() == 0
              and t.untyped_storage().nbytes() == t.nbytes]
     olds = {m._buffers[k].data_ptr(): m._buffers[k] for m, k in found}
     if not olds:
-        return None
+        return
     size = lambda t: -(-t.nbytes // 64) * 64  # noqa: E731  (each tensor on a cache line)
     arena = mmap.mmap(-1, sum(size(t) for t in olds.values()) + HUGE_PAGE,
                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory takes huge pages
@@ -514,7 +514,6 @@ def _to_huge_pages(model: nn.Module) -> mmap.mmap | None:
         at += size(t)
     for m, k in found:
         m._buffers[k] = new[m._buffers[k].data_ptr()]
-    return arena
 
 
 @contextlib.contextmanager
