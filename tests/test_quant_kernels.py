@@ -485,3 +485,5 @@ def test_quant_embedding_dequantizes_the_rows_it_reads():
         got = QuantEmbedding(packed, torch.float32)(ids)
         assert got.shape == (2, 3, 256)
         assert torch.equal(got, K.dequantize_ref(packed)[ids])
+        many = torch.randint(0, 16, (1, 37), generator=torch.Generator().manual_seed(qtype)).to(DEVICE)
+        assert torch.equal(QuantEmbedding(packed, torch.float32)(many), K.dequantize_ref(packed)[many])

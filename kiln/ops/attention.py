@@ -359,11 +359,14 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.con
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     lse = tl.load(lse_ptr + row * NS + s, mask=s < NS, other=float("-inf"))  # (NS,)
+    d = tl.arange(0, BLOCK_D)
+    # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were never
+    # written, so whatever they hold is replaced by 0 below.
+    o = tl.load(o_ptr + (row * NS + s)[:, None] * D + d[None, :], mask=(s < NS)[:, None] & (d < D)[None, :],
+                other=0.0)  # (NS, D)
     # Every row sees at least its own key, so some split has a finite lse and the max is finite.
     w = tl.exp2(lse - tl.max(lse, axis=0))  # (NS,) 0 for empty splits
-    d = tl.arange(0, BLOCK_D)
-    o = tl.load(o_ptr + (row * NS + s)[:, None] * D + d[None, :],
-                mask=(lse > float("-inf"))[:, None] & (d < D)[None, :], other=0.0)  # (NS, D)
+    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
     if Q8:  # one output row: this head's 32-blocks of it, as quantize_act stores the values out_ptr now holds

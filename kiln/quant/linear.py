@@ -183,9 +183,10 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """nn.Embedding over packed GGUF rows: a lookup dequantizes only the rows it reads (one gather per plane
-    and one dequantize_gpu launch), so a quantized embedding table costs its file bytes on the GPU, and a
-    tied one shares its planes with the output head's QuantLinear."""
+    """nn.Embedding over packed GGUF rows: a lookup dequantizes only the rows it reads (one dequantize_gpu
+    launch that reads them from the planes; off the GPU kernels a gather per plane first), so a quantized
+    embedding table costs its file bytes on the GPU, and a tied one shares its planes with the output head's
+    QuantLinear."""
 
     def __init__(self, packed: PackedWeight, dtype: torch.dtype):
         super().__init__()
@@ -196,13 +197,14 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)                                         # (B*T,)
-        rows = PackedWeight(self.qtype, (flat.numel(), self.embedding_dim),
-                            **{n: getattr(self, n).index_select(0, flat) for n in packed_fields()
-                               if getattr(self, n) is not None})
-        if use_triton(flat):
-            w = dequantize_gpu(rows, self.dtype)                       # (B*T, E)
+        if use_triton(flat):  # the kernel reads the ids' rows from the planes itself
+            table = PackedWeight(self.qtype, (self.num_embeddings, self.embedding_dim),
+                                 **{n: getattr(self, n) for n in packed_fields() if getattr(self, n) is not None})
+            w = dequantize_gpu(table, self.dtype, rows=flat)           # (B*T, E)
         else:
-            w = dequantize_ref(rows).to(self.dtype)
+            w = dequantize_ref(PackedWeight(self.qtype, (flat.numel(), self.embedding_dim),
+                                            **{n: getattr(self, n).index_select(0, flat) for n in packed_fields()
+                                               if getattr(self, n) is not None})).to(self.dtype)
         return w.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
