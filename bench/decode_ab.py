@@ -34,9 +34,10 @@ def _timed(fn, reps=3):
 
 
 def device_loop(dec, start, g):
+    from kiln.ops import argmax
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
     for i in range(g):
-        tok = dec.step(tok, start + i).argmax(-1)
+        tok = argmax(dec.step(tok, start + i))
 
 
 def user(model, tok, g, out):

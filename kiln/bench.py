@@ -23,6 +23,7 @@ import time
 import torch
 
 from kiln.errors import KilnError
+from kiln.ops.pick import argmax
 
 
 def _sync(device):
@@ -81,7 +82,7 @@ def run_kiln(model, tokenizer, lengths: list[int], g: int, depths: list[int], re
     def decode(start, n):  # the device loop: no token read back until the end
         tok = ids_all[0, :1]
         for i in range(n):
-            tok = dec.step(tok, start + i).argmax(-1)
+            tok = argmax(dec.step(tok, start + i))
         return tok
 
     pre, first = {}, {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.errors import KilnError
+from kiln.ops.pick import argmax
 
 log = logging.getLogger("kiln.engine")  # the batch's sampling failures are the engine's to report
 
@@ -117,7 +118,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, p: SamplingParams, generator=None) -> torch.Tensor:
     """Token ids (B,) from processed logits (B, V): greedy, or a Gumbel-style draw."""
     if p.greedy:
-        return logits.argmax(-1)
+        return argmax(logits)
     probs = filter_logits(logits, p).softmax(-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)
@@ -167,11 +168,11 @@ def pick_rows(samplers: list[Sampler], logits: torch.Tensor) -> tuple[torch.Tens
     back as {row: message}, their token 0."""
     plain = [b for b, s in enumerate(samplers) if s.plain]
     if len(plain) == len(samplers):
-        return logits.argmax(-1), {}
+        return argmax(logits), {}
     tokens = torch.zeros(len(samplers), dtype=torch.long, device=logits.device)
     if plain:
         idx = torch.tensor(plain, device=logits.device)
-        tokens[idx] = logits[idx].argmax(-1)
+        tokens[idx] = argmax(logits[idx])
     failed = {}
     for b, s in enumerate(samplers):
         if not s.plain:

@@ -114,7 +114,9 @@ quantize_act, gemv_int8, gemm_int8 = L.quantize_act, L.gemv_int8, L.gemm_int8
 def count(name, fn):
     def wrapped(*a, **kw):
         calls[name] += 1
-        return fn(*a, **kw)
+        out = fn(*a, **kw)
+        calls[name + " float32"] += getattr(out, "dtype", None) == torch.float32
+        return out
     return wrapped
 L.quantize_act, L.gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
 L.gemm_int8 = count("rows", gemm_int8)  # the 6-token prefill: int8 rows, each quantizing its own x
@@ -137,10 +139,12 @@ for name in ("qwen3", "gemma3"):
     ids, ref = ids[:, :6], ref[:, :6]  # a 3-token prefill (int8 rows), then 3 decode steps: the interpreter is slow
     got = tm.decode_steps(km, ids, 3, max_len=16, graph=True).float()
     layers = cfg["num_hidden_layers"]
-    # per decode step and layer at least q/k/v, o, gate/up and down run int8; the inputs of q/k/v and of
-    # the joined gate/up's down projection are quantized by the norm / activation kernels themselves, so
-    # fewer standalone quantizations than int8 GEMVs remain (o's input, the head's, unjoined layers')
+    # per decode step and layer at least q/k/v, o, gate/up and down run int8; the inputs of q/k/v, of the
+    # joined gate/up's down projection and of the head are quantized by the norm / activation kernels
+    # themselves, so fewer standalone quantizations than int8 GEMVs remain (o's input, unjoined layers');
+    # the head writes float32 logits, once a step, and nothing else does
     assert calls["int8"] >= 3 * 4 * layers and calls["quantize"] - calls["rows"] <= calls["int8"] // 2, dict(calls)
+    assert calls["int8 float32"] == 3, dict(calls)
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < 2e-2, (name, err)
     print(name, err, dict(calls))

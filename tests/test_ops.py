@@ -542,6 +542,27 @@ def test_encode_kv_writes_what_the_torch_codecs_write(dtype, case):
             torch.testing.assert_close(g.parts[0], r.parts[0], **TOL[dtype])
 
 
+# ---------------------------------------------------------------- greedy pick
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_is_torch_first_index_of_the_maximum(dtype):
+    """Rows of a vocabulary's size through the two-launch argmax: the maximum anywhere (the last column, a part's
+    edge), ties within and across parts (the first wins), -inf masks (a grammar's), as torch's argmax."""
+    from kiln.ops import pick
+    v = 5 * pick._PART + 77  # a partial last part
+    x = rand(6, v, dtype=dtype)
+    x[0, v - 1] = 50.0                                       # the last column
+    x[1, pick._PART - 1] = x[1, pick._PART] = 50.0           # a tie across a part edge: the first
+    x[2, 3 * pick._PART + 5] = x[2, 3 * pick._PART + 9] = 50.0  # a tie inside a part
+    x[3] = float("-inf")
+    x[3, 2 * pick._PART + 1] = -3.0                          # one allowed token
+    x[4] = float("-inf")                                     # nothing allowed: index 0, as torch
+    got = ops.argmax(x, policy=P)
+    assert got.dtype == torch.int64 and torch.equal(got, ops.argmax_ref(x))
+    assert torch.equal(ops.argmax(x[:, :100], policy=P), x[:, :100].argmax(-1))  # short rows: torch's
+    assert torch.equal(ops.argmax(x[5], policy=P), x[5].argmax(-1))  # one row, no batch dim
+
+
 # ---------------------------------------------------------------- CUDA graph (GPU only)
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -25,7 +25,6 @@ Shape alphabet: B batch, T new tokens, S keys (cached + new), H query heads, K k
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -158,9 +157,8 @@ class RoPE(nn.Module):
 
     def forward(self, pos: torch.Tensor, total_len: int) -> RopeAt:
         """The rotation for positions `pos` (T,); `total_len` picks longrope's long or short factors."""
-        inv = self.inv_freq
-        if self.long_inv_freq is not None and total_len > self.original_max_pos:
-            inv = self.long_inv_freq
+        long = self.long_inv_freq is not None and total_len > self.original_max_pos
+        inv = self.long_inv_freq if long else self.inv_freq
         return RopeAt(pos, inv / self.freq_factors, self.attn_factor, self.dim)
 
 
@@ -186,9 +184,7 @@ class RopeAt(NamedTuple):
 
 def _norm_args(q_norm=None, k_norm=None) -> tuple:
     """(q weight, k weight, eps, offset) of the optional per-head norms, as the rope ops take them."""
-    if q_norm is None:
-        return None, None, 1e-6, 0.0
-    return q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset
+    return (None, None, 1e-6, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
 
 
 def key_rotation(model, total_len: int):
@@ -200,17 +196,15 @@ def key_rotation(model, total_len: int):
     names = [getattr(block.self_attn, "rope", "global") for block in body.layers]
 
     def rotate(layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        at = ropes[names[layer]](delta, total_len)
-        kt = k.transpose(1, 2)  # (B, S, K, D)
-        return rope_qk_ref(kt, kt, delta, at.inv_freq.to(k.device))[1].transpose(1, 2)
+        kt, inv = k.transpose(1, 2), ropes[names[layer]](delta, total_len).inv_freq.to(k.device)  # (B, S, K, D)
+        return rope_qk_ref(kt, kt, delta, inv)[1].transpose(1, 2)
     return rotate
 
 
 def key_offsets(model) -> torch.Tensor | None:
-    """(L, K, D) float32: the key each layer's projection gives a zero input before RoPE — its k bias
-    (Qwen2's; a joined qkv's slice of it) —, what a block-quantized KV cache subtracts from the keys it
-    stores (kv_types.Basis); None when no layer has one. Zero for a layer whose keys are normed per head (the
-    norm comes after the bias)."""
+    """(L, K, D) float32: the key each layer's projection gives a zero input before RoPE — its k bias (Qwen2's; a
+    joined qkv's slice of it) —, what a block-quantized KV cache subtracts from the keys it stores (kv_types.Basis);
+    None when no layer has one. Zero for a layer whose keys are normed per head (the norm comes after the bias)."""
     a = model.args
     rows = [_k_bias(block.self_attn, a.num_attention_heads, a.num_key_value_heads, a.head_dim)
             for block in model.model.layers]
@@ -238,6 +232,12 @@ class CausalLM(nn.Module):
     def key_offsets(self) -> torch.Tensor | None:
         """(L, K, D): `key_offsets(self)`, what a block-quantized KV cache subtracts from the keys it stores."""
         return key_offsets(self)
+
+    def logits(self, x: torch.Tensor, residual, step: Step) -> torch.Tensor:
+        """Final norm, then the head (B, T, V); a decode row of an int8 head: the norm fills its input, float32 out."""
+        q8 = int8_buffer(self.lm_head, x)
+        y = self.model.norm(x, residual, step, q8)[0]
+        return self.lm_head(y) if q8 is None else self.lm_head(y, act=replace(q8, dtype=torch.float32))
 
 
 def _k_bias(attn: nn.Module, h: int, kv: int, d: int) -> torch.Tensor | None:

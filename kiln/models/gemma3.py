@@ -162,7 +162,7 @@ class Model(CausalLM):
         residual = None  # the stream starts at the first norm
         x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
-        logits = self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
+        logits = self.logits(x, residual, step)  # (B, T, V)
         if a.final_logit_softcapping:
             logits = torch.tanh(logits / a.final_logit_softcapping) * a.final_logit_softcapping
         return logits

@@ -157,4 +157,4 @@ class Model(CausalLM):
         x, residual = m.embed_tokens(ids), None  # (B, T, E); the stream starts at the first norm
         x, residual = run_blocks(m.layers, x, residual, step)  # crossing devices where a split model's do
         x, residual = logit_rows(last_only, x, residual)
-        return self.lm_head(m.norm(x, residual, step)[0])  # (B, T, V)
+        return self.logits(x, residual, step)  # (B, T, V)
