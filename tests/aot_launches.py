@@ -38,27 +38,36 @@ CONTEXT = [""]
 def _compile(fn: JITFunction, args, kwargs):
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    sig, consts = {}, {}
-    for p in fn.params:
+    sig, consts, aligned = {}, {}, []
+    for i, p in enumerate(fn.params):
         v = bound.get(p.name, p.default)
         if p.is_constexpr:
             consts[p.name] = v
             sig[p.name] = "constexpr"
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + DTYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:  # as the JIT specializes a launch's arguments (Triton's "D" key)
+                aligned.append(i)
         elif isinstance(v, bool):
             sig[p.name] = "i1"
+        elif isinstance(v, int) and v == 1 and not p.do_not_specialize:
+            consts[p.name] = 1  # the JIT compiles an int argument of 1 as the constant
+            sig[p.name] = "constexpr"
         elif isinstance(v, int):
             sig[p.name] = "i64" if not -2**31 <= v < 2**31 else "i32"
+            if v % 16 == 0 and not p.do_not_specialize:
+                aligned.append(i)
         elif isinstance(v, float):
             sig[p.name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {p.name} is {type(v).__name__}")
     options = {k: v for k, v in kwargs.items() if k in OPTIONS}
-    key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())))
+    key = (fn.__name__, json.dumps(sig, sort_keys=True), repr(sorted(consts.items())), repr(sorted(options.items())),
+           repr(aligned))
     if key in RESULTS:
         return
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         RESULTS[key] = {"kernel": fn.__name__, "for": CONTEXT[0], "shared": k.metadata.shared,

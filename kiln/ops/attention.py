@@ -76,10 +76,10 @@ _LAUNCH = Launch()
 # Head dim 128 (Qwen3, Llama 3 8B): 8 warps, 8 tiles a split: 10% less time at 16384 keys, 3% at 4096 in a
 # CUDA graph on the H100, 4.4% more whole-model tokens/s for the 8B at depth 16384 (bench/results/2026-12-05-h100/,
 # then with masked tiles in place of a runtime `if`); head dim 64 measured slower with it.
-# Head dim 256 (Gemma 3) keeps the default: its float-cache form without a window (global layers, and ring layers,
-# read whole) spills 5,388 bytes a thread in ptxas (fp8 1,296) with 64-key tiles, yet 32-key tiles with 8 warps and
-# 8 a split, which spill none, decoded Gemma-3-1B slower: tg128 1,043 / 992 tok/s at depth 0 / 4096 against 1,144 /
-# 1,110 (H100, same call, bench/results/2026-12-06-h100-b/ring_ab.jsonl).
+# Head dim 256 (Gemma 3) keeps the default: 32-key tiles with 8 warps and 8 a split decoded Gemma-3-1B slower, tg128
+# 1,043 / 992 tok/s at depth 0 / 4096 against 1,144 / 1,110 (H100, same call, bench/results/2026-12-06-h100-b/
+# ring_ab.jsonl). (They were tried for the 5,388 bytes of spills ptxas showed in the 64-key float-cache form compiled
+# without alignment hints; as the JIT compiles it, aligned, it spills none: tests/test_kernels_aot.py.)
 _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 
