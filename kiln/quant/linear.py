@@ -195,16 +195,18 @@ class QuantEmbedding(nn.Module):
         for name in packed_fields():
             self.register_buffer(name, getattr(packed, name), persistent=False)
 
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qtype, (self.num_embeddings, self.embedding_dim),
+                            **{name: getattr(self, name) for name in packed_fields()})
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)                                         # (B*T,)
         if use_triton(flat):  # the kernel reads the ids' rows from the planes itself
-            table = PackedWeight(self.qtype, (self.num_embeddings, self.embedding_dim),
-                                 **{n: getattr(self, n) for n in packed_fields() if getattr(self, n) is not None})
-            w = dequantize_gpu(table, self.dtype, rows=flat)           # (B*T, E)
+            w = dequantize_gpu(self.packed, self.dtype, rows=flat)     # (B*T, E)
         else:
-            w = dequantize_ref(PackedWeight(self.qtype, (flat.numel(), self.embedding_dim),
-                                            **{n: getattr(self, n).index_select(0, flat) for n in packed_fields()
-                                               if getattr(self, n) is not None})).to(self.dtype)
+            rows = {n: t.index_select(0, flat) for n, t in self.packed.planes().items()}
+            w = dequantize_ref(PackedWeight(self.qtype, (flat.numel(), self.embedding_dim), **rows)).to(self.dtype)
         return w.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
