@@ -8,14 +8,18 @@
 #                echo OLD_COMMIT > .ab/old/COMMIT; git rev-parse HEAD > .ab/NEW_COMMIT
 # Run there:     FILES="qwen3-0.6b llama-3.2-1b" STEPS="bench engine" ROUNDS=2 bash bench/ab_commits.sh
 #                (carry .ab and .whl)
+# BENCH_ARGS: kiln bench's options (default -p 512 -g 128 -r 3; at depth: "-p 512 -g 128 -d 0,16384 -r 3").
+# STEPS may also name `tests` (first: pytest $TESTS on the new side, e.g. TESTS="tests/test_ops.py -k 'argmax'",
+# limit TESTS_S) and `timeline` (last: bench/graph_timeline.py on the new side, each file, at TIMELINE_DEPTH).
 # Output under $OUT: ab.jsonl (one JSON per kiln bench run, with "side" and "round"), engine_*.json,
-# ab.log. Every file is Q4_K_M from bench/make_gguf.py (seed 0), made here in /tmp/g.
+# gpu_tests.log, timeline.jsonl, ab.log. Every file is Q4_K_M from bench/make_gguf.py (seed 0), made here in /tmp/g.
 set -u
 ROOT=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
 FILES=${FILES:-"qwen3-0.6b llama-3.2-1b"}
 STEPS=${STEPS:-"bench engine"}
 ROUNDS=${ROUNDS:-2}
+BENCH_ARGS=${BENCH_ARGS:-"-p 512 -g 128 -r 3"}
 START=$(date +%s); BUDGET=${BUDGET:-570}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 . bench/carry_env.sh
@@ -28,6 +32,12 @@ for m in $FILES; do
 done
 ls -la /tmp/g; echo "files made at $(( $(date +%s) - START )) s"
 
+if [[ " $STEPS " == *" tests "* ]]; then  # the GPU tests of the new side, before any timing
+  eval "timeout ${TESTS_S:-150} python -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_ops.py}" \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "tests: $(tail -1 "$OUT/gpu_tests.log")"
+fi
+
 if [[ " $STEPS " == *" bench "* ]]; then
   for m in $FILES; do
     for r in $(seq 1 "$ROUNDS"); do
@@ -35,7 +45,7 @@ if [[ " $STEPS " == *" bench "* ]]; then
         [ "$(left)" -lt 40 ] && { echo "out of time before $m $side round $r"; break 3; }
         dir=$(side_path $side)
         (cd "$dir" && PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
-          --model "/tmp/g/$m-Q4_K_M.gguf" -p 512 -g 128 -r 3 --json > /tmp/b.json 2> /tmp/b.err)
+          --model "/tmp/g/$m-Q4_K_M.gguf" $BENCH_ARGS --json > /tmp/b.json 2> /tmp/b.err)
         rc=$?
         python - "$side" "$r" "$m" "$rc" >> "$OUT/ab.jsonl" <<'EOF'
 import json, sys
@@ -71,6 +81,13 @@ if [[ " $STEPS " == *" engine "* ]]; then  # continuous batching on the 1B shape
         --out "$OUT/engine_${side}_r$r.json" 2>&1 | tail -4)
       echo "== engine $side round $r at $(( $(date +%s) - START )) s"
     done
+  done
+fi
+if [[ " $STEPS " == *" timeline "* ]]; then  # the new side's decode graph, kernel by kernel
+  for m in $FILES; do
+    [ "$(left)" -lt 30 ] && { echo "out of time before timeline $m"; break; }
+    timeout $(( $(left) - 5 )) python bench/graph_timeline.py "/tmp/g/$m-Q4_K_M.gguf" \
+      --depth "${TIMELINE_DEPTH:-16384}" >> "$OUT/timeline.jsonl" 2>> "$OUT/timeline.err"; echo "timeline $m rc=$?"
   done
 fi
 echo "done at $(( $(date +%s) - START )) s"
