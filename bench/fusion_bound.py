@@ -1,0 +1,47 @@
+"""An upper bound on what fusing a decode step's small kernels away could save (GPU machine only).
+
+    python bench/fusion_bound.py MODEL.gguf --skip norm,act,rope [graph_timeline.py's options] > out.json
+
+Runs bench/graph_timeline.py with the named kernels *not launched* in the decode step: `norm` the residual
+RMSNorms that fill an int8 GEMV's input, `act` the gated activation that does, `rope` RoPE with the KV write.
+The step then computes garbage (stale inputs); its time is what the other kernels take without those, the floor a
+fusion that folds their work into neighbouring kernels could reach. Never a way to run a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    i = argv.index("--skip")
+    skip = set(argv[i + 1].split(",")) - {""}
+    del argv[i:i + 2]
+    import kiln.models.base as base
+    import kiln.models.llama as llama
+    if "norm" in skip:
+        norm = base.rms_norm
+
+        def rms_norm(x, w, eps, offset=0.0, residual=None, q8=None, policy=None, **kw):
+            if q8 is not None and residual is not None and x.is_cuda:
+                return x, residual
+            return norm(x, w, eps, offset, residual, q8=q8, **({} if policy is None else {"policy": policy}))
+        base.rms_norm = rms_norm
+    if "act" in skip:
+        act = llama.silu_mul
+        llama.silu_mul = lambda gu, q8=None, policy=None: (gu[..., :gu.shape[-1] // 2] if q8 is not None
+                                                           else act(gu, q8=q8, policy=policy))
+    if "rope" in skip:
+        base.rope_qk_write_kv = lambda q, *a, **k: q
+    import graph_timeline
+    sys.argv = [sys.argv[0]] + argv
+    return graph_timeline.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
