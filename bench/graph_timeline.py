@@ -92,7 +92,8 @@ def read_ceiling(layers: int, nbytes: int) -> dict:
 
 
 @torch.inference_mode()
-def main() -> int:
+def main(tags: dict | None = None) -> int:
+    """`tags`: fields added to the printed record (bench/fusion_bound.py's "skip")."""
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--depth", type=int, default=16384)
@@ -133,7 +134,7 @@ def main() -> int:
     if a.read_ceiling and a.depth:
         kv = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * a.depth
         out["read_ceiling"] = read_ceiling(layers, kv)
-    print(json.dumps(out))
+    print(json.dumps({**out, **(tags or {})}))
     return 0
 
 
