@@ -1,0 +1,114 @@
+"""How fast can a decode step's attention bytes be read at all? Decode attention against plain streaming reads of
+the same bytes, each layer its own buffers (as in a model: nothing left in the L2 from the layer before), timed
+as one CUDA graph over the layers.
+
+At depth 16384 the split kernel reads Qwen3-8B's 67 MB a layer at ~2.4 TB/s in the model and Llama-3.2-1B's 33.5 MB
+at ~2.2 (bench/results/2026-12-06-h100-d). If a plain sum of the same bytes, at its best grid and tile, reads them
+no faster, the attention is at the memory's ceiling for that size; if it reads them much faster, the kernel has
+room. Prints one JSON line per (shape, kernel): µs a layer and TB/s.
+
+Usage (GPU machine): python bench/read_ceiling.py [--shapes qwen3-8b,llama-3.2-1b] [--depth 16384] [--layers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, ".")
+from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
+
+SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}
+# (elements a load, loads a program, warps, stages)
+READS = [(4096, 1, 4, 1), (8192, 1, 8, 1), (4096, 4, 4, 3), (4096, 8, 8, 3), (8192, 8, 8, 3), (2048, 16, 4, 4),
+         (8192, 32, 8, 4), (16384, 16, 16, 3)]
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    for i in range(ITERS):
+        off = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + off, mask=off < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def _graph_us(fn, reps: int = 20) -> float:
+    """µs of one replay of a CUDA graph of fn (median of 5 timings of `reps` replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="qwen3-8b,llama-3.2-1b")
+    p.add_argument("--depth", type=int, default=16384)
+    p.add_argument("--layers", type=int, default=16)
+    a = p.parse_args()
+    dev = torch.cuda.get_device_name()
+    for name in a.shapes.split(","):
+        h, kh, d = SHAPES[name]
+        s_max, n = a.depth + 136, a.layers
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 1, h, d, device="cuda", generator=gen).bfloat16()
+        kcs = [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
+        vcs = [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
+        pos = torch.tensor([a.depth - 1], device="cuda")
+        ref = decode_attention_ref(q, kcs[0], vcs[0], pos, d ** -0.5).float()
+        err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5).float() - ref).abs().max().item()
+        nbytes = 2 * kh * a.depth * d * 2  # keys and values read a layer
+
+        def attn():
+            for kc, vc in zip(kcs, vcs):
+                decode_attention(q, kc, vc, pos, d ** -0.5)
+        us = _graph_us(attn) / n
+        print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
+                          "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
+        kcs = vcs = None
+        torch.cuda.empty_cache()
+        bufs = [torch.randn(nbytes // 2, device="cuda", generator=gen).bfloat16() for _ in range(n)]
+        for block, iters, warps, stages in READS:
+            grid = triton.cdiv(bufs[0].numel(), block * iters)
+            out = torch.empty(grid, device="cuda")
+
+            def read():
+                for b in bufs:
+                    _read_kernel[(grid,)](b, out, b.numel(), BLOCK=block, ITERS=iters, num_warps=warps,
+                                          num_stages=stages)
+            read()
+            ok = abs(out.sum().item() - bufs[-1].float().sum().item()) < 1e-2 * bufs[-1].numel() ** 0.5
+            us = _graph_us(read) / n
+            print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}",
+                              "programs": grid, "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3),
+                              "sum_ok": ok}), flush=True)
+        bufs = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
