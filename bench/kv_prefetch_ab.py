@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kiln.ops import pdl
+from read_ceiling import graph_us  # bench/ is the script's directory
 
 PIECE = 4096  # bytes one thread asks for
 
@@ -79,40 +80,22 @@ def probe(mb: float, out: dict):
     res = torch.empty((), device="cuda", dtype=torch.bfloat16)
     nbytes = buf.numel() * 2
 
-    def graph(pf: bool, sleep: int, read: bool):
-        s = torch.cuda.Stream()
-        with torch.cuda.stream(s):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                flush.fill_(1)
-                if pf:
-                    _flat_kernel[(triton.cdiv(nbytes, 32 * PIECE),)](buf, nbytes, PIECE=PIECE, num_warps=1)
-                if sleep:
-                    torch.cuda._sleep(sleep)
-                if read:
-                    res.copy_(buf.sum())
-        torch.cuda.synchronize()
-        return g
-
-    def timed(g, reps=200):
-        for _ in range(10):
-            g.replay()
-        ts = []
-        for _ in range(5):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(reps):
-                g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) * 1000 / reps)
-        return statistics.median(ts)
+    def timed(pf: bool, sleep: int, read: bool) -> float:
+        def step():
+            flush.fill_(1)
+            if pf:
+                _flat_kernel[(triton.cdiv(nbytes, 32 * PIECE),)](buf, nbytes, PIECE=PIECE, num_warps=1)
+            if sleep:
+                torch.cuda._sleep(sleep)
+            if read:
+                res.copy_(buf.sum())
+        return graph_us(step, reps=200)
 
     for sleep in (0, 10000, 20000, 40000):
-        base = timed(graph(False, sleep, False))
-        plain = timed(graph(False, sleep, True))
-        pre = timed(graph(True, sleep, True))
-        pre_only = timed(graph(True, sleep, False))
+        base = timed(False, sleep, False)
+        plain = timed(False, sleep, True)
+        pre = timed(True, sleep, True)
+        pre_only = timed(True, sleep, False)
         r = {"sleep_cycles": sleep, "flush_sleep_us": base, "read_us": plain - base, "read_after_prefetch_us": pre - base,
              "prefetch_alone_us": pre_only - base, "mb": mb}
         out.setdefault("probe", []).append(r)

@@ -40,7 +40,7 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def _graph_us(fn, reps: int = 20) -> float:
+def graph_us(fn, reps: int = 20) -> float:
     """µs of one replay of a CUDA graph of fn (median of 5 timings of `reps` replays)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -86,7 +86,7 @@ def main():
         def attn():
             for kc, vc in zip(kcs, vcs):
                 decode_attention(q, kc, vc, pos, d ** -0.5)
-        us = _graph_us(attn) / n
+        us = graph_us(attn) / n
         print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
                           "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
         kcs = vcs = None
@@ -102,7 +102,7 @@ def main():
                                           num_stages=stages)
             read()
             ok = abs(out.sum().item() - bufs[-1].float().sum().item()) < 1e-2 * bufs[-1].numel() ** 0.5
-            us = _graph_us(read) / n
+            us = graph_us(read) / n
             print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}",
                               "programs": grid, "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3),
                               "sum_ok": ok}), flush=True)
