@@ -8,7 +8,7 @@ time, so the attention reads much of its bytes from the L2.
 
 --probe: in a CUDA graph, [flush the L2] [prefetch or not] [torch.cuda._sleep] [read the buffer], timed against
 [flush] [sleep] alone: does the prefetch land in the L2, and how fast is the read after it?
---model: tg128 at --depth with the prefetch launched at each block's start (`start`), capped per layer (`cap`
+--model: tg128 at --depth with the prefetch launched at each block's start (`start`), capped per layer (`cap_mb`:
 MB of keys + values), or for the next layer after this one's attention (`early`), each a fresh Decoder, twice.
 
 Usage (GPU): python bench/kv_prefetch_ab.py --probe [--mb 33.5] | --model a.gguf --depth 16384 --variants ...
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import triton
 import triton.language as tl
 
 from kiln.ops import pdl
-from read_ceiling import graph_us  # bench/ is the script's directory
+from triton.testing import do_bench_cudagraph
+
+from decode_ab import _timed, device_loop  # bench/ is the script's directory
 
 PIECE = 4096  # bytes one thread asks for
 
@@ -89,7 +89,7 @@ def probe(mb: float, out: dict):
                 torch.cuda._sleep(sleep)
             if read:
                 res.copy_(buf.sum())
-        return graph_us(step, reps=200)
+        return 1e3 * do_bench_cudagraph(step, rep=100, return_mode="median")
 
     for sleep in (0, 10000, 20000, 40000):
         base = timed(False, sleep, False)
@@ -106,7 +106,6 @@ def variants_ab(path: str, depth: int, g: int, variants: list, out: dict):
     import kiln
     from kiln.decoder import Decoder
     from kiln.models import llama
-    from kiln.ops import argmax
     model, _ = kiln.load(path, device="cuda")
     ids = torch.randint(100, 30000, (1, depth), generator=torch.Generator().manual_seed(0)).cuda()
     orig_block, orig_attn = llama.Block.forward, llama.Attention.forward
@@ -138,27 +137,16 @@ def variants_ab(path: str, depth: int, g: int, variants: list, out: dict):
     n_layers = sum(isinstance(m, llama.Attention) for m in model.modules())
     llama.Block.forward, llama.Attention.forward = block_forward, attn_forward
 
-    def loop(dec, start, n):
-        tok = torch.zeros(1, dtype=torch.long, device="cuda")
-        for i in range(n):
-            tok = argmax(dec.step(tok, start + i))
-
     for _ in range(2):
         for v in variants:
             setting.clear()
             setting.update(v)
             dec = Decoder.for_model(model, depth + g + 8)
             dec.prefill(ids, 0)
-            loop(dec, depth, 4)
-            ts = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                loop(dec, depth, g)
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t)
+            device_loop(dec, depth, 4)
+            tok_s = g / _timed(lambda: device_loop(dec, depth, g))
             key = json.dumps(v, separators=(",", ":"))
-            out.setdefault(key, []).append(g / statistics.median(ts))
+            out.setdefault(key, []).append(tok_s)
             print(f"tg{g}_at_{depth}", key, out[key], flush=True)
             dec = None
             torch.cuda.empty_cache()

@@ -34,11 +34,10 @@ static void gemv(int mode, const uint8_t *blocks, int64_t n_rows, int64_t nb, co
         __m512i c[4], s[4];
         __m512 acc = _mm512_setzero_ps();
         __m256 macc = _mm256_setzero_ps();
-        for (const uint8_t *blk = blocks + n * nb * Q4K_BYTES, *end = blk + nb * Q4K_BYTES; blk < end;
-             blk += Q4K_BYTES) {
-            const int64_t b = (blk - blocks) / Q4K_BYTES % nb;
-            const __m128i sm = q4k_scales_v(blk);
+        for (int64_t b = 0; b < nb; b++) {  /* kiln_gemv_q4k's one-row loop, with q4k_step8 */
+            const uint8_t *blk = blocks + (n * nb + b) * Q4K_BYTES;
             kq_prefetch(blk, Q4K_BYTES);
+            const __m128i sm = q4k_scales_v(blk);
             q4k_unpack(blk, sm, c, s);
             q4k_step8(c, s, sm, f16_at(blk), f16_at(blk + 2), x8 + 256 * b, xs[b], xsum + 8 * b, &acc, &macc);
         }

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, ".")
 from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
@@ -38,30 +38,6 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         off = base + i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + off, mask=off < n, other=0.0).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    """µs of one replay of a CUDA graph of fn (median of 5 timings of `reps` replays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(times)
 
 
 def main():
@@ -86,7 +62,7 @@ def main():
         def attn():
             for kc, vc in zip(kcs, vcs):
                 decode_attention(q, kc, vc, pos, d ** -0.5)
-        us = graph_us(attn) / n
+        us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
         print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
                           "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
         kcs = vcs = None
@@ -102,7 +78,7 @@ def main():
                                           num_stages=stages)
             read()
             ok = abs(out.sum().item() - bufs[-1].float().sum().item()) < 1e-2 * bufs[-1].numel() ** 0.5
-            us = graph_us(read) / n
+            us = 1e3 * do_bench_cudagraph(read, return_mode="median") / n
             print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}",
                               "programs": grid, "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3),
                               "sum_ok": ok}), flush=True)
