@@ -8,11 +8,13 @@ no faster, the attention is at the memory's ceiling for that size; if it reads t
 room. Prints one JSON line per (shape, kernel): µs a layer and TB/s.
 
 Usage (GPU machine): python bench/read_ceiling.py [--shapes qwen3-8b,llama-3.2-1b] [--depth 16384] [--layers 16]
+       [--launches 64:4:2:1,64:4:2:2] [--no-reads]  (split-kernel settings timed beside the default)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -22,7 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, ".")
-from kiln.ops.attention import decode_attention, decode_attention_ref  # noqa: E402
+from kiln.ops.attention import Launch, decode_attention, decode_attention_ref  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}
 # (elements a load, loads a program, warps, stages)
@@ -31,11 +33,16 @@ READS = [(4096, 1, 4, 1), (8192, 1, 8, 1), (4096, 4, 4, 3), (4096, 8, 8, 3), (81
 
 
 @triton.jit
-def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr, STRIDED: tl.constexpr):
+    """Each program ITERS loads of BLOCK elements: one run (STRIDED False) or every grid-th block from its own
+    (all programs reading near one another at any moment)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    pid = tl.program_id(0).to(tl.int64)
     for i in range(ITERS):
-        off = base + i * BLOCK + tl.arange(0, BLOCK)
+        if STRIDED:
+            off = (pid + i * tl.num_programs(0)) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            off = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + off, mask=off < n, other=0.0).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
@@ -45,7 +52,12 @@ def main():
     p.add_argument("--shapes", default="qwen3-8b,llama-3.2-1b")
     p.add_argument("--depth", type=int, default=16384)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--launches", default="", help="split-kernel settings to time beside the default, comma-separated "
+                   "block_n:warps:stages:tiles_per_split (ops.attention.Launch)")
+    p.add_argument("--no-reads", action="store_true", help="time the attention settings only")
     a = p.parse_args()
+    launches = [None] + [Launch(*(int(v) for v in x.split(":"))) for x in a.launches.split(",") if x]
+    # (block_n:warps:stages:tiles_per_split[:runtime_loop:interleave])
     dev = torch.cuda.get_device_name()
     for name in a.shapes.split(","):
         h, kh, d = SHAPES[name]
@@ -56,30 +68,40 @@ def main():
         vcs = [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
         pos = torch.tensor([a.depth - 1], device="cuda")
         ref = decode_attention_ref(q, kcs[0], vcs[0], pos, d ** -0.5).float()
-        err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5).float() - ref).abs().max().item()
         nbytes = 2 * kh * a.depth * d * 2  # keys and values read a layer
+        for launch in launches:
+            try:
+                err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5, launch=launch).float() - ref).abs().max().item()
 
-        def attn():
-            for kc, vc in zip(kcs, vcs):
-                decode_attention(q, kc, vc, pos, d ** -0.5)
-        us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
-        print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
-                          "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
+                def attn():
+                    for kc, vc in zip(kcs, vcs):
+                        decode_attention(q, kc, vc, pos, d ** -0.5, launch=launch)
+                us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
+            except Exception as e:  # a setting that does not compile (registers, shared memory)
+                print(json.dumps({"shape": name, "launch": launch and launch._asdict(), "error": str(e)[:200]}))
+                continue
+            print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
+                              "launch": launch and launch._asdict(), "us_layer": round(us, 2),
+                              "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
         kcs = vcs = None
         torch.cuda.empty_cache()
+        if a.no_reads:
+            continue
         bufs = [torch.randn(nbytes // 2, device="cuda", generator=gen).bfloat16() for _ in range(n)]
-        for block, iters, warps, stages in READS:
+        for (block, iters, warps, stages), strided in itertools.product(READS, (False, True)):
+            if strided and iters == 1:
+                continue
             grid = triton.cdiv(bufs[0].numel(), block * iters)
             out = torch.empty(grid, device="cuda")
 
             def read():
                 for b in bufs:
-                    _read_kernel[(grid,)](b, out, b.numel(), BLOCK=block, ITERS=iters, num_warps=warps,
-                                          num_stages=stages)
+                    _read_kernel[(grid,)](b, out, b.numel(), BLOCK=block, ITERS=iters, STRIDED=strided,
+                                          num_warps=warps, num_stages=stages)
             read()
             ok = abs(out.sum().item() - bufs[-1].float().sum().item()) < 1e-2 * bufs[-1].numel() ** 0.5
             us = 1e3 * do_bench_cudagraph(read, return_mode="median") / n
-            print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}",
+            print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}" + " strided" * strided,
                               "programs": grid, "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3),
                               "sum_ok": ok}), flush=True)
         bufs = None

@@ -34,6 +34,7 @@ triton = pytest.importorskip("triton")
 from interpreter import rerun_in_fresh_process, late, triton_on_cpu  # noqa: E402,F401  (autouse fixture)
 from kiln import ops  # noqa: E402  (after the interpreter switch)
 from kiln.errors import KilnError  # noqa: E402
+from kiln.ops.attention import Launch  # noqa: E402
 from kiln.policy import Policy  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -191,11 +192,14 @@ def test_decode_attention(dtype, name):
 
 
 @pytest.mark.parametrize("splits", [1, 3, 16])  # one program per head; uneven; more splits than tiles
-def test_decode_attention_split_counts(splits):
+@pytest.mark.parametrize("interleave", [False, True])  # each split one run of tiles, or every NS-th tile
+def test_decode_attention_split_counts(splits, interleave):
     c = dict(h=8, k=2, d=64, t=3, s=300, start=250, window=100)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
-    out = ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=splits, policy=P)
-    close(out, ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100), torch.float32)
+    for block_n in (16, 64):  # the window's first key inside a tile, and many tiles a split
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, 100, splits=splits, policy=P,
+                                   launch=Launch(block_n=block_n, interleave=interleave))
+        close(out, ops.decode_attention_ref(q, kc, vc, pos, 0.125, 100), torch.float32)
 
 
 @pytest.mark.parametrize("name", list(ATTN_CASES))
@@ -257,7 +261,9 @@ def test_decode_attention_never_reads_past_the_last_position():
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
     ref = ops.decode_attention_ref(q, kc, vc, pos, 0.125)
     kc[:, :, 72:], vc[:, :, 72:] = float("nan"), float("nan")  # slots no query may see
-    close(ops.decode_attention(q, kc, vc, pos, 0.125, splits=4, policy=P), ref, torch.float32)
+    for interleave in (False, True):
+        close(ops.decode_attention(q, kc, vc, pos, 0.125, splits=4, policy=P, launch=Launch(block_n=16,
+              interleave=interleave)), ref, torch.float32)
 
 
 # ---------------------------------------------------------------- RoPE + KV write in one kernel
@@ -428,8 +434,9 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
                      for b, s in enumerate(ROW_SLOTS)])
     close(ops.decode_attention_ref(q, kc, vc, pos, 0.125, window, rows=rows), ref, torch.float32)
     tol = {k: 2 * v for k, v in TOL[dtype].items()}
-    for splits in (3, 1):  # split + merge; one launch
-        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits, policy=P)
+    for splits, interleave in ((3, False), (3, True), (1, False)):  # split + merge (runs, dealt tiles); one launch
+        out = ops.decode_attention(q, kc, vc, pos, 0.125, window, rows=rows, splits=splits, policy=P,
+                                   launch=Launch(block_n=32, interleave=interleave))
         torch.testing.assert_close(out, ref, **tol)
 
 

@@ -20,7 +20,10 @@ How the split kernel works, and why:
   program reads `pos` and derives the visible key range [lo, hi) itself: hi = max(pos) + 1, lo = 0 or
   min(pos) - window + 1. That range — not the whole cache — is cut into NS equal runs of tiles, one per
   split. A short context still spreads over many programs; a program whose run starts past `hi` skips
-  every tile and only stores "-inf: nothing here", which the merge ignores.
+  every tile and only stores "-inf: nothing here", which the merge ignores. `Launch.interleave` deals the
+  tiles out instead (split s takes tiles s, s + NS, ...), so that at any moment the programs read one
+  region of the cache, not NS regions far apart (plain reads of few programs: 2.5 TB/s that way against 1.2
+  in runs, bench/results/2026-12-06-h100-g/).
 - A program walks only its own share of tiles: on a GPU the loop's trip count is the split's tile count,
   read at run time, so a short context in a long cache costs a short walk (a loop of the grid's worst-case
   length with masked tiles cost the 8B ~0.7 ms a token at depth 1 of a 16k cache: every masked tile still
@@ -64,12 +67,14 @@ class Launch(NamedTuple):
 
     block_n keys per tile; warps, stages as Triton's; tiles_per_split: no split of a full cache walks
     more tiles than this one after another; runtime_loop: each program's loop runs its own split's tile
-    count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form)."""
+    count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form);
+    interleave: the splits deal the visible tiles out one by one instead of each taking one run of them."""
     block_n: int = _BLOCK_N
     warps: int = 0  # 0: 4, or 8 where D > 128
     stages: int = 2
     tiles_per_split: int = 4
     runtime_loop: bool = True
+    interleave: bool = False  # split s takes tiles s, s + NS, s + 2·NS, ... (else one run of whole tiles)
 
 
 _LAUNCH = Launch()
@@ -80,7 +85,10 @@ _LAUNCH = Launch()
 # 1,043 / 992 tok/s at depth 0 / 4096 against 1,144 / 1,110 (H100, same call, bench/results/2026-12-06-h100-b/
 # ring_ab.jsonl). (They were tried for the 5,388 bytes of spills ptxas showed in the 64-key float-cache form compiled
 # without alignment hints; as the JIT compiles it, aligned, it spills none: tests/test_kernels_aot.py.)
-_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8)}
+# Interleaved splits at head dim 128: Qwen3-0.6B tg128 at depth 16384 780.0 / 777.6 -> 795.4 / 792.3 tok/s (H100, same
+# call, bench/results/2026-12-06-h100-g/); Llama-3.2-1B's head dim 64 measured level with it (1,245 / 1,230 -> 1,248 /
+# 1,235), its attention alone 3.6% slower, so it keeps one run a split.
+_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, interleave=True)}
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 
 
@@ -167,7 +175,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None,
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
-        RUNTIME_LOOP=launch.runtime_loop and not interpreted(),
+        RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
@@ -215,7 +223,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   K_KIND: tl.constexpr, V_KIND: tl.constexpr, OUT_ROT: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  RUNTIME_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                  RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
+                  PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -234,9 +243,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     lo = hi * 0
     if HAS_WINDOW:
         lo = tl.maximum(tl.min(tl.where(ts < T, pt, S_MAX), axis=0) - window + 1, 0)
-    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NS) * BLOCK_N  # keys per split, whole tiles
-    start = lo + split * per
-    end = tl.minimum(start + per, hi)
+    n_t = tl.cdiv(hi - lo, BLOCK_N)  # tiles of visible keys
+    if INTERLEAVE:  # tiles split, split + NS, ...: all programs read near one another at any moment
+        start = lo + split * BLOCK_N
+        step = NS * BLOCK_N
+        end = hi
+        count = tl.cdiv(tl.maximum(n_t - split, 0), NS)
+    else:
+        per = tl.cdiv(n_t, NS) * BLOCK_N  # keys per split, whole tiles
+        start = lo + split * per
+        step = BLOCK_N
+        end = tl.minimum(start + per, hi)
+        count = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
 
     # Rows of the score matrix: row m is token m // G of query head kh·G + m % G.
     m = tl.arange(0, BLOCK_M)
@@ -258,13 +276,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if RUNTIME_LOOP:  # this split's own tiles
-        for i in range(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
+        for i in range(count):
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
                                   K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * BLOCK_N,
+            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
                                   K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
 
