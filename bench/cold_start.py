@@ -45,14 +45,14 @@ print(json.dumps(out))
 
 
 def child(checkout: Path, model: str, device: str, cache: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(checkout))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", CHILD, model, device, cache], cwd=checkout, env=env,
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def generate(checkout: Path, model: str, device: str) -> float:
-    env = dict(os.environ, PYTHONPATH=str(checkout))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "-m", model, "-p", "hi", "--max-tokens", "1",
                     "--device", device], cwd=checkout, env=env, capture_output=True, check=True)
