@@ -44,15 +44,20 @@ print(json.dumps(out))
 """
 
 
+def _env(checkout: Path) -> dict:
+    """The environment with `checkout` first on PYTHONPATH, before what the caller has there (carried wheels)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p))
+
+
 def child(checkout: Path, model: str, device: str, cache: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
+    env = _env(checkout)
     r = subprocess.run([sys.executable, "-c", CHILD, model, device, cache], cwd=checkout, env=env,
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def generate(checkout: Path, model: str, device: str) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]))
+    env = _env(checkout)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "-m", model, "-p", "hi", "--max-tokens", "1",
                     "--device", device], cwd=checkout, env=env, capture_output=True, check=True)
