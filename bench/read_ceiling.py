@@ -53,11 +53,11 @@ def main():
     p.add_argument("--depth", type=int, default=16384)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--launches", default="", help="split-kernel settings to time beside the default, comma-separated "
-                   "block_n:warps:stages:tiles_per_split (ops.attention.Launch)")
+                   "block_n:warps:stages:tiles_per_split[:runtime_loop:interleave] (ops.attention.Launch's fields "
+                   "in order, as integers)")
     p.add_argument("--no-reads", action="store_true", help="time the attention settings only")
     a = p.parse_args()
     launches = [None] + [Launch(*(int(v) for v in x.split(":"))) for x in a.launches.split(",") if x]
-    # (block_n:warps:stages:tiles_per_split[:runtime_loop:interleave])
     dev = torch.cuda.get_device_name()
     for name in a.shapes.split(","):
         h, kh, d = SHAPES[name]
