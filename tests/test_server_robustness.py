@@ -285,7 +285,9 @@ def test_hostile_chat_templates_are_stopped_within_their_budget(server):
     with HealthWatch(server) as watch:
         (hostile, t1), (bomb, t2), (huge, t3) = asyncio.run(run())
     assert "5 s" in _error(hostile, 400, "messages", "chat_template_error")
-    assert "MiB" in _error(bomb, 400, "messages", "chat_template_error")
+    # the bomb ends on its 1 GiB unless first touching that much memory outlasts its 5 s, as it did once on a fresh
+    # CI machine: either budget is the server doing its job (test_chat_template checks the memory bound alone)
+    assert re.search(r"1024 MiB|5 s", _error(bomb, 400, "messages", "chat_template_error"))
     _error(huge, 400, "messages", "context_length_exceeded")
     assert max(t1, t2, t3) < 10 and watch.worst < 1, (t1, t2, t3, watch.worst)
     ok = _post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2})
