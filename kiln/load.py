@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kiln import startup
 from kiln.errors import KilnError
 from kiln.policy import DEFAULT, Policy
 from kiln.reader import check_model, dtype_named, materialize, meta_model, read_model
@@ -54,6 +55,9 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
 
     path = Path(resolve(str(path_or_name), progress=progress))
     device = torch.device(device or default_device())
+    if device.type == "cuda":  # what the first steps wait on, begun while the file is read (kiln/startup.py)
+        startup.context(device.index or 0)
+        startup.triton_key()
     dtype = dtype_named(dtype) or default_dtype(device)
     config, weights, tokenizer = read_model(path)
     check_model(config, weights)  # before the placement reads the config: the file is untrusted

@@ -1,0 +1,119 @@
+"""A GPU run's startup, begun early, and the command line's quick end.
+
+Owns: `from_command_line` (kiln/__init__.py calls it before torch is imported: when this process is a `kiln`
+command that will run a model on a GPU, the CUDA driver and the device's primary context start in a daemon thread,
+so that the ~0.8 s they take on an H100 host passes while torch imports, ~1.3-1.9 s, bench/results/2026-12-06-h100-g/),
+`context` (the same for one device, from `kiln.load`), `triton_key` (Triton's cache key, which hashes Triton's
+own files, ~0.4 s once a process, in a thread) and `finish` (after a command that wrote only to stdout / stderr:
+flush, run the exit handlers, end without the interpreter's teardown of torch, ~0.4-0.7 s on this 2-core CPU).
+Not: choosing the device (load.py), the commands themselves (cli.py).
+
+This module imports nothing beyond the standard library: it runs before torch. The driver is reached through
+ctypes, whose calls release the GIL (torch's own first CUDA call would not run beside its import). A context
+begun here is the device's primary context, the one torch's CUDA runtime takes; the driver serialises its own
+initialisation, so the main thread's first CUDA call waits for, or reuses, what the thread did. Any failure in a
+thread is dropped: the main thread meets it again where it needs the device, and reports it there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+GPU_COMMANDS = frozenset(("generate", "chat", "cache-prompt", "serve", "bench"))  # run a model, a user waits
+QUICK_EXIT = frozenset(("generate", "chat", "info", "fit"))  # write nothing but stdout and stderr
+_begun: set = set()
+_lock = threading.Lock()
+
+
+def from_command_line() -> None:
+    """Begin the GPU's context when this process is `kiln <command>` (the entry point or `python -m kiln[.cli]`)
+    running a model on a CUDA device; otherwise nothing. Cheap: it reads sys.orig_argv and the environment."""
+    args = command_args(getattr(sys, "orig_argv", []))
+    ordinal = gpu_ordinal(args, os.environ) if args else None
+    if ordinal is not None:
+        context(ordinal)
+
+
+def command_args(orig_argv: list[str]) -> list[str] | None:
+    """The arguments after `kiln` in an interpreter's original command line, or None when it runs something else."""
+    i = 1
+    while i < len(orig_argv):
+        a = orig_argv[i]
+        if a == "-m":
+            return orig_argv[i + 2:] if orig_argv[i + 1:i + 2] in (["kiln"], ["kiln.cli"]) else None
+        if a in ("-c", "-") or not a.startswith("-"):  # a script: the `kiln` entry point, or another
+            return orig_argv[i + 1:] if os.path.basename(a) == "kiln" else None
+        i += 2 if a in ("-X", "-W", "--check-hash-based-pycs") else 1  # the options that take a value
+    return None
+
+
+def gpu_ordinal(args: list[str], env) -> int | None:
+    """The CUDA device a `kiln` command line will run its model on, or None where it runs none, runs on the CPU,
+    only prints help, or runs several processes (tensor parallelism: each rank takes its own device)."""
+    if not args or args[0] not in GPU_COMMANDS or {"-h", "--help", "-tp"} & set(args):
+        return None
+    if any(a.startswith("--tensor-parallel") for a in args) or "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+        return None
+    if env.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return None
+    device = "cuda"
+    for i, a in enumerate(args):
+        if a == "--device" and i + 1 < len(args):
+            device = args[i + 1]
+        elif a.startswith("--device="):
+            device = a.split("=", 1)[1]
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return None
+    return int(index) if index.isdigit() else 0 if not index else None
+
+
+def context(ordinal: int) -> None:
+    """Begin the CUDA driver and device `ordinal`'s primary context in a daemon thread (once a process)."""
+    with _lock:
+        if ("context", ordinal) in _begun:
+            return
+        _begun.add(("context", ordinal))
+    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")  # what torch sets before its own first call
+    threading.Thread(target=_retain, args=(ordinal,), name="kiln-cuda-context", daemon=True).start()
+
+
+def _retain(ordinal: int) -> None:
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver here: nothing to begin
+        return
+    device, ctx = ctypes.c_int(), ctypes.c_void_p()
+    if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0:
+        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device)  # held for the process's life, as torch holds it
+
+
+def triton_key() -> None:
+    """Compute Triton's cache key in a daemon thread (once a process); a Triton without it: nothing."""
+    with _lock:
+        if "triton_key" in _begun:
+            return
+        _begun.add("triton_key")
+
+    def run():
+        try:
+            from triton.runtime.cache import triton_key as key
+            key()  # functools.cache'd: the first kernel launch then finds it done
+        except Exception:  # noqa: BLE001 - an older or newer Triton: its first launch computes what it needs
+            pass
+    threading.Thread(target=run, name="kiln-triton-key", daemon=True).start()
+
+
+def finish(code: int) -> None:
+    """End the process with `code` now: run the exit handlers, flush stdout and stderr, skip the teardown."""
+    import atexit
+    atexit._run_exitfuncs()  # logging's flush among them; they may still write
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`kiln generate ... | head`): nothing more to say there
+            pass
+    os._exit(code)
