@@ -55,9 +55,7 @@ def load(path_or_name: str | os.PathLike, device=None, dtype=None, progress: boo
 
     path = Path(resolve(str(path_or_name), progress=progress))
     device = torch.device(device or default_device())
-    if device.type == "cuda":  # what the first steps wait on, begun while the file is read (kiln/startup.py)
-        startup.context(device.index or 0)
-        startup.triton_key()
+    startup.settle(device)  # a GPU's context and Triton's key begun while the file is read (kiln/startup.py)
     dtype = dtype_named(dtype) or default_dtype(device)
     config, weights, tokenizer = read_model(path)
     check_model(config, weights)  # before the placement reads the config: the file is untrusted

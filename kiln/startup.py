@@ -3,27 +3,32 @@
 Owns: `from_command_line` (kiln/__init__.py calls it before torch is imported: when this process is a `kiln`
 command that will run a model on a GPU, the CUDA driver and the device's primary context start in a daemon thread,
 so that the ~0.8 s they take on an H100 host passes while torch imports, ~1.3-1.9 s, bench/results/2026-12-06-h100-g/),
-`context` (the same for one device, from `kiln.load`), `triton_key` (Triton's cache key, which hashes Triton's
+`settle` (from `kiln.load`, once the device is known: the same for that device, or any context begun for
+another given back), `context` (one device's, in a thread), `triton_key` (Triton's cache key, which hashes Triton's
 own files, ~0.4 s once a process, in a thread) and `finish` (after a command that wrote only to stdout / stderr:
 flush, run the exit handlers, end without the interpreter's teardown of torch, ~0.4-0.7 s on this 2-core CPU).
 Not: choosing the device (load.py), the commands themselves (cli.py).
 
-This module imports nothing beyond the standard library: it runs before torch. The driver is reached through
-ctypes, whose calls release the GIL (torch's own first CUDA call would not run beside its import). A context
-begun here is the device's primary context, the one torch's CUDA runtime takes; the driver serialises its own
-initialisation, so the main thread's first CUDA call waits for, or reuses, what the thread did. Any failure in a
-thread is dropped: the main thread meets it again where it needs the device, and reports it there.
+This module imports nothing beyond the standard library (ctypes's import: ~1 ms): it runs before torch. The driver
+is reached through ctypes, whose calls release the GIL (torch's own first CUDA call would not run beside its
+import). A context begun here is the device's primary context, the one torch's CUDA runtime takes; the driver
+serialises its own initialisation, so the main thread's first CUDA call waits for, or reuses, what the thread did.
+Giving back a context torch also holds only drops this module's reference. Any failure in a thread is dropped: the
+main thread meets it again where it needs the device, and reports it there.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
 
 GPU_COMMANDS = frozenset(("generate", "chat", "cache-prompt", "serve", "bench"))  # run a model, a user waits
 QUICK_EXIT = frozenset(("generate", "chat", "info", "fit"))  # write nothing but stdout and stderr
-_begun: set = set()
+_threads: dict[int, threading.Thread] = {}  # device ordinal -> the thread beginning its context
+_retained: dict[int, int] = {}  # device ordinal -> CUdevice whose primary context a thread retained
+_begun: set = set()  # the other work begun once a process (triton_key)
 _lock = threading.Lock()
 
 
@@ -73,22 +78,42 @@ def gpu_ordinal(args: list[str], env) -> int | None:
 def context(ordinal: int) -> None:
     """Begin the CUDA driver and device `ordinal`'s primary context in a daemon thread (once a process)."""
     with _lock:
-        if ("context", ordinal) in _begun:
+        if ordinal in _threads:
             return
-        _begun.add(("context", ordinal))
-    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")  # what torch sets before its own first call
-    threading.Thread(target=_retain, args=(ordinal,), name="kiln-cuda-context", daemon=True).start()
+        os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")  # what torch sets before its own first call
+        _threads[ordinal] = t = threading.Thread(target=_retain, args=(ordinal,), name="kiln-cuda-context",
+                                                 daemon=True)
+    t.start()
+
+
+def settle(device) -> None:
+    """Once the model's device is known (kiln.load): begin its context and Triton's key when it is a CUDA device;
+    give back any context begun for a device the model will not run on (a torch without CUDA on a machine with a
+    driver), so that it holds no GPU memory for the process's life."""
+    if device.type == "cuda":
+        context(device.index or 0)
+        triton_key()
+    with _lock:
+        unused = [(o, t) for o, t in _threads.items() if device.type != "cuda" or o != (device.index or 0)]
+    for ordinal, t in unused:
+        t.join()
+        if _retained.pop(ordinal, None) is not None:
+            _retained_lib().cuDevicePrimaryCtxRelease(ordinal)
 
 
 def _retain(ordinal: int) -> None:
-    import ctypes
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
+        cuda = _retained_lib()
     except OSError:  # no NVIDIA driver here: nothing to begin
         return
     device, ctx = ctypes.c_int(), ctypes.c_void_p()
-    if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0:
-        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device)  # held for the process's life, as torch holds it
+    if (cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0
+            and cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0):  # held as torch holds it
+        _retained[ordinal] = device.value
+
+
+def _retained_lib():
+    return ctypes.CDLL("libcuda.so.1")
 
 
 def triton_key() -> None:

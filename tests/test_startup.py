@@ -78,3 +78,22 @@ print("shared")
 def test_the_context_begun_through_the_driver_is_the_one_torch_runs_in():
     r = subprocess.run([sys.executable, "-c", _SHARED], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "shared", r.stderr[-2000:]
+
+
+_GIVEN_BACK = """
+import ctypes, torch
+from kiln import startup
+startup.context(0)
+startup.settle(torch.device("cpu"))  # the model went to the CPU: the context begun for it is given back
+cuda = ctypes.CDLL("libcuda.so.1")
+flags, active = ctypes.c_uint(), ctypes.c_int()
+assert cuda.cuDevicePrimaryCtxGetState(0, ctypes.byref(flags), ctypes.byref(active)) == 0
+assert not active.value, "the context begun is still held"
+print("given back")
+"""
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_a_context_begun_for_a_device_the_model_does_not_use_is_given_back():
+    r = subprocess.run([sys.executable, "-c", _GIVEN_BACK], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "given back", r.stderr[-2000:]
