@@ -97,13 +97,14 @@ def settle(device) -> None:
         unused = [(o, t) for o, t in _threads.items() if device.type != "cuda" or o != (device.index or 0)]
     for ordinal, t in unused:
         t.join()
-        if _retained.pop(ordinal, None) is not None:
-            _retained_lib().cuDevicePrimaryCtxRelease(ordinal)
+        device_handle = _retained.pop(ordinal, None)
+        if device_handle is not None:
+            _libcuda().cuDevicePrimaryCtxRelease(device_handle)
 
 
 def _retain(ordinal: int) -> None:
     try:
-        cuda = _retained_lib()
+        cuda = _libcuda()
     except OSError:  # no NVIDIA driver here: nothing to begin
         return
     device, ctx = ctypes.c_int(), ctypes.c_void_p()
@@ -112,8 +113,8 @@ def _retain(ordinal: int) -> None:
         _retained[ordinal] = device.value
 
 
-def _retained_lib():
-    return ctypes.CDLL("libcuda.so.1")
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")  # the driver's API; OSError where no NVIDIA driver is installed
 
 
 def triton_key() -> None:
@@ -126,7 +127,7 @@ def triton_key() -> None:
     def run():
         try:
             from triton.runtime.cache import triton_key as key
-            key()  # functools.cache'd: the first kernel launch then finds it done
+            key()  # cached by Triton: its first kernel launch then finds it done
         except Exception:  # noqa: BLE001 - an older or newer Triton: its first launch computes what it needs
             pass
     threading.Thread(target=run, name="kiln-triton-key", daemon=True).start()
