@@ -12,7 +12,7 @@ import os
 import sys
 
 from kiln.errors import KilnError
-from kiln.startup import QUICK_EXIT, finish
+from kiln.startup import QUICK_EXIT, finish, in_a_group
 
 SUBCOMMANDS = {  # name -> (module, function taking argv, one-line help)
     "generate": ("kiln.commands", "generate", "generate text from a prompt"),
@@ -65,7 +65,7 @@ def run() -> None:
     the interpreter's teardown of torch (startup.finish), which would add ~0.5 s to every `kiln generate`."""
     code = main()
     name = sys.argv[1] if len(sys.argv) > 1 else ""
-    if name in QUICK_EXIT and "WORLD_SIZE" not in os.environ:  # ranks of a tensor-parallel run end as they do
+    if name in QUICK_EXIT and not in_a_group(os.environ):  # ranks of a tensor-parallel run end as they do
         finish(code)
     sys.exit(code)
 

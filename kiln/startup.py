@@ -59,7 +59,7 @@ def gpu_ordinal(args: list[str], env) -> int | None:
     only prints help, or runs several processes (tensor parallelism: each rank takes its own device)."""
     if not args or args[0] not in GPU_COMMANDS or {"-h", "--help", "-tp"} & set(args):
         return None
-    if any(a.startswith("--tensor-parallel") for a in args) or "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+    if any(a.startswith("--tensor-parallel") for a in args) or in_a_group(env):
         return None
     if env.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return None
@@ -73,6 +73,11 @@ def gpu_ordinal(args: list[str], env) -> int | None:
     if kind != "cuda":
         return None
     return int(index) if index.isdigit() else 0 if not index else None
+
+
+def in_a_group(env) -> bool:
+    """Is this process a rank of a multi-process run (torchrun's variables, or the ones kiln's -tp sets)?"""
+    return "WORLD_SIZE" in env or "LOCAL_RANK" in env
 
 
 def context(ordinal: int) -> None:

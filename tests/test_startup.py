@@ -52,6 +52,16 @@ def test_quick_exit_into_a_closed_pipe_is_quiet():
     assert p.stderr.read() == b""
 
 
+needs_gpu = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+
+
+def _fresh(code: str) -> str:
+    """stdout of `code` run in a fresh interpreter (no CUDA context yet), which must succeed."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
 _SHARED = """
 import ctypes, threading
 from kiln import startup  # imports torch (the package's API)
@@ -74,10 +84,9 @@ print("shared")
 """
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@needs_gpu
 def test_the_context_begun_through_the_driver_is_the_one_torch_runs_in():
-    r = subprocess.run([sys.executable, "-c", _SHARED], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "shared", r.stderr[-2000:]
+    assert _fresh(_SHARED) == "shared"
 
 
 _GIVEN_BACK = """
@@ -93,7 +102,6 @@ print("given back")
 """
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@needs_gpu
 def test_a_context_begun_for_a_device_the_model_does_not_use_is_given_back():
-    r = subprocess.run([sys.executable, "-c", _GIVEN_BACK], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "given back", r.stderr[-2000:]
+    assert _fresh(_GIVEN_BACK) == "given back"
