@@ -2,10 +2,11 @@
 
 Owns: `from_command_line` (kiln/__init__.py calls it before torch is imported: when this process is a `kiln`
 command that will run a model on a GPU, the CUDA driver and the device's primary context start in a daemon thread,
-so that the ~0.8 s they take on an H100 host passes while torch imports, ~1.3-1.9 s, bench/results/2026-12-06-h100-g/),
-`settle` (from `kiln.load`, once the device is known: the same for that device, or any context begun for
-another given back), `context` (one device's, in a thread), `triton_key` (Triton's cache key, which hashes Triton's
-own files, ~0.4 s once a process, in a thread) and `finish` (after a command that wrote only to stdout / stderr:
+and Triton's cache key in a child interpreter, so that the ~0.5 s and ~0.4 s they take on an H100 host pass while torch
+imports, ~1.2-1.9 s, bench/results/2026-12-06-h100-g/ and -h/), `settle` (from `kiln.load`, once the device is known:
+the same for that device, or any context begun for another given back), `context` (one device's, in a thread),
+`triton_key` (Triton's cache key, which hashes Triton's own files, in a child interpreter) and `finish` (after a
+command that wrote only to stdout / stderr:
 flush, run the exit handlers, end without the interpreter's teardown of torch, ~0.4-0.7 s on this 2-core CPU).
 Not: choosing the device (load.py), the commands themselves (cli.py).
 
@@ -20,6 +21,7 @@ main thread meets it again where it needs the device, and reports it there.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -28,7 +30,7 @@ GPU_COMMANDS = frozenset(("generate", "chat", "cache-prompt", "serve", "bench"))
 QUICK_EXIT = frozenset(("generate", "chat", "info", "fit"))  # write nothing but stdout and stderr
 _threads: dict[int, threading.Thread] = {}  # device ordinal -> the thread beginning its context
 _retained: dict[int, int] = {}  # device ordinal -> CUdevice whose primary context a thread retained
-_begun: set = set()  # the other work begun once a process (triton_key)
+_begun: set = set()  # the other work begun once a process ("triton_key"; "installed": Triton has the child's key)
 _lock = threading.Lock()
 
 
@@ -39,6 +41,7 @@ def from_command_line() -> None:
     ordinal = gpu_ordinal(args, os.environ) if args else None
     if ordinal is not None:
         context(ordinal)
+        triton_key()  # its child interpreter hashes Triton's files beside torch's import
 
 
 def command_args(orig_argv: list[str]) -> list[str] | None:
@@ -98,6 +101,7 @@ def settle(device) -> None:
     if device.type == "cuda":
         context(device.index or 0)
         triton_key()
+        _install()  # the key, where the child began before torch's import and has answered
     with _lock:
         unused = [(o, t) for o, t in _threads.items() if device.type != "cuda" or o != (device.index or 0)]
     for ordinal, t in unused:
@@ -122,20 +126,66 @@ def _libcuda():
     return ctypes.CDLL("libcuda.so.1")  # the driver's API; OSError where no NVIDIA driver is installed
 
 
+# A child interpreter computes Triton's key: Triton's own function, on the same files, at the same time, so its answer is
+# the one Triton would compute here. It prints where its Triton lives, then the key.
+_KEY_CHILD = ("import sys, triton; from triton.runtime.cache import triton_key; "
+              "sys.stdout.write(triton.__file__ + '\\n' + triton_key())")
+_answer: list[tuple[str, str]] = []  # the child's (where its Triton lives, key), once it has come
+
+
 def triton_key() -> None:
-    """Compute Triton's cache key in a daemon thread (once a process); a Triton without it: nothing."""
+    """Compute Triton's cache key once a process, away from the main thread: a child interpreter runs Triton's own
+    `triton_key` (it hashes Triton's files, libtriton's ~400 MB among them: 0.34 s on an H100 host) and a daemon thread
+    hands its answer to Triton (`_install`). In a thread of this process the same work would hold up the main one: its
+    1 MB reads each wait for the GIL, and the model's build beside it took 0.42 s instead of 0.19
+    (bench/results/2026-12-06-h100-h/). A Triton without it, or a child that fails: Triton computes its key itself."""
     with _lock:
         if "triton_key" in _begun:
             return
         _begun.add("triton_key")
+    cache = sys.modules.get("triton.runtime.cache")
+    info = getattr(getattr(cache, "triton_key", None), "cache_info", None)
+    if info is not None and info().currsize or not sys.executable:  # Triton has its key already
+        return
+    import subprocess
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _KEY_CHILD], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return
+    threading.Thread(target=_await_key, args=(child,), name="kiln-triton-key", daemon=True).start()
 
-    def run():
-        try:
-            from triton.runtime.cache import triton_key as key
-            key()  # cached by Triton: its first kernel launch then finds it done
-        except Exception:  # noqa: BLE001 - an older or newer Triton: its first launch computes what it needs
-            pass
-    threading.Thread(target=run, name="kiln-triton-key", daemon=True).start()
+
+def _await_key(child) -> None:
+    try:
+        out, _ = child.communicate(timeout=300)
+    except Exception:  # noqa: BLE001 - never finished: Triton computes its key itself
+        child.kill()
+        return
+    where, _, key = out.decode("utf-8", "replace").partition("\n")
+    if child.returncode == 0 and key:
+        _answer.append((where, key))
+        _install()
+
+
+def _install() -> None:
+    """Give Triton the child's key, where Triton is imported, is the child's, and has no key of its own yet."""
+    cache = sys.modules.get("triton.runtime.cache")
+    triton = sys.modules.get("triton")
+    with _lock:
+        if not _answer or "installed" in _begun or cache is None or triton is None:
+            return
+        own = getattr(cache, "triton_key", None)
+        where, key = _answer[0]
+        if (getattr(triton, "__file__", None) != where or not key.startswith(str(getattr(triton, "__version__", "")))
+                or getattr(own, "cache_info", None) is None):
+            return
+        _begun.add("installed")
+        known = functools.lru_cache()(lambda: key)
+        for name in ("triton.runtime.cache", "triton.runtime.autotuner"):  # where Triton looks it up
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "triton_key", None) is own:
+                module.triton_key = known
 
 
 def finish(code: int) -> None:

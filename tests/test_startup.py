@@ -105,3 +105,27 @@ print("given back")
 @needs_gpu
 def test_a_context_begun_for_a_device_the_model_does_not_use_is_given_back():
     assert _fresh(_GIVEN_BACK) == "given back"
+
+
+_KEY = """
+import threading
+from kiln import startup
+import triton.runtime.autotuner as autotuner
+import triton.runtime.cache as cache
+own = cache.triton_key
+startup._answer.append(("/elsewhere/triton/__init__.py", "3.0-x"))  # another Triton's answer
+startup._install()
+assert cache.triton_key is own, "took another Triton's key"
+startup._answer.clear()
+startup.triton_key()
+next(t for t in threading.enumerate() if t.name == "kiln-triton-key").join(timeout=120)
+startup._install()
+assert cache.triton_key is not own and autotuner.triton_key is cache.triton_key, "the child's key was not handed over"
+assert cache.triton_key() == own(), "the child's key is not the one Triton computes here"
+print("same key")
+"""
+
+
+def test_tritons_key_computed_by_a_child_interpreter_is_the_one_triton_computes():
+    pytest.importorskip("triton")
+    assert _fresh(_KEY) == "same key"
