@@ -1,13 +1,13 @@
 """A GPU run's startup, begun early, and the command line's quick end.
 
-Owns: `from_command_line` (kiln/__init__.py calls it before torch is imported: when this process is a `kiln`
-command that will run a model on a GPU, the CUDA driver and the device's primary context start in a daemon thread,
-and Triton's cache key in a child interpreter, so that the ~0.5 s and ~0.4 s they take on an H100 host pass while torch
+Owns: `from_command_line` (kiln/__init__.py calls it before torch is imported: when this process is a `kiln` command
+that will run a model on a GPU, the CUDA driver and the device's primary context start in a daemon thread, then
+Triton's cache key in a child interpreter, so that the ~0.5 s and ~0.4 s they take on an H100 host pass while torch
 imports, ~1.2-1.9 s, bench/results/2026-12-06-h100-g/ and -h/), `settle` (from `kiln.load`, once the device is known:
 the same for that device, or any context begun for another given back), `context` (one device's, in a thread),
 `triton_key` (Triton's cache key, which hashes Triton's own files, in a child interpreter) and `finish` (after a
-command that wrote only to stdout / stderr:
-flush, run the exit handlers, end without the interpreter's teardown of torch, ~0.4-0.7 s on this 2-core CPU).
+command that wrote only to stdout / stderr: flush, run the exit handlers, end without the interpreter's teardown of
+torch, ~0.4-0.7 s on this 2-core CPU).
 Not: choosing the device (load.py), the commands themselves (cli.py).
 
 This module imports nothing beyond the standard library (ctypes's import: ~1 ms): it runs before torch. The driver
@@ -40,8 +40,7 @@ def from_command_line() -> None:
     args = command_args(getattr(sys, "orig_argv", []))
     ordinal = gpu_ordinal(args, os.environ) if args else None
     if ordinal is not None:
-        context(ordinal)
-        triton_key()  # its child interpreter hashes Triton's files beside torch's import
+        context(ordinal)  # and, once the driver has the device, Triton's key (its child hashes beside the import)
 
 
 def command_args(orig_argv: list[str]) -> list[str] | None:
@@ -120,6 +119,7 @@ def _retain(ordinal: int) -> None:
     if (cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), ordinal) == 0
             and cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0):  # held as torch holds it
         _retained[ordinal] = device.value
+        triton_key()  # a GPU is there: its kernels will need the key (never begun on a machine without one)
 
 
 def _libcuda():
@@ -136,9 +136,10 @@ _answer: list[tuple[str, str]] = []  # the child's (where its Triton lives, key)
 def triton_key() -> None:
     """Compute Triton's cache key once a process, away from the main thread: a child interpreter runs Triton's own
     `triton_key` (it hashes Triton's files, libtriton's ~400 MB among them: 0.34 s on an H100 host) and a daemon thread
-    hands its answer to Triton (`_install`). In a thread of this process the same work would hold up the main one: its
-    1 MB reads each wait for the GIL, and the model's build beside it took 0.42 s instead of 0.19
-    (bench/results/2026-12-06-h100-h/). A Triton without it, or a child that fails: Triton computes its key itself."""
+    hands its answer to Triton (`_install`). In a thread of this process the same work held up the main one: the model's
+    build beside it took 0.42 s instead of 0.19 on an H100 (bench/results/2026-12-06-h100-h/; its 1 MB reads and the
+    main thread's short torch calls take turns at the GIL). Begun by the context's thread once the driver has the
+    device, or by `settle`. A Triton without the function, or a child that fails: Triton computes its key itself."""
     with _lock:
         if "triton_key" in _begun:
             return
