@@ -170,7 +170,8 @@ def _await_key(child) -> None:
 
 
 def _install() -> None:
-    """Give Triton the child's key, where Triton is imported, is the child's, and has no key of its own yet."""
+    """Give Triton the child's key, once Triton is imported here and is the child's Triton (same file, and the key
+    begins with its version); once a process. Where Triton already has its own, the two are equal."""
     cache = sys.modules.get("triton.runtime.cache")
     triton = sys.modules.get("triton")
     with _lock:
