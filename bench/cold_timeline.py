@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cold_start import _env  # bench/ is the script's folder: the checkout first on PYTHONPATH
+
 CHILD = r"""
 import functools, importlib.util, json, os, sys, threading, time
 T0 = float(sys.argv[1]); OUT = sys.argv[2]; ARGS = sys.argv[3:]
@@ -99,7 +101,7 @@ finally:
 def one(checkout: Path, args: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p))
+    env = _env(checkout)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", CHILD, repr(t0), out] + args, cwd=checkout, env=env,
                        capture_output=True, text=True)

@@ -94,12 +94,11 @@ def context(ordinal: int) -> None:
 
 
 def settle(device) -> None:
-    """Once the model's device is known (kiln.load): begin its context and Triton's key when it is a CUDA device;
-    give back any context begun for a device the model will not run on (a torch without CUDA on a machine with a
+    """Once the model's device is known (kiln.load): begin its context (and so Triton's key) when it is a CUDA
+    device, and hand Triton a key that came before Triton was imported; give back any context begun for a device the model will not run on (a torch without CUDA on a machine with a
     driver), so that it holds no GPU memory for the process's life."""
     if device.type == "cuda":
         context(device.index or 0)
-        triton_key()
         _install()  # the key, where the child began before torch's import and has answered
     with _lock:
         unused = [(o, t) for o, t in _threads.items() if device.type != "cuda" or o != (device.index or 0)]
@@ -139,7 +138,7 @@ def triton_key() -> None:
     hands its answer to Triton (`_install`). In a thread of this process the same work held up the main one: the model's
     build beside it took 0.42 s instead of 0.19 on an H100 (bench/results/2026-12-06-h100-h/; its 1 MB reads and the
     main thread's short torch calls take turns at the GIL). Begun by the context's thread once the driver has the
-    device, or by `settle`. A Triton without the function, or a child that fails: Triton computes its key itself."""
+    device. A Triton without the function, or a child that fails: Triton computes its key itself."""
     with _lock:
         if "triton_key" in _begun:
             return
