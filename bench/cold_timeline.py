@@ -62,6 +62,8 @@ if os.path.exists(os.path.join(root, "kiln", "startup.py")):  # a checkout from 
     startup = importlib.util.module_from_spec(spec); sys.modules["kiln.startup"] = startup
     spec.loader.exec_module(startup)
     startup._retain = wrapped("cuda context (thread)", startup._retain)
+    if hasattr(startup, "_await_key"):  # Triton's key from a child: its thread waiting for the answer, the hand-over
+        startup._await_key = wrapped("triton key's child (thread)", startup._await_key)
 t = now(); import kiln; marks.append(["import kiln", "MainThread", t, now()])
 import kiln.cli, kiln.reader, kiln.tokenizer, kiln.fit, kiln.decoder, torch
 M = sys.modules
@@ -75,7 +77,9 @@ patch(torch.cuda, "is_available", "torch.cuda.is_available")
 patch(kiln.decoder, "prefill_chunk", "prefill")
 try:
     import triton.runtime.cache as tc, triton.runtime.jit as tj
-    tc.triton_key = wrapped("triton_key", tc.triton_key)
+    # Still an lru_cache, everywhere Triton looks it up: startup._install hands over a child's key only in place of
+    # Triton's own cached function (a plain wrapper would make it refuse, and the key be computed here after all).
+    replace(tc.triton_key, functools.lru_cache()(wrapped("triton_key", tc.triton_key)))
     tj.JITFunction._do_compile = wrapped("triton kernel compile/load", tj.JITFunction._do_compile)
 except Exception:
     pass
@@ -87,6 +91,8 @@ def stream(*a, **k):
         yield r
 replace(sg, stream)
 def finish(code):
+    if "installed" in getattr(startup, "_begun", ()):
+        point("triton key was handed over")  # marked at the end: when is the child's thread's end
     point("quick exit"); dump(); startup.finish(code)
 if startup is not None:
     kiln.cli.finish = finish
