@@ -90,11 +90,15 @@ def depth(model, d, g, splits, launches, out):
     from kiln.decoder import Decoder
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
+    base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
-        attention._LAUNCH = attention.Launch(**launch)  # read when the decode graph is captured
-        attention._LAUNCHES = {} if launch else base_launches  # {}: the defaults, by head dim
+        fields = {k: v for k, v in launch.items() if not k.startswith("merge_")}
+        attention._LAUNCH = attention.Launch(**fields)  # read when the decode graph is captured
+        attention._LAUNCHES = {} if fields else base_launches  # {}: the defaults, by head dim
+        attention.MERGE_COLS = launch.get("merge_cols", base_merge[0])
+        attention.MERGE_ELEMS = launch.get("merge_elems", base_merge[1])
         dec = Decoder.for_model(model, d + g + 8)
         dec.prefill(ids, 0)
         device_loop(dec, d, 4)
@@ -104,6 +108,7 @@ def depth(model, d, g, splits, launches, out):
         dec = None
         torch.cuda.empty_cache()
     model.policy, attention._LAUNCH, attention._LAUNCHES = base, base_launch, base_launches
+    attention.MERGE_COLS, attention.MERGE_ELEMS = base_merge
 
 
 @torch.inference_mode()
@@ -113,7 +118,8 @@ def main():
     ap.add_argument("-g", type=int, default=128)
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--splits", default="0")
-    ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth")
+    ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth "
+                    "(and merge_cols / merge_elems: ops.attention.MERGE_COLS / MERGE_ELEMS)")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()

@@ -9,6 +9,8 @@ room. Prints one JSON line per (shape, kernel): µs a layer and TB/s.
 
 Usage (GPU machine): python bench/read_ceiling.py [--shapes qwen3-8b,llama-3.2-1b] [--depth 16384] [--layers 16]
        [--launches 64:4:2:1,64:4:2:2] [--no-reads]  (split-kernel settings timed beside the default)
+       [--merges 128:1048576,32:4096]  (each launch with each merge form: ops.attention's MERGE_COLS:MERGE_ELEMS;
+       128:1048576 is one program a row holding every split, the form before column programs)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, ".")
+from kiln.ops import attention  # noqa: E402
 from kiln.ops.attention import Launch, decode_attention, decode_attention_ref  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3.2-1b": (32, 8, 64), "qwen3-8b": (32, 8, 128)}
@@ -56,8 +59,12 @@ def main():
                    "block_n:warps:stages:tiles_per_split[:runtime_loop:interleave] (ops.attention.Launch's fields "
                    "in order, as integers)")
     p.add_argument("--no-reads", action="store_true", help="time the attention settings only")
+    p.add_argument("--merges", default="", help="merge forms cols:elems (ops.attention.MERGE_COLS, MERGE_ELEMS), "
+                   "comma-separated; each launch is timed with each (default: the module's)")
     a = p.parse_args()
     launches = [None] + [Launch(*(int(v) for v in x.split(":"))) for x in a.launches.split(",") if x]
+    merges = [tuple(int(v) for v in x.split(":")) for x in a.merges.split(",") if x] or [
+        (attention.MERGE_COLS, attention.MERGE_ELEMS)]
     dev = torch.cuda.get_device_name()
     for name in a.shapes.split(","):
         h, kh, d = SHAPES[name]
@@ -69,7 +76,7 @@ def main():
         pos = torch.tensor([a.depth - 1], device="cuda")
         ref = decode_attention_ref(q, kcs[0], vcs[0], pos, d ** -0.5).float()
         nbytes = 2 * kh * a.depth * d * 2  # keys and values read a layer
-        for launch in launches:
+        for launch, (attention.MERGE_COLS, attention.MERGE_ELEMS) in itertools.product(launches, merges):
             try:
                 err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5, launch=launch).float() - ref).abs().max().item()
 
@@ -78,10 +85,12 @@ def main():
                         decode_attention(q, kc, vc, pos, d ** -0.5, launch=launch)
                 us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
             except Exception as e:  # a setting that does not compile (registers, shared memory)
-                print(json.dumps({"shape": name, "launch": launch and launch._asdict(), "error": str(e)[:200]}))
+                print(json.dumps({"shape": name, "launch": launch and launch._asdict(),
+                                  "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "error": str(e)[:200]}))
                 continue
             print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
-                              "launch": launch and launch._asdict(), "us_layer": round(us, 2),
+                              "launch": launch and launch._asdict(),
+                              "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "us_layer": round(us, 2),
                               "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
         kcs = vcs = None
         torch.cuda.empty_cache()

@@ -120,7 +120,7 @@ def _compile_all() -> list[dict]:
     for q8 in (False, True):  # True: the one output row also stored in int8 for the output projection
         compile_one("merge d128" + (", int8 output" if q8 else ""), attention._merge_kernel,
                     dict(o_ptr="fp32", lse_ptr="fp32", out_ptr="bf16", xq_ptr="i32", xd_ptr="fp32", xs_ptr="i32"),
-                    dict(D=128, BLOCK_S=64, BLOCK_D=128, Q8=q8, PDL=True))
+                    dict(D=128, BLOCK_S=64, CHUNKS=1, BLOCK_C=32, Q8=q8, PDL=True))
     return out
 
 

@@ -193,7 +193,11 @@ def test_decode_attention(dtype, name):
 
 @pytest.mark.parametrize("splits", [1, 3, 16])  # one program per head; uneven; more splits than tiles
 @pytest.mark.parametrize("interleave", [False, True])  # each split one run of tiles, or every NS-th tile
-def test_decode_attention_split_counts(splits, interleave):
+@pytest.mark.parametrize("merge", [(32, 4096), (64, 64)])  # merge columns a program, splits a chunk: 1, or 2
+def test_decode_attention_split_counts(splits, interleave, merge, monkeypatch):
+    from kiln.ops import attention
+    monkeypatch.setattr(attention, "MERGE_COLS", merge[0])
+    monkeypatch.setattr(attention, "MERGE_ELEMS", merge[1])  # 64 // 64: two splits at a time, the last half empty
     c = dict(h=8, k=2, d=64, t=3, s=300, start=250, window=100)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)
     for block_n in (16, 64):  # the window's first key inside a tile, and many tiles a split
@@ -237,12 +241,14 @@ def test_decode_attention_splits_from_the_policy(monkeypatch):
         Policy.from_env({"KILN_ATTN_SPLITS": "zero"})
 
 
-@pytest.mark.parametrize("d,splits", [(64, 3), (128, 2), (128, 1), (96, 3)])
-def test_decode_attention_stores_its_output_quantized(d, splits):
+@pytest.mark.parametrize("d,splits,cols", [(64, 3, 32), (128, 2, 32), (128, 5, 64), (128, 1, 32), (96, 3, 32)])
+def test_decode_attention_stores_its_output_quantized(d, splits, cols, monkeypatch):
     """One output row (B·T = 1) and a merge to run: the merge kernel also stores the output quantized to int8 as
     quantize_act stores it (codes, scales and run sums, bit for bit), so the output projection needs no
     launch of its own; with one split, or a head dim not a power of two, it leaves the buffer to the caller."""
+    from kiln.ops import attention
     from kiln.quant.gemv_int8 import empty_act, quantize_act
+    monkeypatch.setattr(attention, "MERGE_COLS", cols)  # a merge program's columns: one 32-block, or two
     c = dict(b=1, h=8, k=2, d=d, t=1, s=300, start=250)
     for dtype in DTYPES:
         q, kc, vc, pos = _attn_inputs(c, dtype)

@@ -32,6 +32,11 @@ How the split kernel works, and why:
   split's keys are masked off (`Launch.runtime_loop` False on a GPU times the same form).
 - Scores live in the log2 domain (exp2 is the fast instruction); the merge weights every split's
   partial output by 2^(lse_split - lse_max).
+- The merge: one program per (output row, 32 columns), reading the splits a chunk at a time with a running
+  maximum, so a program holds at most MERGE_ELEMS partial values whatever NS is. One program a row holding all
+  NS x D of them spilled its registers once NS reached the hundreds (a long cache, or few tiles a split): at 260
+  splits one layer's attention took 133-148 µs against 31-32 at head dim 128 (H100, bench/results/2026-12-07-h100/);
+  at the default split count the two forms are level (16.7-28.3 against 17.1-28.6 µs at depth 16384).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
@@ -90,6 +95,8 @@ _LAUNCH = Launch()
 # 1,235), its attention alone 3.6% slower, so it keeps one run a split.
 _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, interleave=True)}
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
+MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
+MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -182,9 +189,11 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     if ns == 1:
         return out
     fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
-    _merge_kernel[(b * t * h,)](mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d,
-                                BLOCK_S=max(2, triton.next_power_of_2(ns)), BLOCK_D=triton.next_power_of_2(d),
-                                Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
+    cols = min(MERGE_COLS, triton.next_power_of_2(d))
+    block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
+    _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
+        mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
+        CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
     if fill:
         q8.filled = True
     return out
@@ -371,22 +380,36 @@ def _scaled(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
 
 @jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_D: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr):
+                  CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, c): columns c·BLOCK_C.. of one output row, from every split's partial, BLOCK_S splits at a
+    time (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS."""
     pdl.start(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
-    lse = tl.load(lse_ptr + row * NS + s, mask=s < NS, other=float("-inf"))  # (NS,)
-    d = tl.arange(0, BLOCK_D)
-    # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were never
-    # written, so whatever they hold is replaced by 0 below.
-    o = tl.load(o_ptr + (row * NS + s)[:, None] * D + d[None, :], mask=(s < NS)[:, None] & (d < D)[None, :],
-                other=0.0)  # (NS, D)
-    # Every row sees at least its own key, so some split has a finite lse and the max is finite.
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # (NS,) 0 for empty splits
-    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-    if Q8:  # one output row: this head's 32-blocks of it, as quantize_act stores the values out_ptr now holds
-        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), row * (D // 32), (row + 1) * (D // 32), xq_ptr,
-                 xd_ptr, xs_ptr, BLOCK_D // 32)
+    m = tl.full([1], -1.0e30, dtype=tl.float32)  # finite: a chunk of empty splits never computes inf - inf
+    wsum = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(CHUNKS):
+        s0 = i * BLOCK_S
+        sm = s0 + s < NS
+        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"))  # (S,)
+        # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were
+        # never written, so whatever they hold is replaced by 0 below.
+        o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & (c < D)[None, :],
+                    other=0.0)  # (S, C)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # (S,) 0 for empty splits
+        o = tl.where((lse > float("-inf"))[:, None], o, 0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        wsum = wsum * alpha + tl.sum(w, axis=0)
+        m = m_new
+    # Every row sees at least its own key, so some split has a finite lse and wsum > 0.
+    out = acc / wsum
+    tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
+    if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
+        blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
+        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), blk, (row + 1) * (D // 32), xq_ptr, xd_ptr,
+                 xs_ptr, BLOCK_C // 32)
