@@ -36,11 +36,12 @@ How the split kernel works, and why:
   maximum, so a program holds at most MERGE_ELEMS partial values whatever NS is. One program a row holding all
   NS x D of them spilled its registers once NS reached the hundreds (a long cache, or few tiles a split): at 260
   splits one layer's attention took 133-148 µs against 31-32 at head dim 128 (H100, bench/results/2026-12-07-h100/);
-  at the default split count the two forms are level (16.7-28.3 against 17.1-28.6 µs at depth 16384).
+  at the default split count the two forms are level at depth 16384 (16.7-28.3 against 17.1-28.6 µs), and at 131072
+  keys (257 splits) the column form takes 194 µs against 292 (Qwen3-8B's shape).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
-  GEMV (`q8`, ops/q8.store_q8: each program its head's 32-blocks), one launch less a layer; the codes are
+  GEMV (`q8`, ops/q8.store_q8: each program its columns' 32-blocks), one launch less a layer; the codes are
   quantize_act's, so logits do not change (H100: +1.2-2.7% decode tok/s, bench/results/2026-12-06-h100-c/).
 - The number of splits: the `splits` argument, else the policy's `attn_splits` (`KILN_ATTN_SPLITS`, for
   A/B runs on a GPU; a CUDA graph keeps the value it was captured with), else enough programs to fill the
