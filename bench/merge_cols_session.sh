@@ -2,7 +2,7 @@
 # One device call: decode attention's merge as column programs (ops.attention.MERGE_COLS / MERGE_ELEMS: each program
 # a row's 32 columns, the splits a chunk at a time) against one program a row holding every split (the form before,
 # `128:1048576`), and with it fewer tiles a split (more programs), alone at depth 16384 (bench/read_ceiling.py) and,
-# for the fastest setting of each head dim, in the whole model (bench/decode_ab.py, depth 16384 and 512).
+# for the fastest setting of each head dim, in the whole model (bench/decode_ab.py, depth 16384).
 # Usage, repo root, .whl carried: OUT=... bash bench/merge_cols_session.sh  (MODELS: make_gguf names to run in the
 # model; TESTS=1 also runs the GPU decode-attention tests)
 set -u
