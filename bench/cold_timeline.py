@@ -92,7 +92,7 @@ def stream(*a, **k):
 replace(sg, stream)
 def finish(code):
     if "installed" in getattr(startup, "_begun", ()):
-        point("triton key was handed over")  # marked at the end: when is the child's thread's end
+        point("triton key was handed over")  # whether, marked at the end; when: the child's thread's end
     point("quick exit"); dump(); startup.finish(code)
 if startup is not None:
     kiln.cli.finish = finish

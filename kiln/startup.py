@@ -95,8 +95,9 @@ def context(ordinal: int) -> None:
 
 def settle(device) -> None:
     """Once the model's device is known (kiln.load): begin its context (and so Triton's key) when it is a CUDA
-    device, and hand Triton a key that came before Triton was imported; give back any context begun for a device the model will not run on (a torch without CUDA on a machine with a
-    driver), so that it holds no GPU memory for the process's life."""
+    device, and hand Triton a key that came before Triton was imported; give back any context begun for a device
+    the model will not run on (a torch without CUDA on a machine with a driver), so that it holds no GPU memory for
+    the process's life."""
     if device.type == "cuda":
         context(device.index or 0)
         _install()  # the key, where the child began before torch's import and has answered
