@@ -27,6 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 side_path() { if [ "$1" = old ]; then echo "$ROOT/.ab/old"; else echo "$ROOT"; fi; }
 
 for m in $FILES; do
+  [ -f "/tmp/g/$m-Q4_K_M.gguf" ] && continue  # made earlier in this call (bench/gpu_session.sh's PRE_CMD)
   timeout 200 python bench/make_gguf.py --model "$m" --type Q4_K_M --out /tmp/g \
     > /dev/null 2>&1 || echo "make_gguf $m failed"
 done

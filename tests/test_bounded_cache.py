@@ -429,15 +429,18 @@ def test_stream_generate_finish_reasons_shift_and_rotation(gemma_tok):
                            "run this file so to check it")
 def test_fused_graph_step_with_rings_under_the_triton_interpreter(monkeypatch):
     """The GPU decode step's kernels on CPU tensors (Triton's interpreter): every layer takes the fused RoPE +
-    KV write and split-KV decode kernels, a ring layer's written at its slots and read whole (base._ring_fuses);
+    KV write and split-KV decode kernels (a full layer's in one, ops.rope_decode_attention), a ring layer's
+    written at its slots and read whole (base._ring_fuses);
     the same logits as the full cache (sliding windows; also q8_0 / q4_0 ones), and as the unfused ring step
     where a rotating cache's layers mix (global ones fused, sliding ones whose window its kept tokens may
     leave unfused)."""
     from kiln.models import base
     model = _tiny(GEMMA)
     ids = _ids(11, seed=2)
-    calls, real = [], base.decode_attention
-    monkeypatch.setattr(base, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []
+    for name in ("decode_attention", "rope_decode_attention"):  # a ring layer's kernel; a full layer's (RoPE in it)
+        real = getattr(base, name)
+        monkeypatch.setattr(base, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     rings = plan_rings(layer_windows(model), 32)
     for kind, tol in ((None, 1e-4), ("q8_0", 1e-2)):
         ring = KVCache.for_model(model, max_len=32, rings=rings, type_k=kind, type_v=kind)

@@ -446,6 +446,71 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
         torch.testing.assert_close(out, ref, **tol)
 
 
+# ---------------------------------------------------------------- RoPE + KV write + decode attention in one kernel
+# rope_decode_attention against its two references (rope_qk_write_kv_ref, then decode_attention_ref), and
+# against the two kernels it replaces (the same rotated keys in the cache, bit for bit).
+
+FUSED_CASES = {
+    "qwen3": dict(h=8, k=2, d=64, norm=0.0, start=150),
+    "llama-window": dict(h=8, k=2, d=64, norm=None, start=150, window=40),
+    "gemma-d256-softcap": dict(h=4, k=1, d=256, norm=1.0, start=90, softcap=20.0),
+    "first-token": dict(h=8, k=2, d=64, norm=0.0, start=0),
+    "mha-rows": dict(h=4, k=4, d=64, norm=0.0, start=None),  # per-row positions in named cache rows
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_rope_decode_attention(name, dtype, splits):
+    from kiln.ops.attention import rope_fuses
+    c = FUSED_CASES[name]
+    h, kh, d = c["h"], c["k"], c["d"]
+    per_row = c["start"] is None
+    b = 3 if per_row else 2
+    q, kk, v = _rope_kv_inputs(b, 1, h, kh, d, dtype)
+    n = 4 if per_row else b
+    kc, vc = rand(n, kh, 200, d, dtype=dtype, seed=5), rand(n, kh, 200, d, dtype=dtype, seed=6)
+    pos = torch.tensor(ROW_POS if per_row else [c["start"]], device=DEVICE)
+    rows = torch.tensor(ROW_SLOTS, device=DEVICE) if per_row else None
+    kw = dict(attn_factor=1.25, eps=1e-6)
+    if c["norm"] is not None:
+        kw.update(q_norm_w=rand(d, dtype=dtype, seed=3), k_norm_w=rand(d, dtype=dtype, seed=4), norm_offset=c["norm"])
+    inv, scale, window, softcap = _inv_freq(d), d ** -0.5, c.get("window"), c.get("softcap")
+    assert rope_fuses(q, kk, v, kc, vc, inv)
+    want_k, want_v = kc.clone(), vc.clone()  # the references
+    want = ops.rope_decode_attention_ref(q, kk, v, want_k, want_v, pos, inv, scale, window=window, softcap=softcap,
+                                         rows=rows, **kw)
+    two_k, two_v = kc.clone(), vc.clone()  # the two kernels it replaces
+    qr = ops.rope_qk_write_kv(q, kk, v, two_k, two_v, pos, inv, rows=rows, policy=P, **kw)
+    two = ops.decode_attention(qr, two_k, two_v, pos, scale, window, softcap, rows, splits=splits, policy=P)
+    got_k, got_v = kc.clone(), vc.clone()
+    got = ops.rope_decode_attention(q, kk, v, got_k, got_v, pos, inv, scale, window=window, softcap=softcap,
+                                    rows=rows, splits=splits, policy=P, **kw)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = {k_: (1 if dtype == torch.float32 else 2) * v_ for k_, v_ in TOL[dtype].items()}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, two, **tol)
+    torch.testing.assert_close(got_v, two_v, rtol=0, atol=0)  # values copied, every other slot untouched
+    torch.testing.assert_close(got_k, two_k, rtol=0, atol=0)  # keys rotated with rope.py's arithmetic
+
+
+def test_rope_decode_attention_never_reads_the_new_slot():
+    """The slot the new key goes to holds anything before the step (here NaN): the fused kernel never loads it,
+    so nothing of it reaches the output."""
+    q, kk, v = _rope_kv_inputs(1, 1, 8, 2, 64, torch.float32)
+    kc, vc = rand(1, 2, 100, 64, seed=5), rand(1, 2, 100, 64, seed=6)
+    pos, inv = torch.tensor([70], device=DEVICE), _inv_freq(64)
+    want_k, want_v = kc.clone(), vc.clone()
+    want = ops.rope_decode_attention_ref(q, kk, v, want_k, want_v, pos, inv, 0.125)
+    kc[:, :, 70:], vc[:, :, 70:] = float("nan"), float("nan")
+    for splits in (1, 4):
+        k2, v2 = kc.clone(), vc.clone()
+        close(ops.rope_decode_attention(q, kk, v, k2, v2, pos, inv, 0.125, splits=splits, policy=P), want,
+              torch.float32)
+        close(k2[:, :, :71], want_k[:, :, :71], torch.float32)
+
+
 def _codes(kind, x):
     """x (..., D) → (codes, float16 scales (..., D/32)): a block type's cache layout (kiln.kv_types); fp8: the
     values and no scales."""

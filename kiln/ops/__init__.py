@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from kiln.ops.dispatch import HAVE_TRITON, use_triton
 from kiln.ops.act import gelu_tanh_mul, gelu_tanh_mul_ref, silu_mul, silu_mul_ref
-from kiln.ops.attention import decode_attention, decode_attention_ref
+from kiln.ops.attention import (decode_attention, decode_attention_ref, rope_decode_attention,
+                                rope_decode_attention_ref)
 from kiln.ops.norm import rms_norm, rms_norm_ref
 from kiln.ops.pick import argmax, argmax_ref
 from kiln.ops.rope import rope_qk, rope_qk_ref, rope_qk_write_kv, rope_qk_write_kv_ref, write_kv_ref
@@ -22,5 +23,6 @@ from kiln.ops.rope import rope_qk, rope_qk_ref, rope_qk_write_kv, rope_qk_write_
 __all__ = [
     "rms_norm", "rms_norm_ref", "rope_qk", "rope_qk_ref", "silu_mul", "silu_mul_ref", "gelu_tanh_mul",
     "gelu_tanh_mul_ref", "decode_attention", "decode_attention_ref", "write_kv_ref",
-    "rope_qk_write_kv", "rope_qk_write_kv_ref", "argmax", "argmax_ref", "use_triton", "HAVE_TRITON",
+    "rope_qk_write_kv", "rope_qk_write_kv_ref", "rope_decode_attention", "rope_decode_attention_ref", "argmax",
+    "argmax_ref", "use_triton", "HAVE_TRITON",
 ]

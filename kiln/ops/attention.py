@@ -1,7 +1,8 @@
 """Decode attention: a few new query tokens against a static KV cache, as split-KV flash-decoding.
 
-Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch when one split serves) and
-`decode_attention_ref` (masked float32 softmax attention in torch). Causal + optional sliding window
+Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch when one split serves),
+`decode_attention_ref` (masked float32 softmax attention in torch), and `rope_decode_attention` (with its `_ref`):
+the same kernels with RoPE, the q/k norms and the new token's KV write done in the split kernel (`rope_fuses`). Causal + optional sliding window
 (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
 (a server's slot) each batch row reads: a batched decode step over sequences at different depths.
@@ -11,7 +12,8 @@ codes are q8_0's, uint8 q4_0's) and are then dequantized tile by tile in registe
 read at its own size; the reference dequantizes the whole cache first. Values stored in a rotated basis
 (kv_types.Basis) are rotated back in the kernel: `out_rot`, the output's matrix, applied before it is stored.
 Not: prefill over long prompts (T is small here: 1..16 draft/verify tokens), writing or encoding the cache
-(rope.py, kv_write.py, cache.py), rotating the query into the keys' basis (kv_write.py), RoPE, paging.
+(rope.py, kv_write.py, cache.py; the fused form's one row a step excepted), rotating the query into the keys'
+basis (kv_write.py), RoPE's arithmetic (rope.py's helpers, which the fused form calls), paging.
 
 How the split kernel works, and why:
 - One program per (batch, kv head, split). It handles the G = H / K query heads that share the kv head,
@@ -38,6 +40,12 @@ How the split kernel works, and why:
   splits one layer's attention took 133-148 µs against 31-32 at head dim 128 (H100, bench/results/2026-12-07-h100/);
   at the default split count the two forms are level at depth 16384 (16.7-28.3 against 17.1-28.6 µs), and at 131072
   keys (257 splits) the column form takes 194 µs against 292 (Qwen3-8B's shape).
+- RoPE in the split kernel (`rope_decode_attention`, one token a row into a float cache of q's dtype): every
+  program rotates (and norms) its G query heads from the projection's raw output, and the first split of each
+  kv head also the new key, which it stores with the value at the token's slot. No program loads that slot: the
+  visible range stops before it, and after its loop the first split adds the new key's term from registers
+  (p in q's dtype, as the loop's P·V takes it). The rope kernel's launch and its wait go; the values are the
+  same (rope.py's `rotate_halves`, bit for bit in the cache).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
@@ -63,6 +71,7 @@ from kiln.kv_types import dequantize_q4_0, dequantize_q8_0
 from kiln.ops import pdl
 from kiln.ops.dispatch import interpreted, jit, tl, triton, use_triton
 from kiln.ops.q8 import store_q8
+from kiln.ops.rope import cos_sin, head_rstd, rope_qk_write_kv, rope_qk_write_kv_ref, rotate_halves
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_N = 64  # keys per tile
@@ -154,6 +163,57 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     if not use_triton(q, policy):
         return decode_attention_ref(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale,
                                     out_rot, last)
+    return _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale, out_rot, last, splits,
+                   policy, launch, q8, None)
+
+
+def rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim: int | None = None) -> bool:
+    """Can `rope_decode_attention` rotate in the split kernel itself? One token a row (q (B, 1, H, D)), every
+    dim rotated, D a power of two of 16 or more, a float cache in q's dtype, unit-stride heads."""
+    d = q.shape[-1]
+    return (q.shape[1] == 1 and d >= 16 and d == triton.next_power_of_2(d) and 2 * inv_freq.shape[0] == d
+            and (rot_dim is None or rot_dim == d) and k_cache.dtype == v_cache.dtype == q.dtype
+            and k.shape == v.shape and all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache)))
+
+
+def rope_decode_attention_ref(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float, attn_factor: float = 1.0,
+                              q_norm_w=None, k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0,
+                              rot_dim: int | None = None, window: int | None = None, softcap: float | None = None,
+                              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope.rope_qk_write_kv_ref` (the caches written in place), then `decode_attention_ref` over them."""
+    qr = rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
+                              norm_offset, rot_dim, rows)
+    return decode_attention_ref(qr, k_cache, v_cache, pos, scale, window, softcap, rows)
+
+
+def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float, attn_factor: float = 1.0,
+                          q_norm_w=None, k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0,
+                          rot_dim: int | None = None, window: int | None = None, softcap: float | None = None,
+                          rows: torch.Tensor | None = None, *, splits: int | None = None, policy: Policy = DEFAULT,
+                          launch: Launch | None = None, q8=None) -> torch.Tensor:
+    """`rope.rope_qk_write_kv` (q and k normed per head and rotated, k and v written into the caches at pos),
+    then `decode_attention` of the rotated q over the caches — in the split kernel itself where `rope_fuses`:
+    each program rotates its query heads from the projection's raw q, the first split of each kv head also
+    the new key, which it writes into the cache beside the value; no program reads that slot back: the loop
+    stops before it and the first split adds the new key's term from registers. One launch less a layer,
+    the same values (the rotation's arithmetic is rope.py's). Else the two ops. Arguments as theirs; q
+    (B, 1, H, D), k, v (B, 1, K, D) before RoPE → (B, 1, H, D)."""
+    if not use_triton(q, policy) or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim):
+        qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
+                              norm_offset, rot_dim, rows, policy=policy)
+        return decode_attention(qr, k_cache, v_cache, pos, scale, window, softcap, rows, splits=splits,
+                                policy=policy, launch=launch, q8=q8)
+    assert (q_norm_w is None) == (k_norm_w is None), "q and k norms come together"
+    rope = (k, v, q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else q, inv_freq,
+            float(attn_factor), float(eps), float(norm_offset), q_norm_w is not None)
+    return _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, None, None, None, None, splits, policy,
+                   launch, q8, rope)
+
+
+def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_scale, out_rot, last, splits,
+            policy, launch, q8, rope):
+    """The split kernel (and the merge) for `decode_attention`, or with `rope` (k, v, q and k norm weights,
+    inv_freq, attn_factor, eps, norm offset, has norm) for `rope_decode_attention`'s fused form."""
     b, t, h, d = q.shape
     kh, s_max = k_cache.shape[1], k_cache.shape[2]
     k_kind, v_kind = _kind(k_cache, k_scale), _kind(v_cache, v_scale)
@@ -179,8 +239,10 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
         s_max - 1 if last is None else int(last), float(scale), float(softcap or 1.0), int(window or 0),
         *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
+        *_rope_args(rope, q),
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
-        K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None,
+        K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None, ROPE=rope is not None,
+        HAS_NORM=rope is not None and rope[-1], HAS_OFFSET=rope is not None and bool(rope[-2]),
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
@@ -198,6 +260,15 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     if fill:
         q8.filled = True
     return out
+
+
+def _rope_args(rope, q: torch.Tensor) -> tuple:
+    """The split kernel's fused-RoPE arguments: raw k and v with their (row, head) strides, the q and k norm
+    weights, inv_freq, attn_factor, eps, norm offset; q and zeros without `rope` (never read then)."""
+    if rope is None:
+        return (q, q, 0, 0, 0, 0, q, q, q, 1.0, 1e-6, 0.0)
+    k, v, qw, kw, inv, factor, eps, offset, _ = rope
+    return (k, v, k.stride(0), k.stride(2), v.stride(0), v.stride(2), qw, kw, inv, factor, eps, offset)
 
 
 def _kind(cache: torch.Tensor, scales: torch.Tensor | None) -> int:
@@ -228,9 +299,11 @@ def _sm_count(device: torch.device) -> int:
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, LAST, scale, softcap, window,
                   ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss, rot_ptr,
+                  kn_ptr, vn_ptr, sknb, sknh, svnb, svnh, qw_ptr, kw_ptr, inv_ptr, attn_factor, eps, offset,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   K_KIND: tl.constexpr, V_KIND: tl.constexpr, OUT_ROT: tl.constexpr,
+                  ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -249,7 +322,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
     pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1), LAST)  # (T,) a ring's queries see its every slot
-    hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
+    if ROPE:  # the new key's slot is not read: its term comes from registers after the loop
+        hi = tl.minimum(tl.max(pt, axis=0), S_MAX)
+    else:
+        hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
     lo = hi * 0
     if HAS_WINDOW:
         lo = tl.maximum(tl.min(tl.where(ts < T, pt, S_MAX), axis=0) - window + 1, 0)
@@ -274,10 +350,31 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     pm = tl.minimum(tl.load(pos_ptr + tm, mask=row_ok, other=-1), LAST)  # (M,) padded rows see nothing
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
+    if ROPE:  # T = 1, D = BLOCK_D: q's heads and the new key rotated here from the projection's raw heads
+        p0 = tl.max(pt, axis=0)
+        cos, sin = cos_sin(p0, inv_ptr, attn_factor, BLOCK_D // 2, BLOCK_D // 2)
+        i = tl.arange(0, BLOCK_D // 2)
+        qp = q_ptr + b * sqb + head[:, None] * sqh
+        x1 = tl.load(qp + i[None, :], mask=row_ok[:, None], other=0.0)  # (M, D/2)
+        x2 = tl.load(qp + BLOCK_D // 2 + i[None, :], mask=row_ok[:, None], other=0.0)
+        r1, r2 = rotate_halves(x1, x2, head_rstd(x1, x2, tl.zeros([BLOCK_M], dtype=tl.float32), eps, D, HAS_NORM),
+                               qw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
+        q = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_M, BLOCK_D))  # (M, D)
+        kp = kn_ptr + b * sknb + kh * sknh
+        k1 = tl.load(kp + i)[None, :]  # (1, D/2)
+        k2 = tl.load(kp + BLOCK_D // 2 + i)[None, :]
+        r1, r2 = rotate_halves(k1, k2, head_rstd(k1, k2, tl.zeros([1], dtype=tl.float32), eps, D, HAS_NORM),
+                               kw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
+        k_new = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_D,))  # (D,) in q's dtype
+        v_new = tl.load(vn_ptr + b * svnb + kh * svnh + d)  # (D,)
+        if split == 0:  # the cache's copy, for the steps after this one
+            tl.store(k_base + p0 * sks + d, k_new)
+            tl.store(v_base + p0 * svs + d, v_new)
+    else:
+        q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],
+                    mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
     ks_base = ks_ptr + cb * sksb + kh * sksh  # this kv head's block scales (S, D/32)
     vs_base = vs_ptr + cb * svsb + kh * svsh
 
@@ -295,6 +392,20 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
                                   K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
+
+    if ROPE:
+        if split == 0:  # the new key, seen by every query row (its own position)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (M,)
+            if HAS_SOFTCAP:
+                s_new = softcap * (2.0 * tl.sigmoid(2.0 * s_new / softcap) - 1.0)
+            s_new = tl.where(row_ok, s_new * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            # p enters as the loop's P·V does: in q's dtype
+            acc = acc * alpha[:, None] + p_new.to(q.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0

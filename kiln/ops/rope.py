@@ -157,12 +157,8 @@ def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
     hb = tl.program_id(1)
     b = (bt // T).to(tl.int64)
     t = bt % T
-    # cos/sin from the absolute position: the float32 product pos * inv_freq, as the reference forms it.
-    i = tl.arange(0, BLOCK_HALF)
     p = tl.load(pos_ptr + b * spb + t)  # spb = 0: positions shared by every row
-    f = p.to(tl.float32) * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)  # (R/2,)
-    cos = tl.cos(f) * attn_factor
-    sin = tl.sin(f) * attn_factor
+    cos, sin = cos_sin(p, inv_ptr, attn_factor, HALF, BLOCK_HALF)
     if hb < NQB:  # this program's heads are query heads
         _rope_heads(q_ptr + b * sqb + t * sqt, qo_ptr + bt.to(tl.int64) * H * D, qw_ptr, cos, sin,
                     hb * BLOCK_H, H, sqh, D, eps, offset, D, HALF, HAS_NORM, HAS_OFFSET, HAS_TAIL,
@@ -202,24 +198,56 @@ def _rope_heads(x_ptr, o_ptr, w_ptr, cos, sin, h0, n_heads, stride_h, out_stride
         j = 2 * HALF + tl.arange(0, BLOCK_TAIL)
         mt = (heads[:, None] < n_heads) & (j[None, :] < D)  # (BLOCK_H, D - R)
         xt = tl.load(xp + j[None, :], mask=mt, other=0.0)
-    if HAS_NORM:  # per-head RMSNorm over all D dims, rounded to the dtype before rotating (as the model)
-        ss = tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
-        ss += tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)
-        if HAS_TAIL:
-            ss += tl.sum(xt.to(tl.float32) * xt.to(tl.float32), axis=1)
-        rstd = tl.rsqrt(ss / D + eps)[:, None]  # (BLOCK_H, 1)
+    ss = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_TAIL and HAS_NORM:  # the kept dims count in the head's norm
+        ss = tl.sum(xt.to(tl.float32) * xt.to(tl.float32), axis=1)
+    rstd = head_rstd(x1, x2, ss, eps, D, HAS_NORM)
+    o1, o2 = rotate_halves(x1, x2, rstd, w_ptr, cos, sin, offset, HALF, HAS_NORM, HAS_OFFSET, BLOCK_HALF)
+    odt = o_ptr.dtype.element_ty
+    tl.store(op + i[None, :], o1.to(odt), mask=m1)
+    tl.store(op + HALF + i[None, :], o2.to(odt), mask=m1)
+    if HAS_TAIL:
+        if HAS_NORM:
+            xt = _scale(xt, rstd, tl.load(w_ptr + j, mask=j < D, other=0.0), offset, HAS_OFFSET)
+        tl.store(op + j[None, :], xt.to(odt), mask=mt)
+
+
+@jit
+def cos_sin(p, inv_ptr, attn_factor, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin (R/2,) of position p: the float32 product p * inv_freq, as the reference forms it, times
+    attn_factor."""
+    i = tl.arange(0, BLOCK_HALF)
+    f = p.to(tl.float32) * tl.load(inv_ptr + i, mask=i < HALF, other=0.0)  # (R/2,)
+    return tl.cos(f) * attn_factor, tl.sin(f) * attn_factor
+
+
+@jit
+def head_rstd(x1, x2, ss, eps, D: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Each row's 1 / RMS over all D dims (ss: the sum of squares of the dims past the halves), (rows, 1);
+    ones without the norm."""
+    if HAS_NORM:
+        t = tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
+        t += tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)
+        r = tl.rsqrt((t + ss) / D + eps)[:, None]
+    else:
+        r = (ss + 1.0)[:, None]
+    return r
+
+
+@jit
+def rotate_halves(x1, x2, rstd, w_ptr, cos, sin, offset, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rows of a head's rotated dims as halves x1, x2 (rows, R/2) in x's dtype -> the rotated halves, rounded to
+    x's dtype: per-head RMSNorm first (rstd from `head_rstd`, weights w at w_ptr), rounded to the dtype before
+    rotating, as the model does. rope's kernel stores them; decode attention's fused form keeps them."""
+    if HAS_NORM:
+        i = tl.arange(0, BLOCK_HALF)
         x1 = _scale(x1, rstd, tl.load(w_ptr + i, mask=i < HALF, other=0.0), offset, HAS_OFFSET)
         x2 = _scale(x2, rstd, tl.load(w_ptr + HALF + i, mask=i < HALF, other=0.0), offset, HAS_OFFSET)
-        if HAS_TAIL:
-            xt = _scale(xt, rstd, tl.load(w_ptr + j, mask=j < D, other=0.0), offset, HAS_OFFSET)
     a = x1.to(tl.float32)
     c = x2.to(tl.float32)
-    xdt = x_ptr.dtype.element_ty
-    odt = o_ptr.dtype.element_ty
-    tl.store(op + i[None, :], (a * cos[None, :] - c * sin[None, :]).to(xdt).to(odt), mask=m1)
-    tl.store(op + HALF + i[None, :], (c * cos[None, :] + a * sin[None, :]).to(xdt).to(odt), mask=m1)
-    if HAS_TAIL:
-        tl.store(op + j[None, :], xt.to(odt), mask=mt)
+    xdt = x1.dtype
+    return (a * cos[None, :] - c * sin[None, :]).to(xdt), (c * cos[None, :] + a * sin[None, :]).to(xdt)
 
 
 @jit
