@@ -6,7 +6,7 @@
 # Prepare here: .ab/old = the old commit (bench/ab_commits.sh's header); carry .ab and .whl.
 # Output under $OUT: gpu_tests.log, ab.jsonl, bench.jsonl, session.log lines on stdout.
 set -u
-export AB_TESTS="tests/test_ops.py -k 'rope_decode_attention or rope_qk or (decode_attention and not block_caches)'"
+export AB_TESTS=${AB_TESTS:-"tests/test_ops.py -k 'rope_decode_attention or rope_qk_write_kv or test_decode_attention_split_counts'"}
 export AB_FILES=${AB_FILES:-"llama-3.2-1b qwen3-8b qwen3-0.6b"}
 PRE_CMD='BUDGET=${AB_BUDGET:-300} FILES="$AB_FILES" STEPS="tests bench" ROUNDS=${AB_ROUNDS:-1} TESTS="$AB_TESTS" \
   TESTS_S=${AB_TESTS_S:-110} BENCH_ARGS="-p 512 -g 128 -d 0,16384 -r 3" bash bench/ab_commits.sh' \

@@ -36,9 +36,7 @@ from torch import nn
 from kiln.cache import PREFILL, ROWS, Ring, Step
 from kiln.errors import KilnError
 from kiln.ops import cpu as ops_cpu
-from kiln.ops import (decode_attention, rms_norm, rope_decode_attention, rope_qk, rope_qk_ref, rope_qk_write_kv,
-                      use_triton)
-from kiln.ops.attention import rope_fuses
+from kiln.ops import decode_attention, rms_norm, rope_decode_attention, rope_qk, rope_qk_ref, use_triton
 from kiln.policy import DEFAULT, Policy
 from kiln import split
 
@@ -175,13 +173,6 @@ class RopeAt(NamedTuple):
         q, k; one kernel on GPUs."""
         return rope_qk(q, k, self.pos, self.inv_freq, self.attn_factor, *_norm_args(*norms), self.rot_dim,
                        policy=policy)
-
-    def apply_write(self, q, k, v, k_cache, v_cache, rows=None, norms: tuple = (), policy: Policy = DEFAULT,
-                    slots=None):
-        """`apply`, with the rotated k and v written into the static cache at these positions, or at `slots`
-        (a ring layer's), cache row rows[b] for batch row b if given, in the same kernel → rotated q (B, T, H, D)."""
-        return rope_qk_write_kv(q, k, v, k_cache, v_cache, self.pos, self.inv_freq, self.attn_factor,
-                                *_norm_args(*norms), self.rot_dim, rows, slots, policy=policy)
 
 
 def _norm_args(q_norm=None, k_norm=None) -> tuple:
@@ -477,11 +468,9 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     over the keys the step's window mask lets each query see (the fused step may fill `q8`). It decides the kernels:
 
     - a step the fused kernels serve (`step.fused`: a CUDA-graph or batched-rows step on a Triton device),
-      heads of 16 or more values: one token a row, a layer without a ring, a cache in the model's dtype and
-      every dim rotated (`ops.attention.rope_fuses`): the split-KV decode kernel rotates q and the new key and
-      writes it itself (`rope_decode_attention`; one launch with one split, else split + merge); other
-      tokens counts, rotary dims or rings: RoPE with the KV write into the static cache in one kernel, then
-      split-KV decode attention — two launches per layer or three; a
+      heads of 16 or more values: `ops.rope_decode_attention` — where it fuses, the split-KV decode kernel
+      with RoPE, the q/k norms and the KV write in it, else RoPE with the KV write into the static cache in
+      one kernel, then split-KV decode attention (one kernel with one split, else split + merge); a
       cache not stored in the model's dtype and basis (q8_0, ...: `_fused_stored`) takes RoPE, then
       ops.kv_write's one kernel that encodes the keys and values, around the same decode kernel. The kernel
       reads slot j as position j; a ring layer (cache.Ring) is written at its slots (`Step.ring_slots`) and
@@ -502,12 +491,8 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
         if not step.cache.direct:
             return _fused_stored(q, k, v, r, step, layer, scale, window, norms, slots, last, q8)
         kc, vc, rows = step.static_kv(layer)  # (B or N, K, S, D) each, rows (B,) or None
-        if ring is None and rope_fuses(q, k, v, kc, vc, r.inv_freq, r.rot_dim):  # one kernel (+ the merge)
-            out = rope_decode_attention(q, k, v, kc, vc, r.pos, r.inv_freq, scale, r.attn_factor, *_norm_args(*norms),
-                                        r.rot_dim, window, rows=rows, policy=policy, q8=q8)
-            return out.reshape(b, t, -1)
-        q = r.apply_write(q, k, v, kc, vc, rows, norms, policy, slots)  # (B, T, H, D)
-        out = decode_attention(q, kc, vc, step.positions, scale, window, rows=rows, last=last, policy=policy, q8=q8)
+        out = rope_decode_attention(q, k, v, kc, vc, r.pos, r.inv_freq, scale, r.attn_factor, *_norm_args(*norms),
+                                    r.rot_dim, window, rows=rows, slots=slots, last=last, policy=policy, q8=q8)
         return out.reshape(b, t, -1)
     if _native_token(q, step, layer, r) and _native_ring(step, layer, window) is not False:
         return _native_attention(q, k, v, r, scale, step, layer, window, norms)

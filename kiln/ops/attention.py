@@ -189,19 +189,22 @@ def rope_decode_attention_ref(q, k, v, k_cache, v_cache, pos, inv_freq, scale: f
 def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float, attn_factor: float = 1.0,
                           q_norm_w=None, k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0,
                           rot_dim: int | None = None, window: int | None = None, softcap: float | None = None,
-                          rows: torch.Tensor | None = None, *, splits: int | None = None, policy: Policy = DEFAULT,
+                          rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                          last: int | None = None, *, splits: int | None = None, policy: Policy = DEFAULT,
                           launch: Launch | None = None, q8=None) -> torch.Tensor:
-    """`rope.rope_qk_write_kv` (q and k normed per head and rotated, k and v written into the caches at pos),
-    then `decode_attention` of the rotated q over the caches — in the split kernel itself where `rope_fuses`:
-    each program rotates its query heads from the projection's raw q, the first split of each kv head also
-    the new key, which it writes into the cache beside the value; no program reads that slot back: the loop
-    stops before it and the first split adds the new key's term from registers. One launch less a layer,
-    the same values (the rotation's arithmetic is rope.py's). Else the two ops. Arguments as theirs; q
-    (B, 1, H, D), k, v (B, 1, K, D) before RoPE → (B, 1, H, D)."""
-    if not use_triton(q, policy) or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim):
+    """`rope.rope_qk_write_kv` (q and k normed per head and rotated, k and v written into the caches at pos, or
+    at a ring layer's `slots`), then `decode_attention` of the rotated q over the caches (a ring's up to `last`)
+    — in the split kernel itself where `rope_fuses` and there is no ring: each program rotates its query heads
+    from the projection's raw q, the first split of each kv head also the new key, which it writes into the
+    cache beside the value; no program reads that slot back: the loop stops before it and the first split adds
+    the new key's term from registers. One launch less a layer, the same values (the rotation's arithmetic is
+    rope.py's). Else the two ops. Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE →
+    (B, T, H, D)."""
+    if (not use_triton(q, policy) or slots is not None or last is not None
+            or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim)):
         qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
-                              norm_offset, rot_dim, rows, policy=policy)
-        return decode_attention(qr, k_cache, v_cache, pos, scale, window, softcap, rows, splits=splits,
+                              norm_offset, rot_dim, rows, slots, policy=policy)
+        return decode_attention(qr, k_cache, v_cache, pos, scale, window, softcap, rows, last=last, splits=splits,
                                 policy=policy, launch=launch, q8=q8)
     assert (q_norm_w is None) == (k_norm_w is None), "q and k norms come together"
     rope = (k, v, q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else q, inv_freq,
