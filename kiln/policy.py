@@ -28,6 +28,8 @@ SWITCHES = {
     "native_step": ("KILN_NATIVE_STEP", "0: a CPU decode step calls the C kernels block by block from Python, "
                                         "not once for every block"),
     "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy and cache length)"),
+    "rope_attn": ("KILN_ROPE_ATTN", "0: a GPU decode step's RoPE, q/k norms and KV write run in a kernel of their own "
+                                    "before split-KV attention, not inside it"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
@@ -43,6 +45,7 @@ class Policy:
     native: bool = True
     native_step: bool = True
     attn_splits: int = 0  # 0: the default rule decides
+    rope_attn: bool = True
     huge_pages: bool = False
     triton_cpu: bool = False
 
@@ -57,7 +60,8 @@ class Policy:
 
         return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
                    native=flag("native", True), native_step=flag("native_step", True),
-                   attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), huge_pages=flag("huge_pages", False),
+                   attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), rope_attn=flag("rope_attn", True),
+                   huge_pages=flag("huge_pages", False),
                    triton_cpu=flag("triton_cpu", False))
 
     def replace(self, **changes) -> Policy:

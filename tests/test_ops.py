@@ -511,6 +511,25 @@ def test_rope_decode_attention_never_reads_the_new_slot():
         close(k2[:, :, :71], want_k[:, :, :71], torch.float32)
 
 
+def test_rope_decode_attention_switch(monkeypatch):
+    """KILN_ROPE_ATTN=0 (the policy's rope_attn): RoPE and the KV write in their own kernel first, the same answer."""
+    from kiln.ops import attention
+    calls, real = [], attention.rope_qk_write_kv
+    monkeypatch.setattr(attention, "rope_qk_write_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, kk, v = _rope_kv_inputs(1, 1, 8, 2, 64, torch.float32)
+    outs, caches = [], []
+    for env in ("1", "0"):
+        kc, vc = rand(1, 2, 100, 64, seed=5), rand(1, 2, 100, 64, seed=6)
+        policy = Policy.from_env({"KILN_ROPE_ATTN": env, "KILN_TRITON_CPU": "1"})
+        outs.append(ops.rope_decode_attention(q, kk, v, kc, vc, torch.tensor([70], device=DEVICE), _inv_freq(64),
+                                              0.125, splits=3, policy=policy))
+        caches.append((kc, vc))
+        assert len(calls) == (env == "0")
+    close(outs[0], outs[1], torch.float32)
+    for a, b in zip(*caches):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _codes(kind, x):
     """x (..., D) → (codes, float16 scales (..., D/32)): a block type's cache layout (kiln.kv_types); fp8: the
     values and no scales."""

@@ -198,9 +198,9 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     from the projection's raw q, the first split of each kv head also the new key, which it writes into the
     cache beside the value; no program reads that slot back: the loop stops before it and the first split adds
     the new key's term from registers. One launch less a layer, the same values (the rotation's arithmetic is
-    rope.py's). Else the two ops. Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE →
-    (B, T, H, D)."""
-    if (not use_triton(q, policy) or slots is not None or last is not None
+    rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops. Arguments as theirs;
+    q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
+    if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
             or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim)):
         qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
                               norm_offset, rot_dim, rows, slots, policy=policy)
