@@ -2,8 +2,9 @@
 
 Owns: `decode_attention` (a split kernel and a log-sum-exp merge; one launch when one split serves),
 `decode_attention_ref` (masked float32 softmax attention in torch), and `rope_decode_attention` (with its `_ref`):
-the same kernels with RoPE, the q/k norms and the new token's KV write done in the split kernel (`rope_fuses`). Causal + optional sliding window
-(query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional logit soft-capping.
+the same kernels with RoPE, the q/k norms and the new token's KV write done in the split kernel (`rope_fuses`).
+Causal + optional sliding window (query t sees keys j with j <= pos[t] and pos[t] - j < window) and optional
+logit soft-capping.
 Positions are (T,), shared by every batch row, or (B, T) per row with `rows` (B,) naming the cache row
 (a server's slot) each batch row reads: a batched decode step over sequences at different depths.
 Keys and values may each be stored in another float type than q's (fp8: converted tile by tile), or as
