@@ -5,7 +5,9 @@
 The record is graph_timeline.py's, with "skip" (the kernels left out, as given; "none").
 
 Runs bench/graph_timeline.py with the named kernels *not launched* in the decode step: `norm` the residual
-RMSNorms that fill an int8 GEMV's input, `act` the gated activation that does, `rope` RoPE with the KV write.
+RMSNorms that fill an int8 GEMV's input, `act` the gated activation that does, `rope` RoPE with the KV write where
+it runs as a kernel of its own (with KILN_ROPE_ATTN=0, or a step ops.rope_decode_attention does not fuse; by
+default the split-KV decode kernel does that work and there is no such launch).
 The step then computes garbage (stale inputs); its time is what the other kernels take without those, the floor a
 fusion that folds their work into neighbouring kernels could reach. Never a way to run a model.
 """
@@ -39,7 +41,8 @@ def main() -> int:
         act = llama.silu_mul
         llama.silu_mul = lambda gu, q8=None, **kw: gu[..., :gu.shape[-1] // 2] if q8 is not None else act(gu, **kw)
     if "rope" in skip:
-        base.rope_qk_write_kv = lambda q, *a, **k: q
+        import kiln.ops.attention as attention
+        attention.rope_qk_write_kv = lambda q, *a, **k: q
     import graph_timeline
     sys.argv = [sys.argv[0]] + rest
     return graph_timeline.main({"skip": a.skip or "none"})

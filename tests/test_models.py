@@ -205,8 +205,8 @@ def test_batched_rows_at_different_positions_equal_each_sequence_alone(name):
 @pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
 def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
     """Which ops serve each step (kiln.models.base.attention): on a Triton device a CUDA-graph step and a
-    batched step over slots rotate q/k and write the cache in one op (`rope_qk_write_kv`, no separate
-    `rope_qk` or KV write) before `decode_attention`; prefill rotates with `rope_qk`. Here every op is
+    batched step over slots rotate q/k, write the cache and attend in one op (`rope_decode_attention`, no
+    separate `rope_qk`, KV write or `decode_attention`); prefill rotates with `rope_qk`. Here every op is
     its torch reference behind a counter, so the wiring is checked, and the logits, without Triton."""
     from kiln import ops
     from kiln.models import base
@@ -217,7 +217,7 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
 
     monkeypatch.setattr(base, "use_triton", lambda x, policy: True)  # base's dispatch only: other ops stay torch
     monkeypatch.setattr(base, "rope_qk", count("rope_qk", ops.rope_qk_ref))
-    monkeypatch.setattr(base, "rope_qk_write_kv", count("rope_qk_write_kv", ops.rope_qk_write_kv_ref))
+    monkeypatch.setattr(base, "rope_decode_attention", count("rope_decode_attention", ops.rope_decode_attention_ref))
     monkeypatch.setattr(base, "decode_attention", count("decode_attention", ops.decode_attention_ref))
     cfg = CONFIGS[name]
     hf, _ = _hf_model(cfg)
@@ -231,13 +231,13 @@ def test_fused_decode_steps_launch_rope_with_the_kv_write(name, monkeypatch):
         assert calls == {"rope_qk": 2 * n}  # the uncached forward and the prefill
         for t in range(7, 10):
             parts.append(km(ids[:, t:t + 1], Step.graph(cache, torch.tensor(t))))
-        assert calls == {"rope_qk": 2 * n, "rope_qk_write_kv": 3 * n, "decode_attention": 3 * n}
+        assert calls == {"rope_qk": 2 * n, "rope_decode_attention": 3 * n}
         err = (torch.cat(parts, 1) - full).abs().max().item()
         assert err <= 1e-4, (name, err)
         calls.clear()
         seqs = [ids, ids[:, :8], ids[:, 1:]]
         rows = _rows_decode(km, seqs, slots=[2, 0, 3], prefill=[8, 7, 8])  # 2 batched steps, after 3 prefills
-        assert calls == {"rope_qk": 3 * n, "rope_qk_write_kv": 2 * n, "decode_attention": 2 * n}
+        assert calls == {"rope_qk": 3 * n, "rope_decode_attention": 2 * n}
         row_err = max((out - km(x)).abs().max().item() for x, out in zip(seqs, rows))
         assert row_err <= 1e-4, (name, row_err)
 

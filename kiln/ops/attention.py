@@ -180,11 +180,13 @@ def rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim: int | None = None) 
 def rope_decode_attention_ref(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float, attn_factor: float = 1.0,
                               q_norm_w=None, k_norm_w=None, eps: float = 1e-6, norm_offset: float = 0.0,
                               rot_dim: int | None = None, window: int | None = None, softcap: float | None = None,
-                              rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`rope.rope_qk_write_kv_ref` (the caches written in place), then `decode_attention_ref` over them."""
+                              rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                              last: int | None = None) -> torch.Tensor:
+    """`rope.rope_qk_write_kv_ref` (the caches written in place, at `slots` if given), then `decode_attention_ref`
+    over them (up to `last`)."""
     qr = rope_qk_write_kv_ref(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
-                              norm_offset, rot_dim, rows)
-    return decode_attention_ref(qr, k_cache, v_cache, pos, scale, window, softcap, rows)
+                              norm_offset, rot_dim, rows, slots)
+    return decode_attention_ref(qr, k_cache, v_cache, pos, scale, window, softcap, rows, last=last)
 
 
 def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float, attn_factor: float = 1.0,
