@@ -4,7 +4,9 @@ step's KV-cache write in the same launch.
 Owns: `rope_qk` (Triton: cos/sin from device positions in-kernel, so no table per step; graph-capturable) and
 `rope_qk_ref` (plain torch: models/base.py's RoPE and Qwen3 / Gemma 3 q/k norms); `rope_qk_write_kv` (the key
 programs store rotated keys and copy values straight into a static cache) and `rope_qk_write_kv_ref`
-(`rope_qk_ref`, then `write_kv_ref`, the KV write's reference).
+(`rope_qk_ref`, then `write_kv_ref`, the KV write's reference); the rotation's arithmetic as Triton helpers
+(`cos_sin`, `head_rstd`, `rotate_halves`), which the decode kernel's fused form (attention.rope_decode_attention)
+calls too, so both round alike.
 Convention: Hugging Face rotate-half — pairs (i, i + R/2) in the first R = rot_dim dims; dims past R are kept.
 cos and sin are multiplied by attn_factor (longrope / YaRN). Positions are (T,) for every batch row or (B, T),
 one row each (then `rows` (B,) may name each batch row's cache row).
