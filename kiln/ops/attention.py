@@ -44,9 +44,10 @@ How the split kernel works, and why:
 - RoPE in the split kernel (`rope_decode_attention`, one token a row into a float cache of q's dtype): every
   program rotates (and norms) its G query heads from the projection's raw output, and the first split of each
   kv head also the new key, which it stores with the value at the token's slot. No program loads that slot: the
-  visible range stops before it, and after its loop the first split adds the new key's term from registers
-  (p in q's dtype, as the loop's P·V takes it). The rope kernel's launch and its wait go; the values are the
-  same (rope.py's `rotate_halves`, bit for bit in the cache).
+  visible range stops before it: the first split starts its running softmax from the new key's term (score
+  from registers, weight 1) before its loop, and only that program rotates the key and reads the new value.
+  The rope kernel's launch and its wait go; the values are the same (rope.py's `rotate_halves`, bit for bit in
+  the cache).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
@@ -199,8 +200,8 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     at a ring layer's `slots`), then `decode_attention` of the rotated q over the caches (a ring's up to `last`)
     — in the split kernel itself where `rope_fuses` and there is no ring: each program rotates its query heads
     from the projection's raw q, the first split of each kv head also the new key, which it writes into the
-    cache beside the value; no program reads that slot back: the loop stops before it and the first split adds
-    the new key's term from registers. One launch less a layer, the same values (the rotation's arithmetic is
+    cache beside the value; no program reads that slot back: the loop stops before it and the first split starts
+    its softmax from the new key's term, in registers. One launch less a layer, the same values (the rotation's arithmetic is
     rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops. Arguments as theirs;
     q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
     if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
@@ -328,7 +329,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
     pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1), LAST)  # (T,) a ring's queries see its every slot
-    if ROPE:  # the new key's slot is not read: its term comes from registers after the loop
+    if ROPE:  # the new key's slot is not read: the first split's softmax starts from its term in registers
         hi = tl.minimum(tl.max(pt, axis=0), S_MAX)
     else:
         hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
@@ -368,16 +369,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         r1, r2 = rotate_halves(x1, x2, head_rstd(x1, x2, tl.zeros([BLOCK_M], dtype=tl.float32), eps, D, HAS_NORM),
                                qw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
         q = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_M, BLOCK_D))  # (M, D)
-        kp = kn_ptr + b * sknb + kh * sknh
-        k1 = tl.load(kp + i)[None, :]  # (1, D/2)
-        k2 = tl.load(kp + BLOCK_D // 2 + i)[None, :]
-        r1, r2 = rotate_halves(k1, k2, head_rstd(k1, k2, tl.zeros([1], dtype=tl.float32), eps, D, HAS_NORM),
-                               kw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
-        k_new = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_D,))  # (D,) in q's dtype
-        v_new = tl.load(vn_ptr + b * svnb + kh * svnh + d)  # (D,)
-        if split == 0:  # the cache's copy, for the steps after this one
-            tl.store(k_base + p0 * sks + d, k_new)
-            tl.store(v_base + p0 * svs + d, v_new)
     else:
         q = tl.load(q_ptr + b * sqb + tm[:, None] * sqt + head[:, None] * sqh + d[None, :],
                     mask=row_ok[:, None] & dm[None, :], other=0.0)  # (M, D)
@@ -388,6 +379,24 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if ROPE:
+        if split == 0:  # the new key: rotated, written to the cache, and the softmax's first term
+            kp = kn_ptr + b * sknb + kh * sknh
+            k1 = tl.load(kp + i)[None, :]  # (1, D/2)
+            k2 = tl.load(kp + BLOCK_D // 2 + i)[None, :]
+            n1, n2 = rotate_halves(k1, k2, head_rstd(k1, k2, tl.zeros([1], dtype=tl.float32), eps, D, HAS_NORM),
+                                   kw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
+            k_new = tl.reshape(tl.permute(tl.join(n1, n2), (0, 2, 1)), (BLOCK_D,))  # (D,) in q's dtype
+            v_new = tl.load(vn_ptr + b * svnb + kh * svnh + d)  # (D,)
+            tl.store(k_base + p0 * sks + d, k_new)  # the cache's copy, for the steps after this one
+            tl.store(v_base + p0 * svs + d, v_new)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (M,)
+            if HAS_SOFTCAP:
+                s_new = softcap * (2.0 * tl.sigmoid(2.0 * s_new / softcap) - 1.0)
+            # every query row sees it (its own position): the running max starts at its score, with weight 1
+            m_i = tl.where(row_ok, s_new * 1.4426950408889634, m_i)
+            l_i = tl.where(row_ok, 1.0, l_i)
+            acc = tl.where(row_ok[:, None], v_new.to(tl.float32)[None, :], acc)
     if RUNTIME_LOOP:  # this split's own tiles
         for i in range(count):
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
@@ -398,20 +407,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
             m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
                                   end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
                                   K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
-
-    if ROPE:
-        if split == 0:  # the new key, seen by every query row (its own position)
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (M,)
-            if HAS_SOFTCAP:
-                s_new = softcap * (2.0 * tl.sigmoid(2.0 * s_new / softcap) - 1.0)
-            s_new = tl.where(row_ok, s_new * 1.4426950408889634, float("-inf"))
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p_new = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            # p enters as the loop's P·V does: in q's dtype
-            acc = acc * alpha[:, None] + p_new.to(q.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     seen = l_i > 0.0
