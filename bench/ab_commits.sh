@@ -25,6 +25,9 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 . bench/carry_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 side_path() { if [ "$1" = old ]; then echo "$ROOT/.ab/old"; else echo "$ROOT"; fi; }
+# SIDES: the sides each round runs, in order; "new:VAR=value" is the new side with that variable set (an A/B of a
+# kiln switch in the same alternation), e.g. SIDES="old new new:KILN_SPLIT_MERGE=1"
+SIDES=${SIDES:-"old new"}
 
 for m in $FILES; do
   [ -f "/tmp/g/$m-Q4_K_M.gguf" ] && continue  # made earlier in this call (bench/gpu_session.sh's PRE_CMD)
@@ -42,10 +45,10 @@ fi
 if [[ " $STEPS " == *" bench "* ]]; then
   for m in $FILES; do
     for r in $(seq 1 "$ROUNDS"); do
-      for side in old new; do  # alternate: old, new, old, new …
+      for side in $SIDES; do  # alternate: old, new, old, new …
         [ "$(left)" -lt 40 ] && { echo "out of time before $m $side round $r"; break 3; }
-        dir=$(side_path $side)
-        (cd "$dir" && PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
+        dir=$(side_path "${side%%:*}")
+        (cd "$dir" && export ${side#*:} && PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
           --model "/tmp/g/$m-Q4_K_M.gguf" $BENCH_ARGS --json > /tmp/b.json 2> /tmp/b.err)
         rc=$?
         python - "$side" "$r" "$m" "$rc" >> "$OUT/ab.jsonl" <<'EOF'

@@ -201,9 +201,9 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     — in the split kernel itself where `rope_fuses` and there is no ring: each program rotates its query heads
     from the projection's raw q, the first split of each kv head also the new key, which it writes into the
     cache beside the value; no program reads that slot back: the loop stops before it and the first split starts
-    its softmax from the new key's term, in registers. One launch less a layer, the same values (the rotation's arithmetic is
-    rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops. Arguments as theirs;
-    q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
+    its softmax from the new key's term, in registers. One launch less a layer, the same values (the rotation's
+    arithmetic is rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops.
+    Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
     if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
             or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim)):
         qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
@@ -239,6 +239,11 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     else:
         mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
         mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
+    fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
+    cnt = (_counters(q.device, b * kh) if policy.split_merge and ns > 1 and t == 1 and d == triton.next_power_of_2(d)
+           else None)
+    # the merging program's splits a pass (1 and 1 where no program merges: no extra compiled forms)
+    merge_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // d)) if cnt is not None else 1
     # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
     # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
     _split_kernel[(b * kh, ns)](
@@ -246,11 +251,14 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
         s_max - 1 if last is None else int(last), float(scale), float(softcap or 1.0), int(window or 0),
         *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
-        *_rope_args(rope, q),
+        *_rope_args(rope, q), out, *(q8.buffers if fill and cnt is not None else (out, out, out)),
+        cnt if cnt is not None else pos,
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None, ROPE=rope is not None,
         HAS_NORM=rope is not None and rope[-1], HAS_OFFSET=rope is not None and bool(rope[-2]),
-        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
+        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), MERGE=cnt is not None, Q8=fill and cnt is not None,
+        MERGE_S=merge_s, MERGE_CHUNKS=triton.cdiv(ns, merge_s) if cnt is not None else 1,
+        BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
@@ -258,12 +266,12 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
-    fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
-    cols = min(MERGE_COLS, triton.next_power_of_2(d))
-    block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
-    _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
-        mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
-        CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
+    if cnt is None:
+        cols = min(MERGE_COLS, triton.next_power_of_2(d))
+        block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
+        _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
+            mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
+            CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
     if fill:
         q8.filled = True
     return out
@@ -289,6 +297,23 @@ def _scale_args(scales: torch.Tensor | None, cache: torch.Tensor) -> tuple:
     return (cache, 0, 0, 0) if scales is None else (scales, *scales.stride()[:3])
 
 
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """At least n int32 zeros on the device: the split kernel's count of finished programs per (batch row, kv
+    head), which the program that merges sets back to zero. One buffer serves every launch on the device (a
+    decode step's kernels run one after another on one stream). None where a larger one would have to be made
+    during a CUDA graph capture (the merge kernel serves then); older buffers stay alive for the graphs that
+    captured them."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        bufs.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 def _default_splits(device: torch.device, programs: int, n_tiles: int, tiles_per_split: int) -> int:
     """Splits so that (B·K) × NS programs fill the device about twice over, and no split of a full cache
     walks more than `tiles_per_split` tiles one after another (a long context is latency-bound otherwise)."""
@@ -307,11 +332,13 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, LAST, scale, softcap, window,
                   ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss, rot_ptr,
                   kn_ptr, vn_ptr, sknb, sknh, svnb, svnh, qw_ptr, kw_ptr, inv_ptr, attn_factor, eps, offset,
+                  out_ptr, xq_ptr, xd_ptr, xs_ptr, cnt_ptr,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   K_KIND: tl.constexpr, V_KIND: tl.constexpr, OUT_ROT: tl.constexpr,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
+                  MERGE: tl.constexpr, Q8: tl.constexpr, MERGE_S: tl.constexpr, MERGE_CHUNKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
                   PDL: tl.constexpr):
@@ -418,6 +445,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
         _store_out(o, o_ptr + (row * NS + split)[:, None] * D, (row_ok & seen)[:, None], rot_ptr, d, dm, D, BLOCK_D,
                    OUT_ROT, DOT_PREC)
+        if MERGE:  # T = 1, D = BLOCK_D: the last of this kv head's NS programs to finish merges (no merge kernel)
+            tl.debug_barrier()  # every thread's partial stores come before the count, which releases them
+            if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu") == NS - 1:
+                tl.store(cnt_ptr + bk, 0)  # every program has counted: zero again for the next launch
+                for g in tl.static_range(G):
+                    r = b * H + kh * G + g
+                    out = _merge_row(o_ptr, lse_ptr, r, NS, d, dm, D, MERGE_S, MERGE_CHUNKS)
+                    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+                    if Q8:  # one output row: its int8 blocks, as the merge kernel stores them
+                        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), r * (D // 32), (r + 1) * (D // 32),
+                                 xq_ptr, xd_ptr, xs_ptr, BLOCK_D // 32)
 
 
 @jit
@@ -494,24 +532,36 @@ def _scaled(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
 @jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
                   CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, c): columns c·BLOCK_C.. of one output row, from every split's partial, BLOCK_S splits at a
-    time (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS."""
+    """Program (row, c): columns c·BLOCK_C.. of one output row (`_merge_row`)."""
     pdl.start(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = _merge_row(o_ptr, lse_ptr, row, NS, c, c < D, D, BLOCK_S, CHUNKS)
+    tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
+    if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
+        blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
+        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), blk, (row + 1) * (D // 32), xq_ptr, xd_ptr,
+                 xs_ptr, BLOCK_C // 32)
+
+
+@jit
+def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr):
+    """Columns c (mask cm) of one output row, float32, from every split's partial, BLOCK_S splits at a time
+    (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS. Loads go
+    through L2 only (.cg): the split kernel's merging program reads what other programs just wrote."""
     s = tl.arange(0, BLOCK_S)
     m = tl.full([1], -1.0e30, dtype=tl.float32)  # finite: a chunk of empty splits never computes inf - inf
     wsum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros(c.shape, dtype=tl.float32)
     for i in range(CHUNKS):
         s0 = i * BLOCK_S
         sm = s0 + s < NS
-        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"))  # (S,)
+        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"), cache_modifier=".cg")  # (S,)
         # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were
         # never written, so whatever they hold is replaced by 0 below.
-        o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & (c < D)[None, :],
-                    other=0.0)  # (S, C)
+        o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & cm[None, :],
+                    other=0.0, cache_modifier=".cg")  # (S, C)
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)  # (S,) 0 for empty splits
@@ -520,9 +570,4 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.con
         wsum = wsum * alpha + tl.sum(w, axis=0)
         m = m_new
     # Every row sees at least its own key, so some split has a finite lse and wsum > 0.
-    out = acc / wsum
-    tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
-    if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
-        blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
-        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), blk, (row + 1) * (D // 32), xq_ptr, xd_ptr,
-                 xs_ptr, BLOCK_C // 32)
+    return acc / wsum
