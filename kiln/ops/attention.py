@@ -451,7 +451,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 tl.store(cnt_ptr + bk, 0)  # every program has counted: zero again for the next launch
                 for g in tl.static_range(G):
                     r = b * H + kh * G + g
-                    out = _merge_row(o_ptr, lse_ptr, r, NS, d, dm, D, MERGE_S, MERGE_CHUNKS)
+                    out = _merge_row(o_ptr, lse_ptr, r, NS, d, dm, D, MERGE_S, MERGE_CHUNKS, True)
                     tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
                     if Q8:  # one output row: its int8 blocks, as the merge kernel stores them
                         store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), r * (D // 32), (r + 1) * (D // 32),
@@ -537,7 +537,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.con
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    out = _merge_row(o_ptr, lse_ptr, row, NS, c, c < D, D, BLOCK_S, CHUNKS)
+    out = _merge_row(o_ptr, lse_ptr, row, NS, c, c < D, D, BLOCK_S, CHUNKS, False)
     tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
     if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
         blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
@@ -546,10 +546,11 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.con
 
 
 @jit
-def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr):
+def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr,
+               CG: tl.constexpr):
     """Columns c (mask cm) of one output row, float32, from every split's partial, BLOCK_S splits at a time
-    (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS. Loads go
-    through L2 only (.cg): the split kernel's merging program reads what other programs just wrote."""
+    (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS. CG: loads go
+    through L2 only (.cg), as where the split kernel's merging program reads what other programs just wrote."""
     s = tl.arange(0, BLOCK_S)
     m = tl.full([1], -1.0e30, dtype=tl.float32)  # finite: a chunk of empty splits never computes inf - inf
     wsum = tl.zeros([1], dtype=tl.float32)
@@ -557,11 +558,12 @@ def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.cons
     for i in range(CHUNKS):
         s0 = i * BLOCK_S
         sm = s0 + s < NS
-        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"), cache_modifier=".cg")  # (S,)
+        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"),
+                      cache_modifier=".cg" if CG else "")  # (S,)
         # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were
         # never written, so whatever they hold is replaced by 0 below.
         o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & cm[None, :],
-                    other=0.0, cache_modifier=".cg")  # (S, C)
+                    other=0.0, cache_modifier=".cg" if CG else "")  # (S, C)
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)  # (S,) 0 for empty splits
