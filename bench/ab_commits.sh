@@ -48,7 +48,8 @@ if [[ " $STEPS " == *" bench "* ]]; then
       for side in $SIDES; do  # alternate: old, new, old, new …
         [ "$(left)" -lt 40 ] && { echo "out of time before $m $side round $r"; break 3; }
         dir=$(side_path "${side%%:*}")
-        (cd "$dir" && export ${side#*:} && PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
+        vars=""; [[ "$side" == *:* ]] && vars=${side#*:}  # the switch a "new:VAR=value" side sets
+        (cd "$dir" && env $vars PYTHONPATH="/tmp/carry:$dir" timeout $(( $(left) - 10 )) python -m kiln.cli bench \
           --model "/tmp/g/$m-Q4_K_M.gguf" $BENCH_ARGS --json > /tmp/b.json 2> /tmp/b.err)
         rc=$?
         python - "$side" "$r" "$m" "$rc" >> "$OUT/ab.jsonl" <<'EOF'

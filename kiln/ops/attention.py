@@ -451,11 +451,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 tl.store(cnt_ptr + bk, 0)  # every program has counted: zero again for the next launch
                 for g in tl.static_range(G):
                     r = b * H + kh * G + g
-                    out = _merge_row(o_ptr, lse_ptr, r, NS, d, dm, D, MERGE_S, MERGE_CHUNKS, True)
-                    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
-                    if Q8:  # one output row: its int8 blocks, as the merge kernel stores them
-                        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), r * (D // 32), (r + 1) * (D // 32),
-                                 xq_ptr, xd_ptr, xs_ptr, BLOCK_D // 32)
+                    _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, r, NS, d, dm, r * (D // 32), D,
+                               MERGE_S, MERGE_CHUNKS, BLOCK_D // 32, Q8, True)
 
 
 @jit
@@ -537,20 +534,18 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.con
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    out = _merge_row(o_ptr, lse_ptr, row, NS, c, c < D, D, BLOCK_S, CHUNKS, False)
-    tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
-    if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
-        blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
-        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), blk, (row + 1) * (D // 32), xq_ptr, xd_ptr,
-                 xs_ptr, BLOCK_C // 32)
+    _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, row, NS, c, c < D,
+               row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32), D, BLOCK_S, CHUNKS, BLOCK_C // 32, Q8, False)
 
 
 @jit
-def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr,
-               CG: tl.constexpr):
-    """Columns c (mask cm) of one output row, float32, from every split's partial, BLOCK_S splits at a time
-    (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS. CG: loads go
-    through L2 only (.cg), as where the split kernel's merging program reads what other programs just wrote."""
+def _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, row, NS, c, cm, blk0, D: tl.constexpr,
+               BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr, NB: tl.constexpr, Q8: tl.constexpr, CG: tl.constexpr):
+    """Columns c (mask cm) of one output row from every split's partial, BLOCK_S splits at a time (CHUNKS of
+    them) with a running maximum of their lse: one pass over the partials, whatever NS; stored in out's dtype,
+    and with Q8 (one output row) also as the NB int8 blocks from blk0 that quantize_act would store for the
+    values out now holds. CG: loads go through L2 only (.cg), as where the split kernel's merging program reads
+    what other programs just wrote."""
     s = tl.arange(0, BLOCK_S)
     m = tl.full([1], -1.0e30, dtype=tl.float32)  # finite: a chunk of empty splits never computes inf - inf
     wsum = tl.zeros([1], dtype=tl.float32)
@@ -572,4 +567,7 @@ def _merge_row(o_ptr, lse_ptr, row, NS, c, cm, D: tl.constexpr, BLOCK_S: tl.cons
         wsum = wsum * alpha + tl.sum(w, axis=0)
         m = m_new
     # Every row sees at least its own key, so some split has a finite lse and wsum > 0.
-    return acc / wsum
+    out = (acc / wsum).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * D + c, out, mask=cm)
+    if Q8:
+        store_q8(out.to(tl.float32), blk0, (row + 1) * (D // 32), xq_ptr, xd_ptr, xs_ptr, NB)
