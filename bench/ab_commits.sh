@@ -26,7 +26,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 side_path() { if [ "$1" = old ]; then echo "$ROOT/.ab/old"; else echo "$ROOT"; fi; }
 # SIDES: the sides each round runs, in order; "new:VAR=value" is the new side with that variable set (an A/B of a
-# kiln switch in the same alternation), e.g. SIDES="old new new:KILN_SPLIT_MERGE=1"
+# kiln switch in the same alternation), e.g. SIDES="old new new:KILN_ROPE_ATTN=0"
 SIDES=${SIDES:-"old new"}
 
 for m in $FILES; do

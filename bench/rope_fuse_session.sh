@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One device call: RoPE fused into the split-KV decode kernel (ops.rope_decode_attention) against the commit
-# before it (and the split kernel's own merge, KILN_SPLIT_MERGE=1: a third side), and against llama.cpp. While
+# before it (and this tree with the fusion off, KILN_ROPE_ATTN=0: a third side), and against llama.cpp. While
 # llama.cpp builds (bench/gpu_session.sh's PRE_CMD): the GPU tests of the kernels it touches, then `kiln bench`
 # old / new / new with the switch alternating at depth 0 and 16384 (bench/ab_commits.sh);
 # then `kiln bench --compare llama.cpp` on the new side, each file.
 # Prepare here: .ab/old = the old commit (bench/ab_commits.sh's header); carry .ab and .whl.
 # Output under $OUT: gpu_tests.log, ab.jsonl, bench.jsonl, session.log lines on stdout.
 set -u
-export AB_TESTS=${AB_TESTS:-"tests/test_ops.py -k 'rope_decode_attention or rope_qk_write_kv or split_counts or split_merge'"}
+export AB_TESTS=${AB_TESTS:-"tests/test_ops.py -k 'rope_decode_attention or rope_qk_write_kv or split_counts'"}
 export AB_FILES=${AB_FILES:-"qwen3-0.6b llama-3.2-1b"}
-export SIDES=${SIDES:-"old new new:KILN_SPLIT_MERGE=1"}
+export SIDES=${SIDES:-"old new new:KILN_ROPE_ATTN=0"}
 PRE_CMD='BUDGET=${AB_BUDGET:-300} FILES="$AB_FILES" STEPS="tests bench" ROUNDS=${AB_ROUNDS:-1} TESTS="$AB_TESTS" \
   TESTS_S=${AB_TESTS_S:-110} BENCH_ARGS="-p 512 -g 128 -d 0,16384 -r 3" bash bench/ab_commits.sh' \
 STEPS=compare COLD="" FILES=${FILES:-"llama-3.2-1b:Q4_K_M qwen3-8b:Q4_K_M qwen3-0.6b:Q4_K_M"} \

@@ -31,8 +31,6 @@ SWITCHES = {
                                         "cache length)"),
     "rope_attn": ("KILN_ROPE_ATTN", "0: a GPU decode step's RoPE, q/k norms and KV write run in a kernel of their own "
                                     "before split-KV attention, not inside it"),
-    "split_merge": ("KILN_SPLIT_MERGE", "1: split-KV decode attention's last program of each kv head merges the splits "
-                                        "itself (no merge kernel launch)"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
@@ -49,7 +47,6 @@ class Policy:
     native_step: bool = True
     attn_splits: int = 0  # 0: the default rule decides
     rope_attn: bool = True
-    split_merge: bool = False
     huge_pages: bool = False
     triton_cpu: bool = False
 
@@ -65,7 +62,6 @@ class Policy:
         return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
                    native=flag("native", True), native_step=flag("native_step", True),
                    attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), rope_attn=flag("rope_attn", True),
-                   split_merge=flag("split_merge", False),
                    huge_pages=flag("huge_pages", False),
                    triton_cpu=flag("triton_cpu", False))
 

@@ -31,22 +31,17 @@ import pytest
 pytest.importorskip("triton")
 
 # (name, split kernel: dtypes of q / k cache / v cache / scales, K and V kinds, out rotation, head dim, one split,
-#  RoPE in the kernel (ops.rope_decode_attention: 0 no, 1 with q/k norms, 2 with Gemma's offset norms), the last
-#  split merges (KILN_SPLIT_MERGE=1; with RoPE also storing the int8 output))
-SPLIT = [("bf16 d128, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, False, 0, False),
-         ("bf16 d128, one split", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, True, 0, False),
-         ("q8_0 K+V rotated d128", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False, 0, False),
-         ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "u8", "fp16"), 1, 2, True, 256, True, 0, False),
-         ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False, 0, False),
-         ("bf16 d256 (Gemma's global layers)", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 256, False, 0, False),
+#  RoPE in the kernel (ops.rope_decode_attention: 0 no, 1 with q/k norms, 2 with Gemma's offset norms))
+SPLIT = [("bf16 d128, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, False, 0),
+         ("bf16 d128, one split", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, True, 0),
+         ("q8_0 K+V rotated d128", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False, 0),
+         ("q8_0 K / q4_0 V rotated d256", ("bf16", "i8", "u8", "fp16"), 1, 2, True, 256, True, 0),
+         ("fp8 d128", ("bf16", "fp8e4nv", "fp8e4nv", "bf16"), 0, 0, False, 128, False, 0),
+         ("bf16 d256 (Gemma's global layers)", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 256, False, 0),
          ("bf16 d128, RoPE + q/k norms fused, split + merge", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128,
-          False, 1, False),
+          False, 1),
          ("bf16 d256, RoPE + Gemma's norms fused, one split", ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 256,
-          True, 2, False),
-         ("bf16 d128, RoPE + q/k norms fused, the last split merges (int8 output too)",
-          ("bf16", "bf16", "bf16", "bf16"), 0, 0, False, 128, False, 1, True),
-         ("q8_0 K+V rotated d128, the last split merges", ("bf16", "i8", "i8", "fp16"), 1, 1, True, 128, False, 0,
-          True)]
+          True, 2)]
 # (name, encode kernel: dtypes of q / k codes / k scales / v codes / v scales, K and V kinds, rotations, head dim);
 # a side without a rotation passes its keys as the matrix (kv_write._side_args' stand-in), in q's dtype
 ENCODE = [("q8_0 K+V rotated, key offset, d128", ("bf16", "i8", "fp16", "i8", "fp16"), 1, 1, True, True, 128),
@@ -104,14 +99,13 @@ def _compile_all() -> list[dict]:
         except Exception as e:  # reported, not raised: every form is tried
             out.append({"name": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
 
-    for name, (q, k, v, s), kk, vk, rot, d, final, fused, merge in SPLIT:
+    for name, (q, k, v, s), kk, vk, rot, d, final, fused in SPLIT:
         pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
                         lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32", kn_ptr=q, vn_ptr=q, qw_ptr=q, kw_ptr=q,
-                        inv_ptr="fp32", out_ptr=q, xq_ptr="i32", xd_ptr="fp32", xs_ptr="i32", cnt_ptr="i32")
+                        inv_ptr="fp32")
         launch = attention._LAUNCHES.get(d, attention._LAUNCH)  # as decode_attention picks it
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
                       OUT_ROT=rot, ROPE=fused > 0, HAS_NORM=fused > 0, HAS_OFFSET=fused == 2, FINAL=final, MAX_TILES=8,
-                      MERGE=merge, Q8=merge and fused > 0, MERGE_S=32 if merge else 1, MERGE_CHUNKS=2 if merge else 1,
                       BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2, RUNTIME_LOOP=True,
                       INTERLEAVE=launch.interleave, DOT_PREC=None, PDL=True)
         compile_one("split: " + name, attention._split_kernel, pointers, consts, launch.warps or (8 if d > 128 else 4))

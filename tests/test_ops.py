@@ -262,44 +262,6 @@ def test_decode_attention_stores_its_output_quantized(d, splits, cols, monkeypat
                 assert torch.equal(got, ref.reshape(got.shape))
 
 
-@pytest.mark.parametrize("name", ["gqa-t1", "d256-window", "first-token", "mha-batch3", "gqa-t4"])
-def test_decode_attention_split_merge(name, monkeypatch):
-    """KILN_SPLIT_MERGE=1 (the policy's split_merge): with one token a row, the last split program of each kv head
-    to finish merges the partials itself (a counter per kv head, zero again after every launch), storing the
-    output, and for one row its int8 form, as the merge kernel would; T > 1 keeps the merge kernel."""
-    from kiln.ops import attention
-    from kiln.quant.gemv_int8 import empty_act, quantize_act
-    merges, real = [], attention._merge_kernel
-    monkeypatch.setattr(attention, "_merge_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: merges.append(grid) or real[grid]})())
-    c = ATTN_CASES[name]
-    on = Policy(triton_cpu=True, split_merge=True)
-    for dtype in DTYPES:
-        q, kc, vc, pos = _attn_inputs(c, dtype)
-        args = (q, kc, vc, pos, c["d"] ** -0.5, c.get("window"), c.get("softcap"))
-        for splits in (3, 16):
-            acts = [empty_act(c["h"] * c["d"], dtype, q.device) for _ in range(3)]
-            want = ops.decode_attention(*args, splits=splits, policy=P, q8=acts[0] if q.shape[0] == 1 else None)
-            n = len(merges)
-            for act in acts[1:]:  # twice: the counters must be back at zero for the second launch
-                got = ops.decode_attention(*args, splits=splits, policy=on, q8=act if q.shape[0] == 1 else None)
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the merge kernel's arithmetic
-                assert not attention._counters(q.device, 1).any()
-                if q.shape[0] == 1:
-                    assert act.filled
-                    for x, y in zip(act.buffers, quantize_act(got.reshape(1, -1), P).buffers):
-                        assert torch.equal(x, y.reshape(x.shape))
-            assert len(merges) - n == (0 if c["t"] == 1 else 2)
-    if c["t"] == 1 and c["d"] == 64:  # and in the fused RoPE form
-        q, kk, v = _rope_kv_inputs(c.get("b", 2), 1, c["h"], c["k"], c["d"], torch.float32)
-        outs = []
-        for policy in (P, on):
-            kc2, vc2 = (rand(c.get("b", 2), c["k"], 100, c["d"], seed=s) for s in (5, 6))
-            outs.append(ops.rope_decode_attention(q, kk, v, kc2, vc2, torch.tensor([70], device=DEVICE),
-                                                  _inv_freq(c["d"]), 0.125, splits=5, policy=policy))
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
-
-
 def test_decode_attention_never_reads_past_the_last_position():
     c = dict(h=8, k=2, d=64, t=2, s=200, start=70)
     q, kc, vc, pos = _attn_inputs(c, torch.float32)

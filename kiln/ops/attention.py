@@ -42,10 +42,12 @@ How the split kernel works, and why:
   at the default split count the two forms are level at depth 16384 (16.7-28.3 against 17.1-28.6 µs), and at 131072
   keys (257 splits) the column form takes 194 µs against 292 (Qwen3-8B's shape).
 - RoPE in the split kernel (`rope_decode_attention`, one token a row into a float cache of q's dtype): every
-  program rotates (and norms) its G query heads from the projection's raw output, and the first split of each
+  program rotates (and norms) its G query heads from the projection's raw output, and the last split of each
   kv head also the new key, which it stores with the value at the token's slot. No program loads that slot: the
-  visible range stops before it: the first split starts its running softmax from the new key's term (score
+  visible range stops before it: the last split starts its running softmax from the new key's term (score
   from registers, weight 1) before its loop, and only that program rotates the key and reads the new value.
+  The last split, because it walks the fewest tiles (none at a short depth; one less than the first where the
+  tiles do not divide evenly), so the extra work lengthens no program that already takes the longest.
   The rope kernel's launch and its wait go; the values are the same (rope.py's `rotate_halves`, bit for bit in
   the cache).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
@@ -199,8 +201,8 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     """`rope.rope_qk_write_kv` (q and k normed per head and rotated, k and v written into the caches at pos, or
     at a ring layer's `slots`), then `decode_attention` of the rotated q over the caches (a ring's up to `last`)
     — in the split kernel itself where `rope_fuses` and there is no ring: each program rotates its query heads
-    from the projection's raw q, the first split of each kv head also the new key, which it writes into the
-    cache beside the value; no program reads that slot back: the loop stops before it and the first split starts
+    from the projection's raw q, the last split of each kv head also the new key, which it writes into the
+    cache beside the value; no program reads that slot back: the loop stops before it and the last split starts
     its softmax from the new key's term, in registers. One launch less a layer, the same values (the rotation's
     arithmetic is rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops.
     Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
@@ -240,10 +242,6 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
         mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
     fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
-    cnt = (_counters(q.device, b * kh) if policy.split_merge and ns > 1 and t == 1 and d == triton.next_power_of_2(d)
-           else None)
-    # the merging program's splits a pass (1 and 1 where no program merges: no extra compiled forms)
-    merge_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // d)) if cnt is not None else 1
     # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
     # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
     _split_kernel[(b * kh, ns)](
@@ -251,13 +249,11 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         *k_cache.stride()[:3], *v_cache.stride()[:3], pos.stride(0) if pos.ndim == 2 else 0, s_max, ns,
         s_max - 1 if last is None else int(last), float(scale), float(softcap or 1.0), int(window or 0),
         *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache), out_rot if out_rot is not None else q,
-        *_rope_args(rope, q), out, *(q8.buffers if fill and cnt is not None else (out, out, out)),
-        cnt if cnt is not None else pos,
+        *_rope_args(rope, q),
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None, ROPE=rope is not None,
         HAS_NORM=rope is not None and rope[-1], HAS_OFFSET=rope is not None and bool(rope[-2]),
-        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), MERGE=cnt is not None, Q8=fill and cnt is not None,
-        MERGE_S=merge_s, MERGE_CHUNKS=triton.cdiv(ns, merge_s) if cnt is not None else 1,
+        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns),
         BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
@@ -266,12 +262,11 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
-    if cnt is None:
-        cols = min(MERGE_COLS, triton.next_power_of_2(d))
-        block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
-        _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
-            mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
-            CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
+    cols = min(MERGE_COLS, triton.next_power_of_2(d))
+    block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
+    _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
+        mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
+        CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
     if fill:
         q8.filled = True
     return out
@@ -297,23 +292,6 @@ def _scale_args(scales: torch.Tensor | None, cache: torch.Tensor) -> tuple:
     return (cache, 0, 0, 0) if scales is None else (scales, *scales.stride()[:3])
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """At least n int32 zeros on the device: the split kernel's count of finished programs per (batch row, kv
-    head), which the program that merges sets back to zero. One buffer serves every launch on the device (a
-    decode step's kernels run one after another on one stream). None where a larger one would have to be made
-    during a CUDA graph capture (the merge kernel serves then); older buffers stay alive for the graphs that
-    captured them."""
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        bufs.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return bufs[-1]
-
-
 def _default_splits(device: torch.device, programs: int, n_tiles: int, tiles_per_split: int) -> int:
     """Splits so that (B·K) × NS programs fill the device about twice over, and no split of a full cache
     walks more than `tiles_per_split` tiles one after another (a long context is latency-bound otherwise)."""
@@ -332,13 +310,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   sqb, sqt, sqh, skb, skh, sks, svb, svh, svs, spb, S_MAX, NS, LAST, scale, softcap, window,
                   ks_ptr, sksb, sksh, skss, vs_ptr, svsb, svsh, svss, rot_ptr,
                   kn_ptr, vn_ptr, sknb, sknh, svnb, svnh, qw_ptr, kw_ptr, inv_ptr, attn_factor, eps, offset,
-                  out_ptr, xq_ptr, xd_ptr, xs_ptr, cnt_ptr,
                   T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
                   K_KIND: tl.constexpr, V_KIND: tl.constexpr, OUT_ROT: tl.constexpr,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
-                  MERGE: tl.constexpr, Q8: tl.constexpr, MERGE_S: tl.constexpr, MERGE_CHUNKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
                   PDL: tl.constexpr):
@@ -356,7 +332,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
     pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1), LAST)  # (T,) a ring's queries see its every slot
-    if ROPE:  # the new key's slot is not read: the first split's softmax starts from its term in registers
+    if ROPE:  # the new key's slot is not read: the last split's softmax starts from its term in registers
         hi = tl.minimum(tl.max(pt, axis=0), S_MAX)
     else:
         hi = tl.minimum(tl.max(pt, axis=0) + 1, S_MAX)
@@ -407,7 +383,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ROPE:
-        if split == 0:  # the new key: rotated, written to the cache, and the softmax's first term
+        if split == NS - 1:  # the new key (the split with the fewest tiles): rotated, cached, the softmax's first term
             kp = kn_ptr + b * sknb + kh * sknh
             k1 = tl.load(kp + i)[None, :]  # (1, D/2)
             k2 = tl.load(kp + BLOCK_D // 2 + i)[None, :]
@@ -445,14 +421,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         tl.store(lse_ptr + row * NS + split, lse, mask=row_ok)
         _store_out(o, o_ptr + (row * NS + split)[:, None] * D, (row_ok & seen)[:, None], rot_ptr, d, dm, D, BLOCK_D,
                    OUT_ROT, DOT_PREC)
-        if MERGE:  # T = 1, D = BLOCK_D: the last of this kv head's NS programs to finish merges (no merge kernel)
-            tl.debug_barrier()  # every thread's partial stores come before the count, which releases them
-            if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu") == NS - 1:
-                tl.store(cnt_ptr + bk, 0)  # every program has counted: zero again for the next launch
-                for g in tl.static_range(G):
-                    r = b * H + kh * G + g
-                    _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, r, NS, d, dm, r * (D // 32), D,
-                               MERGE_S, MERGE_CHUNKS, BLOCK_D // 32, Q8, True)
 
 
 @jit
@@ -529,36 +497,24 @@ def _scaled(codes, rows, jm, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl
 @jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr,
                   CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, c): columns c·BLOCK_C.. of one output row (`_merge_row`)."""
+    """Program (row, c): columns c·BLOCK_C.. of one output row, from every split's partial, BLOCK_S splits at a
+    time (CHUNKS of them) with a running maximum of their lse: one pass over the partials, whatever NS."""
     pdl.start(PDL)
     pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, row, NS, c, c < D,
-               row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32), D, BLOCK_S, CHUNKS, BLOCK_C // 32, Q8, False)
-
-
-@jit
-def _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, row, NS, c, cm, blk0, D: tl.constexpr,
-               BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr, NB: tl.constexpr, Q8: tl.constexpr, CG: tl.constexpr):
-    """Columns c (mask cm) of one output row from every split's partial, BLOCK_S splits at a time (CHUNKS of
-    them) with a running maximum of their lse: one pass over the partials, whatever NS; stored in out's dtype,
-    and with Q8 (one output row) also as the NB int8 blocks from blk0 that quantize_act would store for the
-    values out now holds. CG: loads go through L2 only (.cg), as where the split kernel's merging program reads
-    what other programs just wrote."""
     s = tl.arange(0, BLOCK_S)
     m = tl.full([1], -1.0e30, dtype=tl.float32)  # finite: a chunk of empty splits never computes inf - inf
     wsum = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros(c.shape, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(CHUNKS):
         s0 = i * BLOCK_S
         sm = s0 + s < NS
-        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"),
-                      cache_modifier=".cg" if CG else "")  # (S,)
+        lse = tl.load(lse_ptr + row * NS + s0 + s, mask=sm, other=float("-inf"))  # (S,)
         # Loaded beside lse, not masked by it (one round trip to memory, not two); an empty split's rows were
         # never written, so whatever they hold is replaced by 0 below.
-        o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & cm[None, :],
-                    other=0.0, cache_modifier=".cg" if CG else "")  # (S, C)
+        o = tl.load(o_ptr + (row * NS + s0 + s)[:, None] * D + c[None, :], mask=sm[:, None] & (c < D)[None, :],
+                    other=0.0)  # (S, C)
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)  # (S,) 0 for empty splits
@@ -567,7 +523,9 @@ def _merge_row(o_ptr, lse_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, row, NS, c, cm, 
         wsum = wsum * alpha + tl.sum(w, axis=0)
         m = m_new
     # Every row sees at least its own key, so some split has a finite lse and wsum > 0.
-    out = (acc / wsum).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * D + c, out, mask=cm)
-    if Q8:
-        store_q8(out.to(tl.float32), blk0, (row + 1) * (D // 32), xq_ptr, xd_ptr, xs_ptr, NB)
+    out = acc / wsum
+    tl.store(out_ptr + row * D + c, out.to(out_ptr.dtype.element_ty), mask=c < D)
+    if Q8:  # one output row: these columns' 32-blocks, as quantize_act stores the values out_ptr now holds
+        blk = row * (D // 32) + tl.program_id(1) * (BLOCK_C // 32)
+        store_q8(out.to(out_ptr.dtype.element_ty).to(tl.float32), blk, (row + 1) * (D // 32), xq_ptr, xd_ptr,
+                 xs_ptr, BLOCK_C // 32)
