@@ -30,7 +30,7 @@ SWITCHES = {
     "attn_splits": ("KILN_ATTN_SPLITS", "N: split-KV decode attention uses N splits (default: by occupancy and "
                                         "cache length)"),
     "rope_attn": ("KILN_ROPE_ATTN", "0: a GPU decode step's RoPE, q/k norms and KV write run in a kernel of their own "
-                                    "before split-KV attention, not inside it"),
+                                    "before split-KV attention at head dim 128 too, not inside it"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "

@@ -452,6 +452,7 @@ def test_decode_attention_per_row_positions_and_slots(dtype, window):
 
 FUSED_CASES = {
     "qwen3": dict(h=8, k=2, d=64, norm=0.0, start=150),
+    "qwen3-d128": dict(h=4, k=2, d=128, norm=0.0, start=150),  # the head dim whose default launch fuses
     "llama-window": dict(h=8, k=2, d=64, norm=None, start=150, window=40),
     "gemma-d256-softcap": dict(h=4, k=1, d=256, norm=1.0, start=90, softcap=20.0),
     "first-token": dict(h=8, k=2, d=64, norm=0.0, start=0),
@@ -463,6 +464,7 @@ FUSED_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(FUSED_CASES))
 def test_rope_decode_attention(name, dtype, splits):
+    from kiln.ops import attention
     from kiln.ops.attention import rope_fuses
     c = FUSED_CASES[name]
     h, kh, d = c["h"], c["k"], c["d"]
@@ -485,8 +487,9 @@ def test_rope_decode_attention(name, dtype, splits):
     qr = ops.rope_qk_write_kv(q, kk, v, two_k, two_v, pos, inv, rows=rows, policy=P, **kw)
     two = ops.decode_attention(qr, two_k, two_v, pos, scale, window, softcap, rows, splits=splits, policy=P)
     got_k, got_v = kc.clone(), vc.clone()
+    launch = attention._LAUNCHES.get(d, attention._LAUNCH)._replace(rope=True)  # the head dim's tiles, fused
     got = ops.rope_decode_attention(q, kk, v, got_k, got_v, pos, inv, scale, window=window, softcap=softcap,
-                                    rows=rows, splits=splits, policy=P, **kw)
+                                    rows=rows, splits=splits, policy=P, launch=launch, **kw)
     assert got.shape == q.shape and got.dtype == dtype
     tol = {k_: (1 if dtype == torch.float32 else 2) * v_ for k_, v_ in TOL[dtype].items()}
     torch.testing.assert_close(got, want, **tol)
@@ -506,25 +509,28 @@ def test_rope_decode_attention_never_reads_the_new_slot():
     kc[:, :, 70:], vc[:, :, 70:] = float("nan"), float("nan")
     for splits in (1, 4):
         k2, v2 = kc.clone(), vc.clone()
-        close(ops.rope_decode_attention(q, kk, v, k2, v2, pos, inv, 0.125, splits=splits, policy=P), want,
-              torch.float32)
+        close(ops.rope_decode_attention(q, kk, v, k2, v2, pos, inv, 0.125, splits=splits, policy=P,
+                                        launch=Launch(rope=True)), want, torch.float32)
         close(k2[:, :, :71], want_k[:, :, :71], torch.float32)
 
 
-def test_rope_decode_attention_switch(monkeypatch):
-    """KILN_ROPE_ATTN=0 (the policy's rope_attn): RoPE and the KV write in their own kernel first, the same answer."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_rope_decode_attention_switch(d, monkeypatch):
+    """KILN_ROPE_ATTN=0 (the policy's rope_attn), or a head dim whose launch does not fuse (64): RoPE and the KV
+    write in their own kernel first, the same answer."""
     from kiln.ops import attention
     calls, real = [], attention.rope_qk_write_kv
     monkeypatch.setattr(attention, "rope_qk_write_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q, kk, v = _rope_kv_inputs(1, 1, 8, 2, 64, torch.float32)
+    q, kk, v = _rope_kv_inputs(1, 1, 8, 2, d, torch.float32)
     outs, caches = [], []
     for env in ("1", "0"):
-        kc, vc = rand(1, 2, 100, 64, seed=5), rand(1, 2, 100, 64, seed=6)
+        kc, vc = rand(1, 2, 100, d, seed=5), rand(1, 2, 100, d, seed=6)
         policy = Policy.from_env({"KILN_ROPE_ATTN": env, "KILN_TRITON_CPU": "1"})
-        outs.append(ops.rope_decode_attention(q, kk, v, kc, vc, torch.tensor([70], device=DEVICE), _inv_freq(64),
+        n = len(calls)
+        outs.append(ops.rope_decode_attention(q, kk, v, kc, vc, torch.tensor([70], device=DEVICE), _inv_freq(d),
                                               0.125, splits=3, policy=policy))
         caches.append((kc, vc))
-        assert len(calls) == (env == "0")
+        assert len(calls) - n == (env == "0" or d == 64)
     close(outs[0], outs[1], torch.float32)
     for a, b in zip(*caches):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

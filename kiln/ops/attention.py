@@ -49,7 +49,11 @@ How the split kernel works, and why:
   The last split, because it walks the fewest tiles (none at a short depth; one less than the first where the
   tiles do not divide evenly), so the extra work lengthens no program that already takes the longest.
   The rope kernel's launch and its wait go; the values are the same (rope.py's `rotate_halves`, bit for bit in
-  the cache).
+  the cache). Every program asks for the raw q (and the last one the raw k and v) right after its PDL wait,
+  before the positions and the cos / sin arithmetic, so their trips overlap: with the loads after cos / sin the
+  fused form was 3-4% slower than the two launches on Qwen3-0.6B; the first tile's keys and values also asked
+  for before the rotation took 128 registers a thread and lost 5-8% (H100, bench/results/2026-12-07-h100-b/).
+  Where it pays is the head dim's `Launch.rope` (`_LAUNCHES`).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
@@ -87,13 +91,15 @@ class Launch(NamedTuple):
     block_n keys per tile; warps, stages as Triton's; tiles_per_split: no split of a full cache walks
     more tiles than this one after another; runtime_loop: each program's loop runs its own split's tile
     count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form);
-    interleave: the splits deal the visible tiles out one by one instead of each taking one run of them."""
+    interleave: the splits deal the visible tiles out one by one instead of each taking one run of them;
+    rope: `rope_decode_attention` fuses RoPE and the KV write into the kernel where it can (else two launches)."""
     block_n: int = _BLOCK_N
     warps: int = 0  # 0: 4, or 8 where D > 128
     stages: int = 2
     tiles_per_split: int = 4
     runtime_loop: bool = True
     interleave: bool = False  # split s takes tiles s, s + NS, s + 2·NS, ... (else one run of whole tiles)
+    rope: bool = False  # RoPE, the q/k norms and the KV write in the split kernel (rope_decode_attention)
 
 
 _LAUNCH = Launch()
@@ -107,7 +113,11 @@ _LAUNCH = Launch()
 # Interleaved splits at head dim 128: Qwen3-0.6B tg128 at depth 16384 780.0 / 777.6 -> 795.4 / 792.3 tok/s (H100, same
 # call, bench/results/2026-12-06-h100-g/); Llama-3.2-1B's head dim 64 measured level with it (1,245 / 1,230 -> 1,248 /
 # 1,235), its attention alone 3.6% slower, so it keeps one run a split.
-_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, interleave=True)}
+# RoPE in the kernel at head dim 128 only: tg128 @ 0 / @ 16384 on the H100, alternating with KILN_ROPE_ATTN=0 in one
+# call (bench/results/2026-12-07-h100-b/): Qwen3-0.6B 1,635 / 798.0 and 1,641 / 800.3 against 1,624 / 796.8 and
+# 1,619 / 797.2, Qwen3-8B 461.1 / 338.6 (twice) against 457.6 / 337.3 and 458.5 / 337.4; Llama-3.2-1B's head dim 64
+# lost at depth (1,230 / 1,229 against 1,237 / 1,235 at 16384, 126 registers a thread against 96 unfused).
+_LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, interleave=True, rope=True)}
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
 MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
@@ -204,9 +214,11 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     from the projection's raw q, the last split of each kv head also the new key, which it writes into the
     cache beside the value; no program reads that slot back: the loop stops before it and the last split starts
     its softmax from the new key's term, in registers. One launch less a layer, the same values (the rotation's
-    arithmetic is rope.py's). Else (or with the policy's `rope_attn` off, KILN_ROPE_ATTN=0) the two ops.
+    arithmetic is rope.py's), where the head dim's launch says so (`Launch.rope`). Else (or with the policy's
+    `rope_attn` off, KILN_ROPE_ATTN=0) the two ops.
     Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
     if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
+            or not (launch or _LAUNCHES.get(q.shape[-1], _LAUNCH)).rope
             or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim)):
         qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
                               norm_offset, rot_dim, rows, slots, policy=policy)
@@ -328,6 +340,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     if HAS_ROWS:
         cb = tl.load(rows_ptr + b).to(tl.int64)
     pos_ptr = pos_ptr + b * spb  # spb = 0: positions shared by every row
+    m = tl.arange(0, BLOCK_M)  # rows of the score matrix: row m is token m // G of query head kh·G + m % G
+    tm = m // G
+    head = kh * G + m % G
+    row_ok = m < T * G
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    if ROPE:  # T = 1, D = BLOCK_D: the projection's raw heads, asked for first (the positions' loads and the
+        # cos / sin arithmetic after them overlap their trip); the new key and value in the last split only
+        i = tl.arange(0, BLOCK_D // 2)
+        qp = q_ptr + b * sqb + head[:, None] * sqh
+        x1 = tl.load(qp + i[None, :], mask=row_ok[:, None], other=0.0)  # (M, D/2)
+        x2 = tl.load(qp + BLOCK_D // 2 + i[None, :], mask=row_ok[:, None], other=0.0)
+        is_last = split == NS - 1
+        kp = kn_ptr + b * sknb + kh * sknh
+        k1 = tl.load(kp + i, mask=is_last, other=0.0)[None, :]  # (1, D/2)
+        k2 = tl.load(kp + BLOCK_D // 2 + i, mask=is_last, other=0.0)[None, :]
+        v_new = tl.load(vn_ptr + b * svnb + kh * svnh + d, mask=is_last, other=0.0)  # (D,)
 
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
@@ -352,23 +381,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         end = tl.minimum(start + per, hi)
         count = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
 
-    # Rows of the score matrix: row m is token m // G of query head kh·G + m % G.
-    m = tl.arange(0, BLOCK_M)
-    tm = m // G
-    head = kh * G + m % G
-    row_ok = m < T * G
     pm = tl.minimum(tl.load(pos_ptr + tm, mask=row_ok, other=-1), LAST)  # (M,) padded rows see nothing
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
-    if ROPE:  # T = 1, D = BLOCK_D: q's heads and the new key rotated here from the projection's raw heads
+    if ROPE:  # q's heads and the new key rotated here
         p0 = tl.max(pt, axis=0)
         cos, sin = cos_sin(p0, inv_ptr, attn_factor, BLOCK_D // 2, BLOCK_D // 2)
-        i = tl.arange(0, BLOCK_D // 2)
-        qp = q_ptr + b * sqb + head[:, None] * sqh
-        x1 = tl.load(qp + i[None, :], mask=row_ok[:, None], other=0.0)  # (M, D/2)
-        x2 = tl.load(qp + BLOCK_D // 2 + i[None, :], mask=row_ok[:, None], other=0.0)
         r1, r2 = rotate_halves(x1, x2, head_rstd(x1, x2, tl.zeros([BLOCK_M], dtype=tl.float32), eps, D, HAS_NORM),
                                qw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
         q = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_M, BLOCK_D))  # (M, D)
@@ -383,14 +401,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ROPE:
-        if split == NS - 1:  # the new key (the split with the fewest tiles): rotated, cached, the softmax's first term
-            kp = kn_ptr + b * sknb + kh * sknh
-            k1 = tl.load(kp + i)[None, :]  # (1, D/2)
-            k2 = tl.load(kp + BLOCK_D // 2 + i)[None, :]
+        if is_last:  # the new key (the split with the fewest tiles): rotated, cached, the softmax's first term
             n1, n2 = rotate_halves(k1, k2, head_rstd(k1, k2, tl.zeros([1], dtype=tl.float32), eps, D, HAS_NORM),
                                    kw_ptr, cos, sin, offset, BLOCK_D // 2, HAS_NORM, HAS_OFFSET, BLOCK_D // 2)
             k_new = tl.reshape(tl.permute(tl.join(n1, n2), (0, 2, 1)), (BLOCK_D,))  # (D,) in q's dtype
-            v_new = tl.load(vn_ptr + b * svnb + kh * svnh + d)  # (D,)
             tl.store(k_base + p0 * sks + d, k_new)  # the cache's copy, for the steps after this one
             tl.store(v_base + p0 * svs + d, v_new)
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (M,)
