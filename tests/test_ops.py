@@ -495,7 +495,9 @@ def test_rope_decode_attention(name, dtype, splits):
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got, two, **tol)
     torch.testing.assert_close(got_v, two_v, rtol=0, atol=0)  # values copied, every other slot untouched
-    torch.testing.assert_close(got_k, two_k, rtol=0, atol=0)  # keys rotated with rope.py's arithmetic
+    # keys rotated with rope.py's arithmetic: bit for bit in the interpreter; compiled for a GPU, the two kernels'
+    # multiply-adds and sums may fuse and order differently (float32 keys 1 ulp apart here and there on the H100)
+    torch.testing.assert_close(got_k, two_k, **(TOL[dtype] if CUDA else dict(rtol=0, atol=0)))
 
 
 def test_rope_decode_attention_never_reads_the_new_slot():
