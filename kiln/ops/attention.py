@@ -50,11 +50,11 @@ How the split kernel works, and why:
   tiles do not divide evenly), so the extra work lengthens no program that already takes the longest.
   The rope kernel's launch and its wait go; the arithmetic is the same (rope.py's `rotate_halves`: bit for bit
   in the interpreter; compiled, the two kernels may fuse a multiply-add or order a sum differently, float32 keys
-  1 ulp apart here and there on the H100). Every program asks for the raw q (and the last one the raw k and v) right after its PDL wait,
-  before the positions and the cos / sin arithmetic, so their trips overlap: with the loads after cos / sin the
-  fused form was 3-4% slower than the two launches on Qwen3-0.6B; the first tile's keys and values also asked
-  for before the rotation took 128 registers a thread and lost 5-8% (H100, bench/results/2026-12-07-h100-b/).
-  Where it pays is the head dim's `Launch.rope` (`_LAUNCHES`).
+  1 ulp apart here and there on the H100). Every program asks for the raw q (and the last one the raw k and v)
+  right after its PDL wait, before the positions and the cos / sin arithmetic, so their trips overlap: with the
+  loads after cos / sin the fused form was 3-4% slower than the two launches on Qwen3-0.6B; the first tile's keys
+  and values also asked for before the rotation took 128 registers a thread and lost 5-8% (H100,
+  bench/results/2026-12-07-h100-b/). Where it pays is the head dim's `Launch.rope` (`_LAUNCHES`).
 - With one split (NS = 1) there is nothing to merge: the split kernel stores the final normalized output
   in q's dtype and layout (B, T, H, D) itself, and the merge kernel is not launched.
 - With one output row (B·T = 1) the merge kernel also stores it quantized for the output projection's int8
@@ -214,9 +214,9 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     — in the split kernel itself where `rope_fuses` and there is no ring: each program rotates its query heads
     from the projection's raw q, the last split of each kv head also the new key, which it writes into the
     cache beside the value; no program reads that slot back: the loop stops before it and the last split starts
-    its softmax from the new key's term, in registers. One launch less a layer, the rotation in rope.py's arithmetic,
-    where the head dim's launch says so (`Launch.rope`). Else (or with the policy's
-    `rope_attn` off, KILN_ROPE_ATTN=0) the two ops.
+    its softmax from the new key's term, in registers. One launch less a layer, the rotation in rope.py's
+    arithmetic, where the head dim's launch says so (`Launch.rope`). Else (or with the policy's `rope_attn` off,
+    KILN_ROPE_ATTN=0) the two ops.
     Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
     if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
             or not (launch or _LAUNCHES.get(q.shape[-1], _LAUNCH)).rope
