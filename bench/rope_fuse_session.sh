@@ -7,8 +7,8 @@
 # Prepare here: .ab/old = the old commit (bench/ab_commits.sh's header); carry .ab and .whl.
 # Output under $OUT: gpu_tests.log, ab.jsonl, bench.jsonl, session.log lines on stdout.
 set -u
-# (the fused kernel's GPU tests alone: with the decode-attention tests too, 110-120 s cut pytest short in every call of
-# 2026-12-07, before the RoPE tests ran)
+# (the fused kernel's GPU tests alone, and more time: on 2026-12-07 a wider selection was cut at 90-110 s before the
+# RoPE tests ran, and these alone at 120 s after 30 of 39)
 export AB_TESTS=${AB_TESTS:-"tests/test_ops.py -k 'rope_decode_attention'"}
 export AB_FILES=${AB_FILES:-"qwen3-0.6b llama-3.2-1b"}
 export SIDES=${SIDES:-"old new new:KILN_ROPE_ATTN=0"}
