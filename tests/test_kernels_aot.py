@@ -103,7 +103,7 @@ def _compile_all() -> list[dict]:
         pointers = dict(q_ptr=q, k_ptr=k, v_ptr=v, pos_ptr="i64", rows_ptr="i64", o_ptr=q if final else "fp32",
                         lse_ptr="fp32", ks_ptr=s, vs_ptr=s, rot_ptr="fp32", kn_ptr=q, vn_ptr=q, qw_ptr=q, kw_ptr=q,
                         inv_ptr="fp32")
-        launch = attention._LAUNCHES.get(d, attention._LAUNCH)  # as decode_attention picks it
+        launch = attention.launch_for(d)  # as decode_attention picks it
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
                       OUT_ROT=rot, ROPE=fused > 0, HAS_NORM=fused > 0, HAS_OFFSET=fused == 2, FINAL=final, MAX_TILES=8,
                       BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2, RUNTIME_LOOP=True,

@@ -487,7 +487,7 @@ def test_rope_decode_attention(name, dtype, splits):
     qr = ops.rope_qk_write_kv(q, kk, v, two_k, two_v, pos, inv, rows=rows, policy=P, **kw)
     two = ops.decode_attention(qr, two_k, two_v, pos, scale, window, softcap, rows, splits=splits, policy=P)
     got_k, got_v = kc.clone(), vc.clone()
-    launch = attention._LAUNCHES.get(d, attention._LAUNCH)._replace(rope=True)  # the head dim's tiles, fused
+    launch = attention.launch_for(d)._replace(rope=True)  # the head dim's tiles, fused
     got = ops.rope_decode_attention(q, kk, v, got_k, got_v, pos, inv, scale, window=window, softcap=softcap,
                                     rows=rows, splits=splits, policy=P, launch=launch, **kw)
     assert got.shape == q.shape and got.dtype == dtype

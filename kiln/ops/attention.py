@@ -119,6 +119,13 @@ _LAUNCH = Launch()
 # 1,619 / 797.2, Qwen3-8B 461.1 / 338.6 (twice) against 457.6 / 337.3 and 458.5 / 337.4; Llama-3.2-1B's head dim 64
 # lost at depth (1,230 / 1,229 against 1,237 / 1,235 at 16384, 126 registers a thread against 96 unfused).
 _LAUNCHES = {128: Launch(warps=8, tiles_per_split=8, interleave=True, rope=True)}
+
+
+def launch_for(d: int, launch: Launch | None = None) -> Launch:
+    """The split kernel's launch at head dim d: `launch` if given, else `_LAUNCHES`' for d, else `_LAUNCH`."""
+    return launch or _LAUNCHES.get(d, _LAUNCH)
+
+
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
 MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
@@ -219,7 +226,7 @@ def rope_decode_attention(q, k, v, k_cache, v_cache, pos, inv_freq, scale: float
     KILN_ROPE_ATTN=0) the two ops.
     Arguments as theirs; q (B, T, H, D), k, v (B, T, K, D) before RoPE → (B, T, H, D)."""
     if (not use_triton(q, policy) or not policy.rope_attn or slots is not None or last is not None
-            or not (launch or _LAUNCHES.get(q.shape[-1], _LAUNCH)).rope
+            or not launch_for(q.shape[-1], launch).rope
             or not rope_fuses(q, k, v, k_cache, v_cache, inv_freq, rot_dim)):
         qr = rope_qk_write_kv(q, k, v, k_cache, v_cache, pos, inv_freq, attn_factor, q_norm_w, k_norm_w, eps,
                               norm_offset, rot_dim, rows, slots, policy=policy)
@@ -244,7 +251,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     assert all(x is None or x.stride(-1) == 1 for x in (k_scale, v_scale, out_rot))
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
-    launch = launch or _LAUNCHES.get(d, _LAUNCH)
+    launch = launch_for(d, launch)
     n_tiles = triton.cdiv(s_max, launch.block_n)
     ns = max(1, min(splits or policy.attn_splits
                     or _default_splits(q.device, b * kh, n_tiles, launch.tiles_per_split), n_tiles))
@@ -254,7 +261,6 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     else:
         mid_o = torch.empty((b * t * h, ns, d), dtype=torch.float32, device=q.device)  # (B·T·H, NS, D)
         mid_lse = torch.empty((b * t * h, ns), dtype=torch.float32, device=q.device)  # (B·T·H, NS)
-    fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
     # float32 inputs use "ieee" dots: the GPU's default tf32 would miss the reference by ~1e-3.
     # D = 256 takes 8 warps: with 4, sm_90 needs ~248 registers a thread (158 with 8; ptxas, Triton 3.6).
     _split_kernel[(b * kh, ns)](
@@ -266,8 +272,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         T=t, G=g, H=h, D=d, HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), HAS_ROWS=rows is not None,
         K_KIND=k_kind, V_KIND=v_kind, OUT_ROT=out_rot is not None, ROPE=rope is not None,
         HAS_NORM=rope is not None and rope[-1], HAS_OFFSET=rope is not None and bool(rope[-2]),
-        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns),
-        BLOCK_M=max(16, triton.next_power_of_2(g * t)),
+        FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
@@ -275,6 +280,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
+    fill = MERGE_Q8 and q8 is not None and b * t == 1 and d % 32 == 0 and d == triton.next_power_of_2(d)
     cols = min(MERGE_COLS, triton.next_power_of_2(d))
     block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
     _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
