@@ -31,6 +31,8 @@ SWITCHES = {
                                         "cache length)"),
     "rope_attn": ("KILN_ROPE_ATTN", "0: a GPU decode step's RoPE, q/k norms and KV write run in a kernel of their own "
                                     "before split-KV attention at head dim 128 too, not inside it"),
+    "pair_gemv": ("KILN_PAIR_GEMV", "0: a decode step's q/k/v projections of two GGUF types take two GEMV launches, "
+                                    "not one"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
@@ -47,6 +49,7 @@ class Policy:
     native_step: bool = True
     attn_splits: int = 0  # 0: the default rule decides
     rope_attn: bool = True
+    pair_gemv: bool = True
     huge_pages: bool = False
     triton_cpu: bool = False
 
@@ -62,6 +65,7 @@ class Policy:
         return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
                    native=flag("native", True), native_step=flag("native_step", True),
                    attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), rope_attn=flag("rope_attn", True),
+                   pair_gemv=flag("pair_gemv", True),
                    huge_pages=flag("huge_pages", False),
                    triton_cpu=flag("triton_cpu", False))
 

@@ -159,7 +159,7 @@ def test_every_launch_of_a_decode_step_compiles_for_sm90():
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     kernels = {x["kernel"] for x in results}
-    assert {"_gemv_kernel", "_gemv_q8_kernel", "_gemm_q8_kernel", "_mma_kernel", "_dequant_kernel", "_split_kernel",
+    assert {"_gemv_kernel", "_gemv_q8_kernel", "_gemv_q8_pair_kernel", "_gemm_q8_kernel", "_mma_kernel", "_dequant_kernel", "_split_kernel",
             "_merge_kernel", "_encode_kernel", "_rope_qk_kernel", "_rms_norm_kernel"} <= kernels
     failed = [f"{x['kernel']} ({x['for']}): {x.get('error') or x['spills']} bytes spilled"
               for x in results if "error" in x or x["spills"] > SPILL_MAX]

@@ -338,6 +338,36 @@ def test_int8_gemv_is_exact_on_the_quantized_activations(qtype):
     assert torch.equal(matmul(x, packed, bias, act=act), matmul(x, packed, bias))
 
 
+@pytest.mark.parametrize("pair", [(K.Q4_K, K.Q6_K), (K.Q5_0, K.Q8_0)], ids=["Q4_K+Q6_K", "Q5_0+Q8_0"])
+def test_int8_pair_computes_each_weight_as_its_own_gemv(pair):
+    """gemv_int8_pair (two weights of one x, one launch: a joined q/k/v of two formats) stores each weight's
+    rows bit for bit as gemv_int8 does with that weight's config — rows per program and K steps unlike, a
+    bias on one side, partial row blocks — and QuantLinear.paired / Joined take it for one int8 row."""
+    from kiln.quant.gemv_int8 import gemv_int8_pair
+    from kiln.quant.swap import Joined
+    (qa, qb), k = pair, 768 if K.FORMATS[pair[0]].block == 256 else 352
+    (_, wa, _), (_, wb, _) = make(qa, 20, k, seed=5), make(qb, 12, k, seed=6)
+    bias = torch.randn(12).to(DEVICE)
+    act = quantize_act(torch.randn(1, k, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.float16))
+    ca, cb = R.q8_config(qa, 20, k, SMS, block_n=8, block_k=256), R.q8_config(qb, 12, k, SMS, block_n=1)
+    y = gemv_int8_pair(act, wa, wb, None, bias, ca, cb)
+    assert y.shape == (1, 32) and y.dtype == torch.float16
+    assert torch.equal(y[:, :20], gemv_int8(act, wa, None, ca)) and torch.equal(y[:, 20:], gemv_int8(act, wb, bias, cb))
+    with pytest.raises(ValueError, match="one num_warps"):
+        gemv_int8_pair(act, wa, wb, None, None, ca, R.q8_config(qb, 12, k, SMS, block_n=1, num_warps=8))
+    a, b = QuantLinear(k, 20, qa, packed=wa), QuantLinear(k, 12, qb, packed=wb, bias=bias)
+    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.float16)
+    joined = Joined([a, b])
+    act = joined.int8_input(x)
+    assert act is not None and len(joined.groups) == 2
+    act = quantize_act(x)  # filled as the norm kernel would
+    got = joined(x, act)
+    assert got[0].data_ptr() + 20 * 2 == got[1].data_ptr()  # one output buffer: one launch
+    assert torch.equal(got[0], a(x, act=act)) and torch.equal(got[1], b(x, act=act))
+    a.policy = a.policy.replace(pair_gemv=False)
+    assert a.paired(b, x, act) is None
+
+
 def test_int8_kernels_reject_what_they_cannot_take():
     _, iq, _ = make(K.IQ4_XS, 8, 256)
     act = quantize_act(torch.randn(1, 256).to(DEVICE, torch.float16))

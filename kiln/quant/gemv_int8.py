@@ -108,16 +108,53 @@ def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
                     GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
                     BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`): per word of weights, one dp4a per
-    byte position (4 weights of one 16-run), integer sums per sub-block, then
-    sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
-    A program owns BN rows and walks K in steps of W words as (BN, NG, V) tiles; no split-K. With PDL the
-    first step's weights are requested before waiting for the kernel that wrote x (kiln.ops.pdl)."""
+    """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`); program p: rows p·BN.. (`_gemv_rows`)."""
     pdl.start(PDL)
+    _gemv_rows(tl.program_id(0), xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+               qh32_ptr, N, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM, HAS_MIN, HAS_BIAS, H, OFFSET, BN, W, NIT,
+               ASM, PDL)
+
+
+@jit
+def _gemv_q8_pair_kernel(xq_ptr, xd_ptr, xs_ptr, P0,
+                         y0, b0, qs0, qh0, sc0, mn0, d0, dm0, qh320, N0,
+                         y1, b1, qs1, qh1, sc1, mn1, d1, dm1, qh321, N1,
+                         KW0: tl.constexpr, SUBS0: tl.constexpr, FMT0: tl.constexpr, G0: tl.constexpr,
+                         WPB0: tl.constexpr, GPS0: tl.constexpr, SPG0: tl.constexpr, HAS_QH0: tl.constexpr,
+                         HAS_DM0: tl.constexpr, HAS_MIN0: tl.constexpr, HAS_BIAS0: tl.constexpr, H0: tl.constexpr,
+                         OFFSET0: tl.constexpr, BN0: tl.constexpr, W0: tl.constexpr, NIT0: tl.constexpr,
+                         KW1: tl.constexpr, SUBS1: tl.constexpr, FMT1: tl.constexpr, G1: tl.constexpr,
+                         WPB1: tl.constexpr, GPS1: tl.constexpr, SPG1: tl.constexpr, HAS_QH1: tl.constexpr,
+                         HAS_DM1: tl.constexpr, HAS_MIN1: tl.constexpr, HAS_BIAS1: tl.constexpr, H1: tl.constexpr,
+                         OFFSET1: tl.constexpr, BN1: tl.constexpr, W1: tl.constexpr, NIT1: tl.constexpr,
+                         ASM: tl.constexpr, PDL: tl.constexpr):
+    """Two weights of one x in one launch (`gemv_int8_pair`): programs 0..P0-1 compute weight 0's rows, the rest
+    weight 1's, each as `_gemv_q8_kernel` would with its own format and launch constants."""
+    pdl.start(PDL)
+    pid = tl.program_id(0)
+    if pid < P0:
+        _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y0, b0, qs0, qh0, sc0, mn0, d0, dm0, qh320, N0, KW0, SUBS0, FMT0, G0,
+                   WPB0, GPS0, SPG0, HAS_QH0, HAS_DM0, HAS_MIN0, HAS_BIAS0, H0, OFFSET0, BN0, W0, NIT0, ASM, PDL)
+    else:
+        _gemv_rows(pid - P0, xq_ptr, xd_ptr, xs_ptr, y1, b1, qs1, qh1, sc1, mn1, d1, dm1, qh321, N1, KW1, SUBS1, FMT1,
+                   G1, WPB1, GPS1, SPG1, HAS_QH1, HAS_DM1, HAS_MIN1, HAS_BIAS1, H1, OFFSET1, BN1, W1, NIT1, ASM, PDL)
+
+
+@jit
+def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
+               KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+               GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
+               HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
+               BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Rows pid·BN.. of y (1, N) = x @ w.T, x as int8 codes: per word of weights, one dp4a per byte position
+    (4 weights of one 16-run), integer sums per sub-block, then
+    sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
+    BN rows walk K in steps of W words as (BN, NG, V) tiles; no split-K. With PDL the first step's weights are
+    requested before waiting for the kernel that wrote x (kiln.ops.pdl)."""
     B: tl.constexpr = 32 // G
     L: tl.constexpr = 8 // B                                           # fields per byte = byte lanes per word
     RUNS: tl.constexpr = G * _V // 16                                  # 16-runs per group (== L)
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = pid * BN + tl.arange(0, BN)
     r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
     rmask = (rows < N)[:, None]
     j = tl.arange(0, _V)
@@ -295,17 +332,46 @@ def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config:
     return _launch(_gemm_q8_kernel, act, w, bias, config, policy, M=act.m, MX=triton.next_power_of_2(act.m))
 
 
+def gemv_int8_pair(act: QuantAct, w0: PackedWeight, w1: PackedWeight, b0: torch.Tensor | None,
+                   b1: torch.Tensor | None, c0: Q8Config, c1: Q8Config, policy: Policy = DEFAULT) -> torch.Tensor:
+    """One quantized row of x against two weights of its K columns in one launch (a joined q/k/v whose parts
+    differ in format: two launches' tails and waits become one): y (1, N0 + N1) = [x @ W0.T + b0 | x @ W1.T + b1]
+    in act.dtype, each weight's rows as `gemv_int8` with its config computes them (the configs' warps and stages
+    must agree)."""
+    _check(act, w0, range(1, 2))
+    _check(act, w1, range(1, 2))
+    if (c0.num_warps, c0.num_stages) != (c1.num_warps, c1.num_stages):
+        raise ValueError(f"one launch takes one num_warps / num_stages, got {c0} and {c1}")
+    n0, n1 = w0.shape[0], w1.shape[0]
+    y = torch.empty((1, n0 + n1), dtype=act.dtype, device=act.xq.device)
+    (a0, k0), (a1, k1) = _weight_args(w0, b0, c0, y[:, :n0]), _weight_args(w1, b1, c1, y[:, n0:])
+    extra = {} if c0.num_stages is None else dict(num_stages=c0.num_stages)
+    p0 = triton.cdiv(n0, c0.block_n)
+    _gemv_q8_pair_kernel[(p0 + triton.cdiv(n1, c1.block_n),)](
+        *act.buffers, p0, *a0, *a1, **{f"{key}0": v for key, v in k0.items()}, **{f"{key}1": v for key, v in k1.items()},
+        ASM=not interpreted(), num_warps=c0.num_warps, **extra, **pdl.launch_kw(act.xq, policy))
+    return y
+
+
+def _weight_args(w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, y: torch.Tensor) -> tuple[list, dict]:
+    """An int8 kernel's arguments for weight w writing y: the pointers and row count, and the constants."""
+    fmt, (n, k) = w.fmt, w.shape
+    geo = dict(geometry(fmt, k, V * fmt.g), W=config.words)
+    qs, qh, sc, mn, d, dm, _ = plane_args(w)
+    args = [y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n]
+    return args, dict(FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"],
+                      OFFSET=OFFSETS.get(w.qtype, 0), BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words),
+                      **geo)
+
+
 def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, policy: Policy,
             **rows) -> torch.Tensor:
     """One int8 kernel over every row of act, config.block_n weight rows per program."""
-    fmt, (n, k) = w.fmt, w.shape
-    geo = dict(geometry(fmt, k, V * fmt.g), W=config.words)
+    n = w.shape[0]
     y = torch.empty((act.m, n), dtype=act.dtype, device=act.xq.device)
-    qs, qh, sc, mn, d, dm, _ = plane_args(w)
+    args, consts = _weight_args(w, bias, config, y)
     extra = {} if config.num_stages is None else dict(num_stages=config.num_stages)
     kernel[(triton.cdiv(n, config.block_n),)](
-        act.xq, act.xd, act.xs, y, bias if bias is not None else y, qs, qh, sc, mn, d, dm, qh_words(w), n,
-        FMT=w.qtype, HAS_BIAS=bias is not None, H=gemv_constants(w.qtype)["H"], OFFSET=OFFSETS.get(w.qtype, 0),
-        BN=config.block_n, NIT=triton.cdiv(geo["KW"], config.words), ASM=not interpreted(),
-        num_warps=config.num_warps, **rows, **geo, **extra, **pdl.launch_kw(act.xq, policy))
+        *act.buffers, *args, ASM=not interpreted(), num_warps=config.num_warps, **consts, **rows, **extra,
+        **pdl.launch_kw(act.xq, policy))
     return y

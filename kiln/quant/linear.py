@@ -39,7 +39,7 @@ from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import route
 from kiln.quant.dequant import dequantize_gpu
 from kiln.quant.gemv import gemv
-from kiln.quant.gemv_int8 import QuantAct, empty_act, gemm_int8, gemv_int8, quantize_act
+from kiln.quant.gemv_int8 import QuantAct, empty_act, gemm_int8, gemv_int8, gemv_int8_pair, quantize_act
 from kiln.quant.mma import gemm_mma
 from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
 from kiln.quant.swap import dense, quantized, swap_layers
@@ -175,6 +175,21 @@ class QuantLinear(nn.Module):
         else:
             y = run(plan, x2, self.packed, self.bias, act=act, policy=self.policy)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(x, act), other(x, act)) in one launch (gemv_int8_pair) where both take the one-row int8 GEMV
+        with launch settings one kernel can take (a joined q/k/v whose parts differ in format); None elsewhere
+        (or with policy.pair_gemv off, KILN_PAIR_GEMV=0)."""
+        if not (isinstance(other, QuantLinear) and self.policy.pair_gemv and self.in_features == other.in_features):
+            return None
+        x2 = x.reshape(-1, self.in_features)
+        p0, p1 = self.plan(x2), other.plan(x2)
+        if p0.kind != "gemv_int8" or p1.kind != "gemv_int8" or (p0.config.num_warps, p0.config.num_stages) != (
+                p1.config.num_warps, p1.config.num_stages):
+            return None
+        y = gemv_int8_pair(act, self.packed, other.packed, self.bias, other.bias, p0.config, p1.config, self.policy)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y[..., :self.out_features], y[..., self.out_features:]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

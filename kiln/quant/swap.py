@@ -159,6 +159,10 @@ class Joined(nn.Module):
         return None
 
     def _outputs(self, x: torch.Tensor, act) -> list[torch.Tensor]:
+        if act is not None and len(self.groups) == 2 and hasattr(self.groups[0], "paired"):
+            both = self.groups[0].paired(self.groups[1], x, act)  # two formats, one launch (QuantLinear.paired)
+            if both is not None:
+                return list(both)
         return [g(x) for g in self.groups] if act is None else [g(x, act=act) for g in self.groups]
 
 
