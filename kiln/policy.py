@@ -33,6 +33,8 @@ SWITCHES = {
                                     "before split-KV attention at head dim 128 too, not inside it"),
     "pair_gemv": ("KILN_PAIR_GEMV", "0: a decode step's q/k/v projections of two GGUF types take two GEMV launches, "
                                     "not one"),
+    "gemv_rope": ("KILN_GEMV_ROPE", "0: a GPU decode step's RoPE and KV write for a model without q/k norms at a head "
+                                    "dim other than 128 run in a kernel of their own, not in the q/k/v GEMV"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
@@ -50,6 +52,7 @@ class Policy:
     attn_splits: int = 0  # 0: the default rule decides
     rope_attn: bool = True
     pair_gemv: bool = True
+    gemv_rope: bool = True
     huge_pages: bool = False
     triton_cpu: bool = False
 
@@ -65,7 +68,7 @@ class Policy:
         return cls(int8=flag("int8", True), mma=flag("mma", True), pdl=flag("pdl", True),
                    native=flag("native", True), native_step=flag("native_step", True),
                    attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), rope_attn=flag("rope_attn", True),
-                   pair_gemv=flag("pair_gemv", True),
+                   pair_gemv=flag("pair_gemv", True), gemv_rope=flag("gemv_rope", True),
                    huge_pages=flag("huge_pages", False),
                    triton_cpu=flag("triton_cpu", False))
 

@@ -134,7 +134,7 @@ def main() -> None:
                     gemm_mma(torch.zeros(rows, k, dtype=dtype), layer.packed, None,
                              route.mma_launch(cfg, qtype, wide, k, 132))
     # one launch for a joined q/k/v of two formats (QuantLinear.paired): Llama-3.2-1B's and Qwen3-8B's shapes
-    from kiln.quant.gemv_int8 import empty_act
+    from kiln.quant.gemv_int8 import RopeOut, empty_act
     for (qa, qb), (na, nb, k) in [((K.Q4_K, K.Q6_K), (2560, 512, 2048)), ((K.Q4_K, K.Q6_K), (5120, 1024, 4096)),
                                   ((K.Q4_K, K.Q5_K), (2560, 512, 2048)), ((K.Q5_0, K.Q8_0), (1152, 128, 896))]:
         a, b = (QuantLinear.from_gguf(torch.zeros(n, k // K.FORMATS[q].block * K.FORMATS[q].type_size,
@@ -143,6 +143,12 @@ def main() -> None:
         CONTEXT[0] = f"{K.FORMATS[qa].name} {na}x{k} + {K.FORMATS[qb].name} {nb}x{k} in one launch"
         x = torch.zeros(1, k, dtype=torch.bfloat16)
         assert a.paired(b, x, empty_act(k, x.dtype, x.device)) is not None
+        if k == 2048:  # the same with RoPE and the KV write in the epilogue (Llama-3.2-1B: head dim 64, 8 kv heads)
+            CONTEXT[0] += ", RoPE epilogue"
+            kc = torch.zeros(1, 8, 4096, 64, dtype=x.dtype)
+            rope = RopeOut(torch.zeros(1, dtype=torch.long), torch.ones(32), 1.0, kc, torch.zeros_like(kc), 2048)
+            for parts in ([a, b], [a]):
+                assert QuantLinear.rope_joined(parts, x, empty_act(k, x.dtype, x.device), rope) is not None
     model_steps()
     print(json.dumps(list(RESULTS.values())))
 

@@ -151,6 +151,43 @@ for name in ("qwen3", "gemma3"):
 """
 
 
+_ROPE_STEP = _SETUP + """
+import kiln.models.base as base
+calls = collections.Counter()
+fused = base.rope_decode_attention
+def counting(*a, **kw):
+    calls["rope"] += 1
+    return fused(*a, **kw)
+base.rope_decode_attention = counting
+cfg = tm.CONFIGS["llama"]
+hf, _ = tm._hf_model(cfg)
+km = tm._kiln_model(cfg, hf)
+quantize(km)
+join_projections(km)
+km.half()
+for m in km.modules():
+    if isinstance(m, QuantLinear):
+        m.policy = DEFAULT.replace(int8=True)
+ids = torch.randint(0, cfg["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(4))
+got = {}
+for on in (True, False):
+    calls.clear()
+    got[on] = tm.decode_steps(km, ids, 3, max_len=16, graph=True, policy=DEFAULT.replace(gemv_rope=on)).float()
+    # the 3-token prefill rotates in attention (SDPA path: not counted); each decode step's layers here
+    assert calls["rope"] == (0 if on else 3 * cfg["num_hidden_layers"]), (on, dict(calls))
+assert torch.equal(got[True], got[False]), (got[True] - got[False]).abs().max()
+print("llama", dict(calls))
+"""
+
+
+@pytest.mark.interpreted("_ROPE_STEP")
+def test_int8_decode_step_rotates_in_the_qkv_gemv():
+    """A tiny quantized Llama (no q/k norms, head dim 16) in float16, one token a step through the int8 GEMVs:
+    with the q/k/v GEMVs' RoPE epilogue (policy.gemv_rope, models/base.rope_projection) no rope launch runs
+    in a decode step and the logits equal, bit for bit, those of the same steps with RoPE in its own kernel."""
+    assert run_interpreted(_ROPE_STEP, timeout=900).count("\n") == 1
+
+
 @pytest.mark.interpreted("_INT8_STEP")
 def test_int8_decode_step_quantizes_inside_the_norm_and_activation_kernels():
     """The same tiny quantized qwen3 / gemma3 in float16: decode through the int8-activation GEMVs (x

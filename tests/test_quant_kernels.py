@@ -368,6 +368,43 @@ def test_int8_pair_computes_each_weight_as_its_own_gemv(pair):
     assert a.paired(b, x, act) is None
 
 
+@pytest.mark.parametrize("case", ["Q4_K q+k, Q6_K v (one launch)", "Q4_K q+k, Q6_K v (two launches)",
+                                  "Q8_0 q+k+v with bias"])
+def test_int8_gemv_rope_epilogue_is_the_rope_kernel(case):
+    """The q/k/v GEMVs' epilogue (gemv_int8.RopeOut through Joined.rope_forward) gives what the GEMVs and then
+    ops.rope_qk_write_kv give: the rotated q, and the rotated k and the v in the caches at the position (bit
+    for bit in the interpreter; the dtype's rounding on a GPU), other cache slots untouched."""
+    from kiln.ops.rope import rope_qk_write_kv
+    from kiln.quant.gemv_int8 import RopeOut
+    from kiln.quant.swap import Joined
+    h, kh, d, k = 4, 2, 64, 256
+    fmts = (K.Q8_0,) * 3 if "Q8_0" in case else (K.Q4_K, K.Q4_K, K.Q6_K)
+    g = torch.Generator().manual_seed(7)
+    layers = [QuantLinear(k, n, q, packed=make(q, n, k, seed=20 + i)[1],
+                          bias=torch.randn(n, generator=g).to(DEVICE) if "bias" in case else None)
+              for i, (q, n) in enumerate(zip(fmts, (h * d, kh * d, kh * d)))]
+    if "two launches" in case:
+        layers[0].policy = layers[0].policy.replace(pair_gemv=False)
+    joined = Joined(layers)
+    x = torch.randn(1, 1, k, generator=g).to(DEVICE, torch.float16)
+    act = quantize_act(x)
+    pos = torch.tensor([37], device=DEVICE)
+    inv = (1e4 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEVICE)
+    caches = [torch.randn(1, kh, 64, d, generator=g).to(DEVICE, torch.float16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q, kk, v = joined(x, act)
+    want = rope_qk_write_kv(q.view(1, 1, h, d), kk.view(1, 1, kh, d), v.view(1, 1, kh, d), *ref_caches, pos, inv,
+                            0.9)
+    got = joined.rope_forward(x, act, RopeOut(pos, inv, 0.9, *caches, h * d))
+    assert got is not None and got.shape == (1, 1, h * d)
+    exact = not CUDA
+    for a, b in ((got.view(1, 1, h, d), want), *zip(caches, ref_caches)):
+        assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    layers[0].policy = layers[0].policy.replace(pair_gemv=True)
+    joined.add_lora(0, torch.zeros(2, k), torch.zeros(h * d, 2), 1.0)
+    assert joined.rope_forward(x, act, RopeOut(pos, inv, 0.9, *caches, h * d)) is None  # a LoRA beside: no epilogue
+
+
 def test_int8_kernels_reject_what_they_cannot_take():
     _, iq, _ = make(K.IQ4_XS, 8, 256)
     act = quantize_act(torch.randn(1, 256).to(DEVICE, torch.float16))

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.base import (BaseArgs, CausalLM, Linear, RMSNorm, RoPE, Step, attention, embedding, gated, int8_buffer,
-                              logit_rows, native_projections, prepare, project, run_blocks)
+from kiln.models.base import (BaseArgs, CausalLM, Linear, RMSNorm, RoPE, Step, attention, embedding, gated,
+                              int8_buffer, logit_rows, native_projections, prepare, project, rope_projection,
+                              rotated_attention, run_blocks)
 from kiln.ops import silu_mul
 
 
@@ -70,6 +71,11 @@ class Attention(nn.Module):
 
     def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
+        q = rope_projection(self, x, step, q8)  # rotated, k and v in the cache: the GEMVs' epilogue, where it can
+        if q is not None:
+            o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))
+            out = rotated_attention(q, step, self.layer, self.d ** -0.5, self.window, q8=o8)
+            return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)
         q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
         k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)

@@ -10,12 +10,14 @@ tile helpers (tiles.py), the packed layout (packed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from kiln.ops import pdl
 from kiln.ops.dispatch import interpreted, jit, tl, triton
 from kiln.ops.q8 import store_q8
+from kiln.ops.rope import rotate_halves
 from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import FORMATS, V, PackedWeight
 from kiln.quant.route import INT8_FORMATS, Q8Config
@@ -104,21 +106,25 @@ def _q8_weights(qs_ptr, qh32_ptr, d_ptr, dm_ptr, r, rmask, kw0, KW: tl.constexpr
 
 @jit
 def _gemv_q8_kernel(xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
+                    pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, OFF,
                     KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                     GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
-                    BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`); program p: rows p·BN.. (`_gemv_rows`)."""
+                    BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
+                    ASM: tl.constexpr, PDL: tl.constexpr):
+    """y (1, N) = x @ w.T with x given as int8 codes (`_quantize_x_kernel`); program p: rows p·BN.. (`_gemv_rows`;
+    with ROPE, rows OFF.. of a joined q | k | v rotated and stored where the decode step reads them)."""
     pdl.start(PDL)
     _gemv_rows(tl.program_id(0), xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-               qh32_ptr, N, KW, SUBS, FMT, G, WPB, GPS, SPG, HAS_QH, HAS_DM, HAS_MIN, HAS_BIAS, H, OFFSET, BN, W, NIT,
-               ASM, PDL)
+               qh32_ptr, N, pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, OFF, KW, SUBS, FMT, G, WPB,
+               GPS, SPG, HAS_QH, HAS_DM, HAS_MIN, HAS_BIAS, H, OFFSET, BN, W, NIT, ROPE, HD, ASM, PDL)
 
 
 @jit
 def _gemv_q8_pair_kernel(xq_ptr, xd_ptr, xs_ptr, P0,
                          y0, b0, qs0, qh0, sc0, mn0, d0, dm0, qh320, N0,
                          y1, b1, qs1, qh1, sc1, mn1, d1, dm1, qh321, N1,
+                         pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK,
                          KW0: tl.constexpr, SUBS0: tl.constexpr, FMT0: tl.constexpr, G0: tl.constexpr,
                          WPB0: tl.constexpr, GPS0: tl.constexpr, SPG0: tl.constexpr, HAS_QH0: tl.constexpr,
                          HAS_DM0: tl.constexpr, HAS_MIN0: tl.constexpr, HAS_BIAS0: tl.constexpr, H0: tl.constexpr,
@@ -127,34 +133,43 @@ def _gemv_q8_pair_kernel(xq_ptr, xd_ptr, xs_ptr, P0,
                          WPB1: tl.constexpr, GPS1: tl.constexpr, SPG1: tl.constexpr, HAS_QH1: tl.constexpr,
                          HAS_DM1: tl.constexpr, HAS_MIN1: tl.constexpr, HAS_BIAS1: tl.constexpr, H1: tl.constexpr,
                          OFFSET1: tl.constexpr, BN1: tl.constexpr, W1: tl.constexpr, NIT1: tl.constexpr,
-                         ASM: tl.constexpr, PDL: tl.constexpr):
+                         ROPE: tl.constexpr, HD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Two weights of one x in one launch (`gemv_int8_pair`): programs 0..P0-1 compute weight 0's rows, the rest
     weight 1's, each as `_gemv_q8_kernel` would with its own format and launch constants."""
     pdl.start(PDL)
     pid = tl.program_id(0)
     if pid < P0:
-        _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y0, b0, qs0, qh0, sc0, mn0, d0, dm0, qh320, N0, KW0, SUBS0, FMT0, G0,
-                   WPB0, GPS0, SPG0, HAS_QH0, HAS_DM0, HAS_MIN0, HAS_BIAS0, H0, OFFSET0, BN0, W0, NIT0, ASM, PDL)
+        _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y0, b0, qs0, qh0, sc0, mn0, d0, dm0, qh320, N0, pos_ptr, inv_ptr,
+                   attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, 0, KW0, SUBS0, FMT0, G0, WPB0, GPS0, SPG0, HAS_QH0,
+                   HAS_DM0, HAS_MIN0, HAS_BIAS0, H0, OFFSET0, BN0, W0, NIT0, ROPE, HD, ASM, PDL)
     else:
-        _gemv_rows(pid - P0, xq_ptr, xd_ptr, xs_ptr, y1, b1, qs1, qh1, sc1, mn1, d1, dm1, qh321, N1, KW1, SUBS1, FMT1,
-                   G1, WPB1, GPS1, SPG1, HAS_QH1, HAS_DM1, HAS_MIN1, HAS_BIAS1, H1, OFFSET1, BN1, W1, NIT1, ASM, PDL)
+        _gemv_rows(pid - P0, xq_ptr, xd_ptr, xs_ptr, y1, b1, qs1, qh1, sc1, mn1, d1, dm1, qh321, N1, pos_ptr, inv_ptr,
+                   attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, N0, KW1, SUBS1, FMT1, G1, WPB1, GPS1, SPG1, HAS_QH1,
+                   HAS_DM1, HAS_MIN1, HAS_BIAS1, H1, OFFSET1, BN1, W1, NIT1, ROPE, HD, ASM, PDL)
 
 
 @jit
 def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
-               KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+               pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, OFF, KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
-               BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+               BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
+               ASM: tl.constexpr, PDL: tl.constexpr):
     """Rows pid·BN.. of y (1, N) = x @ w.T, x as int8 codes: per word of weights, one dp4a per byte position
     (4 weights of one 16-run), integer sums per sub-block, then
     sum(w * x) = dx * (dl * (sum(q * qx) - OFFSET * sum(qx)) - ml * sum(qx)) per sub-block.
     BN rows walk K in steps of W words as (BN, NG, V) tiles; no split-K. With PDL the first step's weights are
-    requested before waiting for the kernel that wrote x (kiln.ops.pdl)."""
+    requested before waiting for the kernel that wrote x (kiln.ops.pdl).
+    ROPE: these rows are OFF.. of a joined q | k | v of head dim HD (`_rope_store`); the BN rows of a program
+    are then two runs of BN/2 in one head, HD/2 apart, so that it holds both halves of each rotated pair."""
     B: tl.constexpr = 32 // G
     L: tl.constexpr = 8 // B                                           # fields per byte = byte lanes per word
     RUNS: tl.constexpr = G * _V // 16                                  # 16-runs per group (== L)
-    rows = pid * BN + tl.arange(0, BN)
+    if ROPE:  # head (pid·BN) // HD, dims half0.. and half0 + HD/2.. (half0 = (pid·BN) % HD / 2)
+        t = tl.arange(0, BN)
+        rows = (pid * BN) // HD * HD + (pid * BN) % HD // 2 + t // (BN // 2) * (HD // 2) + t % (BN // 2)
+    else:
+        rows = pid * BN + tl.arange(0, BN)
     r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
     rmask = (rows < N)[:, None]
     j = tl.arange(0, _V)
@@ -194,7 +209,35 @@ def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     y = tl.sum(acc, axis=1)                                            # (BN,)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    if ROPE:
+        _rope_store(y.to(y_ptr.dtype.element_ty), rows, OFF + (pid * BN) // HD * HD, (pid * BN) % HD // 2, y_ptr,
+                    pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, BN, HD)
+    else:
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+@jit
+def _rope_store(y, rows, head0, half0, y_ptr, pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK,
+                BN: tl.constexpr, HD: tl.constexpr):
+    """The q/k/v GEMV's epilogue in a one-token decode step: y (BN,) at rows of one head, rounded to the model's
+    dtype as the projection stores it: dims half0.. and half0 + HD/2.. of the head whose first row is head0 of
+    the joined output (q: [0, NQ), k: [NQ, NQ + NK), v after). q and k are rotated at the position pos_ptr
+    holds (rope.py's `rotate_halves`: the rope kernel's arithmetic), q stored to y, k and v into the layer's
+    caches (kv head h at that position: kc_ptr + h·skh + pos·sks), where the decode attention reads them."""
+    tl.static_assert(BN % 2 == 0 and HD % BN == 0, "a program's rows are pairs within one head")
+    p = tl.load(pos_ptr)
+    y1, y2 = tl.split(tl.permute(tl.reshape(y, (2, BN // 2)), (1, 0)))  # dims i and i + HD/2
+    f = p.to(tl.float32) * tl.load(inv_ptr + half0 + tl.arange(0, BN // 2))
+    o1, o2 = rotate_halves(y1[None, :], y2[None, :], tl.zeros([1, 1], dtype=tl.float32), inv_ptr,
+                           tl.cos(f) * attn_factor, tl.sin(f) * attn_factor, 0.0, BN // 2, False, False, BN // 2)
+    rot = tl.reshape(tl.permute(tl.join(tl.reshape(o1, (BN // 2,)), tl.reshape(o2, (BN // 2,))), (1, 0)), (BN,))
+    dim = half0 + tl.arange(0, BN) // (BN // 2) * (HD // 2) + tl.arange(0, BN) % (BN // 2)  # (BN,) in the head
+    if head0 < NQ:
+        tl.store(y_ptr + rows, rot)
+    elif head0 < NQ + NK:
+        tl.store(kc_ptr + (head0 - NQ) // HD * skh + p * sks + dim, rot.to(kc_ptr.dtype.element_ty))
+    else:
+        tl.store(vc_ptr + (head0 - NQ - NK) // HD * skh + p * sks + dim, y.to(vc_ptr.dtype.element_ty))
 
 
 @jit
@@ -316,12 +359,40 @@ def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
                          f"{sorted(FORMATS[q].name for q in INT8_FORMATS)}")
 
 
+class RopeOut(NamedTuple):
+    """The q/k/v GEMV's epilogue in a one-token decode step (`_rope_store`): the joined q | k | v output's q rows
+    rotated into y, its k rows rotated and its v rows as they are stored into the layer's caches at the step's
+    position — what ops.rope_qk_write_kv would do after the GEMV, without its launch."""
+    pos: torch.Tensor  # (1,) int64: the token's position (device: a graph replays it)
+    inv_freq: torch.Tensor  # (D/2,) float32: every dim rotated, Hugging Face rotate-half pairs
+    attn_factor: float
+    k_cache: torch.Tensor  # (1, K, S, D) the layer's keys, in the model's dtype
+    v_cache: torch.Tensor  # the same shape and strides: values
+    n_q: int  # H·D: q rows, then K·D k rows, then v
+
+    def fits(self, config: Q8Config, n: int) -> bool:
+        """Can a launch of `config` over n joined rows store through it? Programs of whole rotation pairs."""
+        d = self.k_cache.shape[-1]
+        return config.block_n % 2 == 0 and d % config.block_n == 0 and n % d == 0
+
+
+def _rope_args(rope: RopeOut | None, y: torch.Tensor) -> tuple[list, dict]:
+    if rope is None:
+        return [y, y, 1.0, y, y, 0, 0, 0, 0], dict(ROPE=False, HD=2)
+    kc, vc = rope.k_cache, rope.v_cache
+    assert kc.stride() == vc.stride() and kc.stride(-1) == 1 and kc.shape[0] == 1
+    return ([rope.pos, rope.inv_freq, float(rope.attn_factor), kc, vc, kc.stride(1), kc.stride(2), rope.n_q,
+             kc.shape[1] * kc.shape[3]], dict(ROPE=True, HD=kc.shape[3]))
+
+
 def gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config,
-              policy: Policy = DEFAULT) -> torch.Tensor:
+              policy: Policy = DEFAULT, rope: RopeOut | None = None, offset: int = 0) -> torch.Tensor:
     """One quantized row of x (`quantize_act`) -> y = x @ W.T (+ bias): (1, N) in act.dtype, through
-    `_gemv_q8_kernel` launched as `config` says (route.q8_config); PDL as the policy allows. Graph-capturable."""
+    `_gemv_q8_kernel` launched as `config` says (route.q8_config); PDL as the policy allows. Graph-capturable.
+    `rope`: W's rows are rows offset.. of a joined q | k | v (RopeOut; config must `fit`); y then holds the
+    rotated q rows only."""
     _check(act, w, range(1, 2))
-    return _launch(_gemv_q8_kernel, act, w, bias, config, policy)
+    return _launch(_gemv_q8_kernel, act, w, bias, config, policy, rope=rope, offset=offset)
 
 
 def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config,
@@ -333,11 +404,12 @@ def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config:
 
 
 def gemv_int8_pair(act: QuantAct, w0: PackedWeight, w1: PackedWeight, b0: torch.Tensor | None,
-                   b1: torch.Tensor | None, c0: Q8Config, c1: Q8Config, policy: Policy = DEFAULT) -> torch.Tensor:
+                   b1: torch.Tensor | None, c0: Q8Config, c1: Q8Config, policy: Policy = DEFAULT,
+                   rope: RopeOut | None = None) -> torch.Tensor:
     """One quantized row of x against two weights of its K columns in one launch (a joined q/k/v whose parts
     differ in format: two launches' tails and waits become one): y (1, N0 + N1) = [x @ W0.T + b0 | x @ W1.T + b1]
     in act.dtype, each weight's rows as `gemv_int8` with its config computes them (the configs' warps and stages
-    must agree)."""
+    must agree); `rope` as gemv_int8's, W0's rows first."""
     _check(act, w0, range(1, 2))
     _check(act, w1, range(1, 2))
     if (c0.num_warps, c0.num_stages) != (c1.num_warps, c1.num_stages):
@@ -347,8 +419,9 @@ def gemv_int8_pair(act: QuantAct, w0: PackedWeight, w1: PackedWeight, b0: torch.
     (a0, k0), (a1, k1) = _weight_args(w0, b0, c0, y[:, :n0]), _weight_args(w1, b1, c1, y[:, n0:])
     extra = {} if c0.num_stages is None else dict(num_stages=c0.num_stages)
     p0 = triton.cdiv(n0, c0.block_n)
+    r_args, r_consts = _rope_args(rope, y)
     _gemv_q8_pair_kernel[(p0 + triton.cdiv(n1, c1.block_n),)](
-        *act.buffers, p0, *a0, *a1, **{f"{key}0": v for key, v in k0.items()}, **{f"{key}1": v for key, v in k1.items()},
+        *act.buffers, p0, *a0, *a1, *r_args, **r_consts, **{f"{key}0": v for key, v in k0.items()}, **{f"{key}1": v for key, v in k1.items()},
         ASM=not interpreted(), num_warps=c0.num_warps, **extra, **pdl.launch_kw(act.xq, policy))
     return y
 
@@ -365,11 +438,15 @@ def _weight_args(w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, y
 
 
 def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, policy: Policy,
-            **rows) -> torch.Tensor:
-    """One int8 kernel over every row of act, config.block_n weight rows per program."""
+            rope: RopeOut | None = None, offset: int = 0, **rows) -> torch.Tensor:
+    """One int8 kernel over every row of act, config.block_n weight rows per program (`rope`, `offset`: the
+    one-row kernel's epilogue, gemv_int8)."""
     n = w.shape[0]
     y = torch.empty((act.m, n), dtype=act.dtype, device=act.xq.device)
     args, consts = _weight_args(w, bias, config, y)
+    if kernel is _gemv_q8_kernel:
+        r_args, r_consts = _rope_args(rope, y)
+        args, consts = args + r_args + [offset], dict(consts, **r_consts)
     extra = {} if config.num_stages is None else dict(num_stages=config.num_stages)
     kernel[(triton.cdiv(n, config.block_n),)](
         *act.buffers, *args, ASM=not interpreted(), num_warps=config.num_warps, **consts, **rows, **extra,

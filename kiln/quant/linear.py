@@ -27,6 +27,7 @@ the output and split-K partials, sized by the shapes).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import route
 from kiln.quant.dequant import dequantize_gpu
 from kiln.quant.gemv import gemv
-from kiln.quant.gemv_int8 import QuantAct, empty_act, gemm_int8, gemv_int8, gemv_int8_pair, quantize_act
+from kiln.quant.gemv_int8 import QuantAct, RopeOut, empty_act, gemm_int8, gemv_int8, gemv_int8_pair, quantize_act
 from kiln.quant.mma import gemm_mma
 from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
 from kiln.quant.swap import dense, quantized, swap_layers
@@ -176,10 +177,10 @@ class QuantLinear(nn.Module):
             y = run(plan, x2, self.packed, self.bias, act=act, policy=self.policy)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct, probe: bool = False):
         """(self(x, act), other(x, act)) in one launch (gemv_int8_pair) where both take the one-row int8 GEMV
         with launch settings one kernel can take (a joined q/k/v whose parts differ in format); None elsewhere
-        (or with policy.pair_gemv off, KILN_PAIR_GEMV=0)."""
+        (or with policy.pair_gemv off, KILN_PAIR_GEMV=0). `probe`: only say whether it would (nothing launched)."""
         if not (isinstance(other, QuantLinear) and self.policy.pair_gemv and self.in_features == other.in_features):
             return None
         x2 = x.reshape(-1, self.in_features)
@@ -187,9 +188,36 @@ class QuantLinear(nn.Module):
         if p0.kind != "gemv_int8" or p1.kind != "gemv_int8" or (p0.config.num_warps, p0.config.num_stages) != (
                 p1.config.num_warps, p1.config.num_stages):
             return None
+        if probe:
+            return True
         y = gemv_int8_pair(act, self.packed, other.packed, self.bias, other.bias, p0.config, p1.config, self.policy)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y[..., :self.out_features], y[..., self.out_features:]
+
+    @classmethod
+    def rope_joined(cls, groups: list[nn.Module], x: torch.Tensor, act: QuantAct, rope: RopeOut) -> torch.Tensor | None:
+        """The rotated q rows (..., H·D) of a joined q | k | v's `groups` (in order) for one row of x, its k and
+        v stored into rope's caches by the GEMVs' epilogue (gemv_int8.RopeOut: no rope kernel after them) —
+        where every group takes the one-row int8 GEMV with programs of whole rotation pairs (one launch for two
+        groups where `paired` would take them); None elsewhere, nothing launched."""
+        x2 = x.reshape(-1, groups[0].in_features)
+        if not all(isinstance(g, cls) for g in groups) or x2.shape[0] != 1 or groups[0].out_features < rope.n_q:
+            return None
+        plans = [g.plan(x2) for g in groups]
+        if any(p.kind != "gemv_int8" for p in plans):
+            return None
+        # one row a program (route's rule for a small Q6_K v filling the SMs alone) -> two: a rotation pair
+        configs = [replace(p.config, block_n=2) if p.config.block_n == 1 else p.config for p in plans]
+        if not all(rope.fits(c, g.out_features) for c, g in zip(configs, groups)):
+            return None
+        a, policy = groups[0], groups[0].policy
+        if len(groups) == 2 and a.paired(groups[1], x, act, probe=True):
+            y = gemv_int8_pair(act, a.packed, groups[1].packed, a.bias, groups[1].bias, *configs, policy, rope=rope)
+        else:
+            offsets = [sum(g.out_features for g in groups[:i]) for i in range(len(groups))]
+            y = [gemv_int8(act, g.packed, g.bias, c, policy, rope=rope, offset=o)
+                 for g, c, o in zip(groups, configs, offsets)][0]
+        return y.view(*x.shape[:-1], y.shape[-1])[..., :rope.n_q]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

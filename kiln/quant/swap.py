@@ -145,6 +145,15 @@ class Joined(nn.Module):
                                    for d, w in zip(deltas, self.splits[0])], -1)
         return y
 
+    def rope_forward(self, x: torch.Tensor, act, rope) -> torch.Tensor | None:
+        """q (..., H·D) rotated, k and v stored into the caches, by the GEMVs themselves (a layer type's
+        `rope_joined`: QuantLinear's, gemv_int8.RopeOut) for x already in int8 (`act`); None where they cannot
+        (or a LoRA sits beside them), nothing computed."""
+        joined = getattr(type(self.groups[0]), "rope_joined", None)
+        if act is None or self.lora or self.stacks or joined is None:
+            return None
+        return joined(list(self.groups), x, act, rope)
+
     def native_parts(self) -> list | None:
         """Every group's `native_parts` in output order (ops.cpu.layer_plan), or None: a group without them, or
         a LoRA beside the joined matmul."""
