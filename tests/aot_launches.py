@@ -134,7 +134,8 @@ def main() -> None:
                     gemm_mma(torch.zeros(rows, k, dtype=dtype), layer.packed, None,
                              route.mma_launch(cfg, qtype, wide, k, 132))
     # one launch for a joined q/k/v of two formats (QuantLinear.paired): Llama-3.2-1B's and Qwen3-8B's shapes
-    from kiln.quant.gemv_int8 import RopeOut, empty_act
+    from kiln.ops.rope import RopeOut
+    from kiln.quant.gemv_int8 import empty_act
     for (qa, qb), (na, nb, k) in [((K.Q4_K, K.Q6_K), (2560, 512, 2048)), ((K.Q4_K, K.Q6_K), (5120, 1024, 4096)),
                                   ((K.Q4_K, K.Q5_K), (2560, 512, 2048)), ((K.Q5_0, K.Q8_0), (1152, 128, 896))]:
         a, b = (QuantLinear.from_gguf(torch.zeros(n, k // K.FORMATS[q].block * K.FORMATS[q].type_size,

@@ -375,7 +375,7 @@ def test_int8_gemv_rope_epilogue_is_the_rope_kernel(case):
     ops.rope_qk_write_kv give: the rotated q, and the rotated k and the v in the caches at the position (bit
     for bit in the interpreter; the dtype's rounding on a GPU), other cache slots untouched."""
     from kiln.ops.rope import rope_qk_write_kv
-    from kiln.quant.gemv_int8 import RopeOut
+    from kiln.ops.rope import RopeOut
     from kiln.quant.swap import Joined
     h, kh, d, k = 4, 2, 64, 256
     fmts = (K.Q8_0,) * 3 if "Q8_0" in case else (K.Q4_K, K.Q4_K, K.Q6_K)

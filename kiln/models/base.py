@@ -514,7 +514,7 @@ def rope_projection(attn: nn.Module, x: torch.Tensor, step: Step, q8) -> torch.T
     (KILN_GEMV_ROPE=0: off). None elsewhere, nothing computed (then `attention` rotates). Llama-3.2-1B on the
     H100: the rope kernel's 1.6 µs a layer (bench/results/2026-12-07-h100-c/)."""
     from kiln.ops.attention import launch_for
-    from kiln.quant.gemv_int8 import RopeOut
+    from kiln.ops.rope import RopeOut
     b, t, _ = x.shape
     qkv, layer, d = getattr(attn, "qkv", None), attn.layer, attn.d
     if (qkv is None or q8 is None or b * t != 1 or not step.fused or not step.policy.gemv_rope

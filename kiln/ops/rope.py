@@ -6,7 +6,8 @@ Owns: `rope_qk` (Triton: cos/sin from device positions in-kernel, so no table pe
 programs store rotated keys and copy values straight into a static cache) and `rope_qk_write_kv_ref`
 (`rope_qk_ref`, then `write_kv_ref`, the KV write's reference); the rotation's arithmetic as Triton helpers
 (`cos_sin`, `head_rstd`, `rotate_halves`), which the decode kernel's fused form (attention.rope_decode_attention)
-calls too, so both round alike.
+and the int8 q/k/v GEMV's epilogue (quant/gemv_int8.py) call too, so all round alike; `RopeOut`, what that
+epilogue needs.
 Convention: Hugging Face rotate-half — pairs (i, i + R/2) in the first R = rot_dim dims; dims past R are kept.
 cos and sin are multiplied by attn_factor (longrope / YaRN). Positions are (T,) for every batch row or (B, T),
 one row each (then `rows` (B,) may name each batch row's cache row).
@@ -18,6 +19,8 @@ S cache positions, N cache rows.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kiln.ops import pdl
@@ -26,6 +29,25 @@ from kiln.ops.norm import rms_norm_ref
 from kiln.policy import DEFAULT, Policy
 
 _BLOCK_H = 4  # heads per program: q and k of one token spread over a handful of programs
+
+
+class RopeOut(NamedTuple):
+    """Where a one-token decode step's q/k/v projection puts its rows when it rotates them itself (the int8
+    GEMV's epilogue, quant/gemv_int8.py `_rope_store`): the joined q | k | v output's q rows rotated into its
+    output, its k rows rotated and its v rows as they are stored into the layer's caches at the step's position
+    — what `rope_qk_write_kv` does after the GEMV, without its launch."""
+    pos: torch.Tensor  # (1,) int64: the token's position (device: a graph replays it)
+    inv_freq: torch.Tensor  # (D/2,) float32: every dim rotated, Hugging Face rotate-half pairs
+    attn_factor: float
+    k_cache: torch.Tensor  # (1, K, S, D) the layer's keys, in the model's dtype
+    v_cache: torch.Tensor  # the same shape and strides: values
+    n_q: int  # H·D: q rows, then K·D k rows, then v
+
+    def fits(self, config, n: int) -> bool:
+        """Can a GEMV launch of `config` (rows per program: block_n) over n joined rows store through it?
+        Programs of whole rotation pairs of one head."""
+        d = self.k_cache.shape[-1]
+        return config.block_n % 2 == 0 and d % config.block_n == 0 and n % d == 0
 
 
 def rope_qk_ref(q, k, pos, inv_freq, attn_factor: float = 1.0, q_norm_w=None, k_norm_w=None,

@@ -10,14 +10,13 @@ tile helpers (tiles.py), the packed layout (packed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from kiln.ops import pdl
 from kiln.ops.dispatch import interpreted, jit, tl, triton
 from kiln.ops.q8 import store_q8
-from kiln.ops.rope import rotate_halves
+from kiln.ops.rope import RopeOut, rotate_halves
 from kiln.policy import DEFAULT, Policy
 from kiln.quant.packed import FORMATS, V, PackedWeight
 from kiln.quant.route import INT8_FORMATS, Q8Config
@@ -357,23 +356,6 @@ def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
         raise ValueError(f"{w.fmt.name} weight of shape {w.shape} with {act.m} quantized rows of {act.k}: the int8 "
                          f"kernels take {rows.start}..{rows.stop - 1} rows of K and the formats "
                          f"{sorted(FORMATS[q].name for q in INT8_FORMATS)}")
-
-
-class RopeOut(NamedTuple):
-    """The q/k/v GEMV's epilogue in a one-token decode step (`_rope_store`): the joined q | k | v output's q rows
-    rotated into y, its k rows rotated and its v rows as they are stored into the layer's caches at the step's
-    position — what ops.rope_qk_write_kv would do after the GEMV, without its launch."""
-    pos: torch.Tensor  # (1,) int64: the token's position (device: a graph replays it)
-    inv_freq: torch.Tensor  # (D/2,) float32: every dim rotated, Hugging Face rotate-half pairs
-    attn_factor: float
-    k_cache: torch.Tensor  # (1, K, S, D) the layer's keys, in the model's dtype
-    v_cache: torch.Tensor  # the same shape and strides: values
-    n_q: int  # H·D: q rows, then K·D k rows, then v
-
-    def fits(self, config: Q8Config, n: int) -> bool:
-        """Can a launch of `config` over n joined rows store through it? Programs of whole rotation pairs."""
-        d = self.k_cache.shape[-1]
-        return config.block_n % 2 == 0 and d % config.block_n == 0 and n % d == 0
 
 
 def _rope_args(rope: RopeOut | None, y: torch.Tensor) -> tuple[list, dict]:

@@ -35,12 +35,13 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.ops import use_triton
+from kiln.ops.rope import RopeOut
 from kiln.policy import DEFAULT, Policy
 from kiln.quant import dequantize as dequantize_gguf
 from kiln.quant import route
 from kiln.quant.dequant import dequantize_gpu
 from kiln.quant.gemv import gemv
-from kiln.quant.gemv_int8 import QuantAct, RopeOut, empty_act, gemm_int8, gemv_int8, gemv_int8_pair, quantize_act
+from kiln.quant.gemv_int8 import QuantAct, empty_act, gemm_int8, gemv_int8, gemv_int8_pair, quantize_act
 from kiln.quant.mma import gemm_mma
 from kiln.quant.packed import FORMATS, PackedWeight, dequantize_ref, format_of, packed_fields, repack
 from kiln.quant.swap import dense, quantized, swap_layers
