@@ -505,40 +505,6 @@ def attention(q, k, v, step: Step, layer: int, scale: float, window: int | None 
     return step.cache.outputs(out)  # (B, T, H*D)
 
 
-def rope_projection(attn: nn.Module, x: torch.Tensor, step: Step, q8) -> torch.Tensor | None:
-    """q (B, T, H, D) rotated, with k and v already written into the layer's cache, from the q/k/v GEMVs'
-    own epilogue (`attn.qkv.rope_forward`, quant.gemv_int8.RopeOut: no rope kernel between them and the
-    attention) — where the fused step's RoPE would run in a kernel of its own: one token of one row over the
-    layer's direct cache, no ring, no q/k norms, every dim rotated, a head dim whose split kernel does not rotate
-    (attention.launch_for(d).rope), x already quantized for int8 GEMVs (`q8`); policy.gemv_rope
-    (KILN_GEMV_ROPE=0: off). None elsewhere, nothing computed (then `attention` rotates). Llama-3.2-1B on the
-    H100: the rope kernel's 1.6 µs a layer (bench/results/2026-12-07-h100-c/)."""
-    from kiln.ops.attention import launch_for
-    from kiln.ops.rope import RopeOut
-    b, t, _ = x.shape
-    qkv, layer, d = getattr(attn, "qkv", None), attn.layer, attn.d
-    if (qkv is None or q8 is None or b * t != 1 or not step.fused or not step.policy.gemv_rope
-            or getattr(attn, "qk_norm", True) or step.ring(layer) is not None or not step.cache.direct
-            or launch_for(d).rope or not hasattr(qkv, "rope_forward")):
-        return None
-    r = step.rope["global"]
-    kc, vc, rows = step.static_kv(layer)
-    if (rows is not None or kc.shape[0] != 1 or kc.dtype != x.dtype or vc.dtype != x.dtype
-            or 2 * r.inv_freq.shape[0] != d or r.rot_dim != d or kc.stride() != vc.stride()):
-        return None
-    q = qkv.rope_forward(x, q8, RopeOut(r.pos, r.inv_freq, r.attn_factor, kc, vc, attn.h * d))
-    return None if q is None else q.view(b, t, attn.h, d)
-
-
-def rotated_attention(q: torch.Tensor, step: Step, layer: int, scale: float, window: int | None = None,
-                      q8=None) -> torch.Tensor:
-    """`attention` for a q that `rope_projection` rotated (its k and v already in the cache): split-KV decode
-    attention over the layer's cache → (B, T, H*D)."""
-    kc, vc, _ = step.static_kv(layer)
-    out = decode_attention(q, kc, vc, step.rope["global"].pos, scale, window, policy=step.policy, q8=q8)
-    return out.reshape(q.shape[0], q.shape[1], -1)
-
-
 def _ring_fuses(ring: Ring, window: int | None, t: int) -> bool:
     """Does a ring layer's fused step see every slot it holds, so the decode kernel may read them all as they
     lie (`last`: the ring's final slot, no window)? One token a row, and the window (if any) spans the ring

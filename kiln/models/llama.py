@@ -2,7 +2,8 @@
 
 Owns: the Llama block layout (pre-norm attention with GQA + SwiGLU MLP, in the residual-stream form),
 llama3 RoPE scaling through RoPE, optional q/k/v biases and per-head q/k norms so that qwen2.py and
-qwen3.py are just argument defaults on top of this file.
+qwen3.py are just argument defaults on top of this file; a one-token GPU step without q/k norms rotates q and k
+and writes the cache in the q/k/v GEMVs themselves where they can (`_rope_projection`), else in `attention`.
 Not: caching and the step (cache.py), which kernels run (models/base.py, kiln.ops), quantization and
 joined projections (quant/: QuantLinear replaces nn.Linear, and `qkv` / `gate_up` join at load).
 
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.base import (BaseArgs, CausalLM, Linear, RMSNorm, RoPE, Step, attention, embedding, gated,
-                              int8_buffer, logit_rows, native_projections, prepare, project, rope_projection,
-                              rotated_attention, run_blocks)
-from kiln.ops import silu_mul
+                              int8_buffer, logit_rows, native_projections, prepare, project, run_blocks)
+from kiln.ops import decode_attention, silu_mul
+from kiln.ops.attention import launch_for
+from kiln.ops.rope import RopeOut
 
 
 @dataclass
@@ -51,6 +53,38 @@ class ModelArgs(BaseArgs):
             self.sliding_window = None
 
 
+def _rope_projection(attn: nn.Module, x: torch.Tensor, step: Step, q8) -> torch.Tensor | None:
+    """q (B, T, H, D) rotated, with k and v already written into the layer's cache, from the q/k/v GEMVs'
+    own epilogue (`attn.qkv.rope_forward` with an ops.rope.RopeOut: no rope kernel between them and the
+    attention) — where the fused step's RoPE would run in a kernel of its own: one token of one row over the
+    layer's direct cache, no ring, no q/k norms, every dim rotated, a head dim whose split kernel does not rotate
+    (attention.launch_for(d).rope), x already quantized for int8 GEMVs (`q8`); policy.gemv_rope
+    (KILN_GEMV_ROPE=0: off). None elsewhere, nothing computed (then `attention` rotates). Llama-3.2-1B on the
+    H100: the rope kernel's 1.6 µs a layer (bench/results/2026-12-07-h100-c/)."""
+    b, t, _ = x.shape
+    qkv, layer, d = getattr(attn, "qkv", None), attn.layer, attn.d
+    if (qkv is None or q8 is None or b * t != 1 or not step.fused or not step.policy.gemv_rope
+            or getattr(attn, "qk_norm", True) or step.ring(layer) is not None or not step.cache.direct
+            or launch_for(d).rope or not hasattr(qkv, "rope_forward")):
+        return None
+    r = step.rope["global"]
+    kc, vc, rows = step.static_kv(layer)
+    if (rows is not None or kc.shape[0] != 1 or kc.dtype != x.dtype or vc.dtype != x.dtype
+            or 2 * r.inv_freq.shape[0] != d or r.rot_dim != d or kc.stride() != vc.stride()):
+        return None
+    q = qkv.rope_forward(x, q8, RopeOut(r.pos, r.inv_freq, r.attn_factor, kc, vc, attn.h * d))
+    return None if q is None else q.view(b, t, attn.h, d)
+
+
+def _rotated_attention(q: torch.Tensor, step: Step, layer: int, scale: float, window: int | None = None,
+                       q8=None) -> torch.Tensor:
+    """`attention` for a q that `_rope_projection` rotated (its k and v already in the cache): split-KV decode
+    attention over the layer's cache → (B, T, H*D)."""
+    kc, vc, _ = step.static_kv(layer)
+    out = decode_attention(q, kc, vc, step.rope["global"].pos, scale, window, policy=step.policy, q8=q8)
+    return out.reshape(q.shape[0], q.shape[1], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
@@ -71,10 +105,10 @@ class Attention(nn.Module):
 
     def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
-        q = rope_projection(self, x, step, q8)  # rotated, k and v in the cache: the GEMVs' epilogue, where it can
+        q = _rope_projection(self, x, step, q8)  # rotated, k and v in the cache: the GEMVs' epilogue, where it can
         if q is not None:
             o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))
-            out = rotated_attention(q, step, self.layer, self.d ** -0.5, self.window, q8=o8)
+            out = _rotated_attention(q, step, self.layer, self.d ** -0.5, self.window, q8=o8)
             return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)
         q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
         q = q.view(b, t, self.h, self.d)  # (B, T, H, D)

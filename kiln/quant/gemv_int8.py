@@ -149,7 +149,8 @@ def _gemv_q8_pair_kernel(xq_ptr, xd_ptr, xs_ptr, P0,
 
 @jit
 def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, qh32_ptr, N,
-               pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, OFF, KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
+               pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, OFF,
+               KW: tl.constexpr, SUBS: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, WPB: tl.constexpr,
                GPS: tl.constexpr, SPG: tl.constexpr, HAS_QH: tl.constexpr, HAS_DM: tl.constexpr,
                HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr, OFFSET: tl.constexpr,
                BN: tl.constexpr, W: tl.constexpr, NIT: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
@@ -403,8 +404,9 @@ def gemv_int8_pair(act: QuantAct, w0: PackedWeight, w1: PackedWeight, b0: torch.
     p0 = triton.cdiv(n0, c0.block_n)
     r_args, r_consts = _rope_args(rope, y)
     _gemv_q8_pair_kernel[(p0 + triton.cdiv(n1, c1.block_n),)](
-        *act.buffers, p0, *a0, *a1, *r_args, **r_consts, **{f"{key}0": v for key, v in k0.items()}, **{f"{key}1": v for key, v in k1.items()},
-        ASM=not interpreted(), num_warps=c0.num_warps, **extra, **pdl.launch_kw(act.xq, policy))
+        *act.buffers, p0, *a0, *a1, *r_args, **r_consts, **{f"{key}0": v for key, v in k0.items()},
+        **{f"{key}1": v for key, v in k1.items()}, ASM=not interpreted(), num_warps=c0.num_warps, **extra,
+        **pdl.launch_kw(act.xq, policy))
     return y
 
 
