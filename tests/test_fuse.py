@@ -78,15 +78,19 @@ def quantize(model, dense_twin=False):  # each nn.Linear -> a Q8_0 QuantLinear, 
 
 def steps(km, ids):  # a 6-token prefill, then 4 CUDA-graph-style decode steps: all logits (1, 10, V)
     return tm.decode_steps(km, ids, 6, max_len=16, graph=True)
+
+calls = collections.Counter()
+def count(name, fn):  # fn, counting its calls (and those returning float32) in `calls`
+    def wrapped(*a, **kw):
+        calls[name] += 1
+        out = fn(*a, **kw)
+        calls[name + " float32"] += getattr(out, "dtype", None) == torch.float32
+        return out
+    return wrapped
 """
 
 _QUANT_STEP = _SETUP + """
-calls = collections.Counter()
-gemv = L.gemv
-def counting(*a, **kw):
-    calls["gemv"] += 1
-    return gemv(*a, **kw)
-L.gemv = counting
+L.gemv = count("gemv", L.gemv)
 for name in ("qwen3", "gemma3"):
     cfg = tm.CONFIGS[name]
     hf, _ = tm._hf_model(cfg)
@@ -109,15 +113,7 @@ for name in ("qwen3", "gemma3"):
 
 
 _INT8_STEP = _SETUP + """
-calls = collections.Counter()
 quantize_act, gemv_int8, gemm_int8 = L.quantize_act, L.gemv_int8, L.gemm_int8
-def count(name, fn):
-    def wrapped(*a, **kw):
-        calls[name] += 1
-        out = fn(*a, **kw)
-        calls[name + " float32"] += getattr(out, "dtype", None) == torch.float32
-        return out
-    return wrapped
 L.quantize_act, L.gemv_int8 = count("quantize", quantize_act), count("int8", gemv_int8)
 L.gemm_int8 = count("rows", gemm_int8)  # the 6-token prefill: int8 rows, each quantizing its own x
 for name in ("qwen3", "gemma3"):
@@ -153,12 +149,7 @@ for name in ("qwen3", "gemma3"):
 
 _ROPE_STEP = _SETUP + """
 import kiln.models.base as base
-calls = collections.Counter()
-fused = base.rope_decode_attention
-def counting(*a, **kw):
-    calls["rope"] += 1
-    return fused(*a, **kw)
-base.rope_decode_attention = counting
+base.rope_decode_attention = count("rope", base.rope_decode_attention)
 cfg = tm.CONFIGS["llama"]
 hf, _ = tm._hf_model(cfg)
 km = tm._kiln_model(cfg, hf)
