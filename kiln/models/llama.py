@@ -106,17 +106,18 @@ class Attention(nn.Module):
     def forward(self, x, step: Step, q8=None):
         b, t, _ = x.shape
         q = _rope_projection(self, x, step, q8)  # rotated, k and v in the cache: the GEMVs' epilogue, where it can
-        if q is not None:
-            o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))
-            out = _rotated_attention(q, step, self.layer, self.d ** -0.5, self.window, q8=o8)
-            return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)
-        q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
-        q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
-        k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
-        v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
-        norms = (self.q_norm, self.k_norm) if self.qk_norm else ()  # applied with RoPE, inside attention
+        rotated = q is not None
+        if not rotated:
+            q, k, v = project(self, x, "qkv", ("q_proj", "k_proj", "v_proj"), q8)
+            q = q.view(b, t, self.h, self.d)  # (B, T, H, D)
+            k = k.view(b, t, self.kv, self.d)  # (B, T, K, D)
+            v = v.view(b, t, self.kv, self.d)  # (B, T, K, D)
         o8 = int8_buffer(self.o_proj, q.reshape(b, t, -1))  # o_proj's int8 input, if the attention fills it
-        out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window, norms, q8=o8)
+        if rotated:
+            out = _rotated_attention(q, step, self.layer, self.d ** -0.5, self.window, q8=o8)
+        else:
+            norms = (self.q_norm, self.k_norm) if self.qk_norm else ()  # applied with RoPE, inside attention
+            out = attention(q, k, v, step, self.layer, self.d ** -0.5, self.window, norms, q8=o8)
         return self.o_proj(out, act=o8) if o8 is not None and o8.filled else self.o_proj(out)  # (B, T, E)
 
 

@@ -165,9 +165,12 @@ def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     B: tl.constexpr = 32 // G
     L: tl.constexpr = 8 // B                                           # fields per byte = byte lanes per word
     RUNS: tl.constexpr = G * _V // 16                                  # 16-runs per group (== L)
-    if ROPE:  # head (pid·BN) // HD, dims half0.. and half0 + HD/2.. (half0 = (pid·BN) % HD / 2)
+    if ROPE:  # the head starting at row `head`, dims half0.. and half0 + HD/2.. (half0 = (pid·BN) % HD / 2)
+        head = (pid * BN) // HD * HD
+        half0 = (pid * BN) % HD // 2
         t = tl.arange(0, BN)
-        rows = (pid * BN) // HD * HD + (pid * BN) % HD // 2 + t // (BN // 2) * (HD // 2) + t % (BN // 2)
+        dim = half0 + t // (BN // 2) * (HD // 2) + t % (BN // 2)       # (BN,) within the head
+        rows = head + dim
     else:
         rows = pid * BN + tl.arange(0, BN)
     r = rows.to(tl.int64)[:, None]                                     # (BN, 1)
@@ -210,17 +213,17 @@ def _gemv_rows(pid, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, sc_ptr
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     if ROPE:
-        _rope_store(y.to(y_ptr.dtype.element_ty), rows, OFF + (pid * BN) // HD * HD, (pid * BN) % HD // 2, y_ptr,
-                    pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK, BN, HD)
+        _rope_store(y.to(y_ptr.dtype.element_ty), rows, dim, OFF + head, half0, y_ptr, pos_ptr, inv_ptr, attn_factor,
+                    kc_ptr, vc_ptr, skh, sks, NQ, NK, BN, HD)
     else:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 @jit
-def _rope_store(y, rows, head0, half0, y_ptr, pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK,
+def _rope_store(y, rows, dim, head0, half0, y_ptr, pos_ptr, inv_ptr, attn_factor, kc_ptr, vc_ptr, skh, sks, NQ, NK,
                 BN: tl.constexpr, HD: tl.constexpr):
     """The q/k/v GEMV's epilogue in a one-token decode step: y (BN,) at rows of one head, rounded to the model's
-    dtype as the projection stores it: dims half0.. and half0 + HD/2.. of the head whose first row is head0 of
+    dtype as the projection stores it: dims `dim` = half0.. and half0 + HD/2.. of the head whose first row is head0 of
     the joined output (q: [0, NQ), k: [NQ, NQ + NK), v after). q and k are rotated at the position pos_ptr
     holds (rope.py's `rotate_halves`: the rope kernel's arithmetic), q stored to y, k and v into the layer's
     caches (kv head h at that position: kc_ptr + h·skh + pos·sks), where the decode attention reads them."""
@@ -231,7 +234,6 @@ def _rope_store(y, rows, head0, half0, y_ptr, pos_ptr, inv_ptr, attn_factor, kc_
     o1, o2 = rotate_halves(y1[None, :], y2[None, :], tl.zeros([1, 1], dtype=tl.float32), inv_ptr,
                            tl.cos(f) * attn_factor, tl.sin(f) * attn_factor, 0.0, BN // 2, False, False, BN // 2)
     rot = tl.reshape(tl.permute(tl.join(tl.reshape(o1, (BN // 2,)), tl.reshape(o2, (BN // 2,))), (1, 0)), (BN,))
-    dim = half0 + tl.arange(0, BN) // (BN // 2) * (HD // 2) + tl.arange(0, BN) % (BN // 2)  # (BN,) in the head
     if head0 < NQ:
         tl.store(y_ptr + rows, rot)
     elif head0 < NQ + NK:
@@ -359,7 +361,9 @@ def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
                          f"{sorted(FORMATS[q].name for q in INT8_FORMATS)}")
 
 
-def _rope_args(rope: RopeOut | None, y: torch.Tensor) -> tuple[list, dict]:
+def _rope_args(rope: RopeOut | None, stand_in: torch.Tensor) -> tuple[list, dict]:
+    """The int8 GEMVs' epilogue arguments and constants for `rope` (stand_in's pointer where there is none)."""
+    y = stand_in
     if rope is None:
         return [y, y, 1.0, y, y, 0, 0, 0, 0], dict(ROPE=False, HD=2)
     kc, vc = rope.k_cache, rope.v_cache
@@ -375,7 +379,8 @@ def gemv_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config:
     `rope`: W's rows are rows offset.. of a joined q | k | v (RopeOut; config must `fit`); y then holds the
     rotated q rows only."""
     _check(act, w, range(1, 2))
-    return _launch(_gemv_q8_kernel, act, w, bias, config, policy, rope=rope, offset=offset)
+    r_args, r_consts = _rope_args(rope, act.xq)
+    return _launch(_gemv_q8_kernel, act, w, bias, config, policy, tail=(*r_args, offset), **r_consts)
 
 
 def gemm_int8(act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config,
@@ -422,17 +427,14 @@ def _weight_args(w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, y
 
 
 def _launch(kernel, act: QuantAct, w: PackedWeight, bias: torch.Tensor | None, config: Q8Config, policy: Policy,
-            rope: RopeOut | None = None, offset: int = 0, **rows) -> torch.Tensor:
-    """One int8 kernel over every row of act, config.block_n weight rows per program (`rope`, `offset`: the
-    one-row kernel's epilogue, gemv_int8)."""
+            tail: tuple = (), **rows) -> torch.Tensor:
+    """One int8 kernel over every row of act, config.block_n weight rows per program; `tail`: the kernel's
+    arguments after the weight's (the one-row kernel's epilogue, gemv_int8), `rows` its other constants."""
     n = w.shape[0]
     y = torch.empty((act.m, n), dtype=act.dtype, device=act.xq.device)
     args, consts = _weight_args(w, bias, config, y)
-    if kernel is _gemv_q8_kernel:
-        r_args, r_consts = _rope_args(rope, y)
-        args, consts = args + r_args + [offset], dict(consts, **r_consts)
     extra = {} if config.num_stages is None else dict(num_stages=config.num_stages)
     kernel[(triton.cdiv(n, config.block_n),)](
-        *act.buffers, *args, ASM=not interpreted(), num_warps=config.num_warps, **consts, **rows, **extra,
+        *act.buffers, *args, *tail, ASM=not interpreted(), num_warps=config.num_warps, **consts, **rows, **extra,
         **pdl.launch_kw(act.xq, policy))
     return y

@@ -178,27 +178,31 @@ class QuantLinear(nn.Module):
             y = run(plan, x2, self.packed, self.bias, act=act, policy=self.policy)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct, probe: bool = False):
-        """(self(x, act), other(x, act)) in one launch (gemv_int8_pair) where both take the one-row int8 GEMV
-        with launch settings one kernel can take (a joined q/k/v whose parts differ in format); None elsewhere
-        (or with policy.pair_gemv off, KILN_PAIR_GEMV=0). `probe`: only say whether it would (nothing launched)."""
+    def _pair_configs(self, other: nn.Module, x2: torch.Tensor) -> tuple | None:
+        """The two Q8Configs when self and other, for rows x2, both take the one-row int8 GEMV with launch
+        settings one kernel can take (policy.pair_gemv on); None elsewhere."""
         if not (isinstance(other, QuantLinear) and self.policy.pair_gemv and self.in_features == other.in_features):
             return None
-        x2 = x.reshape(-1, self.in_features)
         p0, p1 = self.plan(x2), other.plan(x2)
         if p0.kind != "gemv_int8" or p1.kind != "gemv_int8" or (p0.config.num_warps, p0.config.num_stages) != (
                 p1.config.num_warps, p1.config.num_stages):
             return None
-        if probe:
-            return True
-        y = gemv_int8_pair(act, self.packed, other.packed, self.bias, other.bias, p0.config, p1.config, self.policy)
+        return p0.config, p1.config
+
+    def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(x, act), other(x, act)) in one launch (gemv_int8_pair) where `_pair_configs` allows (a joined
+        q/k/v whose parts differ in format); None elsewhere (or with policy.pair_gemv off, KILN_PAIR_GEMV=0)."""
+        configs = self._pair_configs(other, x.reshape(-1, self.in_features))
+        if configs is None:
+            return None
+        y = gemv_int8_pair(act, self.packed, other.packed, self.bias, other.bias, *configs, self.policy)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y[..., :self.out_features], y[..., self.out_features:]
 
     @classmethod
     def rope_joined(cls, groups: list[nn.Module], x: torch.Tensor, act: QuantAct, rope: RopeOut) -> torch.Tensor | None:
         """The rotated q rows (..., H·D) of a joined q | k | v's `groups` (in order) for one row of x, its k and
-        v stored into rope's caches by the GEMVs' epilogue (gemv_int8.RopeOut: no rope kernel after them) —
+        v stored into rope's caches by the GEMVs' epilogue (ops.rope.RopeOut: no rope kernel after them) —
         where every group takes the one-row int8 GEMV with programs of whole rotation pairs (one launch for two
         groups where `paired` would take them); None elsewhere, nothing launched."""
         x2 = x.reshape(-1, groups[0].in_features)
@@ -212,12 +216,13 @@ class QuantLinear(nn.Module):
         if not all(rope.fits(c, g.out_features) for c, g in zip(configs, groups)):
             return None
         a, policy = groups[0], groups[0].policy
-        if len(groups) == 2 and a.paired(groups[1], x, act, probe=True):
+        if len(groups) == 2 and a._pair_configs(groups[1], x2) is not None:
             y = gemv_int8_pair(act, a.packed, groups[1].packed, a.bias, groups[1].bias, *configs, policy, rope=rope)
         else:
-            offsets = [sum(g.out_features for g in groups[:i]) for i in range(len(groups))]
-            y = [gemv_int8(act, g.packed, g.bias, c, policy, rope=rope, offset=o)
-                 for g, c, o in zip(groups, configs, offsets)][0]
+            y, offset = None, 0
+            for g, c in zip(groups, configs):  # each launch stores its own rows; y: the first's (holding q)
+                out = gemv_int8(act, g.packed, g.bias, c, policy, rope=rope, offset=offset)
+                y, offset = out if y is None else y, offset + g.out_features
         return y.view(*x.shape[:-1], y.shape[-1])[..., :rope.n_q]
 
     def extra_repr(self) -> str:
