@@ -13,8 +13,9 @@ ROOT=$PWD
 source bench/carry_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/g
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-(for f in ${FILES:-llama-3.2-1b qwen3-8b}; do python bench/make_gguf.py --model $f --type Q4_K_M --out /tmp/g > /dev/null 2>&1; done
- touch /tmp/g/done) &
+(for f in ${FILES:-llama-3.2-1b qwen3-8b}; do
+   python bench/make_gguf.py --model $f --type Q4_K_M --out /tmp/g > /dev/null 2>&1
+ done; touch /tmp/g/done) &
 while IFS='|' read -r shapes splits launches; do
   [ -z "$shapes" ] && continue
   KILN_ATTN_SPLITS=${splits#0} timeout 120 python bench/read_ceiling.py --no-reads --layers 12 --shapes "$shapes" \

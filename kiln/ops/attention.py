@@ -93,7 +93,9 @@ class Launch(NamedTuple):
     more tiles than this one after another; runtime_loop: each program's loop runs its own split's tile
     count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form);
     interleave: the splits deal the visible tiles out one by one instead of each taking one run of them;
-    rope: `rope_decode_attention` fuses RoPE and the KV write into the kernel where it can (else two launches)."""
+    rope: `rope_decode_attention` fuses RoPE and the KV write into the kernel where it can (else two launches);
+    maxnreg: Triton's cap on registers a thread (0: none), for sweeps of programs an SM
+    (bench/attn_launch_session.sh)."""
     block_n: int = _BLOCK_N
     warps: int = 0  # 0: 4, or 8 where D > 128
     stages: int = 2
@@ -101,6 +103,7 @@ class Launch(NamedTuple):
     runtime_loop: bool = True
     interleave: bool = False  # split s takes tiles s, s + NS, s + 2·NS, ... (else one run of whole tiles)
     rope: bool = False  # RoPE, the q/k norms and the KV write in the split kernel (rope_decode_attention)
+    maxnreg: int = 0  # registers a thread at most (0: as ptxas chooses)
 
 
 _LAUNCH = Launch()
@@ -252,6 +255,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     launch = launch_for(d, launch)
+    warps = launch.warps or (8 if d > 128 else 4)
     n_tiles = triton.cdiv(s_max, launch.block_n)
     ns = max(1, min(splits or policy.attn_splits
                     or _default_splits(q.device, b * kh, n_tiles, launch.tiles_per_split), n_tiles))
@@ -275,8 +279,8 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
-        num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=warps, num_stages=launch.stages,
+        **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
