@@ -255,7 +255,6 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     g = h // kh
     q = q if q.stride(-1) == 1 else q.contiguous()
     launch = launch_for(d, launch)
-    warps = launch.warps or (8 if d > 128 else 4)
     n_tiles = triton.cdiv(s_max, launch.block_n)
     ns = max(1, min(splits or policy.attn_splits
                     or _default_splits(q.device, b * kh, n_tiles, launch.tiles_per_split), n_tiles))
@@ -279,7 +278,8 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, num_warps=warps, num_stages=launch.stages,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
         **pdl.launch_kw(q, policy))
     if ns == 1:

@@ -363,9 +363,8 @@ def _check(act: QuantAct, w: PackedWeight, rows: range) -> None:
 
 def _rope_args(rope: RopeOut | None, stand_in: torch.Tensor) -> tuple[list, dict]:
     """The int8 GEMVs' epilogue arguments and constants for `rope` (stand_in's pointer where there is none)."""
-    y = stand_in
     if rope is None:
-        return [y, y, 1.0, y, y, 0, 0, 0, 0], dict(ROPE=False, HD=2)
+        return [stand_in, stand_in, 1.0, stand_in, stand_in, 0, 0, 0, 0], dict(ROPE=False, HD=2)
     kc, vc = rope.k_cache, rope.v_cache
     assert kc.stride() == vc.stride() and kc.stride(-1) == 1 and kc.shape[0] == 1
     return ([rope.pos, rope.inv_freq, float(rope.attn_factor), kc, vc, kc.stride(1), kc.stride(2), rope.n_q,

@@ -219,10 +219,11 @@ class QuantLinear(nn.Module):
         if len(groups) == 2 and a._pair_configs(groups[1], x2) is not None:
             y = gemv_int8_pair(act, a.packed, groups[1].packed, a.bias, groups[1].bias, *configs, policy, rope=rope)
         else:
-            y, offset = None, 0
-            for g, c in zip(groups, configs):  # each launch stores its own rows; y: the first's (holding q)
-                out = gemv_int8(act, g.packed, g.bias, c, policy, rope=rope, offset=offset)
-                y, offset = out if y is None else y, offset + g.out_features
+            outs, offset = [], 0
+            for g, c in zip(groups, configs):  # each launch stores its own rows; the first's output holds q
+                outs.append(gemv_int8(act, g.packed, g.bias, c, policy, rope=rope, offset=offset))
+                offset += g.out_features
+            y = outs[0]
         return y.view(*x.shape[:-1], y.shape[-1])[..., :rope.n_q]
 
     def extra_repr(self) -> str:
