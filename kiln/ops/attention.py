@@ -93,9 +93,7 @@ class Launch(NamedTuple):
     more tiles than this one after another; runtime_loop: each program's loop runs its own split's tile
     count (else the grid's worst case, tiles past the split's keys masked off: the interpreter's form);
     interleave: the splits deal the visible tiles out one by one instead of each taking one run of them;
-    rope: `rope_decode_attention` fuses RoPE and the KV write into the kernel where it can (else two launches);
-    maxnreg: Triton's cap on registers a thread (0: none), for sweeps of programs an SM
-    (bench/attn_launch_session.sh)."""
+    rope: `rope_decode_attention` fuses RoPE and the KV write into the kernel where it can (else two launches)."""
     block_n: int = _BLOCK_N
     warps: int = 0  # 0: 4, or 8 where D > 128
     stages: int = 2
@@ -103,7 +101,6 @@ class Launch(NamedTuple):
     runtime_loop: bool = True
     interleave: bool = False  # split s takes tiles s, s + NS, s + 2·NS, ... (else one run of whole tiles)
     rope: bool = False  # RoPE, the q/k norms and the KV write in the split kernel (rope_decode_attention)
-    maxnreg: int = 0  # registers a thread at most (0: as ptxas chooses)
 
 
 _LAUNCH = Launch()
@@ -280,7 +277,6 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
-        **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
         **pdl.launch_kw(q, policy))
     if ns == 1:
         return out
