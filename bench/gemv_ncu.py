@@ -32,8 +32,8 @@ def main():
     p.add_argument("--format", default="Q4_K")
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--block-n", type=int, default=0, help="rows a program (0: route.q8_table_rows)")
-    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--block-n", type=int, default=0, help="rows a program (0: route.q8_table's)")
+    p.add_argument("--warps", type=int, default=0, help="warps a program (0: route.q8_table's)")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--time", action="store_true")
     p.add_argument("--configs", default="", help="block_n:warps timed beside the table's, comma-separated")
@@ -44,7 +44,8 @@ def main():
     act = quantize_act(x)
 
     def cfg(bn, warps):
-        return R.q8_config(qt, a.n, a.k, sms, block_n=bn or R.q8_table_rows(qt, a.n, a.k), num_warps=warps)
+        rows, table_warps = R.q8_table(qt, a.n, a.k)
+        return R.q8_config(qt, a.n, a.k, sms, block_n=bn or rows, num_warps=warps or table_warps)
 
     if not a.time:
         w = K.repack(G.random_rows(qt, a.n, a.k), qt, (a.n, a.k))

@@ -2,7 +2,7 @@
 # One device call: the one-row int8 GEMV at decode shapes, timed in a graph (bench/gemv_ncu.py --time) and
 # profiled by Nsight Compute. Usage, repo root, .whl carried: OUT=... SHAPES="Q4_K:16384:2048 ..." bash bench/gemv_ncu_session.sh
 # SHAPES: format:n:k; CONFIGS: block_n:warps timed beside the table's at each shape;
-# NCU: the profiled launches, format:n:k:block_n:warps (block_n 0: the table's), "" for none;
+# NCU: the profiled launches, format:n:k:block_n:warps (0: the table's), "" for none;
 # TESTS: pytest arguments run first on the GPU (-> gpu_tests.log).
 set -u
 ROOT=$PWD
@@ -18,7 +18,7 @@ for s in ${SHAPES:-Q4_K:16384:2048 Q4_K:24576:4096}; do
 done
 python -c "import json,sys
 for l in open(sys.argv[1]): r = json.loads(l); c = r['config']; print(r['format'], r['n'], r['k'], c['block_n'], c['num_warps'], r['us'], r['tb_s'])" "$OUT/time.jsonl"
-for s in ${NCU-Q4_K:16384:2048:0:4}; do
+for s in ${NCU-Q4_K:16384:2048:0:0}; do
   IFS=: read -r f n k bn w <<< "$s"
   name=${s//:/_}  # ncu_<format_n_k_bn_warps>.txt
   timeout 150 ncu --set full --import-source no --clock-control none -k regex:_gemv_q8_kernel --launch-skip 3 \

@@ -51,11 +51,13 @@ def expected_kind(qtype: int, rows: int, n: int, k: int, dtype: torch.dtype, pol
     return "dequant"
 
 
-def q8_rows(qtype: int, n: int, k: int) -> int:
-    """The int8 GEMV's measured rows per program (route.q8_table_rows' docstring)."""
+def q8_table(qtype: int, n: int, k: int) -> tuple[int, int]:
+    """The int8 GEMV's measured rows per program and warps (route.q8_table's docstring)."""
+    if qtype in (P.Q4_K, P.Q6_K) and k <= 2048 and n >= 6144:
+        return 8, 2
     if qtype == P.Q6_K and k >= 4096:
-        return 1 if n <= 8192 else 8 if n > 65536 else 4
-    return 8 if qtype == P.Q4_K and n >= 5120 and 4096 <= k <= 8192 else 4
+        return (1 if n <= 1024 or (n <= 8192 and k >= 12288) else 8 if n > 65536 else 4), 4
+    return (8 if qtype == P.Q4_K and n >= 5120 and 4096 <= k <= 8192 else 4), 4
 
 
 def check_config(plan: Plan, qtype: int, rows: int, n: int, k: int, dtype: torch.dtype, sms: int) -> None:
@@ -70,8 +72,8 @@ def check_config(plan: Plan, qtype: int, rows: int, n: int, k: int, dtype: torch
             else 32
         assert cfg.block_n == widest or 16 <= cfg.block_n < widest  # shrunk only down to 16
     elif plan.kind == "gemv_int8":
-        table = q8_rows(qtype, n, k)
-        assert cfg.words == min(pow2(kw), 16384 // fmt.g) and cfg.num_warps == 4
+        table, warps = q8_table(qtype, n, k)
+        assert cfg.words == min(pow2(kw), 16384 // fmt.g) and cfg.num_warps == warps
         assert 1 <= cfg.block_n <= table and cfg.block_n & (cfg.block_n - 1) == 0
         if cfg.block_n < table:  # halved only while the grid was short of 2 programs per SM
             assert cdiv(n, 2 * cfg.block_n) < 2 * sms
@@ -124,10 +126,16 @@ def test_int8_path_is_taken_only_for_16_bit_rows_of_its_formats():
 
 
 def test_int8_gemv_rows_per_program():
-    assert R.q8_table_rows(P.Q6_K, 4096, 12288) == 1 and R.q8_table_rows(P.Q6_K, 151936, 4096) == 8
-    assert R.q8_table_rows(P.Q4_K, 24576, 4096) == 8 and R.q8_table_rows(P.Q4_K, 4096, 4096) == 4
-    for q, n, k in itertools.product(sorted(R.INT8_FORMATS), GRID_N + [5120, 8192, 65537], GRID_K + [8192, 8448]):
-        assert R.q8_table_rows(q, n, k) == q8_rows(q, n, k), (q, n, k)
+    assert R.q8_table(P.Q6_K, 4096, 12288) == (1, 4) and R.q8_table(P.Q6_K, 151936, 4096) == (8, 4)
+    assert R.q8_table(P.Q6_K, 1024, 4096) == (1, 4) and R.q8_table(P.Q6_K, 2048, 8192) == (4, 4)
+    assert R.q8_table(P.Q4_K, 24576, 4096) == (8, 4) and R.q8_table(P.Q4_K, 4096, 4096) == (4, 4)
+    assert R.q8_table(P.Q4_K, 16384, 2048) == (8, 2) and R.q8_table(P.Q6_K, 128256, 2048) == (8, 2)
+    assert R.q8_table(P.Q4_K, 2048, 2048) == (4, 4) and R.q8_table(P.Q8_0, 16384, 2048) == (4, 4)
+    for q, n, k in itertools.product(sorted(R.INT8_FORMATS), GRID_N + [5120, 6144, 8192, 65537],
+                                     GRID_K + [2048, 8192, 8448]):
+        assert R.q8_table(q, n, k) == q8_table(q, n, k), (q, n, k)
+    plan = R.plan(P.Q6_K, 1, 151936, 1024, BF16, sms=132)
+    assert (plan.config.block_n, plan.config.num_warps) == (8, 2)  # a small model's output head
     cfg = R.q8_config(P.Q4_K, 1024, 1024, 132, block_n=8, block_k=4096)
     assert (cfg.block_n, cfg.words) == (2, 128)                # small N: fewer rows per program, no split-K
     assert R.plan(P.Q4_K, 1, 24576, 4096, BF16, sms=132).config == R.Q8Config(block_n=8, words=512)

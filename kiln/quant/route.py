@@ -122,8 +122,8 @@ _NARROW_FORMATS = frozenset({Q8_0, IQ4_NL, IQ4_XS})
 # The int8 GEMV: the most weights per row per step. Measured in-graph on an H200 (bench/int8_ab.py,
 # bench/results/2026-11-26-h200/): 4 rows per program and whole rows up to 16384 weights per step were
 # within ~5% of the best of a 24-config grid at every decode shape of Qwen3-0.6B, Llama-3.2-1B and Qwen3-8B
-# but two (8B's Q6_K down projection: 18.5 vs 15.7 µs; 0.6B's gate/up: 3.8 vs 3.5 µs); `q8_table_rows`
-# refines the rows per program by shape.
+# but two (8B's Q6_K down projection: 18.5 vs 15.7 µs; 0.6B's gate/up: 3.8 vs 3.5 µs); `q8_table`
+# refines the rows per program and warps by shape.
 _Q8_BLOCK_K = 16384
 
 _TARGET_PROGRAMS_PER_SM = 4  # split-K and `float_config`'s shrinking aim for at least this many programs per SM
@@ -192,17 +192,22 @@ def float_table(qtype: int, rows: int, dtype: torch.dtype) -> GemvConfig:
     return _MX_F32 if dtype == torch.float32 else _MX
 
 
-def q8_table_rows(qtype: int, n: int, k: int) -> int:
-    """Rows per program of the int8 GEMV by shape, from the in-graph sweep on the H100
-    (bench/results/2026-11-26-h100/int8_ab_8b.json; PDL on): Q6_K's extra high-bit work favours one row per
-    program below ~8k rows of K >= 4096 (8B v and down projections: 2.27 vs 2.68 µs, 15.6 vs 19.0 µs) and 8
-    for an output head (170 vs 195 µs); Q4_K favours 8 rows from 5120 rows of K 4096..8192 (4.4 vs 4.8 µs,
-    20.3 vs 20.6 µs). Everything else: 4."""
+def q8_table(qtype: int, n: int, k: int) -> tuple[int, int]:
+    """(rows per program, warps) of the one-row int8 GEMV by shape, from in-graph sweeps (bench/gemv_ncu.py,
+    bench/int8_ab.py; rotating weights, PDL on). Q6_K's extra high-bit work favours one row per program for K
+    >= 4096 at n <= 1024 and at K >= 12288 (H100: 8B v 2.23 vs 2.66 µs, 8B down 15.2 vs 18.9), four rows
+    below 8k rows otherwise (1B down 2048 x 8192: 5.92 vs 6.94; 2026-12-07-h100-e/call3/), 8 for an output
+    head (H100, 2026-11-26-h100/int8_ab_8b.json: 170 vs 195 µs). Q4_K favours 8 rows from 5120 rows of K
+    4096..8192 (4.4 vs 4.8 µs, 20.3 vs 20.6). At K <= 2048, Q4_K and Q6_K from 6144 rows take 8 rows with two
+    warps (H100, call3: 1B gate/up 7.02 vs 8.51 µs at 4 rows / 4 warps, 1B output head 72.5 vs 90.9, 0.6B
+    gate/up 2.53 vs 2.69, 0.6B output head 43.1 vs 49.2). Everything else: 4 rows, 4 warps."""
+    if qtype in (Q4_K, Q6_K) and k <= 2048 and n >= 6144:
+        return 8, 2
     if qtype == Q6_K and k >= 4096:
-        return 1 if n <= 8192 else 8 if n > 65536 else 4
+        return 1 if n <= 1024 or (n <= 8192 and k >= 12288) else 8 if n > 65536 else 4, 4
     if qtype == Q4_K and n >= 5120 and 4096 <= k <= 8192:
-        return 8
-    return 4
+        return 8, 4
+    return 4, 4
 
 
 def q8_config(qtype: int, n: int, k: int, sms: int, block_n: int, block_k: int = _Q8_BLOCK_K,
@@ -266,7 +271,8 @@ def plan(qtype: int, rows: int, n: int, k: int, dtype: torch.dtype, policy: Poli
     int8 = qtype in INT8_FORMATS and policy.int8 and dtype != torch.float32  # float32 x stays exact
     if 1 <= rows <= gemv_max_rows(qtype, dtype):
         if int8 and rows == 1:
-            return Plan("gemv_int8", q8_config(qtype, n, k, sms, q8_table_rows(qtype, n, k)))
+            rows_per, warps = q8_table(qtype, n, k)
+            return Plan("gemv_int8", q8_config(qtype, n, k, sms, rows_per, num_warps=warps))
         if int8 and rows <= MAX_INT8_M:
             return Plan("gemm_int8", q8_rows_config(qtype, k, rows))
         table = shrink(float_table(qtype, rows, dtype), n, k, sms)
