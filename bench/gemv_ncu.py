@@ -3,9 +3,9 @@
   ncu --set full --clock-control none -k regex:_gemv_q8_kernel --launch-skip 3 --launch-count 1 -o rep \
       python bench/gemv_ncu.py --format Q4_K --n 16384 --k 2048 [--block-n 4 --warps 4]
 
-Random GGUF blocks of the shape (bench/gpu_quant_check.random_rows), x quantized once, the GEMV called
-`--calls` times on one weight (the first compiles). `--time` instead prints the in-graph µs per call over
-rotating copies (HBM, not the L2) and TB/s, as bench/int8_ab.py's micro step, for the table config and
+Random GGUF blocks of the shape (bench/int8_ab.py's `packed`), x quantized once, the GEMV called `--calls`
+times on one weight (the first compiles). `--time` instead prints the in-graph µs per call over rotating
+copies (int8_ab.py's `rotating`: HBM, not the L2) and TB/s, as int8_ab.py's micro step, for the table config and
 each `--configs` block_n:warps (route.Q8Config's fields)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_quant_check as G  # noqa: E402
+from int8_ab import packed, rotating, sms  # noqa: E402
 
 from kiln.quant import packed as K  # noqa: E402
 from kiln.quant import route as R  # noqa: E402
@@ -39,30 +40,28 @@ def main():
     p.add_argument("--configs", default="", help="block_n:warps timed beside the table's, comma-separated")
     a = p.parse_args()
     qt = getattr(K, a.format)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(1, a.k, device="cuda", dtype=torch.bfloat16)
     act = quantize_act(x)
 
     def cfg(bn, warps):
         rows, table_warps = R.q8_table(qt, a.n, a.k)
-        return R.q8_config(qt, a.n, a.k, sms, block_n=bn or rows, num_warps=warps or table_warps)
+        return R.q8_config(qt, a.n, a.k, sms(), block_n=bn or rows, num_warps=warps or table_warps)
 
     if not a.time:
-        w = K.repack(G.random_rows(qt, a.n, a.k), qt, (a.n, a.k))
+        w = packed(qt, a.n, a.k)
         c = cfg(a.block_n, a.warps)
         for _ in range(a.calls):
             gemv_int8(act, w, None, c)
         torch.cuda.synchronize()
         return
-    w0 = K.repack(G.random_rows(qt, a.n, a.k), qt, (a.n, a.k))
-    ws = [w0] + [K.repack(G.random_rows(qt, a.n, a.k, seed=i), qt, (a.n, a.k)) for i in range(1, G.n_copies(w0.nbytes))]
+    ws = rotating(qt, a.n, a.k)
     pairs = [(a.block_n, a.warps)] + [tuple(int(v) for v in s.split(":")) for s in a.configs.split(",") if s]
     for fields in pairs:
         c = cfg(*fields)
         us = G.graph_us(lambda i: (lambda: gemv_int8(act, ws[i], None, c)), len(ws))
         print(json.dumps({"device": torch.cuda.get_device_name(), "format": a.format, "n": a.n, "k": a.k,
-                          "config": dataclasses.asdict(c), "mb": round(w0.nbytes / 1e6, 2),
-                          "us": round(us, 2), "tb_s": round(w0.nbytes / us / 1e6, 3)}), flush=True)
+                          "config": dataclasses.asdict(c), "mb": round(ws[0].nbytes / 1e6, 2),
+                          "us": round(us, 2), "tb_s": round(ws[0].nbytes / us / 1e6, 3)}), flush=True)
 
 
 if __name__ == "__main__":
