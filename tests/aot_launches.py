@@ -11,6 +11,7 @@ matmul it served, the shared memory and the bytes of spill stores.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -133,12 +134,13 @@ def main() -> None:
                     CONTEXT[0] = f"{fmt.name} {rows} rows {DTYPES[dtype]}, tensor cores as for {wide}x{k}"
                     gemm_mma(torch.zeros(rows, k, dtype=dtype), layer.packed, None,
                              route.mma_launch(cfg, qtype, wide, k, 132))
-    # route.q8_table's two-warp form at K <= 2048 from 6144 rows (a 1B's gate/up, a small model's output head)
-    for qtype in (K.Q4_K, K.Q6_K):
-        fmt, n, k = K.FORMATS[qtype], 8192, 2048
+    # route.q8_table's forms at K <= 2048: 8 rows of 2 warps from 6144 rows (a 1B's gate/up, a small model's
+    # output head), one warp below (4 rows at K 1024, 2 at K 2048)
+    for qtype, (n, k) in itertools.product((K.Q4_K, K.Q6_K), ((8192, 2048), (3072, 1024), (2048, 2048))):
+        fmt = K.FORMATS[qtype]
         wide = QuantLinear.from_gguf(torch.zeros(n, k // fmt.block * fmt.type_size, dtype=torch.uint8), qtype,
                                      (n, k), device="cpu")
-        CONTEXT[0] = f"{fmt.name} 1 row bf16 of {n}x{k}: 8 rows, 2 warps"
+        CONTEXT[0] = f"{fmt.name} 1 row bf16 of {n}x{k}: {'%d rows, %d warps' % route.q8_table(qtype, n, k)}"
         with torch.no_grad():
             wide(torch.zeros(1, k, dtype=torch.bfloat16))
     # one launch for a joined q/k/v of two formats (QuantLinear.paired): Llama-3.2-1B's and Qwen3-8B's shapes

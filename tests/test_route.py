@@ -53,10 +53,13 @@ def expected_kind(qtype: int, rows: int, n: int, k: int, dtype: torch.dtype, pol
 
 def q8_table(qtype: int, n: int, k: int) -> tuple[int, int]:
     """The int8 GEMV's measured rows per program and warps (route.q8_table's docstring)."""
-    if qtype in (P.Q4_K, P.Q6_K) and k <= 2048 and n >= 6144:
-        return 8, 2
+    if qtype in (P.Q4_K, P.Q6_K) and k <= 2048:
+        small = n <= 8192 if k <= 1024 else n < 6144
+        return (4 if k <= 1024 else 2, 1) if small else (8, 2)
+    if qtype == P.Q6_K and n <= 1024 and k >= 3072:
+        return 1, 4
     if qtype == P.Q6_K and k >= 4096:
-        return (1 if n <= 1024 or (n <= 8192 and k >= 12288) else 8 if n > 65536 else 4), 4
+        return (1 if n <= 8192 and k >= 12288 else 8 if n > 65536 else 4), 4
     return (8 if qtype == P.Q4_K and n >= 5120 and 4096 <= k <= 8192 else 4), 4
 
 
@@ -130,9 +133,11 @@ def test_int8_gemv_rows_per_program():
     assert R.q8_table(P.Q6_K, 1024, 4096) == (1, 4) and R.q8_table(P.Q6_K, 2048, 8192) == (4, 4)
     assert R.q8_table(P.Q4_K, 24576, 4096) == (8, 4) and R.q8_table(P.Q4_K, 4096, 4096) == (4, 4)
     assert R.q8_table(P.Q4_K, 16384, 2048) == (8, 2) and R.q8_table(P.Q6_K, 128256, 2048) == (8, 2)
-    assert R.q8_table(P.Q4_K, 2048, 2048) == (4, 4) and R.q8_table(P.Q8_0, 16384, 2048) == (4, 4)
-    for q, n, k in itertools.product(sorted(R.INT8_FORMATS), GRID_N + [5120, 6144, 8192, 65537],
-                                     GRID_K + [8192, 8448]):
+    assert R.q8_table(P.Q4_K, 2048, 2048) == (2, 1) and R.q8_table(P.Q8_0, 16384, 2048) == (4, 4)
+    assert R.q8_table(P.Q4_K, 6144, 1024) == (4, 1) and R.q8_table(P.Q4_K, 6144, 2048) == (8, 2)
+    assert R.q8_table(P.Q6_K, 1024, 3072) == (1, 4) and R.q8_table(P.Q4_K, 1024, 3072) == (4, 4)
+    for q, n, k in itertools.product(sorted(R.INT8_FORMATS), GRID_N + [3072, 5120, 6144, 8192, 65537],
+                                     GRID_K + [1024, 1536, 3072, 8192, 8448]):
         assert R.q8_table(q, n, k) == q8_table(q, n, k), (q, n, k)
     plan = R.plan(P.Q6_K, 1, 151936, 1024, BF16, sms=132)
     assert (plan.config.block_n, plan.config.num_warps) == (8, 2)  # a small model's output head

@@ -179,15 +179,15 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pair_configs(self, other: nn.Module, x2: torch.Tensor) -> tuple | None:
-        """The two Q8Configs when self and other, for rows x2, both take the one-row int8 GEMV with launch
-        settings one kernel can take (policy.pair_gemv on); None elsewhere."""
+        """The two Q8Configs when self and other, for rows x2, both take the one-row int8 GEMV (policy.pair_gemv
+        on); None elsewhere. One launch takes one warp count: other's program takes self's (route.q8_table
+        may give a Q4_K q+k one warp beside a 4-warp v of another format)."""
         if not (isinstance(other, QuantLinear) and self.policy.pair_gemv and self.in_features == other.in_features):
             return None
         p0, p1 = self.plan(x2), other.plan(x2)
-        if p0.kind != "gemv_int8" or p1.kind != "gemv_int8" or (p0.config.num_warps, p0.config.num_stages) != (
-                p1.config.num_warps, p1.config.num_stages):
+        if p0.kind != "gemv_int8" or p1.kind != "gemv_int8" or p0.config.num_stages != p1.config.num_stages:
             return None
-        return p0.config, p1.config
+        return p0.config, replace(p1.config, num_warps=p0.config.num_warps)
 
     def paired(self, other: nn.Module, x: torch.Tensor, act: QuantAct) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(x, act), other(x, act)) in one launch (gemv_int8_pair) where `_pair_configs` allows (a joined
@@ -217,6 +217,7 @@ class QuantLinear(nn.Module):
             return None
         a, policy = groups[0], groups[0].policy
         if len(groups) == 2 and a._pair_configs(groups[1], x2) is not None:
+            configs[1] = replace(configs[1], num_warps=configs[0].num_warps)  # one launch, one warp count
             y = gemv_int8_pair(act, a.packed, groups[1].packed, a.bias, groups[1].bias, *configs, policy, rope=rope)
         else:
             outs, offset = [], 0

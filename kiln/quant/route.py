@@ -194,17 +194,24 @@ def float_table(qtype: int, rows: int, dtype: torch.dtype) -> GemvConfig:
 
 def q8_table(qtype: int, n: int, k: int) -> tuple[int, int]:
     """(rows per program, warps) of the one-row int8 GEMV by shape, from in-graph sweeps (bench/gemv_ncu.py,
-    bench/int8_ab.py; rotating weights, PDL on). Q6_K's extra high-bit work favours one row per program for K
-    >= 4096 at n <= 1024 and at K >= 12288 (H100: 8B v 2.23 vs 2.66 µs, 8B down 15.2 vs 18.9), four rows
-    below 8k rows otherwise (1B down 2048 x 8192: 5.92 vs 6.94; 2026-12-07-h100-e/call3/), 8 for an output
-    head (H100, 2026-11-26-h100/int8_ab_8b.json: 170 vs 195 µs). Q4_K favours 8 rows from 5120 rows of K
-    4096..8192 (4.4 vs 4.8 µs, 20.3 vs 20.6). At K <= 2048, Q4_K and Q6_K from 6144 rows take 8 rows with two
-    warps (H100, call3: 1B gate/up 7.02 vs 8.51 µs at 4 rows / 4 warps, 1B output head 72.5 vs 90.9, 0.6B
-    gate/up 2.53 vs 2.69, 0.6B output head 43.1 vs 49.2). Everything else: 4 rows, 4 warps."""
-    if qtype in (Q4_K, Q6_K) and k <= 2048 and n >= 6144:
-        return 8, 2
+    bench/int8_ab.py; rotating weights, PDL on; H100). At K <= 2048 a Q4_K / Q6_K program of 4 warps spends more
+    on its cross-warp sums than on its few weights: one warp of 4 rows at K <= 1024 up to 8192 rows, of 2 rows at
+    K <= 2048 below 6144 rows (0.6B q+k 3072 x 1024: 1.35 vs 2.12 µs at 4 rows / 4 warps, its o 1024 x 2048 1.42
+    vs 2.07, 1B q+k 2560 x 2048 1.95 vs 3.27, 1B o 2048 x 2048 1.63 vs 2.93; 2026-12-07-h100-f/sweep_small/),
+    8 rows of 2 warps above (1B gate/up 16384 x 2048 7.02 vs 8.51, 1B output head 72.5 vs 90.9, 0.6B output head
+    43.1 vs 49.2; 2026-12-07-h100-e/call3/). Q6_K's extra high-bit work favours one row per program at n <= 1024
+    from K 3072 (0.6B down 1024 x 3072 2.14 vs 2.50, 8B v 2.23 vs 2.66) and at K >= 12288 (8B down 15.2 vs
+    18.9), four rows below 8k rows otherwise (1B down 2048 x 8192: 5.92 vs 6.94), 8 for an output head of K >=
+    4096 (2026-11-26-h100/int8_ab_8b.json: 170 vs 195 µs). Q4_K favours 8 rows from 5120 rows of K 4096..8192
+    (4.4 vs 4.8 µs, 20.3 vs 20.6). Everything else: 4 rows, 4 warps."""
+    if qtype in (Q4_K, Q6_K) and k <= 2048:
+        if n > 8192 or (k > 1024 and n >= 6144):
+            return 8, 2
+        return (4 if k <= 1024 else 2), 1
+    if qtype == Q6_K and k >= 3072 and n <= 1024:
+        return 1, 4
     if qtype == Q6_K and k >= 4096:
-        return 1 if n <= 1024 or (n <= 8192 and k >= 12288) else 8 if n > 65536 else 4, 4
+        return 1 if n <= 8192 and k >= 12288 else 8 if n > 65536 else 4, 4
     if qtype == Q4_K and n >= 5120 and 4096 <= k <= 8192:
         return 8, 4
     return 4, 4
