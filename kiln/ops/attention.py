@@ -101,6 +101,7 @@ class Launch(NamedTuple):
     runtime_loop: bool = True
     interleave: bool = False  # split s takes tiles s, s + NS, s + 2·NS, ... (else one run of whole tiles)
     rope: bool = False  # RoPE, the q/k norms and the KV write in the split kernel (rope_decode_attention)
+    late_sum: bool = True  # the softmax's row sums kept per key column and summed once after the loop
 
 
 _LAUNCH = Launch()
@@ -275,7 +276,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, LATE_SUM=launch.late_sum,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
     if ns == 1:
@@ -336,7 +337,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
-                  PDL: tl.constexpr):
+                  LATE_SUM: tl.constexpr, PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -406,6 +407,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M, BLOCK_N if LATE_SUM else 1], dtype=tl.float32)  # weights, summed after the loop
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ROPE:
         if is_last:  # the new key (the split with the fewest tiles): rotated, cached, the softmax's first term
@@ -423,16 +425,19 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
             acc = tl.where(row_ok[:, None], v_new.to(tl.float32)[None, :], acc)
     if RUNTIME_LOOP:  # this split's own tiles
         for i in range(count):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
-                                  end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
+            m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
+                                       start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
+                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC,
+                                       LATE_SUM)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
-            m_i, l_i, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step,
-                                  end, d, dm, pm, m_i, l_i, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP,
-                                  K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
+            m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
+                                       start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
+                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC,
+                                       LATE_SUM)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
+    l_i += tl.sum(l_t, axis=1)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FINAL:  # the only split: o is the answer; o_ptr is the output (B, T, H, D) in q's dtype
@@ -461,10 +466,10 @@ def _store_out(o, at, rows_ok, rot_ptr, d, dm, D: tl.constexpr, BLOCK_D: tl.cons
 
 
 @jit
-def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, acc, scale,
+def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, l_t, acc, scale,
           softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_KIND: tl.constexpr,
           V_KIND: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_PREC: tl.constexpr):
+          DOT_PREC: tl.constexpr, LATE_SUM: tl.constexpr):
     """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
@@ -480,9 +485,13 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # (M, N)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if LATE_SUM:  # summed over keys once, after the loop: no reduction across warps a tile
+        l_i = l_i * alpha
+        l_t = l_t * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return m_new, l_i, l_t, acc
 
 
 @jit
