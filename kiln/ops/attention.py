@@ -368,7 +368,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
     # The key range any of the T queries can see, from device positions, then this split's share of it.
     ts = tl.arange(0, BLOCK_T)
-    pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1), LAST)  # (T,) a ring's queries see its every slot
+    # Positions as int32 (the cache's slots fit): the tiles' key indices, masks and addresses are then 32-bit
+    # arithmetic (sm_90: 263 instructions a tile against 289 with int64 positions)
+    pt = tl.minimum(tl.load(pos_ptr + ts, mask=ts < T, other=-1).to(tl.int32), LAST)  # (T,) a ring sees every slot
     if ROPE:  # the new key's slot is not read: the last split's softmax starts from its term in registers
         hi = tl.minimum(tl.max(pt, axis=0), S_MAX)
     else:
@@ -389,7 +391,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
         end = tl.minimum(start + per, hi)
         count = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
 
-    pm = tl.minimum(tl.load(pos_ptr + tm, mask=row_ok, other=-1), LAST)  # (M,) padded rows see nothing
+    pm = tl.minimum(tl.load(pos_ptr + tm, mask=row_ok, other=-1).to(tl.int32), LAST)  # (M,) padded rows see nothing
     k_base = k_ptr + cb * skb + kh * skh
     v_base = v_ptr + cb * svb + kh * svh
     if ROPE:  # q's heads and the new key rotated here
