@@ -90,7 +90,7 @@ def depth(model, d, g, splits, launches, out):
     from kiln.decoder import Decoder
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
-    base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS
+    base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
@@ -99,6 +99,7 @@ def depth(model, d, g, splits, launches, out):
         attention._LAUNCHES = {} if fields else base_launches  # {}: the defaults, by head dim
         attention.MERGE_COLS = launch.get("merge_cols", base_merge[0])
         attention.MERGE_ELEMS = launch.get("merge_elems", base_merge[1])
+        attention.MERGE_WARPS = launch.get("merge_warps", base_merge[2])
         dec = Decoder.for_model(model, d + g + 8)
         dec.prefill(ids, 0)
         device_loop(dec, d, 4)
@@ -108,7 +109,7 @@ def depth(model, d, g, splits, launches, out):
         dec = None
         torch.cuda.empty_cache()
     model.policy, attention._LAUNCH, attention._LAUNCHES = base, base_launch, base_launches
-    attention.MERGE_COLS, attention.MERGE_ELEMS = base_merge
+    attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS = base_merge
 
 
 @torch.inference_mode()
@@ -119,7 +120,8 @@ def main():
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--splits", default="0")
     ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth "
-                    "(and merge_cols / merge_elems: ops.attention.MERGE_COLS / MERGE_ELEMS)")
+                    "(and merge_cols / merge_elems / merge_warps: ops.attention.MERGE_COLS / MERGE_ELEMS / "
+                    "MERGE_WARPS)")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()

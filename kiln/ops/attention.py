@@ -134,6 +134,7 @@ def launch_for(d: int, launch: Launch | None = None) -> Launch:
 MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next projection (False: for A/B runs)
 MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
 MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
+MERGE_WARPS = 4  # a merge program's warps
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -290,7 +291,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
     block_s = min(max(2, triton.next_power_of_2(ns)), max(2, MERGE_ELEMS // cols))
     _merge_kernel[(b * t * h, triton.cdiv(d, cols))](
         mid_o, mid_lse, out, *(q8.buffers if fill else (out, out, out)), ns, D=d, BLOCK_S=block_s,
-        CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=4, **pdl.launch_kw(q, policy))
+        CHUNKS=triton.cdiv(ns, block_s), BLOCK_C=cols, Q8=fill, num_warps=MERGE_WARPS, **pdl.launch_kw(q, policy))
     if fill:
         q8.filled = True
     return out
