@@ -6,7 +6,7 @@ set -u
 mkdir -p $OUT; source bench/carry_env.sh; nvidia-smi --query-gpu=name --format=csv,noheader
 mkdir -p /tmp/g
 (for f in qwen3-0.6b llama-3.2-1b; do timeout 60 python bench/make_gguf.py --model $f --type Q4_K_M --out /tmp/g > /dev/null 2>&1; done; touch /tmp/g/done) &
-timeout 120 python -c "
+timeout 100 python -c "
 import kiln.ops.attention as A, pytest
 A.MERGE_WARPS = 1
 raise SystemExit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_ops.py::test_decode_attention_stores_its_output_quantized', 'tests/test_ops.py::test_decode_attention_split_counts', 'tests/test_ops.py::test_rope_decode_attention']))
