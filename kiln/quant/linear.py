@@ -211,13 +211,13 @@ class QuantLinear(nn.Module):
         plans = [g.plan(x2) for g in groups]
         if any(p.kind != "gemv_int8" for p in plans):
             return None
+        a, policy = groups[0], groups[0].policy
+        pair = a._pair_configs(groups[1], x2) if len(groups) == 2 else None  # one launch where `paired` takes one
         # one row a program (route's rule for a small Q6_K v filling the SMs alone) -> two: a rotation pair
-        configs = [replace(p.config, block_n=2) if p.config.block_n == 1 else p.config for p in plans]
+        configs = [replace(c, block_n=2) if c.block_n == 1 else c for c in (pair or [p.config for p in plans])]
         if not all(rope.fits(c, g.out_features) for c, g in zip(configs, groups)):
             return None
-        a, policy = groups[0], groups[0].policy
-        if len(groups) == 2 and a._pair_configs(groups[1], x2) is not None:
-            configs[1] = replace(configs[1], num_warps=configs[0].num_warps)  # one launch, one warp count
+        if pair is not None:
             y = gemv_int8_pair(act, a.packed, groups[1].packed, a.bias, groups[1].bias, *configs, policy, rope=rope)
         else:
             outs, offset = [], 0
