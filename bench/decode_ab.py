@@ -91,10 +91,13 @@ def depth(model, d, g, splits, launches, out):
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
     base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS
+    switches = {k: getattr(attention, k) for k in dir(attention) if k.isupper() and not k.startswith("_")}
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
-        fields = {k: v for k, v in launch.items() if not k.startswith("merge_")}
+        fields = {k: v for k, v in launch.items() if not k.startswith("merge_") and not k.isupper()}
+        for k, v in switches.items():  # upper-case keys: ops.attention's module switches (read at capture)
+            setattr(attention, k, launch.get(k, v))
         attention._LAUNCH = attention.Launch(**fields)  # read when the decode graph is captured
         attention._LAUNCHES = {} if fields else base_launches  # {}: the defaults, by head dim
         attention.MERGE_COLS = launch.get("merge_cols", base_merge[0])
@@ -110,6 +113,8 @@ def depth(model, d, g, splits, launches, out):
         torch.cuda.empty_cache()
     model.policy, attention._LAUNCH, attention._LAUNCHES = base, base_launch, base_launches
     attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS = base_merge
+    for k, v in switches.items():
+        setattr(attention, k, v)
 
 
 @torch.inference_mode()
@@ -121,7 +126,7 @@ def main():
     ap.add_argument("--splits", default="0")
     ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth "
                     "(and merge_cols / merge_elems / merge_warps: ops.attention.MERGE_COLS / MERGE_ELEMS / "
-                    "MERGE_WARPS)")
+                    "MERGE_WARPS), and upper-case names of ops.attention's module switches, e.g. {\"FOLD_NEW\": false}")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()

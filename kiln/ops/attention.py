@@ -135,6 +135,7 @@ MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next pr
 MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
 MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
 MERGE_WARPS = 4  # a merge program's warps
+FOLD_NEW = True  # A/B switch: the fused form's new-key weight in l_t's first column (else a carried l_i)
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -281,7 +282,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, FOLD=FOLD_NEW,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
     if ns == 1:
@@ -342,7 +343,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, FOLD: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -427,18 +428,21 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                 s_new = softcap * (2.0 * tl.sigmoid(2.0 * s_new / softcap) - 1.0)
             # every query row sees it (its own position): the running max starts at its score, with weight 1
             m_i = tl.where(row_ok, s_new * 1.4426950408889634, m_i)
-            l_i = tl.where(row_ok, 1.0, l_i)
+            if FOLD:
+                l_t = tl.where(row_ok[:, None] & (tl.arange(0, BLOCK_N) == 0)[None, :], 1.0, l_t)
+            else:
+                l_i = tl.where(row_ok, 1.0, l_i)
             acc = tl.where(row_ok[:, None], v_new.to(tl.float32)[None, :], acc)
     if RUNTIME_LOOP:  # this split's own tiles
         for i in range(count):
             m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
                                        start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
-                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
+                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC, FOLD)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
             m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
                                        start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
-                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
+                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC, FOLD)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
     l_i += tl.sum(l_t, axis=1)
@@ -473,7 +477,7 @@ def _store_out(o, at, rows_ok, rot_ptr, d, dm, D: tl.constexpr, BLOCK_D: tl.cons
 def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, l_t, acc, scale,
           softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_KIND: tl.constexpr,
           V_KIND: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_PREC: tl.constexpr):
+          DOT_PREC: tl.constexpr, FOLD: tl.constexpr):
     """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
@@ -489,7 +493,8 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # (M, N)
-    l_i = l_i * alpha  # the new key's weight (fused RoPE), else 0
+    if not FOLD:
+        l_i = l_i * alpha  # the new key's weight (fused RoPE), else 0
     l_t = l_t * alpha[:, None] + p  # summed over keys after the loop: no reduction across warps a tile
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
     return m_new, l_i, l_t, acc
