@@ -5,7 +5,7 @@
 # (bench/graph_timeline.py).
 # Carry .whl. Output under $OUT: merge_warps_<file>.json, gpu_tests_merge1.log, timeline_0.6b.json.
 set -u
-mkdir -p $OUT /tmp/g; source bench/carry_env.sh; nvidia-smi --query-gpu=name --format=csv,noheader
+ROOT=$PWD; mkdir -p $OUT /tmp/g; source bench/carry_env.sh; nvidia-smi --query-gpu=name --format=csv,noheader
 (timeout 60 python bench/make_gguf.py --model llama-3.2-1b --type Q4_K_M --out /tmp/g > /dev/null 2>&1) &
 timeout 60 python bench/make_gguf.py --model qwen3-0.6b --type Q4_K_M --out /tmp/g > /dev/null 2>&1
 ab() { timeout ${AB_S:-150} python bench/decode_ab.py --model /tmp/g/$1-Q4_K_M.gguf --depth 16384 \

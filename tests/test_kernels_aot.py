@@ -107,7 +107,7 @@ def _compile_all() -> list[dict]:
         consts = dict(T=1, G=4, H=32, D=d, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ROWS=True, K_KIND=kk, V_KIND=vk,
                       OUT_ROT=rot, ROPE=fused > 0, HAS_NORM=fused > 0, HAS_OFFSET=fused == 2, FINAL=final, MAX_TILES=8,
                       BLOCK_M=16, BLOCK_N=launch.block_n, BLOCK_D=d, BLOCK_T=2, RUNTIME_LOOP=True,
-                      INTERLEAVE=launch.interleave, DOT_PREC=None, PDL=True, FOLD=True)
+                      INTERLEAVE=launch.interleave, DOT_PREC=None, PDL=True)
         compile_one("split: " + name, attention._split_kernel, pointers, consts, launch.warps or (8 if d > 128 else 4))
     for name, (q, kc, ks, vc, vs), kk, vk, krot, vrot, d in ENCODE:
         pointers = dict(q_ptr=q, k_ptr=q, v_ptr=q, qo_ptr=q, kc_ptr=kc, ks_ptr=ks, kh_ptr="fp32" if krot else q,

@@ -135,7 +135,6 @@ MERGE_Q8 = True  # the merge kernel may store the output in int8 for the next pr
 MERGE_COLS = 32  # output columns a merge program combines (a multiple of 32: the int8 blocks it stores)
 MERGE_ELEMS = 4096  # partial values a merge program holds at once (BLOCK_S x BLOCK_C)
 MERGE_WARPS = 4  # a merge program's warps
-FOLD_NEW = True  # A/B switch: the fused form's new-key weight in l_t's first column (else a carried l_i)
 
 
 def decode_attention_ref(q, k_cache, v_cache, pos, scale: float, window: int | None = None,
@@ -282,7 +281,7 @@ def _attend(q, k_cache, v_cache, pos, scale, window, softcap, rows, k_scale, v_s
         FINAL=ns == 1, MAX_TILES=triton.cdiv(n_tiles, ns), BLOCK_M=max(16, triton.next_power_of_2(g * t)),
         BLOCK_N=launch.block_n, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=max(2, triton.next_power_of_2(t)),
         RUNTIME_LOOP=launch.runtime_loop and not interpreted(), INTERLEAVE=launch.interleave,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, FOLD=FOLD_NEW,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=launch.warps or (8 if d > 128 else 4), num_stages=launch.stages,
         **pdl.launch_kw(q, policy))
     if ns == 1:
@@ -343,7 +342,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
                   FINAL: tl.constexpr, MAX_TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   RUNTIME_LOOP: tl.constexpr, INTERLEAVE: tl.constexpr, DOT_PREC: tl.constexpr,
-                  PDL: tl.constexpr, FOLD: tl.constexpr):
+                  PDL: tl.constexpr):
     pdl.start(PDL)
     pdl.wait(PDL)
     bk = tl.program_id(0)
@@ -413,7 +412,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
 
     # Finite start for the running max: a row with nothing visible yet never computes inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the weights by key column, summed after the loop
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ROPE:
@@ -427,25 +425,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, o_ptr, lse_ptr,
             if HAS_SOFTCAP:
                 s_new = softcap * (2.0 * tl.sigmoid(2.0 * s_new / softcap) - 1.0)
             # every query row sees it (its own position): the running max starts at its score, with weight 1
+            # (in the first key column's sum, scaled by each tile's alpha as the tiles' weights are)
             m_i = tl.where(row_ok, s_new * 1.4426950408889634, m_i)
-            if FOLD:
-                l_t = tl.where(row_ok[:, None] & (tl.arange(0, BLOCK_N) == 0)[None, :], 1.0, l_t)
-            else:
-                l_i = tl.where(row_ok, 1.0, l_i)
+            l_t = tl.where(row_ok[:, None] & (tl.arange(0, BLOCK_N) == 0)[None, :], 1.0, l_t)
             acc = tl.where(row_ok[:, None], v_new.to(tl.float32)[None, :], acc)
     if RUNTIME_LOOP:  # this split's own tiles
         for i in range(count):
-            m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
-                                       start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
-                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC, FOLD)
+            m_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step, end,
+                                  d, dm, pm, m_i, l_t, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, K_KIND,
+                                  V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
     else:  # the interpreter's bound: the worst case, tiles past `end` masked (their loads read no memory)
         for i in range(MAX_TILES):
-            m_i, l_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss,
-                                       start + i * step, end, d, dm, pm, m_i, l_i, l_t, acc, scale, softcap, window,
-                                       HAS_WINDOW, HAS_SOFTCAP, K_KIND, V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC, FOLD)
+            m_i, l_t, acc = _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, start + i * step, end,
+                                  d, dm, pm, m_i, l_t, acc, scale, softcap, window, HAS_WINDOW, HAS_SOFTCAP, K_KIND,
+                                  V_KIND, D, BLOCK_N, BLOCK_D, DOT_PREC)
 
     row = (b * T + tm) * H + head  # (M,) rows of (B·T·H)
-    l_i += tl.sum(l_t, axis=1)
+    l_i = tl.sum(l_t, axis=1)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     if FINAL:  # the only split: o is the answer; o_ptr is the output (B, T, H, D) in q's dtype
@@ -474,11 +470,12 @@ def _store_out(o, at, rows_ok, rot_ptr, d, dm, D: tl.constexpr, BLOCK_D: tl.cons
 
 
 @jit
-def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_i, l_t, acc, scale,
+def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d, dm, pm, m_i, l_t, acc, scale,
           softcap, window, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, K_KIND: tl.constexpr,
           V_KIND: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_PREC: tl.constexpr, FOLD: tl.constexpr):
-    """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, sum l_i and output acc."""
+          DOT_PREC: tl.constexpr):
+    """One tile of keys j0..j0+BLOCK_N-1 (those < end) into the running max m_i, the weights by key column l_t
+    and the output acc."""
     j = j0 + tl.arange(0, BLOCK_N)  # (N,) key slots
     jm = j < end
     kt = _load(k_base, ks_base, j, jm, sks, skss, d, dm, K_KIND, D, BLOCK_N, BLOCK_D).to(q.dtype)  # (N, D)
@@ -493,11 +490,9 @@ def _tile(q, k_base, v_base, sks, svs, ks_base, vs_base, skss, svss, j0, end, d,
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # (M, N)
-    if not FOLD:
-        l_i = l_i * alpha  # the new key's weight (fused RoPE), else 0
     l_t = l_t * alpha[:, None] + p  # summed over keys after the loop: no reduction across warps a tile
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-    return m_new, l_i, l_t, acc
+    return m_new, l_t, acc
 
 
 @jit
