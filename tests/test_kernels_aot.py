@@ -131,11 +131,17 @@ def _compile_all() -> list[dict]:
     return out
 
 
-def test_decode_kernels_compile_for_sm90():
+def _compile_env(root: Path) -> dict:
+    """The compiling child's environment: compiled Triton (no interpreter switches), the checkout first on its path
+    and whatever path this process was given after it."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KILN_TRITON_CPU")}
+    return dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p))
+
+
+def test_decode_kernels_compile_for_sm90():
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, __file__], cwd=root, env=dict(env, PYTHONPATH=str(root)),
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, __file__], cwd=root, env=_compile_env(root), capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(results) == len(SPLIT) + len(ENCODE) + 3
@@ -152,10 +158,9 @@ def test_every_launch_of_a_decode_step_compiles_for_sm90():
     the tensor-core forms its table keeps), and every launch of a one-token graph step and a batched-rows step
     of Qwen3-, Gemma-3- and Llama-shaped attention over bf16, q8_0, q4_0 and fp8 caches, compiles for sm_90,
     spilling no more than a register or two; tests/aot_launches.py compiles them in place of running them."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KILN_TRITON_CPU")}
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, str(root / "tests" / "aot_launches.py")], cwd=root,
-                       env=dict(env, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(root / "tests" / "aot_launches.py")], cwd=root, env=_compile_env(root),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     kernels = {x["kernel"] for x in results}
