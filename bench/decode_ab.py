@@ -96,6 +96,8 @@ def depth(model, d, g, splits, launches, out):
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
         fields = {k: v for k, v in launch.items() if not k.startswith("merge_") and not k.isupper()}
+        unknown = [k for k in launch if k.isupper() and k not in switches]
+        assert not unknown, f"ops.attention has no switch {unknown}"
         for k, v in switches.items():  # upper-case keys: ops.attention's module switches (read at capture)
             setattr(attention, k, launch.get(k, v))
         attention._LAUNCH = attention.Launch(**fields)  # read when the decode graph is captured
@@ -126,7 +128,7 @@ def main():
     ap.add_argument("--splits", default="0")
     ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth "
                     "(and merge_cols / merge_elems / merge_warps: ops.attention.MERGE_COLS / MERGE_ELEMS / "
-                    "MERGE_WARPS), and upper-case names of ops.attention's module switches, e.g. {\"FOLD_NEW\": false}")
+                    "MERGE_WARPS), and upper-case names of ops.attention's module switches, e.g. {\"MERGE_Q8\": false}")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
