@@ -91,7 +91,8 @@ def depth(model, d, g, splits, launches, out):
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
     base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS
-    switches = {k: getattr(attention, k) for k in dir(attention) if k.isupper() and not k.startswith("_")}
+    switches = {k: v for k, v in vars(attention).items()
+                if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float))}
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
