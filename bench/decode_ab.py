@@ -90,22 +90,18 @@ def depth(model, d, g, splits, launches, out):
     from kiln.decoder import Decoder
     from kiln.ops import attention
     base, base_launch, base_launches = model.policy, attention._LAUNCH, attention._LAUNCHES
-    base_merge = attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS
-    switches = {k: v for k, v in vars(attention).items()
+    switches = {k: v for k, v in vars(attention).items()  # its module switches as they stand (MERGE_COLS, ...)
                 if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float))}
     ids = torch.randint(100, 30000, (1, d), generator=torch.Generator().manual_seed(0)).cuda()
     for _, (ns, launch) in itertools.product(range(2), list(itertools.product(splits, launches))):  # twice
         model.policy = base.replace(attn_splits=ns)
-        fields = {k: v for k, v in launch.items() if not k.startswith("merge_") and not k.isupper()}
+        fields = {k: v for k, v in launch.items() if k.upper() not in switches}
         unknown = [k for k in launch if k.isupper() and k not in switches]
         assert not unknown, f"ops.attention has no switch {unknown}"
-        for k, v in switches.items():  # upper-case keys: ops.attention's module switches (read at capture)
-            setattr(attention, k, launch.get(k, v))
+        for k, v in switches.items():  # a launch names one as merge_cols or MERGE_COLS (read at capture)
+            setattr(attention, k, launch.get(k, launch.get(k.lower(), v)))
         attention._LAUNCH = attention.Launch(**fields)  # read when the decode graph is captured
         attention._LAUNCHES = {} if fields else base_launches  # {}: the defaults, by head dim
-        attention.MERGE_COLS = launch.get("merge_cols", base_merge[0])
-        attention.MERGE_ELEMS = launch.get("merge_elems", base_merge[1])
-        attention.MERGE_WARPS = launch.get("merge_warps", base_merge[2])
         dec = Decoder.for_model(model, d + g + 8)
         dec.prefill(ids, 0)
         device_loop(dec, d, 4)
@@ -115,7 +111,6 @@ def depth(model, d, g, splits, launches, out):
         dec = None
         torch.cuda.empty_cache()
     model.policy, attention._LAUNCH, attention._LAUNCHES = base, base_launch, base_launches
-    attention.MERGE_COLS, attention.MERGE_ELEMS, attention.MERGE_WARPS = base_merge
     for k, v in switches.items():
         setattr(attention, k, v)
 
@@ -128,8 +123,8 @@ def main():
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--splits", default="0")
     ap.add_argument("--launches", default="[{}]", help="JSON list of ops.attention.Launch fields to time at depth "
-                    "(and merge_cols / merge_elems / merge_warps: ops.attention.MERGE_COLS / MERGE_ELEMS / "
-                    "MERGE_WARPS), and upper-case names of ops.attention's module switches, e.g. {\"MERGE_Q8\": false}")
+                    "(and ops.attention's module switches by name, or in lower case: merge_cols or MERGE_COLS, "
+                    "merge_elems, merge_warps, MERGE_Q8)")
     ap.add_argument("--user", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
