@@ -236,18 +236,20 @@ def _kiln(*args, launcher=("-m", "kiln.cli"), env=None):
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
-    """A one-layer llama GGUF with a byte-level vocabulary (tests/test_cli.py), and its 1-rank greedy text."""
+    """A one-layer llama GGUF with a byte-level vocabulary (tests/test_cli.py), and its 1-rank greedy text on the CPU
+    (the ranks below run there too: on a host with fewer GPUs than ranks the CUDA default refuses them)."""
     from test_cli import tiny_gguf
 
     import kiln
     path = tiny_gguf(tmp_path_factory.mktemp("tp_cli") / "tiny.gguf")
-    model, tok = kiln.load(path)
+    model, tok = kiln.load(path, device="cpu")
     return path, kiln.generate(model, tok, "hello", max_tokens=12)
 
 
 def test_generate_on_two_ranks_prints_the_text_of_one(tiny_file):
     path, want = tiny_file
-    rc, out, err = _kiln("generate", "-m", path, "-p", "hello", "-n", 12, "--no-chat-template", "-tp", 2)
+    rc, out, err = _kiln("generate", "-m", path, "-p", "hello", "-n", 12, "--no-chat-template", "-tp", 2,
+                         "--device", "cpu")
     assert rc == 0, err
     assert out == want + "\n"
     assert want.strip()
@@ -267,8 +269,8 @@ def test_serve_under_torchrun(tiny_file, tmp_path):
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "wb")
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "kiln",
-                            "serve", "-m", str(path), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            "serve", "-m", str(path), "--port", str(port), "--device", "cpu"],
+                           stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
