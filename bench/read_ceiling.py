@@ -11,6 +11,9 @@ Usage (GPU machine): python bench/read_ceiling.py [--shapes qwen3-8b,llama-3.2-1
        [--launches 64:4:2:1,64:4:2:2] [--no-reads]  (split-kernel settings timed beside the default)
        [--merges 128:1048576,32:4096]  (each launch with each merge form: ops.attention's MERGE_COLS:MERGE_ELEMS;
        128:1048576 is one program a row holding every split, the form before column programs)
+       [--kv-layouts separate,interleaved]  (separate: a key and a value tensor (1, K, S, D) a layer, as KVCache
+       stores them; interleaved: one (1, K, S, 2, D) tensor whose [..., 0, :] and [..., 1, :] views are the keys and
+       values, so a tile's keys and values are one run of memory, not two runs megabytes apart)
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr, ST
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
+def _caches(layout: str, n: int, kh: int, s_max: int, d: int, gen) -> tuple[list, list]:
+    """n layers' keys and values (1, K, S, D) bf16: separate tensors, or views of one (1, K, S, 2, D) tensor."""
+    if layout == "separate":
+        return ([torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)],
+                [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)])
+    assert layout == "interleaved", f"--kv-layouts: {layout!r} is neither separate nor interleaved"
+    kv = [torch.randn(1, kh, s_max, 2, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
+    return [x[:, :, :, 0] for x in kv], [x[:, :, :, 1] for x in kv]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="qwen3-8b,llama-3.2-1b")
@@ -59,6 +72,8 @@ def main():
                    "block_n:warps:stages:tiles_per_split[:runtime_loop:interleave] (ops.attention.Launch's fields "
                    "in order, as integers)")
     p.add_argument("--no-reads", action="store_true", help="time the attention settings only")
+    p.add_argument("--kv-layouts", default="separate", help="separate and / or interleaved, comma-separated: how a "
+                   "layer's keys and values lie in memory (see the module's doc)")
     p.add_argument("--merges", default="", help="merge forms cols:elems (ops.attention.MERGE_COLS, MERGE_ELEMS), "
                    "comma-separated; each launch is timed with each (default: the module's)")
     a = p.parse_args()
@@ -71,29 +86,30 @@ def main():
         s_max, n = a.depth + 136, a.layers
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(1, 1, h, d, device="cuda", generator=gen).bfloat16()
-        kcs = [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
-        vcs = [torch.randn(1, kh, s_max, d, device="cuda", generator=gen).bfloat16() for _ in range(n)]
         pos = torch.tensor([a.depth - 1], device="cuda")
-        ref = decode_attention_ref(q, kcs[0], vcs[0], pos, d ** -0.5).float()
         nbytes = 2 * kh * a.depth * d * 2  # keys and values read a layer
-        for launch, (attention.MERGE_COLS, attention.MERGE_ELEMS) in itertools.product(launches, merges):
-            try:
-                err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5, launch=launch).float() - ref).abs().max().item()
+        for layout in a.kv_layouts.split(","):
+            kcs, vcs = _caches(layout, n, kh, s_max, d, gen)
+            ref = decode_attention_ref(q, kcs[0].contiguous(), vcs[0].contiguous(), pos, d ** -0.5).float()
+            for launch, (attention.MERGE_COLS, attention.MERGE_ELEMS) in itertools.product(launches, merges):
+                try:
+                    err = (decode_attention(q, kcs[0], vcs[0], pos, d ** -0.5, launch=launch).float()
+                           - ref).abs().max().item()
 
-                def attn():
-                    for kc, vc in zip(kcs, vcs):
-                        decode_attention(q, kc, vc, pos, d ** -0.5, launch=launch)
-                us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
-            except Exception as e:  # a setting that does not compile (registers, shared memory)
-                print(json.dumps({"shape": name, "launch": launch and launch._asdict(),
-                                  "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "error": str(e)[:200]}))
-                continue
-            print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
-                              "launch": launch and launch._asdict(),
-                              "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "us_layer": round(us, 2),
-                              "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
-        kcs = vcs = None
-        torch.cuda.empty_cache()
+                    def attn():
+                        for kc, vc in zip(kcs, vcs):
+                            decode_attention(q, kc, vc, pos, d ** -0.5, launch=launch)
+                    us = 1e3 * do_bench_cudagraph(attn, return_mode="median") / n
+                except Exception as e:  # a setting that does not compile (registers, shared memory)
+                    print(json.dumps({"shape": name, "launch": launch and launch._asdict(), "kv": layout,
+                                      "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "error": str(e)[:200]}))
+                    continue
+                print(json.dumps({"device": dev, "shape": name, "kernel": "decode_attention", "depth": a.depth,
+                                  "kv": layout, "launch": launch and launch._asdict(),
+                                  "merge": [attention.MERGE_COLS, attention.MERGE_ELEMS], "us_layer": round(us, 2),
+                                  "tb_s": round(nbytes / us / 1e6, 3), "max_err": err}), flush=True)
+            kcs = vcs = attn = None
+            torch.cuda.empty_cache()
         if a.no_reads:
             continue
         bufs = [torch.randn(nbytes // 2, device="cuda", generator=gen).bfloat16() for _ in range(n)]
@@ -110,7 +126,8 @@ def main():
             read()
             ok = abs(out.sum().item() - bufs[-1].float().sum().item()) < 1e-2 * bufs[-1].numel() ** 0.5
             us = 1e3 * do_bench_cudagraph(read, return_mode="median") / n
-            print(json.dumps({"device": dev, "shape": name, "kernel": f"read {block}x{iters} w{warps} s{stages}" + " strided" * strided,
+            kernel = f"read {block}x{iters} w{warps} s{stages}" + " strided" * strided
+            print(json.dumps({"device": dev, "shape": name, "kernel": kernel,
                               "programs": grid, "us_layer": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3),
                               "sum_ok": ok}), flush=True)
         bufs = None
