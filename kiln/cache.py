@@ -401,9 +401,12 @@ class KVCache:
 
     def native_kv(self, layer: int) -> KVStore | None:
         """How the native CPU token writes and reads this layer beside `layer_kv` (batch row 0's scales), or
-        None: stored in the model's dtype as it comes (`direct`), or not a cache it reads (`native_reads`)."""
-        if self.direct or not self.native_reads:
+        None: float32 as it comes (a `direct` cache of a float32 model, or a split model's), or not a cache it reads
+        (`native_reads`). A direct cache of another dtype (a bfloat16 model on the CPU) is its type, unscaled."""
+        if not self.native_reads or self.type_k is None:
             return None
+        if self.direct:
+            return None if self.k.dtype == torch.float32 else KVStore(self.type_k, self.type_v)
         k_scale, v_scale = (None if s is None else s[0] for s in self.layer_scales(layer))
         kb, vb = self.k_basis, self.v_basis
         off = None if kb is None or kb.offset is None else kb.offset[layer]
