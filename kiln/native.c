@@ -4,8 +4,9 @@
    - kiln_gemv_i8: y = scale * (q @ x) (+ bias), int8 rows with one bf16 scale per row, fp32 x;
      kiln_gemv_i8g: one f16 scale per group of weights in a row (exact GGUF codes), x rounded to int16 per
      group, integer dot products, a few rows of x at once; kiln_gemv_q4k / kiln_gemv_q6k: GGUF's Q4_K / Q6_K
-     blocks as the file holds them, the same way; kiln_dequant_i8g / _q4k / _q6k: those weights in fp32 for a
-     prompt. (The legacy 32-weight blocks have theirs in native_legacy.c; native.h holds what both share.)
+     blocks as the file holds them, the same way; kiln_dequant_i8g / _q4k / _q6k: those weights in fp32 (or
+     rounded to bf16, for AMX's tiles: native.h's dequant_rows) for a prompt. (The legacy 32-weight blocks
+     have theirs in native_legacy.c; native.h holds what both share.)
    - kiln_rms_norm: h = x (+ residual); y = h * rsqrt(mean(h^2) + eps) * (offset + w).
    - kiln_decode_attention: one token's attention at position `pos`: per-head q/k RMSNorm (optional),
      rotate-half RoPE, the k/v write into cache slot `slot`, then softmax(q k^T * scale) v over the n_keys
@@ -164,22 +165,27 @@ void kiln_gemv_i8g(const int8_t *q, const float *x, const uint16_t *scale, int64
     free(xs);
 }
 
-/* The same weights dequantized, w[n, k] = scale[n, k / group] * q[n, k] in fp32 (out (N, K)): a prompt's
-   many rows then run the CPU's sgemm over them (torch's own chain of casts and multiplies took ~0.6 ns a
-   weight, as long as the product itself at 128 rows). */
-void kiln_dequant_i8g(const int8_t *q, const uint16_t *scale, int64_t group, float *out, int64_t n_rows,
+/* The same weights dequantized, w[n, k] = scale[n, k / group] * q[n, k] in fp32 (out (N, K); bf16 where bf16,
+   rounded from those): a prompt's many rows then run the CPU's GEMM over them (torch's own chain of casts and
+   multiplies took ~0.6 ns a weight, as long as the product itself at 128 rows). */
+typedef struct { const int8_t *q; const uint16_t *scale; int64_t group, k_len; } i8g_rows;
+
+static void i8g_row(const void *ctx, int64_t n, float *o) {
+    const i8g_rows *a = (const i8g_rows *)ctx;
+    const int64_t n_groups = a->k_len / a->group;
+    for (int64_t g = 0; g < n_groups; g++) {
+        const float d = f16_to_f32(a->scale[n * n_groups + g]);
+        const int8_t *qg = a->q + n * a->k_len + g * a->group;
+        #pragma omp simd
+        for (int64_t j = 0; j < a->group; j++)
+            o[g * a->group + j] = d * (float)qg[j];
+    }
+}
+
+void kiln_dequant_i8g(const int8_t *q, const uint16_t *scale, int64_t group, void *out, int bf16, int64_t n_rows,
                       int64_t k_len, int threads) {
-    const int64_t n_groups = k_len / group;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_rows; n++)
-        for (int64_t g = 0; g < n_groups; g++) {
-            const float d = f16_to_f32(scale[n * n_groups + g]);
-            const int8_t *qg = q + n * k_len + g * group;
-            float *o = out + n * k_len + g * group;
-            #pragma omp simd
-            for (int64_t j = 0; j < group; j++)
-                o[j] = d * (float)qg[j];
-        }
+    const i8g_rows a = {q, scale, group, k_len};
+    dequant_rows(i8g_row, &a, out, bf16, n_rows, k_len, threads);
 }
 
 /* ------------------------------------------------------------------ Q4_K GEMV
@@ -470,58 +476,68 @@ void kiln_gemv_q6k(const uint8_t *blocks, const float *x, const float *bias, flo
 }
 
 /* Q6_K blocks dequantized to fp32, w = (d * sc_s) * (q - 32), rounded as kquants.dequantize_q6_k; each half
-   of a block in four runs of 32 (the layout above) that the compiler vectorizes. */
-void kiln_dequant_q6k(const uint8_t *blocks, float *out, int64_t n_rows, int64_t k_len, int threads) {
-    const int64_t nb = k_len / 256;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_rows; n++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = blocks + (n * nb + b) * Q6K_BYTES;
-            const int8_t *sc = (const int8_t *)(blk + 192);
-            const float d = f16_at(blk + 208);
-            for (int h = 0; h < 2; h++) {
-                const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
-                float *o = out + n * k_len + b * 256 + 128 * h;
-                for (int half = 0; half < 2; half++) {  /* l in 0..15, then 16..31: one scale each */
-                    const float d0 = d * (float)sc[8 * h + half], d1 = d * (float)sc[8 * h + half + 2];
-                    const float d2 = d * (float)sc[8 * h + half + 4], d3 = d * (float)sc[8 * h + half + 6];
-                    #pragma omp simd
-                    for (int l = 16 * half; l < 16 * half + 16; l++) {
-                        o[l] = d0 * (float)(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
-                        o[l + 32] = d1 * (float)(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                        o[l + 64] = d2 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                        o[l + 96] = d3 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-                    }
+   of a block in four runs of 32 (the layout above) that the compiler vectorizes. out: float32, or bfloat16 where
+   bf16 (dequant_rows: each row's fp32 weights rounded). */
+typedef struct { const uint8_t *blocks; int64_t nb; } k_rows;  /* a K-quant tensor's rows: nb blocks a row */
+
+static void q6k_row(const void *ctx, int64_t n, float *out) {
+    const k_rows *a = (const k_rows *)ctx;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *blk = a->blocks + (n * a->nb + b) * Q6K_BYTES;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16_at(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            float *o = out + b * 256 + 128 * h;
+            for (int half = 0; half < 2; half++) {  /* l in 0..15, then 16..31: one scale each */
+                const float d0 = d * (float)sc[8 * h + half], d1 = d * (float)sc[8 * h + half + 2];
+                const float d2 = d * (float)sc[8 * h + half + 4], d3 = d * (float)sc[8 * h + half + 6];
+                #pragma omp simd
+                for (int l = 16 * half; l < 16 * half + 16; l++) {
+                    o[l] = d0 * (float)(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+                    o[l + 32] = d1 * (float)(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    o[l + 64] = d2 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    o[l + 96] = d3 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
                 }
             }
         }
+    }
 }
 
-/* The same blocks dequantized to fp32 (out (N, K)), w = (d * sc_j) * q - dmin * m_j rounded as
-   kquants.dequantize_q4_k rounds it (two products, then the difference: no fused multiply-add). */
+void kiln_dequant_q6k(const uint8_t *blocks, void *out, int bf16, int64_t n_rows, int64_t k_len, int threads) {
+    const k_rows a = {blocks, k_len / 256};
+    dequant_rows(q6k_row, &a, out, bf16, n_rows, k_len, threads);
+}
+
+/* The same blocks dequantized to fp32 (out (N, K); bfloat16 where bf16, rounded from those), w = (d * sc_j) * q -
+   dmin * m_j rounded as kquants.dequantize_q4_k rounds it (two products, then the difference: no fused
+   multiply-add). */
 __attribute__((optimize("fp-contract=off")))
-void kiln_dequant_q4k(const uint8_t *blocks, float *out, int64_t n_rows, int64_t k_len, int threads) {
-    const int64_t nb = k_len / 256;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_rows; n++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = blocks + (n * nb + b) * Q4K_BYTES;
-            float d, dmin;
-            uint8_t sm[16], *sc = sm, *mn = sm + 8;
-            q4k_header(blk, &d, &dmin, sm);
-            float *o = out + n * k_len + b * 256;
-            for (int c = 0; c < 4; c++) {
-                const float dl0 = d * (float)sc[2 * c], ml0 = dmin * (float)mn[2 * c];
-                const float dl1 = d * (float)sc[2 * c + 1], ml1 = dmin * (float)mn[2 * c + 1];
-                const uint8_t *qs = blk + 16 + 32 * c;
-                #pragma omp simd
-                for (int k = 0; k < 32; k++) {
-                    const float lo = dl0 * (float)(qs[k] & 0x0F), hi = dl1 * (float)(qs[k] >> 4);
-                    o[64 * c + k] = lo - ml0;
-                    o[64 * c + 32 + k] = hi - ml1;
-                }
+static void q4k_row(const void *ctx, int64_t n, float *out) {
+    const k_rows *a = (const k_rows *)ctx;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *blk = a->blocks + (n * a->nb + b) * Q4K_BYTES;
+        float d, dmin;
+        uint8_t sm[16], *sc = sm, *mn = sm + 8;
+        q4k_header(blk, &d, &dmin, sm);
+        float *o = out + b * 256;
+        for (int c = 0; c < 4; c++) {
+            const float dl0 = d * (float)sc[2 * c], ml0 = dmin * (float)mn[2 * c];
+            const float dl1 = d * (float)sc[2 * c + 1], ml1 = dmin * (float)mn[2 * c + 1];
+            const uint8_t *qs = blk + 16 + 32 * c;
+            #pragma omp simd
+            for (int k = 0; k < 32; k++) {
+                const float lo = dl0 * (float)(qs[k] & 0x0F), hi = dl1 * (float)(qs[k] >> 4);
+                o[64 * c + k] = lo - ml0;
+                o[64 * c + 32 + k] = hi - ml1;
             }
         }
+    }
+}
+
+void kiln_dequant_q4k(const uint8_t *blocks, void *out, int bf16, int64_t n_rows, int64_t k_len, int threads) {
+    const k_rows a = {blocks, k_len / 256};
+    dequant_rows(q4k_row, &a, out, bf16, n_rows, k_len, threads);
 }
 
 /* ------------------------------------------------------------------ RMSNorm
@@ -639,14 +655,6 @@ static inline uint16_t f32_to_f16(float f) {  /* to nearest, ties to even, as to
     const uint32_t r = a + 0xFFF + ((a >> 13) & 1);  /* round the 13 dropped bits, ties to even */
     return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
 #endif
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* to nearest, ties to even, as torch's .bfloat16() */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
-        return (uint16_t)((u >> 16) | 0x40);  /* nan stays a (quiet) nan */
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 /* y = x @ m, or x @ m^T (t), for one (d,) row and a (d, d) matrix; both forms walk m's rows (vectorized) */

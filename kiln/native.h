@@ -61,6 +61,38 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
+static inline uint16_t f32_to_bf16(float f) {  /* to nearest, ties to even, as torch's .bfloat16() */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return (uint16_t)((u >> 16) | 0x40);  /* nan stays a (quiet) nan */
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* A dequantizer's rows: out (N, K) float32, or bfloat16 (bf16: each row dequantized to float32 in a buffer of the
+   thread's, then rounded), row(ctx, n, o) writing row n's K float32 weights at o. */
+typedef void (*kiln_row_fn)(const void *ctx, int64_t n, float *o);
+static inline void dequant_rows(kiln_row_fn row, const void *ctx, void *out, int bf16, int64_t n_rows, int64_t k_len,
+                                int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *buf = bf16 ? (float *)malloc((size_t)k_len * sizeof(float)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < n_rows; n++) {
+            if (!bf16) {
+                row(ctx, n, (float *)out + n * k_len);
+                continue;
+            }
+            uint16_t *o = (uint16_t *)out + n * k_len;
+            row(ctx, n, buf);
+            #pragma omp simd
+            for (int64_t k = 0; k < k_len; k++)
+                o[k] = f32_to_bf16(buf[k]);
+        }
+        free(buf);
+    }
+}
+
 static inline float f16_at(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);

@@ -69,13 +69,22 @@ def gemv_i8g(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.
     return y.view(*x.shape[:-1], n)
 
 
-def dequant_i8g(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q (N, K) int8, scale (N, K / G) float16 -> the weight (N, K) float32, scale * q per group (exact)."""
+def dequant_i8g(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (N, K) int8, scale (N, K / G) float16 -> the weight (N, K) float32, scale * q per group (exact), or those
+    rounded to bfloat16 (dtype: as torch's .bfloat16() rounds them)."""
     n, k = q.shape
     q, scale = _c(q), _c(scale)
-    out = torch.empty(n, k, dtype=torch.float32)
-    _lib().kiln_dequant_i8g(_ptr(q), _ptr(scale), k // scale.shape[1], _ptr(out), n, k, torch.get_num_threads())
+    out = torch.empty(n, k, dtype=_out_dtype(dtype))
+    _lib().kiln_dequant_i8g(_ptr(q), _ptr(scale), k // scale.shape[1], _ptr(out), out.dtype == torch.bfloat16, n, k,
+                            torch.get_num_threads())
     return out
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A dequantizer's output dtype: float32, or bfloat16 (rounded from the float32 weights)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the native dequantizers write float32 or bfloat16, not {dtype}")
+    return dtype
 
 
 def gemv_k(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -186,13 +195,13 @@ def gemv_lq(x: torch.Tensor, rows: torch.Tensor, qtype: int, bias: torch.Tensor 
                      lambda b, *rest: _lib().kiln_gemv_lq(b, qtype, *rest))
 
 
-def dequant_lq(rows: torch.Tensor, qtype: int) -> torch.Tensor:
+def dequant_lq(rows: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """rows (N, K / 128 * 4B) uint8 regrouped by `regroup_lq` -> the weight (N, K) float32, bit-equal to
-    quant/legacy.py's dequantization of the file's blocks."""
+    quant/legacy.py's dequantization of the file's blocks (or those rounded to bfloat16: dtype)."""
     n, k = rows.shape[0], rows.shape[1] // LEGACY_BYTES[qtype] * 32
     rows = _c(rows)
-    out = torch.empty(n, k, dtype=torch.float32)
-    _lib().kiln_dequant_lq(_ptr(rows), qtype, _ptr(out), n, k, torch.get_num_threads())
+    out = torch.empty(n, k, dtype=_out_dtype(dtype))
+    _lib().kiln_dequant_lq(_ptr(rows), qtype, _ptr(out), out.dtype == torch.bfloat16, n, k, torch.get_num_threads())
     return out
 
 
@@ -230,19 +239,19 @@ def gemv_block(x: torch.Tensor, blocks: torch.Tensor, qtype: int, bias: torch.Te
     return (gemv_k if qtype in KQUANT_BYTES else gemv_lq)(x, blocks, qtype, bias)
 
 
-def dequant_block(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+def dequant_block(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dequant_k or dequant_lq, by qtype."""
-    return (dequant_k if qtype in KQUANT_BYTES else dequant_lq)(blocks, qtype)
+    return (dequant_k if qtype in KQUANT_BYTES else dequant_lq)(blocks, qtype, dtype)
 
 
-def dequant_k(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+def dequant_k(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """blocks (N, K / 256 * B) uint8 of a Q4_K / Q6_K tensor -> the weight (N, K) float32, bit-equal to
-    kquants.dequantize_q4_k / _q6_k."""
+    kquants.dequantize_q4_k / _q6_k (or those rounded to bfloat16: dtype)."""
     n, k = blocks.shape[0], blocks.shape[1] // KQUANT_BYTES[qtype] * 256
     blocks = _c(blocks)
-    out = torch.empty(n, k, dtype=torch.float32)
+    out = torch.empty(n, k, dtype=_out_dtype(dtype))
     fn = _lib().kiln_dequant_q4k if qtype == 12 else _lib().kiln_dequant_q6k
-    fn(_ptr(blocks), _ptr(out), n, k, torch.get_num_threads())
+    fn(_ptr(blocks), _ptr(out), out.dtype == torch.bfloat16, n, k, torch.get_num_threads())
     return out
 
 
@@ -509,14 +518,14 @@ def _lib():
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"kiln_gemv_i8": [p] * 5 + [i] * 2 + [ctypes.c_int],
                   "kiln_gemv_i8g": [p] * 3 + [i] + [p] * 2 + [i] * 3 + [ctypes.c_int],
-                  "kiln_dequant_i8g": [p] * 2 + [i, p] + [i] * 2 + [ctypes.c_int],
+                  "kiln_dequant_i8g": [p] * 2 + [i, p, ctypes.c_int] + [i] * 2 + [ctypes.c_int],
                   "kiln_gemv_q4k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_gemv_q6k": [p] * 4 + [i] * 3 + [ctypes.c_int],
                   "kiln_gemv_lq": [p, ctypes.c_int] + [p] * 3 + [i] * 3 + [ctypes.c_int],
-                  "kiln_dequant_lq": [p, ctypes.c_int, p] + [i] * 2 + [ctypes.c_int],
+                  "kiln_dequant_lq": [p, ctypes.c_int, p, ctypes.c_int] + [i] * 2 + [ctypes.c_int],
                   "kiln_permute_groups": [p] * 2 + [i] * 3 + [p, ctypes.c_int],
-                  "kiln_dequant_q4k": [p] * 2 + [i] * 2 + [ctypes.c_int],
-                  "kiln_dequant_q6k": [p] * 2 + [i] * 2 + [ctypes.c_int],
+                  "kiln_dequant_q4k": [p] * 2 + [ctypes.c_int] + [i] * 2 + [ctypes.c_int],
+                  "kiln_dequant_q6k": [p] * 2 + [ctypes.c_int] + [i] * 2 + [ctypes.c_int],
                   "kiln_rms_norm": [p] * 3 + [f] * 2 + [p] * 2 + [i],
                   "kiln_decode_attention": [p] * 6 + [i] * 5 + [p, i, f, p, p, f, f, f, i, i, i, p, ctypes.c_int, p],
                   "kiln_decode_layers": [p] * 4 + [ctypes.c_int] * 2}

@@ -168,23 +168,29 @@ void kiln_gemv_lq(const uint8_t *rows, int qtype, const float *x, const float *b
 }
 
 /* The weight (N, K) in fp32, w = d * (q - off) or d * q + m, bit-equal to quant/legacy.py's dequantizers
-   (d * q is exact in fp32: an 11-bit significand times a 5-bit code). */
-void kiln_dequant_lq(const uint8_t *rows, int qtype, float *out, int64_t n_rows, int64_t k_len, int threads) {
-    const lq_t t = lq_type(qtype);
-    const int64_t ng = k_len / 128;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_rows; n++)
-        for (int64_t g = 0; g < ng; g++) {
-            const uint8_t *grp = rows + (n * ng + g) * t.group;
-            uint8_t c[128];
-            lq_codes(grp, t, c);
-            for (int j = 0; j < 4; j++) {
-                const float d = f16_at(grp + t.d + 2 * j), m = t.m >= 0 ? f16_at(grp + t.m + 2 * j) : 0.f;
-                float *o = out + n * k_len + 128 * g + 32 * j;
-                for (int i = 0; i < 32; i++)  /* no "+ 0" for the symmetric types: it would turn -0 into +0 */
-                    o[i] = t.m >= 0 ? d * (float)c[32 * j + i] + m : d * (float)(c[32 * j + i] - t.off);
-            }
+   (d * q is exact in fp32: an 11-bit significand times a 5-bit code); bfloat16 where bf16, rounded from those. */
+typedef struct { const uint8_t *rows; lq_t t; int64_t ng; } lq_rows;
+
+static void lq_row(const void *ctx, int64_t n, float *out) {
+    const lq_rows *a = (const lq_rows *)ctx;
+    const lq_t t = a->t;
+    for (int64_t g = 0; g < a->ng; g++) {
+        const uint8_t *grp = a->rows + (n * a->ng + g) * t.group;
+        uint8_t c[128];
+        lq_codes(grp, t, c);
+        for (int j = 0; j < 4; j++) {
+            const float d = f16_at(grp + t.d + 2 * j), m = t.m >= 0 ? f16_at(grp + t.m + 2 * j) : 0.f;
+            float *o = out + 128 * g + 32 * j;
+            for (int i = 0; i < 32; i++)  /* no "+ 0" for the symmetric types: it would turn -0 into +0 */
+                o[i] = t.m >= 0 ? d * (float)c[32 * j + i] + m : d * (float)(c[32 * j + i] - t.off);
         }
+    }
+}
+
+void kiln_dequant_lq(const uint8_t *rows, int qtype, void *out, int bf16, int64_t n_rows, int64_t k_len,
+                     int threads) {
+    const lq_rows a = {rows, lq_type(qtype), k_len / 128};
+    dequant_rows(lq_row, &a, out, bf16, n_rows, k_len, threads);
 }
 
 /* The load's regrouping (native.regroup_lq): every group of `group` bytes (four blocks) of src rewritten in

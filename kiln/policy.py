@@ -35,6 +35,8 @@ SWITCHES = {
                                     "not one"),
     "gemv_rope": ("KILN_GEMV_ROPE", "0: a GPU decode step's RoPE and KV write for a model without q/k norms at a head "
                                     "dim other than 128 run in a kernel of their own, not in the q/k/v GEMV"),
+    "amx": ("KILN_AMX", "0: a CPU prompt's quantized matmuls stay float32 over the exact weights where the CPU has AMX "
+                        "bf16 tiles, not bfloat16 through them"),
     "huge_pages": ("KILN_HUGE_PAGES", "1: compact CPU weights move into transparent huge pages at load (slower load, "
                                       "faster decode)"),
     "triton_cpu": ("KILN_TRITON_CPU", "1: run the Triton kernels on CPU tensors too (tests, with "
@@ -53,6 +55,7 @@ class Policy:
     rope_attn: bool = True
     pair_gemv: bool = True
     gemv_rope: bool = True
+    amx: bool = True
     huge_pages: bool = False
     triton_cpu: bool = False
 
@@ -69,7 +72,7 @@ class Policy:
                    native=flag("native", True), native_step=flag("native_step", True),
                    attn_splits=_splits(env.get("KILN_ATTN_SPLITS", "")), rope_attn=flag("rope_attn", True),
                    pair_gemv=flag("pair_gemv", True), gemv_rope=flag("gemv_rope", True),
-                   huge_pages=flag("huge_pages", False),
+                   amx=flag("amx", True), huge_pages=flag("huge_pages", False),
                    triton_cpu=flag("triton_cpu", False))
 
     def replace(self, **changes) -> Policy:

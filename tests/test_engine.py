@@ -407,9 +407,12 @@ def test_a_kv_budget_holds_1_88x_the_context_in_q8_0():
 def test_compact_cpu_rows_decode_through_the_one_call_native_step(qwen_path, monkeypatch):
     """The default (compact) CPU model in the engine: a decode step's rows go through the one-call native
     step together, each on its slot's view at its own position (models.base._native_steps); every request's
-    tokens and logprobs are those of kiln's batch-1 generation on the same model."""
+    tokens and logprobs are those of kiln's batch-1 generation on the same model (logprobs to 1e-3; 3e-2 where the
+    CPU has AMX: prompts prefilled together are more than 16 rows, bfloat16 through its tiles, where a short prompt
+    alone takes the native GEMVs; ops.cpu.bf16_tiles)."""
     import kiln
     from kiln import native
+    from kiln.ops import cpu as ops_cpu
     model, tok = kiln.load(qwen_path, device="cpu")
     if not native.available():
         pytest.skip("no C compiler: the native step is not built")
@@ -432,4 +435,4 @@ def test_compact_cpu_rows_decode_through_the_one_call_native_step(qwen_path, mon
     for out, (tokens, lps) in zip(outs, refs):
         assert [o.token for o in out] == tokens
         want = [float(lp[t]) for lp, t in zip(lps, tokens)]
-        assert [o.logprob for o in out] == pytest.approx(want, abs=1e-3)
+        assert [o.logprob for o in out] == pytest.approx(want, abs=3e-2 if ops_cpu._has_amx() else 1e-3)

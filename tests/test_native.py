@@ -81,6 +81,7 @@ def test_dequant_i8g_is_the_scaled_codes(group):
     scale = (torch.randn(70, 4, generator=g) * 0.01).half()
     want = (q.float().view(70, 4, group) * scale.float()[:, :, None]).view(70, -1)
     assert torch.equal(native.dequant_i8g(q, scale), want)
+    assert torch.equal(native.dequant_i8g(q, scale, torch.bfloat16), want.bfloat16())  # a prompt's AMX weight
     assert torch.equal(int8_weight_ref(q, scale), want)  # the torch path int8_linear takes without native.c
 
 
@@ -114,6 +115,7 @@ def test_gemv_k_is_its_twin_and_the_files_weight(qtype, n, k, bias):
     assert _rel(y, w @ x.double() + (0 if b is None else b.double())) < 1e-4  # x's 16-bit rounding
     assert torch.equal(native.dequant_k(blocks, qtype), ops.cpu.block_weight_ref(blocks, qtype))  # a prompt's
     assert _rel(native.dequant_k(blocks, qtype), w) < 1e-7
+    assert torch.equal(native.dequant_k(blocks, qtype, torch.bfloat16), w.float().bfloat16())  # rounded as torch
     xs = torch.stack([x, torch.randn(k, generator=g), -x])  # a few rows at once: each one's own product
     ys = native.gemv_k(xs, blocks, qtype, b)
     assert torch.equal(ys[0], y) and _rel(ys, native.gemv_k_ref(xs, blocks, qtype, b)) < 1e-6
@@ -147,6 +149,7 @@ def test_gemv_lq_is_its_twin_and_the_files_weight(qtype, n, k):
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))).double()
     assert _rel(y, x.double() @ w.t() + b.double()) < 3e-4  # x's 16-bit rounding (the 1e4 row's block: coarse)
     assert torch.equal(native.dequant_lq(rows, qtype), w.float())  # a prompt's weight: gguf-py's own
+    assert torch.equal(native.dequant_lq(rows, qtype, torch.bfloat16), w.float().bfloat16())  # rounded as torch
     assert torch.equal(native.gemv_lq(x[1], rows, qtype, b), y[1])  # a row's product: its own, batched or not
     assert torch.equal(_on_one_thread(lambda: native.gemv_lq(x, rows, qtype, b)), y)
 

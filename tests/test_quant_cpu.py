@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import kiln.quant as kq
 from kiln.formats.gguf import GGUFTensor
+from kiln.ops import cpu as ops_cpu
 from kiln.quant import cpu
 from kiln.policy import Policy
 from kiln.quant.cpu import GGUFEmbedding, GGUFRows, Int4Linear, Int8Linear, ScreenedHead
@@ -86,11 +87,12 @@ def test_int4_linear_forward_is_its_dequantized_weight(m):
 def test_block_linear_keeps_the_files_blocks(qtype):
     """A Q4_K / Q6_K / Q4_0 / Q4_1 / Q5_0 / Q5_1 tensor stays in the file's blocks (the legacy ones regrouped in
     the same bytes): a few rows run a native GEMV (x rounded to 16 bits per block), many an fp32 matmul of the
-    exact weight; stacked with another of its type it computes both."""
+    exact weight (with the policy's `amx` off: test_prompt_product_through_amx_tiles has it on); stacked with
+    another of its type it computes both."""
     n, k = 96, 512
     raw = _raw(qtype, n, k, seed=7)
     bias = torch.randn(n)
-    lin = cpu.compact_linear(GGUFTensor("w", (n, k), int(qtype), raw.reshape(-1)), bias)
+    lin = cpu.compact_linear(GGUFTensor("w", (n, k), int(qtype), raw.reshape(-1)), bias, policy=Policy(amx=False))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     assert isinstance(lin, cpu.BlockLinear) and lin.nbytes == raw.numel() == n * k // block * size
     ref = _deq(raw, qtype, n, k)
@@ -105,6 +107,43 @@ def test_block_linear_keeps_the_files_blocks(qtype):
     assert torch.equal(y[..., :n], lin(x[0, :1])) and torch.equal(y[..., n:], other(x[0, :1]))
     other_type = T.Q4_K if qtype != T.Q4_K else T.Q6_K
     assert not lin.joins(cpu.BlockLinear.from_gguf(_raw(other_type, 64, k), other_type, (64, k)))
+
+
+AMX = ops_cpu._has_amx()
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bf16 tiles on this CPU (or no oneDNN in torch)")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q5_0, T.Q8_0, "int8 groups"])
+def test_prompt_product_through_amx_tiles(qtype):
+    """Where the CPU has AMX's bf16 tiles, a prompt's product over a dequantized weight (more than NATIVE_ROWS
+    rows of x) multiplies x and the exact weight each rounded to bfloat16 (torch's rounding, the weight's
+    dequantized bits first), sums in float32 and rounds each output to bfloat16: within those roundings of the
+    float64 product of the rounded operands, and within bf16's precision of the exact product. A few rows keep
+    the native GEMV; the policy's `amx` off keeps float32."""
+    n, k = 80, 512
+    g = torch.Generator().manual_seed(3)
+    if qtype == "int8 groups":  # Int8Linear's group-scaled codes (a Q8_0 / Q5_0 / Q6_K tensor off the block path)
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        lin = Int8Linear(q, (torch.rand(n, k // 32, generator=g) * 0.01).half(), torch.randn(n, generator=g))
+        exact, off = lin.dequantize(), Int8Linear(lin.q, lin.scale, lin.bias, Policy(amx=False))
+    else:
+        raw = _raw(qtype, n, k, seed=int(qtype))
+        w = GGUFTensor("w", (n, k), int(qtype), raw.reshape(-1))
+        lin = cpu.compact_linear(w, torch.randn(n, generator=g))
+        exact, off = _deq(raw, qtype, n, k), cpu.compact_linear(w, lin.bias, policy=Policy(amx=False))
+    x = torch.randn(2, 24, k, generator=g)
+    assert ops_cpu.bf16_tiles(x.view(-1, k)) and not ops_cpu.bf16_tiles(x[0, :16])
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 24, n)
+    xb, wb = x.bfloat16().double(), exact.bfloat16().double()
+    want = xb @ wb.t()  # (2, 24, N): the rounded operands' product, exact
+    scale = x.abs().bfloat16().double() @ wb.abs().t()  # what the float32 sums' rounding is relative to
+    err = (y.double() - lin.bias.double() - want).abs()
+    assert (err <= 2 ** -8 * want.abs() + k * 2 ** -23 * scale + 1e-30).all(), (err / want.abs()).max()
+    assert not torch.equal(y, off(x))  # off: float32
+    assert rel_err(off(x), F.linear(x, exact, lin.bias)) < 1e-6
+    assert rel_err(y, F.linear(x, exact, lin.bias)) < 2e-2  # against the exact product: ~3 bf16 roundings
+    assert torch.equal(lin(x[0, :3]), off(x[0, :3]))  # a few rows: the native GEMV either way
 
 
 def test_prompt_product_passes_gradients_to_x():
@@ -162,11 +201,11 @@ def test_int8_linear_is_close_to_the_dense_layer():
 def test_int8_from_gguf_keeps_the_files_codes(qtype):
     """Q8_0 / Q5_0 / Q6_K blocks become their own int8 codes and block scales: the file's exact weight (Q6_K's
     d * scale rounded once to f16); a few rows run the native GEMV (x rounded to int16 per group), many an
-    fp32 matmul of the exact weight."""
+    fp32 matmul of the exact weight (the policy's `amx` off: test_prompt_product_through_amx_tiles has it on)."""
     n, k = 96, 512
     raw = _raw(qtype, n, k, seed=int(qtype))
     bias = torch.randn(n)
-    lin = Int8Linear.from_gguf(raw, qtype, (n, k), bias=bias)
+    lin = Int8Linear.from_gguf(raw, qtype, (n, k), bias=bias, policy=Policy(amx=False))
     ref = _deq(raw, qtype, n, k)
     group = 16 if qtype == T.Q6_K else 32
     assert lin.group == group and lin.nbytes == n * k + 2 * n * k // group
