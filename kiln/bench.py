@@ -369,7 +369,7 @@ def bench(model_name, p, g, repeats, device=None, dtype=None, compare=None, thre
         out["native_step"] = bool(out["native_cpu_kernels"] and model.policy.native_step and reads
                                   and native_plan(model.model.layers) is not None)  # a token in one native call
         from kiln.ops import cpu as ops_cpu  # a prompt's quantized matmuls in bf16 through AMX's tiles
-        out["amx_prompts"] = ops_cpu.bf16_tiles(torch.zeros(ops_cpu.NATIVE_ROWS + 1, 1), model.policy)
+        out["amx_prompts"] = ops_cpu.amx(model.policy)
     if dev.type == "cuda":  # GPU memory the loaded model holds, beside the file it came from
         out["memory_after_load_gb"] = torch.cuda.memory_allocated(dev) / 1e9
         if os.path.isfile(out["model"]):

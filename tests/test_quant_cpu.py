@@ -109,7 +109,7 @@ def test_block_linear_keeps_the_files_blocks(qtype):
     assert not lin.joins(cpu.BlockLinear.from_gguf(_raw(other_type, 64, k), other_type, (64, k)))
 
 
-AMX = ops_cpu._has_amx()
+AMX = ops_cpu.has_amx()
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX bf16 tiles on this CPU (or no oneDNN in torch)")

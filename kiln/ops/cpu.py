@@ -113,10 +113,15 @@ def _dequantized_product(x: torch.Tensor, n: int, rows, bias: torch.Tensor | Non
 
 def bf16_tiles(x: torch.Tensor, policy: Policy = DEFAULT) -> bool:
     """Does a prompt's product x (M, K) @ W.T over a dequantized weight run in bfloat16 through AMX? float32 x of
-    more than NATIVE_ROWS rows on a CPU with AMX's bf16 tiles (oneDNN's GEMM takes them there: ~2 TFLOPS on two
-    Xeon cores against ~0.3 for float32), no gradient asked, the policy's `amx` on."""
-    return (policy.amx and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] > NATIVE_ROWS
-            and not (torch.is_grad_enabled() and x.requires_grad) and _has_amx())
+    more than NATIVE_ROWS rows on the CPU, no gradient asked, where `amx` allows."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] > NATIVE_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad) and amx(policy))
+
+
+def amx(policy: Policy = DEFAULT) -> bool:
+    """May prompts go through AMX's bf16 tiles? The policy's `amx` on and a CPU that has them (oneDNN's GEMM takes
+    them there: ~2 TFLOPS on two Xeon cores against ~0.3 for float32)."""
+    return policy.amx and has_amx()
 
 
 def _ref_rows(ref):
@@ -130,7 +135,7 @@ def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _has_amx() -> bool:
+def has_amx() -> bool:
     """AMX's bf16 tiles on this CPU (Linux's flags) and oneDNN's bf16 linear in this torch (asked once)."""
     try:
         flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
